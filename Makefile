@@ -1,0 +1,43 @@
+# ferrograd: `make demo`/`make bench` run the main job, `make test` runs every check.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+SIMD_PATHS := scalar avx2 avx512
+
+.PHONY: develop test bench wheel clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6"
+	touch $@
+
+develop: $(STAMP)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+
+test: develop
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test -q
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(PY) -m pytest -q tests
+	@for simd in $(SIMD_PATHS); do \
+		if $(PY) -c "import ferrograd, sys; sys.exit('$$simd' not in ferrograd.cpu_info()['supported'])"; then \
+			echo "== SIMD path $$simd =="; \
+			FERROGRAD_SIMD=$$simd $(PY) -m pytest -q -m simd tests || exit 1; \
+		else \
+			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
+		fi; \
+	done
+
+bench: develop
+	$(PY) bench/run.py
+
+wheel: $(STAMP)
+	$(VENV)/bin/maturin build --release
+
+clean:
+	rm -rf target dist $(VENV)

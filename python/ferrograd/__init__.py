@@ -1,0 +1,49 @@
+"""ferrograd: Rust-accelerated low-level training primitives for PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _core
+from ._errors import DimensionError
+from .ops.softmax import log_softmax, softmax
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "DimensionError",
+    "__version__",
+    "cpu_info",
+    "get_num_threads",
+    "log_softmax",
+    "set_num_threads",
+    "simd_level",
+    "softmax",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets how many threads ferrograd's CPU kernels use (default: ``torch.get_num_threads()``)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be at least 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of threads ferrograd's CPU kernels use."""
+    return _core.get_num_threads()
+
+
+def simd_level() -> str:
+    """The SIMD path in use: ``FERROGRAD_SIMD`` if set (read once), else the widest detected."""
+    return _core.simd_level()
+
+
+def cpu_info() -> dict:
+    """Detected CPU features and the SIMD paths this CPU supports."""
+    return _core.cpu_info()
+
+
+set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,41 @@
+"""Type stubs for the Rust extension ``ferrograd._core`` (kernels on flat float32 arrays)."""
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def softmax_forward(
+    x: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    outer: int,
+    n: int,
+    inner: int,
+    log: bool = False,
+) -> None:
+    """Softmax (or log-softmax) of x seen as [outer, n, inner] over n, written into out."""
+
+def softmax_backward(
+    y: npt.NDArray[np.float32],
+    grad_out: npt.NDArray[np.float32],
+    grad_in: npt.NDArray[np.float32],
+    outer: int,
+    n: int,
+    inner: int,
+    log: bool = False,
+) -> None:
+    """The input gradient of softmax / log-softmax from its output y, written into grad_in."""
+
+def softmax_three_pass(
+    x: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    n: int,
+    variant: str = "reload",
+) -> None:
+    """The classic three-pass softmax over contiguous rows of length n (benchmark baseline)."""
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_level() -> str: ...
+def cpu_info() -> dict[str, object]: ...
+def _panic_for_test(message: str) -> None: ...

@@ -1,0 +1,1 @@
+"""One module per primitive: autograd Functions and their functional entry points."""

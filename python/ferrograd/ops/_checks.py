@@ -1,0 +1,37 @@
+"""Argument checks shared by the ops: every message names the op and the argument."""
+
+from __future__ import annotations
+
+import torch
+
+from .._errors import DimensionError
+
+#: Floating dtypes the Rust CPU kernels take (computed in float32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(op: str, name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(op: str, name: str, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor (float32, bfloat16, float16 or "
+            f"float64), got {x.dtype}"
+        )
+
+
+def normalize_dim(op: str, dim: object, ndim: int) -> int:
+    """Returns dim in [0, max(ndim, 1)); a 0-d tensor accepts dim 0 and -1, as in torch."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise DimensionError(
+            f"{op}: dim {dim} is out of range for a tensor with {ndim} dimension(s) "
+            f"(expected in [{-rank}, {rank - 1}])"
+        )
+    return dim % rank

@@ -1,0 +1,16 @@
+//! ferrograd's Rust core: SIMD kernels on plain slices, plus the `_core` Python module.
+
+pub mod error;
+pub mod simd;
+pub mod softmax;
+pub mod threads;
+
+mod python;
+
+use pyo3::prelude::*;
+
+/// The extension module `ferrograd._core`: registration only.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    python::register(m)
+}

@@ -1,0 +1,607 @@
+//! CPU feature detection, the `FERROGRAD_SIMD` override, and the vector backends.
+//!
+//! Kernels are written once, generic over [`Simd`], and instantiated per backend inside a
+//! `#[target_feature]` function by [`dispatch!`]: the wheel targets baseline x86-64 and picks the
+//! widest path the CPU supports at run time.
+
+use std::sync::OnceLock;
+
+use crate::error::{FgError, FgResult};
+
+/// An instruction-set path, ordered from narrowest to widest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F, BW, VL and DQ (plus AVX2 + FMA).
+    Avx512,
+}
+
+impl SimdLevel {
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SimdLevel> {
+        SimdLevel::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        self <= detected()
+    }
+}
+
+/// CPU features ferrograd looks at, as detected at run time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuFeatures {
+    pub avx2: bool,
+    pub fma: bool,
+    pub avx512f: bool,
+    pub avx512bw: bool,
+    pub avx512vl: bool,
+    pub avx512dq: bool,
+    pub avx512vnni: bool,
+}
+
+impl CpuFeatures {
+    pub fn named(&self) -> [(&'static str, bool); 7] {
+        [
+            ("avx2", self.avx2),
+            ("fma", self.fma),
+            ("avx512f", self.avx512f),
+            ("avx512bw", self.avx512bw),
+            ("avx512vl", self.avx512vl),
+            ("avx512dq", self.avx512dq),
+            ("avx512vnni", self.avx512vnni),
+        ]
+    }
+}
+
+pub fn cpu_features() -> CpuFeatures {
+    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
+    *FEATURES.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            CpuFeatures {
+                avx2: is_x86_feature_detected!("avx2"),
+                fma: is_x86_feature_detected!("fma"),
+                avx512f: is_x86_feature_detected!("avx512f"),
+                avx512bw: is_x86_feature_detected!("avx512bw"),
+                avx512vl: is_x86_feature_detected!("avx512vl"),
+                avx512dq: is_x86_feature_detected!("avx512dq"),
+                avx512vnni: is_x86_feature_detected!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            CpuFeatures::default()
+        }
+    })
+}
+
+/// The widest path this CPU supports.
+pub fn detected() -> SimdLevel {
+    let f = cpu_features();
+    if f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma {
+        SimdLevel::Avx512
+    } else if f.avx2 && f.fma {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+/// Parses a `FERROGRAD_SIMD` value: empty or `auto` means the detected path.
+pub fn resolve(requested: Option<&str>) -> FgResult<SimdLevel> {
+    let requested = requested.map(str::trim).unwrap_or("");
+    if requested.is_empty() || requested == "auto" {
+        return Ok(detected());
+    }
+    let level = SimdLevel::parse(requested).ok_or_else(|| {
+        FgError::Value(format!(
+            "FERROGRAD_SIMD={requested:?} is not one of scalar, avx2, avx512, auto"
+        ))
+    })?;
+    if !level.is_supported() {
+        return Err(FgError::Value(format!(
+            "FERROGRAD_SIMD={requested} is forced but this CPU supports at most {}",
+            detected().name()
+        )));
+    }
+    Ok(level)
+}
+
+/// The path every kernel uses: `FERROGRAD_SIMD` when set (read once), else the detected one.
+pub fn active() -> FgResult<SimdLevel> {
+    static ACTIVE: OnceLock<FgResult<SimdLevel>> = OnceLock::new();
+    ACTIVE
+        .get_or_init(|| resolve(std::env::var("FERROGRAD_SIMD").ok().as_deref()))
+        .clone()
+}
+
+/// A vector of `LANES` f32 values and the operations the kernels need.
+///
+/// `max` and `min` follow x86: when either operand is NaN the second one is returned, so
+/// `max(splat(c), x)` keeps a NaN `x` while clamping it from below.
+///
+/// # Safety
+/// Every method requires the CPU to support the backend ([`dispatch!`] guarantees it), and
+/// `load` / `store` need `LANES` valid elements at the pointer.
+#[allow(clippy::missing_safety_doc)] // the contract above covers every method
+pub trait Simd: Copy {
+    const LANES: usize;
+    /// Whether `scale` is one instruction (then branch-free rescaling beats a rare branch).
+    const CHEAP_SCALE: bool;
+    type V: Copy;
+
+    unsafe fn splat(v: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Loads the first `len < LANES` elements; the other lanes hold `fill`.
+    unsafe fn load_partial(p: *const f32, len: usize, fill: f32) -> Self::V;
+    /// Stores the first `len < LANES` lanes.
+    unsafe fn store_partial(p: *mut f32, v: Self::V, len: usize);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// a * b + c
+    unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// Whether any lane of `a` is greater than the same lane of `b` (false for NaN lanes).
+    unsafe fn any_gt(a: Self::V, b: Self::V) -> bool;
+    /// Splits exp(x) = m * 2^n with n = round(x / ln 2) (integer-valued) and m in [0.7, 1.42].
+    /// Exact enough for |x| < 2^21; callers clamp x from below and route larger rows elsewhere.
+    unsafe fn exp_split(x: Self::V) -> (Self::V, Self::V);
+    /// m * 2^k for integer-valued k; results below the denormal range flush to 0.
+    unsafe fn scale(m: Self::V, k: Self::V) -> Self::V;
+
+    #[inline(always)]
+    unsafe fn to_array(v: Self::V) -> [f32; 16] {
+        let mut out = [0.0f32; 16];
+        Self::store(out.as_mut_ptr(), v);
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        let (m, n) = Self::exp_split(x);
+        Self::scale(m, n)
+    }
+}
+
+/// log2(e)
+pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln(2) split so that n * LN2_HI is exact for the n the kernels use (Cody-Waite).
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding then subtracting 1.5 * 2^23 rounds to the nearest integer for |p| < 2^22.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// exp(t) = 1 + t * P(t) on [-ln2/2, ln2/2], P of degree 4 in Horner order (highest first):
+/// a relative-error minimax fit, 1.7e-7 worst case evaluated in f32 (fitted for ferrograd).
+const EXP_POLY: [f32; 5] = [
+    8.290_315e-3,
+    4.189_793e-2,
+    1.666_763_6e-1,
+    4.999_915e-1,
+    9.999_997e-1,
+];
+
+/// The range reduction and polynomial shared by the vector backends (they differ in `scale`).
+#[inline(always)]
+unsafe fn exp_split_fma<S: Simd>(x: S::V) -> (S::V, S::V) {
+    let magic = S::splat(ROUND_MAGIC);
+    let n = S::sub(S::mul_add(x, S::splat(LOG2E), magic), magic);
+    let t = S::mul_add(n, S::splat(-LN2_HI), x);
+    let t = S::mul_add(n, S::splat(-LN2_LO), t);
+    let mut p = S::splat(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = S::mul_add(p, t, S::splat(*c));
+    }
+    (S::mul_add(p, t, S::splat(1.0)), n)
+}
+
+/// One lane, computed in f64 where it matters: the reference-grade baseline path.
+#[derive(Clone, Copy, Debug)]
+pub struct Scalar;
+
+impl Simd for Scalar {
+    const LANES: usize = 1;
+    const CHEAP_SCALE: bool = true;
+    type V = f32;
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> f32 {
+        *p
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: f32) {
+        *p = v
+    }
+    #[inline(always)]
+    unsafe fn load_partial(_: *const f32, _: usize, fill: f32) -> f32 {
+        fill // len < 1
+    }
+    #[inline(always)]
+    unsafe fn store_partial(_: *mut f32, _: f32, _: usize) {}
+    #[inline(always)]
+    unsafe fn add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+    #[inline(always)]
+    unsafe fn sub(a: f32, b: f32) -> f32 {
+        a - b
+    }
+    #[inline(always)]
+    unsafe fn mul(a: f32, b: f32) -> f32 {
+        a * b
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        // Baseline x86-64 has no FMA instruction; the f64 product is exact.
+        (a as f64 * b as f64 + c as f64) as f32
+    }
+    #[inline(always)]
+    unsafe fn max(a: f32, b: f32) -> f32 {
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+    #[inline(always)]
+    unsafe fn min(a: f32, b: f32) -> f32 {
+        if a < b {
+            a
+        } else {
+            b
+        }
+    }
+    #[inline(always)]
+    unsafe fn any_gt(a: f32, b: f32) -> bool {
+        a > b
+    }
+    #[inline(always)]
+    unsafe fn exp_split(x: f32) -> (f32, f32) {
+        let x = x as f64;
+        let n = (x * std::f64::consts::LOG2_E).round();
+        let m = (x - n * std::f64::consts::LN_2).exp();
+        (m as f32, n as f32)
+    }
+    #[inline(always)]
+    unsafe fn scale(m: f32, k: f32) -> f32 {
+        (m as f64 * pow2(k as f64)) as f32
+    }
+}
+
+/// 2^k for integer-valued k, exact, built from the exponent bits (0 below 2^-1022).
+#[inline(always)]
+pub fn pow2(k: f64) -> f64 {
+    if k.is_nan() {
+        return f64::NAN;
+    }
+    let k = k.clamp(-1023.0, 1023.0) as i64;
+    if k == -1023 {
+        0.0
+    } else {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{exp_split_fma, Simd};
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Avx2;
+
+    /// Lanes `[0, len)` set, for masked loads and stores (masked-off lanes never fault).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2_mask(len: usize) -> __m256i {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lane)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_mask(len: usize) -> __mmask16 {
+        ((1u32 << len) - 1) as __mmask16
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Avx512;
+
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        const CHEAP_SCALE: bool = false;
+        type V = __m256;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(v: f32) -> __m256 {
+            _mm256_set1_ps(v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_partial(p: *const f32, len: usize, fill: f32) -> __m256 {
+            let mask = avx2_mask(len);
+            let v = _mm256_maskload_ps(p, mask);
+            _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(mask))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store_partial(p: *mut f32, v: __m256, len: usize) {
+            _mm256_maskstore_ps(p, avx2_mask(len), v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mul_add(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn min(a: __m256, b: __m256) -> __m256 {
+            _mm256_min_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn any_gt(a: __m256, b: __m256) -> bool {
+            _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) != 0
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn exp_split(x: __m256) -> (__m256, __m256) {
+            exp_split_fma::<Avx2>(x)
+        }
+        /// No `scalef` on AVX2: build 2^k from exponent bits in two halves, so that k down to
+        /// -252 (denormal results) and up to 252 stays exact.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn scale(m: __m256, k: __m256) -> __m256 {
+            let k = _mm256_min_ps(
+                _mm256_max_ps(k, _mm256_set1_ps(-252.0)),
+                _mm256_set1_ps(252.0),
+            );
+            let ki = _mm256_cvtps_epi32(k);
+            let half = _mm256_srai_epi32::<1>(ki);
+            let rest = _mm256_sub_epi32(ki, half);
+            let bias = _mm256_set1_epi32(127);
+            let p_half = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(half, bias)));
+            let p_rest = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(rest, bias)));
+            _mm256_mul_ps(_mm256_mul_ps(m, p_half), p_rest)
+        }
+    }
+
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        const CHEAP_SCALE: bool = true;
+        type V = __m512;
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn splat(v: f32) -> __m512 {
+            _mm512_set1_ps(v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_partial(p: *const f32, len: usize, fill: f32) -> __m512 {
+            _mm512_mask_loadu_ps(_mm512_set1_ps(fill), avx512_mask(len), p)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_partial(p: *mut f32, v: __m512, len: usize) {
+            _mm512_mask_storeu_ps(p, avx512_mask(len), v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mul_add(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn min(a: __m512, b: __m512) -> __m512 {
+            _mm512_min_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn any_gt(a: __m512, b: __m512) -> bool {
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) != 0
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn exp_split(x: __m512) -> (__m512, __m512) {
+            exp_split_fma::<Avx512>(x)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn scale(m: __m512, k: __m512) -> __m512 {
+            _mm512_scalef_ps(m, k)
+        }
+    }
+}
+
+/// Instantiates generic kernels once per backend and dispatches on a [`SimdLevel`].
+///
+/// `dispatch! { pub fn name(args) -> Ret = generic_impl; }` defines
+/// `pub fn name(level: SimdLevel, args) -> Ret` that runs `generic_impl::<Backend>(args)` inside a
+/// function compiled for that backend's target features.
+#[macro_export]
+macro_rules! dispatch {
+    ($(
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;
+    )*) => {$(
+        $(#[$meta])*
+        $vis fn $name(level: $crate::simd::SimdLevel, $($arg: $ty),*) $(-> $ret)? {
+            assert!(level.is_supported(), "SIMD path {} is not supported by this CPU", level.name());
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                $imp::<$crate::simd::Avx512>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $imp::<$crate::simd::Avx2>($($arg),*)
+            }
+            // SAFETY: the assert above checked that the CPU supports `level`.
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::SimdLevel::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::SimdLevel::Avx2 => unsafe { avx2($($arg),*) },
+                _ => unsafe { $imp::<$crate::simd::Scalar>($($arg),*) },
+            }
+        }
+    )*};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    dispatch! {
+        pub fn exp_lanes(x: &[f32], out: &mut [f32]) = exp_lanes_impl;
+    }
+
+    #[inline(always)]
+    unsafe fn exp_lanes_impl<S: Simd>(x: &[f32], out: &mut [f32]) {
+        for (xc, oc) in x.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
+            S::store(oc.as_mut_ptr(), S::exp(S::load(xc.as_ptr())));
+        }
+    }
+
+    #[test]
+    fn resolve_rejects_unknown_names() {
+        assert!(matches!(resolve(Some("sse9")), Err(FgError::Value(_))));
+        assert_eq!(resolve(Some("scalar")), Ok(SimdLevel::Scalar));
+        assert_eq!(resolve(None), Ok(detected()));
+        assert_eq!(resolve(Some("auto")), Ok(detected()));
+    }
+
+    #[test]
+    fn pow2_is_exact() {
+        assert_eq!(pow2(0.0), 1.0);
+        assert_eq!(pow2(-3.0), 0.125);
+        assert_eq!(pow2(-5000.0), 0.0);
+        assert!(pow2(f64::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_matches_f64_on_every_supported_path() {
+        let x: Vec<f32> = (0..4096).map(|i| -87.0 + i as f32 * 0.0424).collect();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let mut out = vec![0.0f32; x.len()];
+            exp_lanes(level, &x, &mut out);
+            for (&xi, &yi) in x.iter().zip(&out) {
+                let want = (xi as f64).exp();
+                let rel = ((yi as f64 - want) / want).abs();
+                assert!(
+                    rel < 5e-7,
+                    "{level:?}: exp({xi}) = {yi}, want {want}, rel {rel}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scale_reaches_denormals_and_flushes_below() {
+        let m = [1.5f32; 16];
+        let k: Vec<f32> = (0..16).map(|i| -140.0 - 10.0 * i as f32).collect();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            dispatch! { pub fn scale_lanes(m: &[f32], k: &[f32], out: &mut [f32]) = scale_impl; }
+            #[inline(always)]
+            unsafe fn scale_impl<S: Simd>(m: &[f32], k: &[f32], out: &mut [f32]) {
+                for i in (0..m.len()).step_by(S::LANES) {
+                    let v = S::scale(S::load(m.as_ptr().add(i)), S::load(k.as_ptr().add(i)));
+                    S::store(out.as_mut_ptr().add(i), v);
+                }
+            }
+            let mut out = [0.0f32; 16];
+            scale_lanes(level, &m, &k, &mut out);
+            for i in 0..16 {
+                let want = (1.5f64 * 2f64.powf(k[i] as f64)) as f32;
+                assert_eq!(out[i], want, "{level:?}: 1.5 * 2^{}", k[i]);
+            }
+        }
+    }
+}

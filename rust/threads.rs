@@ -1,0 +1,85 @@
+//! The thread pool every multithreaded kernel runs on, sized by `ferrograd.set_num_threads`.
+
+use std::sync::{Arc, RwLock};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::{FgError, FgResult};
+
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+fn build(threads: usize) -> FgResult<Arc<ThreadPool>> {
+    ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("ferrograd-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| FgError::Runtime(format!("set_num_threads: cannot start threads: {e}")))
+}
+
+/// Replaces the pool with one of `threads` workers (1 runs everything on the calling thread).
+pub fn set_num_threads(threads: usize) -> FgResult<()> {
+    if threads == 0 {
+        return Err(FgError::Value(
+            "set_num_threads: n must be at least 1".to_string(),
+        ));
+    }
+    let pool = build(threads)?;
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    Ok(())
+}
+
+/// The current pool, created with the machine's available parallelism on first use.
+pub fn pool() -> Arc<ThreadPool> {
+    if let Some(pool) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return pool.clone();
+    }
+    let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
+    slot.get_or_insert_with(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        build(n).expect("default thread pool")
+    })
+    .clone()
+}
+
+pub fn num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Runs `f` on the pool; small jobs should not come here (see the callers' thresholds).
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}
+
+/// A raw pointer that may cross threads; callers guarantee the regions they touch are disjoint.
+#[derive(Clone, Copy)]
+pub struct SendPtr<T>(pub *mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer; a method so that closures capture the whole (Send) wrapper.
+    pub fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: users only write disjoint index ranges from different threads.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_threads_is_rejected() {
+        assert!(matches!(set_num_threads(0), Err(FgError::Value(_))));
+    }
+
+    #[test]
+    fn pool_resizes() {
+        set_num_threads(3).unwrap();
+        assert_eq!(num_threads(), 3);
+        set_num_threads(1).unwrap();
+        assert_eq!(num_threads(), 1);
+    }
+}

@@ -1,0 +1,69 @@
+"""The extension's plumbing: errors, panics, threads, SIMD selection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ferrograd as fg
+from ferrograd import _core
+
+
+def test_panic_in_a_kernel_becomes_runtime_error():
+    with pytest.raises(RuntimeError, match="_panic_for_test: internal error .*boom"):
+        _core._panic_for_test("boom")
+    # The module keeps working afterwards.
+    assert fg.softmax(fg.softmax.__globals__["torch"].zeros(2)).sum().item() == 1.0
+
+
+def test_core_checks_lengths_and_contiguity():
+    x = np.zeros(6, dtype=np.float32)
+    with pytest.raises(ValueError, match="softmax: x has 6 elements"):
+        _core.softmax_forward(x, np.zeros(6, dtype=np.float32), 2, 4, 1)
+    with pytest.raises(ValueError, match="softmax: out has"):
+        _core.softmax_forward(x, np.zeros(5, dtype=np.float32), 2, 3, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.softmax_forward(np.zeros(12, dtype=np.float32)[::2], np.zeros(6, np.float32), 2, 3, 1)
+    with pytest.raises(TypeError):
+        _core.softmax_forward(np.zeros(6, dtype=np.float64), np.zeros(6, np.float32), 2, 3, 1)
+    with pytest.raises(OverflowError):
+        _core.softmax_forward(x, x.copy(), -1, 3, 1)
+
+
+def test_threads():
+    previous = fg.get_num_threads()
+    try:
+        fg.set_num_threads(3)
+        assert fg.get_num_threads() == 3
+        with pytest.raises(ValueError, match="set_num_threads: n"):
+            fg.set_num_threads(0)
+        with pytest.raises(TypeError, match="set_num_threads: n"):
+            fg.set_num_threads(2.0)
+    finally:
+        fg.set_num_threads(previous)
+
+
+def test_cpu_info_and_level():
+    info = fg.cpu_info()
+    assert "scalar" in info["supported"]
+    assert info["detected"] == info["supported"][-1]
+    assert fg.simd_level() in info["supported"]
+
+
+def _run(code: str, simd: str) -> subprocess.CompletedProcess:
+    env = {"FERROGRAD_SIMD": simd, "PATH": ""}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_forced_simd_path_is_used_and_bad_values_are_rejected():
+    code = "import ferrograd as fg; print(fg.simd_level())"
+    for level in fg.cpu_info()["supported"]:
+        out = _run(code, level)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == level
+    bad = _run("import torch, ferrograd as fg; fg.softmax(torch.zeros(3))", "sse9")
+    assert bad.returncode != 0
+    assert "FERROGRAD_SIMD" in bad.stderr and "ValueError" in bad.stderr

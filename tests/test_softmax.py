@@ -1,0 +1,236 @@
+"""fg.softmax / fg.log_softmax against torch in float64 (the independent reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ferrograd as fg
+from ferrograd.ops.softmax import three_pass_softmax
+
+pytestmark = pytest.mark.simd
+
+OPS = {"softmax": (fg.softmax, torch.softmax), "log_softmax": (fg.log_softmax, torch.log_softmax)}
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Reduced-precision outputs: within one unit in the last place of the correctly rounded result
+# (atol: the smallest subnormal spacing of the dtype).
+LOW_PRECISION = {torch.bfloat16: (2.0**-7, 1e-38), torch.float16: (2.0**-10, 2.0**-24)}
+
+
+def assert_accurate(name: str, got: torch.Tensor, x: torch.Tensor, dim: int):
+    """float32 softmax: relative error <= 2e-6 for outputs above 1e-30 (absolute 1e-30 below);
+    float32 log_softmax: absolute error <= 1e-5 * max(1, |y|); both against float64 torch."""
+    want = OPS[name][1](x.double(), dim)
+    if got.dtype in LOW_PRECISION:
+        rtol, atol = LOW_PRECISION[got.dtype]
+        if name == "log_softmax":  # computed in float32: its 1e-5 absolute bound carries over
+            atol = 1e-5
+        rounded = want.to(got.dtype).double()
+        torch.testing.assert_close(got.double(), rounded, rtol=rtol, atol=atol, equal_nan=True)
+        return
+    got = got.double()
+    if name == "softmax":
+        big = want.abs() > 1e-30
+        err = (got - want).abs()
+        assert (err[big] <= 2e-6 * want.abs()[big]).all(), (
+            f"max rel {(err / want.abs())[big].max()}"
+        )
+        assert (err[~big] <= 1e-30).all()
+    else:
+        finite = torch.isfinite(want)
+        err = (got - want).abs()[finite]
+        bound = (1e-5 * want.abs().clamp_min(1.0))[finite]
+        assert (err <= bound).all(), f"max error {err.max().item()}"
+        assert torch.equal(got[~finite], want[~finite])
+
+
+SHAPES_DIMS = [
+    ((7,), 0),
+    ((1, 1), -1),
+    ((5, 33), -1),
+    ((3, 1000), 1),
+    ((4, 37, 21), 1),  # strided kernel (inner 21)
+    ((4, 37, 3), 1),  # inner < 16: moved last
+    ((6, 5, 40), 0),
+    ((2, 3, 4, 64), 2),
+    ((300, 17), 0),
+]
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize(("shape", "dim"), SHAPES_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_matches_float64(name, shape, dim, dtype):
+    gen = torch.Generator().manual_seed(hash((shape, dim)) % 2**31)
+    x = (torch.randn(shape, generator=gen) * 8).to(dtype)
+    y = OPS[name][0](x, dim)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_accurate(name, y, x, dim)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_wide_value_ranges(name):
+    gen = torch.Generator().manual_seed(1)
+    for spread in (1e-3, 1.0, 30.0, 1e3, 1e5):
+        x = torch.randn(8, 513, generator=gen) * spread
+        assert_accurate(name, OPS[name][0](x, -1), x, -1)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_non_contiguous_inputs(name):
+    base = torch.randn(40, 64, 3)
+    for x in (base.transpose(0, 1), base[:, ::2, 1], base.permute(2, 0, 1)[:, 5:, :]):
+        assert not x.is_contiguous()
+        for dim in range(x.dim()):
+            assert_accurate(name, OPS[name][0](x, dim), x, dim)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_input_is_left_untouched(name):
+    x = torch.randn(16, 100)
+    before = x.clone()
+    OPS[name][0](x)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5), (2, 0, 4)])
+def test_empty_tensors(name, shape):
+    x = torch.randn(shape)
+    for dim in range(len(shape)):
+        y = OPS[name][0](x, dim)
+        assert y.shape == x.shape and y.numel() == 0
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_zero_dim_tensor(name):
+    x = torch.tensor(3.5)
+    for dim in (0, -1):
+        y = OPS[name][0](x, dim)
+        assert y.shape == ()
+        assert_accurate(name, y, x, dim)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_special_values_follow_torch(name, layout):
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor(
+        [
+            [-inf, 0.0, 1.0, -inf],
+            [-inf, -inf, -inf, -inf],
+            [inf, 0.0, 1.0, 2.0],
+            [nan, 0.0, 1.0, 2.0],
+            [1e38, -1e38, 0.0, 3.0],
+            [-1e38, -1e38, -3e38, -2e38],
+            [3e6, 3e6 + 1, -5e6, 0.0],
+            [0.5, 0.25, 0.0, -0.25],
+        ]
+    )
+    # The column layout runs the strided kernel: 16+ softmaxes side by side.
+    x = rows if layout == "row" else rows.t().repeat(1, 3)
+    dim = 1 if layout == "row" else 0
+    got = OPS[name][0](x, dim)
+    want = OPS[name][1](x.double(), dim).float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(got[ok], want[ok], rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_long_row_split_across_threads(name):
+    previous = fg.get_num_threads()
+    fg.set_num_threads(4)
+    try:
+        x = torch.randn(2, 300_001) * 5
+        assert_accurate(name, OPS[name][0](x, -1), x, -1)
+        x = torch.randn(1, 300_001) * 5
+        assert_accurate(name, OPS[name][0](x, -1), x, -1)
+    finally:
+        fg.set_num_threads(previous)
+
+
+@pytest.mark.slow
+def test_row_of_1e8_elements():
+    fg.set_num_threads(max(2, torch.get_num_threads()))
+    x = torch.randn(10**8)
+    x[12345] = 40.0  # one dominant entry far from the split points
+    y = fg.softmax(x)
+    want = torch.softmax(x.double(), 0)
+    big = want > 1e-30
+    rel = ((y.double() - want).abs() / want)[big]
+    assert rel.max().item() <= 2e-6
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize(("shape", "dim"), [((5, 33), -1), ((4, 37, 21), 1), ((4, 9, 5), 1)])
+def test_gradients_match_torch_float64(name, shape, dim):
+    x = torch.randn(shape) * 3
+    g = torch.randn(shape)
+    xf = x.clone().requires_grad_()
+    OPS[name][0](xf, dim).backward(g)
+    xd = x.double().requires_grad_()
+    OPS[name][1](xd, dim).backward(g.double())
+    torch.testing.assert_close(xf.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_gradients_in_bfloat16(name):
+    x = torch.randn(6, 50)
+    g = torch.randn(6, 50)
+    xb = x.bfloat16().requires_grad_()
+    OPS[name][0](xb, -1).backward(g.bfloat16())
+    assert xb.grad.dtype == torch.bfloat16
+    xd = x.bfloat16().double().requires_grad_()
+    OPS[name][1](xd, -1).backward(g.bfloat16().double())
+    torch.testing.assert_close(xb.grad.double(), xd.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_long_row_gradients():
+    fg.set_num_threads(4)
+    x = torch.randn(1, 200_000)
+    g = torch.randn(1, 200_000)
+    for name in OPS:
+        xf = x.clone().requires_grad_()
+        OPS[name][0](xf).backward(g)
+        xd = x.double().requires_grad_()
+        OPS[name][1](xd, -1).backward(g.double())
+        torch.testing.assert_close(xf.grad.double(), xd.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["reload", "recompute"])
+def test_three_pass_baseline(variant):
+    x = torch.randn(9, 4099) * 10
+    y = three_pass_softmax(x, variant)
+    # exp(x - max) rounds x - max to float32 first, as torch does: bound ~ ulp(|x - max|).
+    torch.testing.assert_close(y.double(), torch.softmax(x.double(), -1), rtol=2e-5, atol=1e-30)
+    with pytest.raises(ValueError, match="variant"):
+        three_pass_softmax(x, "twice")
+
+
+def test_float64_and_other_devices_fall_back_to_torch():
+    x = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.equal(fg.softmax(x), torch.softmax(x, -1))
+    m = torch.empty(4, 9, device="meta")
+    assert fg.log_softmax(m).device.type == "meta"
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bad_inputs_raise_clear_errors(name):
+    fn = OPS[name][0]
+    for bad in (
+        torch.arange(6),
+        torch.ones(3, dtype=torch.bool),
+        torch.ones(2, dtype=torch.cfloat),
+    ):
+        with pytest.raises(TypeError, match=rf"{name}: x"):
+            fn(bad)
+    with pytest.raises(TypeError, match=rf"{name}: x"):
+        fn([1.0, 2.0])
+    with pytest.raises(IndexError, match=rf"{name}: dim"):
+        fn(torch.randn(2, 3), 2)
+    with pytest.raises(ValueError, match=rf"{name}: dim"):
+        fn(torch.randn(2, 3), -3)
+    with pytest.raises(TypeError, match=rf"{name}: dim"):
+        fn(torch.randn(2, 3), 1.0)
