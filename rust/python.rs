@@ -2,7 +2,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -23,18 +23,18 @@ fn run_detached<R: Send>(
     Ok(result?)
 }
 
-fn contiguous<'a>(op: &str, name: &str, a: &'a PyReadonlyArray1<'_, f32>) -> FgResult<&'a [f32]> {
+fn contiguous<'a>(op: &str, name: &str, a: &'a PyReadonlyArrayDyn<'_, f32>) -> FgResult<&'a [f32]> {
     a.as_slice()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a contiguous float32 array")))
+        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous float32 array")))
 }
 
 fn contiguous_mut<'a>(
     op: &str,
     name: &str,
-    a: &'a mut PyReadwriteArray1<'_, f32>,
+    a: &'a mut PyReadwriteArrayDyn<'_, f32>,
 ) -> FgResult<&'a mut [f32]> {
     a.as_slice_mut()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a contiguous float32 array")))
+        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous float32 array")))
 }
 
 /// Softmax (`log=False`) or log-softmax of `x` seen as `[outer, n, inner]` over `n`, into `out`.
@@ -42,8 +42,8 @@ fn contiguous_mut<'a>(
 #[pyo3(signature = (x, out, outer, n, inner, log=false))]
 fn softmax_forward(
     py: Python<'_>,
-    x: PyReadonlyArray1<'_, f32>,
-    mut out: PyReadwriteArray1<'_, f32>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
     outer: usize,
     n: usize,
     inner: usize,
@@ -65,9 +65,9 @@ fn softmax_forward(
 #[allow(clippy::too_many_arguments)]
 fn softmax_backward(
     py: Python<'_>,
-    y: PyReadonlyArray1<'_, f32>,
-    grad_out: PyReadonlyArray1<'_, f32>,
-    mut grad_in: PyReadwriteArray1<'_, f32>,
+    y: PyReadonlyArrayDyn<'_, f32>,
+    grad_out: PyReadonlyArrayDyn<'_, f32>,
+    mut grad_in: PyReadwriteArrayDyn<'_, f32>,
     outer: usize,
     n: usize,
     inner: usize,
@@ -93,8 +93,8 @@ fn softmax_backward(
 #[pyo3(signature = (x, out, n, variant="reload"))]
 fn softmax_three_pass(
     py: Python<'_>,
-    x: PyReadonlyArray1<'_, f32>,
-    mut out: PyReadwriteArray1<'_, f32>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
     n: usize,
     variant: &str,
 ) -> PyResult<()> {

@@ -39,7 +39,7 @@ const FOLD: usize = 256;
 /// Below this many elements a call runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
 /// Smallest piece of a row given to one thread.
-const CHUNK_MIN: usize = 1 << 15;
+const CHUNK_MIN: usize = 1 << 17;
 
 /// The view of a tensor as `[outer, n, inner]`, softmax over `n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

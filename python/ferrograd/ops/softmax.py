@@ -26,7 +26,7 @@ class _Layout:
 
     def __init__(self, shape: torch.Size, dim: int) -> None:
         self.dim = dim
-        self.n = shape[dim]
+        self.n = shape[dim] if shape else 1  # a 0-d tensor is one softmax of one element
         self.outer = math.prod(shape[:dim])
         inner = math.prod(shape[dim + 1 :])
         self.transpose = 1 < inner < _MIN_LANES
@@ -35,35 +35,32 @@ class _Layout:
         self.inner = inner
 
     def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to(torch.float32)
+        """A detached, contiguous float32 tensor in the kernels' layout (no copy if already)."""
+        t = t.detach()
+        if t.dtype != torch.float32:
+            t = t.float()
         if self.transpose:
             t = t.movedim(self.dim, -1)
-        return t.contiguous()
+        return t if t.is_contiguous() else t.contiguous()
 
     def from_kernel(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.transpose:
             t = t.movedim(-1, self.dim).contiguous()
-        return t.to(dtype)
-
-    def dims(self) -> tuple[int, int, int]:
-        return self.outer, self.n, self.inner
+        return t if dtype == torch.float32 else t.to(dtype)
 
 
-def _flat(t: torch.Tensor):
-    return t.view(-1).numpy()
+def _forward(x: torch.Tensor, dim: int, log: bool) -> tuple[torch.Tensor, _Layout]:
+    layout = _Layout(x.shape, dim)
+    xk = layout.to_kernel(x)
+    yk = torch.empty_like(xk)
+    _core.softmax_forward(xk.numpy(), yk.numpy(), layout.outer, layout.n, layout.inner, log)
+    return layout.from_kernel(yk, x.dtype), layout
 
 
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-        shape = x.shape
-        if x.dim() == 0:
-            x = x.reshape(1)
-        layout = _Layout(x.shape, dim)
-        xk = layout.to_kernel(x)
-        yk = torch.empty_like(xk)
-        _core.softmax_forward(_flat(xk), _flat(yk), *layout.dims(), log)
-        y = layout.from_kernel(yk, x.dtype).reshape(shape)
+        y, layout = _forward(x, dim, log)
         ctx.save_for_backward(y)
         ctx.layout, ctx.log = layout, log
         return y
@@ -72,15 +69,13 @@ class _SoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (y,) = ctx.saved_tensors
-        layout, log = ctx.layout, ctx.log
-        shape = y.shape
-        if y.dim() == 0:
-            y, grad_out = y.reshape(1), grad_out.reshape(1)
+        layout = ctx.layout
         yk = layout.to_kernel(y)
         gk = layout.to_kernel(grad_out)
         dxk = torch.empty_like(yk)
-        _core.softmax_backward(_flat(yk), _flat(gk), _flat(dxk), *layout.dims(), log)
-        return layout.from_kernel(dxk, y.dtype).reshape(shape), None, None
+        dims = (layout.outer, layout.n, layout.inner)
+        _core.softmax_backward(yk.numpy(), gk.numpy(), dxk.numpy(), *dims, ctx.log)
+        return layout.from_kernel(dxk, y.dtype), None, None
 
 
 def _apply(op: str, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
@@ -93,7 +88,9 @@ def _apply(op: str, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     if x.numel() == 0:
         return torch.empty_like(x, requires_grad=x.requires_grad)
-    return _SoftmaxFunction.apply(x, d, log)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SoftmaxFunction.apply(x, d, log)
+    return _forward(x, d, log)[0]
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -120,5 +117,5 @@ def three_pass_softmax(x: torch.Tensor, variant: str = "reload") -> torch.Tensor
         raise ValueError(f"{op}: x must have at least one dimension and one element")
     xc = x.detach().contiguous()
     y = torch.empty_like(xc)
-    _core.softmax_three_pass(_flat(xc), _flat(y), xc.shape[-1], variant)
+    _core.softmax_three_pass(xc.numpy(), y.numpy(), xc.shape[-1], variant)
     return y

@@ -1,0 +1,139 @@
+"""Shared benchmark machinery: timing, machine facts, copy bandwidth, tables and JSON results."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ferrograd as fg
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", "unknown", "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+    return model, [f for f in flags if f in wanted]
+
+
+def _cache_sizes() -> dict[str, str]:
+    sizes = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            sizes[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = (
+                (index / "size").read_text().strip()
+            )
+        except OSError:
+            continue
+    return sizes
+
+
+def machine(threads: int) -> dict:
+    model, flags = _cpu_model_and_flags()
+    return {
+        "cpu": model,
+        "cpu_flags": flags,
+        "caches": _cache_sizes(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "simd_path": fg.simd_level(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ferrograd": fg.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def copy_bandwidth(numel: int = 1 << 28) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on float32 buffers far larger than the caches,
+    counting one read and one write per element: the limit for memory-bound kernels."""
+    src = torch.randn(numel)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), repeats=5)
+    return 2 * 4 * numel / seconds
+
+
+class Bench:
+    """One benchmark's run: same thread count for ferrograd and torch, rows, table, JSON."""
+
+    def __init__(self, name: str, threads: int | None = None) -> None:
+        self.name = name
+        self.threads = threads or torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        fg.set_num_threads(self.threads)
+        self.rows: list[dict] = []
+        self._bandwidth: float | None = None
+
+    @property
+    def bandwidth(self) -> float:
+        if self._bandwidth is None:
+            self._bandwidth = copy_bandwidth()
+        return self._bandwidth
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(self._format([row], header=len(self.rows) == 1), flush=True)
+
+    @staticmethod
+    def _format(rows: list[dict], header: bool) -> str:
+        keys = list(rows[0])
+        cells = [[_fmt(r[k]) for k in keys] for r in rows]
+        widths = [max(len(k), 12) for k in keys]
+        lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))] if header else []
+        lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join(lines)
+
+    def save(self, notes: dict | None = None) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{self.name}.json"
+        doc = {
+            "benchmark": self.name,
+            "machine": machine(self.threads),
+            "copy_bandwidth_GBps": round(self.bandwidth / 1e9, 2),
+            "notes": notes or {},
+            "rows": self.rows,
+        }
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
+        return path
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
