@@ -32,8 +32,9 @@ const FAST_MAX_LO: f32 = X_FLOOR + 256.0;
 const FAST_MAX_HI: f32 = 2_097_152.0;
 /// Below this the f32 exponent accumulator starts; any real exponent is larger.
 const EXP_INIT: f32 = -1.0e30;
-/// Contiguous elements summed in f32 lanes before folding into f64 (bounds rounding growth).
-const BLOCK: usize = 16_384;
+/// Vectors summed in f32 lanes before folding into f64: each lane accumulator then adds at most
+/// a few hundred terms on every path, which bounds rounding growth.
+const BLOCK_VECTORS: usize = 1024;
 /// Steps along a strided dimension between f64 folds.
 const FOLD: usize = 256;
 /// Below this many elements a call runs on the calling thread.
@@ -197,7 +198,7 @@ impl<S: Simd> LaneSum<S> {
 unsafe fn exp_sum_impl<S: Simd>(x: &[f32]) -> ExpSum {
     let l = S::LANES;
     let mut total = ExpSum::EMPTY;
-    for block in x.chunks(BLOCK) {
+    for block in x.chunks(BLOCK_VECTORS * S::LANES) {
         let p = block.as_ptr();
         let (mut a0, mut a1, mut a2, mut a3) = (
             LaneSum::<S>::new(),
@@ -327,8 +328,9 @@ unsafe fn map_row<S: Simd, O: Pointwise>(
 unsafe fn reduce_impl<S: Simd, const PAIR: bool>(a: &[f32], b: &[f32]) -> f64 {
     let l = S::LANES;
     let mut total = 0.0f64;
-    for start in (0..a.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(a.len());
+    let block = BLOCK_VECTORS * S::LANES;
+    for start in (0..a.len()).step_by(block) {
+        let end = (start + block).min(a.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (S::splat(0.0), S::splat(0.0));
         let mut i = start;
@@ -374,8 +376,9 @@ unsafe fn exp_store_sum_impl<S: Simd>(x: &[f32], y: &mut [f32], max: f32) -> f64
     let (px, py) = (x.as_ptr(), y.as_mut_ptr());
     let mv = S::splat(max);
     let mut total = 0.0f64;
-    for start in (0..x.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(x.len());
+    let block = BLOCK_VECTORS * S::LANES;
+    for start in (0..x.len()).step_by(block) {
+        let end = (start + block).min(x.len());
         let mut s = S::splat(0.0);
         let mut i = start;
         while i + S::LANES <= end {
@@ -403,8 +406,9 @@ unsafe fn exp_shifted_sum_impl<S: Simd>(x: &[f32], max: f32) -> f64 {
     let px = x.as_ptr();
     let mv = S::splat(max);
     let mut total = 0.0f64;
-    for start in (0..x.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(x.len());
+    let block = BLOCK_VECTORS * S::LANES;
+    for start in (0..x.len()).step_by(block) {
+        let end = (start + block).min(x.len());
         let (mut s0, mut s1) = (S::splat(0.0), S::splat(0.0));
         let mut i = start;
         while i + 2 * S::LANES <= end {
