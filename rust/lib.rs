@@ -5,12 +5,12 @@ pub mod simd;
 pub mod softmax;
 pub mod threads;
 
-mod python;
+mod py;
 
 use pyo3::prelude::*;
 
 /// The extension module `ferrograd._core`: registration only.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    python::register(m)
+    py::register(m)
 }

@@ -1,41 +1,12 @@
-//! Thin `#[pyfunction]` wrappers: borrow numpy views, validate, release the GIL, run the kernel.
-
-use std::panic::{catch_unwind, AssertUnwindSafe};
+//! Softmax / log-softmax wrappers.
 
 use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
-use crate::error::{FgError, FgResult};
-use crate::simd::{self, SimdLevel};
+use super::{contiguous, contiguous_mut, run_detached};
+use crate::error::FgError;
+use crate::simd;
 use crate::softmax::{self, Layout, ThreePass};
-use crate::threads;
-
-/// Runs `kernel` without the GIL; a panic inside becomes a `RuntimeError` naming `op`.
-fn run_detached<R: Send>(
-    py: Python<'_>,
-    op: &str,
-    kernel: impl FnOnce() -> FgResult<R> + Send,
-) -> PyResult<R> {
-    let result = py.detach(|| {
-        catch_unwind(AssertUnwindSafe(kernel)).unwrap_or_else(|p| Err(FgError::from_panic(op, p)))
-    });
-    Ok(result?)
-}
-
-fn contiguous<'a>(op: &str, name: &str, a: &'a PyReadonlyArrayDyn<'_, f32>) -> FgResult<&'a [f32]> {
-    a.as_slice()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous float32 array")))
-}
-
-fn contiguous_mut<'a>(
-    op: &str,
-    name: &str,
-    a: &'a mut PyReadwriteArrayDyn<'_, f32>,
-) -> FgResult<&'a mut [f32]> {
-    a.as_slice_mut()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous float32 array")))
-}
 
 /// Softmax (`log=False`) or log-softmax of `x` seen as `[outer, n, inner]` over `n`, into `out`.
 #[pyfunction]
@@ -117,59 +88,9 @@ fn softmax_three_pass(
     })
 }
 
-#[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
-    let n = usize::try_from(n).unwrap_or(0);
-    Ok(threads::set_num_threads(n)?)
-}
-
-#[pyfunction]
-fn get_num_threads() -> usize {
-    threads::num_threads()
-}
-
-/// The SIMD path kernels use (`FERROGRAD_SIMD` or the detected one); ValueError if forced badly.
-#[pyfunction]
-fn simd_level() -> PyResult<&'static str> {
-    Ok(simd::active()?.name())
-}
-
-/// Detected CPU features and the paths this CPU can run.
-#[pyfunction]
-fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let info = PyDict::new(py);
-    let features = PyDict::new(py);
-    for (name, present) in simd::cpu_features().named() {
-        features.set_item(name, present)?;
-    }
-    info.set_item("features", features)?;
-    info.set_item("detected", simd::detected().name())?;
-    let supported: Vec<&str> = SimdLevel::ALL
-        .into_iter()
-        .filter(|l| l.is_supported())
-        .map(SimdLevel::name)
-        .collect();
-    info.set_item("supported", supported)?;
-    Ok(info)
-}
-
-/// Panics inside the guarded kernel path, to test that panics surface as RuntimeError.
-#[pyfunction]
-fn _panic_for_test(py: Python<'_>, message: String) -> PyResult<()> {
-    run_detached(py, "_panic_for_test", move || -> FgResult<()> {
-        panic!("{message}")
-    })
-}
-
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softmax_forward, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_three_pass, m)?)?;
-    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
-    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
-    m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
-    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

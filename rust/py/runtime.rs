@@ -1,0 +1,62 @@
+//! Threads, SIMD selection and the panic probe.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::run_detached;
+use crate::error::FgResult;
+use crate::simd::{self, SimdLevel};
+use crate::threads;
+
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    let n = usize::try_from(n).unwrap_or(0);
+    Ok(threads::set_num_threads(n)?)
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    threads::num_threads()
+}
+
+/// The SIMD path kernels use (`FERROGRAD_SIMD` or the detected one); ValueError if forced badly.
+#[pyfunction]
+fn simd_level() -> PyResult<&'static str> {
+    Ok(simd::active()?.name())
+}
+
+/// Detected CPU features and the paths this CPU can run.
+#[pyfunction]
+fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let info = PyDict::new(py);
+    let features = PyDict::new(py);
+    for (name, present) in simd::cpu_features().named() {
+        features.set_item(name, present)?;
+    }
+    info.set_item("features", features)?;
+    info.set_item("detected", simd::detected().name())?;
+    let supported: Vec<&str> = SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .map(SimdLevel::name)
+        .collect();
+    info.set_item("supported", supported)?;
+    Ok(info)
+}
+
+/// Panics inside the guarded kernel path, to test that panics surface as RuntimeError.
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>, message: String) -> PyResult<()> {
+    run_detached(py, "_panic_for_test", move || -> FgResult<()> {
+        panic!("{message}")
+    })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    Ok(())
+}
