@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -67,3 +68,24 @@ def test_forced_simd_path_is_used_and_bad_values_are_rejected():
     bad = _run("import torch, ferrograd as fg; fg.softmax(torch.zeros(3))", "sse9")
     assert bad.returncode != 0
     assert "FERROGRAD_SIMD" in bad.stderr and "ValueError" in bad.stderr
+
+
+def test_kernels_release_the_gil():
+    x = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32)
+    out = np.empty_like(x)
+    state = {"inside": False, "done": False}
+
+    def work():
+        state["inside"] = True
+        _core.softmax_forward(x, out, 1, x.size, 1)  # tens of milliseconds
+        state["inside"] = False
+        state["done"] = True
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    spins_while_inside = 0
+    while not state["done"]:
+        # This loop can only make progress during the kernel if the kernel released the GIL.
+        spins_while_inside += state["inside"]
+    worker.join()
+    assert spins_while_inside > 10_000
