@@ -31,6 +31,23 @@ def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each function, timing them in turn within every round so that drift
+    on a shared machine (neighbours, frequency) affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     model, flags = platform.processor() or "unknown", []
     try:

@@ -1,9 +1,11 @@
 """Softmax, float32, CPU: ferrograd's two-pass kernel vs its three-pass twins vs torch.
 
-Kernel columns (``two_pass``, ``three_reload``, ``three_recompute``) write into preallocated
-outputs, so they measure the algorithms alone. ``fg_softmax`` and ``torch_softmax`` are the
-user-facing calls, each allocating its result. ``bw_frac`` is the two-pass kernel's speed as a
-fraction of the copy-bandwidth limit for 2 reads + 1 write per element.
+Kernel columns (``two_pass``, ``three_reload``, ``three_recompute``, ``torch_kernel`` =
+``aten._softmax.out``) write into a preallocated output, so they measure the algorithms alone.
+``fg_softmax`` and ``torch_softmax`` are the user-facing calls, each allocating its result.
+All calls are timed in turn every round (medians), so drift on a shared machine hits them
+alike. ``bw_frac`` is the two-pass kernel's speed as a fraction of the copy-bandwidth limit for
+2 reads + 1 write per element.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import Bench, median_time
+from harness import Bench, interleaved_times
 
 import ferrograd as fg
 from ferrograd import _core
@@ -25,16 +27,20 @@ def case(bench: Bench, rows: int, n: int) -> None:
     y = torch.empty_like(x)
     xa, ya = x.view(-1).numpy(), y.view(-1).numpy()
     numel = rows * n
-    repeats = 21 if numel <= 10**6 else 7
-
-    def t(fn):
-        return median_time(fn, repeats=repeats)
-
-    two = t(lambda: _core.softmax_forward(xa, ya, rows, n, 1, False))
-    reload = t(lambda: _core.softmax_three_pass(xa, ya, n, "reload"))
-    recompute = t(lambda: _core.softmax_three_pass(xa, ya, n, "recompute"))
-    ours = t(lambda: fg.softmax(x, -1))
-    theirs = t(lambda: torch.softmax(x, -1))
+    t = interleaved_times(
+        {
+            "two": lambda: _core.softmax_forward(xa, ya, rows, n, 1, False),
+            "reload": lambda: _core.softmax_three_pass(xa, ya, n, "reload"),
+            "recompute": lambda: _core.softmax_three_pass(xa, ya, n, "recompute"),
+            "torch_kernel": lambda: torch.ops.aten._softmax.out(x, -1, False, out=y),
+            "ours": lambda: fg.softmax(x, -1),
+            "theirs": lambda: torch.softmax(x, -1),
+        },
+        repeats=31 if numel <= 10**6 else 11,
+    )
+    two, reload, recompute, torch_kernel, ours, theirs = (
+        t[k] for k in ("two", "reload", "recompute", "torch_kernel", "ours", "theirs")
+    )
     ideal = 3 * 4 * numel / bench.bandwidth
     bench.add(
         {
@@ -43,10 +49,12 @@ def case(bench: Bench, rows: int, n: int) -> None:
             "two_pass_ms": two * 1e3,
             "three_reload_ms": reload * 1e3,
             "three_recompute_ms": recompute * 1e3,
+            "torch_kernel_ms": torch_kernel * 1e3,
             "fg_softmax_ms": ours * 1e3,
             "torch_softmax_ms": theirs * 1e3,
             "vs_reload": reload / two,
             "vs_recompute": recompute / two,
+            "vs_torch_kernel": torch_kernel / two,
             "vs_torch": theirs / ours,
             "bw_frac": ideal / two,
         }
@@ -64,7 +72,9 @@ def main(threads: int | None = None) -> None:
         {
             "vs_reload": "three-pass (reload) time / two-pass time, same kernel style",
             "vs_recompute": "three-pass (recompute) time / two-pass time",
-            "vs_torch": "torch.softmax / fg.softmax, both allocating their output",
+            "vs_torch_kernel": "aten._softmax.out into the same preallocated output / two-pass",
+            "vs_torch": "torch.softmax / fg.softmax, both allocating their output (page faults "
+            "of fresh output pages dominate beyond ~100 MB)",
             "bw_frac": "(12 bytes/element at copy bandwidth) / two-pass time",
         }
     )
