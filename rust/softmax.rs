@@ -1224,6 +1224,26 @@ mod tests {
     }
 
     #[test]
+    fn streamed_output_matches_stored_output_at_any_alignment() {
+        let x = data(1000, 20.0);
+        for level in levels() {
+            let acc = exp_sum(level, &x[3..]);
+            let (p, q) = acc.pass2_params(false);
+            let mut stored = vec![0.0f32; 997];
+            softmax_out(level, &x[3..], &mut stored, p, q, false);
+            for offset in 0..17 {
+                let mut buf = vec![0.0f32; 1024];
+                softmax_out(level, &x[3..], &mut buf[offset..offset + 997], p, q, true);
+                assert_eq!(
+                    &buf[offset..offset + 997],
+                    &stored[..],
+                    "{level:?} offset {offset}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn wrong_lengths_are_value_errors() {
         let layout = Layout {
             outer: 2,
