@@ -1,5 +1,6 @@
 //! ferrograd's Rust core: SIMD kernels on plain slices, plus the `_core` Python module.
 
+pub mod batching;
 pub mod error;
 pub mod simd;
 pub mod softmax;

@@ -6,7 +6,9 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{FgError, FgResult};
 
-static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+/// The pool and the process it was started in: a forked child (DataLoader workers) inherits
+/// the handle but not the threads, so it must start its own.
+static POOL: RwLock<Option<(u32, Arc<ThreadPool>)>> = RwLock::new(None);
 
 fn build(threads: usize) -> FgResult<Arc<ThreadPool>> {
     ThreadPoolBuilder::new()
@@ -25,21 +27,36 @@ pub fn set_num_threads(threads: usize) -> FgResult<()> {
         ));
     }
     let pool = build(threads)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some((std::process::id(), pool));
     Ok(())
 }
 
-/// The current pool, created with the machine's available parallelism on first use.
+/// The current pool, created with the machine's available parallelism on first use, and
+/// again (same size) in a forked child.
 pub fn pool() -> Arc<ThreadPool> {
-    if let Some(pool) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return pool.clone();
+    let pid = std::process::id();
+    if let Some((owner, pool)) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if *owner == pid {
+            return pool.clone();
+        }
     }
     let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
-    slot.get_or_insert_with(|| {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        build(n).expect("default thread pool")
-    })
-    .clone()
+    match slot.as_ref() {
+        Some((owner, pool)) if *owner == pid => pool.clone(),
+        inherited => {
+            let threads = match inherited {
+                // The parent's pool object is unusable here; only read its size.
+                Some((_, parent)) => parent.current_num_threads(),
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
+            let pool = build(threads).expect("thread pool");
+            if let Some(parent) = slot.replace((pid, pool.clone())) {
+                // Its threads live only in the parent; dropping it could touch their state.
+                std::mem::forget(parent);
+            }
+            pool
+        }
+    }
 }
 
 pub fn num_threads() -> usize {

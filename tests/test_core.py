@@ -89,3 +89,22 @@ def test_kernels_release_the_gil():
         spins_while_inside += state["inside"]
     worker.join()
     assert spins_while_inside > 10_000
+
+
+def test_kernels_work_in_a_forked_child():
+    import multiprocessing
+
+    import torch
+
+    fg.softmax(torch.randn(4, 1 << 16))  # starts the pool in the parent
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        total = pool.apply_async(_softmax_sum_in_child).get(timeout=120)  # hangs if broken
+    assert abs(total - 64.0) < 1e-3
+
+
+def _softmax_sum_in_child() -> float:
+    import torch
+
+    torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe (DataLoader does this too)
+    return float(fg.softmax(torch.randn(64, 1 << 16)).sum(dtype=torch.float64))

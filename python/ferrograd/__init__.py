@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _core
+from . import _core, data
 from ._errors import DimensionError
 from .ops.softmax import log_softmax, softmax
 
@@ -14,6 +14,7 @@ __all__ = [
     "DimensionError",
     "__version__",
     "cpu_info",
+    "data",
     "get_num_threads",
     "log_softmax",
     "set_num_threads",

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use crate::error::{FgError, FgResult};
 
+mod batching;
 mod runtime;
 mod softmax;
 
@@ -44,6 +45,7 @@ pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    batching::register(m)?;
     runtime::register(m)?;
     softmax::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

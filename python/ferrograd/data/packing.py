@@ -1,0 +1,151 @@
+"""Packing documents into dense rows: the Rust packer behind a small dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import _core
+
+#: Special ids; bytes start at ``offset`` (default 4, so the vocabulary is 260).
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """A packed batch: rows of ``seq_len`` tokens holding whole or cut documents.
+
+    ``input_ids``, ``targets``, ``position_ids``, ``document_ids`` are int64 ``[rows, seq_len]``.
+    ``targets[r, i]`` is the id that follows ``input_ids[r, i]`` in the same document (even
+    across a cut) or -100 (a document's last token, padding). ``position_ids`` restart at 0 for
+    every piece (and count on through padding); ``document_ids`` number the pieces of a row
+    from 0, -1 on padding. ``cu_seqlens`` (int32) are the boundaries of the pieces over the
+    flattened batch, each row's padding tail being one more segment, as flash-attention's
+    varlen API expects; ``max_seqlen`` is the longest segment.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def to_hf(self) -> dict[str, object]:
+        """transformers' padding-free keys: labels are unshifted (the model shifts them), with
+        -100 on the first token of every piece and on padding."""
+        labels = self.input_ids.clone()
+        labels[self.position_ids == 0] = IGNORE_INDEX
+        labels[self.document_ids < 0] = IGNORE_INDEX
+        return {
+            "input_ids": self.input_ids,
+            "labels": labels,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen,
+        }
+
+    def attention_mask(self) -> torch.Tensor:
+        """Dense block-diagonal causal mask ``[rows, seq_len, seq_len]`` (True = may attend)."""
+        return document_mask(self.document_ids)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask from document ids ``[..., seq_len]``: a token attends to the
+    earlier tokens of its own piece; padding attends to itself only (keeps softmax finite).
+
+    For long rows prefer flex-attention with a ``mask_mod`` comparing these document ids.
+    """
+    n = document_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    pad = (document_ids < 0).unsqueeze(-1) & torch.eye(
+        n, dtype=torch.bool, device=document_ids.device
+    )
+    return (same & causal & (document_ids >= 0).unsqueeze(-1)) | pad
+
+
+def _as_bytes(op: str, doc: object, index: int) -> bytes:
+    if isinstance(doc, str):
+        return doc.encode("utf-8", "surrogatepass")
+    if isinstance(doc, (bytes, bytearray, memoryview)):
+        return bytes(doc)
+    raise TypeError(f"{op}: docs[{index}] must be str or bytes, got {type(doc).__name__}")
+
+
+def _check_int(op: str, name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def batch_from_arrays(arrays: dict) -> PackedBatch:
+    return PackedBatch(
+        input_ids=torch.from_numpy(arrays["input_ids"]),
+        targets=torch.from_numpy(arrays["targets"]),
+        position_ids=torch.from_numpy(arrays["position_ids"]),
+        document_ids=torch.from_numpy(arrays["document_ids"]),
+        cu_seqlens=torch.from_numpy(arrays["cu_seqlens"]),
+        max_seqlen=int(arrays["max_seqlen"]),
+    )
+
+
+def pack_documents(
+    docs: Sequence[str | bytes],
+    seq_len: int,
+    *,
+    batch_size: int | None = None,
+    offset: int = 4,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    split_long: bool = True,
+    seed: int | None = None,
+) -> PackedBatch:
+    """Packs documents into rows of ``seq_len`` byte tokens by best-fit decreasing.
+
+    A document (with its BOS/EOS) longer than a row is cut into pieces of ``seq_len``
+    (``split_long=True``) or cut to its first ``seq_len`` tokens (``False``). ``batch_size=None``
+    makes as many rows as needed; an int gives exactly that many rows (padding rows added) and
+    raises ValueError if the documents need more. ``seed`` shuffles the order of the rows.
+    """
+    op = "pack_documents"
+    if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
+        raise TypeError(f"{op}: docs must be a sequence of str or bytes, got {type(docs).__name__}")
+    _check_int(op, "seq_len", seq_len, 1)
+    if batch_size is not None:
+        _check_int(op, "batch_size", batch_size, 1)
+    _check_int(op, "offset", offset, 3)
+    if seed is not None:
+        _check_int(op, "seed", seed, 0)
+    encoded = [_as_bytes(op, d, i) for i, d in enumerate(docs)]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    arrays = _core.pack_documents(
+        buffer, offsets, seq_len, batch_size, offset, add_bos, add_eos, split_long, seed
+    )
+    return batch_from_arrays(arrays)
+
+
+def decode_bytes(ids: torch.Tensor | Sequence[int], offset: int = 4) -> str:
+    """Ids back to text: ids below ``offset`` (PAD, BOS, EOS, -100) are dropped, invalid UTF-8
+    is replaced with U+FFFD; an id beyond the byte range raises ValueError."""
+    op = "decode_bytes"
+    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids, dtype=torch.int64)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{op}: ids must be integers, got {t.dtype}")
+    t = t.detach().reshape(-1).to("cpu", torch.int64)
+    if t.numel() and int(t.max()) >= offset + 256:
+        raise ValueError(
+            f"{op}: id {int(t.max())} is beyond the byte range [{offset}, {offset + 256})"
+        )
+    data = (t[t >= offset] - offset).to(torch.uint8).numpy().tobytes()
+    return data.decode("utf-8", "replace")

@@ -1,0 +1,109 @@
+"""fg.data.ByteStream: coverage, sharding, shuffling and exact resume."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from test_batching import batch_pieces, reference_pieces
+
+from ferrograd.data import ByteStream
+
+
+def pieces_of(batches):
+    total = Counter()
+    for batch in batches:
+        got, _ = batch_pieces(batch)
+        total += got
+    return total
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    rng = random.Random(0)
+    docs = []
+    for i in range(30):
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))
+        sub = tmp_path / f"d{i % 3}" / ("deep" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:02d}.bin").write_bytes(data)
+        docs.append(data)
+    return tmp_path, docs
+
+
+def test_files_every_byte_once_in_chunks(corpus):
+    root, docs = corpus
+    stream = ByteStream(root, 64, 4, seed=1, chunk_bytes=7)
+    batches = list(stream)
+    assert all(b.input_ids.shape == (4, 64) for b in batches)
+    assert pieces_of(batches) == reference_pieces(docs, 64)
+
+
+def test_documents_and_one_pass_iterables():
+    docs = [b"alpha", "beta \u2713", b"", b"\x00\xff", "gamma" * 40]
+    for source in (docs, iter(docs)):
+        assert pieces_of(ByteStream(source, 16, 2, seed=5)) == reference_pieces(docs, 16)
+
+
+def test_shuffle_is_seeded():
+    docs = [f"doc {i} ".encode() * (i % 5 + 1) for i in range(60)]
+
+    def ids(seed):
+        return torch.cat([b.input_ids for b in ByteStream(docs, 32, 4, seed=seed)])
+
+    assert torch.equal(ids(3), ids(3))
+    assert not torch.equal(ids(3), ids(4))
+    unshuffled = torch.cat([b.input_ids for b in ByteStream(docs, 32, 4, shuffle=False)])
+    assert torch.equal(
+        unshuffled, torch.cat([b.input_ids for b in ByteStream(docs, 32, 4, shuffle=False)])
+    )
+
+
+def test_two_workers_times_two_ranks_cover_every_document_once(corpus, monkeypatch):
+    root, docs = corpus
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    total = Counter()
+    for rank in range(2):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        loader = torch.utils.data.DataLoader(
+            ByteStream(root, 48, 2, seed=9),
+            batch_size=None,
+            num_workers=2,
+            multiprocessing_context="fork",
+        )
+        total += pieces_of(list(loader))
+    assert total == reference_pieces(docs, 48)
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 7])
+def test_resume_equals_an_uninterrupted_run(corpus, stop_after):
+    root, _ = corpus
+    full = list(ByteStream(root, 40, 3, seed=2, chunk_bytes=11))
+    first = ByteStream(root, 40, 3, seed=2, chunk_bytes=11)
+    it = iter(first)
+    head = [next(it) for _ in range(stop_after)]
+    state = first.state_dict()
+    resumed = ByteStream(root, 40, 3, seed=2, chunk_bytes=11)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="ByteStream: seq_len"):
+        ByteStream(["a"], 0, 2)
+    with pytest.raises(TypeError, match="ByteStream: batch_size"):
+        ByteStream(["a"], 8, 2.5)
+    with pytest.raises(ValueError, match="ByteStream: source"):
+        ByteStream(tmp_path / "missing", 8, 2)
+    with pytest.raises(TypeError, match="ByteStream: a document"):
+        list(ByteStream([3.5], 8, 2))
+    with pytest.raises(TypeError, match="exact resume"):
+        ByteStream(iter(["a"]), 8, 2).state_dict()
