@@ -34,6 +34,34 @@ def softmax_three_pass(
 ) -> None:
     """The classic three-pass softmax over contiguous rows of length n (benchmark baseline)."""
 
+def pack_documents(
+    buffer: npt.NDArray[np.uint8],
+    offsets: npt.NDArray[np.int64],
+    seq_len: int,
+    batch_size: int | None = None,
+    offset: int = 4,
+    add_bos: bool = True,
+    add_eos: bool = True,
+    split_long: bool = True,
+    seed: int | None = None,
+) -> dict[str, object]:
+    """Packs documents buffer[offsets[d]:offsets[d+1]]: input_ids, targets, position_ids,
+    document_ids (int64 [rows, seq_len]), cu_seqlens (int32), max_seqlen."""
+
+def pack_pieces(
+    buffer: npt.NDArray[np.uint8],
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    flags: npt.NDArray[np.uint8],
+    next_ids: npt.NDArray[np.int64],
+    seq_len: int,
+    batch_size: int,
+    offset: int = 4,
+    seed: int | None = None,
+) -> dict[str, object]:
+    """Packs ready-cut pieces (flags: 1 = BOS, 2 = EOS) into batch_size rows; "leftover" holds
+    the indices of pieces that did not fit."""
+
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
