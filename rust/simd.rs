@@ -149,10 +149,6 @@ pub trait Simd: Copy {
     unsafe fn load_partial(p: *const f32, len: usize, fill: f32) -> Self::V;
     /// Stores the first `len < LANES` lanes.
     unsafe fn store_partial(p: *mut f32, v: Self::V, len: usize);
-    /// A non-temporal store (no read-for-ownership, bypasses the caches); `p` is aligned to
-    /// `4 * LANES` bytes. Pair a run of them with [`Simd::store_fence`].
-    unsafe fn stream(p: *mut f32, v: Self::V);
-    unsafe fn store_fence();
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -241,12 +237,6 @@ impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn store_partial(_: *mut f32, _: f32, _: usize) {}
-    #[inline(always)]
-    unsafe fn stream(p: *mut f32, v: f32) {
-        *p = v
-    }
-    #[inline(always)]
-    unsafe fn store_fence() {}
     #[inline(always)]
     unsafe fn add(a: f32, b: f32) -> f32 {
         a + b
@@ -374,16 +364,6 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn stream(p: *mut f32, v: __m256) {
-            _mm256_stream_ps(p, v)
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn store_fence() {
-            _mm_sfence()
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
         }
@@ -470,16 +450,6 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn store_partial(p: *mut f32, v: __m512, len: usize) {
             _mm512_mask_storeu_ps(p, avx512_mask(len), v)
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn stream(p: *mut f32, v: __m512) {
-            _mm512_stream_ps(p, v)
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn store_fence() {
-            _mm_sfence()
         }
         #[inline]
         #[target_feature(enable = "avx512f")]

@@ -37,9 +37,6 @@ const EXP_INIT: f32 = -1.0e30;
 const BLOCK_VECTORS: usize = 1024;
 /// Steps along a strided dimension between f64 folds.
 const FOLD: usize = 256;
-/// Outputs at least this large are written with non-temporal stores: far beyond the caches,
-/// skipping the read-for-ownership of each output line is a third less memory traffic.
-const STREAM_MIN_BYTES: usize = 1 << 26;
 /// Below this many elements a call runs on the calling thread.
 const PAR_MIN: usize = 1 << 15;
 /// Smallest piece of a row given to one thread.
@@ -300,8 +297,6 @@ impl Pointwise for ExpShiftedScaled {
 }
 
 /// `out[i] = O(a[i], b[i])` over `len` contiguous elements; `out` may alias `a` or `b`.
-/// With `stream`, full vectors go out with non-temporal stores (for outputs far beyond the
-/// caches, where they save the read-for-ownership of every output line).
 #[inline(always)]
 unsafe fn map_row<S: Simd, O: Pointwise>(
     a: *const f32,
@@ -310,48 +305,22 @@ unsafe fn map_row<S: Simd, O: Pointwise>(
     len: usize,
     p: f32,
     q: f32,
-    stream: bool,
 ) {
     let (pv, qv) = (S::splat(p), S::splat(q));
-    // Elements [i, i + n) with n < LANES, through masked loads and stores.
-    let partial =
-        |i: usize, n: usize| map_partial::<S, O>(a.add(i), b.add(i), out.add(i), n, pv, qv);
     let mut i = 0;
-    if stream {
-        let misaligned = (out as usize / 4) % S::LANES;
-        if misaligned != 0 {
-            i = (S::LANES - misaligned).min(len);
-            partial(0, i);
-        }
-        while i + S::LANES <= len {
-            let v = O::apply::<S>(S::load(a.add(i)), S::load(b.add(i)), pv, qv);
-            S::stream(out.add(i), v);
-            i += S::LANES;
-        }
-        S::store_fence();
-    } else {
-        while i + S::LANES <= len {
-            let v = O::apply::<S>(S::load(a.add(i)), S::load(b.add(i)), pv, qv);
-            S::store(out.add(i), v);
-            i += S::LANES;
-        }
+    while i + S::LANES <= len {
+        let v = O::apply::<S>(S::load(a.add(i)), S::load(b.add(i)), pv, qv);
+        S::store(out.add(i), v);
+        i += S::LANES;
     }
     if i < len {
-        partial(i, len - i);
+        let rest = len - i;
+        let (va, vb) = (
+            S::load_partial(a.add(i), rest, 0.0),
+            S::load_partial(b.add(i), rest, 0.0),
+        );
+        S::store_partial(out.add(i), O::apply::<S>(va, vb, pv, qv), rest);
     }
-}
-
-#[inline(always)]
-unsafe fn map_partial<S: Simd, O: Pointwise>(
-    a: *const f32,
-    b: *const f32,
-    out: *mut f32,
-    n: usize,
-    pv: S::V,
-    qv: S::V,
-) {
-    let (va, vb) = (S::load_partial(a, n, 0.0), S::load_partial(b, n, 0.0));
-    S::store_partial(out, O::apply::<S>(va, vb, pv, qv), n);
 }
 
 /// `Σ a[i] * b[i]` (`PAIR`) or `Σ a[i]`, with f32 lanes folded into f64 per block.
@@ -460,69 +429,29 @@ unsafe fn exp_shifted_sum_impl<S: Simd>(x: &[f32], max: f32) -> f64 {
 }
 
 #[inline(always)]
-unsafe fn softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32, stream: bool) {
-    map_row::<S, SoftmaxOut>(
-        x.as_ptr(),
-        x.as_ptr(),
-        y.as_mut_ptr(),
-        x.len(),
-        p,
-        q,
-        stream,
-    )
+unsafe fn softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32) {
+    map_row::<S, SoftmaxOut>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), p, q)
 }
 #[inline(always)]
-unsafe fn log_softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32, stream: bool) {
-    map_row::<S, LogSoftmaxOut>(
-        x.as_ptr(),
-        x.as_ptr(),
-        y.as_mut_ptr(),
-        x.len(),
-        p,
-        q,
-        stream,
-    )
+unsafe fn log_softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32) {
+    map_row::<S, LogSoftmaxOut>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), p, q)
 }
 #[inline(always)]
 unsafe fn softmax_grad_impl<S: Simd>(y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) {
-    map_row::<S, SoftmaxGrad>(
-        y.as_ptr(),
-        dy.as_ptr(),
-        dx.as_mut_ptr(),
-        y.len(),
-        dot,
-        0.0,
-        false,
-    )
+    map_row::<S, SoftmaxGrad>(y.as_ptr(), dy.as_ptr(), dx.as_mut_ptr(), y.len(), dot, 0.0)
 }
 #[inline(always)]
 unsafe fn log_softmax_grad_impl<S: Simd>(y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) {
-    map_row::<S, LogSoftmaxGrad>(
-        y.as_ptr(),
-        dy.as_ptr(),
-        dx.as_mut_ptr(),
-        y.len(),
-        sum,
-        0.0,
-        false,
-    )
+    map_row::<S, LogSoftmaxGrad>(y.as_ptr(), dy.as_ptr(), dx.as_mut_ptr(), y.len(), sum, 0.0)
 }
 #[inline(always)]
 unsafe fn scale_in_place_impl<S: Simd>(y: &mut [f32], inv: f32) {
     let p = y.as_mut_ptr();
-    map_row::<S, Scaled>(p, p, p, y.len(), inv, 0.0, false)
+    map_row::<S, Scaled>(p, p, p, y.len(), inv, 0.0)
 }
 #[inline(always)]
 unsafe fn exp_shifted_scaled_impl<S: Simd>(x: &[f32], y: &mut [f32], max: f32, inv: f32) {
-    map_row::<S, ExpShiftedScaled>(
-        x.as_ptr(),
-        x.as_ptr(),
-        y.as_mut_ptr(),
-        x.len(),
-        max,
-        inv,
-        false,
-    )
+    map_row::<S, ExpShiftedScaled>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), max, inv)
 }
 #[inline(always)]
 unsafe fn sum_impl<S: Simd>(a: &[f32]) -> f64 {
@@ -537,8 +466,8 @@ unsafe fn dot_impl<S: Simd>(a: &[f32], b: &[f32]) -> f64 {
 dispatch! {
     /// Pass 1 of the two-pass softmax over a contiguous piece of a row.
     pub fn exp_sum(x: &[f32]) -> ExpSum = exp_sum_impl;
-    fn softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32, stream: bool) = softmax_out_impl;
-    fn log_softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32, stream: bool) = log_softmax_out_impl;
+    fn softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32) = softmax_out_impl;
+    fn log_softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32) = log_softmax_out_impl;
     fn softmax_grad(y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) = softmax_grad_impl;
     fn log_softmax_grad(y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) = log_softmax_grad_impl;
     fn sum(a: &[f32]) -> f64 = sum_impl;
@@ -613,14 +542,7 @@ unsafe fn piece_mut<'a>(row: SendPtr<f32>, r: &Range<usize>) -> &'a mut [f32] {
 }
 
 /// Two-pass softmax (or log-softmax) of one contiguous row split into `pieces`.
-fn forward_row(
-    level: SimdLevel,
-    x: &[f32],
-    y: &mut [f32],
-    pieces: &[Range<usize>],
-    log: bool,
-    stream: bool,
-) {
+fn forward_row(level: SimdLevel, x: &[f32], y: &mut [f32], pieces: &[Range<usize>], log: bool) {
     let acc = over_pieces(
         pieces,
         |r| exp_sum(level, &x[r]),
@@ -640,9 +562,9 @@ fn forward_row(
             // SAFETY: the pieces are disjoint ranges of this row.
             let yp = unsafe { piece_mut(out, &r) };
             if log {
-                log_softmax_out(level, &x[r], yp, p, q, stream)
+                log_softmax_out(level, &x[r], yp, p, q)
             } else {
-                softmax_out(level, &x[r], yp, p, q, stream)
+                softmax_out(level, &x[r], yp, p, q)
             }
         },
         (),
@@ -697,7 +619,7 @@ fn for_each_row(
     let threads = threads::num_threads();
     let row = 0..n;
     let whole = std::slice::from_ref(&row);
-    if threads == 1 || rows * n < PAR_MIN {
+    if threads == 1 || rows * n < PAR_MIN || (rows == 1 && n < 2 * CHUNK_MIN) {
         for ((ar, br), or) in a.chunks(n).zip(b.chunks(n)).zip(out.chunks_mut(n)) {
             row_fn(ar, br, or, whole)
         }
@@ -940,9 +862,8 @@ pub fn softmax_forward(
         return Ok(());
     }
     if layout.inner == 1 {
-        let stream = 4 * x.len() >= STREAM_MIN_BYTES;
         for_each_row(x, x, y, layout.n, |xr, _, yr, pieces| {
-            forward_row(level, xr, yr, pieces, log, stream)
+            forward_row(level, xr, yr, pieces, log)
         });
     } else {
         run_columns(layout, x, x, y, log, |job| columns_forward(level, job));
@@ -1219,26 +1140,6 @@ mod tests {
                     let what = format!("{level:?} {variant:?}");
                     assert_close_rel(&y[r * n..(r + 1) * n], &want, false, 1e-5, &what);
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn streamed_output_matches_stored_output_at_any_alignment() {
-        let x = data(1000, 20.0);
-        for level in levels() {
-            let acc = exp_sum(level, &x[3..]);
-            let (p, q) = acc.pass2_params(false);
-            let mut stored = vec![0.0f32; 997];
-            softmax_out(level, &x[3..], &mut stored, p, q, false);
-            for offset in 0..17 {
-                let mut buf = vec![0.0f32; 1024];
-                softmax_out(level, &x[3..], &mut buf[offset..offset + 997], p, q, true);
-                assert_eq!(
-                    &buf[offset..offset + 997],
-                    &stored[..],
-                    "{level:?} offset {offset}"
-                );
             }
         }
     }
