@@ -139,6 +139,11 @@ impl SplitMix64 {
         SplitMix64(seed)
     }
 
+    /// The whole state: `SplitMix64::new(state)` continues the stream exactly.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;

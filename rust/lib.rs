@@ -2,6 +2,7 @@
 
 pub mod batching;
 pub mod error;
+pub mod momentum;
 pub mod simd;
 pub mod softmax;
 pub mod threads;

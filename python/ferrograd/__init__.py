@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _core, data
+from . import _core, data, optim
 from ._errors import DimensionError
 from .ops.softmax import log_softmax, softmax
 
@@ -17,6 +17,7 @@ __all__ = [
     "data",
     "get_num_threads",
     "log_softmax",
+    "optim",
     "set_num_threads",
     "simd_level",
     "softmax",

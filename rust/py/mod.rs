@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use crate::error::{FgError, FgResult};
 
 mod batching;
+mod optim;
 mod runtime;
 mod softmax;
 
@@ -46,6 +47,7 @@ pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batching::register(m)?;
+    optim::register(m)?;
     runtime::register(m)?;
     softmax::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

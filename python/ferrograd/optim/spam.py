@@ -1,0 +1,311 @@
+"""SPAM / Stable-SPAM (DESIGN.md section 5), with the fused step and bookkeeping in Rust.
+
+CPU float32 parameters run one fused Rust pass per tensor; any other parameter (CUDA,
+bfloat16 with float32 state, float64) runs the same rule through torch ops driven by the same
+bookkeeping. Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
+``round(density * numel)`` coordinates drawn uniformly without replacement from a seeded
+generator, redrawn at every reset, marked in a bitmask (state: 8 * density + 0.125 bytes per
+parameter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .. import _core
+
+_GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
+
+
+def _check(op: str, name: str, value: float, low: float, high: float = math.inf) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
+
+
+class _SpamBase(torch.optim.Optimizer):
+    _name = "SPAM"
+
+    def __init__(self, params: Iterable, defaults: dict, seed: int) -> None:
+        op = self._name
+        _check(op, "lr", defaults["lr"], 0.0)
+        _check(op, "eps", defaults["eps"], 0.0)
+        _check(op, "weight_decay", defaults["weight_decay"], 0.0)
+        _check(op, "density", defaults["density"], 0.0, 1.0)
+        betas = defaults["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"{op}: betas must be a pair of floats")
+        for i, b in enumerate(betas):
+            _check(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12)
+        if isinstance(defaults["reset_interval"], bool) or defaults["reset_interval"] < 1:
+            raise ValueError(f"{op}: reset_interval must be a positive int")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{op}: seed must be a non-negative int, got {seed!r}")
+        super().__init__(params, defaults)
+        self.state[_GLOBAL] = {"step": 0, "rng": seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but keeps the moments float32 and the mask uint8 (torch would cast them
+        to each parameter's dtype)."""
+        saved = {k: v for k, v in state_dict["state"].items() if isinstance(k, int)}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entries in saved.items():
+            p = params[index]
+            for key in ("mask", "exp_avg", "exp_avg_sq"):
+                if key in entries:
+                    self.state[p][key] = entries[key].detach().clone().to(p.device)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _sparse(self, p: torch.Tensor, group: dict) -> bool:
+        return group["density"] < 1.0 and p.dim() >= 2
+
+    def _draw_mask(self, p: torch.Tensor, density: float) -> torch.Tensor:
+        k = round(density * p.numel())
+        mask, self.state[_GLOBAL]["rng"] = _core.sample_mask(
+            p.numel(), k, self.state[_GLOBAL]["rng"]
+        )
+        return torch.from_numpy(mask)
+
+    def _fresh_moments(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if self._sparse(p, group):
+            state["mask"] = self._draw_mask(p, group["density"])
+            k = int(np.unpackbits(state["mask"].numpy(), bitorder="little").sum())
+            shape = (k,)
+        else:
+            state.pop("mask", None)
+            shape = p.shape
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+
+    def active_indices(self, p: torch.Tensor) -> torch.Tensor:
+        """Sorted int64 flat indices of ``p`` that carry momentum (all of them when dense)."""
+        state = self.state.get(p)
+        if state is None or "exp_avg" not in state:
+            group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+            if group is None:
+                raise ValueError(f"{self._name}.active_indices: p is not optimized here")
+            if self._sparse(p, group):
+                raise ValueError(
+                    f"{self._name}.active_indices: p has no mask yet (drawn at its first step)"
+                )
+            return torch.arange(p.numel(), device=p.device)
+        if "mask" not in state:
+            return torch.arange(p.numel(), device=p.device)
+        bits = np.unpackbits(state["mask"].numpy(), bitorder="little")[: p.numel()]
+        return torch.from_numpy(np.flatnonzero(bits).astype(np.int64)).to(p.device)
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{self._name} does not support sparse gradients")
+        return p.grad
+
+    # -- the update ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        glob = self.state[_GLOBAL]
+        glob["step"] += 1
+        t = glob["step"]
+        for group in self.param_groups:
+            reset = t % group["reset_interval"] == 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = self._grad(p)
+                if "exp_avg" not in self.state[p] or reset:
+                    self._fresh_moments(p, group)
+                self._update(p, grad, group, t)
+        return loss
+
+    def _fused(self, p: torch.Tensor, grad: torch.Tensor, group: dict, **scalars) -> None:
+        """One step of the rule; ``scalars`` are the keyword arguments of the Rust step."""
+        state = self.state[p]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        rust = (
+            p.device.type == "cpu"
+            and p.dtype == torch.float32
+            and grad.dtype == torch.float32
+            and p.is_contiguous()
+        )
+        if rust:
+            g = grad.contiguous()
+            if "mask" in state:
+                _core.spam_sparse_step(
+                    p.numpy(), g.numpy(), state["mask"].numpy(), m.numpy(), v.numpy(), **scalars
+                )
+            else:
+                _core.spam_dense_step(p.numpy(), g.numpy(), m.numpy(), v.numpy(), **scalars)
+            return
+        idx = self.active_indices(p) if "mask" in state else None
+        torch_step(p, grad, m, v, idx, **scalars)
+
+
+def torch_step(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    bias_corrections: tuple[float, float],
+    warmup: float = 1.0,
+    spike_threshold: float | None = None,
+    adaclip: tuple[float, float] = (math.inf, 1.0),
+    grad_scale: float = 1.0,
+) -> None:
+    """The fused step in torch ops (any device, float32 state), same rule as the Rust pass."""
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    g = grad.reshape(-1).float()
+    p32 = flat.float()
+    decay = 1.0 - lr * weight_decay
+    if idx is not None:
+        g, base = g[idx], p32[idx]
+    else:
+        base = p32
+    if math.isfinite(adaclip[0]):
+        g = torch.where(g.abs() > adaclip[0], g * adaclip[1], g)
+    g = g * grad_scale
+    if spike_threshold is not None:
+        cap = (spike_threshold * v.view(-1)).sqrt()
+        g = torch.minimum(torch.maximum(g, -cap), cap)
+    b1, b2 = betas
+    m.view(-1).mul_(b1).add_(g * (1.0 - b1))
+    v.view(-1).mul_(b2).add_(g * (1.0 - b2) * g)
+    update = (m.view(-1) / bias_corrections[0]) / ((v.view(-1) / bias_corrections[1]).sqrt() + eps)
+    new = base * decay - (lr * warmup) * update
+    if idx is not None:
+        p32 = p32 * decay
+        p32[idx] = new
+        new = p32
+    flat.copy_(new.to(p.dtype))
+    if not p.is_contiguous():
+        p.copy_(flat.view_as(p))
+
+
+class SPAM(_SpamBase):
+    """Spike-aware Adam with momentum reset (DESIGN.md section 5, weight decay decoupled)."""
+
+    _name = "SPAM"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        density: float = 1.0,
+        reset_interval: int = 500,
+        warmup_steps: int = 150,
+        threshold: float = 5000.0,
+        clip_warmup: int = 20,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
+            reset_interval=reset_interval, warmup_steps=warmup_steps, threshold=threshold,
+            clip_warmup=clip_warmup,
+        )  # fmt: skip
+        _check("SPAM", "threshold", threshold, 0.0)
+        super().__init__(params, defaults, seed)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
+        interval, warmup_steps = group["reset_interval"], group["warmup_steps"]
+        t0 = (t // interval) * interval  # step of the last reset, 0 before the first
+        if t0 == 0:
+            warmup = 1.0
+        else:
+            s = min(t - t0, warmup_steps) / max(warmup_steps, 1)
+            warmup = 1.0 - 0.99 * (1.0 + math.cos(math.pi * s)) / 2.0
+        b1, b2 = group["betas"]
+        clip = group["threshold"] if t - t0 >= group["clip_warmup"] else None
+        self._fused(
+            p, grad, group,
+            lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
+            eps=group["eps"], bias_corrections=(1.0 - b1**t, 1.0 - b2**t),
+            warmup=warmup, spike_threshold=clip,
+        )  # fmt: skip
+
+
+class StableSPAM(_SpamBase):
+    """Stable-SPAM: AdaClip and AdaGN on the gradient, Adam moments reset periodically (the
+    bias-correction counter restarts at 1 on each reset), optional cosine scaling of beta1 and
+    gamma1 from 1 to ``eta_min`` over ``total_steps``."""
+
+    _name = "StableSPAM"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        gamma3: float = 0.999,
+        reset_interval: int = 500,
+        total_steps: int | None = None,
+        eta_min: float = 0.5,
+        density: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
+            _check("StableSPAM", name, value, 0.0, 1.0 - 1e-12)
+        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
+            raise ValueError("StableSPAM: total_steps must be a positive int or None")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
+            gamma2=gamma2, gamma3=gamma3, reset_interval=reset_interval,
+            total_steps=total_steps, eta_min=eta_min, density=density,
+        )  # fmt: skip
+        super().__init__(params, defaults, seed)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
+        state = self.state[p]
+        g1, g2, g3 = group["gamma1"], group["gamma2"], group["gamma3"]
+        b1, b2 = group["betas"]
+        if group["total_steps"] is not None:
+            frac = min(t, group["total_steps"]) / group["total_steps"]
+            c = group["eta_min"] + (1 - group["eta_min"]) * 0.5 * (1 + math.cos(math.pi * frac))
+            b1, g1 = b1 * c, g1 * c
+        # AdaClip: a running estimate of the largest |g| caps the entries above it.
+        gmax = float(grad.abs().max())
+        state["max_abs"] = g3 * state.get("max_abs", 0.0) + (1 - g3) * gmax
+        bound = state["max_abs"] / (1 - g3**t)
+        ratio = bound / gmax if gmax > 0 else 1.0
+        clipped = torch.where(grad.abs() > bound, grad * ratio, grad)
+        # AdaGN: the gradient norm normalized by its running moments.
+        norm = float(torch.linalg.vector_norm(clipped, dtype=torch.float64))
+        state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
+        state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
+        target = (state["norm_m"] / (1 - g1**t)) / (
+            math.sqrt(state["norm_v"] / (1 - g2**t)) + group["eps"]
+        )
+        scale = target / norm if norm > 0 else 0.0
+        interval = group["reset_interval"]
+        k = t if t < interval else t - (t // interval) * interval + 1
+        self._fused(
+            p, grad, group,
+            lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
+            eps=group["eps"], bias_corrections=(1.0 - b1**k, 1.0 - b2**k),
+            adaclip=(bound, ratio), grad_scale=scale,
+        )  # fmt: skip

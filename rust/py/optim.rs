@@ -1,0 +1,146 @@
+//! SPAM / Stable-SPAM step wrappers.
+
+use numpy::{PyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use pyo3::prelude::*;
+
+use super::{contiguous, contiguous_mut, run_detached};
+use crate::batching::SplitMix64;
+use crate::momentum::{self, StepScalars};
+use crate::simd;
+
+/// The step's scalars from the optimizer's, combined in f64 before rounding to f32.
+#[allow(clippy::too_many_arguments)]
+fn scalars(
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    bias_corrections: (f64, f64),
+    warmup: f64,
+    spike_threshold: Option<f64>,
+    adaclip: (f64, f64),
+    grad_scale: f64,
+) -> StepScalars {
+    StepScalars {
+        decay: (1.0 - lr * weight_decay) as f32,
+        step_size: (lr * warmup) as f32,
+        beta1: betas.0 as f32,
+        beta2: betas.1 as f32,
+        one_minus_beta1: (1.0 - betas.0) as f32,
+        one_minus_beta2: (1.0 - betas.1) as f32,
+        eps: eps as f32,
+        bias_correction1: bias_corrections.0 as f32,
+        bias_correction2: bias_corrections.1 as f32,
+        spike_threshold: spike_threshold.map(|t| t as f32),
+        adaclip_bound: adaclip.0 as f32,
+        adaclip_ratio: adaclip.1 as f32,
+        grad_scale: grad_scale as f32,
+    }
+}
+
+/// One fused dense step on float32 `param` with moments `exp_avg`, `exp_avg_sq` (in place).
+#[pyfunction]
+#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0))]
+#[allow(clippy::too_many_arguments)]
+fn spam_dense_step(
+    py: Python<'_>,
+    mut param: PyReadwriteArrayDyn<'_, f32>,
+    grad: PyReadonlyArrayDyn<'_, f32>,
+    mut exp_avg: PyReadwriteArrayDyn<'_, f32>,
+    mut exp_avg_sq: PyReadwriteArrayDyn<'_, f32>,
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    bias_corrections: (f64, f64),
+    warmup: f64,
+    spike_threshold: Option<f64>,
+    adaclip: (f64, f64),
+    grad_scale: f64,
+) -> PyResult<()> {
+    let op = "spam_step";
+    let level = simd::active()?;
+    let p = contiguous_mut(op, "param", &mut param)?;
+    let g = contiguous(op, "grad", &grad)?;
+    let m = contiguous_mut(op, "exp_avg", &mut exp_avg)?;
+    let v = contiguous_mut(op, "exp_avg_sq", &mut exp_avg_sq)?;
+    let s = scalars(
+        lr,
+        weight_decay,
+        betas,
+        eps,
+        bias_corrections,
+        warmup,
+        spike_threshold,
+        adaclip,
+        grad_scale,
+    );
+    run_detached(py, op, || momentum::dense_step(level, p, g, m, v, &s))
+}
+
+/// One fused sparse step: `mask` (1 bit per element) marks the coordinates of the compact
+/// `exp_avg`, `exp_avg_sq`; the others get weight decay only.
+#[pyfunction]
+#[pyo3(signature = (param, grad, mask, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0))]
+#[allow(clippy::too_many_arguments)]
+fn spam_sparse_step(
+    py: Python<'_>,
+    mut param: PyReadwriteArrayDyn<'_, f32>,
+    grad: PyReadonlyArrayDyn<'_, f32>,
+    mask: PyReadonlyArrayDyn<'_, u8>,
+    mut exp_avg: PyReadwriteArrayDyn<'_, f32>,
+    mut exp_avg_sq: PyReadwriteArrayDyn<'_, f32>,
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    bias_corrections: (f64, f64),
+    warmup: f64,
+    spike_threshold: Option<f64>,
+    adaclip: (f64, f64),
+    grad_scale: f64,
+) -> PyResult<()> {
+    let op = "spam_sparse_step";
+    let level = simd::active()?;
+    let p = contiguous_mut(op, "param", &mut param)?;
+    let g = contiguous(op, "grad", &grad)?;
+    let mask = contiguous(op, "mask", &mask)?;
+    let m = contiguous_mut(op, "exp_avg", &mut exp_avg)?;
+    let v = contiguous_mut(op, "exp_avg_sq", &mut exp_avg_sq)?;
+    let s = scalars(
+        lr,
+        weight_decay,
+        betas,
+        eps,
+        bias_corrections,
+        warmup,
+        spike_threshold,
+        adaclip,
+        grad_scale,
+    );
+    run_detached(py, op, || {
+        momentum::sparse_step(level, p, g, mask, m, v, &s)
+    })
+}
+
+/// Draws exactly `k` of `numel` coordinates as a bitmask; returns it and the generator state.
+#[pyfunction]
+fn sample_mask(
+    py: Python<'_>,
+    numel: usize,
+    k: usize,
+    rng_state: u64,
+) -> PyResult<(Bound<'_, PyArray1<u8>>, u64)> {
+    let mut rng = SplitMix64::new(rng_state);
+    let mask = run_detached(py, "sample_mask", || {
+        momentum::sample_mask(numel, k, &mut rng)
+    })?;
+    Ok((PyArray1::from_vec(py, mask), rng.state()))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(spam_dense_step, m)?)?;
+    m.add_function(wrap_pyfunction!(spam_sparse_step, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_mask, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,271 @@
+"""SPAM / Stable-SPAM against plain-torch implementations of DESIGN.md's rules."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import ferrograd as fg
+from ferrograd import _core
+from ferrograd.optim.spam import torch_step
+
+pytestmark = pytest.mark.simd
+
+
+def make_grads(steps: int, shapes, seed=0, spikes=True):
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for t in range(1, steps + 1):
+        gs = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+        if spikes and t % 97 == 0:  # planted 1000x spikes
+            for g in gs:
+                g.view(-1)[t % g.numel()] *= 1000.0
+        grads.append(gs)
+    return grads
+
+
+class ReferenceSPAM:
+    """DESIGN.md's SPAM in plain torch, float32; sparse coordinates taken from `active`."""
+
+    def __init__(self, params, lr, betas, eps, wd, reset_interval, warmup_steps, threshold,
+                 clip_warmup):  # fmt: skip
+        self.params = [p.detach().clone() for p in params]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.lr, self.betas, self.eps, self.wd = lr, betas, eps, wd
+        self.R, self.W, self.thr, self.cw = reset_interval, warmup_steps, threshold, clip_warmup
+        self.t = 0
+
+    def step(self, grads, active=None):
+        self.t += 1
+        t, (b1, b2) = self.t, self.betas
+        t0 = (t // self.R) * self.R
+        if t % self.R == 0:
+            for m, v in zip(self.m, self.v, strict=True):
+                m.zero_()
+                v.zero_()
+        if t0 == 0:
+            w = 1.0
+        else:
+            w = 1 - 0.99 * (1 + math.cos(math.pi * min(t - t0, self.W) / self.W)) / 2
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            m, v = self.m[i], self.v[i]
+            mask = torch.ones(p.numel(), dtype=torch.bool)
+            if active is not None and active[i] is not None:
+                mask = torch.zeros(p.numel(), dtype=torch.bool)
+                mask[active[i]] = True
+            mask = mask.view_as(p)
+            g = g.clone()
+            if t - t0 >= self.cw:
+                spike = g * g > self.thr * v
+                g = torch.where(spike, g.sign() * (self.thr * v).sqrt(), g)
+            m_new = b1 * m + (1 - b1) * g
+            v_new = b2 * v + (1 - b2) * g * g
+            m.copy_(torch.where(mask, m_new, m))
+            v.copy_(torch.where(mask, v_new, v))
+            upd = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+            p.copy_(torch.where(mask, p * (1 - self.lr * self.wd) - self.lr * w * upd,
+                                p * (1 - self.lr * self.wd)))  # fmt: skip
+
+
+def run_spam(density, steps=1200, shapes=((24, 20), (20,)), **kw):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05)
+    opt = fg.optim.SPAM(params, **hp, density=density, **kw)
+    ref = ReferenceSPAM(params, hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"],
+                        kw.get("reset_interval", 500), kw.get("warmup_steps", 150),
+                        kw.get("threshold", 5000.0), kw.get("clip_warmup", 20))  # fmt: skip
+    for gs in make_grads(steps, shapes):
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        active = [opt.active_indices(p) if p.dim() >= 2 and density < 1 else None for p in params]
+        ref.step(gs, active if density < 1 else None)
+    return params, ref.params, opt
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_spam_matches_reference_through_two_resets(density):
+    params, want, opt = run_spam(density)
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-7)
+    if density < 1:
+        assert opt.active_indices(params[0]).numel() == round(0.3 * params[0].numel())
+
+
+def reference_stable_spam(params, grads, lr, betas, eps, wd, g1, g2, g3, R, total, eta_min):
+    ps = [p.detach().clone() for p in params]
+    state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p), mmax=0.0, mn=0.0, vn=0.0)
+             for p in ps]  # fmt: skip
+    for t, gs in enumerate(grads, start=1):
+        c = eta_min + (1 - eta_min) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+        b1, gg1 = betas[0] * c, g1 * c
+        if t % R == 0:
+            for s in state:
+                s["m"].zero_()
+                s["v"].zero_()
+        k = t if t < R else t - (t // R) * R + 1
+        for p, g, s in zip(ps, gs, state, strict=True):
+            gmax = g.abs().max().item()
+            s["mmax"] = g3 * s["mmax"] + (1 - g3) * gmax
+            mhat = s["mmax"] / (1 - g3**t)
+            g = torch.where(g.abs() > mhat, g / gmax * mhat, g)
+            n = g.double().norm().item()
+            s["mn"] = gg1 * s["mn"] + (1 - gg1) * n
+            s["vn"] = g2 * s["vn"] + (1 - g2) * n * n
+            g = g / n * (s["mn"] / (1 - gg1**t)) / (math.sqrt(s["vn"] / (1 - g2**t)) + eps)
+            s["m"].copy_(b1 * s["m"] + (1 - b1) * g)
+            s["v"].copy_(betas[1] * s["v"] + (1 - betas[1]) * g * g)
+            upd = (s["m"] / (1 - b1**k)) / ((s["v"] / (1 - betas[1] ** k)).sqrt() + eps)
+            p.copy_(p * (1 - lr * wd) - lr * upd)
+    return ps
+
+
+def test_stable_spam_matches_reference():
+    torch.manual_seed(1)
+    shapes = ((16, 12), (12,))
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = fg.optim.StableSPAM(params, **hp, reset_interval=150, total_steps=400, eta_min=0.5)
+    grads = make_grads(400, shapes, seed=2)
+    want = reference_stable_spam(params, grads, hp["lr"], hp["betas"], hp["eps"],
+                                 hp["weight_decay"], 0.7, 0.9, 0.999, 150, 400, 0.5)  # fmt: skip
+    for gs in grads:
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.detach(), w, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_rust_step_equals_torch_step(sparse):
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(37, 29, generator=gen)
+    g = torch.randn(37, 29, generator=gen) * 30
+    mask, _ = _core.sample_mask(p.numel(), 300, 11)
+    mask = torch.from_numpy(mask)
+    k = 300 if sparse else p.numel()
+    m, v = torch.rand(k, generator=gen), torch.rand(k, generator=gen) * 1e-3
+    kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6,
+              bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    if sparse:
+        _core.spam_sparse_step(p.numpy(), g.numpy(), mask.numpy(), m.numpy(), v.numpy(), **kw)
+        idx = torch.nonzero(
+            torch.from_numpy(__import__("numpy").unpackbits(mask.numpy(), bitorder="little"))[
+                : p.numel()
+            ]
+        ).view(-1)
+        torch_step(p2, g, m2, v2, idx, **kw)
+    else:
+        _core.spam_dense_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
+        torch_step(p2, g, m2.view(37, 29), v2.view(37, 29), None, **kw)
+    torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [fg.optim.SPAM, fg.optim.StableSPAM])
+def test_resume_from_state_dict_is_bit_identical(cls):
+    shapes = ((20, 10), (10,))
+    grads = make_grads(240, shapes, seed=5)
+
+    def fresh():
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        return params, cls(params, lr=1e-2, density=0.4, reset_interval=100, seed=7)
+
+    def run(params, opt, gs):
+        for g_step in gs:
+            for p, g in zip(params, g_step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    params, opt = fresh()
+    run(params, opt, grads)
+    params2, opt2 = fresh()
+    run(params2, opt2, grads[:130])
+    saved = copy.deepcopy(opt2.state_dict())
+    saved_params = [p.detach().clone() for p in params2]
+    params3, opt3 = fresh()
+    with torch.no_grad():
+        for p, s in zip(params3, saved_params, strict=True):
+            p.copy_(s)
+    opt3.load_state_dict(saved)
+    run(params3, opt3, grads[130:])
+    for a, b in zip(params, params3, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sparse_state_memory_and_seeds():
+    p = torch.nn.Parameter(torch.randn(256, 128))
+    opt = fg.optim.SPAM([p], density=0.25, seed=1)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for t in opt.state[p].values()
+                      if isinstance(t, torch.Tensor))  # fmt: skip
+    assert state_bytes / p.numel() <= 8 * 0.25 + 0.125
+    assert opt.active_indices(p).numel() == round(0.25 * p.numel())
+    other = fg.optim.SPAM([p], density=0.25, seed=1)
+    other.step()
+    assert torch.equal(other.active_indices(p), opt.active_indices(p))
+    third = fg.optim.SPAM([p], density=0.25, seed=2)
+    third.step()
+    assert not torch.equal(third.active_indices(p), opt.active_indices(p))
+    idx = opt.active_indices(p)
+    assert idx.dtype == torch.int64 and torch.equal(idx, idx.sort().values)
+
+
+def test_groups_closures_and_skipped_params():
+    a = torch.nn.Parameter(torch.ones(8, 4))
+    b = torch.nn.Parameter(torch.ones(4))
+    c = torch.nn.Parameter(torch.ones(3))  # never gets a gradient
+    opt = fg.optim.SPAM([{"params": [a], "lr": 0.1, "density": 0.5}, {"params": [b, c]}], lr=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = (a.sum() + b.sum()) ** 2
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == (32 + 4) ** 2
+    assert torch.equal(c, torch.ones(3)) and "exp_avg" not in opt.state[c]
+    assert opt.active_indices(a).numel() == 16
+    assert (a != 1).sum() == 16 and (b != 1).all()
+
+
+def test_bfloat16_params_follow_float32():
+    torch.manual_seed(0)
+    p32 = torch.nn.Parameter(torch.randn(16, 8))
+    p16 = torch.nn.Parameter(p32.detach().bfloat16())
+    o32, o16 = fg.optim.SPAM([p32], lr=1e-2), fg.optim.SPAM([p16], lr=1e-2)
+    for gs in make_grads(20, [(16, 8)], spikes=False):
+        p32.grad, p16.grad = gs[0], gs[0].bfloat16()
+        o32.step()
+        o16.step()
+        with torch.no_grad():
+            p32.copy_(p32.bfloat16().float())
+    assert o16.state[p16]["exp_avg"].dtype == torch.float32
+    # bfloat16 params with float32 state behave as float32 params rounded after every step.
+    torch.testing.assert_close(p16.float(), p32.detach(), rtol=8e-3, atol=1e-2)
+
+
+def test_bad_arguments_and_sparse_gradients():
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    with pytest.raises(ValueError, match="SPAM: lr"):
+        fg.optim.SPAM([p], lr=-1)
+    with pytest.raises(ValueError, match="SPAM: density"):
+        fg.optim.SPAM([p], density=1.5)
+    with pytest.raises(ValueError, match="StableSPAM: gamma1"):
+        fg.optim.StableSPAM([p], gamma1=1.0)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = fg.optim.SPAM(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
