@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: name -> module in bench/ exposing ``main(threads: int | None) -> None``.
-BENCHMARKS = {"softmax": "softmax", "batching": "batching"}
+BENCHMARKS = {"softmax": "softmax", "batching": "batching", "optim": "optim"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,16 @@
 //! (1 bit per parameter, little-endian within each byte) and stored compactly in index order,
 //! so the state costs 8 * density + 0.125 bytes per parameter.
 
+use rayon::prelude::*;
+
 use crate::batching::SplitMix64;
 use crate::dispatch;
 use crate::error::{FgError, FgResult};
 use crate::simd::Simd;
+use crate::threads;
+
+/// Elements below which a step runs on the calling thread (a multiple of 8: whole mask bytes).
+const CHUNK: usize = 1 << 16;
 
 /// The scalars of one step on one tensor. Combinations such as `1 - lr * weight_decay` come
 /// precomputed (in f64 by the caller, then rounded), as a plain torch implementation gets them.
@@ -77,7 +83,10 @@ impl StepScalars {
         }
         let m = self.beta1 * m + self.one_minus_beta1 * g;
         let v = self.beta2 * v + self.one_minus_beta2 * g * g;
-        let update = (m / self.bias_correction1) / ((v / self.bias_correction2).sqrt() + self.eps);
+        // Reciprocals (hoisted out of the loops) keep one division per element: the step is
+        // otherwise bound by divider throughput, not memory.
+        let (inv1, inv2) = (1.0 / self.bias_correction1, 1.0 / self.bias_correction2);
+        let update = (m * inv1) / ((v * inv2).sqrt() + self.eps);
         (p * self.decay - self.step_size * update, m, v)
     }
 }
@@ -108,11 +117,10 @@ unsafe fn sparse_step_impl<S: Simd>(
     v: &mut [f32],
     s: &StepScalars,
 ) {
-    let decay = s.decay;
     let mut j = 0;
     for (byte_index, &byte) in mask.iter().enumerate() {
         let base = byte_index * 8;
-        if decay == 1.0 {
+        if s.decay == 1.0 {
             // Inactive coordinates do not change: visit the set bits only.
             let mut bits = byte;
             while bits != 0 {
@@ -129,7 +137,7 @@ unsafe fn sparse_step_impl<S: Simd>(
                 (*pi, m[j], v[j]) = s.apply(*pi, g[base + bit], m[j], v[j]);
                 j += 1;
             } else {
-                *pi *= decay;
+                *pi *= s.decay;
             }
         }
     }
@@ -160,7 +168,18 @@ pub fn dense_step(
             "{op}: param, grad, exp_avg and exp_avg_sq must have the same number of elements"
         )));
     }
-    dense_step_dispatch(level, p, g, m, v, s);
+    let chunk = CHUNK.max(p.len().div_ceil(threads::num_threads()));
+    if p.len() <= CHUNK {
+        dense_step_dispatch(level, p, g, m, v, s);
+        return Ok(());
+    }
+    threads::install(|| {
+        p.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(m.par_chunks_mut(chunk))
+            .zip(v.par_chunks_mut(chunk))
+            .for_each(|(((p, g), m), v)| dense_step_dispatch(level, p, g, m, v, s))
+    });
     Ok(())
 }
 
@@ -189,7 +208,30 @@ pub fn sparse_step(
             v.len()
         )));
     }
-    sparse_step_dispatch(level, p, g, mask, m, v, s);
+    if p.len() <= CHUNK {
+        sparse_step_dispatch(level, p, g, mask, m, v, s);
+        return Ok(());
+    }
+    // Pieces of whole mask bytes; each piece's moments start after the active coordinates of
+    // the pieces before it.
+    let bytes_per_piece = (CHUNK.max(p.len().div_ceil(threads::num_threads()))) / 8;
+    let mut pieces = Vec::new();
+    let (mut p_rest, mut g_rest, mut m_rest, mut v_rest) = (p, g, m, v);
+    for mask_piece in mask.chunks(bytes_per_piece) {
+        let elems = (mask_piece.len() * 8).min(p_rest.len());
+        let active = count_active(mask_piece, elems);
+        let (p_piece, p_tail) = p_rest.split_at_mut(elems);
+        let (g_piece, g_tail) = g_rest.split_at(elems);
+        let (m_piece, m_tail) = m_rest.split_at_mut(active);
+        let (v_piece, v_tail) = v_rest.split_at_mut(active);
+        pieces.push((p_piece, g_piece, mask_piece, m_piece, v_piece));
+        (p_rest, g_rest, m_rest, v_rest) = (p_tail, g_tail, m_tail, v_tail);
+    }
+    threads::install(|| {
+        pieces
+            .into_par_iter()
+            .for_each(|(p, g, mask, m, v)| sparse_step_dispatch(level, p, g, mask, m, v, s))
+    });
     Ok(())
 }
 

@@ -143,13 +143,16 @@ def test_stable_spam_matches_reference():
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_rust_step_equals_torch_step(sparse):
+@pytest.mark.parametrize("shape", [(37, 29), (613, 301)])  # the second is split over threads
+def test_rust_step_equals_torch_step(sparse, shape):
+    fg.set_num_threads(max(2, fg.get_num_threads()))
     gen = torch.Generator().manual_seed(4)
-    p = torch.randn(37, 29, generator=gen)
-    g = torch.randn(37, 29, generator=gen) * 30
-    mask, _ = _core.sample_mask(p.numel(), 300, 11)
+    p = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen) * 30
+    active = p.numel() // 3
+    mask, _ = _core.sample_mask(p.numel(), active, 11)
     mask = torch.from_numpy(mask)
-    k = 300 if sparse else p.numel()
+    k = active if sparse else p.numel()
     m, v = torch.rand(k, generator=gen), torch.rand(k, generator=gen) * 1e-3
     kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6,
               bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
@@ -164,7 +167,7 @@ def test_rust_step_equals_torch_step(sparse):
         torch_step(p2, g, m2, v2, idx, **kw)
     else:
         _core.spam_dense_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
-        torch_step(p2, g, m2.view(37, 29), v2.view(37, 29), None, **kw)
+        torch_step(p2, g, m2.view(shape), v2.view(shape), None, **kw)
     torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-9)

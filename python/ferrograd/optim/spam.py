@@ -187,7 +187,8 @@ def torch_step(
     b1, b2 = betas
     m.view(-1).mul_(b1).add_(g * (1.0 - b1))
     v.view(-1).mul_(b2).add_(g * (1.0 - b2) * g)
-    update = (m.view(-1) / bias_corrections[0]) / ((v.view(-1) / bias_corrections[1]).sqrt() + eps)
+    inv1, inv2 = 1.0 / bias_corrections[0], 1.0 / bias_corrections[1]  # as the Rust pass does
+    update = (m.view(-1) * inv1) / ((v.view(-1) * inv2).sqrt() + eps)
     new = base * decay - (lr * warmup) * update
     if idx is not None:
         p32 = p32 * decay
