@@ -272,3 +272,47 @@ def test_bad_arguments_and_sparse_gradients():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        torch.manual_seed(0)  # identical initial replicas
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = fg.optim.SPAM(ddp.parameters(), lr=1e-2, density=0.5, reset_interval=7, seed=3)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+        for _ in range(20):
+            x = torch.randn(4, 8, generator=gen)
+            opt.zero_grad()
+            ddp(x).pow(2).mean().backward()
+            opt.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        queue.put((rank, all(torch.equal(gathered[0], g) for g in gathered)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_gloo_keeps_replicas_identical():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert results == {0: True, 1: True}
