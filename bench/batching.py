@@ -137,11 +137,11 @@ def main(threads: int | None = None) -> None:
                 "case": "ByteStream 2 workers",
                 "docs": len(list(Path(tmp).rglob("*.txt"))),
                 "fg_MB_per_s": size / seconds / 1e6,
-                "python_MB_per_s": float("nan"),
-                "speedup": float("nan"),
-                "write_frac": float("nan"),
-                "fill_bfd": float("nan"),
-                "fill_naive": float("nan"),
+                "python_MB_per_s": None,
+                "speedup": None,
+                "write_frac": None,
+                "fill_bfd": None,
+                "fill_naive": None,
                 "batches_per_s": batches / seconds,
             }
         )
