@@ -109,17 +109,6 @@ unsafe fn dense_step_impl<S: Simd>(
 /// The sparse step per backend: AVX-512 expands the compact moments into the lanes of each
 /// 16-element block and compresses them back; the others walk the set bits.
 trait SparseStep {
-    unsafe fn sparse_step(
-        p: &mut [f32],
-        g: &[f32],
-        mask: &[u8],
-        m: &mut [f32],
-        v: &mut [f32],
-        s: &StepScalars,
-    );
-}
-
-impl SparseStep for crate::simd::Scalar {
     #[inline(always)]
     unsafe fn sparse_step(
         p: &mut [f32],
@@ -132,21 +121,11 @@ impl SparseStep for crate::simd::Scalar {
         sparse_step_bits(p, g, mask, m, v, s)
     }
 }
+
+impl SparseStep for crate::simd::Scalar {}
 
 #[cfg(target_arch = "x86_64")]
-impl SparseStep for crate::simd::Avx2 {
-    #[inline(always)]
-    unsafe fn sparse_step(
-        p: &mut [f32],
-        g: &[f32],
-        mask: &[u8],
-        m: &mut [f32],
-        v: &mut [f32],
-        s: &StepScalars,
-    ) {
-        sparse_step_bits(p, g, mask, m, v, s)
-    }
-}
+impl SparseStep for crate::simd::Avx2 {}
 
 #[cfg(target_arch = "x86_64")]
 impl SparseStep for crate::simd::Avx512 {
@@ -315,7 +294,7 @@ pub fn sparse_step(
     v: &mut [f32],
     s: &StepScalars,
 ) -> FgResult<()> {
-    let op = "spam_sparse_step";
+    let op = "spam_step";
     s.validate(op)?;
     if g.len() != p.len() || mask.len() != p.len().div_ceil(8) {
         return Err(FgError::Value(format!(

@@ -158,7 +158,7 @@ def test_rust_step_equals_torch_step(sparse, shape):
               bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
     p2, m2, v2 = p.clone(), m.clone(), v.clone()
     if sparse:
-        _core.spam_sparse_step(p.numpy(), g.numpy(), mask.numpy(), m.numpy(), v.numpy(), **kw)
+        _core.spam_step(p.numpy(), g.numpy(), m.numpy(), v.numpy(), **kw, mask=mask.numpy())
         idx = torch.nonzero(
             torch.from_numpy(__import__("numpy").unpackbits(mask.numpy(), bitorder="little"))[
                 : p.numel()
@@ -166,7 +166,7 @@ def test_rust_step_equals_torch_step(sparse, shape):
         ).view(-1)
         torch_step(p2, g, m2, v2, idx, **kw)
     else:
-        _core.spam_dense_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
+        _core.spam_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
         torch_step(p2, g, m2.view(shape), v2.view(shape), None, **kw)
     torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-7)

@@ -62,7 +62,7 @@ def pack_pieces(
     """Packs ready-cut pieces (flags: 1 = BOS, 2 = EOS) into batch_size rows; "leftover" holds
     the indices of pieces that did not fit."""
 
-def spam_dense_step(
+def spam_step(
     param: npt.NDArray[np.float32],
     grad: npt.NDArray[np.float32],
     exp_avg: npt.NDArray[np.float32],
@@ -76,26 +76,10 @@ def spam_dense_step(
     spike_threshold: float | None = None,
     adaclip: tuple[float, float] = ...,
     grad_scale: float = 1.0,
+    mask: npt.NDArray[np.uint8] | None = None,
 ) -> None:
-    """One fused SPAM-family step in place (param, exp_avg, exp_avg_sq)."""
-
-def spam_sparse_step(
-    param: npt.NDArray[np.float32],
-    grad: npt.NDArray[np.float32],
-    mask: npt.NDArray[np.uint8],
-    exp_avg: npt.NDArray[np.float32],
-    exp_avg_sq: npt.NDArray[np.float32],
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    bias_corrections: tuple[float, float],
-    warmup: float = 1.0,
-    spike_threshold: float | None = None,
-    adaclip: tuple[float, float] = ...,
-    grad_scale: float = 1.0,
-) -> None:
-    """The step on the coordinates marked in mask (compact moments); weight decay elsewhere."""
+    """One fused SPAM-family step in place; with mask (1 bit per element) the moments are
+    compact for the marked coordinates and the others get weight decay only."""
 
 def sample_mask(numel: int, k: int, rng_state: int) -> tuple[npt.NDArray[np.uint8], int]:
     """Exactly k of numel coordinates as a bitmask, and the advanced generator state."""

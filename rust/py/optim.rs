@@ -38,11 +38,13 @@ fn scalars(
     }
 }
 
-/// One fused dense step on float32 `param` with moments `exp_avg`, `exp_avg_sq` (in place).
+/// One fused step in place on float32 `param` and its moments. With `mask` (1 bit per
+/// element), the moments are compact, for the marked coordinates only; the others get weight
+/// decay alone.
 #[pyfunction]
-#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0))]
+#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0, mask=None))]
 #[allow(clippy::too_many_arguments)]
-fn spam_dense_step(
+fn spam_step(
     py: Python<'_>,
     mut param: PyReadwriteArrayDyn<'_, f32>,
     grad: PyReadonlyArrayDyn<'_, f32>,
@@ -57,6 +59,7 @@ fn spam_dense_step(
     spike_threshold: Option<f64>,
     adaclip: (f64, f64),
     grad_scale: f64,
+    mask: Option<PyReadonlyArrayDyn<'_, u8>>,
 ) -> PyResult<()> {
     let op = "spam_step";
     let level = simd::active()?;
@@ -64,6 +67,10 @@ fn spam_dense_step(
     let g = contiguous(op, "grad", &grad)?;
     let m = contiguous_mut(op, "exp_avg", &mut exp_avg)?;
     let v = contiguous_mut(op, "exp_avg_sq", &mut exp_avg_sq)?;
+    let mask = mask
+        .as_ref()
+        .map(|a| contiguous(op, "mask", a))
+        .transpose()?;
     let s = scalars(
         lr,
         weight_decay,
@@ -75,51 +82,9 @@ fn spam_dense_step(
         adaclip,
         grad_scale,
     );
-    run_detached(py, op, || momentum::dense_step(level, p, g, m, v, &s))
-}
-
-/// One fused sparse step: `mask` (1 bit per element) marks the coordinates of the compact
-/// `exp_avg`, `exp_avg_sq`; the others get weight decay only.
-#[pyfunction]
-#[pyo3(signature = (param, grad, mask, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0))]
-#[allow(clippy::too_many_arguments)]
-fn spam_sparse_step(
-    py: Python<'_>,
-    mut param: PyReadwriteArrayDyn<'_, f32>,
-    grad: PyReadonlyArrayDyn<'_, f32>,
-    mask: PyReadonlyArrayDyn<'_, u8>,
-    mut exp_avg: PyReadwriteArrayDyn<'_, f32>,
-    mut exp_avg_sq: PyReadwriteArrayDyn<'_, f32>,
-    lr: f64,
-    weight_decay: f64,
-    betas: (f64, f64),
-    eps: f64,
-    bias_corrections: (f64, f64),
-    warmup: f64,
-    spike_threshold: Option<f64>,
-    adaclip: (f64, f64),
-    grad_scale: f64,
-) -> PyResult<()> {
-    let op = "spam_sparse_step";
-    let level = simd::active()?;
-    let p = contiguous_mut(op, "param", &mut param)?;
-    let g = contiguous(op, "grad", &grad)?;
-    let mask = contiguous(op, "mask", &mask)?;
-    let m = contiguous_mut(op, "exp_avg", &mut exp_avg)?;
-    let v = contiguous_mut(op, "exp_avg_sq", &mut exp_avg_sq)?;
-    let s = scalars(
-        lr,
-        weight_decay,
-        betas,
-        eps,
-        bias_corrections,
-        warmup,
-        spike_threshold,
-        adaclip,
-        grad_scale,
-    );
-    run_detached(py, op, || {
-        momentum::sparse_step(level, p, g, mask, m, v, &s)
+    run_detached(py, op, || match mask {
+        Some(mask) => momentum::sparse_step(level, p, g, mask, m, v, &s),
+        None => momentum::dense_step(level, p, g, m, v, &s),
     })
 }
 
@@ -139,8 +104,7 @@ fn sample_mask(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(spam_dense_step, m)?)?;
-    m.add_function(wrap_pyfunction!(spam_sparse_step, m)?)?;
+    m.add_function(wrap_pyfunction!(spam_step, m)?)?;
     m.add_function(wrap_pyfunction!(sample_mask, m)?)?;
     Ok(())
 }

@@ -140,13 +140,9 @@ class _SpamBase(torch.optim.Optimizer):
             and p.is_contiguous()
         )
         if rust:
-            g = grad.contiguous()
-            if "mask" in state:
-                _core.spam_sparse_step(
-                    p.numpy(), g.numpy(), state["mask"].numpy(), m.numpy(), v.numpy(), **scalars
-                )
-            else:
-                _core.spam_dense_step(p.numpy(), g.numpy(), m.numpy(), v.numpy(), **scalars)
+            mask = state["mask"].numpy() if "mask" in state else None
+            g = grad.contiguous().numpy()
+            _core.spam_step(p.numpy(), g, m.numpy(), v.numpy(), **scalars, mask=mask)
             return
         idx = self.active_indices(p) if "mask" in state else None
         torch_step(p, grad, m, v, idx, **scalars)
