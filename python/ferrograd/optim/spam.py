@@ -129,7 +129,7 @@ class _SpamBase(torch.optim.Optimizer):
                 self._update(p, grad, group, t)
         return loss
 
-    def _fused(self, p: torch.Tensor, grad: torch.Tensor, group: dict, **scalars) -> None:
+    def _fused(self, p: torch.Tensor, grad: torch.Tensor, **scalars) -> None:
         """One step of the rule; ``scalars`` are the keyword arguments of the Rust step."""
         state = self.state[p]
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -234,7 +234,7 @@ class SPAM(_SpamBase):
         b1, b2 = group["betas"]
         clip = group["threshold"] if t - t0 >= group["clip_warmup"] else None
         self._fused(
-            p, grad, group,
+            p, grad,
             lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
             eps=group["eps"], bias_corrections=(1.0 - b1**t, 1.0 - b2**t),
             warmup=warmup, spike_threshold=clip,
@@ -301,7 +301,7 @@ class StableSPAM(_SpamBase):
         interval = group["reset_interval"]
         k = t if t < interval else t - (t // interval) * interval + 1
         self._fused(
-            p, grad, group,
+            p, grad,
             lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
             eps=group["eps"], bias_corrections=(1.0 - b1**k, 1.0 - b2**k),
             adaclip=(bound, ratio), grad_scale=scale,
