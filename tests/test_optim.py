@@ -300,6 +300,52 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_ddp_with_gloo_keeps_replicas_identical():
+    assert _spawn(_ddp_worker) == {0: True, 1: True}
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        results = {}
+        for cls in (fg.optim.SPAM, fg.optim.StableSPAM):
+
+            def model():
+                torch.manual_seed(0)
+                return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                           torch.nn.Linear(16, 1))  # fmt: skip
+
+            sharded, plain = model(), model()
+            fully_shard(sharded, mesh=mesh)
+            opt = cls(sharded.parameters(), lr=1e-2, reset_interval=7)
+            ref = cls(plain.parameters(), lr=1e-2, reset_interval=7)
+            for step in range(15):
+                batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 10 + r))
+                           for r in range(world)]  # fmt: skip
+                opt.zero_grad()
+                sharded(batches[rank]).pow(2).mean().backward()
+                opt.step()
+                ref.zero_grad()
+                # FSDP averages the ranks' gradients: the mean of the per-rank losses.
+                (sum(plain(b).pow(2).mean() for b in batches) / world).backward()
+                ref.step()
+            full = [p.full_tensor() for p in sharded.parameters()]
+            results[cls.__name__] = all(
+                torch.allclose(f, q.detach(), rtol=1e-5, atol=1e-6)
+                for f, q in zip(full, plain.parameters(), strict=True)
+            )
+        queue.put((rank, results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(target, world=2):
     import socket
 
     import torch.multiprocessing as mp
@@ -309,10 +355,15 @@ def test_ddp_with_gloo_keeps_replicas_identical():
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
     for proc in procs:
         proc.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = dict(queue.get(timeout=180) for _ in procs)
     for proc in procs:
         proc.join(timeout=60)
-    assert results == {0: True, 1: True}
+    return results
+
+
+def test_fsdp2_steps_the_local_shard_like_an_unsharded_run():
+    results = _spawn(_fsdp2_worker)
+    assert results == {r: {"SPAM": True, "StableSPAM": True} for r in range(2)}

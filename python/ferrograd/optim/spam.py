@@ -21,6 +21,11 @@ from .. import _core
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and gradients), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
 def _check(op: str, name: str, value: float, low: float, high: float = math.inf) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
@@ -75,7 +80,9 @@ class _SpamBase(torch.optim.Optimizer):
 
     def _fresh_moments(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        if self._sparse(p, group):
+        sparse = self._sparse(p, group)
+        p = _local(p)
+        if sparse:
             state["mask"] = self._draw_mask(p, group["density"])
             k = int(np.unpackbits(state["mask"].numpy(), bitorder="little").sum())
             shape = (k,)
@@ -86,7 +93,8 @@ class _SpamBase(torch.optim.Optimizer):
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
 
     def active_indices(self, p: torch.Tensor) -> torch.Tensor:
-        """Sorted int64 flat indices of ``p`` that carry momentum (all of them when dense)."""
+        """Sorted int64 flat indices of ``p`` that carry momentum (all of them when dense);
+        for a DTensor, indices into this rank's local shard."""
         state = self.state.get(p)
         if state is None or "exp_avg" not in state:
             group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
@@ -96,11 +104,12 @@ class _SpamBase(torch.optim.Optimizer):
                 raise ValueError(
                     f"{self._name}.active_indices: p has no mask yet (drawn at its first step)"
                 )
-            return torch.arange(p.numel(), device=p.device)
+            return torch.arange(_local(p).numel(), device=p.device)
+        local = _local(p)
         if "mask" not in state:
-            return torch.arange(p.numel(), device=p.device)
-        bits = np.unpackbits(state["mask"].numpy(), bitorder="little")[: p.numel()]
-        return torch.from_numpy(np.flatnonzero(bits).astype(np.int64)).to(p.device)
+            return torch.arange(local.numel(), device=local.device)
+        bits = np.unpackbits(state["mask"].numpy(), bitorder="little")[: local.numel()]
+        return torch.from_numpy(np.flatnonzero(bits).astype(np.int64)).to(local.device)
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad.is_sparse:
@@ -132,6 +141,8 @@ class _SpamBase(torch.optim.Optimizer):
     def _fused(self, p: torch.Tensor, grad: torch.Tensor, **scalars) -> None:
         """One step of the rule; ``scalars`` are the keyword arguments of the Rust step."""
         state = self.state[p]
+        idx = self.active_indices(p) if "mask" in state else None
+        p, grad = _local(p), _local(grad)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         rust = (
             p.device.type == "cpu"
@@ -144,7 +155,6 @@ class _SpamBase(torch.optim.Optimizer):
             g = grad.contiguous().numpy()
             _core.spam_step(p.numpy(), g, m.numpy(), v.numpy(), **scalars, mask=mask)
             return
-        idx = self.active_indices(p) if "mask" in state else None
         torch_step(p, grad, m, v, idx, **scalars)
 
 
@@ -193,6 +203,14 @@ def torch_step(
     flat.copy_(new.to(p.dtype))
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))
+
+
+def _across_shards(t: torch.Tensor, value: torch.Tensor, op) -> float:
+    """``value`` (a local statistic of ``t``) reduced over the shards of a DTensor ``t``."""
+    if t is not _local(t):
+        value = value.clone()
+        torch.distributed.all_reduce(value, op=op, group=t.device_mesh.get_group())
+    return float(value)
 
 
 class SPAM(_SpamBase):
@@ -285,13 +303,20 @@ class StableSPAM(_SpamBase):
             c = group["eta_min"] + (1 - group["eta_min"]) * 0.5 * (1 + math.cos(math.pi * frac))
             b1, g1 = b1 * c, g1 * c
         # AdaClip: a running estimate of the largest |g| caps the entries above it.
-        gmax = float(grad.abs().max())
+        local = _local(grad)
+        local_max = (
+            local.abs().max().double() if local.numel() else torch.zeros((), dtype=torch.float64)
+        )
+        gmax = _across_shards(
+            grad, local_max, torch.distributed.ReduceOp.MAX
+        )  # shards may be empty
         state["max_abs"] = g3 * state.get("max_abs", 0.0) + (1 - g3) * gmax
         bound = state["max_abs"] / (1 - g3**t)
         ratio = bound / gmax if gmax > 0 else 1.0
-        clipped = torch.where(grad.abs() > bound, grad * ratio, grad)
+        clipped = torch.where(local.abs() > bound, local * ratio, local)
         # AdaGN: the gradient norm normalized by its running moments.
-        norm = float(torch.linalg.vector_norm(clipped, dtype=torch.float64))
+        squares = torch.linalg.vector_norm(clipped, dtype=torch.float64) ** 2
+        norm = math.sqrt(_across_shards(grad, squares, torch.distributed.ReduceOp.SUM))
         state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
         state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
         target = (state["norm_m"] / (1 - g1**t)) / (
