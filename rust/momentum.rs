@@ -106,8 +106,8 @@ unsafe fn dense_step_impl<S: Simd>(
     }
 }
 
-/// The sparse step per backend: AVX-512 expands the compact moments into the lanes of each
-/// 16-element block and compresses them back; the others walk the set bits.
+/// The sparse step per backend: AVX-512 compresses the active coordinates into a dense run
+/// (see its impl); the others walk the set bits.
 trait SparseStep {
     #[inline(always)]
     unsafe fn sparse_step(

@@ -8,36 +8,6 @@ use crate::batching::SplitMix64;
 use crate::momentum::{self, StepScalars};
 use crate::simd;
 
-/// The step's scalars from the optimizer's, combined in f64 before rounding to f32.
-#[allow(clippy::too_many_arguments)]
-fn scalars(
-    lr: f64,
-    weight_decay: f64,
-    betas: (f64, f64),
-    eps: f64,
-    bias_corrections: (f64, f64),
-    warmup: f64,
-    spike_threshold: Option<f64>,
-    adaclip: (f64, f64),
-    grad_scale: f64,
-) -> StepScalars {
-    StepScalars {
-        decay: (1.0 - lr * weight_decay) as f32,
-        step_size: (lr * warmup) as f32,
-        beta1: betas.0 as f32,
-        beta2: betas.1 as f32,
-        one_minus_beta1: (1.0 - betas.0) as f32,
-        one_minus_beta2: (1.0 - betas.1) as f32,
-        eps: eps as f32,
-        bias_correction1: bias_corrections.0 as f32,
-        bias_correction2: bias_corrections.1 as f32,
-        spike_threshold: spike_threshold.map(|t| t as f32),
-        adaclip_bound: adaclip.0 as f32,
-        adaclip_ratio: adaclip.1 as f32,
-        grad_scale: grad_scale as f32,
-    }
-}
-
 /// One fused step in place on float32 `param` and its moments. With `mask` (1 bit per
 /// element), the moments are compact, for the marked coordinates only; the others get weight
 /// decay alone.
@@ -71,17 +41,23 @@ fn spam_step(
         .as_ref()
         .map(|a| contiguous(op, "mask", a))
         .transpose()?;
-    let s = scalars(
-        lr,
-        weight_decay,
-        betas,
-        eps,
-        bias_corrections,
-        warmup,
-        spike_threshold,
-        adaclip,
-        grad_scale,
-    );
+    // Combinations of the optimizer's scalars are formed in f64, then rounded, as a plain
+    // torch implementation forms them.
+    let s = StepScalars {
+        decay: (1.0 - lr * weight_decay) as f32,
+        step_size: (lr * warmup) as f32,
+        beta1: betas.0 as f32,
+        beta2: betas.1 as f32,
+        one_minus_beta1: (1.0 - betas.0) as f32,
+        one_minus_beta2: (1.0 - betas.1) as f32,
+        eps: eps as f32,
+        bias_correction1: bias_corrections.0 as f32,
+        bias_correction2: bias_corrections.1 as f32,
+        spike_threshold: spike_threshold.map(|t| t as f32),
+        adaclip_bound: adaclip.0 as f32,
+        adaclip_ratio: adaclip.1 as f32,
+        grad_scale: grad_scale as f32,
+    };
     run_detached(py, op, || match mask {
         Some(mask) => momentum::sparse_step(level, p, g, mask, m, v, &s),
         None => momentum::dense_step(level, p, g, m, v, &s),
