@@ -71,8 +71,8 @@ class _SpamBase(torch.optim.Optimizer):
     def _sparse(self, p: torch.Tensor, group: dict) -> bool:
         return group["density"] < 1.0 and p.dim() >= 2
 
-    def _draw_mask(self, p: torch.Tensor, density: float) -> torch.Tensor:
-        k = round(density * p.numel())
+    def _draw_mask(self, p: torch.Tensor, k: int) -> torch.Tensor:
+        """Exactly ``k`` of ``p``'s coordinates, as a bitmask, from the optimizer's generator."""
         mask, self.state[_GLOBAL]["rng"] = _core.sample_mask(
             p.numel(), k, self.state[_GLOBAL]["rng"]
         )
@@ -83,8 +83,8 @@ class _SpamBase(torch.optim.Optimizer):
         sparse = self._sparse(p, group)
         p = _local(p)
         if sparse:
-            state["mask"] = self._draw_mask(p, group["density"])
-            k = int(np.unpackbits(state["mask"].numpy(), bitorder="little").sum())
+            k = round(group["density"] * p.numel())
+            state["mask"] = self._draw_mask(p, k)
             shape = (k,)
         else:
             state.pop("mask", None)
