@@ -3,6 +3,7 @@
 pub mod batching;
 pub mod error;
 pub mod momentum;
+pub mod shiftquant;
 pub mod simd;
 pub mod softmax;
 pub mod threads;

@@ -11,6 +11,7 @@ use crate::error::{FgError, FgResult};
 mod batching;
 mod optim;
 mod runtime;
+mod shiftquant;
 mod softmax;
 
 /// Runs `kernel` without the GIL; a panic inside becomes a `RuntimeError` naming `op`.
@@ -49,6 +50,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batching::register(m)?;
     optim::register(m)?;
     runtime::register(m)?;
+    shiftquant::register(m)?;
     softmax::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

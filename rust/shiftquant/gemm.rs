@@ -1,0 +1,568 @@
+//! Integer GEMM on ShiftQuant codes: C = A · Bᵀ with A [M, K] and B [N, K] both quantized along K.
+//!
+//! C[m, n] = sa[m] · sb[n] · Σ_g 2^-(ka[m,g] + kb[n,g]) · Σ_{k in g} qa[m,k] · qb[n,k] (+ bias[n]).
+//! Each group's sum of code products is an exact int32; it becomes float32 exactly (below 2^24)
+//! and is scaled by exact powers of two, so the only rounding is the float32 accumulation
+//! across groups and the final scaling.
+//!
+//! GotoBLAS structure: both operands are packed once into panels of MR rows / NR columns laid
+//! out [k/4][MR or NR][4 bytes] (the micro-kernels' order), with per-group power-of-two factors
+//! beside them. Work is split into MC x NC blocks of C across threads; each block walks K in
+//! blocks of whole groups (KC) so that a B micro-panel stays in L1 while the A panels stream
+//! from L2, and keeps its float accumulators in a block-local buffer until the epilogue.
+//!
+//! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), AVX2
+//! (`vpmaddubsw` + `vpmaddwd` on |b| and sign-transferred a, 4 x 8), and a portable scalar one.
+
+use rayon::prelude::*;
+
+use super::num_groups;
+use crate::error::{FgError, FgResult};
+use crate::simd::{cpu_features, SimdLevel};
+use crate::threads::{self, SendPtr};
+
+/// One quantized operand: codes [rows, k], scale [rows], shifts [rows, num_groups(k)].
+#[derive(Clone, Copy)]
+pub struct GemmOperand<'a> {
+    pub codes: &'a [i8],
+    pub scale: &'a [f32],
+    pub shifts: &'a [u8],
+}
+
+impl GemmOperand<'_> {
+    fn rows(&self) -> usize {
+        self.scale.len()
+    }
+
+    fn check(&self, name: &str, k: usize, group_size: usize) -> FgResult<()> {
+        let rows = self.rows();
+        if self.codes.len() != rows * k || self.shifts.len() != rows * num_groups(k, group_size) {
+            return Err(FgError::Value(format!(
+                "shiftquant_matmul: {name} has {} codes and {} shifts for {rows} rows of K={k} \
+                 in groups of {group_size}",
+                self.codes.len(),
+                self.shifts.len()
+            )));
+        }
+        if self.shifts.iter().any(|&s| s > super::MAX_SHIFT) {
+            return Err(FgError::Value(format!(
+                "shiftquant_matmul: {name}.shifts must be in 0..={}",
+                super::MAX_SHIFT
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a micro-kernel needs for one MR x NR tile over a run of whole groups.
+struct Tile {
+    a: *const i8,
+    b: *const i8,
+    /// 2^-ka per (group, row of the panel), [groups][MR].
+    a_pow: *const f32,
+    /// For kernels that offset B by 128: -128 · Σ_group qa per (group, row), [groups][MR].
+    a_corr: *const i32,
+    /// 2^-kb per (group, column), [groups][NR].
+    b_pow: *const f32,
+    /// k/4 steps of each group of the run.
+    steps: *const usize,
+    groups: usize,
+    /// The tile's float accumulators, [MR][NR], updated in place.
+    acc: *mut f32,
+}
+
+#[derive(Clone, Copy)]
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    /// B is stored as unsigned bytes qb + 128 (VNNI multiplies unsigned by signed).
+    offset_b: bool,
+    run: unsafe fn(&Tile),
+}
+
+impl Kernel {
+    fn for_level(level: SimdLevel) -> Kernel {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 if cpu_features().avx512vnni => Kernel {
+                mr: 6,
+                nr: 32,
+                offset_b: true,
+                run: x86::vnni_6x32,
+            },
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 | SimdLevel::Avx2 => Kernel {
+                mr: 4,
+                nr: 8,
+                offset_b: false,
+                run: x86::avx2_4x8,
+            },
+            _ => Kernel {
+                mr: 4,
+                nr: 8,
+                offset_b: false,
+                run: scalar_4x8,
+            },
+        }
+    }
+}
+
+/// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
+const MC: usize = 96;
+const NC: usize = 512;
+/// Bytes of K per block: a 32-column B micro-panel of this depth is 8 KiB (L1).
+const KC: usize = 256;
+/// Operands with fewer bytes than this pack on the calling thread.
+const PAR_MIN: usize = 1 << 18;
+
+/// An operand packed into panels of `r` rows.
+struct Packed {
+    /// Bytes per panel: padded K times r.
+    panel_bytes: usize,
+    /// Metadata entries per panel: groups times r.
+    meta: usize,
+    data: Vec<i8>,
+    pow: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+/// One panel's codes, powers of two and offset corrections.
+type PanelOut<'a> = (&'a mut [i8], (&'a mut [f32], &'a mut [i32]));
+
+/// Packs `op` into panels of `r` rows; `offset` stores codes + 128 as unsigned bytes (the
+/// group sums in `corr` undo it on the other operand's side).
+fn pack(op: &GemmOperand<'_>, k: usize, gs: usize, kpad: usize, r: usize, offset: bool) -> Packed {
+    let rows = op.rows();
+    let groups = num_groups(k, gs);
+    let panel_bytes = kpad * r;
+    let meta = groups * r;
+    let panels = rows.div_ceil(r);
+    // Padding encodes the code 0 (stored as 128 when offset).
+    let mut data = vec![if offset { i8::MIN } else { 0 }; panels * panel_bytes];
+    let mut pow = vec![0f32; panels * meta];
+    let mut corr = vec![0i32; panels * meta];
+    let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
+        for i in 0..r.min(rows - p * r) {
+            let row = p * r + i;
+            let codes = &op.codes[row * k..(row + 1) * k];
+            for (kk, quad) in codes.chunks(4).enumerate() {
+                for (o, &q) in d[(kk * r + i) * 4..].iter_mut().zip(quad) {
+                    *o = if offset { (q as u8 ^ 0x80) as i8 } else { q };
+                }
+            }
+            for (g, group) in codes.chunks(gs).enumerate() {
+                let shift = u32::from(op.shifts[row * groups + g]);
+                pw[g * r + i] = f32::from_bits((127 - shift) << 23);
+                cs[g * r + i] = -128 * group.iter().map(|&q| i32::from(q)).sum::<i32>();
+            }
+        }
+    };
+    let chunks = data
+        .par_chunks_mut(panel_bytes)
+        .zip(pow.par_chunks_mut(meta).zip(corr.par_chunks_mut(meta)))
+        .enumerate();
+    let min_len = if rows * k >= PAR_MIN { 1 } else { usize::MAX };
+    threads::install(|| chunks.with_min_len(min_len).for_each(fill));
+    Packed {
+        panel_bytes,
+        meta,
+        data,
+        pow,
+        corr,
+    }
+}
+
+/// C = A · Bᵀ (+ bias) into `out` [M, N] for operands quantized along K in groups of `group_size`.
+pub fn matmul(
+    level: SimdLevel,
+    a: &GemmOperand<'_>,
+    b: &GemmOperand<'_>,
+    k: usize,
+    group_size: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> FgResult<()> {
+    let (m, n) = (a.rows(), b.rows());
+    if group_size == 0 || !group_size.is_multiple_of(4) {
+        return Err(FgError::Value(format!(
+            "shiftquant_matmul: group_size must be a positive multiple of 4, got {group_size}"
+        )));
+    }
+    a.check("a", k, group_size)?;
+    b.check("b", k, group_size)?;
+    if out.len() != m * n {
+        return Err(FgError::Value(format!(
+            "shiftquant_matmul: out must hold {m} x {n} elements, got {}",
+            out.len()
+        )));
+    }
+    if let Some(bias) = bias {
+        if bias.len() != n {
+            return Err(FgError::Value(format!(
+                "shiftquant_matmul: bias must have {n} elements, got {}",
+                bias.len()
+            )));
+        }
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let kernel = Kernel::for_level(level);
+    let groups = num_groups(k, group_size);
+    // Every group but the last holds group_size / 4 quads; the last is padded to whole quads.
+    let mut steps = vec![group_size / 4; groups];
+    if let Some(last) = steps.last_mut() {
+        *last = (k - (groups - 1) * group_size).div_ceil(4);
+    }
+    let kpad = 4 * steps.iter().sum::<usize>();
+    let pa = pack(a, k, group_size, kpad, kernel.mr, false);
+    let pb = pack(b, k, group_size, kpad, kernel.nr, kernel.offset_b);
+    let groups_per_block = (KC / group_size).max(1);
+    let blocks_m = m.div_ceil(MC);
+    let blocks_n = n.div_ceil(NC);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let job = Job {
+        kernel,
+        pa: &pa,
+        pb: &pb,
+        steps: &steps,
+        groups_per_block,
+        a_scale: a.scale,
+        b_scale: b.scale,
+        bias,
+        m,
+        n,
+    };
+    let block = |buf: &mut Vec<f32>, idx: usize| {
+        // SAFETY: blocks write disjoint rectangles of `out`.
+        unsafe { job.block(idx / blocks_n, idx % blocks_n, buf, out_ptr) }
+    };
+    let min_len = if m * n * k >= 1 << 21 { 1 } else { usize::MAX };
+    threads::install(|| {
+        (0..blocks_m * blocks_n)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .for_each_init(Vec::new, block)
+    });
+    Ok(())
+}
+
+struct Job<'a> {
+    kernel: Kernel,
+    pa: &'a Packed,
+    pb: &'a Packed,
+    steps: &'a [usize],
+    groups_per_block: usize,
+    a_scale: &'a [f32],
+    b_scale: &'a [f32],
+    bias: Option<&'a [f32]>,
+    m: usize,
+    n: usize,
+}
+
+impl Job<'_> {
+    /// Computes the MC x NC block (bi, bj) of C into `out`.
+    ///
+    /// # Safety
+    /// `out` points at the M x N output and no other thread writes this block.
+    unsafe fn block(&self, bi: usize, bj: usize, acc: &mut Vec<f32>, out: SendPtr<f32>) {
+        let (mr, nr) = (self.kernel.mr, self.kernel.nr);
+        let (m0, n0) = (bi * MC, bj * NC);
+        let (rows, cols) = (MC.min(self.m - m0), NC.min(self.n - n0));
+        let (panels_m, panels_n) = (rows.div_ceil(mr), cols.div_ceil(nr));
+        let tile = mr * nr;
+        acc.clear();
+        acc.resize(panels_m * panels_n * tile, 0.0);
+        let groups = self.steps.len();
+        let mut g0 = 0;
+        while g0 < groups {
+            let g1 = (g0 + self.groups_per_block).min(groups);
+            // Byte offset of group g0 inside a panel: every earlier group is full.
+            let quads = g0 * self.steps[0];
+            for pj in 0..panels_n {
+                let bp = n0 / nr + pj;
+                for pi in 0..panels_m {
+                    let ap = m0 / mr + pi;
+                    let t = Tile {
+                        a: self
+                            .pa
+                            .data
+                            .as_ptr()
+                            .add(ap * self.pa.panel_bytes + quads * 4 * mr),
+                        b: self
+                            .pb
+                            .data
+                            .as_ptr()
+                            .add(bp * self.pb.panel_bytes + quads * 4 * nr),
+                        a_pow: self.pa.pow.as_ptr().add(ap * self.pa.meta + g0 * mr),
+                        a_corr: self.pa.corr.as_ptr().add(ap * self.pa.meta + g0 * mr),
+                        b_pow: self.pb.pow.as_ptr().add(bp * self.pb.meta + g0 * nr),
+                        steps: self.steps.as_ptr().add(g0),
+                        groups: g1 - g0,
+                        acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
+                    };
+                    (self.kernel.run)(&t);
+                }
+            }
+            g0 = g1;
+        }
+        // Epilogue: row and column scales, bias, crop the padding.
+        for r in 0..rows {
+            let (pi, i) = (r / mr, r % mr);
+            let sa = self.a_scale[m0 + r];
+            let dst = std::slice::from_raw_parts_mut(out.ptr().add((m0 + r) * self.n + n0), cols);
+            for (c, o) in dst.iter_mut().enumerate() {
+                let (pj, j) = (c / nr, c % nr);
+                let v = acc[(pi * panels_n + pj) * tile + i * nr + j] * (sa * self.b_scale[n0 + c]);
+                *o = match self.bias {
+                    Some(bias) => v + bias[n0 + c],
+                    None => v,
+                };
+            }
+        }
+    }
+}
+
+/// The portable micro-kernel (also the reference for the vector ones in the tests).
+unsafe fn scalar_4x8(t: &Tile) {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    let (mut a, mut b) = (t.a, t.b);
+    for g in 0..t.groups {
+        let mut sums = [[0i32; NR]; MR];
+        for _ in 0..*t.steps.add(g) {
+            for (i, row) in sums.iter_mut().enumerate() {
+                for (j, s) in row.iter_mut().enumerate() {
+                    for q in 0..4 {
+                        *s += i32::from(*a.add(i * 4 + q)) * i32::from(*b.add(j * 4 + q));
+                    }
+                }
+            }
+            a = a.add(4 * MR);
+            b = b.add(4 * NR);
+        }
+        for (i, row) in sums.iter().enumerate() {
+            let pa = *t.a_pow.add(g * MR + i);
+            for (j, &s) in row.iter().enumerate() {
+                let pb = *t.b_pow.add(g * NR + j);
+                *t.acc.add(i * NR + j) += s as f32 * pb * pa;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    /// AVX-512 VNNI: 6 rows x 32 columns; B holds qb + 128 as unsigned bytes, each A quad is
+    /// broadcast, and the accumulators start at -128 · Σ qa to cancel the offset.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn vnni_6x32(t: &Tile) {
+        const MR: usize = 6;
+        let mut f = [[_mm512_setzero_ps(); 2]; MR];
+        for (i, row) in f.iter_mut().enumerate() {
+            row[0] = _mm512_loadu_ps(t.acc.add(i * 32));
+            row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
+        }
+        let (mut a, mut b) = (t.a, t.b);
+        for g in 0..t.groups {
+            let mut s = [[_mm512_setzero_si512(); 2]; MR];
+            for (i, row) in s.iter_mut().enumerate() {
+                let c = _mm512_set1_epi32(*t.a_corr.add(g * MR + i));
+                *row = [c, c];
+            }
+            for _ in 0..*t.steps.add(g) {
+                let b0 = _mm512_loadu_si512(b.cast());
+                let b1 = _mm512_loadu_si512(b.add(64).cast());
+                for (i, row) in s.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+                    row[0] = _mm512_dpbusd_epi32(row[0], b0, av);
+                    row[1] = _mm512_dpbusd_epi32(row[1], b1, av);
+                }
+                a = a.add(4 * MR);
+                b = b.add(128);
+            }
+            let pb0 = _mm512_loadu_ps(t.b_pow.add(g * 32));
+            let pb1 = _mm512_loadu_ps(t.b_pow.add(g * 32 + 16));
+            for (i, (fr, sr)) in f.iter_mut().zip(&s).enumerate() {
+                let pa = _mm512_set1_ps(*t.a_pow.add(g * MR + i));
+                fr[0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sr[0]), pb0), pa, fr[0]);
+                fr[1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sr[1]), pb1), pa, fr[1]);
+            }
+        }
+        for (i, row) in f.iter().enumerate() {
+            _mm512_storeu_ps(t.acc.add(i * 32), row[0]);
+            _mm512_storeu_ps(t.acc.add(i * 32 + 16), row[1]);
+        }
+    }
+
+    /// AVX2: 4 rows x 8 columns; |b| times a with b's sign (`vpsignb`) keeps `vpmaddubsw` from
+    /// saturating (|qa · qb| <= 127², two per 16-bit lane).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_4x8(t: &Tile) {
+        const MR: usize = 4;
+        let ones = _mm256_set1_epi16(1);
+        let mut f = [_mm256_setzero_ps(); MR];
+        for (i, fr) in f.iter_mut().enumerate() {
+            *fr = _mm256_loadu_ps(t.acc.add(i * 8));
+        }
+        let (mut a, mut b) = (t.a, t.b);
+        for g in 0..t.groups {
+            let mut s = [_mm256_setzero_si256(); MR];
+            for _ in 0..*t.steps.add(g) {
+                let bv = _mm256_loadu_si256(b.cast());
+                let babs = _mm256_abs_epi8(bv);
+                for (i, si) in s.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+                    let pairs = _mm256_maddubs_epi16(babs, _mm256_sign_epi8(av, bv));
+                    *si = _mm256_add_epi32(*si, _mm256_madd_epi16(pairs, ones));
+                }
+                a = a.add(4 * MR);
+                b = b.add(32);
+            }
+            let pb = _mm256_loadu_ps(t.b_pow.add(g * 8));
+            for (i, (fr, si)) in f.iter_mut().zip(&s).enumerate() {
+                let pa = _mm256_set1_ps(*t.a_pow.add(g * MR + i));
+                *fr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(*si), pb), pa, *fr);
+            }
+        }
+        for (i, fr) in f.iter().enumerate() {
+            _mm256_storeu_ps(t.acc.add(i * 8), *fr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shiftquant::{quantize_rows, Codes, Rounding, Spec};
+
+    struct Quantized {
+        codes: Vec<i8>,
+        scale: Vec<f32>,
+        shifts: Vec<u8>,
+    }
+
+    impl Quantized {
+        fn new(x: &[f32], k: usize, bits: u32, gs: usize) -> Quantized {
+            let rows = x.len() / k;
+            let mut q = Quantized {
+                codes: vec![0; x.len()],
+                scale: vec![0.0; rows],
+                shifts: vec![0; rows * num_groups(k, gs)],
+            };
+            let spec = Spec::new("t", bits, gs, Rounding::Nearest).unwrap();
+            let out = Codes {
+                codes: &mut q.codes,
+                scale: &mut q.scale,
+                shifts: &mut q.shifts,
+            };
+            quantize_rows(SimdLevel::Scalar, x, k, &spec, out).unwrap();
+            q
+        }
+
+        fn operand(&self) -> GemmOperand<'_> {
+            GemmOperand {
+                codes: &self.codes,
+                scale: &self.scale,
+                shifts: &self.shifts,
+            }
+        }
+
+        /// Dequantized row r, in f64.
+        fn row(&self, r: usize, k: usize, gs: usize) -> Vec<f64> {
+            let groups = num_groups(k, gs);
+            (0..k)
+                .map(|c| {
+                    let shift = self.shifts[r * groups + c / gs];
+                    self.codes[r * k + c] as f64 * self.scale[r] as f64 * 2f64.powi(-(shift as i32))
+                })
+                .collect()
+        }
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::batching::SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    * [1.0, 0.01, 7.0][i % 3]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equals_the_product_of_the_dequantized_operands_on_every_path() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for (m, n, k, gs, bits) in [
+                (1, 1, 1, 4, 8),
+                (13, 37, 150, 16, 8),
+                (100, 70, 520, 64, 4),
+                (7, 600, 64, 64, 2),
+            ] {
+                let qa = Quantized::new(&data(m * k, 1), k, bits, gs);
+                let qb = Quantized::new(&data(n * k, 2), k, bits, gs);
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
+                let mut out = vec![0f32; m * n];
+                matmul(
+                    level,
+                    &qa.operand(),
+                    &qb.operand(),
+                    k,
+                    gs,
+                    Some(&bias),
+                    &mut out,
+                )
+                .unwrap();
+                for i in 0..m {
+                    let ra = qa.row(i, k, gs);
+                    for j in 0..n {
+                        let rb = qb.row(j, k, gs);
+                        let dot: f64 = ra.iter().zip(&rb).map(|(x, y)| x * y).sum();
+                        let norm: f64 = ra.iter().zip(&rb).map(|(x, y)| (x * y).abs()).sum();
+                        let want = dot + bias[j] as f64;
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * (norm + want.abs()) + 1e-30,
+                            "{level:?} {m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_mismatched_operands() {
+        let qa = Quantized::new(&data(2 * 8, 1), 8, 8, 4);
+        let qb = Quantized::new(&data(3 * 8, 2), 8, 8, 4);
+        let mut out = vec![0f32; 6];
+        let level = SimdLevel::Scalar;
+        assert!(matmul(level, &qa.operand(), &qb.operand(), 8, 8, None, &mut out).is_err());
+        assert!(matmul(level, &qa.operand(), &qb.operand(), 8, 6, None, &mut out).is_err());
+        assert!(matmul(
+            level,
+            &qa.operand(),
+            &qb.operand(),
+            8,
+            4,
+            Some(&[0.0; 2]),
+            &mut out
+        )
+        .is_err());
+        assert!(matmul(
+            level,
+            &qa.operand(),
+            &qb.operand(),
+            8,
+            4,
+            None,
+            &mut out[..5]
+        )
+        .is_err());
+        matmul(level, &qa.operand(), &qb.operand(), 8, 4, None, &mut out).unwrap();
+    }
+}

@@ -1,0 +1,617 @@
+//! float32 -> ShiftQuant codes along the last axis (`quantize_rows`) or along the first axis of a
+//! row-major matrix (`quantize_cols`, what the backward GEMMs need), and back (`dequantize`).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::{num_groups, MAX_SHIFT};
+use crate::error::{FgError, FgResult};
+use crate::simd::{Simd, SimdLevel};
+use crate::threads::{self, SendPtr};
+
+/// Rows shorter than this many elements in total run on the calling thread.
+const PAR_MIN: usize = 1 << 16;
+/// Columns transposed into one cache-resident panel by `quantize_cols`.
+const PANEL: usize = 16;
+/// Adding then subtracting 1.5 * 2^23 rounds half to even for |v| < 2^22 (codes are < 2^7).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+const ABS_MASK: u32 = 0x7fff_ffff;
+const INF_BITS: u32 = 0x7f80_0000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rounding {
+    Nearest,
+    /// Round up with probability equal to the fractional part; the uniform draw for the code at
+    /// (row, column) of the output is a pure function of (seed, row, column).
+    Stochastic {
+        seed: u64,
+    },
+}
+
+/// What to quantize to: validated bit width, group size and rounding.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    bits: u32,
+    group_size: usize,
+    rounding: Rounding,
+}
+
+impl Spec {
+    /// Checks `bits` in 2..=8 and `group_size` a positive multiple of 4; errors name `op`.
+    pub fn new(op: &str, bits: u32, group_size: usize, rounding: Rounding) -> FgResult<Spec> {
+        if !(2..=8).contains(&bits) {
+            return Err(FgError::Value(format!(
+                "{op}: bits must be in 2..8, got {bits}"
+            )));
+        }
+        if group_size == 0 || !group_size.is_multiple_of(4) {
+            return Err(FgError::Value(format!(
+                "{op}: group_size must be a positive multiple of 4, got {group_size}"
+            )));
+        }
+        Ok(Spec {
+            bits,
+            group_size,
+            rounding,
+        })
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
+    /// 2^(bits-1) - 1: codes lie in [-qmax, qmax].
+    pub fn qmax(&self) -> f32 {
+        ((1u32 << (self.bits - 1)) - 1) as f32
+    }
+}
+
+/// The three outputs of quantizing `rows` rows of `len`: codes [rows, len], scale [rows],
+/// shifts [rows, num_groups(len)].
+pub struct Codes<'a> {
+    pub codes: &'a mut [i8],
+    pub scale: &'a mut [f32],
+    pub shifts: &'a mut [u8],
+}
+
+impl Codes<'_> {
+    fn check(&self, op: &str, rows: usize, len: usize, group_size: usize) -> FgResult<()> {
+        let groups = num_groups(len, group_size);
+        if self.codes.len() != rows * len
+            || self.scale.len() != rows
+            || self.shifts.len() != rows * groups
+        {
+            return Err(FgError::Value(format!(
+                "{op}: outputs must hold {} codes, {rows} scales and {} shifts, got {}, {} and {}",
+                rows * len,
+                rows * groups,
+                self.codes.len(),
+                self.scale.len(),
+                self.shifts.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// floor(log2(row_max / group_max)) computed exactly, clamped to 0..=15 (15 for an all-zero
+/// group): the largest k with group_max * 2^k <= row_max.
+pub fn shift_of(row_max: f32, group_max: f32) -> u8 {
+    if group_max == 0.0 {
+        return MAX_SHIFT;
+    }
+    // f64 holds every f32 (denormals included) as a normal number: compare exponents, then
+    // mantissas.
+    let split = |v: f32| {
+        let b = (v as f64).to_bits();
+        ((b >> 52) as i64, b & ((1u64 << 52) - 1))
+    };
+    let (er, mr) = split(row_max);
+    let (eg, mg) = split(group_max);
+    (er - eg - i64::from(mg > mr)).clamp(0, i64::from(MAX_SHIFT)) as u8
+}
+
+/// The key of one output row's random stream.
+fn row_key(seed: u64, row: u64) -> u64 {
+    let mut z = seed ^ row.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..2 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce5_e9b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+    }
+    z
+}
+
+/// A bijective 32-bit mixer (two multiply-xorshift rounds); vectorizes with 32-bit multiplies.
+#[inline(always)]
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+/// A uniform draw in [0, 1) with 24 random bits for column `col` of a row keyed `key`.
+#[inline(always)]
+fn uniform(key: u64, col: u32) -> f32 {
+    let h = mix32(mix32(col ^ key as u32).wrapping_add((key >> 32) as u32));
+    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+#[inline(always)]
+fn abs_max_bits(x: &[f32]) -> u32 {
+    // For non-NaN floats the order of |x| is the order of its bits: an integer max reduction.
+    x.iter().fold(0, |m, v| m.max(v.to_bits() & ABS_MASK))
+}
+
+/// A rounded value clamped into [-qmax, qmax] as a code.
+#[inline(always)]
+fn to_code(q: f32, qmax: f32) -> i8 {
+    // SAFETY: the value is finite (rows holding NaN or infinity never get here) and clamped,
+    // so the unchecked conversion is exact; unlike `as` it vectorizes.
+    unsafe { q.clamp(-qmax, qmax).to_int_unchecked::<i32>() as i8 }
+}
+
+/// Codes of one group: v = x * 2^k / s rounded (as x / (s * 2^-k), without the denormal loss).
+#[inline(always)]
+fn encode_group(
+    x: &[f32],
+    codes: &mut [i8],
+    pow: f32,
+    scale: f32,
+    spec: &Spec,
+    key: u64,
+    col0: u32,
+) {
+    let qmax = spec.qmax();
+    match spec.rounding {
+        Rounding::Nearest => {
+            for (c, &v) in codes.iter_mut().zip(x) {
+                let q = ((v * pow) / scale + ROUND_MAGIC) - ROUND_MAGIC;
+                *c = to_code(q, qmax);
+            }
+        }
+        Rounding::Stochastic { .. } => {
+            for (j, (c, &v)) in codes.iter_mut().zip(x).enumerate() {
+                let t = (v * pow) / scale;
+                let r = (t + ROUND_MAGIC) - ROUND_MAGIC;
+                let floor = if r > t { r - 1.0 } else { r };
+                let up = uniform(key, col0.wrapping_add(j as u32)) < t - floor;
+                let q = if up { floor + 1.0 } else { floor };
+                *c = to_code(q, qmax);
+            }
+        }
+    }
+}
+
+/// Quantizes one row; returns its scale.
+#[inline(always)]
+fn quantize_row(x: &[f32], codes: &mut [i8], shifts: &mut [u8], spec: &Spec, row: u64) -> f32 {
+    let max_bits = abs_max_bits(x);
+    if max_bits >= INF_BITS || max_bits == 0 {
+        // A NaN or infinity poisons the row's scale (dequantize and matmul propagate it); an
+        // all-zero row has scale 0. Either way the codes are 0 and the shifts maximal.
+        codes.fill(0);
+        shifts.fill(MAX_SHIFT);
+        return if max_bits == 0 { 0.0 } else { f32::NAN };
+    }
+    let row_max = f32::from_bits(max_bits);
+    let scale = row_max / spec.qmax();
+    let key = match spec.rounding {
+        Rounding::Nearest => 0,
+        Rounding::Stochastic { seed } => row_key(seed, row),
+    };
+    let gs = spec.group_size;
+    for (g, (xg, cg)) in x.chunks(gs).zip(codes.chunks_mut(gs)).enumerate() {
+        let k = shift_of(row_max, f32::from_bits(abs_max_bits(xg)));
+        shifts[g] = k;
+        let pow = f32::from_bits((127 + u32::from(k)) << 23);
+        encode_group(xg, cg, pow, scale, spec, key, (g * gs) as u32);
+    }
+    scale
+}
+
+/// Quantizes consecutive rows starting at output row `row0` (the index keys the random stream).
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn quantize_rows_impl<S: Simd>(
+    x: &[f32],
+    len: usize,
+    spec: &Spec,
+    row0: usize,
+    out: Codes<'_>,
+) {
+    let groups = num_groups(len, spec.group_size);
+    let rows = x
+        .chunks_exact(len)
+        .zip(out.codes.chunks_exact_mut(len))
+        .zip(
+            out.scale
+                .iter_mut()
+                .zip(out.shifts.chunks_exact_mut(groups)),
+        );
+    for (r, ((xr, cr), (s, sh))) in rows.enumerate() {
+        *s = quantize_row(xr, cr, sh, spec, (row0 + r) as u64);
+    }
+}
+
+/// Quantizes columns [c0, c0 + width) of `x` [rows, cols] along the rows, through `buf`: the
+/// panel is transposed in cache, then each column goes through the row path.
+///
+/// # Safety
+/// `out` holds the outputs of all `cols` columns and no other thread writes this panel's.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn quantize_panel_impl<S: Simd>(
+    x: &[f32],
+    rows: usize,
+    panel: Range<usize>,
+    spec: &Spec,
+    buf: &mut Vec<f32>,
+    out: &RawCodes,
+) {
+    let (c0, width) = (panel.start, panel.len());
+    let cols = x.len() / rows;
+    let groups = num_groups(rows, spec.group_size);
+    buf.resize(width * rows, 0.0);
+    for (r, xr) in x.chunks_exact(cols).enumerate() {
+        for (c, &v) in xr[c0..c0 + width].iter().enumerate() {
+            buf[c * rows + r] = v;
+        }
+    }
+    let out = Codes {
+        codes: std::slice::from_raw_parts_mut(out.codes.ptr().add(c0 * rows), width * rows),
+        scale: std::slice::from_raw_parts_mut(out.scale.ptr().add(c0), width),
+        shifts: std::slice::from_raw_parts_mut(out.shifts.ptr().add(c0 * groups), width * groups),
+    };
+    quantize_rows_impl::<S>(buf, rows, spec, c0, out);
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn dequantize_impl<S: Simd>(
+    codes: &[i8],
+    scale: &[f32],
+    shifts: &[u8],
+    group_size: usize,
+    out: &mut [f32],
+) {
+    let len = codes.len() / scale.len();
+    let groups = num_groups(len, group_size);
+    let rows = codes
+        .chunks_exact(len)
+        .zip(out.chunks_exact_mut(len))
+        .zip(scale.iter().zip(shifts.chunks_exact(groups)));
+    for ((cr, or), (&s, sh)) in rows {
+        for ((cg, og), &k) in cr.chunks(group_size).zip(or.chunks_mut(group_size)).zip(sh) {
+            let step = s * f32::from_bits((127 - u32::from(k)) << 23);
+            for (o, &q) in og.iter_mut().zip(cg) {
+                *o = f32::from(q) * step;
+            }
+        }
+    }
+}
+
+/// Output pointers shared by the threads of `quantize_cols` (each writes its own panels).
+struct RawCodes {
+    codes: SendPtr<i8>,
+    scale: SendPtr<f32>,
+    shifts: SendPtr<u8>,
+}
+
+crate::dispatch! {
+    fn quantize_rows_level(x: &[f32], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl;
+    fn quantize_panel_level(x: &[f32], rows: usize, panel: Range<usize>, spec: &Spec, buf: &mut Vec<f32>, out: &RawCodes) = quantize_panel_impl;
+    fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
+}
+
+/// Rows per parallel task so that each holds about PAR_MIN elements.
+fn rows_per_task(rows: usize, len: usize) -> usize {
+    if threads::num_threads() == 1 || rows * len < PAR_MIN {
+        rows.max(1)
+    } else {
+        (PAR_MIN / len.max(1)).clamp(1, rows.div_ceil(threads::num_threads()))
+    }
+}
+
+/// Quantizes `x` seen as [rows, len] along `len` (rows = x.len() / len).
+pub fn quantize_rows(
+    level: SimdLevel,
+    x: &[f32],
+    len: usize,
+    spec: &Spec,
+    out: Codes<'_>,
+) -> FgResult<()> {
+    let rows = x.len().checked_div(len).unwrap_or(out.scale.len());
+    if rows * len != x.len() {
+        return Err(FgError::Value(format!(
+            "shiftquant: x holds {} elements, not a multiple of the row length {len}",
+            x.len()
+        )));
+    }
+    out.check("shiftquant", rows, len, spec.group_size)?;
+    if len == 0 {
+        out.scale.fill(0.0);
+        return Ok(());
+    }
+    let chunk = rows_per_task(rows, len);
+    let groups = num_groups(len, spec.group_size);
+    let tasks = x
+        .par_chunks(chunk * len)
+        .zip(out.codes.par_chunks_mut(chunk * len))
+        .zip(
+            out.scale
+                .par_chunks_mut(chunk)
+                .zip(out.shifts.par_chunks_mut(chunk * groups)),
+        )
+        .enumerate();
+    threads::install(|| {
+        tasks.for_each(|(t, ((x, codes), (scale, shifts)))| {
+            let out = Codes {
+                codes,
+                scale,
+                shifts,
+            };
+            quantize_rows_level(level, x, len, spec, t * chunk, out)
+        })
+    });
+    Ok(())
+}
+
+/// Quantizes the row-major matrix `x` [rows, x.len() / rows] along its first axis: output row c
+/// holds column c (codes [cols, rows]), exactly as `quantize_rows` of the transpose would.
+pub fn quantize_cols(
+    level: SimdLevel,
+    x: &[f32],
+    rows: usize,
+    spec: &Spec,
+    out: Codes<'_>,
+) -> FgResult<()> {
+    let cols = out.scale.len();
+    if rows * cols != x.len() {
+        return Err(FgError::Value(format!(
+            "shiftquant: x holds {} elements, not [{rows}, {cols}]",
+            x.len()
+        )));
+    }
+    out.check("shiftquant", cols, rows, spec.group_size)?;
+    if rows == 0 {
+        out.scale.fill(0.0);
+        return Ok(());
+    }
+    let raw = RawCodes {
+        codes: SendPtr(out.codes.as_mut_ptr()),
+        scale: SendPtr(out.scale.as_mut_ptr()),
+        shifts: SendPtr(out.shifts.as_mut_ptr()),
+    };
+    let panels = cols.div_ceil(PANEL);
+    let min_len = if rows * cols < PAR_MIN { usize::MAX } else { 1 };
+    threads::install(|| {
+        (0..panels)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .for_each_init(Vec::new, |buf, p| {
+                let c0 = p * PANEL;
+                // SAFETY: `raw` covers all columns; panels write disjoint ones.
+                quantize_panel_level(level, x, rows, c0..(c0 + PANEL).min(cols), spec, buf, &raw)
+            })
+    });
+    Ok(())
+}
+
+/// codes * scale * 2^-shift, into `out` (same shape as `codes`).
+pub fn dequantize(
+    level: SimdLevel,
+    codes: &[i8],
+    scale: &[f32],
+    shifts: &[u8],
+    group_size: usize,
+    out: &mut [f32],
+) -> FgResult<()> {
+    let rows = scale.len();
+    let len = codes.len().checked_div(rows).unwrap_or(0);
+    let groups = if group_size == 0 {
+        0
+    } else {
+        num_groups(len, group_size)
+    };
+    if group_size == 0
+        || rows * len != codes.len()
+        || shifts.len() != rows * groups
+        || out.len() != codes.len()
+    {
+        return Err(FgError::Value(format!(
+            "dequantize: inconsistent shapes: {} codes, {rows} scales, {} shifts, group_size \
+             {group_size}, {} outputs",
+            codes.len(),
+            shifts.len(),
+            out.len()
+        )));
+    }
+    if shifts.iter().any(|&k| k > MAX_SHIFT) {
+        return Err(FgError::Value(format!(
+            "dequantize: shifts must be in 0..={MAX_SHIFT}"
+        )));
+    }
+    if rows == 0 || len == 0 {
+        return Ok(());
+    }
+    let chunk = rows_per_task(rows, len);
+    let tasks = codes
+        .par_chunks(chunk * len)
+        .zip(out.par_chunks_mut(chunk * len))
+        .zip(
+            scale
+                .par_chunks(chunk)
+                .zip(shifts.par_chunks(chunk * groups)),
+        );
+    threads::install(|| {
+        tasks.for_each(|((codes, out), (scale, shifts))| {
+            dequantize_level(level, codes, scale, shifts, group_size, out)
+        })
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, written plainly in f64 (reference for the kernels).
+    fn reference(x: &[f32], len: usize, bits: u32, gs: usize) -> (Vec<i8>, Vec<f32>, Vec<u8>) {
+        let qmax = ((1 << (bits - 1)) - 1) as f64;
+        let (mut codes, mut scales, mut shifts) = (vec![], vec![], vec![]);
+        for row in x.chunks(len) {
+            let r = row.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+            let s = (r / qmax) as f32;
+            scales.push(s);
+            for g in row.chunks(gs) {
+                let m = g.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                let k = if m == 0.0 {
+                    15
+                } else {
+                    ((r / m).log2().floor() as i64).clamp(0, 15)
+                };
+                shifts.push(k as u8);
+                for &v in g {
+                    let q = if r == 0.0 {
+                        0.0
+                    } else {
+                        (v as f64 * 2f64.powi(k as i32) / s as f64).round_ties_even()
+                    };
+                    codes.push(q.clamp(-qmax, qmax) as i8);
+                }
+            }
+        }
+        (codes, scales, shifts)
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::batching::SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                // groups of very different magnitudes exercise the shifts
+                u * [1.0, 1e-3, 30.0, 0.2][(i / 8) % 4]
+            })
+            .collect()
+    }
+
+    fn run_rows(
+        level: SimdLevel,
+        x: &[f32],
+        len: usize,
+        spec: &Spec,
+    ) -> (Vec<i8>, Vec<f32>, Vec<u8>) {
+        let rows = x.len() / len;
+        let mut codes = vec![0i8; x.len()];
+        let mut scale = vec![0f32; rows];
+        let mut shifts = vec![0u8; rows * num_groups(len, spec.group_size)];
+        let out = Codes {
+            codes: &mut codes,
+            scale: &mut scale,
+            shifts: &mut shifts,
+        };
+        quantize_rows(level, x, len, spec, out).unwrap();
+        (codes, scale, shifts)
+    }
+
+    #[test]
+    fn matches_the_definition_on_every_path() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for (bits, gs, len) in [(8, 64, 200), (4, 8, 37), (2, 4, 9), (6, 32, 4096)] {
+                let x = data(len * 5, bits as u64);
+                let spec = Spec::new("t", bits, gs, Rounding::Nearest).unwrap();
+                assert_eq!(
+                    run_rows(level, &x, len, &spec),
+                    reference(&x, len, bits, gs),
+                    "{level:?} {bits} {gs}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn columns_equal_rows_of_the_transpose() {
+        let (rows, cols) = (70, 37);
+        let x = data(rows * cols, 3);
+        let xt: Vec<f32> = (0..cols * rows)
+            .map(|i| x[(i % rows) * cols + i / rows])
+            .collect();
+        for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 9 }] {
+            let spec = Spec::new("t", 5, 16, rounding).unwrap();
+            let level = crate::simd::detected();
+            let want = run_rows(level, &xt, rows, &spec);
+            let mut codes = vec![0i8; x.len()];
+            let mut scale = vec![0f32; cols];
+            let mut shifts = vec![0u8; cols * num_groups(rows, 16)];
+            let out = Codes {
+                codes: &mut codes,
+                scale: &mut scale,
+                shifts: &mut shifts,
+            };
+            quantize_cols(level, &x, rows, &spec, out).unwrap();
+            assert_eq!((codes, scale, shifts), want);
+        }
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_seeded() {
+        let x: Vec<f32> = (0..4096).map(|i| 0.3 + (i % 7) as f32 * 1e-3).collect();
+        let spec = |seed| Spec::new("t", 4, 64, Rounding::Stochastic { seed }).unwrap();
+        let level = crate::simd::detected();
+        let (a, s, _) = run_rows(level, &x, 4096, &spec(1));
+        assert_eq!(a, run_rows(level, &x, 4096, &spec(1)).0);
+        assert_ne!(a, run_rows(level, &x, 4096, &spec(2)).0);
+        let mean_code = a.iter().map(|&q| q as f64).sum::<f64>() / a.len() as f64;
+        let mean_x = x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
+        assert!(
+            (mean_code * s[0] as f64 - mean_x).abs() < 2e-3,
+            "{mean_code}"
+        );
+    }
+
+    #[test]
+    fn special_rows() {
+        let spec = Spec::new("t", 8, 4, Rounding::Nearest).unwrap();
+        let level = crate::simd::detected();
+        let x = [
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            1.0,
+            f32::NAN,
+            2.0,
+            3.0,
+            f32::INFINITY,
+            1.0,
+            0.0,
+            0.0,
+        ];
+        let (codes, scale, shifts) = run_rows(level, &x, 4, &spec);
+        assert_eq!(scale[0], 0.0);
+        assert!(scale[1].is_nan() && scale[2].is_nan());
+        assert!(codes.iter().all(|&q| q == 0));
+        assert!(shifts.iter().all(|&k| k == MAX_SHIFT));
+    }
+
+    #[test]
+    fn shift_is_exact_at_powers_of_two() {
+        assert_eq!(shift_of(8.0, 1.0), 3);
+        assert_eq!(shift_of(8.0, 1.000_000_1), 2);
+        assert_eq!(shift_of(1.0, 1.0), 0);
+        assert_eq!(shift_of(1.0, 1e-30), 15);
+        assert_eq!(shift_of(1e-40, 1e-41), 3);
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        assert!(Spec::new("t", 1, 64, Rounding::Nearest).is_err());
+        assert!(Spec::new("t", 9, 64, Rounding::Nearest).is_err());
+        assert!(Spec::new("t", 8, 6, Rounding::Nearest).is_err());
+        assert!(Spec::new("t", 8, 0, Rounding::Nearest).is_err());
+    }
+}
