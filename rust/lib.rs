@@ -2,6 +2,7 @@
 
 pub mod batching;
 pub mod error;
+pub mod l1norm;
 pub mod momentum;
 pub mod shiftquant;
 pub mod simd;

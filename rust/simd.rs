@@ -501,27 +501,32 @@ mod x86 {
 
 /// Instantiates generic kernels once per backend and dispatches on a [`SimdLevel`].
 ///
-/// `dispatch! { pub fn name(args) -> Ret = generic_impl; }` defines
+/// `dispatch! { pub fn name(args) -> Ret = generic_impl; }` (or `= generic_impl<T>;` for a kernel
+/// with more type parameters after the backend) defines
 /// `pub fn name(level: SimdLevel, args) -> Ret` that runs `generic_impl::<Backend>(args)` inside a
 /// function compiled for that backend's target features.
 #[macro_export]
 macro_rules! dispatch {
     ($(
         $(#[$meta:meta])*
-        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident $(<$($gen:ty),+>)?;
     )*) => {$(
         $(#[$meta])*
+        // The level argument comes on top of the kernel's own.
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name(level: $crate::simd::SimdLevel, $($arg: $ty),*) $(-> $ret)? {
             assert!(level.is_supported(), "SIMD path {} is not supported by this CPU", level.name());
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                $imp::<$crate::simd::Avx512>($($arg),*)
+                $imp::<$crate::simd::Avx512 $($(, $gen)+)?>($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                $imp::<$crate::simd::Avx2>($($arg),*)
+                $imp::<$crate::simd::Avx2 $($(, $gen)+)?>($($arg),*)
             }
             // SAFETY: the assert above checked that the CPU supports `level`.
             match level {
@@ -529,7 +534,7 @@ macro_rules! dispatch {
                 $crate::simd::SimdLevel::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
                 $crate::simd::SimdLevel::Avx2 => unsafe { avx2($($arg),*) },
-                _ => unsafe { $imp::<$crate::simd::Scalar>($($arg),*) },
+                _ => unsafe { $imp::<$crate::simd::Scalar $($(, $gen)+)?>($($arg),*) },
             }
         }
     )*};

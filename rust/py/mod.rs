@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use crate::error::{FgError, FgResult};
 
 mod batching;
+mod l1norm;
 mod optim;
 mod runtime;
 mod shiftquant;
@@ -48,6 +49,7 @@ pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batching::register(m)?;
+    l1norm::register(m)?;
     optim::register(m)?;
     runtime::register(m)?;
     shiftquant::register(m)?;

@@ -1,0 +1,710 @@
+//! L1 LayerNorm (DESIGN.md section 5) over rows of length n:
+//! y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * gamma + beta. No square root in the statistics, so they can be computed
+//! exactly in integers straight from ShiftQuant codes (`forward_codes`).
+//!
+//! The forward saves, per row, the mean and r = 1 / (sqrt(pi/2) * mean|d| + eps); the backward
+//! recomputes d = x - mean from x (or from the codes) and, with g = dy * gamma, y^ = d * r and
+//! s = sign(d):  dx = r * ((g - mean g) - sqrt(pi/2) / n * (sum g y^) * (s - mean s)).
+
+use std::ops::{Add, Mul, Sub};
+
+use rayon::prelude::*;
+
+use crate::error::{FgError, FgResult};
+use crate::shiftquant::num_groups;
+use crate::simd::{Simd, SimdLevel};
+use crate::threads;
+
+/// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
+pub const SQRT_HALF_PI: f64 = 1.253_314_137_315_500_3;
+/// Lanes of the per-row accumulators (independent sums that vectorize).
+const LANES: usize = 16;
+/// Rows holding fewer elements than this in total run on the calling thread.
+const PAR_MIN: usize = 1 << 15;
+
+/// The float types the kernels run in (float32, and float64 for gradcheck).
+pub trait Real:
+    Copy + Send + Sync + Default + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+{
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn abs(self) -> Self;
+    /// -1, 0 or 1 (0 at 0: the subgradient torch uses for |x|).
+    fn sign(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn sign(self) -> Self {
+                ((self > 0.0) as u8 as $t) - ((self < 0.0) as u8 as $t)
+            }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+/// Σ_{i<n} f(i) in LANES independent partial sums (they vectorize), then in f64.
+#[inline(always)]
+fn lane_sum<T: Real>(n: usize, f: impl Fn(usize) -> T) -> f64 {
+    let mut acc = [T::default(); LANES];
+    let full = n - n % LANES;
+    for base in (0..full).step_by(LANES) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = *a + f(base + j);
+        }
+    }
+    let head = acc.iter().fold(0.0, |s, &v| s + v.to_f64());
+    (full..n).fold(head, |s, i| s + f(i).to_f64())
+}
+
+/// The optional elementwise affine parameters, each of length n.
+#[derive(Clone, Copy)]
+pub struct Affine<'a, T> {
+    pub gamma: Option<&'a [T]>,
+    pub beta: Option<&'a [T]>,
+}
+
+/// Per-row statistics saved by the forward: mean and r = 1 / (sqrt(pi/2) mean|d| + eps).
+pub struct Stats<'a, T> {
+    pub mean: &'a mut [T],
+    pub rstd: &'a mut [T],
+}
+
+/// A row of ShiftQuant codes as the input of the codes path.
+#[derive(Clone, Copy)]
+pub struct CodesIn<'a> {
+    pub codes: &'a [i8],
+    pub scale: &'a [f32],
+    pub shifts: &'a [u8],
+    pub group_size: usize,
+}
+
+/// y = d * r * gamma + beta over one row.
+#[inline(always)]
+fn write_row<T: Real>(d: impl Fn(usize) -> T, r: T, affine: Affine<'_, T>, y: &mut [T]) {
+    match (affine.gamma, affine.beta) {
+        (Some(g), Some(b)) => y
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = d(i) * r * g[i] + b[i]),
+        (Some(g), None) => y
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = d(i) * r * g[i]),
+        (None, Some(b)) => y
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = d(i) * r + b[i]),
+        (None, None) => y.iter_mut().enumerate().for_each(|(i, o)| *o = d(i) * r),
+    }
+}
+
+#[inline(always)]
+fn forward_row<T: Real>(x: &[T], eps: f64, affine: Affine<'_, T>, y: &mut [T]) -> (T, T) {
+    let n = x.len() as f64;
+    let mean = T::from_f64(lane_sum(x.len(), |i| x[i]) / n);
+    let mean_abs = lane_sum(x.len(), |i| (x[i] - mean).abs()) / n;
+    let r = T::from_f64(1.0 / (SQRT_HALF_PI * mean_abs + eps));
+    write_row(|i| x[i] - mean, r, affine, y);
+    (mean, r)
+}
+
+/// The codes path: statistics exact in integers. With v = q * 2^(15 - k) (the row in units of
+/// scale * 2^-15), e = n v - Σv and E = Σ|e|: d = scale 2^-15 e / n, mean|d| = scale 2^-15 E / n².
+#[inline(always)]
+fn forward_codes_row(
+    c: &CodesIn<'_>,
+    row: usize,
+    n: usize,
+    eps: f64,
+    affine: Affine<'_, f32>,
+    y: &mut [f32],
+    v: &mut Vec<i32>,
+) -> (f32, f32) {
+    let groups = num_groups(n, c.group_size);
+    let codes = &c.codes[row * n..(row + 1) * n];
+    let shifts = &c.shifts[row * groups..(row + 1) * groups];
+    let scale = c.scale[row];
+    let gs = c.group_size;
+    let n = n as i64;
+    v.clear();
+    for (g, &k) in codes.chunks(gs).zip(shifts) {
+        let up = 15 - u32::from(k);
+        v.extend(g.iter().map(|&q| i32::from(q) << up));
+    }
+    let total: i64 = v.iter().map(|&q| i64::from(q)).sum();
+    let abs_dev: i64 = v.iter().map(|&q| (n * i64::from(q) - total).abs()).sum();
+    let unit = f64::from(scale) / 32768.0;
+    let nf = n as f64;
+    let mean = unit * total as f64 / nf;
+    let r = 1.0 / (SQRT_HALF_PI * unit * abs_dev as f64 / (nf * nf) + eps);
+    // d_i * r = e_i * (unit r / n), one rounding from the exact integer e_i.
+    let step = unit * r / nf;
+    write_row(
+        |i| ((n * i64::from(v[i]) - total) as f64 * step) as f32,
+        1.0,
+        affine,
+        y,
+    );
+    (mean as f32, r as f32)
+}
+
+#[inline(always)]
+fn backward_row<T: Real>(
+    x: &[T],
+    (mean, r): (T, T),
+    dy: &[T],
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) {
+    let Grads { dx, dgamma, dbeta } = grads;
+    let n = x.len() as f64;
+    let g = |i: usize| gamma.map_or(dy[i], |w| dy[i] * w[i]);
+    let sum_g = lane_sum(x.len(), g);
+    let sum_gy = lane_sum(x.len(), |i| g(i) * (x[i] - mean) * r);
+    let sum_s = lane_sum(x.len(), |i| (x[i] - mean).sign());
+    let mean_g = T::from_f64(sum_g / n);
+    let mean_s = T::from_f64(sum_s / n);
+    let coef = T::from_f64(SQRT_HALF_PI / n * sum_gy);
+    for (i, o) in dx.iter_mut().enumerate() {
+        let s = (x[i] - mean).sign();
+        *o = r * ((g(i) - mean_g) - coef * (s - mean_s));
+    }
+    if let Some(dg) = dgamma {
+        dg.iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = *o + dy[i] * (x[i] - mean) * r);
+    }
+    if let Some(db) = dbeta {
+        db.iter_mut().zip(dy).for_each(|(o, &v)| *o = *o + v);
+    }
+}
+
+/// The input of a forward or backward: floats, or (float32 only) ShiftQuant codes.
+#[derive(Clone, Copy)]
+pub enum Input<'a, T> {
+    Floats(&'a [T]),
+    Codes(CodesIn<'a>),
+}
+
+impl<T: Real> Input<'_, T> {
+    /// Row r as floats: borrowed, or dequantized into `buf`.
+    #[inline(always)]
+    fn row<'b>(&'b self, r: usize, n: usize, buf: &'b mut Vec<T>) -> &'b [T] {
+        match self {
+            Input::Floats(x) => &x[r * n..(r + 1) * n],
+            Input::Codes(c) => {
+                let groups = num_groups(n, c.group_size);
+                let codes = &c.codes[r * n..(r + 1) * n];
+                buf.clear();
+                for (g, &k) in codes.chunks(c.group_size).zip(&c.shifts[r * groups..]) {
+                    let step = c.scale[r] * f32::from_bits((127 - u32::from(k)) << 23);
+                    buf.extend(
+                        g.iter()
+                            .map(|&q| T::from_f64(f64::from(f32::from(q) * step))),
+                    );
+                }
+                buf
+            }
+        }
+    }
+}
+
+/// The backward's outputs; dgamma / dbeta are accumulated into (callers pass zeros).
+pub struct Grads<'a, T> {
+    pub dx: &'a mut [T],
+    pub dgamma: Option<&'a mut [T]>,
+    pub dbeta: Option<&'a mut [T]>,
+}
+
+/// Rows [r0, r0 + y.len() / n) of the forward.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn forward_impl<S: Simd, T: Real>(
+    x: Input<'_, T>,
+    r0: usize,
+    n: usize,
+    eps: f64,
+    affine: Affine<'_, T>,
+    y: &mut [T],
+    stats: Stats<'_, T>,
+) {
+    let mut buf = Vec::new();
+    let rows = y
+        .chunks_exact_mut(n)
+        .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
+    for (i, (yr, (m, r))) in rows.enumerate() {
+        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), eps, affine, yr);
+    }
+}
+
+/// The codes forward (float32): integer statistics, rows [r0, r0 + y.len() / n).
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn forward_codes_impl<S: Simd>(
+    c: CodesIn<'_>,
+    r0: usize,
+    n: usize,
+    eps: f64,
+    affine: Affine<'_, f32>,
+    y: &mut [f32],
+    stats: Stats<'_, f32>,
+) {
+    let mut v = Vec::with_capacity(n);
+    let rows = y
+        .chunks_exact_mut(n)
+        .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
+    for (i, (yr, (m, r))) in rows.enumerate() {
+        (*m, *r) = forward_codes_row(&c, r0 + i, n, eps, affine, yr, &mut v);
+    }
+}
+
+/// Rows [r0, r0 + dy.len() / n) of the backward.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)]
+unsafe fn backward_impl<S: Simd, T: Real>(
+    x: Input<'_, T>,
+    r0: usize,
+    n: usize,
+    stats: (&[T], &[T]),
+    dy: &[T],
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) {
+    let Grads {
+        dx,
+        mut dgamma,
+        mut dbeta,
+    } = grads;
+    let mut buf = Vec::new();
+    let rows = dy
+        .chunks_exact(n)
+        .zip(dx.chunks_exact_mut(n))
+        .zip(stats.0.iter().zip(stats.1));
+    for (i, ((dyr, dxr), (&m, &r))) in rows.enumerate() {
+        let xr = x.row(r0 + i, n, &mut buf);
+        let grads = Grads {
+            dx: dxr,
+            dgamma: dgamma.as_deref_mut(),
+            dbeta: dbeta.as_deref_mut(),
+        };
+        backward_row(xr, (m, r), dyr, gamma, grads);
+    }
+}
+
+crate::dispatch! {
+    fn forward_f32(x: Input<'_, f32>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_impl<f32>;
+    fn forward_f64(x: Input<'_, f64>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f64>, y: &mut [f64], stats: Stats<'_, f64>) = forward_impl<f64>;
+    fn forward_codes(c: CodesIn<'_>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_codes_impl;
+    fn backward_f32(x: Input<'_, f32>, r0: usize, n: usize, stats: (&[f32], &[f32]), dy: &[f32], gamma: Option<&[f32]>, grads: Grads<'_, f32>) = backward_impl<f32>;
+    fn backward_f64(x: Input<'_, f64>, r0: usize, n: usize, stats: (&[f64], &[f64]), dy: &[f64], gamma: Option<&[f64]>, grads: Grads<'_, f64>) = backward_impl<f64>;
+}
+
+/// The float types with dispatched kernels.
+pub trait Kernels: Real {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        level: SimdLevel,
+        x: Input<'_, Self>,
+        r0: usize,
+        n: usize,
+        eps: f64,
+        affine: Affine<'_, Self>,
+        y: &mut [Self],
+        stats: Stats<'_, Self>,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        level: SimdLevel,
+        x: Input<'_, Self>,
+        r0: usize,
+        n: usize,
+        stats: (&[Self], &[Self]),
+        dy: &[Self],
+        gamma: Option<&[Self]>,
+        grads: Grads<'_, Self>,
+    );
+}
+
+impl Kernels for f32 {
+    fn forward(
+        level: SimdLevel,
+        x: Input<'_, f32>,
+        r0: usize,
+        n: usize,
+        eps: f64,
+        affine: Affine<'_, f32>,
+        y: &mut [f32],
+        stats: Stats<'_, f32>,
+    ) {
+        match x {
+            Input::Codes(c) => forward_codes(level, c, r0, n, eps, affine, y, stats),
+            floats => forward_f32(level, floats, r0, n, eps, affine, y, stats),
+        }
+    }
+    fn backward(
+        level: SimdLevel,
+        x: Input<'_, f32>,
+        r0: usize,
+        n: usize,
+        stats: (&[f32], &[f32]),
+        dy: &[f32],
+        gamma: Option<&[f32]>,
+        grads: Grads<'_, f32>,
+    ) {
+        backward_f32(level, x, r0, n, stats, dy, gamma, grads)
+    }
+}
+
+impl Kernels for f64 {
+    fn forward(
+        level: SimdLevel,
+        x: Input<'_, f64>,
+        r0: usize,
+        n: usize,
+        eps: f64,
+        affine: Affine<'_, f64>,
+        y: &mut [f64],
+        stats: Stats<'_, f64>,
+    ) {
+        forward_f64(level, x, r0, n, eps, affine, y, stats)
+    }
+    fn backward(
+        level: SimdLevel,
+        x: Input<'_, f64>,
+        r0: usize,
+        n: usize,
+        stats: (&[f64], &[f64]),
+        dy: &[f64],
+        gamma: Option<&[f64]>,
+        grads: Grads<'_, f64>,
+    ) {
+        backward_f64(level, x, r0, n, stats, dy, gamma, grads)
+    }
+}
+
+/// `tasks` optional slots of `n` elements of `v` (all None when `v` is empty).
+fn slots<T>(v: &mut [T], n: usize, tasks: usize) -> Vec<Option<&mut [T]>> {
+    if v.is_empty() {
+        (0..tasks).map(|_| None).collect()
+    } else {
+        v.chunks_mut(n).map(Some).collect()
+    }
+}
+
+/// Rows per parallel task: everything on the calling thread for small inputs.
+fn rows_per_task(rows: usize, n: usize) -> usize {
+    let threads = threads::num_threads();
+    if threads == 1 || rows * n < PAR_MIN {
+        rows.max(1)
+    } else {
+        rows.div_ceil(threads)
+    }
+}
+
+impl<T> Input<'_, T> {
+    fn check(&self, op: &str, rows: usize, n: usize) -> FgResult<()> {
+        let ok = match self {
+            Input::Floats(x) => x.len() == rows * n,
+            Input::Codes(c) => {
+                c.group_size > 0
+                    && c.codes.len() == rows * n
+                    && c.scale.len() == rows
+                    && c.shifts.len() == rows * num_groups(n, c.group_size)
+                    && c.shifts.iter().all(|&k| k <= crate::shiftquant::MAX_SHIFT)
+            }
+        };
+        if !ok {
+            return Err(FgError::Value(format!(
+                "{op}: x does not hold {rows} rows of {n}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_len(op: &str, name: &str, got: usize, want: usize) -> FgResult<()> {
+    if got != want {
+        return Err(FgError::Value(format!(
+            "{op}: {name} must hold {want} elements, got {got}"
+        )));
+    }
+    Ok(())
+}
+
+/// L1 LayerNorm of `rows = y.len() / n` rows into `y`, saving per-row mean and rstd.
+pub fn forward<T: Kernels>(
+    level: SimdLevel,
+    x: Input<'_, T>,
+    n: usize,
+    eps: f64,
+    affine: Affine<'_, T>,
+    y: &mut [T],
+    stats: Stats<'_, T>,
+) -> FgResult<()> {
+    let op = "l1_layer_norm";
+    if n == 0 {
+        return Err(FgError::Value(format!(
+            "{op}: the normalized size must be at least 1"
+        )));
+    }
+    let rows = stats.mean.len();
+    x.check(op, rows, n)?;
+    check_len(op, "out", y.len(), rows * n)?;
+    check_len(op, "rstd", stats.rstd.len(), rows)?;
+    for (name, p) in [("weight", affine.gamma), ("bias", affine.beta)] {
+        check_len(op, name, p.map_or(n, <[T]>::len), n)?;
+    }
+    let chunk = rows_per_task(rows, n);
+    let tasks = y.par_chunks_mut(chunk * n).zip(
+        stats
+            .mean
+            .par_chunks_mut(chunk)
+            .zip(stats.rstd.par_chunks_mut(chunk)),
+    );
+    threads::install(|| {
+        tasks.enumerate().for_each(|(t, (y, (mean, rstd)))| {
+            T::forward(level, x, t * chunk, n, eps, affine, y, Stats { mean, rstd })
+        })
+    });
+    Ok(())
+}
+
+/// The input gradient into `grads.dx`; weight / bias gradients (summed over rows) into
+/// `grads.dgamma` / `grads.dbeta` when given (overwritten).
+pub fn backward<T: Kernels>(
+    level: SimdLevel,
+    x: Input<'_, T>,
+    n: usize,
+    stats: (&[T], &[T]),
+    dy: &[T],
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) -> FgResult<()> {
+    let op = "l1_layer_norm_backward";
+    let rows = stats.0.len();
+    if n == 0 {
+        return Err(FgError::Value(format!(
+            "{op}: the normalized size must be at least 1"
+        )));
+    }
+    x.check(op, rows, n)?;
+    check_len(op, "rstd", stats.1.len(), rows)?;
+    check_len(op, "grad_out", dy.len(), rows * n)?;
+    check_len(op, "grad_in", grads.dx.len(), rows * n)?;
+    check_len(op, "weight", gamma.map_or(n, <[T]>::len), n)?;
+    for (name, g) in [("grad_weight", &grads.dgamma), ("grad_bias", &grads.dbeta)] {
+        check_len(op, name, g.as_ref().map_or(n, |g| g.len()), n)?;
+    }
+    let chunk = rows_per_task(rows, n);
+    let tasks = rows.div_ceil(chunk).max(1);
+    // Each task sums its rows' weight / bias gradients into its own slot; slots add up last.
+    let (want_g, want_b) = (grads.dgamma.is_some(), grads.dbeta.is_some());
+    let mut partial_g = vec![T::default(); if want_g { tasks * n } else { 0 }];
+    let mut partial_b = vec![T::default(); if want_b { tasks * n } else { 0 }];
+    let (sg, sb) = (
+        slots(&mut partial_g, n, tasks),
+        slots(&mut partial_b, n, tasks),
+    );
+    let work = grads
+        .dx
+        .par_chunks_mut(chunk * n)
+        .zip(dy.par_chunks(chunk * n))
+        .zip(sg.into_par_iter().zip(sb));
+    threads::install(|| {
+        work.enumerate()
+            .for_each(|(t, ((dx, dy), (dgamma, dbeta)))| {
+                let r = t * chunk..(t * chunk + chunk).min(rows);
+                let stats = (&stats.0[r.clone()], &stats.1[r]);
+                T::backward(
+                    level,
+                    x,
+                    t * chunk,
+                    n,
+                    stats,
+                    dy,
+                    gamma,
+                    Grads { dx, dgamma, dbeta },
+                )
+            })
+    });
+    for (out, partial) in [(grads.dgamma, partial_g), (grads.dbeta, partial_b)] {
+        if let Some(out) = out {
+            out.fill(T::default());
+            for slot in partial.chunks(n) {
+                out.iter_mut().zip(slot).for_each(|(o, &p)| *o = *o + p);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = crate::batching::SplitMix64::new(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 1.5)
+            .collect()
+    }
+
+    /// The definition, plainly, in f64.
+    fn reference(x: &[f64], n: usize, eps: f64, gamma: &[f64], beta: &[f64]) -> Vec<f64> {
+        x.chunks(n)
+            .flat_map(|row| {
+                let mean = row.iter().sum::<f64>() / n as f64;
+                let mad = row.iter().map(|v| (v - mean).abs()).sum::<f64>() / n as f64;
+                let denom = SQRT_HALF_PI * mad + eps;
+                row.iter()
+                    .enumerate()
+                    .map(move |(i, v)| (v - mean) / denom * gamma[i] + beta[i])
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_the_definition_and_backward_matches_finite_differences() {
+        let (rows, n, eps) = (3, 37, 1e-5);
+        let x = data(rows * n, 1);
+        let gamma = data(n, 2);
+        let beta = data(n, 3);
+        let dy = data(rows * n, 4);
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let affine = Affine {
+                gamma: Some(&gamma[..]),
+                beta: Some(&beta[..]),
+            };
+            let run = |x: &[f64]| {
+                let mut y = vec![0.0; rows * n];
+                let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
+                forward(
+                    level,
+                    Input::Floats(x),
+                    n,
+                    eps,
+                    affine,
+                    &mut y,
+                    Stats {
+                        mean: &mut mean,
+                        rstd: &mut rstd,
+                    },
+                )
+                .unwrap();
+                (y, mean, rstd)
+            };
+            let (y, mean, rstd) = run(&x);
+            for (a, b) in y.iter().zip(reference(&x, n, eps, &gamma, &beta)) {
+                assert!((a - b).abs() < 1e-12, "{a} {b}");
+            }
+            let mut dx = vec![0.0; rows * n];
+            let (mut dg, mut db) = (vec![0.0; n], vec![0.0; n]);
+            let grads = Grads {
+                dx: &mut dx,
+                dgamma: Some(&mut dg),
+                dbeta: Some(&mut db),
+            };
+            backward(
+                level,
+                Input::Floats(&x),
+                n,
+                (&mean, &rstd),
+                &dy,
+                Some(&gamma),
+                grads,
+            )
+            .unwrap();
+            let loss = |x: &[f64]| run(x).0.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>();
+            for i in [0, 5, n + 3, rows * n - 1] {
+                let h = 1e-6;
+                let (mut xp, mut xm) = (x.clone(), x.clone());
+                xp[i] += h;
+                xm[i] -= h;
+                let fd = (loss(&xp) - loss(&xm)) / (2.0 * h);
+                assert!(
+                    (fd - dx[i]).abs() < 1e-6,
+                    "{level:?} dx[{i}] {} vs {fd}",
+                    dx[i]
+                );
+            }
+            let want_db: f64 = (0..rows).map(|r| dy[r * n + 2]).sum();
+            assert!((db[2] - want_db).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn codes_forward_matches_the_float_forward_of_the_dequantized_input() {
+        use crate::shiftquant::{dequantize, quantize_rows, Codes, Rounding, Spec};
+        let (rows, n, gs) = (4, 100, 16);
+        let x: Vec<f32> = data(rows * n, 5).iter().map(|&v| v as f32).collect();
+        let spec = Spec::new("t", 6, gs, Rounding::Nearest).unwrap();
+        let (mut codes, mut scale, mut shifts) = (
+            vec![0i8; rows * n],
+            vec![0f32; rows],
+            vec![0u8; rows * num_groups(n, gs)],
+        );
+        let level = crate::simd::detected();
+        quantize_rows(
+            level,
+            &x,
+            n,
+            &spec,
+            Codes {
+                codes: &mut codes,
+                scale: &mut scale,
+                shifts: &mut shifts,
+            },
+        )
+        .unwrap();
+        let mut xd = vec![0f32; rows * n];
+        dequantize(level, &codes, &scale, &shifts, gs, &mut xd).unwrap();
+        let c = CodesIn {
+            codes: &codes,
+            scale: &scale,
+            shifts: &shifts,
+            group_size: gs,
+        };
+        let none = Affine {
+            gamma: None,
+            beta: None,
+        };
+        let run = |x: Input<'_, f32>| {
+            let mut y = vec![0f32; rows * n];
+            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            forward(
+                level,
+                x,
+                n,
+                1e-5,
+                none,
+                &mut y,
+                Stats {
+                    mean: &mut mean,
+                    rstd: &mut rstd,
+                },
+            )
+            .unwrap();
+            y
+        };
+        for (a, b) in run(Input::Codes(c)).iter().zip(run(Input::Floats(&xd))) {
+            assert!((a - b).abs() < 1e-5, "{a} {b}");
+        }
+    }
+}
