@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from . import _core, data, optim
+from . import _core, data, nn, optim
 from ._errors import DimensionError
+from .ops.shiftquant import ShiftQuantTensor, shiftquant, shiftquant_matmul
 from .ops.softmax import log_softmax, softmax
 
 __version__: str = _core.__version__
 
 __all__ = [
     "DimensionError",
+    "ShiftQuantTensor",
     "__version__",
     "cpu_info",
     "data",
     "get_num_threads",
     "log_softmax",
+    "nn",
     "optim",
     "set_num_threads",
+    "shiftquant",
+    "shiftquant_matmul",
     "simd_level",
     "softmax",
 ]

@@ -7,8 +7,9 @@ use super::{contiguous, contiguous_mut, run_detached};
 use crate::shiftquant::{self, Codes, GemmOperand, Rounding, Spec};
 use crate::simd;
 
-/// Quantizes `x` [rows, len] along `len` (or, with `transposed`, along `rows`: output row c is
-/// column c) into `codes`, `scale`, `shifts`; `seed` None rounds to nearest, else stochastically.
+/// Quantizes `x` into `codes`, `scale`, `shifts` along the reduction length `len`: x is
+/// [rows, len], or with `transposed` [len, cols] (output row c is column c). `seed` None rounds
+/// to nearest, else stochastically.
 #[pyfunction]
 #[pyo3(signature = (x, codes, scale, shifts, len, bits, group_size, seed=None, transposed=false))]
 #[allow(clippy::too_many_arguments)]
