@@ -27,7 +27,7 @@ test: develop
 	@for simd in $(SIMD_PATHS); do \
 		if $(PY) -c "import ferrograd, sys; sys.exit('$$simd' not in ferrograd.cpu_info()['supported'])"; then \
 			echo "== SIMD path $$simd =="; \
-			FERROGRAD_SIMD=$$simd $(PY) -m pytest -q -m simd tests || exit 1; \
+			FERROGRAD_SIMD=$$simd $(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
 		else \
 			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
 		fi; \

@@ -1,0 +1,106 @@
+"""L1LayerNorm against the plain torch formula of DESIGN.md section 5."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ferrograd as fg
+from ferrograd.ops.l1norm import l1_layer_norm
+
+pytestmark = pytest.mark.simd
+
+
+def reference(x, shape, weight, bias, eps):
+    dims = tuple(range(-len(shape), 0))
+    x = x.double()
+    d = x - x.mean(dims, keepdim=True)
+    y = d / (math.sqrt(math.pi / 2) * d.abs().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.double() + bias.double()
+    return y
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol", "rtol"),
+    [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-12), (torch.bfloat16, 2e-2, 2e-2)],
+)
+@pytest.mark.parametrize("shape", [(7, 1024), (3, 5, 33), (2, 4, 6, 10)])
+def test_forward_and_backward_match_torch(dtype, atol, rtol, shape):
+    torch.manual_seed(0)
+    norm_shape = shape[-1:] if len(shape) < 4 else shape[-2:]
+    x = (torch.randn(shape) * 3 + 1).to(dtype).requires_grad_()
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.randn(norm_shape, dtype=param_dtype).requires_grad_()
+    b = torch.randn(norm_shape, dtype=param_dtype).requires_grad_()
+    y = l1_layer_norm(x, norm_shape, w, b)
+    assert y.dtype == dtype
+    want = reference(x.detach(), norm_shape, w.detach(), b.detach(), 1e-5)
+    torch.testing.assert_close(y.double(), want, atol=atol * 10, rtol=rtol * 10)
+    grad = torch.randn(shape, dtype=torch.float64)
+    y.backward(grad.to(dtype))
+    xr = x.detach().double().requires_grad_()
+    wr, br = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    reference(xr, norm_shape, wr, br, 1e-5).backward(grad)
+    if dtype != torch.bfloat16:
+        torch.testing.assert_close(x.grad.double(), xr.grad, atol=atol * 100, rtol=rtol * 100)
+        torch.testing.assert_close(w.grad.double(), wr.grad, atol=atol * 100, rtol=rtol * 100)
+        torch.testing.assert_close(b.grad.double(), br.grad, atol=atol * 100, rtol=rtol * 100)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: l1_layer_norm(x, (3, 11), w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: l1_layer_norm(x, (3, 11)), (x,))
+
+
+def test_module_matches_layer_norm_on_gaussian_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(64, 4096)
+    l1 = fg.nn.L1LayerNorm(4096)
+    l2 = torch.nn.LayerNorm(4096)
+    assert (l1(x) - l2(x)).abs().mean() < 0.02
+
+
+def test_codes_path_computes_the_norm_of_the_dequantized_input():
+    torch.manual_seed(3)
+    x = torch.randn(10, 300) * torch.logspace(-2, 1, 300)
+    norm = fg.nn.L1LayerNorm(300, bits=8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    xq = fg.shiftquant(x, bits=8, group_size=64).dequantize()
+    want = reference(xq, (300,), norm.weight.detach(), norm.bias.detach(), 1e-5)
+    xg = x.clone().requires_grad_()
+    y = norm(xg)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    # Straight-through: the gradient is that of the float norm at the dequantized input.
+    grad = torch.randn(10, 300)
+    y.backward(grad)
+    xr = xq.double().requires_grad_()
+    reference(xr, (300,), norm.weight.detach(), norm.bias.detach(), 1e-5).backward(grad.double())
+    torch.testing.assert_close(xg.grad.double(), xr.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_from_layer_norm_copies_parameters():
+    ln = torch.nn.LayerNorm(8, eps=1e-3)
+    with torch.no_grad():
+        ln.weight.fill_(2.0)
+    l1 = fg.nn.L1LayerNorm.from_layer_norm(ln)
+    assert l1.eps == 1e-3 and torch.equal(l1.weight, ln.weight)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="normalized_shape"):
+        l1_layer_norm(torch.randn(3, 4), (5,))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        l1_layer_norm(torch.randn(3, 4), (4,), torch.ones(3), torch.zeros(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        l1_layer_norm(torch.ones(3, 4, dtype=torch.int64), (4,))
+    with pytest.raises(ValueError, match="bits"):
+        fg.nn.L1LayerNorm(4, bits=1)(torch.randn(2, 4))
