@@ -14,7 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: name -> module in bench/ exposing ``main(threads: int | None) -> None``.
-BENCHMARKS = {"softmax": "softmax", "batching": "batching", "optim": "optim"}
+BENCHMARKS = {
+    "softmax": "softmax",
+    "batching": "batching",
+    "optim": "optim",
+    "shiftquant": "shiftquant",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
