@@ -58,18 +58,21 @@ macro_rules! real {
 real!(f32);
 real!(f64);
 
-/// Σ_{i<n} f(i) in LANES independent partial sums (they vectorize), then in f64.
+/// Σ f(x_i) in LANES independent partial sums (they vectorize), then in f64.
 #[inline(always)]
-fn lane_sum<T: Real>(n: usize, f: impl Fn(usize) -> T) -> f64 {
+fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> f64 {
     let mut acc = [T::default(); LANES];
-    let full = n - n % LANES;
-    for base in (0..full).step_by(LANES) {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a = *a + f(base + j);
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0.0, |s, &v| s + f(v).to_f64());
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = *a + f(v);
         }
     }
-    let head = acc.iter().fold(0.0, |s, &v| s + v.to_f64());
-    (full..n).fold(head, |s, i| s + f(i).to_f64())
+    acc.iter().fold(tail, |s, &v| s + v.to_f64())
 }
 
 /// The optional elementwise affine parameters, each of length n.
@@ -94,33 +97,22 @@ pub struct CodesIn<'a> {
     pub group_size: usize,
 }
 
-/// y = d * r * gamma + beta over one row.
-#[inline(always)]
-fn write_row<T: Real>(d: impl Fn(usize) -> T, r: T, affine: Affine<'_, T>, y: &mut [T]) {
-    match (affine.gamma, affine.beta) {
-        (Some(g), Some(b)) => y
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = d(i) * r * g[i] + b[i]),
-        (Some(g), None) => y
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = d(i) * r * g[i]),
-        (None, Some(b)) => y
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = d(i) * r + b[i]),
-        (None, None) => y.iter_mut().enumerate().for_each(|(i, o)| *o = d(i) * r),
-    }
+/// The affine parameters of a row, defaults filled in (ones / zeros) so the loops stay plain.
+#[derive(Clone, Copy)]
+pub struct Params<'a, T> {
+    gamma: &'a [T],
+    beta: &'a [T],
 }
 
 #[inline(always)]
-fn forward_row<T: Real>(x: &[T], eps: f64, affine: Affine<'_, T>, y: &mut [T]) -> (T, T) {
+fn forward_row<T: Real>(x: &[T], eps: f64, p: Params<'_, T>, y: &mut [T]) -> (T, T) {
     let n = x.len() as f64;
-    let mean = T::from_f64(lane_sum(x.len(), |i| x[i]) / n);
-    let mean_abs = lane_sum(x.len(), |i| (x[i] - mean).abs()) / n;
+    let mean = T::from_f64(lane_sum(x, |v| v) / n);
+    let mean_abs = lane_sum(x, |v| (v - mean).abs()) / n;
     let r = T::from_f64(1.0 / (SQRT_HALF_PI * mean_abs + eps));
-    write_row(|i| x[i] - mean, r, affine, y);
+    for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
+        *o = (v - mean) * r * g + b;
+    }
     (mean, r)
 }
 
@@ -132,7 +124,7 @@ fn forward_codes_row(
     row: usize,
     n: usize,
     eps: f64,
-    affine: Affine<'_, f32>,
+    p: Params<'_, f32>,
     y: &mut [f32],
     v: &mut Vec<i32>,
 ) -> (f32, f32) {
@@ -155,40 +147,58 @@ fn forward_codes_row(
     let r = 1.0 / (SQRT_HALF_PI * unit * abs_dev as f64 / (nf * nf) + eps);
     // d_i * r = e_i * (unit r / n), one rounding from the exact integer e_i.
     let step = unit * r / nf;
-    write_row(
-        |i| ((n * i64::from(v[i]) - total) as f64 * step) as f32,
-        1.0,
-        affine,
-        y,
-    );
+    for (i, o) in y.iter_mut().enumerate() {
+        let d = ((n * i64::from(v[i]) - total) as f64 * step) as f32;
+        *o = d * p.gamma[i] + p.beta[i];
+    }
     (mean as f32, r as f32)
 }
 
 #[inline(always)]
-fn backward_row<T: Real>(
-    x: &[T],
-    (mean, r): (T, T),
-    dy: &[T],
-    gamma: Option<&[T]>,
-    grads: Grads<'_, T>,
-) {
+fn backward_row<T: Real>(x: &[T], (mean, r): (T, T), dy: &[T], gamma: &[T], grads: Grads<'_, T>) {
     let Grads { dx, dgamma, dbeta } = grads;
     let n = x.len() as f64;
-    let g = |i: usize| gamma.map_or(dy[i], |w| dy[i] * w[i]);
-    let sum_g = lane_sum(x.len(), g);
-    let sum_gy = lane_sum(x.len(), |i| g(i) * (x[i] - mean) * r);
-    let sum_s = lane_sum(x.len(), |i| (x[i] - mean).sign());
-    let mean_g = T::from_f64(sum_g / n);
-    let mean_s = T::from_f64(sum_s / n);
-    let coef = T::from_f64(SQRT_HALF_PI / n * sum_gy);
-    for (i, o) in dx.iter_mut().enumerate() {
-        let s = (x[i] - mean).sign();
-        *o = r * ((g(i) - mean_g) - coef * (s - mean_s));
+    // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in lanes.
+    let mut acc = [[T::default(); LANES]; 3];
+    let mut tail = [0.0f64; 3];
+    let add = |acc: &mut [T; 3], (&xv, (&dv, &gv)): (&T, (&T, &T))| {
+        let (d, g) = (xv - mean, dv * gv);
+        acc[0] = acc[0] + g;
+        acc[1] = acc[1] + g * d;
+        acc[2] = acc[2] + d.sign();
+    };
+    let chunks = x
+        .chunks_exact(LANES)
+        .zip(dy.chunks_exact(LANES).zip(gamma.chunks_exact(LANES)));
+    for (xc, (dc, gc)) in chunks {
+        for j in 0..LANES {
+            let mut lane = [acc[0][j], acc[1][j], acc[2][j]];
+            add(&mut lane, (&xc[j], (&dc[j], &gc[j])));
+            (acc[0][j], acc[1][j], acc[2][j]) = (lane[0], lane[1], lane[2]);
+        }
+    }
+    let full = x.len() - x.len() % LANES;
+    for e in x[full..].iter().zip(dy[full..].iter().zip(&gamma[full..])) {
+        let mut lane = [T::default(); 3];
+        add(&mut lane, e);
+        tail.iter_mut()
+            .zip(lane)
+            .for_each(|(t, v)| *t += v.to_f64());
+    }
+    let sums: Vec<f64> = (0..3)
+        .map(|i| acc[i].iter().fold(tail[i], |s, &v| s + v.to_f64()))
+        .collect();
+    let mean_g = T::from_f64(sums[0] / n);
+    let mean_s = T::from_f64(sums[2] / n);
+    // Σ g y^ = r Σ g d.
+    let coef = T::from_f64(SQRT_HALF_PI / n * sums[1]) * r;
+    for (o, (&xv, (&dv, &gv))) in dx.iter_mut().zip(x.iter().zip(dy.iter().zip(gamma))) {
+        *o = r * ((dv * gv - mean_g) - coef * ((xv - mean).sign() - mean_s));
     }
     if let Some(dg) = dgamma {
-        dg.iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = *o + dy[i] * (x[i] - mean) * r);
+        for (o, (&xv, &dv)) in dg.iter_mut().zip(x.iter().zip(dy)) {
+            *o = *o + dv * (xv - mean) * r;
+        }
     }
     if let Some(db) = dbeta {
         db.iter_mut().zip(dy).for_each(|(o, &v)| *o = *o + v);
@@ -240,7 +250,7 @@ unsafe fn forward_impl<S: Simd, T: Real>(
     r0: usize,
     n: usize,
     eps: f64,
-    affine: Affine<'_, T>,
+    p: Params<'_, T>,
     y: &mut [T],
     stats: Stats<'_, T>,
 ) {
@@ -249,7 +259,7 @@ unsafe fn forward_impl<S: Simd, T: Real>(
         .chunks_exact_mut(n)
         .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
     for (i, (yr, (m, r))) in rows.enumerate() {
-        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), eps, affine, yr);
+        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), eps, p, yr);
     }
 }
 
@@ -261,7 +271,7 @@ unsafe fn forward_codes_impl<S: Simd>(
     r0: usize,
     n: usize,
     eps: f64,
-    affine: Affine<'_, f32>,
+    p: Params<'_, f32>,
     y: &mut [f32],
     stats: Stats<'_, f32>,
 ) {
@@ -270,7 +280,7 @@ unsafe fn forward_codes_impl<S: Simd>(
         .chunks_exact_mut(n)
         .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
     for (i, (yr, (m, r))) in rows.enumerate() {
-        (*m, *r) = forward_codes_row(&c, r0 + i, n, eps, affine, yr, &mut v);
+        (*m, *r) = forward_codes_row(&c, r0 + i, n, eps, p, yr, &mut v);
     }
 }
 
@@ -283,7 +293,7 @@ unsafe fn backward_impl<S: Simd, T: Real>(
     n: usize,
     stats: (&[T], &[T]),
     dy: &[T],
-    gamma: Option<&[T]>,
+    gamma: &[T],
     grads: Grads<'_, T>,
 ) {
     let Grads {
@@ -308,11 +318,11 @@ unsafe fn backward_impl<S: Simd, T: Real>(
 }
 
 crate::dispatch! {
-    fn forward_f32(x: Input<'_, f32>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_impl<f32>;
-    fn forward_f64(x: Input<'_, f64>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f64>, y: &mut [f64], stats: Stats<'_, f64>) = forward_impl<f64>;
-    fn forward_codes(c: CodesIn<'_>, r0: usize, n: usize, eps: f64, affine: Affine<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_codes_impl;
-    fn backward_f32(x: Input<'_, f32>, r0: usize, n: usize, stats: (&[f32], &[f32]), dy: &[f32], gamma: Option<&[f32]>, grads: Grads<'_, f32>) = backward_impl<f32>;
-    fn backward_f64(x: Input<'_, f64>, r0: usize, n: usize, stats: (&[f64], &[f64]), dy: &[f64], gamma: Option<&[f64]>, grads: Grads<'_, f64>) = backward_impl<f64>;
+    fn forward_f32(x: Input<'_, f32>, r0: usize, n: usize, eps: f64, p: Params<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_impl<f32>;
+    fn forward_f64(x: Input<'_, f64>, r0: usize, n: usize, eps: f64, p: Params<'_, f64>, y: &mut [f64], stats: Stats<'_, f64>) = forward_impl<f64>;
+    fn forward_codes(c: CodesIn<'_>, r0: usize, n: usize, eps: f64, p: Params<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_codes_impl;
+    fn backward_f32(x: Input<'_, f32>, r0: usize, n: usize, stats: (&[f32], &[f32]), dy: &[f32], gamma: &[f32], grads: Grads<'_, f32>) = backward_impl<f32>;
+    fn backward_f64(x: Input<'_, f64>, r0: usize, n: usize, stats: (&[f64], &[f64]), dy: &[f64], gamma: &[f64], grads: Grads<'_, f64>) = backward_impl<f64>;
 }
 
 /// The float types with dispatched kernels.
@@ -324,7 +334,7 @@ pub trait Kernels: Real {
         r0: usize,
         n: usize,
         eps: f64,
-        affine: Affine<'_, Self>,
+        p: Params<'_, Self>,
         y: &mut [Self],
         stats: Stats<'_, Self>,
     );
@@ -336,7 +346,7 @@ pub trait Kernels: Real {
         n: usize,
         stats: (&[Self], &[Self]),
         dy: &[Self],
-        gamma: Option<&[Self]>,
+        gamma: &[Self],
         grads: Grads<'_, Self>,
     );
 }
@@ -348,13 +358,13 @@ impl Kernels for f32 {
         r0: usize,
         n: usize,
         eps: f64,
-        affine: Affine<'_, f32>,
+        p: Params<'_, f32>,
         y: &mut [f32],
         stats: Stats<'_, f32>,
     ) {
         match x {
-            Input::Codes(c) => forward_codes(level, c, r0, n, eps, affine, y, stats),
-            floats => forward_f32(level, floats, r0, n, eps, affine, y, stats),
+            Input::Codes(c) => forward_codes(level, c, r0, n, eps, p, y, stats),
+            floats => forward_f32(level, floats, r0, n, eps, p, y, stats),
         }
     }
     fn backward(
@@ -364,7 +374,7 @@ impl Kernels for f32 {
         n: usize,
         stats: (&[f32], &[f32]),
         dy: &[f32],
-        gamma: Option<&[f32]>,
+        gamma: &[f32],
         grads: Grads<'_, f32>,
     ) {
         backward_f32(level, x, r0, n, stats, dy, gamma, grads)
@@ -378,11 +388,11 @@ impl Kernels for f64 {
         r0: usize,
         n: usize,
         eps: f64,
-        affine: Affine<'_, f64>,
+        p: Params<'_, f64>,
         y: &mut [f64],
         stats: Stats<'_, f64>,
     ) {
-        forward_f64(level, x, r0, n, eps, affine, y, stats)
+        forward_f64(level, x, r0, n, eps, p, y, stats)
     }
     fn backward(
         level: SimdLevel,
@@ -391,7 +401,7 @@ impl Kernels for f64 {
         n: usize,
         stats: (&[f64], &[f64]),
         dy: &[f64],
-        gamma: Option<&[f64]>,
+        gamma: &[f64],
         grads: Grads<'_, f64>,
     ) {
         backward_f64(level, x, r0, n, stats, dy, gamma, grads)
@@ -470,6 +480,11 @@ pub fn forward<T: Kernels>(
     for (name, p) in [("weight", affine.gamma), ("bias", affine.beta)] {
         check_len(op, name, p.map_or(n, <[T]>::len), n)?;
     }
+    let (ones, zeros) = (vec![T::from_f64(1.0); n], vec![T::default(); n]);
+    let p = Params {
+        gamma: affine.gamma.unwrap_or(&ones),
+        beta: affine.beta.unwrap_or(&zeros),
+    };
     let chunk = rows_per_task(rows, n);
     let tasks = y.par_chunks_mut(chunk * n).zip(
         stats
@@ -479,7 +494,7 @@ pub fn forward<T: Kernels>(
     );
     threads::install(|| {
         tasks.enumerate().for_each(|(t, (y, (mean, rstd)))| {
-            T::forward(level, x, t * chunk, n, eps, affine, y, Stats { mean, rstd })
+            T::forward(level, x, t * chunk, n, eps, p, y, Stats { mean, rstd })
         })
     });
     Ok(())
@@ -511,6 +526,8 @@ pub fn backward<T: Kernels>(
     for (name, g) in [("grad_weight", &grads.dgamma), ("grad_bias", &grads.dbeta)] {
         check_len(op, name, g.as_ref().map_or(n, |g| g.len()), n)?;
     }
+    let ones = vec![T::from_f64(1.0); if gamma.is_none() { n } else { 0 }];
+    let gamma = gamma.unwrap_or(&ones);
     let chunk = rows_per_task(rows, n);
     let tasks = rows.div_ceil(chunk).max(1);
     // Each task sums its rows' weight / bias gradients into its own slot; slots add up last.
