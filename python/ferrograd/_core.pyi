@@ -89,3 +89,113 @@ def get_num_threads() -> int: ...
 def simd_level() -> str: ...
 def cpu_info() -> dict[str, object]: ...
 def _panic_for_test(message: str) -> None: ...
+def shiftquant_quantize(
+    x: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    shifts: npt.NDArray[np.uint8],
+    len: int,
+    bits: int,
+    group_size: int,
+    seed: int | None = None,
+    transposed: bool = False,
+) -> None:
+    """ShiftQuant codes of x along the reduction length len: x is [rows, len], or with
+    transposed [len, cols] (output row c is column c); seed None rounds to nearest."""
+
+def shiftquant_dequantize(
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    shifts: npt.NDArray[np.uint8],
+    group_size: int,
+    out: npt.NDArray[np.float32],
+) -> None:
+    """codes * scale * 2^-shift into out."""
+
+def shiftquant_matmul(
+    a_codes: npt.NDArray[np.int8],
+    a_scale: npt.NDArray[np.float32],
+    a_shifts: npt.NDArray[np.uint8],
+    b_codes: npt.NDArray[np.int8],
+    b_scale: npt.NDArray[np.float32],
+    b_shifts: npt.NDArray[np.uint8],
+    k: int,
+    group_size: int,
+    out: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None = None,
+) -> None:
+    """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K."""
+
+def l1_norm_forward_f32(
+    x: npt.NDArray[np.float32],
+    n: int,
+    eps: float,
+    weight: npt.NDArray[np.float32] | None,
+    bias: npt.NDArray[np.float32] | None,
+    out: npt.NDArray[np.float32],
+    mean: npt.NDArray[np.float32],
+    rstd: npt.NDArray[np.float32],
+) -> None:
+    """L1 LayerNorm of x [rows, n]; saves per-row mean and rstd for the backward."""
+
+def l1_norm_backward_f32(
+    x: npt.NDArray[np.float32],
+    n: int,
+    mean: npt.NDArray[np.float32],
+    rstd: npt.NDArray[np.float32],
+    grad_out: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32] | None,
+    grad_in: npt.NDArray[np.float32],
+    grad_weight: npt.NDArray[np.float32] | None = None,
+    grad_bias: npt.NDArray[np.float32] | None = None,
+) -> None: ...
+def l1_norm_forward_f64(
+    x: npt.NDArray[np.float64],
+    n: int,
+    eps: float,
+    weight: npt.NDArray[np.float64] | None,
+    bias: npt.NDArray[np.float64] | None,
+    out: npt.NDArray[np.float64],
+    mean: npt.NDArray[np.float64],
+    rstd: npt.NDArray[np.float64],
+) -> None: ...
+def l1_norm_backward_f64(
+    x: npt.NDArray[np.float64],
+    n: int,
+    mean: npt.NDArray[np.float64],
+    rstd: npt.NDArray[np.float64],
+    grad_out: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64] | None,
+    grad_in: npt.NDArray[np.float64],
+    grad_weight: npt.NDArray[np.float64] | None = None,
+    grad_bias: npt.NDArray[np.float64] | None = None,
+) -> None: ...
+def l1_norm_forward_codes(
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    shifts: npt.NDArray[np.uint8],
+    group_size: int,
+    n: int,
+    eps: float,
+    weight: npt.NDArray[np.float32] | None,
+    bias: npt.NDArray[np.float32] | None,
+    out: npt.NDArray[np.float32],
+    mean: npt.NDArray[np.float32],
+    rstd: npt.NDArray[np.float32],
+) -> None:
+    """L1 LayerNorm from ShiftQuant codes, the statistics exact in integers."""
+
+def l1_norm_backward_codes(
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    shifts: npt.NDArray[np.uint8],
+    group_size: int,
+    n: int,
+    mean: npt.NDArray[np.float32],
+    rstd: npt.NDArray[np.float32],
+    grad_out: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32] | None,
+    grad_in: npt.NDArray[np.float32],
+    grad_weight: npt.NDArray[np.float32] | None = None,
+    grad_bias: npt.NDArray[np.float32] | None = None,
+) -> None: ...
