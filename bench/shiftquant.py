@@ -26,6 +26,17 @@ def cpu_mhz() -> float:
     return float("nan")
 
 
+def train_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One forward + backward of ``layer`` on a fresh leaf copy of ``x``."""
+
+    def run():
+        xi = x.clone().requires_grad_()
+        layer(xi).backward(grad)
+        layer.zero_grad(set_to_none=True)
+
+    return run
+
+
 def gemm(bench: Bench, m: int, k: int, n: int, peak: float) -> None:
     a, b = torch.randn(m, k), torch.randn(n, k)
     qa, qb = fg.shiftquant(a), fg.shiftquant(b)
@@ -58,15 +69,9 @@ def linear(bench: Bench, tokens: int, k: int, n: int) -> None:
     x = torch.randn(tokens, k)
     grad = torch.randn(tokens, n)
 
-    def step(layer):
-        def run():
-            xi = x.clone().requires_grad_()
-            layer(xi).backward(grad)
-            layer.zero_grad(set_to_none=True)
-
-        return run
-
-    t = interleaved_times({"ours": step(ours), "torch": step(ref)}, repeats=5)
+    t = interleaved_times(
+        {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}, repeats=5
+    )
     bench.add(
         {
             "case": f"linear fwd+bwd {tokens}x{k}->{n}",
@@ -98,15 +103,9 @@ def l1norm(bench: Bench, rows: int, cols: int) -> None:
     grad = torch.randn(rows, cols)
     ours, ref = fg.nn.L1LayerNorm(cols), torch.nn.LayerNorm(cols)
 
-    def step(layer):
-        def run():
-            xi = x.clone().requires_grad_()
-            layer(xi).backward(grad)
-            layer.zero_grad(set_to_none=True)
-
-        return run
-
-    t = interleaved_times({"ours": step(ours), "torch": step(ref)}, repeats=9)
+    t = interleaved_times(
+        {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}, repeats=9
+    )
     bench.add(
         {
             "case": f"norm fwd+bwd {rows}x{cols}",
