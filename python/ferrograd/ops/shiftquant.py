@@ -40,9 +40,14 @@ def check_spec(op: str, bits: object, group_size: object) -> None:
         raise ValueError(f"{op}: group_size must be a positive multiple of 4, got {group_size}")
 
 
+def seed_tensor() -> torch.Tensor:
+    """A seed from torch's default generator (torch.manual_seed makes runs repeatable), as a
+    0-d tensor so that torch.compile can trace drawing it."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
 def _draw_seed() -> int:
-    """A seed from torch's default generator, so torch.manual_seed makes runs repeatable."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return int(seed_tensor())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_floating, check_tensor
-from .shiftquant import _check_cpu, check_spec, matmul_2d, quantize_2d
+from .shiftquant import _check_cpu, check_spec, matmul_2d, quantize_2d, seed_tensor
 
 __all__ = ["shiftquant_linear"]
 
@@ -73,10 +73,6 @@ def _(grad, x, weight, bits, grad_bits, group_size, seed):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
-def _seed_tensor() -> torch.Tensor:
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, bits, grad_bits, group_size = inputs
     ctx.save_for_backward(x, weight)
@@ -87,7 +83,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     dx, dw, db = _linear_backward(
-        grad.contiguous(), x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, _seed_tensor()
+        grad.contiguous(), x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
     )
     return dx, dw, db if ctx.has_bias else None, None, None, None
 
