@@ -19,6 +19,7 @@ BENCHMARKS = {
     "batching": "batching",
     "optim": "optim",
     "shiftquant": "shiftquant",
+    "cce": "cce",
 }
 
 

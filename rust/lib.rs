@@ -1,6 +1,7 @@
 //! ferrograd's Rust core: SIMD kernels on plain slices, plus the `_core` Python module.
 
 pub mod batching;
+pub mod cce;
 pub mod error;
 pub mod l1norm;
 pub mod momentum;

@@ -152,6 +152,7 @@ pub trait Simd: Copy {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     /// a * b + c
     unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
@@ -248,6 +249,10 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn mul(a: f32, b: f32) -> f32 {
         a * b
+    }
+    #[inline(always)]
+    unsafe fn div(a: f32, b: f32) -> f32 {
+        a / b
     }
     #[inline(always)]
     unsafe fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -379,6 +384,11 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
+        unsafe fn div(a: __m256, b: __m256) -> __m256 {
+            _mm256_div_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn mul_add(a: __m256, b: __m256, c: __m256) -> __m256 {
             _mm256_fmadd_ps(a, b, c)
         }
@@ -465,6 +475,11 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn mul(a: __m512, b: __m512) -> __m512 {
             _mm512_mul_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn div(a: __m512, b: __m512) -> __m512 {
+            _mm512_div_ps(a, b)
         }
         #[inline]
         #[target_feature(enable = "avx512f")]

@@ -237,7 +237,7 @@ trait Pointwise {
 }
 
 #[inline(always)]
-unsafe fn exp_floored<S: Simd>(x: S::V) -> S::V {
+pub(crate) unsafe fn exp_floored<S: Simd>(x: S::V) -> S::V {
     S::exp(S::max(S::splat(X_FLOOR), x))
 }
 
@@ -470,11 +470,11 @@ dispatch! {
     fn log_softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32) = log_softmax_out_impl;
     fn softmax_grad(y: &[f32], dy: &[f32], dx: &mut [f32], dot: f32) = softmax_grad_impl;
     fn log_softmax_grad(y: &[f32], dy: &[f32], dx: &mut [f32], sum: f32) = log_softmax_grad_impl;
-    fn sum(a: &[f32]) -> f64 = sum_impl;
+    pub(crate) fn sum(a: &[f32]) -> f64 = sum_impl;
     fn dot(a: &[f32], b: &[f32]) -> f64 = dot_impl;
-    fn row_max(x: &[f32]) -> f32 = max_impl;
+    pub(crate) fn row_max(x: &[f32]) -> f32 = max_impl;
     fn exp_store_sum(x: &[f32], y: &mut [f32], max: f32) -> f64 = exp_store_sum_impl;
-    fn exp_shifted_sum(x: &[f32], max: f32) -> f64 = exp_shifted_sum_impl;
+    pub(crate) fn exp_shifted_sum(x: &[f32], max: f32) -> f64 = exp_shifted_sum_impl;
     fn scale_in_place(y: &mut [f32], inv: f32) = scale_in_place_impl;
     fn exp_shifted_scaled(x: &[f32], y: &mut [f32], max: f32, inv: f32) = exp_shifted_scaled_impl;
 }

@@ -68,6 +68,16 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
+/// Rows per parallel task for a row-wise kernel: tasks of about `min_elems` elements, all
+/// rows on the calling thread when the whole job is smaller than that.
+pub fn rows_per_task(rows: usize, len: usize, min_elems: usize) -> usize {
+    if num_threads() == 1 || rows * len < min_elems {
+        rows.max(1)
+    } else {
+        (min_elems / len.max(1)).clamp(1, rows.div_ceil(num_threads()))
+    }
+}
+
 /// A raw pointer that may cross threads; callers guarantee the regions they touch are disjoint.
 #[derive(Clone, Copy)]
 pub struct SendPtr<T>(pub *mut T);

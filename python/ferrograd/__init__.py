@@ -6,6 +6,7 @@ import torch
 
 from . import _core, data, nn, optim
 from ._errors import DimensionError
+from .ops.cce import linear_cross_entropy
 from .ops.shiftquant import ShiftQuantTensor, shiftquant, shiftquant_matmul
 from .ops.softmax import log_softmax, softmax
 
@@ -18,6 +19,7 @@ __all__ = [
     "cpu_info",
     "data",
     "get_num_threads",
+    "linear_cross_entropy",
     "log_softmax",
     "nn",
     "optim",

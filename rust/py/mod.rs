@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use crate::error::{FgError, FgResult};
 
 mod batching;
+mod cce;
 mod l1norm;
 mod optim;
 mod runtime;
@@ -49,6 +50,7 @@ pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batching::register(m)?;
+    cce::register(m)?;
     l1norm::register(m)?;
     optim::register(m)?;
     runtime::register(m)?;

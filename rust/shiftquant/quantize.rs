@@ -307,15 +307,6 @@ crate::dispatch! {
     fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
 }
 
-/// Rows per parallel task so that each holds about PAR_MIN elements.
-fn rows_per_task(rows: usize, len: usize) -> usize {
-    if threads::num_threads() == 1 || rows * len < PAR_MIN {
-        rows.max(1)
-    } else {
-        (PAR_MIN / len.max(1)).clamp(1, rows.div_ceil(threads::num_threads()))
-    }
-}
-
 /// Quantizes `x` seen as [rows, len] along `len` (rows = x.len() / len).
 pub fn quantize_rows(
     level: SimdLevel,
@@ -336,7 +327,7 @@ pub fn quantize_rows(
         out.scale.fill(0.0);
         return Ok(());
     }
-    let chunk = rows_per_task(rows, len);
+    let chunk = threads::rows_per_task(rows, len, PAR_MIN);
     let groups = num_groups(len, spec.group_size);
     let tasks = x
         .par_chunks(chunk * len)
@@ -438,7 +429,7 @@ pub fn dequantize(
     if rows == 0 || len == 0 {
         return Ok(());
     }
-    let chunk = rows_per_task(rows, len);
+    let chunk = threads::rows_per_task(rows, len, PAR_MIN);
     let tasks = codes
         .par_chunks(chunk * len)
         .zip(out.par_chunks_mut(chunk * len))

@@ -1,0 +1,189 @@
+"""Cut cross-entropy (fg.linear_cross_entropy) vs the logits path a user writes today,
+``F.cross_entropy(e @ c.T, targets)``: time and peak memory of forward + backward.
+
+CPU (float32): N=4096, D=256, V=131072. Peak memory is measured in a fresh subprocess per
+method (the growth of the resident set while the loss and its gradients are computed, so the
+gradients themselves, dC = 128 MiB here, count against both).
+GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
+(N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
+(``cut_cross_entropy``) and Liger-Kernel where installed; memory is the peak allocated beyond the
+inputs and the gradients (what the loss itself costs).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from harness import Bench, interleaved_times
+
+import ferrograd as fg
+
+CPU_SHAPE = (4096, 256, 131072)
+GPU_SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
+
+
+def inputs(n: int, d: int, v: int, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    e = (torch.randn(n, d, generator=g, device=device) * 0.5).to(dtype).requires_grad_()
+    c = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    return e, c, targets
+
+
+def torch_loss(e, c, targets):
+    return F.cross_entropy((e @ c.T).float(), targets)
+
+
+def train_step(loss_fn: Callable, e, c, targets) -> Callable[[], None]:
+    def run():
+        loss_fn(e, c, targets).backward()
+        e.grad = c.grad = None
+
+    return run
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def child_peak(method: str) -> None:
+    """In a fresh process: peak resident growth of one forward + backward, printed as JSON."""
+    torch.set_num_threads(int(sys.argv[3]))
+    e, c, targets = inputs(*CPU_SHAPE)
+    loss_fn = fg.linear_cross_entropy if method == "ours" else torch_loss
+    before = _rss_bytes()
+    loss_fn(e, c, targets).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra_bytes": peak - before}))
+
+
+def cpu_peak(method: str, threads: int) -> int:
+    cmd = [sys.executable, __file__, "--child", method, str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])["extra_bytes"]
+
+
+def cpu(bench: Bench) -> None:
+    n, d, v = CPU_SHAPE
+    e, c, targets = inputs(n, d, v)
+    with torch.no_grad():
+        fwd = interleaved_times(
+            {
+                "ours": lambda: fg.linear_cross_entropy(e, c, targets),
+                "torch": lambda: torch_loss(e, c, targets),
+            },
+            repeats=3,
+        )
+    both = interleaved_times(
+        {
+            "ours": train_step(fg.linear_cross_entropy, e, c, targets),
+            "torch": train_step(torch_loss, e, c, targets),
+        },
+        repeats=3,
+    )
+    ours_mem, torch_mem = cpu_peak("ours", bench.threads), cpu_peak("torch", bench.threads)
+    bench.add(
+        {
+            "case": f"cpu float32 N={n} D={d} V={v}",
+            "fwd_ours_ms": fwd["ours"] * 1e3,
+            "fwd_torch_ms": fwd["torch"] * 1e3,
+            "fwdbwd_ours_ms": both["ours"] * 1e3,
+            "fwdbwd_torch_ms": both["torch"] * 1e3,
+            "time_ratio": both["ours"] / both["torch"],
+            "peak_ours_MiB": ours_mem / 2**20,
+            "peak_torch_MiB": torch_mem / 2**20,
+            "memory_ratio": ours_mem / torch_mem,
+        }
+    )
+
+
+def gpu_time(fn: Callable[[], object], repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_methods() -> dict[str, Callable]:
+    methods = {
+        "ferrograd": fg.linear_cross_entropy,
+        "torch": torch_loss,
+        "torch.compile": torch.compile(torch_loss),
+    }
+    try:
+        from cut_cross_entropy import linear_cross_entropy as mlce
+
+        methods["ml-cross-entropy"] = mlce
+    except ImportError:
+        pass
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        methods["liger"] = lambda e, c, t: liger_fused_linear_cross_entropy(e, c, t)
+    except ImportError:
+        pass
+    return methods
+
+
+def gpu(bench: Bench) -> None:
+    for name, (n, d, v) in GPU_SHAPES.items():
+        e, c, targets = inputs(n, d, v, "cuda", torch.bfloat16)
+        grads_bytes = (e.numel() + c.numel()) * e.element_size()
+        for method, loss_fn in gpu_methods().items():
+            try:
+                fwd = gpu_time(partial(loss_fn, e.detach(), c.detach(), targets))
+                both = gpu_time(train_step(loss_fn, e, c, targets))
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                loss_fn(e, c, targets).backward()
+                torch.cuda.synchronize()
+                extra = torch.cuda.max_memory_allocated() - base - grads_bytes
+                e.grad = c.grad = None
+            except torch.OutOfMemoryError:
+                bench.add({"case": f"{name} {method}", "error": "out of memory"})
+                continue
+            bench.add(
+                {
+                    "case": f"{name} {method}",
+                    "fwd_ms": fwd * 1e3,
+                    "fwdbwd_ms": both * 1e3,
+                    "bwd_ms": (both - fwd) * 1e3,
+                    "loss_memory_MiB": extra / 2**20,
+                }
+            )
+
+
+def main(threads: int | None = None) -> None:
+    bench = Bench("cce", threads)
+    cpu(bench)
+    notes = {"gpu": "no GPU in this run"}
+    if torch.cuda.is_available():
+        bench_gpu = Bench("cce_gpu", threads)
+        gpu(bench_gpu)
+        bench_gpu.save({"device": torch.cuda.get_device_name()})
+        notes = {"gpu": "see cce_gpu.json"}
+    bench.save(notes)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        child_peak(sys.argv[2])
+    else:
+        main()
