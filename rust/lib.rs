@@ -9,6 +9,7 @@ pub mod shiftquant;
 pub mod simd;
 pub mod softmax;
 pub mod threads;
+pub mod w4;
 
 mod py;
 

@@ -68,6 +68,23 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
+/// Runs `f(part)` for part in 0..parts: the calling thread takes part 0 while the pool takes the
+/// others, so a short job does not wait for a sleeping worker to wake before starting (the
+/// round trip through `install` costs tens of microseconds on a VM).
+pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
+    if parts <= 1 || num_threads() == 1 {
+        (0..parts).for_each(f);
+        return;
+    }
+    let f = &f;
+    pool().in_place_scope(|scope| {
+        for part in 1..parts {
+            scope.spawn(move |_| f(part));
+        }
+        f(0);
+    });
+}
+
 /// Rows per parallel task for a row-wise kernel: tasks of about `min_elems` elements, all
 /// rows on the calling thread when the whole job is smaller than that.
 pub fn rows_per_task(rows: usize, len: usize, min_elems: usize) -> usize {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _core, data, nn, optim
+from . import _core, data, nn, optim, quant
 from ._errors import DimensionError
 from .ops.cce import linear_cross_entropy
 from .ops.shiftquant import ShiftQuantTensor, shiftquant, shiftquant_matmul
 from .ops.softmax import log_softmax, softmax
+from .ops.w4a16 import w4a16_matmul
 
 __version__: str = _core.__version__
 
@@ -23,11 +24,13 @@ __all__ = [
     "log_softmax",
     "nn",
     "optim",
+    "quant",
     "set_num_threads",
     "shiftquant",
     "shiftquant_matmul",
     "simd_level",
     "softmax",
+    "w4a16_matmul",
 ]
 
 

@@ -15,6 +15,7 @@ mod optim;
 mod runtime;
 mod shiftquant;
 mod softmax;
+mod w4;
 
 /// Runs `kernel` without the GIL; a panic inside becomes a `RuntimeError` naming `op`.
 pub(crate) fn run_detached<R: Send>(
@@ -56,6 +57,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::register(m)?;
     shiftquant::register(m)?;
     softmax::register(m)?;
+    w4::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

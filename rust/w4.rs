@@ -1,0 +1,645 @@
+//! W4 weight-only quantization (DESIGN.md section 5) and the CPU W4A16 kernels.
+//!
+//! Codes are stored as unsigned nibbles 0..15 with a per-group zero: the group's zero point, or 8
+//! for the symmetric scheme (whose codes -8..7 are stored as q + 8). A weight is then always
+//! (q - zero) * scale, so one kernel serves both schemes.
+//!
+//! CPU layout ("packed"): row n of W [N, K] takes ceil(K / 64) blocks of 32 bytes; byte j of
+//! block b holds the code of column 64b + j in its low nibble and of column 64b + 32 + j in its
+//! high nibble (columns past K hold 0). Unpacking a block is then two masks and two widening
+//! conversions, with the 64 columns in order.
+
+use rayon::prelude::*;
+
+use crate::error::{FgError, FgResult};
+use crate::simd::{Simd, SimdLevel};
+use crate::threads::{self, SendPtr};
+
+/// Columns per packed block.
+pub const BLOCK: usize = 64;
+/// Bytes per packed block.
+pub const BLOCK_BYTES: usize = BLOCK / 2;
+/// The stored zero of the symmetric scheme.
+pub const SYMMETRIC_ZERO: u8 = 8;
+/// Rows of x the GEMV kernel takes together (each packed block is unpacked once for them).
+pub const MAX_ROWS: usize = 4;
+/// Elements of W per parallel task.
+const PAR_MIN: usize = 1 << 16;
+/// The fewest rows of W worth a thread of their own in the GEMV.
+const MIN_ROWS_PER_PART: usize = 64;
+
+/// Bytes of one packed row of K columns.
+pub fn packed_row_bytes(k: usize) -> usize {
+    k.div_ceil(BLOCK) * BLOCK_BYTES
+}
+
+/// The quantization of a weight W [n, k] in groups of `group_size` columns along k.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub n: usize,
+    pub k: usize,
+    pub group_size: usize,
+}
+
+impl Shape {
+    /// `group_size` -1 means one group per row; otherwise 32, 64 or 128 ... any positive size.
+    pub fn new(op: &str, n: usize, k: usize, group_size: i64) -> FgResult<Shape> {
+        let group_size = match group_size {
+            -1 => k.max(1),
+            g if g > 0 => g as usize,
+            g => {
+                return Err(FgError::Value(format!(
+                    "{op}: group_size must be positive or -1 (whole rows), got {g}"
+                )))
+            }
+        };
+        if k == 0 {
+            return Err(FgError::Value(format!(
+                "{op}: the weight has no columns (K = 0)"
+            )));
+        }
+        Ok(Shape { n, k, group_size })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(self.group_size)
+    }
+
+    fn check(&self, op: &str, arrays: &[(&str, usize, usize)]) -> FgResult<()> {
+        for &(name, got, per_row) in arrays {
+            if got != self.n * per_row {
+                return Err(FgError::Value(format!(
+                    "{op}: {name} has {got} elements, expected {} x {per_row}",
+                    self.n
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Round half to even, as torch.round.
+fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// Quantizes one group: returns (scale, stored zero) and writes the stored codes.
+fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
+    if zero_point {
+        let (lo, hi) = w
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let scale = (hi - lo) / 15.0;
+        let scale = if scale == 0.0 || !scale.is_finite() {
+            1.0
+        } else {
+            scale
+        };
+        let zero = round_even(-lo / scale).clamp(0.0, 15.0);
+        for (q, &v) in codes.iter_mut().zip(w) {
+            *q = (round_even(v / scale) + zero).clamp(0.0, 15.0) as u8;
+        }
+        (scale, zero as u8)
+    } else {
+        let amax = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+        let scale = amax / 7.0;
+        let scale = if scale == 0.0 || !scale.is_finite() {
+            1.0
+        } else {
+            scale
+        };
+        for (q, &v) in codes.iter_mut().zip(w) {
+            *q = (round_even(v / scale).clamp(-8.0, 7.0) + SYMMETRIC_ZERO as f32) as u8;
+        }
+        (scale, SYMMETRIC_ZERO)
+    }
+}
+
+/// Quantizes W [n, k] (row-major) into stored codes [n, k] (one per byte), scales and zeros
+/// [n, groups]. A group whose scale would be 0 (or not finite) gets scale 1.
+pub fn quantize(
+    w: &[f32],
+    shape: Shape,
+    zero_point: bool,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    zeros: &mut [u8],
+) -> FgResult<()> {
+    let (k, groups) = (shape.k, shape.groups());
+    shape.check(
+        "quantize_w4",
+        &[
+            ("weight", w.len(), k),
+            ("codes", codes.len(), k),
+            ("scales", scales.len(), groups),
+            ("zeros", zeros.len(), groups),
+        ],
+    )?;
+    let per_task = threads::rows_per_task(shape.n, k, PAR_MIN);
+    threads::install(|| {
+        w.par_chunks(k)
+            .zip(codes.par_chunks_mut(k))
+            .zip(
+                scales
+                    .par_chunks_mut(groups)
+                    .zip(zeros.par_chunks_mut(groups)),
+            )
+            .with_min_len(per_task)
+            .for_each(|((w, codes), (scales, zeros))| {
+                let pieces = w
+                    .chunks(shape.group_size)
+                    .zip(codes.chunks_mut(shape.group_size));
+                for ((w, codes), (s, z)) in pieces.zip(scales.iter_mut().zip(zeros.iter_mut())) {
+                    (*s, *z) = quantize_group(w, zero_point, codes);
+                }
+            })
+    });
+    Ok(())
+}
+
+/// Packs stored codes [n, k] into the CPU layout [n, packed_row_bytes(k)].
+pub fn pack(codes: &[u8], shape: Shape, packed: &mut [u8]) -> FgResult<()> {
+    let (k, row_bytes) = (shape.k, packed_row_bytes(shape.k));
+    shape.check(
+        "quantize_w4",
+        &[
+            ("codes", codes.len(), k),
+            ("packed", packed.len(), row_bytes),
+        ],
+    )?;
+    if let Some(bad) = codes.iter().find(|&&q| q > 15) {
+        return Err(FgError::Value(format!(
+            "quantize_w4: codes must be in 0..15, got {bad}"
+        )));
+    }
+    threads::install(|| {
+        codes
+            .par_chunks(k)
+            .zip(packed.par_chunks_mut(row_bytes))
+            .with_min_len(threads::rows_per_task(shape.n, k, PAR_MIN))
+            .for_each(|(codes, packed)| {
+                for (b, out) in packed.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+                    let code = |c: usize| codes.get(b * BLOCK + c).copied().unwrap_or(0);
+                    for (j, byte) in out.iter_mut().enumerate() {
+                        *byte = code(j) | (code(j + BLOCK_BYTES) << 4);
+                    }
+                }
+            })
+    });
+    Ok(())
+}
+
+/// Unpacks the CPU layout back to stored codes [n, k].
+pub fn unpack(packed: &[u8], shape: Shape, codes: &mut [u8]) -> FgResult<()> {
+    let (k, row_bytes) = (shape.k, packed_row_bytes(shape.k));
+    shape.check(
+        "unpack_w4",
+        &[
+            ("packed", packed.len(), row_bytes),
+            ("codes", codes.len(), k),
+        ],
+    )?;
+    for (packed, codes) in packed.chunks(row_bytes).zip(codes.chunks_mut(k)) {
+        for (c, q) in codes.iter_mut().enumerate() {
+            let byte = packed[c / BLOCK * BLOCK_BYTES + c % BLOCK_BYTES];
+            *q = if c % BLOCK < BLOCK_BYTES {
+                byte & 15
+            } else {
+                byte >> 4
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The packed weight with its per-group parameters, as the kernels read it.
+pub struct PackedW4<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f32],
+    pub zeros: &'a [u8],
+    pub shape: Shape,
+}
+
+impl PackedW4<'_> {
+    fn check(&self, op: &str) -> FgResult<()> {
+        let s = self.shape;
+        s.check(
+            op,
+            &[
+                ("packed", self.packed.len(), packed_row_bytes(s.k)),
+                ("scales", self.scales.len(), s.groups()),
+                ("zeros", self.zeros.len(), s.groups()),
+            ],
+        )
+    }
+
+    /// Row n dequantized into `out` (k floats; the tail of the last block is dropped).
+    #[inline(always)]
+    fn dequantize_row(&self, n: usize, out: &mut [f32]) {
+        let s = self.shape;
+        let row_bytes = packed_row_bytes(s.k);
+        let packed = &self.packed[n * row_bytes..(n + 1) * row_bytes];
+        let groups = s.groups();
+        let (scales, zeros) = (&self.scales[n * groups..], &self.zeros[n * groups..]);
+        let mut block = [0.0f32; BLOCK];
+        for (b, bytes) in packed.chunks_exact(BLOCK_BYTES).enumerate() {
+            self.dequantize_block(b, bytes, scales, zeros, &mut block);
+            let start = b * BLOCK;
+            let len = BLOCK.min(s.k - start);
+            out[start..start + len].copy_from_slice(&block[..len]);
+        }
+    }
+
+    /// Block b of a row: 64 weights (q - zero) * scale, in column order.
+    #[inline(always)]
+    fn dequantize_block(
+        &self,
+        b: usize,
+        bytes: &[u8],
+        scales: &[f32],
+        zeros: &[u8],
+        out: &mut [f32; BLOCK],
+    ) {
+        let g = self.shape.group_size;
+        let (lo, hi) = out.split_at_mut(BLOCK_BYTES);
+        let start = b * BLOCK;
+        let one_group = |c: usize| c / g == (c + BLOCK_BYTES - 1) / g;
+        if one_group(start) && one_group(start + BLOCK_BYTES) {
+            // Each half of the block lies in one group: one scale and zero per half.
+            let half = |h: usize| {
+                let group = ((start + h * BLOCK_BYTES) / g).min(scales.len() - 1);
+                (scales[group], zeros[group] as f32)
+            };
+            let ((s0, z0), (s1, z1)) = (half(0), half(1));
+            for ((l, h), &byte) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
+                *l = ((byte & 15) as f32 - z0) * s0;
+                *h = ((byte >> 4) as f32 - z1) * s1;
+            }
+        } else {
+            for (j, &byte) in bytes.iter().enumerate() {
+                let (c0, c1) = (start + j, start + j + BLOCK_BYTES);
+                let param = |c: usize| {
+                    let group = (c / g).min(scales.len() - 1);
+                    (scales[group], zeros[group] as f32)
+                };
+                let ((s0, z0), (s1, z1)) = (param(c0), param(c1));
+                lo[j] = ((byte & 15) as f32 - z0) * s0;
+                hi[j] = ((byte >> 4) as f32 - z1) * s1;
+            }
+        }
+    }
+}
+
+/// Unpacks one packed block into float codes, per SIMD backend. (An array, not a callback:
+/// closures do not inherit the target features of the function they are written in.)
+pub trait Nibbles: Simd {
+    /// The 64 codes of a block as 64 / LANES vectors.
+    type Block: AsRef<[Self::V]>;
+
+    /// The 64 stored codes of the block at `bytes` (32 readable bytes) as floats, in column
+    /// order.
+    ///
+    /// # Safety
+    /// `bytes` must point at 32 readable bytes and the CPU must support the backend.
+    unsafe fn unpack(bytes: *const u8) -> Self::Block;
+}
+
+impl Nibbles for crate::simd::Scalar {
+    type Block = [f32; BLOCK];
+
+    #[inline(always)]
+    unsafe fn unpack(bytes: *const u8) -> [f32; BLOCK] {
+        let bytes = std::slice::from_raw_parts(bytes, BLOCK_BYTES);
+        let mut out = [0.0f32; BLOCK];
+        for (j, &b) in bytes.iter().enumerate() {
+            out[j] = (b & 15) as f32;
+            out[BLOCK_BYTES + j] = (b >> 4) as f32;
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Nibbles;
+    use crate::simd::{Avx2, Avx512};
+
+    /// The low and high nibbles of 32 bytes, each as 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(bytes: *const u8) -> (__m256i, __m256i) {
+        let v = _mm256_loadu_si256(bytes as *const __m256i);
+        let mask = _mm256_set1_epi8(15);
+        (
+            _mm256_and_si256(v, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn wide16(x: __m128i) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn wide8(x: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x))
+    }
+
+    impl Nibbles for Avx512 {
+        type Block = [__m512; 4];
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2")]
+        unsafe fn unpack(bytes: *const u8) -> [__m512; 4] {
+            let (lo, hi) = nibbles(bytes);
+            [
+                wide16(_mm256_castsi256_si128(lo)),
+                wide16(_mm256_extracti128_si256::<1>(lo)),
+                wide16(_mm256_castsi256_si128(hi)),
+                wide16(_mm256_extracti128_si256::<1>(hi)),
+            ]
+        }
+    }
+
+    impl Nibbles for Avx2 {
+        type Block = [__m256; 8];
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn unpack(bytes: *const u8) -> [__m256; 8] {
+            let (lo, hi) = nibbles(bytes);
+            let (l0, l1) = (
+                _mm256_castsi256_si128(lo),
+                _mm256_extracti128_si256::<1>(lo),
+            );
+            let (h0, h1) = (
+                _mm256_castsi256_si128(hi),
+                _mm256_extracti128_si256::<1>(hi),
+            );
+            [
+                wide8(l0),
+                wide8(_mm_srli_si128::<8>(l0)),
+                wide8(l1),
+                wide8(_mm_srli_si128::<8>(l1)),
+                wide8(h0),
+                wide8(_mm_srli_si128::<8>(h0)),
+                wide8(h1),
+                wide8(_mm_srli_si128::<8>(h1)),
+            ]
+        }
+    }
+}
+
+/// Per-call inputs of the GEMV kernel besides the weight.
+struct GemvInput<'a> {
+    /// x rows padded with zeros to whole blocks: [m, padded].
+    x: &'a [f32],
+    /// Σ x over each group: [m, groups].
+    x_group_sums: &'a [f32],
+    padded: usize,
+}
+
+crate::dispatch! {
+    fn gemv_rows(w: &PackedW4<'_>, rows: std::ops::Range<usize>, input: &GemvInput<'_>, row0: usize, m: usize, out: &mut [f32]) = gemv_rows_impl;
+    fn dequantize_rows(w: &PackedW4<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) = dequantize_rows_impl;
+}
+
+/// Dispatches to the kernel for `m` (1..=4) rows of x.
+#[inline(always)]
+unsafe fn gemv_rows_impl<S: Nibbles>(
+    w: &PackedW4<'_>,
+    rows: std::ops::Range<usize>,
+    input: &GemvInput<'_>,
+    row0: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    match m {
+        // One x row needs 4 accumulators to hide the FMA latency; more rows bring their own.
+        1 => gemv_tile::<S, 1, 4>(w, rows, input, row0, out),
+        2 => gemv_tile::<S, 2, 2>(w, rows, input, row0, out),
+        3 => gemv_tile::<S, 3, 2>(w, rows, input, row0, out),
+        _ => gemv_tile::<S, 4, 2>(w, rows, input, row0, out),
+    }
+}
+
+/// Σ_g scale_g * zero_g * x_sum_g, in 8 lanes so that it vectorizes.
+#[inline(always)]
+fn zero_term(scales: &[f32], zeros: &[u8], x_sums: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let pieces = scales.chunks(8).zip(zeros.chunks(8)).zip(x_sums.chunks(8));
+    for ((s, z), x) in pieces {
+        for l in 0..s.len() {
+            lanes[l] += s[l] * z[l] as f32 * x[l];
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// acc[j][i % ACC] += codes[i] * x[j * stride + i * LANES ..] for the vectors i of `codes`.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, const M: usize, const ACC: usize>(
+    codes: &[S::V],
+    x: *const f32,
+    stride: usize,
+    acc: &mut [[S::V; ACC]; M],
+) {
+    for (i, &c) in codes.iter().enumerate() {
+        for (j, a) in acc.iter_mut().enumerate() {
+            a[i % ACC] = S::mul_add(c, S::load(x.add(j * stride + i * S::LANES)), a[i % ACC]);
+        }
+    }
+}
+
+/// total += Σ acc * scale per x row; the accumulators restart at 0.
+#[inline(always)]
+unsafe fn flush<S: Simd, const M: usize, const ACC: usize>(
+    scale: f32,
+    acc: &mut [[S::V; ACC]; M],
+    total: &mut [S::V; M],
+) {
+    let scale = S::splat(scale);
+    for (t, a) in total.iter_mut().zip(acc.iter_mut()) {
+        let sum = a[1..].iter().fold(a[0], |s, &v| S::add(s, v));
+        *t = S::mul_add(sum, scale, *t);
+        *a = [S::splat(0.0); ACC];
+    }
+}
+
+/// out[i, r] = Σ_c x[row0 + i, c] W[rows.start + r, c] for i < M. Per group,
+/// Σ_c (q_c - z) s x_c = s (Σ_c q_c x_c - z Σ_c x_c): the codes meet x as plain floats, the
+/// scale multiplies one vector per group and the zero term comes from the group sums of x.
+#[inline(always)]
+unsafe fn gemv_tile<S: Nibbles, const M: usize, const ACC: usize>(
+    w: &PackedW4<'_>,
+    rows: std::ops::Range<usize>,
+    input: &GemvInput<'_>,
+    row0: usize,
+    out: &mut [f32],
+) {
+    let s = w.shape;
+    let (row_bytes, groups, width) = (packed_row_bytes(s.k), s.groups(), rows.len());
+    let halves_per_group = s.group_size / BLOCK_BYTES;
+    let vecs_per_half = BLOCK_BYTES / S::LANES;
+    let x = input.x.as_ptr().add(row0 * input.padded);
+    for (r, n) in rows.enumerate() {
+        let packed = w.packed.as_ptr().add(n * row_bytes);
+        let (scales, zeros) = (
+            &w.scales[n * groups..(n + 1) * groups],
+            &w.zeros[n * groups..(n + 1) * groups],
+        );
+        let mut total = [S::splat(0.0); M];
+        let mut acc = [[S::splat(0.0); ACC]; M];
+        let blocks = row_bytes / BLOCK_BYTES;
+        if halves_per_group == 1 {
+            // Groups of 32: each half block is a group of its own.
+            for b in 0..blocks {
+                let block = S::unpack(packed.add(b * BLOCK_BYTES));
+                for (h, half) in block.as_ref().chunks_exact(vecs_per_half).enumerate() {
+                    let col = b * BLOCK + h * BLOCK_BYTES;
+                    accumulate::<S, M, ACC>(half, x.add(col), input.padded, &mut acc);
+                    flush::<S, M, ACC>(scales[(2 * b + h).min(groups - 1)], &mut acc, &mut total);
+                }
+            }
+        } else {
+            // Groups of whole blocks: flush once per group.
+            let blocks_per_group = halves_per_group / 2;
+            for (group, first) in (0..blocks).step_by(blocks_per_group).enumerate() {
+                for b in first..(first + blocks_per_group).min(blocks) {
+                    let block = S::unpack(packed.add(b * BLOCK_BYTES));
+                    accumulate::<S, M, ACC>(
+                        block.as_ref(),
+                        x.add(b * BLOCK),
+                        input.padded,
+                        &mut acc,
+                    );
+                }
+                flush::<S, M, ACC>(scales[group.min(groups - 1)], &mut acc, &mut total);
+            }
+        }
+        // A short last group (a no-op when it was flushed already).
+        flush::<S, M, ACC>(scales[groups - 1], &mut acc, &mut total);
+        for (i, t) in total.iter().enumerate() {
+            let sums = &input.x_group_sums[(row0 + i) * groups..(row0 + i + 1) * groups];
+            let zero_term = zero_term(scales, zeros, sums);
+            let lanes = S::to_array(*t);
+            out[i * width + r] = lanes[..S::LANES].iter().sum::<f32>() - zero_term;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S only picks the target features
+unsafe fn dequantize_rows_impl<S: Simd>(
+    w: &PackedW4<'_>,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    for (r, n) in rows.enumerate() {
+        w.dequantize_row(n, &mut out[r * w.shape.k..(r + 1) * w.shape.k]);
+    }
+}
+
+/// Rows of W per task: about PAR_MIN weights each, and at least one task per thread.
+fn row_tasks(shape: Shape) -> usize {
+    threads::rows_per_task(shape.n, shape.k, PAR_MIN)
+}
+
+/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
+/// The group size must be a multiple of 32 (whole half blocks).
+pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgResult<()> {
+    const OP: &str = "w4a16_matmul";
+    w.check(OP)?;
+    let s = w.shape;
+    let m = x.len() / s.k;
+    if x.len() != m * s.k || y.len() != m * s.n {
+        return Err(FgError::Value(format!(
+            "{OP}: x must be [m, {}] and y [m, {}], got {} and {} elements",
+            s.k,
+            s.n,
+            x.len(),
+            y.len()
+        )));
+    }
+    if !s.group_size.is_multiple_of(BLOCK_BYTES) {
+        return Err(FgError::Value(format!(
+            "{OP}: the GEMV kernel needs a group size that is a multiple of {BLOCK_BYTES}, got {}",
+            s.group_size
+        )));
+    }
+    let (padded, groups) = (s.k.div_ceil(BLOCK) * BLOCK, s.groups());
+    let mut xp = vec![0.0f32; m * padded];
+    let mut sums = vec![0.0f32; m * groups];
+    for ((dst, src), sums) in xp
+        .chunks_exact_mut(padded)
+        .zip(x.chunks_exact(s.k))
+        .zip(sums.chunks_exact_mut(groups))
+    {
+        dst[..s.k].copy_from_slice(src);
+        for (sum, g) in sums.iter_mut().zip(src.chunks(s.group_size)) {
+            *sum = g.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        }
+    }
+    let input = GemvInput {
+        x: &xp,
+        x_group_sums: &sums,
+        padded,
+    };
+    // One contiguous share of W's rows per thread, written straight into y (rows of y are
+    // disjoint between shares).
+    let parts = threads::num_threads()
+        .min(s.n.div_ceil(MIN_ROWS_PER_PART))
+        .max(1);
+    let share = s.n.div_ceil(parts);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    threads::split(parts, |part| {
+        let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
+        let mut tile = vec![0.0f32; MAX_ROWS * rows.len()];
+        for row0 in (0..m).step_by(MAX_ROWS) {
+            let count = MAX_ROWS.min(m - row0);
+            let out = &mut tile[..count * rows.len()];
+            gemv_rows(level, w, rows.clone(), &input, row0, count, out);
+            for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
+                // SAFETY: share `part` alone writes columns `rows` of y's rows.
+                let dst = unsafe { y_ptr.ptr().add((row0 + i) * s.n + rows.start) };
+                unsafe { std::ptr::copy_nonoverlapping(tile_row.as_ptr(), dst, rows.len()) };
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Rows `rows` of W dequantized into `out` [rows.len(), k] as float32.
+pub fn dequantize(
+    level: SimdLevel,
+    w: &PackedW4<'_>,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) -> FgResult<()> {
+    w.check("dequantize")?;
+    let k = w.shape.k;
+    if rows.end > w.shape.n || rows.start > rows.end || out.len() != rows.len() * k {
+        return Err(FgError::Value(format!(
+            "dequantize: rows {rows:?} of {} and out of {} elements (expected rows x {k})",
+            w.shape.n,
+            out.len()
+        )));
+    }
+    let per_task = row_tasks(w.shape);
+    threads::install(|| {
+        out.par_chunks_mut(per_task * k)
+            .enumerate()
+            .for_each(|(t, out)| {
+                let start = rows.start + t * per_task;
+                dequantize_rows(level, w, start..start + out.len() / k, out);
+            })
+    });
+    Ok(())
+}
