@@ -3,5 +3,6 @@
 from .cce import LinearCrossEntropy
 from .l1norm import L1LayerNorm
 from .shiftquant import ShiftQuantLinear, quantize_model
+from .w4a16 import W4A16Linear
 
-__all__ = ["L1LayerNorm", "LinearCrossEntropy", "ShiftQuantLinear", "quantize_model"]
+__all__ = ["L1LayerNorm", "LinearCrossEntropy", "ShiftQuantLinear", "W4A16Linear", "quantize_model"]

@@ -35,6 +35,13 @@ def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
+def unpack_torch(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The CPU layout unpacked with torch ops (any device): stored codes [N, K]."""
+    blocks = packed.view(packed.shape[0], -1, BLOCK // 2)
+    both = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # the 64 columns of each block in order
+    return both.reshape(packed.shape[0], -1)[:, :k].contiguous()
+
+
 class W4Weight:
     """A 4-bit weight [N, K]: ``packed`` codes, ``scales`` (float16 / bfloat16) and ``zeros``
     (uint8, None for the symmetric scheme), in the layout of the module docstring."""
@@ -83,14 +90,11 @@ class W4Weight:
     def stored_codes(self) -> torch.Tensor:
         """uint8 [N, K] codes as stored: q with zero points, q + 8 when symmetric."""
         n, k = self.shape
-        packed = self.packed.cpu()
-        if self.device.type == "cpu" and packed.is_contiguous():
-            codes = torch.empty(n, k, dtype=torch.uint8)
-            _core.w4_pack(codes.numpy(), packed.numpy(), n, k, unpack=True)
-            return codes
-        blocks = packed.view(n, -1, BLOCK // 2)
-        both = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # columns in order per block
-        return both.reshape(n, -1)[:, :k].contiguous()
+        if self.device.type != "cpu":
+            return unpack_torch(self.packed, k)
+        codes = torch.empty(n, k, dtype=torch.uint8)
+        _core.w4_pack(codes.numpy(), self.packed.contiguous().numpy(), n, k, unpack=True)
+        return codes
 
     @property
     def codes(self) -> torch.Tensor:

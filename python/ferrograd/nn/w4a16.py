@@ -1,0 +1,84 @@
+"""A Linear layer with a frozen 4-bit weight (W4A16)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.w4a16 import w4a16_matmul
+from ..quant.w4 import W4Weight, quantize_w4
+
+__all__ = ["W4A16Linear"]
+
+
+class W4A16Linear(nn.Module):
+    """y = (x * input_scale) @ W_hat.T + bias with W_hat a 4-bit weight (``fg.quant.W4Weight``).
+
+    The weight's packed codes, scales and zeros are buffers (they follow ``.to()`` and
+    ``state_dict()``); the weight is frozen and gradients reach the input and the bias.
+    ``input_scale`` (1 / s, from SmoothQuant+ smoothing that could not be folded into a
+    preceding norm) is None when there is none.
+    """
+
+    def __init__(
+        self,
+        weight: W4Weight,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size, self.weight_dtype = weight.group_size, weight.dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("zeros", weight.zeros)
+        self.register_buffer("input_scale", input_scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._weight: W4Weight | None = None
+
+    @property
+    def weight(self) -> W4Weight:
+        """The 4-bit weight over the current buffers (rebuilt after ``.to()`` moves them)."""
+        w = self._weight
+        if w is None or w.packed is not self.packed or w.scales is not self.scales:
+            shape = (self.out_features, self.in_features)
+            w = W4Weight(
+                self.packed, self.scales, self.zeros, shape, self.group_size, self.weight_dtype
+            )
+            self._weight = w
+        return w
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 128, smooth: torch.Tensor | None = None
+    ) -> W4A16Linear:
+        """Quantizes ``linear.weight`` (times ``smooth`` per input channel, whose inverse then
+        scales the input) to 4 bits with zero points."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"W4A16Linear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"
+            )
+        weight = linear.weight.detach()
+        input_scale = None
+        if smooth is not None:
+            if smooth.shape != (linear.in_features,):
+                raise ValueError(
+                    f"W4A16Linear.from_linear: smooth must have shape [in_features] = "
+                    f"[{linear.in_features}], got {tuple(smooth.shape)}"
+                )
+            smooth = smooth.detach().to(weight.device, torch.float32)
+            weight = (weight.float() * smooth).to(weight.dtype)
+            input_scale = (1.0 / smooth).to(weight.dtype)
+        return cls(quantize_w4(weight, group_size), linear.bias, input_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        return w4a16_matmul(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, "
+            f"input_scale={self.input_scale is not None}"
+        )
