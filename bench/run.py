@@ -20,6 +20,7 @@ BENCHMARKS = {
     "optim": "optim",
     "shiftquant": "shiftquant",
     "cce": "cce",
+    "w4a16": "w4a16",
 }
 
 

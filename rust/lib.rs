@@ -5,6 +5,7 @@ pub mod cce;
 pub mod error;
 pub mod l1norm;
 pub mod momentum;
+pub mod openmp;
 pub mod shiftquant;
 pub mod simd;
 pub mod softmax;

@@ -68,12 +68,16 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
-/// Runs `f(part)` for part in 0..parts: the calling thread takes part 0 while the pool takes the
-/// others, so a short job does not wait for a sleeping worker to wake before starting (the
-/// round trip through `install` costs tens of microseconds on a VM).
+/// Runs `f(part)` for part in 0..parts, the calling thread taking part 0: on torch's OpenMP
+/// team when the process has one ([`crate::openmp`]), else on the pool (then a short job does
+/// not wait for a sleeping worker before starting: the round trip through `install` costs tens
+/// of microseconds on a VM).
 pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
     if parts <= 1 || num_threads() == 1 {
         (0..parts).for_each(f);
+        return;
+    }
+    if crate::openmp::parallel(parts, &f) {
         return;
     }
     let f = &f;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,22 @@ def test_panic_in_a_kernel_becomes_runtime_error():
         _core._panic_for_test("boom")
     # The module keeps working afterwards.
     assert fg.softmax(fg.softmax.__globals__["torch"].zeros(2)).sum().item() == 1.0
+
+
+@pytest.mark.parametrize("backend", ["openmp", "rayon"])
+def test_panic_in_a_parallel_part_becomes_runtime_error(backend):
+    """Parts run on torch's OpenMP team when there is one (else on ferrograd's pool); a panic
+    on a worker must not unwind through C frames."""
+    code = (
+        "import ferrograd as fg; from ferrograd import _core\n"
+        "fg.set_num_threads(2)\n"
+        f"assert fg.cpu_info()['parallel_backend'] == {backend!r}\n"
+        "try:\n    _core._panic_for_test('boom', parallel=True)\n"
+        "except RuntimeError as e:\n    assert 'boom' in str(e), e\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
+    env = {**os.environ, "FERROGRAD_NO_OPENMP": "1"} if backend == "rayon" else None
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
 def test_core_checks_lengths_and_contiguity():

@@ -238,7 +238,18 @@ class TinyTransformer(torch.nn.Module):
         return self.head(self.norm3(h))
 
 
+def motif_batch(generator: torch.Generator, rows: int = 32) -> torch.Tensor:
+    """Sequences that repeat a random 8-token motif: learnable only through attention."""
+    return torch.randint(0, 16, (rows, 8), generator=generator).repeat(1, 4)
+
+
 def train_tiny(bits: int | None, steps: int = 300) -> float:
+    """The mean loss of the last 20 steps of ``fit_tiny``."""
+    return fit_tiny(bits, steps)[1]
+
+
+def fit_tiny(bits: int | None, steps: int = 300) -> tuple[TinyTransformer, float]:
+    """Trains TinyTransformer (ShiftQuant at ``bits`` unless None) on motif sequences."""
     torch.manual_seed(0)
     model = TinyTransformer()
     if bits is not None:
@@ -247,16 +258,14 @@ def train_tiny(bits: int | None, steps: int = 300) -> float:
     data = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        # Sequences that repeat a random 8-token motif: learnable only through attention.
-        motif = torch.randint(0, 16, (32, 8), generator=data)
-        ids = motif.repeat(1, 4)
+        ids = motif_batch(data)
         logits = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return sum(losses[-20:]) / 20
+    return model, sum(losses[-20:]) / 20
 
 
 @pytest.mark.slow

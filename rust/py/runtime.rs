@@ -41,13 +41,25 @@ fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         .map(SimdLevel::name)
         .collect();
     info.set_item("supported", supported)?;
+    let backend = if crate::openmp::available() {
+        "openmp"
+    } else {
+        "rayon"
+    };
+    info.set_item("parallel_backend", backend)?;
     Ok(info)
 }
 
-/// Panics inside the guarded kernel path, to test that panics surface as RuntimeError.
+/// Panics inside the guarded kernel path (with `parallel`, in part 1 of a `threads::split` over
+/// two threads), to test that panics surface as RuntimeError.
 #[pyfunction]
-fn _panic_for_test(py: Python<'_>, message: String) -> PyResult<()> {
+#[pyo3(signature = (message, parallel=false))]
+fn _panic_for_test(py: Python<'_>, message: String, parallel: bool) -> PyResult<()> {
     run_detached(py, "_panic_for_test", move || -> FgResult<()> {
+        if parallel {
+            threads::split(2, |part| assert!(part != 1, "{message}"));
+            return Ok(());
+        }
         panic!("{message}")
     })
 }
