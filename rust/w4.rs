@@ -368,6 +368,109 @@ mod x86 {
         }
     }
 
+    /// y_tile[i, r] = Σ_c x̃[row0 + i, c] q[n, c] in int32 per group, x̃ split into two signed
+    /// bytes (x̃ = 256 hi + lo) so that `vpdpbusd` (unsigned codes times signed bytes) keeps 16
+    /// bits of x; per group the two sums meet the scale in float32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    pub(super) unsafe fn gemv_rows_vnni(
+        w: &super::PackedW4<'_>,
+        rows: std::ops::Range<usize>,
+        input: &super::VnniInput,
+        row0: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        match m {
+            1 => vnni_tile::<1>(w, rows, input, row0, out),
+            2 => vnni_tile::<2>(w, rows, input, row0, out),
+            3 => vnni_tile::<3>(w, rows, input, row0, out),
+            _ => vnni_tile::<4>(w, rows, input, row0, out),
+        }
+    }
+
+    /// total += (256 hi + lo) * scale (lanes 0-7 take `first`, 8-15 `second`); sums restart.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    unsafe fn flush<const M: usize>(
+        first: f32,
+        second: f32,
+        lo_acc: &mut [__m512i; M],
+        hi_acc: &mut [__m512i; M],
+        total: &mut [__m512; M],
+    ) {
+        let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
+        for j in 0..M {
+            let hi = _mm512_cvtepi32_ps(hi_acc[j]);
+            let sum = _mm512_fmadd_ps(hi, _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(lo_acc[j]));
+            total[j] = _mm512_fmadd_ps(sum, scale, total[j]);
+            (lo_acc[j], hi_acc[j]) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    unsafe fn vnni_tile<const M: usize>(
+        w: &super::PackedW4<'_>,
+        rows: std::ops::Range<usize>,
+        input: &super::VnniInput,
+        row0: usize,
+        out: &mut [f32],
+    ) {
+        use super::{packed_row_bytes, zero_term, BLOCK, BLOCK_BYTES};
+        let s = w.shape;
+        let (row_bytes, groups, width, g) =
+            (packed_row_bytes(s.k), s.groups(), rows.len(), s.group_size);
+        // Groups of whole blocks flush every g / 64 blocks with one scale; groups of an odd
+        // number of halves flush every block with a scale per half (lanes 0-7 | 8-15).
+        let blend = g % BLOCK != 0;
+        let blocks_per_flush = if blend { 1 } else { g / BLOCK };
+        let mask = _mm256_set1_epi8(15);
+        for (r, n) in rows.enumerate() {
+            let packed = w.packed.as_ptr().add(n * row_bytes);
+            let scales = &w.scales[n * groups..(n + 1) * groups];
+            let zeros = &w.zeros[n * groups..(n + 1) * groups];
+            let mut total = [_mm512_setzero_ps(); M];
+            let mut lo_acc = [_mm512_setzero_si512(); M];
+            let mut hi_acc = [_mm512_setzero_si512(); M];
+            // The scale of the group(s) of block b: one, or one per half block.
+            let scale_of = |b: usize| {
+                let group = |col: usize| scales[(col / g).min(groups - 1)];
+                if blend {
+                    (group(b * BLOCK), group(b * BLOCK + BLOCK_BYTES))
+                } else {
+                    (group(b * BLOCK), group(b * BLOCK))
+                }
+            };
+            let blocks = row_bytes / BLOCK_BYTES;
+            let (mut left, mut first) = (blocks_per_flush, 0);
+            for b in 0..blocks {
+                let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                for j in 0..M {
+                    let at = (row0 + j) * input.padded + b * BLOCK;
+                    let xl = _mm512_loadu_si512(input.lo.as_ptr().add(at) as *const _);
+                    let xh = _mm512_loadu_si512(input.hi.as_ptr().add(at) as *const _);
+                    lo_acc[j] = _mm512_dpbusd_epi32(lo_acc[j], codes, xl);
+                    hi_acc[j] = _mm512_dpbusd_epi32(hi_acc[j], codes, xh);
+                }
+                left -= 1;
+                if left == 0 || b + 1 == blocks {
+                    let (a, c) = scale_of(first);
+                    flush::<M>(a, c, &mut lo_acc, &mut hi_acc, &mut total);
+                    (left, first) = (blocks_per_flush, b + 1);
+                }
+            }
+            for j in 0..M {
+                let i = row0 + j;
+                let sums = &input.group_sums[i * groups..(i + 1) * groups];
+                let dot = _mm512_reduce_add_ps(total[j]) * input.scale[i];
+                out[j * width + r] = dot - zero_term(scales, zeros, sums);
+            }
+        }
+    }
+
     impl Nibbles for Avx2 {
         type Block = [__m256; 8];
 
@@ -398,16 +501,92 @@ mod x86 {
 }
 
 /// Per-call inputs of the GEMV kernel besides the weight.
-struct GemvInput<'a> {
+struct GemvInput {
     /// x rows padded with zeros to whole blocks: [m, padded].
-    x: &'a [f32],
+    x: Vec<f32>,
     /// Σ x over each group: [m, groups].
-    x_group_sums: &'a [f32],
+    x_group_sums: Vec<f32>,
     padded: usize,
 }
 
+impl GemvInput {
+    fn new(x: &[f32], shape: Shape) -> GemvInput {
+        let (k, groups) = (shape.k, shape.groups());
+        let padded = k.div_ceil(BLOCK) * BLOCK;
+        let m = x.len() / k;
+        let mut input = GemvInput {
+            x: vec![0.0; m * padded],
+            x_group_sums: vec![0.0; m * groups],
+            padded,
+        };
+        let rows = input.x.chunks_exact_mut(padded).zip(x.chunks_exact(k));
+        for ((dst, src), sums) in rows.zip(input.x_group_sums.chunks_exact_mut(groups)) {
+            dst[..k].copy_from_slice(src);
+            for (sum, g) in sums.iter_mut().zip(src.chunks(shape.group_size)) {
+                *sum = g.iter().map(|&v| v as f64).sum::<f64>() as f32;
+            }
+        }
+        input
+    }
+}
+
+/// x for the VNNI kernel: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
+/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks.
+struct VnniInput {
+    lo: Vec<i8>,
+    hi: Vec<i8>,
+    scale: Vec<f32>,
+    /// Σ x̃ · scale over each group: [m, groups].
+    group_sums: Vec<f32>,
+    padded: usize,
+}
+
+/// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
+const X_INT_MAX: f32 = 32639.0;
+
+impl VnniInput {
+    /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
+    fn new(x: &[f32], shape: Shape) -> Option<VnniInput> {
+        let (k, groups) = (shape.k, shape.groups());
+        let padded = k.div_ceil(BLOCK) * BLOCK;
+        let m = x.len() / k;
+        let mut input = VnniInput {
+            lo: vec![0; m * padded],
+            hi: vec![0; m * padded],
+            scale: vec![1.0; m],
+            group_sums: vec![0.0; m * groups],
+            padded,
+        };
+        for (i, row) in x.chunks_exact(k).enumerate() {
+            let amax = row
+                .iter()
+                .try_fold(0.0f32, |a, &v| v.is_finite().then(|| a.max(v.abs())))?;
+            let scale = if amax > 0.0 { amax / X_INT_MAX } else { 1.0 };
+            input.scale[i] = scale;
+            let (lo, hi) = (&mut input.lo[i * padded..], &mut input.hi[i * padded..]);
+            for (c, &v) in row.iter().enumerate() {
+                let q = (v / scale).round_ties_even().clamp(-X_INT_MAX, X_INT_MAX) as i32;
+                let h = (q + 128) >> 8;
+                (hi[c], lo[c]) = (h as i8, (q - 256 * h) as i8);
+            }
+            let sums = &mut input.group_sums[i * groups..(i + 1) * groups];
+            for (sum, piece) in sums
+                .iter_mut()
+                .zip((0..k).collect::<Vec<_>>().chunks(shape.group_size))
+            {
+                let total: i64 = piece
+                    .iter()
+                    .map(|&c| 256 * hi[c] as i64 + lo[c] as i64)
+                    .sum();
+                *sum = (total as f64 * scale as f64) as f32;
+            }
+        }
+        Some(input)
+    }
+}
+
 crate::dispatch! {
-    fn gemv_rows(w: &PackedW4<'_>, rows: std::ops::Range<usize>, input: &GemvInput<'_>, row0: usize, m: usize, out: &mut [f32]) = gemv_rows_impl;
+    fn gemv_rows(w: &PackedW4<'_>, rows: std::ops::Range<usize>, input: &GemvInput, row0: usize, m: usize, out: &mut [f32]) = gemv_rows_impl;
     fn dequantize_rows(w: &PackedW4<'_>, rows: std::ops::Range<usize>, out: &mut [f32]) = dequantize_rows_impl;
 }
 
@@ -416,7 +595,7 @@ crate::dispatch! {
 unsafe fn gemv_rows_impl<S: Nibbles>(
     w: &PackedW4<'_>,
     rows: std::ops::Range<usize>,
-    input: &GemvInput<'_>,
+    input: &GemvInput,
     row0: usize,
     m: usize,
     out: &mut [f32],
@@ -480,7 +659,7 @@ unsafe fn flush<S: Simd, const M: usize, const ACC: usize>(
 unsafe fn gemv_tile<S: Nibbles, const M: usize, const ACC: usize>(
     w: &PackedW4<'_>,
     rows: std::ops::Range<usize>,
-    input: &GemvInput<'_>,
+    input: &GemvInput,
     row0: usize,
     out: &mut [f32],
 ) {
@@ -498,14 +677,23 @@ unsafe fn gemv_tile<S: Nibbles, const M: usize, const ACC: usize>(
         let mut total = [S::splat(0.0); M];
         let mut acc = [[S::splat(0.0); ACC]; M];
         let blocks = row_bytes / BLOCK_BYTES;
-        if halves_per_group == 1 {
-            // Groups of 32: each half block is a group of its own.
+        if halves_per_group % 2 == 1 {
+            // Groups of an odd number of half blocks (32, 96, ...): flush at the end of the
+            // half that ends a group.
             for b in 0..blocks {
                 let block = S::unpack(packed.add(b * BLOCK_BYTES));
                 for (h, half) in block.as_ref().chunks_exact(vecs_per_half).enumerate() {
-                    let col = b * BLOCK + h * BLOCK_BYTES;
-                    accumulate::<S, M, ACC>(half, x.add(col), input.padded, &mut acc);
-                    flush::<S, M, ACC>(scales[(2 * b + h).min(groups - 1)], &mut acc, &mut total);
+                    let half_index = 2 * b + h;
+                    accumulate::<S, M, ACC>(
+                        half,
+                        x.add(half_index * BLOCK_BYTES),
+                        input.padded,
+                        &mut acc,
+                    );
+                    if (half_index + 1).is_multiple_of(halves_per_group) {
+                        let group = (half_index / halves_per_group).min(groups - 1);
+                        flush::<S, M, ACC>(scales[group], &mut acc, &mut total);
+                    }
                 }
             }
         } else {
@@ -574,24 +762,12 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
             s.group_size
         )));
     }
-    let (padded, groups) = (s.k.div_ceil(BLOCK) * BLOCK, s.groups());
-    let mut xp = vec![0.0f32; m * padded];
-    let mut sums = vec![0.0f32; m * groups];
-    for ((dst, src), sums) in xp
-        .chunks_exact_mut(padded)
-        .zip(x.chunks_exact(s.k))
-        .zip(sums.chunks_exact_mut(groups))
-    {
-        dst[..s.k].copy_from_slice(src);
-        for (sum, g) in sums.iter_mut().zip(src.chunks(s.group_size)) {
-            *sum = g.iter().map(|&v| v as f64).sum::<f64>() as f32;
-        }
-    }
-    let input = GemvInput {
-        x: &xp,
-        x_group_sums: &sums,
-        padded,
+    let vnni = match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => VnniInput::new(x, s),
+        _ => None,
     };
+    let float = vnni.is_none().then(|| GemvInput::new(x, s));
     // One contiguous share of W's rows per thread, written straight into y (rows of y are
     // disjoint between shares).
     let parts = threads::num_threads()
@@ -605,7 +781,15 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
         for row0 in (0..m).step_by(MAX_ROWS) {
             let count = MAX_ROWS.min(m - row0);
             let out = &mut tile[..count * rows.len()];
-            gemv_rows(level, w, rows.clone(), &input, row0, count, out);
+            match (&vnni, &float) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: VnniInput exists only when the CPU has AVX-512 VNNI.
+                (Some(v), _) => unsafe {
+                    x86::gemv_rows_vnni(w, rows.clone(), v, row0, count, out)
+                },
+                (_, Some(f)) => gemv_rows(level, w, rows.clone(), f, row0, count, out),
+                _ => unreachable!("one of the inputs is prepared"),
+            }
             for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
                 // SAFETY: share `part` alone writes columns `rows` of y's rows.
                 let dst = unsafe { y_ptr.ptr().add((row0 + i) * s.n + rows.start) };
@@ -642,4 +826,113 @@ pub fn dequantize(
             })
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weight(n: usize, k: usize) -> Vec<f32> {
+        (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 99.7 - 5.0) * 0.1)
+            .collect()
+    }
+
+    /// Quantizes, packs, then checks unpacking and the GEMV against W_hat from `dequantize`.
+    fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point: bool) {
+        let shape = Shape::new("test", n, k, group_size).unwrap();
+        let w = weight(n, k);
+        let (mut codes, mut scales, mut zeros) = (
+            vec![0u8; n * k],
+            vec![0.0f32; n * shape.groups()],
+            vec![0u8; n * shape.groups()],
+        );
+        quantize(&w, shape, zero_point, &mut codes, &mut scales, &mut zeros).unwrap();
+        let mut packed = vec![0u8; n * packed_row_bytes(k)];
+        pack(&codes, shape, &mut packed).unwrap();
+        let mut back = vec![0u8; n * k];
+        unpack(&packed, shape, &mut back).unwrap();
+        assert_eq!(back, codes);
+        let pw = PackedW4 {
+            packed: &packed,
+            scales: &scales,
+            zeros: &zeros,
+            shape,
+        };
+        let mut w_hat = vec![0.0f32; n * k];
+        dequantize(level, &pw, 0..n, &mut w_hat).unwrap();
+        for (i, (&q, &v)) in codes.iter().zip(&w_hat).enumerate() {
+            let g = (i % k) / shape.group_size + (i / k) * shape.groups();
+            assert_eq!(v, (q as f32 - zeros[g] as f32) * scales[g]);
+        }
+        let m = 5;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let mut y = vec![0.0f32; m * n];
+        gemv(level, &pw, &x, &mut y).unwrap();
+        for i in 0..m {
+            for r in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
+                    .sum();
+                let scale: f64 = (0..k)
+                    .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
+                    .sum();
+                assert!(
+                    (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
+                    "{level:?} g{group_size} ({i},{r})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_pack_gemv_on_every_level() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for (n, k) in [(3, 64), (70, 100), (9, 320)] {
+                for (g, zp) in [
+                    (32, true),
+                    (64, false),
+                    (128, true),
+                    (-1, false),
+                    (96, true),
+                ] {
+                    if g == -1 && k % 32 != 0 {
+                        continue; // the GEMV needs whole half blocks
+                    }
+                    round_trip(level, n, k, g, zp);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_groups_get_scale_one_and_symmetric_codes_are_offset() {
+        let shape = Shape::new("test", 1, 8, -1).unwrap();
+        let (mut codes, mut scales, mut zeros) = (vec![0u8; 8], vec![0.0f32], vec![0u8]);
+        quantize(&[0.0; 8], shape, false, &mut codes, &mut scales, &mut zeros).unwrap();
+        assert_eq!((scales[0], zeros[0]), (1.0, SYMMETRIC_ZERO));
+        assert!(codes.iter().all(|&q| q == SYMMETRIC_ZERO));
+        let w = [-7.0, 7.0, 3.5, 0.0, -1.0, 1.0, 2.0, -2.0];
+        quantize(&w, shape, false, &mut codes, &mut scales, &mut zeros).unwrap();
+        assert_eq!(scales[0], 1.0);
+        assert_eq!(codes, [1, 15, 12, 8, 7, 9, 10, 6]); // 3.5 rounds half to even: 4
+    }
+
+    #[test]
+    fn bad_shapes_are_value_errors() {
+        assert!(matches!(Shape::new("t", 2, 8, 0), Err(FgError::Value(_))));
+        assert!(matches!(Shape::new("t", 2, 0, 32), Err(FgError::Value(_))));
+        let shape = Shape::new("t", 2, 8, 8).unwrap();
+        let r = quantize(
+            &[0.0; 15],
+            shape,
+            true,
+            &mut [0; 16],
+            &mut [0.0; 2],
+            &mut [0; 2],
+        );
+        assert!(matches!(r, Err(FgError::Value(_))));
+    }
 }

@@ -88,7 +88,16 @@ def test_matmul_matches_the_dequantized_weight(rows, group_size, zero_point):
     want = x.double() @ q.dequantize().double().T + bias.double()
     got = fg.w4a16_matmul(x, q, bias)
     err = (got.double() - want).abs().max() / want.abs().max()
-    assert err < 1e-5
+    # The VNNI kernel rounds x to 16-bit integers per row (2^-15 of the row's max |x|).
+    assert err < (1e-4 if fg.cpu_info()["features"]["avx512vnni"] else 1e-5)
+
+
+def test_nan_in_x_reaches_only_its_row():
+    q = fg.quant.quantize_w4(torch.randn(8, 64), 32)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    y = fg.w4a16_matmul(x, q)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -121,7 +130,7 @@ def test_w4a16_linear_from_linear_smooth_to_and_state_dict():
     x = torch.randn(6, 128)
     q = fg.quant.quantize_w4(linear.weight.detach() * s, 64)
     want = (x / s) @ q.dequantize().T + linear.bias
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
     x.requires_grad_()
     layer(x).sum().backward()
     assert x.grad is not None and layer.bias.grad is not None

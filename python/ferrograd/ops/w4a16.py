@@ -1,7 +1,10 @@
 """W4A16 matmul: y = x @ W_hat.T (+ bias) for a 4-bit weight (``fg.quant.quantize_w4``).
 
 CPU: up to ``GEMV_MAX_ROWS`` rows of x run the Rust kernel that unpacks each block of codes in
-registers once for 4 rows of x at a time (the weight is read in 4 bits: the point at small batch);
+registers once for 4 rows of x at a time (the weight is read in 4 bits: the point at small batch).
+With AVX-512 VNNI it multiplies the codes by x rounded to 16-bit integers per row (scale
+max|x| / 32639, split into two signed bytes for ``vpdpbusd``): relative error at most 2^-15 of
+the row's largest |x| per element, the "A16" of W4A16; elsewhere it runs in float32.
 more rows dequantize ``DEQUANT_BLOCK_ROWS`` rows of W at a time into torch's float32 matmul.
 Computed in float32, returned in x's dtype. The weight is frozen: autograd reaches x and bias.
 Other devices dequantize with torch ops and call torch's matmul.
