@@ -83,7 +83,18 @@ fn round_even(x: f32) -> f32 {
     x.round_ties_even()
 }
 
+crate::dispatch! {
+    fn quantize_group_level(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) = quantize_group_impl;
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S only picks the target features
+unsafe fn quantize_group_impl<S: Simd>(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
+    quantize_group(w, zero_point, codes)
+}
+
 /// Quantizes one group: returns (scale, stored zero) and writes the stored codes.
+#[inline(always)]
 fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
     if zero_point {
         let (lo, hi) = w
@@ -120,6 +131,7 @@ fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
 /// Quantizes W [n, k] (row-major) into stored codes [n, k] (one per byte), scales and zeros
 /// [n, groups]. A group whose scale would be 0 (or not finite) gets scale 1.
 pub fn quantize(
+    level: SimdLevel,
     w: &[f32],
     shape: Shape,
     zero_point: bool,
@@ -152,7 +164,9 @@ pub fn quantize(
                     .chunks(shape.group_size)
                     .zip(codes.chunks_mut(shape.group_size));
                 for ((w, codes), (s, z)) in pieces.zip(scales.iter_mut().zip(zeros.iter_mut())) {
-                    (*s, *z) = quantize_group(w, zero_point, codes);
+                    // Compiled for the SIMD level: rounding becomes one instruction and the
+                    // group loops vectorize.
+                    (*s, *z) = quantize_group_level(level, w, zero_point, codes);
                 }
             })
     });
@@ -847,7 +861,16 @@ mod tests {
             vec![0.0f32; n * shape.groups()],
             vec![0u8; n * shape.groups()],
         );
-        quantize(&w, shape, zero_point, &mut codes, &mut scales, &mut zeros).unwrap();
+        quantize(
+            level,
+            &w,
+            shape,
+            zero_point,
+            &mut codes,
+            &mut scales,
+            &mut zeros,
+        )
+        .unwrap();
         let mut packed = vec![0u8; n * packed_row_bytes(k)];
         pack(&codes, shape, &mut packed).unwrap();
         let mut back = vec![0u8; n * k];
@@ -911,11 +934,29 @@ mod tests {
     fn zero_groups_get_scale_one_and_symmetric_codes_are_offset() {
         let shape = Shape::new("test", 1, 8, -1).unwrap();
         let (mut codes, mut scales, mut zeros) = (vec![0u8; 8], vec![0.0f32], vec![0u8]);
-        quantize(&[0.0; 8], shape, false, &mut codes, &mut scales, &mut zeros).unwrap();
+        quantize(
+            SimdLevel::Scalar,
+            &[0.0; 8],
+            shape,
+            false,
+            &mut codes,
+            &mut scales,
+            &mut zeros,
+        )
+        .unwrap();
         assert_eq!((scales[0], zeros[0]), (1.0, SYMMETRIC_ZERO));
         assert!(codes.iter().all(|&q| q == SYMMETRIC_ZERO));
         let w = [-7.0, 7.0, 3.5, 0.0, -1.0, 1.0, 2.0, -2.0];
-        quantize(&w, shape, false, &mut codes, &mut scales, &mut zeros).unwrap();
+        quantize(
+            SimdLevel::Scalar,
+            &w,
+            shape,
+            false,
+            &mut codes,
+            &mut scales,
+            &mut zeros,
+        )
+        .unwrap();
         assert_eq!(scales[0], 1.0);
         assert_eq!(codes, [1, 15, 12, 8, 7, 9, 10, 6]); // 3.5 rounds half to even: 4
     }
@@ -926,6 +967,7 @@ mod tests {
         assert!(matches!(Shape::new("t", 2, 0, 32), Err(FgError::Value(_))));
         let shape = Shape::new("t", 2, 8, 8).unwrap();
         let r = quantize(
+            SimdLevel::Scalar,
             &[0.0; 15],
             shape,
             true,

@@ -22,13 +22,14 @@ fn w4_quantize(
     mut zeros: PyReadwriteArrayDyn<'_, u8>,
 ) -> PyResult<()> {
     let op = "quantize_w4";
+    let level = simd::active()?;
     let shape = Shape::new(op, n, k, group_size)?;
     let w = contiguous(op, "weight", &weight)?;
     let codes = contiguous_mut(op, "codes", &mut codes)?;
     let scales = contiguous_mut(op, "scales", &mut scales)?;
     let zeros = contiguous_mut(op, "zeros", &mut zeros)?;
     run_detached(py, op, || {
-        w4::quantize(w, shape, zero_point, codes, scales, zeros)
+        w4::quantize(level, w, shape, zero_point, codes, scales, zeros)
     })
 }
 
