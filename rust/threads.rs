@@ -1,5 +1,6 @@
 //! The thread pool every multithreaded kernel runs on, sized by `ferrograd.set_num_threads`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -68,24 +69,33 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
-/// Runs `f(part)` for part in 0..parts, the calling thread taking part 0: on torch's OpenMP
-/// team when the process has one ([`crate::openmp`]), else on the pool (then a short job does
-/// not wait for a sleeping worker before starting: the round trip through `install` costs tens
-/// of microseconds on a VM).
+/// Runs `f(part)` for every part in 0..parts on up to `num_threads()` threads, the calling
+/// thread among them, each taking the next part from a shared counter. The threads are torch's
+/// OpenMP team when the process has one ([`crate::openmp`]), else the pool. A thread that is
+/// slow to wake (tens to hundreds of microseconds on a VM) then just takes fewer parts.
 pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
-    if parts <= 1 || num_threads() == 1 {
+    let workers = num_threads().min(parts);
+    if workers <= 1 {
         (0..parts).for_each(f);
         return;
     }
-    if crate::openmp::parallel(parts, &f) {
+    let next = AtomicUsize::new(0);
+    let work = |_: usize| loop {
+        let part = next.fetch_add(1, Ordering::Relaxed);
+        if part >= parts {
+            break;
+        }
+        f(part);
+    };
+    if crate::openmp::parallel(workers, &work) {
         return;
     }
-    let f = &f;
+    let work = &work;
     pool().in_place_scope(|scope| {
-        for part in 1..parts {
-            scope.spawn(move |_| f(part));
+        for worker in 1..workers {
+            scope.spawn(move |_| work(worker));
         }
-        f(0);
+        work(0);
     });
 }
 

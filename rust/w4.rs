@@ -25,7 +25,7 @@ pub const SYMMETRIC_ZERO: u8 = 8;
 pub const MAX_ROWS: usize = 4;
 /// Elements of W per parallel task.
 const PAR_MIN: usize = 1 << 16;
-/// The fewest rows of W worth a thread of their own in the GEMV.
+/// Rows of W per part of the GEMV's work.
 const MIN_ROWS_PER_PART: usize = 64;
 
 /// Bytes of one packed row of K columns.
@@ -782,12 +782,10 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
         _ => None,
     };
     let float = vnni.is_none().then(|| GemvInput::new(x, s));
-    // One contiguous share of W's rows per thread, written straight into y (rows of y are
-    // disjoint between shares).
-    let parts = threads::num_threads()
-        .min(s.n.div_ceil(MIN_ROWS_PER_PART))
-        .max(1);
-    let share = s.n.div_ceil(parts);
+    // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
+    // writes its own columns of y.
+    let share = MIN_ROWS_PER_PART;
+    let parts = s.n.div_ceil(share);
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(parts, |part| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
@@ -805,7 +803,7 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
                 _ => unreachable!("one of the inputs is prepared"),
             }
             for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
-                // SAFETY: share `part` alone writes columns `rows` of y's rows.
+                // SAFETY: part `part` alone writes columns `rows` of y's rows.
                 let dst = unsafe { y_ptr.ptr().add((row0 + i) * s.n + rows.start) };
                 unsafe { std::ptr::copy_nonoverlapping(tile_row.as_ptr(), dst, rows.len()) };
             }
