@@ -14,8 +14,6 @@
 //! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), AVX2
 //! (`vpmaddubsw` + `vpmaddwd` on |b| and sign-transferred a, 4 x 8), and a portable scalar one.
 
-use rayon::prelude::*;
-
 use super::num_groups;
 use crate::error::{FgError, FgResult};
 use crate::simd::{cpu_features, SimdLevel};
@@ -157,12 +155,29 @@ fn pack(op: &GemmOperand<'_>, k: usize, gs: usize, kpad: usize, r: usize, offset
             }
         }
     };
-    let chunks = data
-        .par_chunks_mut(panel_bytes)
-        .zip(pow.par_chunks_mut(meta).zip(corr.par_chunks_mut(meta)))
-        .enumerate();
-    let min_len = if rows * k >= PAR_MIN { 1 } else { usize::MAX };
-    threads::install(|| chunks.with_min_len(min_len).for_each(fill));
+    let (dp, pp, cp) = (
+        SendPtr(data.as_mut_ptr()),
+        SendPtr(pow.as_mut_ptr()),
+        SendPtr(corr.as_mut_ptr()),
+    );
+    let panel = |p: usize| {
+        // SAFETY: panel p alone touches these ranges of the three buffers.
+        let out = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dp.ptr().add(p * panel_bytes), panel_bytes),
+                (
+                    std::slice::from_raw_parts_mut(pp.ptr().add(p * meta), meta),
+                    std::slice::from_raw_parts_mut(cp.ptr().add(p * meta), meta),
+                ),
+            )
+        };
+        fill((p, out))
+    };
+    if rows * k >= PAR_MIN {
+        threads::split(panels, panel);
+    } else {
+        (0..panels).for_each(panel);
+    }
     Packed {
         panel_bytes,
         meta,
@@ -233,17 +248,15 @@ pub fn matmul(
         m,
         n,
     };
-    let block = |buf: &mut Vec<f32>, idx: usize| {
+    let block = |idx: usize| {
         // SAFETY: blocks write disjoint rectangles of `out`.
-        unsafe { job.block(idx / blocks_n, idx % blocks_n, buf, out_ptr) }
+        unsafe { job.block(idx / blocks_n, idx % blocks_n, &mut Vec::new(), out_ptr) }
     };
-    let min_len = if m * n * k >= 1 << 21 { 1 } else { usize::MAX };
-    threads::install(|| {
-        (0..blocks_m * blocks_n)
-            .into_par_iter()
-            .with_min_len(min_len)
-            .for_each_init(Vec::new, block)
-    });
+    if m * n * k >= 1 << 21 {
+        threads::split(blocks_m * blocks_n, block);
+    } else {
+        (0..blocks_m * blocks_n).for_each(block);
+    }
     Ok(())
 }
 
