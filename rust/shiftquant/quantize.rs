@@ -294,11 +294,43 @@ unsafe fn dequantize_impl<S: Simd>(
     }
 }
 
-/// Output pointers shared by the threads of `quantize_cols` (each writes its own panels).
+/// Output pointers shared by the threads of a quantization (each writes its own rows).
 struct RawCodes {
     codes: SendPtr<i8>,
     scale: SendPtr<f32>,
     shifts: SendPtr<u8>,
+}
+
+impl RawCodes {
+    fn new(out: Codes<'_>) -> RawCodes {
+        RawCodes {
+            codes: SendPtr(out.codes.as_mut_ptr()),
+            scale: SendPtr(out.scale.as_mut_ptr()),
+            shifts: SendPtr(out.shifts.as_mut_ptr()),
+        }
+    }
+
+    /// The outputs of rows `rows` (of `len` codes and `groups` shifts each).
+    ///
+    /// # Safety
+    /// The rows are in bounds of the `Codes` this was made from, and no other live `Codes`
+    /// covers them.
+    unsafe fn rows(&self, rows: Range<usize>, len: usize, groups: usize) -> Codes<'_> {
+        let n = rows.len();
+        Codes {
+            codes: std::slice::from_raw_parts_mut(self.codes.ptr().add(rows.start * len), n * len),
+            scale: std::slice::from_raw_parts_mut(self.scale.ptr().add(rows.start), n),
+            shifts: std::slice::from_raw_parts_mut(
+                self.shifts.ptr().add(rows.start * groups),
+                n * groups,
+            ),
+        }
+    }
+}
+
+thread_local! {
+    /// The transposed panel of `quantize_cols`, kept per thread between calls.
+    static PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 crate::dispatch! {
@@ -329,24 +361,19 @@ pub fn quantize_rows(
     }
     let chunk = threads::rows_per_task(rows, len, PAR_MIN);
     let groups = num_groups(len, spec.group_size);
-    let tasks = x
-        .par_chunks(chunk * len)
-        .zip(out.codes.par_chunks_mut(chunk * len))
-        .zip(
-            out.scale
-                .par_chunks_mut(chunk)
-                .zip(out.shifts.par_chunks_mut(chunk * groups)),
+    let raw = RawCodes::new(out);
+    threads::split(rows.div_ceil(chunk), |t| {
+        let r = t * chunk..((t + 1) * chunk).min(rows);
+        // SAFETY: task t alone writes rows r, which `out.check` put in bounds.
+        let out = unsafe { raw.rows(r.clone(), len, groups) };
+        quantize_rows_level(
+            level,
+            &x[r.start * len..r.end * len],
+            len,
+            spec,
+            r.start,
+            out,
         )
-        .enumerate();
-    threads::install(|| {
-        tasks.for_each(|(t, ((x, codes), (scale, shifts)))| {
-            let out = Codes {
-                codes,
-                scale,
-                shifts,
-            };
-            quantize_rows_level(level, x, len, spec, t * chunk, out)
-        })
     });
     Ok(())
 }
@@ -372,23 +399,20 @@ pub fn quantize_cols(
         out.scale.fill(0.0);
         return Ok(());
     }
-    let raw = RawCodes {
-        codes: SendPtr(out.codes.as_mut_ptr()),
-        scale: SendPtr(out.scale.as_mut_ptr()),
-        shifts: SendPtr(out.shifts.as_mut_ptr()),
+    let raw = RawCodes::new(out);
+    let panel = |p: usize| {
+        let c0 = p * PANEL;
+        PANEL_BUF.with_borrow_mut(|buf| {
+            // SAFETY: `raw` covers all columns; panels write disjoint ones.
+            quantize_panel_level(level, x, rows, c0..(c0 + PANEL).min(cols), spec, buf, &raw)
+        })
     };
     let panels = cols.div_ceil(PANEL);
-    let min_len = if rows * cols < PAR_MIN { usize::MAX } else { 1 };
-    threads::install(|| {
-        (0..panels)
-            .into_par_iter()
-            .with_min_len(min_len)
-            .for_each_init(Vec::new, |buf, p| {
-                let c0 = p * PANEL;
-                // SAFETY: `raw` covers all columns; panels write disjoint ones.
-                quantize_panel_level(level, x, rows, c0..(c0 + PANEL).min(cols), spec, buf, &raw)
-            })
-    });
+    if rows * cols < PAR_MIN {
+        (0..panels).for_each(panel);
+    } else {
+        threads::split(panels, panel);
+    }
     Ok(())
 }
 
