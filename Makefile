@@ -1,10 +1,10 @@
-# ferrograd: `make demo`/`make bench` run the main job, `make test` runs every check.
+# ferrograd: `make demo` runs the main job, `make bench` the benchmarks, `make test` every check.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 SIMD_PATHS := scalar avx2 avx512
 
-.PHONY: develop test bench wheel clean
+.PHONY: develop test demo bench wheel clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ test: develop
 			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
 		fi; \
 	done
+
+demo: develop
+	$(PY) -m ferrograd demo --compare
 
 bench: develop
 	$(PY) bench/run.py
