@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, interleaved_times
+from harness import Bench, gpu_time, interleaved_times
 
 import ferrograd as fg
 
@@ -112,18 +111,6 @@ def cpu(bench: Bench) -> None:
             "memory_ratio": ours_mem / torch_mem,
         }
     )
-
-
-def gpu_time(fn: Callable[[], object], repeats: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def gpu_methods() -> dict[str, Callable]:

@@ -48,6 +48,20 @@ def interleaved_times(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def gpu_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` on the GPU, synchronizing around each run."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     model, flags = platform.processor() or "unknown", []
     try:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, interleaved_times
+from harness import Bench, gpu_time, interleaved_times
 
 import ferrograd as fg
 
@@ -99,21 +98,14 @@ def fidelity(bench: Bench) -> None:
         )
 
 
-def gpu_time(fn, repeats: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+def device_copy_bandwidth() -> float:
+    """Bytes per second of a 512 MiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float16)
+    return 2 * src.numel() * src.element_size() / gpu_time(src.clone, repeats=10)
 
 
 def gpu(bench: Bench) -> None:
-    big = torch.empty(1 << 28, device="cuda", dtype=torch.float16)
-    copy_bw = 2 * big.numel() * 2 / gpu_time(lambda: big.clone(), repeats=10)
-    del big
+    copy_bw = device_copy_bandwidth()
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in GPU_SHAPES:
             w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)

@@ -439,37 +439,24 @@ mod tests {
         let mut z = vec![0.0f32; 6];
         let mut lse = vec![0.0f64; 2];
         let mut tl = vec![0.0f32; 2];
-        let chunk = Chunk {
-            logits: &mut z,
-            width: 4,
-            v0: 0,
-            softcap: None,
-            targets: &[0, 1],
-        };
-        let state = LseState {
-            lse: &mut lse,
-            target_logit: &mut tl,
-            logit_sum: None,
-        };
-        assert!(matches!(
-            forward_chunk(SimdLevel::Scalar, chunk, state),
-            Err(FgError::Value(_))
-        ));
-        let chunk = Chunk {
-            logits: &mut z,
-            width: 3,
-            v0: 0,
-            softcap: Some(-1.0),
-            targets: &[0, 1],
-        };
-        let state = LseState {
-            lse: &mut lse,
-            target_logit: &mut tl,
-            logit_sum: None,
-        };
-        assert!(matches!(
-            forward_chunk(SimdLevel::Scalar, chunk, state),
-            Err(FgError::Value(_))
-        ));
+        // 6 logits are not 2 rows of 4; a negative softcap is refused.
+        for (width, softcap) in [(4, None), (3, Some(-1.0))] {
+            let chunk = Chunk {
+                logits: &mut z,
+                width,
+                v0: 0,
+                softcap,
+                targets: &[0, 1],
+            };
+            let state = LseState {
+                lse: &mut lse,
+                target_logit: &mut tl,
+                logit_sum: None,
+            };
+            assert!(matches!(
+                forward_chunk(SimdLevel::Scalar, chunk, state),
+                Err(FgError::Value(_))
+            ));
+        }
     }
 }

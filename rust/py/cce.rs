@@ -9,6 +9,23 @@ use crate::simd;
 
 const OP: &str = "linear_cross_entropy";
 
+/// The chunk view over the caller's logits buffer and targets.
+fn chunk<'a>(
+    logits: &'a mut PyReadwriteArrayDyn<'_, f32>,
+    width: usize,
+    v0: usize,
+    targets: &'a PyReadonlyArrayDyn<'_, i64>,
+    softcap: Option<f32>,
+) -> PyResult<Chunk<'a>> {
+    Ok(Chunk {
+        logits: contiguous_mut(OP, "logits", logits)?,
+        width,
+        v0,
+        softcap,
+        targets: contiguous(OP, "targets", targets)?,
+    })
+}
+
 /// Folds the chunk `logits` [rows, width] (vocabulary entries v0..v0+width) into the running
 /// `lse`, `target_logit` and optional `logit_sum`, one entry per row.
 #[pyfunction]
@@ -26,13 +43,7 @@ fn cce_forward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<()> {
     let level = simd::active()?;
-    let chunk = Chunk {
-        logits: contiguous_mut(OP, "logits", &mut logits)?,
-        width,
-        v0,
-        softcap,
-        targets: contiguous(OP, "targets", &targets)?,
-    };
+    let chunk = chunk(&mut logits, width, v0, &targets, softcap)?;
     let state = LseState {
         lse: contiguous_mut(OP, "lse", &mut lse)?,
         target_logit: contiguous_mut(OP, "target_logit", &mut target_logit)?,
@@ -62,13 +73,7 @@ fn cce_backward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<f32> {
     let level = simd::active()?;
-    let chunk = Chunk {
-        logits: contiguous_mut(OP, "logits", &mut logits)?,
-        width,
-        v0,
-        softcap,
-        targets: contiguous(OP, "targets", &targets)?,
-    };
+    let chunk = chunk(&mut logits, width, v0, &targets, softcap)?;
     let coefs = GradCoefs {
         lse: contiguous(OP, "lse", &lse)?,
         softmax: contiguous(OP, "coef_softmax", &coef_softmax)?,

@@ -57,6 +57,23 @@ fn w4_pack(
     })
 }
 
+/// The packed weight over the caller's arrays.
+fn packed_weight<'a>(
+    op: &str,
+    packed: &'a PyReadonlyArrayDyn<'_, u8>,
+    scales: &'a PyReadonlyArrayDyn<'_, f32>,
+    zeros: &'a PyReadonlyArrayDyn<'_, u8>,
+    shape: (usize, usize, i64),
+) -> PyResult<PackedW4<'a>> {
+    let (n, k, group_size) = shape;
+    Ok(PackedW4 {
+        packed: contiguous(op, "packed", packed)?,
+        scales: contiguous(op, "scales", scales)?,
+        zeros: contiguous(op, "zeros", zeros)?,
+        shape: Shape::new(op, n, k, group_size)?,
+    })
+}
+
 /// y [m, n] = x [m, k] · Wᵀ (group size a multiple of 32).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -73,12 +90,7 @@ fn w4_gemv(
 ) -> PyResult<()> {
     let op = "w4a16_matmul";
     let level = simd::active()?;
-    let w = PackedW4 {
-        packed: contiguous(op, "packed", &packed)?,
-        scales: contiguous(op, "scales", &scales)?,
-        zeros: contiguous(op, "zeros", &zeros)?,
-        shape: Shape::new(op, n, k, group_size)?,
-    };
+    let w = packed_weight(op, &packed, &scales, &zeros, (n, k, group_size))?;
     let x = contiguous(op, "x", &x)?;
     let y = contiguous_mut(op, "y", &mut y)?;
     run_detached(py, op, || w4::gemv(level, &w, x, y))
@@ -101,12 +113,7 @@ fn w4_dequantize(
 ) -> PyResult<()> {
     let op = "dequantize";
     let level = simd::active()?;
-    let w = PackedW4 {
-        packed: contiguous(op, "packed", &packed)?,
-        scales: contiguous(op, "scales", &scales)?,
-        zeros: contiguous(op, "zeros", &zeros)?,
-        shape: Shape::new(op, n, k, group_size)?,
-    };
+    let w = packed_weight(op, &packed, &scales, &zeros, (n, k, group_size))?;
     let out = contiguous_mut(op, "out", &mut out)?;
     run_detached(py, op, || w4::dequantize(level, &w, row0..row1, out))
 }
