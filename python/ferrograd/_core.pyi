@@ -88,7 +88,7 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
 def cpu_info() -> dict[str, object]: ...
-def _panic_for_test(message: str) -> None: ...
+def _panic_for_test(message: str, parallel: bool = False) -> None: ...
 def shiftquant_quantize(
     x: npt.NDArray[np.float32],
     codes: npt.NDArray[np.int8],
@@ -198,4 +198,72 @@ def l1_norm_backward_codes(
     grad_in: npt.NDArray[np.float32],
     grad_weight: npt.NDArray[np.float32] | None = None,
     grad_bias: npt.NDArray[np.float32] | None = None,
+) -> None: ...
+
+# cut cross-entropy: one vocabulary chunk of logits [rows, width] per call
+def cce_forward_chunk(
+    logits: npt.NDArray[np.float32],
+    width: int,
+    v0: int,
+    targets: npt.NDArray[np.int64],
+    lse: npt.NDArray[np.float64],
+    target_logit: npt.NDArray[np.float32],
+    logit_sum: npt.NDArray[np.float64] | None = None,
+    softcap: float | None = None,
+) -> None:
+    """Folds the chunk into the running lse, target logits and logit sums (softcap in place)."""
+
+def cce_backward_chunk(
+    logits: npt.NDArray[np.float32],
+    width: int,
+    v0: int,
+    targets: npt.NDArray[np.int64],
+    lse: npt.NDArray[np.float32],
+    coef_softmax: npt.NDArray[np.float32],
+    coef_target: npt.NDArray[np.float32],
+    coef_uniform: npt.NDArray[np.float32],
+    softcap: float | None = None,
+) -> float:
+    """Turns the raw chunk into the logit gradient in place; returns its relative peak."""
+
+# W4: stored codes 0..15 (q + 8 when symmetric), the CPU layout of ferrograd.quant.w4
+def w4_quantize(
+    weight: npt.NDArray[np.float32],
+    n: int,
+    k: int,
+    group_size: int,
+    zero_point: bool,
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.uint8],
+) -> None: ...
+def w4_pack(
+    codes: npt.NDArray[np.uint8],
+    packed: npt.NDArray[np.uint8],
+    n: int,
+    k: int,
+    unpack: bool = False,
+) -> None: ...
+def w4_gemv(
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.uint8],
+    n: int,
+    k: int,
+    group_size: int,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+) -> None:
+    """y [m, n] = x [m, k] @ W_hat.T (group size a multiple of 32)."""
+
+def w4_dequantize(
+    packed: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zeros: npt.NDArray[np.uint8],
+    n: int,
+    k: int,
+    group_size: int,
+    row0: int,
+    row1: int,
+    out: npt.NDArray[np.float32],
 ) -> None: ...
