@@ -8,12 +8,10 @@
 
 use std::ops::{Add, Mul, Sub};
 
-use rayon::prelude::*;
-
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
 use crate::simd::{Simd, SimdLevel};
-use crate::threads;
+use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
 pub const SQRT_HALF_PI: f64 = 1.253_314_137_315_500_3;
@@ -409,14 +407,6 @@ impl Kernels for f64 {
 }
 
 /// `tasks` optional slots of `n` elements of `v` (all None when `v` is empty).
-fn slots<T>(v: &mut [T], n: usize, tasks: usize) -> Vec<Option<&mut [T]>> {
-    if v.is_empty() {
-        (0..tasks).map(|_| None).collect()
-    } else {
-        v.chunks_mut(n).map(Some).collect()
-    }
-}
-
 /// Rows per parallel task: everything on the calling thread for small inputs.
 fn rows_per_task(rows: usize, n: usize) -> usize {
     let threads = threads::num_threads();
@@ -485,17 +475,21 @@ pub fn forward<T: Kernels>(
         gamma: affine.gamma.unwrap_or(&ones),
         beta: affine.beta.unwrap_or(&zeros),
     };
-    let chunk = rows_per_task(rows, n);
-    let tasks = y.par_chunks_mut(chunk * n).zip(
-        stats
-            .mean
-            .par_chunks_mut(chunk)
-            .zip(stats.rstd.par_chunks_mut(chunk)),
+    let (y, mean, rstd) = (
+        Disjoint::new(y),
+        Disjoint::new(stats.mean),
+        Disjoint::new(stats.rstd),
     );
-    threads::install(|| {
-        tasks.enumerate().for_each(|(t, (y, (mean, rstd)))| {
-            T::forward(level, x, t * chunk, n, eps, p, y, Stats { mean, rstd })
-        })
+    threads::for_each_chunk(rows, rows_per_task(rows, n), |_, r| {
+        // SAFETY: chunks are disjoint row ranges.
+        let (y, stats) = unsafe {
+            let stats = Stats {
+                mean: mean.piece(r.clone()),
+                rstd: rstd.piece(r.clone()),
+            };
+            (y.piece(r.start * n..r.end * n), stats)
+        };
+        T::forward(level, x, r.start, n, eps, p, y, stats)
     });
     Ok(())
 }
@@ -534,31 +528,33 @@ pub fn backward<T: Kernels>(
     let (want_g, want_b) = (grads.dgamma.is_some(), grads.dbeta.is_some());
     let mut partial_g = vec![T::default(); if want_g { tasks * n } else { 0 }];
     let mut partial_b = vec![T::default(); if want_b { tasks * n } else { 0 }];
-    let (sg, sb) = (
-        slots(&mut partial_g, n, tasks),
-        slots(&mut partial_b, n, tasks),
+    let (dx, pg, pb) = (
+        Disjoint::new(grads.dx),
+        Disjoint::new(&mut partial_g),
+        Disjoint::new(&mut partial_b),
     );
-    let work = grads
-        .dx
-        .par_chunks_mut(chunk * n)
-        .zip(dy.par_chunks(chunk * n))
-        .zip(sg.into_par_iter().zip(sb));
-    threads::install(|| {
-        work.enumerate()
-            .for_each(|(t, ((dx, dy), (dgamma, dbeta)))| {
-                let r = t * chunk..(t * chunk + chunk).min(rows);
-                let stats = (&stats.0[r.clone()], &stats.1[r]);
-                T::backward(
-                    level,
-                    x,
-                    t * chunk,
-                    n,
-                    stats,
-                    dy,
-                    gamma,
-                    Grads { dx, dgamma, dbeta },
-                )
-            })
+    threads::for_each_chunk(rows, chunk, |t, r| {
+        // SAFETY: chunks are disjoint row ranges, and task t alone owns slot t.
+        let slot = t * n..(t + 1) * n;
+        let (dgamma, dbeta) = unsafe {
+            (
+                want_g.then(|| pg.piece(slot.clone())),
+                want_b.then(|| pb.piece(slot)),
+            )
+        };
+        let dx = unsafe { dx.piece(r.start * n..r.end * n) };
+        let stats = (&stats.0[r.clone()], &stats.1[r.clone()]);
+        let dy = &dy[r.start * n..r.end * n];
+        T::backward(
+            level,
+            x,
+            r.start,
+            n,
+            stats,
+            dy,
+            gamma,
+            Grads { dx, dgamma, dbeta },
+        )
     });
     for (out, partial) in [(grads.dgamma, partial_g), (grads.dbeta, partial_b)] {
         if let Some(out) = out {

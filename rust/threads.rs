@@ -1,5 +1,7 @@
 //! The thread pool every multithreaded kernel runs on, sized by `ferrograd.set_num_threads`.
 
+use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -98,6 +100,48 @@ pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
         work(0);
     });
 }
+
+/// Runs `f(t, rows)` for the consecutive ranges of `chunk` rows out of `rows` (the last may be
+/// short), in parallel through [`split`].
+pub fn for_each_chunk<F: Fn(usize, Range<usize>) + Sync>(rows: usize, chunk: usize, f: F) {
+    let chunk = chunk.max(1);
+    split(rows.div_ceil(chunk), |t| {
+        f(t, t * chunk..((t + 1) * chunk).min(rows))
+    });
+}
+
+/// A mutable slice that parallel parts cut into disjoint pieces.
+pub struct Disjoint<'a, T> {
+    ptr: SendPtr<T>,
+    len: usize,
+    _slice: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(slice: &'a mut [T]) -> Self {
+        Disjoint {
+            ptr: SendPtr(slice.as_mut_ptr()),
+            len: slice.len(),
+            _slice: PhantomData,
+        }
+    }
+
+    /// The elements `range` (bounds-checked).
+    ///
+    /// # Safety
+    /// No two pieces alive at the same time overlap.
+    #[allow(clippy::mut_from_ref)] // disjointness is the caller's contract
+    pub unsafe fn piece(&self, range: Range<usize>) -> &'a mut [T] {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "piece out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.0.add(range.start), range.len())
+    }
+}
+
+// SAFETY: pieces handed to different threads are disjoint (the `piece` contract).
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
 
 /// Rows per parallel task for a row-wise kernel: tasks of about `min_elems` elements, all
 /// rows on the calling thread when the whole job is smaller than that.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
 use crate::simd::{Simd, SimdLevel};
-use crate::threads::{self, SendPtr};
+use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
 const PAR_MIN: usize = 1 << 16;
@@ -294,38 +294,11 @@ unsafe fn dequantize_impl<S: Simd>(
     }
 }
 
-/// Output pointers shared by the threads of a quantization (each writes its own rows).
+/// Output pointers shared by the threads of `quantize_cols` (each writes its own panels).
 struct RawCodes {
     codes: SendPtr<i8>,
     scale: SendPtr<f32>,
     shifts: SendPtr<u8>,
-}
-
-impl RawCodes {
-    fn new(out: Codes<'_>) -> RawCodes {
-        RawCodes {
-            codes: SendPtr(out.codes.as_mut_ptr()),
-            scale: SendPtr(out.scale.as_mut_ptr()),
-            shifts: SendPtr(out.shifts.as_mut_ptr()),
-        }
-    }
-
-    /// The outputs of rows `rows` (of `len` codes and `groups` shifts each).
-    ///
-    /// # Safety
-    /// The rows are in bounds of the `Codes` this was made from, and no other live `Codes`
-    /// covers them.
-    unsafe fn rows(&self, rows: Range<usize>, len: usize, groups: usize) -> Codes<'_> {
-        let n = rows.len();
-        Codes {
-            codes: std::slice::from_raw_parts_mut(self.codes.ptr().add(rows.start * len), n * len),
-            scale: std::slice::from_raw_parts_mut(self.scale.ptr().add(rows.start), n),
-            shifts: std::slice::from_raw_parts_mut(
-                self.shifts.ptr().add(rows.start * groups),
-                n * groups,
-            ),
-        }
-    }
 }
 
 thread_local! {
@@ -361,11 +334,20 @@ pub fn quantize_rows(
     }
     let chunk = threads::rows_per_task(rows, len, PAR_MIN);
     let groups = num_groups(len, spec.group_size);
-    let raw = RawCodes::new(out);
-    threads::split(rows.div_ceil(chunk), |t| {
-        let r = t * chunk..((t + 1) * chunk).min(rows);
-        // SAFETY: task t alone writes rows r, which `out.check` put in bounds.
-        let out = unsafe { raw.rows(r.clone(), len, groups) };
+    let (codes, scale, shifts) = (
+        Disjoint::new(out.codes),
+        Disjoint::new(out.scale),
+        Disjoint::new(out.shifts),
+    );
+    threads::for_each_chunk(rows, chunk, |_, r| {
+        // SAFETY: chunks are disjoint row ranges.
+        let out = unsafe {
+            Codes {
+                codes: codes.piece(r.start * len..r.end * len),
+                scale: scale.piece(r.clone()),
+                shifts: shifts.piece(r.start * groups..r.end * groups),
+            }
+        };
         quantize_rows_level(
             level,
             &x[r.start * len..r.end * len],
@@ -399,7 +381,11 @@ pub fn quantize_cols(
         out.scale.fill(0.0);
         return Ok(());
     }
-    let raw = RawCodes::new(out);
+    let raw = RawCodes {
+        codes: SendPtr(out.codes.as_mut_ptr()),
+        scale: SendPtr(out.scale.as_mut_ptr()),
+        shifts: SendPtr(out.shifts.as_mut_ptr()),
+    };
     let panel = |p: usize| {
         let c0 = p * PANEL;
         PANEL_BUF.with_borrow_mut(|buf| {
