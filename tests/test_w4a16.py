@@ -245,6 +245,31 @@ def test_smoothquant_plus_keeps_input_scales_when_folding_is_inexact():
     assert all(layer.folded_into is None for layer in report.layers.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size, zero_point", [(32, True), (64, False), (-1, True)])
+def test_cuda_kernel_decomposition_emulated(dtype, group_size, zero_point):
+    """kernels/w4a16.cu's blocks, warps, lanes, fragments and split-K, run in torch: equal to
+    x @ W_hat.T with W_hat rounded to x's dtype (what the kernel feeds the tensor cores)."""
+    from ferrograd.ops import w4a16_cuda as cu
+
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 20, 136, 128  # two blocks of rows and of columns, four K steps (split four ways)
+    q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), group_size, zero_point)
+    scales, zeros = (t.to(dtype) if t.is_floating_point() else t for t in q.kernel_params())
+    qweight = cu.pack_gpu(q.stored_codes())
+    assert qweight.dtype == torch.int32 and qweight.shape == (n, k // 8)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    got = cu.emulate(x, qweight, scales, zeros, group_size)
+    per_column = torch.arange(k) // (k if group_size == -1 else group_size)
+    w_hat = (q.stored_codes().float() - zeros[:, per_column].float()) * scales[
+        :, per_column
+    ].float()
+    want = x.double() @ w_hat.to(dtype).double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert cu.launch_plan(m, n, k) == ((2, 2, 4), 1)
+    assert cu.supports(k, group_size) and not cu.supports(96 + 8, 32)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="quantize_w4: weight holds NaN"):
         fg.quant.quantize_w4(torch.tensor([[1.0, float("nan")]]))
