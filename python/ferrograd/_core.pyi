@@ -267,3 +267,5 @@ def w4_dequantize(
     row1: int,
     out: npt.NDArray[np.float32],
 ) -> None: ...
+def kernel_sources() -> dict[str, str]:
+    """File name -> source of the CUDA kernels embedded from kernels/."""

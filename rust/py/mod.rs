@@ -10,6 +10,7 @@ use crate::error::{FgError, FgResult};
 
 mod batching;
 mod cce;
+mod kernels;
 mod l1norm;
 mod optim;
 mod runtime;
@@ -52,6 +53,7 @@ pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batching::register(m)?;
     cce::register(m)?;
+    kernels::register(m)?;
     l1norm::register(m)?;
     optim::register(m)?;
     runtime::register(m)?;

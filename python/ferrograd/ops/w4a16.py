@@ -7,7 +7,9 @@ max|x| / 32639, split into two signed bytes for ``vpdpbusd``): relative error at
 the row's largest |x| per element, the "A16" of W4A16; elsewhere it runs in float32.
 more rows dequantize ``DEQUANT_BLOCK_ROWS`` rows of W at a time into torch's float32 matmul.
 Computed in float32, returned in x's dtype. The weight is frozen: autograd reaches x and bias.
-Other devices dequantize with torch ops and call torch's matmul.
+CUDA: fp16 / bf16 x run kernels/w4a16.cu (mma.sync tensor cores, in-register dequantization,
+split-K) when K and the group size are multiples of 32; other dtypes and shapes, and other
+devices, dequantize with torch ops and call torch's matmul. The backward always does the latter.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _core
+from .. import _core, cuda
 from ..quant.w4 import W4Weight
+from . import w4a16_cuda
 from ._checks import check_floating, check_tensor
 
 __all__ = ["w4a16_matmul"]
@@ -69,12 +72,24 @@ def _grad_input_cpu(dy: torch.Tensor, w: W4Weight) -> torch.Tensor:
     return dx
 
 
+def _use_cuda_kernel(x: torch.Tensor, w: W4Weight) -> bool:
+    """fp16 / bf16 x on a GPU with a shape kernels/w4a16.cu takes (else: dequantize + matmul)."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and w4a16_cuda.supports(w.shape[1], w.group_size)
+        and cuda.is_available()
+    )
+
+
 class _W4A16Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, w: W4Weight) -> torch.Tensor:
         ctx.w = w
         if x2.device.type == "cpu":
             return _matmul_cpu(x2.float().contiguous(), w).to(x2.dtype)
+        if _use_cuda_kernel(x2, w):
+            return w4a16_cuda.matmul(x2, w)
         return x2 @ w.dequantize().to(x2.dtype).T
 
     @staticmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK_N", "STEP_K", "emulate", "launch_plan", "pack_gpu", "supports"]
+__all__ = ["BLOCK_N", "STEP_K", "emulate", "launch_plan", "matmul", "pack_gpu", "supports"]
 
 #: Columns of W per block (4 warps x 4 n8 tiles) and columns of K per step (kernels/w4a16.cu).
 BLOCK_N = 128
@@ -35,6 +35,33 @@ def pack_gpu(stored_codes: torch.Tensor) -> torch.Tensor:
     shifts = 4 * torch.arange(8, device=stored_codes.device)
     words = (nibbles << shifts).sum(-1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement of 32 bits
+
+
+def operands(w, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight, scales in ``dtype``, zeros) of a CUDA W4Weight, built once per dtype."""
+    if dtype not in w.cuda_operands:
+        from ..quant.w4 import unpack_torch
+
+        qweight = pack_gpu(unpack_torch(w.packed, w.shape[1]))
+        scales, zeros = (t.to(w.device) for t in w.kernel_params())
+        w.cuda_operands[dtype] = (qweight, scales.to(dtype).contiguous(), zeros)
+    return w.cuda_operands[dtype]
+
+
+def matmul(x: torch.Tensor, w) -> torch.Tensor:
+    """x [M, K] float16 / bfloat16 on a GPU @ W_hat.T through kernels/w4a16.cu -> [M, N]."""
+    from .. import cuda
+
+    m, k = x.shape
+    n = w.shape[0]
+    qweight, scales, zeros = operands(w, x.dtype)
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid, per_split = launch_plan(m, n, k)
+    group = k if w.group_size == -1 else w.group_size
+    t = "__half" if x.dtype == torch.float16 else "__nv_bfloat16"
+    gemm = cuda.kernel("w4a16.cu", "w4a16_gemm", {"W4_T": t})
+    gemm(grid, (128,), [x.contiguous(), qweight, scales, zeros, out, m, n, k, group, per_split])
+    return out.to(x.dtype)
 
 
 def launch_plan(m: int, n: int, k: int) -> tuple[tuple[int, int, int], int]:

@@ -60,6 +60,8 @@ class W4Weight:
         self.group_size = group_size
         self.dtype = dtype
         self._kernel_params: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: Per-dtype GPU operands of kernels/w4a16.cu (ferrograd.ops.w4a16_cuda fills it).
+        self.cuda_operands: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
 
     @property
     def zero_point(self) -> bool:

@@ -1,0 +1,273 @@
+"""ferrograd's CUDA runtime (DESIGN.md section 3).
+
+The kernels of kernels/ travel inside the extension (``_core.kernel_sources()``). At first use a
+file is compiled with NVRTC (``cuda.bindings.nvrtc``; works without a GPU or driver) for the
+current device, the PTX cached on disk in ``$FERROGRAD_CACHE_DIR`` (default
+``~/.cache/ferrograd``) under a key made of the sources, the architecture, the NVRTC version and
+the options, loaded with the driver (``cuModuleLoadData``) and launched on
+``torch.cuda.current_stream()``. A driver older than the NVRTC refuses its PTX ISA: then the
+file is compiled to a cubin for the exact architecture instead.
+
+Importing this module never fails; using it without cuda-python, NVRTC, a driver or a GPU raises
+a RuntimeError that says which is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .. import _core
+
+__all__ = [
+    "KERNEL_VARIANTS",
+    "CompileError",
+    "Kernel",
+    "compile_ptx",
+    "include_dirs",
+    "is_available",
+    "kernel",
+]
+
+#: The defines each kernel file is built with (every combination is compiled by the tests).
+KERNEL_VARIANTS: dict[str, list[dict[str, str]]] = {
+    "w4a16.cu": [{"W4_T": "__half"}, {"W4_T": "__nv_bfloat16"}],
+}
+#: Driver errors that mean "this PTX is too new for me": retry with a cubin.
+_PTX_REFUSED = ("CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_PTX")
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel file; the message holds its log."""
+
+
+def _bindings():
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError as e:  # pragma: no cover - the package depends on cuda-python
+        raise RuntimeError(
+            "ferrograd.cuda needs cuda-python (pip install cuda-python): " + str(e)
+        ) from e
+    return driver, nvrtc
+
+
+def _check(result, what: str):
+    """Unwraps a cuda-python (status, *values) tuple; raises RuntimeError naming the call."""
+    status, *values = result
+    if int(status) != 0:
+        name = getattr(status, "name", str(status))
+        raise RuntimeError(f"ferrograd.cuda: {what} failed: {name}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def include_dirs() -> list[str]:
+    """The CUDA headers of the pip runtime wheels (pip NVRTC has no cuda_fp16.h built in)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        for candidate in ("cu13/include", "cuda_runtime/include", "cu12/include"):
+            path = Path(root) / candidate
+            if (path / "cuda_fp16.h").exists():
+                found.append(str(path))
+    return found
+
+
+def nvrtc_version() -> tuple[int, int]:
+    _, nvrtc = _bindings()
+    return _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FERROGRAD_CACHE_DIR", Path.home() / ".cache" / "ferrograd"))
+
+
+def _options(arch: str, defines: Mapping[str, str]) -> list[str]:
+    opts = [f"--gpu-architecture={arch}", "--std=c++17"]
+    opts += [f"-I{d}" for d in include_dirs()]
+    opts += [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    return opts
+
+
+def cache_key(file: str, arch: str, defines: Mapping[str, str] | None = None) -> str:
+    """sha256 of every kernel source, the architecture, the NVRTC version and the options."""
+    h = hashlib.sha256()
+    for name, source in sorted(_core.kernel_sources().items()):
+        h.update(name.encode() + b"\0" + source.encode() + b"\0")
+    h.update(repr((file, arch, nvrtc_version(), _options(arch, defines or {}))).encode())
+    return h.hexdigest()
+
+
+def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> tuple[bytes, str]:
+    """(PTX or cubin, NVRTC log) of ``file`` for ``arch`` (compute_XX or sm_XX)."""
+    _, nvrtc = _bindings()
+    sources = _core.kernel_sources()
+    if file not in sources:
+        raise ValueError(f"ferrograd.cuda: no kernel file {file!r} (have {sorted(sources)})")
+    headers = {n: s for n, s in sources.items() if n.endswith((".cuh", ".h"))}
+    prog = _check(
+        nvrtc.nvrtcCreateProgram(
+            sources[file].encode(), file.encode(), len(headers),
+            [s.encode() for s in headers.values()], [n.encode() for n in headers],
+        ),
+        "nvrtcCreateProgram",
+    )  # fmt: skip
+    try:
+        opts = [o.encode() for o in _options(arch, defines)]
+        status, *_ = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log_text = log.rstrip(b"\0 ").decode(errors="replace").strip()
+        if int(status) != 0:
+            raise CompileError(
+                f"ferrograd.cuda: NVRTC could not compile {file} for {arch}:\n{log_text}"
+            )
+        get_size, get = (
+            (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+            if cubin
+            else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
+        )
+        out = b" " * _check(get_size(prog), "nvrtcGet size")
+        _check(get(prog, out), "nvrtcGet code")
+        return out, log_text
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_ptx(
+    file: str, arch: str, defines: Mapping[str, str] | None = None, *, cache_results: bool = True
+) -> tuple[str, str]:
+    """(PTX, NVRTC log) of a kernels/ file for a virtual architecture such as ``compute_90a``;
+    needs no GPU. Cached on disk (the log of a cached entry is empty: it compiled cleanly or
+    with the warnings shown the first time)."""
+    defines = dict(defines or {})
+    path = _cache_dir() / f"{cache_key(file, arch, defines)}.ptx"
+    if cache_results and path.exists():
+        return path.read_text(), ""
+    ptx, log = _compile(file, arch, defines, cubin=False)
+    text = ptx.rstrip(b"\0").decode()
+    if cache_results:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
+            f.write(text)
+        os.replace(f.name, path)  # atomic: concurrent processes never read half a file
+    return text, log
+
+
+def is_available() -> bool:
+    """Whether kernels can be launched here (a CUDA GPU, its driver and cuda-python)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _bindings()
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass
+class Kernel:
+    """A loaded kernel function; call it with the grid, block and typed arguments."""
+
+    name: str
+    function: object
+    device: int
+
+    def __call__(
+        self,
+        grid: Sequence[int],
+        block: Sequence[int],
+        args: Sequence[object],
+        shared_mem: int = 0,
+    ) -> None:
+        """Launches on torch's current stream. ``args``: tensors (passed as device pointers),
+        ``ctypes`` values as they are (c_int, c_longlong, c_float...), Python ints as int32 and
+        floats as float32."""
+        driver, _ = _bindings()
+        values, types = [], []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if a.device != torch.device("cuda", self.device):
+                    raise ValueError(f"{self.name}: a tensor argument is on {a.device}")
+                values.append(a.data_ptr())
+                types.append(ctypes.c_void_p)
+            elif isinstance(a, ctypes._SimpleCData):
+                values.append(a.value)
+                types.append(type(a))
+            elif isinstance(a, bool) or not isinstance(a, int | float):
+                raise TypeError(f"{self.name}: cannot pass a {type(a).__name__} to a kernel")
+            else:
+                values.append(a)
+                types.append(ctypes.c_int if isinstance(a, int) else ctypes.c_float)
+        if shared_mem > 48 * 1024:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(driver.cuFuncSetAttribute(self.function, attr, shared_mem), "cuFuncSetAttribute")
+        stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        gx, gy, gz = (*grid, 1, 1)[:3]
+        bx, by, bz = (*block, 1, 1)[:3]
+        _check(
+            driver.cuLaunchKernel(
+                self.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
+                (tuple(values), tuple(types)), 0,
+            ),
+            f"cuLaunchKernel({self.name})",
+        )  # fmt: skip
+
+
+def _architecture(device: int) -> tuple[str, str]:
+    """(virtual, real) architecture names of ``device``: compute_90a / sm_90a on Hopper."""
+    major, minor = torch.cuda.get_device_capability(device)
+    suffix = "a" if (major, minor) == (9, 0) else ""
+    return f"compute_{major}{minor}{suffix}", f"sm_{major}{minor}{suffix}"
+
+
+def _make_current(device: int) -> None:
+    driver, _ = _bindings()
+    torch.cuda.init()
+    _check(driver.cuInit(0), "cuInit")
+    dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
+    ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+@cache
+def _module(file: str, defines: tuple[tuple[str, str], ...], device: int):
+    driver, _ = _bindings()
+    _make_current(device)
+    virtual, real = _architecture(device)
+    ptx, _ = compile_ptx(file, virtual, dict(defines))
+    status, module = driver.cuModuleLoadData(ptx.encode() + b"\0")
+    if getattr(status, "name", "") in _PTX_REFUSED:
+        cubin, _ = _compile(file, real, dict(defines), cubin=True)
+        module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData(cubin)")
+    elif int(status) != 0:
+        raise RuntimeError(f"ferrograd.cuda: cuModuleLoadData({file}) failed: {status.name}")
+    return module
+
+
+@cache
+def _kernel(file: str, name: str, defines: tuple[tuple[str, str], ...], device: int) -> Kernel:
+    driver, _ = _bindings()
+    module = _module(file, defines, device)
+    function = _check(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+    return Kernel(name, function, device)
+
+
+def kernel(file: str, name: str, defines: Mapping[str, str] | None = None) -> Kernel:
+    """The kernel ``name`` of kernels/``file`` built with ``defines`` for the current device
+    (compiled, loaded and looked up once per process)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"ferrograd.cuda: {file}:{name} needs a CUDA GPU; torch sees none")
+    defines_key = tuple(sorted((defines or {}).items()))
+    return _kernel(file, name, defines_key, torch.cuda.current_device())
