@@ -14,13 +14,14 @@ a = g (1 + 2 z_loss lse) + g_lse, b = g (1 - ls), u = g ls / V, for the row loss
   buffer, the Rust core folds them into a running log-sum-exp (forward) or turns them into dz in
   place (backward), and two matmuls accumulate dE and dC. Extra memory: one [rows, chunk] buffer.
   float64 runs the same loop with torch ops per chunk (gradcheck).
-- CUDA: kernels/cce.cu through ``ferrograd.ops.cce_cuda``.
+- CUDA: the same loop with torch ops per chunk (cuBLAS matmuls into a 256 MiB float32 buffer,
+  the row passes as torch elementwise ops). A fused kernel (kernels/cce.cu: tiled mma with the
+  log-sum-exp on the fly, filtered recomputing backward) has not landed yet.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,20 +29,23 @@ from torch.autograd.function import once_differentiable
 from .. import _core
 from ._checks import check_floating, check_tensor
 
-__all__ = ["cce_backward_cpu", "cce_forward_cpu", "linear_cross_entropy"]
+__all__ = ["chunked_backward", "chunked_forward", "linear_cross_entropy"]
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
-#: Elements of the reused CPU logits buffer (32 MiB in float32).
+#: Elements of the reused logits buffer: 32 MiB of float32 on the CPU, 256 MiB on a GPU (where
+#: larger chunks keep cuBLAS efficient).
 CPU_BUFFER_ELEMS = 1 << 23
+GPU_BUFFER_ELEMS = 1 << 26
 #: The fewest vocabulary entries per CPU chunk (keeps torch's matmul efficient).
 CPU_MIN_CHUNK = 256
 
 
-def _blocks(rows: int, vocab: int) -> tuple[int, int]:
+def _blocks(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """Rows per block and vocabulary entries per chunk so that a block fits the buffer."""
-    row_block = max(1, min(rows, CPU_BUFFER_ELEMS // CPU_MIN_CHUNK))
-    chunk = max(CPU_MIN_CHUNK, CPU_BUFFER_ELEMS // row_block)
+    elems = CPU_BUFFER_ELEMS if device.type == "cpu" else GPU_BUFFER_ELEMS
+    row_block = max(1, min(rows, elems // CPU_MIN_CHUNK))
+    chunk = max(CPU_MIN_CHUNK, elems // row_block)
     return row_block, min(vocab, chunk)
 
 
@@ -62,8 +66,8 @@ def _softcap_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 def _forward_chunk(z, v0, targets, lse, target_logit, logit_sum, softcap) -> None:
     """Folds the raw chunk logits z (vocabulary v0..) into the running float64 ``lse``, the
-    target logits and the logit sums: the Rust kernel for float32, torch ops for float64."""
-    if z.dtype == torch.float32:
+    target logits and the logit sums: the Rust kernel for CPU float32, torch ops otherwise."""
+    if z.device.type == "cpu" and z.dtype == torch.float32:
         sums = None if logit_sum is None else logit_sum.numpy()
         _core.cce_forward_chunk(
             z.numpy(),
@@ -88,8 +92,8 @@ def _forward_chunk(z, v0, targets, lse, target_logit, logit_sum, softcap) -> Non
 
 def _backward_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     """Turns the raw chunk logits z into the logit gradient in place and returns the chunk's
-    largest |dz_ij| / max(|a_i|, |b_i|): the Rust kernel for float32, torch ops for float64."""
-    if z.dtype == torch.float32:
+    largest |dz_ij| / max(|a_i|, |b_i|): the Rust kernel for CPU float32, torch ops otherwise."""
+    if z.device.type == "cpu" and z.dtype == torch.float32:
         arrays = (t.numpy() for t in (targets, lse, *coefs))
         return _core.cce_backward_chunk(z.numpy(), z.shape[1], v0, *arrays, softcap)
     a, b, u = coefs
@@ -107,7 +111,7 @@ def _backward_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     return float(peak)
 
 
-def cce_forward_cpu(
+def chunked_forward(
     e: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
@@ -116,7 +120,7 @@ def cce_forward_cpu(
     want_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, target logit, logit sum or None) per row of e [N, D] (rows with targets < 0 get
-    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk."""
+    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk on e's device."""
     kd = torch.float64 if e.dtype == torch.float64 else torch.float32
     rows, vocab = e.shape[0], c.shape[0]
     ek = e.to(kd)
@@ -124,7 +128,7 @@ def cce_forward_cpu(
     lse = torch.full((rows,), -math.inf, **f64)
     target_logit = torch.zeros(rows, dtype=kd, device=e.device)
     logit_sum = torch.zeros(rows, **f64) if want_sum else None
-    row_block, chunk = _blocks(rows, vocab)
+    row_block, chunk = _blocks(rows, vocab, e.device)
     buf = torch.empty(min(rows, row_block) * chunk, dtype=kd, device=e.device)
     for r0 in range(0, rows, row_block):
         r1 = min(rows, r0 + row_block)
@@ -135,7 +139,7 @@ def cce_forward_cpu(
     return lse.to(kd), target_logit, None if logit_sum is None else logit_sum.to(kd)
 
 
-def cce_backward_cpu(
+def chunked_backward(
     e: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
@@ -159,7 +163,7 @@ def cce_backward_cpu(
     dc = torch.zeros(vocab, c.shape[1], **like)
     dbias = torch.zeros(vocab, **like) if need_bias_grad else None
     coefs = tuple(t.to(kd).contiguous() for t in (coef_softmax, coef_target, coef_uniform))
-    row_block, chunk = _blocks(rows, vocab)
+    row_block, chunk = _blocks(rows, vocab, e.device)
     buf = torch.empty(min(rows, row_block) * chunk, **like)
     for r0 in range(0, rows, row_block):
         r1 = min(rows, r0 + row_block)
@@ -178,24 +182,15 @@ def cce_backward_cpu(
     return de, dc, dbias
 
 
-def _backend(e: torch.Tensor) -> tuple[Callable, Callable]:
-    """CUDA kernels for CUDA tensors below float64; the chunked loop (torch ops for float64)
-    otherwise."""
-    if e.is_cuda and e.dtype != torch.float64:
-        from . import cce_cuda
-
-        return cce_cuda.cce_forward_cuda, cce_cuda.cce_backward_cuda
-    return cce_forward_cpu, cce_backward_cpu
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """Row losses (0 where ignored) and lse of e [N, D] against c [V, D]; targets [N] < 0 are
     ignored rows."""
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, softcap, label_smoothing, z_loss, filter_eps):
-        forward, _ = _backend(e)
-        lse, target_logit, logit_sum = forward(e, c, bias, targets, softcap, label_smoothing > 0)
+        lse, target_logit, logit_sum = chunked_forward(
+            e, c, bias, targets, softcap, label_smoothing > 0
+        )
         row = lse - (1.0 - label_smoothing) * target_logit
         if logit_sum is not None:
             row = row - (label_smoothing / c.shape[0]) * logit_sum
@@ -215,9 +210,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         coef_softmax = grad_row * (1.0 + 2.0 * z_loss * lse) + grad_lse
         coef_target = grad_row * (1.0 - label_smoothing)
         coef_uniform = grad_row * (label_smoothing / c.shape[0])
-        _, backward = _backend(e)
         coefs = (coef_softmax, coef_target, coef_uniform)
-        de, dc, dbias = backward(
+        de, dc, dbias = chunked_backward(
             e, c, bias, targets, lse, *coefs, softcap, filter_eps, bias is not None
         )
         dbias = None if dbias is None else dbias.to(bias.dtype)
