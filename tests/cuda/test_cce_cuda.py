@@ -43,5 +43,7 @@ def test_matches_float64_as_well_as_torch_does(dtype, options):
     base = loss_and_grads(torch_loss, e, c, bias, targets, dtype, **options)
     got = loss_and_grads(ours, e, c, bias, targets, dtype, **options)
     for r, b, o in zip(ref, base, got, strict=True):
-        tol = 1e-6 * r.abs().max()
-        assert ((r - o).abs() <= (r - b).abs() + tol).float().mean() > 0.999
+        if dtype == torch.float32:  # both near float64: compare with it directly
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+        else:  # computed in float32 from the same inputs: never worse than torch in dtype
+            assert ((r - o).abs() <= (r - b).abs() + 1e-6 * r.abs().max()).all()
