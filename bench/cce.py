@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, gpu_time, interleaved_times
+from harness import Bench, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
 
@@ -166,13 +166,7 @@ def gpu(bench: Bench) -> None:
 def main(threads: int | None = None) -> None:
     bench = Bench("cce", threads)
     cpu(bench)
-    notes = {"gpu": "no GPU in this run"}
-    if torch.cuda.is_available():
-        bench_gpu = Bench("cce_gpu", threads)
-        gpu(bench_gpu)
-        bench_gpu.save({"device": torch.cuda.get_device_name()})
-        notes = {"gpu": "see cce_gpu.json"}
-    bench.save(notes)
+    bench.save(gpu_section("cce", threads, gpu))
 
 
 if __name__ == "__main__":

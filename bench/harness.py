@@ -164,6 +164,17 @@ class Bench:
         return path
 
 
+def gpu_section(name: str, threads: int | None, run: Callable[[Bench], None]) -> dict:
+    """Runs ``run`` into bench/results/<name>_gpu.json when torch sees a GPU; returns the note
+    for the CPU results saying where the GPU figures are (or that there are none)."""
+    if not torch.cuda.is_available():
+        return {"gpu": "no GPU in this run"}
+    bench = Bench(f"{name}_gpu", threads)
+    run(bench)
+    bench.save({"device": torch.cuda.get_device_name()})
+    return {"gpu": f"see {name}_gpu.json"}
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, gpu_time, interleaved_times
+from harness import Bench, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
 
@@ -133,13 +133,7 @@ def main(threads: int | None = None) -> None:
             cpu_matmul(bench, n, k, m)
     quantize_speed(bench)
     fidelity(bench)
-    notes = {"gpu": "no GPU in this run"}
-    if torch.cuda.is_available():
-        bench_gpu = Bench("w4a16_gpu", threads)
-        gpu(bench_gpu)
-        bench_gpu.save({"device": torch.cuda.get_device_name()})
-        notes = {"gpu": "see w4a16_gpu.json"}
-    bench.save(notes)
+    bench.save(gpu_section("w4a16", threads, gpu))
 
 
 if __name__ == "__main__":
