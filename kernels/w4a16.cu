@@ -14,51 +14,15 @@
 // the fp32 output with atomicAdd (the caller zeroes it and casts it to T afterwards).
 // The weight is dequantized in registers ((q - z) * s in fp32, rounded once to T).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 #ifndef W4_T
 #define W4_T __half
 #endif
 
-// NVRTC has no <cstdint>.
-using u8 = unsigned char;
-using u32 = unsigned int;
-using i32 = int;
-using i64 = long long;
+using namespace fg;
 
-namespace w4a16 {
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Two floats rounded to T, the first in the low half (the smaller k of a fragment pair).
-__device__ __forceinline__ u32 pack2(float lo, float hi, __half) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-__device__ __forceinline__ u32 pack2(float lo, float hi, __nv_bfloat16) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-
-// d += a (16x16, row) · b (16x8, col), fp32 accumulators.
-__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4],
-                                          const u32 (&b)[2], __half) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4],
-                                          const u32 (&b)[2], __nv_bfloat16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+namespace {
 
 constexpr int kWarps = 4;
 constexpr int kTilesPerWarp = 4;  // n8 tiles
@@ -69,9 +33,7 @@ __device__ __forceinline__ u32 load_pair(const W4_T* row, int k, bool valid) {
     return valid ? *reinterpret_cast<const u32*>(row + k) : 0u;
 }
 
-}  // namespace w4a16
-
-using namespace w4a16;
+}  // namespace
 
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 w4a16_gemm(const W4_T* __restrict__ x, const i32* __restrict__ qweight,

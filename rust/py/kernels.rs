@@ -5,7 +5,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// (file name, source) of every file in kernels/ that NVRTC reads.
-const SOURCES: &[(&str, &str)] = &[("w4a16.cu", include_str!("../../kernels/w4a16.cu"))];
+const SOURCES: &[(&str, &str)] = &[
+    ("cce.cu", include_str!("../../kernels/cce.cu")),
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("w4a16.cu", include_str!("../../kernels/w4a16.cu")),
+];
 
 /// File name -> source of the embedded CUDA kernels.
 #[pyfunction]

@@ -39,6 +39,7 @@ __all__ = [
 
 #: The defines each kernel file is built with (every combination is compiled by the tests).
 KERNEL_VARIANTS: dict[str, list[dict[str, str]]] = {
+    "cce.cu": [{"CCE_T": "__half"}, {"CCE_T": "__nv_bfloat16"}],
     "w4a16.cu": [{"W4_T": "__half"}, {"W4_T": "__nv_bfloat16"}],
 }
 #: Driver errors that mean "this PTX is too new for me": retry with a cubin.
@@ -203,7 +204,7 @@ class Kernel:
                 values.append(a.data_ptr())
                 types.append(ctypes.c_void_p)
             elif isinstance(a, ctypes._SimpleCData):
-                values.append(a.value)
+                values.append(0 if a.value is None else a.value)  # c_void_p(0).value is None
                 types.append(type(a))
             elif isinstance(a, bool) or not isinstance(a, int | float):
                 raise TypeError(f"{self.name}: cannot pass a {type(a).__name__} to a kernel")

@@ -14,9 +14,10 @@ a = g (1 + 2 z_loss lse) + g_lse, b = g (1 - ls), u = g ls / V, for the row loss
   buffer, the Rust core folds them into a running log-sum-exp (forward) or turns them into dz in
   place (backward), and two matmuls accumulate dE and dC. Extra memory: one [rows, chunk] buffer.
   float64 runs the same loop with torch ops per chunk (gradcheck).
-- CUDA: the same loop with torch ops per chunk (cuBLAS matmuls into a 256 MiB float32 buffer,
-  the row passes as torch elementwise ops). A fused kernel (kernels/cce.cu: tiled mma with the
-  log-sum-exp on the fly, filtered recomputing backward) has not landed yet.
+- CUDA: the forward of fp16 / bf16 inputs is kernels/cce.cu (tiled mma.sync with the
+  log-sum-exp on the fly, no [N, V] buffer); everything else, and the backward, is the same
+  chunked loop with torch ops (cuBLAS matmuls into a 256 MiB float32 buffer). A fused filtered
+  backward kernel has not landed yet.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import _core
+from .. import _core, cuda
+from . import cce_cuda
 from ._checks import check_floating, check_tensor
 
 __all__ = ["chunked_backward", "chunked_forward", "linear_cross_entropy"]
@@ -120,7 +122,10 @@ def chunked_forward(
     want_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, target logit, logit sum or None) per row of e [N, D] (rows with targets < 0 get
-    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk on e's device."""
+    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk on e's device; on a
+    GPU with fp16 / bf16 inputs in one pass of kernels/cce.cu instead."""
+    if cce_cuda.supports(e) and cuda.is_available():
+        return cce_cuda.forward(e, c, bias, targets, softcap, want_sum)
     kd = torch.float64 if e.dtype == torch.float64 else torch.float32
     rows, vocab = e.shape[0], c.shape[0]
     ek = e.to(kd)

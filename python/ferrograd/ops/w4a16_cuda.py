@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ._mma_emulation import LANES, mma_16816, row_pairs
+
 __all__ = ["BLOCK_N", "STEP_K", "emulate", "launch_plan", "matmul", "pack_gpu", "supports"]
 
 #: Columns of W per block (4 warps x 4 n8 tiles) and columns of K per step (kernels/w4a16.cu).
@@ -87,8 +89,7 @@ def emulate(x, qweight, scales, zeros, group_size: int) -> torch.Tensor:
     group = k if group_size == -1 else group_size
     grid, per_split = launch_plan(m, n, k)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    lane = torch.arange(32, device=x.device)
-    gid, tig = lane >> 2, lane & 3
+    gid, tig = (t.to(x.device) for t in LANES)
     for bx in range(grid[0]):
         for by in range(grid[1]):
             for bz in range(grid[2]):
@@ -104,11 +105,6 @@ def _warp(x, qweight, scales, zeros, group, out, row0, col0, steps, gid, tig):
     n = qweight.shape[0]
     ra, rb = row0 + gid, row0 + gid + 8
 
-    def a_pair(rows, cols):  # (32, 2): x[row, col], x[row, col + 1]; 0 past M
-        valid = (rows < m)[:, None]
-        vals = x[rows.clamp(max=m - 1)[:, None], cols[:, None] + torch.arange(2, device=x.device)]
-        return torch.where(valid, vals.float(), 0.0)
-
     acc = torch.zeros(4, 32, 4, device=x.device)  # tile, lane, c0..c3
     for step in steps:
         kbase = step * STEP_K
@@ -123,12 +119,12 @@ def _warp(x, qweight, scales, zeros, group, out, row0, col0, steps, gid, tig):
             words = torch.where(valid[:, None], words, 0)
             for h in range(2):
                 kk = kbase + h * 16 + tig * 2
-                a = [a_pair(ra, kk), a_pair(rb, kk), a_pair(ra, kk + 8), a_pair(rb, kk + 8)]
+                a = [row_pairs(x, r, c) for c in (kk, kk + 8) for r in (ra, rb)]
                 b = [
                     ((_pairs(words[:, 2 * h + j], tig) - zero) * scale).to(x.dtype).float()
                     for j in range(2)
                 ]
-                acc[t] += _mma(a, b, gid, tig)
+                acc[t] += mma_16816(a, b)
     for t in range(4):
         col = col0 + t * 8 + tig * 2
         for i in range(4):
@@ -136,16 +132,3 @@ def _warp(x, qweight, scales, zeros, group, out, row0, col0, steps, gid, tig):
             cc = col + (i & 1)
             keep = (r < m) & (cc < n)
             out.index_put_((r[keep], cc[keep]), acc[t, keep, i], accumulate=True)
-
-
-def _mma(a, b, gid, tig):
-    """m16n8k16 on fragments held per lane (PTX ISA layout), returned per lane as c0..c3."""
-    a_mat = torch.zeros(16, 16, device=gid.device)
-    b_mat = torch.zeros(16, 8, device=gid.device)
-    g, k = gid[:, None], 2 * tig[:, None] + torch.arange(2, device=gid.device)
-    a_mat[g, k], a_mat[g + 8, k], a_mat[g, k + 8], a_mat[g + 8, k + 8] = a
-    b_mat[k, g], b_mat[k + 8, g] = b
-    c = a_mat @ b_mat
-    rows = torch.stack([gid, gid, gid + 8, gid + 8], 1)
-    cols = torch.stack([2 * tig, 2 * tig + 1, 2 * tig, 2 * tig + 1], 1)
-    return c[rows, cols]
