@@ -10,7 +10,11 @@ from . import demo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferrograd")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help=demo.__doc__.splitlines()[0])
+    demo_parser = commands.add_parser(
+        "demo",
+        help=demo.__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     demo.add_arguments(demo_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":

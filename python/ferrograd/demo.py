@@ -360,25 +360,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         nargs="+",
-        default=None,
-        help="files or directories (default: the standard library's .py files)",
+        default=[default_data()],
+        help="files or directories (the default takes the standard library's .py files)",
     )
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--steps", type=int, default=d.steps, help="training steps")
     parser.add_argument("--bits", type=int, default=d.bits, help="ShiftQuant bits (2..8)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=d.device, help="where to train"
+    )
     parser.add_argument("--compare", action="store_true", help="also train the float32 baseline")
     parser.add_argument("--out", default=d.out, help="output directory")
     parser.add_argument(
         "--density", type=float, default=d.density, help="SPAM momentum density (1 = dense)"
     )
-    for name in ("dim", "layers", "heads", "seq_len", "batch_size", "val_batches", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--prompt", default=d.prompt)
-    parser.add_argument("--sample-bytes", type=int, default=d.sample_bytes)  # fmt: skip
+    sizes = {
+        "dim": "model width", "layers": "Transformer blocks", "heads": "attention heads",
+        "seq_len": "bytes per packed row", "batch_size": "rows per step",
+        "val_batches": "held-out batches to evaluate", "seed": "data and init seed",
+    }  # fmt: skip
+    for name, text in sizes.items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=int, default=getattr(d, name), help=text)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--prompt", default=d.prompt, help="start of the generated sample")
+    parser.add_argument("--sample-bytes", type=int, default=d.sample_bytes, help="sample length")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
-    fields["data"] = args.data or [default_data()]
     return Config(**fields)
