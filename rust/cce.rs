@@ -7,12 +7,10 @@
 //! the recomputed chunk into the logit gradient in place, ready for the two gradient matmuls.
 //! Nothing here ever sees more than one chunk, so memory stays O(rows x w).
 
-use rayon::prelude::*;
-
 use crate::error::{FgError, FgResult};
 use crate::simd::{Scalar, Simd, SimdLevel};
 use crate::softmax::{exp_floored, exp_shifted_sum, row_max, sum};
-use crate::threads;
+use crate::threads::{self, Disjoint};
 
 /// Chunks holding fewer elements than this run on the calling thread.
 const PAR_MIN: usize = 1 << 16;
@@ -175,6 +173,11 @@ struct RowStats {
 }
 
 impl RowStats {
+    const EMPTY: RowStats = RowStats {
+        lse: f64::NEG_INFINITY,
+        logit_sum: 0.0,
+    };
+
     fn of(level: SimdLevel, row: &mut [f32], softcap: Option<f32>, want_sum: bool) -> RowStats {
         if let Some(cap) = softcap {
             softcap_row(level, row, cap);
@@ -227,14 +230,17 @@ pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) ->
     )?;
     let width = chunk.width;
     let (softcap, want_sum) = (chunk.softcap, state.logit_sum.is_some());
-    let stats: Vec<RowStats> = threads::install(|| {
-        chunk
-            .logits
-            .par_chunks_mut(width)
-            .with_min_len(threads::rows_per_task(rows, width, PAR_MIN))
-            .map(|row| RowStats::of(level, row, softcap, want_sum))
-            .collect()
+    let mut stats: Vec<RowStats> = (0..rows).map(|_| RowStats::EMPTY).collect();
+    let (logits, slots) = (Disjoint::new(chunk.logits), Disjoint::new(&mut stats));
+    let per_task = threads::rows_per_task(rows, width, PAR_MIN);
+    threads::for_each_chunk(rows, per_task, |_, r| {
+        // SAFETY: chunks are disjoint row ranges.
+        let (z, out) = unsafe { (logits.piece(r.start * width..r.end * width), slots.piece(r)) };
+        for (row, slot) in z.chunks_exact_mut(width).zip(out) {
+            *slot = RowStats::of(level, row, softcap, want_sum);
+        }
     });
+    let logits = &*chunk.logits;
     let mut logit_sum = state.logit_sum;
     for (i, row) in stats.iter().enumerate() {
         state.lse[i] = log_add_exp(state.lse[i], row.lse);
@@ -242,7 +248,7 @@ pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) ->
             sums[i] += row.logit_sum;
         }
         if let Some(j) = target_column(chunk.targets[i], chunk.v0, width) {
-            state.target_logit[i] = chunk.logits[i * width + j];
+            state.target_logit[i] = logits[i * width + j];
         }
     }
     Ok(())
@@ -292,17 +298,24 @@ pub fn backward_chunk(level: SimdLevel, chunk: Chunk<'_>, coefs: GradCoefs<'_>) 
         let peak = head.max(grad_row(level, tail, lse, cs, cu, softcap));
         peak / cs.abs().max(ct.abs())
     };
-    let peak = threads::install(|| {
-        chunk
-            .logits
-            .par_chunks_mut(width)
-            .with_min_len(threads::rows_per_task(rows, width, PAR_MIN))
-            .zip(chunk.targets.par_iter())
-            .enumerate()
-            .map(|(i, (row, &t))| row_peak(i, row, target_column(t, v0, width)))
-            .reduce(|| 0.0, f32::max)
+    let per_task = threads::rows_per_task(rows, width, PAR_MIN);
+    let mut peaks = vec![0.0f32; rows.div_ceil(per_task)];
+    let (logits, slots) = (Disjoint::new(chunk.logits), Disjoint::new(&mut peaks));
+    threads::for_each_chunk(rows, per_task, |t, r| {
+        // SAFETY: chunks are disjoint row ranges; task t alone owns slot t.
+        let (z, peak) = unsafe {
+            (
+                logits.piece(r.start * width..r.end * width),
+                slots.piece(t..t + 1),
+            )
+        };
+        peak[0] = z
+            .chunks_exact_mut(width)
+            .zip(r)
+            .map(|(row, i)| row_peak(i, row, target_column(chunk.targets[i], v0, width)))
+            .fold(0.0, f32::max);
     });
-    Ok(peak)
+    Ok(peaks.into_iter().fold(0.0, f32::max))
 }
 
 #[cfg(test)]
