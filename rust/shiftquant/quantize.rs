@@ -237,6 +237,28 @@ unsafe fn quantize_rows_impl<S: Simd>(
     }
 }
 
+/// buf [width, rows] = the columns `panel` of the row-major x [rows, cols], transposed through
+/// PANEL x PANEL tiles on the stack: whole row pieces in, whole 64-byte runs out.
+#[inline(always)]
+fn transpose_panel(x: &[f32], cols: usize, panel: Range<usize>, buf: &mut [f32]) {
+    let (c0, width) = (panel.start, panel.len());
+    let rows = x.len() / cols;
+    let mut tile = [[0.0f32; PANEL]; PANEL];
+    for r0 in (0..rows).step_by(PANEL) {
+        let h = PANEL.min(rows - r0);
+        for (i, row) in tile.iter_mut().enumerate().take(h) {
+            let start = (r0 + i) * cols + c0;
+            row[..width].copy_from_slice(&x[start..start + width]);
+        }
+        for c in 0..width {
+            let dst = &mut buf[c * rows + r0..c * rows + r0 + h];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = tile[i][c];
+            }
+        }
+    }
+}
+
 /// Quantizes columns [c0, c0 + width) of `x` [rows, cols] along the rows, through `buf`: the
 /// panel is transposed in cache, then each column goes through the row path.
 ///
@@ -256,11 +278,7 @@ unsafe fn quantize_panel_impl<S: Simd>(
     let cols = x.len() / rows;
     let groups = num_groups(rows, spec.group_size);
     buf.resize(width * rows, 0.0);
-    for (r, xr) in x.chunks_exact(cols).enumerate() {
-        for (c, &v) in xr[c0..c0 + width].iter().enumerate() {
-            buf[c * rows + r] = v;
-        }
-    }
+    transpose_panel(x, cols, c0..c0 + width, buf);
     let out = Codes {
         codes: std::slice::from_raw_parts_mut(out.codes.ptr().add(c0 * rows), width * rows),
         scale: std::slice::from_raw_parts_mut(out.scale.ptr().add(c0), width),
