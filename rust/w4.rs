@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::error::{FgError, FgResult};
 use crate::simd::{Simd, SimdLevel};
-use crate::threads::{self, SendPtr};
+use crate::threads::{self, Disjoint, SendPtr};
 
 /// Columns per packed block.
 pub const BLOCK: usize = 64;
@@ -829,13 +829,11 @@ pub fn dequantize(
         )));
     }
     let per_task = row_tasks(w.shape);
-    threads::install(|| {
-        out.par_chunks_mut(per_task * k)
-            .enumerate()
-            .for_each(|(t, out)| {
-                let start = rows.start + t * per_task;
-                dequantize_rows(level, w, start..start + out.len() / k, out);
-            })
+    let out = Disjoint::new(out);
+    threads::for_each_chunk(rows.len(), per_task, |_, r| {
+        // SAFETY: chunks are disjoint row ranges.
+        let piece = unsafe { out.piece(r.start * k..r.end * k) };
+        dequantize_rows(level, w, rows.start + r.start..rows.start + r.end, piece);
     });
     Ok(())
 }

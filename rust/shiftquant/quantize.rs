@@ -3,8 +3,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
 use crate::simd::{Simd, SimdLevel};
@@ -458,18 +456,13 @@ pub fn dequantize(
         return Ok(());
     }
     let chunk = threads::rows_per_task(rows, len, PAR_MIN);
-    let tasks = codes
-        .par_chunks(chunk * len)
-        .zip(out.par_chunks_mut(chunk * len))
-        .zip(
-            scale
-                .par_chunks(chunk)
-                .zip(shifts.par_chunks(chunk * groups)),
-        );
-    threads::install(|| {
-        tasks.for_each(|((codes, out), (scale, shifts))| {
-            dequantize_level(level, codes, scale, shifts, group_size, out)
-        })
+    let out = Disjoint::new(out);
+    threads::for_each_chunk(rows, chunk, |_, r| {
+        // SAFETY: chunks are disjoint row ranges.
+        let piece = unsafe { out.piece(r.start * len..r.end * len) };
+        let (codes, scale) = (&codes[r.start * len..r.end * len], &scale[r.clone()]);
+        let shifts = &shifts[r.start * groups..r.end * groups];
+        dequantize_level(level, codes, scale, shifts, group_size, piece)
     });
     Ok(())
 }
