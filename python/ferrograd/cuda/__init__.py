@@ -8,8 +8,9 @@ the options, loaded with the driver (``cuModuleLoadData``) and launched on
 ``torch.cuda.current_stream()``. A driver older than the NVRTC refuses its PTX ISA: then the
 file is compiled to a cubin for the exact architecture instead.
 
-Importing this module never fails; using it without cuda-python, NVRTC, a driver or a GPU raises
-a RuntimeError that says which is missing.
+NVRTC warnings surface as ``CompileWarning`` (the tests turn them into failures). Importing
+this module never fails; using it without cuda-python, NVRTC, a driver or a GPU raises a
+RuntimeError that says which is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -30,7 +32,10 @@ from .. import _core
 __all__ = [
     "KERNEL_VARIANTS",
     "CompileError",
+    "CompileWarning",
     "Kernel",
+    "cache_key",
+    "compile_cubin",
     "compile_ptx",
     "include_dirs",
     "is_available",
@@ -39,7 +44,7 @@ __all__ = [
 
 #: The defines each kernel file is built with (every combination is compiled by the tests).
 KERNEL_VARIANTS: dict[str, list[dict[str, str]]] = {
-    "cce.cu": [{"CCE_T": "__half"}, {"CCE_T": "__nv_bfloat16"}],
+    "cce.cu": [{"CCE_T": t} for t in ("float", "__half", "__nv_bfloat16")],
     "w4a16.cu": [{"W4_T": "__half"}, {"W4_T": "__nv_bfloat16"}],
 }
 #: Driver errors that mean "this PTX is too new for me": retry with a cubin.
@@ -48,6 +53,10 @@ _PTX_REFUSED = ("CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_PTX")
 
 class CompileError(RuntimeError):
     """NVRTC rejected a kernel file; the message holds its log."""
+
+
+class CompileWarning(UserWarning):
+    """NVRTC compiled a kernel file with warnings; the message holds its log."""
 
 
 def _bindings():
@@ -86,7 +95,12 @@ def include_dirs() -> list[str]:
 
 def nvrtc_version() -> tuple[int, int]:
     _, nvrtc = _bindings()
-    return _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    try:
+        return _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    except RuntimeError as e:  # the library itself is missing (cuda-pathfinder's error)
+        raise RuntimeError(
+            f"ferrograd.cuda needs NVRTC (pip install nvidia-cuda-nvrtc): {e}"
+        ) from e
 
 
 def _cache_dir() -> Path:
@@ -109,9 +123,11 @@ def cache_key(file: str, arch: str, defines: Mapping[str, str] | None = None) ->
     return h.hexdigest()
 
 
-def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> tuple[bytes, str]:
-    """(PTX or cubin, NVRTC log) of ``file`` for ``arch`` (compute_XX or sm_XX)."""
+def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> bytes:
+    """PTX or cubin of ``file`` for ``arch`` (compute_XX or sm_XX); a non-empty NVRTC log is
+    issued as a CompileWarning."""
     _, nvrtc = _bindings()
+    nvrtc_version()  # a clear error when the library is missing
     sources = _core.kernel_sources()
     if file not in sources:
         raise ValueError(f"ferrograd.cuda: no kernel file {file!r} (have {sorted(sources)})")
@@ -141,29 +157,39 @@ def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> t
         )
         out = b" " * _check(get_size(prog), "nvrtcGet size")
         _check(get(prog, out), "nvrtcGet code")
-        return out, log_text
+        if log_text:
+            warnings.warn(
+                f"NVRTC warnings for {file} ({arch}, {dict(defines)}):\n{log_text}",
+                CompileWarning,
+                stacklevel=3,
+            )
+        return out
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
 def compile_ptx(
-    file: str, arch: str, defines: Mapping[str, str] | None = None, *, cache_results: bool = True
-) -> tuple[str, str]:
-    """(PTX, NVRTC log) of a kernels/ file for a virtual architecture such as ``compute_90a``;
-    needs no GPU. Cached on disk (the log of a cached entry is empty: it compiled cleanly or
-    with the warnings shown the first time)."""
+    file: str, arch: str, defines: Mapping[str, str] | None = None, *, cache: bool = True
+) -> str:
+    """PTX of a kernels/ file for a virtual architecture such as ``compute_90a``; needs no GPU.
+    Cached on disk (a cache hit issues no warnings: they were shown when it was compiled)."""
     defines = dict(defines or {})
     path = _cache_dir() / f"{cache_key(file, arch, defines)}.ptx"
-    if cache_results and path.exists():
-        return path.read_text(), ""
-    ptx, log = _compile(file, arch, defines, cubin=False)
-    text = ptx.rstrip(b"\0").decode()
-    if cache_results:
+    if cache and path.exists():
+        return path.read_text()
+    text = _compile(file, arch, defines, cubin=False).rstrip(b"\0").decode()
+    if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
             f.write(text)
         os.replace(f.name, path)  # atomic: concurrent processes never read half a file
-    return text, log
+    return text
+
+
+def compile_cubin(file: str, arch: str, defines: Mapping[str, str] | None = None) -> bytes:
+    """Machine code of a kernels/ file for a real architecture such as ``sm_90a`` (NVRTC runs
+    ptxas itself; needs no GPU). Not cached: only drivers older than the NVRTC need it."""
+    return _compile(file, arch, dict(defines or {}), cubin=True)
 
 
 def is_available() -> bool:
@@ -184,6 +210,9 @@ class Kernel:
     name: str
     function: object
     device: int
+    context: object
+    #: The dynamic shared memory the function has been allowed so far (48 KiB needs no opt-in).
+    max_shared_mem: int = 48 * 1024
 
     def __call__(
         self,
@@ -192,38 +221,49 @@ class Kernel:
         args: Sequence[object],
         shared_mem: int = 0,
     ) -> None:
-        """Launches on torch's current stream. ``args``: tensors (passed as device pointers),
-        ``ctypes`` values as they are (c_int, c_longlong, c_float...), Python ints as int32 and
-        floats as float32."""
+        """Launches on torch's current stream of the kernel's device. ``args``, in the order of
+        the kernel's parameters: tensors (passed as device pointers), ``ctypes`` values as they
+        are (c_void_p(0) for a null pointer, c_longlong for a 64-bit integer...), Python ints as
+        int32 and floats as float32."""
         driver, _ = _bindings()
-        values, types = [], []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if a.device != torch.device("cuda", self.device):
-                    raise ValueError(f"{self.name}: a tensor argument is on {a.device}")
-                values.append(a.data_ptr())
-                types.append(ctypes.c_void_p)
-            elif isinstance(a, ctypes._SimpleCData):
-                values.append(0 if a.value is None else a.value)  # c_void_p(0).value is None
-                types.append(type(a))
-            elif isinstance(a, bool) or not isinstance(a, int | float):
-                raise TypeError(f"{self.name}: cannot pass a {type(a).__name__} to a kernel")
-            else:
-                values.append(a)
-                types.append(ctypes.c_int if isinstance(a, int) else ctypes.c_float)
-        if shared_mem > 48 * 1024:
+        params = [self._param(i, a) for i, a in enumerate(args)]
+        pointers = (ctypes.c_void_p * max(len(params), 1))(*(ctypes.addressof(p) for p in params))
+        if int(_check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(self.context):
+            _check(driver.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        if shared_mem > self.max_shared_mem:
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(driver.cuFuncSetAttribute(self.function, attr, shared_mem), "cuFuncSetAttribute")
+            _check(
+                driver.cuFuncSetAttribute(self.function, attr, shared_mem),
+                f"cuFuncSetAttribute({self.name}, {shared_mem} bytes of shared memory)",
+            )
+            self.max_shared_mem = shared_mem
         stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         gx, gy, gz = (*grid, 1, 1)[:3]
         bx, by, bz = (*block, 1, 1)[:3]
         _check(
             driver.cuLaunchKernel(
                 self.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
-                (tuple(values), tuple(types)), 0,
+                ctypes.addressof(pointers), 0,
             ),
             f"cuLaunchKernel({self.name})",
         )  # fmt: skip
+
+    def _param(self, index: int, a: object) -> ctypes._SimpleCData:
+        if isinstance(a, torch.Tensor):
+            if a.device != torch.device("cuda", self.device):
+                raise ValueError(
+                    f"{self.name}: argument {index} is on {a.device}, not cuda:{self.device}"
+                )
+            return ctypes.c_void_p(a.data_ptr())
+        if isinstance(a, ctypes._SimpleCData):
+            return a
+        if isinstance(a, bool) or not isinstance(a, int | float):
+            raise TypeError(f"{self.name}: cannot pass argument {index}, a {type(a).__name__}")
+        if isinstance(a, float):
+            return ctypes.c_float(a)
+        if not -(2**31) <= a < 2**31:
+            raise ValueError(f"{self.name}: argument {index} = {a} does not fit an int32")
+        return ctypes.c_int(a)
 
 
 def _architecture(device: int) -> tuple[str, str]:
@@ -233,25 +273,32 @@ def _architecture(device: int) -> tuple[str, str]:
     return f"compute_{major}{minor}{suffix}", f"sm_{major}{minor}{suffix}"
 
 
-def _make_current(device: int) -> None:
+@cache
+def _context(device: int):
+    """The primary context of ``device`` (the one torch uses), made current on this thread."""
     driver, _ = _bindings()
     torch.cuda.init()
-    _check(driver.cuInit(0), "cuInit")
+    try:
+        _check(driver.cuInit(0), "cuInit")
+    except RuntimeError as e:  # also cuda-pathfinder's "driver library not found"
+        raise RuntimeError(f"ferrograd.cuda needs the NVIDIA driver: {e}") from e
     dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
     ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
     _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    return ctx
 
 
 @cache
 def _module(file: str, defines: tuple[tuple[str, str], ...], device: int):
     driver, _ = _bindings()
-    _make_current(device)
+    _context(device)
     virtual, real = _architecture(device)
-    ptx, _ = compile_ptx(file, virtual, dict(defines))
-    status, module = driver.cuModuleLoadData(ptx.encode() + b"\0")
-    if getattr(status, "name", "") in _PTX_REFUSED:
-        cubin, _ = _compile(file, real, dict(defines), cubin=True)
-        module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData(cubin)")
+    status, module = driver.cuModuleLoadData(
+        compile_ptx(file, virtual, dict(defines)).encode() + b"\0"
+    )
+    if getattr(status, "name", "") in _PTX_REFUSED:  # a driver older than the NVRTC
+        cubin = compile_cubin(file, real, dict(defines))
+        module = _check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({file} cubin, {real})")
     elif int(status) != 0:
         raise RuntimeError(f"ferrograd.cuda: cuModuleLoadData({file}) failed: {status.name}")
     return module
@@ -261,13 +308,15 @@ def _module(file: str, defines: tuple[tuple[str, str], ...], device: int):
 def _kernel(file: str, name: str, defines: tuple[tuple[str, str], ...], device: int) -> Kernel:
     driver, _ = _bindings()
     module = _module(file, defines, device)
-    function = _check(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
-    return Kernel(name, function, device)
+    function = _check(
+        driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({file}:{name})"
+    )
+    return Kernel(name, function, device, _context(device))
 
 
 def kernel(file: str, name: str, defines: Mapping[str, str] | None = None) -> Kernel:
     """The kernel ``name`` of kernels/``file`` built with ``defines`` for the current device
-    (compiled, loaded and looked up once per process)."""
+    (compiled, loaded and looked up once per process and device)."""
     if not torch.cuda.is_available():
         raise RuntimeError(f"ferrograd.cuda: {file}:{name} needs a CUDA GPU; torch sees none")
     defines_key = tuple(sorted((defines or {}).items()))

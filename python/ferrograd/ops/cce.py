@@ -14,10 +14,11 @@ a = g (1 + 2 z_loss lse) + g_lse, b = g (1 - ls), u = g ls / V, for the row loss
   buffer, the Rust core folds them into a running log-sum-exp (forward) or turns them into dz in
   place (backward), and two matmuls accumulate dE and dC. Extra memory: one [rows, chunk] buffer.
   float64 runs the same loop with torch ops per chunk (gradcheck).
-- CUDA: the forward of fp16 / bf16 inputs is kernels/cce.cu (tiled mma.sync with the
-  log-sum-exp on the fly, no [N, V] buffer); everything else, and the backward, is the same
-  chunked loop with torch ops (cuBLAS matmuls into a 256 MiB float32 buffer). A fused filtered
-  backward kernel has not landed yet.
+- CUDA (float32 / fp16 / bf16, D x itemsize a multiple of 16 bytes): kernels/cce.cu through
+  ``ferrograd.ops.cce_cuda``: a tiled forward (tensor cores for 16-bit inputs, fp32 FMA for
+  float32) with the log-sum-exp on the fly, and a recomputing backward that skips blocks below
+  filter_eps, with the vocabulary ordered by mean logit. Other CUDA inputs run the chunked loop
+  with torch ops (cuBLAS matmuls into a 256 MiB float32 buffer).
 """
 
 from __future__ import annotations
@@ -122,10 +123,7 @@ def chunked_forward(
     want_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, target logit, logit sum or None) per row of e [N, D] (rows with targets < 0 get
-    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk on e's device; on a
-    GPU with fp16 / bf16 inputs in one pass of kernels/cce.cu instead."""
-    if cce_cuda.supports(e) and cuda.is_available():
-        return cce_cuda.forward(e, c, bias, targets, softcap, want_sum)
+    target logit 0), in float32 (float64 for float64 inputs), chunk by chunk on e's device."""
     kd = torch.float64 if e.dtype == torch.float64 else torch.float32
     rows, vocab = e.shape[0], c.shape[0]
     ek = e.to(kd)
@@ -187,15 +185,27 @@ def chunked_backward(
     return de, dc, dbias
 
 
+def _backend(e: torch.Tensor):
+    """kernels/cce.cu for float32 / fp16 / bf16 on a GPU when D's rows are 16-byte multiples;
+    the chunked loop otherwise (CPU, float64, odd D)."""
+    if (
+        e.is_cuda
+        and e.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and (e.shape[1] * e.element_size()) % 16 == 0
+        and cuda.is_available()
+    ):
+        return cce_cuda.cce_forward_cuda, cce_cuda.cce_backward_cuda
+    return chunked_forward, chunked_backward
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Row losses (0 where ignored) and lse of e [N, D] against c [V, D]; targets [N] < 0 are
     ignored rows."""
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, softcap, label_smoothing, z_loss, filter_eps):
-        lse, target_logit, logit_sum = chunked_forward(
-            e, c, bias, targets, softcap, label_smoothing > 0
-        )
+        forward, _ = _backend(e)
+        lse, target_logit, logit_sum = forward(e, c, bias, targets, softcap, label_smoothing > 0)
         row = lse - (1.0 - label_smoothing) * target_logit
         if logit_sum is not None:
             row = row - (label_smoothing / c.shape[0]) * logit_sum
@@ -216,7 +226,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         coef_target = grad_row * (1.0 - label_smoothing)
         coef_uniform = grad_row * (label_smoothing / c.shape[0])
         coefs = (coef_softmax, coef_target, coef_uniform)
-        de, dc, dbias = chunked_backward(
+        _, backward = _backend(e)
+        de, dc, dbias = backward(
             e, c, bias, targets, lse, *coefs, softcap, filter_eps, bias is not None
         )
         dbias = None if dbias is None else dbias.to(bias.dtype)
