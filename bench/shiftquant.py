@@ -37,6 +37,21 @@ def train_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return run
 
 
+def compare_layers(bench: Bench, case: str, ours, ref, x, grad, repeats: int) -> None:
+    """One row: forward + backward of our layer against torch's, interleaved."""
+    t = interleaved_times(
+        {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}, repeats=repeats
+    )
+    bench.add(
+        {
+            "case": case,
+            "ours_ms": t["ours"] * 1e3,
+            "torch_ms": t["torch"] * 1e3,
+            "speedup": t["torch"] / t["ours"],
+        }
+    )
+
+
 def gemm(bench: Bench, m: int, k: int, n: int, peak: float) -> None:
     a, b = torch.randn(m, k), torch.randn(n, k)
     qa, qb = fg.shiftquant(a), fg.shiftquant(b)
@@ -66,20 +81,8 @@ def linear(bench: Bench, tokens: int, k: int, n: int) -> None:
     torch.manual_seed(0)
     ref = torch.nn.Linear(k, n)
     ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=8)
-    x = torch.randn(tokens, k)
-    grad = torch.randn(tokens, n)
-
-    t = interleaved_times(
-        {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}, repeats=5
-    )
-    bench.add(
-        {
-            "case": f"linear fwd+bwd {tokens}x{k}->{n}",
-            "ours_ms": t["ours"] * 1e3,
-            "torch_ms": t["torch"] * 1e3,
-            "speedup": t["torch"] / t["ours"],
-        }
-    )
+    x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
+    compare_layers(bench, f"linear fwd+bwd {tokens}x{k}->{n}", ours, ref, x, grad, repeats=5)
 
 
 def quantize(bench: Bench, rows: int, cols: int) -> None:
@@ -102,18 +105,7 @@ def l1norm(bench: Bench, rows: int, cols: int) -> None:
     x = torch.randn(rows, cols)
     grad = torch.randn(rows, cols)
     ours, ref = fg.nn.L1LayerNorm(cols), torch.nn.LayerNorm(cols)
-
-    t = interleaved_times(
-        {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}, repeats=9
-    )
-    bench.add(
-        {
-            "case": f"norm fwd+bwd {rows}x{cols}",
-            "ours_ms": t["ours"] * 1e3,
-            "torch_ms": t["torch"] * 1e3,
-            "speedup": t["torch"] / t["ours"],
-        }
-    )
+    compare_layers(bench, f"norm fwd+bwd {rows}x{cols}", ours, ref, x, grad, repeats=9)
 
 
 def fidelity(bench: Bench, steps: int) -> None:

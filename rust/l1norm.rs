@@ -406,8 +406,9 @@ impl Kernels for f64 {
     }
 }
 
-/// `tasks` optional slots of `n` elements of `v` (all None when `v` is empty).
-/// Rows per parallel task: everything on the calling thread for small inputs.
+/// Rows per parallel task: everything on the calling thread for small inputs, else one task per
+/// thread (not `threads::rows_per_task`'s finer split: each backward task owns a partial
+/// weight / bias gradient slot of n elements, so fewer tasks mean less to add up).
 fn rows_per_task(rows: usize, n: usize) -> usize {
     let threads = threads::num_threads();
     if threads == 1 || rows * n < PAR_MIN {

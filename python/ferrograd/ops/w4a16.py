@@ -51,7 +51,7 @@ def _matmul_cpu(x: torch.Tensor, w: W4Weight) -> torch.Tensor:
     m = x.shape[0]
     n, k = w.shape
     y = torch.empty(m, n)
-    group = k if w.group_size == -1 else w.group_size
+    group = w.group_len
     if m <= GEMV_MAX_ROWS and group % 32 == 0:
         scales, zeros = w.kernel_params()
         _core.w4_gemv(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.w4 import group_len
 from ._mma_emulation import LANES, mma_16816, row_pairs
 
 __all__ = ["BLOCK_N", "STEP_K", "emulate", "launch_plan", "matmul", "pack_gpu", "supports"]
@@ -26,7 +27,7 @@ TARGET_BLOCKS = 264
 
 def supports(k: int, group_size: int) -> bool:
     """Whether the kernel takes this shape (else the caller dequantizes into torch's matmul)."""
-    group = k if group_size == -1 else group_size
+    group = group_len(k, group_size)
     return k % STEP_K == 0 and group % STEP_K == 0
 
 
@@ -59,7 +60,7 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor:
     qweight, scales, zeros = operands(w, x.dtype)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     grid, per_split = launch_plan(m, n, k)
-    group = k if w.group_size == -1 else w.group_size
+    group = w.group_len
     t = "__half" if x.dtype == torch.float16 else "__nv_bfloat16"
     gemm = cuda.kernel("w4a16.cu", "w4a16_gemm", {"W4_T": t})
     gemm(grid, (128,), [x.contiguous(), qweight, scales, zeros, out, m, n, k, group, per_split])
@@ -86,7 +87,7 @@ def emulate(x, qweight, scales, zeros, group_size: int) -> torch.Tensor:
     x's dtype as the kernel rounds it): y [M, N]."""
     m, k = x.shape
     n = qweight.shape[0]
-    group = k if group_size == -1 else group_size
+    group = group_len(k, group_size)
     grid, per_split = launch_plan(m, n, k)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     gid, tig = (t.to(x.device) for t in LANES)

@@ -24,7 +24,7 @@ import torch
 from .. import _core
 from ..ops._checks import check_floating, check_tensor
 
-__all__ = ["W4Weight", "quantize_w4"]
+__all__ = ["W4Weight", "group_len", "quantize_w4"]
 
 OP = "quantize_w4"
 BLOCK = 64
@@ -33,6 +33,11 @@ SYMMETRIC_ZERO = 8
 
 def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def group_len(k: int, group_size: int) -> int:
+    """Columns per group of a K-column weight: ``group_size``, or K for -1 (whole rows)."""
+    return k if group_size == -1 else group_size
 
 
 def unpack_torch(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,12 +77,9 @@ class W4Weight:
         return self.packed.device
 
     @property
-    def groups(self) -> int:
-        return -(-self.shape[1] // self._group_len)
-
-    @property
-    def _group_len(self) -> int:
-        return self.shape[1] if self.group_size == -1 else self.group_size
+    def group_len(self) -> int:
+        """Columns per group (the whole row for group_size -1)."""
+        return group_len(self.shape[1], self.group_size)
 
     def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 scales and uint8 stored zeros (8 when symmetric), as the CPU kernels read
@@ -117,7 +119,7 @@ class W4Weight:
             return out.to(self.dtype)
         q = self.stored_codes().to(self.device).float()
         scales, zeros = (t.to(self.device).float() for t in self.kernel_params())
-        per_column = torch.arange(k, device=self.device) // self._group_len
+        per_column = torch.arange(k, device=self.device) // self.group_len
         return ((q - zeros[:, per_column]) * scales[:, per_column]).to(self.dtype)
 
     def to(self, device: torch.device | str) -> W4Weight:
@@ -151,7 +153,7 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{OP}: weight holds NaN or infinity")
     n, k = weight.shape
-    groups = -(-k // (k if group_size == -1 else group_size))
+    groups = -(-k // group_len(k, group_size))
     w = weight.detach().to("cpu", torch.float32).contiguous()
     codes = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, groups)
