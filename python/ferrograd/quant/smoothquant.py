@@ -159,6 +159,17 @@ def _smoothing(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float)
     return s.clamp(1e-5, 1e5)
 
 
+def _fold(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+    """1/s into the norm's weight and bias, s into the Linears' input columns: the same function
+    before quantization."""
+    with torch.no_grad():
+        for p in (norm.weight, getattr(norm, "bias", None)):
+            if isinstance(p, torch.Tensor):
+                p.div_(s.to(p.device, p.dtype))
+        for m in linears:
+            m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -178,13 +189,7 @@ def _quantize(model: nn.Module, calib: _Calibration, alpha: float | None, group_
         if alpha is not None:
             s = _smoothing(calib.act_max[names[0]], [m.weight for m in linears], alpha)
         if s is not None and fold and norm_name is not None:
-            norm = modules[norm_name]
-            with torch.no_grad():
-                for p in (norm.weight, getattr(norm, "bias", None)):
-                    if isinstance(p, torch.Tensor):
-                        p.div_(s.to(p.device, p.dtype))
-                for m in linears:
-                    m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
+            _fold(modules[norm_name], linears, s)
             for n, m in zip(names, linears, strict=True):
                 _set_module(model, n, W4A16Linear.from_linear(m, group_size))
                 applied[n] = (norm_name, s)
@@ -211,20 +216,12 @@ def _folding_is_exact(
     """Smooths a copy with alpha 0.5 but no quantization and compares its output."""
     trial = copy.deepcopy(model)
     modules = dict(trial.named_modules())
-    with torch.no_grad():
-        for norm_name, names in calib.groups():
-            if norm_name is None:
-                continue
-            s = _smoothing(calib.act_max[names[0]], [modules[n].weight for n in names], 0.5)
-            norm = modules[norm_name]
-            for p in (norm.weight, getattr(norm, "bias", None)):
-                if isinstance(p, torch.Tensor):
-                    p.div_(s.to(p.device, p.dtype))
-            for n in names:
-                modules[n].weight.mul_(s.to(modules[n].weight.device, modules[n].weight.dtype))
-        out = _output_tensor(_call(trial, batch)).float()
-    err = float((out - reference).pow(2).sum()) / max(float(reference.pow(2).sum()), 1e-30)
-    return math.sqrt(err) <= FOLD_TOLERANCE
+    for norm_name, names in calib.groups():
+        if norm_name is not None:
+            linears = [modules[n] for n in names]
+            s = _smoothing(calib.act_max[names[0]], [m.weight for m in linears], 0.5)
+            _fold(modules[norm_name], linears, s)
+    return math.sqrt(_relative_loss(trial, [batch], [reference])) <= FOLD_TOLERANCE
 
 
 def smoothquant_plus(
