@@ -156,7 +156,7 @@ def test_rust_step_equals_torch_step(sparse, shape):
     m, v = torch.rand(k, generator=gen), torch.rand(k, generator=gen) * 1e-3
     kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6,
               bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
-    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    p0, p2, m2, v2 = p.clone(), p.clone(), m.clone(), v.clone()
     if sparse:
         _core.spam_step(p.numpy(), g.numpy(), m.numpy(), v.numpy(), **kw, mask=mask.numpy())
         idx = torch.nonzero(
@@ -168,7 +168,11 @@ def test_rust_step_equals_torch_step(sparse, shape):
     else:
         _core.spam_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
         torch_step(p2, g, m2.view(shape), v2.view(shape), None, **kw)
-    torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
+    # The last operation is a subtraction of two terms of the size of p0 and of the update:
+    # where they cancel, a rounding difference of an ulp of those terms (torch's vector kernels
+    # differ between CPUs) is large relative to p itself, so the bound is in their units.
+    operands = p0.abs() + (p0 - p2).abs()
+    assert ((p - p2).abs() <= 1e-6 * p2.abs() + 2**-22 * operands).all()
     torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-9)
 
