@@ -9,6 +9,7 @@ using u8 = unsigned char;
 using u32 = unsigned int;
 using i32 = int;
 using i64 = long long;
+using u64 = unsigned long long;
 #define FG_NEG_INF (-__int_as_float(0x7f800000))
 
 namespace fg {

@@ -21,6 +21,8 @@ from ferrograd import cuda as fgcuda
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
 VARIANTS = [(f, d) for f, variants in fgcuda.KERNEL_VARIANTS.items() for d in variants]
+#: The tensor-core instruction each kernel file is built around.
+MMA_SHAPES = {"cce.cu": "m16n8k16", "shiftquant.cu": "m16n8k32", "w4a16.cu": "m16n8k16"}
 
 
 def kernel_files() -> dict[str, str]:
@@ -44,7 +46,7 @@ def test_kernels_compile_to_ptx_without_errors_or_warnings(file, defines, arch):
         ptx = fgcuda.compile_ptx(file, arch, defines, cache=False)
     assert ".visible .entry" in ptx
     if defines.get("CCE_T") != "float":  # float32 cut cross-entropy runs on FMA
-        assert "mma.sync.aligned.m16n8k16" in ptx
+        assert f"mma.sync.aligned.{MMA_SHAPES[file]}" in ptx
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])

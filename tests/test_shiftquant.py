@@ -290,7 +290,7 @@ def test_bad_input():
         fg.shiftquant([1.0, 2.0])
     with pytest.raises(ValueError, match="rounding"):
         fg.shiftquant(x, rounding="up")
-    with pytest.raises(NotImplementedError, match="CPU tensors only"):
+    with pytest.raises(NotImplementedError, match="CPU and CUDA tensors"):
         fg.shiftquant(torch.randn(4, 8, device="meta"))
     a = fg.shiftquant(x, group_size=32)
     with pytest.raises(ValueError, match="K differs"):

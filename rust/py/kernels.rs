@@ -8,6 +8,7 @@ use pyo3::types::PyDict;
 const SOURCES: &[(&str, &str)] = &[
     ("cce.cu", include_str!("../../kernels/cce.cu")),
     ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("shiftquant.cu", include_str!("../../kernels/shiftquant.cu")),
     ("w4a16.cu", include_str!("../../kernels/w4a16.cu")),
 ];
 

@@ -1,10 +1,11 @@
 """ShiftQuant (DESIGN.md section 5): sub-8-bit integer codes, one float32 scale per row and a
 power-of-two shift per group along the last axis, and the integer GEMM on them.
 
-The Rust kernels do the work on CPU tensors; CUDA tensors raise NotImplementedError until the GPU
-kernels land. A row holding NaN or infinity quantizes to scale NaN (codes 0), so NaN spreads to
-everything that row touches in ``dequantize`` and ``shiftquant_matmul`` (as it would in float
-arithmetic; torch.amp's GradScaler then sees a non-finite gradient and skips the step).
+The Rust kernels do the work on CPU tensors, kernels/shiftquant.cu on CUDA tensors (the same
+codes, scales and shifts bit for bit; see ops/shiftquant_cuda.py); other devices raise
+NotImplementedError. A row holding NaN or infinity quantizes to scale NaN (codes 0), so NaN
+spreads to everything that row touches in ``dequantize`` and ``shiftquant_matmul`` (as it would
+in float arithmetic; torch.amp's GradScaler then sees a non-finite gradient and skips the step).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ __all__ = ["ShiftQuantTensor", "shiftquant", "shiftquant_matmul"]
 _ROUNDINGS = ("nearest", "stochastic")
 
 
-def _check_cpu(op: str, name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cpu":
+def check_device(op: str, name: str, t: torch.Tensor) -> None:
+    if t.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(
-            f"{op}: {name} is on {t.device}; ferrograd's ShiftQuant runs on CPU tensors only "
-            "for now (the CUDA kernels are tracked by the ShiftQuant GPU issue)"
+            f"{op}: {name} is on {t.device}; ferrograd's ShiftQuant runs on CPU and CUDA tensors"
         )
 
 
@@ -71,7 +71,9 @@ class ShiftQuantTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values the codes stand for."""
-        _check_cpu("ShiftQuantTensor.dequantize", "codes", self.codes)
+        check_device("ShiftQuantTensor.dequantize", "codes", self.codes)
+        if self.codes.is_cuda:
+            return _dequantize_torch(self)
         out = torch.empty(self.codes.shape, dtype=torch.float32)
         _core.shiftquant_dequantize(
             self.codes.contiguous().numpy(),
@@ -83,11 +85,24 @@ class ShiftQuantTensor:
         return out
 
 
+def _dequantize_torch(q: ShiftQuantTensor) -> torch.Tensor:
+    """codes * (scale * 2^-shift) in torch ops, rounded as the Rust kernel rounds."""
+    k = q.codes.shape[-1]
+    shifts = q.shifts.to(torch.int32).repeat_interleave(q.group_size, dim=-1)[..., :k]
+    pow2 = ((127 - shifts) << 23).view(torch.float32)  # 2^-k from its bits: exact anywhere
+    return q.codes.float() * (q.scale.float()[..., None] * pow2)
+
+
 def quantize_2d(
     x: torch.Tensor, bits: int, group_size: int, seed: int | None, transposed: bool = False
 ) -> ShiftQuantTensor:
-    """Quantizes a float32 matrix [R, C] along C, or with ``transposed`` along R (the result is
-    then [C, R], exactly the quantization of x.T). ``seed`` None rounds to nearest."""
+    """Quantizes a matrix [R, C] along C, or with ``transposed`` along R (the result is then
+    [C, R], exactly the quantization of x.T). ``seed`` None rounds to nearest."""
+    if x.is_cuda:
+        from . import shiftquant_cuda
+
+        codes, scale, shifts = shiftquant_cuda.quantize(x, bits, group_size, seed, transposed)
+        return ShiftQuantTensor(codes, scale, shifts, bits, group_size)
     x = x.detach()
     x = (x if x.dtype == torch.float32 else x.float()).contiguous()
     rows, length = x.shape
@@ -116,7 +131,7 @@ def shiftquant(
     op = "shiftquant"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
-    _check_cpu(op, "x", x)
+    check_device(op, "x", x)
     check_spec(op, bits, group_size)
     if rounding not in _ROUNDINGS:
         raise ValueError(f"{op}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
@@ -140,16 +155,46 @@ def shiftquant(
 
 
 def matmul_2d(
-    a: ShiftQuantTensor, b: ShiftQuantTensor, bias: torch.Tensor | None = None
+    a: ShiftQuantTensor,
+    b: ShiftQuantTensor,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 [M, N] = a @ b.T (+ bias) for 2-D operands quantized along K."""
+    """[M, N] = a @ b.T (+ bias) for 2-D operands quantized along K, in ``dtype`` (on CUDA the
+    kernel's epilogue rounds to it; the CPU kernel writes float32, then converts)."""
+    if a.codes.is_cuda:
+        from . import shiftquant_cuda as sqc
+
+        a_op, b_op = (sqc.gemm_operand(q.codes, q.scale, q.shifts, q.group_size) for q in (a, b))
+        return sqc.matmul(a_op, b_op, bias, dtype)
     m, k = a.codes.shape
     out = torch.empty((m, b.codes.shape[0]), dtype=torch.float32)
     operands = [t.contiguous().numpy() for t in (a.codes, a.scale, a.shifts)]
     operands += [t.contiguous().numpy() for t in (b.codes, b.scale, b.shifts)]
     bias_np = None if bias is None else bias.detach().float().contiguous().numpy()
     _core.shiftquant_matmul(*operands, k, a.group_size, out.numpy(), bias_np)
-    return out
+    return out.to(dtype)
+
+
+def _check_cuda_operand(op: str, name: str, q: ShiftQuantTensor) -> None:
+    """What the GEMM kernel assumes of an operand (it would read out of bounds otherwise)."""
+    k = q.codes.shape[-1]
+    groups = math.ceil(k / q.group_size) if q.group_size > 0 else -1
+    want = {"codes": torch.int8, "scale": torch.float32, "shifts": torch.uint8}
+    for field, dtype in want.items():
+        t = getattr(q, field)
+        if t.dtype != dtype or t.device != q.codes.device:
+            raise TypeError(f"{op}: {name}.{field} must be {dtype} on {q.codes.device}")
+    if tuple(q.scale.shape) != tuple(q.codes.shape[:-1]) or tuple(q.shifts.shape) != (
+        *q.codes.shape[:-1],
+        groups,
+    ):
+        raise ValueError(
+            f"{op}: {name} has codes {tuple(q.codes.shape)}, scale {tuple(q.scale.shape)} and "
+            f"shifts {tuple(q.shifts.shape)}, inconsistent for groups of {q.group_size}"
+        )
+    if q.shifts.numel() and int(q.shifts.max()) > 15:
+        raise ValueError(f"{op}: {name}.shifts must be in 0..=15")
 
 
 def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Tensor:
@@ -160,7 +205,7 @@ def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Ten
     for name, q in (("a_q", a_q), ("b_q", b_q)):
         if not isinstance(q, ShiftQuantTensor):
             raise TypeError(f"{op}: {name} must be a ShiftQuantTensor, got {type(q).__name__}")
-        _check_cpu(op, name, q.codes)
+        check_device(op, name, q.codes)
     if b_q.codes.dim() != 2:
         raise ValueError(f"{op}: b_q must be 2-D [N, K], got shape {tuple(b_q.codes.shape)}")
     if a_q.codes.dim() < 1 or a_q.codes.shape[-1] != b_q.codes.shape[-1]:
@@ -171,6 +216,13 @@ def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Ten
         raise ValueError(
             f"{op}: group sizes differ: a_q uses {a_q.group_size}, b_q uses {b_q.group_size}"
         )
+    if a_q.codes.device != b_q.codes.device:
+        raise ValueError(
+            f"{op}: a_q is on {a_q.codes.device}, b_q on {b_q.codes.device}; they must match"
+        )
+    if a_q.codes.is_cuda:  # the Rust kernel checks its operands itself
+        for name, q in (("a_q", a_q), ("b_q", b_q)):
+            _check_cuda_operand(op, name, q)
     lead = a_q.codes.shape[:-1]
     k = a_q.codes.shape[-1]
     a2 = ShiftQuantTensor(

@@ -8,6 +8,8 @@ over tokens), where Q_sr rounds stochastically with ``grad_bits``. The transpose
 quantized straight from the row-major tensors, with no transposed float copy.
 
 Registered with ``torch.library.custom_op`` so that ``torch.compile`` treats them as opaque ops.
+CPU tensors run the Rust kernels, CUDA tensors kernels/shiftquant.cu (whose GEMM epilogue writes
+the output dtype directly); the quantizers read bfloat16 / float16 as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_floating, check_tensor
-from .shiftquant import _check_cpu, check_spec, matmul_2d, quantize_2d, seed_tensor
+from .shiftquant import check_device, check_spec, matmul_2d, quantize_2d, seed_tensor
 
 __all__ = ["shiftquant_linear"]
 
@@ -33,8 +35,8 @@ def _linear(
     lead, k = x.shape[:-1], x.shape[-1]
     qx = quantize_2d(x.reshape(-1, k), bits, group_size, None)
     qw = quantize_2d(weight, bits, group_size, None)
-    y = matmul_2d(qx, qw, bias)
-    return y.reshape(*lead, weight.shape[0]).to(x.dtype)
+    y = matmul_2d(qx, qw, bias, x.dtype)
+    return y.reshape(*lead, weight.shape[0])
 
 
 @_linear.register_fake
@@ -55,17 +57,17 @@ def _linear_backward(
     # The seed comes as a tensor drawn from torch's generator, so that tracing stays symbolic.
     seed = int(seed)
     n, k = weight.shape
-    dy = grad.reshape(-1, n).float()
+    dy = grad.reshape(-1, n)
     x2 = x.reshape(-1, k)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
     q_dy = quantize_2d(dy, grad_bits, group_size, seed)
     q_wt = quantize_2d(weight, bits, group_size, None, transposed=True)
-    dx = matmul_2d(q_dy, q_wt).reshape(x.shape).to(x.dtype)
+    dx = matmul_2d(q_dy, q_wt, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     q_dyt = quantize_2d(dy, grad_bits, group_size, seed + 1, transposed=True)
     q_xt = quantize_2d(x2, bits, group_size, None, transposed=True)
-    dw = matmul_2d(q_dyt, q_xt).to(weight.dtype)
-    return dx, dw, dy.sum(0).to(weight.dtype)
+    dw = matmul_2d(q_dyt, q_xt, None, weight.dtype)
+    return dx, dw, dy.sum(0, dtype=torch.float32).to(weight.dtype)
 
 
 @_linear_backward.register_fake
@@ -109,7 +111,9 @@ def shiftquant_linear(
     check_spec(op, grad_bits, group_size)
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None:
-            _check_cpu(op, name, t)
+            check_device(op, name, t)
+            if t.device != x.device:
+                raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{op}: x's last dim must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
