@@ -62,6 +62,12 @@ def gpu_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
+def device_copy_bandwidth() -> float:
+    """Bytes per second of a 512 MiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float16)
+    return 2 * src.numel() * src.element_size() / gpu_time(src.clone, repeats=10)
+
+
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     model, flags = platform.processor() or "unknown", []
     try:

@@ -1,5 +1,8 @@
 """ShiftQuant on CPU vs torch float32: integer GEMM, ShiftQuantLinear, quantize, L1LayerNorm,
-and the training fidelity of a small Transformer at 8 / 6 / 4 bits.
+and the training fidelity of a small Transformer at 8 / 6 / 4 bits. On a GPU (shiftquant_gpu.json):
+ShiftQuantLinear forward + backward vs nn.Linear in bf16 at 8192 tokens, the integer GEMM alone
+vs the bf16 matmul, the quantize kernels as a fraction of the device's copy bandwidth, and the
+training tokens per second of a small byte-level LM (the demo's) against its bf16 twin.
 
 ``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak,
 taken as threads x 2 VNNI ports x 64 multiply-adds per cycle x the clock /proc/cpuinfo reports
@@ -12,9 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import Bench, interleaved_times
+from harness import Bench, device_copy_bandwidth, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
+from ferrograd.ops.shiftquant import matmul_2d, quantize_2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -124,6 +128,100 @@ def fidelity(bench: Bench, steps: int) -> None:
         )
 
 
+def gpu_linear(bench: Bench, tokens: int, k: int, n: int) -> None:
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=8)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    t_ours, t_ref = (gpu_time(train_step(layer, x, grad)) for layer in (ours, ref))
+    bench.add(
+        {
+            "case": f"gpu linear fwd+bwd bf16 {tokens}x{k}->{n}",
+            "ours_ms": t_ours * 1e3,
+            "torch_ms": t_ref * 1e3,
+            "speedup": t_ref / t_ours,
+        }
+    )
+    qx, qw = fg.shiftquant(x), fg.shiftquant(ref.weight)
+    t_int = gpu_time(lambda: matmul_2d(qx, qw, None, torch.bfloat16))
+    t_mm = gpu_time(lambda: x @ ref.weight.T)
+    bench.add(
+        {
+            "case": f"gpu gemm {tokens}x{k}x{n} (int8 codes -> bf16 vs bf16 matmul)",
+            "ours_ms": t_int * 1e3,
+            "torch_ms": t_mm * 1e3,
+            "speedup": t_mm / t_int,
+            "TOPS": 2 * tokens * k * n / t_int / 1e12,
+        }
+    )
+
+
+def gpu_quantize(bench: Bench, rows: int, cols: int, copy_bw: float) -> None:
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    moved = x.numel() * 3  # read bf16, write int8 (scales and shifts are <2% more)
+    for transposed, seed in ((False, None), (False, 7), (True, 7)):
+        t = gpu_time(lambda: quantize_2d(x, 8, 64, seed, transposed))  # noqa: B023
+        bench.add(
+            {
+                "case": f"gpu quantize bf16 {rows}x{cols} "
+                + ("transposed " if transposed else "")
+                + ("stochastic" if seed is not None else "nearest"),
+                "ours_ms": t * 1e3,
+                "GBps": moved / t / 1e9,
+                "copy_bw_frac": moved / t / copy_bw,
+            }
+        )
+
+
+def gpu_lm(bench: Bench, steps: int = 20) -> None:
+    """Training tokens per second of the demo's byte LM (dim 1024, 4 layers, 8 x 1024 tokens):
+    ShiftQuantLinear (8 bits) + L1LayerNorm against the nn.Linear / LayerNorm model in bf16
+    autocast, both with the same loss (materialized logits) and AdamW."""
+    from ferrograd import demo
+
+    cfg = demo.Config(data=[], device="cuda", dim=1024, layers=4, heads=8, seq_len=1024)
+    ids = torch.randint(4, 260, (8, cfg.seq_len), device="cuda")
+    batch = {
+        "ids": ids,
+        "targets": ids.roll(-1, 1),
+        "positions": torch.arange(cfg.seq_len, device="cuda").expand(8, -1),
+        "documents": torch.zeros_like(ids),
+    }
+    rates = {}
+    for name, ferrograd in (("ours", True), ("bf16", False)):
+        model, _ = demo.build(cfg, ferrograd)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            with torch.autocast("cuda", torch.bfloat16, enabled=not ferrograd):  # noqa: B023
+                logits = model(batch["ids"], batch["positions"], batch["documents"])
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, demo.VOCAB).float(), batch["targets"].reshape(-1)
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        rates[name] = ids.numel() / gpu_time(step, repeats=steps)
+    bench.add(
+        {
+            "case": "gpu byte LM training (dim 1024, 4 layers, 8x1024 tokens)",
+            "ours_tokens_per_s": rates["ours"],
+            "bf16_tokens_per_s": rates["bf16"],
+            "speedup": rates["ours"] / rates["bf16"],
+        }
+    )
+
+
+def gpu(bench: Bench) -> None:
+    copy_bw = device_copy_bandwidth()
+    for k, n in ((4096, 4096), (4096, 14336)):
+        gpu_linear(bench, 8192, k, n)
+    gpu_quantize(bench, 8192, 4096, copy_bw)
+    gpu_lm(bench)
+
+
 def main(threads: int | None = None) -> None:
     bench = Bench("shiftquant", threads)
     mhz = cpu_mhz()
@@ -136,8 +234,10 @@ def main(threads: int | None = None) -> None:
     quantize(bench, 4096, 4096)
     l1norm(bench, 8192, 1024)
     fidelity(bench, 300)
+    notes = gpu_section("shiftquant", threads, gpu)
     bench.save(
         {
+            **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
             "speedup_with_quant": "as speedup, with both operands quantized inside the timing",
             "int8_peak": f"{peak / 1e9:.0f} GMAC/s assumed: threads x 2 ports x 64 x {mhz} MHz",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, gpu_section, gpu_time, interleaved_times
+from harness import Bench, device_copy_bandwidth, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
 
@@ -96,12 +96,6 @@ def fidelity(bench: Bench) -> None:
                 "alpha": report.alpha if m is smooth else float("nan"),
             }
         )
-
-
-def device_copy_bandwidth() -> float:
-    """Bytes per second of a 512 MiB device-to-device copy (read + write)."""
-    src = torch.empty(1 << 28, device="cuda", dtype=torch.float16)
-    return 2 * src.numel() * src.element_size() / gpu_time(src.clone, repeats=10)
 
 
 def gpu(bench: Bench) -> None:

@@ -7,6 +7,9 @@ import math
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
     out = tmp_path / "demo"
@@ -37,3 +40,10 @@ def test_demo_rejects_missing_data(tmp_path):
     cmd = [sys.executable, "-m", "ferrograd", "demo", "--data", str(tmp_path / "nope")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "neither a file nor a directory" in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/cuda runs the demo")
+def test_demo_on_cuda_without_a_gpu_says_so(tmp_path):
+    cmd = [sys.executable, "-m", "ferrograd", "demo", "--device", "cuda", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "torch sees no CUDA GPU" in run.stderr
