@@ -20,7 +20,13 @@ def mma_16816(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     g, k = gid[:, None], 2 * tig[:, None] + torch.arange(2, device=gid.device)
     a_mat[g, k], a_mat[g + 8, k], a_mat[g, k + 8], a_mat[g + 8, k + 8] = a
     b_mat[k, g], b_mat[k + 8, g] = b
-    c = a_mat @ b_mat
+    return lane_outputs(a_mat @ b_mat)
+
+
+def lane_outputs(c: torch.Tensor) -> torch.Tensor:
+    """The m16n8 accumulator fragments of C (16x8, every mma shape): (32, 4), each lane's c0..c3
+    (row g columns 2t, 2t + 1, then row g + 8)."""
+    gid, tig = (t.to(c.device) for t in LANES)
     rows = torch.stack([gid, gid, gid + 8, gid + 8], 1)
     cols = torch.stack([2 * tig, 2 * tig + 1, 2 * tig, 2 * tig + 1], 1)
     return c[rows, cols]

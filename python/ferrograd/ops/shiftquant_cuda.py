@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._mma_emulation import LANES
+from ._mma_emulation import LANES, lane_outputs
 
 __all__ = [
     "GEMM_SMEM",
@@ -195,10 +195,7 @@ def _mma_16832(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     g = gid[:, None].expand_as(k)
     a_mat[g, k], a_mat[g + 8, k], a_mat[g, k + 16], a_mat[g + 8, k + 16] = a
     b_mat[k, g], b_mat[k + 16, g] = b
-    c = a_mat @ b_mat
-    rows = torch.stack([gid, gid, gid + 8, gid + 8], 1)
-    cols = torch.stack([2 * tig, 2 * tig + 1, 2 * tig, 2 * tig + 1], 1)
-    return c[rows, cols]
+    return lane_outputs(a_mat @ b_mat)
 
 
 def _stage(a: GemmOperand, b: GemmOperand, m0: int, n0: int, k0: int):
