@@ -502,18 +502,19 @@ __device__ void gemm(GemmOperand a, GemmOperand b, const float* __restrict__ bia
             if ((step + 1) % steps_per_group != 0 && (step + 1) * 32 < k) {
                 continue;
             }
-            // End of a group: acc += float(part) * 2^-(ka + kb); part = 0.
+            // End of a group: acc += float(part) * 2^-(ka + kb); part = 0. The factor's bits are
+            // (127 - ka) << 23 minus kb << 23: one integer subtraction per element.
             const unsigned char* sh = stage_shifts + s * (kBM + kBN);
-            int ka[4][2], kb[4][2];
+            int row_bits[4][2], col_bits[4][2];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
-                    ka[mt][h] = sh[wm * 64 + mt * 16 + gid + 8 * h];
+                    row_bits[mt][h] = (127 - sh[wm * 64 + mt * 16 + gid + 8 * h]) << 23;
                 }
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
-                    kb[nt][h] = sh[kBM + wn * 32 + nt * 8 + 2 * tig + h];
+                    col_bits[nt][h] = sh[kBM + wn * 32 + nt * 8 + 2 * tig + h] << 23;
                 }
             }
 #pragma unroll
@@ -522,7 +523,8 @@ __device__ void gemm(GemmOperand a, GemmOperand b, const float* __restrict__ bia
                 for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
-                        const float factor = pow2(-(ka[mt][i >> 1] + kb[nt][i & 1]));
+                        const float factor =
+                            __int_as_float(row_bits[mt][i >> 1] - col_bits[nt][i & 1]);
                         const float p = magic ? __fsub_rn(__int_as_float(part[mt][nt][i] + 0x4B400000), 12582912.0f)
                                               : __int2float_rn(part[mt][nt][i]);
                         acc[mt][nt][i] = __fmaf_rn(p, factor, acc[mt][nt][i]);
