@@ -113,13 +113,19 @@ def test_stochastic_seed_none_follows_torch_manual_seed():
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_quantizing_along_the_first_axis_equals_quantizing_the_transpose(rounding):
-    x = sample((150, 37), seed=2)
+@pytest.mark.parametrize("shape, group_size", [((150, 37), 16), ((1000, 300), 48)])
+def test_quantizing_along_the_first_axis_equals_quantizing_the_transpose(
+    rounding, shape, group_size
+):
+    """The second shape runs on threads, in several row blocks and 16 x 16 byte tiles."""
+    x = sample(shape, seed=2)
+    x[:, 7] = 0.0
+    x[3, 9] = float("inf")
     seed = 3 if rounding == "stochastic" else None
-    t = quantize_2d(x, 5, 16, seed, transposed=True)
-    ref = quantize_2d(x.T.contiguous(), 5, 16, seed)
-    assert torch.equal(t.codes, ref.codes) and torch.equal(t.scale, ref.scale)
-    assert torch.equal(t.shifts, ref.shifts)
+    t = quantize_2d(x, 5, group_size, seed, transposed=True)
+    ref = quantize_2d(x.T.contiguous(), 5, group_size, seed)
+    assert torch.equal(t.codes, ref.codes) and torch.equal(t.shifts, ref.shifts)
+    torch.testing.assert_close(t.scale, ref.scale, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,11 @@
 //! float32 -> ShiftQuant codes along the last axis (`quantize_rows`) or along the first axis of a
 //! row-major matrix (`quantize_cols`, what the backward GEMMs need), and back (`dequantize`).
-
-use std::ops::Range;
+//!
+//! `quantize_cols` makes two passes, both streaming x row by row (vectorized across columns):
+//! the max |x| of every (group of rows, column), then the codes of blocks of `COL_BLOCK` rows,
+//! encoded row by row into a cache-resident int8 block and transposed from there into the
+//! output rows. Reading x column-wise instead (through transposed float panels) was latency
+//! bound: a cache miss per 64 bytes, at 5x the row path's time.
 
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
@@ -10,8 +14,8 @@ use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
 const PAR_MIN: usize = 1 << 16;
-/// Columns transposed into one cache-resident panel by `quantize_cols`.
-const PANEL: usize = 16;
+/// Rows per block of `quantize_cols`' encoding pass.
+const COL_BLOCK: usize = 64;
 /// Adding then subtracting 1.5 * 2^23 rounds half to even for |v| < 2^22 (codes are < 2^7).
 const ROUND_MAGIC: f32 = 12_582_912.0;
 const ABS_MASK: u32 = 0x7fff_ffff;
@@ -134,8 +138,13 @@ fn mix32(mut x: u32) -> u32 {
 /// A uniform draw in [0, 1) with 24 random bits for column `col` of a row keyed `key`.
 #[inline(always)]
 fn uniform(key: u64, col: u32) -> f32 {
-    let h = mix32(mix32(col ^ key as u32).wrapping_add((key >> 32) as u32));
-    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+    uniform_halves(key as u32, (key >> 32) as u32, col)
+}
+
+/// `uniform` from the two halves of the key (kept apart where a vector holds many keys).
+#[inline(always)]
+fn uniform_halves(lo: u32, hi: u32, col: u32) -> f32 {
+    (mix32(mix32(col ^ lo).wrapping_add(hi)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 #[inline(always)]
@@ -235,54 +244,147 @@ unsafe fn quantize_rows_impl<S: Simd>(
     }
 }
 
-/// buf [width, rows] = the columns `panel` of the row-major x [rows, cols], transposed through
-/// PANEL x PANEL tiles on the stack: whole row pieces in, whole 64-byte runs out.
+/// The max |x| bits of each (group of rows, column): `out` [groups][cols] for the rows of
+/// `x` [.., cols], in groups of `group_size` rows (the last one may be short).
 #[inline(always)]
-fn transpose_panel(x: &[f32], cols: usize, panel: Range<usize>, buf: &mut [f32]) {
-    let (c0, width) = (panel.start, panel.len());
-    let rows = x.len() / cols;
-    let mut tile = [[0.0f32; PANEL]; PANEL];
-    for r0 in (0..rows).step_by(PANEL) {
-        let h = PANEL.min(rows - r0);
-        for (i, row) in tile.iter_mut().enumerate().take(h) {
-            let start = (r0 + i) * cols + c0;
-            row[..width].copy_from_slice(&x[start..start + width]);
-        }
-        for c in 0..width {
-            let dst = &mut buf[c * rows + r0..c * rows + r0 + h];
-            for (i, d) in dst.iter_mut().enumerate() {
-                *d = tile[i][c];
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn group_max_cols_impl<S: Simd>(x: &[f32], cols: usize, group_size: usize, out: &mut [u32]) {
+    for (xg, og) in x.chunks(group_size * cols).zip(out.chunks_exact_mut(cols)) {
+        for xr in xg.chunks_exact(cols) {
+            for (o, v) in og.iter_mut().zip(xr) {
+                *o = (*o).max(v.to_bits() & ABS_MASK);
             }
         }
     }
 }
 
-/// Quantizes columns [c0, c0 + width) of `x` [rows, cols] along the rows, through `buf`: the
-/// panel is transposed in cache, then each column goes through the row path.
+/// What the encoding pass of `quantize_cols` needs per column c (the output row c): its scale,
+/// the two halves of its random key, and a mask that zeroes the scaled values of a special (zero,
+/// NaN or infinite) column, whose codes are all 0; per (group, column) the power of two 2^k.
+struct ColumnPass {
+    scale: Vec<f32>,
+    key_lo: Vec<u32>,
+    key_hi: Vec<u32>,
+    keep: Vec<u32>,
+    /// [groups][cols]
+    pow: Vec<f32>,
+    codes: SendPtr<i8>,
+    rows: usize,
+}
+
+/// The codes of one input row r (the element r of every output row) into `codes`: the row
+/// path's `encode_group` arithmetic, with each column's own scale, power of two and key.
+#[inline(always)]
+fn encode_across(x: &[f32], codes: &mut [i8], pass: &ColumnPass, pow: &[f32], spec: &Spec, r: u32) {
+    let qmax = spec.qmax();
+    let scaled = x.iter().zip(pow).zip(&pass.scale).zip(&pass.keep);
+    let scaled =
+        scaled.map(|(((&v, &p), &s), &keep)| f32::from_bits(((v * p) / s).to_bits() & keep));
+    match spec.rounding {
+        Rounding::Nearest => {
+            for (c, t) in codes.iter_mut().zip(scaled) {
+                *c = to_code((t + ROUND_MAGIC) - ROUND_MAGIC, qmax);
+            }
+        }
+        Rounding::Stochastic { .. } => {
+            let keys = pass.key_lo.iter().zip(&pass.key_hi);
+            for ((c, t), (&lo, &hi)) in codes.iter_mut().zip(scaled).zip(keys) {
+                let rounded = (t + ROUND_MAGIC) - ROUND_MAGIC;
+                let floor = if rounded > t { rounded - 1.0 } else { rounded };
+                let up = uniform_halves(lo, hi, r) < t - floor;
+                *c = to_code(if up { floor + 1.0 } else { floor }, qmax);
+            }
+        }
+    }
+}
+
+/// Codes of the rows [r0, r0 + block.len() / cols) of x (`block`) for every column: encoded
+/// row by row into `staging` [rows of the block][cols], then transposed into the output rows.
 ///
 /// # Safety
-/// `out` holds the outputs of all `cols` columns and no other thread writes this panel's.
+/// `pass.codes` covers every column's codes; no other thread writes these rows of them.
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn quantize_panel_impl<S: Simd>(
-    x: &[f32],
-    rows: usize,
-    panel: Range<usize>,
+unsafe fn encode_cols_impl<S: Simd>(
+    block: &[f32],
+    r0: usize,
     spec: &Spec,
-    buf: &mut Vec<f32>,
-    out: &RawCodes,
+    pass: &ColumnPass,
+    staging: &mut Vec<i8>,
 ) {
-    let (c0, width) = (panel.start, panel.len());
-    let cols = x.len() / rows;
-    let groups = num_groups(rows, spec.group_size);
-    buf.resize(width * rows, 0.0);
-    transpose_panel(x, cols, c0..c0 + width, buf);
-    let out = Codes {
-        codes: std::slice::from_raw_parts_mut(out.codes.ptr().add(c0 * rows), width * rows),
-        scale: std::slice::from_raw_parts_mut(out.scale.ptr().add(c0), width),
-        shifts: std::slice::from_raw_parts_mut(out.shifts.ptr().add(c0 * groups), width * groups),
-    };
-    quantize_rows_impl::<S>(buf, rows, spec, c0, out);
+    let cols = pass.scale.len();
+    let h = block.len() / cols;
+    staging.resize(h * cols, 0);
+    for (i, (x, codes)) in block
+        .chunks_exact(cols)
+        .zip(staging.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        let g = (r0 + i) / spec.group_size;
+        let pow = &pass.pow[g * cols..(g + 1) * cols];
+        encode_across(x, codes, pass, pow, spec, (r0 + i) as u32);
+    }
+    transpose_bytes(staging, cols, pass.codes.ptr().add(r0), pass.rows, h);
+}
+
+/// dst[c * dst_stride + i] = src[i * cols + c] for i < h, c < cols (src [h, cols]): 16 x 16
+/// tiles through registers, so that each output row gets 16-byte stores (one byte at a time,
+/// every store a cache line's first touch, the stores were the column quantizer's bottleneck).
+///
+/// # Safety
+/// `dst` is valid for those writes.
+#[inline(always)]
+unsafe fn transpose_bytes(src: &[i8], cols: usize, dst: *mut i8, dst_stride: usize, h: usize) {
+    const T: usize = 16;
+    for c0 in (0..cols).step_by(T) {
+        for i0 in (0..h).step_by(T) {
+            let tile = src.as_ptr().add(i0 * cols + c0);
+            let out = dst.add(c0 * dst_stride + i0);
+            if c0 + T <= cols && i0 + T <= h {
+                transpose_16x16(tile, cols, out, dst_stride);
+            } else {
+                for c in 0..T.min(cols - c0) {
+                    for i in 0..T.min(h - i0) {
+                        *out.add(c * dst_stride + i) = *tile.add(i * cols + c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One 16 x 16 byte tile transposed. Each round interleaves vector i with vector i + 8 (bytes
+/// 0-7 into vector 2i, 8-15 into 2i + 1): as the bits (vector, byte) of an element that rotates
+/// its 8-bit index by one, so four rounds swap row and column.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose_16x16(src: *const i8, src_stride: usize, dst: *mut i8, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let mut v: [__m128i; 16] =
+        std::array::from_fn(|i| _mm_loadu_si128(src.add(i * src_stride).cast()));
+    for _ in 0..4 {
+        v = std::array::from_fn(|j| {
+            let (a, b) = (v[j / 2], v[j / 2 + 8]);
+            if j % 2 == 0 {
+                _mm_unpacklo_epi8(a, b)
+            } else {
+                _mm_unpackhi_epi8(a, b)
+            }
+        });
+    }
+    for (i, row) in v.iter().enumerate() {
+        _mm_storeu_si128(dst.add(i * dst_stride).cast(), *row);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+unsafe fn transpose_16x16(src: *const i8, src_stride: usize, dst: *mut i8, dst_stride: usize) {
+    for c in 0..16 {
+        for i in 0..16 {
+            *dst.add(c * dst_stride + i) = *src.add(i * src_stride + c);
+        }
+    }
 }
 
 #[inline(always)]
@@ -310,21 +412,15 @@ unsafe fn dequantize_impl<S: Simd>(
     }
 }
 
-/// Output pointers shared by the threads of `quantize_cols` (each writes its own panels).
-struct RawCodes {
-    codes: SendPtr<i8>,
-    scale: SendPtr<f32>,
-    shifts: SendPtr<u8>,
-}
-
 thread_local! {
-    /// The transposed panel of `quantize_cols`, kept per thread between calls.
-    static PANEL_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The int8 block of `quantize_cols`' encoding pass, kept per thread between calls.
+    static STAGING: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 crate::dispatch! {
     fn quantize_rows_level(x: &[f32], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl;
-    fn quantize_panel_level(x: &[f32], rows: usize, panel: Range<usize>, spec: &Spec, buf: &mut Vec<f32>, out: &RawCodes) = quantize_panel_impl;
+    fn group_max_cols_level(x: &[f32], cols: usize, group_size: usize, out: &mut [u32]) = group_max_cols_impl;
+    fn encode_cols_level(block: &[f32], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl;
     fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
 }
 
@@ -393,27 +489,80 @@ pub fn quantize_cols(
         )));
     }
     out.check("shiftquant", cols, rows, spec.group_size)?;
-    if rows == 0 {
+    if rows == 0 || cols == 0 {
         out.scale.fill(0.0);
         return Ok(());
     }
-    let raw = RawCodes {
-        codes: SendPtr(out.codes.as_mut_ptr()),
-        scale: SendPtr(out.scale.as_mut_ptr()),
-        shifts: SendPtr(out.shifts.as_mut_ptr()),
+    let gs = spec.group_size;
+    let groups = num_groups(rows, gs);
+    // Pass 1: max |x| bits per (group, column).
+    let mut group_max = vec![0u32; groups * cols];
+    let pieces = Disjoint::new(&mut group_max);
+    let chunk = threads::rows_per_task(groups, gs * cols, PAR_MIN);
+    threads::for_each_chunk(groups, chunk, |_, g| {
+        // SAFETY: chunks are disjoint group ranges.
+        let piece = unsafe { pieces.piece(g.start * cols..g.end * cols) };
+        let x = &x[g.start * gs * cols..(g.end * gs).min(rows) * cols];
+        group_max_cols_level(level, x, cols, gs, piece)
+    });
+    let mut col_max = vec![0u32; cols];
+    for gm in group_max.chunks_exact(cols) {
+        col_max
+            .iter_mut()
+            .zip(gm)
+            .for_each(|(m, &v)| *m = (*m).max(v));
+    }
+    // Per column: scale, shifts, key, mask; per (group, column): 2^k.
+    let special: Vec<bool> = col_max.iter().map(|&m| m == 0 || m >= INF_BITS).collect();
+    let qmax = spec.qmax();
+    for ((s, &m), &sp) in out.scale.iter_mut().zip(&col_max).zip(&special) {
+        *s = match (m, sp) {
+            (0, _) => 0.0,
+            (_, true) => f32::NAN,
+            _ => f32::from_bits(m) / qmax,
+        };
+    }
+    let mut pow = vec![0f32; groups * cols];
+    for (c, sh) in out.shifts.chunks_exact_mut(groups).enumerate() {
+        for (g, k) in sh.iter_mut().enumerate() {
+            *k = if special[c] {
+                MAX_SHIFT
+            } else {
+                let gm = f32::from_bits(group_max[g * cols + c]);
+                shift_of(f32::from_bits(col_max[c]), gm)
+            };
+            pow[g * cols + c] = f32::from_bits((127 + u32::from(*k)) << 23);
+        }
+    }
+    let keys: Vec<u64> = match spec.rounding {
+        Rounding::Nearest => vec![0; cols],
+        Rounding::Stochastic { seed } => (0..cols as u64).map(|c| row_key(seed, c)).collect(),
     };
-    let panel = |p: usize| {
-        let c0 = p * PANEL;
-        PANEL_BUF.with_borrow_mut(|buf| {
-            // SAFETY: `raw` covers all columns; panels write disjoint ones.
-            quantize_panel_level(level, x, rows, c0..(c0 + PANEL).min(cols), spec, buf, &raw)
+    let pass = ColumnPass {
+        scale: out.scale.to_vec(),
+        key_lo: keys.iter().map(|&k| k as u32).collect(),
+        key_hi: keys.iter().map(|&k| (k >> 32) as u32).collect(),
+        keep: special
+            .iter()
+            .map(|&sp| if sp { 0 } else { u32::MAX })
+            .collect(),
+        pow,
+        codes: SendPtr(out.codes.as_mut_ptr()),
+        rows,
+    };
+    // Pass 2: the codes, a block of rows at a time.
+    let block = |b: usize| {
+        let (r0, r1) = (b * COL_BLOCK, ((b + 1) * COL_BLOCK).min(rows));
+        STAGING.with_borrow_mut(|staging| {
+            // SAFETY: `pass.codes` covers all columns; blocks write disjoint rows of them.
+            encode_cols_level(level, &x[r0 * cols..r1 * cols], r0, spec, &pass, staging)
         })
     };
-    let panels = cols.div_ceil(PANEL);
+    let blocks = rows.div_ceil(COL_BLOCK);
     if rows * cols < PAR_MIN {
-        (0..panels).for_each(panel);
+        (0..blocks).for_each(block);
     } else {
-        threads::split(panels, panel);
+        threads::split(blocks, block);
     }
     Ok(())
 }
@@ -547,25 +696,32 @@ mod tests {
 
     #[test]
     fn columns_equal_rows_of_the_transpose() {
-        let (rows, cols) = (70, 37);
-        let x = data(rows * cols, 3);
-        let xt: Vec<f32> = (0..cols * rows)
-            .map(|i| x[(i % rows) * cols + i / rows])
-            .collect();
-        for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 9 }] {
-            let spec = Spec::new("t", 5, 16, rounding).unwrap();
-            let level = crate::simd::detected();
-            let want = run_rows(level, &xt, rows, &spec);
-            let mut codes = vec![0i8; x.len()];
-            let mut scale = vec![0f32; cols];
-            let mut shifts = vec![0u8; cols * num_groups(rows, 16)];
-            let out = Codes {
-                codes: &mut codes,
-                scale: &mut scale,
-                shifts: &mut shifts,
-            };
-            quantize_cols(level, &x, rows, &spec, out).unwrap();
-            assert_eq!((codes, scale, shifts), want);
+        // 600 rows: three encoding blocks, the second boundary inside a group of 100.
+        for (rows, cols, gs) in [(70, 37, 16), (600, 37, 100)] {
+            let mut x = data(rows * cols, 3);
+            x[5 * cols + 2] = f32::NAN; // column 2 is special, and column 3 all zero
+            (0..rows).for_each(|r| x[r * cols + 3] = 0.0);
+            let xt: Vec<f32> = (0..cols * rows)
+                .map(|i| x[(i % rows) * cols + i / rows])
+                .collect();
+            for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 9 }] {
+                let spec = Spec::new("t", 5, gs, rounding).unwrap();
+                for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+                    let (want_codes, want_scale, want_shifts) = run_rows(level, &xt, rows, &spec);
+                    let mut codes = vec![0i8; x.len()];
+                    let mut scale = vec![0f32; cols];
+                    let mut shifts = vec![0u8; cols * num_groups(rows, gs)];
+                    let out = Codes {
+                        codes: &mut codes,
+                        scale: &mut scale,
+                        shifts: &mut shifts,
+                    };
+                    quantize_cols(level, &x, rows, &spec, out).unwrap();
+                    assert_eq!((codes, shifts), (want_codes, want_shifts), "{level:?}");
+                    let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&scale), bits(&want_scale), "{level:?}");
+                }
+            }
         }
     }
 
