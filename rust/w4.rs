@@ -389,7 +389,7 @@ mod x86 {
     pub(super) unsafe fn gemv_rows_vnni(
         w: &super::PackedW4<'_>,
         rows: std::ops::Range<usize>,
-        input: &super::VnniInput,
+        input: &super::IntInput,
         row0: usize,
         m: usize,
         out: &mut [f32],
@@ -426,7 +426,7 @@ mod x86 {
     unsafe fn vnni_tile<const M: usize>(
         w: &super::PackedW4<'_>,
         rows: std::ops::Range<usize>,
-        input: &super::VnniInput,
+        input: &super::IntInput,
         row0: usize,
         out: &mut [f32],
     ) {
@@ -481,6 +481,180 @@ mod x86 {
                 let sums = &input.group_sums[i * groups..(i + 1) * groups];
                 let dot = _mm512_reduce_add_ps(total[j]) * input.scale[i];
                 out[j * width + r] = dot - zero_term(scales, zeros, sums);
+            }
+        }
+    }
+
+    /// The AVX2 form of the integer GEMV (same input and error bound as the VNNI one):
+    /// `vpmaddubsw` multiplies 32 codes by 32 signed bytes of x̃ into 16 int16 pair sums, which
+    /// add up in int16 over up to `I16_BLOCKS` blocks before `vpmaddwd` widens them (times 256
+    /// for the high bytes) and the group's scale meets them in float32.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_rows_avx2_int(
+        w: &super::PackedW4<'_>,
+        rows: std::ops::Range<usize>,
+        input: &super::IntInput,
+        row0: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        match m {
+            1 => avx2_int_rows::<1>(w, rows, input, row0, out),
+            2 => avx2_int_rows::<2>(w, rows, input, row0, out),
+            3 => avx2_int_rows::<3>(w, rows, input, row0, out),
+            _ => avx2_int_rows::<4>(w, rows, input, row0, out),
+        }
+    }
+
+    /// Blocks whose int16 pair sums may add up: a pair sum is at most 2 * 15 * 128 = 3840 in
+    /// magnitude, and 4 blocks bring 8 of them to an accumulator.
+    const I16_BLOCKS: usize = 4;
+
+    /// Picks the blocks per flush (a compile-time count, so that the block loop unrolls): groups
+    /// of an odd number of halves flush every block with a scale per half (`SPLIT`), others
+    /// every 4, 2 or 1 blocks, whichever divides the group's blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_int_rows<const M: usize>(
+        w: &super::PackedW4<'_>,
+        rows: std::ops::Range<usize>,
+        input: &super::IntInput,
+        row0: usize,
+        out: &mut [f32],
+    ) {
+        let group_blocks = w.shape.group_size / super::BLOCK;
+        if !w.shape.group_size.is_multiple_of(super::BLOCK) {
+            avx2_int_tile::<M, 1, true>(w, rows, input, row0, out)
+        } else if group_blocks.is_multiple_of(I16_BLOCKS) {
+            avx2_int_tile::<M, I16_BLOCKS, false>(w, rows, input, row0, out)
+        } else if group_blocks.is_multiple_of(2) {
+            avx2_int_tile::<M, 2, false>(w, rows, input, row0, out)
+        } else {
+            avx2_int_tile::<M, 1, false>(w, rows, input, row0, out)
+        }
+    }
+
+    /// Bytes of packed weight the AVX2 kernel prefetches ahead of the flush it reads: on the
+    /// 2-core Zen 2 VM the hardware prefetcher alone left M = 1 13-20% slower (512 was slower
+    /// too, 2048 the same).
+    const PREFETCH_AHEAD: usize = 1024;
+
+    /// Int16 sums of one x row: [half block (SPLIT; else all in 0)][low | high byte of x̃].
+    type Acc16 = [[__m256i; 2]; 2];
+
+    /// Adds block `b`'s products with the M rows of x̃ from `row0` to `acc`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_int_block<const M: usize, const SPLIT: bool>(
+        packed: *const u8,
+        b: usize,
+        input: &super::IntInput,
+        row0: usize,
+        acc: &mut [Acc16; M],
+    ) {
+        use super::{BLOCK, BLOCK_BYTES};
+        let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
+        let mask = _mm256_set1_epi8(15);
+        let codes = [
+            _mm256_and_si256(v, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+        ];
+        for (j, a) in acc.iter_mut().enumerate() {
+            let at = (row0 + j) * input.padded + b * BLOCK;
+            for (h, &c) in codes.iter().enumerate() {
+                let at = at + h * BLOCK_BYTES;
+                let xl = _mm256_loadu_si256(input.lo.as_ptr().add(at) as *const __m256i);
+                let xh = _mm256_loadu_si256(input.hi.as_ptr().add(at) as *const __m256i);
+                let a = &mut a[if SPLIT { h } else { 0 }];
+                a[0] = _mm256_add_epi16(a[0], _mm256_maddubs_epi16(c, xl));
+                a[1] = _mm256_add_epi16(a[1], _mm256_maddubs_epi16(c, xh));
+            }
+        }
+    }
+
+    /// total += the sums × scale (SPLIT: each half block its own scale, else `scales.0`); the
+    /// sums restart.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_int_flush<const M: usize, const SPLIT: bool>(
+        scales: (f32, f32),
+        acc: &mut [Acc16; M],
+        total: &mut [__m256; M],
+    ) {
+        // 256 hi + lo in int32 from the int16 pair sums of the low and high bytes.
+        let widen = |a: [__m256i; 2]| {
+            let hi = _mm256_madd_epi16(a[1], _mm256_set1_epi16(256));
+            _mm256_cvtepi32_ps(_mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(a[0], _mm256_set1_epi16(1)),
+            ))
+        };
+        for (a, t) in acc.iter_mut().zip(total.iter_mut()) {
+            *t = _mm256_fmadd_ps(widen(a[0]), _mm256_set1_ps(scales.0), *t);
+            if SPLIT {
+                *t = _mm256_fmadd_ps(widen(a[1]), _mm256_set1_ps(scales.1), *t);
+            }
+            *a = [[_mm256_setzero_si256(); 2]; 2];
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+    }
+
+    /// Rows `rows` of W times M rows of x̃, flushing every F blocks (F divides a group's
+    /// blocks, so a flush lies in one group, or in one per half when SPLIT).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_int_tile<const M: usize, const F: usize, const SPLIT: bool>(
+        w: &super::PackedW4<'_>,
+        rows: std::ops::Range<usize>,
+        input: &super::IntInput,
+        row0: usize,
+        out: &mut [f32],
+    ) {
+        use super::{packed_row_bytes, zero_term, BLOCK, BLOCK_BYTES};
+        let s = w.shape;
+        let (row_bytes, groups, width) = (packed_row_bytes(s.k), s.groups(), rows.len());
+        let blocks = row_bytes / BLOCK_BYTES;
+        // The groups of the two halves of each flush's first block, the same for every row;
+        // the blocks past the last whole flush (a short last group) take one more.
+        let group = |col: usize| (col / s.group_size).min(groups - 1);
+        let flushes: Vec<(usize, usize)> = (0..blocks)
+            .step_by(F)
+            .map(|b| (group(b * BLOCK), group(b * BLOCK + BLOCK_BYTES)))
+            .collect();
+        let (whole, tail) = flushes.split_at(blocks / F);
+        for (r, n) in rows.enumerate() {
+            let packed = w.packed.as_ptr().add(n * row_bytes);
+            let scales = &w.scales[n * groups..(n + 1) * groups];
+            let zeros = &w.zeros[n * groups..(n + 1) * groups];
+            let mut total = [_mm256_setzero_ps(); M];
+            let mut acc = [[[_mm256_setzero_si256(); 2]; 2]; M];
+            for (f, &(g0, g1)) in whole.iter().enumerate() {
+                // Past the weight's end near its last rows: a prefetch never faults, and
+                // wrapping_add keeps the address computation defined.
+                let ahead = packed.wrapping_add(f * F * BLOCK_BYTES + PREFETCH_AHEAD);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                for b in f * F..(f + 1) * F {
+                    avx2_int_block::<M, SPLIT>(packed, b, input, row0, &mut acc);
+                }
+                avx2_int_flush::<M, SPLIT>((scales[g0], scales[g1]), &mut acc, &mut total);
+            }
+            if let Some(&(g0, g1)) = tail.first() {
+                for b in whole.len() * F..blocks {
+                    avx2_int_block::<M, SPLIT>(packed, b, input, row0, &mut acc);
+                }
+                avx2_int_flush::<M, SPLIT>((scales[g0], scales[g1]), &mut acc, &mut total);
+            }
+            for (j, t) in total.iter().enumerate() {
+                let i = row0 + j;
+                let sums = &input.group_sums[i * groups..(i + 1) * groups];
+                out[j * width + r] = hsum(*t) * input.scale[i] - zero_term(scales, zeros, sums);
             }
         }
     }
@@ -544,9 +718,9 @@ impl GemvInput {
     }
 }
 
-/// x for the VNNI kernel: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
+/// x for the integer kernels: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
 /// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks.
-struct VnniInput {
+struct IntInput {
     lo: Vec<i8>,
     hi: Vec<i8>,
     scale: Vec<f32>,
@@ -558,13 +732,13 @@ struct VnniInput {
 /// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
 const X_INT_MAX: f32 = 32639.0;
 
-impl VnniInput {
+impl IntInput {
     /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
-    fn new(x: &[f32], shape: Shape) -> Option<VnniInput> {
+    fn new(level: SimdLevel, x: &[f32], shape: Shape) -> Option<IntInput> {
         let (k, groups) = (shape.k, shape.groups());
         let padded = k.div_ceil(BLOCK) * BLOCK;
         let m = x.len() / k;
-        let mut input = VnniInput {
+        let mut input = IntInput {
             lo: vec![0; m * padded],
             hi: vec![0; m * padded],
             scale: vec![1.0; m],
@@ -572,31 +746,76 @@ impl VnniInput {
             padded,
         };
         for (i, row) in x.chunks_exact(k).enumerate() {
-            let amax = row
-                .iter()
-                .try_fold(0.0f32, |a, &v| v.is_finite().then(|| a.max(v.abs())))?;
-            let scale = if amax > 0.0 { amax / X_INT_MAX } else { 1.0 };
-            input.scale[i] = scale;
-            let (lo, hi) = (&mut input.lo[i * padded..], &mut input.hi[i * padded..]);
-            for (c, &v) in row.iter().enumerate() {
-                let q = (v / scale).round_ties_even().clamp(-X_INT_MAX, X_INT_MAX) as i32;
-                let h = (q + 128) >> 8;
-                (hi[c], lo[c]) = (h as i8, (q - 256 * h) as i8);
-            }
+            let (lo, hi) = (
+                &mut input.lo[i * padded..i * padded + k],
+                &mut input.hi[i * padded..i * padded + k],
+            );
             let sums = &mut input.group_sums[i * groups..(i + 1) * groups];
-            for (sum, piece) in sums
-                .iter_mut()
-                .zip((0..k).collect::<Vec<_>>().chunks(shape.group_size))
-            {
-                let total: i64 = piece
-                    .iter()
-                    .map(|&c| 256 * hi[c] as i64 + lo[c] as i64)
-                    .sum();
-                *sum = (total as f64 * scale as f64) as f32;
-            }
+            input.scale[i] = round_x_row(level, row, shape.group_size, lo, hi, sums)?;
         }
         Some(input)
     }
+}
+
+crate::dispatch! {
+    fn round_x_row(row: &[f32], group_size: usize, lo: &mut [i8], hi: &mut [i8], sums: &mut [f32]) -> Option<f32> = round_x_row_impl;
+}
+
+/// One row of [`IntInput`]: writes x̃'s bytes and the group sums, returns the scale (None when
+/// the row is not finite). Compiled for the SIMD level, so that the loops vectorize.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S only picks the target features
+unsafe fn round_x_row_impl<S: Simd>(
+    row: &[f32],
+    group_size: usize,
+    lo: &mut [i8],
+    hi: &mut [i8],
+    sums: &mut [f32],
+) -> Option<f32> {
+    let amax = abs_max_or_inf(row);
+    if amax == f32::INFINITY {
+        return None;
+    }
+    let scale = if amax > 0.0 { amax / X_INT_MAX } else { 1.0 };
+    let pieces = row
+        .chunks(group_size)
+        .zip(lo.chunks_mut(group_size).zip(hi.chunks_mut(group_size)));
+    for ((row, (lo, hi)), sum) in pieces.zip(sums.iter_mut()) {
+        // Σ x̃ = Σ (256 hi + lo), exact in i64.
+        let mut total = 0i64;
+        for ((&v, l), h) in row.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
+            let q = (v / scale).round_ties_even().clamp(-X_INT_MAX, X_INT_MAX) as i32;
+            let high = (q + 128) >> 8;
+            (*h, *l) = (high as i8, (q - 256 * high) as i8);
+            total += q as i64;
+        }
+        *sum = (total as f64 * scale as f64) as f32;
+    }
+    Some(scale)
+}
+
+/// max |v| over `row`, or infinity when it holds NaN or infinity; in 8 lanes so that it
+/// vectorizes.
+#[inline(always)]
+fn abs_max_or_inf(row: &[f32]) -> f32 {
+    let bound = |v: f32| {
+        if v.is_finite() {
+            v.abs()
+        } else {
+            f32::INFINITY
+        }
+    };
+    let mut lanes = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    for (lane, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane = bound(v);
+    }
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(bound(v));
+        }
+    }
+    lanes.iter().fold(0.0, |a, &v| a.max(v))
 }
 
 crate::dispatch! {
@@ -627,11 +846,19 @@ unsafe fn gemv_rows_impl<S: Nibbles>(
 #[inline(always)]
 fn zero_term(scales: &[f32], zeros: &[u8], x_sums: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
-    let pieces = scales.chunks(8).zip(zeros.chunks(8)).zip(x_sums.chunks(8));
-    for ((s, z), x) in pieces {
-        for l in 0..s.len() {
+    let (s, z, x) = (
+        scales.chunks_exact(8),
+        zeros.chunks_exact(8),
+        x_sums.chunks_exact(8),
+    );
+    let tails = (s.remainder(), z.remainder(), x.remainder());
+    for ((s, z), x) in s.zip(z).zip(x) {
+        for l in 0..8 {
             lanes[l] += s[l] * z[l] as f32 * x[l];
         }
+    }
+    for (l, ((s, z), x)) in tails.0.iter().zip(tails.1).zip(tails.2).enumerate() {
+        lanes[l] += s * *z as f32 * x;
     }
     lanes.iter().sum()
 }
@@ -754,6 +981,15 @@ fn row_tasks(shape: Shape) -> usize {
     threads::rows_per_task(shape.n, shape.k, PAR_MIN)
 }
 
+/// The kernels that take x rounded to int16 ([`IntInput`]): AVX-512 VNNI, and AVX2 (AVX-512
+/// without VNNI keeps its float kernel).
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum IntKernel {
+    Vnni,
+    Avx2,
+}
+
 /// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
 /// The group size must be a multiple of 32 (whole half blocks).
 pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgResult<()> {
@@ -776,12 +1012,15 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
             s.group_size
         )));
     }
-    let vnni = match level {
+    let int_kernel = match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => VnniInput::new(x, s),
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => Some(IntKernel::Vnni),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_supported() => Some(IntKernel::Avx2),
         _ => None,
     };
-    let float = vnni.is_none().then(|| GemvInput::new(x, s));
+    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, x, s)?)));
+    let float = int.is_none().then(|| GemvInput::new(x, s));
     // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
     // writes its own columns of y.
     let share = MIN_ROWS_PER_PART;
@@ -793,11 +1032,16 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
         for row0 in (0..m).step_by(MAX_ROWS) {
             let count = MAX_ROWS.min(m - row0);
             let out = &mut tile[..count * rows.len()];
-            match (&vnni, &float) {
+            match (&int, &float) {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: VnniInput exists only when the CPU has AVX-512 VNNI.
-                (Some(v), _) => unsafe {
+                // SAFETY: IntKernel::Vnni is picked only when the CPU has AVX-512 VNNI.
+                (Some((IntKernel::Vnni, v)), _) => unsafe {
                     x86::gemv_rows_vnni(w, rows.clone(), v, row0, count, out)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: IntKernel::Avx2 is picked only when the CPU supports AVX2 + FMA.
+                (Some((IntKernel::Avx2, v)), _) => unsafe {
+                    x86::gemv_rows_avx2_int(w, rows.clone(), v, row0, count, out)
                 },
                 (_, Some(f)) => gemv_rows(level, w, rows.clone(), f, row0, count, out),
                 _ => unreachable!("one of the inputs is prepared"),
@@ -848,36 +1092,58 @@ mod tests {
             .collect()
     }
 
+    /// W quantized and packed as `gemv` reads it.
+    struct Quantized {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        zeros: Vec<u8>,
+        packed: Vec<u8>,
+        shape: Shape,
+    }
+
+    impl Quantized {
+        fn new(level: SimdLevel, w: &[f32], shape: Shape, zero_point: bool) -> Quantized {
+            let (n, k, groups) = (shape.n, shape.k, shape.groups());
+            let mut q = Quantized {
+                codes: vec![0u8; n * k],
+                scales: vec![0.0f32; n * groups],
+                zeros: vec![0u8; n * groups],
+                packed: vec![0u8; n * packed_row_bytes(k)],
+                shape,
+            };
+            quantize(
+                level,
+                w,
+                shape,
+                zero_point,
+                &mut q.codes,
+                &mut q.scales,
+                &mut q.zeros,
+            )
+            .unwrap();
+            pack(&q.codes, shape, &mut q.packed).unwrap();
+            q
+        }
+
+        fn weight(&self) -> PackedW4<'_> {
+            PackedW4 {
+                packed: &self.packed,
+                scales: &self.scales,
+                zeros: &self.zeros,
+                shape: self.shape,
+            }
+        }
+    }
+
     /// Quantizes, packs, then checks unpacking and the GEMV against W_hat from `dequantize`.
     fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point: bool) {
         let shape = Shape::new("test", n, k, group_size).unwrap();
-        let w = weight(n, k);
-        let (mut codes, mut scales, mut zeros) = (
-            vec![0u8; n * k],
-            vec![0.0f32; n * shape.groups()],
-            vec![0u8; n * shape.groups()],
-        );
-        quantize(
-            level,
-            &w,
-            shape,
-            zero_point,
-            &mut codes,
-            &mut scales,
-            &mut zeros,
-        )
-        .unwrap();
-        let mut packed = vec![0u8; n * packed_row_bytes(k)];
-        pack(&codes, shape, &mut packed).unwrap();
+        let q = Quantized::new(level, &weight(n, k), shape, zero_point);
+        let (codes, scales, zeros) = (&q.codes, &q.scales, &q.zeros);
         let mut back = vec![0u8; n * k];
-        unpack(&packed, shape, &mut back).unwrap();
-        assert_eq!(back, codes);
-        let pw = PackedW4 {
-            packed: &packed,
-            scales: &scales,
-            zeros: &zeros,
-            shape,
-        };
+        unpack(&q.packed, shape, &mut back).unwrap();
+        assert_eq!(&back, codes);
+        let pw = q.weight();
         let mut w_hat = vec![0.0f32; n * k];
         dequantize(level, &pw, 0..n, &mut w_hat).unwrap();
         for (i, (&q, &v)) in codes.iter().zip(&w_hat).enumerate() {
@@ -921,6 +1187,48 @@ mod tests {
                         continue; // the GEMV needs whole half blocks
                     }
                     round_trip(level, n, k, g, zp);
+                }
+            }
+        }
+    }
+
+    /// The integer kernels' int16 sums at their limit: every code 15 but each group's first,
+    /// every low byte of x̃ = 32384 = 256 * 127 - 128 at -128, groups of up to whole rows (several
+    /// int16 flushes each). x̃ is exact here, so only float rounding may remain.
+    #[test]
+    fn int16_sums_at_their_limit_do_not_wrap() {
+        let (n, k) = (3, 1024);
+        let x: Vec<f32> = (0..k)
+            .map(|c| if c == 0 { X_INT_MAX } else { 32384.0 })
+            .collect();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for group_size in [32, 96, 128, 512, -1] {
+                let shape = Shape::new("test", n, k, group_size).unwrap();
+                // Each group's -1 takes code 0, its 2s code 15 (scale 0.2, zero 5).
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| {
+                        if i % k % shape.group_size == 0 {
+                            -1.0
+                        } else {
+                            2.0
+                        }
+                    })
+                    .collect();
+                let q = Quantized::new(level, &w, shape, true);
+                let fifteens = q.codes.iter().filter(|&&c| c == 15).count();
+                assert_eq!(fifteens, n * (k - shape.groups()));
+                let mut w_hat = vec![0.0f32; n * k];
+                dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
+                let mut y = vec![0.0f32; n];
+                gemv(level, &q.weight(), &x, &mut y).unwrap();
+                for (r, &got) in y.iter().enumerate() {
+                    let row = &w_hat[r * k..(r + 1) * k];
+                    let want: f64 = x.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let size: f64 = x.iter().zip(row).map(|(&a, &b)| (a * b).abs() as f64).sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-6 * size,
+                        "{level:?} g{group_size} row {r}: {got} vs {want}"
+                    );
                 }
             }
         }

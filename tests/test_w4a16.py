@@ -75,6 +75,12 @@ def test_scale_dtype_follows_the_weight(dtype):
     assert q.dequantize().dtype == dtype
 
 
+def integer_gemv() -> bool:
+    """Whether the GEMV runs x rounded to int16 (VNNI on AVX-512, vpmaddubsw on AVX2)."""
+    level = fg.simd_level()
+    return level == "avx2" or (level == "avx512" and fg.cpu_info()["features"]["avx512vnni"])
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16, 17, 40])
 @pytest.mark.parametrize(
     "group_size, zero_point", [(128, True), (32, False), (-1, True), (48, True)]
@@ -88,8 +94,28 @@ def test_matmul_matches_the_dequantized_weight(rows, group_size, zero_point):
     want = x.double() @ q.dequantize().double().T + bias.double()
     got = fg.w4a16_matmul(x, q, bias)
     err = (got.double() - want).abs().max() / want.abs().max()
-    # The VNNI kernel rounds x to 16-bit integers per row (2^-15 of the row's max |x|).
-    assert err < (1e-4 if fg.cpu_info()["features"]["avx512vnni"] else 1e-5)
+    # The integer kernels round x to 16-bit integers per row (2^-15 of the row's max |x|).
+    assert err < (1e-4 if integer_gemv() else 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("group_size", [32, 128, 512, -1])
+def test_matmul_error_stays_within_the_x_rounding_bound(rows, group_size):
+    """Per element: |error| <= max|x_i| * 2^-16 * sum_c |W_hat[r, c]| (x rounded to a step of
+    max|x_i| / 32639), plus float32 rounding; an outlier makes the small entries' rounding count."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 40, 1024
+    q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), group_size)
+    x = torch.randn(rows, k, generator=g)
+    x[:, 3] = 50.0
+    w_hat = q.dequantize().double()
+    want = x.double() @ w_hat.T
+    step = x.abs().amax(1, keepdim=True).double() / 32639
+    bound = step / 2 * w_hat.abs().sum(1) + 1e-6 * (x.double().abs() @ w_hat.abs().T)
+    got = fg.w4a16_matmul(x, q).double()
+    assert ((got - want).abs() <= bound).all()
+    if not integer_gemv():
+        assert ((got - want).abs() <= 1e-6 * (x.double().abs() @ w_hat.abs().T)).all()
 
 
 def test_nan_in_x_reaches_only_its_row():
@@ -98,6 +124,9 @@ def test_nan_in_x_reaches_only_its_row():
     x[1, 5] = float("nan")
     y = fg.w4a16_matmul(x, q)
     assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    x[1, 5] = float("inf")
+    y = fg.w4a16_matmul(x, q)
+    assert not y[1].isfinite().any() and y[[0, 2]].isfinite().all()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])

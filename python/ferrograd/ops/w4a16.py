@@ -2,9 +2,10 @@
 
 CPU: up to ``GEMV_MAX_ROWS`` rows of x run the Rust kernel that unpacks each block of codes in
 registers once for 4 rows of x at a time (the weight is read in 4 bits: the point at small batch).
-With AVX-512 VNNI it multiplies the codes by x rounded to 16-bit integers per row (scale
-max|x| / 32639, split into two signed bytes for ``vpdpbusd``): relative error at most 2^-15 of
-the row's largest |x| per element, the "A16" of W4A16; elsewhere it runs in float32. More rows
+With AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row
+(scale max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative
+error at most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN
+or infinity, AVX-512 without VNNI and the scalar path run in float32. More rows
 (or group sizes that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS`` rows of W at a
 time into torch's float32 matmul.
 Computed in float32, returned in x's dtype. The weight is frozen: autograd reaches x and bias.
