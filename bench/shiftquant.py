@@ -5,8 +5,10 @@ vs the bf16 matmul, the quantize kernels as a fraction of the device's copy band
 training tokens per second of a small byte-level LM (the demo's) against its bf16 twin.
 
 ``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak,
-taken as threads x 2 VNNI ports x 64 multiply-adds per cycle x the clock /proc/cpuinfo reports
-(an assumption stated in the JSON: a VM does not expose its turbo clock or port count).
+taken as threads x the clock /proc/cpuinfo reports x the multiply-adds per cycle of the kernel's
+instructions on two vector ports: 2 x 64 with AVX-512 VNNI (vpdpbusd), 2 x 16 with AVX2 (a
+vpmaddubsw + vpmaddwd pair per 32 products). An assumption stated in the JSON: a VM exposes
+neither its turbo clock nor its port count (AMD Zen 2, for one, multiplies on one port only).
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ def gpu(bench: Bench) -> None:
 def main(threads: int | None = None) -> None:
     bench = Bench("shiftquant", threads)
     mhz = cpu_mhz()
-    peak = bench.threads * 2 * 64 * mhz * 1e6
+    per_port = 64 if fg.cpu_info()["features"]["avx512vnni"] else 16
+    peak = bench.threads * 2 * per_port * mhz * 1e6
     for size in (512, 1024, 2048, 4096):
         gemm(bench, size, size, size, peak)
     gemm(bench, 4096, 1024, 4096, peak)
@@ -240,7 +243,8 @@ def main(threads: int | None = None) -> None:
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
             "speedup_with_quant": "as speedup, with both operands quantized inside the timing",
-            "int8_peak": f"{peak / 1e9:.0f} GMAC/s assumed: threads x 2 ports x 64 x {mhz} MHz",
+            "int8_peak": f"{peak / 1e9:.0f} GMAC/s assumed: threads x 2 ports x {per_port} "
+            f"x {mhz} MHz",
             "GBps": "quantize: bytes read (float32) + written (int8) per second",
             "rel_diff": "(final loss at b bits - float32 final loss) / float32 final loss, "
             "mean of the last 20 of 300 AdamW steps on a repeated-motif task",
