@@ -249,8 +249,10 @@ pub fn matmul(
         n,
     };
     let block = |idx: usize| {
-        // SAFETY: blocks write disjoint rectangles of `out`.
-        unsafe { job.block(idx / blocks_n, idx % blocks_n, &mut Vec::new(), out_ptr) }
+        BLOCK_ACC.with_borrow_mut(|acc| {
+            // SAFETY: blocks write disjoint rectangles of `out`.
+            unsafe { job.block(idx / blocks_n, idx % blocks_n, acc, out_ptr) }
+        })
     };
     if m * n * k >= 1 << 21 {
         threads::split(blocks_m * blocks_n, block);
@@ -258,6 +260,12 @@ pub fn matmul(
         (0..blocks_m * blocks_n).for_each(block);
     }
     Ok(())
+}
+
+thread_local! {
+    /// A block's float accumulators, kept per thread between blocks and calls (a fresh 192 KiB
+    /// buffer per block was an mmap and its page faults every time).
+    static BLOCK_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Job<'a> {
@@ -319,18 +327,30 @@ impl Job<'_> {
             }
             g0 = g1;
         }
-        // Epilogue: row and column scales, bias, crop the padding.
+        // Epilogue: row and column scales, bias, crop the padding; a tile row at a time (nr
+        // consecutive accumulators), so that it vectorizes.
+        let b_scale = &self.b_scale[n0..n0 + cols];
+        let bias = self.bias.map(|b| &b[n0..n0 + cols]);
         for r in 0..rows {
             let (pi, i) = (r / mr, r % mr);
             let sa = self.a_scale[m0 + r];
             let dst = std::slice::from_raw_parts_mut(out.ptr().add((m0 + r) * self.n + n0), cols);
-            for (c, o) in dst.iter_mut().enumerate() {
-                let (pj, j) = (c / nr, c % nr);
-                let v = acc[(pi * panels_n + pj) * tile + i * nr + j] * (sa * self.b_scale[n0 + c]);
-                *o = match self.bias {
-                    Some(bias) => v + bias[n0 + c],
-                    None => v,
-                };
+            for (pj, (o, s)) in dst.chunks_mut(nr).zip(b_scale.chunks(nr)).enumerate() {
+                let base = (pi * panels_n + pj) * tile + i * nr;
+                let a = &acc[base..base + o.len()];
+                match bias {
+                    Some(bias) => {
+                        let bias = &bias[pj * nr..pj * nr + o.len()];
+                        for (((o, &v), &s), &b) in o.iter_mut().zip(a).zip(s).zip(bias) {
+                            *o = v * (sa * s) + b;
+                        }
+                    }
+                    None => {
+                        for ((o, &v), &s) in o.iter_mut().zip(a).zip(s) {
+                            *o = v * (sa * s);
+                        }
+                    }
+                }
             }
         }
     }
