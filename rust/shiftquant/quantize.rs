@@ -176,36 +176,60 @@ fn encode_group(
     match spec.rounding {
         Rounding::Nearest => {
             for (c, &v) in codes.iter_mut().zip(x) {
-                let q = ((v * pow) / scale + ROUND_MAGIC) - ROUND_MAGIC;
-                *c = to_code(q, qmax);
+                *c = nearest_code((v * pow) / scale, qmax);
             }
         }
         Rounding::Stochastic { .. } => {
             for (j, (c, &v)) in codes.iter_mut().zip(x).enumerate() {
-                let t = (v * pow) / scale;
-                let r = (t + ROUND_MAGIC) - ROUND_MAGIC;
-                let floor = if r > t { r - 1.0 } else { r };
-                let up = uniform(key, col0.wrapping_add(j as u32)) < t - floor;
-                let q = if up { floor + 1.0 } else { floor };
-                *c = to_code(q, qmax);
+                let u = uniform(key, col0.wrapping_add(j as u32));
+                *c = stochastic_code((v * pow) / scale, u, qmax);
             }
         }
     }
+}
+
+/// The code of a scaled value t, rounded half to even.
+#[inline(always)]
+fn nearest_code(t: f32, qmax: f32) -> i8 {
+    to_code((t + ROUND_MAGIC) - ROUND_MAGIC, qmax)
+}
+
+/// The code of a scaled value t, rounded up when the draw u is below its fractional part.
+#[inline(always)]
+fn stochastic_code(t: f32, u: f32, qmax: f32) -> i8 {
+    let r = (t + ROUND_MAGIC) - ROUND_MAGIC;
+    let floor = if r > t { r - 1.0 } else { r };
+    to_code(if u < t - floor { floor + 1.0 } else { floor }, qmax)
+}
+
+/// The scale of a row (or column) whose max |x| has these bits: max / qmax; 0 for an all-zero
+/// row, NaN for one holding NaN or infinity (a special row: codes 0, shifts maximal).
+#[inline(always)]
+fn scale_of(max_bits: u32, qmax: f32) -> f32 {
+    match max_bits {
+        0 => 0.0,
+        m if m >= INF_BITS => f32::NAN,
+        m => f32::from_bits(m) / qmax,
+    }
+}
+
+fn is_special(max_bits: u32) -> bool {
+    max_bits == 0 || max_bits >= INF_BITS
 }
 
 /// Quantizes one row; returns its scale.
 #[inline(always)]
 fn quantize_row(x: &[f32], codes: &mut [i8], shifts: &mut [u8], spec: &Spec, row: u64) -> f32 {
     let max_bits = abs_max_bits(x);
-    if max_bits >= INF_BITS || max_bits == 0 {
+    let scale = scale_of(max_bits, spec.qmax());
+    if is_special(max_bits) {
         // A NaN or infinity poisons the row's scale (dequantize and matmul propagate it); an
         // all-zero row has scale 0. Either way the codes are 0 and the shifts maximal.
         codes.fill(0);
         shifts.fill(MAX_SHIFT);
-        return if max_bits == 0 { 0.0 } else { f32::NAN };
+        return scale;
     }
     let row_max = f32::from_bits(max_bits);
-    let scale = row_max / spec.qmax();
     let key = match spec.rounding {
         Rounding::Nearest => 0,
         Rounding::Stochastic { seed } => row_key(seed, row),
@@ -283,16 +307,13 @@ fn encode_across(x: &[f32], codes: &mut [i8], pass: &ColumnPass, pow: &[f32], sp
     match spec.rounding {
         Rounding::Nearest => {
             for (c, t) in codes.iter_mut().zip(scaled) {
-                *c = to_code((t + ROUND_MAGIC) - ROUND_MAGIC, qmax);
+                *c = nearest_code(t, qmax);
             }
         }
         Rounding::Stochastic { .. } => {
             let keys = pass.key_lo.iter().zip(&pass.key_hi);
             for ((c, t), (&lo, &hi)) in codes.iter_mut().zip(scaled).zip(keys) {
-                let rounded = (t + ROUND_MAGIC) - ROUND_MAGIC;
-                let floor = if rounded > t { rounded - 1.0 } else { rounded };
-                let up = uniform_halves(lo, hi, r) < t - floor;
-                *c = to_code(if up { floor + 1.0 } else { floor }, qmax);
+                *c = stochastic_code(t, uniform_halves(lo, hi, r), qmax);
             }
         }
     }
@@ -513,14 +534,9 @@ pub fn quantize_cols(
             .for_each(|(m, &v)| *m = (*m).max(v));
     }
     // Per column: scale, shifts, key, mask; per (group, column): 2^k.
-    let special: Vec<bool> = col_max.iter().map(|&m| m == 0 || m >= INF_BITS).collect();
-    let qmax = spec.qmax();
-    for ((s, &m), &sp) in out.scale.iter_mut().zip(&col_max).zip(&special) {
-        *s = match (m, sp) {
-            (0, _) => 0.0,
-            (_, true) => f32::NAN,
-            _ => f32::from_bits(m) / qmax,
-        };
+    let special: Vec<bool> = col_max.iter().map(|&m| is_special(m)).collect();
+    for (s, &m) in out.scale.iter_mut().zip(&col_max) {
+        *s = scale_of(m, spec.qmax());
     }
     let mut pow = vec![0f32; groups * cols];
     for (c, sh) in out.shifts.chunks_exact_mut(groups).enumerate() {
