@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _core
 from ._checks import check_floating, check_tensor
-from .shiftquant import ShiftQuantTensor, check_device, check_spec, quantize_2d
+from .shiftquant import ShiftQuantTensor, check_device, check_spec, element_shifts, quantize_2d
 
 __all__ = ["l1_layer_norm"]
 
@@ -105,8 +105,7 @@ def _integer_statistics(q: ShiftQuantTensor, n: int, eps: float):
     """mean, r and d * r of the codes path, from exact integers: with v = q * 2^(15 - k) (the
     row in units of scale * 2^-15), e = n v - Σv and E = Σ|e|, d = scale 2^-15 e / n and
     mean|d| = scale 2^-15 E / n² (as rust/l1norm.rs)."""
-    shifts = q.shifts.to(torch.int32).repeat_interleave(CODES_GROUP_SIZE, dim=-1)[:, :n]
-    v = q.codes.to(torch.int64) << (15 - shifts)
+    v = q.codes.to(torch.int64) << (15 - element_shifts(q))
     total = v.sum(-1, keepdim=True)
     e = n * v - total
     unit = q.scale.double()[:, None] / 32768.0

@@ -85,11 +85,16 @@ class ShiftQuantTensor:
         return out
 
 
+def element_shifts(q: ShiftQuantTensor) -> torch.Tensor:
+    """The shift of every code (int32, the shape of ``q.codes``)."""
+    k = q.codes.shape[-1]
+    return q.shifts.to(torch.int32).repeat_interleave(q.group_size, dim=-1)[..., :k]
+
+
 def _dequantize_torch(q: ShiftQuantTensor) -> torch.Tensor:
     """codes * (scale * 2^-shift) in torch ops, rounded as the Rust kernel rounds."""
-    k = q.codes.shape[-1]
-    shifts = q.shifts.to(torch.int32).repeat_interleave(q.group_size, dim=-1)[..., :k]
-    pow2 = ((127 - shifts) << 23).view(torch.float32)  # 2^-k from its bits: exact anywhere
+    # 2^-k from its bits: exact on any device.
+    pow2 = ((127 - element_shifts(q)) << 23).view(torch.float32)
     return q.codes.float() * (q.scale.float()[..., None] * pow2)
 
 
