@@ -217,16 +217,45 @@ fn is_special(max_bits: u32) -> bool {
     max_bits == 0 || max_bits >= INF_BITS
 }
 
-/// Quantizes one row; returns its scale.
+/// Asks for `x` in L2 ahead of its use: the next row streams in while this one encodes from L1
+/// (the row max pass alone waited on memory, the encoding alone on arithmetic).
 #[inline(always)]
-fn quantize_row(x: &[f32], codes: &mut [i8], shifts: &mut [u8], spec: &Spec, row: u64) -> f32 {
-    let max_bits = abs_max_bits(x);
+fn prefetch(x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(16) {
+        // SAFETY: a prefetch reads nothing and never faults.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// Quantizes one row (prefetching `next`, the row after it, group by group); returns its scale.
+/// `group_max` is scratch for the max |x| bits of each group.
+#[inline(always)]
+fn quantize_row(
+    x: &[f32],
+    next: &[f32],
+    codes: &mut [i8],
+    shifts: &mut [u8],
+    spec: &Spec,
+    row: u64,
+    group_max: &mut Vec<u32>,
+) -> f32 {
+    let gs = spec.group_size;
+    group_max.clear();
+    group_max.extend(x.chunks(gs).map(abs_max_bits));
+    let max_bits = group_max.iter().fold(0, |m, &g| m.max(g));
     let scale = scale_of(max_bits, spec.qmax());
     if is_special(max_bits) {
         // A NaN or infinity poisons the row's scale (dequantize and matmul propagate it); an
         // all-zero row has scale 0. Either way the codes are 0 and the shifts maximal.
         codes.fill(0);
         shifts.fill(MAX_SHIFT);
+        prefetch(next);
         return scale;
     }
     let row_max = f32::from_bits(max_bits);
@@ -234,9 +263,13 @@ fn quantize_row(x: &[f32], codes: &mut [i8], shifts: &mut [u8], spec: &Spec, row
         Rounding::Nearest => 0,
         Rounding::Stochastic { seed } => row_key(seed, row),
     };
-    let gs = spec.group_size;
-    for (g, (xg, cg)) in x.chunks(gs).zip(codes.chunks_mut(gs)).enumerate() {
-        let k = shift_of(row_max, f32::from_bits(abs_max_bits(xg)));
+    let groups = x.chunks(gs).zip(codes.chunks_mut(gs)).zip(group_max.iter());
+    for (g, ((xg, cg), &gm)) in groups.enumerate() {
+        prefetch(
+            next.get(g * gs..((g + 1) * gs).min(next.len()))
+                .unwrap_or(&[]),
+        );
+        let k = shift_of(row_max, f32::from_bits(gm));
         shifts[g] = k;
         let pow = f32::from_bits((127 + u32::from(k)) << 23);
         encode_group(xg, cg, pow, scale, spec, key, (g * gs) as u32);
@@ -255,6 +288,7 @@ unsafe fn quantize_rows_impl<S: Simd>(
     out: Codes<'_>,
 ) {
     let groups = num_groups(len, spec.group_size);
+    let mut group_max = Vec::with_capacity(groups);
     let rows = x
         .chunks_exact(len)
         .zip(out.codes.chunks_exact_mut(len))
@@ -264,7 +298,8 @@ unsafe fn quantize_rows_impl<S: Simd>(
                 .zip(out.shifts.chunks_exact_mut(groups)),
         );
     for (r, ((xr, cr), (s, sh))) in rows.enumerate() {
-        *s = quantize_row(xr, cr, sh, spec, (row0 + r) as u64);
+        let next = x.get((r + 1) * len..(r + 2) * len).unwrap_or(&[]);
+        *s = quantize_row(xr, next, cr, sh, spec, (row0 + r) as u64, &mut group_max);
     }
 }
 
