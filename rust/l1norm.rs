@@ -10,7 +10,7 @@ use std::ops::{Add, Mul, Sub};
 
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
-use crate::simd::{Simd, SimdLevel};
+use crate::simd::{prefetch, Simd, SimdLevel};
 use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
@@ -102,14 +102,33 @@ pub struct Params<'a, T> {
     beta: &'a [T],
 }
 
+/// Elements per block of the loops that prefetch the next row (long enough to vectorize).
+const BLOCK: usize = 256;
+
+/// Block c of the next row, for `prefetch`; empty past its end.
 #[inline(always)]
-fn forward_row<T: Real>(x: &[T], eps: f64, p: Params<'_, T>, y: &mut [T]) -> (T, T) {
+fn next_block<T>(next: &[T], c: usize) -> &[T] {
+    let start = (c * BLOCK).min(next.len());
+    &next[start..(start + BLOCK).min(next.len())]
+}
+
+/// One row's forward; `next` (the next row, or empty) is prefetched while this row is written
+/// from cache, so that its first pass does not wait on memory.
+#[inline(always)]
+fn forward_row<T: Real>(x: &[T], next: &[T], eps: f64, p: Params<'_, T>, y: &mut [T]) -> (T, T) {
     let n = x.len() as f64;
     let mean = T::from_f64(lane_sum(x, |v| v) / n);
     let mean_abs = lane_sum(x, |v| (v - mean).abs()) / n;
     let r = T::from_f64(1.0 / (SQRT_HALF_PI * mean_abs + eps));
-    for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
-        *o = (v - mean) * r * g + b;
+    let chunks = y
+        .chunks_mut(BLOCK)
+        .zip(x.chunks(BLOCK))
+        .zip(p.gamma.chunks(BLOCK).zip(p.beta.chunks(BLOCK)));
+    for (c, ((yc, xc), (gc, bc))) in chunks.enumerate() {
+        prefetch(next_block(next, c));
+        for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
+            *o = (v - mean) * r * g + b;
+        }
     }
     (mean, r)
 }
@@ -152,8 +171,16 @@ fn forward_codes_row(
     (mean as f32, r as f32)
 }
 
+/// One row's backward; `next` holds the next row's x and dy (or empties), prefetched meanwhile.
 #[inline(always)]
-fn backward_row<T: Real>(x: &[T], (mean, r): (T, T), dy: &[T], gamma: &[T], grads: Grads<'_, T>) {
+fn backward_row<T: Real>(
+    x: &[T],
+    next: (&[T], &[T]),
+    (mean, r): (T, T),
+    dy: &[T],
+    gamma: &[T],
+    grads: Grads<'_, T>,
+) {
     let Grads { dx, dgamma, dbeta } = grads;
     let n = x.len() as f64;
     // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in lanes.
@@ -190,16 +217,29 @@ fn backward_row<T: Real>(x: &[T], (mean, r): (T, T), dy: &[T], gamma: &[T], grad
     let mean_s = T::from_f64(sums[2] / n);
     // Σ g y^ = r Σ g d.
     let coef = T::from_f64(SQRT_HALF_PI / n * sums[1]) * r;
-    for (o, (&xv, (&dv, &gv))) in dx.iter_mut().zip(x.iter().zip(dy.iter().zip(gamma))) {
-        *o = r * ((dv * gv - mean_g) - coef * ((xv - mean).sign() - mean_s));
-    }
-    if let Some(dg) = dgamma {
-        for (o, (&xv, &dv)) in dg.iter_mut().zip(x.iter().zip(dy)) {
-            *o = *o + dv * (xv - mean) * r;
+    // dx, dgamma and dbeta a block at a time from cache, prefetching the next row's x and dy.
+    let (mut dgamma, mut dbeta) = (
+        dgamma.map(|d| d.chunks_mut(BLOCK)),
+        dbeta.map(|d| d.chunks_mut(BLOCK)),
+    );
+    let chunks = dx
+        .chunks_mut(BLOCK)
+        .zip(x.chunks(BLOCK))
+        .zip(dy.chunks(BLOCK).zip(gamma.chunks(BLOCK)));
+    for (c, ((dxc, xc), (dyc, gc))) in chunks.enumerate() {
+        prefetch(next_block(next.0, c));
+        prefetch(next_block(next.1, c));
+        for (o, (&xv, (&dv, &gv))) in dxc.iter_mut().zip(xc.iter().zip(dyc.iter().zip(gc))) {
+            *o = r * ((dv * gv - mean_g) - coef * ((xv - mean).sign() - mean_s));
         }
-    }
-    if let Some(db) = dbeta {
-        db.iter_mut().zip(dy).for_each(|(o, &v)| *o = *o + v);
+        if let Some(dg) = dgamma.as_mut().and_then(Iterator::next) {
+            for (o, (&xv, &dv)) in dg.iter_mut().zip(xc.iter().zip(dyc)) {
+                *o = *o + dv * (xv - mean) * r;
+            }
+        }
+        if let Some(db) = dbeta.as_mut().and_then(Iterator::next) {
+            db.iter_mut().zip(dyc).for_each(|(o, &v)| *o = *o + v);
+        }
     }
 }
 
@@ -211,6 +251,15 @@ pub enum Input<'a, T> {
 }
 
 impl<T: Real> Input<'_, T> {
+    /// Row r when the input holds floats and has that row, else empty (what is prefetched).
+    #[inline(always)]
+    fn floats_row(&self, r: usize, n: usize) -> &[T] {
+        match self {
+            Input::Floats(x) => x.get(r * n..(r + 1) * n).unwrap_or(&[]),
+            Input::Codes(_) => &[],
+        }
+    }
+
     /// Row r as floats: borrowed, or dequantized into `buf`.
     #[inline(always)]
     fn row<'b>(&'b self, r: usize, n: usize, buf: &'b mut Vec<T>) -> &'b [T] {
@@ -257,7 +306,8 @@ unsafe fn forward_impl<S: Simd, T: Real>(
         .chunks_exact_mut(n)
         .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
     for (i, (yr, (m, r))) in rows.enumerate() {
-        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), eps, p, yr);
+        let next = x.floats_row(r0 + i + 1, n);
+        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), next, eps, p, yr);
     }
 }
 
@@ -305,13 +355,17 @@ unsafe fn backward_impl<S: Simd, T: Real>(
         .zip(dx.chunks_exact_mut(n))
         .zip(stats.0.iter().zip(stats.1));
     for (i, ((dyr, dxr), (&m, &r))) in rows.enumerate() {
+        let next = (
+            x.floats_row(r0 + i + 1, n),
+            dy.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]),
+        );
         let xr = x.row(r0 + i, n, &mut buf);
         let grads = Grads {
             dx: dxr,
             dgamma: dgamma.as_deref_mut(),
             dbeta: dbeta.as_deref_mut(),
         };
-        backward_row(xr, (m, r), dyr, gamma, grads);
+        backward_row(xr, next, (m, r), dyr, gamma, grads);
     }
 }
 

@@ -127,6 +127,22 @@ pub fn active() -> FgResult<SimdLevel> {
         .clone()
 }
 
+/// Asks for the cache lines of `x` in L1 ahead of their use, so that the next row streams in
+/// while a kernel computes on this one from cache (a hint: it reads nothing and never faults).
+#[inline(always)]
+pub fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks((64 / std::mem::size_of::<T>()).max(1)) {
+        // SAFETY: a prefetch has no architectural effect.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// A vector of `LANES` f32 values and the operations the kernels need.
 ///
 /// `max` and `min` follow x86: when either operand is NaN the second one is returned, so

@@ -9,7 +9,7 @@
 
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
-use crate::simd::{Simd, SimdLevel};
+use crate::simd::{prefetch, Simd, SimdLevel};
 use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
@@ -217,23 +217,8 @@ fn is_special(max_bits: u32) -> bool {
     max_bits == 0 || max_bits >= INF_BITS
 }
 
-/// Asks for `x` in L2 ahead of its use: the next row streams in while this one encodes from L1
-/// (the row max pass alone waited on memory, the encoding alone on arithmetic).
-#[inline(always)]
-fn prefetch(x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in x.chunks(16) {
-        // SAFETY: a prefetch reads nothing and never faults.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
-}
-
-/// Quantizes one row (prefetching `next`, the row after it, group by group); returns its scale.
+/// Quantizes one row, prefetching `next` (the row after it) group by group: the max pass waits on
+/// memory, the encoding on arithmetic, and this overlaps them. Returns the row's scale.
 /// `group_max` is scratch for the max |x| bits of each group.
 #[inline(always)]
 fn quantize_row(
