@@ -150,6 +150,24 @@ def test_integer_gemm_equals_the_float64_product_of_the_dequantized_operands(
     assert ((got - want).abs() <= 1e-5 * magnitude + 1e-300).all()
 
 
+@pytest.mark.parametrize(("bits_a", "bits_b"), [(8, 6), (6, 8), (7, 7), (4, 8), (3, 5)])
+def test_integer_gemm_of_operands_at_different_bit_widths(bits_a, bits_b):
+    # ShiftQuantLinear's backward multiplies grad_bits codes by bits codes; each pair of widths
+    # picks its own int16 accumulation depth on AVX2.
+    qa = fg.shiftquant(sample((37, 640), 1), bits_a, 128)
+    qb = fg.shiftquant(sample((29, 640), 2), bits_b, 128)
+    got = fg.shiftquant_matmul(qa, qb).double()
+    da, db = dequantized(qa), dequantized(qb)
+    assert ((got - da @ db.T).abs() <= 1e-5 * (da.abs() @ db.abs().T) + 1e-300).all()
+
+
+def test_integer_gemm_rejects_code_minus_128():
+    qa, qb = fg.shiftquant(sample((3, 64), 1)), fg.shiftquant(sample((4, 64), 2))
+    qb.codes[2, 5] = -128
+    with pytest.raises(ValueError, match=r"shiftquant_matmul: b.codes must lie in \[-127, 127\]"):
+        fg.shiftquant_matmul(qa, qb)
+
+
 def test_matmul_takes_leading_dims():
     qa = fg.shiftquant(sample((2, 3, 64), 1))
     qb = fg.shiftquant(sample((5, 64), 2))

@@ -11,13 +11,20 @@
 //! blocks of whole groups (KC) so that a B micro-panel stays in L1 while the A panels stream
 //! from L2, and keeps its float accumulators in a block-local buffer until the epilogue.
 //!
-//! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), AVX2
-//! (`vpmaddubsw` + `vpmaddwd` on |b| and sign-transferred a, 4 x 8), and a portable scalar one.
+//! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), two AVX2
+//! ones, and a portable scalar one. The AVX2 kernels are picked from the operands' largest
+//! |codes| (measured before packing, so no bit width is trusted): 8-bit codes run `vpmaddubsw`
+//! on |b| and sign-transferred a, widened by `vpmaddwd` every step (4 x 8); narrower codes store
+//! A offset to unsigned (no `vpsignb`) and add the 16-bit pair sums of as many steps as cannot
+//! overflow before widening (6 x 8). Codes of -128 are rejected (the sign trick cannot hold them).
 
 use super::num_groups;
 use crate::error::{FgError, FgResult};
 use crate::simd::{cpu_features, SimdLevel};
 use crate::threads::{self, SendPtr};
+
+/// The largest code magnitude (8-bit codes are symmetric; -128 would break the sign trick).
+const MAX_CODE: u32 = 127;
 
 /// One quantized operand: codes [rows, k], scale [rows], shifts [rows, num_groups(k)].
 #[derive(Clone, Copy)]
@@ -58,13 +65,17 @@ struct Tile {
     b: *const i8,
     /// 2^-ka per (group, row of the panel), [groups][MR].
     a_pow: *const f32,
-    /// For kernels that offset B by 128: -128 · Σ_group qa per (group, row), [groups][MR].
+    /// For kernels that store B offset by c: -c · Σ_group qa per (group, row), [groups][MR].
     a_corr: *const i32,
+    /// For kernels that store A offset by c: -c · Σ_group qb per (group, column), [groups][NR].
+    b_corr: *const i32,
     /// 2^-kb per (group, column), [groups][NR].
     b_pow: *const f32,
     /// k/4 steps of each group of the run.
     steps: *const usize,
     groups: usize,
+    /// Steps whose 16-bit pair sums can add up in 16 bits before widening (see `int16_depth`).
+    depth: usize,
     /// The tile's float accumulators, [MR][NR], updated in place.
     acc: *mut f32,
 }
@@ -73,34 +84,56 @@ struct Tile {
 struct Kernel {
     mr: usize,
     nr: usize,
-    /// B is stored as unsigned bytes qb + 128 (VNNI multiplies unsigned by signed).
-    offset_b: bool,
+    /// A and B are stored as unsigned bytes q + offset (0: as they are); each operand's group
+    /// sums times minus the other's offset cancel it.
+    a_offset: u8,
+    b_offset: u8,
+    /// Steps of 16-bit pair sums per widening (the AVX2 kernels; see `int16_depth`).
+    depth: usize,
     run: unsafe fn(&Tile),
 }
 
 impl Kernel {
-    fn for_level(level: SimdLevel) -> Kernel {
+    /// The kernel for this CPU and these operands, whose largest |codes| are `max_a`, `max_b`.
+    fn select(level: SimdLevel, max_a: u32, max_b: u32) -> Kernel {
+        let plain = Kernel {
+            mr: 4,
+            nr: 8,
+            a_offset: 0,
+            b_offset: 0,
+            depth: int16_depth(max_a, max_b),
+            run: scalar_4x8,
+        };
         match level {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 if cpu_features().avx512vnni => Kernel {
                 mr: 6,
                 nr: 32,
-                offset_b: true,
+                b_offset: 128,
                 run: x86::vnni_6x32,
+                ..plain
             },
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 | SimdLevel::Avx2 => Kernel {
-                mr: 4,
-                nr: 8,
-                offset_b: false,
-                run: x86::avx2_4x8,
-            },
-            _ => Kernel {
-                mr: 4,
-                nr: 8,
-                offset_b: false,
-                run: scalar_4x8,
-            },
+            SimdLevel::Avx512 | SimdLevel::Avx2 => {
+                // A + max_a is unsigned (no vpsignb) at twice the magnitude; worth it once
+                // two steps fit in 16 bits, i.e. below 8-bit codes.
+                let depth = int16_depth(2 * max_a, max_b);
+                if depth >= 2 {
+                    Kernel {
+                        mr: 6,
+                        a_offset: max_a as u8,
+                        depth,
+                        run: x86::avx2_unsigned_6x8,
+                        ..plain
+                    }
+                } else {
+                    Kernel {
+                        run: x86::avx2_4x8,
+                        ..plain
+                    }
+                }
+            }
+            _ => plain,
         }
     }
 }
@@ -127,16 +160,23 @@ struct Packed {
 /// One panel's codes, powers of two and offset corrections.
 type PanelOut<'a> = (&'a mut [i8], (&'a mut [f32], &'a mut [i32]));
 
-/// Packs `op` into panels of `r` rows; `offset` stores codes + 128 as unsigned bytes (the
-/// group sums in `corr` undo it on the other operand's side).
-fn pack(op: &GemmOperand<'_>, k: usize, gs: usize, kpad: usize, r: usize, offset: bool) -> Packed {
+/// Packs `op` into panels of `r` rows, storing q + `offset` (as unsigned bytes when nonzero),
+/// with -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset.
+fn pack(
+    op: &GemmOperand<'_>,
+    k: usize,
+    gs: usize,
+    kpad: usize,
+    r: usize,
+    (offset, other_offset): (u8, u8),
+) -> Packed {
     let rows = op.rows();
     let groups = num_groups(k, gs);
     let panel_bytes = kpad * r;
     let meta = groups * r;
     let panels = rows.div_ceil(r);
-    // Padding encodes the code 0 (stored as 128 when offset).
-    let mut data = vec![if offset { i8::MIN } else { 0 }; panels * panel_bytes];
+    // Padding encodes the code 0.
+    let mut data = vec![offset as i8; panels * panel_bytes];
     let mut pow = vec![0f32; panels * meta];
     let mut corr = vec![0i32; panels * meta];
     let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
@@ -145,13 +185,14 @@ fn pack(op: &GemmOperand<'_>, k: usize, gs: usize, kpad: usize, r: usize, offset
             let codes = &op.codes[row * k..(row + 1) * k];
             for (kk, quad) in codes.chunks(4).enumerate() {
                 for (o, &q) in d[(kk * r + i) * 4..].iter_mut().zip(quad) {
-                    *o = if offset { (q as u8 ^ 0x80) as i8 } else { q };
+                    *o = q.wrapping_add(offset as i8);
                 }
             }
             for (g, group) in codes.chunks(gs).enumerate() {
                 let shift = u32::from(op.shifts[row * groups + g]);
                 pw[g * r + i] = f32::from_bits((127 - shift) << 23);
-                cs[g * r + i] = -128 * group.iter().map(|&q| i32::from(q)).sum::<i32>();
+                let sum: i32 = group.iter().map(|&q| i32::from(q)).sum();
+                cs[g * r + i] = -i32::from(other_offset) * sum;
             }
         }
     };
@@ -185,6 +226,20 @@ fn pack(op: &GemmOperand<'_>, k: usize, gs: usize, kpad: usize, r: usize, offset
         pow,
         corr,
     }
+}
+
+/// The largest |code| of an operand.
+fn max_abs_code(codes: &[i8]) -> u32 {
+    u32::from(codes.iter().fold(0, |m, &q| m.max(q.unsigned_abs())))
+}
+
+/// How many k-steps of `vpmaddubsw` pair sums (each at most 2 · max|qa| · max|qb|) a 16-bit
+/// lane can add up without overflow before it is widened: 1 for 8-bit codes, 4 for 7 bits,
+/// 16 for 6 bits (a whole group of 64), more below; unbounded when an operand is all zeros.
+fn int16_depth(max_a: u32, max_b: u32) -> usize {
+    (i16::MAX as u32)
+        .checked_div(2 * max_a * max_b)
+        .map_or(usize::MAX, |d| d as usize)
 }
 
 /// C = A · Bᵀ (+ bias) into `out` [M, N] for operands quantized along K in groups of `group_size`.
@@ -222,7 +277,15 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let kernel = Kernel::for_level(level);
+    let (max_a, max_b) = (max_abs_code(a.codes), max_abs_code(b.codes));
+    for (name, max) in [("a", max_a), ("b", max_b)] {
+        if max > MAX_CODE {
+            return Err(FgError::Value(format!(
+                "shiftquant_matmul: {name}.codes must lie in [-{MAX_CODE}, {MAX_CODE}], got -128"
+            )));
+        }
+    }
+    let kernel = Kernel::select(level, max_a, max_b);
     let groups = num_groups(k, group_size);
     // Every group but the last holds group_size / 4 quads; the last is padded to whole quads.
     let mut steps = vec![group_size / 4; groups];
@@ -230,8 +293,22 @@ pub fn matmul(
         *last = (k - (groups - 1) * group_size).div_ceil(4);
     }
     let kpad = 4 * steps.iter().sum::<usize>();
-    let pa = pack(a, k, group_size, kpad, kernel.mr, false);
-    let pb = pack(b, k, group_size, kpad, kernel.nr, kernel.offset_b);
+    let pa = pack(
+        a,
+        k,
+        group_size,
+        kpad,
+        kernel.mr,
+        (kernel.a_offset, kernel.b_offset),
+    );
+    let pb = pack(
+        b,
+        k,
+        group_size,
+        kpad,
+        kernel.nr,
+        (kernel.b_offset, kernel.a_offset),
+    );
     let groups_per_block = (KC / group_size).max(1);
     let blocks_m = m.div_ceil(MC);
     let blocks_n = n.div_ceil(NC);
@@ -317,9 +394,11 @@ impl Job<'_> {
                             .add(bp * self.pb.panel_bytes + quads * 4 * nr),
                         a_pow: self.pa.pow.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         a_corr: self.pa.corr.as_ptr().add(ap * self.pa.meta + g0 * mr),
+                        b_corr: self.pb.corr.as_ptr().add(bp * self.pb.meta + g0 * nr),
                         b_pow: self.pb.pow.as_ptr().add(bp * self.pb.meta + g0 * nr),
                         steps: self.steps.as_ptr().add(g0),
                         groups: g1 - g0,
+                        depth: self.kernel.depth,
                         acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
                     };
                     (self.kernel.run)(&t);
@@ -432,39 +511,117 @@ mod x86 {
         }
     }
 
-    /// AVX2: 4 rows x 8 columns; |b| times a with b's sign (`vpsignb`) keeps `vpmaddubsw` from
-    /// saturating (|qa · qb| <= 127², two per 16-bit lane).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_4x8(t: &Tile) {
-        const MR: usize = 4;
-        let ones = _mm256_set1_epi16(1);
-        let mut f = [_mm256_setzero_ps(); MR];
-        for (i, fr) in f.iter_mut().enumerate() {
-            *fr = _mm256_loadu_ps(t.acc.add(i * 8));
-        }
-        let (mut a, mut b) = (t.a, t.b);
-        for g in 0..t.groups {
-            let mut s = [_mm256_setzero_si256(); MR];
-            for _ in 0..*t.steps.add(g) {
-                let bv = _mm256_loadu_si256(b.cast());
-                let babs = _mm256_abs_epi8(bv);
-                for (i, si) in s.iter_mut().enumerate() {
-                    let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
-                    let pairs = _mm256_maddubs_epi16(babs, _mm256_sign_epi8(av, bv));
-                    *si = _mm256_add_epi32(*si, _mm256_madd_epi16(pairs, ones));
-                }
-                a = a.add(4 * MR);
-                b = b.add(32);
-            }
-            let pb = _mm256_loadu_ps(t.b_pow.add(g * 8));
-            for (i, (fr, si)) in f.iter_mut().zip(&s).enumerate() {
-                let pa = _mm256_set1_ps(*t.a_pow.add(g * MR + i));
-                *fr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(*si), pb), pa, *fr);
-            }
-        }
+    /// The float accumulators of an MR x 8 tile, loaded from and stored back to `Tile::acc`.
+    #[inline(always)]
+    unsafe fn load_acc<const MR: usize>(t: &Tile) -> [__m256; MR] {
+        std::array::from_fn(|i| _mm256_loadu_ps(t.acc.add(i * 8)))
+    }
+
+    #[inline(always)]
+    unsafe fn store_acc<const MR: usize>(t: &Tile, f: &[__m256; MR]) {
         for (i, fr) in f.iter().enumerate() {
             _mm256_storeu_ps(t.acc.add(i * 8), *fr);
         }
+    }
+
+    /// Adds group g's int32 sums, scaled by 2^-(ka + kb), into the float accumulators.
+    #[inline(always)]
+    unsafe fn fold<const MR: usize>(t: &Tile, g: usize, s: &[__m256i; MR], f: &mut [__m256; MR]) {
+        let pb = _mm256_loadu_ps(t.b_pow.add(g * 8));
+        for (i, (fr, si)) in f.iter_mut().zip(s).enumerate() {
+            let pa = _mm256_set1_ps(*t.a_pow.add(g * MR + i));
+            *fr = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(*si), pb), pa, *fr);
+        }
+    }
+
+    /// The MR 16-bit pair-sum products of one k-step against the 8-column B vector `bv`.
+    #[inline(always)]
+    unsafe fn step<const MR: usize, const SIGNED: bool>(
+        a: *const i8,
+        bv: __m256i,
+    ) -> [__m256i; MR] {
+        let babs = if SIGNED { _mm256_abs_epi8(bv) } else { bv };
+        std::array::from_fn(|i| {
+            let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+            if SIGNED {
+                _mm256_maddubs_epi16(babs, _mm256_sign_epi8(av, bv))
+            } else {
+                _mm256_maddubs_epi16(av, bv)
+            }
+        })
+    }
+
+    /// A group's int32 sums, widening the 16-bit pair sums every `t.depth` steps; `start` holds
+    /// the offset corrections (or zeros).
+    #[inline(always)]
+    unsafe fn group_sums<const MR: usize, const SIGNED: bool>(
+        t: &Tile,
+        steps: usize,
+        (a, b): (&mut *const i8, &mut *const i8),
+        start: [__m256i; MR],
+    ) -> [__m256i; MR] {
+        let ones = _mm256_set1_epi16(1);
+        let mut s = start;
+        if t.depth == 1 {
+            // 8-bit x 8-bit: widen every step (the general loop's 16-bit adds would be idle).
+            for _ in 0..steps {
+                let prods = step::<MR, SIGNED>(*a, _mm256_loadu_si256(b.cast()));
+                for (si, p) in s.iter_mut().zip(prods) {
+                    *si = _mm256_add_epi32(*si, _mm256_madd_epi16(p, ones));
+                }
+                *a = a.add(4 * MR);
+                *b = b.add(32);
+            }
+            return s;
+        }
+        let mut left = steps;
+        while left > 0 {
+            let run = left.min(t.depth);
+            let mut pairs = [_mm256_setzero_si256(); MR];
+            for _ in 0..run {
+                let prods = step::<MR, SIGNED>(*a, _mm256_loadu_si256(b.cast()));
+                for (p, q) in pairs.iter_mut().zip(prods) {
+                    *p = _mm256_add_epi16(*p, q);
+                }
+                *a = a.add(4 * MR);
+                *b = b.add(32);
+            }
+            for (si, p) in s.iter_mut().zip(pairs) {
+                *si = _mm256_add_epi32(*si, _mm256_madd_epi16(p, ones));
+            }
+            left -= run;
+        }
+        s
+    }
+
+    /// AVX2 on 8-bit codes: 4 rows x 8 columns; |b| times a with b's sign (`vpsignb`) keeps
+    /// `vpmaddubsw` from saturating (|qa · qb| <= 127², two per 16-bit lane), and the pair sums
+    /// of `depth` steps (1 for 8-bit x 8-bit) add up in 16 bits before `vpmaddwd` widens them.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_4x8(t: &Tile) {
+        let mut f = load_acc::<4>(t);
+        let (mut a, mut b) = (t.a, t.b);
+        for g in 0..t.groups {
+            let zero = [_mm256_setzero_si256(); 4];
+            let s = group_sums::<4, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
+            fold(t, g, &s, &mut f);
+        }
+        store_acc(t, &f);
+    }
+
+    /// AVX2 below 8 bits: 6 rows x 8 columns with A stored as qa + max|qa| (unsigned), so
+    /// `vpmaddubsw` needs no `vpsignb`; the sums start at -max|qa| · Σ qb. Zen 2 multiplies on
+    /// one port: widening once per `depth` steps (8 for 6-bit codes) leaves it to `vpmaddubsw`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_unsigned_6x8(t: &Tile) {
+        let mut f = load_acc::<6>(t);
+        let (mut a, mut b) = (t.a, t.b);
+        for g in 0..t.groups {
+            let corr = [_mm256_loadu_si256(t.b_corr.add(g * 8).cast()); 6];
+            let s = group_sums::<6, false>(t, *t.steps.add(g), (&mut a, &mut b), corr);
+            fold(t, g, &s, &mut f);
+        }
+        store_acc(t, &f);
     }
 }
 
@@ -565,6 +722,116 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Codes of `rows` x `k` all at ±`max` with a sign pattern, shifts 0 and scale 1: the
+    /// products that stress the 16-bit pair sums hardest.
+    fn extreme(rows: usize, k: usize, gs: usize, max: i8, flip: usize) -> Quantized {
+        Quantized {
+            codes: (0..rows * k)
+                .map(|i| {
+                    if (i / k + i / flip).is_multiple_of(2) {
+                        max
+                    } else {
+                        -max
+                    }
+                })
+                .collect(),
+            scale: vec![1.0; rows],
+            shifts: vec![0; rows * num_groups(k, gs)],
+        }
+    }
+
+    #[test]
+    fn extreme_codes_are_exact_at_every_int16_depth() {
+        // max|qa| x max|qb| from 8 x 8 bits (widened every step) down to 2 x 2 bits (never within
+        // a group), with groups long enough to cross several widenings, and sign patterns that
+        // keep every product positive (flip = k) or alternate them in runs.
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for (max_a, max_b) in [
+                (127, 127),
+                (127, 63),
+                (63, 63),
+                (127, 31),
+                (31, 31),
+                (7, 7),
+                (1, 1),
+            ] {
+                for (k, gs, flip) in [(1024, 512, 1024), (520, 260, 12), (100, 100, 3)] {
+                    let (m, n) = (7, 9);
+                    let qa = extreme(m, k, gs, max_a, flip);
+                    let qb = extreme(n, k, gs, max_b, flip);
+                    let mut out = vec![0f32; m * n];
+                    matmul(level, &qa.operand(), &qb.operand(), k, gs, None, &mut out).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: i64 = (0..k)
+                                .map(|c| {
+                                    i64::from(qa.codes[i * k + c]) * i64::from(qb.codes[j * k + c])
+                                })
+                                .sum();
+                            assert_eq!(
+                                out[i * n + j] as i64,
+                                want,
+                                "{level:?} {max_a}x{max_b} k={k} g{gs} ({i},{j})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mixed_bit_widths_and_zero_operands() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let (m, n, k, gs) = (11, 19, 200, 32);
+            for (bits_a, bits_b) in [(8, 6), (6, 8), (7, 4), (5, 3)] {
+                let qa = Quantized::new(&data(m * k, 3), k, bits_a, gs);
+                let qb = Quantized::new(&data(n * k, 4), k, bits_b, gs);
+                let mut out = vec![0f32; m * n];
+                matmul(level, &qa.operand(), &qb.operand(), k, gs, None, &mut out).unwrap();
+                for i in 0..m {
+                    let ra = qa.row(i, k, gs);
+                    for j in 0..n {
+                        let rb = qb.row(j, k, gs);
+                        let dot: f64 = ra.iter().zip(&rb).map(|(x, y)| x * y).sum();
+                        let norm: f64 = ra.iter().zip(&rb).map(|(x, y)| (x * y).abs()).sum();
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - dot).abs() <= 1e-6 * norm + 1e-30,
+                            "{level:?} {bits_a}x{bits_b}"
+                        );
+                    }
+                }
+            }
+            let zeros = Quantized::new(&vec![0.0; n * k], k, 8, gs);
+            let qa = Quantized::new(&data(m * k, 3), k, 6, gs);
+            let mut out = vec![1f32; m * n];
+            matmul(
+                level,
+                &qa.operand(),
+                &zeros.operand(),
+                k,
+                gs,
+                None,
+                &mut out,
+            )
+            .unwrap();
+            assert!(out.iter().all(|&v| v == 0.0), "{level:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_code_minus_128() {
+        let mut qa = Quantized::new(&data(2 * 8, 1), 8, 8, 4);
+        let qb = Quantized::new(&data(3 * 8, 2), 8, 8, 4);
+        qa.codes[5] = i8::MIN;
+        let mut out = vec![0f32; 6];
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let err = matmul(level, &qa.operand(), &qb.operand(), 8, 4, None, &mut out);
+            assert!(matches!(err, Err(FgError::Value(msg)) if msg.contains("a.codes")));
         }
     }
 
