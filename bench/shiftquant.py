@@ -4,11 +4,13 @@ ShiftQuantLinear forward + backward vs nn.Linear in bf16 at 8192 tokens, the int
 vs the bf16 matmul, the quantize kernels as a fraction of the device's copy bandwidth, and the
 training tokens per second of a small byte-level LM (the demo's) against its bf16 twin.
 
-``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak,
-taken as threads x the clock /proc/cpuinfo reports x the multiply-adds per cycle of the kernel's
-instructions on two vector ports: 2 x 64 with AVX-512 VNNI (vpdpbusd), 2 x 16 with AVX2 (a
-vpmaddubsw + vpmaddwd pair per 32 products). An assumption stated in the JSON: a VM exposes
-neither its turbo clock nor its port count (AMD Zen 2, for one, multiplies on one port only).
+``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak:
+threads x the clock /proc/cpuinfo reports x the multiply-adds per cycle of the kernel's
+instructions. With AVX-512 VNNI that is 64 per `vpdpbusd` on two ports. With AVX2, 8-bit codes
+need a vpmaddubsw + vpmaddwd pair per 32 products (16 per port and cycle) and narrower codes
+about one vpmaddubsw (32); AMD Zen 1/2 (family 23) multiply on one vector port, other CPUs on two.
+The clock is measured (a chain of dependent adds, one per cycle; a VM's /proc/cpuinfo reports
+its base clock); the port count is an assumption stated in each row.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from harness import Bench, device_copy_bandwidth, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
+from ferrograd import _core
 from ferrograd.ops.shiftquant import matmul_2d, quantize_2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -58,13 +61,33 @@ def compare_layers(bench: Bench, case: str, ours, ref, x, grad, repeats: int) ->
     )
 
 
-def gemm(bench: Bench, m: int, k: int, n: int, peak: float) -> None:
+def int8_peak(threads: int, bits: int) -> tuple[float, str]:
+    """This CPU's assumed peak int8 multiply-adds per second for codes of ``bits``, and how."""
+    info = Path("/proc/cpuinfo").read_text()
+    if fg.cpu_info()["features"]["avx512vnni"]:
+        per_port, ports = 64, 2
+    else:
+        per_port = 16 if bits == 8 else 32
+        ports = 1 if "AuthenticAMD" in info and "cpu family\t: 23\n" in info else 2
+    measured = _core.measured_clock_hz()
+    mhz = measured / 1e6 if measured else cpu_mhz()
+    clock = "measured" if measured else "/proc/cpuinfo"
+    how = f"{threads} threads x {ports} ports x {per_port} MAC/cycle x {mhz:.0f} MHz ({clock})"
+    return threads * ports * per_port * mhz * 1e6, how
+
+
+def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
     a, b = torch.randn(m, k), torch.randn(n, k)
-    qa, qb = fg.shiftquant(a), fg.shiftquant(b)
+    qa, qb = fg.shiftquant(a, bits), fg.shiftquant(b, bits)
+    peak, how = int8_peak(bench.threads, bits)
+
+    def quant(x: torch.Tensor):
+        return fg.shiftquant(x, bits)
+
     t = interleaved_times(
         {
             "int": lambda: fg.shiftquant_matmul(qa, qb),
-            "int+quant": lambda: fg.shiftquant_matmul(fg.shiftquant(a), fg.shiftquant(b)),
+            "int+quant": lambda: fg.shiftquant_matmul(quant(a), quant(b)),
             "torch": lambda: torch.matmul(a, b.T),
         },
         repeats=5 if m * n * k <= 2**33 else 3,
@@ -72,23 +95,25 @@ def gemm(bench: Bench, m: int, k: int, n: int, peak: float) -> None:
     macs = m * n * k / t["int"]
     bench.add(
         {
-            "case": f"gemm {m}x{k}x{n}",
+            "case": f"gemm {m}x{k}x{n}" + ("" if bits == 8 else f" at {bits} bits"),
             "ours_ms": t["int"] * 1e3,
             "torch_ms": t["torch"] * 1e3,
             "speedup": t["torch"] / t["int"],
             "speedup_with_quant": t["torch"] / t["int+quant"],
             "GMACs": macs / 1e9,
             "int8_peak_frac": macs / peak,
+            "int8_peak": how,
         }
     )
 
 
-def linear(bench: Bench, tokens: int, k: int, n: int) -> None:
+def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
     torch.manual_seed(0)
     ref = torch.nn.Linear(k, n)
-    ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=8)
+    ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=bits)
     x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
-    compare_layers(bench, f"linear fwd+bwd {tokens}x{k}->{n}", ours, ref, x, grad, repeats=5)
+    case = f"linear fwd+bwd {tokens}x{k}->{n}" + ("" if bits == 8 else f" at {bits} bits")
+    compare_layers(bench, case, ours, ref, x, grad, repeats=5)
 
 
 def quantize(bench: Bench, rows: int, cols: int) -> None:
@@ -226,14 +251,14 @@ def gpu(bench: Bench) -> None:
 
 def main(threads: int | None = None) -> None:
     bench = Bench("shiftquant", threads)
-    mhz = cpu_mhz()
-    per_port = 64 if fg.cpu_info()["features"]["avx512vnni"] else 16
-    peak = bench.threads * 2 * per_port * mhz * 1e6
     for size in (512, 1024, 2048, 4096):
-        gemm(bench, size, size, size, peak)
-    gemm(bench, 4096, 1024, 4096, peak)
-    gemm(bench, 4096, 4096, 1024, peak)
+        gemm(bench, size, size, size)
+    gemm(bench, 4096, 1024, 4096)
+    gemm(bench, 4096, 4096, 1024)
+    for bits in (6, 4):
+        gemm(bench, 2048, 2048, 2048, bits)
     linear(bench, 4096, 1024, 4096)
+    linear(bench, 4096, 1024, 4096, bits=6)
     quantize(bench, 4096, 4096)
     l1norm(bench, 8192, 1024)
     fidelity(bench, 300)
@@ -243,8 +268,8 @@ def main(threads: int | None = None) -> None:
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
             "speedup_with_quant": "as speedup, with both operands quantized inside the timing",
-            "int8_peak": f"{peak / 1e9:.0f} GMAC/s assumed: threads x 2 ports x {per_port} "
-            f"x {mhz} MHz",
+            "int8_peak": "per row: threads x vector ports that multiply (assumed) x int8 MACs "
+            "per port and cycle x the measured clock (see the module docstring)",
             "GBps": "quantize: bytes read (float32) + written (int8) per second",
             "rel_diff": "(final loss at b bits - float32 final loss) / float32 final loss, "
             "mean of the last 20 of 300 AdamW steps on a repeated-motif task",

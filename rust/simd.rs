@@ -127,6 +127,38 @@ pub fn active() -> FgResult<SimdLevel> {
         .clone()
 }
 
+/// The clock this core runs at, in Hz, timed over a chain of dependent integer adds (one per
+/// cycle on every x86 core): a VM's /proc/cpuinfo reports its base clock, not its boost. None
+/// off x86_64.
+pub fn measured_clock_hz() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ADDS: u64 = 8 << 20;
+        let chain = || {
+            let start = std::time::Instant::now();
+            // SAFETY: register arithmetic only.
+            unsafe {
+                std::arch::asm!(
+                    "2:",
+                    "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                    "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                    "dec {n}",
+                    "jnz 2b",
+                    x = inout(reg) 0u64 => _,
+                    n = inout(reg) ADDS / 8 => _,
+                    options(nomem, nostack),
+                );
+            }
+            start.elapsed().as_secs_f64()
+        };
+        chain(); // ramps the clock up
+        let best = (0..5).map(|_| chain()).fold(f64::INFINITY, f64::min);
+        Some(ADDS as f64 / best)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 /// Asks for the cache lines of `x` in L1 ahead of their use, so that the next row streams in
 /// while a kernel computes on this one from cache (a hint: it reads nothing and never faults).
 #[inline(always)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -69,6 +70,14 @@ def test_cpu_info_and_level():
     assert "scalar" in info["supported"]
     assert info["detected"] == info["supported"][-1]
     assert fg.simd_level() in info["supported"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86_64 only")
+def test_measured_clock_is_a_plausible_core_clock():
+    # The benchmarks' int8 peak estimates divide by it; a broken chain (reassociated adds, a
+    # wrong count) would be off by a factor of 8 or more.
+    hz = _core.measured_clock_hz()
+    assert 0.3e9 < hz < 7e9
 
 
 def _run(code: str, simd: str) -> subprocess.CompletedProcess:

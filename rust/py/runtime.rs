@@ -50,6 +50,12 @@ fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(info)
 }
 
+/// The measured core clock in Hz (None off x86_64), for the benchmarks' peak estimates.
+#[pyfunction]
+fn measured_clock_hz(py: Python<'_>) -> Option<f64> {
+    py.detach(simd::measured_clock_hz)
+}
+
 /// Panics inside the guarded kernel path (with `parallel`, in part 1 of a `threads::split` over
 /// two threads), to test that panics surface as RuntimeError.
 #[pyfunction]
@@ -69,6 +75,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(measured_clock_hz, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }
