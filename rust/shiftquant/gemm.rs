@@ -687,14 +687,20 @@ mod tests {
     #[test]
     fn equals_the_product_of_the_dequantized_operands_on_every_path() {
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
-            for (m, n, k, gs, bits) in [
-                (1, 1, 1, 4, 8),
-                (13, 37, 150, 16, 8),
-                (100, 70, 520, 64, 4),
-                (7, 600, 64, 64, 2),
+            // Equal and mixed bit widths (ShiftQuantLinear's backward multiplies grad_bits codes
+            // by bits codes): each pair picks its AVX2 kernel and int16 depth.
+            for (m, n, k, gs, (bits_a, bits_b)) in [
+                (1, 1, 1, 4, (8, 8)),
+                (13, 37, 150, 16, (8, 8)),
+                (100, 70, 520, 64, (4, 4)),
+                (7, 600, 64, 64, (2, 2)),
+                (11, 19, 200, 32, (8, 6)),
+                (11, 19, 200, 32, (6, 8)),
+                (11, 19, 200, 32, (7, 4)),
+                (11, 19, 200, 32, (5, 3)),
             ] {
-                let qa = Quantized::new(&data(m * k, 1), k, bits, gs);
-                let qb = Quantized::new(&data(n * k, 2), k, bits, gs);
+                let qa = Quantized::new(&data(m * k, 1), k, bits_a, gs);
+                let qb = Quantized::new(&data(n * k, 2), k, bits_b, gs);
                 let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
                 let mut out = vec![0f32; m * n];
                 matmul(
@@ -784,28 +790,10 @@ mod tests {
     }
 
     #[test]
-    fn mixed_bit_widths_and_zero_operands() {
+    fn an_all_zero_operand_gives_zeros() {
+        // Its largest |code| is 0: the AVX2 kernel then never widens within a group.
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
             let (m, n, k, gs) = (11, 19, 200, 32);
-            for (bits_a, bits_b) in [(8, 6), (6, 8), (7, 4), (5, 3)] {
-                let qa = Quantized::new(&data(m * k, 3), k, bits_a, gs);
-                let qb = Quantized::new(&data(n * k, 4), k, bits_b, gs);
-                let mut out = vec![0f32; m * n];
-                matmul(level, &qa.operand(), &qb.operand(), k, gs, None, &mut out).unwrap();
-                for i in 0..m {
-                    let ra = qa.row(i, k, gs);
-                    for j in 0..n {
-                        let rb = qb.row(j, k, gs);
-                        let dot: f64 = ra.iter().zip(&rb).map(|(x, y)| x * y).sum();
-                        let norm: f64 = ra.iter().zip(&rb).map(|(x, y)| (x * y).abs()).sum();
-                        let got = out[i * n + j] as f64;
-                        assert!(
-                            (got - dot).abs() <= 1e-6 * norm + 1e-30,
-                            "{level:?} {bits_a}x{bits_b}"
-                        );
-                    }
-                }
-            }
             let zeros = Quantized::new(&vec![0.0; n * k], k, 8, gs);
             let qa = Quantized::new(&data(m * k, 3), k, 6, gs);
             let mut out = vec![1f32; m * n];
