@@ -10,7 +10,7 @@ use std::ops::{Add, Mul, Sub};
 
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
-use crate::simd::{prefetch, Simd, SimdLevel};
+use crate::simd::{prefetch_block, Simd, SimdLevel};
 use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
@@ -105,13 +105,6 @@ pub struct Params<'a, T> {
 /// Elements per block of the loops that prefetch the next row (long enough to vectorize).
 const BLOCK: usize = 256;
 
-/// Block c of the next row, for `prefetch`; empty past its end.
-#[inline(always)]
-fn next_block<T>(next: &[T], c: usize) -> &[T] {
-    let start = (c * BLOCK).min(next.len());
-    &next[start..(start + BLOCK).min(next.len())]
-}
-
 /// One row's forward; `next` (the next row, or empty) is prefetched while this row is written
 /// from cache, so that its first pass does not wait on memory.
 #[inline(always)]
@@ -125,7 +118,7 @@ fn forward_row<T: Real>(x: &[T], next: &[T], eps: f64, p: Params<'_, T>, y: &mut
         .zip(x.chunks(BLOCK))
         .zip(p.gamma.chunks(BLOCK).zip(p.beta.chunks(BLOCK)));
     for (c, ((yc, xc), (gc, bc))) in chunks.enumerate() {
-        prefetch(next_block(next, c));
+        prefetch_block(next, c * BLOCK, BLOCK);
         for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
             *o = (v - mean) * r * g + b;
         }
@@ -227,8 +220,8 @@ fn backward_row<T: Real>(
         .zip(x.chunks(BLOCK))
         .zip(dy.chunks(BLOCK).zip(gamma.chunks(BLOCK)));
     for (c, ((dxc, xc), (dyc, gc))) in chunks.enumerate() {
-        prefetch(next_block(next.0, c));
-        prefetch(next_block(next.1, c));
+        prefetch_block(next.0, c * BLOCK, BLOCK);
+        prefetch_block(next.1, c * BLOCK, BLOCK);
         for (o, (&xv, (&dv, &gv))) in dxc.iter_mut().zip(xc.iter().zip(dyc.iter().zip(gc))) {
             *o = r * ((dv * gv - mean_g) - coef * ((xv - mean).sign() - mean_s));
         }

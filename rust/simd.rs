@@ -175,6 +175,13 @@ pub fn prefetch<T>(x: &[T]) {
     let _ = x;
 }
 
+/// `prefetch` of `x[start..start + len]`, cut at the end of `x` (the next row may be empty).
+#[inline(always)]
+pub fn prefetch_block<T>(x: &[T], start: usize, len: usize) {
+    let start = start.min(x.len());
+    prefetch(&x[start..(start + len).min(x.len())]);
+}
+
 /// A vector of `LANES` f32 values and the operations the kernels need.
 ///
 /// `max` and `min` follow x86: when either operand is NaN the second one is returned, so

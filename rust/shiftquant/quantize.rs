@@ -9,7 +9,7 @@
 
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
-use crate::simd::{prefetch, Simd, SimdLevel};
+use crate::simd::{prefetch, prefetch_block, Simd, SimdLevel};
 use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
@@ -250,10 +250,7 @@ fn quantize_row(
     };
     let groups = x.chunks(gs).zip(codes.chunks_mut(gs)).zip(group_max.iter());
     for (g, ((xg, cg), &gm)) in groups.enumerate() {
-        prefetch(
-            next.get(g * gs..((g + 1) * gs).min(next.len()))
-                .unwrap_or(&[]),
-        );
+        prefetch_block(next, g * gs, gs);
         let k = shift_of(row_max, f32::from_bits(gm));
         shifts[g] = k;
         let pow = f32::from_bits((127 + u32::from(k)) << 23);
