@@ -534,21 +534,25 @@ mod x86 {
         }
     }
 
-    /// The MR 16-bit pair-sum products of one k-step against the 8-column B vector `bv`.
+    /// The MR 16-bit pair-sum products of one k-step (MR quads of A against the 8 quads of B
+    /// at the cursors), moving both cursors on to the next step.
     #[inline(always)]
     unsafe fn step<const MR: usize, const SIGNED: bool>(
-        a: *const i8,
-        bv: __m256i,
+        (a, b): (&mut *const i8, &mut *const i8),
     ) -> [__m256i; MR] {
+        let bv = _mm256_loadu_si256(b.cast());
         let babs = if SIGNED { _mm256_abs_epi8(bv) } else { bv };
-        std::array::from_fn(|i| {
+        let prods = std::array::from_fn(|i| {
             let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
             if SIGNED {
                 _mm256_maddubs_epi16(babs, _mm256_sign_epi8(av, bv))
             } else {
                 _mm256_maddubs_epi16(av, bv)
             }
-        })
+        });
+        *a = a.add(4 * MR);
+        *b = b.add(32);
+        prods
     }
 
     /// A group's int32 sums, widening the 16-bit pair sums every `t.depth` steps; `start` holds
@@ -565,12 +569,9 @@ mod x86 {
         if t.depth == 1 {
             // 8-bit x 8-bit: widen every step (the general loop's 16-bit adds would be idle).
             for _ in 0..steps {
-                let prods = step::<MR, SIGNED>(*a, _mm256_loadu_si256(b.cast()));
-                for (si, p) in s.iter_mut().zip(prods) {
+                for (si, p) in s.iter_mut().zip(step::<MR, SIGNED>((a, b))) {
                     *si = _mm256_add_epi32(*si, _mm256_madd_epi16(p, ones));
                 }
-                *a = a.add(4 * MR);
-                *b = b.add(32);
             }
             return s;
         }
@@ -579,12 +580,9 @@ mod x86 {
             let run = left.min(t.depth);
             let mut pairs = [_mm256_setzero_si256(); MR];
             for _ in 0..run {
-                let prods = step::<MR, SIGNED>(*a, _mm256_loadu_si256(b.cast()));
-                for (p, q) in pairs.iter_mut().zip(prods) {
+                for (p, q) in pairs.iter_mut().zip(step::<MR, SIGNED>((a, b))) {
                     *p = _mm256_add_epi16(*p, q);
                 }
-                *a = a.add(4 * MR);
-                *b = b.add(32);
             }
             for (si, p) in s.iter_mut().zip(pairs) {
                 *si = _mm256_add_epi32(*si, _mm256_madd_epi16(p, ones));
