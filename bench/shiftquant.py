@@ -5,12 +5,12 @@ vs the bf16 matmul, the quantize kernels as a fraction of the device's copy band
 training tokens per second of a small byte-level LM (the demo's) against its bf16 twin.
 
 ``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak:
-threads x the clock /proc/cpuinfo reports x the multiply-adds per cycle of the kernel's
-instructions. With AVX-512 VNNI that is 64 per `vpdpbusd` on two ports. With AVX2, 8-bit codes
-need a vpmaddubsw + vpmaddwd pair per 32 products (16 per port and cycle) and narrower codes
-about one vpmaddubsw (32); AMD Zen 1/2 (family 23) multiply on one vector port, other CPUs on two.
-The clock is measured (a chain of dependent adds, one per cycle; a VM's /proc/cpuinfo reports
-its base clock); the port count is an assumption stated in each row.
+threads x the clock x the multiply-adds per cycle of the kernel's instructions. With AVX-512 VNNI
+that is 64 per `vpdpbusd` on two ports. With AVX2, 8-bit codes need a vpmaddubsw + vpmaddwd pair
+per 32 products (16 per port and cycle) and narrower codes about one vpmaddubsw (32); AMD Zen 1/2
+(family 23) multiply on one vector port, other CPUs on two. The clock is measured (a chain of
+dependent adds, one per cycle; a VM's /proc/cpuinfo reports its base clock); the port count is an
+assumption stated in each row.
 """
 
 from __future__ import annotations

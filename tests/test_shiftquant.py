@@ -136,29 +136,26 @@ def test_quantizing_along_the_first_axis_equals_quantizing_the_transpose(
         (100, 40, 515, 32, 4),
         (7, 300, 128, 128, 2),
         (130, 97, 1030, 64, 6),
+        # Different widths (ShiftQuantLinear's backward multiplies grad_bits codes by bits
+        # codes): each pair picks its own AVX2 kernel and int16 accumulation depth.
+        (37, 29, 640, 128, (8, 6)),
+        (37, 29, 640, 128, (6, 8)),
+        (37, 29, 640, 128, (7, 7)),
+        (37, 29, 640, 128, (4, 8)),
+        (37, 29, 640, 128, (3, 5)),
     ],
 )
 def test_integer_gemm_equals_the_float64_product_of_the_dequantized_operands(
     m, n, k, group_size, bits
 ):
-    qa = fg.shiftquant(sample((m, k), 1), bits, group_size)
-    qb = fg.shiftquant(sample((n, k), 2), bits, group_size)
+    bits_a, bits_b = bits if isinstance(bits, tuple) else (bits, bits)
+    qa = fg.shiftquant(sample((m, k), 1), bits_a, group_size)
+    qb = fg.shiftquant(sample((n, k), 2), bits_b, group_size)
     got = fg.shiftquant_matmul(qa, qb).double()
     da, db = dequantized(qa), dequantized(qb)
     want = da @ db.T
     magnitude = da.abs() @ db.abs().T  # the size of the terms, not of their possibly small sum
     assert ((got - want).abs() <= 1e-5 * magnitude + 1e-300).all()
-
-
-@pytest.mark.parametrize(("bits_a", "bits_b"), [(8, 6), (6, 8), (7, 7), (4, 8), (3, 5)])
-def test_integer_gemm_of_operands_at_different_bit_widths(bits_a, bits_b):
-    # ShiftQuantLinear's backward multiplies grad_bits codes by bits codes; each pair of widths
-    # picks its own int16 accumulation depth on AVX2.
-    qa = fg.shiftquant(sample((37, 640), 1), bits_a, 128)
-    qb = fg.shiftquant(sample((29, 640), 2), bits_b, 128)
-    got = fg.shiftquant_matmul(qa, qb).double()
-    da, db = dequantized(qa), dequantized(qb)
-    assert ((got - da @ db.T).abs() <= 1e-5 * (da.abs() @ db.abs().T) + 1e-300).all()
 
 
 def test_integer_gemm_rejects_code_minus_128():
