@@ -342,6 +342,18 @@ mod x86 {
     use super::Nibbles;
     use crate::simd::{Avx2, Avx512};
 
+    /// `$tile::<M>(args)` for M = `$m` rows of x (the callers pass 1 to 4).
+    macro_rules! by_rows {
+        ($tile:ident, $m:expr, $($arg:expr),*) => {
+            match $m {
+                1 => $tile::<1>($($arg),*),
+                2 => $tile::<2>($($arg),*),
+                3 => $tile::<3>($($arg),*),
+                _ => $tile::<4>($($arg),*),
+            }
+        };
+    }
+
     /// The low and high nibbles of 32 bytes, each as 32 bytes.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -394,12 +406,7 @@ mod x86 {
         m: usize,
         out: &mut [f32],
     ) {
-        match m {
-            1 => vnni_tile::<1>(w, rows, input, row0, out),
-            2 => vnni_tile::<2>(w, rows, input, row0, out),
-            3 => vnni_tile::<3>(w, rows, input, row0, out),
-            _ => vnni_tile::<4>(w, rows, input, row0, out),
-        }
+        by_rows!(vnni_tile, m, w, rows, input, row0, out)
     }
 
     /// total += (256 hi + lo) * scale (lanes 0-7 take `first`, 8-15 `second`); sums restart.
@@ -498,12 +505,7 @@ mod x86 {
         m: usize,
         out: &mut [f32],
     ) {
-        match m {
-            1 => avx2_int_rows::<1>(w, rows, input, row0, out),
-            2 => avx2_int_rows::<2>(w, rows, input, row0, out),
-            3 => avx2_int_rows::<3>(w, rows, input, row0, out),
-            _ => avx2_int_rows::<4>(w, rows, input, row0, out),
-        }
+        by_rows!(avx2_int_rows, m, w, rows, input, row0, out)
     }
 
     /// Blocks whose int16 pair sums may add up: a pair sum is at most 2 * 15 * 128 = 3840 in
