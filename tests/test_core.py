@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import ferrograd as fg
 from ferrograd import _core
@@ -39,17 +40,38 @@ def test_panic_in_a_parallel_part_becomes_runtime_error(backend):
 
 
 def test_core_checks_lengths_and_contiguity():
-    x = np.zeros(6, dtype=np.float32)
+    x = torch.zeros(6)
     with pytest.raises(ValueError, match="softmax: x has 6 elements"):
-        _core.softmax_forward(x, np.zeros(6, dtype=np.float32), 2, 4, 1)
+        _core.softmax_forward(x, torch.zeros(6), 2, 4, 1)
     with pytest.raises(ValueError, match="softmax: out has"):
-        _core.softmax_forward(x, np.zeros(5, dtype=np.float32), 2, 3, 1)
-    with pytest.raises(ValueError, match="contiguous"):
-        _core.softmax_forward(np.zeros(12, dtype=np.float32)[::2], np.zeros(6, np.float32), 2, 3, 1)
-    with pytest.raises(TypeError):
-        _core.softmax_forward(np.zeros(6, dtype=np.float64), np.zeros(6, np.float32), 2, 3, 1)
+        _core.softmax_forward(x, torch.zeros(5), 2, 3, 1)
+    with pytest.raises(ValueError, match="softmax: x must be a contiguous"):
+        _core.softmax_forward(torch.zeros(12)[::2], torch.zeros(6), 2, 3, 1)
+    with pytest.raises(TypeError, match="softmax: x must be a torch.float32 tensor"):
+        _core.softmax_forward(torch.zeros(6, dtype=torch.float64), torch.zeros(6), 2, 3, 1)
+    with pytest.raises(TypeError, match="softmax: x must be a torch.Tensor, got ndarray"):
+        _core.softmax_forward(np.zeros(6, dtype=np.float32), torch.zeros(6), 2, 3, 1)
+    with pytest.raises(ValueError, match="softmax: x must be a CPU tensor"):
+        _core.softmax_forward(torch.zeros(6, device="meta"), torch.zeros(6), 2, 3, 1)
     with pytest.raises(OverflowError):
-        _core.softmax_forward(x, x.copy(), -1, 3, 1)
+        _core.softmax_forward(x, x.clone(), -1, 3, 1)
+
+
+def test_core_refuses_aliased_outputs_and_leaves_storage_resizable():
+    """Outputs may not overlap any other argument, and borrowing a tensor leaves it as it was
+    (tensor.numpy() would mark its storage unresizable, which FSDP2 cannot live with)."""
+    x = torch.randn(12)
+    with pytest.raises(ValueError, match="softmax: out overlaps x"):
+        _core.softmax_forward(x, x, 3, 4, 1)
+    with pytest.raises(ValueError, match="softmax: out overlaps x"):
+        _core.softmax_forward(x[:8], x[4:], 2, 4, 1)
+    before = x.clone()
+    out = torch.empty(12)
+    _core.softmax_forward(x, out, 3, 4, 1)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, torch.softmax(x.view(3, 4), 1).view(-1))
+    x.untyped_storage().resize_(0)  # raises if the storage was pinned
+    out.untyped_storage().resize_(0)
 
 
 def test_threads():
@@ -97,15 +119,17 @@ def test_forced_simd_path_is_used_and_bad_values_are_rejected():
 
 
 def test_kernels_release_the_gil():
-    x = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32)
-    out = np.empty_like(x)
+    x = torch.randn(1 << 24)
+    out = torch.empty_like(x)
     state = {"inside": False, "done": False}
 
     def work():
         state["inside"] = True
-        _core.softmax_forward(x, out, 1, x.size, 1)  # tens of milliseconds
-        state["inside"] = False
-        state["done"] = True
+        try:
+            _core.softmax_forward(x, out, 1, x.numel(), 1)  # tens of milliseconds
+        finally:
+            state["inside"] = False
+            state["done"] = True
 
     worker = threading.Thread(target=work)
     worker.start()

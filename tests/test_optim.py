@@ -158,7 +158,7 @@ def test_rust_step_equals_torch_step(sparse, shape):
               bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
     p0, p2, m2, v2 = p.clone(), p.clone(), m.clone(), v.clone()
     if sparse:
-        _core.spam_step(p.numpy(), g.numpy(), m.numpy(), v.numpy(), **kw, mask=mask.numpy())
+        _core.spam_step(p, g, m, v, **kw, mask=mask)
         idx = torch.nonzero(
             torch.from_numpy(__import__("numpy").unpackbits(mask.numpy(), bitorder="little"))[
                 : p.numel()
@@ -166,7 +166,7 @@ def test_rust_step_equals_torch_step(sparse, shape):
         ).view(-1)
         torch_step(p2, g, m2, v2, idx, **kw)
     else:
-        _core.spam_step(p.view(-1).numpy(), g.view(-1).numpy(), m.numpy(), v.numpy(), **kw)
+        _core.spam_step(p.view(-1), g.view(-1), m, v, **kw)
         torch_step(p2, g, m2.view(shape), v2.view(shape), None, **kw)
     # The last operation is a subtraction of two terms of the size of p0 and of the update:
     # where they cancel, a rounding difference of an ulp of those terms (torch's vector kernels

@@ -4,9 +4,19 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::{contiguous, run_detached};
+use super::run_detached;
 use crate::batching::{self, BatchArrays, Piece, SplitMix64, SplitOptions};
 use crate::error::{FgError, FgResult};
+
+/// The elements of a C-contiguous numpy array, or a ValueError naming `op` and the argument.
+fn contiguous<'a, T: numpy::Element>(
+    op: &str,
+    name: &str,
+    a: &'a PyReadonlyArrayDyn<'_, T>,
+) -> FgResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous array")))
+}
 
 fn to_usize(op: &str, name: &str, values: &[i64]) -> FgResult<Vec<usize>> {
     values

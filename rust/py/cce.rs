@@ -1,9 +1,9 @@
 //! Cut cross-entropy wrappers: the forward and backward passes over one vocabulary chunk.
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
+use super::run_detached;
+use super::tensor::Borrows;
 use crate::cce::{self, Chunk, GradCoefs, LseState};
 use crate::simd;
 
@@ -11,18 +11,19 @@ const OP: &str = "linear_cross_entropy";
 
 /// The chunk view over the caller's logits buffer and targets.
 fn chunk<'a>(
-    logits: &'a mut PyReadwriteArrayDyn<'_, f32>,
+    args: &mut Borrows<'_>,
+    logits: &'a Bound<'_, PyAny>,
     width: usize,
     v0: usize,
-    targets: &'a PyReadonlyArrayDyn<'_, i64>,
+    targets: &'a Bound<'_, PyAny>,
     softcap: Option<f32>,
 ) -> PyResult<Chunk<'a>> {
     Ok(Chunk {
-        logits: contiguous_mut(OP, "logits", logits)?,
+        logits: args.write("logits", logits)?,
         width,
         v0,
         softcap,
-        targets: contiguous(OP, "targets", targets)?,
+        targets: args.read("targets", targets)?,
     })
 }
 
@@ -33,24 +34,22 @@ fn chunk<'a>(
 #[allow(clippy::too_many_arguments)]
 fn cce_forward_chunk(
     py: Python<'_>,
-    mut logits: PyReadwriteArrayDyn<'_, f32>,
+    logits: Bound<'_, PyAny>,
     width: usize,
     v0: usize,
-    targets: PyReadonlyArrayDyn<'_, i64>,
-    mut lse: PyReadwriteArrayDyn<'_, f64>,
-    mut target_logit: PyReadwriteArrayDyn<'_, f32>,
-    mut logit_sum: Option<PyReadwriteArrayDyn<'_, f64>>,
+    targets: Bound<'_, PyAny>,
+    lse: Bound<'_, PyAny>,
+    target_logit: Bound<'_, PyAny>,
+    logit_sum: Option<Bound<'_, PyAny>>,
     softcap: Option<f32>,
 ) -> PyResult<()> {
     let level = simd::active()?;
-    let chunk = chunk(&mut logits, width, v0, &targets, softcap)?;
+    let mut args = Borrows::new(OP);
+    let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let state = LseState {
-        lse: contiguous_mut(OP, "lse", &mut lse)?,
-        target_logit: contiguous_mut(OP, "target_logit", &mut target_logit)?,
-        logit_sum: match logit_sum.as_mut() {
-            Some(s) => Some(contiguous_mut(OP, "logit_sum", s)?),
-            None => None,
-        },
+        lse: args.write("lse", &lse)?,
+        target_logit: args.write("target_logit", &target_logit)?,
+        logit_sum: args.write_opt("logit_sum", &logit_sum)?,
     };
     run_detached(py, OP, || cce::forward_chunk(level, chunk, state))
 }
@@ -62,23 +61,24 @@ fn cce_forward_chunk(
 #[allow(clippy::too_many_arguments)]
 fn cce_backward_chunk(
     py: Python<'_>,
-    mut logits: PyReadwriteArrayDyn<'_, f32>,
+    logits: Bound<'_, PyAny>,
     width: usize,
     v0: usize,
-    targets: PyReadonlyArrayDyn<'_, i64>,
-    lse: PyReadonlyArrayDyn<'_, f32>,
-    coef_softmax: PyReadonlyArrayDyn<'_, f32>,
-    coef_target: PyReadonlyArrayDyn<'_, f32>,
-    coef_uniform: PyReadonlyArrayDyn<'_, f32>,
+    targets: Bound<'_, PyAny>,
+    lse: Bound<'_, PyAny>,
+    coef_softmax: Bound<'_, PyAny>,
+    coef_target: Bound<'_, PyAny>,
+    coef_uniform: Bound<'_, PyAny>,
     softcap: Option<f32>,
 ) -> PyResult<f32> {
     let level = simd::active()?;
-    let chunk = chunk(&mut logits, width, v0, &targets, softcap)?;
+    let mut args = Borrows::new(OP);
+    let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let coefs = GradCoefs {
-        lse: contiguous(OP, "lse", &lse)?,
-        softmax: contiguous(OP, "coef_softmax", &coef_softmax)?,
-        target: contiguous(OP, "coef_target", &coef_target)?,
-        uniform: contiguous(OP, "coef_uniform", &coef_uniform)?,
+        lse: args.read("lse", &lse)?,
+        softmax: args.read("coef_softmax", &coef_softmax)?,
+        target: args.read("coef_target", &coef_target)?,
+        uniform: args.read("coef_uniform", &coef_uniform)?,
     };
     run_detached(py, OP, || cce::backward_chunk(level, chunk, coefs))
 }

@@ -1,48 +1,41 @@
 //! L1 LayerNorm wrappers: float32 / float64 inputs, or float32 from ShiftQuant codes.
 
-use numpy::{Element, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
-use crate::error::FgResult;
+use super::run_detached;
+use super::tensor::{Borrows, Element};
 use crate::l1norm::{self, Affine, CodesIn, Grads, Input, Kernels, Stats};
 use crate::simd;
 
-type In<'py, T> = PyReadonlyArrayDyn<'py, T>;
-type Out<'py, T> = PyReadwriteArrayDyn<'py, T>;
+const FORWARD: &str = "l1_layer_norm";
+const BACKWARD: &str = "l1_layer_norm_backward";
 
-fn optional<'a, T: Element>(
-    op: &str,
-    name: &str,
-    a: &'a Option<In<'_, T>>,
-) -> FgResult<Option<&'a [T]>> {
-    a.as_ref().map(|a| contiguous(op, name, a)).transpose()
-}
+type Arg<'py> = Bound<'py, PyAny>;
 
 #[allow(clippy::too_many_arguments)]
 fn forward<T: Kernels + Element>(
     py: Python<'_>,
+    mut args: Borrows<'_>,
     x: Input<'_, T>,
     n: usize,
     eps: f64,
-    weight: Option<In<'_, T>>,
-    bias: Option<In<'_, T>>,
-    mut y: Out<'_, T>,
-    mut mean: Out<'_, T>,
-    mut rstd: Out<'_, T>,
+    weight: Option<Arg<'_>>,
+    bias: Option<Arg<'_>>,
+    y: Arg<'_>,
+    mean: Arg<'_>,
+    rstd: Arg<'_>,
 ) -> PyResult<()> {
-    let op = "l1_layer_norm";
     let level = simd::active()?;
     let affine = Affine {
-        gamma: optional(op, "weight", &weight)?,
-        beta: optional(op, "bias", &bias)?,
+        gamma: args.read_opt("weight", &weight)?,
+        beta: args.read_opt("bias", &bias)?,
     };
-    let y = contiguous_mut(op, "out", &mut y)?;
+    let y = args.write("out", &y)?;
     let stats = Stats {
-        mean: contiguous_mut(op, "mean", &mut mean)?,
-        rstd: contiguous_mut(op, "rstd", &mut rstd)?,
+        mean: args.write("mean", &mean)?,
+        rstd: args.write("rstd", &rstd)?,
     };
-    run_detached(py, op, || {
+    run_detached(py, FORWARD, || {
         l1norm::forward(level, x, n, eps, affine, y, stats)
     })
 }
@@ -50,36 +43,27 @@ fn forward<T: Kernels + Element>(
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Kernels + Element>(
     py: Python<'_>,
+    mut args: Borrows<'_>,
     x: Input<'_, T>,
     n: usize,
-    mean: In<'_, T>,
-    rstd: In<'_, T>,
-    grad_out: In<'_, T>,
-    weight: Option<In<'_, T>>,
-    mut grad_in: Out<'_, T>,
-    mut grad_weight: Option<Out<'_, T>>,
-    mut grad_bias: Option<Out<'_, T>>,
+    mean: Arg<'_>,
+    rstd: Arg<'_>,
+    grad_out: Arg<'_>,
+    weight: Option<Arg<'_>>,
+    grad_in: Arg<'_>,
+    grad_weight: Option<Arg<'_>>,
+    grad_bias: Option<Arg<'_>>,
 ) -> PyResult<()> {
-    let op = "l1_layer_norm_backward";
     let level = simd::active()?;
-    let stats = (
-        contiguous(op, "mean", &mean)?,
-        contiguous(op, "rstd", &rstd)?,
-    );
-    let dy = contiguous(op, "grad_out", &grad_out)?;
-    let gamma = optional(op, "weight", &weight)?;
+    let stats = (args.read("mean", &mean)?, args.read("rstd", &rstd)?);
+    let dy = args.read("grad_out", &grad_out)?;
+    let gamma = args.read_opt("weight", &weight)?;
     let grads = Grads {
-        dx: contiguous_mut(op, "grad_in", &mut grad_in)?,
-        dgamma: grad_weight
-            .as_mut()
-            .map(|g| contiguous_mut(op, "grad_weight", g))
-            .transpose()?,
-        dbeta: grad_bias
-            .as_mut()
-            .map(|g| contiguous_mut(op, "grad_bias", g))
-            .transpose()?,
+        dx: args.write("grad_in", &grad_in)?,
+        dgamma: args.write_opt("grad_weight", &grad_weight)?,
+        dbeta: args.write_opt("grad_bias", &grad_bias)?,
     };
-    run_detached(py, op, || {
+    run_detached(py, BACKWARD, || {
         l1norm::backward(level, x, n, stats, dy, gamma, grads)
     })
 }
@@ -91,18 +75,20 @@ macro_rules! float_entry_points {
         #[pyfunction]
         #[pyo3(signature = (x, n, eps, weight, bias, out, mean, rstd))]
         #[allow(clippy::too_many_arguments)]
-        fn $fwd(py: Python<'_>, x: In<'_, $t>, n: usize, eps: f64, weight: Option<In<'_, $t>>, bias: Option<In<'_, $t>>, out: Out<'_, $t>, mean: Out<'_, $t>, rstd: Out<'_, $t>) -> PyResult<()> {
-            let x = Input::Floats(contiguous("l1_layer_norm", "x", &x)?);
-            forward(py, x, n, eps, weight, bias, out, mean, rstd)
+        fn $fwd(py: Python<'_>, x: Arg<'_>, n: usize, eps: f64, weight: Option<Arg<'_>>, bias: Option<Arg<'_>>, out: Arg<'_>, mean: Arg<'_>, rstd: Arg<'_>) -> PyResult<()> {
+            let mut args = Borrows::new(FORWARD);
+            let x = Input::Floats(args.read::<$t>("x", &x)?);
+            forward(py, args, x, n, eps, weight, bias, out, mean, rstd)
         }
 
         /// Gradients of L1 LayerNorm from the saved `x`, `mean`, `rstd`.
         #[pyfunction]
         #[pyo3(signature = (x, n, mean, rstd, grad_out, weight, grad_in, grad_weight=None, grad_bias=None))]
         #[allow(clippy::too_many_arguments)]
-        fn $bwd(py: Python<'_>, x: In<'_, $t>, n: usize, mean: In<'_, $t>, rstd: In<'_, $t>, grad_out: In<'_, $t>, weight: Option<In<'_, $t>>, grad_in: Out<'_, $t>, grad_weight: Option<Out<'_, $t>>, grad_bias: Option<Out<'_, $t>>) -> PyResult<()> {
-            let x = Input::Floats(contiguous("l1_layer_norm_backward", "x", &x)?);
-            backward(py, x, n, mean, rstd, grad_out, weight, grad_in, grad_weight, grad_bias)
+        fn $bwd(py: Python<'_>, x: Arg<'_>, n: usize, mean: Arg<'_>, rstd: Arg<'_>, grad_out: Arg<'_>, weight: Option<Arg<'_>>, grad_in: Arg<'_>, grad_weight: Option<Arg<'_>>, grad_bias: Option<Arg<'_>>) -> PyResult<()> {
+            let mut args = Borrows::new(BACKWARD);
+            let x = Input::Floats(args.read::<$t>("x", &x)?);
+            backward(py, args, x, n, mean, rstd, grad_out, weight, grad_in, grad_weight, grad_bias)
         }
     )*};
 }
@@ -113,16 +99,16 @@ float_entry_points! {
 }
 
 fn codes_input<'a>(
-    op: &str,
-    codes: &'a In<'_, i8>,
-    scale: &'a In<'_, f32>,
-    shifts: &'a In<'_, u8>,
+    args: &mut Borrows<'_>,
+    codes: &'a Arg<'_>,
+    scale: &'a Arg<'_>,
+    shifts: &'a Arg<'_>,
     group_size: usize,
-) -> FgResult<Input<'a, f32>> {
+) -> PyResult<Input<'a, f32>> {
     Ok(Input::Codes(CodesIn {
-        codes: contiguous(op, "codes", codes)?,
-        scale: contiguous(op, "scale", scale)?,
-        shifts: contiguous(op, "shifts", shifts)?,
+        codes: args.read("codes", codes)?,
+        scale: args.read("scale", scale)?,
+        shifts: args.read("shifts", shifts)?,
         group_size,
     }))
 }
@@ -133,20 +119,21 @@ fn codes_input<'a>(
 #[allow(clippy::too_many_arguments)]
 fn l1_norm_forward_codes(
     py: Python<'_>,
-    codes: In<'_, i8>,
-    scale: In<'_, f32>,
-    shifts: In<'_, u8>,
+    codes: Arg<'_>,
+    scale: Arg<'_>,
+    shifts: Arg<'_>,
     group_size: usize,
     n: usize,
     eps: f64,
-    weight: Option<In<'_, f32>>,
-    bias: Option<In<'_, f32>>,
-    out: Out<'_, f32>,
-    mean: Out<'_, f32>,
-    rstd: Out<'_, f32>,
+    weight: Option<Arg<'_>>,
+    bias: Option<Arg<'_>>,
+    out: Arg<'_>,
+    mean: Arg<'_>,
+    rstd: Arg<'_>,
 ) -> PyResult<()> {
-    let x = codes_input("l1_layer_norm", &codes, &scale, &shifts, group_size)?;
-    forward(py, x, n, eps, weight, bias, out, mean, rstd)
+    let mut args = Borrows::new(FORWARD);
+    let x = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
+    forward(py, args, x, n, eps, weight, bias, out, mean, rstd)
 }
 
 /// Gradients of L1 LayerNorm whose input was given as ShiftQuant codes.
@@ -155,28 +142,24 @@ fn l1_norm_forward_codes(
 #[allow(clippy::too_many_arguments)]
 fn l1_norm_backward_codes(
     py: Python<'_>,
-    codes: In<'_, i8>,
-    scale: In<'_, f32>,
-    shifts: In<'_, u8>,
+    codes: Arg<'_>,
+    scale: Arg<'_>,
+    shifts: Arg<'_>,
     group_size: usize,
     n: usize,
-    mean: In<'_, f32>,
-    rstd: In<'_, f32>,
-    grad_out: In<'_, f32>,
-    weight: Option<In<'_, f32>>,
-    grad_in: Out<'_, f32>,
-    grad_weight: Option<Out<'_, f32>>,
-    grad_bias: Option<Out<'_, f32>>,
+    mean: Arg<'_>,
+    rstd: Arg<'_>,
+    grad_out: Arg<'_>,
+    weight: Option<Arg<'_>>,
+    grad_in: Arg<'_>,
+    grad_weight: Option<Arg<'_>>,
+    grad_bias: Option<Arg<'_>>,
 ) -> PyResult<()> {
-    let x = codes_input(
-        "l1_layer_norm_backward",
-        &codes,
-        &scale,
-        &shifts,
-        group_size,
-    )?;
+    let mut args = Borrows::new(BACKWARD);
+    let x = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
     backward(
         py,
+        args,
         x,
         n,
         mean,

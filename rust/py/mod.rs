@@ -1,9 +1,8 @@
-//! Thin `#[pyfunction]` wrappers, one file per primitive: borrow numpy views, validate,
+//! Thin `#[pyfunction]` wrappers, one file per primitive: borrow tensors, validate,
 //! release the GIL, run the kernel. Shared plumbing lives here.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
 use crate::error::{FgError, FgResult};
@@ -16,6 +15,7 @@ mod optim;
 mod runtime;
 mod shiftquant;
 mod softmax;
+mod tensor;
 mod w4;
 
 /// Runs `kernel` without the GIL; a panic inside becomes a `RuntimeError` naming `op`.
@@ -28,26 +28,6 @@ pub(crate) fn run_detached<R: Send>(
         catch_unwind(AssertUnwindSafe(kernel)).unwrap_or_else(|p| Err(FgError::from_panic(op, p)))
     });
     Ok(result?)
-}
-
-/// The elements of a C-contiguous array, or a ValueError naming `op` and the argument.
-pub(crate) fn contiguous<'a, T: numpy::Element>(
-    op: &str,
-    name: &str,
-    a: &'a PyReadonlyArrayDyn<'_, T>,
-) -> FgResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous array")))
-}
-
-/// Mutable counterpart of [`contiguous`].
-pub(crate) fn contiguous_mut<'a, T: numpy::Element>(
-    op: &str,
-    name: &str,
-    a: &'a mut PyReadwriteArrayDyn<'_, T>,
-) -> FgResult<&'a mut [T]> {
-    a.as_slice_mut()
-        .map_err(|_| FgError::Value(format!("{op}: {name} must be a C-contiguous array")))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,9 +1,10 @@
 //! SPAM / Stable-SPAM step wrappers.
 
-use numpy::{PyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::PyArray1;
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
+use super::run_detached;
+use super::tensor::Borrows;
 use crate::batching::SplitMix64;
 use crate::momentum::{self, StepScalars};
 use crate::simd;
@@ -16,10 +17,10 @@ use crate::simd;
 #[allow(clippy::too_many_arguments)]
 fn spam_step(
     py: Python<'_>,
-    mut param: PyReadwriteArrayDyn<'_, f32>,
-    grad: PyReadonlyArrayDyn<'_, f32>,
-    mut exp_avg: PyReadwriteArrayDyn<'_, f32>,
-    mut exp_avg_sq: PyReadwriteArrayDyn<'_, f32>,
+    param: Bound<'_, PyAny>,
+    grad: Bound<'_, PyAny>,
+    exp_avg: Bound<'_, PyAny>,
+    exp_avg_sq: Bound<'_, PyAny>,
     lr: f64,
     weight_decay: f64,
     betas: (f64, f64),
@@ -29,18 +30,16 @@ fn spam_step(
     spike_threshold: Option<f64>,
     adaclip: (f64, f64),
     grad_scale: f64,
-    mask: Option<PyReadonlyArrayDyn<'_, u8>>,
+    mask: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let op = "spam_step";
     let level = simd::active()?;
-    let p = contiguous_mut(op, "param", &mut param)?;
-    let g = contiguous(op, "grad", &grad)?;
-    let m = contiguous_mut(op, "exp_avg", &mut exp_avg)?;
-    let v = contiguous_mut(op, "exp_avg_sq", &mut exp_avg_sq)?;
-    let mask = mask
-        .as_ref()
-        .map(|a| contiguous(op, "mask", a))
-        .transpose()?;
+    let mut args = Borrows::new(op);
+    let p = args.write("param", &param)?;
+    let g = args.read("grad", &grad)?;
+    let m = args.write("exp_avg", &exp_avg)?;
+    let v = args.write("exp_avg_sq", &exp_avg_sq)?;
+    let mask = args.read_opt("mask", &mask)?;
     // Combinations of the optimizer's scalars are formed in f64, then rounded, as a plain
     // torch implementation forms them.
     let s = StepScalars {

@@ -1,9 +1,9 @@
 //! ShiftQuant wrappers: quantize, dequantize, integer GEMM.
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
+use super::run_detached;
+use super::tensor::Borrows;
 use crate::shiftquant::{self, Codes, GemmOperand, Rounding, Spec};
 use crate::simd;
 
@@ -15,10 +15,10 @@ use crate::simd;
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_quantize(
     py: Python<'_>,
-    x: PyReadonlyArrayDyn<'_, f32>,
-    mut codes: PyReadwriteArrayDyn<'_, i8>,
-    mut scale: PyReadwriteArrayDyn<'_, f32>,
-    mut shifts: PyReadwriteArrayDyn<'_, u8>,
+    x: Bound<'_, PyAny>,
+    codes: Bound<'_, PyAny>,
+    scale: Bound<'_, PyAny>,
+    shifts: Bound<'_, PyAny>,
     len: usize,
     bits: u32,
     group_size: usize,
@@ -29,11 +29,12 @@ fn shiftquant_quantize(
     let rounding = seed.map_or(Rounding::Nearest, |seed| Rounding::Stochastic { seed });
     let spec = Spec::new(op, bits, group_size, rounding)?;
     let level = simd::active()?;
-    let x = contiguous(op, "x", &x)?;
+    let mut args = Borrows::new(op);
+    let x = args.read("x", &x)?;
     let out = Codes {
-        codes: contiguous_mut(op, "codes", &mut codes)?,
-        scale: contiguous_mut(op, "scale", &mut scale)?,
-        shifts: contiguous_mut(op, "shifts", &mut shifts)?,
+        codes: args.write("codes", &codes)?,
+        scale: args.write("scale", &scale)?,
+        shifts: args.write("shifts", &shifts)?,
     };
     run_detached(py, op, || {
         if transposed {
@@ -48,18 +49,19 @@ fn shiftquant_quantize(
 #[pyfunction]
 fn shiftquant_dequantize(
     py: Python<'_>,
-    codes: PyReadonlyArrayDyn<'_, i8>,
-    scale: PyReadonlyArrayDyn<'_, f32>,
-    shifts: PyReadonlyArrayDyn<'_, u8>,
+    codes: Bound<'_, PyAny>,
+    scale: Bound<'_, PyAny>,
+    shifts: Bound<'_, PyAny>,
     group_size: usize,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    out: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let op = "dequantize";
     let level = simd::active()?;
-    let codes = contiguous(op, "codes", &codes)?;
-    let scale = contiguous(op, "scale", &scale)?;
-    let shifts = contiguous(op, "shifts", &shifts)?;
-    let out = contiguous_mut(op, "out", &mut out)?;
+    let mut args = Borrows::new(op);
+    let codes = args.read("codes", &codes)?;
+    let scale = args.read("scale", &scale)?;
+    let shifts = args.read("shifts", &shifts)?;
+    let out = args.write("out", &out)?;
     run_detached(py, op, || {
         shiftquant::dequantize(level, codes, scale, shifts, group_size, out)
     })
@@ -71,34 +73,32 @@ fn shiftquant_dequantize(
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_matmul(
     py: Python<'_>,
-    a_codes: PyReadonlyArrayDyn<'_, i8>,
-    a_scale: PyReadonlyArrayDyn<'_, f32>,
-    a_shifts: PyReadonlyArrayDyn<'_, u8>,
-    b_codes: PyReadonlyArrayDyn<'_, i8>,
-    b_scale: PyReadonlyArrayDyn<'_, f32>,
-    b_shifts: PyReadonlyArrayDyn<'_, u8>,
+    a_codes: Bound<'_, PyAny>,
+    a_scale: Bound<'_, PyAny>,
+    a_shifts: Bound<'_, PyAny>,
+    b_codes: Bound<'_, PyAny>,
+    b_scale: Bound<'_, PyAny>,
+    b_shifts: Bound<'_, PyAny>,
     k: usize,
     group_size: usize,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
-    bias: Option<PyReadonlyArrayDyn<'_, f32>>,
+    out: Bound<'_, PyAny>,
+    bias: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let op = "shiftquant_matmul";
     let level = simd::active()?;
+    let mut args = Borrows::new(op);
     let a = GemmOperand {
-        codes: contiguous(op, "a.codes", &a_codes)?,
-        scale: contiguous(op, "a.scale", &a_scale)?,
-        shifts: contiguous(op, "a.shifts", &a_shifts)?,
+        codes: args.read("a.codes", &a_codes)?,
+        scale: args.read("a.scale", &a_scale)?,
+        shifts: args.read("a.shifts", &a_shifts)?,
     };
     let b = GemmOperand {
-        codes: contiguous(op, "b.codes", &b_codes)?,
-        scale: contiguous(op, "b.scale", &b_scale)?,
-        shifts: contiguous(op, "b.shifts", &b_shifts)?,
+        codes: args.read("b.codes", &b_codes)?,
+        scale: args.read("b.scale", &b_scale)?,
+        shifts: args.read("b.shifts", &b_shifts)?,
     };
-    let bias = bias
-        .as_ref()
-        .map(|v| contiguous(op, "bias", v))
-        .transpose()?;
-    let out = contiguous_mut(op, "out", &mut out)?;
+    let bias = args.read_opt("bias", &bias)?;
+    let out = args.write("out", &out)?;
     run_detached(py, op, || {
         shiftquant::matmul(level, &a, &b, k, group_size, bias, out)
     })

@@ -1,9 +1,9 @@
 //! Softmax / log-softmax wrappers.
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
+use super::run_detached;
+use super::tensor::Borrows;
 use crate::error::FgError;
 use crate::simd;
 use crate::softmax::{self, Layout, ThreePass};
@@ -13,8 +13,8 @@ use crate::softmax::{self, Layout, ThreePass};
 #[pyo3(signature = (x, out, outer, n, inner, log=false))]
 fn softmax_forward(
     py: Python<'_>,
-    x: PyReadonlyArrayDyn<'_, f32>,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    x: Bound<'_, PyAny>,
+    out: Bound<'_, PyAny>,
     outer: usize,
     n: usize,
     inner: usize,
@@ -22,8 +22,9 @@ fn softmax_forward(
 ) -> PyResult<()> {
     let op = if log { "log_softmax" } else { "softmax" };
     let level = simd::active()?;
-    let x = contiguous(op, "x", &x)?;
-    let out = contiguous_mut(op, "out", &mut out)?;
+    let mut args = Borrows::new(op);
+    let x = args.read("x", &x)?;
+    let out = args.write("out", &out)?;
     let layout = Layout { outer, n, inner };
     run_detached(py, op, || {
         softmax::softmax_forward(level, x, out, layout, log)
@@ -36,9 +37,9 @@ fn softmax_forward(
 #[allow(clippy::too_many_arguments)]
 fn softmax_backward(
     py: Python<'_>,
-    y: PyReadonlyArrayDyn<'_, f32>,
-    grad_out: PyReadonlyArrayDyn<'_, f32>,
-    mut grad_in: PyReadwriteArrayDyn<'_, f32>,
+    y: Bound<'_, PyAny>,
+    grad_out: Bound<'_, PyAny>,
+    grad_in: Bound<'_, PyAny>,
     outer: usize,
     n: usize,
     inner: usize,
@@ -50,9 +51,10 @@ fn softmax_backward(
         "softmax_backward"
     };
     let level = simd::active()?;
-    let y = contiguous(op, "y", &y)?;
-    let grad_out = contiguous(op, "grad_out", &grad_out)?;
-    let grad_in = contiguous_mut(op, "grad_in", &mut grad_in)?;
+    let mut args = Borrows::new(op);
+    let y = args.read("y", &y)?;
+    let grad_out = args.read("grad_out", &grad_out)?;
+    let grad_in = args.write("grad_in", &grad_in)?;
     let layout = Layout { outer, n, inner };
     run_detached(py, op, || {
         softmax::softmax_backward(level, y, grad_out, grad_in, layout, log)
@@ -64,8 +66,8 @@ fn softmax_backward(
 #[pyo3(signature = (x, out, n, variant="reload"))]
 fn softmax_three_pass(
     py: Python<'_>,
-    x: PyReadonlyArrayDyn<'_, f32>,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    x: Bound<'_, PyAny>,
+    out: Bound<'_, PyAny>,
     n: usize,
     variant: &str,
 ) -> PyResult<()> {
@@ -81,8 +83,9 @@ fn softmax_three_pass(
         }
     };
     let level = simd::active()?;
-    let x = contiguous(op, "x", &x)?;
-    let out = contiguous_mut(op, "out", &mut out)?;
+    let mut args = Borrows::new(op);
+    let x = args.read("x", &x)?;
+    let out = args.write("out", &out)?;
     run_detached(py, op, || {
         softmax::softmax_three_pass(level, x, out, n, variant)
     })

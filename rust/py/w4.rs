@@ -1,9 +1,9 @@
 //! W4 wrappers: quantize, pack / unpack (CPU layout), GEMV and block dequantization.
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{contiguous, contiguous_mut, run_detached};
+use super::run_detached;
+use super::tensor::Borrows;
 use crate::simd;
 use crate::w4::{self, PackedW4, Shape};
 
@@ -12,22 +12,23 @@ use crate::w4::{self, PackedW4, Shape};
 #[allow(clippy::too_many_arguments)]
 fn w4_quantize(
     py: Python<'_>,
-    weight: PyReadonlyArrayDyn<'_, f32>,
+    weight: Bound<'_, PyAny>,
     n: usize,
     k: usize,
     group_size: i64,
     zero_point: bool,
-    mut codes: PyReadwriteArrayDyn<'_, u8>,
-    mut scales: PyReadwriteArrayDyn<'_, f32>,
-    mut zeros: PyReadwriteArrayDyn<'_, u8>,
+    codes: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let op = "quantize_w4";
     let level = simd::active()?;
     let shape = Shape::new(op, n, k, group_size)?;
-    let w = contiguous(op, "weight", &weight)?;
-    let codes = contiguous_mut(op, "codes", &mut codes)?;
-    let scales = contiguous_mut(op, "scales", &mut scales)?;
-    let zeros = contiguous_mut(op, "zeros", &mut zeros)?;
+    let mut args = Borrows::new(op);
+    let w = args.read("weight", &weight)?;
+    let codes = args.write("codes", &codes)?;
+    let scales = args.write("scales", &scales)?;
+    let zeros = args.write("zeros", &zeros)?;
     run_detached(py, op, || {
         w4::quantize(level, w, shape, zero_point, codes, scales, zeros)
     })
@@ -38,16 +39,17 @@ fn w4_quantize(
 #[pyo3(signature = (codes, packed, n, k, unpack=false))]
 fn w4_pack(
     py: Python<'_>,
-    mut codes: PyReadwriteArrayDyn<'_, u8>,
-    mut packed: PyReadwriteArrayDyn<'_, u8>,
+    codes: Bound<'_, PyAny>,
+    packed: Bound<'_, PyAny>,
     n: usize,
     k: usize,
     unpack: bool,
 ) -> PyResult<()> {
     let op = "quantize_w4";
     let shape = Shape::new(op, n, k, -1)?;
-    let codes = contiguous_mut(op, "codes", &mut codes)?;
-    let packed = contiguous_mut(op, "packed", &mut packed)?;
+    let mut args = Borrows::new(op);
+    let codes = args.write("codes", &codes)?;
+    let packed = args.write("packed", &packed)?;
     run_detached(py, op, || {
         if unpack {
             w4::unpack(packed, shape, codes)
@@ -59,17 +61,18 @@ fn w4_pack(
 
 /// The packed weight over the caller's arrays.
 fn packed_weight<'a>(
+    args: &mut Borrows<'_>,
     op: &str,
-    packed: &'a PyReadonlyArrayDyn<'_, u8>,
-    scales: &'a PyReadonlyArrayDyn<'_, f32>,
-    zeros: &'a PyReadonlyArrayDyn<'_, u8>,
+    packed: &'a Bound<'_, PyAny>,
+    scales: &'a Bound<'_, PyAny>,
+    zeros: &'a Bound<'_, PyAny>,
     shape: (usize, usize, i64),
 ) -> PyResult<PackedW4<'a>> {
     let (n, k, group_size) = shape;
     Ok(PackedW4 {
-        packed: contiguous(op, "packed", packed)?,
-        scales: contiguous(op, "scales", scales)?,
-        zeros: contiguous(op, "zeros", zeros)?,
+        packed: args.read("packed", packed)?,
+        scales: args.read("scales", scales)?,
+        zeros: args.read("zeros", zeros)?,
         shape: Shape::new(op, n, k, group_size)?,
     })
 }
@@ -79,20 +82,21 @@ fn packed_weight<'a>(
 #[allow(clippy::too_many_arguments)]
 fn w4_gemv(
     py: Python<'_>,
-    packed: PyReadonlyArrayDyn<'_, u8>,
-    scales: PyReadonlyArrayDyn<'_, f32>,
-    zeros: PyReadonlyArrayDyn<'_, u8>,
+    packed: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
     n: usize,
     k: usize,
     group_size: i64,
-    x: PyReadonlyArrayDyn<'_, f32>,
-    mut y: PyReadwriteArrayDyn<'_, f32>,
+    x: Bound<'_, PyAny>,
+    y: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let op = "w4a16_matmul";
     let level = simd::active()?;
-    let w = packed_weight(op, &packed, &scales, &zeros, (n, k, group_size))?;
-    let x = contiguous(op, "x", &x)?;
-    let y = contiguous_mut(op, "y", &mut y)?;
+    let mut args = Borrows::new(op);
+    let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
+    let x = args.read("x", &x)?;
+    let y = args.write("y", &y)?;
     run_detached(py, op, || w4::gemv(level, &w, x, y))
 }
 
@@ -101,20 +105,21 @@ fn w4_gemv(
 #[allow(clippy::too_many_arguments)]
 fn w4_dequantize(
     py: Python<'_>,
-    packed: PyReadonlyArrayDyn<'_, u8>,
-    scales: PyReadonlyArrayDyn<'_, f32>,
-    zeros: PyReadonlyArrayDyn<'_, u8>,
+    packed: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
     n: usize,
     k: usize,
     group_size: i64,
     row0: usize,
     row1: usize,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    out: Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let op = "dequantize";
     let level = simd::active()?;
-    let w = packed_weight(op, &packed, &scales, &zeros, (n, k, group_size))?;
-    let out = contiguous_mut(op, "out", &mut out)?;
+    let mut args = Borrows::new(op);
+    let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
+    let out = args.write("out", &out)?;
     run_detached(py, op, || w4::dequantize(level, &w, row0..row1, out))
 }
 

@@ -71,15 +71,14 @@ def _forward_chunk(z, v0, targets, lse, target_logit, logit_sum, softcap) -> Non
     """Folds the raw chunk logits z (vocabulary v0..) into the running float64 ``lse``, the
     target logits and the logit sums: the Rust kernel for CPU float32, torch ops otherwise."""
     if z.device.type == "cpu" and z.dtype == torch.float32:
-        sums = None if logit_sum is None else logit_sum.numpy()
         _core.cce_forward_chunk(
-            z.numpy(),
+            z,
             z.shape[1],
             v0,
-            targets.numpy(),
-            lse.numpy(),
-            target_logit.numpy(),
-            sums,
+            targets,
+            lse,
+            target_logit,
+            logit_sum,
             softcap,
         )
         return
@@ -97,8 +96,7 @@ def _backward_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     """Turns the raw chunk logits z into the logit gradient in place and returns the chunk's
     largest |dz_ij| / max(|a_i|, |b_i|): the Rust kernel for CPU float32, torch ops otherwise."""
     if z.device.type == "cpu" and z.dtype == torch.float32:
-        arrays = (t.numpy() for t in (targets, lse, *coefs))
-        return _core.cce_backward_chunk(z.numpy(), z.shape[1], v0, *arrays, softcap)
+        return _core.cce_backward_chunk(z, z.shape[1], v0, targets, lse, *coefs, softcap)
     a, b, u = coefs
     _softcap_(z, softcap)
     capped = z.clone() if softcap is not None else None

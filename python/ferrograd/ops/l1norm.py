@@ -34,10 +34,6 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.numpy()
-
-
 class _L1LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, n: int, eps: float, bits: int | None):
@@ -53,22 +49,22 @@ class _L1LayerNorm(torch.autograd.Function):
             forward = (
                 _core.l1_norm_forward_f64 if kd == torch.float64 else _core.l1_norm_forward_f32
             )
-            forward(x2.numpy(), n, eps, _np(w), _np(b), y.numpy(), mean.numpy(), rstd.numpy())
+            forward(x2, n, eps, w, b, y, mean, rstd)
             saved = x2
             ctx.codes = None
         else:
             q = quantize_2d(x2, bits, CODES_GROUP_SIZE, None)
-            arrays = (q.codes.numpy(), q.scale.numpy(), q.shifts.numpy())
+            arrays = (q.codes, q.scale, q.shifts)
             _core.l1_norm_forward_codes(
                 *arrays,
                 CODES_GROUP_SIZE,
                 n,
                 eps,
-                _np(w),
-                _np(b),
-                y.numpy(),
-                mean.numpy(),
-                rstd.numpy(),
+                w,
+                b,
+                y,
+                mean,
+                rstd,
             )
             saved = q.codes
             ctx.codes = q
@@ -87,15 +83,15 @@ class _L1LayerNorm(torch.autograd.Function):
         dx = torch.empty_like(dy)
         dw = torch.empty(n, dtype=kd) if ctx.has_weight and ctx.needs_input_grad[1] else None
         db = torch.empty(n, dtype=kd) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        stats = (mean.numpy(), rstd.numpy(), dy.numpy(), _np(w), dx.numpy(), _np(dw), _np(db))
+        stats = (mean, rstd, dy, w, dx, dw, db)
         q: ShiftQuantTensor | None = ctx.codes
         if q is None:
             backward = (
                 _core.l1_norm_backward_f64 if kd == torch.float64 else _core.l1_norm_backward_f32
             )
-            backward(saved.numpy(), n, *stats)
+            backward(saved, n, *stats)
         else:
-            arrays = (saved.numpy(), q.scale.numpy(), q.shifts.numpy())
+            arrays = (saved, q.scale, q.shifts)
             _core.l1_norm_backward_codes(*arrays, CODES_GROUP_SIZE, n, *stats)
         dx = dx.reshape(ctx.shape).to(ctx.dtype)
         return dx, dw, db, None, None, None

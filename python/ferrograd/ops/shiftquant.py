@@ -76,11 +76,11 @@ class ShiftQuantTensor:
             return _dequantize_torch(self)
         out = torch.empty(self.codes.shape, dtype=torch.float32)
         _core.shiftquant_dequantize(
-            self.codes.contiguous().numpy(),
-            self.scale.contiguous().numpy(),
-            self.shifts.contiguous().numpy(),
+            self.codes.contiguous(),
+            self.scale.contiguous(),
+            self.shifts.contiguous(),
             self.group_size,
-            out.numpy(),
+            out,
         )
         return out
 
@@ -116,7 +116,7 @@ def quantize_2d(
     codes = torch.empty((rows, length), dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
     shifts = torch.empty((rows, math.ceil(length / group_size)), dtype=torch.uint8)
-    arrays = (x.numpy(), codes.numpy(), scale.numpy(), shifts.numpy())
+    arrays = (x, codes, scale, shifts)
     _core.shiftquant_quantize(*arrays, length, bits, group_size, seed, transposed)
     return ShiftQuantTensor(codes, scale, shifts, bits, group_size)
 
@@ -174,10 +174,10 @@ def matmul_2d(
         return sqc.matmul(a_op, b_op, bias, dtype)
     m, k = a.codes.shape
     out = torch.empty((m, b.codes.shape[0]), dtype=torch.float32)
-    operands = [t.contiguous().numpy() for t in (a.codes, a.scale, a.shifts)]
-    operands += [t.contiguous().numpy() for t in (b.codes, b.scale, b.shifts)]
-    bias_np = None if bias is None else bias.detach().float().contiguous().numpy()
-    _core.shiftquant_matmul(*operands, k, a.group_size, out.numpy(), bias_np)
+    operands = [t.contiguous() for t in (a.codes, a.scale, a.shifts)]
+    operands += [t.contiguous() for t in (b.codes, b.scale, b.shifts)]
+    bias = None if bias is None else bias.detach().float().contiguous()
+    _core.shiftquant_matmul(*operands, k, a.group_size, out, bias)
     return out.to(dtype)
 
 

@@ -42,8 +42,8 @@ def _weight_blocks(w: W4Weight):
         n1 = min(n, n0 + DEQUANT_BLOCK_ROWS)
         out = block[: n1 - n0]
         _core.w4_dequantize(
-            w.packed.numpy(), scales.numpy(), zeros.numpy(), n, k, w.group_size, n0, n1,
-            out.numpy(),
+            w.packed, scales, zeros, n, k, w.group_size, n0, n1,
+            out,
         )  # fmt: skip
         yield n0, n1, out
 
@@ -57,8 +57,8 @@ def _matmul_cpu(x: torch.Tensor, w: W4Weight) -> torch.Tensor:
     if m <= GEMV_MAX_ROWS and group % 32 == 0:
         scales, zeros = w.kernel_params()
         _core.w4_gemv(
-            w.packed.numpy(), scales.numpy(), zeros.numpy(), n, k, w.group_size, x.numpy(),
-            y.numpy(),
+            w.packed, scales, zeros, n, k, w.group_size, x,
+            y,
         )  # fmt: skip
         return y
     for n0, n1, block in _weight_blocks(w):

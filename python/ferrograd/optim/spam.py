@@ -151,9 +151,9 @@ class _SpamBase(torch.optim.Optimizer):
             and p.is_contiguous()
         )
         if rust:
-            mask = state["mask"].numpy() if "mask" in state else None
-            g = grad.contiguous().numpy()
-            _core.spam_step(p.numpy(), g, m.numpy(), v.numpy(), **scalars, mask=mask)
+            mask = state.get("mask")
+            g = grad.contiguous()
+            _core.spam_step(p, g, m, v, **scalars, mask=mask)
             return
         torch_step(p, grad, m, v, idx, **scalars)
 

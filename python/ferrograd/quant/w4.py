@@ -97,7 +97,7 @@ class W4Weight:
         if self.device.type != "cpu":
             return unpack_torch(self.packed, k)
         codes = torch.empty(n, k, dtype=torch.uint8)
-        _core.w4_pack(codes.numpy(), self.packed.contiguous().numpy(), n, k, unpack=True)
+        _core.w4_pack(codes, self.packed.contiguous(), n, k, unpack=True)
         return codes
 
     @property
@@ -113,8 +113,8 @@ class W4Weight:
             out = torch.empty(n, k)
             scales, zeros = self.kernel_params()
             _core.w4_dequantize(
-                self.packed.numpy(), scales.numpy(), zeros.numpy(), n, k, self.group_size,
-                0, n, out.numpy(),
+                self.packed, scales, zeros, n, k, self.group_size,
+                0, n, out,
             )  # fmt: skip
             return out.to(self.dtype)
         q = self.stored_codes().to(self.device).float()
@@ -159,10 +159,10 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
     scales = torch.empty(n, groups)
     zeros = torch.empty(n, groups, dtype=torch.uint8)
     _core.w4_quantize(
-        w.numpy(), n, k, group_size, zero_point, codes.numpy(), scales.numpy(), zeros.numpy()
+        w, n, k, group_size, zero_point, codes, scales, zeros
     )
     packed = torch.empty(n, -(-k // BLOCK) * (BLOCK // 2), dtype=torch.uint8)
-    _core.w4_pack(codes.numpy(), packed.numpy(), n, k)
+    _core.w4_pack(codes, packed, n, k)
     stored_scales = scales.to(_scale_dtype(weight.dtype))
     q = W4Weight(
         packed, stored_scales, zeros if zero_point else None, (n, k), group_size, weight.dtype

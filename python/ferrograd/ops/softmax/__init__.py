@@ -1,0 +1,76 @@
+"""Softmax and log-softmax (two-pass algorithm of Dukhan & Ablavatski) as ferrograd ops.
+
+``ferrograd::softmax(x, dim, log)`` and ``ferrograd::softmax_backward(y, grad, dim, log)`` run
+the Rust kernels on CPU tensors (cpu.py) and torch's own softmax everywhere else
+(reference.py). Special values follow ``torch.softmax``: -inf entries are well defined, an all
+-inf row gives NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _library
+from .._checks import check_floating, check_tensor, normalize_dim
+from . import cpu, reference
+
+__all__ = ["log_softmax", "softmax"]
+
+
+def _fake(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+softmax_op = _library.define(
+    "softmax(Tensor x, int dim, bool log) -> Tensor",
+    cpu=cpu.forward,
+    reference=reference.forward,
+    fake=_fake,
+)
+softmax_backward_op = _library.define(
+    "softmax_backward(Tensor y, Tensor grad, int dim, bool log) -> Tensor",
+    cpu=cpu.backward,
+    reference=reference.backward,
+    fake=_fake_backward,
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, ctx.dim, ctx.log = inputs
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    (y,) = ctx.saved_tensors
+    return softmax_backward_op(y, grad, ctx.dim, ctx.log), None, None
+
+
+_library.register_autograd(softmax_op, _backward, _setup_context)
+
+
+def _apply(op: str, x: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool):
+    check_tensor(op, "x", x)
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {dtype!r}")
+        x = x.to(dtype)
+    check_floating(op, "x", x)
+    if x.is_complex():
+        raise TypeError(f"{op}: x must be a real floating-point tensor, got {x.dtype}")
+    return softmax_op(x, normalize_dim(op, dim, x.dim()), log)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """softmax(x) along ``dim``, differentiable, a drop-in for ``torch.softmax``: ``dtype``
+    casts x first. float32 / bfloat16 / float16 CPU tensors run the Rust kernel (in float32,
+    returned in x's dtype); other dtypes and devices run torch's softmax."""
+    return _apply("softmax", x, dim, dtype, log=False)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """log_softmax(x) along ``dim``, differentiable; as :func:`softmax` otherwise."""
+    return _apply("log_softmax", x, dim, dtype, log=True)
