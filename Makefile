@@ -11,11 +11,11 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11"
 	touch $@
 
 develop: $(STAMP)
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q --features dev
 
 test: develop
 	cargo fmt --check
@@ -23,6 +23,7 @@ test: develop
 	cargo test -q
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
+	$(PY) -m mypy.stubtest ferrograd._core --allowlist .stubtest-allowlist
 	$(PY) -m pytest -q tests
 	@for simd in $(SIMD_PATHS); do \
 		if $(PY) -c "import ferrograd, sys; sys.exit('$$simd' not in ferrograd.cpu_info()['supported'])"; then \

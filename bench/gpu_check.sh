@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a machine with a GPU, torch and cuda-python but no Rust:
-# install the abi3 wheel built elsewhere (`make wheel`, carried in target/wheels/), run
-# tests/cuda, compute-sanitizer (memcheck, racecheck) on every kernel, and the GPU halves of the
-# benchmarks. Everything it writes goes to ${OUT:-gpu-check}/.
+# install the abi3 wheel built elsewhere (`make wheel`, carried in target/wheels/), run the
+# tests' CUDA cases (the `cuda` side of each test file's device axis, and tests/cuda),
+# compute-sanitizer (memcheck, racecheck) on every kernel, and the GPU halves of the benchmarks.
+# Everything it writes goes to ${OUT:-gpu-check}/.
 #   usage: OUT=dir bash bench/gpu_check.sh [benchmarks...]   (default: cce w4a16 shiftquant)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,9 @@ py="$venv/bin/python"
 export FERROGRAD_CACHE_DIR="$out/ptx-cache"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 status=0
-"$py" -m pytest -q -p no:cacheprovider tests/cuda > "$out/pytest-cuda.txt" 2>&1 || status=1
+# The wheel has no `dev` build and there is no Rust here: only the CUDA cases, not the wheel build.
+"$py" -m pytest -q -p no:cacheprovider tests -k "cuda and not wheel" \
+    > "$out/pytest-cuda.txt" 2>&1 || status=1
 tail -3 "$out/pytest-cuda.txt"
 for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" tests/cuda/sanitize_kernels.py \

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "shiftquant": "shiftquant",
     "cce": "cce",
     "w4a16": "w4a16",
+    "overhead": "overhead",
 }
 
 

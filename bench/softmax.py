@@ -25,7 +25,7 @@ BATCHED = [(2048, 32768), (32768, 4096), (64, 10**6)]
 def case(bench: Bench, rows: int, n: int) -> None:
     x = torch.randn(rows, n)
     y = torch.empty_like(x)
-    xa, ya = x.view(-1).numpy(), y.view(-1).numpy()
+    xa, ya = x.view(-1), y.view(-1)
     numel = rows * n
     t = interleaved_times(
         {
@@ -62,6 +62,8 @@ def case(bench: Bench, rows: int, n: int) -> None:
 
 
 def main(threads: int | None = None) -> None:
+    if not hasattr(_core, "softmax_three_pass"):
+        sys.exit("bench/softmax.py: the three-pass baseline needs a `dev` build (make develop)")
     bench = Bench("softmax", threads)
     print(f"copy bandwidth {bench.bandwidth / 1e9:.1f} GB/s, {bench.threads} threads")
     for n in SINGLE_ROWS:

@@ -69,7 +69,7 @@ def heldout_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 def fidelity(bench: Bench) -> None:
-    from test_shiftquant import fit_tiny, motif_batch
+    from support.tiny_transformer import fit_tiny, motif_batch
 
     model, _ = fit_tiny(None, 300)
     g = torch.Generator().manual_seed(7)

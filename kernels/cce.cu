@@ -1,7 +1,7 @@
 // Cut cross-entropy (Wijmans et al.): the loss of z = e · cᵀ + bias (then softcap · tanh(z /
 // softcap)) for e [N, D], c [V, D] without ever writing z. CCE_T is the input type: __half or
 // __nv_bfloat16 (mma.sync m16n8k16, fp32 accumulate) or float (the same tiles with FMA in full
-// fp32, as torch's matmul without TF32). Launch plans: python/ferrograd/ops/cce_cuda.py.
+// fp32, as torch's matmul without TF32). Launch plans: python/ferrograd/ops/cce/cuda.py.
 //
 // Tiles: a block of 4 warps (2 x 2) owns 64 rows of e x 128 vocabulary entries; each warp a 32 x
 // 64 piece held as 2 x 8 m16n8 accumulator fragments (the FMA path keeps the same fragment
@@ -55,9 +55,9 @@ constexpr int kForwardSmem = kStages * kStageBytes;
 constexpr int kBackwardSmem = kStages * kStageBytes > kDzBytes + 2 * kChunkBytes
                                   ? kStages * kStageBytes
                                   : kDzBytes + 2 * kChunkBytes;
-static_assert(kForwardSmem == 46080, "keep cce_cuda.FORWARD_SMEM in sync");
+static_assert(kForwardSmem == 46080, "keep ops/cce/cuda.py FORWARD_SMEM in sync");
 static_assert(kBackwardSmem == (sizeof(T) == 4 ? 89088 : 72704),
-              "keep cce_cuda.BACKWARD_SMEM in sync");
+              "keep ops/cce/cuda.py BACKWARD_SMEM in sync");
 
 // Start of row `row` of e, or nullptr past the end.
 __device__ __forceinline__ const char* e_row(const T* e, i64 row, int n, int d) {

@@ -1,8 +1,8 @@
-// ShiftQuant (DESIGN.md section 5) on the GPU: quantization to int8 codes with a float32 scale per
+// ShiftQuant (docs/definitions.md) on the GPU: quantization to int8 codes with a float32 scale per
 // row and a power-of-two shift per group, and the integer GEMM on tensor cores. The arithmetic of
 // the quantizers is the CPU kernels' (rust/shiftquant/quantize.rs) operation for operation, so
 // codes, scales and shifts are bit-identical to the CPU's, stochastic rounding included (the same
-// counter-based generator). Launch plans and the checks: python/ferrograd/ops/shiftquant_cuda.py.
+// counter-based generator). Launch plans and the checks: python/ferrograd/ops/shiftquant/cuda.py.
 //
 // sq_quantize_rows_<T>: x [rows, K] along K. One block per row: pass 1 is the row's max |x| (an
 // integer max of the bit patterns, block-reduced); pass 2 gives each group to `lanes` lanes of a
@@ -375,7 +375,7 @@ constexpr int kGemmThreads = 256;
 constexpr int kShiftBytes = 2 * (kBM + kBN);  // shifts of the stage's two 32-column steps
 constexpr int kStageBytes = (kBM + kBN) * kSliceStride + kShiftBytes;
 constexpr int kGemmSmem = kStages * kStageBytes;
-static_assert(kGemmSmem == 83968, "keep shiftquant_cuda.GEMM_SMEM in sync");
+static_assert(kGemmSmem == 83968, "keep ops/shiftquant/cuda.py GEMM_SMEM in sync");
 
 __device__ __forceinline__ void mma_16832(i32 (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
     asm volatile(

@@ -1,12 +1,12 @@
 // W4A16 GEMM: y[M, N] = x[M, K] · W_hatᵀ, W_hat[n, k] = (q[n, k] - zero[n, g]) * scale[n, g],
 // g = k / group_size, on tensor cores (mma.sync m16n8k16, fp16 or bf16 in, fp32 accumulate).
 //
-// Layout of the weight (ferrograd.ops.w4a16_cuda packs it): qweight is int32 [N, K / 8]; word j
-// of row n holds the stored codes of columns 8j .. 8j + 7 in its nibbles 0 .. 7. Byte t of a
-// word then holds columns 8j + 2t (low nibble) and 8j + 2t + 1 (high nibble): exactly the pair a
-// lane with threadID_in_group = t needs for the B fragment of m16n8k16 ("col" B = W rows), so
-// each lane unpacks its own two bytes per k16 step without shuffles. scales are T [N, G],
-// zeros uint8 [N, G] (8 for the symmetric scheme). Requirements (checked by the caller):
+// Layout of the weight (python/ferrograd/ops/w4a16/weight.py packs it): qweight is int32
+// [N, K / 8]; word j of row n holds the stored codes of columns 8j .. 8j + 7 in its nibbles 0 ..
+// 7. Byte t of a word then holds columns 8j + 2t (low nibble) and 8j + 2t + 1 (high nibble):
+// exactly the pair a lane with threadID_in_group = t needs for the B fragment of m16n8k16 ("col" B
+// = W rows), so each lane unpacks its own two bytes per k16 step without shuffles. scales are T
+// [N, G], zeros uint8 [N, G] (8 for the symmetric scheme). Requirements (checked by the caller):
 // K % 32 == 0 and group_size % 32 == 0, so that a 32-column step lies in one group.
 //
 // Work split: a block of 4 warps owns 16 rows of x and 128 columns of W (32 per warp, four n8

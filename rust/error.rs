@@ -1,10 +1,7 @@
-//! The one error type of the crate and its single mapping to Python exceptions.
+//! The one error type of the crate (py/error.rs maps it to Python exceptions).
 
 use std::any::Any;
 use std::fmt;
-
-use pyo3::exceptions::{PyIndexError, PyRuntimeError, PyTypeError, PyValueError};
-use pyo3::PyErr;
 
 /// Every failure the Rust core can report. Messages always start with the op name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,16 +39,5 @@ impl FgError {
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic payload".to_string());
         FgError::Runtime(format!("{op}: internal error (Rust panic: {detail})"))
-    }
-}
-
-impl From<FgError> for PyErr {
-    fn from(err: FgError) -> PyErr {
-        match err {
-            FgError::Value(m) => PyValueError::new_err(m),
-            FgError::Type(m) => PyTypeError::new_err(m),
-            FgError::Index(m) => PyIndexError::new_err(m),
-            FgError::Runtime(m) => PyRuntimeError::new_err(m),
-        }
     }
 }

@@ -1,4 +1,4 @@
-//! L1 LayerNorm (DESIGN.md section 5) over rows of length n:
+//! L1 LayerNorm (docs/definitions.md) over rows of length n:
 //! y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * gamma + beta. No square root in the statistics, so they can be computed
 //! exactly in integers straight from ShiftQuant codes (`forward_codes`).
 //!
@@ -620,7 +620,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
-        let mut rng = crate::batching::SplitMix64::new(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
             .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 1.5)
             .collect()

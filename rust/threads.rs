@@ -1,4 +1,7 @@
-//! The thread pool every multithreaded kernel runs on, sized by `ferrograd.set_num_threads`.
+//! How every multithreaded kernel runs: [`split`] (and [`for_each_chunk`]) hand numbered parts
+//! to torch's OpenMP team when the process has one ([`crate::openmp`]), else to ferrograd's own
+//! pool; [`Disjoint`] gives the parts their non-overlapping pieces of the outputs. The thread
+//! count is `ferrograd.set_num_threads`'.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -66,15 +69,16 @@ pub fn num_threads() -> usize {
     pool().current_num_threads()
 }
 
-/// Runs `f` on the pool; small jobs should not come here (see the callers' thresholds).
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
-}
-
 /// Runs `f(part)` for every part in 0..parts on up to `num_threads()` threads, the calling
 /// thread among them, each taking the next part from a shared counter. The threads are torch's
 /// OpenMP team when the process has one ([`crate::openmp`]), else the pool. A thread that is
 /// slow to wake (tens to hundreds of microseconds on a VM) then just takes fewer parts.
+///
+/// The OpenMP team's join waits for every member: when other processes hold the cores, a
+/// member that is not running delays the call by scheduler ticks (measured on a loaded 2-core
+/// VM: calls took multiples of 4 ms, a 30 us softmax 6 ms), where the pool only lost about
+/// half its speed. On a machine of its own the team avoids fighting torch's spinning threads
+/// (see openmp.rs), the case this favours.
 pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
     let workers = num_threads().min(parts);
     if workers <= 1 {

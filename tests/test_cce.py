@@ -1,4 +1,6 @@
-"""fg.linear_cross_entropy on the CPU against float64 logits and torch's F.cross_entropy."""
+"""fg.linear_cross_entropy against float64 logits and torch's F.cross_entropy, on the CPU and (where
+present) a GPU; kernels/cce.cu's launches directly on a GPU; the two ops under opcheck and
+torch.compile."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import ferrograd as fg
+from ferrograd import cuda as fgcuda
 from ferrograd.ops import cce
+from ferrograd.ops.cce.cuda import cce_backward_cuda, cce_forward_cuda
 
 pytestmark = pytest.mark.simd
 
@@ -45,19 +49,26 @@ def reference(e, c, targets, *, bias=None, ignore_index=IGNORE, softcap=None, re
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 vocabulary entries and blocks of 40 rows: every test crosses both."""
-    monkeypatch.setattr(cce, "CPU_MIN_CHUNK", 16)
-    monkeypatch.setattr(cce, "CPU_BUFFER_ELEMS", 640)
+    monkeypatch.setattr(cce.reference, "CPU_MIN_CHUNK", 16)
+    monkeypatch.setattr(cce.reference, "CPU_BUFFER_ELEMS", 640)
 
 
-def make_inputs(shape=(3, 50), dim=24, vocab=100, dtype=torch.float32, ignored=0.2, seed=0):
+def make_inputs(
+    shape=(3, 50), dim=24, vocab=100, dtype=torch.float32, ignored=0.2, seed=0, device="cpu"
+):
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(*shape, dim, generator=g, dtype=torch.float64)
     c = torch.randn(vocab, dim, generator=g, dtype=torch.float64) / dim**0.5 * 2
     bias = torch.randn(vocab, generator=g, dtype=torch.float64) * 0.5
     targets = torch.randint(0, vocab, shape, generator=g)
     targets[torch.rand(shape, generator=g) < ignored] = IGNORE
-    leaves = [t.to(dtype).requires_grad_() for t in (e, c, bias)]
-    return (*leaves, targets)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (e, c, bias)]
+    return (*leaves, targets.to(device))
+
+
+def kernel_tol(device, dtype, tol):
+    """kernels/cce.cu adds float32 in its tiles' order, further from float64 than the CPU's."""
+    return max(tol, 1e-4) if device == "cuda" and dtype == torch.float32 else tol
 
 
 def grads(loss, leaves):
@@ -85,7 +96,8 @@ def run_both(e, c, bias, targets, options, reduction, ours_dtype=None):
     leaves = [e, c] + ([b] if use_bias else [])
     loss = fg.linear_cross_entropy(e, c, targets, bias=b, reduction=reduction, **kw)
     ref, _ = reference(e, c, targets, bias=b, reduction=reduction, **kw)
-    weights = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).view(ref.shape)
+    weights = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64, device=ref.device)
+    weights = weights.view(ref.shape)
     ours_grads = grads((loss.double() * weights).sum(), leaves)
     # float64 gradients, rounded once to the leaves' dtype at the end
     ref_grads = [g.double() for g in grads((ref * weights).sum(), leaves)]
@@ -95,8 +107,9 @@ def run_both(e, c, bias, targets, options, reduction, ours_dtype=None):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
-def test_matches_float64_reference(small_chunks, options, reduction, dtype, tol):
-    e, c, bias, targets = make_inputs(dtype=dtype)
+def test_matches_float64_reference(small_chunks, device, options, reduction, dtype, tol):
+    tol = kernel_tol(device, dtype, tol)
+    e, c, bias, targets = make_inputs(dtype=dtype, device=device)
     loss, ref, ours_grads, ref_grads = run_both(e, c, bias, targets, options, reduction)
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
@@ -127,20 +140,21 @@ def test_default_chunking_on_a_larger_vocabulary():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_return_lse_and_its_gradient(small_chunks, dtype):
-    e, c, bias, targets = make_inputs(dtype=dtype)
+def test_return_lse_and_its_gradient(small_chunks, device, dtype):
+    e, c, bias, targets = make_inputs(dtype=dtype, device=device)
     loss, lse = fg.linear_cross_entropy(e, c, targets, shift=2, softcap=3.0, return_lse=True)
     ref, ref_lse = reference(e, c, targets, shift=2, softcap=3.0)
     assert lse.shape == targets[..., 2:].shape and lse.dtype == dtype
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    lse_tol, grad_tol = kernel_tol(device, dtype, 1e-6), kernel_tol(device, dtype, 1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=lse_tol, atol=lse_tol)
     ours = grads(loss + 0.3 * lse.sin().sum(), (e, c))
     want = [g.double() for g in grads(ref + 0.3 * ref_lse.sin().sum(), (e, c))]
     for o, w in zip(ours, want, strict=True):
-        torch.testing.assert_close(o.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max())
+        torch.testing.assert_close(o.double(), w, rtol=grad_tol, atol=grad_tol * w.abs().max())
 
 
-def test_all_ignored_batch_gives_zero_loss_and_gradients(small_chunks):
-    e, c, bias, targets = make_inputs(ignored=1.0)
+def test_all_ignored_batch_gives_zero_loss_and_gradients(small_chunks, device):
+    e, c, bias, targets = make_inputs(ignored=1.0, device=device)
     for reduction in ("mean", "sum"):
         loss = fg.linear_cross_entropy(e, c, targets, bias=bias, reduction=reduction)
         assert loss.item() == 0.0
@@ -181,9 +195,9 @@ def test_filter_eps(small_chunks):
     assert torch.count_nonzero(grads(smooth, (c,))[0][:96]) > 0
 
 
-def test_nan_and_infinities_follow_torch(small_chunks):
+def test_nan_and_infinities_follow_torch(small_chunks, device):
     """NaN poisons its row only; -inf bias entries (masked vocabulary) and huge logits are fine."""
-    e, c, bias, targets = make_inputs(shape=(6,), ignored=0.0)
+    e, c, bias, targets = make_inputs(shape=(6,), ignored=0.0, device=device)
     targets[:] = torch.tensor([0, 1, 2, 3, 4, 5])
     with torch.no_grad():
         e[1, 3] = float("nan")
@@ -193,11 +207,12 @@ def test_nan_and_infinities_follow_torch(small_chunks):
         ours = fg.linear_cross_entropy(e, c, targets, bias=bias, softcap=softcap, reduction="none")
         want, _ = reference(e, c, targets, bias=bias, softcap=softcap, reduction="none")
         assert ours[1].isnan() and not ours[[0, 2, 3, 4, 5]].isnan().any()
-        torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        tol = kernel_tol(device, torch.float32, 1e-5)
+        torch.testing.assert_close(ours.double(), want, rtol=tol, atol=tol, equal_nan=True)
 
 
-def test_module_matches_functional():
-    e, c, bias, targets = make_inputs()
+def test_module_matches_functional(device):
+    e, c, bias, targets = make_inputs(device=device)
     module = fg.nn.LinearCrossEntropy(softcap=3.0, shift=1, z_loss=1e-3)
     assert "softcap=3.0" in repr(module)
     torch.testing.assert_close(
@@ -206,8 +221,8 @@ def test_module_matches_functional():
     )
 
 
-def test_inputs_are_left_alone():
-    e, c, bias, targets = make_inputs()
+def test_inputs_are_left_alone(device):
+    e, c, bias, targets = make_inputs(device=device)
     copies = [t.detach().clone() for t in (e, c, bias, targets)]
     fg.linear_cross_entropy(e, c, targets, bias=bias, softcap=2.0, shift=2).backward()
     for t, copy in zip((e, c, bias, targets), copies, strict=True):
@@ -243,3 +258,336 @@ def test_bad_input_names_the_argument(change, error, match):
     e, c, targets = args.pop("e"), args.pop("c"), args.pop("targets")
     with pytest.raises(error, match=f"linear_cross_entropy: {match}"):
         fg.linear_cross_entropy(e, c, targets, **args)
+
+
+# The ops: opcheck (schema, fake kernels, autograd registration, AOT dispatch) and torch.compile.
+
+
+def op_inputs(device, dtype=torch.float32, bias=True, grad=True, seed=1):
+    """Small (e, c, bias, targets) for the ops: 6 rows (two ignored), V = 10, D = 8."""
+    g = torch.Generator().manual_seed(seed)
+    e, c, b = torch.randn(6, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10)
+    leaves = [t.to(device, dtype).requires_grad_(grad) for t in (e, c, b)]
+    targets = torch.tensor([0, 3, -1, 9, 5, -1], device=device)
+    return leaves[0], leaves[1], leaves[2] if bias else None, targets
+
+
+#: (dtype, bias, requires_grad, softcap, label_smoothing, z_loss, filter_eps)
+OP_SAMPLES = {
+    "plain": (torch.float32, False, True, None, 0.0, 0.0, None),
+    "bias-softcap-zloss-filter": (torch.float32, True, True, 2.5, 0.0, 1e-3, 1e-7),
+    "label-smoothing": (torch.float32, True, True, None, 0.1, 0.0, None),
+    "float64-all": (torch.float64, True, True, 3.0, 0.2, 1e-2, None),
+    "bfloat16-no-grad": (torch.bfloat16, True, False, None, 0.0, 0.0, 1e-3),
+}
+
+
+@pytest.mark.parametrize("sample", OP_SAMPLES.values(), ids=OP_SAMPLES.keys())
+def test_opcheck_forward(device, sample):
+    dtype, bias, grad, *options = sample
+    args = (*op_inputs(device, dtype, bias, grad), *options)
+    torch.library.opcheck(cce.linear_cross_entropy_op, args)
+
+
+@pytest.mark.parametrize("bias_grad", [True, False])
+@pytest.mark.parametrize("sample", OP_SAMPLES.values(), ids=OP_SAMPLES.keys())
+def test_opcheck_backward(device, sample, bias_grad):
+    dtype, bias, _, softcap, label_smoothing, z_loss, filter_eps = sample
+    e, c, b, targets = op_inputs(device, dtype, bias, grad=False)
+    _, lse = cce.linear_cross_entropy_op(
+        e, c, b, targets, softcap, label_smoothing, z_loss, filter_eps
+    )
+    coefs = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)).to(device, lse.dtype)
+    args = (e, c, b, targets, lse, *coefs, softcap, filter_eps, bias_grad and bias)
+    torch.library.opcheck(cce.linear_cross_entropy_backward_op, args)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def loss_outputs_and_grads(fn, e, c, targets, bias):
+    """The loss (and lse), and the gradients of a weighted sum of them towards e, c and bias;
+    ``fn`` is called as nn.LinearCrossEntropy is."""
+    out = fn(e, c, targets, bias)
+    loss, lse = out if isinstance(out, tuple) else (out, None)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).view(loss.shape)
+    objective = (loss * weights).sum() + (0 if lse is None else 0.3 * lse.sin().sum())
+    leaves = [t for t in (e, c, bias) if t is not None]
+    return [t.detach() for t in (loss, lse) if t is not None], grads(objective, leaves)
+
+
+def assert_compiled_matches_eager(fn, inputs, backend):
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    want_out, want_grads = loss_outputs_and_grads(fn, *inputs)
+    got_out, got_grads = loss_outputs_and_grads(compiled, *inputs)
+    for got, want in zip(got_out + list(got_grads), want_out + list(want_grads), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+ALL_OPTIONS = {"bias": True, "softcap": 4.0, "label_smoothing": 0.2, "z_loss": 1e-3, "shift": 1}
+COMPILE_CASES = [
+    *(({}, reduction) for reduction in ("mean", "sum", "none")),
+    *((ALL_OPTIONS | {"return_lse": True}, reduction) for reduction in ("mean", "sum", "none")),
+    ({"softcap": 2.5}, "mean"),
+    ({"label_smoothing": 0.1}, "sum"),
+    ({"z_loss": 1e-2}, "mean"),
+    ({"shift": 2, "bias": True}, "none"),
+    ({"return_lse": True, "filter_eps": None}, "mean"),
+]
+
+
+@pytest.mark.parametrize(
+    "options, reduction",
+    COMPILE_CASES,
+    ids=["-".join([*options, reduction]) for options, reduction in COMPILE_CASES],
+)
+def test_compiled_matches_eager(fresh_dynamo, device, options, reduction):
+    """fullgraph: no data-dependent guard anywhere; loss, lse and gradients as in eager."""
+    kw = dict(options)
+    use_bias = kw.pop("bias", False)
+
+    def loss(e, c, targets, bias):
+        return fg.linear_cross_entropy(e, c, targets, bias=bias, reduction=reduction, **kw)
+
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=16, vocab=40, device=device)
+    assert_compiled_matches_eager(loss, (e, c, targets, bias if use_bias else None), "aot_eager")
+
+
+def test_compiled_with_inductor(fresh_dynamo, device):
+    def loss(e, c, targets, bias):
+        return fg.linear_cross_entropy(
+            e, c, targets, bias=bias, softcap=3.0, label_smoothing=0.1, z_loss=1e-3, shift=1,
+            reduction="none", return_lse=True,
+        )  # fmt: skip
+
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=16, vocab=40, device=device)
+    assert_compiled_matches_eager(loss, (e, c, targets, bias), "inductor")
+
+
+def test_module_compiles(fresh_dynamo, device):
+    module = fg.nn.LinearCrossEntropy(softcap=3.0, shift=1, label_smoothing=0.1)
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=16, vocab=40, device=device)
+    assert_compiled_matches_eager(module, (e, c, targets, bias), "inductor")
+
+
+def test_compiled_graph_refuses_out_of_range_targets(fresh_dynamo, device):
+    """The eager check does not run in a graph: the CPU kernel raises, the GPU kernel (which
+    cannot without a device sync) gives the row a NaN loss."""
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=16, vocab=40, device=device)
+    compiled = torch.compile(fg.linear_cross_entropy, fullgraph=True, backend="aot_eager")
+    compiled(e, c, targets)
+    targets[1, 3] = 40
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"linear_cross_entropy: targets must be in \[0, 40\)"):
+            compiled(e, c, targets)
+    else:
+        assert compiled(e, c, targets, reduction="none")[1, 3].isnan()
+
+
+def test_bad_input_under_compile_keeps_its_error(fresh_dynamo):
+    """Without fullgraph the check runs as in eager (with it, torch reports the ValueError inside
+    its own error about an exception in the graph)."""
+    e, c, _, targets = make_inputs()
+    with pytest.raises(ValueError, match="linear_cross_entropy: reduction must be one of"):
+        torch.compile(fg.linear_cross_entropy, backend="aot_eager")(e, c, targets, reduction="max")
+
+
+def loss_and_grads_in(dtype, fn, e, c, bias, targets, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (e, c, bias)]
+    loss = fn(*leaves, targets, **kw)
+    return [loss.detach().double(), *(g.double() for g in torch.autograd.grad(loss, leaves))]
+
+
+def torch_loss(e, c, bias, targets, softcap=None, label_smoothing=0.0):
+    z = e @ c.T + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z.float() if z.dtype != torch.float64 else z, targets,
+                           label_smoothing=label_smoothing)  # fmt: skip
+
+
+def our_loss(e, c, bias, targets, **kw):
+    return fg.linear_cross_entropy(e, c, targets, bias=bias, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("options", [{}, {"softcap": 20.0}, {"label_smoothing": 0.1}])
+def test_matches_float64_as_well_as_torch_does(device, dtype, options):
+    """ml-cross-entropy's criterion on a GPU: elementwise |ref64 - ours| <= |ref64 - torch in
+    dtype| + tol for the loss and every gradient (float32: close to float64)."""
+    if device == "cpu" and dtype != torch.float32:
+        pytest.skip("CPU 16-bit inputs: test_half_inputs_are_computed_in_float32")
+    g = torch.Generator(device=device).manual_seed(0)
+    n, d, v = (777, 256, 50_001) if device == "cuda" else (77, 64, 5_001)  # no block multiple
+    e = torch.randn(n, d, device=device, generator=g)
+    c = torch.randn(v, d, device=device, generator=g) / d**0.5
+    bias = torch.randn(v, device=device, generator=g) * 0.1
+    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    targets[::5] = -100
+    ref = loss_and_grads_in(torch.float64, torch_loss, e, c, bias, targets, **options)
+    base = loss_and_grads_in(dtype, torch_loss, e, c, bias, targets, **options)
+    got = loss_and_grads_in(dtype, our_loss, e, c, bias, targets, **options)
+    for r, b, o in zip(ref, base, got, strict=True):
+        if dtype == torch.float32:  # both near float64: compare with it directly
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+        else:  # computed in float32 from the same inputs: never worse than torch in dtype
+            assert ((r - o).abs() <= (r - b).abs() + 1e-6 * r.abs().max()).all()
+
+
+# kernels/cce.cu's launches against float64 torch, by ml-cross-entropy's criterion: elementwise
+# |ref64 - ours| <= |ref64 - torch in dtype| + tol (and no worse in norm) for 16-bit inputs;
+# close to float64 for float32 (both near it).
+
+needs_kernels = pytest.mark.skipif(
+    not fgcuda.is_available(), reason="needs a CUDA GPU (driver and cuda-python) for kernels/cce.cu"
+)
+KERNEL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def kernel_problem(n, v, d, dtype, *, bias=True, seed=0, ignore_every=5, smoothing=0.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    e = torch.randn(n, d, device="cuda", generator=g).to(dtype)
+    c = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
+    b = (torch.randn(v, device="cuda", generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[::ignore_every] = -100
+    valid = (targets >= 0).float()
+    weight = valid * (1 + torch.rand(n, device="cuda", generator=g)) / valid.sum().clamp_min(1)
+    coefs = (weight, weight * (1 - smoothing), weight * smoothing / v)
+    return e, c, b, targets, coefs
+
+
+def kernel_logits(e, c, b, softcap, dtype):
+    z = e.to(dtype) @ c.to(dtype).T
+    if b is not None:
+        z = z + b.to(dtype)
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def kernel_reference_forward(e, c, b, targets, softcap, dtype):
+    z = kernel_logits(e, c, b, softcap, dtype).double()
+    picked = z.gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    return z.logsumexp(1), torch.where(targets >= 0, picked, 0.0), z.sum(1)
+
+
+def kernel_reference_backward(e, c, b, targets, lse, coefs, softcap, dtype):
+    """(dE, dC, dbias) with the logits, dz and both GEMMs in ``dtype`` (float64: the truth)."""
+    z = kernel_logits(e, c, b, softcap, dtype)
+    cs, ct, cu = (t.to(torch.float64 if dtype == torch.float64 else torch.float32) for t in coefs)
+    p = torch.exp(z.to(cs.dtype) - lse.to(cs.dtype)[:, None])
+    dz = cs[:, None] * p - cu[:, None]
+    rows = torch.nonzero(targets >= 0)[:, 0]
+    dz[rows, targets[rows]] -= ct[rows]
+    if softcap is not None:
+        dz = dz * (1 - (z.to(cs.dtype) / softcap) ** 2)
+    dz = dz.to(dtype)
+    return dz @ c.to(dtype), dz.T @ e.to(dtype), dz.sum(0)
+
+
+def assert_as_good_as_torch(ours, ref, base, dtype, what):
+    ours, ref, base = ours.double(), ref.double(), base.double()
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * scale, msg=what)
+        return
+    err, base_err = (ref - ours).abs(), (ref - base).abs()
+    worst = (err - base_err).max().item()
+    assert worst <= 1e-3 * scale, f"{what}: worse than torch in {dtype} by {worst} (of {scale})"
+    assert err.norm() <= base_err.norm() + 1e-6 * scale, f"{what}: worse than torch in norm"
+
+
+def check_kernels(
+    n, v, d, dtype, *, softcap=None, bias=True, smoothing=0.0, filter_eps=None, seed=0
+):
+    e, c, b, targets, coefs = kernel_problem(
+        n, v, d, dtype, bias=bias, seed=seed, smoothing=smoothing
+    )
+    lse, z_target, z_sum = cce_forward_cuda(e, c, b, targets, softcap, True)
+    assert lse.dtype == z_target.dtype == z_sum.dtype == torch.float32
+    ref = kernel_reference_forward(e, c, b, targets, softcap, torch.float64)
+    base = kernel_reference_forward(e, c, b, targets, softcap, dtype)
+    for name, o, r, s in zip(
+        ("lse", "z_target", "z_sum"), (lse, z_target, z_sum), ref, base, strict=True
+    ):
+        assert_as_good_as_torch(o, r, s, dtype, f"{name} {dtype}")
+
+    de, dc, db = cce_backward_cuda(
+        e, c, b, targets, lse, *coefs, softcap, filter_eps, need_bias_grad=True
+    )
+    assert (de.dtype, dc.dtype, db.dtype) == (dtype, dtype, dtype)
+    e64, c64 = e.double(), c.double()
+    b64 = None if b is None else b.double()
+    ref = kernel_reference_backward(e64, c64, b64, targets, ref[0], coefs, softcap, torch.float64)
+    base = kernel_reference_backward(e, c, b, targets, lse, coefs, softcap, dtype)
+    for name, o, r, s in zip(("dE", "dC", "dbias"), (de, dc, db), ref, base, strict=True):
+        assert_as_good_as_torch(o, r, s, dtype, f"{name} {dtype}")
+    return de, dc, db
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"softcap": 15.0}, {"bias": False}, {"smoothing": 0.1}, {"filter_eps": 0.0}],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain",
+)
+def test_kernels_match_float64_as_well_as_torch_does(dtype, options):
+    check_kernels(
+        777, 3001, 200, dtype, **options
+    )  # no size a multiple of a tile or a 64-byte slice
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("n, v, d", [(1, 1, 8), (3, 130, 8), (64, 128, 64), (65, 257, 1032)])
+def test_kernels_on_edge_shapes(dtype, n, v, d):
+    check_kernels(n, v, d, dtype, softcap=30.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_filter_skips_negligible_blocks_without_changing_the_result(dtype):
+    """Half the vocabulary sits 40 nats below the rest (no target there): ordered by mean logit
+    it fills whole blocks that the filter drops (their dbias stays exactly 0), and every
+    gradient still matches float64 as well as torch does."""
+    n, v, d = 300, 2048, 64
+    e, c, b, targets, coefs = kernel_problem(n, v, d, dtype, ignore_every=7)
+    low = torch.randperm(v, device="cuda")[: v // 2]
+    b = b.float()
+    b[low] -= 40.0
+    b = b.to(dtype)
+    is_low = torch.zeros(v, dtype=torch.bool, device="cuda")
+    is_low[low] = True
+    keep = targets < 0
+    targets = torch.where(is_low[targets.clamp_min(0)] & ~keep, (~is_low).nonzero()[0, 0], targets)
+    lse, _, _ = cce_forward_cuda(e, c, b, targets, None, False)
+    # |coef| p is ~1e-19 in the low half and above ~1e-9 elsewhere.
+    filtered = cce_backward_cuda(e, c, b, targets, lse, *coefs, None, 1e-12, True)
+    assert (filtered[2][low] == 0).all()
+    if dtype != torch.float16:  # unfiltered, those dbias entries are tiny but not 0
+        full = cce_backward_cuda(e, c, b, targets, lse, *coefs, None, None, True)
+        assert (full[2][low] != 0).any()
+    e64, c64, b64 = e.double(), c.double(), b.double()
+    lse64 = kernel_reference_forward(e64, c64, b64, targets, None, torch.float64)[0]
+    ref = kernel_reference_backward(e64, c64, b64, targets, lse64, coefs, None, torch.float64)
+    base = kernel_reference_backward(e, c, b, targets, lse, coefs, None, dtype)
+    for name, o, r, s in zip(("dE", "dC", "dbias"), filtered, ref, base, strict=True):
+        assert_as_good_as_torch(o, r, s, dtype, f"filtered {name} {dtype}")
+
+
+@needs_kernels
+def test_kernel_launch_errors():
+    e, c, b, targets, _ = kernel_problem(4, 16, 8, torch.float16)
+    with pytest.raises(ValueError, match="cce_forward_cuda: D = 12 must be a multiple of 8"):
+        cce_forward_cuda(e[:, :6].repeat(1, 2), c[:, :6].repeat(1, 2), b, targets, None, False)
+    with pytest.raises(TypeError, match="cce_forward_cuda: c must have e's dtype"):
+        cce_forward_cuda(e, c.float(), b, targets, None, False)
+    with pytest.raises(ValueError, match="cce_forward_cuda: softcap"):
+        cce_forward_cuda(e, c, b, targets, -1.0, False)
+    lse = torch.zeros(4, device="cuda")
+    with pytest.raises(ValueError, match="cce_backward_cuda: coef_target must be a float32"):
+        cce_backward_cuda(e, c, b, targets, lse, lse, lse.double(), lse, None, None, False)

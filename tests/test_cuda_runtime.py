@@ -63,9 +63,9 @@ def test_the_extension_carries_the_kernel_sources():
     assert _core.kernel_sources() == kernel_files()
 
 
-def test_a_built_wheel_carries_the_kernel_sources(tmp_path):
-    """maturin reuses the release build of `make develop`: about a second (half a minute after
-    a change to the Rust sources)."""
+def test_a_built_wheel_carries_the_kernel_sources_and_nothing_test_only(tmp_path):
+    """The wheel is built without the cargo feature `dev` that `make develop` turns on (cargo
+    keeps both builds: a few minutes the first time, about a second afterwards)."""
     maturin = shutil.which("maturin", path=str(Path(sys.executable).parent))
     assert maturin, "maturin is installed next to this Python (make develop installs it)"
     env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parent.parent)}
@@ -75,10 +75,18 @@ def test_a_built_wheel_carries_the_kernel_sources(tmp_path):
     )  # fmt: skip
     (wheel,) = tmp_path.glob("ferrograd-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        (lib,) = [n for n in z.namelist() if n.startswith("ferrograd/_core") and ".so" in n]
+        names = z.namelist()
+        (lib,) = [n for n in names if n.startswith("ferrograd/_core") and ".so" in n]
         binary = z.read(lib)
     for name, source in kernel_files().items():
         assert source.encode() in binary, f"{name} is not embedded in {lib}"
+    # Test and benchmark machinery stays out: GPU emulators, probes, baselines.
+    for probe in (b"_panic_for_test", b"measured_clock_hz", b"softmax_three_pass"):
+        assert probe not in binary, probe
+    modules = [n for n in names if n.endswith(".py")]
+    assert any(n.endswith("ops/softmax/reference.py") for n in modules), modules
+    for name in modules:
+        assert not any(word in name for word in ("emulat", "mma", "support", "test")), name
 
 
 def test_ptx_cache_round_trip_and_key(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""L1LayerNorm against the plain torch formula of DESIGN.md section 5."""
+"""L1LayerNorm against the plain torch formula of its definition (docs/definitions.md), and each
+device's kernels against reference.py (CPU always, CUDA where there is a GPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 import ferrograd as fg
+from ferrograd.ops import l1norm
 from ferrograd.ops.l1norm import l1_layer_norm
+from ferrograd.ops.l1norm import reference as l1_reference
+from ferrograd.ops.shiftquant import quantize_2d
 
 pytestmark = pytest.mark.simd
 
@@ -104,3 +108,122 @@ def test_bad_input():
         l1_layer_norm(torch.ones(3, 4, dtype=torch.int64), (4,))
     with pytest.raises(ValueError, match="bits"):
         fg.nn.L1LayerNorm(4, bits=1)(torch.randn(2, 4))
+
+
+# ---- the kernels against reference.py ----
+
+
+def reference_norm(x, w, b, eps, bits):
+    """reference.py's forward and backward of x [rows, n], as an autograd function."""
+
+    class Norm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            if bits is None:
+                y, mean, rstd = l1_reference.forward(x, w, b, eps)
+                ctx.save_for_backward(x, mean, rstd, w)
+                return y
+            q = quantize_2d(x, bits, 64)
+            y, mean, rstd = l1_reference.forward_codes(x, q.codes, q.scale, q.shifts, 64, w, b, eps)
+            ctx.save_for_backward(q.codes, q.scale, q.shifts, mean, rstd, w)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            saved = ctx.saved_tensors
+            flags = (w is not None, b is not None)
+            if bits is None:
+                dx, dw, db = l1_reference.backward(grad, *saved, *flags)
+            else:
+                codes, scale, shifts, *rest = saved
+                dx, dw, db = l1_reference.backward_codes(
+                    grad, codes, scale, shifts, 64, *rest, *flags
+                )
+            return dx, (dw if w is not None else None), (db if b is not None else None)
+
+    return Norm.apply(x, w, b)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_kernels_follow_the_reference(device, bits):
+    torch.manual_seed(4)
+    x = (torch.randn(64, 512) * torch.logspace(-2, 1, 512)).requires_grad_()
+    w = (torch.rand(512) + 0.5).requires_grad_()
+    b = torch.randn(512, requires_grad=True)
+    grad = torch.randn(64, 512)
+    want = reference_norm(x, w, b, 1e-5, bits)
+    want = (want, *torch.autograd.grad(want, (x, w, b), grad))
+    xd, wd, bd = (t.detach().to(device).requires_grad_() for t in (x, w, b))
+    y = l1_layer_norm(xd, (512,), wd, bd, 1e-5, bits=bits)
+    got = (y, *torch.autograd.grad(y, (xd, wd, bd), grad.to(device)))
+    tol = 1e-5 if device == "cpu" else 1e-4
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=tol, atol=tol)
+
+
+def test_reference_gradcheck():
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(10, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: reference_norm(*t, 1e-5, None), (x, w, b))
+
+
+# ---- the ops under opcheck and torch.compile ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("affine", [False, True])
+def test_l1_norm_opcheck(device, dtype, affine):
+    x = torch.randn(5, 24, device=device, dtype=dtype, requires_grad=True)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = (
+        (torch.randn(24, device=device, dtype=pdtype, requires_grad=True) for _ in range(2))
+        if affine
+        else (None, None)
+    )
+    torch.library.opcheck(l1norm.l1_norm_op, (x, w, b, 1e-5))
+    y, mean, rstd = l1norm.l1_norm_op(x, w, b, 1e-5)
+    grad = torch.randn_like(y)
+    args = (grad, x.detach(), mean, rstd, None if w is None else w.detach(), affine, affine)
+    torch.library.opcheck(l1norm.l1_norm_backward_op, args)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_l1_norm_codes_opcheck(device, affine):
+    x = torch.randn(5, 100, device=device, requires_grad=True)
+    w, b = (
+        (torch.randn(100, device=device, requires_grad=True) for _ in range(2))
+        if affine
+        else (None, None)
+    )
+    q = quantize_2d(x, 6, 64)
+    codes = (q.codes, q.scale, q.shifts, 64)
+    torch.library.opcheck(l1norm.l1_norm_codes_op, (x, *codes, w, b, 1e-5))
+    y, mean, rstd = l1norm.l1_norm_codes_op(x, *codes, w, b, 1e-5)
+    w = None if w is None else w.detach()
+    args = (torch.randn_like(y), *codes, mean, rstd, w, affine, affine)
+    torch.library.opcheck(l1norm.l1_norm_codes_backward_op, args)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_compiled_module_equals_eager(device, bits):
+    torch.manual_seed(5)
+    norm = fg.nn.L1LayerNorm((3, 40), bits=bits).to(device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(2, 6, 3, 40, device=device)
+    grad = torch.randn_like(x)
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad(set_to_none=True)
+        y = module(xi)
+        y.backward(grad)
+        return y.detach(), xi.grad, norm.weight.grad, norm.bias.grad
+
+    torch._dynamo.reset()
+    want = run(norm)
+    got = run(torch.compile(norm, fullgraph=True))
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)

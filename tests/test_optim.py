@@ -1,16 +1,18 @@
-"""SPAM / Stable-SPAM against plain-torch implementations of DESIGN.md's rules."""
+"""SPAM / Stable-SPAM against plain-torch implementations of the rules in docs/definitions.md,
+and the op ferrograd::spam_step (Rust pass) against its torch reference."""
 
 from __future__ import annotations
 
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
+from support.distributed import init_gloo, spawn
 
 import ferrograd as fg
-from ferrograd import _core
-from ferrograd.optim.spam import torch_step
+from ferrograd.ops.spam import mask_indices, reference, sample_mask, spam_step_op
 
 pytestmark = pytest.mark.simd
 
@@ -28,7 +30,7 @@ def make_grads(steps: int, shapes, seed=0, spikes=True):
 
 
 class ReferenceSPAM:
-    """DESIGN.md's SPAM in plain torch, float32; sparse coordinates taken from `active`."""
+    """SPAM in plain torch, float32; sparse coordinates taken from `active`."""
 
     def __init__(self, params, lr, betas, eps, wd, reset_interval, warmup_steps, threshold,
                  clip_warmup):  # fmt: skip
@@ -142,32 +144,28 @@ def test_stable_spam_matches_reference():
         torch.testing.assert_close(p.detach(), w, rtol=2e-6, atol=1e-6)
 
 
+def step_args(shape, sparse, dtype=torch.float32, seed=4):
+    """Arguments of ferrograd::spam_step: p, g, m, v, the scalars, mask (a third active)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=gen).to(dtype)
+    g = (torch.randn(shape, generator=gen) * 30).to(dtype)
+    mask, _ = sample_mask(p.numel(), p.numel() // 3, 11)
+    k = p.numel() // 3 if sparse else p.numel()
+    m, v = torch.rand(k, generator=gen), torch.rand(k, generator=gen) * 1e-3
+    # lr, weight_decay, betas, eps, bias corrections, warmup, spike_threshold, AdaClip, grad_scale
+    scalars = (0.01, 0.1, 0.9, 0.99, 1e-6, 0.3, 0.02, 0.5, 50.0, math.inf, 1.0, 1.0)
+    return (p, g, m, v, *scalars, mask if sparse else None)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("shape", [(37, 29), (613, 301)])  # the second is split over threads
 def test_rust_step_equals_torch_step(sparse, shape):
     fg.set_num_threads(max(2, fg.get_num_threads()))
-    gen = torch.Generator().manual_seed(4)
-    p = torch.randn(shape, generator=gen)
-    g = torch.randn(shape, generator=gen) * 30
-    active = p.numel() // 3
-    mask, _ = _core.sample_mask(p.numel(), active, 11)
-    mask = torch.from_numpy(mask)
-    k = active if sparse else p.numel()
-    m, v = torch.rand(k, generator=gen), torch.rand(k, generator=gen) * 1e-3
-    kw = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6,
-              bias_corrections=(0.3, 0.02), warmup=0.5, spike_threshold=50.0)  # fmt: skip
+    args = step_args(shape, sparse)
+    p, _, m, v = args[:4]
     p0, p2, m2, v2 = p.clone(), p.clone(), m.clone(), v.clone()
-    if sparse:
-        _core.spam_step(p, g, m, v, **kw, mask=mask)
-        idx = torch.nonzero(
-            torch.from_numpy(__import__("numpy").unpackbits(mask.numpy(), bitorder="little"))[
-                : p.numel()
-            ]
-        ).view(-1)
-        torch_step(p2, g, m2, v2, idx, **kw)
-    else:
-        _core.spam_step(p.view(-1), g.view(-1), m, v, **kw)
-        torch_step(p2, g, m2.view(shape), v2.view(shape), None, **kw)
+    spam_step_op(*args)
+    reference.spam_step(p2, args[1], m2, v2, *args[4:])
     # The last operation is a subtraction of two terms of the size of p0 and of the update:
     # where they cancel, a rounding difference of an ulp of those terms (torch's vector kernels
     # differ between CPUs) is large relative to p itself, so the bound is in their units.
@@ -175,6 +173,39 @@ def test_rust_step_equals_torch_step(sparse, shape):
     assert ((p - p2).abs() <= 1e-6 * p2.abs() + 2**-22 * operands).all()
     torch.testing.assert_close(m, m2, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v, v2, rtol=1e-6, atol=1e-9)
+
+
+def test_mask_indices_read_the_bitmask_little_endian():
+    mask, _ = sample_mask(1003, 300, 5)
+    want = np.flatnonzero(np.unpackbits(mask.numpy(), bitorder="little")[:1003])
+    assert torch.equal(mask_indices(mask, 1003), torch.from_numpy(want.astype(np.int64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_spam_step_opcheck(sparse, dtype):
+    # float32 runs the Rust pass; bfloat16 and float64 the reference inside the CPU kernel.
+    torch.library.opcheck(spam_step_op, step_args((9, 7), sparse, dtype))
+
+
+def test_spam_step_compiles_fullgraph_like_eager():
+    def two_steps(p, g, m, v, mask):
+        for bias_corrections in ((0.1, 0.001), (0.19, 0.002)):
+            torch.ops.ferrograd.spam_step(
+                p, g, m, v, 0.01, 0.1, 0.9, 0.999, 1e-6, *bias_corrections, 0.5, 50.0,
+                math.inf, 1.0, 1.0, mask,
+            )  # fmt: skip
+        return p * 2
+
+    compiled = torch.compile(two_steps, fullgraph=True)
+    for sparse in (False, True):
+        eager = step_args((12, 10), sparse)
+        traced = [t.clone() if isinstance(t, torch.Tensor) else t for t in eager]
+        want = two_steps(*eager[:4], eager[-1])
+        got = compiled(*traced[:4], traced[-1])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for a, b in zip(traced[:4], eager[:4], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cls", [fg.optim.SPAM, fg.optim.StableSPAM])
@@ -281,9 +312,7 @@ def test_bad_arguments_and_sparse_gradients():
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)  # identical initial replicas
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -304,7 +333,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_ddp_with_gloo_keeps_replicas_identical():
-    assert _spawn(_ddp_worker) == {0: True, 1: True}
+    assert spawn(_ddp_worker) == {0: True, 1: True}
 
 
 def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
@@ -312,9 +341,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    init_gloo(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
         results = {}
@@ -349,25 +376,6 @@ def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(target, world=2):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=180) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-    return results
-
-
 def test_fsdp2_steps_the_local_shard_like_an_unsharded_run():
-    results = _spawn(_fsdp2_worker)
+    results = spawn(_fsdp2_worker)
     assert results == {r: {"SPAM": True, "StableSPAM": True} for r in range(2)}

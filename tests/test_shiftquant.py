@@ -1,16 +1,29 @@
-"""ShiftQuant against a plain float64 torch implementation of DESIGN.md section 5."""
+"""ShiftQuant against a plain float64 torch implementation of its definition
+(docs/definitions.md), and every device's kernels against reference.py (the quantizer bit for
+bit, the GEMM within float32 rounding of the float64 product): CPU always, CUDA where there is a
+GPU. The CUDA GEMM's fragment decomposition is also emulated on the CPU (tests/support)."""
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from support.shiftquant_emulation import KERNEL_INDEX, emulate_gemm
+from support.tiny_transformer import TinyTransformer, motif_batch, train_tiny
 
 import ferrograd as fg
-from ferrograd.ops.shiftquant import quantize_2d
+from ferrograd.ops import shiftquant as sq
+from ferrograd.ops.shiftquant import cuda as sq_cuda
+from ferrograd.ops.shiftquant import linear, quantize_2d
+from ferrograd.ops.shiftquant import reference as sq_reference
 
 pytestmark = pytest.mark.simd
+
+KERNEL = Path(__file__).resolve().parent.parent / "kernels" / "shiftquant.cu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 def reference(x: torch.Tensor, bits: int, group_size: int):
@@ -233,62 +246,6 @@ def test_torch_compile_runs_a_model_holding_the_ops():
     assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
 
 
-class TinyTransformer(torch.nn.Module):
-    """A one-block causal Transformer built from nn.Linear / nn.LayerNorm (so quantize_model
-    swaps every GEMM)."""
-
-    def __init__(self, vocab=16, dim=64, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.pos = torch.nn.Parameter(torch.randn(32, dim) * 0.02)
-        self.norm1, self.norm2, self.norm3 = (torch.nn.LayerNorm(dim) for _ in range(3))
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.proj = torch.nn.Linear(dim, dim)
-        self.up = torch.nn.Linear(dim, 4 * dim)
-        self.down = torch.nn.Linear(4 * dim, dim)
-        self.head = torch.nn.Linear(dim, vocab)
-
-    def forward(self, ids):
-        b, t = ids.shape
-        h = self.embed(ids) + self.pos[:t]
-        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(att.transpose(1, 2).reshape(b, t, -1))
-        h = h + self.down(torch.nn.functional.gelu(self.up(self.norm2(h))))
-        return self.head(self.norm3(h))
-
-
-def motif_batch(generator: torch.Generator, rows: int = 32) -> torch.Tensor:
-    """Sequences that repeat a random 8-token motif: learnable only through attention."""
-    return torch.randint(0, 16, (rows, 8), generator=generator).repeat(1, 4)
-
-
-def train_tiny(bits: int | None, steps: int = 300) -> float:
-    """The mean loss of the last 20 steps of ``fit_tiny``."""
-    return fit_tiny(bits, steps)[1]
-
-
-def fit_tiny(bits: int | None, steps: int = 300) -> tuple[TinyTransformer, float]:
-    """Trains TinyTransformer (ShiftQuant at ``bits`` unless None) on motif sequences."""
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    if bits is not None:
-        fg.nn.quantize_model(model, bits=bits)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        ids = motif_batch(data)
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, sum(losses[-20:]) / 20
-
-
 @pytest.mark.slow
 def test_a_small_transformer_trains_at_8_bits_like_float32():
     reference_loss = train_tiny(None)
@@ -337,3 +294,318 @@ def test_nan_and_infinity_poison_their_row_only():
     out = fg.shiftquant_matmul(q, fg.shiftquant(sample((4, 128), 3)))
     assert out[0].isfinite().all() and out[1:].isnan().all()
     assert not x[0].isnan().any()  # the caller's tensor is untouched
+
+
+# ---- every device against reference.py ----
+
+
+def reference_quantization(x: torch.Tensor, bits, group_size, seed=None, transposed=False):
+    """reference.py's codes, scale and shifts of the CPU copy of x."""
+    key = None if seed is None else seed % 2**64
+    codes, scale, shifts = sq_reference.quantize(x.cpu(), bits, group_size, key, transposed)
+    return sq.ShiftQuantTensor(codes, scale, shifts, bits, group_size)
+
+
+def assert_same_quantization(ours, want):
+    assert torch.equal(ours.codes.cpu(), want.codes)
+    assert torch.equal(ours.shifts.cpu(), want.shifts)
+    torch.testing.assert_close(ours.scale.cpu(), want.scale, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [4, 12, 64, 256])
+@pytest.mark.parametrize("k", [1, 37, 64, 1000, 4096])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_codes_equal_the_reference(device, bits, group_size, k, rounding):
+    x = sample((9, k), k)
+    kw = dict(bits=bits, group_size=group_size, rounding=rounding, seed=123)
+    want = reference_quantization(x, bits, group_size, 123 if rounding == "stochastic" else None)
+    assert_same_quantization(fg.shiftquant(x.to(device), **kw), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_read_as_they_are(device, dtype):
+    x = sample((5, 300), 1).to(dtype)
+    kw = dict(bits=6, group_size=32, rounding="stochastic", seed=5)
+    assert_same_quantization(
+        fg.shiftquant(x.to(device), **kw), reference_quantization(x.float(), 6, 32, 5)
+    )
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (1001, 70), (37, 5), (4096, 33)])
+@pytest.mark.parametrize("group_size", [4, 64, 600])
+@pytest.mark.parametrize("seed", [None, 9, 2**64 - 1])
+def test_transposed_quantization_equals_the_reference(device, shape, group_size, seed):
+    x = sample(shape, 2)
+    ours = quantize_2d(x.to(device), 5, group_size, seed, transposed=True)
+    assert_same_quantization(ours, reference_quantization(x, 5, group_size, seed, True))
+
+
+@pytest.mark.parametrize("seed", [None, 4])
+def test_special_rows_and_magnitudes(device, seed):
+    x = sample((6, 130), 3)
+    x[1] = 0.0
+    x[2, 7] = float("nan")
+    x[3, 100] = float("-inf")
+    x[4] *= 1e-38  # denormal groups
+    x[5] *= 3e36
+    for transposed in (False, True):
+        xs = x.T.contiguous() if transposed else x
+        ours = quantize_2d(xs.to(device), 8, 16, seed, transposed)
+        assert_same_quantization(ours, reference_quantization(xs, 8, 16, seed, transposed))
+
+
+def test_dequantize_equals_the_reference(device):
+    q = fg.shiftquant(sample((7, 150), 4).to(device), bits=4, group_size=16)
+    cpu = sq.ShiftQuantTensor(*(t.cpu() for t in (q.codes, q.scale, q.shifts)), 4, 16)
+    want = sq_reference.dequantize(cpu.codes, cpu.scale, cpu.shifts, 16)
+    assert torch.equal(q.dequantize().cpu(), want)
+
+
+@pytest.mark.parametrize(
+    "m, n, k, group_size",
+    [
+        (1, 8, 64, 64),
+        (77, 300, 1000, 64),
+        (256, 256, 4096, 128),
+        (130, 129, 96, 32),
+        (50, 40, 200, 48),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_equals_the_float64_product(device, m, n, k, group_size, bias):
+    qa = fg.shiftquant(sample((m, k), 4).to(device), bits=8, group_size=group_size)
+    qb = fg.shiftquant(sample((n, k), 5).to(device), bits=6, group_size=group_size)
+    c = torch.randn(n) if bias else None
+    got = sq.matmul_2d(qa, qb, None if c is None else c.to(device)).double().cpu()
+    da, db = dequantized(qa).cpu(), dequantized(qb).cpu()
+    want, bound = da @ db.T, da.abs() @ db.abs().T
+    if c is not None:
+        want, bound = want + c.double(), bound + c.double().abs()
+    assert ((got - want).abs() <= 1e-5 * bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemm_epilogue_rounds_to_the_output_dtype(device, dtype):
+    qa = fg.shiftquant(sample((100, 512), 6).to(device))
+    qb = fg.shiftquant(sample((72, 512), 7).to(device))
+    f32 = sq.matmul_2d(qa, qb)
+    low = sq.matmul_2d(qa, qb, None, dtype)
+    assert low.dtype == dtype
+    assert torch.equal(low, f32.to(dtype))
+
+
+def test_public_matmul_and_leading_dims(device):
+    qa = fg.shiftquant(sample((2, 3, 256), 8).to(device))
+    qb = fg.shiftquant(sample((10, 256), 9).to(device))
+    out = fg.shiftquant_matmul(qa, qb)
+    assert out.shape == (2, 3, 10) and out.device.type == device
+    a, b = (
+        sq.ShiftQuantTensor(q.codes.cpu(), q.scale.cpu(), q.shifts.cpu(), 8, 64) for q in (qa, qb)
+    )
+    want = sq_reference.matmul(
+        a.codes.reshape(6, 256), a.scale.reshape(6), a.shifts.reshape(6, -1),
+        b.codes, b.scale, b.shifts, 64, None, torch.float32,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu(), want.reshape(2, 3, 10), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shiftquant_linear_matches_the_reference(device, dtype):
+    """Forward and the three gradients on ``device`` against linear.py over reference.py's
+    kernels (the stochastic rounding keyed by the same draw of torch's generator)."""
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(256, 192, bits=6).to(dtype)
+    x = sample((4, 33, 256), 10).to(dtype)
+    grad = torch.randn(4, 33, 192).to(dtype)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    torch.manual_seed(1)
+    seed = int(sq.seed_tensor())
+    want = [linear.forward(sq_reference, x, w, b, 6, 6, 64)]
+    want += linear.backward(sq_reference, grad, x, w, 6, 6, 64, seed)
+    ours = copy.deepcopy(layer).to(device)
+    xi = x.to(device).requires_grad_()
+    torch.manual_seed(1)  # the backward's draw
+    y = ours(xi)
+    y.backward(grad.to(device))
+    got = [t.cpu() for t in (y, xi.grad, ours.weight.grad, ours.bias.grad)]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), r.float(), **tol)
+
+
+@needs_cuda
+def test_a_training_step_matches_the_cpu_path():
+    """Attention differs in its last bits between the devices, which may flip a code here and
+    there: the loss and the direction of every parameter's update must still agree."""
+    torch.manual_seed(0)
+    cpu = fg.nn.quantize_model(TinyTransformer(), bits=8)
+    gpu = copy.deepcopy(cpu).cuda()
+    before = [p.detach().clone() for p in cpu.parameters()]
+    ids = motif_batch(torch.Generator().manual_seed(1))
+    losses = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(2)
+        batch = ids.to(dev)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-4 * losses[0]
+    params = zip(cpu.named_parameters(), gpu.parameters(), before, strict=True)
+    for (name, p_cpu), p_gpu, p0 in params:
+        du_cpu, du_gpu = (p_cpu.detach() - p0).flatten(), (p_gpu.detach().cpu() - p0).flatten()
+        cos = torch.nn.functional.cosine_similarity(du_cpu, du_gpu, dim=0)
+        assert cos >= 0.999, name
+
+
+def test_malformed_operands(device):
+    qa = fg.shiftquant(torch.randn(4, 64, device=device))
+    bad = sq.ShiftQuantTensor(qa.codes, qa.scale, qa.shifts + 20, 8, 64)
+    with pytest.raises(ValueError, match="shifts must be in 0..=15"):
+        fg.shiftquant_matmul(qa, bad)
+    short = sq.ShiftQuantTensor(qa.codes, qa.scale[:2], qa.shifts, 8, 64)
+    with pytest.raises(ValueError, match="inconsistent"):
+        fg.shiftquant_matmul(qa, short)
+    wide = sq.ShiftQuantTensor(qa.codes, qa.scale.double(), qa.shifts, 8, 64)
+    with pytest.raises(TypeError, match="b_q.scale must be torch.float32"):
+        fg.shiftquant_matmul(qa, wide)
+
+
+@needs_cuda
+def test_operands_on_two_devices_are_refused():
+    qa = fg.shiftquant(torch.randn(4, 64, device="cuda"))
+    qb = fg.shiftquant(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="shiftquant_matmul: a_q is on cuda"):
+        fg.shiftquant_matmul(qa, qb)
+    layer = fg.nn.ShiftQuantLinear(64, 8)
+    with pytest.raises(ValueError, match="shiftquant_linear: weight is on cpu"):
+        layer(torch.randn(2, 64, device="cuda"))
+
+
+# ---- the CUDA GEMM's fragments, emulated on the CPU ----
+
+
+def test_the_emulation_uses_the_kernels_index_expressions():
+    source = KERNEL.read_text()
+    for name, expression in KERNEL_INDEX.items():
+        assert expression in source, f"{name}: {expression!r} is not in {KERNEL.name}"
+
+
+@pytest.mark.parametrize(
+    "m, n, k, group_size, bias",
+    [
+        (20, 136, 192, 64, True),  # N crosses a block, K ends mid-stage
+        (130, 40, 100, 48, False),  # M crosses a block; groups padded 48 -> 64, short last group
+        (33, 17, 96, 32, True),  # one group per mma step
+        (9, 24, 72, 12, False),  # groups padded 12 -> 32
+    ],
+)
+def test_emulated_gemm_equals_the_float64_product(m, n, k, group_size, bias):
+    a, b = sample((m, k), 1), sample((n, k), 2)
+    qa = fg.shiftquant(a, bits=8, group_size=group_size)
+    qb = fg.shiftquant(b, bits=5, group_size=group_size)
+    ops = [sq_cuda.gemm_operand(q.codes, q.scale, q.shifts, q.group_size) for q in (qa, qb)]
+    assert all(op.k % 32 == 0 and op.group_size % 32 == 0 for op in ops)
+    c = torch.randn(n) if bias else None
+    got = emulate_gemm(*ops, c)
+    da, db = dequantized(qa), dequantized(qb)
+    want = da @ db.T
+    bound = da.abs() @ db.abs().T
+    if c is not None:
+        want, bound = want + c.double(), bound + c.double().abs()
+    assert ((got.double() - want).abs() <= 1e-5 * bound + 1e-30).all()
+
+
+def test_gemm_operand_padding_keeps_every_value():
+    q = fg.shiftquant(sample((5, 100), 3), bits=6, group_size=20)
+    op = sq_cuda.gemm_operand(q.codes, q.scale, q.shifts, q.group_size)
+    assert (op.k, op.group_size) == (5 * 32, 32)
+    unpadded = op.codes.view(5, 5, 32)[:, :, :20].reshape(5, 100)
+    assert torch.equal(unpadded, q.codes)
+    assert (op.codes.view(5, 5, 32)[:, :, 20:] == 0).all()
+    assert op.shifts_t.shape == (5, 16) and torch.equal(op.shifts_t[:, :5], q.shifts.T)
+
+
+@pytest.mark.parametrize("group_size", [4, 12, 32, 64, 128, 1024])
+def test_rows_plan(group_size):
+    threads, lanes = sq_cuda.rows_plan(4096, group_size)
+    assert threads % 32 == 0 and threads <= 256
+    assert lanes & (lanes - 1) == 0 and lanes <= min(32, group_size // 4)
+    assert sq_cuda.rows_plan(10, group_size)[0] == 32
+
+
+# ---- the ops under opcheck and torch.compile ----
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_quantize_opcheck(device, transposed, seed):
+    x = sample((6, 70), 1).to(device)
+    key = None if seed is None else sq.seed_tensor(seed)
+    torch.library.opcheck(sq.quantize_op, (x, 5, 16, key, transposed))
+
+
+def test_dequantize_opcheck(device):
+    q = fg.shiftquant(sample((2, 3, 70), 2).to(device), 6, 16)
+    torch.library.opcheck(sq.dequantize_op, (q.codes, q.scale, q.shifts, 16))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_opcheck(device, bias, dtype):
+    qa = fg.shiftquant(sample((5, 96), 3).to(device), 8, 32)
+    qb = fg.shiftquant(sample((7, 96), 4).to(device), 6, 32)
+    c = torch.randn(7, device=device) if bias else None
+    args = (qa.codes, qa.scale, qa.shifts, qb.codes, qb.scale, qb.shifts, 32, c, dtype)
+    torch.library.opcheck(sq.matmul_op, args)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_opcheck(device, bias):
+    x = sample((3, 4, 64), 5).to(device).requires_grad_()
+    w = sample((24, 64), 6).to(device).requires_grad_()
+    b = torch.randn(24, device=device, requires_grad=True) if bias else None
+    torch.library.opcheck(sq.linear_op, (x, w, b, 8, 6, 32))
+    grad = torch.randn(3, 4, 24, device=device)
+    args = (grad, x.detach(), w.detach(), 8, 6, 32, sq.seed_tensor(11))
+    torch.library.opcheck(sq.linear_backward_op, args)
+
+
+def test_compiled_quantize_and_matmul_equal_eager(device):
+    def product(a, b):
+        qa = fg.shiftquant(a, bits=6, group_size=32)
+        qb = fg.shiftquant(b, bits=4, group_size=32, rounding="stochastic", seed=3)
+        return fg.shiftquant_matmul(qa, qb), qb.dequantize()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(product, fullgraph=True)
+    a, b = sample((2, 5, 96), 7).to(device), sample((9, 96), 8).to(device)
+    for got, want in zip(compiled(a, b), product(a, b), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_compiled_shiftquant_linear_equals_eager(device):
+    """Outputs and gradients; the backward's stochastic rounding draws its seed from torch's
+    generator, which the compiled graph reads as eager does with fallback_random."""
+    torch.manual_seed(3)
+    layer = fg.nn.ShiftQuantLinear(96, 40, bits=6, grad_bits=5, group_size=32).to(device)
+    x = sample((3, 7, 96), 9).to(device)
+    grad = torch.randn(3, 7, 40, device=device)
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(4)
+        y = module(xi)
+        y.backward(grad)
+        return y.detach(), xi.grad, layer.weight.grad, layer.bias.grad
+
+    torch._dynamo.reset()
+    want = run(layer)
+    with torch._inductor.config.patch(fallback_random=True):
+        got = run(torch.compile(layer, fullgraph=True))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

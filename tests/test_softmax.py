@@ -223,3 +223,67 @@ def test_bad_inputs_raise_clear_errors(name):
         fn(torch.randn(2, 3), -3)
     with pytest.raises(TypeError, match=rf"{name}: dim"):
         fn(torch.randn(2, 3), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_devices_agree_with_torch(device, dtype):
+    """CPU: the Rust kernels; any other device: torch's softmax through the same op."""
+    x = torch.randn(64, 1000, device=device, dtype=dtype, requires_grad=True)
+    y = fg.softmax(x, -1)
+    assert y.device == x.device and y.dtype == dtype
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.device == x.device
+    torch.testing.assert_close(fg.log_softmax(x, 0), torch.log_softmax(x, 0))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_dtype_argument_casts_first_as_torch(name):
+    fn, ref = OPS[name]
+    x = torch.randn(3, 70, dtype=torch.bfloat16)
+    got = fn(x, dim=-1, dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref(x, -1, dtype=torch.float32))
+    assert fn(torch.arange(6.0).reshape(2, 3), 1, torch.float64).dtype == torch.float64
+    with pytest.raises(TypeError, match=rf"{name}: dtype"):
+        fn(x, -1, "float32")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_empty_input_keeps_its_graph(name):
+    x = torch.randn(5, 0, 0, requires_grad=True)
+    (grad,) = torch.autograd.grad(OPS[name][0](x, -1).sum(), x)
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "dim", "dtype"),
+    [((5, 33), 1, torch.float32), ((4, 7, 3), 1, torch.bfloat16), ((6, 9), 0, torch.float64)],
+)
+def test_opcheck(shape, dim, dtype, log):
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.ferrograd.softmax.default, (x, dim, log))
+    y = torch.softmax(x.detach(), dim)
+    g = torch.randn(shape, dtype=dtype)
+    torch.library.opcheck(torch.ops.ferrograd.softmax_backward.default, (y, g, dim, log))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_compiled_equals_eager(name):
+    fn = OPS[name][0]
+
+    def attention(q, k):
+        return fn(q @ k.transpose(-1, -2) / 8.0, dim=-1, dtype=torch.float32)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k = torch.randn(2, 4, 16, 8, requires_grad=True)
+    want = attention(q, k)
+    got = compiled(q, k)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, (q, k), g), torch.autograd.grad(want, (q, k), g)
+    )

@@ -1,20 +1,31 @@
-"""W4 quantization, the W4A16 matmul, W4A16Linear and SmoothQuant+ against plain torch."""
+"""W4 quantization, the W4A16 matmul, W4A16Linear and SmoothQuant+ against plain torch, on the
+CPU and (where present) a GPU; kernels/w4a16.cu's decomposition emulated on the CPU; the ops
+under opcheck and torch.compile."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
+from support.w4a16_emulation import emulate
 from torch import nn
 
 import ferrograd as fg
+from ferrograd import _core
+from ferrograd.ops import w4a16 as ops
+from ferrograd.ops.w4a16 import cuda as w4_cuda
+from ferrograd.ops.w4a16 import reference
+from ferrograd.ops.w4a16.weight import CPU_BLOCKS, GPU_WORDS, LAYOUTS, native_layout, pack
 from ferrograd.quant import smoothquant as sq
-from ferrograd.quant.w4 import unpack_torch
 
 pytestmark = pytest.mark.simd
 
 
 def reference_w4(w: torch.Tensor, group_size: int, zero_point: bool):
-    """DESIGN.md's rule in plain torch: (codes, scale per column, zero per column, w_hat)."""
+    """docs/definitions.md's W4 rule in plain torch: (codes, scale per column, zero per column,
+    w_hat)."""
     w = w.float()
     n, k = w.shape
     g = k if group_size == -1 else group_size
@@ -63,9 +74,42 @@ def test_pack_unpack_round_trip(k):
     w = torch.randn(7, k)
     q = fg.quant.quantize_w4(w, 32)
     assert q.packed.shape == (7, -(-k // 64) * 32)
-    stored = q.stored_codes()
-    assert torch.equal(unpack_torch(q.packed, k), stored)  # the torch path other devices use
+    stored = q.stored_codes()  # torch ops, as on every device
+    rust = torch.empty(7, k, dtype=torch.uint8)
+    _core.w4_pack(rust, q.packed, 7, k, unpack=True)
+    assert torch.equal(rust, stored)
+    assert torch.equal(pack(stored, CPU_BLOCKS), q.packed)  # the Rust packing is the layout
     assert int(stored.max()) <= 15
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_rust_quantizer_equals_the_reference(shape, group_size, zero_point):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    w[1, :7] = 0.0
+    got = ops.w4_quantize_op(w, group_size, zero_point)
+    for a, b in zip(got, reference.quantize(w, group_size, zero_point), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_weight_is_an_immutable_value_with_named_layouts():
+    q = fg.quant.quantize_w4(torch.randn(9, 80), 32, zero_point=False)
+    assert q.layout == CPU_BLOCKS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.packed = q.packed
+    words = q.with_layout(GPU_WORDS)
+    assert q.layout == CPU_BLOCKS and words.layout == GPU_WORDS
+    assert words.packed.dtype == torch.int32 and words.packed.shape == (9, 10)
+    codes = q.stored_codes()
+    for i in range(8):  # word j holds columns 8j .. 8j + 7 in nibbles 0 .. 7
+        assert torch.equal((words.packed >> (4 * i)) & 15, codes[:, i::8].int())
+    assert torch.equal(words.stored_codes(), codes)
+    assert torch.equal(words.dequantize(), q.dequantize())
+    assert torch.equal(words.with_layout(CPU_BLOCKS).packed, q.packed)
+    x = torch.randn(4, 80)
+    torch.testing.assert_close(fg.w4a16_matmul(x, words), x @ q.dequantize().T)  # reference
+    assert q.to("cpu") is q and q.to("meta").layout == native_layout("meta") == CPU_BLOCKS
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -279,24 +323,192 @@ def test_smoothquant_plus_keeps_input_scales_when_folding_is_inexact():
 def test_cuda_kernel_decomposition_emulated(dtype, group_size, zero_point):
     """kernels/w4a16.cu's blocks, warps, lanes, fragments and split-K, run in torch: equal to
     x @ W_hat.T with W_hat rounded to x's dtype (what the kernel feeds the tensor cores)."""
-    from ferrograd.ops import w4a16_cuda as cu
-
     g = torch.Generator().manual_seed(1)
     m, n, k = 20, 136, 128  # two blocks of rows and of columns, four K steps (split four ways)
     q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), group_size, zero_point)
-    scales, zeros = (t.to(dtype) if t.is_floating_point() else t for t in q.kernel_params())
-    qweight = cu.pack_gpu(q.stored_codes())
+    qweight = q.with_layout(GPU_WORDS).packed
     assert qweight.dtype == torch.int32 and qweight.shape == (n, k // 8)
+    scales = q.scales.to(dtype)
+    zeros = q.zeros if zero_point else torch.full_like(q.scales, 8, dtype=torch.uint8)
     x = torch.randn(m, k, generator=g).to(dtype)
-    got = cu.emulate(x, qweight, scales, zeros, group_size)
+    got = emulate(x, qweight, scales, zeros, group_size)
     per_column = torch.arange(k) // (k if group_size == -1 else group_size)
     w_hat = (q.stored_codes().float() - zeros[:, per_column].float()) * scales[
         :, per_column
     ].float()
     want = x.double() @ w_hat.to(dtype).double().T
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert cu.launch_plan(m, n, k) == ((2, 2, 4), 1)
-    assert cu.supports(k, group_size) and not cu.supports(96 + 8, 32)
+    assert w4_cuda.launch_plan(m, n, k) == ((2, 2, 4), 1)
+    assert w4_cuda.supports(k, group_size) and not w4_cuda.supports(96 + 8, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size, zero_point", [(32, False), (-1, True)])
+def test_cuda_launch_with_the_emulated_kernel(monkeypatch, dtype, group_size, zero_point):
+    """cuda.py's operands and launch arguments, the launch replaced by the emulation."""
+
+    def kernel(file, name, defines):
+        def launch(grid, block, args):
+            x, qweight, scales, zeros, out, m, n, k, group, per_split = args
+            assert (grid, per_split) == w4_cuda.launch_plan(m, n, k) and block == (128,)
+            assert scales.dtype == x.dtype and zeros.dtype == torch.uint8
+            out += emulate(x, qweight, scales, zeros, group)
+
+        assert (file, name) == ("w4a16.cu", "w4a16_gemm")
+        assert defines == {"W4_T": "__half" if dtype == torch.float16 else "__nv_bfloat16"}
+        return launch
+
+    monkeypatch.setattr(w4_cuda.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(w4_cuda.cuda, "kernel", kernel)
+    g = torch.Generator().manual_seed(2)
+    q = fg.quant.quantize_w4(torch.randn(40, 64, generator=g), group_size, zero_point)
+    words = q.with_layout(GPU_WORDS)
+    x = torch.randn(2, 3, 64, generator=g).to(dtype)
+    got = w4_cuda.matmul(x, words.packed, words.scales, words.zeros, group_size, GPU_WORDS)
+    want = reference.matmul(x, q.packed, q.scales, q.zeros, group_size, CPU_BLOCKS)
+    assert got.shape == (2, 3, 40) and got.dtype == dtype
+    # Both round float32 sums to x's dtype, summed in different orders: one unit of the largest.
+    assert (got.float() - want.float()).abs().max() <= torch.finfo(dtype).eps * want.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 128])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+def test_kernel_matches_the_dequantized_weight(device, m, group_size, zero_point, dtype, tol):
+    """Marlin's criterion on each device's kernel (kernels/w4a16.cu on a GPU)."""
+    g = torch.Generator(device=device).manual_seed(m)
+    n, k = 1000, 2048  # N not a multiple of the 128-column block
+    w = torch.randn(n, k, device=device, generator=g).to(dtype)
+    q = fg.quant.quantize_w4(w, group_size, zero_point)
+    assert q.layout == native_layout(device)
+    x = torch.randn(m, k, device=device, generator=g).to(dtype)
+    got = fg.w4a16_matmul(x, q)
+    assert got.dtype == dtype and got.shape == (m, n)
+    ref = x.float() @ q.dequantize().float().T
+    assert ((got.float() - ref).abs().mean() / ref.abs().mean()).item() < tol
+
+
+def test_quantizer_is_the_same_on_every_device(device):
+    w = torch.randn(40, 200, generator=torch.Generator().manual_seed(4)).half()
+    for group_size, zero_point in ((64, True), (-1, False), (48, True)):
+        want = fg.quant.quantize_w4(w, group_size, zero_point)
+        got = fg.quant.quantize_w4(w.to(device), group_size, zero_point).to("cpu")
+        assert torch.equal(got.packed, want.packed) and torch.equal(got.scales, want.scales)
+        assert (got.zeros is None) or torch.equal(got.zeros, want.zeros)
+
+
+def test_gradient_and_bias_on_device(device):
+    q = fg.quant.quantize_w4(torch.randn(256, 512, device=device).half(), 128)
+    x = torch.randn(4, 512, device=device, dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(256, device=device, dtype=torch.float16)
+    y = fg.w4a16_matmul(x, q, bias)
+    y.float().sum().backward()
+    want = torch.ones(4, 256, device=device, dtype=torch.float16) @ q.dequantize()
+    torch.testing.assert_close(x.grad, want, rtol=1e-2, atol=1e-2)
+
+
+def test_w4a16_linear_moves_and_saves_the_cpu_layout(device):
+    """On a GPU the module holds its codes in the GPU layout; checkpoints hold the CPU one."""
+    torch.manual_seed(0)
+    layer = fg.nn.W4A16Linear.from_linear(nn.Linear(96, 24), group_size=32)
+    x = torch.randn(3, 96)
+    want = layer(x)
+    moved = copy.deepcopy(layer).to(device)
+    assert moved.layout == moved.weight.layout == native_layout(device)
+    torch.testing.assert_close(moved(x.to(device)).cpu(), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(moved.state_dict()["packed"].cpu(), layer.packed)
+    fresh = fg.nn.W4A16Linear.from_linear(nn.Linear(96, 24), group_size=32).to(device)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x.to(device)), moved(x.to(device)))
+    assert torch.equal(moved.to("cpu").packed, layer.packed)
+
+
+def test_w4a16_linear_repacks_into_its_devices_layout(monkeypatch):
+    """The repacking on .to() and the state_dict conversion, without a GPU: the CPU is made to
+    prefer the GPU layout (the reference kernel runs it)."""
+    torch.manual_seed(0)
+    layer = fg.nn.W4A16Linear.from_linear(nn.Linear(80, 12), group_size=16)
+    x = torch.randn(5, 80)
+    want = layer(x)
+    state = layer.state_dict()
+    monkeypatch.setattr("ferrograd.nn.w4a16.native_layout", lambda device: GPU_WORDS)
+    layer.float()
+    assert layer.layout == layer.weight.layout == GPU_WORDS
+    assert layer.packed.dtype == torch.int32
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(layer.state_dict()["packed"], state["packed"])
+    layer.load_state_dict(state)
+    assert layer.packed.dtype == torch.int32
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+
+
+# The ops: opcheck (schema, fake kernels, autograd registration, AOT dispatch) and torch.compile.
+OPCHECK_CASES = [
+    (torch.float32, True, 32, (3, 96)),
+    (torch.bfloat16, False, -1, (2, 2, 96)),
+    (torch.float16, True, 48, (20, 96)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, zero_point, group_size, x_shape", OPCHECK_CASES)
+def test_opcheck(device, layout, dtype, zero_point, group_size, x_shape):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 96, generator=g).to(device, dtype)
+    torch.library.opcheck(ops.w4_quantize_op, (w, group_size, zero_point))
+    q = fg.quant.quantize_w4(w, group_size, zero_point).with_layout(layout)
+    operands = (q.packed, q.scales, q.zeros)
+    torch.library.opcheck(ops.w4_dequantize_op, (*operands, 96, group_size, layout))
+    x = torch.randn(x_shape, generator=g).to(device, dtype).requires_grad_()
+    torch.library.opcheck(ops.w4a16_matmul_op, (x, *operands, group_size, layout))
+    grad = torch.randn(*x_shape[:-1], 20, generator=g).to(device, dtype).requires_grad_()
+    torch.library.opcheck(ops.w4a16_matmul_backward_op, (grad, *operands, 96, group_size, layout))
+
+
+def test_double_backward(device):
+    q = fg.quant.quantize_w4(torch.randn(12, 64, device=device), 32)
+    x = torch.randn(3, 64, device=device, requires_grad=True)
+    (dx,) = torch.autograd.grad(fg.w4a16_matmul(x, q).pow(2).sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.sum(), x)
+    w_hat = q.dequantize()
+    want = 2 * (torch.ones(3, 64, device=device) @ w_hat.T) @ w_hat
+    torch.testing.assert_close(ddx, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_compiled_matches_eager(fn, x, leaves, backend):
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    want = fn(x)
+    got = compiled(x)
+    torch.testing.assert_close(got, want)
+    dy = torch.randn_like(want)
+    grads = torch.autograd.grad(got, leaves, dy)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, leaves, dy))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_compiles(fresh_dynamo, device, dtype, layout):
+    q = fg.quant.quantize_w4(torch.randn(48, 128, device=device), 64).with_layout(layout)
+    bias = torch.randn(48, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 5, 128, device=device, dtype=dtype, requires_grad=True)
+    assert_compiled_matches_eager(lambda x: fg.w4a16_matmul(x, q, bias), x, (x, bias), "aot_eager")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_compiles_with_inductor(fresh_dynamo, device, dtype):
+    torch.manual_seed(0)
+    layer = fg.nn.W4A16Linear.from_linear(nn.Linear(128, 40), 32, smooth=torch.rand(128) + 0.5)
+    layer = layer.to(device, dtype)
+    x = torch.randn(3, 7, 128, device=device, dtype=dtype, requires_grad=True)
+    assert_compiled_matches_eager(layer, x, (x, layer.bias), "inductor")
 
 
 def test_bad_input():
@@ -315,6 +527,10 @@ def test_bad_input():
         fg.w4a16_matmul(torch.ones(2, 64), torch.ones(4, 64))
     with pytest.raises(ValueError, match="w4a16_matmul: bias must have shape"):
         fg.w4a16_matmul(torch.ones(2, 64), q, torch.ones(5))
+    with pytest.raises(ValueError, match="W4Weight: packed must be torch.int32"):
+        dataclasses.replace(q, layout=GPU_WORDS)
+    with pytest.raises(ValueError, match="W4Weight: layout must be one of"):
+        q.with_layout("rows")
     with pytest.raises(ValueError, match="smoothquant_plus: alpha must be"):
         fg.quant.smoothquant_plus(planted_block(), outlier_batches(), alpha=1.5)
     with pytest.raises(ValueError, match="smoothquant_plus: calibration_batches yielded no"):

@@ -1,13 +1,16 @@
-"""Type stubs for the Rust extension ``ferrograd._core`` (kernels on flat float32 arrays)."""
+"""Type stubs for the Rust extension ``ferrograd._core``: kernels on CPU, contiguous torch tensors
+(borrowed for the call; outputs are allocated by the caller). The packing functions take and
+return numpy arrays of bytes and ids."""
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 __version__: str
 
 def softmax_forward(
-    x: npt.NDArray[np.float32],
-    out: npt.NDArray[np.float32],
+    x: torch.Tensor,
+    out: torch.Tensor,
     outer: int,
     n: int,
     inner: int,
@@ -16,23 +19,15 @@ def softmax_forward(
     """Softmax (or log-softmax) of x seen as [outer, n, inner] over n, written into out."""
 
 def softmax_backward(
-    y: npt.NDArray[np.float32],
-    grad_out: npt.NDArray[np.float32],
-    grad_in: npt.NDArray[np.float32],
+    y: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_in: torch.Tensor,
     outer: int,
     n: int,
     inner: int,
     log: bool = False,
 ) -> None:
     """The input gradient of softmax / log-softmax from its output y, written into grad_in."""
-
-def softmax_three_pass(
-    x: npt.NDArray[np.float32],
-    out: npt.NDArray[np.float32],
-    n: int,
-    variant: str = "reload",
-) -> None:
-    """The classic three-pass softmax over contiguous rows of length n (benchmark baseline)."""
 
 def pack_documents(
     buffer: npt.NDArray[np.uint8],
@@ -63,10 +58,10 @@ def pack_pieces(
     the indices of pieces that did not fit."""
 
 def spam_step(
-    param: npt.NDArray[np.float32],
-    grad: npt.NDArray[np.float32],
-    exp_avg: npt.NDArray[np.float32],
-    exp_avg_sq: npt.NDArray[np.float32],
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
@@ -76,7 +71,7 @@ def spam_step(
     spike_threshold: float | None = None,
     adaclip: tuple[float, float] = ...,
     grad_scale: float = 1.0,
-    mask: npt.NDArray[np.uint8] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """One fused SPAM-family step in place; with mask (1 bit per element) the moments are
     compact for the marked coordinates and the others get weight decay only."""
@@ -88,13 +83,11 @@ def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
 def cpu_info() -> dict[str, object]: ...
-def measured_clock_hz() -> float | None: ...
-def _panic_for_test(message: str, parallel: bool = False) -> None: ...
 def shiftquant_quantize(
-    x: npt.NDArray[np.float32],
-    codes: npt.NDArray[np.int8],
-    scale: npt.NDArray[np.float32],
-    shifts: npt.NDArray[np.uint8],
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shifts: torch.Tensor,
     len: int,
     bits: int,
     group_size: int,
@@ -105,168 +98,168 @@ def shiftquant_quantize(
     transposed [len, cols] (output row c is column c); seed None rounds to nearest."""
 
 def shiftquant_dequantize(
-    codes: npt.NDArray[np.int8],
-    scale: npt.NDArray[np.float32],
-    shifts: npt.NDArray[np.uint8],
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shifts: torch.Tensor,
     group_size: int,
-    out: npt.NDArray[np.float32],
+    out: torch.Tensor,
 ) -> None:
     """codes * scale * 2^-shift into out."""
 
 def shiftquant_matmul(
-    a_codes: npt.NDArray[np.int8],
-    a_scale: npt.NDArray[np.float32],
-    a_shifts: npt.NDArray[np.uint8],
-    b_codes: npt.NDArray[np.int8],
-    b_scale: npt.NDArray[np.float32],
-    b_shifts: npt.NDArray[np.uint8],
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_shifts: torch.Tensor,
+    b_codes: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_shifts: torch.Tensor,
     k: int,
     group_size: int,
-    out: npt.NDArray[np.float32],
-    bias: npt.NDArray[np.float32] | None = None,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K."""
 
 def l1_norm_forward_f32(
-    x: npt.NDArray[np.float32],
+    x: torch.Tensor,
     n: int,
     eps: float,
-    weight: npt.NDArray[np.float32] | None,
-    bias: npt.NDArray[np.float32] | None,
-    out: npt.NDArray[np.float32],
-    mean: npt.NDArray[np.float32],
-    rstd: npt.NDArray[np.float32],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
 ) -> None:
     """L1 LayerNorm of x [rows, n]; saves per-row mean and rstd for the backward."""
 
 def l1_norm_backward_f32(
-    x: npt.NDArray[np.float32],
+    x: torch.Tensor,
     n: int,
-    mean: npt.NDArray[np.float32],
-    rstd: npt.NDArray[np.float32],
-    grad_out: npt.NDArray[np.float32],
-    weight: npt.NDArray[np.float32] | None,
-    grad_in: npt.NDArray[np.float32],
-    grad_weight: npt.NDArray[np.float32] | None = None,
-    grad_bias: npt.NDArray[np.float32] | None = None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor | None,
+    grad_in: torch.Tensor,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
 ) -> None: ...
 def l1_norm_forward_f64(
-    x: npt.NDArray[np.float64],
+    x: torch.Tensor,
     n: int,
     eps: float,
-    weight: npt.NDArray[np.float64] | None,
-    bias: npt.NDArray[np.float64] | None,
-    out: npt.NDArray[np.float64],
-    mean: npt.NDArray[np.float64],
-    rstd: npt.NDArray[np.float64],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
 ) -> None: ...
 def l1_norm_backward_f64(
-    x: npt.NDArray[np.float64],
+    x: torch.Tensor,
     n: int,
-    mean: npt.NDArray[np.float64],
-    rstd: npt.NDArray[np.float64],
-    grad_out: npt.NDArray[np.float64],
-    weight: npt.NDArray[np.float64] | None,
-    grad_in: npt.NDArray[np.float64],
-    grad_weight: npt.NDArray[np.float64] | None = None,
-    grad_bias: npt.NDArray[np.float64] | None = None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor | None,
+    grad_in: torch.Tensor,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
 ) -> None: ...
 def l1_norm_forward_codes(
-    codes: npt.NDArray[np.int8],
-    scale: npt.NDArray[np.float32],
-    shifts: npt.NDArray[np.uint8],
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shifts: torch.Tensor,
     group_size: int,
     n: int,
     eps: float,
-    weight: npt.NDArray[np.float32] | None,
-    bias: npt.NDArray[np.float32] | None,
-    out: npt.NDArray[np.float32],
-    mean: npt.NDArray[np.float32],
-    rstd: npt.NDArray[np.float32],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
 ) -> None:
     """L1 LayerNorm from ShiftQuant codes, the statistics exact in integers."""
 
 def l1_norm_backward_codes(
-    codes: npt.NDArray[np.int8],
-    scale: npt.NDArray[np.float32],
-    shifts: npt.NDArray[np.uint8],
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shifts: torch.Tensor,
     group_size: int,
     n: int,
-    mean: npt.NDArray[np.float32],
-    rstd: npt.NDArray[np.float32],
-    grad_out: npt.NDArray[np.float32],
-    weight: npt.NDArray[np.float32] | None,
-    grad_in: npt.NDArray[np.float32],
-    grad_weight: npt.NDArray[np.float32] | None = None,
-    grad_bias: npt.NDArray[np.float32] | None = None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor | None,
+    grad_in: torch.Tensor,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
 ) -> None: ...
 
 # cut cross-entropy: one vocabulary chunk of logits [rows, width] per call
 def cce_forward_chunk(
-    logits: npt.NDArray[np.float32],
+    logits: torch.Tensor,
     width: int,
     v0: int,
-    targets: npt.NDArray[np.int64],
-    lse: npt.NDArray[np.float64],
-    target_logit: npt.NDArray[np.float32],
-    logit_sum: npt.NDArray[np.float64] | None = None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor | None = None,
     softcap: float | None = None,
 ) -> None:
     """Folds the chunk into the running lse, target logits and logit sums (softcap in place)."""
 
 def cce_backward_chunk(
-    logits: npt.NDArray[np.float32],
+    logits: torch.Tensor,
     width: int,
     v0: int,
-    targets: npt.NDArray[np.int64],
-    lse: npt.NDArray[np.float32],
-    coef_softmax: npt.NDArray[np.float32],
-    coef_target: npt.NDArray[np.float32],
-    coef_uniform: npt.NDArray[np.float32],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef_softmax: torch.Tensor,
+    coef_target: torch.Tensor,
+    coef_uniform: torch.Tensor,
     softcap: float | None = None,
 ) -> float:
     """Turns the raw chunk into the logit gradient in place; returns its relative peak."""
 
-# W4: stored codes 0..15 (q + 8 when symmetric), the CPU layout of ferrograd.quant.w4
+# W4: stored codes 0..15 (q + 8 when symmetric), the CPU layout of ferrograd/ops/w4a16/weight.py
 def w4_quantize(
-    weight: npt.NDArray[np.float32],
+    weight: torch.Tensor,
     n: int,
     k: int,
     group_size: int,
     zero_point: bool,
-    codes: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.uint8],
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
 ) -> None: ...
 def w4_pack(
-    codes: npt.NDArray[np.uint8],
-    packed: npt.NDArray[np.uint8],
+    codes: torch.Tensor,
+    packed: torch.Tensor,
     n: int,
     k: int,
     unpack: bool = False,
 ) -> None: ...
 def w4_gemv(
-    packed: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.uint8],
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
     n: int,
     k: int,
     group_size: int,
-    x: npt.NDArray[np.float32],
-    y: npt.NDArray[np.float32],
+    x: torch.Tensor,
+    y: torch.Tensor,
 ) -> None:
     """y [m, n] = x [m, k] @ W_hat.T (group size a multiple of 32)."""
 
 def w4_dequantize(
-    packed: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
-    zeros: npt.NDArray[np.uint8],
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
     n: int,
     k: int,
     group_size: int,
     row0: int,
     row1: int,
-    out: npt.NDArray[np.float32],
+    out: torch.Tensor,
 ) -> None: ...
 def kernel_sources() -> dict[str, str]:
     """File name -> source of the CUDA kernels embedded from kernels/."""

@@ -30,7 +30,7 @@ from torch import nn
 
 import ferrograd as fg
 
-VOCAB = 260  # bytes + 4 specials (DESIGN.md section 5)
+VOCAB = 260  # bytes + 4 specials (docs/definitions.md, byte ids)
 HOLDOUT_EVERY = 20
 
 

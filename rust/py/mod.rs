@@ -7,16 +7,17 @@ use pyo3::prelude::*;
 
 use crate::error::{FgError, FgResult};
 
-mod batching;
 mod cce;
+mod error;
 mod kernels;
 mod l1norm;
-mod optim;
+mod packing;
 mod runtime;
 mod shiftquant;
 mod softmax;
+mod spam;
 mod tensor;
-mod w4;
+mod w4a16;
 
 /// Runs `kernel` without the GIL; a panic inside becomes a `RuntimeError` naming `op`.
 pub(crate) fn run_detached<R: Send>(
@@ -31,15 +32,15 @@ pub(crate) fn run_detached<R: Send>(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    batching::register(m)?;
     cce::register(m)?;
     kernels::register(m)?;
     l1norm::register(m)?;
-    optim::register(m)?;
+    packing::register(m)?;
     runtime::register(m)?;
     shiftquant::register(m)?;
     softmax::register(m)?;
-    w4::register(m)?;
+    spam::register(m)?;
+    w4a16::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

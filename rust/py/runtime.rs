@@ -1,10 +1,8 @@
-//! Threads, SIMD selection and the panic probe.
+//! Threads, SIMD selection, and (`dev` builds) the clock and panic probes.
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::run_detached;
-use crate::error::FgResult;
 use crate::simd::{self, SimdLevel};
 use crate::threads;
 
@@ -51,6 +49,7 @@ fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// The measured core clock in Hz (None off x86_64), for the benchmarks' peak estimates.
+#[cfg(any(test, feature = "dev"))]
 #[pyfunction]
 fn measured_clock_hz(py: Python<'_>) -> Option<f64> {
     py.detach(simd::measured_clock_hz)
@@ -58,9 +57,13 @@ fn measured_clock_hz(py: Python<'_>) -> Option<f64> {
 
 /// Panics inside the guarded kernel path (with `parallel`, in part 1 of a `threads::split` over
 /// two threads), to test that panics surface as RuntimeError.
+#[cfg(any(test, feature = "dev"))]
 #[pyfunction]
 #[pyo3(signature = (message, parallel=false))]
 fn _panic_for_test(py: Python<'_>, message: String, parallel: bool) -> PyResult<()> {
+    use super::run_detached;
+    use crate::error::FgResult;
+
     run_detached(py, "_panic_for_test", move || -> FgResult<()> {
         if parallel {
             threads::split(2, |part| assert!(part != 1, "{message}"));
@@ -75,7 +78,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
-    m.add_function(wrap_pyfunction!(measured_clock_hz, m)?)?;
-    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    #[cfg(any(test, feature = "dev"))]
+    {
+        m.add_function(wrap_pyfunction!(measured_clock_hz, m)?)?;
+        m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    }
     Ok(())
 }

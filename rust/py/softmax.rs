@@ -4,9 +4,8 @@ use pyo3::prelude::*;
 
 use super::run_detached;
 use super::tensor::Borrows;
-use crate::error::FgError;
 use crate::simd;
-use crate::softmax::{self, Layout, ThreePass};
+use crate::softmax::{self, Layout};
 
 /// Softmax (`log=False`) or log-softmax of `x` seen as `[outer, n, inner]` over `n`, into `out`.
 #[pyfunction]
@@ -61,7 +60,9 @@ fn softmax_backward(
     })
 }
 
-/// The classic three-pass softmax over contiguous rows of length `n` (benchmark baseline).
+/// The classic three-pass softmax over contiguous rows of length `n` (benchmark baseline,
+/// `dev` builds only).
+#[cfg(any(test, feature = "dev"))]
 #[pyfunction]
 #[pyo3(signature = (x, out, n, variant="reload"))]
 fn softmax_three_pass(
@@ -71,6 +72,9 @@ fn softmax_three_pass(
     n: usize,
     variant: &str,
 ) -> PyResult<()> {
+    use crate::error::FgError;
+    use crate::softmax::ThreePass;
+
     let op = "softmax_three_pass";
     let variant = match variant {
         "reload" => ThreePass::Reload,
@@ -94,6 +98,7 @@ fn softmax_three_pass(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softmax_forward, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
+    #[cfg(any(test, feature = "dev"))]
     m.add_function(wrap_pyfunction!(softmax_three_pass, m)?)?;
     Ok(())
 }

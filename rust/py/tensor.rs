@@ -9,38 +9,52 @@
 //! Slices handed out for writing never overlap any other slice of the same call: [`Borrows`]
 //! keeps the byte ranges it gave out and refuses an aliasing pair with a ValueError.
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 use crate::error::FgError;
 
-/// An element type a kernel reads or writes, with the name of its torch dtype.
+/// An element type a kernel reads or writes, with its torch dtype.
 pub(crate) trait Element: Copy + Send + Sync + 'static {
+    /// The dtype's name in torch (`torch.<DTYPE>`).
     const DTYPE: &'static str;
+    /// Its slot in [`DTYPES`].
+    const SLOT: usize;
 }
 
 macro_rules! elements {
-    ($($t:ty => $name:literal),* $(,)?) => {$(
-        impl Element for $t {
+    ($($t:ty => $slot:literal $name:literal),* $(,)?) => {
+        $(impl Element for $t {
             const DTYPE: &'static str = $name;
-        }
-    )*};
+            const SLOT: usize = $slot;
+        })*
+        const DTYPE_NAMES: [&str; [$($name),*].len()] = [$($name),*];
+    };
 }
 
-elements!(f32 => "float32", f64 => "float64", i8 => "int8", u8 => "uint8", i64 => "int64");
+elements!(f32 => 0 "float32", f64 => 1 "float64", i8 => 2 "int8", u8 => 3 "uint8", i64 => 4 "int64");
 
-/// torch.Tensor, imported once.
-fn tensor_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    static TENSOR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-    TENSOR.import(py, "torch", "Tensor")
+/// torch.Tensor and the dtype objects of [`DTYPE_NAMES`], imported once (a call checks every
+/// argument, so the lookups must cost next to nothing).
+struct Torch {
+    tensor: Py<PyType>,
+    dtypes: Vec<Py<PyAny>>,
 }
 
-/// torch.<name> (a dtype object), imported once per name.
-fn torch_dtype<'py>(py: Python<'py>, name: &'static str) -> PyResult<Bound<'py, PyAny>> {
-    static DTYPES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    let torch = DTYPES.get_or_try_init(py, || py.import("torch").map(|m| m.into_any().unbind()))?;
-    torch.bind(py).getattr(name)
+fn torch(py: Python<'_>) -> PyResult<&Torch> {
+    static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
+    TORCH.get_or_try_init(py, || {
+        let module = py.import("torch")?;
+        Ok(Torch {
+            tensor: module.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
+            dtypes: DTYPE_NAMES
+                .iter()
+                .map(|name| module.getattr(*name).map(Bound::unbind))
+                .collect::<PyResult<_>>()?,
+        })
+    })
 }
 
 /// The byte ranges handed out during one call, to refuse a written slice that aliases another.
@@ -109,15 +123,15 @@ impl<'op> Borrows<'op> {
     ) -> PyResult<(usize, usize)> {
         let op = self.op;
         let py = t.py();
-        if !t.is_instance(tensor_type(py)?)? {
+        let torch = torch(py)?;
+        if !t.is_instance(torch.tensor.bind(py))? {
             let kind = t.get_type().name()?;
-            return Err(FgError::Type(format!(
-                "{op}: {name} must be a torch.Tensor, got {kind}"
-            ))
-            .into());
+            return Err(
+                FgError::Type(format!("{op}: {name} must be a torch.Tensor, got {kind}")).into(),
+            );
         }
-        let dtype = t.getattr("dtype")?;
-        if !dtype.is(&torch_dtype(py, T::DTYPE)?) {
+        let dtype = t.getattr(intern!(py, "dtype"))?;
+        if !dtype.is(torch.dtypes[T::SLOT].bind(py)) {
             return Err(FgError::Type(format!(
                 "{op}: {name} must be a torch.{} tensor, got {}",
                 T::DTYPE,
@@ -125,20 +139,24 @@ impl<'op> Borrows<'op> {
             ))
             .into());
         }
-        if !t.getattr("is_cpu")?.extract::<bool>()? {
+        if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
             return Err(FgError::Value(format!("{op}: {name} must be a CPU tensor")).into());
         }
-        if !t.call_method0("is_contiguous")?.extract::<bool>()?
-            || t.call_method0("is_neg")?.extract::<bool>()?
+        // A negative view (the imaginary part of a conjugate) stores -x: reading it raw would
+        // be silently wrong.
+        if !t
+            .call_method0(intern!(py, "is_contiguous"))?
+            .extract::<bool>()?
+            || t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()?
         {
             return Err(FgError::Value(format!(
                 "{op}: {name} must be a contiguous tensor (call .contiguous() first)"
             ))
             .into());
         }
-        let len: usize = t.call_method0("numel")?.extract()?;
-        let ptr: usize = t.call_method0("data_ptr")?.extract()?;
-        if len > 0 && (ptr == 0 || ptr % std::mem::align_of::<T>() != 0) {
+        let len: usize = t.call_method0(intern!(py, "numel"))?.extract()?;
+        let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        if len > 0 && (ptr == 0 || !ptr.is_multiple_of(std::mem::align_of::<T>())) {
             return Err(FgError::Value(format!(
                 "{op}: {name}'s data is not aligned for {}",
                 T::DTYPE

@@ -673,7 +673,7 @@ mod tests {
     }
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::batching::SplitMix64::new(seed);
+        let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
             .map(|i| {
                 ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)

@@ -1,4 +1,4 @@
-//! ShiftQuant (DESIGN.md section 5): sub-8-bit integer codes with one float32 scale per row and
+//! ShiftQuant (docs/definitions.md): sub-8-bit integer codes with one float32 scale per row and
 //! a power-of-two refinement (a "shift") per group of the reduction axis, and the integer GEMM
 //! on such codes.
 

@@ -1,4 +1,4 @@
-"""ferrograd's CUDA runtime (DESIGN.md section 3).
+"""ferrograd's CUDA runtime (docs/layers.md).
 
 The kernels of kernels/ travel inside the extension (``_core.kernel_sources()``). At first use a
 file is compiled with NVRTC (``cuda.bindings.nvrtc``; works without a GPU or driver) for the

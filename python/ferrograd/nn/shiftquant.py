@@ -7,8 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.shiftquant import check_spec
-from ..ops.shiftquant_linear import shiftquant_linear
+from ..ops.shiftquant import check_spec, shiftquant_linear
 from .l1norm import L1LayerNorm
 
 

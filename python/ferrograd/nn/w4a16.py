@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.w4a16 import w4a16_matmul
-from ..quant.w4 import W4Weight, quantize_w4
+from ..ops.w4a16 import W4Weight, quantize_w4, w4a16_linear
+from ..ops.w4a16.weight import CPU_BLOCKS, convert, native_layout
 
 __all__ = ["W4A16Linear"]
 
@@ -18,6 +18,10 @@ class W4A16Linear(nn.Module):
     ``state_dict()``); the weight is frozen and gradients reach the input and the bias.
     ``input_scale`` (1 / s, from SmoothQuant+ smoothing that could not be folded into a
     preceding norm) is None when there is none.
+
+    ``packed`` is kept in the layout of the device it is on (``layout``; moving the module
+    repacks it), while ``state_dict()`` always holds the ``"cpu_blocks"`` layout, so a checkpoint
+    loads on any device.
     """
 
     def __init__(
@@ -27,26 +31,24 @@ class W4A16Linear(nn.Module):
         input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        weight = weight.with_layout(native_layout(weight.device))
         self.out_features, self.in_features = weight.shape
         self.group_size, self.weight_dtype = weight.group_size, weight.dtype
+        self.layout = weight.layout
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self._weight: W4Weight | None = None
 
     @property
     def weight(self) -> W4Weight:
-        """The 4-bit weight over the current buffers (rebuilt after ``.to()`` moves them)."""
-        w = self._weight
-        if w is None or w.packed is not self.packed or w.scales is not self.scales:
-            shape = (self.out_features, self.in_features)
-            w = W4Weight(
-                self.packed, self.scales, self.zeros, shape, self.group_size, self.weight_dtype
-            )
-            self._weight = w
-        return w
+        """The 4-bit weight over the current buffers."""
+        shape = (self.out_features, self.in_features)
+        return W4Weight(
+            self.packed, self.scales, self.zeros, shape, self.group_size, self.weight_dtype,
+            self.layout,
+        )  # fmt: skip
 
     @classmethod
     def from_linear(
@@ -74,7 +76,33 @@ class W4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
-        return w4a16_matmul(x, self.weight, self.bias)
+        shape = (self.out_features, self.in_features)
+        return w4a16_linear(
+            x, self.packed, self.scales, self.zeros, shape, self.group_size, self.layout,
+            self.bias,
+        )  # fmt: skip
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        layout = native_layout(self.packed.device)
+        if layout != self.layout:  # moved between CUDA and another device
+            self.packed = convert(self.packed, self.layout, layout, self.in_features)
+            self.layout = layout
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != CPU_BLOCKS:
+            destination[prefix + "packed"] = convert(
+                self.packed, self.layout, CPU_BLOCKS, self.in_features
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "packed"
+        if self.layout != CPU_BLOCKS and key in state_dict:
+            # load_state_dict passes a copy of the caller's dict.
+            state_dict[key] = convert(state_dict[key], CPU_BLOCKS, self.layout, self.in_features)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

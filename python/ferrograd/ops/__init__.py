@@ -1,1 +1,2 @@
-"""One module per primitive: autograd Functions and their functional entry points."""
+"""One package per primitive: its dispatcher ops (``torch.ops.ferrograd.*``), CPU / CUDA /
+reference kernels and public functions (docs/ops.md)."""

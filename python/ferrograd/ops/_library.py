@@ -45,5 +45,43 @@ def define(
 def register_autograd(
     op: torch._ops.OpOverload, backward: Callable, setup_context: Callable
 ) -> None:
-    """The backward of ``op`` (its backward must itself call ferrograd ops, so it traces)."""
-    torch.library.register_autograd(op, backward, setup_context=setup_context, lib=LIB)
+    """Registers ``backward(ctx, *grads)`` (one gradient or None per input of ``op``) with
+    ``setup_context(ctx, inputs, output)``, as ``torch.library.register_autograd`` takes them.
+
+    The Autograd kernel is written here rather than taken from torch.library: torch's rebuilds
+    the schema's defaults on every call that needs gradients (about 10 µs in Python). The
+    backward must itself call ferrograd ops or torch ops, so that torch.compile traces it.
+    """
+    schema = op._schema
+    n_args = len(schema.arguments)
+    below_autograd = torch._C._after_autograd_keyset
+
+    class Backward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op.redispatch(keyset & below_autograd, *args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it
+            try:
+                result = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs
+            return (None, *result) if isinstance(result, tuple) else (None, result)
+
+    Backward.__name__ = f"{schema.name.replace('::', '_')}_backward"
+
+    def kernel(keyset, *args):
+        if len(args) < n_args:  # the dispatcher drops trailing arguments equal to defaults
+            args = tuple(args) + tuple(a.default_value for a in schema.arguments[len(args) :])
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Backward.apply(keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below_autograd, *args)
+
+    LIB.impl(schema.name.split("::", 1)[1], kernel, "Autograd", with_keyset=True)

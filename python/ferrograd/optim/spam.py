@@ -1,8 +1,10 @@
-"""SPAM / Stable-SPAM (DESIGN.md section 5), with the fused step and bookkeeping in Rust.
+"""SPAM / Stable-SPAM (rules in docs/definitions.md): the bookkeeping here, the fused step in
+the op ``ferrograd::spam_step`` (ferrograd/ops/spam).
 
-CPU float32 parameters run one fused Rust pass per tensor; any other parameter (CUDA,
-bfloat16 with float32 state, float64) runs the same rule through torch ops driven by the same
-bookkeeping. Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
+The optimizers compute each step's scalars (bias corrections, warm-up, clip thresholds, the
+Stable-SPAM gradient statistics) and call the op once per parameter tensor; the dispatcher runs
+the fused Rust pass on CPU float32 tensors and the same rule in torch ops on any other device
+or dtype. Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
 ``round(density * numel)`` coordinates drawn uniformly without replacement from a seeded
 generator, redrawn at every reset, marked in a bitmask (state: 8 * density + 0.125 bytes per
 parameter).
@@ -13,10 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
 
-from .. import _core
+from ..ops.spam import mask_indices, sample_mask, spam_step_op
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 
@@ -73,10 +74,8 @@ class _SpamBase(torch.optim.Optimizer):
 
     def _draw_mask(self, p: torch.Tensor, k: int) -> torch.Tensor:
         """Exactly ``k`` of ``p``'s coordinates, as a bitmask, from the optimizer's generator."""
-        mask, self.state[_GLOBAL]["rng"] = _core.sample_mask(
-            p.numel(), k, self.state[_GLOBAL]["rng"]
-        )
-        return torch.from_numpy(mask)
+        mask, self.state[_GLOBAL]["rng"] = sample_mask(p.numel(), k, self.state[_GLOBAL]["rng"])
+        return mask.to(p.device)
 
     def _fresh_moments(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -108,8 +107,7 @@ class _SpamBase(torch.optim.Optimizer):
         local = _local(p)
         if "mask" not in state:
             return torch.arange(local.numel(), device=local.device)
-        bits = np.unpackbits(state["mask"].numpy(), bitorder="little")[: local.numel()]
-        return torch.from_numpy(np.flatnonzero(bits).astype(np.int64)).to(local.device)
+        return mask_indices(state["mask"], local.numel())
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad.is_sparse:
@@ -138,71 +136,28 @@ class _SpamBase(torch.optim.Optimizer):
                 self._update(p, grad, group, t)
         return loss
 
-    def _fused(self, p: torch.Tensor, grad: torch.Tensor, **scalars) -> None:
-        """One step of the rule; ``scalars`` are the keyword arguments of the Rust step."""
+    def _fused(
+        self,
+        p: torch.Tensor,
+        grad: torch.Tensor,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        bias_corrections: tuple[float, float],
+        warmup: float = 1.0,
+        spike_threshold: float | None = None,
+        adaclip: tuple[float, float] = (math.inf, 1.0),
+        grad_scale: float = 1.0,
+    ) -> None:
+        """One step of the rule on ``p``'s local tensor (ferrograd/ops/spam has the scalars)."""
         state = self.state[p]
-        idx = self.active_indices(p) if "mask" in state else None
-        p, grad = _local(p), _local(grad)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        rust = (
-            p.device.type == "cpu"
-            and p.dtype == torch.float32
-            and grad.dtype == torch.float32
-            and p.is_contiguous()
-        )
-        if rust:
-            mask = state.get("mask")
-            g = grad.contiguous()
-            _core.spam_step(p, g, m, v, **scalars, mask=mask)
-            return
-        torch_step(p, grad, m, v, idx, **scalars)
-
-
-def torch_step(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor | None,
-    *,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    bias_corrections: tuple[float, float],
-    warmup: float = 1.0,
-    spike_threshold: float | None = None,
-    adaclip: tuple[float, float] = (math.inf, 1.0),
-    grad_scale: float = 1.0,
-) -> None:
-    """The fused step in torch ops (any device, float32 state), same rule as the Rust pass."""
-    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-    g = grad.reshape(-1).float()
-    p32 = flat.float()
-    decay = 1.0 - lr * weight_decay
-    if idx is not None:
-        g, base = g[idx], p32[idx]
-    else:
-        base = p32
-    if math.isfinite(adaclip[0]):
-        g = torch.where(g.abs() > adaclip[0], g * adaclip[1], g)
-    g = g * grad_scale
-    if spike_threshold is not None:
-        cap = (spike_threshold * v.view(-1)).sqrt()
-        g = torch.minimum(torch.maximum(g, -cap), cap)
-    b1, b2 = betas
-    m.view(-1).mul_(b1).add_(g * (1.0 - b1))
-    v.view(-1).mul_(b2).add_(g * (1.0 - b2) * g)
-    inv1, inv2 = 1.0 / bias_corrections[0], 1.0 / bias_corrections[1]  # as the Rust pass does
-    update = (m.view(-1) * inv1) / ((v.view(-1) * inv2).sqrt() + eps)
-    new = base * decay - (lr * warmup) * update
-    if idx is not None:
-        p32 = p32 * decay
-        p32[idx] = new
-        new = p32
-    flat.copy_(new.to(p.dtype))
-    if not p.is_contiguous():
-        p.copy_(flat.view_as(p))
+        spam_step_op(
+            _local(p), _local(grad), state["exp_avg"], state["exp_avg_sq"], lr, weight_decay,
+            *betas, eps, *bias_corrections, warmup, spike_threshold, *adaclip, grad_scale,
+            state.get("mask"),
+        )  # fmt: skip
 
 
 def _across_shards(t: torch.Tensor, value: torch.Tensor, op) -> float:
@@ -214,7 +169,7 @@ def _across_shards(t: torch.Tensor, value: torch.Tensor, op) -> float:
 
 
 class SPAM(_SpamBase):
-    """Spike-aware Adam with momentum reset (DESIGN.md section 5, weight decay decoupled)."""
+    """Spike-aware Adam with momentum reset (weight decay decoupled)."""
 
     _name = "SPAM"
 

@@ -1,4 +1,4 @@
-"""SmoothQuant+ (DESIGN.md section 5): smooth activation outliers into the weights per input
+"""SmoothQuant+ (docs/definitions.md): smooth activation outliers into the weights per input
 channel, then quantize every Linear to W4 (round to nearest, zero points).
 
 Per Linear input channel j: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) from calibration
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..nn.w4a16 import W4A16Linear
 
 __all__ = ["SmoothQuantReport", "smoothquant_plus"]
 
@@ -179,8 +181,6 @@ def _quantize(model: nn.Module, calib: _Calibration, alpha: float | None, group_
               fold: bool) -> dict[str, tuple[str | None, torch.Tensor | None]]:  # fmt: skip
     """Smooths (alpha None: not at all) and quantizes ``model``'s calibrated Linears in place;
     returns name -> (norm folded into, s)."""
-    from ..nn.w4a16 import W4A16Linear  # nn imports quant: import here, not at module load
-
     modules = dict(model.named_modules())
     applied = {}
     for norm_name, names in calib.groups():

@@ -1,0 +1,251 @@
+"""Cut cross-entropy: the loss of ``e @ c.T + bias`` against targets without materializing the
+[N, V] logits (Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models").
+
+Per token i, with z = e_i c^T + bias (then z = softcap * tanh(z / softcap)) and
+lse_i = logsumexp(z): loss_i = lse_i - (1 - ls) z[t_i] - ls / V * sum_j z_ij + z_loss * lse_i^2
+(docs/definitions.md).
+
+Two ops: ``ferrograd::linear_cross_entropy`` gives per row of e [N, D] the loss term and lse
+(three numbers per row in one pass: lse, target logit, logit sum), differentiable towards e, c,
+bias and through lse; ``ferrograd::linear_cross_entropy_backward`` recomputes the logits a block
+at a time and forms the logit gradient dz_ij = a_i p_ij - b_i [j = t_i] - u_i (times the softcap
+derivative) with a = g (1 + 2 z_loss lse) + g_lse, b = g (1 - ls), u = g ls / V, for the row loss
+gradient g, into dE, dC and dbias. Kernels: cpu.py (vocabulary chunks, Rust), cuda.py
+(kernels/cce.cu), reference.py (the chunk loop in torch ops: float64 and every other device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _library
+from .._checks import check_floating, check_tensor
+from . import cpu, cuda, reference
+
+__all__ = ["linear_cross_entropy"]
+
+OP = "linear_cross_entropy"
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _fake(e, c, bias, targets, softcap, label_smoothing, z_loss, filter_eps):
+    kd = reference.compute_dtype(e.dtype)
+    return e.new_empty(e.shape[0], dtype=kd), e.new_empty(e.shape[0], dtype=kd)
+
+
+def _fake_backward(
+    e,
+    c,
+    bias,
+    targets,
+    lse,
+    coef_softmax,
+    coef_target,
+    coef_uniform,
+    softcap,
+    filter_eps,
+    bias_grad,
+):
+    db = (e if bias is None else bias).new_empty(c.shape[0] if bias_grad else 0)
+    return e.new_empty(e.shape), c.new_empty(c.shape), db
+
+
+linear_cross_entropy_op = _library.define(
+    "linear_cross_entropy(Tensor e, Tensor c, Tensor? bias, Tensor targets, float? softcap, "
+    "float label_smoothing, float z_loss, float? filter_eps) -> (Tensor, Tensor)",
+    cpu=cpu.forward,
+    cuda=cuda.forward,
+    reference=reference.forward,
+    fake=_fake,
+)
+linear_cross_entropy_backward_op = _library.define(
+    "linear_cross_entropy_backward(Tensor e, Tensor c, Tensor? bias, Tensor targets, Tensor lse, "
+    "Tensor coef_softmax, Tensor coef_target, Tensor coef_uniform, float? softcap, "
+    "float? filter_eps, bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.backward,
+    cuda=cuda.backward,
+    reference=reference.backward,
+    fake=_fake_backward,
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    e, c, bias, targets, ctx.softcap, ctx.label_smoothing, ctx.z_loss, ctx.filter_eps = inputs
+    ctx.save_for_backward(e, c, bias, targets, output[1])
+
+
+def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
+    e, c, bias, targets, lse = ctx.saved_tensors
+    z_loss, smoothing = ctx.z_loss, ctx.label_smoothing
+    grad_row = torch.where(targets >= 0, grad_row, 0.0)
+    # The coefficients a, b, u of the module docstring (the options' constant terms skipped).
+    coef_softmax = (grad_row * (1.0 + 2.0 * z_loss * lse) if z_loss else grad_row) + grad_lse
+    coef_target = grad_row * (1.0 - smoothing) if smoothing else grad_row
+    coef_uniform = grad_row * (smoothing / c.shape[0])
+    de, dc, dbias = linear_cross_entropy_backward_op(
+        e, c, bias, targets, lse, coef_softmax, coef_target, coef_uniform, ctx.softcap,
+        ctx.filter_eps, bias is not None,
+    )  # fmt: skip
+    return de, dc, None if bias is None else dbias, None, None, None, None, None
+
+
+_library.register_autograd(linear_cross_entropy_op, _backward, _setup_context)
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{OP}: {name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{OP}: {name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def _check_inputs(e, c, targets, bias) -> None:
+    for name, t in (("e", e), ("c", c)):
+        check_tensor(OP, name, t)
+        check_floating(OP, name, t)
+    check_tensor(OP, "targets", targets)
+    if e.dim() < 1:
+        raise ValueError(f"{OP}: e must have shape [..., D], got a 0-d tensor")
+    if c.dim() != 2 or c.shape[1] != e.shape[-1] or c.shape[0] == 0:
+        raise ValueError(
+            f"{OP}: c must have shape [V, D] with V >= 1 and D = e.shape[-1] = {e.shape[-1]}, "
+            f"got {tuple(c.shape)}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"{OP}: targets must be an integer tensor (int64), got {targets.dtype}")
+    if targets.shape != e.shape[:-1]:
+        raise ValueError(
+            f"{OP}: targets must have shape e.shape[:-1] = {tuple(e.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    others = [("c", c), ("targets", targets)]
+    if bias is not None:
+        check_tensor(OP, "bias", bias)
+        if bias.shape != (c.shape[0],):
+            raise ValueError(
+                f"{OP}: bias must have shape [V] = [{c.shape[0]}], got {tuple(bias.shape)}"
+            )
+        others.append(("bias", bias))
+    for name, t in others:
+        if t.device != e.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but e is on {e.device}")
+        if name != "targets" and t.dtype != e.dtype:
+            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but e has {e.dtype}")
+
+
+def _filter_eps(filter_eps: object, dtype: torch.dtype, label_smoothing: float) -> float | None:
+    """The gradient filter threshold; off with label smoothing, whose gradient is dense."""
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(
+                f"{OP}: filter_eps must be 'auto', None or a number, got {filter_eps!r}"
+            )
+        filter_eps = torch.finfo(dtype).eps / 32
+    eps = _check_number("filter_eps", filter_eps, 0.0, 1.0)
+    return None if eps == 0.0 or label_smoothing > 0 else eps
+
+
+def _shifted_targets(targets: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
+    """targets[..., shift:] padded at the end with ignore_index: row i of e then meets target
+    i + shift, and e is used as it is (no copy of e[..., :-shift, :])."""
+    if shift == 0:
+        return targets
+    pad = torch.full_like(targets[..., :shift], ignore_index)
+    return torch.cat([targets[..., shift:], pad], dim=-1)
+
+
+def _tokens(rows: torch.Tensor, shape: torch.Size, shift: int) -> torch.Tensor:
+    """Per-row values over the token shape, without the ``shift`` padded positions."""
+    rows = rows.view(shape)
+    return rows[..., :-shift] if shift else rows
+
+
+def _check_target_range(shifted: torch.Tensor, valid: torch.Tensor, vocab: int, ignore_index):
+    """Eager only (it reads the data); in compiled graphs the CPU kernel refuses what it can."""
+    if shifted.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.aminmax(torch.where(valid, shifted, 0)))
+    if low < 0 or high >= vocab:
+        bad = int(shifted[valid & ((shifted < 0) | (shifted >= vocab))][0])
+        raise ValueError(
+            f"{OP}: targets must be in [0, {vocab}) or ignore_index ({ignore_index}), got {bad}"
+        )
+
+
+def linear_cross_entropy(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    shift: int = 0,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    filter_eps: float | str | None = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the logits ``e @ c.T + bias`` against ``targets``, never materialized.
+
+    e [..., D] (float32, bfloat16, float16 or float64), c [V, D] and bias [V] of e's dtype,
+    targets [...] integer with e's leading shape. ``softcap`` caps the logits as
+    softcap * tanh(z / softcap); ``label_smoothing`` as in ``F.cross_entropy``; ``z_loss`` adds
+    z_loss * lse^2 per token; ``shift=k`` pairs e[..., :-k, :] with targets[..., k:];
+    ``reduction`` "mean" divides by the number of non-ignored tokens (0 when there are none).
+    Returns the loss in e's dtype, and with ``return_lse`` also lse over the (shifted) token
+    shape. ``filter_eps`` ("auto": finfo(e.dtype).eps / 32; None or 0: off) lets the backward
+    skip blocks of the logit gradient whose entries are all below it relative to their row's
+    gradient scale; it is off whenever label smoothing is on. Gradients flow to e, c, bias and
+    through lse.
+    """
+    _check_inputs(e, c, targets, bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int):
+        raise TypeError(f"{OP}: shift must be an int, got {type(shift).__name__}")
+    if shift and not 0 < shift <= (targets.shape[-1] if targets.dim() else 0):
+        raise ValueError(
+            f"{OP}: shift must be in [0, {targets.shape[-1] if targets.dim() else 0}] "
+            f"(the length of targets' last dim), got {shift}"
+        )
+    if softcap is not None:
+        softcap = _check_number("softcap", softcap, 0.0)
+        if softcap == 0.0 or softcap == math.inf:
+            raise ValueError(f"{OP}: softcap must be a finite positive number, got {softcap}")
+    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_number("z_loss", z_loss, 0.0)
+    eps = _filter_eps(filter_eps, e.dtype, label_smoothing)
+
+    shifted = _shifted_targets(targets.long(), shift, ignore_index)
+    valid = shifted != ignore_index
+    if not torch.compiler.is_compiling():
+        _check_target_range(shifted, valid, c.shape[0], ignore_index)
+    flat_targets = torch.where(valid, shifted, -1).reshape(-1)
+    row, lse = linear_cross_entropy_op(
+        e.reshape(-1, e.shape[-1]).contiguous(),
+        c.contiguous(),
+        None if bias is None else bias.contiguous(),
+        flat_targets,
+        softcap,
+        label_smoothing,
+        z_loss,
+        eps,
+    )
+    # The rows past a shift are ignored (0), so sums need no slicing.
+    if reduction == "none":
+        loss = _tokens(row, targets.shape, shift)
+    elif reduction == "sum":
+        loss = row.sum()
+    else:
+        loss = row.sum() / valid.sum().clamp(min=1)
+    loss = loss.to(e.dtype)
+    return (loss, _tokens(lse, targets.shape, shift).to(e.dtype)) if return_lse else loss

@@ -1,0 +1,241 @@
+"""Cut cross-entropy as a loop over vocabulary chunks in plain torch ops: the kernel of float64
+(gradcheck runs through it) and of every device and dtype without a ferrograd kernel, and the
+loop the CPU kernel (cpu.py) runs with the Rust chunk kernels in place of :func:`fold_chunk` and
+:func:`grad_chunk`.
+
+Rows of e [N, D] meet vocabulary chunks of c [V, D]; each chunk's raw logits land in one reused
+buffer (32 MiB of float32 on the CPU, 256 MiB on a GPU). The forward folds them into a running
+float64 log-sum-exp, the target logit and (label smoothing) the logit sum; the backward turns
+them into the logit gradient in place and accumulates dE and dC with two matmuls. Extra memory:
+the buffer. Computed in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+#: Elements of the reused logits buffer: 32 MiB of float32 on the CPU, 256 MiB on a GPU (where
+#: larger chunks keep cuBLAS efficient).
+CPU_BUFFER_ELEMS = 1 << 23
+GPU_BUFFER_ELEMS = 1 << 26
+#: The fewest vocabulary entries per chunk (keeps the matmuls efficient).
+CPU_MIN_CHUNK = 256
+
+OP = "linear_cross_entropy"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loop computes in, and of the forward's outputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Refuses targets outside [0, V) other than -1 (an ignored row), where that costs no device
+    synchronization: the public function checks eagerly, this catches what a compiled graph
+    passes."""
+    if targets.device.type != "cpu" or targets.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.aminmax(targets))
+    if low < -1 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ValueError(f"{OP}: targets must be in [0, {vocab}) or ignored, got {bad}")
+
+
+def _blocks(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """Rows per block and vocabulary entries per chunk so that a block fits the buffer."""
+    elems = CPU_BUFFER_ELEMS if device.type == "cpu" else GPU_BUFFER_ELEMS
+    row_block = max(1, min(rows, elems // CPU_MIN_CHUNK))
+    chunk = max(CPU_MIN_CHUNK, elems // row_block)
+    return row_block, min(vocab, chunk)
+
+
+def _chunk_logits(
+    buf: torch.Tensor, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
+) -> torch.Tensor:
+    """Raw logits of rows e against vocabulary v0..v1 in a contiguous view of ``buf``."""
+    out = buf[: e.shape[0] * (v1 - v0)].view(e.shape[0], v1 - v0)
+    cc = c[v0:v1].to(e.dtype)
+    if bias is None:
+        return torch.mm(e, cc.t(), out=out)
+    return torch.addmm(bias[v0:v1].to(e.dtype), e, cc.t(), out=out)
+
+
+def _softcap_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
+
+
+def fold_chunk(z, v0, targets, lse, target_logit, logit_sum, softcap) -> None:
+    """Folds the raw chunk logits z (vocabulary v0..) into the running float64 ``lse``, the
+    target logits and the logit sums (None: not wanted)."""
+    _softcap_(z, softcap)
+    torch.logaddexp(lse, torch.logsumexp(z, 1), out=lse)
+    local = targets - v0
+    inside = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    target_logit.copy_(torch.where(inside, picked, target_logit))
+    if logit_sum is not None:
+        logit_sum += z.sum(1)
+
+
+def grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
+    """Turns the raw chunk logits z into the logit gradient in place and returns the chunk's
+    largest |dz_ij| / max(|a_i|, |b_i|) (see ``chunked_backward``)."""
+    a, b, u = coefs
+    _softcap_(z, softcap)
+    capped = z.clone() if softcap is not None else None
+    z.sub_(lse[:, None]).exp_().mul_(a[:, None]).sub_(u[:, None])
+    local = targets - v0
+    rows = torch.nonzero((local >= 0) & (local < z.shape[1]))[:, 0]
+    z[rows, local[rows]] -= b[rows]
+    scale = torch.maximum(a.abs(), b.abs())
+    has_grad = scale > 0
+    peak = (z[has_grad].abs() / scale[has_grad, None]).amax() if bool(has_grad.any()) else 0.0
+    if capped is not None:
+        z.mul_(1 - (capped / softcap) ** 2)
+    return float(peak)
+
+
+def _row_blocks(row_block: int, *tensors: torch.Tensor | None):
+    """The tensors (sharing their first dim) a block of ``row_block`` rows at a time; the
+    tensors themselves when they fit one block."""
+    rows = tensors[0].shape[0]
+    if rows <= row_block:
+        yield tensors
+        return
+    for r0 in range(0, rows, row_block):
+        yield tuple(None if t is None else t[r0 : r0 + row_block] for t in tensors)
+
+
+def chunked_forward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+    want_sum: bool,
+    fold: Callable = fold_chunk,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(lse, target logit, logit sum or None) per row of e [N, D], in the compute dtype, chunk
+    by chunk on e's device. A row whose target is in no chunk (ignored, or out of range in a
+    graph no check saw) keeps target logit NaN."""
+    kd = compute_dtype(e.dtype)
+    rows, vocab = e.shape[0], c.shape[0]
+    f64 = {"dtype": torch.float64, "device": e.device}
+    lse = torch.full((rows,), -math.inf, **f64)
+    target_logit = torch.full((rows,), math.nan, dtype=kd, device=e.device)
+    logit_sum = torch.zeros(rows, **f64) if want_sum else None
+    row_block, chunk = _blocks(rows, vocab, e.device)
+    buf = torch.empty(min(rows, row_block) * chunk, dtype=kd, device=e.device)
+    for er, *state in _row_blocks(row_block, e.to(kd), targets, lse, target_logit, logit_sum):
+        for v0 in range(0, vocab, chunk):
+            z = _chunk_logits(buf, er, c, bias, v0, min(vocab, v0 + chunk))
+            fold(z, v0, *state, softcap)
+    return lse.to(kd), target_logit, None if logit_sum is None else logit_sum.to(kd)
+
+
+def chunked_backward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    softcap: float | None,
+    filter_eps: float | None,
+    bias_grad: bool,
+    grad: Callable = grad_chunk,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dE, dC, dbias) in the compute dtype for the logit gradient
+    dz_ij = a_i p_ij - b_i [j = t_i] - u_i (times the softcap derivative), coefs = (a, b, u),
+    recomputing the logits chunk by chunk; a chunk whose every |dz_ij| is below
+    filter_eps * max(|a_i|, |b_i|) skips its two gradient matmuls (its dC rows and dbias entries
+    are exactly 0). dbias is empty unless ``bias_grad``."""
+    kd = lse.dtype
+    rows, vocab = e.shape[0], c.shape[0]
+    ek = e.to(kd)
+    like = {"dtype": kd, "device": e.device}
+    de = torch.zeros(rows, e.shape[1], **like)
+    dc = torch.zeros(vocab, c.shape[1], **like)
+    dbias = torch.zeros(vocab if bias_grad else 0, **like)
+    coefs = [t.to(kd).contiguous() for t in coefs]
+    row_block, chunk = _blocks(rows, vocab, e.device)
+    buf = torch.empty(min(rows, row_block) * chunk, **like)
+    for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, ek, de, targets, lse, *coefs):
+        for v0 in range(0, vocab, chunk):
+            v1 = min(vocab, v0 + chunk)
+            dz = _chunk_logits(buf, er, c, bias, v0, v1)
+            peak = grad(dz, v0, t, lse_r, coefs_r, softcap)
+            if filter_eps is not None and peak < filter_eps:
+                continue
+            de_r.addmm_(dz, c[v0:v1].to(kd))
+            dc[v0:v1].addmm_(dz.t(), er)
+            if bias_grad:
+                dbias[v0:v1] += dz.sum(0)
+    return de, dc, dbias
+
+
+def row_loss(
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor | None,
+    targets: torch.Tensor,
+    vocab: int,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """lse_i - (1 - ls) z[t_i] - ls / V * sum_j z_ij + z_loss * lse_i^2, 0 for ignored rows."""
+    row = lse - (1.0 - label_smoothing) * target_logit if label_smoothing else lse - target_logit
+    if logit_sum is not None:
+        row = row - (label_smoothing / vocab) * logit_sum
+    if z_loss:
+        row = row + z_loss * lse * lse
+    return row.masked_fill_(targets < 0, 0.0)
+
+
+def forward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss: float,
+    filter_eps: float | None,
+    *,
+    fold: Callable = fold_chunk,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row loss, lse) per row of e [N, D] against c [V, D] for targets [N] (-1: ignored row),
+    in the compute dtype. ``filter_eps`` is the backward's."""
+    vocab = c.shape[0]
+    check_targets(targets, vocab)
+    lse, target_logit, logit_sum = chunked_forward(
+        e, c, bias, targets, softcap, label_smoothing > 0, fold
+    )
+    return row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss), lse
+
+
+def backward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef_softmax: torch.Tensor,
+    coef_target: torch.Tensor,
+    coef_uniform: torch.Tensor,
+    softcap: float | None,
+    filter_eps: float | None,
+    bias_grad: bool,
+    *,
+    grad: Callable = grad_chunk,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dE, dC, dbias) in the dtypes of e, c and bias (dbias empty unless ``bias_grad``)."""
+    coefs = (coef_softmax, coef_target, coef_uniform)
+    de, dc, dbias = chunked_backward(
+        e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad
+    )
+    bias_dtype = e.dtype if bias is None else bias.dtype
+    return de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)

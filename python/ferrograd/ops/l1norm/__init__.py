@@ -1,0 +1,195 @@
+"""L1 LayerNorm (docs/definitions.md):
+y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * weight + bias over the normalized dims.
+
+Ops on x [rows, n], differentiable towards x, weight and bias:
+
+- ``ferrograd::l1_norm(x, weight, bias, eps)``: y and the per-row mean and 1 / (sqrt(pi/2) *
+  mean|x - mean| + eps) it saves; float64 runs in float64, other dtypes in float32 (returned in
+  x's dtype), so gradcheck works;
+- ``ferrograd::l1_norm_codes(x, codes, scale, shifts, group_size, weight, bias, eps)``: the same
+  from ShiftQuant codes of x, statistics exact in integers; the backward treats the quantization
+  as the identity (straight-through to x) and reads the codes, so the layer saves int8 instead of
+  float activations;
+
+with their ``_backward`` ops. CPU tensors run the Rust kernels (cpu.py), every other device the
+same rule in torch ops (reference.py); on CUDA the codes come from kernels/shiftquant.cu.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _library
+from .._checks import check_floating, check_tensor
+from ..shiftquant import check_device, check_spec, quantize_2d
+from . import cpu, reference
+
+__all__ = ["l1_layer_norm"]
+
+#: Group size of the codes path.
+CODES_GROUP_SIZE = 64
+
+
+def _fake(x, weight, bias, eps):
+    kd = reference.kernel_dtype(x.dtype)
+    rows = x.shape[0]
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=kd), x.new_empty(rows, dtype=kd)
+
+
+def _fake_codes(x, codes, scale, shifts, group_size, weight, bias, eps):
+    rows = codes.shape[0]
+    f32 = torch.float32
+    return x.new_empty(codes.shape), x.new_empty(rows, dtype=f32), x.new_empty(rows, dtype=f32)
+
+
+def _fake_grads(grad, mean, weight_grad, bias_grad):
+    n = grad.shape[1]
+    return (
+        grad.new_empty(grad.shape),
+        mean.new_empty(n if weight_grad else 0),
+        mean.new_empty(n if bias_grad else 0),
+    )
+
+
+def _fake_backward(grad, x, mean, rstd, weight, weight_grad, bias_grad):
+    return _fake_grads(grad, mean, weight_grad, bias_grad)
+
+
+def _fake_backward_codes(
+    grad, codes, scale, shifts, group_size, mean, rstd, weight, weight_grad, bias_grad
+):
+    return _fake_grads(grad, mean, weight_grad, bias_grad)
+
+
+l1_norm_op = _library.define(
+    "l1_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.forward,
+    reference=reference.forward,
+    fake=_fake,
+)
+l1_norm_backward_op = _library.define(
+    "l1_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+    "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.backward,
+    reference=reference.backward,
+    fake=_fake_backward,
+)
+l1_norm_codes_op = _library.define(
+    "l1_norm_codes(Tensor x, Tensor codes, Tensor scale, Tensor shifts, int group_size, "
+    "Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.forward_codes,
+    reference=reference.forward_codes,
+    fake=_fake_codes,
+)
+l1_norm_codes_backward_op = _library.define(
+    "l1_norm_codes_backward(Tensor grad, Tensor codes, Tensor scale, Tensor shifts, "
+    "int group_size, Tensor mean, Tensor rstd, Tensor? weight, bool weight_grad, "
+    "bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.backward_codes,
+    reference=reference.backward_codes,
+    fake=_fake_backward_codes,
+)
+
+
+def _setup_params(ctx, weight, bias, output, weight_at: int) -> None:
+    """What both backwards need of the parameters (``weight_at``: weight's input index; bias
+    follows it); the statistics are outputs nothing trains."""
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.weight_at = weight_at
+
+
+def _wanted(ctx) -> tuple[bool, bool]:
+    """Whether dweight and dbias are asked for."""
+    needs = ctx.needs_input_grad
+    return (
+        ctx.weight_dtype is not None and needs[ctx.weight_at],
+        ctx.bias_dtype is not None and needs[ctx.weight_at + 1],
+    )
+
+
+def _param_grads(ctx, wanted: tuple[bool, bool], dw, db):
+    """dweight and dbias in the parameters' dtypes, None where not asked for."""
+    return (
+        dw.to(ctx.weight_dtype) if wanted[0] else None,
+        db.to(ctx.bias_dtype) if wanted[1] else None,
+    )
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _setup_params(ctx, weight, bias, output, 1)
+    ctx.save_for_backward(x, output[1], output[2], weight)
+
+
+def _backward(ctx, grad, _mean, _rstd):
+    x, mean, rstd, weight = ctx.saved_tensors
+    wanted = _wanted(ctx)
+    dx, dw, db = l1_norm_backward_op(grad, x, mean, rstd, weight, *wanted)
+    return dx, *_param_grads(ctx, wanted, dw, db), None
+
+
+def _setup_codes(ctx, inputs, output) -> None:
+    _, codes, scale, shifts, ctx.group_size, weight, bias, _ = inputs
+    _setup_params(ctx, weight, bias, output, 5)
+    ctx.save_for_backward(codes, scale, shifts, output[1], output[2], weight)
+
+
+def _backward_codes(ctx, grad, _mean, _rstd):
+    codes, scale, shifts, mean, rstd, weight = ctx.saved_tensors
+    wanted = _wanted(ctx)
+    dx, dw, db = l1_norm_codes_backward_op(
+        grad, codes, scale, shifts, ctx.group_size, mean, rstd, weight, *wanted
+    )
+    # Straight-through: the codes' gradient goes to x.
+    return dx, None, None, None, None, *_param_grads(ctx, wanted, dw, db), None
+
+
+_library.register_autograd(l1_norm_op, _backward, _setup)
+_library.register_autograd(l1_norm_codes_op, _backward_codes, _setup_codes)
+
+
+def l1_layer_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    bits: int | None = None,
+) -> torch.Tensor:
+    """L1 LayerNorm of ``x`` over its trailing ``normalized_shape`` dims (see module doc); with
+    ``bits``, from ShiftQuant codes of x (nearest, groups of 64 along the normalized dims)."""
+    op = "l1_layer_norm"
+    check_tensor(op, "x", x)
+    check_floating(op, "x", x)
+    if bits is not None:
+        check_device(op, "x", x)
+        check_spec(op, bits, CODES_GROUP_SIZE)
+    shape = tuple(normalized_shape)
+    if not shape or tuple(x.shape[-len(shape) :]) != shape:
+        raise ValueError(
+            f"{op}: x's trailing dims must be normalized_shape={shape}, got {tuple(x.shape)}"
+        )
+    n = math.prod(shape)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
+    w = None if weight is None else weight.reshape(n)
+    b = None if bias is None else bias.reshape(n)
+    if x.numel() == 0:
+        return x.clone()
+    for name, p in (("weight", w), ("bias", b)):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
+    x2 = x.reshape(-1, n)
+    if bits is None:
+        y = l1_norm_op(x2, w, b, float(eps))[0]
+    else:
+        q = quantize_2d(x2, bits, CODES_GROUP_SIZE)
+        y = l1_norm_codes_op(x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps))[0]
+    return y.reshape(x.shape)

@@ -1,0 +1,94 @@
+"""L1 LayerNorm in plain torch ops, the rule of rust/l1norm.rs: statistics accumulated in float64,
+the same backward; the codes path's statistics exactly in integers. The tests' oracle and the
+kernels of every device without a ferrograd kernel (CUDA included)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..shiftquant import element_shifts
+
+#: sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
+SQRT_HALF_PI = math.sqrt(math.pi / 2)
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs are normalized in float64, every other floating dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _affine(y, weight, bias, dtype):
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(dtype)
+
+
+def forward(x: torch.Tensor, weight, bias, eps: float):
+    """y (x's dtype) and per-row mean and 1 / (sqrt(pi/2) mean|x - mean| + eps) of x [rows, n],
+    the statistics in the kernel dtype."""
+    kd = kernel_dtype(x.dtype)
+    xk = x.to(kd)
+    mean = xk.mean(-1, keepdim=True, dtype=torch.float64).to(kd)
+    d = xk - mean
+    mean_abs = d.abs().mean(-1, keepdim=True, dtype=torch.float64)
+    r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)).to(kd)
+    return _affine(d * r, weight, bias, x.dtype), mean[:, 0], r[:, 0]
+
+
+def _integers(codes, scale, shifts, group_size: int):
+    """The row as exact integers v = q * 2^(15 - k) (in units of scale * 2^-15), and that unit
+    (float64 [rows, 1])."""
+    k = element_shifts(shifts, group_size, codes.shape[-1])
+    return codes.to(torch.int64) << (15 - k), scale.double()[:, None] / 32768.0
+
+
+def forward_codes(x, codes, scale, shifts, group_size: int, weight, bias, eps: float):
+    """The forward of the dequantized codes (float32 statistics), y in x's dtype: with
+    e = n v - Σv and E = Σ|e|, d = unit e / n and mean|d| = unit E / n² (as rust/l1norm.rs)."""
+    n = codes.shape[-1]
+    v, unit = _integers(codes, scale, shifts, group_size)
+    total = v.sum(-1, keepdim=True)
+    e = n * v - total
+    mean = unit * total / n
+    r = 1.0 / (SQRT_HALF_PI * unit * e.abs().sum(-1, keepdim=True) / (n * n) + eps)
+    y = (e.double() * (unit * r / n)).float()
+    return _affine(y, weight, bias, x.dtype), mean[:, 0].float(), r[:, 0].float()
+
+
+def _backward(dy, x, mean, r, weight, weight_grad: bool, bias_grad: bool):
+    """Gradients at x (the kernel dtype) from the saved statistics ([rows])."""
+    n = x.shape[-1]
+    mean, r = mean[:, None], r[:, None]
+    d = x - mean
+    g = dy if weight is None else dy * weight.to(x.dtype)
+    sign = torch.sign(d)
+    mean_g = g.sum(-1, keepdim=True, dtype=torch.float64) / n
+    mean_s = sign.sum(-1, keepdim=True, dtype=torch.float64) / n
+    coef = (SQRT_HALF_PI / n * (g * d).sum(-1, keepdim=True, dtype=torch.float64)).to(r.dtype)
+    coef = coef * r
+    dx = r * ((g - mean_g.to(g.dtype)) - coef * (sign - mean_s.to(g.dtype)))
+    dw = (dy * d * r).sum(0) if weight_grad else x.new_empty(0)
+    db = dy.sum(0) if bias_grad else x.new_empty(0)
+    return dx, dw, db
+
+
+def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
+    """dx (grad's dtype), dweight and dbias (the kernel dtype; empty when not asked for)."""
+    dx, dw, db = _backward(
+        grad.to(mean.dtype), x.to(mean.dtype), mean, rstd, weight, weight_grad, bias_grad
+    )
+    return dx.to(grad.dtype), dw, db
+
+
+def backward_codes(
+    grad, codes, scale, shifts, group_size: int, mean, rstd, weight, weight_grad, bias_grad
+):
+    """The float backward at the dequantized input (straight-through to x)."""
+    v, unit = _integers(codes, scale, shifts, group_size)
+    x = (v.double() * unit).float()
+    dx, dw, db = _backward(grad.float(), x, mean, rstd, weight, weight_grad, bias_grad)
+    return dx.to(grad.dtype), dw, db

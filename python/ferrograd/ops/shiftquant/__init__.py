@@ -1,0 +1,357 @@
+"""ShiftQuant (docs/definitions.md): sub-8-bit integer codes, one float32 scale per row and a
+power-of-two shift per group along the last axis; the integer GEMM on them; the linear layer
+whose three GEMMs (forward, dX, dW) run on codes.
+
+Ops, each with a CPU kernel (Rust, cpu.py), a CUDA kernel where kernels/shiftquant.cu has one
+(cuda.py) and the same rule in torch ops for every other backend (reference.py):
+
+- ``ferrograd::shiftquant_quantize(x, bits, group_size, seed, transposed)``: codes, scale,
+  shifts of a matrix along its rows (or its columns); ``seed`` a 0-d int64 tensor keys the
+  stochastic rounding (None rounds to nearest);
+- ``ferrograd::shiftquant_dequantize``: the float32 values of codes (reference kernel on CUDA);
+- ``ferrograd::shiftquant_matmul``: a @ b.T (+ bias) of two operands quantized along K;
+- ``ferrograd::shiftquant_linear`` and its backward (linear.py), differentiable.
+
+A row holding NaN or infinity quantizes to scale NaN (codes 0), so NaN spreads to everything that
+row touches in ``dequantize`` and ``shiftquant_matmul`` (as it would in float arithmetic;
+torch.amp's GradScaler then sees a non-finite gradient and skips the step).
+
+Other primitives use this package through ``quantize_2d``, ``matmul_2d``, ``element_shifts``,
+``check_spec`` and ``check_device`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .. import _library
+from .._checks import check_floating, check_tensor
+from . import cpu, cuda, linear, reference
+from .reference import element_shifts
+
+__all__ = [
+    "ShiftQuantTensor",
+    "check_device",
+    "check_spec",
+    "element_shifts",
+    "matmul_2d",
+    "quantize_2d",
+    "seed_tensor",
+    "shiftquant",
+    "shiftquant_linear",
+    "shiftquant_matmul",
+]
+
+_ROUNDINGS = ("nearest", "stochastic")
+
+
+def check_device(op: str, name: str, t: torch.Tensor) -> None:
+    if t.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(
+            f"{op}: {name} is on {t.device}; ferrograd's ShiftQuant runs on CPU and CUDA tensors"
+        )
+
+
+def check_spec(op: str, bits: object, group_size: object) -> None:
+    for name, v in (("bits", bits), ("group_size", group_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{op}: bits must be in 2..8, got {bits}")
+    if group_size <= 0 or group_size % 4:
+        raise ValueError(f"{op}: group_size must be a positive multiple of 4, got {group_size}")
+
+
+def seed_tensor(seed: int | None = None) -> torch.Tensor:
+    """The stochastic rounding's seed as a 0-d int64 tensor: ``seed`` (taken modulo 2^64, stored
+    with the same 64 bits), or with None a draw from torch's default generator (torch.manual_seed
+    makes runs repeatable) that torch.compile traces as a random op."""
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.tensor((seed + 2**63) % 2**64 - 2**63, dtype=torch.int64)
+
+
+# ---- ops ----
+
+
+def _rounding_key(seed: torch.Tensor | None) -> int | None:
+    return None if seed is None else int(seed) % 2**64
+
+
+def _quantize_kernel(kernels, x, bits, group_size, seed, transposed):
+    return kernels.quantize(x, bits, group_size, _rounding_key(seed), transposed)
+
+
+def _linear_backward_kernel(kernels, grad, x, weight, bits, grad_bits, group_size, seed):
+    return linear.backward(
+        kernels, grad, x, weight, bits, grad_bits, group_size, _rounding_key(seed)
+    )
+
+
+def _kernels(rule):
+    """The CPU, CUDA and reference kernels of an op whose rule is written over a kernel set."""
+    return {
+        "cpu": functools.partial(rule, cpu),
+        "cuda": functools.partial(rule, cuda),
+        "reference": functools.partial(rule, reference),
+    }
+
+
+def _fake_quantize(x, bits, group_size, seed, transposed):
+    rows, length = (x.shape[1], x.shape[0]) if transposed else (x.shape[0], x.shape[1])
+    return (
+        x.new_empty((rows, length), dtype=torch.int8),
+        x.new_empty(rows, dtype=torch.float32),
+        x.new_empty((rows, -(-length // group_size)), dtype=torch.uint8),
+    )
+
+
+def _fake_dequantize(codes, scale, shifts, group_size):
+    return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+def _fake_matmul(a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, group_size, bias, dtype):
+    return a_codes.new_empty((a_codes.shape[0], b_codes.shape[0]), dtype=dtype)
+
+
+def _fake_linear(x, weight, bias, bits, grad_bits, group_size):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _fake_linear_backward(grad, x, weight, bits, grad_bits, group_size, seed):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+quantize_op = _library.define(
+    "shiftquant_quantize(Tensor x, int bits, int group_size, Tensor? seed, bool transposed)"
+    " -> (Tensor, Tensor, Tensor)",
+    **_kernels(_quantize_kernel),
+    fake=_fake_quantize,
+)
+dequantize_op = _library.define(
+    "shiftquant_dequantize(Tensor codes, Tensor scale, Tensor shifts, int group_size) -> Tensor",
+    cpu=cpu.dequantize,
+    reference=reference.dequantize,
+    fake=_fake_dequantize,
+)
+matmul_op = _library.define(
+    "shiftquant_matmul(Tensor a_codes, Tensor a_scale, Tensor a_shifts, Tensor b_codes, "
+    "Tensor b_scale, Tensor b_shifts, int group_size, Tensor? bias, ScalarType dtype) -> Tensor",
+    cpu=cpu.matmul,
+    cuda=cuda.matmul,
+    reference=reference.matmul,
+    fake=_fake_matmul,
+)
+linear_op = _library.define(
+    "shiftquant_linear(Tensor x, Tensor weight, Tensor? bias, int bits, int grad_bits, "
+    "int group_size) -> Tensor",
+    **_kernels(linear.forward),
+    fake=_fake_linear,
+)
+linear_backward_op = _library.define(
+    "shiftquant_linear_backward(Tensor grad, Tensor x, Tensor weight, int bits, int grad_bits, "
+    "int group_size, Tensor seed) -> (Tensor, Tensor, Tensor)",
+    **_kernels(_linear_backward_kernel),
+    fake=_fake_linear_backward,
+)
+
+
+def _setup_linear(ctx, inputs, output) -> None:
+    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = linear_backward_op(
+        grad, x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
+    )
+    return dx, dw, db if ctx.has_bias else None, None, None, None
+
+
+_library.register_autograd(linear_op, _linear_backward, _setup_linear)
+
+
+# ---- public functions ----
+
+
+@dataclass(frozen=True)
+class ShiftQuantTensor:
+    """A tensor quantized along its last axis.
+
+    ``codes`` int8 [..., K] in [-qmax, qmax] (qmax = 2^(bits-1) - 1), ``scale`` float32 [...]
+    (one per row), ``shifts`` uint8 [..., ceil(K / group_size)]; element value
+    ``codes * scale * 2^-shift``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shifts: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values the codes stand for."""
+        check_device("ShiftQuantTensor.dequantize", "codes", self.codes)
+        return dequantize_op(self.codes, self.scale, self.shifts, self.group_size)
+
+
+def quantize_2d(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    seed: int | torch.Tensor | None = None,
+    transposed: bool = False,
+) -> ShiftQuantTensor:
+    """Quantizes a matrix [R, C] along C, or with ``transposed`` along R (the result is then
+    [C, R], exactly the quantization of x.T). ``seed`` (an int or a 0-d int64 tensor) rounds
+    stochastically; None rounds to nearest. Not differentiable."""
+    if seed is not None and not isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed)
+    codes, scale, shifts = quantize_op(x.detach(), bits, group_size, seed, transposed)
+    return ShiftQuantTensor(codes, scale, shifts, bits, group_size)
+
+
+def matmul_2d(
+    a: ShiftQuantTensor,
+    b: ShiftQuantTensor,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[M, N] = a @ b.T (+ bias) for 2-D operands quantized along K, in ``dtype`` (on CUDA the
+    kernel's epilogue rounds to it; the CPU kernel writes float32, then converts)."""
+    bias = None if bias is None else bias.detach()
+    return matmul_op(
+        a.codes, a.scale, a.shifts, b.codes, b.scale, b.shifts, a.group_size, bias, dtype
+    )
+
+
+def shiftquant(
+    x: torch.Tensor,
+    bits: int = 8,
+    group_size: int = 64,
+    rounding: str = "nearest",
+    seed: int | None = None,
+) -> ShiftQuantTensor:
+    """Quantizes ``x`` (float32 / bfloat16 / float16 / float64, any shape) along its last dim.
+
+    ``rounding="stochastic"`` rounds up with probability equal to the fractional part, from a
+    counter-based generator keyed by ``seed`` (None: drawn from torch's default generator).
+    """
+    op = "shiftquant"
+    check_tensor(op, "x", x)
+    check_floating(op, "x", x)
+    check_device(op, "x", x)
+    check_spec(op, bits, group_size)
+    if rounding not in _ROUNDINGS:
+        raise ValueError(f"{op}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{op}: seed must be an int or None, got {type(seed).__name__}")
+    key = seed_tensor(seed) if rounding == "stochastic" else None
+    if x.dim() == 0:
+        x = x.reshape(1)
+    shape = x.shape
+    q = quantize_2d(x.reshape(-1, shape[-1]), bits, group_size, key)
+    return ShiftQuantTensor(
+        q.codes.reshape(shape),
+        q.scale.reshape(shape[:-1]),
+        q.shifts.reshape(*shape[:-1], q.shifts.shape[-1]),
+        bits,
+        group_size,
+    )
+
+
+def _check_operand(op: str, name: str, q: ShiftQuantTensor) -> None:
+    """What the GEMM kernels assume of an operand (the CUDA one would read out of bounds)."""
+    k = q.codes.shape[-1]
+    groups = -(-k // q.group_size) if q.group_size > 0 else -1
+    want = {"codes": torch.int8, "scale": torch.float32, "shifts": torch.uint8}
+    for field, dtype in want.items():
+        t = getattr(q, field)
+        if t.dtype != dtype or t.device != q.codes.device:
+            raise TypeError(f"{op}: {name}.{field} must be {dtype} on {q.codes.device}")
+    if tuple(q.scale.shape) != tuple(q.codes.shape[:-1]) or tuple(q.shifts.shape) != (
+        *q.codes.shape[:-1],
+        groups,
+    ):
+        raise ValueError(
+            f"{op}: {name} has codes {tuple(q.codes.shape)}, scale {tuple(q.scale.shape)} and "
+            f"shifts {tuple(q.shifts.shape)}, inconsistent for groups of {q.group_size}"
+        )
+    # Data, so eager only (the CPU kernel checks it again; the CUDA one trusts it).
+    if not torch.compiler.is_compiling() and q.shifts.numel() and int(q.shifts.max()) > 15:
+        raise ValueError(f"{op}: {name}.shifts must be in 0..=15")
+
+
+def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Tensor:
+    """float32 ``a @ b.T`` in integer arithmetic: a [..., K] and b [N, K], both quantized along
+    K with the same group size. Equals the product of the dequantized operands up to float32
+    rounding."""
+    op = "shiftquant_matmul"
+    for name, q in (("a_q", a_q), ("b_q", b_q)):
+        if not isinstance(q, ShiftQuantTensor):
+            raise TypeError(f"{op}: {name} must be a ShiftQuantTensor, got {type(q).__name__}")
+        check_device(op, name, q.codes)
+    if b_q.codes.dim() != 2:
+        raise ValueError(f"{op}: b_q must be 2-D [N, K], got shape {tuple(b_q.codes.shape)}")
+    if a_q.codes.dim() < 1 or a_q.codes.shape[-1] != b_q.codes.shape[-1]:
+        raise ValueError(
+            f"{op}: K differs: a_q is {tuple(a_q.codes.shape)}, b_q is {tuple(b_q.codes.shape)}"
+        )
+    if a_q.group_size != b_q.group_size:
+        raise ValueError(
+            f"{op}: group sizes differ: a_q uses {a_q.group_size}, b_q uses {b_q.group_size}"
+        )
+    if a_q.codes.device != b_q.codes.device:
+        raise ValueError(
+            f"{op}: a_q is on {a_q.codes.device}, b_q on {b_q.codes.device}; they must match"
+        )
+    for name, q in (("a_q", a_q), ("b_q", b_q)):
+        _check_operand(op, name, q)
+    lead = a_q.codes.shape[:-1]
+    k = a_q.codes.shape[-1]
+    a2 = ShiftQuantTensor(
+        a_q.codes.reshape(-1, k),
+        a_q.scale.reshape(-1),
+        a_q.shifts.reshape(-1, a_q.shifts.shape[-1]),
+        a_q.bits,
+        a_q.group_size,
+    )
+    return matmul_2d(a2, b_q).reshape(*lead, b_q.codes.shape[0])
+
+
+def shiftquant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int = 8,
+    grad_bits: int | None = None,
+    group_size: int = 64,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` with ShiftQuant integer GEMMs in forward and backward
+    (linear.py); differentiable towards x, weight and bias."""
+    op = "shiftquant_linear"
+    check_tensor(op, "x", x)
+    check_floating(op, "x", x)
+    grad_bits = bits if grad_bits is None else grad_bits
+    check_spec(op, bits, group_size)
+    check_spec(op, grad_bits, group_size)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_device(op, name, t)
+            if t.device != x.device:
+                raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: x's last dim must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
+        )
+    return linear_op(x, weight, bias, bits, grad_bits, group_size)

@@ -1,0 +1,59 @@
+"""The ShiftQuant linear layer's three integer GEMMs, over one kernel set (the ``quantize`` and
+``matmul`` of cpu.py, cuda.py or reference.py): each device runs its own kernels back to back,
+without a dispatcher round trip per step.
+
+Forward: y = Q(x) · Q(W)ᵀ + b with activations and weights rounded to nearest (``bits``).
+Backward, each operand quantized along that GEMM's reduction axis:
+dX = Q_sr(dY) · Q(Wᵀ)ᵀ (reduction over out_features) and dW = Q_sr(dYᵀ) · Q(Xᵀ)ᵀ (reduction
+over tokens), where Q_sr rounds stochastically with ``grad_bits``, keyed by ``seed`` and
+``seed + 1``. The transposed operands are quantized straight from the row-major tensors, with
+no transposed float copy.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+
+def forward(
+    kernels: ModuleType,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    grad_bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T + bias in x's dtype. ``grad_bits`` is the backward's: the
+    op carries it so that its autograd formula finds it."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False)
+    qw = kernels.quantize(weight, bits, group_size, None, False)
+    y = kernels.matmul(*qx, *qw, group_size, bias, x.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def backward(
+    kernels: ModuleType,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bits: int,
+    grad_bits: int,
+    group_size: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dX (x's dtype and shape), dW and db (weight's dtype) from the output gradient."""
+    n, k = weight.shape
+    dy = grad.reshape(-1, n)
+    # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
+    q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False)
+    q_wt = kernels.quantize(weight, bits, group_size, None, True)
+    dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
+    # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
+    q_dyt = kernels.quantize(dy, grad_bits, group_size, (seed + 1) % 2**64, True)
+    q_xt = kernels.quantize(x.reshape(-1, k), bits, group_size, None, True)
+    dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
+    return dx, dw, dy.sum(0, dtype=torch.float32).to(weight.dtype)

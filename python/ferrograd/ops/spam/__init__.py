@@ -1,0 +1,36 @@
+"""The fused SPAM / Stable-SPAM step as the mutating op ``ferrograd::spam_step``.
+
+The op updates ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (declared in its schema, so
+torch.compile functionalizes it) and returns nothing. float32 CPU tensors run one fused Rust
+pass (cpu.py); every other device and dtype runs the same rule in torch ops (reference.py).
+The optimizers in ``ferrograd.optim`` compute the scalars (bias corrections, warm-up factor,
+clip thresholds) and call the op once per parameter tensor. ``mask`` (uint8, one bit per
+element of ``param``) selects sparse momentum: the moments then hold only the marked
+coordinates, in order, and the others get weight decay only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _library
+from . import cpu, reference
+from .cpu import sample_mask
+from .reference import mask_indices
+
+__all__ = ["mask_indices", "sample_mask", "spam_step_op"]
+
+
+def _fake(param: torch.Tensor, *args) -> None:
+    return None
+
+
+spam_step_op = _library.define(
+    "spam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    "float lr, float weight_decay, float beta1, float beta2, float eps, "
+    "float bias_correction1, float bias_correction2, float warmup, float? spike_threshold, "
+    "float adaclip_bound, float adaclip_ratio, float grad_scale, Tensor? mask=None) -> ()",
+    cpu=cpu.spam_step,
+    reference=reference.spam_step,
+    fake=_fake,
+)

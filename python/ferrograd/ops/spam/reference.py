@@ -1,0 +1,72 @@
+"""The fused SPAM-family step in plain torch ops: the tests' oracle and the kernel of every
+device and dtype the Rust pass does not take (CUDA, bfloat16 parameters with float32 state,
+float64)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def mask_indices(mask: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted int64 flat indices of the set bits of a bitmask over ``numel`` elements (bit i of
+    byte j, counted from the least significant, marks element 8j + i)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = (mask.reshape(-1, 1) >> shifts) & 1
+    return bits.view(-1)[:numel].nonzero().view(-1)
+
+
+def spam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    warmup: float,
+    spike_threshold: float | None,
+    adaclip_bound: float,
+    adaclip_ratio: float,
+    grad_scale: float,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """One step in place, moments in float32, the same rule as the Rust pass: AdaClip
+    (entries above ``adaclip_bound`` scaled by ``adaclip_ratio``), ``grad_scale``, spike
+    clipping to sqrt(spike_threshold * v), Adam moments, bias corrections, decoupled weight
+    decay, step ``lr * warmup``. With ``mask`` the moments hold the marked coordinates only and
+    the others get weight decay only."""
+    p = param
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    g = grad.reshape(-1).float()
+    p32 = flat.float()
+    decay = 1.0 - lr * weight_decay
+    idx = None if mask is None else mask_indices(mask, p.numel())
+    if idx is not None:
+        g, base = g[idx], p32[idx]
+    else:
+        base = p32
+    if math.isfinite(adaclip_bound):
+        g = torch.where(g.abs() > adaclip_bound, g * adaclip_ratio, g)
+    g = g * grad_scale
+    m, v = exp_avg.view(-1), exp_avg_sq.view(-1)
+    if spike_threshold is not None:
+        cap = (spike_threshold * v).sqrt()
+        g = torch.minimum(torch.maximum(g, -cap), cap)
+    m.mul_(beta1).add_(g * (1.0 - beta1))
+    v.mul_(beta2).add_(g * (1.0 - beta2) * g)
+    inv1, inv2 = 1.0 / bias_correction1, 1.0 / bias_correction2  # as the Rust pass does
+    update = (m * inv1) / ((v * inv2).sqrt() + eps)
+    new = base * decay - (lr * warmup) * update
+    if idx is not None:
+        p32 = p32 * decay
+        p32[idx] = new
+        new = p32
+    flat.copy_(new.to(p.dtype))
+    if not p.is_contiguous():
+        p.copy_(flat.view_as(p))

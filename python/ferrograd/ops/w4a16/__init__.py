@@ -1,0 +1,181 @@
+"""W4A16: 4-bit weights (round to nearest per group, docs/definitions.md) and the matmul of
+16-bit activations with them, as ferrograd ops.
+
+- ``ferrograd::w4_quantize(weight, group_size, zero_point)`` -> (packed codes in the
+  ``cpu_blocks`` layout, scales, stored zeros);
+- ``ferrograd::w4_dequantize(packed, scales, zeros, k, group_size, layout)`` -> W_hat [N, K]
+  float32;
+- ``ferrograd::w4a16_matmul(x, packed, scales, zeros, group_size, layout)``: x [..., K] @ W_hat.T
+  -> [..., N] in x's dtype, differentiable towards x (the weight is frozen) through
+  ``ferrograd::w4a16_matmul_backward`` (grad @ W_hat, itself differentiable).
+
+Kernels: cpu.py (Rust), cuda.py (kernels/w4a16.cu), reference.py (torch ops: every other device,
+layout and dtype). The weight travels as a ``W4Weight`` value (weight.py, which defines the
+layouts); the public functions unpack it into the ops' plain tensor arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _library
+from .._checks import check_floating, check_tensor
+from . import cpu, cuda, reference
+from .weight import CPU_BLOCKS, W4Weight, group_len, packed_shape
+
+__all__ = ["W4Weight", "quantize_w4", "w4a16_linear", "w4a16_matmul"]
+
+OP = "w4a16_matmul"
+QUANTIZE_OP = "quantize_w4"
+
+
+def _fake_quantize(weight, group_size, zero_point):
+    n, k = weight.shape
+    groups = -(-k // group_len(k, group_size))
+    shape, dtype = packed_shape(n, k, CPU_BLOCKS)
+    scales = weight.new_empty(n, groups, dtype=reference.scale_dtype(weight.dtype))
+    zeros = weight.new_empty(n, groups, dtype=torch.uint8)
+    return weight.new_empty(shape, dtype=dtype), scales, zeros
+
+
+def _fake_dequantize(packed, scales, zeros, k, group_size, layout):
+    return scales.new_empty(packed.shape[0], k, dtype=torch.float32)
+
+
+def _fake_matmul(x, packed, scales, zeros, group_size, layout):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _fake_matmul_backward(grad, packed, scales, zeros, k, group_size, layout):
+    return grad.new_empty(*grad.shape[:-1], k)
+
+
+w4_quantize_op = _library.define(
+    "w4_quantize(Tensor weight, int group_size, bool zero_point) -> (Tensor, Tensor, Tensor)",
+    cpu=cpu.quantize,
+    reference=reference.quantize,
+    fake=_fake_quantize,
+)
+w4_dequantize_op = _library.define(
+    "w4_dequantize(Tensor packed, Tensor scales, Tensor? zeros, int k, int group_size, "
+    "str layout) -> Tensor",
+    cpu=cpu.dequantize,
+    reference=reference.dequantize,
+    fake=_fake_dequantize,
+)
+w4a16_matmul_op = _library.define(
+    "w4a16_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
+    "str layout) -> Tensor",
+    cpu=cpu.matmul,
+    cuda=cuda.matmul,
+    reference=reference.matmul,
+    fake=_fake_matmul,
+)
+w4a16_matmul_backward_op = _library.define(
+    "w4a16_matmul_backward(Tensor grad, Tensor packed, Tensor scales, Tensor? zeros, int k, "
+    "int group_size, str layout) -> Tensor",
+    cpu=cpu.matmul_backward,
+    reference=reference.matmul_backward,
+    fake=_fake_matmul_backward,
+)
+
+
+def _setup_matmul(ctx, inputs, output) -> None:
+    x, packed, scales, zeros, ctx.group_size, ctx.layout = inputs
+    ctx.k = x.shape[-1]
+    ctx.save_for_backward(packed, scales, zeros)
+
+
+def _matmul_backward(ctx, grad: torch.Tensor):
+    packed, scales, zeros = ctx.saved_tensors
+    dx = w4a16_matmul_backward_op(grad, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout)
+    return dx, None, None, None, None, None
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    _, packed, scales, zeros, _, ctx.group_size, ctx.layout = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+
+
+def _backward_backward(ctx, grad: torch.Tensor):
+    packed, scales, zeros = ctx.saved_tensors
+    dgrad = w4a16_matmul_op(grad, packed, scales, zeros, ctx.group_size, ctx.layout)
+    return dgrad, None, None, None, None, None, None
+
+
+_library.register_autograd(w4a16_matmul_op, _matmul_backward, _setup_matmul)
+_library.register_autograd(w4a16_matmul_backward_op, _backward_backward, _setup_backward)
+
+
+def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = True) -> W4Weight:
+    """Quantizes ``weight`` [N, K] (any float dtype, any device; computed in float32 there) to 4
+    bits by round to nearest per group of ``group_size`` input channels (-1: whole rows).
+
+    Codes are computed with the float32 scale; the stored scale is float16 (bfloat16 for a
+    bfloat16 weight), and ``dequantize()`` and the kernels use the stored one. The weight comes
+    back on ``weight``'s device in that device's layout."""
+    check_tensor(QUANTIZE_OP, "weight", weight)
+    check_floating(QUANTIZE_OP, "weight", weight)
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(
+            f"{QUANTIZE_OP}: weight must be a non-empty 2-D [N, K] tensor, "
+            f"got {tuple(weight.shape)}"
+        )
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(
+            f"{QUANTIZE_OP}: group_size must be an int, got {type(group_size).__name__}"
+        )
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(
+            f"{QUANTIZE_OP}: group_size must be positive or -1 (whole rows), got {group_size}"
+        )
+    if not isinstance(zero_point, bool):
+        raise TypeError(
+            f"{QUANTIZE_OP}: zero_point must be a bool, got {type(zero_point).__name__}"
+        )
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{QUANTIZE_OP}: weight holds NaN or infinity")
+    packed, scales, zeros = w4_quantize_op(weight.detach(), group_size, zero_point)
+    w = W4Weight(
+        packed, scales, zeros if zero_point else None, weight.shape, group_size, weight.dtype
+    )
+    return w.to(weight.device)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    shape: tuple[int, int],
+    group_size: int,
+    layout: str,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`w4a16_matmul` over the tensors of a weight of ``shape`` [N, K] (what
+    ``fg.nn.W4A16Linear`` holds as buffers): checks, then the op."""
+    check_tensor(OP, "x", x)
+    check_floating(OP, "x", x)
+    n, k = shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{OP}: x must have shape [..., K] with K = {k}, got {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"{OP}: x is on {x.device} but w is on {packed.device}")
+    if bias is not None:
+        check_tensor(OP, "bias", bias)
+        if bias.shape != (n,) or bias.device != x.device:
+            raise ValueError(f"{OP}: bias must have shape [N] = [{n}] on {x.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")  # fmt: skip
+    y = w4a16_matmul_op(x, packed, scales, zeros, group_size, layout)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def w4a16_matmul(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (float16, bfloat16 or float32) @ W_hat.T (+ bias) -> [..., N] in x's dtype,
+    differentiable towards x and bias. CPU: the Rust GEMV / blocked dequantization (cpu.py);
+    CUDA: kernels/w4a16.cu (cuda.py); elsewhere the reference."""
+    if not isinstance(w, W4Weight):
+        raise TypeError(
+            f"{OP}: w must be a W4Weight (fg.quant.quantize_w4), got {type(w).__name__}"
+        )
+    return w4a16_linear(x, w.packed, w.scales, w.zeros, w.shape, w.group_size, w.layout, bias)

@@ -1,0 +1,96 @@
+"""The Rust kernels on CPU tensors in the ``cpu_blocks`` layout (weight.py); other layouts and
+float64 x run the reference.
+
+Up to ``GEMV_MAX_ROWS`` rows of x run the GEMV that unpacks each block of codes in registers once
+for 4 rows of x at a time (the weight is read in 4 bits: the point at small batch). With
+AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
+max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative error at
+most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN or
+infinity, AVX-512 without VNNI and the scalar path run in float32. More rows (or group sizes
+that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS`` rows of W at a time into torch's
+float32 matmul, as the gradient of x does. Computed in float32, returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _core
+from .._checks import KERNEL_DTYPES
+from . import reference
+from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
+
+#: The most rows of x that take the GEMV kernel (which reads W once per 4 rows).
+GEMV_MAX_ROWS = 16
+#: Rows of W dequantized at a time for larger batches and for the gradient.
+DEQUANT_BLOCK_ROWS = 1024
+
+
+def quantize(
+    weight: torch.Tensor, group_size: int, zero_point: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    groups = -(-k // group_len(k, group_size))
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, groups)
+    zeros = torch.empty(n, groups, dtype=torch.uint8)
+    w = weight.float().contiguous()
+    _core.w4_quantize(w, n, k, group_size, zero_point, codes, scales, zeros)
+    shape, dtype = packed_shape(n, k, CPU_BLOCKS)
+    packed = torch.empty(shape, dtype=dtype)
+    _core.w4_pack(codes, packed, n, k)
+    return packed, scales.to(reference.scale_dtype(weight.dtype)), zeros
+
+
+def _weight_blocks(packed, scales, zeros, k: int, group_size: int):
+    """(n0, n1, W_hat[n0:n1] float32) over the rows of the weight (one reused buffer)."""
+    n = packed.shape[0]
+    block = torch.empty(min(n, DEQUANT_BLOCK_ROWS), k)
+    for n0 in range(0, n, DEQUANT_BLOCK_ROWS):
+        n1 = min(n, n0 + DEQUANT_BLOCK_ROWS)
+        out = block[: n1 - n0]
+        _core.w4_dequantize(packed, scales, zeros, n, k, group_size, n0, n1, out)
+        yield n0, n1, out
+
+
+def _operands(packed, scales, zeros):
+    """packed, float32 scales and uint8 zeros, contiguous, as the Rust kernels read them."""
+    return packed.contiguous(), scales.float().contiguous(), kernel_zeros(scales, zeros)
+
+
+def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> torch.Tensor:
+    if layout != CPU_BLOCKS:
+        return reference.dequantize(packed, scales, zeros, k, group_size, layout)
+    packed, scales, zeros = _operands(packed, scales, zeros)
+    n = packed.shape[0]
+    out = torch.empty(n, k)
+    _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, out)
+    return out
+
+
+def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
+    if layout != CPU_BLOCKS or x.dtype not in KERNEL_DTYPES:
+        return reference.matmul(x, packed, scales, zeros, group_size, layout)
+    packed, scales, zeros = _operands(packed, scales, zeros)
+    n, k = packed.shape[0], x.shape[-1]
+    xf = x.float().contiguous()
+    # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims.
+    y = torch.empty(*x.shape[:-1], n)
+    if xf.numel() <= GEMV_MAX_ROWS * k and group_len(k, group_size) % 32 == 0:
+        _core.w4_gemv(packed, scales, zeros, n, k, group_size, xf, y)
+    else:
+        x2, y2 = xf.view(-1, k), y.view(-1, n)
+        for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
+            y2[:, n0:n1] = x2 @ block.T
+    return y.to(x.dtype)
+
+
+def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout: str):
+    if layout != CPU_BLOCKS or grad.dtype not in KERNEL_DTYPES:
+        return reference.matmul_backward(grad, packed, scales, zeros, k, group_size, layout)
+    packed, scales, zeros = _operands(packed, scales, zeros)
+    dy = grad.reshape(-1, packed.shape[0]).float()
+    dx = torch.zeros(dy.shape[0], k)
+    for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
+        dx.addmm_(dy[:, n0:n1], block)
+    return dx.to(grad.dtype).view(*grad.shape[:-1], k)

@@ -1,0 +1,60 @@
+"""The CUDA kernel: kernels/w4a16.cu (mma.sync tensor cores, in-register dequantization,
+split-K) for float16 / bfloat16 x and weights in the ``gpu_words`` layout (weight.py) when K and
+the group length are multiples of 32 and ferrograd can launch kernels here; other CUDA inputs
+run the reference (dequantize, then torch's matmul), as the gradient of x always does.
+
+The kernel reads scales in x's dtype and zeros uint8 [N, G] (8 for the symmetric scheme) and
+accumulates into a float32 [M, N] buffer that split-K blocks add into.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import cuda
+from . import reference
+from .weight import GPU_WORDS, group_len, kernel_zeros
+
+__all__ = ["BLOCK_N", "STEP_K", "launch_plan", "matmul", "supports"]
+
+#: Columns of W per block (4 warps x 4 n8 tiles) and columns of K per step (kernels/w4a16.cu).
+BLOCK_N = 128
+STEP_K = 32
+#: Blocks to aim for when choosing the split of K (about two waves on 132 SMs).
+TARGET_BLOCKS = 264
+_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def supports(k: int, group_size: int) -> bool:
+    """Whether the kernel takes this shape (else the reference dequantizes into a matmul)."""
+    return k % STEP_K == 0 and group_len(k, group_size) % STEP_K == 0
+
+
+def launch_plan(m: int, n: int, k: int) -> tuple[tuple[int, int, int], int]:
+    """(grid, 32-column steps per K slice): split K until the grid fills the GPU."""
+    blocks = -(-n // BLOCK_N) * -(-m // 16)
+    steps = k // STEP_K
+    splits = max(1, min(steps, TARGET_BLOCKS // max(blocks, 1)))
+    per_split = -(-steps // splits)
+    return (-(-n // BLOCK_N), -(-m // 16), -(-steps // per_split)), per_split
+
+
+def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
+    k = x.shape[-1]
+    if not (
+        layout == GPU_WORDS
+        and x.dtype in _TYPES
+        and x.numel() > 0  # an empty grid is no launch
+        and supports(k, group_size)
+        and cuda.is_available()
+    ):
+        return reference.matmul(x, packed, scales, zeros, group_size, layout)
+    n = packed.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid, per_split = launch_plan(m, n, k)
+    gemm = cuda.kernel("w4a16.cu", "w4a16_gemm", {"W4_T": _TYPES[x.dtype]})
+    operands = (packed.contiguous(), scales.to(x.dtype).contiguous(), kernel_zeros(scales, zeros))
+    gemm(grid, (128,), [x2, *operands, out, m, n, k, group_len(k, group_size), per_split])
+    return out.to(x.dtype).view(*x.shape[:-1], n)

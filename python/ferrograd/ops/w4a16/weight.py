@@ -1,0 +1,190 @@
+"""The W4 weight as a value: 4-bit codes packed in a named layout, with their scales and zeros.
+
+A stored code is q (0..15) with zero points and q + 8 without (docs/definitions.md gives the
+rule). Two layouts, defined here and nowhere else; the kernels read and write exactly these:
+
+- ``"cpu_blocks"`` (the Rust kernels; the layout of a weight on any device but CUDA): packed
+  uint8 [N, ceil(K / 64) * 32]; byte j of 32-byte block b of row n holds the code of column
+  64 b + j in its low nibble and of column 64 b + 32 + j in its high nibble.
+- ``"gpu_words"`` (kernels/w4a16.cu; the layout of a weight on a CUDA device): packed int32
+  [N, ceil(K / 8)]; word j of row n holds the codes of columns 8j .. 8j + 7 in nibbles 0 .. 7,
+  so byte t holds columns 8j + 2t and 8j + 2t + 1: the pair one lane of an m16n8k16 B fragment
+  needs.
+
+Columns past K hold code 0 in both. ``scales`` are [N, G] float16 (bfloat16 for a bfloat16
+weight), ``zeros`` uint8 [N, G] or None for the symmetric scheme, G = ceil(K / group length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CPU_BLOCKS",
+    "GPU_WORDS",
+    "LAYOUTS",
+    "W4Weight",
+    "convert",
+    "group_len",
+    "kernel_zeros",
+    "native_layout",
+    "pack",
+    "packed_shape",
+    "unpack",
+]
+
+CPU_BLOCKS = "cpu_blocks"
+GPU_WORDS = "gpu_words"
+LAYOUTS = (CPU_BLOCKS, GPU_WORDS)
+#: Columns per block of the CPU layout (two nibbles of 32 bytes).
+BLOCK = 64
+#: Columns per word of the GPU layout.
+WORD = 8
+#: The stored zero of the symmetric scheme (codes -8..7 are stored as 0..15).
+SYMMETRIC_ZERO = 8
+
+
+def group_len(k: int, group_size: int) -> int:
+    """Columns per group of a K-column weight: ``group_size``, or K for -1 (whole rows)."""
+    return k if group_size == -1 else group_size
+
+
+def native_layout(device: torch.device | str) -> str:
+    """The layout a weight takes on ``device``: the GPU kernel's on CUDA, the CPU one elsewhere."""
+    return GPU_WORDS if torch.device(device).type == "cuda" else CPU_BLOCKS
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"W4Weight: layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def packed_shape(n: int, k: int, layout: str) -> tuple[tuple[int, int], torch.dtype]:
+    """Shape and dtype of the packed codes of an [N, K] weight in ``layout``."""
+    if layout == CPU_BLOCKS:
+        return (n, -(-k // BLOCK) * (BLOCK // 2)), torch.uint8
+    return (n, -(-k // WORD)), torch.int32
+
+
+def pack(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    """Stored codes uint8 [N, K] (0..15) -> packed codes in ``layout`` (torch ops, any device)."""
+    n, k = codes.shape
+    if layout == CPU_BLOCKS:
+        halves = F.pad(codes, (0, -k % BLOCK)).view(n, -1, 2, BLOCK // 2)
+        return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, -1)
+    pairs = F.pad(codes, (0, -k % WORD)).view(n, -1, 2)
+    # Little-endian: byte t of a word is its nibbles 2t and 2t + 1.
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).view(torch.int32)
+
+
+def unpack(packed: torch.Tensor, layout: str, k: int) -> torch.Tensor:
+    """Packed codes in ``layout`` -> stored codes uint8 [N, K] (torch ops, any device)."""
+    n = packed.shape[0]
+    if layout == CPU_BLOCKS:
+        blocks = packed.view(n, -1, BLOCK // 2)
+        codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # each block's 64 columns in order
+    else:
+        pairs = packed.contiguous().view(torch.uint8)
+        codes = torch.stack([pairs & 15, pairs >> 4], dim=-1)
+    return codes.reshape(n, -1)[:, :k].contiguous()
+
+
+def convert(packed: torch.Tensor, source: str, target: str, k: int) -> torch.Tensor:
+    """Packed codes of a K-column weight from layout ``source`` to ``target``."""
+    return packed if source == target else pack(unpack(packed, source, k), target)
+
+
+def kernel_zeros(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """The stored zeros as every kernel reads them: uint8 [N, G], 8 for the symmetric scheme."""
+    if zeros is None:
+        return torch.full_like(scales, SYMMETRIC_ZERO, dtype=torch.uint8)
+    return zeros.contiguous()
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class W4Weight:
+    """A 4-bit weight [N, K] (``fg.quant.quantize_w4``): ``packed`` codes in ``layout``,
+    ``scales`` (float16 / bfloat16) and ``zeros`` (uint8, None for the symmetric scheme), as the
+    module docstring lays out. Immutable: ``to`` and ``with_layout`` return new weights."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: torch.Size
+    group_size: int
+    #: The dtype of the weight that was quantized (``dequantize()`` returns it).
+    dtype: torch.dtype
+    layout: str = CPU_BLOCKS
+
+    def __post_init__(self) -> None:
+        _check_layout(self.layout)
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        n, k = self.shape
+        want, dtype = packed_shape(n, k, self.layout)
+        if tuple(self.packed.shape) != want or self.packed.dtype != dtype:
+            raise ValueError(
+                f"W4Weight: packed must be {dtype} {list(want)} for a [{n}, {k}] weight in "
+                f"layout {self.layout!r}, got {self.packed.dtype} {list(self.packed.shape)}"
+            )
+
+    @property
+    def zero_point(self) -> bool:
+        return self.zeros is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def group_len(self) -> int:
+        """Columns per group (the whole row for group_size -1)."""
+        return group_len(self.shape[1], self.group_size)
+
+    def stored_codes(self) -> torch.Tensor:
+        """uint8 [N, K] codes as stored: q with zero points, q + 8 when symmetric."""
+        return unpack(self.packed, self.layout, self.shape[1])
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The rule's codes [N, K]: uint8 0..15 with zero points, int8 -8..7 without."""
+        stored = self.stored_codes()
+        return stored if self.zero_point else (stored.to(torch.int8) - SYMMETRIC_ZERO)
+
+    def dequantize(self) -> torch.Tensor:
+        """W_hat [N, K] = (q - zero) * scale in the original weight's dtype, on this device."""
+        # Looked up by name: the op is declared by this package's __init__, which imports us.
+        w_hat = torch.ops.ferrograd.w4_dequantize(
+            self.packed, self.scales, self.zeros, self.shape[1], self.group_size, self.layout
+        )
+        return w_hat.to(self.dtype)
+
+    def with_layout(self, layout: str) -> W4Weight:
+        """The same weight with its codes packed in ``layout`` (on the same device)."""
+        _check_layout(layout)
+        if layout == self.layout:
+            return self
+        packed = convert(self.packed, self.layout, layout, self.shape[1])
+        return dataclasses.replace(self, packed=packed, layout=layout)
+
+    def to(self, device: torch.device | str) -> W4Weight:
+        """The same weight on ``device``, in that device's layout (``native_layout``)."""
+        device = torch.device(device)
+        layout = native_layout(device)
+        # Repack on the accelerator's side of the move: torch ops there are the faster.
+        w = self if self.device.type == "cpu" else self.with_layout(layout)
+        if w.device != device:
+            zeros = None if w.zeros is None else w.zeros.to(device)
+            w = dataclasses.replace(
+                w, packed=w.packed.to(device), scales=w.scales.to(device), zeros=zeros
+            )
+        return w.with_layout(layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"W4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
+            f"zero_point={self.zero_point}, scales={self.scales.dtype}, layout={self.layout!r}, "
+            f"device={self.device})"
+        )

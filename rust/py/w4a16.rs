@@ -1,0 +1,132 @@
+//! W4A16 wrappers: quantize, pack / unpack (CPU layout), GEMV and block dequantization.
+
+use pyo3::prelude::*;
+
+use super::run_detached;
+use super::tensor::Borrows;
+use crate::simd;
+use crate::w4a16::{self, PackedW4, Shape};
+
+/// Stored codes [n, k] (0..15), scales and zeros [n, groups] of the float32 weight [n, k].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn w4_quantize(
+    py: Python<'_>,
+    weight: Bound<'_, PyAny>,
+    n: usize,
+    k: usize,
+    group_size: i64,
+    zero_point: bool,
+    codes: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let op = "quantize_w4";
+    let level = simd::active()?;
+    let shape = Shape::new(op, n, k, group_size)?;
+    let mut args = Borrows::new(op);
+    let w = args.read("weight", &weight)?;
+    let codes = args.write("codes", &codes)?;
+    let scales = args.write("scales", &scales)?;
+    let zeros = args.write("zeros", &zeros)?;
+    run_detached(py, op, || {
+        w4a16::quantize(level, w, shape, zero_point, codes, scales, zeros)
+    })
+}
+
+/// Packs stored codes [n, k] into the CPU layout (`unpack=True`: the reverse).
+#[pyfunction]
+#[pyo3(signature = (codes, packed, n, k, unpack=false))]
+fn w4_pack(
+    py: Python<'_>,
+    codes: Bound<'_, PyAny>,
+    packed: Bound<'_, PyAny>,
+    n: usize,
+    k: usize,
+    unpack: bool,
+) -> PyResult<()> {
+    let op = "quantize_w4";
+    let shape = Shape::new(op, n, k, -1)?;
+    let mut args = Borrows::new(op);
+    let codes = args.write("codes", &codes)?;
+    let packed = args.write("packed", &packed)?;
+    run_detached(py, op, || {
+        if unpack {
+            w4a16::unpack(packed, shape, codes)
+        } else {
+            w4a16::pack(codes, shape, packed)
+        }
+    })
+}
+
+/// The packed weight over the caller's arrays.
+fn packed_weight<'a>(
+    args: &mut Borrows<'_>,
+    op: &str,
+    packed: &'a Bound<'_, PyAny>,
+    scales: &'a Bound<'_, PyAny>,
+    zeros: &'a Bound<'_, PyAny>,
+    shape: (usize, usize, i64),
+) -> PyResult<PackedW4<'a>> {
+    let (n, k, group_size) = shape;
+    Ok(PackedW4 {
+        packed: args.read("packed", packed)?,
+        scales: args.read("scales", scales)?,
+        zeros: args.read("zeros", zeros)?,
+        shape: Shape::new(op, n, k, group_size)?,
+    })
+}
+
+/// y [m, n] = x [m, k] · Wᵀ (group size a multiple of 32).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn w4_gemv(
+    py: Python<'_>,
+    packed: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
+    n: usize,
+    k: usize,
+    group_size: i64,
+    x: Bound<'_, PyAny>,
+    y: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let op = "w4a16_matmul";
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
+    let x = args.read("x", &x)?;
+    let y = args.write("y", &y)?;
+    run_detached(py, op, || w4a16::gemv(level, &w, x, y))
+}
+
+/// Rows row0..row1 of W as float32 into `out` [row1 - row0, k].
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn w4_dequantize(
+    py: Python<'_>,
+    packed: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
+    n: usize,
+    k: usize,
+    group_size: i64,
+    row0: usize,
+    row1: usize,
+    out: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let op = "dequantize";
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
+    let out = args.write("out", &out)?;
+    run_detached(py, op, || w4a16::dequantize(level, &w, row0..row1, out))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(w4_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(w4_pack, m)?)?;
+    m.add_function(wrap_pyfunction!(w4_gemv, m)?)?;
+    m.add_function(wrap_pyfunction!(w4_dequantize, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The GEMV driver: picks the kernel for the CPU (VNNI, AVX2 integer, else float), prepares x
+//! for it, and runs parts of W's rows on the threads.
+
+use std::ops::Range;
+
+use super::float::{gemv_rows, GemvInput};
+use super::{PackedW4, Shape, BLOCK, BLOCK_BYTES, MAX_ROWS, MIN_ROWS_PER_PART};
+use crate::error::{FgError, FgResult};
+use crate::simd::{Simd, SimdLevel};
+use crate::threads::{self, SendPtr};
+
+/// x for the integer kernels: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
+/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks.
+pub(super) struct IntInput {
+    pub(super) lo: Vec<i8>,
+    pub(super) hi: Vec<i8>,
+    pub(super) scale: Vec<f32>,
+    /// Σ x̃ · scale over each group: [m, groups].
+    pub(super) group_sums: Vec<f32>,
+    pub(super) padded: usize,
+}
+
+/// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
+pub(super) const X_INT_MAX: f32 = 32639.0;
+
+impl IntInput {
+    /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
+    fn new(level: SimdLevel, x: &[f32], shape: Shape) -> Option<IntInput> {
+        let (k, groups) = (shape.k, shape.groups());
+        let padded = k.div_ceil(BLOCK) * BLOCK;
+        let m = x.len() / k;
+        let mut input = IntInput {
+            lo: vec![0; m * padded],
+            hi: vec![0; m * padded],
+            scale: vec![1.0; m],
+            group_sums: vec![0.0; m * groups],
+            padded,
+        };
+        for (i, row) in x.chunks_exact(k).enumerate() {
+            let (lo, hi) = (
+                &mut input.lo[i * padded..i * padded + k],
+                &mut input.hi[i * padded..i * padded + k],
+            );
+            let sums = &mut input.group_sums[i * groups..(i + 1) * groups];
+            input.scale[i] = round_x_row(level, row, shape.group_size, lo, hi, sums)?;
+        }
+        Some(input)
+    }
+}
+
+crate::dispatch! {
+    fn round_x_row(row: &[f32], group_size: usize, lo: &mut [i8], hi: &mut [i8], sums: &mut [f32]) -> Option<f32> = round_x_row_impl;
+}
+
+/// One row of [`IntInput`]: writes x̃'s bytes and the group sums, returns the scale (None when
+/// the row is not finite). Compiled for the SIMD level, so that the loops vectorize.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S only picks the target features
+unsafe fn round_x_row_impl<S: Simd>(
+    row: &[f32],
+    group_size: usize,
+    lo: &mut [i8],
+    hi: &mut [i8],
+    sums: &mut [f32],
+) -> Option<f32> {
+    let amax = abs_max_or_inf(row);
+    if amax == f32::INFINITY {
+        return None;
+    }
+    let scale = if amax > 0.0 { amax / X_INT_MAX } else { 1.0 };
+    let pieces = row
+        .chunks(group_size)
+        .zip(lo.chunks_mut(group_size).zip(hi.chunks_mut(group_size)));
+    for ((row, (lo, hi)), sum) in pieces.zip(sums.iter_mut()) {
+        // Σ x̃ = Σ (256 hi + lo), exact in i64.
+        let mut total = 0i64;
+        for ((&v, l), h) in row.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
+            let q = (v / scale).round_ties_even().clamp(-X_INT_MAX, X_INT_MAX) as i32;
+            let high = (q + 128) >> 8;
+            (*h, *l) = (high as i8, (q - 256 * high) as i8);
+            total += q as i64;
+        }
+        *sum = (total as f64 * scale as f64) as f32;
+    }
+    Some(scale)
+}
+
+/// max |v| over `row`, or infinity when it holds NaN or infinity; in 8 lanes so that it
+/// vectorizes.
+#[inline(always)]
+fn abs_max_or_inf(row: &[f32]) -> f32 {
+    let bound = |v: f32| {
+        if v.is_finite() {
+            v.abs()
+        } else {
+            f32::INFINITY
+        }
+    };
+    let mut lanes = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    for (lane, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane = bound(v);
+    }
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(bound(v));
+        }
+    }
+    lanes.iter().fold(0.0, |a, &v| a.max(v))
+}
+
+/// Σ_g scale_g * zero_g * x_sum_g, in 8 lanes so that it vectorizes.
+#[inline(always)]
+pub(super) fn zero_term(scales: &[f32], zeros: &[u8], x_sums: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (s, z, x) = (
+        scales.chunks_exact(8),
+        zeros.chunks_exact(8),
+        x_sums.chunks_exact(8),
+    );
+    let tails = (s.remainder(), z.remainder(), x.remainder());
+    for ((s, z), x) in s.zip(z).zip(x) {
+        for l in 0..8 {
+            lanes[l] += s[l] * z[l] as f32 * x[l];
+        }
+    }
+    for (l, ((s, z), x)) in tails.0.iter().zip(tails.1).zip(tails.2).enumerate() {
+        lanes[l] += s * *z as f32 * x;
+    }
+    lanes.iter().sum()
+}
+
+/// A kernel that takes x rounded to int16 ([`IntInput`]): AVX-512 VNNI, or AVX2 (AVX-512
+/// without VNNI keeps its float kernel). Picked once per call, as shiftquant's GEMM picks its
+/// micro-kernel: these need more than a [`SimdLevel`] says (VNNI), so `dispatch!` cannot.
+type IntKernel = unsafe fn(&PackedW4<'_>, Range<usize>, &IntInput, usize, usize, &mut [f32]);
+
+/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
+/// The group size must be a multiple of 32 (whole half blocks).
+pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgResult<()> {
+    const OP: &str = "w4a16_matmul";
+    w.check(OP)?;
+    let s = w.shape;
+    let m = x.len() / s.k;
+    if x.len() != m * s.k || y.len() != m * s.n {
+        return Err(FgError::Value(format!(
+            "{OP}: x must be [m, {}] and y [m, {}], got {} and {} elements",
+            s.k,
+            s.n,
+            x.len(),
+            y.len()
+        )));
+    }
+    if !s.group_size.is_multiple_of(BLOCK_BYTES) {
+        return Err(FgError::Value(format!(
+            "{OP}: the GEMV kernel needs a group size that is a multiple of {BLOCK_BYTES}, got {}",
+            s.group_size
+        )));
+    }
+    let int_kernel: Option<IntKernel> = match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => {
+            Some(super::vnni::gemv_rows_vnni)
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_supported() => Some(super::avx2::gemv_rows_avx2_int),
+        _ => None,
+    };
+    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, x, s)?)));
+    let float = int.is_none().then(|| GemvInput::new(x, s));
+    // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
+    // writes its own columns of y.
+    let share = MIN_ROWS_PER_PART;
+    let parts = s.n.div_ceil(share);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    threads::split(parts, |part| {
+        let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
+        let mut tile = vec![0.0f32; MAX_ROWS * rows.len()];
+        for row0 in (0..m).step_by(MAX_ROWS) {
+            let count = MAX_ROWS.min(m - row0);
+            let out = &mut tile[..count * rows.len()];
+            match (&int, &float) {
+                // SAFETY: each kernel is picked above only for a CPU with its features.
+                (Some((kernel, v)), _) => unsafe { kernel(w, rows.clone(), v, row0, count, out) },
+                (_, Some(f)) => gemv_rows(level, w, rows.clone(), f, row0, count, out),
+                _ => unreachable!("one of the inputs is prepared"),
+            }
+            for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
+                // SAFETY: part `part` alone writes columns `rows` of y's rows.
+                let dst = unsafe { y_ptr.ptr().add((row0 + i) * s.n + rows.start) };
+                unsafe { std::ptr::copy_nonoverlapping(tile_row.as_ptr(), dst, rows.len()) };
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! W4 weight-only quantization (docs/definitions.md) and the CPU W4A16 kernels.
+//!
+//! Codes are stored as unsigned nibbles 0..15 with a per-group zero: the group's zero point, or 8
+//! for the symmetric scheme (whose codes -8..7 are stored as q + 8). A weight is then always
+//! (q - zero) * scale, so one kernel serves both schemes.
+//!
+//! CPU layout ("packed"): row n of W [N, K] takes ceil(K / 64) blocks of 32 bytes; byte j of
+//! block b holds the code of column 64b + j in its low nibble and of column 64b + 32 + j in its
+//! high nibble (columns past K hold 0). Unpacking a block is then two masks and two widening
+//! conversions, with the 64 columns in order.
+//!
+//! Files: quantize.rs (weights to codes), pack.rs (the CPU layout), dequantize.rs, gemv.rs (the
+//! GEMV driver and the integer kernels' input), and the GEMV kernels per ISA: float.rs (every
+//! path; the only one on scalar and AVX-512 without VNNI), vnni.rs (AVX-512 VNNI), avx2.rs
+//! (AVX2 integer).
+
+use crate::error::{FgError, FgResult};
+
+/// `$tile::<M>(args)` for M = `$m` rows of x (the callers pass 1 to 4).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($tile:ident, $m:expr, $($arg:expr),*) => {
+        match $m {
+            1 => $tile::<1>($($arg),*),
+            2 => $tile::<2>($($arg),*),
+            3 => $tile::<3>($($arg),*),
+            _ => $tile::<4>($($arg),*),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod dequantize;
+mod float;
+mod gemv;
+mod pack;
+mod quantize;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+pub use dequantize::dequantize;
+pub use float::Nibbles;
+pub use gemv::gemv;
+use gemv::{zero_term, IntInput};
+pub use pack::{pack, unpack};
+pub use quantize::quantize;
+
+/// Columns per packed block.
+pub const BLOCK: usize = 64;
+/// Bytes per packed block.
+pub const BLOCK_BYTES: usize = BLOCK / 2;
+/// The stored zero of the symmetric scheme.
+pub const SYMMETRIC_ZERO: u8 = 8;
+/// Rows of x the GEMV kernel takes together (each packed block is unpacked once for them).
+pub const MAX_ROWS: usize = 4;
+/// Elements of W per parallel task.
+const PAR_MIN: usize = 1 << 16;
+/// Rows of W per part of the GEMV's work.
+const MIN_ROWS_PER_PART: usize = 64;
+
+/// Bytes of one packed row of K columns.
+pub fn packed_row_bytes(k: usize) -> usize {
+    k.div_ceil(BLOCK) * BLOCK_BYTES
+}
+
+/// The quantization of a weight W [n, k] in groups of `group_size` columns along k.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub n: usize,
+    pub k: usize,
+    pub group_size: usize,
+}
+
+impl Shape {
+    /// `group_size` -1 means one group per row; otherwise 32, 64 or 128 ... any positive size.
+    pub fn new(op: &str, n: usize, k: usize, group_size: i64) -> FgResult<Shape> {
+        let group_size = match group_size {
+            -1 => k.max(1),
+            g if g > 0 => g as usize,
+            g => {
+                return Err(FgError::Value(format!(
+                    "{op}: group_size must be positive or -1 (whole rows), got {g}"
+                )))
+            }
+        };
+        if k == 0 {
+            return Err(FgError::Value(format!(
+                "{op}: the weight has no columns (K = 0)"
+            )));
+        }
+        Ok(Shape { n, k, group_size })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(self.group_size)
+    }
+
+    fn check(&self, op: &str, arrays: &[(&str, usize, usize)]) -> FgResult<()> {
+        for &(name, got, per_row) in arrays {
+            if got != self.n * per_row {
+                return Err(FgError::Value(format!(
+                    "{op}: {name} has {got} elements, expected {} x {per_row}",
+                    self.n
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The packed weight with its per-group parameters, as the kernels read it.
+pub struct PackedW4<'a> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f32],
+    pub zeros: &'a [u8],
+    pub shape: Shape,
+}
+
+impl PackedW4<'_> {
+    fn check(&self, op: &str) -> FgResult<()> {
+        let s = self.shape;
+        s.check(
+            op,
+            &[
+                ("packed", self.packed.len(), packed_row_bytes(s.k)),
+                ("scales", self.scales.len(), s.groups()),
+                ("zeros", self.zeros.len(), s.groups()),
+            ],
+        )
+    }
+}

@@ -1,0 +1,109 @@
+//! Weights to 4-bit codes: round to nearest per group, with a zero point or symmetric.
+
+use super::{Shape, PAR_MIN, SYMMETRIC_ZERO};
+use crate::error::FgResult;
+use crate::simd::{Simd, SimdLevel};
+use crate::threads::{self, Disjoint};
+
+/// Round half to even, as torch.round.
+fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+crate::dispatch! {
+    fn quantize_group_level(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) = quantize_group_impl;
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S only picks the target features
+unsafe fn quantize_group_impl<S: Simd>(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
+    quantize_group(w, zero_point, codes)
+}
+
+/// Quantizes one group: returns (scale, stored zero) and writes the stored codes.
+#[inline(always)]
+fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
+    if zero_point {
+        let (lo, hi) = w
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let scale = (hi - lo) / 15.0;
+        let scale = if scale == 0.0 || !scale.is_finite() {
+            1.0
+        } else {
+            scale
+        };
+        let zero = round_even(-lo / scale).clamp(0.0, 15.0);
+        for (q, &v) in codes.iter_mut().zip(w) {
+            *q = (round_even(v / scale) + zero).clamp(0.0, 15.0) as u8;
+        }
+        (scale, zero as u8)
+    } else {
+        let amax = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+        let scale = amax / 7.0;
+        let scale = if scale == 0.0 || !scale.is_finite() {
+            1.0
+        } else {
+            scale
+        };
+        for (q, &v) in codes.iter_mut().zip(w) {
+            *q = (round_even(v / scale).clamp(-8.0, 7.0) + SYMMETRIC_ZERO as f32) as u8;
+        }
+        (scale, SYMMETRIC_ZERO)
+    }
+}
+
+/// Quantizes W [n, k] (row-major) into stored codes [n, k] (one per byte), scales and zeros
+/// [n, groups]. A group whose scale would be 0 (or not finite) gets scale 1.
+pub fn quantize(
+    level: SimdLevel,
+    w: &[f32],
+    shape: Shape,
+    zero_point: bool,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    zeros: &mut [u8],
+) -> FgResult<()> {
+    let (k, groups) = (shape.k, shape.groups());
+    shape.check(
+        "quantize_w4",
+        &[
+            ("weight", w.len(), k),
+            ("codes", codes.len(), k),
+            ("scales", scales.len(), groups),
+            ("zeros", zeros.len(), groups),
+        ],
+    )?;
+    let per_task = threads::rows_per_task(shape.n, k, PAR_MIN);
+    let (codes, scales, zeros) = (
+        Disjoint::new(codes),
+        Disjoint::new(scales),
+        Disjoint::new(zeros),
+    );
+    threads::for_each_chunk(shape.n, per_task, |_, r| {
+        // SAFETY: the chunks are disjoint row ranges.
+        let (codes, scales, zeros) = unsafe {
+            (
+                codes.piece(r.start * k..r.end * k),
+                scales.piece(r.start * groups..r.end * groups),
+                zeros.piece(r.start * groups..r.end * groups),
+            )
+        };
+        let rows = w[r.start * k..r.end * k].chunks(k).zip(codes.chunks_mut(k));
+        for ((w, codes), (scales, zeros)) in
+            rows.zip(scales.chunks_mut(groups).zip(zeros.chunks_mut(groups)))
+        {
+            let pieces = w
+                .chunks(shape.group_size)
+                .zip(codes.chunks_mut(shape.group_size));
+            for ((w, codes), (s, z)) in pieces.zip(scales.iter_mut().zip(zeros.iter_mut())) {
+                // Compiled for the SIMD level: rounding becomes one instruction and the
+                // group loops vectorize.
+                (*s, *z) = quantize_group_level(level, w, zero_point, codes);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,199 @@
+use super::gemv::X_INT_MAX;
+use super::*;
+use crate::simd::SimdLevel;
+
+fn weight(n: usize, k: usize) -> Vec<f32> {
+    (0..n * k)
+        .map(|i| ((i * 7919 % 997) as f32 / 99.7 - 5.0) * 0.1)
+        .collect()
+}
+
+/// W quantized and packed as `gemv` reads it.
+struct Quantized {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<u8>,
+    packed: Vec<u8>,
+    shape: Shape,
+}
+
+impl Quantized {
+    fn new(level: SimdLevel, w: &[f32], shape: Shape, zero_point: bool) -> Quantized {
+        let (n, k, groups) = (shape.n, shape.k, shape.groups());
+        let mut q = Quantized {
+            codes: vec![0u8; n * k],
+            scales: vec![0.0f32; n * groups],
+            zeros: vec![0u8; n * groups],
+            packed: vec![0u8; n * packed_row_bytes(k)],
+            shape,
+        };
+        quantize(
+            level,
+            w,
+            shape,
+            zero_point,
+            &mut q.codes,
+            &mut q.scales,
+            &mut q.zeros,
+        )
+        .unwrap();
+        pack(&q.codes, shape, &mut q.packed).unwrap();
+        q
+    }
+
+    fn weight(&self) -> PackedW4<'_> {
+        PackedW4 {
+            packed: &self.packed,
+            scales: &self.scales,
+            zeros: &self.zeros,
+            shape: self.shape,
+        }
+    }
+}
+
+/// Quantizes, packs, then checks unpacking and the GEMV against W_hat from `dequantize`.
+fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point: bool) {
+    let shape = Shape::new("test", n, k, group_size).unwrap();
+    let q = Quantized::new(level, &weight(n, k), shape, zero_point);
+    let (codes, scales, zeros) = (&q.codes, &q.scales, &q.zeros);
+    let mut back = vec![0u8; n * k];
+    unpack(&q.packed, shape, &mut back).unwrap();
+    assert_eq!(&back, codes);
+    let pw = q.weight();
+    let mut w_hat = vec![0.0f32; n * k];
+    dequantize(level, &pw, 0..n, &mut w_hat).unwrap();
+    for (i, (&q, &v)) in codes.iter().zip(&w_hat).enumerate() {
+        let g = (i % k) / shape.group_size + (i / k) * shape.groups();
+        assert_eq!(v, (q as f32 - zeros[g] as f32) * scales[g]);
+    }
+    let m = 5;
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+        .collect();
+    let mut y = vec![0.0f32; m * n];
+    gemv(level, &pw, &x, &mut y).unwrap();
+    for i in 0..m {
+        for r in 0..n {
+            let want: f64 = (0..k)
+                .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
+                .sum();
+            let scale: f64 = (0..k)
+                .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
+                .sum();
+            assert!(
+                (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
+                "{level:?} g{group_size} ({i},{r})"
+            );
+        }
+    }
+}
+
+#[test]
+fn quantize_pack_gemv_on_every_level() {
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+        for (n, k) in [(3, 64), (70, 100), (9, 320)] {
+            for (g, zp) in [
+                (32, true),
+                (64, false),
+                (128, true),
+                (-1, false),
+                (96, true),
+            ] {
+                if g == -1 && k % 32 != 0 {
+                    continue; // the GEMV needs whole half blocks
+                }
+                round_trip(level, n, k, g, zp);
+            }
+        }
+    }
+}
+
+/// The integer kernels' int16 sums at their limit: every code 15 but each group's first,
+/// every low byte of x̃ = 32384 = 256 * 127 - 128 at -128, groups of up to whole rows (several
+/// int16 flushes each). x̃ is exact here, so only float rounding may remain.
+#[test]
+fn int16_sums_at_their_limit_do_not_wrap() {
+    let (n, k) = (3, 1024);
+    let x: Vec<f32> = (0..k)
+        .map(|c| if c == 0 { X_INT_MAX } else { 32384.0 })
+        .collect();
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+        for group_size in [32, 96, 128, 512, -1] {
+            let shape = Shape::new("test", n, k, group_size).unwrap();
+            // Each group's -1 takes code 0, its 2s code 15 (scale 0.2, zero 5).
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| {
+                    if i % k % shape.group_size == 0 {
+                        -1.0
+                    } else {
+                        2.0
+                    }
+                })
+                .collect();
+            let q = Quantized::new(level, &w, shape, true);
+            let fifteens = q.codes.iter().filter(|&&c| c == 15).count();
+            assert_eq!(fifteens, n * (k - shape.groups()));
+            let mut w_hat = vec![0.0f32; n * k];
+            dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
+            let mut y = vec![0.0f32; n];
+            gemv(level, &q.weight(), &x, &mut y).unwrap();
+            for (r, &got) in y.iter().enumerate() {
+                let row = &w_hat[r * k..(r + 1) * k];
+                let want: f64 = x.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let size: f64 = x.iter().zip(row).map(|(&a, &b)| (a * b).abs() as f64).sum();
+                assert!(
+                    (got as f64 - want).abs() <= 1e-6 * size,
+                    "{level:?} g{group_size} row {r}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_groups_get_scale_one_and_symmetric_codes_are_offset() {
+    let shape = Shape::new("test", 1, 8, -1).unwrap();
+    let (mut codes, mut scales, mut zeros) = (vec![0u8; 8], vec![0.0f32], vec![0u8]);
+    quantize(
+        SimdLevel::Scalar,
+        &[0.0; 8],
+        shape,
+        false,
+        &mut codes,
+        &mut scales,
+        &mut zeros,
+    )
+    .unwrap();
+    assert_eq!((scales[0], zeros[0]), (1.0, SYMMETRIC_ZERO));
+    assert!(codes.iter().all(|&q| q == SYMMETRIC_ZERO));
+    let w = [-7.0, 7.0, 3.5, 0.0, -1.0, 1.0, 2.0, -2.0];
+    quantize(
+        SimdLevel::Scalar,
+        &w,
+        shape,
+        false,
+        &mut codes,
+        &mut scales,
+        &mut zeros,
+    )
+    .unwrap();
+    assert_eq!(scales[0], 1.0);
+    assert_eq!(codes, [1, 15, 12, 8, 7, 9, 10, 6]); // 3.5 rounds half to even: 4
+}
+
+#[test]
+fn bad_shapes_are_value_errors() {
+    assert!(matches!(Shape::new("t", 2, 8, 0), Err(FgError::Value(_))));
+    assert!(matches!(Shape::new("t", 2, 0, 32), Err(FgError::Value(_))));
+    let shape = Shape::new("t", 2, 8, 8).unwrap();
+    let r = quantize(
+        SimdLevel::Scalar,
+        &[0.0; 15],
+        shape,
+        true,
+        &mut [0; 16],
+        &mut [0.0; 2],
+        &mut [0; 2],
+    );
+    assert!(matches!(r, Err(FgError::Value(_))));
+}

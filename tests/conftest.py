@@ -1,0 +1,32 @@
+"""Shared fixtures: every test leaves the thread counts as it found them, and ``device`` runs a
+test on the CPU always and on CUDA when a GPU is present (skipped with a reason otherwise)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ferrograd as fg
+
+CUDA_REASON = "no CUDA GPU on this machine"
+
+
+def devices() -> list:
+    """The device axis: "cpu", and "cuda" marked to skip where there is no GPU."""
+    cuda = pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+    )
+    return ["cpu", cuda]
+
+
+@pytest.fixture(params=devices())
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_counts():
+    ours, theirs = fg.get_num_threads(), torch.get_num_threads()
+    yield
+    fg.set_num_threads(ours)
+    torch.set_num_threads(theirs)

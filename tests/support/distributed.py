@@ -1,0 +1,39 @@
+"""Spawning a small gloo process group for the distributed tests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+
+def spawn(target: Callable, world: int = 2, timeout: float = 300.0) -> dict:
+    """Runs ``target(rank, world, port, queue)`` in ``world`` spawned processes; each puts one
+    ``(rank, result)`` pair on the queue. Returns {rank: result}."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return results
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
