@@ -8,18 +8,30 @@ it without running it. The dispatcher picks the kernel from the tensors' device,
 
 Ops are defined through ``torch.library.Library`` rather than the ``custom_op`` decorator: the
 decorator wraps every call in Python checks that cost several microseconds, which a softmax of a
-few thousand elements would feel (docs/ops.md has the measurement).
+few thousand elements would feel (docs/ops.md has the measurement). For the same reason
+``call(op, *args)``, which every public function uses, runs an eager call on plain CPU tensors
+straight through the op's CPU kernel and autograd formula: the same code the dispatcher would
+reach, without its two Python round trips. Everything else (torch.compile, torch.export, tensor
+subclasses such as FakeTensor or DTensor, dispatch modes, other devices) goes through the
+dispatcher.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["LIB", "define", "register_autograd"]
+__all__ = ["LIB", "call", "define", "register_autograd"]
 
 LIB = torch.library.Library("ferrograd", "DEF")
+
+#: Per op: its CPU kernel and, once registered, its autograd Function (for ``call``).
+_CPU: dict[torch._ops.OpOverload, Callable] = {}
+_AUTOGRAD: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
+#: What ``call`` may hand to a CPU kernel itself; any other type is traced or wrapped.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def define(
@@ -39,7 +51,30 @@ def define(
         LIB.impl(name, cuda, "CUDA")
     LIB.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ferrograd::{name}", fake, lib=LIB)
-    return getattr(torch.ops.ferrograd, name).default
+    op = getattr(torch.ops.ferrograd, name).default
+    _CPU[op] = cpu
+    return op
+
+
+def call(op: torch._ops.OpOverload, *args):
+    """``op(*args)``; in eager mode on plain CPU tensors without the dispatcher's round trips.
+
+    The first argument of every ferrograd op is a tensor that decides the path.
+    """
+    first = args[0]
+    if (
+        type(first) not in _PLAIN
+        or not first.is_cpu
+        or torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        autograd = _AUTOGRAD.get(op)
+        if autograd is None:
+            return op(*args)
+        return autograd.apply(_CPU[op], *args)
+    return _CPU[op](*args)
 
 
 def register_autograd(
@@ -56,11 +91,14 @@ def register_autograd(
     n_args = len(schema.arguments)
     below_autograd = torch._C._after_autograd_keyset
 
+    def redispatch(keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below_autograd, *args)
+
     class Backward(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, keyset, *args):
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op.redispatch(keyset & below_autograd, *args)
+        def forward(ctx, kernel, *args):
+            output = kernel(*args)  # the redispatch below autograd, or the CPU kernel (call)
             setup_context(ctx, args, output)
             return output
 
@@ -80,8 +118,8 @@ def register_autograd(
         if len(args) < n_args:  # the dispatcher drops trailing arguments equal to defaults
             args = tuple(args) + tuple(a.default_value for a in schema.arguments[len(args) :])
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return Backward.apply(keyset, *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below_autograd, *args)
+            return Backward.apply(functools.partial(redispatch, keyset), *args)
+        return redispatch(keyset, *args)
 
     LIB.impl(schema.name.split("::", 1)[1], kernel, "Autograd", with_keyset=True)
+    _AUTOGRAD[op] = Backward

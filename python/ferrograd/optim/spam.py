@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..ops.spam import mask_indices, sample_mask, spam_step_op
+from ..ops.spam import mask_indices, sample_mask, spam_step
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 
@@ -153,10 +153,10 @@ class _SpamBase(torch.optim.Optimizer):
     ) -> None:
         """One step of the rule on ``p``'s local tensor (ferrograd/ops/spam has the scalars)."""
         state = self.state[p]
-        spam_step_op(
+        spam_step(
             _local(p), _local(grad), state["exp_avg"], state["exp_avg_sq"], lr, weight_decay,
             *betas, eps, *bias_corrections, warmup, spike_threshold, *adaclip, grad_scale,
-            state.get("mask"),
+            mask=state.get("mask"),
         )  # fmt: skip
 
 

@@ -84,7 +84,8 @@ def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
     coef_softmax = (grad_row * (1.0 + 2.0 * z_loss * lse) if z_loss else grad_row) + grad_lse
     coef_target = grad_row * (1.0 - smoothing) if smoothing else grad_row
     coef_uniform = grad_row * (smoothing / c.shape[0])
-    de, dc, dbias = linear_cross_entropy_backward_op(
+    de, dc, dbias = _library.call(
+        linear_cross_entropy_backward_op,
         e, c, bias, targets, lse, coef_softmax, coef_target, coef_uniform, ctx.softcap,
         ctx.filter_eps, bias is not None,
     )  # fmt: skip
@@ -230,7 +231,8 @@ def linear_cross_entropy(
     if not torch.compiler.is_compiling():
         _check_target_range(shifted, valid, c.shape[0], ignore_index)
     flat_targets = torch.where(valid, shifted, -1).reshape(-1)
-    row, lse = linear_cross_entropy_op(
+    row, lse = _library.call(
+        linear_cross_entropy_op,
         e.reshape(-1, e.shape[-1]).contiguous(),
         c.contiguous(),
         None if bias is None else bias.contiguous(),

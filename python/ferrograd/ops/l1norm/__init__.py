@@ -129,7 +129,7 @@ def _setup(ctx, inputs, output) -> None:
 def _backward(ctx, grad, _mean, _rstd):
     x, mean, rstd, weight = ctx.saved_tensors
     wanted = _wanted(ctx)
-    dx, dw, db = l1_norm_backward_op(grad, x, mean, rstd, weight, *wanted)
+    dx, dw, db = _library.call(l1_norm_backward_op, grad, x, mean, rstd, weight, *wanted)
     return dx, *_param_grads(ctx, wanted, dw, db), None
 
 
@@ -142,8 +142,17 @@ def _setup_codes(ctx, inputs, output) -> None:
 def _backward_codes(ctx, grad, _mean, _rstd):
     codes, scale, shifts, mean, rstd, weight = ctx.saved_tensors
     wanted = _wanted(ctx)
-    dx, dw, db = l1_norm_codes_backward_op(
-        grad, codes, scale, shifts, ctx.group_size, mean, rstd, weight, *wanted
+    dx, dw, db = _library.call(
+        l1_norm_codes_backward_op,
+        grad,
+        codes,
+        scale,
+        shifts,
+        ctx.group_size,
+        mean,
+        rstd,
+        weight,
+        *wanted,
     )
     # Straight-through: the codes' gradient goes to x.
     return dx, None, None, None, None, *_param_grads(ctx, wanted, dw, db), None
@@ -188,8 +197,10 @@ def l1_layer_norm(
             raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
     x2 = x.reshape(-1, n)
     if bits is None:
-        y = l1_norm_op(x2, w, b, float(eps))[0]
+        y = _library.call(l1_norm_op, x2, w, b, float(eps))[0]
     else:
         q = quantize_2d(x2, bits, CODES_GROUP_SIZE)
-        y = l1_norm_codes_op(x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps))[0]
+        y = _library.call(
+            l1_norm_codes_op, x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps)
+        )[0]
     return y.reshape(x.shape)

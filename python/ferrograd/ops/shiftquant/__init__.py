@@ -167,8 +167,8 @@ def _setup_linear(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    dx, dw, db = linear_backward_op(
-        grad, x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
+    dx, dw, db = _library.call(
+        linear_backward_op, grad, x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
     )
     return dx, dw, db if ctx.has_bias else None, None, None, None
 
@@ -201,7 +201,7 @@ class ShiftQuantTensor:
     def dequantize(self) -> torch.Tensor:
         """The float32 values the codes stand for."""
         check_device("ShiftQuantTensor.dequantize", "codes", self.codes)
-        return dequantize_op(self.codes, self.scale, self.shifts, self.group_size)
+        return _library.call(dequantize_op, self.codes, self.scale, self.shifts, self.group_size)
 
 
 def quantize_2d(
@@ -216,7 +216,9 @@ def quantize_2d(
     stochastically; None rounds to nearest. Not differentiable."""
     if seed is not None and not isinstance(seed, torch.Tensor):
         seed = seed_tensor(seed)
-    codes, scale, shifts = quantize_op(x.detach(), bits, group_size, seed, transposed)
+    codes, scale, shifts = _library.call(
+        quantize_op, x.detach(), bits, group_size, seed, transposed
+    )
     return ShiftQuantTensor(codes, scale, shifts, bits, group_size)
 
 
@@ -229,8 +231,8 @@ def matmul_2d(
     """[M, N] = a @ b.T (+ bias) for 2-D operands quantized along K, in ``dtype`` (on CUDA the
     kernel's epilogue rounds to it; the CPU kernel writes float32, then converts)."""
     bias = None if bias is None else bias.detach()
-    return matmul_op(
-        a.codes, a.scale, a.shifts, b.codes, b.scale, b.shifts, a.group_size, bias, dtype
+    return _library.call(
+        matmul_op, a.codes, a.scale, a.shifts, b.codes, b.scale, b.shifts, a.group_size, bias, dtype
     )
 
 
@@ -354,4 +356,4 @@ def shiftquant_linear(
         raise ValueError(
             f"{op}: x's last dim must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
         )
-    return linear_op(x, weight, bias, bits, grad_bits, group_size)
+    return _library.call(linear_op, x, weight, bias, bits, grad_bits, group_size)

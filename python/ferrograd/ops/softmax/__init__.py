@@ -46,24 +46,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: torch.Tensor):
     (y,) = ctx.saved_tensors
-    return softmax_backward_op(y, grad, ctx.dim, ctx.log), None, None
+    return _library.call(softmax_backward_op, y, grad, ctx.dim, ctx.log), None, None
 
 
 _library.register_autograd(softmax_op, _backward, _setup_context)
-
-
-class _EagerSoftmax(torch.autograd.Function):
-    """Eager CPU calls with autograd run the same kernels and backward without the dispatcher's
-    two Python kernel hops (about 6 µs a call, which a small softmax feels); torch.compile and
-    torch.export see ``softmax_op``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-        y = cpu.forward(x, dim, log)
-        _setup_context(ctx, (x, dim, log), y)
-        return y
-
-    backward = staticmethod(_backward)
 
 
 def _apply(op: str, x: torch.Tensor, dim: int, dtype: torch.dtype | None, log: bool):
@@ -75,12 +61,7 @@ def _apply(op: str, x: torch.Tensor, dim: int, dtype: torch.dtype | None, log: b
     check_floating(op, "x", x)
     if x.is_complex():
         raise TypeError(f"{op}: x must be a real floating-point tensor, got {x.dtype}")
-    dim = normalize_dim(op, dim, x.dim())
-    if x.is_cpu and not torch.compiler.is_compiling():
-        if x.requires_grad and torch.is_grad_enabled():
-            return _EagerSoftmax.apply(x, dim, log)
-        return cpu.forward(x, dim, log)
-    return softmax_op(x, dim, log)
+    return _library.call(softmax_op, x, normalize_dim(op, dim, x.dim()), log)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from . import cpu, reference
 from .cpu import sample_mask
 from .reference import mask_indices
 
-__all__ = ["mask_indices", "sample_mask", "spam_step_op"]
+__all__ = ["mask_indices", "sample_mask", "spam_step", "spam_step_op"]
 
 
 def _fake(param: torch.Tensor, *args) -> None:
@@ -34,3 +34,15 @@ spam_step_op = _library.define(
     reference=reference.spam_step,
     fake=_fake,
 )
+
+
+def spam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *scalars: float | None,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """One fused step in place: ``ferrograd::spam_step`` with the scalars in schema order."""
+    _library.call(spam_step_op, param, grad, exp_avg, exp_avg_sq, *scalars, mask)

@@ -88,7 +88,9 @@ def _setup_matmul(ctx, inputs, output) -> None:
 
 def _matmul_backward(ctx, grad: torch.Tensor):
     packed, scales, zeros = ctx.saved_tensors
-    dx = w4a16_matmul_backward_op(grad, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout)
+    dx = _library.call(
+        w4a16_matmul_backward_op, grad, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout
+    )
     return dx, None, None, None, None, None
 
 
@@ -99,7 +101,7 @@ def _setup_backward(ctx, inputs, output) -> None:
 
 def _backward_backward(ctx, grad: torch.Tensor):
     packed, scales, zeros = ctx.saved_tensors
-    dgrad = w4a16_matmul_op(grad, packed, scales, zeros, ctx.group_size, ctx.layout)
+    dgrad = _library.call(w4a16_matmul_op, grad, packed, scales, zeros, ctx.group_size, ctx.layout)
     return dgrad, None, None, None, None, None, None
 
 
@@ -135,7 +137,7 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
         )
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{QUANTIZE_OP}: weight holds NaN or infinity")
-    packed, scales, zeros = w4_quantize_op(weight.detach(), group_size, zero_point)
+    packed, scales, zeros = _library.call(w4_quantize_op, weight.detach(), group_size, zero_point)
     w = W4Weight(
         packed, scales, zeros if zero_point else None, weight.shape, group_size, weight.dtype
     )
@@ -166,7 +168,7 @@ def w4a16_linear(
         if bias.shape != (n,) or bias.device != x.device:
             raise ValueError(f"{OP}: bias must have shape [N] = [{n}] on {x.device}, got "
                              f"{tuple(bias.shape)} on {bias.device}")  # fmt: skip
-    y = w4a16_matmul_op(x, packed, scales, zeros, group_size, layout)
+    y = _library.call(w4a16_matmul_op, x, packed, scales, zeros, group_size, layout)
     return y if bias is None else y + bias.to(y.dtype)
 
 
