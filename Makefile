@@ -11,7 +11,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11" "transformers>=4.50" "accelerate>=1.1"
 	touch $@
 
 develop: $(STAMP)

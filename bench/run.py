@@ -16,12 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: name -> module in bench/ exposing ``main(threads: int | None) -> None``.
 BENCHMARKS = {
     "softmax": "softmax",
-    "batching": "batching",
-    "optim": "optim",
+    "packing": "packing",
+    "spam": "spam",
     "shiftquant": "shiftquant",
     "cce": "cce",
     "w4a16": "w4a16",
     "overhead": "overhead",
+    "model": "model",
 }
 
 

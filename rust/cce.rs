@@ -255,8 +255,10 @@ pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) ->
 }
 
 /// Backward: replaces the recomputed raw logits of `chunk` by the logit gradient; returns the
-/// largest |dz_ij| / max(|softmax_i|, |target_i|) over the chunk (0 for rows with no gradient),
-/// which the caller compares against `filter_eps` to skip the chunk's gradient matmuls.
+/// largest |dz_ij| / max(|softmax_i|, |target_i|) over the chunk (0 for rows with no gradient,
+/// infinite when a row's lse or coefficients are not finite, so that its NaN reaches the
+/// gradients), which the caller compares against `filter_eps` to skip the chunk's gradient
+/// matmuls.
 pub fn backward_chunk(level: SimdLevel, chunk: Chunk<'_>, coefs: GradCoefs<'_>) -> FgResult<f32> {
     chunk.check(
         "linear_cross_entropy",
@@ -296,6 +298,11 @@ pub fn backward_chunk(level: SimdLevel, chunk: Chunk<'_>, coefs: GradCoefs<'_>) 
             None => (0.0, row),
         };
         let peak = head.max(grad_row(level, tail, lse, cs, cu, softcap));
+        // A NaN or infinite lse or coefficient puts NaN in dz, which the max above drops:
+        // such a row must never let the caller filter its chunk away.
+        if !(lse.is_finite() && cs.is_finite() && ct.is_finite() && cu.is_finite()) {
+            return f32::INFINITY;
+        }
         peak / cs.abs().max(ct.abs())
     };
     let per_task = threads::rows_per_task(rows, width, PAR_MIN);
@@ -434,6 +441,30 @@ mod tests {
                 }
                 assert!((peak as f64 - want_peak).abs() < 1e-5 * want_peak);
             }
+        }
+    }
+
+    #[test]
+    fn a_nan_row_is_never_filtered() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let mut dz = logits(2, 20);
+            dz[27] = f32::NAN;
+            let chunk = Chunk {
+                logits: &mut dz,
+                width: 20,
+                v0: 0,
+                softcap: None,
+                targets: &[3, 5],
+            };
+            let coefs = GradCoefs {
+                lse: &[3.0, f32::NAN],
+                softmax: &[1.0, 1.0],
+                target: &[1.0, 1.0],
+                uniform: &[0.0, 0.0],
+            };
+            let peak = backward_chunk(level, chunk, coefs).unwrap();
+            assert_eq!(peak, f32::INFINITY, "{level:?}");
+            assert!(dz[20..].iter().all(|g| g.is_nan()), "{level:?}");
         }
     }
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from test_batching import batch_pieces, reference_pieces
+from test_packing import batch_pieces, reference_pieces
 
 from ferrograd.data import ByteStream
 
@@ -105,5 +106,80 @@ def test_bad_arguments(tmp_path):
         ByteStream(tmp_path / "missing", 8, 2)
     with pytest.raises(TypeError, match="ByteStream: a document"):
         list(ByteStream([3.5], 8, 2))
+    with pytest.raises(TypeError, match="ByteStream: add_eos must be a bool"):
+        ByteStream(["a"], 8, 2, add_eos=None)
+    with pytest.raises(ValueError, match="ByteStream: seed"):
+        ByteStream(["a"], 8, 2, seed=-1)
     with pytest.raises(TypeError, match="exact resume"):
         ByteStream(iter(["a"]), 8, 2).state_dict()
+
+
+def same_batch(a, b) -> bool:
+    return all(
+        torch.equal(getattr(a, k), getattr(b, k))
+        for k in ("input_ids", "targets", "position_ids", "document_ids", "cu_seqlens")
+    ) and (a.max_seqlen == b.max_seqlen)
+
+
+def through_torch_save(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+DOCS = [b"abcd", b"", "h\u00e9llo w", b"\x00\xff\x02", b"xyzuvw" * 3, b"q"]
+RESUME_CONFIGS = [
+    # (documents, seq_len, batch_size, options)
+    ([b"abcd"], 1, 1, {"add_bos": False}),
+    ([b"abcd"], 2, 1, {}),
+    (DOCS, 1, 1, {"shuffle": False}),
+    (DOCS, 2, 1, {"add_eos": False, "seed": 3}),
+    (DOCS, 3, 2, {"add_bos": False, "seed": 1}),
+    (DOCS, 3, 2, {"add_bos": False, "add_eos": False, "shuffle": False}),
+    (DOCS, 4, 3, {"seed": 7}),
+    (DOCS, 5, 1, {"add_bos": False, "seed": 2}),
+    (DOCS * 2, 7, 2, {"shuffle": False}),
+    ("files", 3, 2, {"seed": 4, "chunk_bytes": 2}),
+    ("files", 2, 1, {"add_bos": False, "shuffle": False, "chunk_bytes": 1}),
+    ("files", 6, 2, {"add_eos": False, "seed": 5, "chunk_bytes": 3}),
+]
+
+
+@pytest.mark.parametrize("docs, seq_len, batch_size, options", RESUME_CONFIGS)
+def test_resume_is_exact_at_every_save_point(tmp_path, docs, seq_len, batch_size, options):
+    """Every save point, through torch.save / torch.load(weights_only=True), resumes to the
+    batches (and the batch count) of the uninterrupted run."""
+    if docs == "files":
+        for i, doc in enumerate(DOCS):
+            (tmp_path / f"f{i}.bin").write_bytes(doc.encode() if isinstance(doc, str) else doc)
+        docs = tmp_path
+
+    def stream():
+        return ByteStream(docs, seq_len, batch_size, **options)
+
+    full = list(stream())
+    assert len(full) > 1
+    for stop in range(len(full) + 1):
+        first = stream()
+        it = iter(first)
+        head = [next(it) for _ in range(stop)]
+        resumed = stream()
+        resumed.load_state_dict(through_torch_save(first.state_dict()))
+        run = head + list(resumed)
+        assert len(run) == len(full), f"save after batch {stop}"
+        assert all(map(same_batch, run, full)), f"save after batch {stop}"
+
+
+def test_bad_state_names_the_key():
+    stream = ByteStream([b"abcdef"], 2, 1, shuffle=False)
+    next(iter(stream))
+    state = stream.state_dict()
+    with pytest.raises(TypeError, match=r"ByteStream: state\['doc'\] must be an int"):
+        ByteStream([b"abcdef"], 2, 1).load_state_dict({**state, "doc": 1.5})
+    pool = {**state["pool"], "lengths": state["pool"]["lengths"] + 1}
+    with pytest.raises(ValueError, match=r"ByteStream: state\['pool'\] is inconsistent"):
+        ByteStream([b"abcdef"], 2, 1).load_state_dict({**state, "pool": pool})
+    with pytest.raises(ValueError, match=r"ByteStream: state\['pool'\]\['flags'\]"):
+        pool = {**state["pool"], "flags": state["pool"]["flags"].long()}
+        ByteStream([b"abcdef"], 2, 1).load_state_dict({**state, "pool": pool})

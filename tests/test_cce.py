@@ -211,6 +211,61 @@ def test_nan_and_infinities_follow_torch(small_chunks, device):
         torch.testing.assert_close(ours.double(), want, rtol=tol, atol=tol, equal_nan=True)
 
 
+def torch_on_valid_rows(e, c, targets, z_loss):
+    """Materialized logits through F.cross_entropy, on the non-ignored rows only (an ignored row
+    takes no part in the loss, so its NaN reaches no gradient)."""
+    valid = targets != IGNORE
+    z = e[valid] @ c.T
+    loss = F.cross_entropy(z, targets[valid])
+    return loss + z_loss * (torch.logsumexp(z, -1) ** 2).mean() if z_loss else loss
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("filter_eps", ["auto", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", ["c", "e", "ignored e"])
+def test_nan_reaches_the_gradients_as_in_torch(small_chunks, device, where, dtype, filter_eps,
+                                               z_loss):  # fmt: skip
+    """A NaN logit gives NaN in the loss and in the gradients, at torch's positions, also where
+    the filter would otherwise skip every chunk (two of three chunks are never likely)."""
+    e, c, _, targets = make_inputs(shape=(4,), vocab=48, dtype=dtype, ignored=0.0, device=device)
+    with torch.no_grad():
+        c[:32] *= 0.01
+        c[32:] *= 20.0
+        # (An ignored row's zero gradient times a NaN in c is NaN in its dE: not torch's.)
+        targets.copy_(torch.tensor([32, 40, 47, 33 if where == "c" else IGNORE]))
+        if where == "c":
+            c[1, 3] = float("nan")
+        else:
+            e[3 if where == "ignored e" else 2, 5] = float("nan")
+    loss = fg.linear_cross_entropy(e, c, targets, z_loss=z_loss, filter_eps=filter_eps)
+    ours = grads(loss, (e, c))
+    want_loss = torch_on_valid_rows(e, c, targets, z_loss)
+    want = grads(want_loss, (e, c))
+    assert loss.isnan() == want_loss.isnan() == (where != "ignored e")
+    for o, w in zip(ours, want, strict=True):
+        assert torch.equal(o.isnan(), w.isnan())
+        assert w.isnan().any() == (where != "ignored e")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_an_empty_feature_dim_gives_torchs_loss(device, dtype, use_bias):
+    """D = 0: every logit is its bias (or 0), as F.cross_entropy of e @ c.T (+ bias) gives."""
+    e = torch.randn(2, 3, 0, dtype=dtype, device=device, requires_grad=True)
+    c = torch.randn(5, 0, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(5, dtype=dtype, device=device, requires_grad=True) if use_bias else None
+    targets = torch.tensor([[0, 4, IGNORE], [2, 2, 1]], device=device)
+    loss = fg.linear_cross_entropy(e, c, targets, bias=bias)
+    z = e @ c.T + (0 if bias is None else bias)
+    want = F.cross_entropy(z.reshape(-1, 5), targets.reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, want)
+    leaves = [e, c] + ([bias] if use_bias else [])
+    for ours, theirs in zip(grads(loss, leaves), grads(want, leaves), strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_module_matches_functional(device):
     e, c, bias, targets = make_inputs(device=device)
     module = fg.nn.LinearCrossEntropy(softcap=3.0, shift=1, z_loss=1e-3)

@@ -227,3 +227,139 @@ def test_compiled_module_equals_eager(device, bits):
     got = run(torch.compile(norm, fullgraph=True))
     for ours, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+# ---- L1RMSNorm ----
+
+
+def rms_reference(x, weight, eps):
+    x = x.double()
+    y = x / (math.sqrt(math.pi / 2) * x.abs().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.double()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)]
+)
+@pytest.mark.parametrize("shape", [(7, 1024), (3, 5, 33)])
+def test_rms_forward_and_backward_match_torch(device, dtype, tol, shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device=device) * 3 + 0.5).to(dtype).requires_grad_()
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    norm = fg.nn.L1RMSNorm(shape[-1], eps=1e-6, device=device, dtype=pdtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    y = norm(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    xr = x.detach().double().requires_grad_()
+    wr = norm.weight.detach().double().requires_grad_()
+    want = rms_reference(xr, wr, 1e-6)
+    torch.testing.assert_close(y.double(), want, atol=tol, rtol=tol)
+    grad = torch.randn(shape, device=device, dtype=torch.float64)
+    y.backward(grad.to(dtype))
+    want.backward(grad)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=tol * 10, rtol=tol * 10)
+    torch.testing.assert_close(norm.weight.grad.double(), wr.grad, atol=tol * 100, rtol=tol * 10)
+
+
+def test_rms_gradcheck_float64():
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: l1norm.l1_rms_norm(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda x: l1norm.l1_rms_norm(x, None, 1e-3), (x,))
+
+
+def test_rms_module_matches_rms_norm_on_gaussian_inputs():
+    torch.manual_seed(2)
+    x = torch.randn(64, 4096)
+    got = fg.nn.L1RMSNorm(4096)(x)
+    want = torch.nn.RMSNorm(4096, eps=1e-6)(x)
+    assert (got - want).abs().mean() < 2e-2
+
+
+def test_rms_codes_path_normalizes_the_dequantized_input():
+    torch.manual_seed(3)
+    x = torch.randn(6, 100, requires_grad=True)
+    w = torch.rand(100) + 0.5
+    y = l1norm.l1_rms_norm(x, w, 1e-6, bits=6)
+    xq = quantize_2d(x.detach(), 6, 64).dequantize()
+    torch.testing.assert_close(y.double(), rms_reference(xq, w, 1e-6), atol=1e-5, rtol=1e-5)
+    y.sum().backward()  # straight-through: the gradient of the float norm at the codes
+    xd = xq.clone().requires_grad_()
+    l1norm.l1_rms_norm(xd, w, 1e-6).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+
+
+def test_rms_from_rms_norm_copies_weight_and_eps():
+    norm = torch.nn.RMSNorm(12, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_()
+    out = fg.nn.L1RMSNorm.from_rms_norm(norm)
+    assert out.eps == 1e-5 and torch.equal(out.weight, norm.weight)
+
+    class HFNorm(torch.nn.Module):  # transformers' spelling, Gemma's 1 + weight
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(12))
+            self.variance_epsilon = 3e-6
+
+    out = fg.nn.L1RMSNorm.from_rms_norm(HFNorm(), weight_offset=1.0, bits=8)
+    assert out.eps == 3e-6 and out.bits == 8 and torch.equal(out.weight, torch.ones(12))
+    auto_eps = fg.nn.L1RMSNorm.from_rms_norm(torch.nn.RMSNorm(12))
+    assert auto_eps.eps == torch.finfo(torch.float32).eps
+    with pytest.raises(TypeError, match="weight"):
+        fg.nn.L1RMSNorm.from_rms_norm(torch.nn.RMSNorm(12, elementwise_affine=False))
+
+
+@pytest.mark.parametrize("cls", [fg.nn.L1LayerNorm, fg.nn.L1RMSNorm])
+@pytest.mark.parametrize("eps", [0.0, -1e-6])
+def test_norms_reject_non_positive_eps(cls, eps):
+    with pytest.raises(ValueError, match="eps"):
+        cls(8, eps=eps)
+
+
+def test_rms_bad_input():
+    with pytest.raises(ValueError, match="weight"):
+        l1norm.l1_rms_norm(torch.randn(3, 8), torch.ones(7))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fg.nn.L1RMSNorm((2, 8))
+    with pytest.raises(ValueError, match="bits"):
+        l1norm.l1_rms_norm(torch.randn(3, 8), bits=9)
+    with pytest.raises(TypeError, match="x"):
+        l1norm.l1_rms_norm(torch.ones(3, 8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("affine", [False, True])
+def test_l1_rms_norm_opcheck(device, dtype, affine):
+    x = torch.randn(5, 24, device=device, dtype=dtype, requires_grad=True)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.randn(24, device=device, dtype=pdtype, requires_grad=True) if affine else None
+    torch.library.opcheck(l1norm.l1_rms_norm_op, (x, w, 1e-6))
+    y, rstd = l1norm.l1_rms_norm_op(x, w, 1e-6)
+    args = (torch.randn_like(y), x.detach(), rstd, None if w is None else w.detach(), affine)
+    torch.library.opcheck(l1norm.l1_rms_norm_backward_op, args)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_rms_compiled_module_equals_eager(device, bits):
+    torch.manual_seed(5)
+    norm = fg.nn.L1RMSNorm(40, bits=bits).to(device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 40, device=device)
+    grad = torch.randn_like(x)
+
+    def run(module):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad(set_to_none=True)
+        y = module(xi)
+        y.backward(grad)
+        return y.detach(), xi.grad, norm.weight.grad
+
+    torch._dynamo.reset()
+    want = run(norm)
+    got = run(torch.compile(norm, fullgraph=True))
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)

@@ -609,3 +609,51 @@ def test_compiled_shiftquant_linear_equals_eager(device):
         got = run(torch.compile(layer, fullgraph=True))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_model_keeps_shared_modules_shared():
+    shared, norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+    model = torch.nn.Sequential(
+        shared, norm, torch.nn.ReLU(), shared, torch.nn.Sequential(shared, norm)
+    )
+    out = fg.nn.quantize_model(model)
+    assert out is model
+    assert isinstance(model[0], fg.nn.ShiftQuantLinear)
+    assert model[0] is model[3] is model[4][0]
+    assert isinstance(model[1], fg.nn.L1LayerNorm) and model[1] is model[4][1]
+    assert len(list(model.parameters())) == 4  # one weight and bias each, shared
+    assert torch.equal(model[0].weight, shared.weight)
+
+
+def test_quantize_model_swaps_a_root_module():
+    linear = torch.nn.Linear(8, 8)
+    out = fg.nn.quantize_model(linear, bits=6)
+    assert isinstance(out, fg.nn.ShiftQuantLinear) and out.bits == 6
+    assert torch.equal(out.weight, linear.weight) and torch.equal(out.bias, linear.bias)
+    assert isinstance(fg.nn.quantize_model(torch.nn.LayerNorm(8)), fg.nn.L1LayerNorm)
+    norm = torch.nn.LayerNorm(8)
+    assert fg.nn.quantize_model(norm, norms=False) is norm
+    with pytest.raises(TypeError, match="quantize_model: model must be an nn.Module"):
+        fg.nn.quantize_model(None)
+
+
+def test_an_empty_last_dim_gives_torchs_empty_results():
+    q = fg.shiftquant(torch.randn(3, 0))
+    assert q.codes.shape == (3, 0) and q.scale.shape == (3,) and q.shifts.shape == (3, 0)
+    assert q.dequantize().shape == (3, 0)
+    a, b = fg.shiftquant(torch.randn(2, 3, 0)), fg.shiftquant(torch.randn(4, 0))
+    assert torch.equal(fg.shiftquant_matmul(a, b), torch.zeros(2, 3, 4))
+    layer = fg.nn.ShiftQuantLinear(0, 2)
+    plain = torch.nn.Linear(0, 2)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.5, -1.5]))
+        plain.bias.copy_(layer.bias)
+    x, x_plain = (torch.randn(5, 0, requires_grad=True) for _ in range(2))
+    y, y_plain = layer(x), plain(x_plain)
+    torch.testing.assert_close(y, y_plain)
+    y.sum().backward()
+    y_plain.sum().backward()
+    assert x.grad.shape == (5, 0) and layer.weight.grad.shape == (2, 0)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+    half = layer(torch.randn(5, 0, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.equal(half, y.detach().bfloat16())

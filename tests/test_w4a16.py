@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 from support.w4a16_emulation import emulate
@@ -17,7 +19,14 @@ from ferrograd import _core
 from ferrograd.ops import w4a16 as ops
 from ferrograd.ops.w4a16 import cuda as w4_cuda
 from ferrograd.ops.w4a16 import reference
-from ferrograd.ops.w4a16.weight import CPU_BLOCKS, GPU_WORDS, LAYOUTS, native_layout, pack
+from ferrograd.ops.w4a16.weight import (
+    CPU_BLOCKS,
+    GPU_WORDS,
+    LAYOUTS,
+    native_layout,
+    pack,
+    scale_dtype,
+)
 from ferrograd.quant import smoothquant as sq
 
 pytestmark = pytest.mark.simd
@@ -33,9 +42,11 @@ def reference_w4(w: torch.Tensor, group_size: int, zero_point: bool):
     for c0 in range(0, k, g):
         block = w[:, c0 : c0 + g]
         if zero_point:
-            scale = (block.amax(1, keepdim=True) - block.amin(1, keepdim=True)) / 15
+            # The range widened to hold 0.
+            lo = block.amin(1, keepdim=True).clamp(max=0)
+            scale = (block.amax(1, keepdim=True).clamp(min=0) - lo) / 15
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            zero = torch.clamp(torch.round(-block.amin(1, keepdim=True) / scale), 0, 15)
+            zero = torch.clamp(torch.round(-lo / scale), 0, 15)
             q = torch.clamp(torch.round(block / scale) + zero, 0, 15)
         else:
             scale = block.abs().amax(1, keepdim=True) / 7
@@ -117,6 +128,168 @@ def test_scale_dtype_follows_the_weight(dtype):
     q = fg.quant.quantize_w4(torch.randn(4, 64).to(dtype), 32)
     assert q.scales.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
     assert q.dequantize().dtype == dtype
+
+
+def column_scales(q) -> torch.Tensor:
+    """The stored scale of each weight [N, K], as float32."""
+    per_column = torch.arange(q.shape[1]) // q.group_len
+    return q.scales.float()[:, per_column]
+
+
+@pytest.mark.parametrize("magnitude", [5e5, 1e-8, 1e30, 1e-30])
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_scales_outside_the_16_bit_range_are_stored_in_float32(magnitude, zero_point):
+    """Scales float16 cannot hold (overflow above ~5e5 weights, flush below ~1e-7) keep the
+    rule's float32 scale: every weight within one step of the rule."""
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(7)) * magnitude
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if not torch.isfinite(w.to(dtype)).all() or (w.to(dtype) == 0).all():
+            continue  # not representable in that dtype
+        q = fg.quant.quantize_w4(w.to(dtype), 64, zero_point)
+        wf = w.to(dtype).float()
+        codes, scales, zeros = reference_w4(wf, 64, zero_point)
+        assert torch.equal(q.codes.float(), codes)
+        fits = bool(((scales >= 6.2e-5) & (scales <= 65504)).all()) or dtype == torch.bfloat16
+        assert q.scales.dtype == (scale_dtype(dtype) if fits else torch.float32)
+        w_hat = q.dequantize().float()
+        assert w_hat.isfinite().all()
+        assert ((w_hat - wf).abs() <= column_scales(q) * 1.001).all()
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_scale_storage_is_16_bit_only_when_every_scale_fits(zero_point):
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    assert fg.quant.quantize_w4(w, 64, zero_point).scales.dtype == torch.float16
+    w[2, 64:] *= 1e6  # one group's scale past float16's range
+    q = fg.quant.quantize_w4(w, 64, zero_point)
+    assert q.scales.dtype == torch.float32
+    codes, scales, zeros = reference_w4(w, 64, zero_point)
+    torch.testing.assert_close(q.dequantize(), (codes - zeros) * scales, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [1.0, 1.0000001] * 64,  # near-constant
+        [2.5] * 128,  # constant
+        [-3.0] * 128,
+        torch.linspace(10, 11, 128).tolist(),  # a group that does not hold 0
+        torch.linspace(-11, -10, 128).tolist(),
+    ],
+)
+def test_groups_without_zero_dequantize_near_their_values(row):
+    w = torch.tensor([row])
+    for group_size in (-1, 32):
+        q = fg.quant.quantize_w4(w, group_size)
+        step = column_scales(q)
+        assert ((q.dequantize() - w).abs() <= 0.5 * step * 1.001).all()
+        assert (q.dequantize() - w).abs().max() < w.abs().max() / 15
+
+
+def test_a_range_overflowing_float32_is_refused():
+    w = torch.tensor([[-3e38, 0.0, 3e38, 1.0]])
+    for fn in (fg.quant.quantize_w4, ops.w4_quantize_op, reference.quantize):
+        with pytest.raises(ValueError, match="quantize_w4: weight"):
+            fn(w, -1, True)
+    # Each group alone fits, and the symmetric scheme's max |w| / 7 always does.
+    q = fg.quant.quantize_w4(w, 2)
+    assert q.scales.dtype == torch.float32 and q.dequantize().isfinite().all()
+    assert fg.quant.quantize_w4(w, -1, zero_point=False).dequantize().isfinite().all()
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_rust_quantizer_equals_the_reference_on_extreme_weights(zero_point):
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(6, 200, generator=g)
+    w[0] *= 5e5
+    w[1] *= 1e-8
+    w[2] = torch.linspace(10, 11, 200)
+    w[3, :100] = 1.0000001
+    w[3, 100:] = 1.0
+    w[4] *= 1e-40  # float32 subnormals
+    w[5] = 3e38
+    for group_size in (64, -1, 48):
+        got = ops.w4_quantize_op(w, group_size, zero_point)
+        for a, b in zip(got, reference.quantize(w, group_size, zero_point), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_huge_x_gives_finite_results_where_the_exact_one_is(rows, zero_point):
+    """x = 1e38 against a zero weight is 0, and against a row summing to a finite product
+    finite: the kernels' zero-point term (scale * zero * sum x) must not overflow into NaN."""
+    w = torch.zeros(4, 64)
+    w[1, 0] = 1.0
+    w[2, :2] = torch.tensor([1.0, -1.0])
+    w[3] = torch.randn(64)
+    q = fg.quant.quantize_w4(w, 32, zero_point)
+    x = torch.full((rows, 64), 1e38)
+    y = fg.w4a16_matmul(x, q)
+    w_hat = q.dequantize().double()
+    exact = x.double() @ w_hat.T
+    assert (y[:, 0] == 0).all()
+    finite = exact.abs() <= torch.finfo(torch.float32).max
+    assert finite[:, :3].all() and y[finite].isfinite().all()
+    size = x.double().abs() @ w_hat.abs().T  # the error bound's scale (x rounded to int16)
+    assert ((y.double() - exact).abs()[finite] <= 1e-4 * size[finite]).all()
+
+
+def test_weight_fields_of_the_wrong_type_are_type_errors_naming_the_field():
+    q = fg.quant.quantize_w4(torch.randn(4, 64), 32)
+    bad = {
+        "packed": q.packed.to(torch.int64),
+        "scales": q.scales.double(),
+        "zeros": q.zeros.to(torch.int32),
+    }
+    for field, value in bad.items():
+        with pytest.raises(TypeError, match=f"W4Weight: {field} must be a tensor of dtype"):
+            dataclasses.replace(q, **{field: value})
+    with pytest.raises(TypeError, match="W4Weight: scales must be a tensor"):
+        dataclasses.replace(q, scales=q.scales.tolist())
+    with pytest.raises(TypeError, match="W4Weight: group_size must be an int"):
+        dataclasses.replace(q, group_size=32.0)
+    with pytest.raises(TypeError, match="W4Weight: dtype must be a floating"):
+        dataclasses.replace(q, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"W4Weight: scales must be \[4, 2\]"):
+        dataclasses.replace(q, scales=q.scales[:, :1])
+    with pytest.raises(ValueError, match=r"W4Weight: zeros must be \[4, 2\]"):
+        dataclasses.replace(q, zeros=q.zeros.T)
+    with pytest.raises(ValueError, match="W4Weight: shape must be"):
+        dataclasses.replace(q, shape=(4, 64, 1))
+    f32 = dataclasses.replace(q, scales=q.scales.float())  # a float32-scale weight is valid
+    torch.testing.assert_close(f32.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("smooth", [0.0, float("nan"), float("inf"), -1.0])
+def test_from_linear_refuses_a_smooth_that_is_not_positive_and_finite(smooth):
+    s = torch.rand(64) + 0.5
+    s[3] = smooth
+    with pytest.raises(ValueError, match="W4A16Linear.from_linear: smooth must be positive"):
+        fg.nn.W4A16Linear.from_linear(nn.Linear(64, 8), 32, smooth=s)
+    with pytest.raises(TypeError, match="W4A16Linear.from_linear: smooth must be a tensor"):
+        fg.nn.W4A16Linear.from_linear(nn.Linear(64, 8), 32, smooth=[1.0] * 64)
+
+
+def test_w4a16_linear_keeps_its_scales_dtype_through_casts_and_loads():
+    """Module casts and loading a checkpoint keep the stored scales (float32 ones would flush
+    in float16)."""
+    tiny = nn.Linear(64, 8, bias=False)  # (a bias would round through the casts)
+    with torch.no_grad():
+        tiny.weight.mul_(1e-6)
+    layer = fg.nn.W4A16Linear.from_linear(tiny, 32)
+    assert layer.scales.dtype == torch.float32
+    x = torch.randn(2, 64)
+    want = layer(x)
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        cast(layer)
+        assert layer.scales.dtype == torch.float32 and layer.scales.min() > 0
+    torch.testing.assert_close(layer(x), want)
+    fresh = fg.nn.W4A16Linear.from_linear(nn.Linear(64, 8, bias=False), 32)
+    assert fresh.scales.dtype == torch.float16
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.scales.dtype == torch.float32
+    torch.testing.assert_close(fresh(x), want)
 
 
 def integer_gemv() -> bool:
@@ -310,6 +483,28 @@ def test_smoothquant_plus_beats_round_to_nearest_on_planted_outliers():
     assert report.rtn_loss > loss(model)
 
 
+def test_smoothquant_plus_losses_are_relative_to_the_output_scale():
+    """Activations ~1e20 give outputs whose squares overflow float32: the losses must still be
+    the relative errors (equal to those of the same model on activations ~1, for round to
+    nearest, which a bias-free ReLU network makes scale-free)."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(64, 96, bias=False), nn.ReLU(), nn.Linear(96, 32, bias=False)
+        )
+
+    batches = outlier_batches()
+    unit = fg.quant.smoothquant_plus(model(), batches, group_size=32)
+    huge = fg.quant.smoothquant_plus(model(), [b * 1e20 for b in batches], group_size=32)
+    losses = list(huge.alpha_losses.values())
+    assert all(0 < loss < 1 for loss in losses) and len(set(losses)) > 1
+    assert huge.alpha_losses[huge.alpha] == min(losses)
+    torch.testing.assert_close(huge.rtn_loss, unit.rtn_loss, rtol=1e-3, atol=0)
+    for name, layer in huge.layers.items():
+        assert 0 < layer.error < 1 and math.isfinite(layer.error), name
+
+
 def test_smoothquant_plus_keeps_input_scales_when_folding_is_inexact():
     model = planted_block(PostNorm)
     report = fg.quant.smoothquant_plus(model, outlier_batches(), group_size=64, alpha=0.5)
@@ -369,6 +564,34 @@ def test_cuda_launch_with_the_emulated_kernel(monkeypatch, dtype, group_size, ze
     assert got.shape == (2, 3, 40) and got.dtype == dtype
     # Both round float32 sums to x's dtype, summed in different orders: one unit of the largest.
     assert (got.float() - want.float()).abs().max() <= torch.finfo(dtype).eps * want.abs().max()
+
+
+@pytest.mark.parametrize(
+    "scales_dtype, x_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+    ],
+)
+def test_cuda_takes_the_reference_for_scales_x_cannot_hold(monkeypatch, scales_dtype, x_dtype):
+    """float32 scales (and bfloat16 ones with float16 x) would overflow or flush in x's dtype:
+    the kernel is not launched, the reference computes in float32."""
+
+    def kernel(*args):
+        raise AssertionError("the kernel must not be launched")
+
+    monkeypatch.setattr(w4_cuda.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(w4_cuda.cuda, "kernel", kernel)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3)) * 1e-6
+    q = fg.quant.quantize_w4(w, 32)
+    assert q.scales.dtype == torch.float32  # below float16's normal range
+    scales = q.scales.to(scales_dtype)
+    words = q.with_layout(GPU_WORDS)
+    x = torch.randn(3, 64).to(x_dtype)
+    got = w4_cuda.matmul(x, words.packed, scales, words.zeros, 32, GPU_WORDS)
+    want = reference.matmul(x, q.packed, scales, q.zeros, 32, CPU_BLOCKS)
+    assert torch.equal(got, want) and got.isfinite().all()
 
 
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 128])
@@ -516,8 +739,15 @@ def test_bad_input():
         fg.quant.quantize_w4(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="quantize_w4: weight must be a non-empty 2-D"):
         fg.quant.quantize_w4(torch.ones(8))
-    with pytest.raises(ValueError, match="quantize_w4: group_size must be positive or -1"):
+    with pytest.raises(ValueError, match="quantize_w4: group_size must be positive"):
         fg.quant.quantize_w4(torch.ones(2, 8), group_size=0)
+    for huge in (2**63, 2**64):
+        with pytest.raises(ValueError, match=r"quantize_w4: group_size must be positive \(below"):
+            fg.quant.quantize_w4(torch.ones(2, 8), group_size=huge)
+    with pytest.raises(TypeError, match="quantize_w4: group_size must be an int"):
+        fg.quant.quantize_w4(torch.ones(2, 8), group_size=8.0)
+    q = fg.quant.quantize_w4(torch.ones(2, 8), group_size=np.int64(4))  # as torch takes it
+    assert q.group_size == 4 and type(q.group_size) is int
     with pytest.raises(TypeError, match="quantize_w4: weight must be a floating"):
         fg.quant.quantize_w4(torch.ones(2, 8, dtype=torch.int32))
     q = fg.quant.quantize_w4(torch.randn(4, 64))

@@ -9,7 +9,7 @@ use crate::threads::{self, Disjoint};
 impl PackedW4<'_> {
     /// Row n dequantized into `out` (k floats; the tail of the last block is dropped).
     #[inline(always)]
-    fn dequantize_row(&self, n: usize, out: &mut [f32]) {
+    pub(super) fn dequantize_row(&self, n: usize, out: &mut [f32]) {
         let s = self.shape;
         let row_bytes = packed_row_bytes(s.k);
         let packed = &self.packed[n * row_bytes..(n + 1) * row_bytes];

@@ -192,5 +192,32 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
             }
         }
     });
+    recompute_overflowed(w, x, y);
     Ok(())
+}
+
+/// Outputs that the factored form s (Σ q x - z Σ x) overflowed into inf or NaN (x ~ 1e38
+/// against a zero weight: 0 * inf) while x's row is finite, recomputed as Σ x (q - z) s in
+/// float64: infinite only where the exact result is. A scan of y, and a row of W per output
+/// it fixes.
+fn recompute_overflowed(w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) {
+    let (n, k) = (w.shape.n, w.shape.k);
+    let mut w_hat = Vec::new();
+    for (x_row, y_row) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
+        if y_row.iter().all(|v| v.is_finite()) || !x_row.iter().all(|v| v.is_finite()) {
+            continue;
+        }
+        w_hat.resize(k, 0.0f32);
+        for (r, out) in y_row.iter_mut().enumerate() {
+            if !out.is_finite() {
+                w.dequantize_row(r, &mut w_hat);
+                let dot: f64 = x_row
+                    .iter()
+                    .zip(&w_hat)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                *out = dot as f32;
+            }
+        }
+    }
 }

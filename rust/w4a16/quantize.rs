@@ -1,7 +1,7 @@
 //! Weights to 4-bit codes: round to nearest per group, with a zero point or symmetric.
 
 use super::{Shape, PAR_MIN, SYMMETRIC_ZERO};
-use crate::error::FgResult;
+use crate::error::{FgError, FgResult};
 use crate::simd::{Simd, SimdLevel};
 use crate::threads::{self, Disjoint};
 
@@ -20,21 +20,20 @@ unsafe fn quantize_group_impl<S: Simd>(w: &[f32], zero_point: bool, codes: &mut 
     quantize_group(w, zero_point, codes)
 }
 
-/// Quantizes one group: returns (scale, stored zero) and writes the stored codes.
+/// Quantizes one group: returns (scale, stored zero) and writes the stored codes. With zero
+/// points the range is widened to hold 0, so that all-positive and constant groups keep their
+/// values; a range that overflows float32 gives an infinite scale (the caller refuses it).
 #[inline(always)]
 fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
+    let nonzero = |scale: f32| if scale == 0.0 { 1.0 } else { scale };
     if zero_point {
         let (lo, hi) = w
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
-        let scale = (hi - lo) / 15.0;
-        let scale = if scale == 0.0 || !scale.is_finite() {
-            1.0
-        } else {
-            scale
-        };
+            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let scale = nonzero((hi - lo) / 15.0);
+        if scale.is_infinite() {
+            return (scale, 0);
+        }
         let zero = round_even(-lo / scale).clamp(0.0, 15.0);
         for (q, &v) in codes.iter_mut().zip(w) {
             *q = (round_even(v / scale) + zero).clamp(0.0, 15.0) as u8;
@@ -42,12 +41,7 @@ fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
         (scale, zero as u8)
     } else {
         let amax = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-        let scale = amax / 7.0;
-        let scale = if scale == 0.0 || !scale.is_finite() {
-            1.0
-        } else {
-            scale
-        };
+        let scale = nonzero(amax / 7.0);
         for (q, &v) in codes.iter_mut().zip(w) {
             *q = (round_even(v / scale).clamp(-8.0, 7.0) + SYMMETRIC_ZERO as f32) as u8;
         }
@@ -56,7 +50,8 @@ fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
 }
 
 /// Quantizes W [n, k] (row-major) into stored codes [n, k] (one per byte), scales and zeros
-/// [n, groups]. A group whose scale would be 0 (or not finite) gets scale 1.
+/// [n, groups]. A group whose scale would be 0 gets scale 1; a group whose range (max - min,
+/// widened to hold 0) overflows float32 is a ValueError.
 pub fn quantize(
     level: SimdLevel,
     w: &[f32],
@@ -77,18 +72,18 @@ pub fn quantize(
         ],
     )?;
     let per_task = threads::rows_per_task(shape.n, k, PAR_MIN);
-    let (codes, scales, zeros) = (
+    let (codes_out, scales_out, zeros_out) = (
         Disjoint::new(codes),
-        Disjoint::new(scales),
+        Disjoint::new(&mut *scales),
         Disjoint::new(zeros),
     );
     threads::for_each_chunk(shape.n, per_task, |_, r| {
         // SAFETY: the chunks are disjoint row ranges.
         let (codes, scales, zeros) = unsafe {
             (
-                codes.piece(r.start * k..r.end * k),
-                scales.piece(r.start * groups..r.end * groups),
-                zeros.piece(r.start * groups..r.end * groups),
+                codes_out.piece(r.start * k..r.end * k),
+                scales_out.piece(r.start * groups..r.end * groups),
+                zeros_out.piece(r.start * groups..r.end * groups),
             )
         };
         let rows = w[r.start * k..r.end * k].chunks(k).zip(codes.chunks_mut(k));
@@ -105,5 +100,12 @@ pub fn quantize(
             }
         }
     });
-    Ok(())
+    match scales.iter().position(|s| s.is_infinite()) {
+        Some(i) => Err(FgError::Value(format!(
+            "quantize_w4: weight row {} has a range (max - min, with 0) that overflows float32; \
+             use a smaller group_size or zero_point=False",
+            i / groups
+        ))),
+        None => Ok(()),
+    }
 }

@@ -197,3 +197,32 @@ fn bad_shapes_are_value_errors() {
     );
     assert!(matches!(r, Err(FgError::Value(_))));
 }
+
+#[test]
+fn zero_point_ranges_hold_zero_and_an_overflowing_range_is_an_error() {
+    let shape = Shape::new("test", 1, 4, -1).unwrap();
+    let (mut codes, mut scales, mut zeros) = (vec![0u8; 4], vec![0.0f32], vec![0u8]);
+    let mut run = |w: &[f32]| {
+        let r = quantize(
+            SimdLevel::Scalar,
+            w,
+            shape,
+            true,
+            &mut codes,
+            &mut scales,
+            &mut zeros,
+        );
+        r.map(|()| (codes.clone(), scales[0], zeros[0]))
+    };
+    // All positive: the range is [0, 15], zero 0, each weight its own code.
+    assert_eq!(
+        run(&[10.0, 11.0, 15.0, 12.0]),
+        Ok((vec![10, 11, 15, 12], 1.0, 0))
+    );
+    // Constant: one step of 3 / 15 per code, the weights at code 15.
+    let (codes, scale, zero) = run(&[-3.0; 4]).unwrap();
+    assert_eq!((codes, scale, zero), (vec![0; 4], 0.2, 15));
+    assert!(
+        matches!(run(&[-3e38, 3e38, 0.0, 1.0]), Err(FgError::Value(m)) if m.contains("weight row 0"))
+    );
+}

@@ -62,6 +62,13 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
     For long rows prefer flex-attention with a ``mask_mod`` comparing these document ids.
     """
+    op = "document_mask"
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"{op}: document_ids must be a tensor, got {type(document_ids).__name__}")
+    if not _is_integer(document_ids.dtype):
+        raise TypeError(f"{op}: document_ids must be an integer tensor, got {document_ids.dtype}")
+    if document_ids.dim() == 0:
+        raise ValueError(f"{op}: document_ids must have shape [..., seq_len], got a 0-d tensor")
     n = document_ids.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=document_ids.device).tril()
     same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
@@ -77,6 +84,15 @@ def _as_bytes(op: str, doc: object, index: int) -> bytes:
     if isinstance(doc, (bytes, bytearray, memoryview)):
         return bytes(doc)
     raise TypeError(f"{op}: docs[{index}] must be str or bytes, got {type(doc).__name__}")
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_bool(op: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
 
 
 def _check_int(op: str, name: str, value: object, minimum: int) -> int:
@@ -125,6 +141,8 @@ def pack_documents(
     _check_int(op, "offset", offset, 3)
     if seed is not None:
         _check_int(op, "seed", seed, 0)
+    for name, value in (("add_bos", add_bos), ("add_eos", add_eos), ("split_long", split_long)):
+        _check_bool(op, name, value)
     encoded = [_as_bytes(op, d, i) for i, d in enumerate(docs)]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
@@ -139,13 +157,25 @@ def decode_bytes(ids: torch.Tensor | Sequence[int], offset: int = 4) -> str:
     """Ids back to text: ids below ``offset`` (PAD, BOS, EOS, -100) are dropped, invalid UTF-8
     is replaced with U+FFFD; an id beyond the byte range raises ValueError."""
     op = "decode_bytes"
-    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids, dtype=torch.int64)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+    _check_int(op, "offset", offset, 0)
+    if isinstance(ids, torch.Tensor):
+        t = ids
+    elif isinstance(ids, (str, bytes)) or ids is None:
+        raise TypeError(
+            f"{op}: ids must be a tensor or a sequence of ints, got {type(ids).__name__}"
+        )
+    else:
+        try:  # no dtype: floats must come out as floats and be refused, not truncated
+            t = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise TypeError(f"{op}: ids must be a tensor or a sequence of ints ({err})") from None
+        if t.numel() == 0:
+            return ""
+    if not _is_integer(t.dtype):
         raise TypeError(f"{op}: ids must be integers, got {t.dtype}")
     t = t.detach().reshape(-1).to("cpu", torch.int64)
     if t.numel() and int(t.max()) >= offset + 256:
         raise ValueError(
             f"{op}: id {int(t.max())} is beyond the byte range [{offset}, {offset + 256})"
         )
-    data = (t[t >= offset] - offset).to(torch.uint8).numpy().tobytes()
-    return data.decode("utf-8", "replace")
+    return bytes((t[t >= offset] - offset).tolist()).decode("utf-8", "replace")

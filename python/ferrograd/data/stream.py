@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +69,15 @@ class ByteStream(IterableDataset):
             ("offset", offset, 3),
             ("chunk_bytes", chunk_bytes, 1),
             ("shuffle_buffer", shuffle_buffer, 1),
+            ("seed", seed, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
             if value < minimum:
                 raise ValueError(f"{_OP}: {name} must be at least {minimum}, got {value}")
+        for name, value in (("shuffle", shuffle), ("add_bos", add_bos), ("add_eos", add_eos)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{_OP}: {name} must be a bool, got {type(value).__name__}")
         if isinstance(sources, (str, os.PathLike)):
             self._docs: Sequence | Iterable = _files_under(Path(sources))
         elif isinstance(sources, Sequence):
@@ -102,18 +107,30 @@ class ByteStream(IterableDataset):
         return {"epoch": self.epoch, "doc": 0, "token": 0, "pool": [], "batches": 0}
 
     def state_dict(self) -> dict:
-        """Where the last yielded batch left this process's shard: resume with load_state_dict."""
+        """Where the last yielded batch left this process's shard: resume with load_state_dict.
+
+        Made of ints and tensors only (``torch.load(weights_only=True)`` reads it back)."""
         if not isinstance(self._docs, Sequence):
             raise TypeError(f"{_OP}: exact resume needs files or a sequence of documents")
-        return copy.deepcopy(self._state)
+        state = dict(self._state)
+        state["pool"] = _pool_tensors(state["pool"])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"{_OP}: state must be a dict, got {type(state).__name__}")
         missing = {"epoch", "doc", "token", "pool", "batches"} - set(state)
         if missing:
             raise ValueError(f"{_OP}: state is missing {sorted(missing)}")
+        for key in ("epoch", "doc", "token", "batches"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{_OP}: state[{key!r}] must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{_OP}: state[{key!r}] must be >= 0, got {value}")
         self.epoch = state["epoch"]
-        self._resume = copy.deepcopy(state)
-        self._state = copy.deepcopy(state)
+        self._state = {**state, "pool": _pool_pieces(state["pool"])}
+        self._resume = copy.deepcopy(self._state)
 
     # -- documents of this shard ------------------------------------------------------------
 
@@ -203,9 +220,10 @@ class ByteStream(IterableDataset):
         state = self._resume or self._fresh_state()
         self._resume = None
         state["epoch"] = self.epoch
-        pool: list[Piece] = [tuple(p) for p in state["pool"]]
-        tokens = sum(len(p[0]) + p[1] + p[2] for p in pool)
+        pool: list[Piece] = list(state["pool"])
         target = 2 * self.batch_size * self.seq_len  # a wider pool packs tighter
+        # A save between two batches packed from one pool: pack on before reading further.
+        tokens = yield from self._pack_while(state, pool, target)
         docs = self._my_documents()
         for index, doc in enumerate(docs):
             if index < state["doc"]:
@@ -213,20 +231,75 @@ class ByteStream(IterableDataset):
             start = state["token"] if index == state["doc"] else 0
             for piece, after in self._pieces(doc, start):
                 pool.append(piece)
-                tokens += len(piece[0]) + piece[1] + piece[2]
-                state["doc"], state["token"] = index, after
-                while tokens >= target:
-                    batch, pool = self._pack(pool)
-                    tokens = sum(len(p[0]) + p[1] + p[2] for p in pool)
-                    yield self._emit(state, pool, batch)
+                tokens += _size(piece)
+                # After a document's last piece resume at the next one: its EOS is out.
+                last = piece[3] == IGNORE_INDEX
+                state["doc"], state["token"] = (index + 1, 0) if last else (index, after)
+                if tokens >= target:
+                    tokens = yield from self._pack_while(state, pool, target)
             state["doc"], state["token"] = index + 1, 0
-        while pool:
-            batch, pool = self._pack(pool)
-            yield self._emit(state, pool, batch)
+        yield from self._pack_while(state, pool, 1)
         self._state = self._fresh_state()
 
-    def _emit(self, state: dict, pool: list[Piece], batch: PackedBatch) -> PackedBatch:
-        state["pool"] = list(pool)
-        state["batches"] += 1
-        self._state = copy.deepcopy(state)
-        return batch
+    def _pack_while(
+        self, state: dict, pool: list[Piece], minimum: int
+    ) -> Generator[PackedBatch, None, int]:
+        """Packs batches out of ``pool`` (in place) while it holds ``minimum`` tokens or more;
+        returns the tokens left."""
+        tokens = sum(map(_size, pool))
+        while tokens >= minimum:
+            batch, pool[:] = self._pack(pool)
+            tokens = sum(map(_size, pool))
+            state["pool"] = list(pool)
+            state["batches"] += 1
+            self._state = copy.deepcopy(state)
+            yield batch
+        return tokens
+
+
+def _size(piece: Piece) -> int:
+    """Tokens of a piece: its bytes, BOS and EOS."""
+    return len(piece[0]) + piece[1] + piece[2]
+
+
+def _pool_tensors(pool: list[Piece]) -> dict[str, torch.Tensor]:
+    """The pieces as tensors (a state that torch.load(weights_only=True) reads)."""
+    data = b"".join(p[0] for p in pool)
+    return {
+        "bytes": torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.zeros(0, dtype=torch.uint8),
+        "lengths": torch.tensor([len(p[0]) for p in pool], dtype=torch.int64),
+        "flags": torch.tensor([p[1] | (p[2] << 1) for p in pool], dtype=torch.uint8),
+        "next_ids": torch.tensor([p[3] for p in pool], dtype=torch.int64),
+    }
+
+
+def _pool_pieces(pool: object) -> list[Piece]:
+    """Inverse of :func:`_pool_tensors`, checked."""
+    keys = {
+        "bytes": torch.uint8,
+        "lengths": torch.int64,
+        "flags": torch.uint8,
+        "next_ids": torch.int64,
+    }
+    if not isinstance(pool, dict) or set(pool) != set(keys):
+        raise ValueError(f"{_OP}: state['pool'] must be a dict of tensors {sorted(keys)}")
+    for key, dtype in keys.items():
+        t = pool[key]
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != dtype:
+            raise ValueError(f"{_OP}: state['pool'][{key!r}] must be a 1-d {dtype} tensor")
+    lengths, flags, next_ids = (pool[k].tolist() for k in ("lengths", "flags", "next_ids"))
+    if not (
+        len(lengths) == len(flags) == len(next_ids)
+        and all(n >= 0 for n in lengths)
+        and sum(lengths) == pool["bytes"].numel()
+        and all(0 <= f <= 3 for f in flags)
+    ):
+        raise ValueError(f"{_OP}: state['pool'] is inconsistent (lengths, flags, bytes)")
+    data = bytes(pool["bytes"].tolist())
+    ends = list(itertools.accumulate(lengths))
+    return [
+        (data[end - n : end], bool(f & 1), bool(f & 2), nxt)
+        for n, end, f, nxt in zip(lengths, ends, flags, next_ids, strict=True)
+    ]

@@ -1,8 +1,15 @@
 """Modules built on ferrograd's primitives."""
 
 from .cce import LinearCrossEntropy
-from .l1norm import L1LayerNorm
+from .l1norm import L1LayerNorm, L1RMSNorm
 from .shiftquant import ShiftQuantLinear, quantize_model
 from .w4a16 import W4A16Linear
 
-__all__ = ["L1LayerNorm", "LinearCrossEntropy", "ShiftQuantLinear", "W4A16Linear", "quantize_model"]
+__all__ = [
+    "L1LayerNorm",
+    "L1RMSNorm",
+    "LinearCrossEntropy",
+    "ShiftQuantLinear",
+    "W4A16Linear",
+    "quantize_model",
+]

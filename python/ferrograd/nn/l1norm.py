@@ -1,4 +1,5 @@
-"""L1LayerNorm: a drop-in for nn.LayerNorm with an L1 (mean absolute deviation) statistic."""
+"""L1LayerNorm and L1RMSNorm: drop-ins for nn.LayerNorm and RMSNorm with L1 (mean absolute)
+statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import numbers
 import torch
 from torch import nn
 
-from ..ops.l1norm import l1_layer_norm
+from ..ops.l1norm import l1_layer_norm, l1_rms_norm
+
+
+def _check_eps(cls: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{cls}: eps must be a number, got {type(eps).__name__}")
+    if not eps > 0:
+        raise ValueError(f"{cls}: eps must be > 0, got {eps}")
+    return float(eps)
 
 
 class L1LayerNorm(nn.Module):
@@ -31,7 +40,7 @@ class L1LayerNorm(nn.Module):
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (int(normalized_shape),)
         self.normalized_shape = tuple(normalized_shape)
-        self.eps = eps
+        self.eps = _check_eps("L1LayerNorm", eps)
         self.elementwise_affine = elementwise_affine
         self.bits = bits
         if elementwise_affine:
@@ -66,3 +75,58 @@ class L1LayerNorm(nn.Module):
             f"{self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}{bits}"
         )
+
+
+class L1RMSNorm(nn.Module):
+    """y = x / (sqrt(pi/2) * mean|x| + eps) * weight over the last dim.
+
+    A drop-in for RMSNorm (matches it on zero-mean Gaussian inputs) without a square root in the
+    statistic; ``bits`` computes it from ShiftQuant codes of the input.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | tuple[int],
+        eps: float = 1e-6,
+        *,
+        bits: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (int(normalized_shape),)
+        self.normalized_shape = tuple(normalized_shape)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(
+                f"L1RMSNorm: normalized_shape must be one dim (the last), got {normalized_shape}"
+            )
+        self.eps = _check_eps("L1RMSNorm", eps)
+        self.bits = bits
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+
+    @classmethod
+    def from_rms_norm(
+        cls, norm: nn.Module, *, bits: int | None = None, weight_offset: float = 0.0
+    ) -> L1RMSNorm:
+        """An L1RMSNorm with the weight (plus ``weight_offset``: 1 for norms that scale by
+        1 + weight, as Gemma's) and eps of an RMSNorm module with ``.weight`` and
+        ``.variance_epsilon`` or ``.eps`` (None: the weight dtype's machine epsilon, as
+        nn.RMSNorm)."""
+        weight = getattr(norm, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise TypeError(f"L1RMSNorm.from_rms_norm: {type(norm).__name__} has no 1-dim .weight")
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            eps = torch.finfo(weight.dtype).eps
+        out = cls(weight.shape[0], eps, bits=bits, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(weight + weight_offset)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return l1_rms_norm(x, self.weight, self.eps, bits=self.bits)
+
+    def extra_repr(self) -> str:
+        bits = "" if self.bits is None else f", bits={self.bits}"
+        return f"{self.normalized_shape}, eps={self.eps}{bits}"

@@ -93,20 +93,40 @@ def quantize_model(
     norms: bool = True,
 ) -> nn.Module:
     """Swaps every nn.Linear for a ShiftQuantLinear and (``norms``) every nn.LayerNorm for an
-    L1LayerNorm, in place, keeping their parameters; returns ``model``.
+    L1LayerNorm, in place, keeping their parameters; returns ``model``, or its replacement when
+    ``model`` itself is one of them. A module used in several places becomes one replacement
+    used in all of them (sharing kept).
 
     The swapped norms compute their statistics in float (their outputs feed ShiftQuantLinears,
     which quantize them anyway); build ``L1LayerNorm(bits=...)`` directly for integer statistics.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     check_spec("quantize_model", bits, group_size)
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear) and not isinstance(child, ShiftQuantLinear):
-            swapped = ShiftQuantLinear.from_linear(
-                child, bits=bits, grad_bits=grad_bits, group_size=group_size
+    if grad_bits is not None:
+        check_spec("quantize_model", grad_bits, group_size)
+    if not isinstance(norms, bool):
+        raise TypeError(f"quantize_model: norms must be a bool, got {type(norms).__name__}")
+    # id of a module -> (the module, kept alive so that its id stays unique; its replacement)
+    swapped: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    def swap(module: nn.Module) -> nn.Module:
+        if id(module) in swapped:
+            return swapped[id(module)][1]
+        if isinstance(module, nn.Linear) and not isinstance(module, ShiftQuantLinear):
+            out = ShiftQuantLinear.from_linear(
+                module, bits=bits, grad_bits=grad_bits, group_size=group_size
             )
-            setattr(model, name, swapped)
-        elif norms and isinstance(child, nn.LayerNorm):
-            setattr(model, name, L1LayerNorm.from_layer_norm(child))
+        elif norms and isinstance(module, nn.LayerNorm):
+            out = L1LayerNorm.from_layer_norm(module)
         else:
-            quantize_model(child, bits, grad_bits, group_size, norms)
-    return model
+            out = module
+        swapped[id(module)] = (module, out)
+        if out is module:
+            # Every name of every child, repeated ones included (named_children skips them).
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    setattr(module, name, swap(child))
+        return out
+
+    return swap(model)

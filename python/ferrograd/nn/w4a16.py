@@ -10,6 +10,9 @@ from ..ops.w4a16.weight import CPU_BLOCKS, convert, native_layout
 
 __all__ = ["W4A16Linear"]
 
+#: The integer type of each scale dtype's width (scales move between devices as these).
+_SCALE_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
 
 class W4A16Linear(nn.Module):
     """y = (x * input_scale) @ W_hat.T + bias with W_hat a 4-bit weight (``fg.quant.W4Weight``).
@@ -54,8 +57,8 @@ class W4A16Linear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, group_size: int = 128, smooth: torch.Tensor | None = None
     ) -> W4A16Linear:
-        """Quantizes ``linear.weight`` (times ``smooth`` per input channel, whose inverse then
-        scales the input) to 4 bits with zero points."""
+        """Quantizes ``linear.weight`` (times ``smooth`` per input channel, positive and finite,
+        whose inverse then scales the input) to 4 bits with zero points."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"W4A16Linear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"
@@ -63,10 +66,19 @@ class W4A16Linear(nn.Module):
         weight = linear.weight.detach()
         input_scale = None
         if smooth is not None:
+            if not isinstance(smooth, torch.Tensor):
+                raise TypeError(
+                    f"W4A16Linear.from_linear: smooth must be a tensor, got {type(smooth).__name__}"
+                )
             if smooth.shape != (linear.in_features,):
                 raise ValueError(
                     f"W4A16Linear.from_linear: smooth must have shape [in_features] = "
                     f"[{linear.in_features}], got {tuple(smooth.shape)}"
+                )
+            # The input is divided by smooth: a 0 (or inf, NaN) would make the layer NaN.
+            if not bool(((smooth > 0) & smooth.isfinite()).all()):
+                raise ValueError(
+                    "W4A16Linear.from_linear: smooth must be positive and finite everywhere"
                 )
             smooth = smooth.detach().to(weight.device, torch.float32)
             weight = (weight.float() * smooth).to(weight.dtype)
@@ -83,7 +95,12 @@ class W4A16Linear(nn.Module):
         )  # fmt: skip
 
     def _apply(self, fn, recurse=True):
+        # The scales travel as integers, so that .half() / .to(dtype) move them but keep the
+        # dtype the quantizer stored them in (float32 where a 16-bit type cannot hold them).
+        dtype = self.scales.dtype
+        self.scales = self.scales.view(_SCALE_BITS[dtype])
         super()._apply(fn, recurse)
+        self.scales = self.scales.view(dtype)
         layout = native_layout(self.packed.device)
         if layout != self.layout:  # moved between CUDA and another device
             self.packed = convert(self.packed, self.layout, layout, self.in_features)
@@ -98,6 +115,11 @@ class W4A16Linear(nn.Module):
             )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        scales = state_dict.get(prefix + "scales")
+        if isinstance(scales, torch.Tensor) and scales.dtype in _SCALE_BITS:
+            # Loaded in the checkpoint's dtype: copying float32 scales into float16 ones
+            # could flush or overflow them.
+            self.scales = torch.empty_like(self.scales, dtype=scales.dtype)
         key = prefix + "packed"
         if self.layout != CPU_BLOCKS and key in state_dict:
             # load_state_dict passes a copy of the caller's dict.

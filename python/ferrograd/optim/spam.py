@@ -20,6 +20,7 @@ import torch
 from ..ops.spam import mask_indices, sample_mask, spam_step
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
+_MAX_FLOAT = 1.7976931348623157e308  # options must be finite
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -28,44 +29,160 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(op: str, name: str, value: float, low: float, high: float = math.inf) -> None:
+    """A real number in [low, high] (finite unless ``high`` is infinite and ``value`` too)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
 
 
+def _check_int(op: str, name: str, value: int, low: int, high: int = 2**63 - 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
+
+
 class _SpamBase(torch.optim.Optimizer):
     _name = "SPAM"
+    #: Per-parameter float statistics of the state (>= 0) besides the tensors.
+    _stats: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict, seed: int) -> None:
+        self._check_group(defaults)
+        _check_int(self._name, "seed", seed, 0, 2**64 - 1)
+        super().__init__(params, defaults)
+        self.state[_GLOBAL] = {"step": 0, "rng": seed}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's; a group's own options are checked as the defaults are."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict) -> None:
+        """ValueError / TypeError naming the option of ``group`` that is out of range."""
         op = self._name
-        _check(op, "lr", defaults["lr"], 0.0)
-        _check(op, "eps", defaults["eps"], 0.0)
-        _check(op, "weight_decay", defaults["weight_decay"], 0.0)
-        _check(op, "density", defaults["density"], 0.0, 1.0)
-        betas = defaults["betas"]
+        _check(op, "lr", group["lr"], 0.0, _MAX_FLOAT)
+        _check(op, "eps", group["eps"], 0.0, _MAX_FLOAT)
+        # The step divides by sqrt(v_hat) + eps in float32: 0 / 0 where v is 0.
+        if torch.tensor(group["eps"], dtype=torch.float32) == 0:
+            raise ValueError(
+                f"{op}: eps must be positive in float32 (>= 1e-45), got {group['eps']}"
+            )
+        _check(op, "weight_decay", group["weight_decay"], 0.0, _MAX_FLOAT)
+        _check(op, "density", group["density"], 0.0, 1.0)
+        betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise TypeError(f"{op}: betas must be a pair of floats")
         for i, b in enumerate(betas):
             _check(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12)
-        if isinstance(defaults["reset_interval"], bool) or defaults["reset_interval"] < 1:
-            raise ValueError(f"{op}: reset_interval must be a positive int")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{op}: seed must be a non-negative int, got {seed!r}")
-        super().__init__(params, defaults)
-        self.state[_GLOBAL] = {"step": 0, "rng": seed}
+        _check_int(op, "reset_interval", group["reset_interval"], 1)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps the moments float32 and the mask uint8 (torch would cast them
-        to each parameter's dtype)."""
+        to each parameter's dtype), and checks the state first: each parameter's moments
+        (shape, float32, v >= 0), mask (uint8 bitmask of exactly round(density * numel) bits,
+        present exactly when the group is sparse), statistics and the step, raising ValueError
+        naming the key before anything is loaded."""
         saved = {k: v for k, v in state_dict["state"].items() if isinstance(k, int)}
+        self._check_state(state_dict, saved)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entries in saved.items():
             p = params[index]
             for key in ("mask", "exp_avg", "exp_avg_sq"):
                 if key in entries:
-                    self.state[p][key] = entries[key].detach().clone().to(p.device)
+                    # Contiguous copies: a saved tensor may be any view (a transposed moment).
+                    value = entries[key].detach().to(p.device)
+                    self.state[p][key] = value.clone(memory_format=torch.contiguous_format)
+
+    def _check_state(self, state_dict: dict, saved: dict) -> None:
+        op = f"{self._name}.load_state_dict"
+        groups = state_dict.get("param_groups")
+        ours = [p for group in self.param_groups for p in group["params"]]
+        if not isinstance(groups, list) or sum(len(g["params"]) for g in groups) != len(ours):
+            return  # torch's load_state_dict names the mismatch
+        # Saved index -> (parameter, the saved group's options, which the load adopts).
+        where = {}
+        params = iter(ours)
+        for i, group in enumerate(groups):
+            try:
+                self._check_group(group)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{op}: param_groups[{i}]: {e}") from None
+            for index in group["params"]:
+                where[index] = (next(params), group)
+        glob = state_dict["state"].get(_GLOBAL)
+        if glob is not None:
+            if not isinstance(glob, dict):
+                raise ValueError(f"{op}: state[{_GLOBAL!r}] must be a dict")
+            _check_int(op, f"state[{_GLOBAL!r}]['step']", glob.get("step"), 0)
+            _check_int(op, f"state[{_GLOBAL!r}]['rng']", glob.get("rng"), 0, 2**64 - 1)
+        for index, entries in saved.items():
+            if index not in where:
+                raise ValueError(f"{op}: state[{index}] names no parameter")
+            p, group = where[index]
+            self._check_entries(f"{op}: state[{index}]", p, group, entries)
+
+    def _check_entries(self, name: str, p: torch.Tensor, group: dict, entries: dict) -> None:
+        local = _local(p)
+        sparse = group["density"] < 1.0 and p.dim() >= 2
+        moments = [key for key in ("exp_avg", "exp_avg_sq") if key in entries]
+        if not moments:
+            if "mask" in entries:
+                raise ValueError(f"{name}['mask'] comes without moments")
+        elif len(moments) == 1:
+            raise ValueError(f"{name} holds {moments[0]} without its pair")
+        if moments:
+            if sparse:
+                k = round(group["density"] * local.numel())
+                mask = entries.get("mask")
+                bytes_ = -(-local.numel() // 8)
+                if not isinstance(mask, torch.Tensor) or mask.dtype != torch.uint8:
+                    got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+                    raise ValueError(
+                        f"{name}['mask'] must be a uint8 bitmask (a sparse group, density "
+                        f"{group['density']}), got {got}"
+                    )
+                if tuple(mask.shape) != (bytes_,):
+                    raise ValueError(
+                        f"{name}['mask'] must have shape [{bytes_}], got {list(mask.shape)}"
+                    )
+                count = mask_indices(mask.cpu(), local.numel()).numel()
+                stray = int(mask[-1]) >> (local.numel() - 8 * (bytes_ - 1)) if bytes_ else 0
+                if count != k or stray:
+                    raise ValueError(
+                        f"{name}['mask'] must mark exactly {k} of the {local.numel()} elements, "
+                        f"got {count}{' and bits past the end' if stray else ''}"
+                    )
+                shape = (k,)
+            else:
+                if "mask" in entries:
+                    raise ValueError(
+                        f"{name}['mask'] found for a dense parameter (density "
+                        f"{group['density']}, {p.dim()}-D)"
+                    )
+                shape = tuple(local.shape)
+            for key in moments:
+                t = entries[key]
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                    got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name}[{key!r}] must be a float32 tensor, got {got}")
+                if tuple(t.shape) != shape:
+                    raise ValueError(
+                        f"{name}[{key!r}] must have shape {list(shape)}, got {list(t.shape)}"
+                    )
+            if not bool((entries["exp_avg_sq"] >= 0).all()):
+                raise ValueError(f"{name}['exp_avg_sq'] must be >= 0 everywhere (no NaN)")
+        for key in self._stats:
+            if key in entries:
+                value = entries[key]
+                if not (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and 0 <= value < math.inf
+                ):
+                    raise ValueError(f"{name}[{key!r}] must be a finite float >= 0, got {value!r}")
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -193,16 +310,21 @@ class SPAM(_SpamBase):
             reset_interval=reset_interval, warmup_steps=warmup_steps, threshold=threshold,
             clip_warmup=clip_warmup,
         )  # fmt: skip
-        _check("SPAM", "threshold", threshold, 0.0)
         super().__init__(params, defaults, seed)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        _check("SPAM", "threshold", group["threshold"], 0.0)
+        _check_int("SPAM", "warmup_steps", group["warmup_steps"], 0)
+        _check_int("SPAM", "clip_warmup", group["clip_warmup"], 0)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
         interval, warmup_steps = group["reset_interval"], group["warmup_steps"]
         t0 = (t // interval) * interval  # step of the last reset, 0 before the first
-        if t0 == 0:
+        if t0 == 0 or warmup_steps == 0:  # no warm-up yet, or none at all
             warmup = 1.0
         else:
-            s = min(t - t0, warmup_steps) / max(warmup_steps, 1)
+            s = min(t - t0, warmup_steps) / warmup_steps
             warmup = 1.0 - 0.99 * (1.0 + math.cos(math.pi * s)) / 2.0
         b1, b2 = group["betas"]
         clip = group["threshold"] if t - t0 >= group["clip_warmup"] else None
@@ -220,6 +342,7 @@ class StableSPAM(_SpamBase):
     gamma1 from 1 to ``eta_min`` over ``total_steps``."""
 
     _name = "StableSPAM"
+    _stats = ("max_abs", "norm_m", "norm_v")
 
     def __init__(
         self,
@@ -238,16 +361,20 @@ class StableSPAM(_SpamBase):
         density: float = 1.0,
         seed: int = 0,
     ) -> None:
-        for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
-            _check("StableSPAM", name, value, 0.0, 1.0 - 1e-12)
-        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
-            raise ValueError("StableSPAM: total_steps must be a positive int or None")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
             gamma2=gamma2, gamma3=gamma3, reset_interval=reset_interval,
             total_steps=total_steps, eta_min=eta_min, density=density,
         )  # fmt: skip
         super().__init__(params, defaults, seed)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        for name in ("gamma1", "gamma2", "gamma3"):
+            _check("StableSPAM", name, group[name], 0.0, 1.0 - 1e-12)
+        if group["total_steps"] is not None:
+            _check_int("StableSPAM", "total_steps", group["total_steps"], 1)
+        _check("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
         state = self.state[p]

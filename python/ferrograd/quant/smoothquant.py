@@ -200,14 +200,20 @@ def _quantize(model: nn.Module, calib: _Calibration, alpha: float | None, group_
     return applied
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(||got - want||^2, ||want||^2) in float64, where the squares of float32 outputs cannot
+    overflow (outputs ~1e20 square past float32's range: the loss read 0 for every alpha)."""
+    got, want = got.double(), want.double()
+    return float((got - want).pow(2).sum()), float(want.pow(2).sum())
+
+
 def _relative_loss(model: nn.Module, batches: list, reference: list[torch.Tensor]) -> float:
     num = den = 0.0
     with torch.no_grad():
         for item, ref in zip(batches, reference, strict=True):
-            out = _output_tensor(_call(model, item)).float()
-            num += float((out - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-    return num / max(den, 1e-30)
+            d, r = _relative_error(_output_tensor(_call(model, item)), ref)
+            num, den = num + d, den + r
+    return num / max(den, 1e-300)
 
 
 def _folding_is_exact(
@@ -267,7 +273,8 @@ def smoothquant_plus(
             want = ref_layer(x.to(ref_layer.weight.device))
             xin = x if norm_name is None else x / s.to(x.device)
             got = new(xin.to(new.packed.device, new.weight_dtype)).float()
-        err = float((got - want).norm() / want.norm().clamp(min=1e-30))
+        d, r = _relative_error(got, want)
+        err = math.sqrt(d / max(r, 1e-300))
         lo, hi = (1.0, 1.0) if s is None else (float(s.min()), float(s.max()))
         layers[name] = LayerReport(err, norm_name, lo, hi)
     return SmoothQuantReport(best, losses, rtn_loss, fold, layers)

@@ -79,9 +79,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
     e, c, bias, targets, lse = ctx.saved_tensors
     z_loss, smoothing = ctx.z_loss, ctx.label_smoothing
-    grad_row = torch.where(targets >= 0, grad_row, 0.0)
+    valid = targets >= 0
+    grad_row = torch.where(valid, grad_row, 0.0)
     # The coefficients a, b, u of the module docstring (the options' constant terms skipped).
-    coef_softmax = (grad_row * (1.0 + 2.0 * z_loss * lse) if z_loss else grad_row) + grad_lse
+    coef_softmax = grad_row
+    if z_loss:  # where(): an ignored row's NaN lse must not reach its a
+        coef_softmax = torch.where(valid, grad_row * (1.0 + 2.0 * z_loss * lse), 0.0)
+    coef_softmax = coef_softmax + grad_lse
     coef_target = grad_row * (1.0 - smoothing) if smoothing else grad_row
     coef_uniform = grad_row * (smoothing / c.shape[0])
     de, dc, dbias = _library.call(
@@ -233,7 +237,7 @@ def linear_cross_entropy(
     flat_targets = torch.where(valid, shifted, -1).reshape(-1)
     row, lse = _library.call(
         linear_cross_entropy_op,
-        e.reshape(-1, e.shape[-1]).contiguous(),
+        e.reshape(targets.numel(), e.shape[-1]).contiguous(),  # (-1 fails when D = 0)
         c.contiguous(),
         None if bias is None else bias.contiguous(),
         flat_targets,

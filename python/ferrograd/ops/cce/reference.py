@@ -91,11 +91,25 @@ def grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     rows = torch.nonzero((local >= 0) & (local < z.shape[1]))[:, 0]
     z[rows, local[rows]] -= b[rows]
     scale = torch.maximum(a.abs(), b.abs())
-    has_grad = scale > 0
+    has_grad = scale != 0  # a NaN scale counts, so that its NaN keeps the chunk from the filter
     peak = (z[has_grad].abs() / scale[has_grad, None]).amax() if bool(has_grad.any()) else 0.0
     if capped is not None:
         z.mul_(1 - (capped / softcap) ** 2)
     return float(peak)
+
+
+def quiet_ignored_rows(
+    e: torch.Tensor, lse: torch.Tensor, coefs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, lse) with the rows that take no part in the backward (all three coefficients 0:
+    ignored) but hold a NaN or inf of their own (their lse is not finite) set to e = 0 and
+    lse = inf: their dz is then exactly 0 instead of 0 * NaN, and their e no longer reaches dC.
+    Off the CPU without a host synchronization (always copies)."""
+    a, b, u = coefs
+    idle = ~lse.isfinite() & (a == 0) & (b == 0) & (u == 0)
+    if e.device.type == "cpu" and not bool(idle.any()):
+        return e, lse
+    return torch.where(idle[:, None], 0, e), lse.masked_fill(idle, math.inf)
 
 
 def _row_blocks(row_block: int, *tensors: torch.Tensor | None):
@@ -161,6 +175,7 @@ def chunked_backward(
     dc = torch.zeros(vocab, c.shape[1], **like)
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     coefs = [t.to(kd).contiguous() for t in coefs]
+    ek, lse = quiet_ignored_rows(ek, lse, coefs)
     row_block, chunk = _blocks(rows, vocab, e.device)
     buf = torch.empty(min(rows, row_block) * chunk, **like)
     for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, ek, de, targets, lse, *coefs):

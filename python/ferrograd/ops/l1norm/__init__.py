@@ -13,6 +13,12 @@ Ops on x [rows, n], differentiable towards x, weight and bias:
 
 with their ``_backward`` ops. CPU tensors run the Rust kernels (cpu.py), every other device the
 same rule in torch ops (reference.py); on CUDA the codes come from kernels/shiftquant.cu.
+
+L1 RMSNorm: y = x / (sqrt(pi/2) * mean|x| + eps) * weight over the last dim, differentiable towards
+x and weight: ``ferrograd::l1_rms_norm(x, weight, eps)`` (y and the per-row
+1 / (sqrt(pi/2) * mean|x| + eps) it saves, dtypes as above) and its ``_backward``. No Rust kernel
+computes it (the LayerNorm kernels subtract the mean), so every device, CPU included, runs
+reference.py.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .._checks import check_floating, check_tensor
 from ..shiftquant import check_device, check_spec, quantize_2d
 from . import cpu, reference
 
-__all__ = ["l1_layer_norm"]
+__all__ = ["l1_layer_norm", "l1_rms_norm"]
 
 #: Group size of the codes path.
 CODES_GROUP_SIZE = 64
@@ -90,6 +96,29 @@ l1_norm_codes_backward_op = _library.define(
     cpu=cpu.backward_codes,
     reference=reference.backward_codes,
     fake=_fake_backward_codes,
+)
+
+
+def _fake_rms(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=reference.kernel_dtype(x.dtype))
+
+
+def _fake_rms_backward(grad, x, rstd, weight, weight_grad):
+    return grad.new_empty(grad.shape), rstd.new_empty(x.shape[1] if weight_grad else 0)
+
+
+l1_rms_norm_op = _library.define(
+    "l1_rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
+    cpu=reference.rms_forward,
+    reference=reference.rms_forward,
+    fake=_fake_rms,
+)
+l1_rms_norm_backward_op = _library.define(
+    "l1_rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor? weight, bool weight_grad) "
+    "-> (Tensor, Tensor)",
+    cpu=reference.rms_backward,
+    reference=reference.rms_backward,
+    fake=_fake_rms_backward,
 )
 
 
@@ -158,7 +187,22 @@ def _backward_codes(ctx, grad, _mean, _rstd):
     return dx, None, None, None, None, *_param_grads(ctx, wanted, dw, db), None
 
 
+def _setup_rms(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.save_for_backward(x, output[1], weight)
+
+
+def _backward_rms(ctx, grad, _rstd):
+    x, rstd, weight = ctx.saved_tensors
+    weight_grad = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
+    dx, dw = _library.call(l1_rms_norm_backward_op, grad, x, rstd, weight, weight_grad)
+    return dx, dw.to(ctx.weight_dtype) if weight_grad else None, None
+
+
 _library.register_autograd(l1_norm_op, _backward, _setup)
+_library.register_autograd(l1_rms_norm_op, _backward_rms, _setup_rms)
 _library.register_autograd(l1_norm_codes_op, _backward_codes, _setup_codes)
 
 
@@ -204,3 +248,36 @@ def l1_layer_norm(
             l1_norm_codes_op, x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps)
         )[0]
     return y.reshape(x.shape)
+
+
+def l1_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    bits: int | None = None,
+) -> torch.Tensor:
+    """L1 RMSNorm of ``x`` over its last dim (see module doc). With ``bits``, the statistic and
+    the output come from x's ShiftQuant codes (nearest, groups of 64 along the last dim), their
+    dequantized values (in x's dtype); the gradient passes straight through to x."""
+    op = "l1_rms_norm"
+    check_tensor(op, "x", x)
+    check_floating(op, "x", x)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dim")
+    n = x.shape[-1]
+    if weight is not None:
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"{op}: weight must have shape ({n},), got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(f"{op}: weight is on {weight.device}, x on {x.device}")
+    if bits is not None:
+        check_device(op, "x", x)
+        check_spec(op, bits, CODES_GROUP_SIZE)
+    if x.numel() == 0:
+        return x.clone()
+    x2 = x.reshape(-1, n)
+    if bits is not None:
+        codes = quantize_2d(x2.detach(), bits, CODES_GROUP_SIZE).dequantize().to(x.dtype)
+        x2 = codes + (x2 - x2.detach())  # exactly the codes' values, x's gradient
+    return _library.call(l1_rms_norm_op, x2, weight, float(eps))[0].reshape(x.shape)

@@ -92,3 +92,25 @@ def backward_codes(
     x = (v.double() * unit).float()
     dx, dw, db = _backward(grad.float(), x, mean, rstd, weight, weight_grad, bias_grad)
     return dx.to(grad.dtype), dw, db
+
+
+def rms_forward(x: torch.Tensor, weight, eps: float):
+    """L1 RMSNorm of x [rows, n]: y (x's dtype) and per-row r = 1 / (sqrt(pi/2) mean|x| + eps) (the
+    kernel dtype), the statistic accumulated in float64."""
+    kd = kernel_dtype(x.dtype)
+    xk = x.to(kd)
+    mean_abs = xk.abs().mean(-1, keepdim=True, dtype=torch.float64)
+    r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)).to(kd)
+    return _affine(xk * r, weight, None, x.dtype), r[:, 0]
+
+
+def rms_backward(grad, x, rstd, weight, weight_grad: bool):
+    """dx (grad's dtype) and dweight (the kernel dtype; empty when not asked for): with g = dy w,
+    dx = r g - r² sqrt(pi/2) / n Σ(g x) sign(x)."""
+    kd = rstd.dtype
+    dy, xk, r = grad.to(kd), x.to(kd), rstd[:, None]
+    g = dy if weight is None else dy * weight.to(kd)
+    gx = (g * xk).sum(-1, keepdim=True, dtype=torch.float64).to(kd)
+    dx = r * g - (SQRT_HALF_PI / x.shape[-1]) * r * r * gx * torch.sign(xk)
+    dw = (dy * xk * r).sum(0) if weight_grad else xk.new_empty(0)
+    return dx.to(grad.dtype), dw

@@ -261,7 +261,8 @@ def shiftquant(
     if x.dim() == 0:
         x = x.reshape(1)
     shape = x.shape
-    q = quantize_2d(x.reshape(-1, shape[-1]), bits, group_size, key)
+    # Rows spelled out: reshape cannot infer -1 when the last dim is 0.
+    q = quantize_2d(x.reshape(shape[:-1].numel(), shape[-1]), bits, group_size, key)
     return ShiftQuantTensor(
         q.codes.reshape(shape),
         q.scale.reshape(shape[:-1]),
@@ -321,9 +322,9 @@ def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Ten
     lead = a_q.codes.shape[:-1]
     k = a_q.codes.shape[-1]
     a2 = ShiftQuantTensor(
-        a_q.codes.reshape(-1, k),
+        a_q.codes.reshape(lead.numel(), k),
         a_q.scale.reshape(-1),
-        a_q.shifts.reshape(-1, a_q.shifts.shape[-1]),
+        a_q.shifts.reshape(lead.numel(), a_q.shifts.shape[-1]),
         a_q.bits,
         a_q.group_size,
     )
@@ -356,4 +357,7 @@ def shiftquant_linear(
         raise ValueError(
             f"{op}: x's last dim must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}"
         )
+    if x.shape[-1] == 0:  # no products to quantize: zeros (+ bias), as nn.Linear gives
+        bias = None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
     return _library.call(linear_op, x, weight, bias, bits, grad_bits, group_size)

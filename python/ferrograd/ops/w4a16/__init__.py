@@ -2,7 +2,7 @@
 16-bit activations with them, as ferrograd ops.
 
 - ``ferrograd::w4_quantize(weight, group_size, zero_point)`` -> (packed codes in the
-  ``cpu_blocks`` layout, scales, stored zeros);
+  ``cpu_blocks`` layout, float32 scales, stored zeros);
 - ``ferrograd::w4_dequantize(packed, scales, zeros, k, group_size, layout)`` -> W_hat [N, K]
   float32;
 - ``ferrograd::w4a16_matmul(x, packed, scales, zeros, group_size, layout)``: x [..., K] @ W_hat.T
@@ -16,12 +16,14 @@ layouts); the public functions unpack it into the ops' plain tensor arguments.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _library
 from .._checks import check_floating, check_tensor
 from . import cpu, cuda, reference
-from .weight import CPU_BLOCKS, W4Weight, group_len, packed_shape
+from .weight import CPU_BLOCKS, W4Weight, group_len, packed_shape, store_scales
 
 __all__ = ["W4Weight", "quantize_w4", "w4a16_linear", "w4a16_matmul"]
 
@@ -33,7 +35,7 @@ def _fake_quantize(weight, group_size, zero_point):
     n, k = weight.shape
     groups = -(-k // group_len(k, group_size))
     shape, dtype = packed_shape(n, k, CPU_BLOCKS)
-    scales = weight.new_empty(n, groups, dtype=reference.scale_dtype(weight.dtype))
+    scales = weight.new_empty(n, groups, dtype=torch.float32)
     zeros = weight.new_empty(n, groups, dtype=torch.uint8)
     return weight.new_empty(shape, dtype=dtype), scales, zeros
 
@@ -114,8 +116,10 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
     bits by round to nearest per group of ``group_size`` input channels (-1: whole rows).
 
     Codes are computed with the float32 scale; the stored scale is float16 (bfloat16 for a
-    bfloat16 weight), and ``dequantize()`` and the kernels use the stored one. The weight comes
-    back on ``weight``'s device in that device's layout."""
+    bfloat16 weight) when every scale of the weight lies in that type's normal range, else
+    float32 (weight.py's ``store_scales``), and ``dequantize()`` and the kernels use the stored
+    one. With zero points a group whose range (widened to hold 0) overflows float32 is a
+    ValueError. The weight comes back on ``weight``'s device in that device's layout."""
     check_tensor(QUANTIZE_OP, "weight", weight)
     check_floating(QUANTIZE_OP, "weight", weight)
     if weight.dim() != 2 or 0 in weight.shape:
@@ -123,13 +127,15 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
             f"{QUANTIZE_OP}: weight must be a non-empty 2-D [N, K] tensor, "
             f"got {tuple(weight.shape)}"
         )
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
+    if isinstance(group_size, bool) or not hasattr(group_size, "__index__"):
         raise TypeError(
             f"{QUANTIZE_OP}: group_size must be an int, got {type(group_size).__name__}"
         )
-    if group_size != -1 and group_size <= 0:
+    group_size = operator.index(group_size)  # numpy integers too, as torch takes them
+    if group_size != -1 and not 0 < group_size < 2**63:
         raise ValueError(
-            f"{QUANTIZE_OP}: group_size must be positive or -1 (whole rows), got {group_size}"
+            f"{QUANTIZE_OP}: group_size must be positive (below 2^63) or -1 (whole rows), "
+            f"got {group_size}"
         )
     if not isinstance(zero_point, bool):
         raise TypeError(
@@ -138,6 +144,7 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{QUANTIZE_OP}: weight holds NaN or infinity")
     packed, scales, zeros = _library.call(w4_quantize_op, weight.detach(), group_size, zero_point)
+    scales = store_scales(scales, weight.dtype)
     w = W4Weight(
         packed, scales, zeros if zero_point else None, weight.shape, group_size, weight.dtype
     )

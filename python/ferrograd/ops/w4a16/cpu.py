@@ -39,7 +39,7 @@ def quantize(
     shape, dtype = packed_shape(n, k, CPU_BLOCKS)
     packed = torch.empty(shape, dtype=dtype)
     _core.w4_pack(codes, packed, n, k)
-    return packed, scales.to(reference.scale_dtype(weight.dtype)), zeros
+    return packed, scales, zeros
 
 
 def _weight_blocks(packed, scales, zeros, k: int, group_size: int):
@@ -82,7 +82,24 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
         x2, y2 = xf.view(-1, k), y.view(-1, n)
         for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
             y2[:, n0:n1] = x2 @ block.T
+        _recompute_overflowed(x2, y2, packed, scales, zeros, group_size)
     return y.to(x.dtype)
+
+
+def _recompute_overflowed(x2, y2, packed, scales, zeros, group_size: int) -> None:
+    """Outputs whose float32 sum overflowed while x's row is finite, recomputed in float64:
+    infinite only where the exact result is (the GEMV does the same in Rust)."""
+    if bool(y2.isfinite().all()):
+        return
+    rows = (~y2.isfinite().all(1) & x2.isfinite().all(1)).nonzero()[:, 0]
+    if rows.numel():
+        k = x2.shape[1]
+        w_hat = torch.empty(packed.shape[0], k)
+        _core.w4_dequantize(
+            packed, scales, zeros, packed.shape[0], k, group_size, 0, len(w_hat), w_hat
+        )
+        exact = (x2[rows].double() @ w_hat.double().T).float()
+        y2[rows] = torch.where(y2[rows].isfinite(), y2[rows], exact)
 
 
 def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout: str):

@@ -4,7 +4,10 @@ the group length are multiples of 32 and ferrograd can launch kernels here; othe
 run the reference (dequantize, then torch's matmul), as the gradient of x always does.
 
 The kernel reads scales in x's dtype and zeros uint8 [N, G] (8 for the symmetric scheme) and
-accumulates into a float32 [M, N] buffer that split-K blocks add into.
+accumulates into a float32 [M, N] buffer that split-K blocks add into. It takes scales stored in
+x's dtype or in float16 (whose normal range both 16-bit types hold); float32 scales (a weight
+whose scales no 16-bit type holds, weight.py) and bfloat16 scales with float16 x run the
+reference, since converting them could overflow or flush them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     if not (
         layout == GPU_WORDS
         and x.dtype in _TYPES
+        and scales.dtype in (x.dtype, torch.float16)
         and x.numel() > 0  # an empty grid is no launch
         and supports(k, group_size)
         and cuda.is_available()

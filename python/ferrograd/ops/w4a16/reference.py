@@ -8,11 +8,6 @@ import torch
 from .weight import CPU_BLOCKS, SYMMETRIC_ZERO, group_len, kernel_zeros, pack, unpack
 
 
-def scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The stored scales' dtype of a weight of ``dtype``."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
-
-
 def _groups(w: torch.Tensor, g: int, fill: float) -> torch.Tensor:
     """w [N, K] as [N, G, g], the last group padded with ``fill``."""
     n, k = w.shape
@@ -24,18 +19,19 @@ def _groups(w: torch.Tensor, g: int, fill: float) -> torch.Tensor:
 def quantize(
     weight: torch.Tensor, group_size: int, zero_point: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed codes in the CPU layout, scales, stored zeros) of ``weight`` [N, K], computed in
-    float32 as the Rust kernel computes them (round half to even)."""
+    """(packed codes in the CPU layout, float32 scales, stored zeros) of ``weight`` [N, K],
+    computed in float32 as the Rust kernel computes them (round half to even)."""
     w = weight.float()
     k = w.shape[1]
     g = group_len(k, group_size)
     if zero_point:
-        lo = _groups(w, g, float("inf")).amin(-1)
-        hi = _groups(w, g, float("-inf")).amax(-1)
-        scale = (hi - lo) / 15
+        # The range widened to hold 0 (padding with 0 leaves it unchanged).
+        lo = _groups(w, g, 0.0).amin(-1).clamp(max=0)
+        scale = (_groups(w, g, 0.0).amax(-1).clamp(min=0) - lo) / 15
+        check_range(scale)
     else:
         scale = _groups(w.abs(), g, 0.0).amax(-1) / 7
-    scale = torch.where((scale == 0) | ~scale.isfinite(), 1.0, scale)
+    scale = torch.where(scale == 0, 1.0, scale)
     per_column = scale.repeat_interleave(g, dim=1)[:, :k]
     q = torch.round(w / per_column)
     if zero_point:
@@ -44,8 +40,17 @@ def quantize(
     else:
         zero = torch.full_like(scale, SYMMETRIC_ZERO)
         q = q.clamp(-8, 7) + SYMMETRIC_ZERO
-    packed = pack(q.to(torch.uint8), CPU_BLOCKS)
-    return packed, scale.to(scale_dtype(weight.dtype)), zero.to(torch.uint8)
+    return pack(q.to(torch.uint8), CPU_BLOCKS), scale, zero.to(torch.uint8)
+
+
+def check_range(scale: torch.Tensor) -> None:
+    """Refuses groups whose range overflows float32 (the Rust quantizer's error)."""
+    bad = torch.isinf(scale).any(-1).nonzero()
+    if bad.numel():
+        raise ValueError(
+            f"quantize_w4: weight row {int(bad[0])} has a range (max - min, with 0) that "
+            "overflows float32; use a smaller group_size or zero_point=False"
+        )
 
 
 def dequantize(

@@ -11,8 +11,10 @@ rule). Two layouts, defined here and nowhere else; the kernels read and write ex
   so byte t holds columns 8j + 2t and 8j + 2t + 1: the pair one lane of an m16n8k16 B fragment
   needs.
 
-Columns past K hold code 0 in both. ``scales`` are [N, G] float16 (bfloat16 for a bfloat16
-weight), ``zeros`` uint8 [N, G] or None for the symmetric scheme, G = ceil(K / group length).
+Columns past K hold code 0 in both. ``scales`` are [N, G]: float16 (bfloat16 for a bfloat16
+weight) when every scale of the weight lies in that type's normal range, float32 otherwise, so
+that storage never flushes or overflows a scale (``store_scales``); ``zeros`` uint8 [N, G] or
+None for the symmetric scheme, G = ceil(K / group length).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "native_layout",
     "pack",
     "packed_shape",
+    "scale_dtype",
+    "store_scales",
     "unpack",
 ]
 
@@ -97,6 +101,23 @@ def convert(packed: torch.Tensor, source: str, target: str, k: int) -> torch.Ten
     return packed if source == target else pack(unpack(packed, source, k), target)
 
 
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit type scales of a weight of ``dtype`` are stored in when they all fit it."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def store_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The quantizer's float32 ``scales`` of a weight of ``dtype`` as stored: in
+    ``scale_dtype(dtype)`` when every one of them stays in its normal range there, else float32
+    as they are. The choice depends on the values, so a traced (compiled) quantization keeps
+    float32."""
+    if torch.compiler.is_compiling():
+        return scales
+    narrow = scales.to(scale_dtype(dtype))
+    fits = (narrow >= torch.finfo(narrow.dtype).tiny) & (narrow <= torch.finfo(narrow.dtype).max)
+    return narrow if bool(fits.all()) else scales
+
+
 def kernel_zeros(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """The stored zeros as every kernel reads them: uint8 [N, G], 8 for the symmetric scheme."""
     if zeros is None:
@@ -104,11 +125,43 @@ def kernel_zeros(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tens
     return zeros.contiguous()
 
 
+_FIELD_DTYPES = {
+    "packed": (torch.uint8, torch.int32),
+    "scales": (torch.float16, torch.bfloat16, torch.float32),
+    "zeros": (torch.uint8,),
+}
+
+
+def _check_fields(w: W4Weight) -> None:
+    """TypeError naming the field whose type or dtype is wrong; ValueError for bad values."""
+    for name, dtypes in _FIELD_DTYPES.items():
+        t = getattr(w, name)
+        if t is None and name == "zeros":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"W4Weight: {name} must be a tensor of dtype {dtypes}, got {got}")
+    shape = w.shape
+    if not (
+        isinstance(shape, (tuple, list, torch.Size))
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise ValueError(f"W4Weight: shape must be two positive ints [N, K], got {shape!r}")
+    if isinstance(w.group_size, bool) or not isinstance(w.group_size, int):
+        raise TypeError(f"W4Weight: group_size must be an int, got {type(w.group_size).__name__}")
+    if w.group_size != -1 and w.group_size <= 0:
+        raise ValueError(f"W4Weight: group_size must be positive or -1, got {w.group_size}")
+    if not isinstance(w.dtype, torch.dtype) or not w.dtype.is_floating_point:
+        raise TypeError(f"W4Weight: dtype must be a floating torch.dtype, got {w.dtype!r}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class W4Weight:
     """A 4-bit weight [N, K] (``fg.quant.quantize_w4``): ``packed`` codes in ``layout``,
-    ``scales`` (float16 / bfloat16) and ``zeros`` (uint8, None for the symmetric scheme), as the
-    module docstring lays out. Immutable: ``to`` and ``with_layout`` return new weights."""
+    ``scales`` (float16 / bfloat16 / float32) and ``zeros`` (uint8, None for the symmetric
+    scheme), as the module docstring lays out; fields of the wrong type or dtype are a
+    TypeError naming the field. Immutable: ``to`` and ``with_layout`` return new weights."""
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -121,6 +174,7 @@ class W4Weight:
 
     def __post_init__(self) -> None:
         _check_layout(self.layout)
+        _check_fields(self)
         object.__setattr__(self, "shape", torch.Size(self.shape))
         n, k = self.shape
         want, dtype = packed_shape(n, k, self.layout)
@@ -129,6 +183,14 @@ class W4Weight:
                 f"W4Weight: packed must be {dtype} {list(want)} for a [{n}, {k}] weight in "
                 f"layout {self.layout!r}, got {self.packed.dtype} {list(self.packed.shape)}"
             )
+        groups = -(-k // group_len(k, self.group_size))
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if t is not None and (tuple(t.shape) != (n, groups) or t.device != self.device):
+                raise ValueError(
+                    f"W4Weight: {name} must be [{n}, {groups}] on {self.device} (group_size "
+                    f"{self.group_size}), got {list(t.shape)} on {t.device}"
+                )
 
     @property
     def zero_point(self) -> bool:

@@ -379,3 +379,163 @@ def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
 def test_fsdp2_steps_the_local_shard_like_an_unsharded_run():
     results = spawn(_fsdp2_worker)
     assert results == {r: {"SPAM": True, "StableSPAM": True} for r in range(2)}
+
+
+def trained(cls, density=0.5, steps=3):
+    """An optimizer over a sparse-eligible matrix and a vector after a few steps."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(params, lr=1e-2, density=density, seed=1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+def corrupt(state: dict, index: int, key: str, value) -> dict:
+    state = copy.deepcopy(state)
+    state["state"][index][key] = value
+    return state
+
+
+@pytest.mark.parametrize("cls", [fg.optim.SPAM, fg.optim.StableSPAM])
+def test_load_state_dict_refuses_corrupted_state_naming_the_key(cls):
+    params, opt = trained(cls)
+    good = opt.state_dict()
+    m0, v1 = good["state"][0]["exp_avg"], good["state"][1]["exp_avg_sq"]
+    mask = good["state"][0]["mask"]
+    bad = [
+        (corrupt(good, 1, "exp_avg", torch.zeros(7, 1)), r"state\[1\]\['exp_avg'\] must have"),
+        (corrupt(good, 1, "exp_avg_sq", -v1.abs()), r"state\[1\]\['exp_avg_sq'\] must be >= 0"),
+        (
+            corrupt(good, 1, "exp_avg_sq", v1.double()),
+            r"state\[1\]\['exp_avg_sq'\] must be a float32",
+        ),
+        (corrupt(good, 0, "exp_avg", m0[:-1]), r"state\[0\]\['exp_avg'\] must have shape"),
+        (corrupt(good, 0, "mask", mask.int()), r"state\[0\]\['mask'\] must be a uint8"),
+        (corrupt(good, 0, "mask", mask[:-1]), r"state\[0\]\['mask'\] must have shape"),
+        (corrupt(good, 0, "mask", mask | 255), r"state\[0\]\['mask'\] must mark exactly 15"),
+        (
+            corrupt(good, 1, "mask", torch.ones(1, dtype=torch.uint8)),
+            r"state\[1\]\['mask'\] found for a dense parameter",
+        ),
+    ]
+    fresh_state = fg.optim.SPAM(params, density=1.0).state_dict()  # dense moments, no mask
+    dense = copy.deepcopy(good)
+    dense["state"][0] = {"exp_avg": torch.zeros(6, 5), "exp_avg_sq": torch.zeros(6, 5)}
+    bad.append((dense, r"state\[0\]\['mask'\] must be a uint8 bitmask \(a sparse group"))
+    no_mask = copy.deepcopy(good)
+    del no_mask["state"][0]["mask"]
+    bad.append((no_mask, r"state\[0\]\['mask'\]"))
+    sparse_into_dense = copy.deepcopy(good)
+    for group in sparse_into_dense["param_groups"]:
+        group["density"] = 1.0
+    bad.append((sparse_into_dense, r"state\[0\]\['mask'\] found for a dense parameter"))
+    bad.append((corrupt(good, 0, "exp_avg", m0.double()), r"state\[0\]\['exp_avg'\] must be a"))
+    glob = copy.deepcopy(good)
+    glob["state"]["spam"]["step"] = -1
+    bad.append((glob, r"state\['spam'\]\['step'\]"))
+    lr = copy.deepcopy(good)
+    lr["param_groups"][0]["lr"] = math.inf
+    bad.append((lr, rf"param_groups\[0\]: {cls.__name__}: lr"))
+    if cls is fg.optim.StableSPAM:
+        for key in ("norm_v", "norm_m", "max_abs"):
+            bad.append((corrupt(good, 1, key, -1.0), rf"state\[1\]\['{key}'\] must be a finite"))
+    for state, match in bad:
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=f"{cls.__name__}.load_state_dict: " + match):
+            opt.load_state_dict(state)
+        after = opt.state_dict()  # nothing was loaded
+        assert after["state"][0]["exp_avg"].equal(before["state"][0]["exp_avg"])
+    assert fresh_state["state"] == {"spam": {"step": 0, "rng": 0}}
+    opt.load_state_dict(good)  # a valid state still loads
+
+
+def test_loaded_moments_are_contiguous_copies():
+    params, opt = trained(fg.optim.SPAM, density=1.0)
+    want = copy.deepcopy(opt)
+    state = copy.deepcopy(opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        state["state"][0][key] = state["state"][0][key].t().contiguous().t()  # column-major
+    opt.load_state_dict(state)
+    assert opt.state[params[0]]["exp_avg"].is_contiguous()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    want_params = want.param_groups[0]["params"]
+    for p in want_params:
+        p.grad = torch.ones_like(p)
+    want.step()
+    for a, b in zip(params, want_params, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"warmup_steps": None}, TypeError, "SPAM: warmup_steps must be an int"),
+        ({"warmup_steps": -1}, ValueError, "SPAM: warmup_steps must be in"),
+        ({"warmup_steps": 1.5}, TypeError, "SPAM: warmup_steps must be an int"),
+        ({"clip_warmup": -2}, ValueError, "SPAM: clip_warmup must be in"),
+        ({"clip_warmup": 2.0}, TypeError, "SPAM: clip_warmup must be an int"),
+        ({"reset_interval": 2.5}, TypeError, "SPAM: reset_interval must be an int"),
+        ({"reset_interval": 0}, ValueError, "SPAM: reset_interval must be in"),
+        ({"lr": math.inf}, ValueError, "SPAM: lr must be in"),
+        ({"lr": math.nan}, ValueError, "SPAM: lr must be in"),
+        ({"eps": math.inf}, ValueError, "SPAM: eps must be in"),
+        ({"seed": 2**64}, ValueError, "SPAM: seed must be in"),
+        ({"threshold": -1.0}, ValueError, "SPAM: threshold must be in"),
+    ],
+)
+def test_spam_options_out_of_range(kwargs, error, match):
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    with pytest.raises(error, match=match):
+        fg.optim.SPAM([p], **kwargs)
+    if "seed" not in kwargs:
+        with pytest.raises(error, match=match):  # a group's own options too
+            fg.optim.SPAM([{"params": [p], **kwargs}])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"eta_min": -0.1}, ValueError, "StableSPAM: eta_min must be in"),
+        ({"eta_min": 1.5}, ValueError, "StableSPAM: eta_min must be in"),
+        ({"total_steps": 10.5}, TypeError, "StableSPAM: total_steps must be an int"),
+        ({"total_steps": 0}, ValueError, "StableSPAM: total_steps must be in"),
+        ({"lr": math.inf}, ValueError, "StableSPAM: lr must be in"),
+        ({"reset_interval": -3}, ValueError, "StableSPAM: reset_interval must be in"),
+    ],
+)
+def test_stable_spam_options_out_of_range(kwargs, error, match):
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    with pytest.raises(error, match=match):
+        fg.optim.StableSPAM([p], **kwargs)
+
+
+def test_warmup_steps_zero_means_no_warmup():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fg.optim.SPAM([p], lr=0.1, reset_interval=2, warmup_steps=0)
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    # Step 2 resets the moments and steps with warm-up factor 1 (not 0.01).
+    (b1, b2), eps = (0.9, 0.999), 1e-6
+    m_hat, v_hat = (1 - b1) / (1 - b1**2), (1 - b2) / (1 - b2**2)
+    want = -0.1 / (1 + eps) - 0.1 * m_hat / (math.sqrt(v_hat) + eps)
+    torch.testing.assert_close(p.detach(), torch.full((3,), want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [fg.optim.SPAM, fg.optim.StableSPAM])
+def test_eps_zero_is_refused_and_a_zero_gradient_steps_weight_decay_only(cls):
+    """The step divides by sqrt(v_hat) + eps: 0 / 0 for a coordinate that never had a gradient
+    (a ZeroDivisionError in Stable-SPAM's AdaGN before), so eps must be positive."""
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    for eps in (0.0, 1e-300):  # 1e-300 is 0 in float32
+        with pytest.raises(ValueError, match=f"{cls.__name__}: eps must be positive"):
+            cls([p], eps=eps)
+    opt = cls([p], lr=0.1, eps=1e-30, weight_decay=0.1)
+    p.grad = torch.zeros(4, 4)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((4, 4), 1 - 0.1 * 0.1))

@@ -161,24 +161,25 @@ def test_to_hf_and_document_mask():
 
 
 def test_to_hf_feeds_a_transformers_model():
+    """A packed batch's loss equals the per-document losses when attention honours the document
+    boundaries: on the CPU, sdpa with the block-diagonal causal mask of document_mask."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     config = transformers.LlamaConfig(
         vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="sdpa",
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     docs = ["hello there", "byte level", "packing"]
     packed = pack_documents(docs, 48, add_eos=False)
     hf = packed.to_hf()
-    keep = packed.document_ids[0] >= 0
-    flat = {
-        k: (v[:, keep] if k in ("input_ids", "labels", "position_ids") else v)
-        for k, v in hf.items()
-    }
-    flat["cu_seq_lens_q"] = flat["cu_seq_lens_k"] = flat["cu_seq_lens_q"][:-1]
+    mask = document_mask(packed.document_ids)[:, None]  # [batch, 1, query, key]
     with torch.no_grad():
-        packed_loss = model(**flat).loss
+        packed_loss = model(
+            input_ids=hf["input_ids"], labels=hf["labels"], position_ids=hf["position_ids"],
+            attention_mask=mask,
+        ).loss  # fmt: skip
         losses, counts = [], []
         for d in docs:
             ids = torch.tensor([[1] + [b + 4 for b in d.encode()]])
@@ -196,6 +197,9 @@ def test_to_hf_feeds_a_transformers_model():
         (lambda: pack_documents(["a"], 8, offset=2), ValueError, "offset"),
         (lambda: pack_documents(["a"], 8, batch_size=0), ValueError, "batch_size"),
         (lambda: pack_documents(["a"], 8.0), TypeError, "seq_len"),
+        (lambda: pack_documents(["a"], 8, add_eos=None), TypeError, "add_eos must be a bool"),
+        (lambda: pack_documents(["a"], 8, add_bos=1), TypeError, "add_bos must be a bool"),
+        (lambda: pack_documents(["a"], 8, split_long="no"), TypeError, "split_long"),
     ],
 )
 def test_bad_inputs(call, error, match):
@@ -205,3 +209,32 @@ def test_bad_inputs(call, error, match):
 
 def test_exported_from_the_package():
     assert fg.data.pack_documents is pack_documents
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: document_mask(None), TypeError, "document_mask: document_ids must be a tensor"),
+        (lambda: document_mask(torch.tensor(3)), ValueError, "document_mask: document_ids .* 0-d"),
+        (
+            lambda: document_mask(torch.zeros(4)),
+            TypeError,
+            "document_mask: document_ids .* integer",
+        ),
+        (lambda: decode_bytes(None), TypeError, "decode_bytes: ids must be a tensor or a sequence"),
+        (lambda: decode_bytes([101.7]), TypeError, "decode_bytes: ids must be integers"),
+        (lambda: decode_bytes([104, 2.0]), TypeError, "decode_bytes: ids must be integers"),
+        (lambda: decode_bytes([True]), TypeError, "decode_bytes: ids must be integers"),
+        (lambda: decode_bytes("hi"), TypeError, "decode_bytes: ids must be a tensor"),
+        (lambda: decode_bytes([[1, 2], [3]]), TypeError, "decode_bytes: ids must be a tensor"),
+        (lambda: decode_bytes([5], offset=-1), ValueError, "decode_bytes: offset"),
+    ],
+)
+def test_bad_inputs_name_the_function_and_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_decode_bytes_takes_empty_and_nested_sequences():
+    assert decode_bytes([]) == ""
+    assert decode_bytes([[104 + 4], [105 + 4]]) == "hi"

@@ -88,7 +88,7 @@ def in_batches(docs: list[bytes], batch_bytes: int) -> list[list[bytes]]:
 
 
 def main(threads: int | None = None) -> None:
-    bench = Bench("batching", threads)
+    bench = Bench("packing", threads)
     # (label, corpus MB, bytes of text per pack_documents call): one call, or a training
     # loop's batches (64 rows x 2048 tokens each), whose buffers the allocator recycles.
     for label, mb, per_call in (("one call", 64, None), ("64-row batches", 64, 64 * SEQ_LEN)):

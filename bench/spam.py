@@ -93,7 +93,7 @@ def case(bench: Bench, numel: int) -> None:
 
 
 def main(threads: int | None = None) -> None:
-    bench = Bench("optim", threads)
+    bench = Bench("spam", threads)
     for numel in (2**20, 10 * 2**20, 100 * 2**20):
         case(bench, numel)
     bench.save(

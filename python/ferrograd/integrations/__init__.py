@@ -1,0 +1,2 @@
+"""Integrations of ferrograd's primitives into other libraries' models
+(``ferrograd.integrations.transformers``)."""

@@ -1,0 +1,262 @@
+"""One call that brings ferrograd into a transformers causal LM (the model is patched in place):
+
+    from ferrograd.integrations import transformers as fgt
+    model = fgt.apply(model, shiftquant_bits=8)
+
+- ``linear_cross_entropy``: with ``labels`` the model's forward runs the base model to its last
+  hidden states and computes the loss with ``fg.linear_cross_entropy`` against the head's weight
+  (and bias), never materializing the logits: transformers' semantics (labels shifted by one or
+  ``shift_labels``, ``ignore_index`` -100, ``num_items_in_batch`` -> sum / num_items_in_batch,
+  ``logits_to_keep``, the final logit softcapping of the models whose config has it; a batch
+  with nothing to predict gives 0, not NaN). ``.logits`` is None unless the call passes
+  ``return_logits=True``. Without labels the forward is the model's own, so generate() is
+  untouched. Only the instance's forward is replaced; no transformers module is monkeypatched
+  (a deepcopy of the model carries the patch; pickling the whole module does not work, save its
+  state_dict).
+- ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
+  ShiftQuantLinear (the head stays as it is).
+- ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (Gemma's 1 + weight folded in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+
+import torch
+from torch import nn
+from transformers import modeling_outputs
+from transformers.pytorch_utils import Conv1D
+
+from ..nn.l1norm import L1LayerNorm, L1RMSNorm
+from ..nn.shiftquant import ShiftQuantLinear
+from ..ops.cce import linear_cross_entropy
+from ..ops.shiftquant import check_spec
+
+__all__ = ["SUPPORTED", "apply"]
+
+#: The causal LM classes whose forward is base model -> lm_head -> (softcap) -> loss, as
+#: ``apply`` rebuilds it; a subclass of one of them is accepted too.
+SUPPORTED = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GPT2LMHeadModel",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "Olmo2ForCausalLM",
+    }
+)
+#: The ones whose forward applies ``config.final_logit_softcapping`` to the logits.
+_SOFTCAPPED = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+#: What the base model does not get (everything else goes on to it, as in the model's forward;
+#: it always returns its dataclass here).
+_HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
+#: The output dataclass (transformers.modeling_outputs) each forward returns.
+_OUTPUT_TYPES = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions"}
+_PATCHED = "_ferrograd_patched"
+_APPLY = "ferrograd.integrations.transformers.apply"
+
+
+def _architecture(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED and cls.__module__.startswith("transformers."):
+            return cls.__name__
+    raise TypeError(
+        f"{_APPLY}: {type(model).__name__} is not a supported "
+        f"model class (supported: {', '.join(sorted(SUPPORTED))})"
+    )
+
+
+def _softcap(model: nn.Module, arch: str) -> float | None:
+    if arch not in _SOFTCAPPED:
+        return None
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+try:  # transformers 5: also per-row positions and masks
+    from transformers.modeling_utils import slice_logits_to_keep as _keep
+except ImportError:  # transformers 4
+
+    def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+        """The positions the forward computes logits for: the last k (0: all) or indices."""
+        if isinstance(logits_to_keep, int):
+            return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        return hidden[:, logits_to_keep, :]
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _loss(head, hidden, labels, softcap, kwargs) -> torch.Tensor:
+    shift_labels = kwargs.get("shift_labels")
+    targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    name = "labels" if shift_labels is None else "shift_labels"
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"ferrograd loss: {name} must be an integer tensor, got {targets!r:.60}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"ferrograd loss: {name} must have shape {tuple(hidden.shape[:-1])} (the positions "
+            f"logits are computed for, after logits_to_keep), got {tuple(targets.shape)}"
+        )
+    num_items = kwargs.get("num_items_in_batch")
+    weight = head.weight
+    loss = linear_cross_entropy(
+        hidden.to(weight.dtype),
+        weight,
+        targets.to(hidden.device),
+        bias=head.bias,
+        ignore_index=kwargs.get("ignore_index", -100),
+        softcap=softcap,
+        reduction="mean" if num_items is None else "sum",
+        shift=shift,
+    ).float()  # transformers' loss is float32 whatever the model's dtype
+    if num_items is None:
+        return loss
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(loss.device)
+    return loss / num_items
+
+
+def _patch_forward(model: nn.Module, arch: str, softcap: float | None) -> None:
+    """Replaces the instance's forward by a bound method, so a deepcopy of the model runs its
+    own copy (a closure over ``model`` would keep running the original)."""
+    original = type(model).forward
+    output_type = getattr(modeling_outputs, _OUTPUT_TYPES.get(arch, "CausalLMOutputWithPast"))
+    fields = {f.name for f in dataclasses.fields(output_type)} - {"loss", "logits"}
+    positional = [
+        p.name
+        for p in list(inspect.signature(original).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(f"forward takes at most {len(positional)} positional arguments")
+        kwargs.update(zip(positional, args, strict=False))
+        labels = kwargs.get("labels")
+        return_logits = kwargs.pop("return_logits", False)
+        if labels is None:
+            return original(self, **kwargs)
+        outputs = self.base_model(
+            **{k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}, return_dict=True
+        )
+        hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
+        head = self.get_output_embeddings()
+        loss = _loss(head, hidden, labels, softcap, kwargs)
+        logits = _logits(head, hidden, softcap) if return_logits else None
+        extra = {k: v for k, v in outputs.items() if k in fields}
+        out = output_type(loss=loss, logits=logits, **extra)
+        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _gemma_style(norm: nn.Module) -> bool:
+    """Gemma's RMSNorms scale by 1 + weight."""
+    return type(norm).__name__.startswith("Gemma")
+
+
+def _rms_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.RMSNorm):
+        return module.weight is not None
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+    )
+
+
+def _from_conv1d(conv: nn.Module, **kw) -> ShiftQuantLinear:
+    """transformers' Conv1D holds weight [in, out]: the ShiftQuantLinear of its transpose."""
+    n_in, n_out = conv.weight.shape
+    w = conv.weight
+    out = ShiftQuantLinear(n_in, n_out, conv.bias is not None, device=w.device, dtype=w.dtype, **kw)
+    with torch.no_grad():
+        out.weight.copy_(w.t())
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias)
+    return out
+
+
+def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
+    for name, child in list(module.named_children()):
+        swapped = None
+        if quant is not None and type(child) is nn.Linear:
+            swapped = ShiftQuantLinear.from_linear(child, **quant)
+        elif quant is not None and isinstance(child, Conv1D):
+            swapped = _from_conv1d(child, **quant)
+        elif l1_norm and type(child) is nn.LayerNorm and child.elementwise_affine:
+            swapped = L1LayerNorm.from_layer_norm(child)
+        elif l1_norm and _rms_like(child):
+            offset = 1.0 if _gemma_style(child) else 0.0
+            swapped = L1RMSNorm.from_rms_norm(child, weight_offset=offset)
+        if swapped is None:
+            _swap_modules(child, quant, l1_norm)
+        else:
+            setattr(module, name, swapped)
+
+
+def apply(
+    model: nn.Module,
+    *,
+    linear_cross_entropy: bool = True,
+    shiftquant_bits: int | None = None,
+    grad_bits: int | None = None,
+    group_size: int = 64,
+    l1_norm: bool = False,
+) -> nn.Module:
+    """Patches a transformers causal LM in place (see module doc) and returns it.
+
+    Raises TypeError for a model class it does not know. Applying again with the same options
+    is a no-op; with other options a ValueError (the model is never patched twice).
+    """
+    arch = _architecture(model)
+    options = {
+        "linear_cross_entropy": bool(linear_cross_entropy),
+        "shiftquant_bits": shiftquant_bits,
+        "grad_bits": grad_bits,
+        "group_size": group_size,
+        "l1_norm": bool(l1_norm),
+    }
+    done = getattr(model, _PATCHED, None)
+    if done is not None:
+        if done == options:
+            return model
+        raise ValueError(
+            f"{_APPLY}: the model is already patched with "
+            f"{done}; build a fresh model to apply {options}"
+        )
+    quant = None
+    if shiftquant_bits is not None:
+        check_spec(f"{_APPLY}(shiftquant_bits)", shiftquant_bits, group_size)
+        if grad_bits is not None:
+            check_spec(f"{_APPLY}(grad_bits)", grad_bits, group_size)
+        quant = {"bits": shiftquant_bits, "grad_bits": grad_bits, "group_size": group_size}
+    else:
+        for name, value, default in (
+            ("grad_bits", grad_bits, None),
+            ("group_size", group_size, 64),
+        ):
+            if value != default:
+                raise ValueError(f"{_APPLY}: {name} needs shiftquant_bits, got {name}={value}")
+    if quant is not None or l1_norm:
+        _swap_modules(model.base_model, quant, bool(l1_norm))
+    if linear_cross_entropy:
+        _patch_forward(model, arch, _softcap(model, arch))
+    setattr(model, _PATCHED, options)
+    return model

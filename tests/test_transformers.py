@@ -1,0 +1,307 @@
+"""ferrograd.integrations.transformers.apply on tiny random models of every supported
+architecture (built from configs, no downloads): the patched loss and gradients against the
+model's own, generate(), the module swaps, torch.compile and transformers' Trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (make test installs it)"
+)
+
+import ferrograd as fg  # noqa: E402
+from ferrograd.integrations import transformers as fgt  # noqa: E402
+
+VOCAB = 300
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
+CONFIGS = {
+    "LlamaForCausalLM": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "MistralForCausalLM": ("MistralConfig", {}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 16}),
+    "GemmaForCausalLM": ("GemmaConfig", {"head_dim": 16}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 2.0}),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "final_logit_softcapping": 2.0}),
+    "PhiForCausalLM": ("PhiConfig", {}),
+    "Phi3ForCausalLM": ("Phi3Config", {}),
+    "Olmo2ForCausalLM": ("Olmo2Config", {}),
+    "GPT2LMHeadModel": (
+        "GPT2Config",
+        {
+            **{"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": VOCAB},
+            **{"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},  # exact comparisons
+            **{"bos_token_id": 1, "eos_token_id": 2},
+        },
+    ),
+}
+
+
+def build(arch: str, seed: int = 0):
+    config_name, extra = CONFIGS[arch]
+    kw = extra if arch == "GPT2LMHeadModel" else {**COMMON, **extra}
+    config = getattr(transformers, config_name)(**kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).float()
+    with torch.no_grad():  # Gemma's norms start at 0 (scale 1 + weight): make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.add_(torch.rand_like(p) * 0.2)
+    return model
+
+
+def batch(seed: int = 1, rows: int = 2, length: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[-1, -2:] = -100
+    return ids, labels
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(ours, theirs, want, got):
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+    g_ours, g_theirs = grads(ours), grads(theirs)
+    assert g_ours.keys() == g_theirs.keys()
+    for name, g in g_theirs.items():
+        if g.norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(g_ours[name].flatten(), g.flatten(), 0)
+            assert cos >= 0.9999, (name, cos.item())
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_patched_loss_and_gradients_equal_the_models_own(arch):
+    model = build(arch)
+    patched = fgt.apply(copy.deepcopy(model))
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels)
+    got = patched(input_ids=ids, labels=labels)
+    assert got.logits is None and want.logits is not None
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_loss_and_grads(patched, model, want, got)
+    with torch.no_grad():  # without labels: the model's own logits, and generate() works
+        torch.testing.assert_close(patched(input_ids=ids).logits, model(input_ids=ids).logits)
+        kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(patched.generate(ids[:1], **kw), model.generate(ids[:1], **kw))
+
+
+def test_num_items_in_batch_logits_to_keep_and_return_logits():
+    model = build("Gemma2ForCausalLM")  # softcapped and tied
+    patched = fgt.apply(copy.deepcopy(model))
+    ids, labels = batch(rows=3)
+    n = torch.tensor(11)
+    want = model(input_ids=ids, labels=labels, num_items_in_batch=n)
+    got = patched(input_ids=ids, labels=labels, num_items_in_batch=n)
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_loss_and_grads(patched, model, want, got)
+    # the last k positions with their k labels, the logits on request
+    want = model(input_ids=ids, labels=labels[:, -5:].contiguous(), logits_to_keep=5)
+    got = patched(input_ids=ids, labels=labels[:, -5:], logits_to_keep=5, return_logits=True)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.logits, want.logits)
+    # pre-shifted labels (transformers' shift_labels) and tuple outputs
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    want = model(input_ids=ids, labels=labels, shift_labels=shifted, return_dict=False)
+    got = patched(input_ids=ids, labels=labels, shift_labels=shifted, return_dict=False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+
+
+def test_ignored_labels_contribute_nothing():
+    patched = fgt.apply(build("LlamaForCausalLM"))
+    ids, labels = batch()
+    base = patched(ids, labels=labels).loss  # input_ids positional
+    relabeled = labels.clone()
+    relabeled[:, 0] = 5  # position 0 is never a target after the shift
+    torch.testing.assert_close(patched(input_ids=ids, labels=relabeled).loss, base)
+    # nothing to predict: 0 with zero gradients (transformers' own loss is NaN there)
+    loss = patched(input_ids=ids, labels=torch.full_like(labels, -100)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(g.abs().max() == 0 for g in grads(patched).values())
+
+
+def test_bad_labels():
+    patched = fgt.apply(build("LlamaForCausalLM"))
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="labels"):
+        patched(input_ids=ids, labels=labels[:, :-1])
+    with pytest.raises(TypeError, match="labels"):
+        patched(input_ids=ids, labels=labels.float())
+
+
+def test_bf16_autocast_and_gradient_checkpointing():
+    model = build("LlamaForCausalLM")
+    patched = fgt.apply(copy.deepcopy(model), shiftquant_bits=8)
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids, labels=labels).loss
+        got = patched(input_ids=ids, labels=labels).loss
+    got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    patched = fgt.apply(copy.deepcopy(model))
+    for m in (model, patched):
+        enable = getattr(m, "activation_checkpointing_enable", None)
+        (enable or m.gradient_checkpointing_enable)()
+        m.zero_grad(set_to_none=True)
+    want = model(input_ids=ids, labels=labels)
+    got = patched(input_ids=ids, labels=labels)
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_loss_and_grads(patched, model, want, got)
+
+
+def train(model, ids, labels, steps=8, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
+    from transformers.pytorch_utils import Conv1D
+
+    model = build(arch)
+    ids, labels = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    n_linear = sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in model.base_model.modules())
+    fgt.apply(model, shiftquant_bits=8, grad_bits=6)
+    swapped = [m for m in model.base_model.modules() if isinstance(m, fg.nn.ShiftQuantLinear)]
+    assert len(swapped) == n_linear > 0
+    assert all(m.bits == 8 and m.grad_bits == 6 for m in swapped)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head stays
+    with torch.no_grad():  # 8-bit codes: close to the float model
+        got = model(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+    losses = train(model, ids, labels)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "GPT2LMHeadModel"])
+def test_l1_norm_swaps_the_norms_and_trains(arch):
+    model = build(arch)
+    norms = {
+        n: m
+        for n, m in model.base_model.named_modules()
+        if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+    }
+    fgt.apply(model, l1_norm=True)
+    modules = dict(model.base_model.named_modules())
+    want = fg.nn.L1LayerNorm if arch == "GPT2LMHeadModel" else fg.nn.L1RMSNorm
+    assert norms and all(type(modules[n]) is want for n in norms)
+    if want is fg.nn.L1RMSNorm:  # Gemma scales by 1 + weight
+        for n, m in norms.items():
+            torch.testing.assert_close(modules[n].weight, m.weight + 1)
+    ids, labels = batch()
+    losses = train(model, ids, labels)
+    assert losses[-1] < losses[0]
+
+
+def test_unsupported_class_and_bad_options():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(TypeError, match="BertForMaskedLM"):
+        fgt.apply(transformers.BertForMaskedLM(config))
+    with pytest.raises(TypeError, match="Linear"):
+        fgt.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="shiftquant_bits"):
+        fgt.apply(build("LlamaForCausalLM"), shiftquant_bits=9)
+    with pytest.raises(ValueError, match="grad_bits"):
+        fgt.apply(build("LlamaForCausalLM"), grad_bits=8)
+    with pytest.raises(ValueError, match="group_size"):
+        fgt.apply(build("LlamaForCausalLM"), group_size=32)
+
+
+def test_a_deepcopy_runs_its_own_weights():
+    model = fgt.apply(build("LlamaForCausalLM"))
+    ids, labels = batch()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(2)
+    assert twin(input_ids=ids, labels=labels).loss != model(input_ids=ids, labels=labels).loss
+
+
+def test_apply_twice_is_a_no_op_or_an_error():
+    model = fgt.apply(build("LlamaForCausalLM"), shiftquant_bits=8)
+    forward = model.forward
+    assert fgt.apply(model, shiftquant_bits=8) is model and model.forward is forward
+    n = sum(isinstance(m, fg.nn.ShiftQuantLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="already patched"):
+        fgt.apply(model, shiftquant_bits=6)
+    assert sum(isinstance(m, fg.nn.ShiftQuantLinear) for m in model.modules()) == n
+
+
+@pytest.mark.parametrize("options", [{}, {"shiftquant_bits": 8, "l1_norm": True}])
+def test_compiled_patched_model_equals_eager(options):
+    model = fgt.apply(build("LlamaForCausalLM"), **options)
+    ids, labels = batch()
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the gradients' stochastic rounding draws its seed
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), grads(model)
+
+    torch._dynamo.reset()
+    want = run(model)
+    with torch._inductor.config.patch(fallback_random=True):  # eager's generator draws
+        got = run(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_with_spam(tmp_path):
+    model = fgt.apply(build("Qwen3ForCausalLM"), shiftquant_bits=8)
+    rows = [
+        dict(zip(("input_ids", "labels"), batch(seed=s, rows=1), strict=True)) for s in range(8)
+    ]
+    data = [{k: v[0] for k, v in r.items()} for r in rows]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    opt = fg.optim.SPAM(model.parameters(), lr=1e-3, warmup_steps=1)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(opt, None)
+    )
+    result = trainer.train()
+    assert result.global_step == 3
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
