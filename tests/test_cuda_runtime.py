@@ -113,6 +113,8 @@ def test_the_cache_key_follows_the_sources(monkeypatch):
 
 def test_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="no kernel file 'common.cuh'"):
+        fgcuda.compile_ptx("common.cuh", "compute_80")  # a header is compiled through the .cu
     with pytest.raises(ValueError, match="no kernel file 'nope.cu'"):
         fgcuda.compile_ptx("nope.cu", "compute_80")
     with pytest.raises(fgcuda.CompileError, match="could not compile cce.cu"):

@@ -262,6 +262,8 @@ def test_bad_input():
         fg.shiftquant(x, bits=1)
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 4"):
         fg.shiftquant(x, group_size=6)
+    with pytest.raises(ValueError, match="shiftquant: group_size .* below 2\\^62"):
+        fg.shiftquant(x, group_size=2**64)
     with pytest.raises(TypeError, match="shiftquant: x must be a floating-point"):
         fg.shiftquant(torch.ones(4, 8, dtype=torch.int32))
     with pytest.raises(TypeError, match="shiftquant: x must be a torch.Tensor"):

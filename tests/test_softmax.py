@@ -287,3 +287,12 @@ def test_compiled_equals_eager(name):
     torch.testing.assert_close(
         torch.autograd.grad(got, (q, k), g), torch.autograd.grad(want, (q, k), g)
     )
+
+
+def test_dim_takes_any_integer_type_as_torch():
+    import numpy as np
+
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(fg.softmax(x, np.int64(0)), torch.softmax(x, np.int64(0)))
+    with pytest.raises(TypeError, match="softmax: dim must be an int, got bool"):
+        fg.softmax(x, True)

@@ -115,10 +115,19 @@ def _options(arch: str, defines: Mapping[str, str]) -> list[str]:
     return opts
 
 
+def _check_kernel_file(file: str, sources: Mapping[str, str]) -> None:
+    """Only the .cu files are compiled on their own (headers are included by them)."""
+    if file not in sources or not file.endswith(".cu"):
+        kernels = sorted(n for n in sources if n.endswith(".cu"))
+        raise ValueError(f"ferrograd.cuda: no kernel file {file!r} (kernel files: {kernels})")
+
+
 def cache_key(file: str, arch: str, defines: Mapping[str, str] | None = None) -> str:
     """sha256 of every kernel source, the architecture, the NVRTC version and the options."""
+    sources = _core.kernel_sources()
+    _check_kernel_file(file, sources)
     h = hashlib.sha256()
-    for name, source in sorted(_core.kernel_sources().items()):
+    for name, source in sorted(sources.items()):
         h.update(name.encode() + b"\0" + source.encode() + b"\0")
     h.update(repr((file, arch, nvrtc_version(), _options(arch, defines or {}))).encode())
     return h.hexdigest()
@@ -130,8 +139,7 @@ def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> b
     _, nvrtc = _bindings()
     nvrtc_version()  # a clear error when the library is missing
     sources = _core.kernel_sources()
-    if file not in sources:
-        raise ValueError(f"ferrograd.cuda: no kernel file {file!r} (have {sorted(sources)})")
+    _check_kernel_file(file, sources)
     headers = {n: s for n, s in sources.items() if n.endswith((".cuh", ".h"))}
     prog = _check(
         nvrtc.nvrtcCreateProgram(

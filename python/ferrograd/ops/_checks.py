@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .._errors import DimensionError
@@ -25,9 +27,14 @@ def check_floating(op: str, name: str, x: torch.Tensor) -> None:
 
 
 def normalize_dim(op: str, dim: object, ndim: int) -> int:
-    """Returns dim in [0, max(ndim, 1)); a 0-d tensor accepts dim 0 and -1, as in torch."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__}")
+    """Returns dim in [0, max(ndim, 1)); a 0-d tensor accepts dim 0 and -1, as in torch, and
+    any integer type (numpy's too) as torch does."""
+    if isinstance(dim, bool):
+        raise TypeError(f"{op}: dim must be an int, got bool")
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__}") from None
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
         raise DimensionError(

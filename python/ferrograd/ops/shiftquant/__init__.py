@@ -61,8 +61,10 @@ def check_spec(op: str, bits: object, group_size: object) -> None:
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     if not 2 <= bits <= 8:
         raise ValueError(f"{op}: bits must be in 2..8, got {bits}")
-    if group_size <= 0 or group_size % 4:
-        raise ValueError(f"{op}: group_size must be a positive multiple of 4, got {group_size}")
+    if not 0 < group_size < 2**62 or group_size % 4:
+        raise ValueError(
+            f"{op}: group_size must be a positive multiple of 4 below 2^62, got {group_size}"
+        )
 
 
 def seed_tensor(seed: int | None = None) -> torch.Tensor:
