@@ -296,3 +296,11 @@ def test_dim_takes_any_integer_type_as_torch():
     torch.testing.assert_close(fg.softmax(x, np.int64(0)), torch.softmax(x, np.int64(0)))
     with pytest.raises(TypeError, match="softmax: dim must be an int, got bool"):
         fg.softmax(x, True)
+
+
+@pytest.mark.parametrize("shape_dim", [((65535,), 0), ((3, 40000), 1), ((40000, 32), 0)])
+def test_long_constant_rows_keep_the_documented_bound(shape_dim):
+    """Equal terms round the same way at every add: the f32 partial sums must stay short."""
+    shape, dim = shape_dim
+    x = torch.full(shape, 5.0)
+    assert_accurate("softmax", fg.softmax(x, dim), x, dim)

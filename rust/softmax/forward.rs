@@ -119,40 +119,46 @@ impl<S: Simd> LaneSum<S> {
     }
 }
 
+/// Vectors of pass 1 that each lane accumulator sums (32 terms, 4 accumulators) before they
+/// are folded, still in f32 lanes, into the block's partial sum. Terms of one size (a constant
+/// row) round the same way at every add, so the error grows linearly with the count: 256 terms
+/// per accumulator reached 3.3e-6 relative, two levels of 32 and 8 stay below 6e-7.
+const RUN_VECTORS: usize = 128;
+
 /// Pass 1 over a contiguous slice.
 #[inline(always)]
 unsafe fn exp_sum_impl<S: Simd>(x: &[f32]) -> ExpSum {
     let l = S::LANES;
     let mut total = ExpSum::EMPTY;
     for block in x.chunks(BLOCK_VECTORS * S::LANES) {
-        let p = block.as_ptr();
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            LaneSum::<S>::new(),
-            LaneSum::<S>::new(),
-            LaneSum::<S>::new(),
-            LaneSum::<S>::new(),
-        );
-        let mut i = 0;
-        while i + 4 * l <= block.len() {
-            a0.push(S::load(p.add(i)));
-            a1.push(S::load(p.add(i + l)));
-            a2.push(S::load(p.add(i + 2 * l)));
-            a3.push(S::load(p.add(i + 3 * l)));
-            i += 4 * l;
+        let mut partial = LaneSum::<S>::new();
+        for run in block.chunks(RUN_VECTORS * S::LANES) {
+            let p = run.as_ptr();
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                LaneSum::<S>::new(),
+                LaneSum::<S>::new(),
+                LaneSum::<S>::new(),
+                LaneSum::<S>::new(),
+            );
+            let mut i = 0;
+            while i + 4 * l <= run.len() {
+                a0.push(S::load(p.add(i)));
+                a1.push(S::load(p.add(i + l)));
+                a2.push(S::load(p.add(i + 2 * l)));
+                a3.push(S::load(p.add(i + 3 * l)));
+                i += 4 * l;
+            }
+            while i + l <= run.len() {
+                a0.push(S::load(p.add(i)));
+                i += l;
+            }
+            if i < run.len() {
+                // -inf lanes add exactly 0.
+                a1.push(S::load_partial(p.add(i), run.len() - i, f32::NEG_INFINITY));
+            }
+            partial = partial.combine(a0.combine(a1).combine(a2.combine(a3)));
         }
-        while i + l <= block.len() {
-            a0.push(S::load(p.add(i)));
-            i += l;
-        }
-        if i < block.len() {
-            // -inf lanes add exactly 0.
-            a1.push(S::load_partial(
-                p.add(i),
-                block.len() - i,
-                f32::NEG_INFINITY,
-            ));
-        }
-        total = total.merge(a0.combine(a1).combine(a2.combine(a3)).reduce());
+        total = total.merge(partial.reduce());
     }
     total
 }
