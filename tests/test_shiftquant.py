@@ -659,3 +659,14 @@ def test_an_empty_last_dim_gives_torchs_empty_results():
     torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
     half = layer(torch.randn(5, 0, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16 and torch.equal(half, y.detach().bfloat16())
+
+
+def test_scale_products_beyond_float32_keep_finite_results():
+    """The row scales' product may overflow float32 where the result does not: an exact 0 must
+    not come back as 0 * inf = NaN (CPU kernel; the epilogue multiplies the scales in f64)."""
+    a = fg.shiftquant(torch.tensor([[0.0, 0.0, 37.9]]), bits=2)
+    b = fg.shiftquant(torch.tensor([[-3.4e38, 0.0, 0.0], [1e30, 0.0, 1e30]]), bits=6)
+    got = fg.shiftquant_matmul(a, b)
+    want = (a.dequantize().double() @ b.dequantize().double().T).float()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert torch.isfinite(got[0, 0]) and got[0, 0] == 0

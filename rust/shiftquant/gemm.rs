@@ -407,12 +407,13 @@ impl Job<'_> {
             g0 = g1;
         }
         // Epilogue: row and column scales, bias, crop the padding; a tile row at a time (nr
-        // consecutive accumulators), so that it vectorizes.
+        // consecutive accumulators), so that it vectorizes. The scales multiply in f64: their
+        // product may leave the f32 range where the result does not (0 * inf would be NaN).
         let b_scale = &self.b_scale[n0..n0 + cols];
         let bias = self.bias.map(|b| &b[n0..n0 + cols]);
         for r in 0..rows {
             let (pi, i) = (r / mr, r % mr);
-            let sa = self.a_scale[m0 + r];
+            let sa = self.a_scale[m0 + r] as f64;
             let dst = std::slice::from_raw_parts_mut(out.ptr().add((m0 + r) * self.n + n0), cols);
             for (pj, (o, s)) in dst.chunks_mut(nr).zip(b_scale.chunks(nr)).enumerate() {
                 let base = (pi * panels_n + pj) * tile + i * nr;
@@ -421,12 +422,12 @@ impl Job<'_> {
                     Some(bias) => {
                         let bias = &bias[pj * nr..pj * nr + o.len()];
                         for (((o, &v), &s), &b) in o.iter_mut().zip(a).zip(s).zip(bias) {
-                            *o = v * (sa * s) + b;
+                            *o = (v as f64 * (sa * s as f64) + b as f64) as f32;
                         }
                     }
                     None => {
                         for ((o, &v), &s) in o.iter_mut().zip(a).zip(s) {
-                            *o = v * (sa * s);
+                            *o = (v as f64 * (sa * s as f64)) as f32;
                         }
                     }
                 }
