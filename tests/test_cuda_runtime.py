@@ -4,8 +4,10 @@ the PTX cache, clear errors without a GPU."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -98,10 +100,116 @@ def test_ptx_cache_round_trip_and_key(tmp_path, monkeypatch):
     assert key != fgcuda.cache_key("cce.cu", "compute_80", {"CCE_T": "__nv_bfloat16"})
     assert key != fgcuda.cache_key("w4a16.cu", "compute_80", half)
     ptx = fgcuda.compile_ptx("cce.cu", "compute_80", half)
-    assert (tmp_path / f"{key}.ptx").read_text() == ptx
+    header, body = (tmp_path / f"{key}.ptx").read_text().split("\n", 1)
+    assert body == ptx and header.endswith(hashlib.sha256(ptx.encode()).hexdigest())
     assert [p.name for p in tmp_path.iterdir()] == [f"{key}.ptx"]  # no temporary left behind
-    (tmp_path / f"{key}.ptx").write_text("// cached")  # a second call reads the cache
+    # A second call reads the cache (a different, correctly digested PTX stands for it).
+    fake = b"// cached"
+    digest = hashlib.sha256(fake).hexdigest()
+    (tmp_path / f"{key}.ptx").write_bytes(f"// ferrograd sha256 {digest}\n".encode() + fake)
     assert fgcuda.compile_ptx("cce.cu", "compute_80", half) == "// cached"
+
+
+HALF = {"CCE_T": "__half"}
+
+
+def cached_file(directory: Path) -> Path:
+    return directory / f"{fgcuda.cache_key('cce.cu', 'compute_80', HALF)}.ptx"
+
+
+def test_the_cache_directory_is_private_whatever_the_umask(tmp_path, monkeypatch):
+    directory = tmp_path / "a" / "cache"
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(directory))
+    old = os.umask(0)
+    try:
+        fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(cached_file(directory).stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777], ids=oct)
+def test_a_directory_others_can_write_is_not_used(tmp_path, monkeypatch, mode):
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(directory))
+    expected = fgcuda.compile_ptx("cce.cu", "compute_80", HALF, cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fgcuda.compile_ptx("cce.cu", "compute_80", HALF) == expected
+        assert fgcuda.compile_ptx("cce.cu", "compute_80", HALF) == expected
+    assert [str(w.message) for w in caught] == [
+        f"ferrograd.cuda: not caching kernels in {str(directory)!r}: it is writable by group or"
+        " others; compiling in memory"
+    ]
+    assert list(directory.iterdir()) == []
+
+
+def test_a_symlinked_directory_is_not_used(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(tmp_path / "link"))
+    with pytest.warns(UserWarning, match="it is a symlink"):
+        assert ".visible .entry" in fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    assert list(real.iterdir()) == []
+
+
+def test_a_directory_of_another_user_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.warns(UserWarning, match="is not owned by the current user"):
+        assert ".visible .entry" in fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "replacement", [b"// evil", b"", b"// ferrograd sha256 0123\n// evil", b"\xff\xfe"]
+)
+def test_a_replaced_empty_or_corrupt_cache_file_is_a_miss(tmp_path, monkeypatch, replacement):
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(tmp_path))
+    ptx = fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    path = cached_file(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(replacement)
+    assert fgcuda.compile_ptx("cce.cu", "compute_80", HALF) == ptx
+    assert path.read_bytes() == good  # rewritten
+
+
+def test_a_tampered_body_under_a_valid_header_is_a_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(tmp_path))
+    ptx = fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    path = cached_file(tmp_path)
+    path.write_bytes(path.read_bytes().replace(b".visible .entry", b".visible .entrx"))
+    assert fgcuda.compile_ptx("cce.cu", "compute_80", HALF) == ptx
+
+
+def test_a_symlinked_cache_file_is_not_followed(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", str(cache))
+    ptx = fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    path = cached_file(cache)
+    target = tmp_path / "elsewhere.ptx"
+    target.write_bytes(path.read_bytes())  # even a correctly digested file is not read
+    path.unlink()
+    path.symlink_to(target)
+    target.write_bytes(target.read_bytes().replace(b"cce_forward", b"evil_entry"))
+    assert fgcuda.compile_ptx("cce.cu", "compute_80", HALF) == ptx
+    assert not path.is_symlink() and b"evil_entry" in target.read_bytes()
+
+
+def test_an_empty_cache_dir_variable_means_the_default(tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("FERROGRAD_CACHE_DIR", "")
+    monkeypatch.chdir(cwd)
+    fgcuda.compile_ptx("cce.cu", "compute_80", HALF)
+    assert list(cwd.iterdir()) == []
+    assert cached_file(home / ".cache" / "ferrograd").is_file()
 
 
 def test_the_cache_key_follows_the_sources(monkeypatch):
@@ -121,6 +229,12 @@ def test_clear_errors(tmp_path, monkeypatch):
         fgcuda.compile_ptx("cce.cu", "compute_80", {"CCE_T": "not_a_type"})
     with pytest.raises(fgcuda.CompileError, match="-DCCE_T=float"):
         fgcuda.compile_ptx("cce.cu", "compute_80")
+
+
+def test_compiling_leaves_python_constants_alone():
+    """NVRTC writes its (one-byte, empty) log into the buffer it is given: never a shared bytes."""
+    fgcuda.compile_ptx("shiftquant.cu", "compute_80", cache=False)
+    assert chr(32).encode()[0] == 32  # CPython shares every one-byte bytes (no constant folding)
 
 
 def test_warnings_surface_as_compile_warnings(monkeypatch):

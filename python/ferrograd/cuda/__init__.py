@@ -8,6 +8,12 @@ the options, loaded with the driver (``cuModuleLoadData``) and launched on
 ``torch.cuda.current_stream()``. A driver older than the NVRTC refuses its PTX ISA: then the
 file is compiled to a cubin for the exact architecture instead.
 
+The cache holds GPU code, so it is private and verified: the directory is created 0700, and one
+that is a symlink, not owned by the user or writable by group or others is not used (the kernels
+are compiled in memory, with one warning). Each file starts with the sha256 of the PTX it holds,
+written with it; a file that is missing, empty, a symlink, unreadable or does not match its digest
+is a miss: the PTX is compiled again and the file replaced.
+
 NVRTC warnings surface as ``CompileWarning`` (the tests turn them into failures). Importing
 this module never fails; using it without cuda-python, NVRTC, a driver or a GPU raises a
 RuntimeError that says which is missing.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -105,7 +112,68 @@ def nvrtc_version() -> tuple[int, int]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FERROGRAD_CACHE_DIR", Path.home() / ".cache" / "ferrograd"))
+    # An empty value is unset: Path("") would be the current directory.
+    return Path(os.environ.get("FERROGRAD_CACHE_DIR") or Path.home() / ".cache" / "ferrograd")
+
+
+#: Directories already refused with a warning (warned about once per process).
+_refused: set[Path] = set()
+#: The first line of a cache file: this prefix and the sha256 of the PTX that follows it.
+_DIGEST_PREFIX = b"// ferrograd sha256 "
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _private_cache_dir() -> Path | None:
+    """The cache directory, created 0700; None (after one warning) when anyone but the user
+    could write there."""
+    path = _cache_dir()
+    try:
+        if not os.path.lexists(path):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)  # makedirs' mode goes through the umask
+        st = os.lstat(path)
+    except OSError as e:
+        return _refuse(path, f"cannot be created ({e})")
+    if stat.S_ISLNK(st.st_mode):
+        return _refuse(path, "is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        return _refuse(path, "is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return _refuse(path, "is not owned by the current user")
+    if st.st_mode & 0o022:
+        return _refuse(path, "is writable by group or others")
+    return path
+
+
+def _refuse(path: Path, why: str) -> None:
+    if path not in _refused:
+        _refused.add(path)
+        warnings.warn(
+            f"ferrograd.cuda: not caching kernels in {str(path)!r}: it {why}; compiling in memory",
+            stacklevel=4,
+        )
+
+
+def _read_cached(path: Path) -> str | None:
+    """The PTX of a cache file, or None when it is missing, not a regular file (symlinks are
+    not followed), unreadable or does not match the digest written with it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            header, _, body = f.read().partition(b"\n")
+    except OSError:
+        return None
+    if not body or header != _DIGEST_PREFIX + hashlib.sha256(body).hexdigest().encode():
+        return None
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _options(arch: str, defines: Mapping[str, str]) -> list[str]:
@@ -152,7 +220,8 @@ def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> b
         opts = [o.encode() for o in _options(arch, defines)]
         status, *_ = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
+        # Writable buffers: NVRTC writes into them, and `b" " * 1` is CPython's shared b" ".
+        log = bytearray(size)
         _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
         log_text = log.rstrip(b"\0 ").decode(errors="replace").strip()
         if int(status) != 0:
@@ -164,7 +233,7 @@ def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> b
             if cubin
             else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
         )
-        out = b" " * _check(get_size(prog), "nvrtcGet size")
+        out = bytearray(_check(get_size(prog), "nvrtcGet size"))
         _check(get(prog, out), "nvrtcGet code")
         if log_text:
             warnings.warn(
@@ -172,7 +241,7 @@ def _compile(file: str, arch: str, defines: Mapping[str, str], cubin: bool) -> b
                 CompileWarning,
                 stacklevel=3,
             )
-        return out
+        return bytes(out)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
@@ -183,16 +252,19 @@ def compile_ptx(
     """PTX of a kernels/ file for a virtual architecture such as ``compute_90a``; needs no GPU.
     Cached on disk (a cache hit issues no warnings: they were shown when it was compiled)."""
     defines = dict(defines or {})
-    path = _cache_dir() / f"{cache_key(file, arch, defines)}.ptx"
-    if cache and path.exists():
-        return path.read_text()
-    text = _compile(file, arch, defines, cubin=False).rstrip(b"\0").decode()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
-            f.write(text)
-        os.replace(f.name, path)  # atomic: concurrent processes never read half a file
-    return text
+    directory = _private_cache_dir() if cache else None
+    if directory is not None:
+        path = directory / f"{cache_key(file, arch, defines)}.ptx"
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
+    ptx = _compile(file, arch, defines, cubin=False).rstrip(b"\0")
+    if directory is not None:
+        header = _DIGEST_PREFIX + hashlib.sha256(ptx).hexdigest().encode() + b"\n"
+        with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:  # mode 0600
+            f.write(header + ptx)
+        os.replace(f.name, path)  # atomic, and replaces a symlink rather than its target
+    return ptx.decode()
 
 
 def compile_cubin(file: str, arch: str, defines: Mapping[str, str] | None = None) -> bytes:
