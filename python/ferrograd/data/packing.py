@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import _core
+from ..ops._checks import check_bool, check_int
 
 #: Special ids; bytes start at ``offset`` (default 4, so the vocabulary is 260).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -90,19 +91,6 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def _check_bool(op: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-
-
-def _check_int(op: str, name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be at least {minimum}, got {value}")
-    return value
-
-
 def batch_from_arrays(arrays: dict) -> PackedBatch:
     return PackedBatch(
         input_ids=torch.from_numpy(arrays["input_ids"]),
@@ -135,14 +123,14 @@ def pack_documents(
     op = "pack_documents"
     if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
         raise TypeError(f"{op}: docs must be a sequence of str or bytes, got {type(docs).__name__}")
-    _check_int(op, "seq_len", seq_len, 1)
+    check_int(op, "seq_len", seq_len, 1)
     if batch_size is not None:
-        _check_int(op, "batch_size", batch_size, 1)
-    _check_int(op, "offset", offset, 3)
+        check_int(op, "batch_size", batch_size, 1)
+    check_int(op, "offset", offset, 3)
     if seed is not None:
-        _check_int(op, "seed", seed, 0)
+        check_int(op, "seed", seed, 0)
     for name, value in (("add_bos", add_bos), ("add_eos", add_eos), ("split_long", split_long)):
-        _check_bool(op, name, value)
+        check_bool(op, name, value)
     encoded = [_as_bytes(op, d, i) for i, d in enumerate(docs)]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
@@ -157,7 +145,7 @@ def decode_bytes(ids: torch.Tensor | Sequence[int], offset: int = 4) -> str:
     """Ids back to text: ids below ``offset`` (PAD, BOS, EOS, -100) are dropped, invalid UTF-8
     is replaced with U+FFFD; an id beyond the byte range raises ValueError."""
     op = "decode_bytes"
-    _check_int(op, "offset", offset, 0)
+    check_int(op, "offset", offset, 0)
     if isinstance(ids, torch.Tensor):
         t = ids
     elif isinstance(ids, (str, bytes)) or ids is None:

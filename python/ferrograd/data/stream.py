@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import _core
+from ..ops._checks import check_bool, check_int
 from .packing import EOS_ID, IGNORE_INDEX, PackedBatch, batch_from_arrays
 
 _OP = "ByteStream"
@@ -71,13 +72,9 @@ class ByteStream(IterableDataset):
             ("shuffle_buffer", shuffle_buffer, 1),
             ("seed", seed, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
-            if value < minimum:
-                raise ValueError(f"{_OP}: {name} must be at least {minimum}, got {value}")
+            check_int(_OP, name, value, minimum)
         for name, value in (("shuffle", shuffle), ("add_bos", add_bos), ("add_eos", add_eos)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{_OP}: {name} must be a bool, got {type(value).__name__}")
+            check_bool(_OP, name, value)
         if isinstance(sources, (str, os.PathLike)):
             self._docs: Sequence | Iterable = _files_under(Path(sources))
         elif isinstance(sources, Sequence):

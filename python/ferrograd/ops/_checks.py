@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -42,3 +43,29 @@ def normalize_dim(op: str, dim: object, ndim: int) -> int:
             f"(expected in [{-rank}, {rank - 1}])"
         )
     return dim % rank
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
+    """An int (not a bool) at least ``low``, and at most ``high`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if high is None and value < low:
+        raise ValueError(f"{op}: {name} must be at least {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_number(op: str, name: str, value: object, low: float, high: float = math.inf) -> float:
+    """A real number (int or float, not a bool) in [low, high], as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
+    return float(value)

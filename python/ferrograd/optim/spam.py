@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..ops._checks import check_int, check_number
 from ..ops.spam import mask_indices, sample_mask, spam_step
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
@@ -28,19 +29,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
 
 
-def _check(op: str, name: str, value: float, low: float, high: float = math.inf) -> None:
-    """A real number in [low, high] (finite unless ``high`` is infinite and ``value`` too)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
-
-
-def _check_int(op: str, name: str, value: int, low: int, high: int = 2**63 - 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
+#: The largest int option or counter accepted (a 64-bit signed int).
+_INT_MAX = 2**63 - 1
 
 
 class _SpamBase(torch.optim.Optimizer):
@@ -50,7 +40,7 @@ class _SpamBase(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict, seed: int) -> None:
         self._check_group(defaults)
-        _check_int(self._name, "seed", seed, 0, 2**64 - 1)
+        check_int(self._name, "seed", seed, 0, 2**64 - 1)
         super().__init__(params, defaults)
         self.state[_GLOBAL] = {"step": 0, "rng": seed}
 
@@ -62,21 +52,21 @@ class _SpamBase(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         """ValueError / TypeError naming the option of ``group`` that is out of range."""
         op = self._name
-        _check(op, "lr", group["lr"], 0.0, _MAX_FLOAT)
-        _check(op, "eps", group["eps"], 0.0, _MAX_FLOAT)
+        check_number(op, "lr", group["lr"], 0.0, _MAX_FLOAT)
+        check_number(op, "eps", group["eps"], 0.0, _MAX_FLOAT)
         # The step divides by sqrt(v_hat) + eps in float32: 0 / 0 where v is 0.
         if torch.tensor(group["eps"], dtype=torch.float32) == 0:
             raise ValueError(
                 f"{op}: eps must be positive in float32 (>= 1e-45), got {group['eps']}"
             )
-        _check(op, "weight_decay", group["weight_decay"], 0.0, _MAX_FLOAT)
-        _check(op, "density", group["density"], 0.0, 1.0)
+        check_number(op, "weight_decay", group["weight_decay"], 0.0, _MAX_FLOAT)
+        check_number(op, "density", group["density"], 0.0, 1.0)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise TypeError(f"{op}: betas must be a pair of floats")
         for i, b in enumerate(betas):
-            _check(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12)
-        _check_int(op, "reset_interval", group["reset_interval"], 1)
+            check_number(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12)
+        check_int(op, "reset_interval", group["reset_interval"], 1, _INT_MAX)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps the moments float32 and the mask uint8 (torch would cast them
@@ -116,8 +106,8 @@ class _SpamBase(torch.optim.Optimizer):
         if glob is not None:
             if not isinstance(glob, dict):
                 raise ValueError(f"{op}: state[{_GLOBAL!r}] must be a dict")
-            _check_int(op, f"state[{_GLOBAL!r}]['step']", glob.get("step"), 0)
-            _check_int(op, f"state[{_GLOBAL!r}]['rng']", glob.get("rng"), 0, 2**64 - 1)
+            check_int(op, f"state[{_GLOBAL!r}]['step']", glob.get("step"), 0, _INT_MAX)
+            check_int(op, f"state[{_GLOBAL!r}]['rng']", glob.get("rng"), 0, 2**64 - 1)
         for index, entries in saved.items():
             if index not in where:
                 raise ValueError(f"{op}: state[{index}] names no parameter")
@@ -314,9 +304,9 @@ class SPAM(_SpamBase):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        _check("SPAM", "threshold", group["threshold"], 0.0)
-        _check_int("SPAM", "warmup_steps", group["warmup_steps"], 0)
-        _check_int("SPAM", "clip_warmup", group["clip_warmup"], 0)
+        check_number("SPAM", "threshold", group["threshold"], 0.0)
+        check_int("SPAM", "warmup_steps", group["warmup_steps"], 0, _INT_MAX)
+        check_int("SPAM", "clip_warmup", group["clip_warmup"], 0, _INT_MAX)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
         interval, warmup_steps = group["reset_interval"], group["warmup_steps"]
@@ -371,10 +361,10 @@ class StableSPAM(_SpamBase):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         for name in ("gamma1", "gamma2", "gamma3"):
-            _check("StableSPAM", name, group[name], 0.0, 1.0 - 1e-12)
+            check_number("StableSPAM", name, group[name], 0.0, 1.0 - 1e-12)
         if group["total_steps"] is not None:
-            _check_int("StableSPAM", "total_steps", group["total_steps"], 1)
-        _check("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
+            check_int("StableSPAM", "total_steps", group["total_steps"], 1, _INT_MAX)
+        check_number("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
         state = self.state[p]

@@ -21,7 +21,7 @@ import math
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_tensor
+from .._checks import check_floating, check_number, check_tensor
 from . import cpu, cuda, reference
 
 __all__ = ["linear_cross_entropy"]
@@ -99,14 +99,6 @@ def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
 _library.register_autograd(linear_cross_entropy_op, _backward, _setup_context)
 
 
-def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{OP}: {name} must be a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{OP}: {name} must be in [{low}, {high}], got {value}")
-    return float(value)
-
-
 def _check_inputs(e, c, targets, bias) -> None:
     for name, t in (("e", e), ("c", c)):
         check_tensor(OP, name, t)
@@ -151,7 +143,7 @@ def _filter_eps(filter_eps: object, dtype: torch.dtype, label_smoothing: float) 
                 f"{OP}: filter_eps must be 'auto', None or a number, got {filter_eps!r}"
             )
         filter_eps = torch.finfo(dtype).eps / 32
-    eps = _check_number("filter_eps", filter_eps, 0.0, 1.0)
+    eps = check_number(OP, "filter_eps", filter_eps, 0.0, 1.0)
     return None if eps == 0.0 or label_smoothing > 0 else eps
 
 
@@ -223,11 +215,11 @@ def linear_cross_entropy(
             f"(the length of targets' last dim), got {shift}"
         )
     if softcap is not None:
-        softcap = _check_number("softcap", softcap, 0.0)
+        softcap = check_number(OP, "softcap", softcap, 0.0)
         if softcap == 0.0 or softcap == math.inf:
             raise ValueError(f"{OP}: softcap must be a finite positive number, got {softcap}")
-    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-    z_loss = _check_number("z_loss", z_loss, 0.0)
+    label_smoothing = check_number(OP, "label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = check_number(OP, "z_loss", z_loss, 0.0)
     eps = _filter_eps(filter_eps, e.dtype, label_smoothing)
 
     shifted = _shifted_targets(targets.long(), shift, ignore_index)
