@@ -42,7 +42,9 @@ _OP_LAYER = ("compile", "opcheck", "export")
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("FERROGRAD_SIMD"):
         return
-    layer = [item for item in items if any(word in item.name for word in _OP_LAYER)]
+    kept, layer = [], []
+    for item in items:
+        (layer if any(word in item.name for word in _OP_LAYER) else kept).append(item)
     if layer:
         config.hook.pytest_deselected(items=layer)
-        items[:] = [item for item in items if item not in layer]
+        items[:] = kept
