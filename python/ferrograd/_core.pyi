@@ -57,6 +57,20 @@ def pack_pieces(
     """Packs ready-cut pieces (flags: 1 = BOS, 2 = EOS) into batch_size rows; "leftover" holds
     the indices of pieces that did not fit."""
 
+def pack_tokens(
+    ids: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    seq_len: int,
+    labels: npt.NDArray[np.int64] | None = None,
+    pad_id: int = 0,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    split_long: bool = True,
+) -> dict[str, object]:
+    """Packs documents of token ids ids[offsets[d]:offsets[d+1]] (labels, when given, are the
+    targets instead of the ids; bos_id / eos_id added to every document): the arrays of
+    pack_documents."""
+
 def spam_step(
     param: torch.Tensor,
     grad: torch.Tensor,

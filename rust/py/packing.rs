@@ -1,4 +1,5 @@
-//! Byte-level packing wrappers: the arrays are allocated here and filled without the GIL.
+//! Packing wrappers (bytes and token ids): the arrays are allocated here and filled without the
+//! GIL.
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
@@ -6,7 +7,10 @@ use pyo3::types::PyDict;
 
 use super::run_detached;
 use crate::error::{FgError, FgResult};
-use crate::packing::{self, BatchArrays, Piece, SplitOptions};
+use crate::packing::{
+    self, BatchArrays, Bytes, Piece, Source, Specials, SplitOptions, Tokens, BOS, BYTE_SPECIALS,
+    EOS,
+};
 use crate::rng::SplitMix64;
 
 /// The elements of a C-contiguous numpy array, or a ValueError naming `op` and the argument.
@@ -29,15 +33,14 @@ fn to_usize(op: &str, name: &str, values: &[i64]) -> FgResult<Vec<usize>> {
 
 /// Allocates the batch arrays, fills them from `rows` (shuffled by `seed`), returns a dict.
 #[allow(clippy::too_many_arguments)]
-fn build_batch<'py>(
+fn build_batch<'py, T: Tokens + ?Sized>(
     py: Python<'py>,
     op: &str,
-    buffer: &[u8],
+    source: &Source<'_, T>,
     pieces: &[Piece],
     mut rows: Vec<Vec<usize>>,
     n_rows: usize,
     seq_len: usize,
-    offset: i64,
     seed: Option<u64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     if n_rows
@@ -69,7 +72,7 @@ fn build_batch<'py>(
         };
         let rows_ref = &rows;
         run_detached(py, op, move || {
-            packing::fill_rows(buffer, pieces, rows_ref, seq_len, offset, out);
+            packing::fill_rows(source, pieces, rows_ref, seq_len, out);
             Ok(())
         })?;
     }
@@ -107,15 +110,38 @@ fn pack_documents<'py>(
     let buffer = contiguous(op, "buffer", &buffer)?;
     let offsets = to_usize(op, "offsets", contiguous(op, "offsets", &offsets)?)?;
     packing::validate_offsets(op, &offsets, buffer.len())?;
+    let bytes = Bytes {
+        data: buffer,
+        offset,
+    };
+    let source = Source {
+        tokens: &bytes,
+        labels: None,
+        specials: BYTE_SPECIALS,
+    };
     let opts = SplitOptions {
         seq_len,
-        offset,
         add_bos,
         add_eos,
         split_long,
     };
+    pack_all(py, op, &source, &offsets, &opts, batch_size, seed)
+}
+
+/// Splits the documents, packs all pieces (into exactly `batch_size` rows when given) and
+/// builds the batch.
+fn pack_all<'py, T: Tokens + ?Sized>(
+    py: Python<'py>,
+    op: &str,
+    source: &Source<'_, T>,
+    offsets: &[usize],
+    opts: &SplitOptions,
+    batch_size: Option<usize>,
+    seed: Option<u64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let seq_len = opts.seq_len;
     let (pieces, packing) = run_detached(py, op, || {
-        let pieces = packing::split_documents(buffer, &offsets, &opts);
+        let pieces = packing::split_documents(source, offsets, opts);
         let lengths: Vec<usize> = pieces.iter().map(Piece::tokens).collect();
         Ok((
             pieces,
@@ -133,17 +159,54 @@ fn pack_documents<'py>(
         Some(b) => b,
         None => needed,
     };
-    build_batch(
-        py,
-        op,
-        buffer,
-        &pieces,
-        packing.rows,
-        n_rows,
+    build_batch(py, op, source, &pieces, packing.rows, n_rows, seq_len, seed)
+}
+
+/// Packs documents of token ids (`ids[offsets[d]..offsets[d+1]]`) into rows of `seq_len`;
+/// `labels` (as long as `ids`) replace the ids as targets; `bos_id` / `eos_id` are added to
+/// every document when given; padding is `pad_id`.
+#[pyfunction]
+#[pyo3(signature = (ids, offsets, seq_len, labels=None, pad_id=0, bos_id=None, eos_id=None, split_long=true))]
+#[allow(clippy::too_many_arguments)]
+fn pack_tokens<'py>(
+    py: Python<'py>,
+    ids: PyReadonlyArrayDyn<'py, i64>,
+    offsets: PyReadonlyArrayDyn<'py, i64>,
+    seq_len: usize,
+    labels: Option<PyReadonlyArrayDyn<'py, i64>>,
+    pad_id: i64,
+    bos_id: Option<i64>,
+    eos_id: Option<i64>,
+    split_long: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let op = "pack_tokens";
+    packing::validate_seq_len(op, seq_len)?;
+    let ids = contiguous(op, "ids", &ids)?;
+    let offsets = to_usize(op, "offsets", contiguous(op, "offsets", &offsets)?)?;
+    packing::validate_offsets(op, &offsets, ids.len())?;
+    let labels = labels
+        .as_ref()
+        .map(|l| contiguous(op, "labels", l))
+        .transpose()?;
+    if labels.is_some_and(|l| l.len() != ids.len()) {
+        return Err(FgError::Value(format!("{op}: labels and ids differ in length")).into());
+    }
+    let source = Source {
+        tokens: ids,
+        labels,
+        specials: Specials {
+            pad: pad_id,
+            bos: bos_id.unwrap_or(BOS),
+            eos: eos_id.unwrap_or(EOS),
+        },
+    };
+    let opts = SplitOptions {
         seq_len,
-        offset,
-        seed,
-    )
+        add_bos: bos_id.is_some(),
+        add_eos: eos_id.is_some(),
+        split_long,
+    };
+    pack_all(py, op, &source, &offsets, &opts, None, None)
 }
 
 /// Packs ready-cut pieces into at most `batch_size` rows; returns the batch and, under
@@ -177,14 +240,14 @@ fn pack_pieces<'py>(
     for i in 0..starts.len() {
         let piece = Piece {
             start: starts[i],
-            bytes: lengths[i],
+            len: lengths[i],
             bos: flags[i] & 1 != 0,
             eos: flags[i] & 2 != 0,
             next: next_ids[i],
         };
         if piece
             .start
-            .checked_add(piece.bytes)
+            .checked_add(piece.len)
             .is_none_or(|end| end > buffer.len())
         {
             return Err(FgError::Value(format!("{op}: piece {i} lies outside the buffer")).into());
@@ -197,15 +260,23 @@ fn pack_pieces<'py>(
     let token_lengths: Vec<usize> = pieces.iter().map(Piece::tokens).collect();
     let packing = packing::best_fit_decreasing(&token_lengths, seq_len, Some(batch_size));
     let leftover: Vec<i64> = packing.leftover.iter().map(|&i| i as i64).collect();
+    let bytes = Bytes {
+        data: buffer,
+        offset,
+    };
+    let source = Source {
+        tokens: &bytes,
+        labels: None,
+        specials: BYTE_SPECIALS,
+    };
     let dict = build_batch(
         py,
         op,
-        buffer,
+        &source,
         &pieces,
         packing.rows,
         batch_size,
         seq_len,
-        offset,
         seed,
     )?;
     dict.set_item("leftover", PyArray1::from_vec(py, leftover))?;
@@ -215,5 +286,6 @@ fn pack_pieces<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_documents, m)?)?;
     m.add_function(wrap_pyfunction!(pack_pieces, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_tokens, m)?)?;
     Ok(())
 }

@@ -87,6 +87,14 @@ def _as_bytes(op: str, doc: object, index: int) -> bytes:
     raise TypeError(f"{op}: docs[{index}] must be str or bytes, got {type(doc).__name__}")
 
 
+def byte_buffer(op: str, docs: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' bytes back to back (uint8) and the int64 offsets where each starts."""
+    encoded = [_as_bytes(op, d, i) for i, d in enumerate(docs)]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
 def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
@@ -131,10 +139,7 @@ def pack_documents(
         check_int(op, "seed", seed, 0)
     for name, value in (("add_bos", add_bos), ("add_eos", add_eos), ("split_long", split_long)):
         check_bool(op, name, value)
-    encoded = [_as_bytes(op, d, i) for i, d in enumerate(docs)]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    buffer, offsets = byte_buffer(op, docs)
     arrays = _core.pack_documents(
         buffer, offsets, seq_len, batch_size, offset, add_bos, add_eos, split_long, seed
     )
