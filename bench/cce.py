@@ -1,9 +1,11 @@
 """Cut cross-entropy (fg.linear_cross_entropy) vs the logits path a user writes today,
 ``F.cross_entropy(e @ c.T, targets)``: time and peak memory of forward + backward.
 
-CPU (float32): N=4096, D=256, V=131072. Peak memory is measured in a fresh subprocess per
-method (the growth of the resident set while the loss and its gradients are computed, so the
-gradients themselves, dC = 128 MiB here, count against both).
+CPU: float32 at N=4096, D=256, V=131072, and bfloat16 inputs (what a model under bf16 autocast
+hands the loss) at N=2048, D=512 and V = 32000 / 128256 / 256000 against bf16 logits +
+F.cross_entropy, the baseline this CPU's user has. Peak memory is measured in a fresh subprocess
+per method and case (the growth of the resident set while the loss and its gradients are
+computed, so the gradients themselves, dC = 128 MiB in the first case, count against both).
 GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
 (N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
 (``cut_cross_entropy``) and Liger-Kernel where installed; memory is the peak allocated beyond the
@@ -25,7 +27,13 @@ from harness import Bench, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
 
-CPU_SHAPE = (4096, 256, 131072)
+#: (dtype, N, D, V)
+CPU_CASES = [
+    (torch.float32, 4096, 256, 131072),
+    (torch.bfloat16, 2048, 512, 32000),
+    (torch.bfloat16, 2048, 512, 128256),
+    (torch.bfloat16, 2048, 512, 256000),
+]
 GPU_SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
@@ -62,10 +70,11 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def child_peak(method: str) -> None:
+def child_peak(method: str, case: int) -> None:
     """In a fresh process: peak resident growth of one forward + backward, printed as JSON."""
     torch.set_num_threads(int(sys.argv[3]))
-    e, c, targets = inputs(*CPU_SHAPE)
+    dtype, *shape = CPU_CASES[case]
+    e, c, targets = inputs(*shape, dtype=dtype)
     loss_fn = fg.linear_cross_entropy if method == "ours" else torch_loss
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
@@ -73,44 +82,45 @@ def child_peak(method: str) -> None:
     print(json.dumps({"extra_bytes": _status_bytes("VmHWM") - before}))
 
 
-def cpu_peak(method: str, threads: int) -> int:
-    cmd = [sys.executable, __file__, "--child", method, str(threads)]
+def cpu_peak(method: str, case: int, threads: int) -> int:
+    cmd = [sys.executable, __file__, "--child", method, str(threads), str(case)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])["extra_bytes"]
 
 
 def cpu(bench: Bench) -> None:
-    n, d, v = CPU_SHAPE
-    e, c, targets = inputs(n, d, v)
-    with torch.no_grad():
-        fwd = interleaved_times(
+    for case, (dtype, n, d, v) in enumerate(CPU_CASES):
+        e, c, targets = inputs(n, d, v, dtype=dtype)
+        with torch.no_grad():
+            fwd = interleaved_times(
+                {
+                    "ours": partial(fg.linear_cross_entropy, e, c, targets),
+                    "torch": partial(torch_loss, e, c, targets),
+                },
+                repeats=3,
+            )
+        both = interleaved_times(
             {
-                "ours": lambda: fg.linear_cross_entropy(e, c, targets),
-                "torch": lambda: torch_loss(e, c, targets),
+                "ours": train_step(fg.linear_cross_entropy, e, c, targets),
+                "torch": train_step(torch_loss, e, c, targets),
             },
             repeats=3,
         )
-    both = interleaved_times(
-        {
-            "ours": train_step(fg.linear_cross_entropy, e, c, targets),
-            "torch": train_step(torch_loss, e, c, targets),
-        },
-        repeats=3,
-    )
-    ours_mem, torch_mem = cpu_peak("ours", bench.threads), cpu_peak("torch", bench.threads)
-    bench.add(
-        {
-            "case": f"cpu float32 N={n} D={d} V={v}",
-            "fwd_ours_ms": fwd["ours"] * 1e3,
-            "fwd_torch_ms": fwd["torch"] * 1e3,
-            "fwdbwd_ours_ms": both["ours"] * 1e3,
-            "fwdbwd_torch_ms": both["torch"] * 1e3,
-            "time_ratio": both["ours"] / both["torch"],
-            "peak_ours_MiB": ours_mem / 2**20,
-            "peak_torch_MiB": torch_mem / 2**20,
-            "memory_ratio": ours_mem / torch_mem,
-        }
-    )
+        ours_mem = cpu_peak("ours", case, bench.threads)
+        torch_mem = cpu_peak("torch", case, bench.threads)
+        bench.add(
+            {
+                "case": f"cpu {str(dtype).removeprefix('torch.')} N={n} D={d} V={v}",
+                "fwd_ours_ms": fwd["ours"] * 1e3,
+                "fwd_torch_ms": fwd["torch"] * 1e3,
+                "fwdbwd_ours_ms": both["ours"] * 1e3,
+                "fwdbwd_torch_ms": both["torch"] * 1e3,
+                "speedup": both["torch"] / both["ours"],
+                "peak_ours_MiB": ours_mem / 2**20,
+                "peak_torch_MiB": torch_mem / 2**20,
+                "memory_ratio": ours_mem / torch_mem,
+            }
+        )
 
 
 def gpu_methods() -> dict[str, Callable]:
@@ -172,6 +182,6 @@ def main(threads: int | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        child_peak(sys.argv[2])
+        child_peak(sys.argv[2], int(sys.argv[4]))
     else:
         main()

@@ -117,10 +117,20 @@ def test_matches_float64_reference(small_chunks, device, options, reduction, dty
         torch.testing.assert_close(ours.double(), want, rtol=tol, atol=tol * want.abs().max())
 
 
+def float32_products(dtype: torch.dtype) -> bool:
+    """Whether the CPU kernel upcasts the chunk matmuls of ``dtype`` inputs to float32."""
+    return cce.cpu.gemm_dtype(dtype) == torch.float32
+
+
+HALF_OPTIONS = [{}, OPTIONS[-2]]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("options", [{}, OPTIONS[-1]], ids=["plain", "all"])
-def test_half_inputs_are_computed_in_float32(small_chunks, dtype, options):
+@pytest.mark.parametrize("options", HALF_OPTIONS, ids=["plain", "all"])
+def test_half_inputs_with_float32_products(small_chunks, dtype, options):
     """The inputs are exact in their dtype; only the final rounding to it may differ."""
+    if not float32_products(dtype):
+        pytest.skip(f"this CPU multiplies {dtype} natively (next test)")
     e, c, bias, targets = make_inputs(dtype=dtype)
     loss, ref, ours_grads, ref_grads = run_both(e, c, bias, targets, options, "mean")
     assert loss.dtype == dtype and all(g.dtype == dtype for g in ours_grads)
@@ -128,6 +138,50 @@ def test_half_inputs_are_computed_in_float32(small_chunks, dtype, options):
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=0)
     for ours, want in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(ours.double(), want, rtol=rtol, atol=1e-4 * want.abs().max())
+
+
+@pytest.mark.parametrize("options", HALF_OPTIONS, ids=["plain", "all"])
+def test_bfloat16_products_round_as_a_bfloat16_linear(small_chunks, options):
+    """Where the CPU multiplies bfloat16 natively, the chunk logits and the logit gradient are
+    rounded to bfloat16 by the matmuls (as a bfloat16 nn.Linear rounds its logits): against
+    float64, the loss is off by at most that rounding of the largest logit (2^-8 of it) plus
+    its own rounding to bfloat16, each gradient by 2^-7 (1 + max |z|) of its largest entry."""
+    if float32_products(torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16 matmul (previous test)")
+    e, c, bias, targets = make_inputs(dtype=torch.bfloat16)
+    loss, ref, ours_grads, ref_grads = run_both(e, c, bias, targets, options, "mean")
+    assert loss.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in ours_grads)
+    z = e.double() @ c.double().T + (bias.double() if options.get("bias") else 0)
+    if options.get("softcap"):
+        z = options["softcap"] * torch.tanh(z / options["softcap"])
+    zmax = float(z.abs().max())
+    bf16 = 2.0**-8
+    torch.testing.assert_close(loss.double(), ref, rtol=bf16, atol=bf16 * zmax)
+    for ours, want in zip(ours_grads, ref_grads, strict=True):
+        bound = 2 * bf16 * (1 + zmax) * float(want.abs().max())
+        assert float((ours.double() - want).abs().max()) <= bound
+
+
+def test_under_autocast_mixed_dtypes_multiply_in_bfloat16_and_give_a_float32_loss():
+    """Under CPU autocast, bfloat16 activations meet a float32 weight as autocast's Linear meets
+    them (both cast to bfloat16), the loss is float32 (as autocast's cross-entropy) and each
+    gradient reaches its leaf in the leaf's dtype."""
+    e, c, bias, targets = make_inputs()
+    e = e.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fg.linear_cross_entropy(e, c, targets, bias=bias)
+    assert loss.dtype == torch.float32
+    # the definition on the bfloat16-rounded inputs, in float64
+    eb, cb, bb = (t.detach().bfloat16().double().requires_grad_() for t in (e, c, bias))
+    ref, _ = reference(eb, cb, targets, bias=bb)
+    zmax = float((eb @ cb.T + bb).abs().max())
+    bf16 = 2.0**-8
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=0, atol=bf16 * zmax)
+    ours = grads(loss, (e, c, bias))
+    want = grads(ref, (eb, cb, bb))
+    for o, w, leaf in zip(ours, want, (e, c, bias), strict=True):
+        assert o.dtype == leaf.dtype
+        assert float((o.double() - w).abs().max()) <= 2 * bf16 * (1 + zmax) * float(w.abs().max())
 
 
 def test_default_chunking_on_a_larger_vocabulary():

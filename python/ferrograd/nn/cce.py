@@ -13,7 +13,8 @@ __all__ = ["LinearCrossEntropy"]
 class LinearCrossEntropy(nn.Module):
     """``fg.linear_cross_entropy`` with its options fixed at construction, like
     ``nn.CrossEntropyLoss``: ``forward(e, c, targets, bias=None)`` where c is the classifier
-    weight [V, D] (for example ``lm_head.weight``) and e the hidden states [..., D]."""
+    weight [V, D] (for example ``lm_head.weight``) and e the hidden states [..., D]; with
+    ``process_group``, c is this rank's shard of the vocabulary (vocabulary-parallel)."""
 
     def __init__(
         self,
@@ -26,6 +27,7 @@ class LinearCrossEntropy(nn.Module):
         z_loss: float = 0.0,
         return_lse: bool = False,
         filter_eps: float | str | None = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.options = {
@@ -37,6 +39,7 @@ class LinearCrossEntropy(nn.Module):
             "z_loss": z_loss,
             "return_lse": return_lse,
             "filter_eps": filter_eps,
+            "process_group": process_group,
         }
 
     def forward(
@@ -49,4 +52,6 @@ class LinearCrossEntropy(nn.Module):
         return linear_cross_entropy(e, c, targets, bias=bias, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(
+            f"{k}={v!r}" for k, v in self.options.items() if k != "process_group" or v is not None
+        )

@@ -22,7 +22,7 @@ import torch
 
 from .. import _library
 from .._checks import check_floating, check_number, check_tensor
-from . import cpu, cuda, reference
+from . import cpu, cuda, parallel, reference
 
 __all__ = ["linear_cross_entropy"]
 
@@ -99,7 +99,7 @@ def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
 _library.register_autograd(linear_cross_entropy_op, _backward, _setup_context)
 
 
-def _check_inputs(e, c, targets, bias) -> None:
+def _check_inputs(e, c, targets, bias, autocast: bool) -> None:
     for name, t in (("e", e), ("c", c)):
         check_tensor(OP, name, t)
         check_floating(OP, name, t)
@@ -129,7 +129,7 @@ def _check_inputs(e, c, targets, bias) -> None:
     for name, t in others:
         if t.device != e.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but e is on {e.device}")
-        if name != "targets" and t.dtype != e.dtype:
+        if name != "targets" and t.dtype != e.dtype and not autocast:
             raise TypeError(f"{OP}: {name} has dtype {t.dtype} but e has {e.dtype}")
 
 
@@ -174,6 +174,23 @@ def _check_target_range(shifted: torch.Tensor, valid: torch.Tensor, vocab: int, 
         )
 
 
+def _autocasting(e: object) -> bool:
+    if not isinstance(e, torch.Tensor) or e.dtype == torch.float64:
+        return False  # (the checks name a non-tensor e)
+    return torch.is_autocast_enabled(e.device.type)
+
+
+def _autocast(e, c, bias):
+    """(e, c, bias, loss dtype) under autocast: the product in autocast's dtype, as the
+    ``nn.Linear`` it replaces would run it, and the loss in float32, as autocast runs
+    cross-entropy. Unchanged, with the loss in e's dtype, outside autocast and for float64
+    (which autocast leaves alone too)."""
+    if not _autocasting(e):
+        return e, c, bias, e.dtype
+    dtype = torch.get_autocast_dtype(e.device.type)
+    return e.to(dtype), c.to(dtype), None if bias is None else bias.to(dtype), torch.float32
+
+
 def linear_cross_entropy(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -188,6 +205,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     return_lse: bool = False,
     filter_eps: float | str | None = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits ``e @ c.T + bias`` against ``targets``, never materialized.
 
@@ -197,12 +215,30 @@ def linear_cross_entropy(
     z_loss * lse^2 per token; ``shift=k`` pairs e[..., :-k, :] with targets[..., k:];
     ``reduction`` "mean" divides by the number of non-ignored tokens (0 when there are none).
     Returns the loss in e's dtype, and with ``return_lse`` also lse over the (shifted) token
-    shape. ``filter_eps`` ("auto": finfo(e.dtype).eps / 32; None or 0: off) lets the backward
-    skip blocks of the logit gradient whose entries are all below it relative to their row's
+    shape. Under autocast (CPU or CUDA) e, c and bias are cast to autocast's dtype, as for the
+    ``nn.Linear`` this replaces, and the loss and lse are float32, as autocast's cross-entropy.
+    ``filter_eps`` ("auto": finfo(e.dtype).eps / 32; None or 0: off) lets the backward skip
+    blocks of the logit gradient whose entries are all below it relative to their row's
     gradient scale; it is off whenever label smoothing is on. Gradients flow to e, c, bias and
     through lse.
+
+    ``process_group``: vocabulary-parallel (parallel.py). c and bias hold this rank's
+    contiguous shard of the vocabulary (any sizes), shards in rank order; e, targets (global
+    ids) and the options are the same on every rank, and every rank gets the full loss and lse.
+    The gradient of e is summed over the group (each rank's shard contributes its share), c's
+    and bias's stay local. Each rank runs the chunk loop over its shard only; one all-gather
+    of three numbers per row combines them. The ranks first agree on the options and inputs
+    (one all_gather_object): a rank's bad input or a disagreement raises on every rank. A
+    DTensor c sharded on dim 0 over a 1-D mesh (bias sharded alike) is the same call on its
+    local shard over the mesh's group.
     """
-    _check_inputs(e, c, targets, bias)
+    if process_group is None and parallel.is_dtensor(c):
+        e, c, bias, process_group = parallel.local_shards(e, c, bias)
+    shard = None
+    if process_group is not None:  # before any check that could fail on one rank only
+        options = (ignore_index, reduction, shift, softcap, label_smoothing, z_loss, return_lse)
+        shard = parallel.agree(process_group, e, c, targets, bias, (*options, filter_eps))
+    _check_inputs(e, c, targets, bias, _autocasting(e))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
@@ -222,12 +258,14 @@ def linear_cross_entropy(
     z_loss = check_number(OP, "z_loss", z_loss, 0.0)
     eps = _filter_eps(filter_eps, e.dtype, label_smoothing)
 
+    e, c, bias, out_dtype = _autocast(e, c, bias)
     shifted = _shifted_targets(targets.long(), shift, ignore_index)
     valid = shifted != ignore_index
     if not torch.compiler.is_compiling():
-        _check_target_range(shifted, valid, c.shape[0], ignore_index)
+        vocab = c.shape[0] if shard is None else shard.vocab
+        _check_target_range(shifted, valid, vocab, ignore_index)
     flat_targets = torch.where(valid, shifted, -1).reshape(-1)
-    row, lse = _library.call(
+    row, lse = (_library.call if shard is None else shard.call)(
         linear_cross_entropy_op,
         e.reshape(targets.numel(), e.shape[-1]).contiguous(),  # (-1 fails when D = 0)
         c.contiguous(),
@@ -245,5 +283,5 @@ def linear_cross_entropy(
         loss = row.sum()
     else:
         loss = row.sum() / valid.sum().clamp(min=1)
-    loss = loss.to(e.dtype)
-    return (loss, _tokens(lse, targets.shape, shift).to(e.dtype)) if return_lse else loss
+    loss = loss.to(out_dtype)
+    return (loss, _tokens(lse, targets.shape, shift).to(out_dtype)) if return_lse else loss

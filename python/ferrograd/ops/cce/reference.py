@@ -7,7 +7,10 @@ Rows of e [N, D] meet vocabulary chunks of c [V, D]; each chunk's raw logits lan
 buffer (32 MiB of float32 on the CPU, 256 MiB on a GPU). The forward folds them into a running
 float64 log-sum-exp, the target logit and (label smoothing) the logit sum; the backward turns
 them into the logit gradient in place and accumulates dE and dC with two matmuls. Extra memory:
-the buffer. Computed in float32 (float64 for float64 inputs).
+the buffer. Computed in float32 (float64 for float64 inputs); the three matmuls run in
+``gemm_dtype`` (the compute dtype unless a kernel asks for bfloat16: then each chunk's logits
+are rounded to bfloat16 by the matmul, as a bfloat16 ``nn.Linear`` rounds them, and so is the
+logit gradient that meets c and e in the backward, while the sums stay float32).
 """
 
 from __future__ import annotations
@@ -52,15 +55,38 @@ def _blocks(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     return row_block, min(vocab, chunk)
 
 
-def _chunk_logits(
-    buf: torch.Tensor, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
-) -> torch.Tensor:
-    """Raw logits of rows e against vocabulary v0..v1 in a contiguous view of ``buf``."""
-    out = buf[: e.shape[0] * (v1 - v0)].view(e.shape[0], v1 - v0)
-    cc = c[v0:v1].to(e.dtype)
-    if bias is None:
-        return torch.mm(e, cc.t(), out=out)
-    return torch.addmm(bias[v0:v1].to(e.dtype), e, cc.t(), out=out)
+def _view(buf: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | None:
+    return None if buf is None else buf[: rows * width].view(rows, width)
+
+
+class _Buffers:
+    """The reused chunk buffers: the logits in the compute dtype and, when the matmuls run in
+    another dtype, their output (and the backward's rounded logit gradient) in that dtype."""
+
+    def __init__(self, elems: int, kd: torch.dtype, gemm_dtype: torch.dtype, device) -> None:
+        self.z = torch.empty(elems, dtype=kd, device=device)
+        same = gemm_dtype == kd
+        self.gemm = None if same else torch.empty(elems, dtype=gemm_dtype, device=device)
+
+    def logits(
+        self, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
+    ) -> torch.Tensor:
+        """Raw logits of rows e (in the matmul dtype) against vocabulary v0..v1, in a
+        contiguous view of the compute-dtype buffer."""
+        rows, width = e.shape[0], v1 - v0
+        z = _view(self.z, rows, width)
+        out = _view(self.gemm, rows, width)
+        cc = c[v0:v1].to(e.dtype)
+        if bias is None:
+            torch.mm(e, cc.t(), out=z if out is None else out)
+        else:
+            torch.addmm(bias[v0:v1].to(e.dtype), e, cc.t(), out=z if out is None else out)
+        return z if out is None else z.copy_(out)
+
+    def rounded(self, dz: torch.Tensor) -> torch.Tensor:
+        """The logit gradient in the matmul dtype."""
+        out = _view(self.gemm, *dz.shape)
+        return dz if out is None else out.copy_(dz)
 
 
 def _softcap_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -131,6 +157,7 @@ def chunked_forward(
     softcap: float | None,
     want_sum: bool,
     fold: Callable = fold_chunk,
+    gemm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, target logit, logit sum or None) per row of e [N, D], in the compute dtype, chunk
     by chunk on e's device. A row whose target is in no chunk (ignored, or out of range in a
@@ -142,10 +169,12 @@ def chunked_forward(
     target_logit = torch.full((rows,), math.nan, dtype=kd, device=e.device)
     logit_sum = torch.zeros(rows, **f64) if want_sum else None
     row_block, chunk = _blocks(rows, vocab, e.device)
-    buf = torch.empty(min(rows, row_block) * chunk, dtype=kd, device=e.device)
-    for er, *state in _row_blocks(row_block, e.to(kd), targets, lse, target_logit, logit_sum):
+    gemm_dtype = gemm_dtype or kd
+    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device)
+    rows_state = (targets, lse, target_logit, logit_sum)
+    for er, *state in _row_blocks(row_block, e.to(gemm_dtype), *rows_state):
         for v0 in range(0, vocab, chunk):
-            z = _chunk_logits(buf, er, c, bias, v0, min(vocab, v0 + chunk))
+            z = bufs.logits(er, c, bias, v0, min(vocab, v0 + chunk))
             fold(z, v0, *state, softcap)
     return lse.to(kd), target_logit, None if logit_sum is None else logit_sum.to(kd)
 
@@ -161,6 +190,7 @@ def chunked_backward(
     filter_eps: float | None,
     bias_grad: bool,
     grad: Callable = grad_chunk,
+    gemm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dE, dC, dbias) in the compute dtype for the logit gradient
     dz_ij = a_i p_ij - b_i [j = t_i] - u_i (times the softcap derivative), coefs = (a, b, u),
@@ -176,19 +206,26 @@ def chunked_backward(
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     coefs = [t.to(kd).contiguous() for t in coefs]
     ek, lse = quiet_ignored_rows(ek, lse, coefs)
+    gemm_dtype = gemm_dtype or kd
+    eg = ek.to(gemm_dtype)
     row_block, chunk = _blocks(rows, vocab, e.device)
-    buf = torch.empty(min(rows, row_block) * chunk, **like)
-    for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, ek, de, targets, lse, *coefs):
+    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device)
+    for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, eg, de, targets, lse, *coefs):
         for v0 in range(0, vocab, chunk):
             v1 = min(vocab, v0 + chunk)
-            dz = _chunk_logits(buf, er, c, bias, v0, v1)
+            dz = bufs.logits(er, c, bias, v0, v1)
             peak = grad(dz, v0, t, lse_r, coefs_r, softcap)
             if filter_eps is not None and peak < filter_eps:
                 continue
-            de_r.addmm_(dz, c[v0:v1].to(kd))
-            dc[v0:v1].addmm_(dz.t(), er)
             if bias_grad:
                 dbias[v0:v1] += dz.sum(0)
+            dzg = bufs.rounded(dz)
+            if dzg is dz:
+                de_r.addmm_(dz, c[v0:v1].to(kd))
+                dc[v0:v1].addmm_(dz.t(), er)
+            else:  # the products in the matmul dtype, their sums over chunks in float32
+                de_r += torch.mm(dzg, c[v0:v1].to(gemm_dtype))
+                dc[v0:v1] += torch.mm(dzg.t(), er)
     return de, dc, dbias
 
 
@@ -221,13 +258,14 @@ def forward(
     filter_eps: float | None,
     *,
     fold: Callable = fold_chunk,
+    gemm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row loss, lse) per row of e [N, D] against c [V, D] for targets [N] (-1: ignored row),
     in the compute dtype. ``filter_eps`` is the backward's."""
     vocab = c.shape[0]
     check_targets(targets, vocab)
     lse, target_logit, logit_sum = chunked_forward(
-        e, c, bias, targets, softcap, label_smoothing > 0, fold
+        e, c, bias, targets, softcap, label_smoothing > 0, fold, gemm_dtype
     )
     return row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss), lse
 
@@ -246,11 +284,12 @@ def backward(
     bias_grad: bool,
     *,
     grad: Callable = grad_chunk,
+    gemm_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dE, dC, dbias) in the dtypes of e, c and bias (dbias empty unless ``bias_grad``)."""
     coefs = (coef_softmax, coef_target, coef_uniform)
     de, dc, dbias = chunked_backward(
-        e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad
+        e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad, gemm_dtype
     )
     bias_dtype = e.dtype if bias is None else bias.dtype
     return de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
