@@ -81,6 +81,20 @@ def test_two_workers_times_two_ranks_cover_every_document_once(corpus, monkeypat
     assert total == reference_pieces(docs, 48)
 
 
+def test_shard_ranks_false_gives_every_rank_the_whole_stream(corpus, monkeypatch):
+    """What a data-parallel run that splits one global batch over ranks reads."""
+    root, _ = corpus
+    alone = [b.input_ids for b in ByteStream(root, 48, 2, seed=9)]
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    whole = [b.input_ids for b in ByteStream(root, 48, 2, seed=9, shard_ranks=False)]
+    sharded = [b.input_ids for b in ByteStream(root, 48, 2, seed=9)]
+    assert len(whole) == len(alone) and all(map(torch.equal, whole, alone))
+    assert len(sharded) < len(alone)
+
+
 @pytest.mark.parametrize("stop_after", [1, 3, 7])
 def test_resume_equals_an_uninterrupted_run(corpus, stop_after):
     root, _ = corpus

@@ -28,12 +28,49 @@ def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
         assert len(curve) == 16 and all(math.isfinite(x) for x in curve)
         assert sum(curve[-4:]) < sum(curve[:4])  # it learns
         assert 0 < results[name]["val_bpb"] < 9  # below log2(260) + margin
+        assert results[name]["peak_memory_MiB"] > 0 and results[name]["bytes_per_second"] > 0
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert results["baseline"]["label"] == (
+        "torch bf16 autocast + AdamW fused" if bf16 else "torch float32 + AdamW fused"
+    )
+    assert "bytes/s" in run.stderr and "peak memory" in run.stderr  # the side-by-side table
+    # nothing of this machine's file system in the summary
+    text = (out / "summary.json").read_text()
+    assert str(tmp_path) not in text and sys.prefix not in text
+    assert summary["config"]["data"] == ["python-stdlib"]
     w4 = results["w4a16"]
     assert math.isfinite(w4["val_bpb_after"]) and w4["layer_errors"]
     assert results["sample"].startswith("def ") and len(results["sample"]) > 4
     assert (out / "checkpoint.pt").exists()
     assert summary["plot"] == "loss.png" or "matplotlib" in summary["plot"]
     assert "bits per byte" in run.stderr
+
+
+def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(tmp_path):
+    """Two gloo ranks, each training half the rows of every batch, give the one-process loss
+    curve: the first step exactly (same forward), the float baseline to float-sum order
+    throughout; ShiftQuant's stochastic gradient rounding keys its noise on each rank's own
+    row block, so the ferrograd curve drifts slightly after the first update."""
+    tiny = [
+        "--steps", "5", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "64",
+        "--batch-size", "4", "--val-batches", "2", "--sample-bytes", "8", "--lr", "1e-2",
+        "--compare",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    for cmd in (
+        [sys.executable, "-m", "ferrograd", "demo", *tiny, "--out", str(one)],
+        [*launch, "2", "-m", "ferrograd", "demo", *tiny, "--out", str(two)],
+    ):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a = json.loads((one / "summary.json").read_text())
+    b = json.loads((two / "summary.json").read_text())
+    assert b["machine"]["processes"] == 2 and a["machine"]["processes"] == 1
+    for name, tol in (("baseline", 2e-4), ("ferrograd", 2e-2)):
+        ca, cb = a["results"][name]["loss_curve"], b["results"][name]["loss_curve"]
+        assert ca[0] == pytest.approx(cb[0], rel=1e-6)
+        assert cb == pytest.approx(ca, rel=tol)
 
 
 def test_demo_rejects_missing_data(tmp_path):

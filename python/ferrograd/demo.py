@@ -7,24 +7,32 @@ Model: a small decoder-only Transformer whose attention stays inside each packed
 ``fg.nn.ShiftQuantLinear`` (``--bits``), norms as ``fg.nn.L1LayerNorm``, the tied output head's
 loss through ``fg.linear_cross_entropy``, optimizer ``fg.optim.SPAM`` (``--density``).
 Then SmoothQuant+ W4A16 post-training quantization (``fg.quant.smoothquant_plus``), and a
-sample. ``--compare`` trains the float32 nn.Linear / nn.LayerNorm / AdamW baseline on the same
-batches. Bits per byte are the loss in bits per predicted token (a byte, or a document's end).
+sample. ``--compare`` trains the strongest plain-torch configuration on the same batches:
+nn.Linear / nn.LayerNorm / torch.softmax / F.cross_entropy with AdamW(fused=True), under bf16
+autocast where this CPU multiplies bf16 natively (or on a GPU), in float32 elsewhere; the
+ferrograd run uses the same autocast setting, as a user keeping their setup would. Both report
+bytes per second, peak memory and validation bits per byte side by side, and loss.png plots
+both curves. Bits per byte are the loss in bits per predicted token (a byte, or a document's
+end).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -97,7 +105,7 @@ class ByteLM(nn.Module):
 
 
 def build(cfg: Config, ferrograd: bool) -> tuple[ByteLM, Callable]:
-    """The model and its loss(model, batch) -> mean nats per predicted token."""
+    """The model and its loss(model, batch) -> nats summed over the predicted tokens."""
     torch.manual_seed(cfg.seed)
     if ferrograd:
         model = ByteLM(
@@ -109,14 +117,15 @@ def build(cfg: Config, ferrograd: bool) -> tuple[ByteLM, Callable]:
 
         def loss(m, b):
             h = m.hidden(b["ids"], b["positions"], b["documents"])
-            return fg.linear_cross_entropy(h, m.embed.weight, b["targets"])
+            return fg.linear_cross_entropy(h, m.embed.weight, b["targets"], reduction="sum")
 
     else:
         model = ByteLM(cfg, nn.Linear, nn.LayerNorm, torch.softmax)
 
         def loss(m, b):
             logits = m(b["ids"], b["positions"], b["documents"])
-            return F.cross_entropy(logits.reshape(-1, VOCAB), b["targets"].reshape(-1))
+            flat = logits.reshape(-1, VOCAB).float()
+            return F.cross_entropy(flat, b["targets"].reshape(-1), reduction="sum")
 
     return model.to(cfg.device), loss
 
@@ -146,20 +155,133 @@ def split_files(sources: list[str]) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in held_set], held
 
 
-def batches(files: list[Path], cfg: Config, shuffle: bool) -> Iterator[dict]:
-    """Packed batches forever (epoch after epoch), as dicts of tensors on the device."""
-    stream = fg.data.ByteStream(files, cfg.seq_len, cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+class Group:
+    """This process's place in a torchrun launch (rank, world size); 0 of 1 without one.
+
+    Data parallel over one global batch: every rank reads the same packed batches and trains on
+    its contiguous share of the rows; its loss is its tokens' summed loss over the global batch's
+    token count, so the gradients summed over ranks (one all-reduce per parameter) are exactly
+    the one-process gradients of the batch mean, and the one-process run at the same global
+    batch is reproduced (to the order of float sums; ShiftQuant's stochastic gradient rounding
+    then sees other row blocks)."""
+
+    def __init__(self, cfg: Config | None) -> None:
+        self.world = 1 if cfg is None else int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0 if cfg is None else int(os.environ.get("RANK", "0"))
+        if cfg is None or self.world == 1:
+            return
+        if cfg.batch_size % self.world:
+            raise SystemExit(
+                f"demo: --batch-size {cfg.batch_size} must be a multiple of the {self.world} "
+                "processes torchrun started"
+            )
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice:
+        share = batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Sums the tensors over the ranks in place."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def sum_gradients(self, params: list[nn.Parameter], loss: torch.Tensor) -> None:
+        """Sums the parameters' gradients (a rank without one adds zeros) and the loss."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.all_reduce_([*(p.grad for p in params), loss])
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def batches(files: list[Path], cfg: Config, shuffle: bool, group: Group) -> Iterator[dict]:
+    """Packed batches forever (epoch after epoch): this rank's rows of each global batch as
+    dicts of tensors on the device, with the global batch's count of predicted tokens."""
+    stream = fg.data.ByteStream(
+        files, cfg.seq_len, cfg.batch_size, shuffle=shuffle, seed=cfg.seed, shard_ranks=False
+    )
     epoch = 0
     while True:
         stream.set_epoch(epoch)
         for b in stream:
+            mine = group.rows(b.input_ids.shape[0])
             yield {
-                "ids": b.input_ids.to(cfg.device),
-                "targets": b.targets.to(cfg.device),
-                "positions": b.position_ids.to(cfg.device),
-                "documents": b.document_ids.to(cfg.device),
+                "ids": b.input_ids[mine].to(cfg.device),
+                "targets": b.targets[mine].to(cfg.device),
+                "positions": b.position_ids[mine].to(cfg.device),
+                "documents": b.document_ids[mine].to(cfg.device),
+                "global_tokens": int((b.targets != -100).sum()),
             }
         epoch += 1
+
+
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """bf16 where the device multiplies it natively (the strongest torch setup), else None."""
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.bfloat16 if native is not None and native() else None
+
+
+def autocast(cfg: Config) -> contextlib.AbstractContextManager:
+    dtype = autocast_dtype(cfg.device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(cfg.device, dtype=dtype)
+
+
+def run_label(cfg: Config, ferrograd: bool) -> str:
+    precision = "bf16 autocast" if autocast_dtype(cfg.device) else "float32"
+    if ferrograd:
+        return f"ferrograd {cfg.bits}-bit ({precision})"
+    return f"torch {precision} + AdamW fused"
+
+
+class PeakMemory:
+    """Growth of the resident set's high-water mark over a block (CPU; Linux /proc), or of
+    torch's peak allocated memory on a GPU. None where neither can be read."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.mib = device, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+                self.base = _status_kib("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        elif self.base is not None:
+            self.mib = (_status_kib("VmHWM") - self.base) / 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -193,44 +315,61 @@ class Progress:
             print(file=sys.stderr)
 
 
-def train(cfg: Config, files: list[Path], ferrograd: bool) -> tuple[ByteLM, Callable, dict]:
+def train(
+    cfg: Config, files: list[Path], ferrograd: bool, group: Group, quiet: bool = False
+) -> tuple[ByteLM, Callable, dict]:
     model, loss_fn = build(cfg, ferrograd)
     params = list(model.parameters())
     if ferrograd:
         opt = fg.optim.SPAM(params, lr=cfg.lr, density=cfg.density, warmup_steps=cfg.steps // 20)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    label = f"ferrograd {cfg.bits}-bit" if ferrograd else "float32 baseline"
-    progress = Progress(cfg.steps, label)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True)
+    label = run_label(cfg, ferrograd)
+    progress = Progress(cfg.steps, label) if group.main and not quiet else None
     curve, tokens = [], 0
     start = time.perf_counter()
-    for step, batch in zip(range(cfg.steps), batches(files, cfg, shuffle=True), strict=False):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = loss_fn(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        curve.append(loss.item())
-        tokens += int((batch["targets"] != -100).sum())
-        progress.update(step, curve[-1], tokens)
+    data = batches(files, cfg, shuffle=True, group=group)
+    with PeakMemory(cfg.device) as peak:
+        for step, batch in zip(range(cfg.steps), data, strict=False):
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr_at(step, cfg)
+            with autocast(cfg):
+                loss = loss_fn(model, batch).float() / max(batch["global_tokens"], 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            loss = loss.detach()
+            group.sum_gradients(params, loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            curve.append(loss.item())
+            tokens += batch["global_tokens"]
+            if progress is not None:
+                progress.update(step, curve[-1], tokens)
     seconds = time.perf_counter() - start
-    stats = {"loss_curve": curve, "train_seconds": seconds, "bytes_per_second": tokens / seconds}
+    stats = {
+        "label": label,
+        "loss_curve": curve,
+        "train_seconds": seconds,
+        "bytes_per_second": tokens / seconds,
+        "peak_memory_MiB": peak.mib,
+    }
     return model, loss_fn, stats
 
 
-def evaluate(model: ByteLM, loss_fn: Callable, held: list[Path], cfg: Config) -> float:
+def evaluate(
+    model: ByteLM, loss_fn: Callable, held: list[Path], cfg: Config, group: Group
+) -> float:
     """Validation bits per byte over the first ``val_batches`` held-out batches."""
-    total = count = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=cfg.device)  # nats, tokens
     model.eval()
-    with torch.no_grad():
-        for _, b in zip(range(cfg.val_batches), batches(held, cfg, shuffle=False), strict=False):
-            n = int((b["targets"] != -100).sum())
-            total += float(loss_fn(model, b)) * n
-            count += n
+    data = batches(held, cfg, shuffle=False, group=group)
+    with torch.no_grad(), autocast(cfg):
+        for _, b in zip(range(cfg.val_batches), data, strict=False):
+            sums[0] += loss_fn(model, b).double()
+            sums[1] += int((b["targets"] != -100).sum())
+    group.all_reduce_([sums])
     model.train()
-    return total / max(count, 1) / math.log(2)
+    return float(sums[0] / sums[1].clamp(min=1)) / math.log(2)
 
 
 def float_copy(model: ByteLM) -> ByteLM:
@@ -246,14 +385,16 @@ def float_copy(model: ByteLM) -> ByteLM:
 
 
 def quantize_w4a16(model: ByteLM, loss_fn, train_files, held, cfg: Config) -> tuple[ByteLM, dict]:
+    """SmoothQuant+ W4A16 of the trained model, in this one process (the main rank)."""
+    solo = Group(None)
     plain = float_copy(model)
-    before = evaluate(plain, loss_fn, held, cfg)
+    before = evaluate(plain, loss_fn, held, cfg, solo)
     calibration = [
         {k: b[k] for k in ("ids", "positions", "documents")}
-        for _, b in zip(range(8), batches(train_files, cfg, shuffle=True), strict=False)
+        for _, b in zip(range(8), batches(train_files, cfg, shuffle=True, group=solo), strict=False)
     ]
     report = fg.quant.smoothquant_plus(plain, calibration, group_size=128)
-    after = evaluate(plain, loss_fn, held, cfg)
+    after = evaluate(plain, loss_fn, held, cfg, solo)
     return plain, {
         "val_bpb_before": before,
         "val_bpb_after": after,
@@ -298,34 +439,81 @@ def plot(out: Path, curves: dict[str, list[float]]) -> str | None:
     return None
 
 
+def comparison_table(ours: dict, base: dict) -> str:
+    """The two runs side by side, with ferrograd's ratio to the baseline."""
+
+    def mib(x):
+        return "n/a" if x is None else f"{x:.0f} MiB"
+
+    rows = [
+        ("", ours["label"], base["label"], "ratio"),
+        ("bytes/s", f"{ours['bytes_per_second']:.0f}", f"{base['bytes_per_second']:.0f}",
+         f"{ours['bytes_per_second'] / base['bytes_per_second']:.2f}x"),
+        ("peak memory", mib(ours["peak_memory_MiB"]), mib(base["peak_memory_MiB"]),
+         "n/a" if not ours["peak_memory_MiB"] or not base["peak_memory_MiB"]
+         else f"{ours['peak_memory_MiB'] / base['peak_memory_MiB']:.2f}x"),
+        ("val bits per byte", f"{ours['val_bpb']:.4f}", f"{base['val_bpb']:.4f}",
+         f"{100 * (ours['val_bpb'] / base['val_bpb'] - 1):+.2f}%"),
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def portable_config(cfg: Config) -> dict:
+    """The config without this machine's paths: the default data source by name, other
+    sources by their file or directory name, no output directory."""
+    config = asdict(cfg)
+    config["data"] = [
+        "python-stdlib" if source == default_data() else Path(source).name for source in cfg.data
+    ]
+    del config["out"]
+    return config
+
+
 def run(cfg: Config) -> dict:
+    """The demo; under torchrun every rank trains its share of each batch and the main rank
+    reports (the others return {})."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("demo: --device cuda: torch sees no CUDA GPU here; run on the CPU")
+    group = Group(cfg)
+    try:
+        return _run(cfg, group)
+    finally:
+        group.close()
+
+
+def _run(cfg: Config, group: Group) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     train_files, held = split_files(cfg.data)
-    print(
+    log = (lambda *a: print(*a, file=sys.stderr)) if group.main else (lambda *a: None)
+    log(
         f"ferrograd {fg.__version__} demo: {len(train_files)} training files, {len(held)} "
         f"held out, {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes on {cfg.device} "
-        f"({fg.get_num_threads()} threads, {fg.simd_level()})",
-        file=sys.stderr,
+        f"({group.world} process{'es' if group.world > 1 else ''} x "
+        f"{fg.get_num_threads()} threads, {fg.simd_level()})"
     )
-    model, loss_fn, stats = train(cfg, train_files, ferrograd=True)
-    results = {"ferrograd": {**stats, "val_bpb": evaluate(model, loss_fn, held, cfg)}}
-    print(f"validation: {results['ferrograd']['val_bpb']:.4f} bits per byte", file=sys.stderr)
-    curves = {f"ferrograd {cfg.bits}-bit": stats["loss_curve"]}
+    # One step of each run first: the one-time allocations (thread pools, kernel caches) then
+    # count against neither run's peak memory.
+    for ferrograd in (True, False) if cfg.compare else (True,):
+        train(replace(cfg, steps=1), train_files, ferrograd, group, quiet=True)
+    model, loss_fn, stats = train(cfg, train_files, True, group)
+    results = {"ferrograd": {**stats, "val_bpb": evaluate(model, loss_fn, held, cfg, group)}}
+    log(f"validation: {results['ferrograd']['val_bpb']:.4f} bits per byte")
+    curves = {stats["label"]: stats["loss_curve"]}
     if cfg.compare:
-        base, base_loss, base_stats = train(cfg, train_files, ferrograd=False)
-        results["baseline"] = {**base_stats, "val_bpb": evaluate(base, base_loss, held, cfg)}
+        base, base_loss, base_stats = train(cfg, train_files, False, group)
+        results["baseline"] = {
+            **base_stats,
+            "val_bpb": evaluate(base, base_loss, held, cfg, group),
+        }
         results["relative_to_baseline"] = (
             results["ferrograd"]["val_bpb"] / results["baseline"]["val_bpb"] - 1
         )
-        curves["float32 baseline"] = base_stats["loss_curve"]
-        print(
-            f"baseline validation: {results['baseline']['val_bpb']:.4f} bits per byte "
-            f"(ferrograd {100 * results['relative_to_baseline']:+.2f}%)",
-            file=sys.stderr,
-        )
+        curves[base_stats["label"]] = base_stats["loss_curve"]
+        log(comparison_table(results["ferrograd"], results["baseline"]))
+    if not group.main:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
     quantized, results["w4a16"] = quantize_w4a16(model, loss_fn, train_files, held, cfg)
     print(
         f"W4A16 (SmoothQuant+, alpha {results['w4a16']['alpha']}): validation "
@@ -338,11 +526,12 @@ def run(cfg: Config) -> dict:
     plot_note = plot(out, curves)
     if plot_note:
         print(plot_note, file=sys.stderr)
-    torch.save({"config": asdict(cfg), "model": model.state_dict()}, out / "checkpoint.pt")
+    torch.save({"config": portable_config(cfg), "model": model.state_dict()}, out / "checkpoint.pt")
     summary = {
-        "config": asdict(cfg),
-        "machine": {"threads": fg.get_num_threads(), "simd": fg.simd_level(),
-                    "torch": torch.__version__, "ferrograd": fg.__version__},
+        "config": portable_config(cfg),
+        "machine": {"processes": group.world, "threads": fg.get_num_threads(),
+                    "simd": fg.simd_level(), "torch": torch.__version__,
+                    "ferrograd": fg.__version__},
         "results": results,
         "plot": "loss.png" if plot_note is None else plot_note,
     }  # fmt: skip

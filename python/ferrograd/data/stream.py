@@ -39,7 +39,8 @@ class ByteStream(IterableDataset):
     accepted (invalid UTF-8, NUL, empty documents).
 
     Each epoch visits every document exactly once across DataLoader workers and
-    torch.distributed ranks (document i goes to shard i mod (ranks x workers)). With
+    torch.distributed ranks (document i goes to shard i mod (ranks x workers); with
+    ``shard_ranks=False`` every rank reads every document, e.g. to split one global batch). With
     ``shuffle`` the documents of files and sequences are permuted (seeded by ``seed`` and the
     epoch, see :meth:`set_epoch`); a one-pass iterable goes through a seeded shuffle buffer.
     Documents are cut into pieces of at most ``seq_len`` tokens and packed by best-fit
@@ -62,6 +63,7 @@ class ByteStream(IterableDataset):
         add_eos: bool = True,
         chunk_bytes: int = 1 << 20,
         shuffle_buffer: int = 1024,
+        shard_ranks: bool = True,
     ) -> None:
         super().__init__()
         for name, value, minimum in (
@@ -73,7 +75,8 @@ class ByteStream(IterableDataset):
             ("seed", seed, 0),
         ):
             check_int(_OP, name, value, minimum)
-        for name, value in (("shuffle", shuffle), ("add_bos", add_bos), ("add_eos", add_eos)):
+        flags = {"shuffle": shuffle, "add_bos": add_bos, "add_eos": add_eos}
+        for name, value in {**flags, "shard_ranks": shard_ranks}.items():
             check_bool(_OP, name, value)
         if isinstance(sources, (str, os.PathLike)):
             self._docs: Sequence | Iterable = _files_under(Path(sources))
@@ -92,6 +95,7 @@ class ByteStream(IterableDataset):
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.add_bos, self.add_eos = add_bos, add_eos
         self.chunk_bytes, self.shuffle_buffer = chunk_bytes, shuffle_buffer
+        self.shard_ranks = shard_ranks
         self._resume: dict | None = None
         self._state: dict = self._fresh_state()
 
@@ -135,7 +139,11 @@ class ByteStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.shard_ranks
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         return rank * workers + worker, world * workers
 
