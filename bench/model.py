@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference  # noqa: E402
 from harness import Bench  # noqa: E402
 
 import ferrograd as fg  # noqa: E402
@@ -292,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=12, help="top ops listed per profile")
     p.add_argument("--name", default="model", help="writes bench/results/<name>.json")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    inference.add_arguments(p)
     return p
 
 
@@ -307,6 +309,13 @@ QUICK = {
     "warmup": 2,
     "memory_steps": 2,
     "profile_steps": 2,
+    "infer_hidden": 256,
+    "infer_intermediate": 512,
+    "infer_layers": 2,
+    "infer_heads": 4,
+    "prefill": 64,
+    "decode": 8,
+    "infer_repeats": 1,
 }
 
 
@@ -387,6 +396,22 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
                 profiles[name] = profile(steppers[name], args.profile_steps, args.top)
                 print_profile(name, profiles[name])
 
+    inference_rows = None
+    if not args.no_inference:
+        inference_rows = {
+            "model": {k: getattr(args, k) for k in ("infer_hidden", "infer_intermediate",
+                      "infer_layers", "infer_heads", "prefill", "decode", "infer_repeats")},
+            "rows": inference.rows(args),
+        }  # fmt: skip
+        for row in inference_rows["rows"]:
+            print(
+                f"{row['version']:12s} decode {row['decode_tok_s']:8.1f} tok/s "
+                f"({row['decode_tok_s_x_bf16']:.2f}x bf16, {row['decode_tok_s_x_int4']:.2f}x "
+                f"int4)  prefill {row['prefill_tok_s']:8.1f} tok/s "
+                f"({row['prefill_tok_s_x_bf16']:.2f}x bf16, {row['prefill_tok_s_x_int4']:.2f}x "
+                f"int4)  weights {row['weight_MiB']:.0f} MiB"
+            )
+
     sizes = {
         k: getattr(args, k)
         for k in (
@@ -427,6 +452,7 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
             "peak_rss": f"VmHWM growth over the post-import VmRSS of a subprocess that builds the "
             f"model and trains {args.memory_steps} steps",
             "profile": profiles,
+            "inference": inference_rows,
         }
     )
 
