@@ -25,12 +25,16 @@ fn build(threads: usize) -> FgResult<Arc<ThreadPool>> {
         .map_err(|e| FgError::Runtime(format!("set_num_threads: cannot start threads: {e}")))
 }
 
+/// The most workers [`set_num_threads`] starts: each is an OS thread started at once, so a
+/// count beyond this is a mistake (10^6 would start a million threads), not a configuration.
+pub const MAX_THREADS: usize = 1024;
+
 /// Replaces the pool with one of `threads` workers (1 runs everything on the calling thread).
 pub fn set_num_threads(threads: usize) -> FgResult<()> {
-    if threads == 0 {
-        return Err(FgError::Value(
-            "set_num_threads: n must be at least 1".to_string(),
-        ));
+    if threads == 0 || threads > MAX_THREADS {
+        return Err(FgError::Value(format!(
+            "set_num_threads: n must be in [1, {MAX_THREADS}], got {threads}"
+        )));
     }
     let pool = build(threads)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some((std::process::id(), pool));

@@ -81,6 +81,9 @@ def test_threads():
         assert fg.get_num_threads() == 3
         with pytest.raises(ValueError, match="set_num_threads: n"):
             fg.set_num_threads(0)
+        for huge in (1025, 10**6, 2**64):  # refused before any thread starts
+            with pytest.raises(ValueError, match=r"set_num_threads: n must be in \[1, 1024\]"):
+                fg.set_num_threads(huge)
         with pytest.raises(TypeError, match="set_num_threads: n"):
             fg.set_num_threads(2.0)
     finally:

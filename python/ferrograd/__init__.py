@@ -34,12 +34,16 @@ __all__ = [
 ]
 
 
+#: The most threads set_num_threads accepts (rust/threads.rs holds the same bound).
+_MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
     """Sets how many threads ferrograd's CPU kernels use (default: ``torch.get_num_threads()``)."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be at least 1, got {n}")
+    if not 1 <= n <= _MAX_THREADS:  # each thread starts at once: 10**6 is a mistake
+        raise ValueError(f"set_num_threads: n must be in [1, {_MAX_THREADS}], got {n}")
     _core.set_num_threads(n)
 
 
