@@ -78,16 +78,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
     e, c, bias, targets, lse = ctx.saved_tensors
-    z_loss, smoothing = ctx.z_loss, ctx.label_smoothing
-    valid = targets >= 0
-    grad_row = torch.where(valid, grad_row, 0.0)
-    # The coefficients a, b, u of the module docstring (the options' constant terms skipped).
-    coef_softmax = grad_row
-    if z_loss:  # where(): an ignored row's NaN lse must not reach its a
-        coef_softmax = torch.where(valid, grad_row * (1.0 + 2.0 * z_loss * lse), 0.0)
-    coef_softmax = coef_softmax + grad_lse
-    coef_target = grad_row * (1.0 - smoothing) if smoothing else grad_row
-    coef_uniform = grad_row * (smoothing / c.shape[0])
+    # The coefficients a, b, u of the module docstring.
+    coef_softmax, coef_target, coef_uniform = reference.coefficients(
+        grad_row, grad_lse, lse, targets >= 0, ctx.label_smoothing, ctx.z_loss, c.shape[0]
+    )
     de, dc, dbias = _library.call(
         linear_cross_entropy_backward_op,
         e, c, bias, targets, lse, coef_softmax, coef_target, coef_uniform, ctx.softcap,

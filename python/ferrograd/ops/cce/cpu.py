@@ -50,3 +50,10 @@ def backward(e, *args):
     if e.dtype == torch.float64:
         return reference.backward(e, *args)
     return reference.backward(e, *args, grad=_grad_chunk, gemm_dtype=gemm_dtype(e.dtype))
+
+
+def parts(e, *args):
+    """reference.parts' arguments, run as :func:`forward` runs the chunk loop."""
+    if e.dtype == torch.float64:
+        return reference.parts(e, *args)
+    return reference.parts(e, *args, fold=_fold_chunk, gemm_dtype=gemm_dtype(e.dtype))

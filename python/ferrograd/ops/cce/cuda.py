@@ -232,6 +232,14 @@ def forward(e, c, bias, targets, softcap, label_smoothing, z_loss, filter_eps):
     return row, lse
 
 
+def parts(e, c, bias, targets, softcap, want_sum):
+    """reference.parts' arguments and results."""
+    if not _takes(e):
+        return reference.parts(e, c, bias, targets, softcap, want_sum)
+    lse, target_logit, logit_sum = cce_forward_cuda(e, c, bias, targets, softcap, want_sum)
+    return lse, target_logit, lse.new_empty(0) if logit_sum is None else logit_sum
+
+
 def backward(e, c, bias, targets, lse, *args):
     """The op's arguments, as reference.backward's (and cce_backward_cuda's)."""
     if not _takes(e):

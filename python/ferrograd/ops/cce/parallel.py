@@ -42,31 +42,6 @@ OPTIONS = ("ignore_index", "reduction", "shift", "softcap", "label_smoothing", "
            "return_lse", "filter_eps")  # fmt: skip
 
 
-def _parts_reference(
-    e, c, bias, targets, softcap, want_sum, fold=reference.fold_chunk, gemm_dtype=None
-):
-    lse, target_logit, logit_sum = reference.chunked_forward(
-        e, c, bias, targets, softcap, want_sum, fold, gemm_dtype
-    )
-    target_logit.masked_fill_(targets < 0, 0.0)  # as cce_forward_cuda's
-    return lse, target_logit, e.new_empty(0, dtype=lse.dtype) if logit_sum is None else logit_sum
-
-
-def _parts_cpu(e, c, bias, targets, softcap, want_sum):
-    """As cpu.forward runs the chunk loop."""
-    if e.dtype == torch.float64:
-        return _parts_reference(e, c, bias, targets, softcap, want_sum)
-    gemm = cpu.gemm_dtype(e.dtype)
-    return _parts_reference(e, c, bias, targets, softcap, want_sum, cpu._fold_chunk, gemm)
-
-
-def _parts_cuda(e, c, bias, targets, softcap, want_sum):
-    if not cuda._takes(e):
-        return _parts_reference(e, c, bias, targets, softcap, want_sum)
-    lse, target_logit, logit_sum = cuda.cce_forward_cuda(e, c, bias, targets, softcap, want_sum)
-    return lse, target_logit, lse.new_empty(0) if logit_sum is None else logit_sum
-
-
 def _parts_fake(e, c, bias, targets, softcap, want_sum):
     kd = reference.compute_dtype(e.dtype)
     rows = e.shape[0]
@@ -80,26 +55,15 @@ def _parts_fake(e, c, bias, targets, softcap, want_sum):
 linear_cross_entropy_parts_op = _library.define(
     "linear_cross_entropy_parts(Tensor e, Tensor c, Tensor? bias, Tensor targets, "
     "float? softcap, bool want_sum) -> (Tensor, Tensor, Tensor)",
-    cpu=_parts_cpu,
-    cuda=_parts_cuda,
-    reference=_parts_reference,
+    cpu=cpu.parts,
+    cuda=cuda.parts,
+    reference=reference.parts,
     fake=_parts_fake,
 )
 """Per row of e [N, D] against c [V, D] (targets [N], -1: none in c): (lse, target logit,
 logit sum, empty unless ``want_sum``) in the compute dtype, the pieces the op
 ``linear_cross_entropy`` turns into the row loss; the target logit of a row without a target
 is 0."""
-
-
-def _row_coefficients(grad_row, grad_lse, lse, valid, label_smoothing, z_loss, vocab):
-    """(a, b, u) of ops/cce/__init__.py's backward for the row loss gradient grad_row, the lse
-    gradient grad_lse and the whole vocabulary's size."""
-    grad_row = torch.where(valid, grad_row, 0.0)
-    coef_softmax = grad_row
-    if z_loss:  # where(): an ignored row's NaN lse must not reach its a
-        coef_softmax = torch.where(valid, grad_row * (1.0 + 2.0 * z_loss * lse), 0.0)
-    coef_target = grad_row * (1.0 - label_smoothing) if label_smoothing else grad_row
-    return coef_softmax + grad_lse, coef_target, grad_row * (label_smoothing / vocab)
 
 
 @dataclass(frozen=True)
@@ -149,7 +113,7 @@ class _VocabParallel(torch.autograd.Function):
     def backward(ctx, grad_row, grad_lse):
         e, c, bias, targets, local, lse = ctx.saved_tensors
         shard, softcap, label_smoothing, z_loss, filter_eps = ctx.options
-        coefs = _row_coefficients(
+        coefs = reference.coefficients(
             grad_row, grad_lse, lse, targets >= 0, label_smoothing, z_loss, shard.vocab
         )
         de, dc, dbias = _library.call(

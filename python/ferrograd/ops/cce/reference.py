@@ -229,6 +229,47 @@ def chunked_backward(
     return de, dc, dbias
 
 
+def parts(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    softcap: float | None,
+    want_sum: bool,
+    *,
+    fold: Callable = fold_chunk,
+    gemm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, target logit, logit sum) per row, the pieces :func:`row_loss` combines: the
+    target logit of a row whose target is not in c is 0, the logit sum empty unless
+    ``want_sum`` (for a vocabulary split over ranks, ops/cce/parallel.py)."""
+    lse, target_logit, logit_sum = chunked_forward(
+        e, c, bias, targets, softcap, want_sum, fold, gemm_dtype
+    )
+    target_logit.masked_fill_(targets < 0, 0.0)
+    return lse, target_logit, lse.new_empty(0) if logit_sum is None else logit_sum
+
+
+def coefficients(
+    grad_row: torch.Tensor,
+    grad_lse: torch.Tensor,
+    lse: torch.Tensor,
+    valid: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logit gradient's row coefficients (a, b, u) for the row loss gradient ``grad_row``
+    and the lse gradient ``grad_lse`` over a vocabulary of ``vocab`` entries (the options'
+    constant terms skipped; ignored rows, ``valid`` False, get 0)."""
+    grad_row = torch.where(valid, grad_row, 0.0)
+    coef_softmax = grad_row
+    if z_loss:  # where(): an ignored row's NaN lse must not reach its a
+        coef_softmax = torch.where(valid, grad_row * (1.0 + 2.0 * z_loss * lse), 0.0)
+    coef_target = grad_row * (1.0 - label_smoothing) if label_smoothing else grad_row
+    return coef_softmax + grad_lse, coef_target, grad_row * (label_smoothing / vocab)
+
+
 def row_loss(
     lse: torch.Tensor,
     target_logit: torch.Tensor,
