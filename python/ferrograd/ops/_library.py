@@ -56,14 +56,22 @@ def define(
     return op
 
 
+def _has_subclass(args: tuple) -> bool:
+    for a in args:
+        if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
+            return True
+    return False
+
+
 def call(op: torch._ops.OpOverload, *args):
     """``op(*args)``; in eager mode on plain CPU tensors without the dispatcher's round trips.
 
-    The first argument of every ferrograd op is a tensor that decides the path.
+    The first argument of every ferrograd op is a tensor that decides the device; a tensor
+    subclass anywhere (a wrapped weight, a DTensor) takes the dispatcher, which unwraps it.
     """
     first = args[0]
     if (
-        type(first) not in _PLAIN
+        _has_subclass(args)
         or not first.is_cpu
         or torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
