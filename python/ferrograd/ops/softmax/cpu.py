@@ -1,5 +1,5 @@
-"""The Rust two-pass kernels on CPU tensors: float32 / bfloat16 / float16 are computed in
-float32 and returned in the input dtype; float64 runs the reference."""
+"""The Rust kernels on CPU tensors: float32 / bfloat16 / float16 read and written in their own
+dtype (computed in float32 in registers); float64 runs the reference."""
 
 from __future__ import annotations
 
@@ -30,17 +30,18 @@ class _Layout:
         self.inner = inner
 
     def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous float32 tensor in the kernels' layout (no copy if already)."""
-        if t.dtype != torch.float32:
-            t = t.float()
+        """A contiguous tensor of at least one dimension in the kernels' layout (no copy if
+        already)."""
         if self.transpose:
             t = t.movedim(self.dim, -1)
+        elif t.dim() == 0:
+            t = t.reshape(1)
         return t if t.is_contiguous() else t.contiguous()
 
-    def from_kernel(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def from_kernel(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.transpose:
-            t = t.movedim(-1, self.dim).contiguous()
-        return t if dtype == torch.float32 else t.to(dtype)
+            return t.movedim(-1, self.dim).contiguous()
+        return t.view(shape)
 
 
 def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
@@ -52,7 +53,7 @@ def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     xk = layout.to_kernel(x)
     yk = torch.empty_like(xk)
     _core.softmax_forward(xk, yk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(yk, x.dtype)
+    return layout.from_kernel(yk, x.shape)
 
 
 def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
@@ -65,4 +66,4 @@ def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.
     gk = layout.to_kernel(grad)
     dxk = torch.empty_like(yk)
     _core.softmax_backward(yk, gk, dxk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(dxk, y.dtype)
+    return layout.from_kernel(dxk, y.shape)
