@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::element::{Element, Lanes};
-use super::layout::{for_each_row, over_pieces, run_columns, ColumnJob, Layout};
+use super::layout::{advise_huge_pages, for_each_row, over_pieces, run_columns, ColumnJob, Layout};
 use super::special::exact_row;
 use super::{map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, SHORT_ROW, X_FLOOR};
 use crate::error::FgResult;
@@ -431,6 +431,7 @@ pub fn softmax_forward<E: Kernels>(
     if x.is_empty() {
         return Ok(());
     }
+    advise_huge_pages(y);
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(x, x, y, n, |xr, _, yr, pieces| {

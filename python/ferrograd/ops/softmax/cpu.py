@@ -11,6 +11,9 @@ from ... import _core
 from .._checks import KERNEL_DTYPES
 from . import reference
 
+#: Inputs smaller than this run torch's softmax (measured: docs/softmax.md).
+TORCH_BELOW = 16384
+
 # With fewer independent softmaxes side by side than one AVX-512 vector holds, moving the
 # softmax dim last (one copy) beats running the strided kernel on partial vectors.
 _MIN_LANES = 16
@@ -21,7 +24,7 @@ class _Layout:
 
     def __init__(self, shape: torch.Size, dim: int) -> None:
         self.dim = dim
-        self.n = shape[dim] if shape else 1  # a 0-d tensor is one softmax of one element
+        self.n = shape[dim]
         self.outer = math.prod(shape[:dim])
         inner = math.prod(shape[dim + 1 :])
         self.transpose = 1 < inner < _MIN_LANES
@@ -30,40 +33,52 @@ class _Layout:
         self.inner = inner
 
     def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous tensor of at least one dimension in the kernels' layout (no copy if
-        already)."""
+        """A contiguous tensor in the kernels' layout (no copy if already)."""
         if self.transpose:
             t = t.movedim(self.dim, -1)
-        elif t.dim() == 0:
-            t = t.reshape(1)
         return t if t.is_contiguous() else t.contiguous()
 
-    def from_kernel(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if self.transpose:
-            return t.movedim(-1, self.dim).contiguous()
-        return t.view(shape)
+    def from_kernel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(-1, self.dim).contiguous() if self.transpose else t
+
+
+def torch_is_faster(x: torch.Tensor, log: bool) -> bool:
+    """Whether torch's own op beats the Rust kernel plus its call on this input and meets the
+    kernels' accuracy: below ``TORCH_BELOW`` elements the call costs more than the softmax
+    (docs/softmax.md), but only torch's float32 log_softmax and its 16-bit softmax (float32
+    inside, rounded once) are as accurate; its float32 softmax rounds x - max before exp()
+    (2e-6 relative error) and its 16-bit log_softmax rounds in 16 bits. Empty and
+    one-element inputs (exact either way) always go to torch."""
+    numel = x.numel()
+    return numel <= 1 or (numel < TORCH_BELOW and log == (x.dtype == torch.float32))
+
+
+def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | None, int, int]:
+    """The contiguous kernel input, the layout when it is not plain rows, and rows, n."""
+    if dim == t.dim() - 1 and t.is_contiguous():
+        n = t.shape[dim]
+        return t, None, t.numel() // n, n
+    layout = _Layout(t.shape, dim)
+    return layout.to_kernel(t), layout, layout.outer, layout.n
 
 
 def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES or torch_is_faster(x, log):
         return reference.forward(x, dim, log)
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    layout = _Layout(x.shape, dim)
-    xk = layout.to_kernel(x)
+    xk, layout, outer, n = _kernel_args(x, dim)
     yk = torch.empty_like(xk)
-    _core.softmax_forward(xk, yk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(yk, x.shape)
+    if layout is None:
+        _core.softmax_forward(xk, yk, outer, n, 1, log)
+        return yk
+    _core.softmax_forward(xk, yk, outer, n, layout.inner, log)
+    return layout.from_kernel(yk)
 
 
 def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if y.dtype not in KERNEL_DTYPES:
+    if y.dtype not in KERNEL_DTYPES or y.numel() < TORCH_BELOW:
         return reference.backward(y, grad, dim, log)
-    if y.numel() == 0:
-        return torch.empty_like(y, memory_format=torch.contiguous_format)
-    layout = _Layout(y.shape, dim)
-    yk = layout.to_kernel(y)
-    gk = layout.to_kernel(grad)
+    yk, layout, outer, n = _kernel_args(y, dim)
+    gk = grad if layout is None and grad.is_contiguous() else _kernel_args(grad, dim)[0]
     dxk = torch.empty_like(yk)
-    _core.softmax_backward(yk, gk, dxk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(dxk, y.shape)
+    _core.softmax_backward(yk, gk, dxk, outer, n, 1 if layout is None else layout.inner, log)
+    return dxk if layout is None else layout.from_kernel(dxk)
