@@ -5,7 +5,7 @@ use std::ops::Range;
 use super::element::{Element, Lanes};
 use super::forward::RUN_VECTORS;
 use super::layout::{advise_huge_pages, for_each_row, over_pieces, run_columns, ColumnJob, Layout};
-use super::{exp_floored, map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, SHORT_ROW};
+use super::{exp_floored, map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD};
 use crate::error::FgResult;
 use crate::simd::{Scalar, Simd, SimdLevel};
 use crate::threads::Disjoint;
@@ -215,7 +215,7 @@ pub fn softmax_backward<E: Kernels>(
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(y, dy, dx, n, |yr, gr, dr, pieces| {
-            if n <= SHORT_ROW {
+            if n <= E::SHORT_ROW {
                 E::rows_backward(level, yr, gr, dr, n, log)
             } else {
                 let rows = yr.chunks_exact(n).zip(gr.chunks_exact(n));

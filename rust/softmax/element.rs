@@ -39,6 +39,14 @@ pub trait Lanes: Simd {
 /// The pointers must be valid for `LANES` elements (the partial forms for `len < LANES`).
 #[allow(clippy::missing_safety_doc)]
 pub trait Element: Copy + Send + Sync + 'static {
+    /// Whether this is f32 itself (a row of it can hold f32 intermediates).
+    const IS_F32: bool = false;
+    /// Longest row the in-cache kernels take; longer rows run two-pass. 16-bit rows keep an
+    /// f32 scratch row of this length in L2 (512 KiB) and the in-cache kernel led at every
+    /// length measured; f32 rows keep exp(x) in y and two-pass led from 8192 on (Zen 4, 1 MiB
+    /// L2; docs/softmax.md).
+    const SHORT_ROW: usize = 1 << 17;
+
     unsafe fn load<S: Lanes>(p: *const Self) -> S::V;
     unsafe fn store<S: Lanes>(p: *mut Self, v: S::V);
 
@@ -96,6 +104,9 @@ pub trait Element: Copy + Send + Sync + 'static {
 }
 
 impl Element for f32 {
+    const IS_F32: bool = true;
+    const SHORT_ROW: usize = 4096;
+
     #[inline(always)]
     unsafe fn load<S: Lanes>(p: *const f32) -> S::V {
         S::load(p)

@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::element::{Element, Lanes};
 use super::layout::{advise_huge_pages, for_each_row, over_pieces, run_columns, ColumnJob, Layout};
 use super::special::exact_row;
-use super::{map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, SHORT_ROW, X_FLOOR};
+use super::{map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, X_FLOOR};
 use crate::error::FgResult;
 use crate::simd::{pow2, Scalar, Simd, SimdLevel};
 use crate::threads::Disjoint;
@@ -292,11 +292,22 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
     n: usize,
     log: bool,
 ) {
-    let mut scratch = if log { Vec::new() } else { vec![0.0f32; n] };
+    // float32 rows keep exp(x) 2^-N in y itself.
+    let mut scratch = if log || E::IS_F32 {
+        Vec::new()
+    } else {
+        vec![0.0f32; n]
+    };
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
         let max = row_max::<S, E>(xr);
         let nmax = (max * std::f32::consts::LOG2_E).round();
-        let e = (!log).then_some(&mut scratch[..]);
+        let ep: *mut f32 = if E::IS_F32 {
+            yr.as_mut_ptr().cast()
+        } else {
+            scratch.as_mut_ptr()
+        };
+        // SAFETY: ep is n f32 (y's own row or the scratch row); nothing else reads it here.
+        let e = (!log).then(|| std::slice::from_raw_parts_mut(ep, n));
         let sum = scaled_exp_sum::<S, E>(xr, e, nmax);
         let acc = ExpSum {
             mant: sum,
@@ -314,8 +325,7 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
             map_row::<S, E, E, LogSoftmaxOut>(xr.as_ptr(), xr.as_ptr(), yr.as_mut_ptr(), n, p, q)
         } else {
             let inv = (1.0 / sum) as f32;
-            let ps = scratch.as_ptr();
-            map_row::<S, f32, E, Scaled>(ps, ps, yr.as_mut_ptr(), n, inv, 0.0)
+            map_row::<S, f32, E, Scaled>(ep, ep, yr.as_mut_ptr(), n, inv, 0.0)
         }
     }
 }
@@ -435,7 +445,7 @@ pub fn softmax_forward<E: Kernels>(
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(x, x, y, n, |xr, _, yr, pieces| {
-            if n <= SHORT_ROW {
+            if n <= E::SHORT_ROW {
                 E::rows_forward(level, xr, yr, n, log)
             } else {
                 for (xr, yr) in xr.chunks_exact(n).zip(yr.chunks_exact_mut(n)) {

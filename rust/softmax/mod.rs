@@ -8,7 +8,7 @@
 //! whenever the exponent grows, so no separate max pass is needed; pass 2 recomputes exp(x)
 //! and scales it. That is two reads and one write per element, against three reads and one or
 //! two writes for the classic max / sum / normalize scheme, which is kept (three_pass.rs, in
-//! `dev` builds) so the benchmark can measure the difference. Rows up to [`SHORT_ROW`] run
+//! `dev` builds) so the benchmark can measure the difference. Rows up to `Element::SHORT_ROW` run
 //! the in-cache kernel instead: one read from memory (the max), then exp(x) computed once into
 //! an f32 scratch row that stays in cache, then the scaled output (docs/softmax.md has the
 //! measurements behind the choice).
@@ -60,9 +60,6 @@ const X_FLOOR: f32 = -2_097_152.0;
 const BLOCK_VECTORS: usize = 1024;
 /// Steps along a strided dimension between f64 folds.
 const FOLD: usize = 256;
-/// Longest row the in-cache kernels take (forward and backward); longer rows run two-pass.
-/// Measured on Zen 4 (1 MiB L2): see docs/softmax.md.
-const SHORT_ROW: usize = 16384;
 
 /// An elementwise map `out = f(a, b)` with two per-lane parameters `p`, `q`.
 trait Pointwise {
