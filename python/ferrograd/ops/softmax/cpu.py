@@ -11,8 +11,9 @@ from ... import _core
 from .._checks import KERNEL_DTYPES
 from . import reference
 
-#: Inputs smaller than this run torch's softmax (measured: docs/softmax.md).
-TORCH_BELOW = 16384
+#: Inputs smaller than this times torch's thread count (up to 2, the counts measured) run
+#: torch's op where it is as accurate (docs/softmax.md).
+TORCH_BELOW = 32768
 
 # With fewer independent softmaxes side by side than one AVX-512 vector holds, moving the
 # softmax dim last (one copy) beats running the strided kernel on partial vectors.
@@ -44,13 +45,21 @@ class _Layout:
 
 def torch_is_faster(x: torch.Tensor, log: bool) -> bool:
     """Whether torch's own op beats the Rust kernel plus its call on this input and meets the
-    kernels' accuracy: below ``TORCH_BELOW`` elements the call costs more than the softmax
-    (docs/softmax.md), but only torch's float32 log_softmax and its 16-bit softmax (float32
-    inside, rounded once) are as accurate; its float32 softmax rounds x - max before exp()
-    (2e-6 relative error) and its 16-bit log_softmax rounds in 16 bits. Empty and
-    one-element inputs (exact either way) always go to torch."""
+    kernels' accuracy: on small inputs the call costs more than the softmax (docs/softmax.md),
+    but only torch's float32 log_softmax and its 16-bit softmax (float32 inside, rounded once)
+    are as accurate; its float32 softmax rounds x - max before exp() (2e-6 relative error) and
+    its 16-bit log_softmax rounds in 16 bits. Empty and one-element inputs (exact either way)
+    always go to torch."""
     numel = x.numel()
-    return numel <= 1 or (numel < TORCH_BELOW and log == (x.dtype == torch.float32))
+    if numel <= 1:
+        return True
+    return log == (x.dtype == torch.float32) and _small(numel)
+
+
+def _small(numel: int) -> bool:
+    # The thread count is not traceable: a compiled graph takes the 1-thread limit.
+    threads = 1 if torch.compiler.is_compiling() else min(torch.get_num_threads(), 2)
+    return numel < TORCH_BELOW * threads
 
 
 def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | None, int, int]:
@@ -75,7 +84,7 @@ def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
 
 
 def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if y.dtype not in KERNEL_DTYPES or y.numel() < TORCH_BELOW:
+    if y.dtype not in KERNEL_DTYPES or _small(y.numel()):
         return reference.backward(y, grad, dim, log)
     yk, layout, outer, n = _kernel_args(y, dim)
     gk = grad if layout is None and grad.is_contiguous() else _kernel_args(grad, dim)[0]
