@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use super::element::{Element, Lanes};
 use super::forward::RUN_VECTORS;
-use super::layout::{advise_huge_pages, for_each_row, over_pieces, run_columns, ColumnJob, Layout};
+use super::layout::{for_each_row, over_pieces, run_columns, ColumnJob, Layout};
 use super::{exp_floored, map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD};
 use crate::error::FgResult;
 use crate::simd::{Scalar, Simd, SimdLevel};
@@ -211,7 +211,6 @@ pub fn softmax_backward<E: Kernels>(
     if y.is_empty() {
         return Ok(());
     }
-    advise_huge_pages(dx);
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(y, dy, dx, n, |yr, gr, dr, pieces| {

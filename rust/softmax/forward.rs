@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::element::{Element, Lanes};
-use super::layout::{advise_huge_pages, for_each_row, over_pieces, run_columns, ColumnJob, Layout};
+use super::layout::{for_each_row, over_pieces, run_columns, ColumnJob, Layout};
 use super::special::exact_row;
 use super::{map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, X_FLOOR};
 use crate::error::FgResult;
@@ -301,8 +301,9 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
         let max = row_max::<S, E>(xr);
         let nmax = (max * std::f32::consts::LOG2_E).round();
+        let yp = yr.as_mut_ptr();
         let ep: *mut f32 = if E::IS_F32 {
-            yr.as_mut_ptr().cast()
+            yp.cast()
         } else {
             scratch.as_mut_ptr()
         };
@@ -314,7 +315,7 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
             exp: nmax as f64,
         };
         if !(max.is_finite() && acc.is_fast()) {
-            exact_row(n, 1, xr.as_ptr(), yr.as_mut_ptr(), log);
+            exact_row(n, 1, xr.as_ptr(), yp, log);
             continue;
         }
         if log {
@@ -322,10 +323,10 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
                 max,
                 (nmax as f64 * std::f64::consts::LN_2 + sum.ln() - max as f64) as f32,
             );
-            map_row::<S, E, E, LogSoftmaxOut>(xr.as_ptr(), xr.as_ptr(), yr.as_mut_ptr(), n, p, q)
+            map_row::<S, E, E, LogSoftmaxOut>(xr.as_ptr(), xr.as_ptr(), yp, n, p, q)
         } else {
             let inv = (1.0 / sum) as f32;
-            map_row::<S, f32, E, Scaled>(ep, ep, yr.as_mut_ptr(), n, inv, 0.0)
+            map_row::<S, f32, E, Scaled>(ep, ep, yp, n, inv, 0.0)
         }
     }
 }
@@ -441,7 +442,6 @@ pub fn softmax_forward<E: Kernels>(
     if x.is_empty() {
         return Ok(());
     }
-    advise_huge_pages(y);
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(x, x, y, n, |xr, _, yr, pieces| {

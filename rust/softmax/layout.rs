@@ -10,9 +10,6 @@ use crate::threads::{self, Disjoint, SendPtr};
 const PAR_MIN: usize = 1 << 15;
 /// Smallest piece of a row given to one thread.
 const CHUNK_MIN: usize = 1 << 17;
-/// Outputs of at least this many bytes ask for transparent huge pages.
-const HUGE_MIN: usize = 4 << 20;
-const HUGE_PAGE: usize = 2 << 20;
 
 /// The view of a tensor as `[outer, n, inner]`, softmax over `n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,36 +39,6 @@ impl Layout {
         }
         Ok(())
     }
-}
-
-/// Asks Linux to back the whole 2 MiB pages inside `out` with transparent huge pages (it does
-/// where THP is in `madvise` mode, the common default). A freshly allocated output is mapped
-/// but not yet touched: its first writes then fault 2 MiB at a time instead of 4 KiB, which on
-/// a VM took longer than the softmax itself (docs/softmax.md). Contents are unchanged; pages
-/// already touched stay as they are; a refusal (file-backed memory) is ignored.
-pub(super) fn advise_huge_pages<E>(out: &mut [E]) {
-    #[cfg(target_os = "linux")]
-    {
-        const MADV_HUGEPAGE: i32 = 14;
-        extern "C" {
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
-        let bytes = std::mem::size_of_val(out);
-        if bytes < HUGE_MIN {
-            return;
-        }
-        let start = out.as_mut_ptr() as usize;
-        let (lo, hi) = (
-            start.next_multiple_of(HUGE_PAGE),
-            (start + bytes) / HUGE_PAGE * HUGE_PAGE,
-        );
-        if hi > lo {
-            // SAFETY: [lo, hi) lies inside `out`, which is mapped; the advice changes no data.
-            unsafe { madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = out;
 }
 
 /// Splits `len` into pieces for `threads` workers, at least `CHUNK_MIN` each, 64-aligned.
