@@ -117,7 +117,7 @@ def save(entry: dict) -> None:
     except (OSError, ValueError):
         doc = {}
     if "benchmark" in doc:  # the single-machine layout this file had before
-        doc = {}
+        doc = {doc["machine"]["cpu"]: doc}
     doc[entry["machine"]["cpu"]] = entry
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")
