@@ -1,86 +1,161 @@
-"""Softmax, float32, CPU: ferrograd's two-pass kernel vs its three-pass twins vs torch.
+"""Softmax / log-softmax on CPU: ferrograd against torch on model-shaped inputs.
 
-Kernel columns (``two_pass``, ``three_reload``, ``three_recompute``, ``torch_kernel`` =
-``aten._softmax.out``) write into a preallocated output, so they measure the algorithms alone.
-``fg_softmax`` and ``torch_softmax`` are the user-facing calls, each allocating its result.
-All calls are timed in turn every round (medians), so drift on a shared machine hits them
-alike. ``bw_frac`` is the two-pass kernel's speed as a fraction of the copy-bandwidth limit for
-2 reads + 1 write per element.
+``sweep``: every shape (small rows, attention scores [B, H, T, T], vocabulary rows [N, V],
+single long rows), float32 and bfloat16, forward (``fwd``) and forward + backward (``fwdbwd``),
+at 2 threads and 1 thread. ``ratio`` = torch time / ferrograd time (above 1: ferrograd is
+faster), both calls allocating their result as a user's would, timed in turn every round
+(medians), so drift on a shared machine hits them alike. ``bw_frac`` (long fp32 rows): the
+forward's speed as a fraction of copy bandwidth for 2 reads + 1 write per element.
+
+``kernels``: float32 single rows, preallocated outputs: the two-pass kernel against its
+three-pass twins and ``aten._softmax.out`` (the algorithms alone).
+
+Results go to bench/results/softmax.json under the CPU model's name, next to those of other
+CPUs. ``python bench/softmax.py [threads...] [--quick]``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
-from harness import Bench, interleaved_times
+from harness import RESULTS, Bench, interleaved_times, machine
 
 import ferrograd as fg
 from ferrograd import _core
 
-SINGLE_ROWS = [10**3, 10**4, 10**5, 10**6, 10**7, 10**8]
-BATCHED = [(2048, 32768), (32768, 4096), (64, 10**6)]
+SWEEP = [
+    (1000,),
+    (64, 512),
+    (8, 8, 128, 128),
+    (16, 4, 256, 256),
+    (4, 8, 512, 512),
+    (1, 8, 1024, 1024),
+    (64, 16384),
+    (64, 32000),
+    (512, 32000),
+    (512, 128256),
+    (128, 256000),
+    (2048, 32768),
+    (1, 10**7),
+    (1, 10**8),
+]
+QUICK = [(1000,), (64, 512), (16, 4, 256, 256), (512, 32000), (1, 10**7)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPS = {"softmax": (fg.softmax, torch.softmax), "log_softmax": (fg.log_softmax, torch.log_softmax)}
+SINGLE_ROWS = [10**3, 10**5, 10**7]
 
 
-def case(bench: Bench, rows: int, n: int) -> None:
-    x = torch.randn(rows, n)
+def _repeats(numel: int) -> int:
+    return 41 if numel <= 10**5 else 15 if numel <= 10**7 else 7
+
+
+def sweep_case(bench: Bench, op: str, shape: tuple[int, ...], dtype: str) -> dict:
+    ours, theirs = OPS[op]
+    x = torch.randn(shape, dtype=DTYPES[dtype]) * 4
+    g = torch.randn(shape, dtype=DTYPES[dtype])
+    xg = x.clone().requires_grad_()
+
+    def fwdbwd(fn):
+        return lambda: torch.autograd.grad(fn(xg, -1), xg, g)
+
+    fwd = interleaved_times(
+        {"fg": lambda: ours(x, -1), "torch": lambda: theirs(x, -1)}, _repeats(x.numel())
+    )
+    both = interleaved_times(
+        {"fg": fwdbwd(ours), "torch": fwdbwd(theirs)}, max(5, _repeats(x.numel()) // 2)
+    )
+    row = {
+        "op": op,
+        "shape": "x".join(map(str, shape)),
+        "dtype": dtype,
+        "threads": bench.threads,
+        "fwd_fg_us": fwd["fg"] * 1e6,
+        "fwd_torch_us": fwd["torch"] * 1e6,
+        "fwd_ratio": fwd["torch"] / fwd["fg"],
+        "fwdbwd_fg_us": both["fg"] * 1e6,
+        "fwdbwd_torch_us": both["torch"] * 1e6,
+        "fwdbwd_ratio": both["torch"] / both["fg"],
+    }
+    if shape[0] == 1 and x.numel() >= 10**7:
+        row["bw_frac"] = 3 * x.element_size() * x.numel() / bench.bandwidth / fwd["fg"]
+    bench.add(row)
+    return row
+
+
+def kernel_case(bench: Bench, n: int) -> dict:
+    x = torch.randn(n)
     y = torch.empty_like(x)
-    xa, ya = x.view(-1), y.view(-1)
-    numel = rows * n
     t = interleaved_times(
         {
-            "two": lambda: _core.softmax_forward(xa, ya, rows, n, 1, False),
-            "reload": lambda: _core.softmax_three_pass(xa, ya, n, "reload"),
-            "recompute": lambda: _core.softmax_three_pass(xa, ya, n, "recompute"),
+            "two": lambda: _core.softmax_forward(x, y, 1, n, 1, False),
+            "reload": lambda: _core.softmax_three_pass(x, y, n, "reload"),
+            "recompute": lambda: _core.softmax_three_pass(x, y, n, "recompute"),
             "torch_kernel": lambda: torch.ops.aten._softmax.out(x, -1, False, out=y),
-            "ours": lambda: fg.softmax(x, -1),
-            "theirs": lambda: torch.softmax(x, -1),
         },
-        repeats=31 if numel <= 10**6 else 11,
+        repeats=_repeats(n),
     )
-    two, reload, recompute, torch_kernel, ours, theirs = (
-        t[k] for k in ("two", "reload", "recompute", "torch_kernel", "ours", "theirs")
-    )
-    ideal = 3 * 4 * numel / bench.bandwidth
-    bench.add(
-        {
-            "shape": f"{rows}x{n}",
-            "MB": round(4 * numel / 2**20, 1),
-            "two_pass_ms": two * 1e3,
-            "three_reload_ms": reload * 1e3,
-            "three_recompute_ms": recompute * 1e3,
-            "torch_kernel_ms": torch_kernel * 1e3,
-            "fg_softmax_ms": ours * 1e3,
-            "torch_softmax_ms": theirs * 1e3,
-            "vs_reload": reload / two,
-            "vs_recompute": recompute / two,
-            "vs_torch_kernel": torch_kernel / two,
-            "vs_torch": theirs / ours,
-            "bw_frac": ideal / two,
-        }
-    )
+    row = {
+        "n": n,
+        "threads": bench.threads,
+        "two_pass_us": t["two"] * 1e6,
+        "vs_reload": t["reload"] / t["two"],
+        "vs_recompute": t["recompute"] / t["two"],
+        "vs_torch_kernel": t["torch_kernel"] / t["two"],
+        "bw_frac": 12 * n / bench.bandwidth / t["two"],
+    }
+    bench.add(row)
+    return row
 
 
-def main(threads: int | None = None) -> None:
+def save(entry: dict) -> None:
+    """Merges this CPU's results into bench/results/softmax.json (one entry per CPU model)."""
+    path = RESULTS / "softmax.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = {}
+    if "benchmark" in doc:  # the single-machine layout this file had before
+        doc = {doc["machine"]["cpu"]: doc}
+    doc[entry["machine"]["cpu"]] = entry
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def main(threads: int | None = None, quick: bool = False) -> None:
     if not hasattr(_core, "softmax_three_pass"):
         sys.exit("bench/softmax.py: the three-pass baseline needs a `dev` build (make develop)")
-    bench = Bench("softmax", threads)
-    print(f"copy bandwidth {bench.bandwidth / 1e9:.1f} GB/s, {bench.threads} threads")
-    for n in SINGLE_ROWS:
-        case(bench, 1, n)
-    for rows, n in BATCHED:
-        case(bench, rows, n)
-    bench.save(
+    counts = [threads] if threads else [2, 1]
+    sweep, kernels, bandwidth = [], [], None
+    for count in counts:
+        bench = Bench("softmax", count)
+        bench._bandwidth = bandwidth  # measured once
+        bandwidth = bench.bandwidth
+        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {bench.threads} threads")
+        for shape in QUICK if quick else SWEEP:
+            for dtype in DTYPES:
+                for op in OPS:
+                    sweep.append(sweep_case(bench, op, shape, dtype))
+        bench.rows = []
+        for n in SINGLE_ROWS:
+            kernels.append(kernel_case(bench, n))
+    save(
         {
-            "vs_reload": "three-pass (reload) time / two-pass time, same kernel style",
-            "vs_recompute": "three-pass (recompute) time / two-pass time",
-            "vs_torch_kernel": "aten._softmax.out into the same preallocated output / two-pass",
-            "vs_torch": "torch.softmax / fg.softmax, both allocating their output (page faults "
-            "of fresh output pages dominate beyond ~100 MB)",
-            "bw_frac": "(12 bytes/element at copy bandwidth) / two-pass time",
+            "machine": machine(counts[0]),
+            "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
+            "notes": {
+                "ratio": "torch time / ferrograd time, both allocating outputs, interleaved",
+                "fwdbwd": "y = f(x); torch.autograd.grad(y, x, g)",
+                "bw_frac": "(2 reads + 1 write per element at copy bandwidth) / forward time",
+                "kernels": "preallocated float32 outputs: vs_* = other kernel time / two-pass",
+            },
+            "sweep": sweep,
+            "kernels": kernels,
         }
     )
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    main(int(args[0]) if args else None, quick="--quick" in sys.argv[1:])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import ferrograd as fg
+from ferrograd import _core
 
 pytestmark = pytest.mark.simd
 
@@ -66,6 +69,83 @@ def test_forward_matches_float64(name, shape, dim, dtype):
     y = OPS[name][0](x, dim)
     assert y.dtype == dtype and y.shape == x.shape
     assert_accurate(name, y, x, dim)
+
+
+# Small and short rows, the in-cache kernels' limits (float32: 4096, 16-bit: 131072) either
+# side, strided slabs (with a scalar tail).
+KERNEL_CASES = [
+    ((7,), 0),
+    ((5, 33), -1),
+    ((3, 1000), 1),
+    ((2, 4096), 1),
+    ((2, 4097), 1),
+    ((1, 131072), -1),
+    ((1, 131073), -1),
+    ((4, 37, 21), 1),
+    ((300, 17), 0),
+]
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize(("shape", "dim"), KERNEL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernels_read_and_write_each_dtype(shape, dim, dtype, log):
+    """The Rust kernels called directly (fg.softmax hands small inputs to torch where torch is
+    as accurate): x, y and the gradients in the tensor's own dtype, against float64."""
+    name = "log_softmax" if log else "softmax"
+    dim %= len(shape)
+    gen = torch.Generator().manual_seed(hash((shape, dim, log)) % 2**31)
+    x = (torch.randn(shape, generator=gen) * 8).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    dims = (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+    y = torch.empty_like(x)
+    _core.softmax_forward(x, y, *dims, log)
+    assert_accurate(name, y, x, dim)
+    dx = torch.empty_like(x)
+    _core.softmax_backward(y, g, dx, *dims, log)
+    yd, gd = y.double(), g.double()
+    if log:
+        want = gd - yd.exp() * gd.sum(dim, keepdim=True)
+    else:
+        want = yd * (gd - (yd * gd).sum(dim, keepdim=True))
+    # One rounding to the dtype on top of float32 arithmetic.
+    rtol = LOW_PRECISION[dtype][0] if dtype in LOW_PRECISION else 1e-5
+    atol = rtol * want.abs().max().item() * 1e-2 + 1e-6
+    torch.testing.assert_close(dx.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_special_values_in_16_bit_kernels(dtype, layout):
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor(
+        [
+            [-inf, 0.0, 1.0, -inf],
+            [-inf, -inf, -inf, -inf],
+            [inf, 0.0, 1.0, 2.0],
+            [nan, 0.0, 1.0, 2.0],
+            [0.5, 0.25, 0.0, -0.25],
+        ]
+    ).to(dtype)
+    x = rows if layout == "row" else rows.t().repeat(1, 4).contiguous()
+    dims = (5, 4, 1) if layout == "row" else (1, 4, 20)
+    dim = 1 if layout == "row" else 0
+    for log in (False, True):
+        y = torch.empty_like(x)
+        _core.softmax_forward(x, y, *dims, log)
+        ref = torch.log_softmax if log else torch.softmax
+        want = ref(x.double(), dim).to(dtype)
+        assert torch.equal(torch.isnan(y), torch.isnan(want))
+        ok = ~torch.isnan(want)
+        torch.testing.assert_close(y[ok], want[ok], rtol=LOW_PRECISION[dtype][0], atol=1e-5)
+
+
+def test_kernels_refuse_mixed_dtypes():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="softmax: out must be a torch.bfloat16 tensor"):
+        _core.softmax_forward(x, torch.empty(4, 8), 4, 8, 1)
+    with pytest.raises(TypeError, match="softmax: out must be a torch.float32 tensor"):
+        _core.softmax_forward(x.float(), torch.empty_like(x), 4, 8, 1)
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -16,7 +16,8 @@ def softmax_forward(
     inner: int,
     log: bool = False,
 ) -> None:
-    """Softmax (or log-softmax) of x seen as [outer, n, inner] over n, written into out."""
+    """Softmax (or log-softmax) of x seen as [outer, n, inner] over n, written into out
+    (float32, bfloat16 or float16, both of one dtype)."""
 
 def softmax_backward(
     y: torch.Tensor,
@@ -27,7 +28,8 @@ def softmax_backward(
     inner: int,
     log: bool = False,
 ) -> None:
-    """The input gradient of softmax / log-softmax from its output y, written into grad_in."""
+    """The input gradient of softmax / log-softmax from its output y, written into grad_in
+    (float32, bfloat16 or float16, all of one dtype)."""
 
 def pack_documents(
     buffer: npt.NDArray[np.uint8],

@@ -1,15 +1,16 @@
-//! The two-pass forward: pass 1 sums exp(x) as (mantissa, exponent) pairs, pass 2 writes
-//! exp(x) / sum (or x - log-sum-exp); rows contiguous or strided.
+//! The forward kernels: the two-pass kernel for rows that leave the cache (pass 1 sums exp(x)
+//! as (mantissa, exponent) pairs, pass 2 writes exp(x) / sum or x - log-sum-exp), the in-cache
+//! kernel for short rows, and the strided kernel for softmaxes side by side.
 
 use std::ops::Range;
 
+use super::element::{Element, Lanes};
 use super::layout::{for_each_row, over_pieces, run_columns, ColumnJob, Layout};
 use super::special::exact_row;
-use super::{map_row, Pointwise, BLOCK_VECTORS, FOLD, X_FLOOR};
-use crate::dispatch;
+use super::{map_row, Kernels, Pointwise, BLOCK_VECTORS, FOLD, X_FLOOR};
 use crate::error::FgResult;
 use crate::simd::{pow2, Scalar, Simd, SimdLevel};
-use crate::threads::{Disjoint, SendPtr};
+use crate::threads::Disjoint;
 
 /// Below this the f32 exponent accumulator starts; any real exponent is larger.
 const EXP_INIT: f32 = -1.0e30;
@@ -122,12 +123,13 @@ impl<S: Simd> LaneSum<S> {
 /// Vectors of pass 1 that each lane accumulator sums (32 terms, 4 accumulators) before they
 /// are folded, still in f32 lanes, into the block's partial sum. Terms of one size (a constant
 /// row) round the same way at every add, so the error grows linearly with the count: 256 terms
-/// per accumulator reached 3.3e-6 relative, two levels of 32 and 8 stay below 6e-7.
-const RUN_VECTORS: usize = 128;
+/// per accumulator reached 3.3e-6 relative, two levels of 32 and 8 stay below 6e-7. The
+/// in-cache kernel folds its f32 sums into f64 after every run for the same reason.
+pub(super) const RUN_VECTORS: usize = 128;
 
 /// Pass 1 over a contiguous slice.
 #[inline(always)]
-unsafe fn exp_sum_impl<S: Simd>(x: &[f32]) -> ExpSum {
+pub(super) unsafe fn exp_sum_impl<S: Lanes, E: Element>(x: &[E]) -> ExpSum {
     let l = S::LANES;
     let mut total = ExpSum::EMPTY;
     for block in x.chunks(BLOCK_VECTORS * S::LANES) {
@@ -142,19 +144,23 @@ unsafe fn exp_sum_impl<S: Simd>(x: &[f32]) -> ExpSum {
             );
             let mut i = 0;
             while i + 4 * l <= run.len() {
-                a0.push(S::load(p.add(i)));
-                a1.push(S::load(p.add(i + l)));
-                a2.push(S::load(p.add(i + 2 * l)));
-                a3.push(S::load(p.add(i + 3 * l)));
+                a0.push(E::load::<S>(p.add(i)));
+                a1.push(E::load::<S>(p.add(i + l)));
+                a2.push(E::load::<S>(p.add(i + 2 * l)));
+                a3.push(E::load::<S>(p.add(i + 3 * l)));
                 i += 4 * l;
             }
             while i + l <= run.len() {
-                a0.push(S::load(p.add(i)));
+                a0.push(E::load::<S>(p.add(i)));
                 i += l;
             }
             if i < run.len() {
                 // -inf lanes add exactly 0.
-                a1.push(S::load_partial(p.add(i), run.len() - i, f32::NEG_INFINITY));
+                a1.push(E::load_partial::<S>(
+                    p.add(i),
+                    run.len() - i,
+                    f32::NEG_INFINITY,
+                ));
             }
             partial = partial.combine(a0.combine(a1).combine(a2.combine(a3)));
         }
@@ -173,7 +179,7 @@ impl Pointwise for SoftmaxOut {
     }
 }
 
-/// log_softmax pass 2: (x - max) - (lse - max), torch's rounding.
+/// log_softmax output: (x - max) - (lse - max), torch's rounding.
 struct LogSoftmaxOut;
 impl Pointwise for LogSoftmaxOut {
     #[inline(always)]
@@ -182,27 +188,160 @@ impl Pointwise for LogSoftmaxOut {
     }
 }
 
-#[inline(always)]
-unsafe fn softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32) {
-    map_row::<S, SoftmaxOut>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), p, q)
-}
-#[inline(always)]
-unsafe fn log_softmax_out_impl<S: Simd>(x: &[f32], y: &mut [f32], p: f32, q: f32) {
-    map_row::<S, LogSoftmaxOut>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), p, q)
+/// The in-cache kernel's last pass: the stored exp(x) 2^-N times 1 / sum.
+pub(super) struct Scaled;
+impl Pointwise for Scaled {
+    #[inline(always)]
+    unsafe fn apply<S: Simd>(e: S::V, _: S::V, inv: S::V, _: S::V) -> S::V {
+        S::mul(e, inv)
+    }
 }
 
-dispatch! {
-    /// Pass 1 of the two-pass softmax over a contiguous piece of a row.
-    pub fn exp_sum(x: &[f32]) -> ExpSum = exp_sum_impl;
-    fn softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32) = softmax_out_impl;
-    fn log_softmax_out(x: &[f32], y: &mut [f32], p: f32, q: f32) = log_softmax_out_impl;
+/// Pass 2 over a contiguous piece of a row.
+#[inline(always)]
+pub(super) unsafe fn pass2_impl<S: Lanes, E: Element>(
+    x: &[E],
+    y: &mut [E],
+    p: f32,
+    q: f32,
+    log: bool,
+) {
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    if log {
+        map_row::<S, E, E, LogSoftmaxOut>(px, px, py, x.len(), p, q)
+    } else {
+        map_row::<S, E, E, SoftmaxOut>(px, px, py, x.len(), p, q)
+    }
+}
+
+/// The largest entry of a row (NaN skipped: a NaN row is caught by its sum).
+#[inline(always)]
+unsafe fn row_max<S: Lanes, E: Element>(x: &[E]) -> f32 {
+    let (l, p) = (S::LANES, x.as_ptr());
+    let ninf = S::splat(f32::NEG_INFINITY);
+    let (mut m0, mut m1) = (ninf, ninf);
+    let mut i = 0;
+    while i + 2 * l <= x.len() {
+        m0 = S::max(E::load::<S>(p.add(i)), m0);
+        m1 = S::max(E::load::<S>(p.add(i + l)), m1);
+        i += 2 * l;
+    }
+    while i < x.len() {
+        let rest = (x.len() - i).min(l);
+        m0 = S::max(E::load_upto::<S>(p.add(i), rest, f32::NEG_INFINITY), m0);
+        i += rest;
+    }
+    S::hmax(S::max(m0, m1))
+}
+
+/// `Σ exp(x) 2^-nmax` (`nmax` the row maximum's exponent), exp(x) 2^-nmax stored in `e` when
+/// given: the exponent split works on x itself, so no rounding of x - max enters (as in the
+/// two-pass kernel).
+#[inline(always)]
+unsafe fn scaled_exp_sum<S: Lanes, E: Element>(x: &[E], e: Option<&mut [f32]>, nmax: f32) -> f64 {
+    let l = S::LANES;
+    let (px, pe) = (x.as_ptr(), e.map(|e| e.as_mut_ptr()));
+    let nv = S::splat(nmax);
+    let term = |v: S::V| {
+        let (m, n) = S::exp_split(S::max(S::splat(X_FLOOR), v));
+        S::scale(m, S::sub(n, nv))
+    };
+    let mut total = 0.0f64;
+    let mut i = 0;
+    while i < x.len() {
+        let end = (i + RUN_VECTORS * l).min(x.len());
+        let zero = S::splat(0.0);
+        let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
+        while i + 4 * l <= end {
+            let t = [0, 1, 2, 3].map(|k| term(E::load::<S>(px.add(i + k * l))));
+            if let Some(pe) = pe {
+                for (k, v) in t.iter().enumerate() {
+                    S::store(pe.add(i + k * l), *v);
+                }
+            }
+            (s0, s1, s2, s3) = (
+                S::add(s0, t[0]),
+                S::add(s1, t[1]),
+                S::add(s2, t[2]),
+                S::add(s3, t[3]),
+            );
+            i += 4 * l;
+        }
+        while i < end {
+            let rest = (end - i).min(l);
+            let t = term(E::load_upto::<S>(px.add(i), rest, f32::NEG_INFINITY));
+            if let Some(pe) = pe {
+                f32::store_upto::<S>(pe.add(i), t, rest);
+            }
+            s0 = S::add(s0, t);
+            i += rest;
+        }
+        total += S::hsum(S::add(S::add(s0, s1), S::add(s2, s3))) as f64;
+    }
+    total
+}
+
+/// The in-cache kernel over whole rows of length `n` (each read once from memory): the row
+/// maximum, then exp(x) 2^-N stored in an f32 scratch row and summed, then the scaled output
+/// (log-softmax: x - max - log-sum-exp, no scratch). Rows the fast path cannot take exactly
+/// go through `exact_row`.
+#[inline(always)]
+pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
+    x: &[E],
+    y: &mut [E],
+    n: usize,
+    log: bool,
+) {
+    // float32 rows keep exp(x) 2^-N in y itself.
+    let mut scratch = if log || E::IS_F32 {
+        Vec::new()
+    } else {
+        vec![0.0f32; n]
+    };
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let max = row_max::<S, E>(xr);
+        let nmax = (max * std::f32::consts::LOG2_E).round();
+        let yp = yr.as_mut_ptr();
+        let ep: *mut f32 = if E::IS_F32 {
+            yp.cast()
+        } else {
+            scratch.as_mut_ptr()
+        };
+        // SAFETY: ep is n f32 (y's own row or the scratch row); nothing else reads it here.
+        let e = (!log).then(|| std::slice::from_raw_parts_mut(ep, n));
+        let sum = scaled_exp_sum::<S, E>(xr, e, nmax);
+        let acc = ExpSum {
+            mant: sum,
+            exp: nmax as f64,
+        };
+        if !(max.is_finite() && acc.is_fast()) {
+            exact_row(n, 1, xr.as_ptr(), yp, log);
+            continue;
+        }
+        if log {
+            let (p, q) = (
+                max,
+                (nmax as f64 * std::f64::consts::LN_2 + sum.ln() - max as f64) as f32,
+            );
+            map_row::<S, E, E, LogSoftmaxOut>(xr.as_ptr(), xr.as_ptr(), yp, n, p, q)
+        } else {
+            let inv = (1.0 / sum) as f32;
+            map_row::<S, f32, E, Scaled>(ep, ep, yp, n, inv, 0.0)
+        }
+    }
 }
 
 /// Two-pass softmax (or log-softmax) of one contiguous row split into `pieces`.
-fn forward_row(level: SimdLevel, x: &[f32], y: &mut [f32], pieces: &[Range<usize>], log: bool) {
+fn forward_row<E: Kernels>(
+    level: SimdLevel,
+    x: &[E],
+    y: &mut [E],
+    pieces: &[Range<usize>],
+    log: bool,
+) {
     let acc = over_pieces(
         pieces,
-        |r| exp_sum(level, &x[r]),
+        |r| E::exp_sum(level, &x[r]),
         ExpSum::EMPTY,
         ExpSum::merge,
     );
@@ -218,11 +357,7 @@ fn forward_row(level: SimdLevel, x: &[f32], y: &mut [f32], pieces: &[Range<usize
         |r| {
             // SAFETY: the pieces are disjoint ranges of this row.
             let yp = unsafe { out.piece(r.clone()) };
-            if log {
-                log_softmax_out(level, &x[r], yp, p, q)
-            } else {
-                softmax_out(level, &x[r], yp, p, q)
-            }
+            E::pass2(level, &x[r], yp, p, q, log)
         },
         (),
         |_, _| (),
@@ -232,32 +367,25 @@ fn forward_row(level: SimdLevel, x: &[f32], y: &mut [f32], pieces: &[Range<usize
 /// Lanes `[0, lanes)` of one `[n, stride]` slab, `S::LANES` at a time, then one at a time.
 ///
 /// # Safety
-/// `x` and `out` are valid for `(n - 1) * stride + lanes` elements and no other thread touches
-/// the lanes written here.
+/// `job` comes from `run_columns` (bounds and disjointness checked there).
 #[inline(always)]
-unsafe fn columns_forward_impl<S: Simd>(
-    x: SendPtr<f32>,
-    out: SendPtr<f32>,
-    n: usize,
-    stride: usize,
-    lanes: usize,
-    log: bool,
-) {
+pub(super) unsafe fn columns_forward_impl<S: Lanes, E: Element>(job: ColumnJob<E>) {
+    let (x, out) = (job.a, job.out);
     let mut j = 0;
-    while j + S::LANES <= lanes {
-        column_block_forward::<S>(x.0.add(j), out.ptr().add(j), n, stride, log);
+    while j + S::LANES <= job.lanes {
+        column_block_forward::<S, E>(x.0.add(j), out.ptr().add(j), job.n, job.stride, job.log);
         j += S::LANES;
     }
-    while j < lanes {
-        column_block_forward::<Scalar>(x.0.add(j), out.ptr().add(j), n, stride, log);
+    while j < job.lanes {
+        column_block_forward::<Scalar, E>(x.0.add(j), out.ptr().add(j), job.n, job.stride, job.log);
         j += 1;
     }
 }
 
 #[inline(always)]
-unsafe fn column_block_forward<S: Simd>(
-    x: *const f32,
-    y: *mut f32,
+unsafe fn column_block_forward<S: Lanes, E: Element>(
+    x: *const E,
+    y: *mut E,
     n: usize,
     stride: usize,
     log: bool,
@@ -268,12 +396,12 @@ unsafe fn column_block_forward<S: Simd>(
         let end = (k + FOLD).min(n);
         let (mut a0, mut a1) = (LaneSum::<S>::new(), LaneSum::<S>::new());
         while k + 2 <= end {
-            a0.push(S::load(x.add(k * stride)));
-            a1.push(S::load(x.add((k + 1) * stride)));
+            a0.push(E::load::<S>(x.add(k * stride)));
+            a1.push(E::load::<S>(x.add((k + 1) * stride)));
             k += 2;
         }
         if k < end {
-            a0.push(S::load(x.add(k * stride)));
+            a0.push(E::load::<S>(x.add(k * stride)));
             k += 1;
         }
         for (total, part) in acc.iter_mut().zip(a0.combine(a1).lanes()) {
@@ -286,13 +414,13 @@ unsafe fn column_block_forward<S: Simd>(
     }
     let (pv, qv) = (S::load(p.as_ptr()), S::load(q.as_ptr()));
     for k in 0..n {
-        let xv = S::load(x.add(k * stride));
+        let xv = E::load::<S>(x.add(k * stride));
         let v = if log {
             LogSoftmaxOut::apply::<S>(xv, xv, pv, qv)
         } else {
             SoftmaxOut::apply::<S>(xv, xv, pv, qv)
         };
-        S::store(y.add(k * stride), v);
+        E::store::<S>(y.add(k * stride), v);
     }
     for (l, a) in acc[..S::LANES].iter().enumerate() {
         if !a.is_fast() {
@@ -301,21 +429,11 @@ unsafe fn column_block_forward<S: Simd>(
     }
 }
 
-#[inline(always)]
-unsafe fn columns_forward_entry<S: Simd>(job: ColumnJob) {
-    columns_forward_impl::<S>(job.a, job.out, job.n, job.stride, job.lanes, job.log)
-}
-
-dispatch! {
-    /// Requires a `ColumnJob` built by `run_columns` (bounds and disjointness checked there).
-    fn columns_forward(job: ColumnJob) = columns_forward_entry;
-}
-
 /// Softmax (or log-softmax, `log`) of `x` viewed as `layout`, written to `y`.
-pub fn softmax_forward(
+pub fn softmax_forward<E: Kernels>(
     level: SimdLevel,
-    x: &[f32],
-    y: &mut [f32],
+    x: &[E],
+    y: &mut [E],
     layout: Layout,
     log: bool,
 ) -> FgResult<()> {
@@ -324,12 +442,19 @@ pub fn softmax_forward(
     if x.is_empty() {
         return Ok(());
     }
+    let n = layout.n;
     if layout.inner == 1 {
-        for_each_row(x, x, y, layout.n, |xr, _, yr, pieces| {
-            forward_row(level, xr, yr, pieces, log)
+        for_each_row(x, x, y, n, |xr, _, yr, pieces| {
+            if n <= E::SHORT_ROW {
+                E::rows_forward(level, xr, yr, n, log)
+            } else {
+                for (xr, yr) in xr.chunks_exact(n).zip(yr.chunks_exact_mut(n)) {
+                    forward_row(level, xr, yr, pieces, log)
+                }
+            }
         });
     } else {
-        run_columns(layout, x, x, y, log, |job| columns_forward(level, job));
+        run_columns(layout, x, x, y, log, |job| E::columns_forward(level, job));
     }
     Ok(())
 }

@@ -72,47 +72,44 @@ pub(super) fn over_pieces<T: Copy + Send + Sync>(
     results.into_iter().fold(identity, fold)
 }
 
-/// Applies `row_fn(input_row, second_row, output_row, pieces)` to every row of length `n`:
-/// rows in parallel when there are many, pieces of each row in parallel when there are few.
-pub(super) fn for_each_row(
-    a: &[f32],
-    b: &[f32],
-    out: &mut [f32],
+/// Applies `rows_fn(a_rows, b_rows, out_rows, pieces)` to runs of whole rows of length `n`:
+/// many rows to a call (`pieces` then spans one row) when rows are many or short, one row at a
+/// time split into parallel `pieces` when there are few long rows.
+pub(super) fn for_each_row<E: Send + Sync>(
+    a: &[E],
+    b: &[E],
+    out: &mut [E],
     n: usize,
-    row_fn: impl Fn(&[f32], &[f32], &mut [f32], &[Range<usize>]) + Sync,
+    rows_fn: impl Fn(&[E], &[E], &mut [E], &[Range<usize>]) + Sync,
 ) {
     let rows = a.len() / n;
     let threads = threads::num_threads();
     let row = 0..n;
     let whole = std::slice::from_ref(&row);
     if threads == 1 || rows * n < PAR_MIN || (rows == 1 && n < 2 * CHUNK_MIN) {
-        for ((ar, br), or) in a.chunks(n).zip(b.chunks(n)).zip(out.chunks_mut(n)) {
-            row_fn(ar, br, or, whole)
-        }
+        rows_fn(a, b, out, whole)
     } else if rows >= threads || n < 2 * CHUNK_MIN {
         let out = Disjoint::new(out);
         threads::for_each_chunk(rows, threads::rows_per_task(rows, n, PAR_MIN), |_, r| {
-            for row in r {
-                let span = row * n..(row + 1) * n;
-                // SAFETY: every row is written by one part only.
-                let or = unsafe { out.piece(span.clone()) };
-                row_fn(&a[span.clone()], &b[span], or, whole)
-            }
+            let span = r.start * n..r.end * n;
+            // SAFETY: every row is written by one part only.
+            let or = unsafe { out.piece(span.clone()) };
+            rows_fn(&a[span.clone()], &b[span], or, whole)
         })
     } else {
         let pieces = chunks_of(n, threads);
         for ((ar, br), or) in a.chunks(n).zip(b.chunks(n)).zip(out.chunks_mut(n)) {
-            row_fn(ar, br, or, &pieces)
+            rows_fn(ar, br, or, &pieces)
         }
     }
 }
 
 /// One task of the strided kernels: `lanes` adjacent softmaxes of one slab.
 #[derive(Clone, Copy)]
-pub(super) struct ColumnJob {
-    pub(super) a: SendPtr<f32>,
-    pub(super) b: SendPtr<f32>,
-    pub(super) out: SendPtr<f32>,
+pub struct ColumnJob<E> {
+    pub(super) a: SendPtr<E>,
+    pub(super) b: SendPtr<E>,
+    pub(super) out: SendPtr<E>,
     pub(super) n: usize,
     pub(super) stride: usize,
     pub(super) lanes: usize,
@@ -120,13 +117,13 @@ pub(super) struct ColumnJob {
 }
 
 /// Splits `[outer, n, inner]` into slab x lane-block tasks and runs `kernel` on each.
-pub(super) fn run_columns(
+pub(super) fn run_columns<E: Copy + Send + Sync>(
     layout: Layout,
-    a: &[f32],
-    b: &[f32],
-    out: &mut [f32],
+    a: &[E],
+    b: &[E],
+    out: &mut [E],
     log: bool,
-    kernel: impl Fn(ColumnJob) + Sync,
+    kernel: impl Fn(ColumnJob<E>) + Sync,
 ) {
     let Layout { outer, n, inner } = layout;
     let threads = threads::num_threads();
@@ -139,8 +136,8 @@ pub(super) fn run_columns(
         .min(inner);
     let blocks = inner.div_ceil(width);
     let (pa, pb, po) = (
-        SendPtr(a.as_ptr() as *mut f32),
-        SendPtr(b.as_ptr() as *mut f32),
+        SendPtr(a.as_ptr() as *mut E),
+        SendPtr(b.as_ptr() as *mut E),
         SendPtr(out.as_mut_ptr()),
     );
     let task = |t: usize| {

@@ -1,27 +1,36 @@
-//! Softmax and log-softmax on f32, forward and backward.
+//! Softmax and log-softmax on f32, bfloat16 and float16, forward and backward.
 //!
-//! The forward pass is the two-pass algorithm of Dukhan & Ablavatski: pass 1 reads x once and
-//! accumulates exp(x) as a (mantissa, exponent) pair, rescaling by powers of two whenever the
-//! exponent grows, so no separate max pass is needed; pass 2 recomputes exp(x) and scales it.
-//! That is two reads and one write per element, against three reads and one or two writes for
-//! the classic max / sum / normalize scheme, which is kept (three_pass.rs, in `dev` builds) so
-//! the benchmark can measure the difference.
+//! 16-bit inputs and outputs are converted in registers (element.rs); every kernel computes
+//! and accumulates in f32, with f64 folds.
+//!
+//! Rows that leave the cache run the two-pass algorithm of Dukhan & Ablavatski: pass 1 reads
+//! x once and accumulates exp(x) as a (mantissa, exponent) pair, rescaling by powers of two
+//! whenever the exponent grows, so no separate max pass is needed; pass 2 recomputes exp(x)
+//! and scales it. That is two reads and one write per element, against three reads and one or
+//! two writes for the classic max / sum / normalize scheme, which is kept (three_pass.rs, in
+//! `dev` builds) so the benchmark can measure the difference. Rows up to `Element::SHORT_ROW` run
+//! the in-cache kernel instead: one read from memory (the max), then exp(x) computed once into
+//! an f32 scratch row that stays in cache, then the scaled output (docs/softmax.md has the
+//! measurements behind the choice).
 //!
 //! A tensor is seen as `[outer, n, inner]` with the softmax over `n`. With `inner == 1` each row
-//! is contiguous and is vectorized along its length (a long row is split across threads and the
-//! partial sums merged); otherwise `inner` independent softmaxes are vectorized side by side.
+//! is contiguous and is vectorized along its length (short rows many to a task, a long row split
+//! across threads and the partial sums merged); otherwise `inner` independent softmaxes are
+//! vectorized side by side.
 //!
-//! Rows the fast path cannot take exactly (NaN or +inf present, every entry -inf, or a row
+//! Rows the fast paths cannot take exactly (NaN or +inf present, every entry -inf, or a row
 //! maximum beyond about 2^21 in magnitude) go through `special::exact_row`, which follows
 //! torch's max-subtracting formula in f64 and so its special-value semantics.
 //!
-//! Files: forward.rs (pass 1 and 2), backward.rs, special.rs (the rows the fast path cannot
-//! take), reduce.rs (row sums and maxima, shared with cut cross-entropy), layout.rs (the
-//! `[outer, n, inner]` view and how a call is cut into parallel tasks), three_pass.rs.
+//! Files: element.rs (storage types), forward.rs, backward.rs, special.rs (the rows the fast
+//! paths cannot take), reduce.rs (f32 row sums and maxima shared with cut cross-entropy),
+//! layout.rs (the `[outer, n, inner]` view and how a call is cut into parallel tasks),
+//! three_pass.rs.
 
-use crate::simd::Simd;
+use crate::simd::{Simd, SimdLevel};
 
 mod backward;
+mod element;
 mod forward;
 mod layout;
 mod reduce;
@@ -32,11 +41,17 @@ mod tests;
 mod three_pass;
 
 pub use backward::softmax_backward;
-pub use forward::{exp_sum, softmax_forward, ExpSum};
+pub use element::{Bf16, Element, F16};
+pub use forward::{softmax_forward, ExpSum};
 pub use layout::Layout;
 pub(crate) use reduce::{exp_shifted_sum, row_max, sum};
 #[cfg(any(test, feature = "dev"))]
 pub use three_pass::{softmax_three_pass, ThreePass};
+
+use backward::{columns_backward_impl, grad_out_impl, grad_reduce_impl, rows_backward_impl};
+use element::Lanes;
+use forward::{columns_forward_impl, exp_sum_impl, pass2_impl, rows_forward_impl};
+use layout::ColumnJob;
 
 /// Inputs are clamped here from below before the exponent split (-inf then contributes 0).
 const X_FLOOR: f32 = -2_097_152.0;
@@ -56,12 +71,12 @@ pub(crate) unsafe fn exp_floored<S: Simd>(x: S::V) -> S::V {
     S::exp(S::max(S::splat(X_FLOOR), x))
 }
 
-/// `out[i] = O(a[i], b[i])` over `len` contiguous elements; `out` may alias `a` or `b`.
+/// `out[i] = P(a[i], b[i])` over `len` contiguous elements; `out` may alias `a` or `b`.
 #[inline(always)]
-unsafe fn map_row<S: Simd, O: Pointwise>(
-    a: *const f32,
-    b: *const f32,
-    out: *mut f32,
+unsafe fn map_row<S: Lanes, A: Element, O: Element, P: Pointwise>(
+    a: *const A,
+    b: *const A,
+    out: *mut O,
     len: usize,
     p: f32,
     q: f32,
@@ -69,16 +84,101 @@ unsafe fn map_row<S: Simd, O: Pointwise>(
     let (pv, qv) = (S::splat(p), S::splat(q));
     let mut i = 0;
     while i + S::LANES <= len {
-        let v = O::apply::<S>(S::load(a.add(i)), S::load(b.add(i)), pv, qv);
-        S::store(out.add(i), v);
+        let v = P::apply::<S>(A::load::<S>(a.add(i)), A::load::<S>(b.add(i)), pv, qv);
+        O::store::<S>(out.add(i), v);
         i += S::LANES;
     }
     if i < len {
         let rest = len - i;
         let (va, vb) = (
-            S::load_partial(a.add(i), rest, 0.0),
-            S::load_partial(b.add(i), rest, 0.0),
+            A::load_partial::<S>(a.add(i), rest, 0.0),
+            A::load_partial::<S>(b.add(i), rest, 0.0),
         );
-        S::store_partial(out.add(i), O::apply::<S>(va, vb, pv, qv), rest);
+        O::store_partial::<S>(out.add(i), P::apply::<S>(va, vb, pv, qv), rest);
     }
 }
+
+/// The kernel entry points of one storage type, each compiled once per SIMD backend.
+pub trait Kernels: Element {
+    /// Two-pass pass 1 over a contiguous piece of a row.
+    fn exp_sum(level: SimdLevel, x: &[Self]) -> ExpSum;
+    /// Two-pass pass 2 with the parameters of `ExpSum::pass2_params`.
+    fn pass2(level: SimdLevel, x: &[Self], y: &mut [Self], p: f32, q: f32, log: bool);
+    /// The in-cache forward over whole rows of length `n`.
+    fn rows_forward(level: SimdLevel, x: &[Self], y: &mut [Self], n: usize, log: bool);
+    /// Σ y dy (softmax) or Σ dy (log-softmax) over a piece of a row.
+    fn grad_reduce(level: SimdLevel, y: &[Self], dy: &[Self], log: bool) -> f64;
+    /// The backward's elementwise pass over a piece of a row, given `grad_reduce`'s total.
+    fn grad_out(level: SimdLevel, y: &[Self], dy: &[Self], dx: &mut [Self], r: f32, log: bool);
+    /// The backward over whole rows of length `n`, each read once from memory.
+    fn rows_backward(
+        level: SimdLevel,
+        y: &[Self],
+        dy: &[Self],
+        dx: &mut [Self],
+        n: usize,
+        log: bool,
+    );
+    /// Requires a job built by `run_columns` (bounds and disjointness checked there).
+    fn columns_forward(level: SimdLevel, job: ColumnJob<Self>);
+    /// As `columns_forward`.
+    fn columns_backward(level: SimdLevel, job: ColumnJob<Self>);
+}
+
+macro_rules! kernels {
+    ($($t:ty => $m:ident),* $(,)?) => {$(
+        mod $m {
+            use super::*;
+
+            crate::dispatch! {
+                pub(super) fn exp_sum(x: &[$t]) -> ExpSum = exp_sum_impl<$t>;
+                pub(super) fn pass2(x: &[$t], y: &mut [$t], p: f32, q: f32, log: bool)
+                    = pass2_impl<$t>;
+                pub(super) fn rows_forward(x: &[$t], y: &mut [$t], n: usize, log: bool)
+                    = rows_forward_impl<$t>;
+                pub(super) fn grad_reduce(y: &[$t], dy: &[$t], log: bool) -> f64
+                    = grad_reduce_impl<$t>;
+                pub(super) fn grad_out(y: &[$t], dy: &[$t], dx: &mut [$t], r: f32, log: bool)
+                    = grad_out_impl<$t>;
+                pub(super) fn rows_backward(
+                    y: &[$t], dy: &[$t], dx: &mut [$t], n: usize, log: bool
+                ) = rows_backward_impl<$t>;
+                pub(super) fn columns_forward(job: ColumnJob<$t>) = columns_forward_impl<$t>;
+                pub(super) fn columns_backward(job: ColumnJob<$t>) = columns_backward_impl<$t>;
+            }
+        }
+
+        impl Kernels for $t {
+            fn exp_sum(level: SimdLevel, x: &[Self]) -> ExpSum {
+                $m::exp_sum(level, x)
+            }
+            fn pass2(level: SimdLevel, x: &[Self], y: &mut [Self], p: f32, q: f32, log: bool) {
+                $m::pass2(level, x, y, p, q, log)
+            }
+            fn rows_forward(level: SimdLevel, x: &[Self], y: &mut [Self], n: usize, log: bool) {
+                $m::rows_forward(level, x, y, n, log)
+            }
+            fn grad_reduce(level: SimdLevel, y: &[Self], dy: &[Self], log: bool) -> f64 {
+                $m::grad_reduce(level, y, dy, log)
+            }
+            fn grad_out(
+                level: SimdLevel, y: &[Self], dy: &[Self], dx: &mut [Self], r: f32, log: bool,
+            ) {
+                $m::grad_out(level, y, dy, dx, r, log)
+            }
+            fn rows_backward(
+                level: SimdLevel, y: &[Self], dy: &[Self], dx: &mut [Self], n: usize, log: bool,
+            ) {
+                $m::rows_backward(level, y, dy, dx, n, log)
+            }
+            fn columns_forward(level: SimdLevel, job: ColumnJob<Self>) {
+                $m::columns_forward(level, job)
+            }
+            fn columns_backward(level: SimdLevel, job: ColumnJob<Self>) {
+                $m::columns_backward(level, job)
+            }
+        }
+    )*};
+}
+
+kernels!(f32 => f32_kernels, Bf16 => bf16_kernels, F16 => f16_kernels);

@@ -1,36 +1,29 @@
-//! Row reductions: sums, dot products, maxima and sums of exp(x - max), shared by the backward,
-//! cut cross-entropy (rust/cce.rs) and the three-pass baseline.
+//! f32 row reductions: sums, maxima and sums of exp(x - max), shared by cut cross-entropy
+//! (rust/cce.rs) and the three-pass baseline.
 
 use super::{exp_floored, BLOCK_VECTORS};
 use crate::dispatch;
 use crate::simd::{Scalar, Simd};
 
-/// `Σ a[i] * b[i]` (`PAIR`) or `Σ a[i]`, with f32 lanes folded into f64 per block.
+/// `Σ a[i]`, with f32 lanes folded into f64 per block.
 #[inline(always)]
-unsafe fn reduce_impl<S: Simd, const PAIR: bool>(a: &[f32], b: &[f32]) -> f64 {
+unsafe fn sum_impl<S: Simd>(a: &[f32]) -> f64 {
     let l = S::LANES;
     let mut total = 0.0f64;
     let block = BLOCK_VECTORS * S::LANES;
     for start in (0..a.len()).step_by(block) {
         let end = (start + block).min(a.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let pa = a.as_ptr();
         let (mut s0, mut s1) = (S::splat(0.0), S::splat(0.0));
         let mut i = start;
         while i + 2 * l <= end {
-            if PAIR {
-                s0 = S::mul_add(S::load(pa.add(i)), S::load(pb.add(i)), s0);
-                s1 = S::mul_add(S::load(pa.add(i + l)), S::load(pb.add(i + l)), s1);
-            } else {
-                s0 = S::add(s0, S::load(pa.add(i)));
-                s1 = S::add(s1, S::load(pa.add(i + l)));
-            }
+            s0 = S::add(s0, S::load(pa.add(i)));
+            s1 = S::add(s1, S::load(pa.add(i + l)));
             i += 2 * l;
         }
         let lanes = S::to_array(S::add(s0, s1));
         total += lanes[..l].iter().map(|&v| v as f64).sum::<f64>();
-        for j in i..end {
-            total += a[j] as f64 * if PAIR { b[j] as f64 } else { 1.0 };
-        }
+        total += a[i..end].iter().map(|&v| v as f64).sum::<f64>();
     }
     total
 }
@@ -80,19 +73,8 @@ unsafe fn exp_shifted_sum_impl<S: Simd>(x: &[f32], max: f32) -> f64 {
     total
 }
 
-#[inline(always)]
-unsafe fn sum_impl<S: Simd>(a: &[f32]) -> f64 {
-    reduce_impl::<S, false>(a, a)
-}
-#[inline(always)]
-unsafe fn dot_impl<S: Simd>(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    reduce_impl::<S, true>(a, b)
-}
-
 dispatch! {
     pub(crate) fn sum(a: &[f32]) -> f64 = sum_impl;
-    pub(super) fn dot(a: &[f32], b: &[f32]) -> f64 = dot_impl;
     pub(crate) fn row_max(x: &[f32]) -> f32 = max_impl;
     pub(crate) fn exp_shifted_sum(x: &[f32], max: f32) -> f64 = exp_shifted_sum_impl;
 }

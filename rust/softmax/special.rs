@@ -1,6 +1,7 @@
 //! The rows the fast path cannot take exactly: NaN or +inf present, every entry -inf, or a row
 //! maximum beyond about 2^21 in magnitude. They follow torch's formula in f64.
 
+use super::element::Element;
 use super::{ExpSum, X_FLOOR};
 
 /// A row whose maximum lies in this range is computed exactly by the fast path: every entry's
@@ -21,8 +22,14 @@ impl ExpSum {
 ///
 /// # Safety
 /// `x` and `y` are valid for indices `k * stride`, `k < n`, and no other thread touches them.
-pub(super) unsafe fn exact_row(n: usize, stride: usize, x: *const f32, y: *mut f32, log: bool) {
-    let at = |k: usize| *x.add(k * stride);
+pub(super) unsafe fn exact_row<E: Element>(
+    n: usize,
+    stride: usize,
+    x: *const E,
+    y: *mut E,
+    log: bool,
+) {
+    let at = |k: usize| (*x.add(k * stride)).to_f32();
     let max = (0..n).map(at).fold(f32::NEG_INFINITY, |m, v| {
         if m.is_nan() || v.is_nan() {
             f32::NAN
@@ -39,6 +46,6 @@ pub(super) unsafe fn exact_row(n: usize, stride: usize, x: *const f32, y: *mut f
         } else {
             shifted.exp() / sum
         };
-        *y.add(k * stride) = v as f32;
+        *y.add(k * stride) = E::from_f32(v as f32);
     }
 }

@@ -1,3 +1,4 @@
+use super::element::Lanes;
 use super::*;
 use crate::error::FgError;
 use crate::simd::SimdLevel;
@@ -185,4 +186,90 @@ fn wrong_lengths_are_value_errors() {
     };
     let err = softmax_forward(SimdLevel::Scalar, &[0.0; 5], &mut [0.0; 6], layout, false);
     assert!(matches!(err, Err(FgError::Value(m)) if m.starts_with("softmax:")));
+}
+
+#[inline(always)]
+unsafe fn convert_impl<S: Lanes, E: Element>(
+    narrow: &[E],
+    widened: &mut [f32],
+    wide: &[f32],
+    narrowed: &mut [E],
+) {
+    for i in (0..narrow.len()).step_by(S::LANES) {
+        S::store(
+            widened.as_mut_ptr().add(i),
+            E::load::<S>(narrow.as_ptr().add(i)),
+        );
+        E::store::<S>(narrowed.as_mut_ptr().add(i), S::load(wide.as_ptr().add(i)));
+    }
+}
+
+crate::dispatch! {
+    fn convert_bf16(narrow: &[Bf16], widened: &mut [f32], wide: &[f32], narrowed: &mut [Bf16])
+        = convert_impl<Bf16>;
+    fn convert_f16(narrow: &[F16], widened: &mut [f32], wide: &[f32], narrowed: &mut [F16])
+        = convert_impl<F16>;
+}
+
+/// Every 16-bit pattern widens, and a spread of f32 values (ties, subnormals, overflow,
+/// infinities, NaN) rounds, to the same bits on every path as on the scalar one.
+#[test]
+fn sixteen_bit_conversions_agree_on_every_path() {
+    let bits: Vec<u16> = (0..=u16::MAX).collect();
+    let mut wide: Vec<f32> = (0..=u16::MAX as u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b1)))
+        .collect();
+    // Ties and the edges of both formats.
+    wide[..12].copy_from_slice(&[
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        65504.0,
+        65520.0,
+        65519.0,
+        5.960_464_5e-8,
+        8.940_697e-8,
+        1e-8,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -0.0,
+    ]);
+    let run = |level: SimdLevel| {
+        let (mut wb, mut nb) = (vec![0.0f32; bits.len()], vec![Bf16(0); bits.len()]);
+        let (mut wf, mut nf) = (vec![0.0f32; bits.len()], vec![F16(0); bits.len()]);
+        let b: Vec<Bf16> = bits.iter().map(|&b| Bf16(b)).collect();
+        let f: Vec<F16> = bits.iter().map(|&b| F16(b)).collect();
+        convert_bf16(level, &b, &mut wb, &wide, &mut nb);
+        convert_f16(level, &f, &mut wf, &wide, &mut nf);
+        (wb, nb, wf, nf)
+    };
+    let (wb, nb, wf, nf) = run(SimdLevel::Scalar);
+    assert_eq!(
+        nb[..4],
+        [Bf16(0x3f80), Bf16(0x3f82), Bf16(0x4780), Bf16(0x4780)]
+    );
+    assert_eq!(
+        nf[..8].iter().map(|h| h.0).collect::<Vec<_>>(),
+        [0x3c04, 0x3c0c, 0x7bff, 0x7c00, 0x7bff, 0x0001, 0x0002, 0]
+    );
+    assert_eq!((nf[8].0, nf[9].0, nf[11].0), (0x7c00, 0xfc00, 0x8000));
+    assert!(nb[10].0 & 0x7fff > 0x7f80 && nf[10].0 & 0x7fff > 0x7c00);
+    assert_eq!(
+        (wf[0x3c00], wf[0x0001], wf[0x7c00]),
+        (1.0, 5.960_464_5e-8, f32::INFINITY)
+    );
+    assert_eq!((wb[0x3f80], wb[0xff80]), (1.0, f32::NEG_INFINITY));
+    let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    for level in levels().filter(|&l| l != SimdLevel::Scalar) {
+        let (wb2, nb2, wf2, nf2) = run(level);
+        for i in 0..bits.len() {
+            assert!(
+                same(wb[i], wb2[i]) && same(wf[i], wf2[i]),
+                "{level:?}: widen {i:#x}"
+            );
+            let nan = wide[i].is_nan();
+            assert!(nb[i] == nb2[i] || nan, "{level:?}: bf16({})", wide[i]);
+            assert!(nf[i] == nf2[i] || nan, "{level:?}: f16({})", wide[i]);
+        }
+    }
 }

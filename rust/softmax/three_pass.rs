@@ -1,9 +1,13 @@
 //! The classic three-pass softmax (max, sum, normalize): the benchmark's baseline, built for
 //! tests and the `dev` feature only.
 
+use super::element::Lanes;
+use super::forward::Scaled;
 use super::layout::{for_each_row, over_pieces, Layout};
 use super::reduce::{exp_shifted_sum, row_max};
 use super::{exp_floored, map_row, Pointwise, BLOCK_VECTORS};
+use std::ops::Range;
+
 use crate::dispatch;
 use crate::error::FgResult;
 use crate::simd::{Scalar, Simd, SimdLevel};
@@ -16,15 +20,6 @@ pub enum ThreePass {
     Reload,
     /// max; sum of exp(x - max); exp recomputed and scaled (3 reads, 1 write).
     Recompute,
-}
-
-/// Three-pass (reload) pass 3: the stored exponentials times 1 / sum.
-struct Scaled;
-impl Pointwise for Scaled {
-    #[inline(always)]
-    unsafe fn apply<S: Simd>(e: S::V, _: S::V, inv: S::V, _: S::V) -> S::V {
-        S::mul(e, inv)
-    }
 }
 
 /// Three-pass (recompute) pass 3: exp(x - max) / sum.
@@ -67,13 +62,20 @@ unsafe fn exp_store_sum_impl<S: Simd>(x: &[f32], y: &mut [f32], max: f32) -> f64
 }
 
 #[inline(always)]
-unsafe fn scale_in_place_impl<S: Simd>(y: &mut [f32], inv: f32) {
+unsafe fn scale_in_place_impl<S: Lanes>(y: &mut [f32], inv: f32) {
     let p = y.as_mut_ptr();
-    map_row::<S, Scaled>(p, p, p, y.len(), inv, 0.0)
+    map_row::<S, f32, f32, Scaled>(p, p, p, y.len(), inv, 0.0)
 }
 #[inline(always)]
-unsafe fn exp_shifted_scaled_impl<S: Simd>(x: &[f32], y: &mut [f32], max: f32, inv: f32) {
-    map_row::<S, ExpShiftedScaled>(x.as_ptr(), x.as_ptr(), y.as_mut_ptr(), x.len(), max, inv)
+unsafe fn exp_shifted_scaled_impl<S: Lanes>(x: &[f32], y: &mut [f32], max: f32, inv: f32) {
+    map_row::<S, f32, f32, ExpShiftedScaled>(
+        x.as_ptr(),
+        x.as_ptr(),
+        y.as_mut_ptr(),
+        x.len(),
+        max,
+        inv,
+    )
 }
 
 dispatch! {
@@ -100,7 +102,22 @@ pub fn softmax_three_pass(
     if x.is_empty() {
         return Ok(());
     }
-    for_each_row(x, x, y, n, |xr, _, yr, pieces| {
+    for_each_row(x, x, y, n, |xs, _, ys, pieces| {
+        for (xr, yr) in xs.chunks_exact(n).zip(ys.chunks_exact_mut(n)) {
+            three_pass_row(level, xr, yr, pieces, variant)
+        }
+    });
+    Ok(())
+}
+
+fn three_pass_row(
+    level: SimdLevel,
+    xr: &[f32],
+    yr: &mut [f32],
+    pieces: &[Range<usize>],
+    variant: ThreePass,
+) {
+    {
         let max = over_pieces(
             pieces,
             |r| row_max(level, &xr[r]),
@@ -136,6 +153,5 @@ pub fn softmax_three_pass(
             (),
             |_, _| (),
         );
-    });
-    Ok(())
+    }
 }

@@ -58,16 +58,18 @@ def _apply(op: str, x: torch.Tensor, dim: int, dtype: torch.dtype | None, log: b
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {dtype!r}")
         x = x.to(dtype)
-    check_floating(op, "x", x)
-    if x.is_complex():
-        raise TypeError(f"{op}: x must be a real floating-point tensor, got {x.dtype}")
-    return _library.call(softmax_op, x, normalize_dim(op, dim, x.dim()), log)
+    check_floating(op, "x", x)  # complex dtypes are not floating point
+    dim = normalize_dim(op, dim, x.dim())
+    if x.is_cpu and cpu.torch_is_faster(x, log):
+        return reference.forward(x, dim, log)  # torch's own op, eager or traced
+    return _library.call(softmax_op, x, dim, log)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(x) along ``dim``, differentiable, a drop-in for ``torch.softmax``: ``dtype``
-    casts x first. float32 / bfloat16 / float16 CPU tensors run the Rust kernel (in float32,
-    returned in x's dtype); other dtypes and devices run torch's softmax."""
+    casts x first. float32 / bfloat16 / float16 CPU tensors run the Rust kernels (read and
+    written in x's dtype, computed in float32), except inputs small enough that torch's own
+    softmax is faster; other dtypes and devices run torch's softmax."""
     return _apply("softmax", x, dim, dtype, log=False)
 
 

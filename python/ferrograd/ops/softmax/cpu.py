@@ -1,5 +1,5 @@
-"""The Rust two-pass kernels on CPU tensors: float32 / bfloat16 / float16 are computed in
-float32 and returned in the input dtype; float64 runs the reference."""
+"""The Rust kernels on CPU tensors: float32 / bfloat16 / float16 read and written in their own
+dtype (computed in float32 in registers); float64 runs the reference."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from ... import _core
 from .._checks import KERNEL_DTYPES
 from . import reference
 
+#: Inputs smaller than this times torch's thread count (up to 2, the counts measured) run
+#: torch's op where it is as accurate (docs/softmax.md).
+TORCH_BELOW = 32768
+
 # With fewer independent softmaxes side by side than one AVX-512 vector holds, moving the
 # softmax dim last (one copy) beats running the strided kernel on partial vectors.
 _MIN_LANES = 16
@@ -21,7 +25,7 @@ class _Layout:
 
     def __init__(self, shape: torch.Size, dim: int) -> None:
         self.dim = dim
-        self.n = shape[dim] if shape else 1  # a 0-d tensor is one softmax of one element
+        self.n = shape[dim]
         self.outer = math.prod(shape[:dim])
         inner = math.prod(shape[dim + 1 :])
         self.transpose = 1 < inner < _MIN_LANES
@@ -30,39 +34,60 @@ class _Layout:
         self.inner = inner
 
     def to_kernel(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous float32 tensor in the kernels' layout (no copy if already)."""
-        if t.dtype != torch.float32:
-            t = t.float()
+        """A contiguous tensor in the kernels' layout (no copy if already)."""
         if self.transpose:
             t = t.movedim(self.dim, -1)
         return t if t.is_contiguous() else t.contiguous()
 
-    def from_kernel(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.transpose:
-            t = t.movedim(-1, self.dim).contiguous()
-        return t if dtype == torch.float32 else t.to(dtype)
+    def from_kernel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(-1, self.dim).contiguous() if self.transpose else t
+
+
+def torch_is_faster(x: torch.Tensor, log: bool) -> bool:
+    """Whether torch's own op beats the Rust kernel plus its call on this input and meets the
+    kernels' accuracy: on small inputs the call costs more than the softmax (docs/softmax.md),
+    but only torch's float32 log_softmax and its 16-bit softmax (float32 inside, rounded once)
+    are as accurate; its float32 softmax rounds x - max before exp() (2e-6 relative error) and
+    its 16-bit log_softmax rounds in 16 bits. Empty and one-element inputs (exact either way)
+    always go to torch."""
+    numel = x.numel()
+    if numel <= 1:
+        return True
+    return log == (x.dtype == torch.float32) and _small(numel)
+
+
+def _small(numel: int) -> bool:
+    # The thread count is not traceable: a compiled graph takes the 1-thread limit.
+    threads = 1 if torch.compiler.is_compiling() else min(torch.get_num_threads(), 2)
+    return numel < TORCH_BELOW * threads
+
+
+def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | None, int, int]:
+    """The contiguous kernel input, the layout when it is not plain rows, and rows, n."""
+    if dim == t.dim() - 1 and t.is_contiguous():
+        n = t.shape[dim]
+        return t, None, t.numel() // n, n
+    layout = _Layout(t.shape, dim)
+    return layout.to_kernel(t), layout, layout.outer, layout.n
 
 
 def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES or torch_is_faster(x, log):
         return reference.forward(x, dim, log)
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    layout = _Layout(x.shape, dim)
-    xk = layout.to_kernel(x)
+    xk, layout, outer, n = _kernel_args(x, dim)
     yk = torch.empty_like(xk)
-    _core.softmax_forward(xk, yk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(yk, x.dtype)
+    if layout is None:
+        _core.softmax_forward(xk, yk, outer, n, 1, log)
+        return yk
+    _core.softmax_forward(xk, yk, outer, n, layout.inner, log)
+    return layout.from_kernel(yk)
 
 
 def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if y.dtype not in KERNEL_DTYPES:
+    if y.dtype not in KERNEL_DTYPES or _small(y.numel()):
         return reference.backward(y, grad, dim, log)
-    if y.numel() == 0:
-        return torch.empty_like(y, memory_format=torch.contiguous_format)
-    layout = _Layout(y.shape, dim)
-    yk = layout.to_kernel(y)
-    gk = layout.to_kernel(grad)
+    yk, layout, outer, n = _kernel_args(y, dim)
+    gk = grad if layout is None and grad.is_contiguous() else _kernel_args(grad, dim)[0]
     dxk = torch.empty_like(yk)
-    _core.softmax_backward(yk, gk, dxk, layout.outer, layout.n, layout.inner, log)
-    return layout.from_kernel(dxk, y.dtype)
+    _core.softmax_backward(yk, gk, dxk, outer, n, 1 if layout is None else layout.inner, log)
+    return dxk if layout is None else layout.from_kernel(dxk)
