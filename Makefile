@@ -1,17 +1,18 @@
-# ferrograd: `make demo` runs the main job, `make bench` the benchmarks, `make test` every check.
+# ferrograd: `make demo` runs the main job, `make bench` the benchmarks, `make test` every check,
+# `make fuzz` the long fuzz campaign.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 SIMD_PATHS := scalar avx2 avx512
 
-.PHONY: develop test demo bench wheel clean
+.PHONY: develop test fuzz demo bench wheel clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11" "transformers>=4.50" "accelerate>=1.1"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11" "transformers>=4.50" "accelerate>=1.1" "hypothesis>=6.100"
 	touch $@
 
 develop: $(STAMP)
@@ -34,7 +35,17 @@ test: develop
 		fi; \
 	done
 
+# The long fuzz campaign (tests/fuzz/campaign.py): FUZZ_EXAMPLES cases per op, crash-isolated,
+# bounded by FUZZ_SECONDS; the table goes to stdout and bench/results/fuzz.json.
+FUZZ_EXAMPLES ?= 10000
+FUZZ_SECONDS ?= 14400
+FUZZ_JOBS ?= 2
+fuzz: develop
+	$(PY) tests/fuzz/campaign.py --examples $(FUZZ_EXAMPLES) --time-limit $(FUZZ_SECONDS) \
+		--jobs $(FUZZ_JOBS) $(FUZZ_ARGS)
+
 demo: develop
+	$(PY) -m pip install -q matplotlib  # the loss plot (loss.png); not a dependency of the package
 	$(PY) -m ferrograd demo --compare
 
 bench: develop

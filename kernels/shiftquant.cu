@@ -546,7 +546,9 @@ __device__ void gemm(GemmOperand a, GemmOperand b, const float* __restrict__ bia
             if (row >= a.rows) {
                 continue;
             }
-            const float sa = a.scale[row];
+            // The scales multiply in double, as on the CPU (rust/shiftquant/gemm.rs): a product
+            // of two scales beyond float's range must not turn an exact 0 into NaN (0 * inf).
+            const double sa = a.scale[row];
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
                 const int col = n0 + wn * 32 + nt * 8 + 2 * tig;
@@ -554,10 +556,11 @@ __device__ void gemm(GemmOperand a, GemmOperand b, const float* __restrict__ bia
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     const int cj = min(col + j, b.rows - 1);
-                    v[j] = __fmul_rn(acc[mt][nt][2 * h + j], __fmul_rn(sa, b.scale[cj]));
+                    double y = __dmul_rn(acc[mt][nt][2 * h + j], __dmul_rn(sa, b.scale[cj]));
                     if (bias != nullptr) {
-                        v[j] = __fadd_rn(v[j], bias[cj]);
+                        y = __dadd_rn(y, bias[cj]);
                     }
+                    v[j] = __double2float_rn(y);
                 }
                 OUT* dst = out + row * n + col;
                 if (col + 1 < b.rows && (n & 1) == 0) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,6 +318,42 @@ def test_rms_from_rms_norm_copies_weight_and_eps():
 def test_norms_reject_non_positive_eps(cls, eps):
     with pytest.raises(ValueError, match="eps"):
         cls(8, eps=eps)
+
+
+@pytest.mark.parametrize("fn", ["l1_layer_norm", "l1_rms_norm"])
+@pytest.mark.parametrize("eps, error", [(0.0, ValueError), (-1e-5, ValueError),
+                                        (math.inf, ValueError), (math.nan, ValueError),
+                                        ("1e-5", TypeError), (None, TypeError)])  # fmt: skip
+def test_functions_refuse_an_eps_that_is_not_positive_and_finite(fn, eps, error):
+    """Fuzz finding: the functions took any eps (0 divides a constant row's 0 by 0, a string
+    was a raw float() error), while the modules refused eps <= 0 only (inf was accepted)."""
+    x = torch.full((2, 8), 3.0)
+    call = {"l1_layer_norm": lambda: l1_layer_norm(x, (8,), eps=eps),
+            "l1_rms_norm": lambda: l1norm.l1_rms_norm(x, eps=eps)}[fn]  # fmt: skip
+    with pytest.raises(error, match=f"^{fn}: eps"):
+        call()
+    cls = fg.nn.L1LayerNorm if fn == "l1_layer_norm" else fg.nn.L1RMSNorm
+    with pytest.raises(error, match=f"^{cls.__name__}: eps"):
+        cls(8, eps=eps)
+
+
+@pytest.mark.parametrize("cls", [fg.nn.L1LayerNorm, fg.nn.L1RMSNorm])
+@pytest.mark.parametrize("shape, error", [(-1, ValueError), ((2.5,), TypeError),
+                                          (None, TypeError), ("4", TypeError)])  # fmt: skip
+def test_modules_check_normalized_shape_and_bits_when_built(cls, shape, error):
+    """Fuzz finding: these were raw torch errors from torch.ones (or accepted, for "4"), and
+    bits was only checked at the first forward."""
+    with pytest.raises(error, match=f"^{cls.__name__}: normalized_shape"):
+        cls(shape)
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: bits must be in 2..8"):
+        cls(8, bits=9)
+    assert cls(np.int64(8)).normalized_shape == (8,)
+
+
+def test_weight_on_another_device_is_refused_for_an_empty_x_too():
+    """Fuzz finding: an empty x returned before the device check."""
+    with pytest.raises(ValueError, match="^l1_layer_norm: weight is on meta"):
+        l1_layer_norm(torch.zeros(0, 4), (4,), torch.ones(4, device="meta"))
 
 
 def test_rms_bad_input():

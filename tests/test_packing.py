@@ -238,3 +238,24 @@ def test_bad_inputs_name_the_function_and_argument(call, error, match):
 def test_decode_bytes_takes_empty_and_nested_sequences():
     assert decode_bytes([]) == ""
     assert decode_bytes([[104 + 4], [105 + 4]]) == "hi"
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: fg.data.pack_documents([b"ab"], 4, seed=2**64), "pack_documents: seed"),
+        (lambda: fg.data.pack_documents([b"ab"], 4, offset=2**64), "pack_documents: offset"),
+        (lambda: fg.data.pack_documents([b"ab"], 4, offset=2**31), "pack_documents: offset"),
+        (lambda: fg.data.decode_bytes([5], offset=2**63), "decode_bytes: offset"),
+        (lambda: fg.data.ByteStream([b"ab"], 4, 1, offset=2**64), "ByteStream: offset"),
+    ],
+)
+def test_integers_beyond_the_packers_range_name_the_argument(call, match):
+    """Fuzz finding: these were OverflowErrors from the Rust boundary, or a message about
+    offset being below 3, or a raw bytes() error."""
+    with pytest.raises(ValueError, match=f"^{match} must be in"):
+        call()
+    assert (
+        fg.data.pack_documents([b"ab"], 4, seed=2**64 - 1, offset=2**31 - 257).input_ids[0, 1]
+        == 2**31 - 257 + 97
+    )

@@ -285,6 +285,44 @@ def test_bad_input():
         fg.nn.ShiftQuantLinear(64, 8, bits=12)
 
 
+def test_fields_of_the_wrong_type_are_errors_naming_the_op_and_the_field():
+    """Fuzz findings: a numpy field reached .device (a str in numpy 2) and the dequantize
+    kernel's own name started the message; grad_bits was reported as bits."""
+    q = fg.shiftquant(torch.randn(4, 64), group_size=32)
+    fields = {f: getattr(q, f) for f in ("codes", "scale", "shifts", "bits", "group_size")}
+    bad = [
+        ("codes", q.codes.numpy(), TypeError),
+        ("codes", q.codes.to(torch.int16), TypeError),
+        ("scale", q.scale.double(), TypeError),
+        ("shifts", q.shifts[:, :1], ValueError),
+        ("group_size", 6, ValueError),
+    ]
+    for field, value, error in bad:
+        broken = fg.ShiftQuantTensor(**{**fields, field: value})
+        with pytest.raises(error, match=f"^ShiftQuantTensor.dequantize: .*{field}"):
+            broken.dequantize()
+        with pytest.raises(error, match=f"^shiftquant_matmul: .*b_q.*{field}"):
+            fg.shiftquant_matmul(q, broken)
+    with pytest.raises(ValueError, match="^ShiftQuantLinear: grad_bits must be in 2..8"):
+        fg.nn.ShiftQuantLinear(64, 8, grad_bits=1)
+    with pytest.raises(ValueError, match="^shiftquant_linear: grad_bits must be in 2..8"):
+        fg.ops.shiftquant.shiftquant_linear(torch.randn(2, 64), torch.randn(8, 64), grad_bits=9)
+    with pytest.raises(ValueError, match="^ShiftQuantLinear: in_features must be at least 0"):
+        fg.nn.ShiftQuantLinear(-1, 8)
+    with pytest.raises(TypeError, match="^ShiftQuantLinear: out_features must be an int"):
+        fg.nn.ShiftQuantLinear(8, 2.5)
+
+
+def test_linear_with_no_outputs_has_a_backward():
+    """Fuzz finding: out_features=0 made the backward reshape [..., 0] with -1 (a raw error)."""
+    layer = fg.nn.ShiftQuantLinear(8, 0)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (3, 0) and torch.equal(x.grad, torch.zeros(3, 8))
+    assert layer.weight.grad.shape == (0, 8) and layer.bias.grad.shape == (0,)
+
+
 def test_nan_and_infinity_poison_their_row_only():
     x = sample((3, 128))
     x[1, 5] = float("nan")
@@ -661,12 +699,12 @@ def test_an_empty_last_dim_gives_torchs_empty_results():
     assert half.dtype == torch.bfloat16 and torch.equal(half, y.detach().bfloat16())
 
 
-def test_scale_products_beyond_float32_keep_finite_results():
+def test_scale_products_beyond_float32_keep_finite_results(device):
     """The row scales' product may overflow float32 where the result does not: an exact 0 must
-    not come back as 0 * inf = NaN (CPU kernel; the epilogue multiplies the scales in f64)."""
-    a = fg.shiftquant(torch.tensor([[0.0, 0.0, 37.9]]), bits=2)
-    b = fg.shiftquant(torch.tensor([[-3.4e38, 0.0, 0.0], [1e30, 0.0, 1e30]]), bits=6)
-    got = fg.shiftquant_matmul(a, b)
-    want = (a.dequantize().double() @ b.dequantize().double().T).float()
+    not come back as 0 * inf = NaN (the epilogues multiply the scales in double)."""
+    a = fg.shiftquant(torch.tensor([[0.0, 0.0, 37.9]], device=device), bits=2)
+    b = fg.shiftquant(torch.tensor([[-3.4e38, 0.0, 0.0], [1e30, 0.0, 1e30]], device=device), bits=6)
+    got = fg.shiftquant_matmul(a, b).cpu()
+    want = (a.dequantize().double() @ b.dequantize().double().T).float().cpu()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert torch.isfinite(got[0, 0]) and got[0, 0] == 0

@@ -186,6 +186,19 @@ def test_groups_without_zero_dequantize_near_their_values(row):
         assert (q.dequantize() - w).abs().max() < w.abs().max() / 15
 
 
+def test_dequantize_saturates_at_the_dtypes_largest_value():
+    """Fuzz finding: float16 weights near 65504 dequantized to inf (66936 > 65504 here: the
+    group's step is 8367 and the largest code lands past the range)."""
+    w = torch.tensor([[-60000.0, 65504.0] * 16], dtype=torch.float16)
+    q = fg.quant.quantize_w4(w, 32)
+    w_hat = q.dequantize()
+    assert w_hat.dtype == torch.float16 and bool(w_hat.isfinite().all())
+    assert torch.equal(w_hat[0, 1::2], torch.full((16,), 65504.0, dtype=torch.float16))
+    for dtype in (torch.float32, torch.float64):  # the wide types keep the exact value
+        w_hat = fg.quant.quantize_w4(w.to(dtype), 32).dequantize()
+        assert w_hat.dtype == dtype and w_hat[0, 1] > 65504
+
+
 def test_a_range_overflowing_float32_is_refused():
     w = torch.tensor([[-3e38, 0.0, 3e38, 1.0]])
     for fn in (fg.quant.quantize_w4, ops.w4_quantize_op, reference.quantize):

@@ -14,6 +14,8 @@ from ..ops._checks import check_bool, check_int
 #: Special ids; bytes start at ``offset`` (default 4, so the vocabulary is 260).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 IGNORE_INDEX = -100
+#: The largest byte offset: ids (offset + 255) stay within the Rust packer's int32 range.
+MAX_OFFSET = 2**31 - 1 - 256
 
 
 @dataclass
@@ -134,9 +136,9 @@ def pack_documents(
     check_int(op, "seq_len", seq_len, 1)
     if batch_size is not None:
         check_int(op, "batch_size", batch_size, 1)
-    check_int(op, "offset", offset, 3)
+    check_int(op, "offset", offset, 3, MAX_OFFSET)
     if seed is not None:
-        check_int(op, "seed", seed, 0)
+        check_int(op, "seed", seed, 0, 2**64 - 1)
     for name, value in (("add_bos", add_bos), ("add_eos", add_eos), ("split_long", split_long)):
         check_bool(op, name, value)
     buffer, offsets = byte_buffer(op, docs)
@@ -150,7 +152,7 @@ def decode_bytes(ids: torch.Tensor | Sequence[int], offset: int = 4) -> str:
     """Ids back to text: ids below ``offset`` (PAD, BOS, EOS, -100) are dropped, invalid UTF-8
     is replaced with U+FFFD; an id beyond the byte range raises ValueError."""
     op = "decode_bytes"
-    check_int(op, "offset", offset, 0)
+    check_int(op, "offset", offset, 0, MAX_OFFSET)
     if isinstance(ids, torch.Tensor):
         t = ids
     elif isinstance(ids, (str, bytes)) or ids is None:

@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .. import _core
 from ..ops._checks import check_bool, check_int
-from .packing import EOS_ID, IGNORE_INDEX, PackedBatch, batch_from_arrays
+from .packing import EOS_ID, IGNORE_INDEX, MAX_OFFSET, PackedBatch, batch_from_arrays
 
 _OP = "ByteStream"
 
@@ -69,12 +69,12 @@ class ByteStream(IterableDataset):
         for name, value, minimum in (
             ("seq_len", seq_len, 1),
             ("batch_size", batch_size, 1),
-            ("offset", offset, 3),
             ("chunk_bytes", chunk_bytes, 1),
             ("shuffle_buffer", shuffle_buffer, 1),
             ("seed", seed, 0),
         ):
             check_int(_OP, name, value, minimum)
+        check_int(_OP, "offset", offset, 3, MAX_OFFSET)
         flags = {"shuffle": shuffle, "add_bos": add_bos, "add_eos": add_eos}
         for name, value in {**flags, "shard_ranks": shard_ranks}.items():
             check_bool(_OP, name, value)

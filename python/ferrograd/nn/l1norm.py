@@ -3,20 +3,22 @@ statistics."""
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
-from ..ops.l1norm import l1_layer_norm, l1_rms_norm
+from ..ops.l1norm import (
+    CODES_GROUP_SIZE,
+    check_eps,
+    check_normalized_shape,
+    l1_layer_norm,
+    l1_rms_norm,
+)
+from ..ops.shiftquant import check_spec
 
 
-def _check_eps(cls: str, eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{cls}: eps must be a number, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"{cls}: eps must be > 0, got {eps}")
-    return float(eps)
+def _check_bits(cls: str, bits: object) -> None:
+    if bits is not None:
+        check_spec(cls, bits, CODES_GROUP_SIZE)
 
 
 class L1LayerNorm(nn.Module):
@@ -37,10 +39,9 @@ class L1LayerNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(normalized_shape)
-        self.eps = _check_eps("L1LayerNorm", eps)
+        self.normalized_shape = check_normalized_shape("L1LayerNorm", normalized_shape)
+        self.eps = check_eps("L1LayerNorm", eps)
+        _check_bits("L1LayerNorm", bits)
         self.elementwise_affine = elementwise_affine
         self.bits = bits
         if elementwise_affine:
@@ -94,14 +95,13 @@ class L1RMSNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(normalized_shape)
+        self.normalized_shape = check_normalized_shape("L1RMSNorm", normalized_shape)
         if len(self.normalized_shape) != 1:
             raise ValueError(
                 f"L1RMSNorm: normalized_shape must be one dim (the last), got {normalized_shape}"
             )
-        self.eps = _check_eps("L1RMSNorm", eps)
+        self.eps = check_eps("L1RMSNorm", eps)
+        _check_bits("L1RMSNorm", bits)
         self.bits = bits
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops._checks import check_int
 from ..ops.shiftquant import check_spec, shiftquant_linear
 from .l1norm import L1LayerNorm
 
@@ -32,9 +33,11 @@ class ShiftQuantLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            check_int("ShiftQuantLinear", name, value, 0)
         check_spec("ShiftQuantLinear", bits, group_size)
         if grad_bits is not None:
-            check_spec("ShiftQuantLinear", grad_bits, group_size)
+            check_spec("ShiftQuantLinear", grad_bits, group_size, "grad_bits")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.grad_bits, self.group_size = bits, grad_bits, group_size
         kw = {"device": device, "dtype": dtype}
@@ -104,7 +107,7 @@ def quantize_model(
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     check_spec("quantize_model", bits, group_size)
     if grad_bits is not None:
-        check_spec("quantize_model", grad_bits, group_size)
+        check_spec("quantize_model", grad_bits, group_size, "grad_bits")
     if not isinstance(norms, bool):
         raise TypeError(f"quantize_model: norms must be a bool, got {type(norms).__name__}")
     # id of a module -> (the module, kept alive so that its id stays unique; its replacement)

@@ -24,18 +24,21 @@ reference.py.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_tensor
+from .._checks import check_floating, check_number, check_tensor
 from ..shiftquant import check_device, check_spec, quantize_2d
 from . import cpu, reference
 
-__all__ = ["l1_layer_norm", "l1_rms_norm"]
+__all__ = ["check_eps", "check_normalized_shape", "l1_layer_norm", "l1_rms_norm"]
 
 #: Group size of the codes path.
 CODES_GROUP_SIZE = 64
+_MAX_FLOAT = 1.7976931348623157e308  # eps must be finite
 
 
 def _fake(x, weight, bias, eps):
@@ -206,6 +209,30 @@ _library.register_autograd(l1_rms_norm_op, _backward_rms, _setup_rms)
 _library.register_autograd(l1_norm_codes_op, _backward_codes, _setup_codes)
 
 
+def check_eps(op: str, eps: object) -> float:
+    """eps as a float: a positive finite number (0 divides a constant row's 0 by 0)."""
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        eps = float(eps)  # numpy's floats too
+    value = check_number(op, "eps", eps, 0.0, _MAX_FLOAT)
+    if value == 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    return value
+
+
+def check_normalized_shape(op: str, shape: object) -> tuple[int, ...]:
+    """An int or a sequence of ints >= 0 (numpy's too), as a tuple."""
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence | torch.Size):
+        raise TypeError(
+            f"{op}: normalized_shape must be an int or a sequence of ints, got {shape!r}"
+        )
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"{op}: normalized_shape must hold ints, got {shape!r}")
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{op}: normalized_shape must not be negative, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
 def l1_layer_norm(
     x: torch.Tensor,
     normalized_shape: tuple[int, ...],
@@ -220,10 +247,11 @@ def l1_layer_norm(
     op = "l1_layer_norm"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
+    eps = check_eps(op, eps)
     if bits is not None:
         check_device(op, "x", x)
         check_spec(op, bits, CODES_GROUP_SIZE)
-    shape = tuple(normalized_shape)
+    shape = check_normalized_shape(op, normalized_shape)
     if not shape or tuple(x.shape[-len(shape) :]) != shape:
         raise ValueError(
             f"{op}: x's trailing dims must be normalized_shape={shape}, got {tuple(x.shape)}"
@@ -234,11 +262,11 @@ def l1_layer_norm(
             raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
     w = None if weight is None else weight.reshape(n)
     b = None if bias is None else bias.reshape(n)
-    if x.numel() == 0:
-        return x.clone()
     for name, p in (("weight", w), ("bias", b)):
         if p is not None and p.device != x.device:
             raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
+    if x.numel() == 0:
+        return x.clone()
     x2 = x.reshape(-1, n)
     if bits is None:
         y = _library.call(l1_norm_op, x2, w, b, float(eps))[0]
@@ -263,6 +291,7 @@ def l1_rms_norm(
     op = "l1_rms_norm"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
+    eps = check_eps(op, eps)
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dim")
     n = x.shape[-1]

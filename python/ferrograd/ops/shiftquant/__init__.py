@@ -55,15 +55,23 @@ def check_device(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_spec(op: str, bits: object, group_size: object) -> None:
-    for name, v in (("bits", bits), ("group_size", group_size)):
+def check_spec(
+    op: str,
+    bits: object,
+    group_size: object,
+    bits_name: str = "bits",
+    group_name: str = "group_size",
+) -> None:
+    """bits in 2..8 and group_size a positive multiple of 4; the names are how the messages
+    call the arguments (``grad_bits``, ``b_q.group_size``)."""
+    for name, v in ((bits_name, bits), (group_name, group_size)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     if not 2 <= bits <= 8:
-        raise ValueError(f"{op}: bits must be in 2..8, got {bits}")
+        raise ValueError(f"{op}: {bits_name} must be in 2..8, got {bits}")
     if not 0 < group_size < 2**62 or group_size % 4:
         raise ValueError(
-            f"{op}: group_size must be a positive multiple of 4 below 2^62, got {group_size}"
+            f"{op}: {group_name} must be a positive multiple of 4 below 2^62, got {group_size}"
         )
 
 
@@ -202,7 +210,7 @@ class ShiftQuantTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values the codes stand for."""
-        check_device("ShiftQuantTensor.dequantize", "codes", self.codes)
+        _check_operand("ShiftQuantTensor.dequantize", None, self)
         return _library.call(dequantize_op, self.codes, self.scale, self.shifts, self.group_size)
 
 
@@ -274,26 +282,45 @@ def shiftquant(
     )
 
 
-def _check_operand(op: str, name: str, q: ShiftQuantTensor) -> None:
-    """What the GEMM kernels assume of an operand (the CUDA one would read out of bounds)."""
-    k = q.codes.shape[-1]
-    groups = -(-k // q.group_size) if q.group_size > 0 else -1
-    want = {"codes": torch.int8, "scale": torch.float32, "shifts": torch.uint8}
-    for field, dtype in want.items():
+_FIELD_DTYPES = {"codes": torch.int8, "scale": torch.float32, "shifts": torch.uint8}
+
+
+def _check_operand(op: str, name: str | None, q: ShiftQuantTensor) -> None:
+    """What the kernels assume of a quantized tensor (``name``: how the message calls it, None
+    for its fields alone); the CUDA GEMM would read out of bounds."""
+    label = "" if name is None else f"{name}."
+    for field in _FIELD_DTYPES:
+        t = getattr(q, field)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {label}{field} must be a torch.Tensor, got {type(t).__name__}")
+    check_device(op, f"{label}codes", q.codes)
+    for field, dtype in _FIELD_DTYPES.items():
         t = getattr(q, field)
         if t.dtype != dtype or t.device != q.codes.device:
-            raise TypeError(f"{op}: {name}.{field} must be {dtype} on {q.codes.device}")
-    if tuple(q.scale.shape) != tuple(q.codes.shape[:-1]) or tuple(q.shifts.shape) != (
-        *q.codes.shape[:-1],
-        groups,
+            raise TypeError(
+                f"{op}: {label}{field} must be {dtype} on {q.codes.device}, got {t.dtype} on "
+                f"{t.device}"
+            )
+    check_spec(op, q.bits, q.group_size, f"{label}bits", f"{label}group_size")
+    k = q.codes.shape[-1] if q.codes.dim() else -1
+    groups = -(-k // q.group_size)
+    if (
+        k < 0
+        or tuple(q.scale.shape) != tuple(q.codes.shape[:-1])
+        or tuple(q.shifts.shape)
+        != (
+            *q.codes.shape[:-1],
+            groups,
+        )
     ):
         raise ValueError(
-            f"{op}: {name} has codes {tuple(q.codes.shape)}, scale {tuple(q.scale.shape)} and "
-            f"shifts {tuple(q.shifts.shape)}, inconsistent for groups of {q.group_size}"
+            f"{op}: {name or 'the tensor'} has codes {tuple(q.codes.shape)}, scale "
+            f"{tuple(q.scale.shape)} and shifts {tuple(q.shifts.shape)}, inconsistent for groups "
+            f"of {q.group_size}"
         )
     # Data, so eager only (the CPU kernel checks it again; the CUDA one trusts it).
     if not torch.compiler.is_compiling() and q.shifts.numel() and int(q.shifts.max()) > 15:
-        raise ValueError(f"{op}: {name}.shifts must be in 0..=15")
+        raise ValueError(f"{op}: {label}shifts must be in 0..=15")
 
 
 def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Tensor:
@@ -304,7 +331,7 @@ def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Ten
     for name, q in (("a_q", a_q), ("b_q", b_q)):
         if not isinstance(q, ShiftQuantTensor):
             raise TypeError(f"{op}: {name} must be a ShiftQuantTensor, got {type(q).__name__}")
-        check_device(op, name, q.codes)
+        _check_operand(op, name, q)
     if b_q.codes.dim() != 2:
         raise ValueError(f"{op}: b_q must be 2-D [N, K], got shape {tuple(b_q.codes.shape)}")
     if a_q.codes.dim() < 1 or a_q.codes.shape[-1] != b_q.codes.shape[-1]:
@@ -319,8 +346,6 @@ def shiftquant_matmul(a_q: ShiftQuantTensor, b_q: ShiftQuantTensor) -> torch.Ten
         raise ValueError(
             f"{op}: a_q is on {a_q.codes.device}, b_q on {b_q.codes.device}; they must match"
         )
-    for name, q in (("a_q", a_q), ("b_q", b_q)):
-        _check_operand(op, name, q)
     lead = a_q.codes.shape[:-1]
     k = a_q.codes.shape[-1]
     a2 = ShiftQuantTensor(
@@ -349,7 +374,7 @@ def shiftquant_linear(
     check_floating(op, "x", x)
     grad_bits = bits if grad_bits is None else grad_bits
     check_spec(op, bits, group_size)
-    check_spec(op, grad_bits, group_size)
+    check_spec(op, grad_bits, group_size, "grad_bits")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_device(op, name, t)

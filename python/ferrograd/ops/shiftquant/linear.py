@@ -47,13 +47,14 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dX (x's dtype and shape), dW and db (weight's dtype) from the output gradient."""
     n, k = weight.shape
-    dy = grad.reshape(-1, n)
+    rows = x.shape[:-1].numel()  # spelled out: reshape cannot infer -1 when N is 0
+    dy = grad.reshape(rows, n)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
     q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False)
     q_wt = kernels.quantize(weight, bits, group_size, None, True)
     dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     q_dyt = kernels.quantize(dy, grad_bits, group_size, (seed + 1) % 2**64, True)
-    q_xt = kernels.quantize(x.reshape(-1, k), bits, group_size, None, True)
+    q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True)
     dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
     return dx, dw, dy.sum(0, dtype=torch.float32).to(weight.dtype)

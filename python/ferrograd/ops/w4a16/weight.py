@@ -216,11 +216,17 @@ class W4Weight:
         return stored if self.zero_point else (stored.to(torch.int8) - SYMMETRIC_ZERO)
 
     def dequantize(self) -> torch.Tensor:
-        """W_hat [N, K] = (q - zero) * scale in the original weight's dtype, on this device."""
+        """W_hat [N, K] = (q - zero) * scale in the original weight's dtype, on this device;
+        a value past that dtype's largest finite one saturates there."""
         # Looked up by name: the op is declared by this package's __init__, which imports us.
         w_hat = torch.ops.ferrograd.w4_dequantize(
             self.packed, self.scales, self.zeros, self.shape[1], self.group_size, self.layout
         )
+        # A code stands for up to a step past its group's range (rounding, and the widening to
+        # hold 0): near a 16-bit type's largest value that would round to inf.
+        if torch.finfo(self.dtype).bits < 32:
+            largest = torch.finfo(self.dtype).max
+            w_hat = w_hat.clamp(-largest, largest)
         return w_hat.to(self.dtype)
 
     def with_layout(self, layout: str) -> W4Weight:
