@@ -357,6 +357,7 @@ def test_inputs_are_left_alone(device):
         ({"softcap": 0.0}, ValueError, "softcap must be a finite positive"),
         ({"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
         ({"z_loss": -1.0}, ValueError, "z_loss must be in"),
+        ({"z_loss": float("inf")}, ValueError, "z_loss must be finite"),
         ({"filter_eps": "fast"}, ValueError, "filter_eps must be 'auto'"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
     ],

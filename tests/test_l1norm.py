@@ -400,3 +400,20 @@ def test_rms_compiled_module_equals_eager(device, bits):
     got = run(torch.compile(norm, fullgraph=True))
     for ours, theirs in zip(got, want, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.simd
+@pytest.mark.parametrize("n", [7, 4096, 65535])
+def test_constant_and_nearly_constant_rows(n):
+    """Fuzz finding: a constant row of 3.3 came back with |y| up to 0.75 (the mean's rounding
+    error over the tiny mean|x - mean|); now its mean is exact and y is beta, and a row of
+    1000 plus small deviations matches the float64 definition."""
+    norm = fg.nn.L1LayerNorm(n)
+    y = norm(torch.full((2, n), 3.3))
+    assert torch.count_nonzero(y) == 0
+    g = torch.Generator().manual_seed(n)
+    x = 1000 + 1e-2 * torch.randn(3, n, generator=g)
+    want = reference(x.double(), (n,), None, None, 1e-5)
+    # the float32 mean is within half an ulp of 1000 (3e-5) and y = d / (1.25 mean|d|) with
+    # mean|d| ~ 8e-3: |dy| <= 3e-5 / 1e-2 = 3e-3, twice that allowed
+    torch.testing.assert_close(norm(x).double(), want, rtol=0, atol=6e-3)

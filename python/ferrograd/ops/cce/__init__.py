@@ -250,6 +250,8 @@ def linear_cross_entropy(
             raise ValueError(f"{OP}: softcap must be a finite positive number, got {softcap}")
     label_smoothing = check_number(OP, "label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = check_number(OP, "z_loss", z_loss, 0.0)
+    if z_loss == math.inf:
+        raise ValueError(f"{OP}: z_loss must be finite, got inf")
     eps = _filter_eps(filter_eps, e.dtype, label_smoothing)
 
     e, c, bias, out_dtype = _autocast(e, c, bias)
