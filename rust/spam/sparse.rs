@@ -1,39 +1,36 @@
-//! The sparse-momentum step: per chunk of [`CHUNK`] parameters, gather the active p and g (in
-//! mask order) into two small buffers, run the dense update on them with the compact moments,
-//! scatter the new p back over the decayed chunk. The arithmetic runs vectorized on the active
-//! coordinates only, and the step moves p, g and the mask once plus the compact moments:
-//! 12.125 + 16 * density bytes per float32 parameter against the dense step's 28.
+//! The sparse-momentum step: per chunk of [`CHUNK`] parameters, gather the active gradient
+//! entries (in mask order) into a small buffer, run the moment update on them with the compact
+//! moments (the buffer then holds each coordinate's step), and apply the steps to the chunk's
+//! active parameters while every other one gets its weight decay. The arithmetic runs
+//! vectorized on the active coordinates only, and the step moves p, g and the mask once plus
+//! the compact moments: 12.125 + 16 * density bytes per float32 parameter against the dense
+//! step's 28. `p * decay - step` is the dense step's last operation, so the bits are the same.
 //!
 //! AVX-512 gathers with register-to-register `vcompressps` and scatters with register
 //! `vexpandps` (written as asm: LLVM folds a load into `vexpandps zmm{k}, [mem]`, and the memory
 //! forms of compress / expand are microcoded on AMD Zen 4 / 5, ~100 cycles each); the other
 //! paths walk the set bits.
 
-use super::{dense_step_impl, Param, StepScalars};
+use super::{steps_in_place, Param, StepScalars, BLOCK};
 
 /// Parameters per gather / update / scatter round (a multiple of 16): the chunk of p and g and
-/// the buffers stay in L1 between the rounds.
+/// the buffer stay in L1 between the rounds.
 pub(super) const CHUNK: usize = 1024;
 
-/// How a backend moves the active coordinates of a chunk in and out of the buffers.
+/// How a backend moves the active coordinates of a chunk in and out of the buffer.
 pub(super) trait Sparse {
-    /// Writes the active `p` and `g` (as f32, mask order) to the fronts of `bp` and `bg`
-    /// (each at least `p.len() + 16` long); returns how many.
+    /// Writes the active entries of `g` (as f32, mask order) to the front of `buf` (at least
+    /// `g.len() + 16` long); returns how many.
     #[inline(always)]
-    unsafe fn gather<P: Param>(
-        p: &[P],
-        g: &[P],
-        mask: &[u8],
-        bp: &mut [f32],
-        bg: &mut [f32],
-    ) -> usize {
-        gather_bits(p, g, mask, bp, bg)
+    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+        gather_bits(g, mask, buf)
     }
 
-    /// `p` becomes `p * decay` off the mask and `stepped` (mask order) on it.
+    /// `p` becomes `p * decay` off the mask and `p * decay - step` on it (`steps` in mask
+    /// order, at least 16 past the last one readable).
     #[inline(always)]
-    unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], stepped: &[f32], decay: f32) {
-        scatter_bits(p, mask, stepped, decay)
+    unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], steps: &mut [f32], decay: f32) {
+        scatter_bits(p, mask, steps, decay)
     }
 }
 
@@ -45,19 +42,13 @@ impl Sparse for crate::simd::Avx2 {}
 #[cfg(target_arch = "x86_64")]
 impl Sparse for crate::simd::Avx512 {
     #[inline(always)]
-    unsafe fn gather<P: Param>(
-        p: &[P],
-        g: &[P],
-        mask: &[u8],
-        bp: &mut [f32],
-        bg: &mut [f32],
-    ) -> usize {
-        avx512::gather(p, g, mask, bp, bg)
+    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+        avx512::gather(g, mask, buf)
     }
 
     #[inline(always)]
-    unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], stepped: &[f32], decay: f32) {
-        avx512::scatter(p, mask, stepped, decay)
+    unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], steps: &mut [f32], decay: f32) {
+        avx512::scatter(p, mask, steps, decay)
     }
 }
 
@@ -71,15 +62,30 @@ pub(super) unsafe fn step<S: Sparse, P: Param>(
     v: &mut [f32],
     s: &StepScalars,
 ) {
-    let mut bp = [0.0f32; CHUNK + 16];
-    let mut bg = [0.0f32; CHUNK + 16];
+    let mut buf = [0.0f32; CHUNK + BLOCK];
     let mut j = 0;
     for (c, (pc, gc)) in p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).enumerate() {
         let mc = &mask[c * CHUNK / 8..][..pc.len().div_ceil(8)];
-        let n = S::gather(pc, gc, mc, &mut bp, &mut bg);
-        let (mj, vj) = (&mut m[j..j + n], &mut v[j..j + n]);
-        dense_step_impl::<S, f32>(&mut bp[..n], &bg[..n], mj, vj, s);
-        S::scatter(pc, mc, &bp[..n], s.decay);
+        let n = S::gather(gc, mc, &mut buf);
+        let full = n / BLOCK * BLOCK;
+        steps_in_place::<S>(
+            &mut buf[..full],
+            &mut m[j..j + full],
+            &mut v[j..j + full],
+            s,
+        );
+        if full < n {
+            // The last few as one whole block (the lanes past n compute on stale values and
+            // are dropped): an element loop would cost a square root and a division each.
+            let rest = n - full;
+            let (mut mt, mut vt) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+            mt[..rest].copy_from_slice(&m[j + full..j + n]);
+            vt[..rest].copy_from_slice(&v[j + full..j + n]);
+            steps_in_place::<S>(&mut buf[full..full + BLOCK], &mut mt, &mut vt, s);
+            m[j + full..j + n].copy_from_slice(&mt[..rest]);
+            v[j + full..j + n].copy_from_slice(&vt[..rest]);
+        }
+        S::scatter(pc, mc, &mut buf, s.decay);
         j += n;
     }
 }
@@ -91,39 +97,48 @@ fn byte_bits(mask: &[u8], b: usize, len: usize) -> u32 {
     mask[b] as u32 & ((1u32 << valid) - 1)
 }
 
+/// Calls `f(i, n)` for the n-th set bit i of `mask` within `len` elements.
 #[inline(always)]
-fn gather_bits<P: Param>(p: &[P], g: &[P], mask: &[u8], bp: &mut [f32], bg: &mut [f32]) -> usize {
+fn for_each_active(mask: &[u8], len: usize, mut f: impl FnMut(usize, usize)) {
     let mut n = 0;
-    for b in 0..p.len().div_ceil(8) {
-        let mut bits = byte_bits(mask, b, p.len());
+    for b in 0..len.div_ceil(8) {
+        let mut bits = byte_bits(mask, b, len);
         while bits != 0 {
-            let i = 8 * b + bits.trailing_zeros() as usize;
+            f(8 * b + bits.trailing_zeros() as usize, n);
             bits &= bits - 1;
-            (bp[n], bg[n]) = (p[i].to_f32(), g[i].to_f32());
             n += 1;
         }
     }
-    n
 }
 
 #[inline(always)]
-fn scatter_bits<P: Param>(p: &mut [P], mask: &[u8], stepped: &[f32], decay: f32) {
-    if decay != 1.0 {
-        // Every coordinate first (vectorized); the active ones are overwritten below.
-        for x in p.iter_mut() {
-            *x = P::from_f32(x.to_f32() * decay);
-        }
+fn gather_bits<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+    let mut count = 0;
+    for_each_active(mask, g.len(), |i, n| {
+        buf[n] = g[i].to_f32();
+        count = n + 1;
+    });
+    count
+}
+
+#[inline(always)]
+fn scatter_bits<P: Param>(p: &mut [P], mask: &[u8], steps: &mut [f32], decay: f32) {
+    if decay == 1.0 {
+        // Inactive coordinates do not change: visit the set bits only.
+        for_each_active(mask, p.len(), |i, n| {
+            p[i] = P::from_f32(p[i].to_f32() * decay - steps[n])
+        });
+        return;
     }
-    let mut n = 0;
-    for b in 0..p.len().div_ceil(8) {
-        let mut bits = byte_bits(mask, b, p.len());
-        while bits != 0 {
-            let i = 8 * b + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            p[i] = P::from_f32(stepped[n]);
-            n += 1;
-        }
+    // The new active values first (from the old p), then every coordinate decayed
+    // (vectorized), then the active ones overwritten.
+    for_each_active(mask, p.len(), |i, n| {
+        steps[n] = p[i].to_f32() * decay - steps[n]
+    });
+    for x in p.iter_mut() {
+        *x = P::from_f32(x.to_f32() * decay);
     }
+    for_each_active(mask, p.len(), |i, n| p[i] = P::from_f32(steps[n]));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -165,14 +180,14 @@ mod avx512 {
         out
     }
 
-    /// `base` with the lanes selected by `k` replaced by the front lanes of `v` in order.
+    /// The front lanes of `v` in order in the lanes selected by `k`, zeros elsewhere.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn expand(base: __m512, k: u16, v: __m512) -> __m512 {
-        let mut out = base;
+    unsafe fn expand(k: u16, v: __m512) -> __m512 {
+        let out: __m512;
         asm!(
-            "vexpandps {out}{{{k}}}, {v}",
-            out = inout(zmm_reg) out, k = in(kreg) k, v = in(zmm_reg) v,
+            "vexpandps {out}{{{k}}}{{z}}, {v}",
+            out = out(zmm_reg) out, k = in(kreg) k, v = in(zmm_reg) v,
             options(pure, nomem, nostack, preserves_flags),
         );
         out
@@ -183,38 +198,30 @@ mod avx512 {
         u16::from_le_bytes([mask[2 * block], mask[2 * block + 1]])
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    pub(super) unsafe fn gather<P: Param>(
-        p: &[P],
-        g: &[P],
-        mask: &[u8],
-        bp: &mut [f32],
-        bg: &mut [f32],
-    ) -> usize {
-        let blocks = p.len() / 16;
-        assert!(bp.len() >= p.len() + 16 && bg.len() >= p.len() + 16);
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt")]
+    pub(super) unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+        let blocks = g.len() / 16;
+        let block_bits = &mask[..2 * blocks];
+        assert!(buf.len() >= g.len() + 16);
         let mut n = 0;
         for blk in 0..blocks {
-            let k = bits16(mask, blk);
-            let r = 16 * blk..16 * blk + 16;
-            let (pv, gv) = (load16(&p[r.clone()]), load16(&g[r]));
-            // Full-width stores: the lanes past the active ones are overwritten next.
-            _mm512_storeu_ps(bp.as_mut_ptr().add(n), compress(k, pv));
-            _mm512_storeu_ps(bg.as_mut_ptr().add(n), compress(k, gv));
+            let k = bits16(block_bits, blk);
+            let gv = load16(&g[16 * blk..16 * blk + 16]);
+            // A full-width store: the lanes past the active ones are overwritten next.
+            _mm512_storeu_ps(buf.as_mut_ptr().add(n), compress(k, gv));
             n += k.count_ones() as usize;
         }
         let done = 16 * blocks;
-        n + gather_bits(
-            &p[done..],
-            &g[done..],
-            &mask[done / 8..],
-            &mut bp[n..],
-            &mut bg[n..],
-        )
+        n + gather_bits(&g[done..], &mask[done / 8..], &mut buf[n..])
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-    pub(super) unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], stepped: &[f32], decay: f32) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt")]
+    pub(super) unsafe fn scatter<P: Param>(
+        p: &mut [P],
+        mask: &[u8],
+        steps: &mut [f32],
+        decay: f32,
+    ) {
         let blocks = p.len() / 16;
         let decay_v = _mm512_set1_ps(decay);
         let mut n = 0;
@@ -222,16 +229,11 @@ mod avx512 {
             let k = bits16(mask, blk);
             let r = 16 * blk..16 * blk + 16;
             let decayed = _mm512_mul_ps(load16(&p[r.clone()]), decay_v);
-            let active = if n + 16 <= stepped.len() {
-                _mm512_loadu_ps(stepped.as_ptr().add(n))
-            } else {
-                let rest = (stepped.len() - n) as u16;
-                _mm512_maskz_loadu_ps(((1u32 << rest) - 1) as u16, stepped.as_ptr().add(n))
-            };
-            store16(&mut p[r], expand(decayed, k, active));
+            let step = expand(k, _mm512_loadu_ps(steps[n..n + 16].as_ptr()));
+            store16(&mut p[r], _mm512_mask_sub_ps(decayed, k, decayed, step));
             n += k.count_ones() as usize;
         }
         let done = 16 * blocks;
-        scatter_bits(&mut p[done..], &mask[done / 8..], &stepped[n..], decay)
+        scatter_bits(&mut p[done..], &mask[done / 8..], &mut steps[n..], decay)
     }
 }
