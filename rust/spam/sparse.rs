@@ -9,7 +9,8 @@
 //! AVX-512 gathers with register-to-register `vcompressps` and scatters with register
 //! `vexpandps` (written as asm: LLVM folds a load into `vexpandps zmm{k}, [mem]`, and the memory
 //! forms of compress / expand are microcoded on AMD Zen 4 / 5, ~100 cycles each); the other
-//! paths walk the set bits.
+//! AVX2 moves 8 lanes per mask byte with `vpermps` and a 256-entry index table; the scalar path
+//! walks every element branch-free.
 
 use super::{steps_in_place, Param, StepScalars, BLOCK};
 
@@ -37,7 +38,17 @@ pub(super) trait Sparse {
 impl Sparse for crate::simd::Scalar {}
 
 #[cfg(target_arch = "x86_64")]
-impl Sparse for crate::simd::Avx2 {}
+impl Sparse for crate::simd::Avx2 {
+    #[inline(always)]
+    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+        avx2::gather(g, mask, buf)
+    }
+
+    #[inline(always)]
+    unsafe fn scatter<P: Param>(p: &mut [P], mask: &[u8], steps: &mut [f32], decay: f32) {
+        avx2::scatter(p, mask, steps, decay)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 impl Sparse for crate::simd::Avx512 {
@@ -90,55 +101,41 @@ pub(super) unsafe fn step<S: Sparse, P: Param>(
     }
 }
 
-/// The set bits of mask byte `b` that fall inside `len` elements.
+/// Whether element `i` is marked.
 #[inline(always)]
-fn byte_bits(mask: &[u8], b: usize, len: usize) -> u32 {
-    let valid = (len - 8 * b).min(8);
-    mask[b] as u32 & ((1u32 << valid) - 1)
+fn bit(mask: &[u8], i: usize) -> bool {
+    mask[i / 8] >> (i % 8) & 1 == 1
 }
 
-/// Calls `f(i, n)` for the n-th set bit i of `mask` within `len` elements.
-#[inline(always)]
-fn for_each_active(mask: &[u8], len: usize, mut f: impl FnMut(usize, usize)) {
-    let mut n = 0;
-    for b in 0..len.div_ceil(8) {
-        let mut bits = byte_bits(mask, b, len);
-        while bits != 0 {
-            f(8 * b + bits.trailing_zeros() as usize, n);
-            bits &= bits - 1;
-            n += 1;
-        }
-    }
-}
+// Both walks below are branch-free (every element written, the position advanced by its bit):
+// a random mask defeats branch prediction when walking the set bits.
 
 #[inline(always)]
 fn gather_bits<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
-    let mut count = 0;
-    for_each_active(mask, g.len(), |i, n| {
-        buf[n] = g[i].to_f32();
-        count = n + 1;
-    });
-    count
+    let buf = &mut buf[..g.len() + 1];
+    let mut n = 0;
+    for (i, x) in g.iter().enumerate() {
+        buf[n.min(g.len())] = x.to_f32();
+        n += bit(mask, i) as usize;
+    }
+    n
 }
 
 #[inline(always)]
 fn scatter_bits<P: Param>(p: &mut [P], mask: &[u8], steps: &mut [f32], decay: f32) {
-    if decay == 1.0 {
-        // Inactive coordinates do not change: visit the set bits only.
-        for_each_active(mask, p.len(), |i, n| {
-            p[i] = P::from_f32(p[i].to_f32() * decay - steps[n])
-        });
-        return;
+    let len = p.len();
+    let steps = &steps[..len + 1];
+    let mut n = 0;
+    for (i, x) in p.iter_mut().enumerate() {
+        let active = bit(mask, i);
+        let decayed = x.to_f32() * decay;
+        let step = steps[n.min(len)];
+        // A select in bits: LLVM turns `if active` into a branch.
+        let keep = (active as u32).wrapping_neg();
+        let new = (decayed - step).to_bits() & keep | decayed.to_bits() & !keep;
+        *x = P::from_f32(f32::from_bits(new));
+        n += active as usize;
     }
-    // The new active values first (from the old p), then every coordinate decayed
-    // (vectorized), then the active ones overwritten.
-    for_each_active(mask, p.len(), |i, n| {
-        steps[n] = p[i].to_f32() * decay - steps[n]
-    });
-    for x in p.iter_mut() {
-        *x = P::from_f32(x.to_f32() * decay);
-    }
-    for_each_active(mask, p.len(), |i, n| p[i] = P::from_f32(steps[n]));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -235,5 +232,105 @@ mod avx512 {
         }
         let done = 16 * blocks;
         scatter_bits(&mut p[done..], &mask[done / 8..], &mut steps[n..], decay)
+    }
+}
+
+/// AVX2: per mask byte, `vpermps` with the byte's entry of an index table packs (gather) or
+/// spreads (scatter) 8 lanes.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{gather_bits, scatter_bits, Param};
+
+    /// Per byte: the positions of its set bits, in order (gather), and per position the rank
+    /// of its bit among the set ones (scatter; 0 for clear bits, which the blend drops).
+    const fn tables() -> ([[u8; 8]; 256], [[u8; 8]; 256]) {
+        let (mut pack, mut spread) = ([[0u8; 8]; 256], [[0u8; 8]; 256]);
+        let mut byte = 0;
+        while byte < 256 {
+            let (mut lane, mut rank) = (0, 0);
+            while lane < 8 {
+                if byte >> lane & 1 == 1 {
+                    pack[byte][rank] = lane as u8;
+                    spread[byte][lane] = rank as u8;
+                    rank += 1;
+                }
+                lane += 1;
+            }
+            byte += 1;
+        }
+        (pack, spread)
+    }
+
+    static TABLES: ([[u8; 8]; 256], [[u8; 8]; 256]) = tables();
+
+    #[inline(always)]
+    unsafe fn indices(entry: &[u8; 8]) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(entry.as_ptr().cast()))
+    }
+
+    #[inline(always)]
+    unsafe fn load8<P: Param>(x: &[P]) -> __m256 {
+        let mut lanes = [0.0f32; 8];
+        for (l, v) in lanes.iter_mut().zip(&x[..8]) {
+            *l = v.to_f32();
+        }
+        _mm256_loadu_ps(lanes.as_ptr())
+    }
+
+    #[inline(always)]
+    unsafe fn store8<P: Param>(x: &mut [P], v: __m256) {
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        for (o, l) in x[..8].iter_mut().zip(lanes) {
+            *o = P::from_f32(l);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    pub(super) unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32]) -> usize {
+        let bytes = g.len() / 8;
+        assert!(buf.len() >= g.len() + 8);
+        let mut n = 0;
+        for (b, &byte) in mask[..bytes].iter().enumerate() {
+            let packed = _mm256_permutevar8x32_ps(
+                load8(&g[8 * b..8 * b + 8]),
+                indices(&TABLES.0[byte as usize]),
+            );
+            // A full-width store: the lanes past the active ones are overwritten next.
+            _mm256_storeu_ps(buf.as_mut_ptr().add(n), packed);
+            n += byte.count_ones() as usize;
+        }
+        let done = 8 * bytes;
+        n + gather_bits(&g[done..], &mask[bytes..], &mut buf[n..])
+    }
+
+    #[target_feature(enable = "avx2,fma,popcnt")]
+    pub(super) unsafe fn scatter<P: Param>(
+        p: &mut [P],
+        mask: &[u8],
+        steps: &mut [f32],
+        decay: f32,
+    ) {
+        let bytes = p.len() / 8;
+        let decay_v = _mm256_set1_ps(decay);
+        let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let mut n = 0;
+        for (b, &byte) in mask[..bytes].iter().enumerate() {
+            let r = 8 * b..8 * b + 8;
+            let decayed = _mm256_mul_ps(load8(&p[r.clone()]), decay_v);
+            let step = _mm256_permutevar8x32_ps(
+                _mm256_loadu_ps(steps[n..n + 8].as_ptr()),
+                indices(&TABLES.1[byte as usize]),
+            );
+            let marked = _mm256_and_si256(_mm256_set1_epi32(byte as i32), lane_bits);
+            let active = _mm256_castsi256_ps(_mm256_cmpeq_epi32(marked, lane_bits));
+            let stepped = _mm256_sub_ps(decayed, step);
+            store8(&mut p[r], _mm256_blendv_ps(decayed, stepped, active));
+            n += byte.count_ones() as usize;
+        }
+        let done = 8 * bytes;
+        scatter_bits(&mut p[done..], &mask[bytes..], &mut steps[n..], decay)
     }
 }
