@@ -32,6 +32,8 @@ const BLOCK: usize = 16;
 
 /// A parameter (and gradient) element type: float32 or bfloat16. Arithmetic is float32.
 pub trait Param: Copy + Send + Sync + 'static {
+    /// Whether this is [`Bf16`] (the vector paths widen and round it in registers).
+    const BF16: bool;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
     /// The dense and sparse steps of this type on one SIMD path.
@@ -61,6 +63,7 @@ pub trait Param: Copy + Send + Sync + 'static {
 pub struct Bf16(pub u16);
 
 impl Param for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -93,6 +96,7 @@ impl Param for f32 {
 }
 
 impl Param for Bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
@@ -102,7 +106,9 @@ impl Param for Bf16 {
     fn from_f32(x: f32) -> Self {
         let bits = x.to_bits();
         let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        Bf16(if x.is_nan() { 0x7fc0 } else { rounded as u16 })
+        // NaN tested on the bits: a float compare becomes a branch that stops vectorization.
+        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+        Bf16(if nan { 0x7fc0 } else { rounded as u16 })
     }
     fn dense(
         level: SimdLevel,

@@ -145,22 +145,33 @@ mod avx512 {
 
     use super::{gather_bits, scatter_bits, Param};
 
-    /// 16 elements as f32 lanes (a plain load for f32; bf16 widens in registers).
+    /// 16 elements as f32 lanes (bf16 widens in registers).
     #[inline(always)]
     unsafe fn load16<P: Param>(x: &[P]) -> __m512 {
-        let mut lanes = [0.0f32; 16];
-        for (l, v) in lanes.iter_mut().zip(&x[..16]) {
-            *l = v.to_f32();
+        let x = &x[..16];
+        if P::BF16 {
+            let raw = _mm256_loadu_si256(x.as_ptr().cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        } else {
+            _mm512_loadu_ps(x.as_ptr().cast())
         }
-        _mm512_loadu_ps(lanes.as_ptr())
     }
 
+    /// 16 f32 lanes stored as elements (bf16 rounds to nearest even as `Bf16::from_f32`).
     #[inline(always)]
     unsafe fn store16<P: Param>(x: &mut [P], v: __m512) {
-        let mut lanes = [0.0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-        for (o, l) in x[..16].iter_mut().zip(lanes) {
-            *o = P::from_f32(l);
+        let x = &mut x[..16];
+        if P::BF16 {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+            let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+            let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+            let out = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+            _mm256_storeu_si256(x.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(out));
+        } else {
+            _mm512_storeu_ps(x.as_mut_ptr().cast(), v)
         }
     }
 
