@@ -67,7 +67,7 @@ def case(bench: Bench, numel: int, dtype: torch.dtype) -> None:
         opts["po_stable"] = make(
             "po_stable", lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-3), 2
         )
-    repeats = 15 if numel <= 10**6 else 7 if numel <= 10**7 else 3
+    repeats = 41 if numel <= 10**6 else 15 if numel <= 10**7 else 5
     t = interleaved_times({k: o.step for k, o in opts.items()}, repeats=repeats)
     gbps = STEP_BYTES[dtype] * numel / t["spam"] / 1e9
     row = {
