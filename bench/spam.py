@@ -1,109 +1,150 @@
-"""Optimizer step, float32 CPU: fg.optim.SPAM vs torch AdamW (fused / foreach) vs plain-torch SPAM.
+"""Optimizer step on CPU: fg.optim.SPAM (dense and density 0.25) and fg.optim.StableSPAM against
+torch.optim.AdamW(fused=True), and pytorch-optimizer's SPAM / StableSPAM where that package is
+installed (an optional import: ``pip install pytorch-optimizer``; never a dependency).
 
-Steps are timed in steady state (past SPAM's clip warm-up), each optimizer on its own copy of
-the same parameters and gradients, all in turn every round. ``GBps`` counts the 28 bytes a
-dense Adam-family step must move per parameter (read p, g, m, v; write p, m, v);
-``bw_frac`` is that rate over the copy bandwidth. Sparse rows use density 0.25.
+Each optimizer steps its own copy of the same parameter (one [n / 1000, 1000] tensor) and
+gradient; all are timed in turn every round (median), on the same thread count. ``GBps`` counts
+the bytes a dense step must move per parameter: 28 for float32 (read p, g, m, v; write p, m, v),
+22 for bfloat16 parameters and gradients with float32 moments (torch's AdamW keeps bfloat16
+moments: 14); ``bw_frac`` is that rate over the measured copy bandwidth (one read and one write
+per element, torch's copy_). SPAM clips spikes from its first step (clip_warmup=0) so that the
+timed steps are the steady state. Results are kept per CPU model in bench/results/spam.json.
 """
 
 from __future__ import annotations
 
-import math
+import gc
+import json
 import sys
 
 import torch
-from harness import Bench, interleaved_times
+from harness import RESULTS, Bench, interleaved_times, machine
 
 import ferrograd as fg
 
+try:  # the strongest plain-torch SPAM / Stable-SPAM a user could install instead
+    import pytorch_optimizer
+except ImportError:
+    pytorch_optimizer = None
 
-class PlainSPAM:
-    """SPAM's dense rule written with torch ops, as a user would without ferrograd."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, threshold=5000.0):
-        self.params, self.lr, self.betas, self.eps, self.thr = params, lr, betas, eps, threshold
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            g = p.grad
-            cap = (self.thr * v).sqrt()
-            g = torch.where(g * g > self.thr * v, g.sign() * cap, g)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v / (1 - b2**self.t)).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+#: Bytes a dense step moves per parameter, by parameter dtype.
+STEP_BYTES = {torch.float32: 28, torch.bfloat16: 22}
 
 
 def state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
 
 
-def case(bench: Bench, numel: int) -> None:
-    cols = 1024
-    shape = (numel // cols, cols)
-    base = torch.randn(shape)
-    grad = torch.randn(shape) * 1e-2
+def case(bench: Bench, numel: int, dtype: torch.dtype) -> None:
+    shape = (numel // 1000, 1000)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    grad = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
     params = {}
 
-    def make(name, factory):
+    def make(name, factory, warmup=3):
         p = torch.nn.Parameter(base.clone())
         p.grad = grad.clone()
         params[name] = p
         opt = factory([p])
-        for _ in range(25):  # past the clip warm-up, state allocated
+        for _ in range(warmup):  # state allocated, first-step paths done
             opt.step()
         return opt
 
     opts = {
-        "spam": make("spam", lambda ps: fg.optim.SPAM(ps, lr=1e-3)),
-        "spam_sparse": make("spam_sparse", lambda ps: fg.optim.SPAM(ps, lr=1e-3, density=0.25)),
         "adamw_fused": make("adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        "adamw_foreach": make(
-            "adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)
+        "spam": make("spam", lambda ps: fg.optim.SPAM(ps, lr=1e-3, clip_warmup=0)),
+        "spam_sparse": make(
+            "spam_sparse", lambda ps: fg.optim.SPAM(ps, lr=1e-3, density=0.25, clip_warmup=0)
         ),
-        "plain_spam": make("plain_spam", lambda ps: PlainSPAM(ps, lr=1e-3)),
+        "stable": make("stable", lambda ps: fg.optim.StableSPAM(ps, lr=1e-3)),
     }
-    t = interleaved_times({k: o.step for k, o in opts.items()}, repeats=7 if numel < 1e8 else 3)
-    gbps = 28 * numel / t["spam"] / 1e9
-    sparse_state = state_bytes(opts["spam_sparse"], params["spam_sparse"]) / numel
-    bench.add(
-        {
-            "params": f"1e{round(math.log10(numel))}",
-            "spam_ms": t["spam"] * 1e3,
-            "adamw_fused_ms": t["adamw_fused"] * 1e3,
-            "adamw_foreach_ms": t["adamw_foreach"] * 1e3,
-            "plain_spam_ms": t["plain_spam"] * 1e3,
-            "sparse_ms": t["spam_sparse"] * 1e3,
-            "vs_fused": t["adamw_fused"] / t["spam"],
-            "vs_foreach": t["adamw_foreach"] / t["spam"],
-            "vs_plain": t["plain_spam"] / t["spam"],
-            "sparse_speedup": t["spam"] / t["spam_sparse"],
-            "sparse_state_B": sparse_state,
-            "dense_state_B": state_bytes(opts["spam"], params["spam"]) / numel,
-            "GBps": gbps,
-            "bw_frac": gbps * 1e9 / bench.bandwidth,
-        }
-    )
+    if pytorch_optimizer is not None and dtype == torch.float32:
+        # Their steps take seconds at 1e8 (SPAM over half a minute): fewer warm-up steps, and
+        # their SPAM only up to 1e7.
+        if numel <= 10**7:
+            opts["po_spam"] = make("po_spam", lambda ps: pytorch_optimizer.SPAM(ps, lr=1e-3), 2)
+        opts["po_stable"] = make(
+            "po_stable", lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-3), 2
+        )
+    repeats = 41 if numel <= 10**6 else 15 if numel <= 10**7 else 5
+    t = interleaved_times({k: o.step for k, o in opts.items()}, repeats=repeats)
+    gbps = STEP_BYTES[dtype] * numel / t["spam"] / 1e9
+    row = {
+        "params": f"1e{len(str(numel)) - 1}",
+        "dtype": str(dtype).removeprefix("torch."),
+        "adamw_fused_ms": t["adamw_fused"] * 1e3,
+        "spam_ms": t["spam"] * 1e3,
+        "sparse_ms": t["spam_sparse"] * 1e3,
+        "stable_ms": t["stable"] * 1e3,
+        "vs_fused": t["adamw_fused"] / t["spam"],
+        "sparse_vs_dense": t["spam"] / t["spam_sparse"],
+        "sparse_vs_fused": t["adamw_fused"] / t["spam_sparse"],
+        "stable_vs_fused": t["adamw_fused"] / t["stable"],
+        "sparse_state_B": state_bytes(opts["spam_sparse"], params["spam_sparse"]) / numel,
+        "GBps": gbps,
+        "bw_frac": gbps * 1e9 / bench.bandwidth,
+    }
+    if "po_spam" in t:
+        row |= {"po_spam_ms": t["po_spam"] * 1e3, "vs_po_spam": t["po_spam"] / t["spam"]}
+    if "po_stable" in t:
+        row |= {"po_stable_ms": t["po_stable"] * 1e3, "stable_vs_po": t["po_stable"] / t["stable"]}
+    bench.add(row)
+    opts.clear()  # frees this size's tensors before the next
+    params.clear()
+    gc.collect()
 
 
-def main(threads: int | None = None) -> None:
+def save(bench: Bench, notes: dict) -> None:
+    """Writes this machine's results into bench/results/spam.json under its CPU model, keeping
+    the other machines' entries."""
+    path = RESULTS / "spam.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    if "benchmark" in doc:  # a single machine's document from before the per-CPU layout
+        doc = {doc["machine"]["cpu"]: doc}
+    info = machine(bench.threads)
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        family, model, vendor = (fields[k].strip() for k in ("cpu family", "model", "vendor_id"))
+        info["cpu_family_model"] = f"{family}/{model} ({vendor})"
+    except (OSError, KeyError):
+        pass
+    if pytorch_optimizer is not None:
+        from importlib.metadata import version
+
+        info["pytorch_optimizer"] = version("pytorch-optimizer")
+    key = info["cpu"] + (f" {info['cpu_family_model']}" if "cpu_family_model" in info else "")
+    doc[key] = {
+        "benchmark": "spam",
+        "machine": info,
+        "copy_bandwidth_GBps": round(bench.bandwidth / 1e9, 2),
+        "notes": notes,
+        "rows": bench.rows,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path} [{key}]")
+
+
+def main(threads: int | None = None, sizes=(10**6, 10**7, 10**8)) -> None:
     bench = Bench("spam", threads)
-    for numel in (2**20, 10 * 2**20, 100 * 2**20):
-        case(bench, numel)
-    bench.save(
+    for dtype in (torch.float32, torch.bfloat16):
+        for numel in sizes:
+            case(bench, numel, dtype)
+    save(
+        bench,
         {
-            "vs_fused": "torch.optim.AdamW(fused=True) step time / SPAM step time",
-            "vs_plain": "plain-torch SPAM step time / SPAM step time",
+            "vs_fused": "torch.optim.AdamW(fused=True) step time / SPAM (dense) step time",
+            "sparse_vs_dense": "dense SPAM step time / density-0.25 SPAM step time",
+            "stable_vs_fused": "AdamW(fused=True) step time / StableSPAM step time",
+            "stable_vs_po": "pytorch-optimizer StableSPAM step time / StableSPAM step time",
+            "vs_po_spam": "pytorch-optimizer SPAM step time / SPAM step time",
             "sparse_state_B": "state bytes per parameter at density 0.25 (bound 2.125)",
-            "sparse_speedup": "dense SPAM step time / density-0.25 SPAM step time",
-            "params": "float32 parameters in one [n / 1024, 1024] tensor (2^20 * 1, 10, 100)",
-        }
+            "GBps": "bytes a dense step moves per parameter (28 float32, 22 bfloat16) / SPAM time",
+            "bw_frac": "GBps over the copy bandwidth",
+            "params": "parameters in one [n / 1000, 1000] tensor; bfloat16 rows: bfloat16 "
+            "params and grads (ferrograd keeps float32 moments, AdamW bfloat16 ones)",
+        },
     )
 
 

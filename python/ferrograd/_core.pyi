@@ -89,8 +89,19 @@ def spam_step(
     grad_scale: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> None:
-    """One fused SPAM-family step in place; with mask (1 bit per element) the moments are
-    compact for the marked coordinates and the others get weight decay only."""
+    """One fused SPAM-family step in place on a float32 or bfloat16 param (grad of the same
+    dtype) with float32 moments; with mask (1 bit per element) the moments are compact for the
+    marked coordinates and the others get weight decay only."""
+
+def adaclip_stats(
+    grad: torch.Tensor,
+    max_abs: float | None,
+    running_max: float,
+    gamma3: float,
+    correction: float,
+) -> tuple[float, float, float, float, float]:
+    """Stable-SPAM's AdaClip statistics of a float32 or bfloat16 gradient in one pass: (max |g|
+    or max_abs when given, running max, bound, ratio, sum of squares of the clipped gradient)."""
 
 def sample_mask(numel: int, k: int, rng_state: int) -> tuple[npt.NDArray[np.uint8], int]:
     """Exactly k of numel coordinates as a bitmask, and the advanced generator state."""

@@ -1,17 +1,55 @@
 //! SPAM / Stable-SPAM step wrappers.
 
 use numpy::PyArray1;
+use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::run_detached;
 use super::tensor::Borrows;
+use crate::error::FgError;
 use crate::rng::SplitMix64;
 use crate::simd;
-use crate::spam::{self, StepScalars};
+use crate::spam::{self, Bf16, StepScalars};
 
-/// One fused step in place on float32 `param` and its moments. With `mask` (1 bit per
-/// element), the moments are compact, for the marked coordinates only; the others get weight
-/// decay alone.
+/// A parameter and its gradient, float32 or bfloat16.
+enum Pair<'a> {
+    F32(&'a mut [f32], &'a [f32]),
+    Bf16(&'a mut [Bf16], &'a [Bf16]),
+}
+
+/// Whether `t` is a torch.bfloat16 tensor.
+fn is_bf16(t: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = t.py();
+    let bf16 = py
+        .import(intern!(py, "torch"))?
+        .getattr(intern!(py, "bfloat16"))?;
+    Ok(t.getattr(intern!(py, "dtype"))?.is(&bf16))
+}
+
+/// The bytes of a bfloat16 tensor as a uint8 view (the borrow checks then apply to it).
+fn bytes_view<'py>(t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = t.py();
+    let uint8 = py
+        .import(intern!(py, "torch"))?
+        .getattr(intern!(py, "uint8"))?;
+    t.call_method1(intern!(py, "view"), (uint8,))
+}
+
+/// Bytes as bfloat16 values; a ValueError unless aligned and whole.
+fn as_bf16<'a>(op: &str, name: &str, bytes: &'a mut [u8]) -> PyResult<&'a mut [Bf16]> {
+    // SAFETY: Bf16 is a transparent u16, valid for any bits.
+    let (head, values, tail) = unsafe { bytes.align_to_mut::<Bf16>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return Err(
+            FgError::Value(format!("{op}: {name}'s data is not aligned for bfloat16")).into(),
+        );
+    }
+    Ok(values)
+}
+
+/// One fused step in place on a float32 or bfloat16 `param` (and `grad` of the same dtype)
+/// with float32 moments. With `mask` (1 bit per element), the moments are compact, for the
+/// marked coordinates only; the others get weight decay alone.
 #[pyfunction]
 #[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0, mask=None))]
 #[allow(clippy::too_many_arguments)]
@@ -34,9 +72,30 @@ fn spam_step(
 ) -> PyResult<()> {
     let op = "spam_step";
     let level = simd::active()?;
+    let bf16 = is_bf16(&param)?;
+    if bf16 != is_bf16(&grad)? {
+        return Err(FgError::Type(format!("{op}: grad must have param's dtype")).into());
+    }
+    let (param, grad) = if bf16 {
+        (bytes_view(&param)?, bytes_view(&grad)?)
+    } else {
+        (param, grad)
+    };
     let mut args = Borrows::new(op);
-    let p = args.write("param", &param)?;
-    let g = args.read("grad", &grad)?;
+    let pair = if bf16 {
+        let p = as_bf16(op, "param", args.write("param", &param)?)?;
+        let g: &[u8] = args.read("grad", &grad)?;
+        // SAFETY: Bf16 is a transparent u16, valid for any bits.
+        let (head, g, tail) = unsafe { g.align_to::<Bf16>() };
+        if !head.is_empty() || !tail.is_empty() {
+            return Err(
+                FgError::Value(format!("{op}: grad's data is not aligned for bfloat16")).into(),
+            );
+        }
+        Pair::Bf16(p, g)
+    } else {
+        Pair::F32(args.write("param", &param)?, args.read("grad", &grad)?)
+    };
     let m = args.write("exp_avg", &exp_avg)?;
     let v = args.write("exp_avg_sq", &exp_avg_sq)?;
     let mask = args.read_opt("mask", &mask)?;
@@ -57,10 +116,50 @@ fn spam_step(
         adaclip_ratio: adaclip.1 as f32,
         grad_scale: grad_scale as f32,
     };
-    run_detached(py, op, || match mask {
-        Some(mask) => spam::sparse_step(level, p, g, mask, m, v, &s),
-        None => spam::dense_step(level, p, g, m, v, &s),
+    run_detached(py, op, || match (pair, mask) {
+        (Pair::F32(p, g), Some(mask)) => spam::sparse_step(level, p, g, mask, m, v, &s),
+        (Pair::F32(p, g), None) => spam::dense_step(level, p, g, m, v, &s),
+        (Pair::Bf16(p, g), Some(mask)) => spam::sparse_step(level, p, g, mask, m, v, &s),
+        (Pair::Bf16(p, g), None) => spam::dense_step(level, p, g, m, v, &s),
     })
+}
+
+/// Stable-SPAM's AdaClip statistics of a float32 or bfloat16 gradient in one pass; returns
+/// (max |g|, running max, bound, ratio, sum of squares of the clipped gradient).
+#[pyfunction]
+#[pyo3(signature = (grad, max_abs, running_max, gamma3, correction))]
+fn adaclip_stats(
+    py: Python<'_>,
+    grad: Bound<'_, PyAny>,
+    max_abs: Option<f64>,
+    running_max: f64,
+    gamma3: f64,
+    correction: f64,
+) -> PyResult<(f64, f64, f64, f64, f64)> {
+    let op = "adaclip_stats";
+    let level = simd::active()?;
+    let bf16 = is_bf16(&grad)?;
+    let grad = if bf16 { bytes_view(&grad)? } else { grad };
+    let mut args = Borrows::new(op);
+    let s = if bf16 {
+        let g: &[u8] = args.read("grad", &grad)?;
+        // SAFETY: Bf16 is a transparent u16, valid for any bits.
+        let (head, g, tail) = unsafe { g.align_to::<Bf16>() };
+        if !head.is_empty() || !tail.is_empty() {
+            return Err(
+                FgError::Value(format!("{op}: grad's data is not aligned for bfloat16")).into(),
+            );
+        }
+        run_detached(py, op, || {
+            spam::adaclip_stats(level, g, max_abs, running_max, gamma3, correction)
+        })?
+    } else {
+        let g: &[f32] = args.read("grad", &grad)?;
+        run_detached(py, op, || {
+            spam::adaclip_stats(level, g, max_abs, running_max, gamma3, correction)
+        })?
+    };
+    Ok((s.max_abs, s.running_max, s.bound, s.ratio, s.sum_sq))
 }
 
 /// Draws exactly `k` of `numel` coordinates as a bitmask; returns it and the generator state.
@@ -78,6 +177,7 @@ fn sample_mask(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adaclip_stats, m)?)?;
     m.add_function(wrap_pyfunction!(sample_mask, m)?)?;
     Ok(())
 }

@@ -2,9 +2,10 @@
 the op ``ferrograd::spam_step`` (ferrograd/ops/spam).
 
 The optimizers compute each step's scalars (bias corrections, warm-up, clip thresholds, the
-Stable-SPAM gradient statistics) and call the op once per parameter tensor; the dispatcher runs
-the fused Rust pass on CPU float32 tensors and the same rule in torch ops on any other device
-or dtype. Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
+Stable-SPAM gradient statistics: one Rust pass over the gradient on CPU) and call the op once
+per parameter tensor; the dispatcher runs the fused Rust pass on CPU float32 and bfloat16
+parameters (float32 moments) and the same rule in torch ops on any other device or dtype.
+Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
 ``round(density * numel)`` coordinates drawn uniformly without replacement from a seeded
 generator, redrawn at every reset, marked in a bitmask (state: 8 * density + 0.125 bytes per
 parameter).
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..ops._checks import check_int, check_number
-from ..ops.spam import mask_indices, sample_mask, spam_step
+from ..ops.spam import adaclip_stats, mask_indices, sample_mask, spam_step
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 _MAX_FLOAT = 1.7976931348623157e308  # options must be finite
@@ -374,21 +375,26 @@ class StableSPAM(_SpamBase):
             frac = min(t, group["total_steps"]) / group["total_steps"]
             c = group["eta_min"] + (1 - group["eta_min"]) * 0.5 * (1 + math.cos(math.pi * frac))
             b1, g1 = b1 * c, g1 * c
-        # AdaClip: a running estimate of the largest |g| caps the entries above it.
+        # AdaClip: a running estimate of the largest |g| caps the entries above it; one pass
+        # gives it and the clipped gradient's squared norm (AdaGN's input).
         local = _local(grad)
-        local_max = (
-            local.abs().max().double() if local.numel() else torch.zeros((), dtype=torch.float64)
+        max_abs = None
+        if local is not grad:  # a shard: the max over every shard first (shards may be empty)
+            local_max = (
+                torch.linalg.vector_norm(local, ord=math.inf, dtype=torch.float64)
+                if local.numel()
+                else torch.zeros((), dtype=torch.float64, device=local.device)
+            )
+            max_abs = _across_shards(grad, local_max, torch.distributed.ReduceOp.MAX)
+        _, state["max_abs"], bound, ratio, squares = adaclip_stats(
+            local, max_abs, state.get("max_abs", 0.0), g3, 1 - g3**t
         )
-        gmax = _across_shards(
-            grad, local_max, torch.distributed.ReduceOp.MAX
-        )  # shards may be empty
-        state["max_abs"] = g3 * state.get("max_abs", 0.0) + (1 - g3) * gmax
-        bound = state["max_abs"] / (1 - g3**t)
-        ratio = bound / gmax if gmax > 0 else 1.0
-        clipped = torch.where(local.abs() > bound, local * ratio, local)
-        # AdaGN: the gradient norm normalized by its running moments.
-        squares = torch.linalg.vector_norm(clipped, dtype=torch.float64) ** 2
-        norm = math.sqrt(_across_shards(grad, squares, torch.distributed.ReduceOp.SUM))
+        if local is not grad:
+            squares = _across_shards(
+                grad, torch.tensor(squares, dtype=torch.float64, device=local.device),
+                torch.distributed.ReduceOp.SUM,
+            )  # fmt: skip
+        norm = math.sqrt(squares)
         state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
         state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
         target = (state["norm_m"] / (1 - g1**t)) / (

@@ -1,8 +1,10 @@
 """The fused SPAM / Stable-SPAM step as the mutating op ``ferrograd::spam_step``.
 
 The op updates ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (declared in its schema, so
-torch.compile functionalizes it) and returns nothing. float32 CPU tensors run one fused Rust
-pass (cpu.py); every other device and dtype runs the same rule in torch ops (reference.py).
+torch.compile functionalizes it) and returns nothing. float32 and bfloat16 CPU parameters (with
+float32 moments) run one fused Rust pass (cpu.py); every other device and dtype runs the same
+rule in torch ops (reference.py). ``adaclip_stats`` gives Stable-SPAM's per-tensor gradient
+statistics (one Rust pass on CPU).
 The optimizers in ``ferrograd.optim`` compute the scalars (bias corrections, warm-up factor,
 clip thresholds) and call the op once per parameter tensor. ``mask`` (uint8, one bit per
 element of ``param``) selects sparse momentum: the moments then hold only the marked
@@ -18,7 +20,7 @@ from . import cpu, reference
 from .cpu import sample_mask
 from .reference import mask_indices
 
-__all__ = ["mask_indices", "sample_mask", "spam_step", "spam_step_op"]
+__all__ = ["adaclip_stats", "mask_indices", "sample_mask", "spam_step", "spam_step_op"]
 
 
 def _fake(param: torch.Tensor, *args) -> None:
@@ -46,3 +48,18 @@ def spam_step(
 ) -> None:
     """One fused step in place: ``ferrograd::spam_step`` with the scalars in schema order."""
     _library.call(spam_step_op, param, grad, exp_avg, exp_avg_sq, *scalars, mask)
+
+
+def adaclip_stats(
+    grad: torch.Tensor,
+    max_abs: float | None,
+    running_max: float,
+    gamma3: float,
+    correction: float,
+) -> tuple[float, float, float, float, float]:
+    """Stable-SPAM's AdaClip statistics of ``grad``: (max |g|, new running max ``gamma3 *
+    running_max + (1 - gamma3) * max|g|``, bound ``running / correction``, ratio ``bound / max
+    |g|`` applied to the entries above the bound, sum of squares of the clipped gradient).
+    ``max_abs`` replaces max |g| when given (a sharded gradient's global max)."""
+    kernel = cpu.adaclip_stats if grad.device.type == "cpu" else reference.adaclip_stats
+    return kernel(grad, max_abs, running_max, gamma3, correction)

@@ -1,5 +1,6 @@
-"""The Rust fused step and mask sampler on CPU tensors: float32 parameter, gradient and moments
-run one fused pass; any other dtype (bfloat16 or float64 parameters) runs the reference."""
+"""The Rust fused step, AdaClip statistics and mask sampler on CPU tensors: float32 or bfloat16
+parameters (gradient of the same dtype) with float32 moments run one fused pass; any other
+dtype (float64 parameters) runs the reference."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 
 from ... import _core
 from . import reference
+
+#: Parameter dtypes of the Rust pass (moments float32).
+_FUSED = (torch.float32, torch.bfloat16)
 
 
 def spam_step(
@@ -29,7 +33,9 @@ def spam_step(
     mask: torch.Tensor | None = None,
 ) -> None:
     fused = (
-        param.dtype == grad.dtype == exp_avg.dtype == exp_avg_sq.dtype == torch.float32
+        param.dtype == grad.dtype
+        and param.dtype in _FUSED
+        and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
         and param.is_contiguous()
         and exp_avg.is_contiguous()
         and exp_avg_sq.is_contiguous()
@@ -47,6 +53,18 @@ def spam_step(
         (adaclip_bound, adaclip_ratio), grad_scale,
         None if mask is None else mask.contiguous(),
     )  # fmt: skip
+
+
+def adaclip_stats(
+    grad: torch.Tensor,
+    max_abs: float | None,
+    running_max: float,
+    gamma3: float,
+    correction: float,
+) -> tuple[float, float, float, float, float]:
+    if grad.dtype not in _FUSED:
+        return reference.adaclip_stats(grad, max_abs, running_max, gamma3, correction)
+    return _core.adaclip_stats(grad.contiguous(), max_abs, running_max, gamma3, correction)
 
 
 def sample_mask(numel: int, k: int, rng_state: int) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,5 @@
 """The fused SPAM-family step in plain torch ops: the tests' oracle and the kernel of every
-device and dtype the Rust pass does not take (CUDA, bfloat16 parameters with float32 state,
-float64)."""
+device and dtype the Rust pass does not take (CUDA, float64)."""
 
 from __future__ import annotations
 
@@ -70,3 +69,24 @@ def spam_step(
     flat.copy_(new.to(p.dtype))
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))
+
+
+def adaclip_stats(
+    grad: torch.Tensor,
+    max_abs: float | None,
+    running_max: float,
+    gamma3: float,
+    correction: float,
+) -> tuple[float, float, float, float, float]:
+    """Stable-SPAM's AdaClip on ``grad`` (float32 arithmetic, sums in float64): returns (max
+    |g| (``max_abs`` when given: the max over every shard), the new running max, the bound,
+    the ratio applied above it, the sum of squares of the clipped gradient)."""
+    g = grad.reshape(-1).float()
+    if max_abs is None:
+        max_abs = float(g.abs().max()) if g.numel() else 0.0
+    running = gamma3 * running_max + (1 - gamma3) * max_abs
+    bound = running / correction
+    ratio = bound / max_abs if max_abs > 0 else 1.0
+    clipped = torch.where(g.abs() > bound, g * ratio, g)
+    sum_sq = float(torch.linalg.vector_norm(clipped, dtype=torch.float64) ** 2)
+    return max_abs, running, bound, ratio, sum_sq

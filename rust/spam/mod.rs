@@ -1,0 +1,715 @@
+//! The fused Adam-family step of SPAM / Stable-SPAM, its sparse-momentum bookkeeping and
+//! Stable-SPAM's gradient statistics.
+//!
+//! One pass per tensor reads p, g, m, v and writes p, m, v (28 bytes per float32 parameter,
+//! the least an Adam step can move). The loops are plain element code compiled once per SIMD
+//! path by `dispatch!` (LLVM vectorizes them for each target); with no FMA contraction every
+//! path gives bit-identical results. Parameters (and their gradients) are float32 or bfloat16
+//! ([`Param`]); the moments are always float32.
+//!
+//! Sparse momentum keeps m and v only for an active subset of coordinates, marked in a bitmask
+//! (1 bit per parameter, little-endian within each byte) and stored compactly in index order,
+//! so the state costs 8 * density + 0.125 bytes per parameter ([`sparse`] has the step).
+
+mod sparse;
+mod stats;
+
+pub use stats::{adaclip_stats, AdaClip};
+
+use crate::dispatch;
+use crate::error::{FgError, FgResult};
+use crate::rng::SplitMix64;
+use crate::simd::SimdLevel;
+use crate::threads::{self, Disjoint};
+
+/// Elements below which a step runs on the calling thread.
+const CHUNK: usize = 1 << 16;
+/// Parallel parts are whole multiples of this many elements (whole mask bytes, whole
+/// [`sparse::CHUNK`]s).
+const ALIGN: usize = sparse::CHUNK;
+/// Elements per block of the dense loop: spike clipping is decided per block.
+const BLOCK: usize = 16;
+
+/// A parameter (and gradient) element type: float32 or bfloat16. Arithmetic is float32.
+pub trait Param: Copy + Send + Sync + 'static {
+    /// Whether this is [`Bf16`] (the vector paths widen and round it in registers).
+    const BF16: bool;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// The dense and sparse steps of this type on one SIMD path.
+    fn dense(
+        level: SimdLevel,
+        p: &mut [Self],
+        g: &[Self],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn sparse(
+        level: SimdLevel,
+        p: &mut [Self],
+        g: &[Self],
+        mask: &[u8],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    );
+}
+
+/// A bfloat16 value, as its bits (torch.bfloat16's layout).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Param for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn dense(
+        level: SimdLevel,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    ) {
+        dense_f32(level, p, g, m, v, s)
+    }
+    fn sparse(
+        level: SimdLevel,
+        p: &mut [f32],
+        g: &[f32],
+        mask: &[u8],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    ) {
+        sparse_f32(level, p, g, mask, m, v, s)
+    }
+}
+
+impl Param for Bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    /// Round to nearest even, as torch converts (NaN stays a quiet NaN).
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        let bits = x.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        // NaN tested on the bits: a float compare becomes a branch that stops vectorization.
+        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+        Bf16(if nan { 0x7fc0 } else { rounded as u16 })
+    }
+    fn dense(
+        level: SimdLevel,
+        p: &mut [Bf16],
+        g: &[Bf16],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    ) {
+        dense_bf16(level, p, g, m, v, s)
+    }
+    fn sparse(
+        level: SimdLevel,
+        p: &mut [Bf16],
+        g: &[Bf16],
+        mask: &[u8],
+        m: &mut [f32],
+        v: &mut [f32],
+        s: &StepScalars,
+    ) {
+        sparse_bf16(level, p, g, mask, m, v, s)
+    }
+}
+
+/// The scalars of one step on one tensor. Combinations such as `1 - lr * weight_decay` come
+/// precomputed (in f64 by the caller, then rounded), as a plain torch implementation gets them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepScalars {
+    /// 1 - lr * weight_decay
+    pub decay: f32,
+    /// lr times SPAM's warmup factor (lr alone when none applies)
+    pub step_size: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// 1 - beta1 and 1 - beta2
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// 1 - beta1^k and 1 - beta2^k for the bias-correction counter k.
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+    /// SPAM spike clipping: |g| is capped at sqrt(threshold * v) (v of the previous step);
+    /// `None` while clipping is inactive.
+    pub spike_threshold: Option<f32>,
+    /// Stable-SPAM: entries with |g| > `adaclip_bound` are multiplied by `adaclip_ratio`, then
+    /// every entry by `grad_scale` (AdaGN). Neutral values: infinity, 1, 1.
+    pub adaclip_bound: f32,
+    pub adaclip_ratio: f32,
+    pub grad_scale: f32,
+}
+
+impl StepScalars {
+    pub fn validate(&self, op: &str) -> FgResult<()> {
+        let finite = [
+            ("decay", self.decay),
+            ("step_size", self.step_size),
+            ("betas", self.beta1 + self.beta2),
+            ("eps", self.eps),
+        ];
+        for (name, v) in finite {
+            if !v.is_finite() {
+                return Err(FgError::Value(format!(
+                    "{op}: {name} must be finite, got {v}"
+                )));
+            }
+        }
+        if self.bias_correction1 <= 0.0 || self.bias_correction2 <= 0.0 {
+            return Err(FgError::Value(format!(
+                "{op}: bias corrections must be positive (betas in [0, 1))"
+            )));
+        }
+        Ok(())
+    }
+
+    /// AdaClip and AdaGN: the gradient entry the moments see (before spike clipping).
+    #[inline(always)]
+    fn scale_grad(&self, g: f32) -> f32 {
+        let mut g = g;
+        if self.adaclip_bound.abs() < f32::INFINITY && g.abs() > self.adaclip_bound {
+            g *= self.adaclip_ratio;
+        }
+        g * self.grad_scale
+    }
+
+    /// The moments and the step from the final gradient entry: returns (step, m, v); the
+    /// parameter becomes `p * decay - step`.
+    #[inline(always)]
+    fn moments(&self, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let m = self.beta1 * m + self.one_minus_beta1 * g;
+        let v = self.beta2 * v + self.one_minus_beta2 * g * g;
+        // Reciprocals (hoisted out of the loops) keep one division per element: the step is
+        // otherwise bound by divider throughput, not memory.
+        let (inv1, inv2) = (1.0 / self.bias_correction1, 1.0 / self.bias_correction2);
+        let update = (m * inv1) / ((v * inv2).sqrt() + self.eps);
+        (self.step_size * update, m, v)
+    }
+
+    /// The update of one coordinate: returns (p, m, v).
+    #[inline(always)]
+    fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let mut g = self.scale_grad(g);
+        if let Some(threshold) = self.spike_threshold {
+            g = spike_clip(g, threshold, v);
+        }
+        let (step, m, v) = self.moments(g, m, v);
+        (p * self.decay - step, m, v)
+    }
+}
+
+/// SPAM's spike clipping: g capped at sqrt(threshold * v).
+#[inline(always)]
+fn spike_clip(g: f32, threshold: f32, v: f32) -> f32 {
+    let cap = (threshold * v).sqrt();
+    g.max(-cap).min(cap) // not clamp: a NaN cap must not panic
+}
+
+/// Whether `spike_clip(g, threshold, v)` certainly returns `g` (|g| < the cap), decided
+/// without the square root: g^2 < (threshold * v) * (1 - 2^-20), both sides rounded, with the
+/// right side normal, puts |g| below sqrt(threshold * v) * (1 - 2^-22), hence below the
+/// rounded cap. False (check exactly) for NaN, infinities and the rare near or real spikes.
+#[inline(always)]
+fn below_spike(g: f32, threshold: f32, v: f32) -> bool {
+    let bound = threshold * v * (1.0 - 1.0 / (1u32 << 20) as f32);
+    g * g < bound && bound >= f32::MIN_POSITIVE
+}
+
+/// The moments (in place) and the steps of one block of raw gradient entries.
+#[inline(always)]
+fn block_steps<P: Param>(
+    s: &StepScalars,
+    g: &[P],
+    m: &mut [f32],
+    v: &mut [f32],
+    steps: &mut [f32; BLOCK],
+) {
+    let (g, m, v) = (&g[..BLOCK], &mut m[..BLOCK], &mut v[..BLOCK]);
+    let mut gs = [0.0f32; BLOCK];
+    match s.spike_threshold {
+        Some(threshold) => {
+            let mut quiet = true;
+            for i in 0..BLOCK {
+                gs[i] = s.scale_grad(g[i].to_f32());
+                quiet &= below_spike(gs[i], threshold, v[i]);
+            }
+            if !quiet {
+                // The cap costs a square root per element; spikes are rare, so a block takes
+                // it only when some entry may reach its cap (the result is the same either way).
+                for i in 0..BLOCK {
+                    gs[i] = spike_clip(gs[i], threshold, v[i]);
+                }
+            }
+        }
+        None => {
+            for i in 0..BLOCK {
+                gs[i] = s.scale_grad(g[i].to_f32());
+            }
+        }
+    }
+    for i in 0..BLOCK {
+        (steps[i], m[i], v[i]) = s.moments(gs[i], m[i], v[i]);
+    }
+}
+
+// `S` only selects the target features the loop is compiled (and vectorized) for.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn dense_step_impl<S, P: Param>(
+    p: &mut [P],
+    g: &[P],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+) {
+    let blocks = p.len() / BLOCK;
+    let (pb, pt) = p.split_at_mut(blocks * BLOCK);
+    let (gb, gt) = g.split_at(blocks * BLOCK);
+    let (mb, mt) = m.split_at_mut(blocks * BLOCK);
+    let (vb, vt) = v.split_at_mut(blocks * BLOCK);
+    let chunks = pb
+        .chunks_exact_mut(BLOCK)
+        .zip(gb.chunks_exact(BLOCK))
+        .zip(mb.chunks_exact_mut(BLOCK))
+        .zip(vb.chunks_exact_mut(BLOCK));
+    let mut steps = [0.0f32; BLOCK];
+    for (((pc, gc), mc), vc) in chunks {
+        block_steps(s, gc, mc, vc, &mut steps);
+        for i in 0..BLOCK {
+            pc[i] = P::from_f32(pc[i].to_f32() * s.decay - steps[i]);
+        }
+    }
+    for (((pi, gi), mi), vi) in pt.iter_mut().zip(gt).zip(mt.iter_mut()).zip(vt.iter_mut()) {
+        let (np, nm, nv) = s.apply(pi.to_f32(), gi.to_f32(), *mi, *vi);
+        (*pi, *mi, *vi) = (P::from_f32(np), nm, nv);
+    }
+}
+
+/// The steps of whole blocks of raw gradient entries `g`, written over them; m, v in place.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn steps_in_place<S>(g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &StepScalars) {
+    let chunks = g
+        .chunks_exact_mut(BLOCK)
+        .zip(m.chunks_exact_mut(BLOCK))
+        .zip(v.chunks_exact_mut(BLOCK));
+    let mut steps = [0.0f32; BLOCK];
+    for ((gc, mc), vc) in chunks {
+        block_steps(s, gc, mc, vc, &mut steps);
+        gc.copy_from_slice(&steps);
+    }
+}
+
+dispatch! {
+    fn dense_f32(
+        p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars
+    ) = dense_step_impl<f32>;
+    fn dense_bf16(
+        p: &mut [Bf16], g: &[Bf16], m: &mut [f32], v: &mut [f32], s: &StepScalars
+    ) = dense_step_impl<Bf16>;
+    fn sparse_f32(
+        p: &mut [f32], g: &[f32], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars
+    ) = sparse_step_impl<f32>;
+    fn sparse_bf16(
+        p: &mut [Bf16], g: &[Bf16], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars
+    ) = sparse_step_impl<Bf16>;
+}
+
+#[inline(always)]
+unsafe fn sparse_step_impl<S: sparse::Sparse, P: Param>(
+    p: &mut [P],
+    g: &[P],
+    mask: &[u8],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+) {
+    sparse::step::<S, P>(p, g, mask, m, v, s)
+}
+
+/// Elements per parallel part: a few parts per thread, so that a thread that starts late
+/// (a shared machine) leaves its parts to the others; whole multiples of [`ALIGN`].
+fn part_len(numel: usize) -> usize {
+    let per_part = numel.div_ceil(4 * threads::num_threads());
+    CHUNK.max(per_part.div_ceil(ALIGN) * ALIGN)
+}
+
+/// One dense step over a whole tensor.
+pub fn dense_step<P: Param>(
+    level: SimdLevel,
+    p: &mut [P],
+    g: &[P],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+) -> FgResult<()> {
+    let op = "spam_step";
+    s.validate(op)?;
+    if [g.len(), m.len(), v.len()] != [p.len(); 3] {
+        return Err(FgError::Value(format!(
+            "{op}: param, grad, exp_avg and exp_avg_sq must have the same number of elements"
+        )));
+    }
+    if p.len() <= CHUNK {
+        P::dense(level, p, g, m, v, s);
+        return Ok(());
+    }
+    let (p, m, v) = (Disjoint::new(p), Disjoint::new(m), Disjoint::new(v));
+    threads::for_each_chunk(g.len(), part_len(g.len()), |_, r| {
+        // SAFETY: the chunks are disjoint ranges.
+        let (p, m, v) = unsafe { (p.piece(r.clone()), m.piece(r.clone()), v.piece(r.clone())) };
+        P::dense(level, p, &g[r], m, v, s)
+    });
+    Ok(())
+}
+
+/// One sparse step: `mask` marks the coordinates whose compact moments are `m`, `v`.
+pub fn sparse_step<P: Param>(
+    level: SimdLevel,
+    p: &mut [P],
+    g: &[P],
+    mask: &[u8],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &StepScalars,
+) -> FgResult<()> {
+    let op = "spam_step";
+    s.validate(op)?;
+    if g.len() != p.len() || mask.len() != p.len().div_ceil(8) {
+        return Err(FgError::Value(format!(
+            "{op}: grad must match param and mask must hold one bit per element"
+        )));
+    }
+    // Parts of whole mask bytes; each part's moments start after the active coordinates of
+    // the parts before it.
+    let numel = p.len();
+    let part = if numel <= CHUNK {
+        numel.max(1)
+    } else {
+        part_len(numel)
+    };
+    let mut parts = Vec::with_capacity(numel.div_ceil(part));
+    let (mut elems_done, mut active_done) = (0, 0);
+    while elems_done < numel {
+        let elems = part.min(numel - elems_done);
+        let bytes = elems_done / 8..(elems_done + elems).div_ceil(8);
+        let active = count_active(&mask[bytes.clone()], elems);
+        parts.push((
+            bytes,
+            elems_done..elems_done + elems,
+            active_done..active_done + active,
+        ));
+        (elems_done, active_done) = (elems_done + elems, active_done + active);
+    }
+    if m.len() != active_done || v.len() != active_done {
+        return Err(FgError::Value(format!(
+            "{op}: the mask marks {active_done} coordinates but exp_avg has {} and exp_avg_sq {}",
+            m.len(),
+            v.len()
+        )));
+    }
+    let (p, m, v) = (Disjoint::new(p), Disjoint::new(m), Disjoint::new(v));
+    threads::split(parts.len(), |i| {
+        let (bytes, elems, moments) = parts[i].clone();
+        // SAFETY: the parts' element and moment ranges are disjoint.
+        let (p, m, v) = unsafe {
+            (
+                p.piece(elems.clone()),
+                m.piece(moments.clone()),
+                v.piece(moments),
+            )
+        };
+        P::sparse(level, p, &g[elems], &mask[bytes], m, v, s)
+    });
+    Ok(())
+}
+
+/// Set bits among the first `numel` of the mask.
+pub fn count_active(mask: &[u8], numel: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the CPU has the instruction (baseline x86-64 counts bits in ~12 operations).
+        return unsafe { count_active_popcnt(mask, numel) };
+    }
+    count_active_impl(mask, numel)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn count_active_popcnt(mask: &[u8], numel: usize) -> usize {
+    count_active_impl(mask, numel)
+}
+
+#[inline(always)]
+fn count_active_impl(mask: &[u8], numel: usize) -> usize {
+    let full = (numel / 8).min(mask.len());
+    let (words, bytes) = mask[..full].split_at(full / 8 * 8);
+    let mut count: usize = words
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap()).count_ones() as usize)
+        .sum::<usize>()
+        + bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+    if !numel.is_multiple_of(8) {
+        if let Some(&last) = mask.get(numel / 8) {
+            count += (last & ((1u8 << (numel % 8)) - 1)).count_ones() as usize;
+        }
+    }
+    count
+}
+
+/// Draws exactly `k` of `numel` coordinates uniformly without replacement (Knuth's selection
+/// sampling), as a bitmask; advances `rng`.
+pub fn sample_mask(numel: usize, k: usize, rng: &mut SplitMix64) -> FgResult<Vec<u8>> {
+    if k > numel {
+        return Err(FgError::Value(format!(
+            "sample_mask: cannot draw {k} of {numel} coordinates"
+        )));
+    }
+    let mut mask = vec![0u8; numel.div_ceil(8)];
+    let mut needed = k;
+    for i in 0..numel {
+        if needed == 0 {
+            break;
+        }
+        let remaining = (numel - i) as u64;
+        // Keep coordinate i with probability needed / remaining.
+        if rng.below(remaining) < needed as u64 {
+            mask[i / 8] |= 1 << (i % 8);
+            needed -= 1;
+        }
+    }
+    Ok(mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn scalars() -> StepScalars {
+        StepScalars {
+            decay: 0.999,
+            step_size: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            one_minus_beta1: 0.1,
+            one_minus_beta2: 0.001,
+            eps: 1e-6,
+            bias_correction1: 0.1,
+            bias_correction2: 0.001,
+            spike_threshold: Some(5000.0),
+            adaclip_bound: f32::INFINITY,
+            adaclip_ratio: 1.0,
+            grad_scale: 1.0,
+        }
+    }
+
+    fn supported() -> impl Iterator<Item = SimdLevel> {
+        SimdLevel::ALL.into_iter().filter(|l| l.is_supported())
+    }
+
+    #[test]
+    fn every_path_gives_the_same_bits() {
+        let n = 1037;
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 1e3).collect();
+        let v0: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 1e-3).collect();
+        let mut results = Vec::new();
+        for level in supported() {
+            let (mut p, mut m, mut v) = (p0.clone(), vec![0.1f32; n], v0.clone());
+            dense_step(level, &mut p, &g, &mut m, &mut v, &scalars()).unwrap();
+            results.push((p, m, v));
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn blocks_without_spikes_step_as_the_clipped_rule() {
+        // Entries at, just below and just above their caps, zeros, tiny and huge v, NaN: the
+        // blocked loop must give apply()'s bits for each.
+        let n = 4096;
+        let v: Vec<f32> = (0..n)
+            .map(|i| match i % 5 {
+                0 => 0.0,
+                1 => 1e-40,
+                2 => 1e30,
+                _ => (i as f32 * 0.013).sin().abs() * 1e-3,
+            })
+            .collect();
+        let s = scalars();
+        let g: Vec<f32> = (0..n)
+            .map(|i| {
+                let cap = (5000.0 * v[i]).sqrt();
+                match i % 7 {
+                    0 => cap,
+                    1 => f32::from_bits(cap.to_bits().saturating_sub(1)),
+                    2 => f32::from_bits(cap.to_bits() + 1),
+                    3 => -cap * 0.999_999,
+                    4 if i % 3 == 0 => f32::NAN,
+                    _ => (i as f32 * 0.7).cos() * 0.03,
+                }
+            })
+            .collect();
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        for level in supported() {
+            let (mut p, mut m, mut vv) = (p0.clone(), vec![0.01f32; n], v.clone());
+            dense_step(level, &mut p, &g, &mut m, &mut vv, &s).unwrap();
+            for i in 0..n {
+                let want = s.apply(p0[i], g[i], 0.01, v[i]);
+                let got = (p[i], m[i], vv[i]);
+                let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
+                assert!(
+                    same(got.0, want.0) && same(got.1, want.1) && same(got.2, want.2),
+                    "{level:?} at {i}: {got:?} != {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(Bf16::from_f32(1.0).0, 0x3f80);
+        assert_eq!(Bf16::from_f32(f32::from_bits(0x3f80_8000)).0, 0x3f80); // tie to even
+        assert_eq!(Bf16::from_f32(f32::from_bits(0x3f81_8000)).0, 0x3f82);
+        assert_eq!(Bf16::from_f32(f32::from_bits(0x3f80_8001)).0, 0x3f81);
+        assert_eq!(Bf16::from_f32(f32::INFINITY).0, 0x7f80);
+        assert_eq!(Bf16::from_f32(f32::MAX).0, 0x7f80); // rounds up to infinity
+        assert!(Bf16::from_f32(f32::NAN).to_f32().is_nan());
+        assert_eq!(Bf16(0xc040).to_f32(), -3.0);
+    }
+
+    #[test]
+    fn bf16_step_is_the_f32_step_rounded() {
+        let n = 777;
+        let p0: Vec<Bf16> = (0..n)
+            .map(|i| Bf16::from_f32((i as f32 * 0.37).sin()))
+            .collect();
+        let g: Vec<Bf16> = (0..n)
+            .map(|i| Bf16::from_f32((i as f32 * 0.11).cos()))
+            .collect();
+        let mask = sample_mask(n, 200, &mut SplitMix64::new(2)).unwrap();
+        for level in supported() {
+            for sparse in [false, true] {
+                let k = if sparse { 200 } else { n };
+                let (mut p, mut m, mut v) = (p0.clone(), vec![0.1f32; k], vec![1e-4f32; k]);
+                let p32: Vec<f32> = p0.iter().map(|x| x.to_f32()).collect();
+                let g32: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+                let (mut q, mut m2, mut v2) = (p32, vec![0.1f32; k], vec![1e-4f32; k]);
+                if sparse {
+                    sparse_step(level, &mut p, &g, &mask, &mut m, &mut v, &scalars()).unwrap();
+                    sparse_step(level, &mut q, &g32, &mask, &mut m2, &mut v2, &scalars()).unwrap();
+                } else {
+                    dense_step(level, &mut p, &g, &mut m, &mut v, &scalars()).unwrap();
+                    dense_step(level, &mut q, &g32, &mut m2, &mut v2, &scalars()).unwrap();
+                }
+                let rounded: Vec<Bf16> = q.iter().map(|&x| Bf16::from_f32(x)).collect();
+                assert_eq!(p, rounded, "{level:?} sparse={sparse}");
+                assert_eq!((m, v), (m2, v2));
+            }
+        }
+    }
+
+    #[test]
+    fn spikes_are_capped_by_the_previous_second_moment() {
+        let s = scalars();
+        let (_, m, _) = s.apply(0.0, 1e6, 0.0, 4e-6);
+        let cap = (5000.0f32 * 4e-6).sqrt();
+        assert_eq!(m, 0.1 * cap);
+    }
+
+    #[test]
+    fn masks_hold_exactly_k_and_differ_by_seed() {
+        let mut rng = SplitMix64::new(1);
+        let a = sample_mask(1000, 250, &mut rng).unwrap();
+        let b = sample_mask(1000, 250, &mut rng).unwrap();
+        assert_eq!(count_active(&a, 1000), 250);
+        assert_eq!(count_active(&b, 1000), 250);
+        assert_ne!(a, b);
+        assert!(sample_mask(10, 11, &mut rng).is_err());
+        assert_eq!(
+            count_active(&sample_mask(13, 13, &mut rng).unwrap(), 13),
+            13
+        );
+    }
+
+    #[test]
+    fn sparse_paths_give_the_same_bits() {
+        // Not a multiple of 16 (the tail runs too) and several parts and chunks.
+        for n in [1000, 3 * CHUNK + 1234] {
+            let k = n / 3;
+            let mask = sample_mask(n, k, &mut SplitMix64::new(5)).unwrap();
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() * 50.0).collect();
+            let mut results = Vec::new();
+            for level in supported() {
+                let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+                let (mut m, mut v) = (vec![0.01f32; k], vec![1e-4f32; k]);
+                let mut s = scalars();
+                s.adaclip_bound = 20.0;
+                s.adaclip_ratio = 0.5;
+                sparse_step(level, &mut p, &g, &mask, &mut m, &mut v, &s).unwrap();
+                results.push((p, m, v));
+            }
+            assert!(results.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[test]
+    fn sparse_step_matches_dense_on_active_coordinates() {
+        for (n, decay) in [(100, 0.999), (5000, 1.0), (3 * CHUNK + 77, 0.98)] {
+            let k = n * 3 / 10;
+            let mask = sample_mask(n, k, &mut SplitMix64::new(3)).unwrap();
+            let g: Vec<f32> = (0..n).map(|i| (i % 101) as f32 - 50.0).collect();
+            let p0: Vec<f32> = (0..n).map(|i| 1.0 + (i % 13) as f32).collect();
+            let (mut m, mut v) = (vec![0.0f32; k], vec![0.0f32; k]);
+            let mut s = scalars();
+            s.spike_threshold = None;
+            s.decay = decay;
+            for level in supported() {
+                let mut p = p0.clone();
+                m.fill(0.0);
+                v.fill(0.0);
+                sparse_step(level, &mut p, &g, &mask, &mut m, &mut v, &s).unwrap();
+                let mut j = 0;
+                for i in 0..n {
+                    if mask[i / 8] >> (i % 8) & 1 == 1 {
+                        let (pi, mi, vi) = s.apply(p0[i], g[i], 0.0, 0.0);
+                        assert_eq!(p[i], pi);
+                        assert_eq!((m[j], v[j]), (mi, vi));
+                        j += 1;
+                    } else {
+                        assert_eq!(p[i], p0[i] * decay);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_that_does_not_match_the_moments_is_refused() {
+        let mask = sample_mask(64, 10, &mut SplitMix64::new(1)).unwrap();
+        let (mut p, g) = (vec![0.0f32; 64], vec![0.0f32; 64]);
+        let (mut m, mut v) = (vec![0.0f32; 11], vec![0.0f32; 11]);
+        let s = scalars();
+        let err = sparse_step(SimdLevel::Scalar, &mut p, &g, &mask, &mut m, &mut v, &s);
+        assert!(matches!(err, Err(FgError::Value(_))));
+    }
+}

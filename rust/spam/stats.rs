@@ -1,0 +1,231 @@
+//! Stable-SPAM's per-tensor gradient statistics in one pass: max |g| (AdaClip) and the sum of
+//! squares of the clipped gradient (AdaGN's norm).
+//!
+//! The clip bound depends on max |g| itself, so the pass keeps, per fixed chunk of
+//! [`CHUNK`] entries, the chunk's max |g| and its unclipped sum of squares; once the bound is
+//! known, only the chunks holding an entry above it (spikes: rare) are summed again with the
+//! clip. Sums run in f64 over 16 fixed lanes and chunks combine in order, so the result is the
+//! same on every SIMD path and thread count.
+
+use super::Param;
+use crate::dispatch;
+use crate::error::{FgError, FgResult};
+use crate::simd::SimdLevel;
+use crate::threads::{self, Disjoint};
+
+/// Entries per partial result (a multiple of [`LANES`]).
+const CHUNK: usize = 1 << 13;
+const LANES: usize = 16;
+/// Chunks per parallel part.
+const PART: usize = 32;
+
+/// AdaClip's state after one step and the AdaGN input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaClip {
+    /// max |g| (NaN when g holds a NaN)
+    pub max_abs: f64,
+    /// The running max: gamma3 * previous + (1 - gamma3) * max_abs.
+    pub running_max: f64,
+    /// Entries with |g| > bound (in f32) are multiplied by ratio (in f32).
+    pub bound: f64,
+    pub ratio: f64,
+    /// Sum of the squares of the clipped entries (f64).
+    pub sum_sq: f64,
+}
+
+/// Max |g| (NaN-propagating through the sum) and the sum of squares of `g`, clipped when
+/// `clip` is given, for one chunk.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn chunk_impl<S, P: Param>(g: &[P], clip: Option<(f32, f32)>) -> (f32, f64) {
+    let mut max = [0.0f32; LANES];
+    let mut acc = [0.0f64; LANES];
+    let (bound, ratio) = clip.unwrap_or((f32::INFINITY, 1.0));
+    let mut lanes = g.chunks_exact(LANES);
+    for c in &mut lanes {
+        for i in 0..LANES {
+            let x = c[i].to_f32();
+            let a = x.abs();
+            max[i] = if a > max[i] { a } else { max[i] };
+            let y = if a > bound { x * ratio } else { x } as f64;
+            acc[i] += y * y;
+        }
+    }
+    for (i, x) in lanes.remainder().iter().enumerate() {
+        let x = x.to_f32();
+        let a = x.abs();
+        max[i] = if a > max[i] { a } else { max[i] };
+        let y = if a > bound { x * ratio } else { x } as f64;
+        acc[i] += y * y;
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+            max[i] = if max[i + width] > max[i] {
+                max[i + width]
+            } else {
+                max[i]
+            };
+        }
+        width /= 2;
+    }
+    // A NaN entry makes its square, hence the sum, NaN; the max comparisons skipped it.
+    (if acc[0].is_nan() { f32::NAN } else { max[0] }, acc[0])
+}
+
+dispatch! {
+    fn chunk_f32(g: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<f32>;
+    fn chunk_bf16(g: &[super::Bf16], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<super::Bf16>;
+}
+
+/// The dispatched chunk kernel of each parameter type.
+pub trait StatsParam: Param {
+    fn chunk(level: SimdLevel, g: &[Self], clip: Option<(f32, f32)>) -> (f32, f64);
+}
+
+impl StatsParam for f32 {
+    fn chunk(level: SimdLevel, g: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) {
+        chunk_f32(level, g, clip)
+    }
+}
+
+impl StatsParam for super::Bf16 {
+    fn chunk(level: SimdLevel, g: &[super::Bf16], clip: Option<(f32, f32)>) -> (f32, f64) {
+        chunk_bf16(level, g, clip)
+    }
+}
+
+/// (max |g|, sum of squares) of every chunk of `g`, in parallel.
+fn chunks<P: StatsParam>(level: SimdLevel, g: &[P], clip: Option<(f32, f32)>) -> Vec<(f32, f64)> {
+    let n = g.len().div_ceil(CHUNK);
+    let mut out = vec![(0.0f32, 0.0f64); n];
+    let slots = Disjoint::new(&mut out);
+    threads::for_each_chunk(n, PART, |_, r| {
+        // SAFETY: the parts' chunk ranges are disjoint.
+        let slots = unsafe { slots.piece(r.clone()) };
+        for (slot, c) in slots.iter_mut().zip(r) {
+            *slot = P::chunk(level, &g[c * CHUNK..((c + 1) * CHUNK).min(g.len())], clip);
+        }
+    });
+    out
+}
+
+/// AdaClip's statistics of `g`: with `max_abs` given (the max over every shard of a sharded
+/// gradient) one pass sums the clipped squares; otherwise one pass finds max |g| and the
+/// chunk sums, and the chunks that hold a clipped entry are summed again. `running_max`,
+/// `gamma3` and `correction` (1 - gamma3^t) give the bound, in f64 as the optimizer's Python
+/// bookkeeping computes it.
+pub fn adaclip_stats<P: StatsParam>(
+    level: SimdLevel,
+    g: &[P],
+    max_abs: Option<f64>,
+    running_max: f64,
+    gamma3: f64,
+    correction: f64,
+) -> FgResult<AdaClip> {
+    if correction.is_nan() || correction <= 0.0 {
+        return Err(FgError::Value(format!(
+            "adaclip_stats: correction must be positive, got {correction}"
+        )));
+    }
+    let clip_of = |gmax: f64| {
+        let running_max = gamma3 * running_max + (1.0 - gamma3) * gmax;
+        let bound = running_max / correction;
+        let ratio = if gmax > 0.0 { bound / gmax } else { 1.0 };
+        (running_max, bound, ratio)
+    };
+    let (max_abs, parts) = match max_abs {
+        Some(gmax) => {
+            let (_, bound, ratio) = clip_of(gmax);
+            (gmax, chunks(level, g, Some((bound as f32, ratio as f32))))
+        }
+        None => {
+            let mut parts = chunks(level, g, None);
+            let gmax = parts.iter().fold(0.0f32, |acc, &(m, _)| {
+                if m.is_nan() || acc.is_nan() {
+                    f32::NAN
+                } else {
+                    acc.max(m)
+                }
+            }) as f64;
+            let (_, bound, ratio) = clip_of(gmax);
+            let clip = (bound as f32, ratio as f32);
+            for (c, part) in parts.iter_mut().enumerate() {
+                if part.0 > clip.0 {
+                    let r = c * CHUNK..((c + 1) * CHUNK).min(g.len());
+                    *part = P::chunk(level, &g[r], Some(clip));
+                }
+            }
+            (gmax, parts)
+        }
+    };
+    let (running_max, bound, ratio) = clip_of(max_abs);
+    Ok(AdaClip {
+        max_abs,
+        running_max,
+        bound,
+        ratio,
+        sum_sq: parts.iter().map(|&(_, s)| s).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grad(n: usize) -> Vec<f32> {
+        let mut g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        g[n / 2] = 300.0; // a spike in one chunk
+        g
+    }
+
+    /// The rule in f64 with the clip in f32, over entries in order.
+    fn naive(g: &[f32], running: f64, g3: f64, corr: f64) -> (f64, f64) {
+        let gmax = g.iter().fold(0.0f32, |a, x| a.max(x.abs())) as f64;
+        let bound = (g3 * running + (1.0 - g3) * gmax) / corr;
+        let ratio = (bound / gmax) as f32;
+        let sum = g
+            .iter()
+            .map(|&x| {
+                let y = if x.abs() > bound as f32 { x * ratio } else { x } as f64;
+                y * y
+            })
+            .sum();
+        (gmax, sum)
+    }
+
+    #[test]
+    fn one_pass_matches_the_rule_on_every_path() {
+        let n = 5 * CHUNK + 123;
+        let g = grad(n);
+        let (gmax, sum) = naive(&g, 1.0, 0.999, 0.05);
+        let mut results = Vec::new();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let s = adaclip_stats(level, &g, None, 1.0, 0.999, 0.05).unwrap();
+            assert_eq!(s.max_abs, gmax);
+            assert!(
+                (s.sum_sq - sum).abs() <= 1e-12 * sum,
+                "{} vs {sum}",
+                s.sum_sq
+            );
+            assert!(s.bound < 300.0); // the spike was clipped
+            let given = adaclip_stats(level, &g, Some(gmax), 1.0, 0.999, 0.05).unwrap();
+            assert_eq!(given, s);
+            results.push(s);
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn nan_propagates_and_empty_is_zero() {
+        let mut g = grad(1000);
+        g[10] = f32::NAN;
+        let s = adaclip_stats(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.1).unwrap();
+        assert!(s.max_abs.is_nan() && s.sum_sq.is_nan());
+        let empty: [f32; 0] = [];
+        let s = adaclip_stats(SimdLevel::Scalar, &empty, None, 0.0, 0.9, 0.1).unwrap();
+        assert_eq!((s.max_abs, s.sum_sq, s.ratio), (0.0, 0.0, 1.0));
+        assert!(adaclip_stats(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.0).is_err());
+    }
+}
