@@ -162,13 +162,13 @@ type PanelOut<'a> = (&'a mut [i8], (&'a mut [f32], &'a mut [i32]));
 
 /// Packs `op` into panels of `r` rows, storing q + `offset` (as unsigned bytes when nonzero),
 /// with -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset.
+/// The codes go into `data`, a buffer recycled from an earlier call (see `PACKED`).
 fn pack(
     op: &GemmOperand<'_>,
-    k: usize,
-    gs: usize,
-    kpad: usize,
+    (k, gs, kpad): (usize, usize, usize),
     r: usize,
     (offset, other_offset): (u8, u8),
+    mut data: Vec<i8>,
 ) -> Packed {
     let rows = op.rows();
     let groups = num_groups(k, gs);
@@ -176,7 +176,8 @@ fn pack(
     let meta = groups * r;
     let panels = rows.div_ceil(r);
     // Padding encodes the code 0.
-    let mut data = vec![offset as i8; panels * panel_bytes];
+    data.clear();
+    data.resize(panels * panel_bytes, offset as i8);
     let mut pow = vec![0f32; panels * meta];
     let mut corr = vec![0i32; panels * meta];
     let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
@@ -313,22 +314,10 @@ pub fn matmul(
         *last = (k - (groups - 1) * group_size).div_ceil(4);
     }
     let kpad = 4 * steps.iter().sum::<usize>();
-    let pa = pack(
-        a,
-        k,
-        group_size,
-        kpad,
-        kernel.mr,
-        (kernel.a_offset, kernel.b_offset),
-    );
-    let pb = pack(
-        b,
-        k,
-        group_size,
-        kpad,
-        kernel.nr,
-        (kernel.b_offset, kernel.a_offset),
-    );
+    let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
+    let dims = (k, group_size, kpad);
+    let pa = pack(a, dims, kernel.mr, (kernel.a_offset, kernel.b_offset), data_a);
+    let pb = pack(b, dims, kernel.nr, (kernel.b_offset, kernel.a_offset), data_b);
     let groups_per_block = (KC / group_size).max(1);
     let blocks_m = m.div_ceil(MC);
     let blocks_n = n.div_ceil(NC);
@@ -356,6 +345,7 @@ pub fn matmul(
     } else {
         (0..blocks_m * blocks_n).for_each(block);
     }
+    PACKED.set([pa.data, pb.data]);
     Ok(())
 }
 
@@ -363,6 +353,11 @@ thread_local! {
     /// A block's float accumulators, kept per thread between blocks and calls (a fresh 192 KiB
     /// buffer per block was an mmap and its page faults every time).
     static BLOCK_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The packed codes of both operands, kept by the calling thread between calls: fresh
+    /// buffers were page faults on every call (a tenth of the time at 1024³).
+    static PACKED: std::cell::RefCell<[Vec<i8>; 2]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    };
 }
 
 struct Job<'a> {
@@ -950,7 +945,7 @@ mod speed_full {
     fn gemm_speed() {
         crate::threads::set_num_threads(1).unwrap();
         let hz = crate::simd::measured_clock_hz().unwrap();
-        for (m, k, n) in [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 4096)] {
+        for (m, k, n) in [(96, 1024, 512), (192, 1024, 1024), (384, 1024, 1024), (1024, 1024, 1024)] {
             let gs = 64;
             let g = num_groups(k, gs);
             let mk = |rows: usize, seed: u32| {
@@ -966,13 +961,13 @@ mod speed_full {
             let mut out = vec![0f32; m * n];
             let mut best = f64::INFINITY;
             let mut best_pack = f64::INFINITY;
-            for _ in 0..15 {
+            for _ in 0..(4 << 30) / (m * n * k) {
                 let start = cpu();
                 matmul(SimdLevel::Avx512, &a, &b, k, gs, None, &mut out).unwrap();
                 best = best.min(cpu() - start);
                 let start = cpu();
-                let pa = pack(&a, k, gs, k, 6, (0, 128));
-                let pb = pack(&b, k, gs, k, 32, (128, 0));
+                let pa = pack(&a, (k, gs, k), 6, (0, 128), vec![]);
+                let pb = pack(&b, (k, gs, k), 32, (128, 0), vec![]);
                 std::hint::black_box((&pa.data, &pb.data));
                 best_pack = best_pack.min(cpu() - start);
             }
