@@ -139,12 +139,15 @@ impl Kernel {
 }
 
 /// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
-const MC: usize = 96;
+const MC: usize = 192;
 const NC: usize = 512;
 /// Bytes of K per block: a 32-column B micro-panel of this depth is 8 KiB (L1).
 const KC: usize = 256;
-/// Operands with fewer bytes than this pack on the calling thread.
-const PAR_MIN: usize = 1 << 18;
+/// Per-thread work minimums: a second thread joins only when each gets at least this much
+/// (bytes to pack; multiply-adds, about 0.7 ms on one Zen 4 core). On a loaded machine a
+/// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay.
+const PACK_PER_THREAD: usize = 1 << 20;
+const MACS_PER_THREAD: usize = 1 << 27;
 
 /// An operand packed into panels of `r` rows.
 struct Packed {
@@ -229,7 +232,7 @@ fn pack(
         };
         fill((p, out))
     };
-    if rows * k >= PAR_MIN {
+    if rows * k >= 2 * PACK_PER_THREAD {
         threads::split(panels, panel);
     } else {
         (0..panels).for_each(panel);
@@ -316,8 +319,20 @@ pub fn matmul(
     let kpad = 4 * steps.iter().sum::<usize>();
     let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
     let dims = (k, group_size, kpad);
-    let pa = pack(a, dims, kernel.mr, (kernel.a_offset, kernel.b_offset), data_a);
-    let pb = pack(b, dims, kernel.nr, (kernel.b_offset, kernel.a_offset), data_b);
+    let pa = pack(
+        a,
+        dims,
+        kernel.mr,
+        (kernel.a_offset, kernel.b_offset),
+        data_a,
+    );
+    let pb = pack(
+        b,
+        dims,
+        kernel.nr,
+        (kernel.b_offset, kernel.a_offset),
+        data_b,
+    );
     let groups_per_block = (KC / group_size).max(1);
     let blocks_m = m.div_ceil(MC);
     let blocks_n = n.div_ceil(NC);
@@ -340,7 +355,7 @@ pub fn matmul(
             unsafe { job.block(idx / blocks_n, idx % blocks_n, acc, out_ptr) }
         })
     };
-    if m * n * k >= 1 << 21 {
+    if m * n * k >= 2 * MACS_PER_THREAD {
         threads::split(blocks_m * blocks_n, block);
     } else {
         (0..blocks_m * blocks_n).for_each(block);
@@ -866,119 +881,5 @@ mod tests {
         )
         .is_err());
         matmul(level, &qa.operand(), &qb.operand(), 8, 4, None, &mut out).unwrap();
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    #[test]
-    #[ignore]
-    fn kernel_speed() {
-        let hz = crate::simd::measured_clock_hz().unwrap();
-        let kernel = Kernel::select(SimdLevel::Avx512, 127, 127);
-        let (mr, nr) = (kernel.mr, kernel.nr);
-        let gs = 64;
-        for kc in [256usize, 512, 1024] {
-            let groups = kc / gs;
-            let a = vec![1i8; mr * kc];
-            let b = vec![1i8; nr * kc];
-            let a_pow = vec![1f32; groups * mr];
-            let b_pow = vec![1f32; groups * nr];
-            let a_corr = vec![0i32; groups * mr];
-            let b_corr = vec![0i32; groups * nr];
-            let steps = vec![gs / 4; groups];
-            let mut acc = vec![0f32; mr * nr];
-            let t = Tile {
-                a: a.as_ptr(),
-                b: b.as_ptr(),
-                a_pow: a_pow.as_ptr(),
-                a_corr: a_corr.as_ptr(),
-                b_corr: b_corr.as_ptr(),
-                b_pow: b_pow.as_ptr(),
-                steps: steps.as_ptr(),
-                groups,
-                depth: kernel.depth,
-                acc: acc.as_mut_ptr(),
-            };
-            let iters = (1usize << 24) / (mr * nr * kc);
-            let mut best = f64::INFINITY;
-            for _ in 0..2000 {
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    unsafe { (kernel.run)(std::hint::black_box(&t)) }
-                }
-                best = best.min(start.elapsed().as_secs_f64());
-            }
-            let macs = (iters * mr * nr * kc) as f64;
-            println!(
-                "kc {kc}: {:.1} GMAC/s, {:.1} MAC/cycle at {:.2} GHz",
-                macs / best / 1e9,
-                macs / best / hz,
-                hz / 1e9
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod speed_full {
-    use super::*;
-
-    #[repr(C)]
-    struct Ts {
-        s: i64,
-        ns: i64,
-    }
-    extern "C" {
-        fn clock_gettime(c: i32, t: *mut Ts) -> i32;
-    }
-    fn cpu() -> f64 {
-        let mut t = Ts { s: 0, ns: 0 };
-        unsafe { clock_gettime(3, &mut t) };
-        t.s as f64 + t.ns as f64 * 1e-9
-    }
-
-    #[test]
-    #[ignore]
-    fn gemm_speed() {
-        crate::threads::set_num_threads(1).unwrap();
-        let hz = crate::simd::measured_clock_hz().unwrap();
-        for (m, k, n) in [(96, 1024, 512), (192, 1024, 1024), (384, 1024, 1024), (1024, 1024, 1024)] {
-            let gs = 64;
-            let g = num_groups(k, gs);
-            let mk = |rows: usize, seed: u32| {
-                let codes: Vec<i8> = (0..rows * k)
-                    .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 25) as i8 - 64)
-                    .collect();
-                (codes, vec![1f32; rows], vec![1u8; rows * g])
-            };
-            let (ac, asc, ash) = mk(m, 1);
-            let (bc, bsc, bsh) = mk(n, 2);
-            let a = GemmOperand { codes: &ac, scale: &asc, shifts: &ash };
-            let b = GemmOperand { codes: &bc, scale: &bsc, shifts: &bsh };
-            let mut out = vec![0f32; m * n];
-            let mut best = f64::INFINITY;
-            let mut best_pack = f64::INFINITY;
-            for _ in 0..(4 << 30) / (m * n * k) {
-                let start = cpu();
-                matmul(SimdLevel::Avx512, &a, &b, k, gs, None, &mut out).unwrap();
-                best = best.min(cpu() - start);
-                let start = cpu();
-                let pa = pack(&a, (k, gs, k), 6, (0, 128), vec![]);
-                let pb = pack(&b, (k, gs, k), 32, (128, 0), vec![]);
-                std::hint::black_box((&pa.data, &pb.data));
-                best_pack = best_pack.min(cpu() - start);
-            }
-            let macs = (m * n * k) as f64;
-            println!(
-                "{m}x{k}x{n}: {:.2} ms, {:.1} GMAC/s, {:.1} MAC/cycle; packing {:.2} ms",
-                best * 1e3,
-                macs / best / 1e9,
-                macs / best / hz,
-                best_pack * 1e3
-            );
-        }
     }
 }
