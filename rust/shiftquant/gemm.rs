@@ -187,18 +187,20 @@ fn pack(
         let lanes = u32::from_ne_bytes([offset; 4]);
         let live = r.min(rows - p * r);
         let panel = &op.codes[p * r * k..(p * r + live) * k];
+        // K = 0 leaves `panel` empty; the row chunks then only need a nonzero length.
+        let row_len = k.max(1);
         // Whole quads as u32, walking K outermost so that the writes are sequential (a byte
         // loop, row by row, was a tenth of the GEMM's time at 1024³).
         let (full, tail) = (k / 4, k % 4);
         for kk in 0..full {
             let out = &mut d[kk * r * 4..(kk * r + live) * 4];
-            for (o, row) in out.chunks_exact_mut(4).zip(panel.chunks_exact(k)) {
+            for (o, row) in out.chunks_exact_mut(4).zip(panel.chunks_exact(row_len)) {
                 let quad: [i8; 4] = row[kk * 4..kk * 4 + 4].try_into().unwrap();
                 let v = add_bytes(u32::from_ne_bytes(quad.map(|q| q as u8)), lanes);
                 o.copy_from_slice(&v.to_ne_bytes().map(|b| b as i8));
             }
         }
-        for (i, row) in panel.chunks_exact(k).enumerate() {
+        for (i, row) in panel.chunks_exact(row_len).enumerate() {
             if tail > 0 {
                 for (o, &q) in d[(full * r + i) * 4..].iter_mut().zip(&row[full * 4..]) {
                     *o = q.wrapping_add(offset as i8);
