@@ -1,25 +1,40 @@
-"""ShiftQuant on CPU vs torch float32: integer GEMM, ShiftQuantLinear, quantize, L1LayerNorm,
-and the training fidelity of a small Transformer at 8 / 6 / 4 bits. On a GPU (shiftquant_gpu.json):
+"""ShiftQuant on CPU vs torch: the integer GEMM against torch's float32 and bf16 matmuls and
+torch._int_mm (int8 x int8 -> int32, no scales), ShiftQuantLinear against nn.Linear in float32
+and under bf16 autocast, quantize, L1LayerNorm, and the training fidelity of a small Transformer
+at 8 / 6 / 4 bits. On a GPU (shiftquant_gpu.json):
 ShiftQuantLinear forward + backward vs nn.Linear in bf16 at 8192 tokens, the integer GEMM alone
 vs the bf16 matmul, the quantize kernels as a fraction of the device's copy bandwidth, and the
 training tokens per second of a small byte-level LM (the demo's) against its bf16 twin.
 
 ``int8_peak_frac`` divides the integer GEMM's multiply-adds per second by this CPU's int8 peak:
 threads x the clock x the multiply-adds per cycle of the kernel's instructions. With AVX-512 VNNI
-that is 64 per `vpdpbusd` on two ports. With AVX2, 8-bit codes need a vpmaddubsw + vpmaddwd pair
+that is 64 per 512-bit `vpdpbusd`, two per cycle (one on AMD Zen 4, which splits each into two
+256-bit halves). With AVX2, 8-bit codes need a vpmaddubsw + vpmaddwd pair
 per 32 products (16 per port and cycle) and narrower codes about one vpmaddubsw (32); AMD Zen 1/2
 (family 23) multiply on one vector port, other CPUs on two. The clock is measured (a chain of
 dependent adds, one per cycle; a VM's /proc/cpuinfo reports its base clock); the port count is an
 assumption stated in each row.
+
+Results are kept per CPU (bench/results/shiftquant.json maps a CPU key to its run), so that a run
+on one machine does not overwrite another's.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
-from harness import Bench, device_copy_bandwidth, gpu_section, gpu_time, interleaved_times
+from harness import (
+    RESULTS,
+    Bench,
+    device_copy_bandwidth,
+    gpu_section,
+    gpu_time,
+    interleaved_times,
+    machine,
+)
 
 import ferrograd as fg
 from ferrograd import _core
@@ -65,7 +80,8 @@ def int8_peak(threads: int, bits: int) -> tuple[float, str]:
     """This CPU's assumed peak int8 multiply-adds per second for codes of ``bits``, and how."""
     info = Path("/proc/cpuinfo").read_text()
     if fg.cpu_info()["features"]["avx512vnni"]:
-        per_port, ports = 64, 2
+        # Zen 4 (family 25) runs a 512-bit vpdpbusd as two halves on its two 256-bit pipes.
+        per_port, ports = 64, 1 if "AuthenticAMD" in info and "cpu family\t: 25\n" in info else 2
     else:
         per_port = 16 if bits == 8 else 32
         ports = 1 if "AuthenticAMD" in info and "cpu family\t: 23\n" in info else 2
@@ -80,6 +96,9 @@ def int8_peak(threads: int, bits: int) -> tuple[float, str]:
 def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
     a, b = torch.randn(m, k), torch.randn(n, k)
     qa, qb = fg.shiftquant(a, bits), fg.shiftquant(b, bits)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
     peak, how = int8_peak(bench.threads, bits)
 
     def quant(x: torch.Tensor):
@@ -90,6 +109,8 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
             "int": lambda: fg.shiftquant_matmul(qa, qb),
             "int+quant": lambda: fg.shiftquant_matmul(quant(a), quant(b)),
             "torch": lambda: torch.matmul(a, b.T),
+            "bf16": lambda: torch.matmul(a16, b16.T),
+            "int_mm": lambda: torch._int_mm(a8, b8),
         },
         repeats=5 if m * n * k <= 2**33 else 3,
     )
@@ -99,13 +120,29 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
             "case": f"gemm {m}x{k}x{n}" + ("" if bits == 8 else f" at {bits} bits"),
             "ours_ms": t["int"] * 1e3,
             "torch_ms": t["torch"] * 1e3,
+            "bf16_ms": t["bf16"] * 1e3,
+            "int_mm_ms": t["int_mm"] * 1e3,
             "speedup": t["torch"] / t["int"],
+            "vs_bf16": t["bf16"] / t["int"],
+            "vs_int_mm": t["int_mm"] / t["int"],
             "speedup_with_quant": t["torch"] / t["int+quant"],
             "GMACs": macs / 1e9,
             "int8_peak_frac": macs / peak,
+            "int_mm_peak_frac": m * n * k / t["int_mm"] / peak,
             "int8_peak": how,
         }
     )
+
+
+def autocast_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """``train_step`` under CPU bf16 autocast (nn.Linear then runs its three GEMMs in bf16)."""
+    step = train_step(layer, x, grad)
+
+    def run():
+        with torch.autocast("cpu", torch.bfloat16):
+            step()
+
+    return run
 
 
 def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
@@ -114,7 +151,24 @@ def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
     ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=bits)
     x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
     case = f"linear fwd+bwd {tokens}x{k}->{n}" + ("" if bits == 8 else f" at {bits} bits")
-    compare_layers(bench, case, ours, ref, x, grad, repeats=5)
+    t = interleaved_times(
+        {
+            "ours": train_step(ours, x, grad),
+            "torch": train_step(ref, x, grad),
+            "bf16": autocast_step(ref, x, grad),
+        },
+        repeats=5,
+    )
+    bench.add(
+        {
+            "case": case,
+            "ours_ms": t["ours"] * 1e3,
+            "torch_ms": t["torch"] * 1e3,
+            "bf16_ms": t["bf16"] * 1e3,
+            "speedup": t["torch"] / t["ours"],
+            "vs_bf16": t["bf16"] / t["ours"],
+        }
+    )
 
 
 def quantize(bench: Bench, rows: int, cols: int) -> None:
@@ -250,7 +304,38 @@ def gpu(bench: Bench) -> None:
     gpu_lm(bench)
 
 
+def cpu_key(info: dict) -> str:
+    """The CPU a run belongs to: the model name with its family and model numbers (VMs report
+    several generations as plain "AMD EPYC") and whether it has AVX-512 VNNI."""
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    vnni = "avx512_vnni" in info["cpu_flags"]
+    return (
+        f"{info['cpu']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+        f"{', AVX-512 VNNI' if vnni else ''})"
+    )
+
+
+def save_per_cpu(path: Path, previous: dict) -> None:
+    """Moves the run Bench.save wrote to ``path`` under its CPU's key, beside the other CPUs'
+    runs of ``previous`` (the file as it was)."""
+    run = json.loads(path.read_text())
+    key = cpu_key(machine(run["machine"]["threads"]))
+    doc = {"benchmark": "shiftquant", "by_cpu": {}}
+    if "by_cpu" in previous:
+        doc["by_cpu"] = previous["by_cpu"]
+    elif previous:  # a single run written before results were kept per CPU
+        old = previous["machine"]
+        doc["by_cpu"][f"{old['cpu']} ({old['simd_path']} run)"] = previous
+    doc["by_cpu"][key] = run
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main(threads: int | None = None) -> None:
+    results = RESULTS / "shiftquant.json"
+    previous = json.loads(results.read_text()) if results.exists() else {}
     bench = Bench("shiftquant", threads)
     for size in (512, 1024, 2048, 4096):
         gemm(bench, size, size, size)
@@ -260,22 +345,30 @@ def main(threads: int | None = None) -> None:
         gemm(bench, 2048, 2048, 2048, bits)
     linear(bench, 4096, 1024, 4096)
     linear(bench, 4096, 1024, 4096, bits=6)
+    # The demo model's shapes (dim 512, MLP 1376) at 1024 tokens.
+    for k, n in ((512, 512), (512, 1376), (1376, 512)):
+        linear(bench, 1024, k, n)
     quantize(bench, 4096, 4096)
     l1norm(bench, 8192, 1024)
     fidelity(bench, 300)
     notes = gpu_section("shiftquant", threads, gpu)
-    bench.save(
+    path = bench.save(
         {
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
+            "vs_bf16": "torch bf16 time / ferrograd time: torch.matmul on bf16 operands (gemm), "
+            "nn.Linear forward + backward under torch.autocast('cpu', torch.bfloat16) (linear)",
+            "vs_int_mm": "torch._int_mm time (int8 x int8 -> int32, no scales) / ferrograd time",
             "speedup_with_quant": "as speedup, with both operands quantized inside the timing",
             "int8_peak": "per row: threads x vector ports that multiply (assumed) x int8 MACs "
             "per port and cycle x the measured clock (see the module docstring)",
+            "int_mm_peak_frac": "torch._int_mm's multiply-adds per second / the same int8 peak",
             "GBps": "quantize: bytes read (float32) + written (int8) per second",
             "rel_diff": "(final loss at b bits - float32 final loss) / float32 final loss, "
             "mean of the last 20 of 300 AdamW steps on a repeated-motif task",
         }
     )
+    save_per_cpu(path, previous)
 
 
 if __name__ == "__main__":

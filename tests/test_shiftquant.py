@@ -171,6 +171,24 @@ def test_integer_gemm_equals_the_float64_product_of_the_dequantized_operands(
     assert ((got - want).abs() <= 1e-5 * magnitude + 1e-300).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_integer_gemm_across_blocks_tiles_and_threads(threads):
+    # M, N past several row and column blocks of C and not multiples of the micro-kernel's
+    # tile, K past several K blocks and not a multiple of the group size nor of 4, and enough
+    # work for the second thread (when given) to take blocks.
+    m, n, k, group_size = 389, 1041, 701, 64
+    qa = fg.shiftquant(sample((m, k), 7), 8, group_size)
+    qb = fg.shiftquant(sample((n, k), 8), 8, group_size)
+    before = fg.get_num_threads()
+    fg.set_num_threads(threads)
+    try:
+        got = fg.shiftquant_matmul(qa, qb).double()
+    finally:
+        fg.set_num_threads(before)
+    da, db = dequantized(qa), dequantized(qb)
+    assert ((got - da @ db.T).abs() <= 1e-5 * (da.abs() @ db.abs().T) + 1e-300).all()
+
+
 def test_integer_gemm_rejects_code_minus_128():
     qa, qb = fg.shiftquant(sample((3, 64), 1)), fg.shiftquant(sample((4, 64), 2))
     qb.codes[2, 5] = -128

@@ -139,12 +139,15 @@ impl Kernel {
 }
 
 /// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
-const MC: usize = 96;
+const MC: usize = 192;
 const NC: usize = 512;
 /// Bytes of K per block: a 32-column B micro-panel of this depth is 8 KiB (L1).
 const KC: usize = 256;
-/// Operands with fewer bytes than this pack on the calling thread.
-const PAR_MIN: usize = 1 << 18;
+/// Per-thread work minimums: a second thread joins only when each gets at least this much
+/// (bytes to pack; multiply-adds, about 0.7 ms on one Zen 4 core). On a loaded machine a
+/// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay.
+const PACK_PER_THREAD: usize = 1 << 20;
+const MACS_PER_THREAD: usize = 1 << 27;
 
 /// An operand packed into panels of `r` rows.
 struct Packed {
@@ -162,13 +165,13 @@ type PanelOut<'a> = (&'a mut [i8], (&'a mut [f32], &'a mut [i32]));
 
 /// Packs `op` into panels of `r` rows, storing q + `offset` (as unsigned bytes when nonzero),
 /// with -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset.
+/// The codes go into `data`, a buffer recycled from an earlier call (see `PACKED`).
 fn pack(
     op: &GemmOperand<'_>,
-    k: usize,
-    gs: usize,
-    kpad: usize,
+    (k, gs, kpad): (usize, usize, usize),
     r: usize,
     (offset, other_offset): (u8, u8),
+    mut data: Vec<i8>,
 ) -> Packed {
     let rows = op.rows();
     let groups = num_groups(k, gs);
@@ -176,23 +179,40 @@ fn pack(
     let meta = groups * r;
     let panels = rows.div_ceil(r);
     // Padding encodes the code 0.
-    let mut data = vec![offset as i8; panels * panel_bytes];
+    data.clear();
+    data.resize(panels * panel_bytes, offset as i8);
     let mut pow = vec![0f32; panels * meta];
     let mut corr = vec![0i32; panels * meta];
     let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
-        for i in 0..r.min(rows - p * r) {
-            let row = p * r + i;
-            let codes = &op.codes[row * k..(row + 1) * k];
-            for (kk, quad) in codes.chunks(4).enumerate() {
-                for (o, &q) in d[(kk * r + i) * 4..].iter_mut().zip(quad) {
+        let lanes = u32::from_ne_bytes([offset; 4]);
+        let live = r.min(rows - p * r);
+        let panel = &op.codes[p * r * k..(p * r + live) * k];
+        // K = 0 leaves `panel` empty; the row chunks then only need a nonzero length.
+        let row_len = k.max(1);
+        // Whole quads as u32, walking K outermost so that the writes are sequential (a byte
+        // loop, row by row, was a tenth of the GEMM's time at 1024³).
+        let (full, tail) = (k / 4, k % 4);
+        for kk in 0..full {
+            let out = &mut d[kk * r * 4..(kk * r + live) * 4];
+            for (o, row) in out.chunks_exact_mut(4).zip(panel.chunks_exact(row_len)) {
+                let quad: [i8; 4] = row[kk * 4..kk * 4 + 4].try_into().unwrap();
+                let v = add_bytes(u32::from_ne_bytes(quad.map(|q| q as u8)), lanes);
+                o.copy_from_slice(&v.to_ne_bytes().map(|b| b as i8));
+            }
+        }
+        for (i, row) in panel.chunks_exact(row_len).enumerate() {
+            if tail > 0 {
+                for (o, &q) in d[(full * r + i) * 4..].iter_mut().zip(&row[full * 4..]) {
                     *o = q.wrapping_add(offset as i8);
                 }
             }
-            for (g, group) in codes.chunks(gs).enumerate() {
-                let shift = u32::from(op.shifts[row * groups + g]);
-                pw[g * r + i] = f32::from_bits((127 - shift) << 23);
-                let sum: i32 = group.iter().map(|&q| i32::from(q)).sum();
-                cs[g * r + i] = -i32::from(other_offset) * sum;
+            let shifts = &op.shifts[(p * r + i) * groups..][..groups];
+            for (g, (group, &shift)) in row.chunks(gs).zip(shifts).enumerate() {
+                pw[g * r + i] = f32::from_bits((127 - u32::from(shift)) << 23);
+                if other_offset != 0 {
+                    let sum: i32 = group.iter().map(|&q| i32::from(q)).sum();
+                    cs[g * r + i] = -i32::from(other_offset) * sum;
+                }
             }
         }
     };
@@ -214,7 +234,7 @@ fn pack(
         };
         fill((p, out))
     };
-    if rows * k >= PAR_MIN {
+    if rows * k >= 2 * PACK_PER_THREAD {
         threads::split(panels, panel);
     } else {
         (0..panels).for_each(panel);
@@ -226,6 +246,12 @@ fn pack(
         pow,
         corr,
     }
+}
+
+/// The four bytes of `x` plus those of `y`, each modulo 256 (no carry between bytes).
+fn add_bytes(x: u32, y: u32) -> u32 {
+    const HIGH: u32 = 0x8080_8080;
+    ((x & !HIGH) + (y & !HIGH)) ^ ((x ^ y) & HIGH)
 }
 
 /// The largest |code| of an operand.
@@ -293,21 +319,21 @@ pub fn matmul(
         *last = (k - (groups - 1) * group_size).div_ceil(4);
     }
     let kpad = 4 * steps.iter().sum::<usize>();
+    let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
+    let dims = (k, group_size, kpad);
     let pa = pack(
         a,
-        k,
-        group_size,
-        kpad,
+        dims,
         kernel.mr,
         (kernel.a_offset, kernel.b_offset),
+        data_a,
     );
     let pb = pack(
         b,
-        k,
-        group_size,
-        kpad,
+        dims,
         kernel.nr,
         (kernel.b_offset, kernel.a_offset),
+        data_b,
     );
     let groups_per_block = (KC / group_size).max(1);
     let blocks_m = m.div_ceil(MC);
@@ -331,11 +357,12 @@ pub fn matmul(
             unsafe { job.block(idx / blocks_n, idx % blocks_n, acc, out_ptr) }
         })
     };
-    if m * n * k >= 1 << 21 {
+    if m * n * k >= 2 * MACS_PER_THREAD {
         threads::split(blocks_m * blocks_n, block);
     } else {
         (0..blocks_m * blocks_n).for_each(block);
     }
+    PACKED.set([pa.data, pb.data]);
     Ok(())
 }
 
@@ -343,6 +370,11 @@ thread_local! {
     /// A block's float accumulators, kept per thread between blocks and calls (a fresh 192 KiB
     /// buffer per block was an mmap and its page faults every time).
     static BLOCK_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The packed codes of both operands, kept by the calling thread between calls: fresh
+    /// buffers were page faults on every call (a tenth of the time at 1024³).
+    static PACKED: std::cell::RefCell<[Vec<i8>; 2]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    };
 }
 
 struct Job<'a> {
