@@ -595,3 +595,29 @@ def test_eps_zero_is_refused_and_a_zero_gradient_steps_weight_decay_only(cls):
     p.grad = torch.zeros(4, 4)
     opt.step()
     assert torch.equal(p.detach(), torch.full((4, 4), 1 - 0.1 * 0.1))
+
+
+@pytest.mark.simd
+def test_a_nan_gradient_under_spike_clipping_reaches_the_parameter():
+    """Fuzz finding: with clipping active a NaN gradient entry was capped to a finite value
+    (f32 max / min drop NaN), so the step hid it; the rule (torch.minimum / maximum) and torch's
+    Adam give NaN."""
+    p = torch.nn.Parameter(torch.ones(40))
+    opt = fg.optim.SPAM([p], lr=0.1, clip_warmup=1, warmup_steps=0)
+    for g in (torch.full((40,), 0.1), torch.full((40,), 0.1)):
+        p.grad = g.clone()
+        opt.step()
+    p.grad = torch.full((40,), 0.2)
+    p.grad[3] = float("nan")
+    opt.step()
+    assert torch.isnan(p.detach()[3]) and torch.isfinite(p.detach()[torch.arange(40) != 3]).all()
+
+
+def test_spam_betas_and_threshold_errors_name_the_argument():
+    p = torch.nn.Parameter(torch.ones(4))
+    for cls in (fg.optim.SPAM, fg.optim.StableSPAM):
+        with pytest.raises(TypeError, match=f"{cls.__name__}: betas must be a pair"):
+            cls([p], betas=None)
+    with pytest.raises(ValueError, match="SPAM: threshold must be positive"):
+        fg.optim.SPAM([p], threshold=0.0)
+    fg.optim.SPAM([p], threshold=float("inf"))  # no spike clipping

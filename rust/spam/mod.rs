@@ -222,7 +222,13 @@ impl StepScalars {
 #[inline(always)]
 fn spike_clip(g: f32, threshold: f32, v: f32) -> f32 {
     let cap = (threshold * v).sqrt();
-    g.max(-cap).min(cap) // not clamp: a NaN cap must not panic
+    // NaN in g or the cap stays NaN, as torch.minimum / maximum keep it (f32::max and min
+    // return the other operand: a NaN gradient became the cap; not clamp: it panics on NaN).
+    if g.is_nan() || cap.is_nan() {
+        f32::NAN
+    } else {
+        g.max(-cap).min(cap)
+    }
 }
 
 /// Whether `spike_clip(g, threshold, v)` certainly returns `g` (|g| < the cap), decided

@@ -34,6 +34,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 _INT_MAX = 2**63 - 1
 
 
+def _pair(betas: object) -> object:
+    """betas as a tuple where it is a pair-like sequence; anything else is left for the group
+    check to refuse with a clear message."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
 class _SpamBase(torch.optim.Optimizer):
     _name = "SPAM"
     #: Per-parameter float statistics of the state (>= 0) besides the tensors.
@@ -297,7 +303,7 @@ class SPAM(_SpamBase):
         seed: int = 0,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density=density,
+            lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, density=density,
             reset_interval=reset_interval, warmup_steps=warmup_steps, threshold=threshold,
             clip_warmup=clip_warmup,
         )  # fmt: skip
@@ -306,6 +312,8 @@ class SPAM(_SpamBase):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         check_number("SPAM", "threshold", group["threshold"], 0.0)
+        if group["threshold"] == 0.0:  # inf is allowed: no spike clipping
+            raise ValueError("SPAM: threshold must be positive (inf: no clipping), got 0.0")
         check_int("SPAM", "warmup_steps", group["warmup_steps"], 0, _INT_MAX)
         check_int("SPAM", "clip_warmup", group["clip_warmup"], 0, _INT_MAX)
 
@@ -353,7 +361,7 @@ class StableSPAM(_SpamBase):
         seed: int = 0,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
+            lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1,
             gamma2=gamma2, gamma3=gamma3, reset_interval=reset_interval,
             total_steps=total_steps, eta_min=eta_min, density=density,
         )  # fmt: skip
