@@ -33,6 +33,8 @@ macro_rules! by_rows {
 mod avx2;
 mod dequantize;
 mod float;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod gemv;
 mod pack;
 mod quantize;
@@ -43,7 +45,7 @@ mod vnni;
 
 pub use dequantize::dequantize;
 pub use float::Nibbles;
-pub use gemv::gemv;
+pub use gemv::{gemm_supported, gemv, matmul};
 use gemv::{zero_term, IntInput};
 pub use pack::{pack, unpack};
 pub use quantize::quantize;
@@ -130,5 +132,46 @@ impl PackedW4<'_> {
                 ("zeros", self.zeros.len(), s.groups()),
             ],
         )
+    }
+}
+
+/// The rows of x as the caller holds them.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element i as float32.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Rows::F32(x) => x[i],
+            Rows::Bf16(x) => f32::from_bits((x[i] as u32) << 16),
+        }
+    }
+}
+
+/// float32 to bf16, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+pub(crate) fn bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
     }
 }

@@ -68,18 +68,26 @@ def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> t
     return out
 
 
+def _kernel_x(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as the Rust kernels read it: bf16 as its bytes (no float32 copy), else float32."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.uint8), True
+    return x.float().contiguous(), False
+
+
 def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
     if layout != CPU_BLOCKS or x.dtype not in KERNEL_DTYPES:
         return reference.matmul(x, packed, scales, zeros, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
     n, k = packed.shape[0], x.shape[-1]
-    xf = x.float().contiguous()
+    xk, bf16 = _kernel_x(x)
     # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims.
     y = torch.empty(*x.shape[:-1], n)
-    if xf.numel() <= GEMV_MAX_ROWS * k and group_len(k, group_size) % 32 == 0:
-        _core.w4_gemv(packed, scales, zeros, n, k, group_size, xf, y)
-    else:
-        x2, y2 = xf.view(-1, k), y.view(-1, n)
+    operands = (packed, scales, zeros, n, k, group_size, xk, y)
+    if x.numel() <= GEMV_MAX_ROWS * k and group_len(k, group_size) % 32 == 0:
+        _core.w4_gemv(*operands, x_bf16=bf16)
+    elif not _core.w4_gemm(*operands, x_bf16=bf16):
+        x2, y2 = x.float().view(-1, k), y.view(-1, n)
         for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
             y2[:, n0:n1] = x2 @ block.T
         _recompute_overflowed(x2, y2, packed, scales, zeros, group_size)

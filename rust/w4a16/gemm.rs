@@ -1,0 +1,237 @@
+//! The AVX-512 BF16 GEMM, for more rows of x than the GEMV takes.
+//!
+//! Each thread dequantizes `NR` rows of W at a time into a tile of bf16 codes q - zero (integers
+//! -15..15, exact in bf16) and multiplies them with x in bf16 by `vdpbf16ps`: the products are
+//! exact and add up in float32, and each group's sums meet its scale in float32 once. bf16 x is
+//! read as it is; float32 x is split into two bf16 terms, hi + lo (within 2^-17 of x).
+//!
+//! x is packed transposed, 16 rows per vector (one row of x per float32 lane of the sums):
+//! [m block][pair p of columns 2p, 2p + 1][32 lanes] as bf16 pairs; a pair of W's columns is
+//! then one broadcast 32-bit word of the tile.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::{bf16, packed_row_bytes, PackedW4, Rows, BLOCK, BLOCK_BYTES};
+use crate::threads::{self, SendPtr};
+
+/// Rows of W per tile: 2 x 12 sums, 2 vectors of x and a broadcast fit in 32 registers.
+const NR: usize = 12;
+/// Lanes per vector of x (and of the float32 sums).
+const LANES: usize = 16;
+/// Lanes per m block: two vectors.
+const BLOCK_LANES: usize = 2 * LANES;
+
+/// bf16(c - z) for c = 0..31 (the `vpermw` table; codes are 0..15), per zero z = 0..15.
+static TABLES: [[u16; 32]; 16] = {
+    let mut t = [[0u16; 32]; 16];
+    let mut z = 0;
+    while z < 16 {
+        let mut c = 0;
+        while c < 32 {
+            t[z][c] = ((c as f32 - z as f32).to_bits() >> 16) as u16;
+            c += 1;
+        }
+        z += 1;
+    }
+    t
+};
+
+/// Whether this CPU, at `level`, runs the GEMM for a weight of `shape` (group sizes that are
+/// multiples of 32, or one group per row, so that each half block has one zero).
+pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
+    let f = crate::simd::cpu_features();
+    level == crate::simd::SimdLevel::Avx512
+        && f.avx512bw
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && (shape.group_size.is_multiple_of(BLOCK_BYTES) || shape.groups() == 1)
+}
+
+/// x packed for the micro-kernel (module docs): `terms` bf16 terms per element of x. With one
+/// term, m block b holds rows 32b .. 32b + 31; with two, rows 16b .. 16b + 15, hi in lanes 0-15
+/// and lo in lanes 16-31.
+struct Packed {
+    words: Vec<u32>,
+    terms: usize,
+    blocks: usize,
+}
+
+impl Packed {
+    fn new(x: Rows<'_>, m: usize, k: usize, pairs: usize) -> Packed {
+        let terms = if matches!(x, Rows::Bf16(_)) { 1 } else { 2 };
+        let rows_per_block = BLOCK_LANES / terms;
+        let blocks = m.div_ceil(rows_per_block);
+        let mut words = vec![0u32; blocks * pairs * BLOCK_LANES];
+        let per_block = pairs * BLOCK_LANES;
+        let dst = SendPtr(words.as_mut_ptr());
+        threads::split(blocks, |b| {
+            // SAFETY: block b alone writes its `per_block` words.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(b * per_block), per_block) };
+            for i in 0..rows_per_block.min(m - b * rows_per_block) {
+                let row = (b * rows_per_block + i) * k;
+                let value = |c: usize| if c < k { x.get(row + c) } else { 0.0 };
+                for p in 0..pairs.min(k.div_ceil(2)) {
+                    let (a, c) = (value(2 * p), value(2 * p + 1));
+                    let (ha, hc) = (bf16(a), bf16(c));
+                    out[p * BLOCK_LANES + i] = ha as u32 | (hc as u32) << 16;
+                    if terms == 2 {
+                        let lo = |v: f32, h: u16| bf16(v - f32::from_bits((h as u32) << 16));
+                        out[p * BLOCK_LANES + LANES + i] =
+                            lo(a, ha) as u32 | (lo(c, hc) as u32) << 16;
+                    }
+                }
+            }
+        });
+        Packed {
+            words,
+            terms,
+            blocks,
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's tile of W (bf16 codes) and the tile's scales, reused across calls.
+    static TILE: RefCell<(Vec<u16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// y [m, n] = x [m, k] · W_hatᵀ in float32. The caller checks [`supported`] and the sizes.
+pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
+    let s = w.shape;
+    let m = x.len() / s.k;
+    let kpad = packed_row_bytes(s.k) * 2;
+    let pairs = kpad / 2;
+    let groups = s.groups();
+    let group_pairs = if groups == 1 { pairs } else { s.group_size / 2 };
+    let xp = Packed::new(x, m, s.k, pairs);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    threads::split(s.n.div_ceil(NR), |part| {
+        TILE.with_borrow_mut(|(tile, scales)| {
+            tile.resize(NR * kpad, 0);
+            scales.resize(groups * NR, 0.0);
+            let n0 = part * NR;
+            let rows = NR.min(s.n - n0);
+            // SAFETY: the GEMM runs only where `supported` found the features.
+            unsafe { dequantize_tile(w, n0, rows, kpad, tile, scales) };
+            let mut out = [0.0f32; NR * BLOCK_LANES];
+            for b in 0..xp.blocks {
+                out.fill(0.0);
+                let xb = &xp.words[b * pairs * BLOCK_LANES..(b + 1) * pairs * BLOCK_LANES];
+                let rows_per_block = BLOCK_LANES / xp.terms;
+                let m_rows = rows_per_block.min(m - b * rows_per_block);
+                // SAFETY: as above; the tile holds NR rows of `kpad` codes, xb `pairs` words.
+                unsafe {
+                    if xp.terms == 1 && m_rows <= LANES {
+                        micro::<1>(tile, kpad, xb, group_pairs, scales, &mut out)
+                    } else {
+                        micro::<2>(tile, kpad, xb, group_pairs, scales, &mut out)
+                    }
+                }
+                for i in 0..m_rows {
+                    let row = b * rows_per_block + i;
+                    // SAFETY: part `part` alone writes columns n0 .. n0 + rows of y.
+                    let dst = unsafe { y_ptr.ptr().add(row * s.n + n0) };
+                    for j in 0..rows {
+                        let lanes = &out[j * BLOCK_LANES..];
+                        let v = if xp.terms == 2 {
+                            lanes[i] + lanes[LANES + i]
+                        } else {
+                            lanes[i]
+                        };
+                        unsafe { *dst.add(j) = v };
+                    }
+                }
+            }
+        })
+    });
+}
+
+/// Rows n0 .. n0 + rows of W as bf16 codes q - zero into `tile` [NR, kpad] (rows past the
+/// weight's end hold zeros), and their scales into `scales` [groups, NR].
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn dequantize_tile(
+    w: &PackedW4<'_>,
+    n0: usize,
+    rows: usize,
+    kpad: usize,
+    tile: &mut [u16],
+    scales: &mut [f32],
+) {
+    let s = w.shape;
+    let (row_bytes, groups, g) = (packed_row_bytes(s.k), s.groups(), s.group_size);
+    let mask = _mm256_set1_epi8(15);
+    for r in 0..NR {
+        let dst = tile.as_mut_ptr().add(r * kpad);
+        if r >= rows {
+            std::ptr::write_bytes(dst, 0, kpad);
+            for gi in 0..groups {
+                scales[gi * NR + r] = 0.0;
+            }
+            continue;
+        }
+        let n = n0 + r;
+        let packed = w.packed.as_ptr().add(n * row_bytes);
+        let zeros = &w.zeros[n * groups..(n + 1) * groups];
+        for gi in 0..groups {
+            scales[gi * NR + r] = w.scales[n * groups + gi];
+        }
+        let table = |col: usize| {
+            let z = zeros[(col / g).min(groups - 1)] as usize;
+            _mm512_loadu_si512(TABLES[z].as_ptr() as *const _)
+        };
+        for b in 0..row_bytes / BLOCK_BYTES {
+            let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
+            let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(v, mask));
+            let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
+            let col = b * BLOCK;
+            let lo = _mm512_permutexvar_epi16(lo, table(col));
+            let hi = _mm512_permutexvar_epi16(hi, table(col + BLOCK_BYTES));
+            _mm512_storeu_si512(dst.add(col) as *mut _, lo);
+            _mm512_storeu_si512(dst.add(col + BLOCK_BYTES) as *mut _, hi);
+        }
+    }
+}
+
+/// out[j, lane] += Σ_g scale[g, j] Σ_{p in g} x[lane, pair p] · tile[j, pair p] for the NR
+/// rows of the tile and MV vectors of one m block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro<const MV: usize>(
+    tile: &[u16],
+    kpad: usize,
+    x: &[u32],
+    group_pairs: usize,
+    scales: &[f32],
+    out: &mut [f32; NR * BLOCK_LANES],
+) {
+    let pairs = kpad / 2;
+    let (tp, xp) = (tile.as_ptr(), x.as_ptr());
+    for (gi, p0) in (0..pairs).step_by(group_pairs).enumerate() {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        for p in p0..(p0 + group_pairs).min(pairs) {
+            let mut xv = [_mm512_setzero_ps(); MV];
+            for (v, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_castsi512_ps(_mm512_loadu_si512(
+                    xp.add(p * BLOCK_LANES + v * LANES) as *const _
+                ));
+            }
+            for (j, a) in acc.iter_mut().enumerate() {
+                let word = (tp.add(j * kpad + 2 * p) as *const i32).read_unaligned();
+                let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
+                for v in 0..MV {
+                    a[v] =
+                        _mm512_dpbf16_ps(a[v], std::mem::transmute::<__m512, __m512bh>(xv[v]), wv);
+                }
+            }
+        }
+        let scales = &scales[gi.min(scales.len() / NR - 1) * NR..];
+        for (j, a) in acc.iter().enumerate() {
+            let scale = _mm512_set1_ps(scales[j]);
+            for (v, &sum) in a.iter().enumerate() {
+                let o = out.as_mut_ptr().add(j * BLOCK_LANES + v * LANES);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
