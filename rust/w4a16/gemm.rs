@@ -21,6 +21,12 @@ const NR: usize = 12;
 const LANES: usize = 16;
 /// Lanes per m block: two vectors.
 const BLOCK_LANES: usize = 2 * LANES;
+/// Lanes of the narrow block (one ymm vector), for up to 8 rows of bf16 x: on Zen 4 a ymm
+/// `vdpbf16ps` costs half a zmm one, so 8 rows take no padding to 16.
+const NARROW: usize = 8;
+/// Codes past each tile row's end: rows a power of two of bytes apart would put the micro-kernel's
+/// NR broadcasts of one column pair in one L1 set (8 ways).
+const ROW_PAD: usize = 32;
 
 /// bf16(c - z) for c = 0..31 (the `vpermw` table; codes are 0..15), per zero z = 0..15.
 static TABLES: [[u16; 32]; 16] = {
@@ -43,26 +49,35 @@ pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
     let f = crate::simd::cpu_features();
     level == crate::simd::SimdLevel::Avx512
         && f.avx512bw
+        && f.avx512vl
         && std::arch::is_x86_feature_detected!("avx512bf16")
         && (shape.group_size.is_multiple_of(BLOCK_BYTES) || shape.groups() == 1)
 }
 
-/// x packed for the micro-kernel (module docs): `terms` bf16 terms per element of x. With one
-/// term, m block b holds rows 32b .. 32b + 31; with two, rows 16b .. 16b + 15, hi in lanes 0-15
-/// and lo in lanes 16-31.
+/// x packed for the micro-kernel (module docs): `terms` bf16 terms per element of x, `width`
+/// lanes per column pair. With one term, m block b holds rows 32b .. 32b + 31; with two, rows
+/// 16b .. 16b + 15, hi in lanes 0-15 and lo in lanes 16-31. Up to 8 rows of bf16 x take one
+/// narrow block of 8 lanes instead.
 struct Packed {
     words: Vec<u32>,
     terms: usize,
+    width: usize,
+    rows_per_block: usize,
     blocks: usize,
 }
 
 impl Packed {
     fn new(x: Rows<'_>, m: usize, k: usize, pairs: usize) -> Packed {
         let terms = if matches!(x, Rows::Bf16(_)) { 1 } else { 2 };
-        let rows_per_block = BLOCK_LANES / terms;
+        let width = if terms == 1 && m <= NARROW {
+            NARROW
+        } else {
+            BLOCK_LANES
+        };
+        let rows_per_block = width / terms;
         let blocks = m.div_ceil(rows_per_block);
-        let mut words = vec![0u32; blocks * pairs * BLOCK_LANES];
-        let per_block = pairs * BLOCK_LANES;
+        let per_block = pairs * width;
+        let mut words = vec![0u32; blocks * per_block];
         let dst = SendPtr(words.as_mut_ptr());
         threads::split(blocks, |b| {
             // SAFETY: block b alone writes its `per_block` words.
@@ -74,11 +89,10 @@ impl Packed {
                 for p in 0..pairs.min(k.div_ceil(2)) {
                     let (a, c) = (value(2 * p), value(2 * p + 1));
                     let (ha, hc) = (bf16(a), bf16(c));
-                    out[p * BLOCK_LANES + i] = ha as u32 | (hc as u32) << 16;
+                    out[p * width + i] = ha as u32 | (hc as u32) << 16;
                     if terms == 2 {
                         let lo = |v: f32, h: u16| bf16(v - f32::from_bits((h as u32) << 16));
-                        out[p * BLOCK_LANES + LANES + i] =
-                            lo(a, ha) as u32 | (lo(c, hc) as u32) << 16;
+                        out[p * width + LANES + i] = lo(a, ha) as u32 | (lo(c, hc) as u32) << 16;
                     }
                 }
             }
@@ -86,6 +100,8 @@ impl Packed {
         Packed {
             words,
             terms,
+            width,
+            rows_per_block,
             blocks,
         }
     }
@@ -101,39 +117,47 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     let s = w.shape;
     let m = x.len() / s.k;
     let kpad = packed_row_bytes(s.k) * 2;
-    let pairs = kpad / 2;
+    let (pairs, stride) = (kpad / 2, kpad + ROW_PAD);
     let groups = s.groups();
     let group_pairs = if groups == 1 { pairs } else { s.group_size / 2 };
+    // The group of each half block (32 columns), so that dequantizing divides nothing.
+    let half_groups: Vec<usize> = (0..kpad / BLOCK_BYTES)
+        .map(|h| (h * BLOCK_BYTES / s.group_size).min(groups - 1))
+        .collect();
     let xp = Packed::new(x, m, s.k, pairs);
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(s.n.div_ceil(NR), |part| {
         TILE.with_borrow_mut(|(tile, scales)| {
-            tile.resize(NR * kpad, 0);
+            tile.resize(NR * stride, 0);
             scales.resize(groups * NR, 0.0);
             let n0 = part * NR;
             let rows = NR.min(s.n - n0);
             // SAFETY: the GEMM runs only where `supported` found the features.
-            unsafe { dequantize_tile(w, n0, rows, kpad, tile, scales) };
+            unsafe { dequantize_tile(w, n0, rows, stride, &half_groups, tile, scales) };
             let mut out = [0.0f32; NR * BLOCK_LANES];
+            let width = xp.width;
             for b in 0..xp.blocks {
                 out.fill(0.0);
-                let xb = &xp.words[b * pairs * BLOCK_LANES..(b + 1) * pairs * BLOCK_LANES];
-                let rows_per_block = BLOCK_LANES / xp.terms;
-                let m_rows = rows_per_block.min(m - b * rows_per_block);
-                // SAFETY: as above; the tile holds NR rows of `kpad` codes, xb `pairs` words.
+                let xb = &xp.words[b * pairs * width..(b + 1) * pairs * width];
+                let m_rows = xp.rows_per_block.min(m - b * xp.rows_per_block);
+                let args = (tile.as_slice(), stride, xb, width, group_pairs);
+                // SAFETY: as above; the tile holds NR rows of `stride` codes, xb `pairs` words
+                // of `width` lanes.
                 unsafe {
-                    if xp.terms == 1 && m_rows <= LANES {
-                        micro::<1>(tile, kpad, xb, group_pairs, scales, &mut out)
+                    if width == NARROW {
+                        micro::<__m256, 1>(args, scales, &mut out)
+                    } else if xp.terms == 1 && m_rows <= LANES {
+                        micro::<__m512, 1>(args, scales, &mut out)
                     } else {
-                        micro::<2>(tile, kpad, xb, group_pairs, scales, &mut out)
+                        micro::<__m512, 2>(args, scales, &mut out)
                     }
                 }
                 for i in 0..m_rows {
-                    let row = b * rows_per_block + i;
+                    let row = b * xp.rows_per_block + i;
                     // SAFETY: part `part` alone writes columns n0 .. n0 + rows of y.
                     let dst = unsafe { y_ptr.ptr().add(row * s.n + n0) };
                     for j in 0..rows {
-                        let lanes = &out[j * BLOCK_LANES..];
+                        let lanes = &out[j * width..];
                         let v = if xp.terms == 2 {
                             lanes[i] + lanes[LANES + i]
                         } else {
@@ -147,24 +171,26 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     });
 }
 
-/// Rows n0 .. n0 + rows of W as bf16 codes q - zero into `tile` [NR, kpad] (rows past the
-/// weight's end hold zeros), and their scales into `scales` [groups, NR].
+/// Rows n0 .. n0 + rows of W as bf16 codes q - zero into `tile` [NR, stride] (rows past the
+/// weight's end hold zeros), and their scales into `scales` [groups, NR]; `half_groups` holds
+/// the group of each half block.
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
 unsafe fn dequantize_tile(
     w: &PackedW4<'_>,
     n0: usize,
     rows: usize,
-    kpad: usize,
+    stride: usize,
+    half_groups: &[usize],
     tile: &mut [u16],
     scales: &mut [f32],
 ) {
     let s = w.shape;
-    let (row_bytes, groups, g) = (packed_row_bytes(s.k), s.groups(), s.group_size);
+    let (row_bytes, groups) = (packed_row_bytes(s.k), s.groups());
     let mask = _mm256_set1_epi8(15);
     for r in 0..NR {
-        let dst = tile.as_mut_ptr().add(r * kpad);
+        let dst = tile.as_mut_ptr().add(r * stride);
         if r >= rows {
-            std::ptr::write_bytes(dst, 0, kpad);
+            std::ptr::write_bytes(dst, 0, stride);
             for gi in 0..groups {
                 scales[gi * NR + r] = 0.0;
             }
@@ -176,61 +202,126 @@ unsafe fn dequantize_tile(
         for gi in 0..groups {
             scales[gi * NR + r] = w.scales[n * groups + gi];
         }
-        let table = |col: usize| {
-            let z = zeros[(col / g).min(groups - 1)] as usize;
-            _mm512_loadu_si512(TABLES[z].as_ptr() as *const _)
+        let table = |half: usize| {
+            let z = *zeros.get_unchecked(*half_groups.get_unchecked(half)) as usize;
+            _mm512_loadu_si512(TABLES.get_unchecked(z & 15).as_ptr() as *const _)
         };
         for b in 0..row_bytes / BLOCK_BYTES {
             let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
             let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(v, mask));
             let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
             let col = b * BLOCK;
-            let lo = _mm512_permutexvar_epi16(lo, table(col));
-            let hi = _mm512_permutexvar_epi16(hi, table(col + BLOCK_BYTES));
+            let lo = _mm512_permutexvar_epi16(lo, table(2 * b));
+            let hi = _mm512_permutexvar_epi16(hi, table(2 * b + 1));
             _mm512_storeu_si512(dst.add(col) as *mut _, lo);
             _mm512_storeu_si512(dst.add(col + BLOCK_BYTES) as *mut _, hi);
         }
     }
 }
 
+/// A vector of float32 sums with the bf16 dot product into it: zmm, or ymm for the narrow block.
+trait Sums: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    /// The x pairs of `LANES` lanes at `p`.
+    unsafe fn load(p: *const u32) -> Self;
+    /// self + Σ of each lane's pair (of `x`) times the pair `w` (two bf16 in 32 bits).
+    unsafe fn dot(self, x: Self, w: i32) -> Self;
+    /// out[..LANES] += self * scale.
+    unsafe fn fold(self, scale: f32, out: *mut f32);
+}
+
+impl Sums for __m512 {
+    const LANES: usize = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const u32) -> Self {
+        _mm512_loadu_ps(p as *const f32)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot(self, x: Self, w: i32) -> Self {
+        let w: __m512bh = std::mem::transmute(_mm512_set1_epi32(w));
+        _mm512_dpbf16_ps(self, std::mem::transmute::<__m512, __m512bh>(x), w)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fold(self, scale: f32, out: *mut f32) {
+        let sum = _mm512_fmadd_ps(self, _mm512_set1_ps(scale), _mm512_loadu_ps(out));
+        _mm512_storeu_ps(out, sum);
+    }
+}
+
+impl Sums for __m256 {
+    const LANES: usize = 8;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(p: *const u32) -> Self {
+        _mm256_loadu_ps(p as *const f32)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avx512vl,avx512bf16")]
+    unsafe fn dot(self, x: Self, w: i32) -> Self {
+        let w: __m256bh = std::mem::transmute(_mm256_set1_epi32(w));
+        _mm256_dpbf16_ps(self, std::mem::transmute::<__m256, __m256bh>(x), w)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fold(self, scale: f32, out: *mut f32) {
+        let sum = _mm256_fmadd_ps(self, _mm256_set1_ps(scale), _mm256_loadu_ps(out));
+        _mm256_storeu_ps(out, sum);
+    }
+}
+
 /// out[j, lane] += Σ_g scale[g, j] Σ_{p in g} x[lane, pair p] · tile[j, pair p] for the NR
-/// rows of the tile and MV vectors of one m block.
+/// rows of the tile and MV vectors of one m block; `args` = (tile, its row stride, the block's
+/// x words, lanes per pair, pairs per group).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn micro<const MV: usize>(
-    tile: &[u16],
-    kpad: usize,
-    x: &[u32],
-    group_pairs: usize,
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
+unsafe fn micro<V: Sums, const MV: usize>(
+    args: (&[u16], usize, &[u32], usize, usize),
     scales: &[f32],
     out: &mut [f32; NR * BLOCK_LANES],
 ) {
-    let pairs = kpad / 2;
+    let (tile, stride, x, width, group_pairs) = args;
+    let pairs = x.len() / width;
     let (tp, xp) = (tile.as_ptr(), x.as_ptr());
     for (gi, p0) in (0..pairs).step_by(group_pairs).enumerate() {
-        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        let mut acc = [[V::zero(); MV]; NR];
         for p in p0..(p0 + group_pairs).min(pairs) {
-            let mut xv = [_mm512_setzero_ps(); MV];
+            let mut xv = [V::zero(); MV];
             for (v, x) in xv.iter_mut().enumerate() {
-                *x = _mm512_castsi512_ps(_mm512_loadu_si512(
-                    xp.add(p * BLOCK_LANES + v * LANES) as *const _
-                ));
+                *x = V::load(xp.add(p * width + v * V::LANES));
             }
             for (j, a) in acc.iter_mut().enumerate() {
-                let word = (tp.add(j * kpad + 2 * p) as *const i32).read_unaligned();
-                let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
+                let word = (tp.add(j * stride + 2 * p) as *const i32).read_unaligned();
                 for v in 0..MV {
-                    a[v] =
-                        _mm512_dpbf16_ps(a[v], std::mem::transmute::<__m512, __m512bh>(xv[v]), wv);
+                    a[v] = a[v].dot(xv[v], word);
                 }
             }
         }
         let scales = &scales[gi.min(scales.len() / NR - 1) * NR..];
         for (j, a) in acc.iter().enumerate() {
-            let scale = _mm512_set1_ps(scales[j]);
             for (v, &sum) in a.iter().enumerate() {
-                let o = out.as_mut_ptr().add(j * BLOCK_LANES + v * LANES);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(o)));
+                sum.fold(scales[j], out.as_mut_ptr().add(j * width + v * V::LANES));
             }
         }
     }

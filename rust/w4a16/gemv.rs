@@ -1,4 +1,4 @@
-//! The GEMV driver: picks the kernel for the CPU (VNNI, AVX2 integer, else float), prepares x
+//! The GEMV driver (and the GEMM's entry): picks the kernel for the CPU (VNNI, AVX2 integer, else float), prepares x
 //! for it, and runs parts of W's rows on the threads.
 
 use std::ops::Range;
@@ -172,7 +172,7 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
     Ok(true)
 }
 
-/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
+/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x, 8 with VNNI).
 /// The group size must be a multiple of 32 (whole half blocks).
 pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<()> {
     const OP: &str = "w4a16_matmul";
@@ -193,14 +193,17 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
             &widened
         }
     };
-    let int_kernel: Option<IntKernel> = match level {
+    let (int_kernel, per_pass): (Option<IntKernel>, usize) = match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => {
-            Some(super::vnni::gemv_rows_vnni)
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => (
+            Some(super::vnni::gemv_rows_vnni),
+            super::vnni::VNNI_MAX_ROWS,
+        ),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_supported() => {
+            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS)
         }
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if level.is_supported() => Some(super::avx2::gemv_rows_avx2_int),
-        _ => None,
+        _ => (None, MAX_ROWS),
     };
     let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s)?)));
     let float = int.is_none().then(|| GemvInput::new(xf, s));
@@ -211,9 +214,9 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(parts, |part| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
-        let mut tile = vec![0.0f32; MAX_ROWS * rows.len()];
-        for row0 in (0..m).step_by(MAX_ROWS) {
-            let count = MAX_ROWS.min(m - row0);
+        let mut tile = vec![0.0f32; per_pass * rows.len()];
+        for row0 in (0..m).step_by(per_pass) {
+            let count = per_pass.min(m - row0);
             let out = &mut tile[..count * rows.len()];
             match (&int, &float) {
                 // SAFETY: each kernel is picked above only for a CPU with its features.

@@ -10,7 +10,8 @@
 //! conversions, with the 64 columns in order.
 //!
 //! Files: quantize.rs (weights to codes), pack.rs (the CPU layout), dequantize.rs, gemv.rs (the
-//! GEMV driver and the integer kernels' input), and the GEMV kernels per ISA: float.rs (every
+//! GEMV and GEMM drivers and the integer kernels' input), gemm.rs (the AVX-512 BF16 GEMM for
+//! more rows of x), and the GEMV kernels per ISA: float.rs (every
 //! path; the only one on scalar and AVX-512 without VNNI), vnni.rs (AVX-512 VNNI), avx2.rs
 //! (AVX2 integer).
 
@@ -56,7 +57,8 @@ pub const BLOCK: usize = 64;
 pub const BLOCK_BYTES: usize = BLOCK / 2;
 /// The stored zero of the symmetric scheme.
 pub const SYMMETRIC_ZERO: u8 = 8;
-/// Rows of x the GEMV kernel takes together (each packed block is unpacked once for them).
+/// Rows of x the float and AVX2 GEMV kernels take together (each packed block is unpacked once
+/// for them; the VNNI kernel takes 8).
 pub const MAX_ROWS: usize = 4;
 /// Elements of W per parallel task.
 const PAR_MIN: usize = 1 << 16;

@@ -2,6 +2,9 @@
 
 use std::arch::x86_64::*;
 
+/// Rows of x per pass over W: 2 x 8 int32 sums and 8 float32 totals fit in 32 registers.
+pub(super) const VNNI_MAX_ROWS: usize = 8;
+
 /// y_tile[i, r] = Σ_c x̃[row0 + i, c] q[n, c] in int32 per group, x̃ split into two signed
 /// bytes (x̃ = 256 hi + lo) so that `vpdpbusd` (unsigned codes times signed bytes) keeps 16
 /// bits of x; per group the two sums meet the scale in float32.
@@ -14,7 +17,16 @@ pub(super) unsafe fn gemv_rows_vnni(
     m: usize,
     out: &mut [f32],
 ) {
-    by_rows!(vnni_tile, m, w, rows, input, row0, out)
+    match m {
+        1 => vnni_tile::<1>(w, rows, input, row0, out),
+        2 => vnni_tile::<2>(w, rows, input, row0, out),
+        3 => vnni_tile::<3>(w, rows, input, row0, out),
+        4 => vnni_tile::<4>(w, rows, input, row0, out),
+        5 => vnni_tile::<5>(w, rows, input, row0, out),
+        6 => vnni_tile::<6>(w, rows, input, row0, out),
+        7 => vnni_tile::<7>(w, rows, input, row0, out),
+        _ => vnni_tile::<8>(w, rows, input, row0, out),
+    }
 }
 
 /// total += (256 hi + lo) * scale (lanes 0-7 take `first`, 8-15 `second`); sums restart.
