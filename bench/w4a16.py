@@ -60,9 +60,7 @@ def torch_int4(w: torch.Tensor):
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
     scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x, packed, GROUP, scales_and_zeros
-    )
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
 
 
 def cpu_matmul(bench: Bench, n: int, k: int) -> None:

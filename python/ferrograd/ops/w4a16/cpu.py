@@ -124,8 +124,16 @@ def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout
     if layout != CPU_BLOCKS or grad.dtype not in KERNEL_DTYPES:
         return reference.matmul_backward(grad, packed, scales, zeros, k, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
-    dy = grad.reshape(-1, packed.shape[0]).float()
+    dy = grad.reshape(-1, packed.shape[0])
+    # bf16 gradients meet bf16 blocks of W_hat in torch's bf16 matmul (AVX512-BF16 where the
+    # CPU has it; rounding W_hat to bf16 costs what rounding dx to bf16 does), the blocks'
+    # products summed in float32.
+    half = dy.dtype == torch.bfloat16
+    dy = dy if half else dy.float()
     dx = torch.zeros(dy.shape[0], k)
     for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
-        dx.addmm_(dy[:, n0:n1], block)
+        if half:
+            dx += dy[:, n0:n1] @ block.bfloat16()
+        else:
+            dx.addmm_(dy[:, n0:n1], block)
     return dx.to(grad.dtype).view(*grad.shape[:-1], k)
