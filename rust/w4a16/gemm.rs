@@ -24,6 +24,8 @@ const BLOCK_LANES: usize = 2 * LANES;
 /// Lanes of the narrow block (one ymm vector), for up to 8 rows of bf16 x: on Zen 4 a ymm
 /// `vdpbf16ps` costs half a zmm one, so 8 rows take no padding to 16.
 const NARROW: usize = 8;
+/// m blocks per pass over W: 256 rows of bf16 x (2 MiB at K = 4096) stay in L2 / L3.
+const CHUNK_BLOCKS: usize = 8;
 /// Codes past each tile row's end: rows a power of two of bytes apart would put the micro-kernel's
 /// NR broadcasts of one column pair in one L1 set (8 ways).
 const ROW_PAD: usize = 32;
@@ -60,6 +62,7 @@ pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
 /// narrow block of 8 lanes instead.
 struct Packed {
     words: Vec<u32>,
+    rows: usize,
     terms: usize,
     width: usize,
     rows_per_block: usize,
@@ -99,6 +102,7 @@ impl Packed {
         });
         Packed {
             words,
+            rows: m,
             terms,
             width,
             rows_per_block,
@@ -126,6 +130,26 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
         .collect();
     let xp = Packed::new(x, m, s.k, pairs);
     let y_ptr = SendPtr(y.as_mut_ptr());
+    // Chunks of m blocks: each chunk's x stays in the caches while every tile of W passes it
+    // (W is dequantized once per chunk).
+    let chunks = (0..xp.blocks).step_by(CHUNK_BLOCKS);
+    for chunk in chunks.map(|b0| b0..(b0 + CHUNK_BLOCKS).min(xp.blocks)) {
+        gemm_chunk(w, &xp, chunk, (stride, group_pairs), &half_groups, y_ptr);
+    }
+}
+
+/// The m blocks `chunk` of y from the packed x, each thread taking tiles of W in turn.
+fn gemm_chunk(
+    w: &PackedW4<'_>,
+    xp: &Packed,
+    chunk: std::ops::Range<usize>,
+    (stride, group_pairs): (usize, usize),
+    half_groups: &[usize],
+    y_ptr: SendPtr<f32>,
+) {
+    let s = w.shape;
+    let m = xp.rows;
+    let (pairs, groups) = (packed_row_bytes(s.k), s.groups());
     threads::split(s.n.div_ceil(NR), |part| {
         TILE.with_borrow_mut(|(tile, scales)| {
             tile.resize(NR * stride, 0);
@@ -133,10 +157,10 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
             let n0 = part * NR;
             let rows = NR.min(s.n - n0);
             // SAFETY: the GEMM runs only where `supported` found the features.
-            unsafe { dequantize_tile(w, n0, rows, stride, &half_groups, tile, scales) };
+            unsafe { dequantize_tile(w, n0, rows, stride, half_groups, tile, scales) };
             let mut out = [0.0f32; NR * BLOCK_LANES];
             let width = xp.width;
-            for b in 0..xp.blocks {
+            for b in chunk.clone() {
                 out.fill(0.0);
                 let xb = &xp.words[b * pairs * width..(b + 1) * pairs * width];
                 let m_rows = xp.rows_per_block.min(m - b * xp.rows_per_block);

@@ -127,7 +127,7 @@ fn gemm_matches_the_dequantized_product() {
         let q = Quantized::new(level, &weight(n, k), shape, g != 64);
         let mut w_hat = vec![0.0f32; n * k];
         dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
-        for m in [1, 8, 9, 16, 17, 33, 40] {
+        for m in [1, 8, 9, 16, 17, 33, 40, 300] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
