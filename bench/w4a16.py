@@ -167,8 +167,15 @@ def gpu(bench: Bench) -> None:
 
 
 def cpu_key(facts: dict) -> str:
-    """A CPU's results key: its model and the features that pick the kernels."""
-    features = [f for f in KEY_FEATURES if f in facts["cpu_flags"]]
+    """A CPU's results key: its model and the features that pick the kernels (read from
+    /proc/cpuinfo: the harness's flag list leaves out avx512_bf16)."""
+    flags = set(facts["cpu_flags"])
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags |= set(next(line for line in f if line.startswith("flags")).split()[2:])
+    except (OSError, StopIteration):
+        pass
+    features = [f for f in KEY_FEATURES if f in flags]
     return f"{facts['cpu']} [{' '.join(features)}]"
 
 
@@ -180,6 +187,7 @@ def save(benches: list[Bench], notes: dict) -> None:
     if "by_cpu" not in doc:
         doc = {"benchmark": "w4a16", "by_cpu": {cpu_key(doc["machine"]): doc} if doc else {}}
     facts = machine(benches[-1].threads)
+    facts["cpu_flags"] = cpu_key(facts).split("[", 1)[1].rstrip("]").split()
     doc["by_cpu"][cpu_key(facts)] = {
         "machine": facts,
         "copy_bandwidth_GBps": round(benches[-1].bandwidth / 1e9, 2),
