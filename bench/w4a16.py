@@ -1,7 +1,12 @@
-"""W4A16: the 4-bit weight matmul vs torch's matmul on the full-precision weight, the W4
+"""W4A16: the 4-bit weight matmul against torch's int4 CPU kernel and the bf16 matmul, the W4
 quantizer's throughput, and SmoothQuant+ fidelity on a small trained Transformer.
 
-CPU (float32 x): M in {1, 8} on W [N, K] in {4096 x 4096, 11008 x 4096}, group size 128.
+CPU (bf16 x): M in {1, 8, 32, 128} on W [N, K] in {4096 x 4096, 11008 x 4096}, group size 128,
+at 1 and 2 threads: ours vs ``aten._weight_int4pack_mm_for_cpu`` (torch's int4 CPU kernel, what
+torchao's int4 CPU layout calls; its weight built as bench/inference.py's Int4Linear does) and
+vs the bf16 matmul on the full-precision weight, timed interleaved; ``copy_frac`` is the weight's
+bytes (codes, scales, zeros) per second over the measured copy bandwidth. Results are kept per
+CPU (model and SIMD features) in bench/results/w4a16.json.
 GPU (where present): fp16 and bf16, M in {1 .. 256} on (N, K) in {(8192, 8192), (28672, 8192),
 (8192, 28672)}; ``hbm_frac`` is the bytes the kernel must read (codes, scales, zeros, x) per
 second over the device's measured copy bandwidth.
@@ -12,13 +17,22 @@ by SmoothQuant+ (alpha searched) and by plain round to nearest; loss on held-out
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, device_copy_bandwidth, gpu_section, gpu_time, interleaved_times
+from harness import (
+    RESULTS,
+    Bench,
+    device_copy_bandwidth,
+    gpu_section,
+    gpu_time,
+    interleaved_times,
+    machine,
+)
 
 import ferrograd as fg
 
@@ -29,22 +43,54 @@ GPU_SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]
 GPU_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-def cpu_matmul(bench: Bench, n: int, k: int, m: int) -> None:
+CPU_ROWS = [1, 8, 32, 128]
+GROUP = 128
+#: Features that decide which CPU kernels run (the key of a CPU's results).
+KEY_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def torch_int4(w: torch.Tensor):
+    """torch's int4 CPU weight (bench/inference.py's Int4Linear): x_bf16 -> x @ W_hat.T."""
+    n, k = w.shape
+    groups = w.view(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+    zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
+    scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
+
+
+def cpu_matmul(bench: Bench, n: int, k: int) -> None:
     w = torch.randn(n, k) / k**0.5
-    q = fg.quant.quantize_w4(w, 128)
-    x = torch.randn(m, k)
-    t = interleaved_times(
-        {"ours": lambda: fg.w4a16_matmul(x, q), "torch": lambda: x @ w.T}, repeats=21, warmup=3
-    )
-    bench.add(
-        {
-            "case": f"cpu M={m} N={n} K={k}",
+    q = fg.quant.quantize_w4(w, GROUP)
+    int4, w16 = torch_int4(w), w.bfloat16()
+    weight_bytes = q.packed.numel() + q.scales.numel() * q.scales.element_size() + n * k // GROUP
+    for m in CPU_ROWS:
+        x = torch.randn(m, k).bfloat16()
+        t = interleaved_times(
+            {
+                "ours": lambda x=x: fg.w4a16_matmul(x, q),
+                "int4": lambda x=x: int4(x),
+                "bf16": lambda x=x: x @ w16.T,
+            },
+            repeats=21 if m < 32 else 9,
+            warmup=3,
+        )
+        row = {
+            "case": f"bf16 M={m} N={n} K={k}",
+            "threads": bench.threads,
             "ours_ms": t["ours"] * 1e3,
-            "torch_ms": t["torch"] * 1e3,
-            "speedup": t["torch"] / t["ours"],
-            "weight_GBps": (n * k / 2 + n * (k // 128) * 3) / t["ours"] / 1e9,
+            "int4_ms": t["int4"] * 1e3,
+            "bf16_ms": t["bf16"] * 1e3,
+            "vs_int4": t["int4"] / t["ours"],
+            "vs_bf16": t["bf16"] / t["ours"],
         }
-    )
+        if m == 1:
+            row["copy_frac"] = weight_bytes / t["ours"] / bench.bandwidth
+        bench.add(row)
 
 
 def quantize_speed(bench: Bench, n: int = 4096, k: int = 11008) -> None:
@@ -120,15 +166,49 @@ def gpu(bench: Bench) -> None:
                 )
 
 
-def main(threads: int | None = None) -> None:
-    bench = Bench("w4a16", threads)
-    for n, k in CPU_SHAPES:
-        for m in (1, 8):
-            cpu_matmul(bench, n, k, m)
-    quantize_speed(bench)
-    fidelity(bench)
-    bench.save(gpu_section("w4a16", threads, gpu))
+def cpu_key(facts: dict) -> str:
+    """A CPU's results key: its model and the features that pick the kernels (read from
+    /proc/cpuinfo: the harness's flag list leaves out avx512_bf16)."""
+    flags = set(facts["cpu_flags"])
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags |= set(next(line for line in f if line.startswith("flags")).split()[2:])
+    except (OSError, StopIteration):
+        pass
+    features = [f for f in KEY_FEATURES if f in flags]
+    return f"{facts['cpu']} [{' '.join(features)}]"
+
+
+def save(benches: list[Bench], notes: dict) -> None:
+    """This CPU's results into bench/results/w4a16.json, next to other CPUs' (an earlier
+    one-machine file becomes the entry of its CPU)."""
+    path = RESULTS / "w4a16.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    if "by_cpu" not in doc:
+        doc = {"benchmark": "w4a16", "by_cpu": {cpu_key(doc["machine"]): doc} if doc else {}}
+    facts = machine(benches[-1].threads)
+    facts["cpu_flags"] = cpu_key(facts).split("[", 1)[1].rstrip("]").split()
+    doc["by_cpu"][cpu_key(facts)] = {
+        "machine": facts,
+        "copy_bandwidth_GBps": round(benches[-1].bandwidth / 1e9, 2),
+        "notes": notes,
+        "rows": [row for b in benches for row in b.rows],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def main(threads: tuple[int, ...] = (1, 2)) -> None:
+    benches = []
+    for t in threads:
+        bench = Bench("w4a16", t)
+        for n, k in CPU_SHAPES:
+            cpu_matmul(bench, n, k)
+        benches.append(bench)
+    quantize_speed(benches[-1])
+    fidelity(benches[-1])
+    save(benches, gpu_section("w4a16", threads[-1], gpu))
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(int(t) for t in sys.argv[1:]) or (1, 2))

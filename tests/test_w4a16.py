@@ -23,6 +23,7 @@ from ferrograd.ops.w4a16.weight import (
     CPU_BLOCKS,
     GPU_WORDS,
     LAYOUTS,
+    kernel_zeros,
     native_layout,
     pack,
     scale_dtype,
@@ -368,6 +369,67 @@ def test_half_inputs_and_leading_shapes(dtype, tol):
     assert got.shape == (2, 3, 48) and got.dtype == dtype
     want = x.double() @ q.dequantize().double().T
     assert (got.double() - want).abs().max() / want.abs().max() < tol
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 8, 9, 16, 17, 31, 32, 33, 100, 256])
+@pytest.mark.parametrize(
+    "n, k, group_size, zero_point",
+    [(37, 256, 128, True), (13, 100, -1, False), (70, 320, 64, True), (25, 99, -1, True)],
+)
+def test_bf16_x_matches_the_dequantized_weight_at_every_row_count(
+    rows, n, k, group_size, zero_point
+):
+    """bf16 x read as it is, through the GEMV (few rows), the AVX-512 BF16 GEMM (more rows,
+    where the CPU has it) or the float path: odd N and K tails, one group per row."""
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), group_size, zero_point)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w_hat = q.dequantize().double()
+    want = x.double() @ w_hat.T
+    got = fg.w4a16_matmul(x, q)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    size = x.double().abs() @ w_hat.abs().T
+    # The float32 result rounds to bf16 (2^-9); below that, x's int16 rounding in the GEMV.
+    assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * size).all()
+    y32 = torch.empty(rows, n)
+    operands = (q.packed, q.scales.float(), kernel_zeros(q.scales, q.zeros), n, k, group_size)
+    if _core.w4_gemm(*operands, x.view(torch.uint8), y32, x_bf16=True):
+        # The GEMM's products of bf16 x and the codes are exact: float32 sums only.
+        assert ((y32.double() - want).abs() <= 1e-5 * size).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [9, 40, 130])
+def test_wider_x_takes_the_gemm_as_two_bf16_terms(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    n, k = 45, 200
+    q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), 32)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    x[:, 7] = 30.0  # an outlier: x's split must keep the small entries
+    w_hat = q.dequantize().double()
+    want = x.double() @ w_hat.T
+    size = x.double().abs() @ w_hat.abs().T
+    y = torch.empty(rows, n)
+    xk = x.float().contiguous()
+    if not _core.w4_gemm(q.packed, q.scales.float(), q.zeros, n, k, 32, xk, y):
+        pytest.skip("no AVX-512 BF16 GEMM on this CPU / SIMD level")
+    assert ((y.double() - want).abs() <= 2e-5 * size).all()
+    got = fg.w4a16_matmul(x, q).double()
+    assert (
+        (got - want).abs() <= 2e-5 * size + (1e-3 if dtype == torch.float16 else 0) * want.abs()
+    ).all()
+
+
+def test_bf16_gradient_of_x():
+    """dx = dy @ W_hat for bf16 dy: bf16 blocks of W_hat in torch's bf16 matmul."""
+    g = torch.Generator().manual_seed(3)
+    q = fg.quant.quantize_w4(torch.randn(300, 256, generator=g), 64)
+    x = torch.randn(20, 256, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(20, 300, generator=g).bfloat16()
+    fg.w4a16_matmul(x, q).backward(dy)
+    want = dy.double() @ q.dequantize().double()
+    assert x.grad.dtype == torch.bfloat16
+    assert (x.grad.double() - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 @pytest.mark.parametrize("rows", [2, 40])

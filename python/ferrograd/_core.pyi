@@ -274,8 +274,24 @@ def w4_gemv(
     group_size: int,
     x: torch.Tensor,
     y: torch.Tensor,
+    x_bf16: bool = False,
 ) -> None:
-    """y [m, n] = x [m, k] @ W_hat.T (group size a multiple of 32)."""
+    """y [m, n] = x [m, k] @ W_hat.T by the GEMV (group size a multiple of 32); x float32,
+    or bf16 as its bytes with ``x_bf16``."""
+
+def w4_gemm(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    n: int,
+    k: int,
+    group_size: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_bf16: bool = False,
+) -> bool:
+    """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 BF16 GEMM; False (y untouched) where the
+    CPU or the group size does not allow it."""
 
 def w4_dequantize(
     packed: torch.Tensor,

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use super::run_detached;
 use super::tensor::Borrows;
 use crate::simd;
-use crate::w4a16::{self, PackedW4, Shape};
+use crate::w4a16::{self, PackedW4, Rows, Shape};
 
 /// Stored codes [n, k] (0..15), scales and zeros [n, groups] of the float32 weight [n, k].
 #[pyfunction]
@@ -77,8 +77,25 @@ fn packed_weight<'a>(
     })
 }
 
-/// y [m, n] = x [m, k] · Wᵀ (group size a multiple of 32).
+/// x's elements: float32, or bf16 read from its bytes (`x.view(torch.uint8)`; no bf16 dtype
+/// among the borrowed elements).
+fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>, bf16: bool) -> PyResult<Rows<'a>> {
+    if !bf16 {
+        return Ok(Rows::F32(args.read("x", x)?));
+    }
+    let bytes: &[u8] = args.read("x", x)?;
+    let (head, words, tail) = unsafe { bytes.align_to::<u16>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "w4a16_matmul: x's bf16 bytes must be 2-byte aligned and whole",
+        ));
+    }
+    Ok(Rows::Bf16(words))
+}
+
+/// y [m, n] = x [m, k] · Wᵀ by the GEMV (group size a multiple of 32).
 #[pyfunction]
+#[pyo3(signature = (packed, scales, zeros, n, k, group_size, x, y, x_bf16=false))]
 #[allow(clippy::too_many_arguments)]
 fn w4_gemv(
     py: Python<'_>,
@@ -90,14 +107,41 @@ fn w4_gemv(
     group_size: i64,
     x: Bound<'_, PyAny>,
     y: Bound<'_, PyAny>,
+    x_bf16: bool,
 ) -> PyResult<()> {
     let op = "w4a16_matmul";
     let level = simd::active()?;
     let mut args = Borrows::new(op);
     let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
-    let x = args.read("x", &x)?;
+    let x = rows(&mut args, &x, x_bf16)?;
     let y = args.write("y", &y)?;
     run_detached(py, op, || w4a16::gemv(level, &w, x, y))
+}
+
+/// y [m, n] = x [m, k] · Wᵀ by the AVX-512 BF16 GEMM; False (y untouched) where this CPU or
+/// the group size does not allow it.
+#[pyfunction]
+#[pyo3(signature = (packed, scales, zeros, n, k, group_size, x, y, x_bf16=false))]
+#[allow(clippy::too_many_arguments)]
+fn w4_gemm(
+    py: Python<'_>,
+    packed: Bound<'_, PyAny>,
+    scales: Bound<'_, PyAny>,
+    zeros: Bound<'_, PyAny>,
+    n: usize,
+    k: usize,
+    group_size: i64,
+    x: Bound<'_, PyAny>,
+    y: Bound<'_, PyAny>,
+    x_bf16: bool,
+) -> PyResult<bool> {
+    let op = "w4a16_matmul";
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let w = packed_weight(&mut args, op, &packed, &scales, &zeros, (n, k, group_size))?;
+    let x = rows(&mut args, &x, x_bf16)?;
+    let y = args.write("y", &y)?;
+    run_detached(py, op, || w4a16::matmul(level, &w, x, y))
 }
 
 /// Rows row0..row1 of W as float32 into `out` [row1 - row0, k].
@@ -127,6 +171,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(w4_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(w4_pack, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemv, m)?)?;
+    m.add_function(wrap_pyfunction!(w4_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(w4_dequantize, m)?)?;
     Ok(())
 }

@@ -1,10 +1,10 @@
-//! The GEMV driver: picks the kernel for the CPU (VNNI, AVX2 integer, else float), prepares x
+//! The GEMV driver (and the GEMM's entry): picks the kernel for the CPU (VNNI, AVX2 integer, else float), prepares x
 //! for it, and runs parts of W's rows on the threads.
 
 use std::ops::Range;
 
 use super::float::{gemv_rows, GemvInput};
-use super::{PackedW4, Shape, BLOCK, BLOCK_BYTES, MAX_ROWS, MIN_ROWS_PER_PART};
+use super::{PackedW4, Rows, Shape, BLOCK, BLOCK_BYTES, MAX_ROWS, MIN_ROWS_PER_PART};
 use crate::error::{FgError, FgResult};
 use crate::simd::{Simd, SimdLevel};
 use crate::threads::{self, SendPtr};
@@ -135,39 +135,78 @@ pub(super) fn zero_term(scales: &[f32], zeros: &[u8], x_sums: &[f32]) -> f32 {
 /// micro-kernel: these need more than a [`SimdLevel`] says (VNNI), so `dispatch!` cannot.
 type IntKernel = unsafe fn(&PackedW4<'_>, Range<usize>, &IntInput, usize, usize, &mut [f32]);
 
-/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
-/// The group size must be a multiple of 32 (whole half blocks).
-pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgResult<()> {
-    const OP: &str = "w4a16_matmul";
-    w.check(OP)?;
+/// Checks x [m, k] and y [m, n] against the weight; returns m.
+fn check_sizes(op: &str, w: &PackedW4<'_>, x_len: usize, y_len: usize) -> FgResult<usize> {
+    w.check(op)?;
     let s = w.shape;
-    let m = x.len() / s.k;
-    if x.len() != m * s.k || y.len() != m * s.n {
+    let m = x_len / s.k;
+    if x_len != m * s.k || y_len != m * s.n {
         return Err(FgError::Value(format!(
-            "{OP}: x must be [m, {}] and y [m, {}], got {} and {} elements",
-            s.k,
-            s.n,
-            x.len(),
-            y.len()
+            "{op}: x must be [m, {}] and y [m, {}], got {x_len} and {y_len} elements",
+            s.k, s.n
         )));
     }
+    Ok(m)
+}
+
+/// Whether [`matmul`] runs on this CPU at `level` for a weight of `shape` (AVX-512 BF16).
+pub fn gemm_supported(level: SimdLevel, shape: Shape) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::gemm::supported(level, shape);
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// y [m, n] = x [m, k] · Wᵀ by the blocked bf16 GEMM (meant for m past the GEMV's rows);
+/// `Ok(false)`, y untouched, where [`gemm_supported`] says no.
+pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<bool> {
+    check_sizes("w4a16_matmul", w, x.len(), y.len())?;
+    if !gemm_supported(level, w.shape) {
+        return Ok(false);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::gemm::gemm(w, x, y);
+        recompute_overflowed(w, x, y);
+    }
+    Ok(true)
+}
+
+/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x, 8 with VNNI).
+/// The group size must be a multiple of 32 (whole half blocks).
+pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<()> {
+    const OP: &str = "w4a16_matmul";
+    let m = check_sizes(OP, w, x.len(), y.len())?;
+    let s = w.shape;
     if !s.group_size.is_multiple_of(BLOCK_BYTES) {
         return Err(FgError::Value(format!(
             "{OP}: the GEMV kernel needs a group size that is a multiple of {BLOCK_BYTES}, got {}",
             s.group_size
         )));
     }
-    let int_kernel: Option<IntKernel> = match level {
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => {
-            Some(super::vnni::gemv_rows_vnni)
+    // bf16 rows widened once (m x k floats, small next to W).
+    let widened: Vec<f32>;
+    let xf = match x {
+        Rows::F32(x) => x,
+        Rows::Bf16(_) => {
+            widened = (0..x.len()).map(|i| x.get(i)).collect();
+            &widened
         }
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if level.is_supported() => Some(super::avx2::gemv_rows_avx2_int),
-        _ => None,
     };
-    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, x, s)?)));
-    let float = int.is_none().then(|| GemvInput::new(x, s));
+    let (int_kernel, per_pass): (Option<IntKernel>, usize) = match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => (
+            Some(super::vnni::gemv_rows_vnni),
+            super::vnni::VNNI_MAX_ROWS,
+        ),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_supported() => {
+            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS)
+        }
+        _ => (None, MAX_ROWS),
+    };
+    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s)?)));
+    let float = int.is_none().then(|| GemvInput::new(xf, s));
     // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
     // writes its own columns of y.
     let share = MIN_ROWS_PER_PART;
@@ -175,9 +214,9 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(parts, |part| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
-        let mut tile = vec![0.0f32; MAX_ROWS * rows.len()];
-        for row0 in (0..m).step_by(MAX_ROWS) {
-            let count = MAX_ROWS.min(m - row0);
+        let mut tile = vec![0.0f32; per_pass * rows.len()];
+        for row0 in (0..m).step_by(per_pass) {
+            let count = per_pass.min(m - row0);
             let out = &mut tile[..count * rows.len()];
             match (&int, &float) {
                 // SAFETY: each kernel is picked above only for a CPU with its features.
@@ -200,22 +239,19 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) -> FgR
 /// against a zero weight: 0 * inf) while x's row is finite, recomputed as Σ x (q - z) s in
 /// float64: infinite only where the exact result is. A scan of y, and a row of W per output
 /// it fixes.
-fn recompute_overflowed(w: &PackedW4<'_>, x: &[f32], y: &mut [f32]) {
+fn recompute_overflowed(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     let (n, k) = (w.shape.n, w.shape.k);
     let mut w_hat = Vec::new();
-    for (x_row, y_row) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-        if y_row.iter().all(|v| v.is_finite()) || !x_row.iter().all(|v| v.is_finite()) {
+    for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
+        let x_row = |c: usize| x.get(i * k + c);
+        if y_row.iter().all(|v| v.is_finite()) || !(0..k).all(|c| x_row(c).is_finite()) {
             continue;
         }
         w_hat.resize(k, 0.0f32);
         for (r, out) in y_row.iter_mut().enumerate() {
             if !out.is_finite() {
                 w.dequantize_row(r, &mut w_hat);
-                let dot: f64 = x_row
-                    .iter()
-                    .zip(&w_hat)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
+                let dot: f64 = (0..k).map(|c| x_row(c) as f64 * w_hat[c] as f64).sum();
                 *out = dot as f32;
             }
         }

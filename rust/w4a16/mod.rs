@@ -10,7 +10,8 @@
 //! conversions, with the 64 columns in order.
 //!
 //! Files: quantize.rs (weights to codes), pack.rs (the CPU layout), dequantize.rs, gemv.rs (the
-//! GEMV driver and the integer kernels' input), and the GEMV kernels per ISA: float.rs (every
+//! GEMV and GEMM drivers and the integer kernels' input), gemm.rs (the AVX-512 BF16 GEMM for
+//! more rows of x), and the GEMV kernels per ISA: float.rs (every
 //! path; the only one on scalar and AVX-512 without VNNI), vnni.rs (AVX-512 VNNI), avx2.rs
 //! (AVX2 integer).
 
@@ -33,6 +34,8 @@ macro_rules! by_rows {
 mod avx2;
 mod dequantize;
 mod float;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod gemv;
 mod pack;
 mod quantize;
@@ -43,7 +46,7 @@ mod vnni;
 
 pub use dequantize::dequantize;
 pub use float::Nibbles;
-pub use gemv::gemv;
+pub use gemv::{gemm_supported, gemv, matmul};
 use gemv::{zero_term, IntInput};
 pub use pack::{pack, unpack};
 pub use quantize::quantize;
@@ -54,7 +57,8 @@ pub const BLOCK: usize = 64;
 pub const BLOCK_BYTES: usize = BLOCK / 2;
 /// The stored zero of the symmetric scheme.
 pub const SYMMETRIC_ZERO: u8 = 8;
-/// Rows of x the GEMV kernel takes together (each packed block is unpacked once for them).
+/// Rows of x the float and AVX2 GEMV kernels take together (each packed block is unpacked once
+/// for them; the VNNI kernel takes 8).
 pub const MAX_ROWS: usize = 4;
 /// Elements of W per parallel task.
 const PAR_MIN: usize = 1 << 16;
@@ -130,5 +134,46 @@ impl PackedW4<'_> {
                 ("zeros", self.zeros.len(), s.groups()),
             ],
         )
+    }
+}
+
+/// The rows of x as the caller holds them.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element i as float32.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Rows::F32(x) => x[i],
+            Rows::Bf16(x) => f32::from_bits((x[i] as u32) << 16),
+        }
+    }
+}
+
+/// float32 to bf16, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+pub(crate) fn bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
     }
 }

@@ -71,7 +71,7 @@ fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point:
         .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
         .collect();
     let mut y = vec![0.0f32; m * n];
-    gemv(level, &pw, &x, &mut y).unwrap();
+    gemv(level, &pw, Rows::F32(&x), &mut y).unwrap();
     for i in 0..m {
         for r in 0..n {
             let want: f64 = (0..k)
@@ -108,6 +108,50 @@ fn quantize_pack_gemv_on_every_level() {
     }
 }
 
+/// The bf16 GEMM against the float64 product with W_hat: bf16 x exactly (its products are
+/// exact), float32 x within its two bf16 terms; m past one vector of rows, odd n and k tails.
+#[test]
+fn gemm_matches_the_dequantized_product() {
+    let level = crate::simd::detected();
+    for (n, k, g) in [
+        (13, 64, 32),
+        (25, 100, -1),
+        (30, 320, 64),
+        (12, 256, 128),
+        (7, 33, -1),
+    ] {
+        let shape = Shape::new("test", n, k, g).unwrap();
+        if !gemm_supported(level, shape) {
+            return; // no AVX-512 BF16 here
+        }
+        let q = Quantized::new(level, &weight(n, k), shape, g != 64);
+        let mut w_hat = vec![0.0f32; n * k];
+        dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
+        for m in [1, 8, 9, 16, 17, 33, 40, 300] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let x16: Vec<u16> = x.iter().map(|&v| bf16(v)).collect();
+            for bf in [false, true] {
+                let rows = if bf { Rows::Bf16(&x16) } else { Rows::F32(&x) };
+                let mut y = vec![f32::NAN; m * n];
+                assert!(matmul(level, &q.weight(), rows, &mut y).unwrap());
+                for i in 0..m {
+                    for r in 0..n {
+                        let (want, size) = (0..k).fold((0.0f64, 0.0f64), |(s, a), c| {
+                            let p = rows.get(i * k + c) as f64 * w_hat[r * k + c] as f64;
+                            (s + p, a + p.abs())
+                        });
+                        let err = (y[i * n + r] as f64 - want).abs();
+                        let tol = if bf { 1e-6 } else { 2e-5 } * size;
+                        assert!(err <= tol, "bf16 {bf} n{n} k{k} g{g} m{m} ({i},{r}): {err}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The integer kernels' int16 sums at their limit: every code 15 but each group's first,
 /// every low byte of x̃ = 32384 = 256 * 127 - 128 at -128, groups of up to whole rows (several
 /// int16 flushes each). x̃ is exact here, so only float rounding may remain.
@@ -136,7 +180,7 @@ fn int16_sums_at_their_limit_do_not_wrap() {
             let mut w_hat = vec![0.0f32; n * k];
             dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
             let mut y = vec![0.0f32; n];
-            gemv(level, &q.weight(), &x, &mut y).unwrap();
+            gemv(level, &q.weight(), Rows::F32(&x), &mut y).unwrap();
             for (r, &got) in y.iter().enumerate() {
                 let row = &w_hat[r * k..(r + 1) * k];
                 let want: f64 = x.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();

@@ -2,6 +2,9 @@
 
 use std::arch::x86_64::*;
 
+/// Rows of x per pass over W: 2 x 8 int32 sums and 8 float32 totals fit in 32 registers.
+pub(super) const VNNI_MAX_ROWS: usize = 8;
+
 /// y_tile[i, r] = Σ_c x̃[row0 + i, c] q[n, c] in int32 per group, x̃ split into two signed
 /// bytes (x̃ = 256 hi + lo) so that `vpdpbusd` (unsigned codes times signed bytes) keeps 16
 /// bits of x; per group the two sums meet the scale in float32.
@@ -14,7 +17,16 @@ pub(super) unsafe fn gemv_rows_vnni(
     m: usize,
     out: &mut [f32],
 ) {
-    by_rows!(vnni_tile, m, w, rows, input, row0, out)
+    match m {
+        1 => vnni_tile::<1>(w, rows, input, row0, out),
+        2 => vnni_tile::<2>(w, rows, input, row0, out),
+        3 => vnni_tile::<3>(w, rows, input, row0, out),
+        4 => vnni_tile::<4>(w, rows, input, row0, out),
+        5 => vnni_tile::<5>(w, rows, input, row0, out),
+        6 => vnni_tile::<6>(w, rows, input, row0, out),
+        7 => vnni_tile::<7>(w, rows, input, row0, out),
+        _ => vnni_tile::<8>(w, rows, input, row0, out),
+    }
 }
 
 /// total += (256 hi + lo) * scale (lanes 0-7 take `first`, 8-15 `second`); sums restart.
@@ -61,17 +73,19 @@ unsafe fn vnni_tile<const M: usize>(
         let mut total = [_mm512_setzero_ps(); M];
         let mut lo_acc = [_mm512_setzero_si512(); M];
         let mut hi_acc = [_mm512_setzero_si512(); M];
-        // The scale of the group(s) of block b: one, or one per half block.
-        let scale_of = |b: usize| {
-            let group = |col: usize| scales[(col / g).min(groups - 1)];
+        // The scale of the group(s) of flush f (first block b): one, or one per half block
+        // (a division only then: whole-block groups take flush f's group f).
+        let scale_of = |f: usize, b: usize| {
             if blend {
+                let group = |col: usize| scales[(col / g).min(groups - 1)];
                 (group(b * BLOCK), group(b * BLOCK + BLOCK_BYTES))
             } else {
-                (group(b * BLOCK), group(b * BLOCK))
+                let s = scales[f.min(groups - 1)];
+                (s, s)
             }
         };
         let blocks = row_bytes / BLOCK_BYTES;
-        let (mut left, mut first) = (blocks_per_flush, 0);
+        let (mut left, mut first, mut flushes) = (blocks_per_flush, 0, 0);
         for b in 0..blocks {
             let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
             let lo = _mm256_and_si256(v, mask);
@@ -86,9 +100,9 @@ unsafe fn vnni_tile<const M: usize>(
             }
             left -= 1;
             if left == 0 || b + 1 == blocks {
-                let (a, c) = scale_of(first);
+                let (a, c) = scale_of(flushes, first);
                 flush::<M>(a, c, &mut lo_acc, &mut hi_acc, &mut total);
-                (left, first) = (blocks_per_flush, b + 1);
+                (left, first, flushes) = (blocks_per_flush, b + 1, flushes + 1);
             }
         }
         for j in 0..M {

@@ -1,14 +1,17 @@
 """The Rust kernels on CPU tensors in the ``cpu_blocks`` layout (weight.py); other layouts and
-float64 x run the reference.
+float64 x run the reference. bf16 x reaches the kernels as it is (no float32 copy).
 
-Up to ``GEMV_MAX_ROWS`` rows of x run the GEMV that unpacks each block of codes in registers once
-for 4 rows of x at a time (the weight is read in 4 bits: the point at small batch). With
-AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
+From ``GEMM_MIN_ROWS`` rows of x, on CPUs with AVX-512 BF16, a blocked GEMM dequantizes tiles of
+W to exact bf16 codes (q - zero) and multiplies them with x in bf16 by ``vdpbf16ps``, each
+group's float32 sums meeting its scale once: bf16 x exactly, float32 and float16 x as two bf16
+terms (within 2^-17 of x per element). Fewer rows (up to ``GEMV_MAX_ROWS`` elsewhere) run the GEMV
+that unpacks each block of codes in registers once for 8 rows of x (AVX-512 VNNI; 4 otherwise).
+With AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
 max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative error at
 most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN or
-infinity, AVX-512 without VNNI and the scalar path run in float32. More rows (or group sizes
-that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS`` rows of W at a time into torch's
-float32 matmul, as the gradient of x does. Computed in float32, returned in x's dtype.
+infinity, AVX-512 without VNNI and the scalar path run in float32. Other cases (more rows without
+AVX-512 BF16, group sizes that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS`` rows of
+W at a time into torch's float32 matmul, as the gradient of x does. Returned in x's dtype.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from .._checks import KERNEL_DTYPES
 from . import reference
 from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
 
-#: The most rows of x that take the GEMV kernel (which reads W once per 4 rows).
+#: The most rows of x that take the GEMV kernel (which reads W once per 8 or 4 rows).
 GEMV_MAX_ROWS = 16
+#: Rows of x from which the AVX-512 BF16 GEMM takes over from the GEMV (where the CPU has it):
+#: bf16 x from 6 rows (its 8-lane pass beat the VNNI GEMV at 8 rows, not at 4, on Zen 4), x
+#: split into two bf16 terms from 9.
+GEMM_MIN_ROWS = {True: 6, False: 9}
 #: Rows of W dequantized at a time for larger batches and for the gradient.
 DEQUANT_BLOCK_ROWS = 1024
 
@@ -68,18 +75,29 @@ def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> t
     return out
 
 
+def _kernel_x(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as the Rust kernels read it: bf16 as its bytes (no float32 copy), else float32."""
+    if x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.uint8), True
+    return x.float().contiguous(), False
+
+
 def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
     if layout != CPU_BLOCKS or x.dtype not in KERNEL_DTYPES:
         return reference.matmul(x, packed, scales, zeros, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
     n, k = packed.shape[0], x.shape[-1]
-    xf = x.float().contiguous()
+    xk, bf16 = _kernel_x(x)
     # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims.
     y = torch.empty(*x.shape[:-1], n)
-    if xf.numel() <= GEMV_MAX_ROWS * k and group_len(k, group_size) % 32 == 0:
-        _core.w4_gemv(packed, scales, zeros, n, k, group_size, xf, y)
+    operands = (packed, scales, zeros, n, k, group_size, xk, y)
+    rows = x.numel() // k
+    if rows >= GEMM_MIN_ROWS[bf16] and _core.w4_gemm(*operands, x_bf16=bf16):
+        pass
+    elif rows <= GEMV_MAX_ROWS and group_len(k, group_size) % 32 == 0:
+        _core.w4_gemv(*operands, x_bf16=bf16)
     else:
-        x2, y2 = xf.view(-1, k), y.view(-1, n)
+        x2, y2 = x.float().view(-1, k), y.view(-1, n)
         for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
             y2[:, n0:n1] = x2 @ block.T
         _recompute_overflowed(x2, y2, packed, scales, zeros, group_size)
@@ -106,8 +124,16 @@ def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout
     if layout != CPU_BLOCKS or grad.dtype not in KERNEL_DTYPES:
         return reference.matmul_backward(grad, packed, scales, zeros, k, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
-    dy = grad.reshape(-1, packed.shape[0]).float()
+    dy = grad.reshape(-1, packed.shape[0])
+    # bf16 gradients meet bf16 blocks of W_hat in torch's bf16 matmul (AVX512-BF16 where the
+    # CPU has it; rounding W_hat to bf16 costs what rounding dx to bf16 does), the blocks'
+    # products summed in float32.
+    half = dy.dtype == torch.bfloat16
+    dy = dy if half else dy.float()
     dx = torch.zeros(dy.shape[0], k)
     for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
-        dx.addmm_(dy[:, n0:n1], block)
+        if half:
+            dx += dy[:, n0:n1] @ block.bfloat16()
+        else:
+            dx.addmm_(dy[:, n0:n1], block)
     return dx.to(grad.dtype).view(*grad.shape[:-1], k)
