@@ -68,20 +68,27 @@ def device_copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / gpu_time(src.clone, repeats=10)
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
+#: The CPU flags a run records (those that choose kernels here or in torch).
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+         "avx512_bf16", "amx_tile")  # fmt: skip
+
+
+def _cpu_facts() -> tuple[str, str, list[str]]:
+    """(model name, "family F model M", the FLAGS present) from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model in ("", "unknown", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+                if name.strip() == "flags":
                     break
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-    return model, [f for f in flags if f in wanted]
+    model = fields.get("model name") or platform.processor() or "unknown"
+    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    flags = fields.get("flags", "").split()
+    return model, family, [f for f in FLAGS if f in flags]
 
 
 def _cache_sizes() -> dict[str, str]:
@@ -100,9 +107,10 @@ def _cache_sizes() -> dict[str, str]:
 
 
 def machine(threads: int) -> dict:
-    model, flags = _cpu_model_and_flags()
+    model, family, flags = _cpu_facts()
     return {
         "cpu": model,
+        "cpu_family_model": family,
         "cpu_flags": flags,
         "caches": _cache_sizes(),
         "logical_cpus": os.cpu_count(),
@@ -155,19 +163,42 @@ class Bench:
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
         return "\n".join(lines)
 
-    def save(self, notes: dict | None = None) -> Path:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{self.name}.json"
-        doc = {
-            "benchmark": self.name,
+    def save(self, notes: dict | None = None, rows: list[dict] | None = None) -> Path:
+        """This run (``rows``: default this bench's) into bench/results/<name>.json."""
+        run = {
             "machine": machine(self.threads),
             "copy_bandwidth_GBps": round(self.bandwidth / 1e9, 2),
             "notes": notes or {},
-            "rows": self.rows,
+            "rows": self.rows if rows is None else rows,
         }
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {path}")
-        return path
+        return save_run(self.name, run)
+
+
+def cpu_key(facts: dict) -> str:
+    """The CPU a run belongs to: model name, family and model numbers (VMs report several
+    generations as plain "AMD EPYC") and the kernel-choosing flags."""
+    family = facts.get("cpu_family_model")
+    return f"{facts['cpu']}{f' ({family})' if family else ''} [{' '.join(facts['cpu_flags'])}]"
+
+
+def save_run(name: str, run: dict) -> Path:
+    """Writes ``run`` (with its "machine") into bench/results/<name>.json under its CPU's key,
+    keeping the runs of other CPUs; files in the earlier layouts (one run, or runs keyed by
+    model name) are carried over under their machines' keys."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    if "by_cpu" in doc:
+        runs = doc["by_cpu"]
+    elif "machine" in doc:
+        runs = {cpu_key(doc["machine"]): doc}
+    else:
+        runs = {cpu_key(v["machine"]): v for v in doc.values() if isinstance(v, dict)}
+    key = cpu_key(run["machine"])
+    runs[key] = run
+    path.write_text(json.dumps({"benchmark": name, "by_cpu": runs}, indent=2) + "\n")
+    print(f"wrote {path} [{key}]")
+    return path
 
 
 def gpu_section(name: str, threads: int | None, run: Callable[[Bench], None]) -> dict:

@@ -21,19 +21,16 @@ on one machine does not overwrite another's.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from harness import (
-    RESULTS,
     Bench,
     device_copy_bandwidth,
     gpu_section,
     gpu_time,
     interleaved_times,
-    machine,
 )
 
 import ferrograd as fg
@@ -304,38 +301,7 @@ def gpu(bench: Bench) -> None:
     gpu_lm(bench)
 
 
-def cpu_key(info: dict) -> str:
-    """The CPU a run belongs to: the model name with its family and model numbers (VMs report
-    several generations as plain "AMD EPYC") and whether it has AVX-512 VNNI."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())
-    vnni = "avx512_vnni" in info["cpu_flags"]
-    return (
-        f"{info['cpu']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
-        f"{', AVX-512 VNNI' if vnni else ''})"
-    )
-
-
-def save_per_cpu(path: Path, previous: dict) -> None:
-    """Moves the run Bench.save wrote to ``path`` under its CPU's key, beside the other CPUs'
-    runs of ``previous`` (the file as it was)."""
-    run = json.loads(path.read_text())
-    key = cpu_key(machine(run["machine"]["threads"]))
-    doc = {"benchmark": "shiftquant", "by_cpu": {}}
-    if "by_cpu" in previous:
-        doc["by_cpu"] = previous["by_cpu"]
-    elif previous:  # a single run written before results were kept per CPU
-        old = previous["machine"]
-        doc["by_cpu"][f"{old['cpu']} ({old['simd_path']} run)"] = previous
-    doc["by_cpu"][key] = run
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
 def main(threads: int | None = None) -> None:
-    results = RESULTS / "shiftquant.json"
-    previous = json.loads(results.read_text()) if results.exists() else {}
     bench = Bench("shiftquant", threads)
     for size in (512, 1024, 2048, 4096):
         gemm(bench, size, size, size)
@@ -352,7 +318,7 @@ def main(threads: int | None = None) -> None:
     l1norm(bench, 8192, 1024)
     fidelity(bench, 300)
     notes = gpu_section("shiftquant", threads, gpu)
-    path = bench.save(
+    bench.save(
         {
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
@@ -368,7 +334,6 @@ def main(threads: int | None = None) -> None:
             "mean of the last 20 of 300 AdamW steps on a repeated-motif task",
         }
     )
-    save_per_cpu(path, previous)
 
 
 if __name__ == "__main__":

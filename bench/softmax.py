@@ -16,11 +16,10 @@ CPUs. ``python bench/softmax.py [threads...] [--quick]``.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
-from harness import RESULTS, Bench, interleaved_times, machine
+from harness import Bench, interleaved_times, machine, save_run
 
 import ferrograd as fg
 from ferrograd import _core
@@ -109,20 +108,6 @@ def kernel_case(bench: Bench, n: int) -> dict:
     return row
 
 
-def save(entry: dict) -> None:
-    """Merges this CPU's results into bench/results/softmax.json (one entry per CPU model)."""
-    path = RESULTS / "softmax.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        doc = {}
-    if "benchmark" in doc:  # the single-machine layout this file had before
-        doc = {doc["machine"]["cpu"]: doc}
-    doc[entry["machine"]["cpu"]] = entry
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
 def main(threads: int | None = None, quick: bool = False) -> None:
     if not hasattr(_core, "softmax_three_pass"):
         sys.exit("bench/softmax.py: the three-pass baseline needs a `dev` build (make develop)")
@@ -140,7 +125,8 @@ def main(threads: int | None = None, quick: bool = False) -> None:
         bench.rows = []
         for n in SINGLE_ROWS:
             kernels.append(kernel_case(bench, n))
-    save(
+    save_run(
+        "softmax",
         {
             "machine": machine(counts[0]),
             "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
@@ -152,7 +138,7 @@ def main(threads: int | None = None, quick: bool = False) -> None:
             },
             "sweep": sweep,
             "kernels": kernels,
-        }
+        },
     )
 
 

@@ -14,11 +14,10 @@ timed steps are the steady state. Results are kept per CPU model in bench/result
 from __future__ import annotations
 
 import gc
-import json
 import sys
 
 import torch
-from harness import RESULTS, Bench, interleaved_times, machine
+from harness import Bench, interleaved_times, machine, save_run
 
 import ferrograd as fg
 
@@ -96,34 +95,15 @@ def case(bench: Bench, numel: int, dtype: torch.dtype) -> None:
 
 
 def save(bench: Bench, notes: dict) -> None:
-    """Writes this machine's results into bench/results/spam.json under its CPU model, keeping
-    the other machines' entries."""
-    path = RESULTS / "spam.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    if "benchmark" in doc:  # a single machine's document from before the per-CPU layout
-        doc = {doc["machine"]["cpu"]: doc}
+    """This machine's results into bench/results/spam.json, beside other CPUs'."""
     info = machine(bench.threads)
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
-        family, model, vendor = (fields[k].strip() for k in ("cpu family", "model", "vendor_id"))
-        info["cpu_family_model"] = f"{family}/{model} ({vendor})"
-    except (OSError, KeyError):
-        pass
     if pytorch_optimizer is not None:
         from importlib.metadata import version
 
         info["pytorch_optimizer"] = version("pytorch-optimizer")
-    key = info["cpu"] + (f" {info['cpu_family_model']}" if "cpu_family_model" in info else "")
-    doc[key] = {
-        "benchmark": "spam",
-        "machine": info,
-        "copy_bandwidth_GBps": round(bench.bandwidth / 1e9, 2),
-        "notes": notes,
-        "rows": bench.rows,
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {path} [{key}]")
+    run = {"machine": info, "copy_bandwidth_GBps": round(bench.bandwidth / 1e9, 2),
+           "notes": notes, "rows": bench.rows}  # fmt: skip
+    save_run("spam", run)
 
 
 def main(threads: int | None = None, sizes=(10**6, 10**7, 10**8)) -> None:

@@ -17,7 +17,6 @@ by SmoothQuant+ (alpha searched) and by plain round to nearest; loss on held-out
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,14 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from harness import (
-    RESULTS,
     Bench,
     device_copy_bandwidth,
     gpu_section,
     gpu_time,
     interleaved_times,
-    machine,
 )
+from inference import GROUP, Int4Linear
 
 import ferrograd as fg
 
@@ -44,29 +42,14 @@ GPU_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 CPU_ROWS = [1, 8, 32, 128]
-GROUP = 128
-#: Features that decide which CPU kernels run (the key of a CPU's results).
-KEY_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-
-
-def torch_int4(w: torch.Tensor):
-    """torch's int4 CPU weight (bench/inference.py's Int4Linear): x_bf16 -> x @ W_hat.T."""
-    n, k = w.shape
-    groups = w.view(n, k // GROUP, GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
-    zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
-    scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
 
 
 def cpu_matmul(bench: Bench, n: int, k: int) -> None:
     w = torch.randn(n, k) / k**0.5
     q = fg.quant.quantize_w4(w, GROUP)
-    int4, w16 = torch_int4(w), w.bfloat16()
+    linear = torch.nn.Linear(k, n, bias=False)
+    linear.weight.data = w
+    int4, w16 = Int4Linear(linear), w.bfloat16()
     weight_bytes = q.packed.numel() + q.scales.numel() * q.scales.element_size() + n * k // GROUP
     for m in CPU_ROWS:
         x = torch.randn(m, k).bfloat16()
@@ -166,38 +149,6 @@ def gpu(bench: Bench) -> None:
                 )
 
 
-def cpu_key(facts: dict) -> str:
-    """A CPU's results key: its model and the features that pick the kernels (read from
-    /proc/cpuinfo: the harness's flag list leaves out avx512_bf16)."""
-    flags = set(facts["cpu_flags"])
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags |= set(next(line for line in f if line.startswith("flags")).split()[2:])
-    except (OSError, StopIteration):
-        pass
-    features = [f for f in KEY_FEATURES if f in flags]
-    return f"{facts['cpu']} [{' '.join(features)}]"
-
-
-def save(benches: list[Bench], notes: dict) -> None:
-    """This CPU's results into bench/results/w4a16.json, next to other CPUs' (an earlier
-    one-machine file becomes the entry of its CPU)."""
-    path = RESULTS / "w4a16.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
-    if "by_cpu" not in doc:
-        doc = {"benchmark": "w4a16", "by_cpu": {cpu_key(doc["machine"]): doc} if doc else {}}
-    facts = machine(benches[-1].threads)
-    facts["cpu_flags"] = cpu_key(facts).split("[", 1)[1].rstrip("]").split()
-    doc["by_cpu"][cpu_key(facts)] = {
-        "machine": facts,
-        "copy_bandwidth_GBps": round(benches[-1].bandwidth / 1e9, 2),
-        "notes": notes,
-        "rows": [row for b in benches for row in b.rows],
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {path}")
-
-
 def main(threads: tuple[int, ...] = (1, 2)) -> None:
     benches = []
     for t in threads:
@@ -207,7 +158,8 @@ def main(threads: tuple[int, ...] = (1, 2)) -> None:
         benches.append(bench)
     quantize_speed(benches[-1])
     fidelity(benches[-1])
-    save(benches, gpu_section("w4a16", threads[-1], gpu))
+    rows = [row for b in benches for row in b.rows]
+    benches[-1].save(gpu_section("w4a16", threads[-1], gpu), rows=rows)
 
 
 if __name__ == "__main__":
