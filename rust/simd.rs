@@ -87,6 +87,28 @@ pub fn cpu_features() -> CpuFeatures {
     })
 }
 
+/// bfloat16 quiet NaN (torch's).
+pub const BF16_NAN: u16 = 0x7fc0;
+
+/// bfloat16 bits to f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// f32 to bfloat16 bits, rounded to nearest even as torch converts; NaN becomes [`BF16_NAN`].
+/// NaN is tested on the bits: a float compare becomes a branch that stops vectorization.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        BF16_NAN
+    } else {
+        rounded as u16
+    }
+}
+
 /// The widest path this CPU supports.
 pub fn detected() -> SimdLevel {
     let f = cpu_features();

@@ -4,7 +4,7 @@
 //! Every backend rounds a finite value to the same bits (the scalar path runs the vector
 //! paths' integer algorithm on one lane); a NaN stores as a quiet NaN.
 
-use crate::simd::{Scalar, Simd};
+use crate::simd::{self, Scalar, Simd};
 
 /// bfloat16 bits, as torch stores them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,16 +155,10 @@ impl Element for F16 {
     }
 }
 
-/// bfloat16 quiet NaN (torch's).
-const BF16_NAN: u32 = 0x7fc0;
+/// bfloat16 quiet NaN (torch's), as the vector paths splat it.
+const BF16_NAN: u32 = simd::BF16_NAN as u32;
 /// float16 quiet NaN, sign added.
 const F16_NAN: u32 = 0x7e00;
-
-/// f32 bits to bfloat16 bits, rounded to nearest even.
-#[inline(always)]
-fn bf16_round(u: u32) -> u32 {
-    (u.wrapping_add(0x7fff + ((u >> 16) & 1))) >> 16
-}
 
 /// float16 bits to f32 bits (exact): the exponent rebiased by a multiply by 2^112, which also
 /// normalizes subnormals; infinities and NaN keep an all-ones exponent.
@@ -204,15 +198,11 @@ fn f32_to_f16_bits(u: u32) -> u32 {
 impl Lanes for Scalar {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> f32 {
-        f32::from_bits((*p as u32) << 16)
+        simd::bf16_to_f32(*p)
     }
     #[inline(always)]
     unsafe fn store_bf16(p: *mut u16, v: f32) {
-        *p = if v.is_nan() {
-            BF16_NAN
-        } else {
-            bf16_round(v.to_bits())
-        } as u16
+        *p = simd::f32_to_bf16(v)
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> f32 {

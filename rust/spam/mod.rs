@@ -99,16 +99,11 @@ impl Param for Bf16 {
     const BF16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f32::from_bits((self.0 as u32) << 16)
+        crate::simd::bf16_to_f32(self.0)
     }
-    /// Round to nearest even, as torch converts (NaN stays a quiet NaN).
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        let bits = x.to_bits();
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        // NaN tested on the bits: a float compare becomes a branch that stops vectorization.
-        let nan = bits & 0x7fff_ffff > 0x7f80_0000;
-        Bf16(if nan { 0x7fc0 } else { rounded as u16 })
+        Bf16(crate::simd::f32_to_bf16(x))
     }
     fn dense(
         level: SimdLevel,
