@@ -87,6 +87,16 @@ pub fn cpu_features() -> CpuFeatures {
     })
 }
 
+/// bfloat16 bits, as torch stores them (torch.bfloat16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+/// IEEE half-precision bits (torch.float16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct F16(pub u16);
+
 /// bfloat16 quiet NaN (torch's).
 pub const BF16_NAN: u16 = 0x7fc0;
 

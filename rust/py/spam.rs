@@ -1,50 +1,19 @@
 //! SPAM / Stable-SPAM step wrappers.
 
 use numpy::PyArray1;
-use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::Borrows;
+use super::tensor::{has_dtype, Borrows};
 use crate::error::FgError;
 use crate::rng::SplitMix64;
-use crate::simd;
-use crate::spam::{self, Bf16, StepScalars};
+use crate::simd::{self, Bf16};
+use crate::spam::{self, StepScalars};
 
 /// A parameter and its gradient, float32 or bfloat16.
 enum Pair<'a> {
     F32(&'a mut [f32], &'a [f32]),
     Bf16(&'a mut [Bf16], &'a [Bf16]),
-}
-
-/// Whether `t` is a torch.bfloat16 tensor.
-fn is_bf16(t: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let py = t.py();
-    let bf16 = py
-        .import(intern!(py, "torch"))?
-        .getattr(intern!(py, "bfloat16"))?;
-    Ok(t.getattr(intern!(py, "dtype"))?.is(&bf16))
-}
-
-/// The bytes of a bfloat16 tensor as a uint8 view (the borrow checks then apply to it).
-fn bytes_view<'py>(t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let py = t.py();
-    let uint8 = py
-        .import(intern!(py, "torch"))?
-        .getattr(intern!(py, "uint8"))?;
-    t.call_method1(intern!(py, "view"), (uint8,))
-}
-
-/// Bytes as bfloat16 values; a ValueError unless aligned and whole.
-fn as_bf16<'a>(op: &str, name: &str, bytes: &'a mut [u8]) -> PyResult<&'a mut [Bf16]> {
-    // SAFETY: Bf16 is a transparent u16, valid for any bits.
-    let (head, values, tail) = unsafe { bytes.align_to_mut::<Bf16>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(
-            FgError::Value(format!("{op}: {name}'s data is not aligned for bfloat16")).into(),
-        );
-    }
-    Ok(values)
 }
 
 /// One fused step in place on a float32 or bfloat16 `param` (and `grad` of the same dtype)
@@ -72,27 +41,13 @@ fn spam_step(
 ) -> PyResult<()> {
     let op = "spam_step";
     let level = simd::active()?;
-    let bf16 = is_bf16(&param)?;
-    if bf16 != is_bf16(&grad)? {
+    let bf16 = has_dtype::<Bf16>(&param)?;
+    if bf16 != has_dtype::<Bf16>(&grad)? {
         return Err(FgError::Type(format!("{op}: grad must have param's dtype")).into());
     }
-    let (param, grad) = if bf16 {
-        (bytes_view(&param)?, bytes_view(&grad)?)
-    } else {
-        (param, grad)
-    };
     let mut args = Borrows::new(op);
     let pair = if bf16 {
-        let p = as_bf16(op, "param", args.write("param", &param)?)?;
-        let g: &[u8] = args.read("grad", &grad)?;
-        // SAFETY: Bf16 is a transparent u16, valid for any bits.
-        let (head, g, tail) = unsafe { g.align_to::<Bf16>() };
-        if !head.is_empty() || !tail.is_empty() {
-            return Err(
-                FgError::Value(format!("{op}: grad's data is not aligned for bfloat16")).into(),
-            );
-        }
-        Pair::Bf16(p, g)
+        Pair::Bf16(args.write("param", &param)?, args.read("grad", &grad)?)
     } else {
         Pair::F32(args.write("param", &param)?, args.read("grad", &grad)?)
     };
@@ -138,18 +93,9 @@ fn adaclip_stats(
 ) -> PyResult<(f64, f64, f64, f64, f64)> {
     let op = "adaclip_stats";
     let level = simd::active()?;
-    let bf16 = is_bf16(&grad)?;
-    let grad = if bf16 { bytes_view(&grad)? } else { grad };
     let mut args = Borrows::new(op);
-    let s = if bf16 {
-        let g: &[u8] = args.read("grad", &grad)?;
-        // SAFETY: Bf16 is a transparent u16, valid for any bits.
-        let (head, g, tail) = unsafe { g.align_to::<Bf16>() };
-        if !head.is_empty() || !tail.is_empty() {
-            return Err(
-                FgError::Value(format!("{op}: grad's data is not aligned for bfloat16")).into(),
-            );
-        }
+    let s = if has_dtype::<Bf16>(&grad)? {
+        let g: &[Bf16] = args.read("grad", &grad)?;
         run_detached(py, op, || {
             spam::adaclip_stats(level, g, max_abs, running_max, gamma3, correction)
         })?

@@ -15,6 +15,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 use crate::error::FgError;
+use crate::simd::{Bf16, F16};
 
 /// An element type a kernel reads or writes, with its torch dtype.
 pub(crate) trait Element: Copy + Send + Sync + 'static {
@@ -34,7 +35,15 @@ macro_rules! elements {
     };
 }
 
-elements!(f32 => 0 "float32", f64 => 1 "float64", i8 => 2 "int8", u8 => 3 "uint8", i64 => 4 "int64");
+elements!(
+    f32 => 0 "float32",
+    f64 => 1 "float64",
+    i8 => 2 "int8",
+    u8 => 3 "uint8",
+    i64 => 4 "int64",
+    Bf16 => 5 "bfloat16",
+    F16 => 6 "float16",
+);
 
 /// torch.Tensor and the dtype objects of [`DTYPE_NAMES`], imported once (a call checks every
 /// argument, so the lookups must cost next to nothing).
@@ -55,6 +64,14 @@ fn torch(py: Python<'_>) -> PyResult<&Torch> {
                 .collect::<PyResult<_>>()?,
         })
     })
+}
+
+/// Whether `t` has T's dtype (false for anything without one): picks the kernel of a call that
+/// takes several element types; the borrow itself then checks the rest.
+pub(crate) fn has_dtype<T: Element>(t: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = t.py();
+    let want = torch(py)?.dtypes[T::SLOT].bind(py);
+    Ok(matches!(t.getattr(intern!(py, "dtype")), Ok(d) if d.is(want)))
 }
 
 /// The byte ranges handed out during one call, to refuse a written slice that aliases another.

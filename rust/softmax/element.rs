@@ -4,17 +4,7 @@
 //! Every backend rounds a finite value to the same bits (the scalar path runs the vector
 //! paths' integer algorithm on one lane); a NaN stores as a quiet NaN.
 
-use crate::simd::{self, Scalar, Simd};
-
-/// bfloat16 bits, as torch stores them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(transparent)]
-pub struct Bf16(pub u16);
-
-/// IEEE half-precision bits (torch.float16).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(transparent)]
-pub struct F16(pub u16);
+use crate::simd::{self, Bf16, Scalar, Simd, F16};
 
 /// What a backend adds to [`Simd`] for the kernels here: 16-bit loads and stores and
 /// horizontal reductions.

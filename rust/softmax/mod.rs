@@ -27,7 +27,7 @@
 //! layout.rs (the `[outer, n, inner]` view and how a call is cut into parallel tasks),
 //! three_pass.rs.
 
-use crate::simd::{Simd, SimdLevel};
+use crate::simd::{Bf16, Simd, SimdLevel, F16};
 
 mod backward;
 mod element;
@@ -41,7 +41,7 @@ mod tests;
 mod three_pass;
 
 pub use backward::softmax_backward;
-pub use element::{Bf16, Element, F16};
+pub use element::Element;
 pub use forward::{softmax_forward, ExpSum};
 pub use layout::Layout;
 pub(crate) use reduce::{exp_shifted_sum, row_max, sum};

@@ -1,7 +1,7 @@
 use super::element::Lanes;
 use super::*;
 use crate::error::FgError;
-use crate::simd::SimdLevel;
+use crate::simd::{Bf16, SimdLevel, F16};
 
 fn levels() -> impl Iterator<Item = SimdLevel> {
     SimdLevel::ALL.into_iter().filter(|l| l.is_supported())

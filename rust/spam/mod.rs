@@ -19,7 +19,7 @@ pub use stats::{adaclip_stats, AdaClip};
 use crate::dispatch;
 use crate::error::{FgError, FgResult};
 use crate::rng::SplitMix64;
-use crate::simd::SimdLevel;
+use crate::simd::{Bf16, SimdLevel};
 use crate::threads::{self, Disjoint};
 
 /// Elements below which a step runs on the calling thread.
@@ -56,11 +56,6 @@ pub trait Param: Copy + Send + Sync + 'static {
         s: &StepScalars,
     );
 }
-
-/// A bfloat16 value, as its bits (torch.bfloat16's layout).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(transparent)]
-pub struct Bf16(pub u16);
 
 impl Param for f32 {
     const BF16: bool = false;

@@ -10,7 +10,7 @@
 use super::Param;
 use crate::dispatch;
 use crate::error::{FgError, FgResult};
-use crate::simd::SimdLevel;
+use crate::simd::{Bf16, SimdLevel};
 use crate::threads::{self, Disjoint};
 
 /// Entries per partial result (a multiple of [`LANES`]).
@@ -76,7 +76,7 @@ unsafe fn chunk_impl<S, P: Param>(g: &[P], clip: Option<(f32, f32)>) -> (f32, f6
 
 dispatch! {
     fn chunk_f32(g: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<f32>;
-    fn chunk_bf16(g: &[super::Bf16], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<super::Bf16>;
+    fn chunk_bf16(g: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<Bf16>;
 }
 
 /// The dispatched chunk kernel of each parameter type.
@@ -90,8 +90,8 @@ impl StatsParam for f32 {
     }
 }
 
-impl StatsParam for super::Bf16 {
-    fn chunk(level: SimdLevel, g: &[super::Bf16], clip: Option<(f32, f32)>) -> (f32, f64) {
+impl StatsParam for Bf16 {
+    fn chunk(level: SimdLevel, g: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) {
         chunk_bf16(level, g, clip)
     }
 }
