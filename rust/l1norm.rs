@@ -206,16 +206,16 @@ fn backward_row<E: Element, X: Element>(
     let mut sums = [0.0f64; 3];
     let blocks = x.chunks(FOLD).zip(dy.chunks(FOLD).zip(gamma.chunks(FOLD)));
     for (xb, (db, gb)) in blocks {
-        let mut acc = [[0.0f32; LANES]; 3];
+        let (mut sg, mut sgd, mut ss) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
         let chunks = xb
             .chunks_exact(LANES)
             .zip(db.chunks_exact(LANES).zip(gb.chunks_exact(LANES)));
         for (xc, (dc, gc)) in chunks {
             for j in 0..LANES {
                 let (d, g) = (xc[j].to_f32() - mean, dc[j].to_f32() * gc[j]);
-                acc[0][j] += g;
-                acc[1][j] += g * d;
-                acc[2][j] += sign(d);
+                sg[j] += g;
+                sgd[j] += g * d;
+                ss[j] += signed(d, 1.0);
             }
         }
         let full = xb.len() - xb.len() % LANES;
@@ -223,9 +223,9 @@ fn backward_row<E: Element, X: Element>(
             let (d, g) = (xv.to_f32() - mean, dv.to_f32() * gv);
             sums[0] += f64::from(g);
             sums[1] += f64::from(g * d);
-            sums[2] += f64::from(sign(d));
+            sums[2] += f64::from(signed(d, 1.0));
         }
-        for (s, a) in sums.iter_mut().zip(&acc) {
+        for (s, a) in sums.iter_mut().zip([sg, sgd, ss]) {
             *s += a.iter().map(|&v| f64::from(v)).sum::<f64>();
         }
     }
@@ -235,35 +235,76 @@ fn backward_row<E: Element, X: Element>(
     };
     // Σ g y^ = r Σ g d.
     let coef = (SQRT_HALF_PI / n * sums[1]) as f32 * r;
-    // dx, dgamma and dbeta a block at a time from cache, prefetching the next row's x and dy.
-    let mut dgamma = pg.dgamma.as_deref_mut().map(|d| d.chunks_mut(BLOCK));
-    let mut dbeta = pg.dbeta.as_deref_mut().map(|d| d.chunks_mut(BLOCK));
-    let chunks = dx
-        .chunks_mut(BLOCK)
-        .zip(x.chunks(BLOCK))
-        .zip(dy.chunks(BLOCK).zip(gamma.chunks(BLOCK)));
-    for (c, ((dxc, xc), (dyc, gc))) in chunks.enumerate() {
-        prefetch_block(next.0, c * BLOCK, BLOCK);
-        prefetch_block(next.1, c * BLOCK, BLOCK);
-        for (o, (&xv, (&dv, &gv))) in dxc.iter_mut().zip(xc.iter().zip(dyc.iter().zip(gc))) {
-            let (d, dv) = (xv.to_f32() - mean, dv.to_f32());
-            *o = E::from_f32(r * ((dv * gv - mean_g) - coef * (sign(d) - mean_s)));
-        }
-        if let Some(dg) = dgamma.as_mut().and_then(Iterator::next) {
-            for (o, (&xv, &dv)) in dg.iter_mut().zip(xc.iter().zip(dyc)) {
-                *o += dv.to_f32() * (xv.to_f32() - mean) * r;
+    // dx = r (g - mean g) - r coef (s - mean s) = r g + c0 - c1 s, s = sign(d).
+    let (c1, c0) = (r * coef, r * (coef * mean_s - mean_g));
+    let k = Pass2 { mean, r, c0, c1 };
+    // One loop for dx, dgamma and dbeta, specialized on which of the last two are wanted.
+    match (pg.dgamma.as_deref_mut(), pg.dbeta.as_deref_mut()) {
+        (Some(dg), Some(db)) => k.run::<E, X, true, true>(x, next, dy, gamma, dx, dg, db),
+        (Some(dg), None) => k.run::<E, X, true, false>(x, next, dy, gamma, dx, dg, &mut []),
+        (None, Some(db)) => k.run::<E, X, false, true>(x, next, dy, gamma, dx, &mut [], db),
+        (None, None) => k.run::<E, X, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
+    }
+}
+
+/// The backward's second pass over a row (from cache), with the row's constants.
+struct Pass2 {
+    mean: f32,
+    r: f32,
+    c0: f32,
+    c1: f32,
+}
+
+impl Pass2 {
+    /// dx, and (when `G` / `B`) dy y^ into `dg` and dy into `db`, a block at a time,
+    /// prefetching the next row's x and dy.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn run<E: Element, X: Element, const G: bool, const B: bool>(
+        &self,
+        x: &[X],
+        next: (&[X], &[E]),
+        dy: &[E],
+        gamma: &[f32],
+        dx: &mut [E],
+        dg: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let Pass2 { mean, r, c0, c1 } = *self;
+        let n = x.len();
+        let (dy, gamma, dx) = (&dy[..n], &gamma[..n], &mut dx[..n]);
+        let (dg, db) = (
+            &mut dg[..if G { n } else { 0 }],
+            &mut db[..if B { n } else { 0 }],
+        );
+        for start in (0..n).step_by(BLOCK) {
+            prefetch_block(next.0, start, BLOCK);
+            prefetch_block(next.1, start, BLOCK);
+            for i in start..(start + BLOCK).min(n) {
+                let (d, dv) = (x[i].to_f32() - mean, dy[i].to_f32());
+                dx[i] = E::from_f32(r * (dv * gamma[i]) + c0 - signed(d, c1));
+                if G {
+                    dg[i] += dv * d * r;
+                }
+                if B {
+                    db[i] += dv;
+                }
             }
-        }
-        if let Some(db) = dbeta.as_mut().and_then(Iterator::next) {
-            db.iter_mut().zip(dyc).for_each(|(o, &v)| *o += v.to_f32());
         }
     }
 }
 
-/// -1, 0 or 1 (0 at 0: the subgradient torch uses for |x|), branch-free so that it vectorizes.
+/// sign(v) * c: c, -c or 0 (0 at 0: the subgradient torch uses for |x|); selects, which
+/// vectorize.
 #[inline(always)]
-fn sign(v: f32) -> f32 {
-    f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0))
+fn signed(v: f32, c: f32) -> f32 {
+    if v > 0.0 {
+        c
+    } else if v < 0.0 {
+        -c
+    } else {
+        0.0
+    }
 }
 
 /// A forward job: whole rows of x into y and the statistics.
