@@ -25,7 +25,7 @@ use crate::threads::{self, Disjoint};
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
 pub const SQRT_HALF_PI: f64 = 1.253_314_137_315_500_3;
 /// Lanes of the per-row accumulators (independent f32 sums that vectorize).
-const LANES: usize = 16;
+const LANES: usize = 32;
 /// Elements summed in f32 lanes before folding into f64 (bounds rounding growth on long rows).
 const FOLD: usize = 1024;
 /// Elements per block of the loops that prefetch the next row (long enough to vectorize).
@@ -60,9 +60,24 @@ fn lane_sum<E: Element>(x: &[E], f: impl Fn(f32) -> f32) -> f64 {
                 *a += f(v.to_f32());
             }
         }
-        total += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
+        total += fold(acc);
     }
     total
+}
+
+/// The sum of f32 lanes: halved in f32 down to 8 lanes (vector adds), then a tree in f64, so
+/// that a short row does not pay a serial chain of LANES f64 adds.
+#[inline(always)]
+fn fold(mut acc: [f32; LANES]) -> f64 {
+    let mut width = LANES / 2;
+    while width >= 8 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    let a = acc.map(f64::from);
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
 /// The optional elementwise affine parameters (float32), each of length n.
@@ -226,7 +241,7 @@ fn backward_row<E: Element, X: Element>(
             sums[2] += f64::from(signed(d, 1.0));
         }
         for (s, a) in sums.iter_mut().zip([sg, sgd, ss]) {
-            *s += a.iter().map(|&v| f64::from(v)).sum::<f64>();
+            *s += fold(a);
         }
     }
     let (mean_g, mean_s) = match norm {
