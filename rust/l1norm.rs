@@ -24,16 +24,17 @@ use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
 pub const SQRT_HALF_PI: f64 = 1.253_314_137_315_500_3;
-/// Lanes of the per-row accumulators (independent f32 sums that vectorize).
-const LANES: usize = 32;
 /// Elements summed in f32 lanes before folding into f64 (bounds rounding growth on long rows).
 const FOLD: usize = 1024;
 /// Elements per block of the loops that prefetch the next row (long enough to vectorize).
 const BLOCK: usize = 256;
 /// Jobs of fewer elements run on the calling thread; parallel tasks hold about this many.
 const PAR_MIN: usize = 1 << 15;
-/// Backward tasks per thread: each owns weight / bias gradient slots of n floats, so few,
-/// but more than one so that a thread slow to wake does not hold the call up.
+/// Most forward tasks per thread: many short tasks, so that a thread slow to wake (a loaded
+/// machine) just takes fewer of them.
+const FORWARD_TASKS_PER_THREAD: usize = 64;
+/// Most backward tasks per thread: each owns weight / bias gradient slots of n floats that are
+/// summed at the end, so fewer, but more than one for the same reason.
 const BACKWARD_TASKS_PER_THREAD: usize = 4;
 
 /// Which norm a kernel computes.
@@ -45,39 +46,78 @@ pub enum Norm {
     Rms,
 }
 
-/// Σ f(x_i) over a row in f32 lanes, folded into f64 every FOLD elements.
-#[inline(always)]
-fn lane_sum<E: Element>(x: &[E], f: impl Fn(f32) -> f32) -> f64 {
-    let mut total = 0.0f64;
-    for block in x.chunks(FOLD) {
-        let mut acc = [0.0f32; LANES];
-        let chunks = block.chunks_exact(LANES);
-        for &v in chunks.remainder() {
-            total += f64::from(f(v.to_f32()));
-        }
-        for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += f(v.to_f32());
-            }
-        }
-        total += fold(acc);
-    }
-    total
+/// Independent vector accumulators of a sum (ACC chains, so adds do not wait on each other).
+const ACC: usize = 4;
+
+/// A sum over f32 vectors in ACC accumulators, folded into f64 every FOLD elements (bounds
+/// rounding growth on long rows).
+struct VecSum<S: Simd> {
+    acc: [S::V; ACC],
+    total: f64,
 }
 
-/// The sum of f32 lanes: halved in f32 down to 8 lanes (vector adds), then a tree in f64, so
-/// that a short row does not pay a serial chain of LANES f64 adds.
-#[inline(always)]
-fn fold(mut acc: [f32; LANES]) -> f64 {
-    let mut width = LANES / 2;
-    while width >= 8 {
-        for i in 0..width {
-            acc[i] += acc[i + width];
+impl<S: Simd> VecSum<S> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        VecSum {
+            acc: [S::splat(0.0); ACC],
+            total: 0.0,
         }
-        width /= 2;
     }
-    let a = acc.map(f64::from);
-    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+    /// The accumulators' lanes added into `total` in f64, and cleared.
+    #[inline(always)]
+    unsafe fn fold(&mut self) {
+        let v = self.acc[1..].iter().fold(self.acc[0], |s, &a| S::add(s, a));
+        let lanes = S::to_array(v);
+        self.total += lanes[..S::LANES].iter().map(|&l| f64::from(l)).sum::<f64>();
+        self.acc = [S::splat(0.0); ACC];
+    }
+
+    /// Σ f(x_i); the lanes past the end of `x` are loaded as `fill`, which f must map to 0.
+    #[inline(always)]
+    unsafe fn sum(x: &[f32], fill: f32, f: impl Fn(S::V) -> S::V) -> f64 {
+        let mut s = Self::new();
+        for block in x.chunks(FOLD) {
+            let (p, len) = (block.as_ptr(), block.len());
+            let mut i = 0;
+            while i + ACC * S::LANES <= len {
+                for k in 0..ACC {
+                    s.acc[k] = S::add(s.acc[k], f(S::load(p.add(i + k * S::LANES))));
+                }
+                i += ACC * S::LANES;
+            }
+            while i + S::LANES <= len {
+                s.acc[0] = S::add(s.acc[0], f(S::load(p.add(i))));
+                i += S::LANES;
+            }
+            if i < len {
+                s.acc[1] = S::add(s.acc[1], f(S::load_partial(p.add(i), len - i, fill)));
+            }
+            s.fold();
+        }
+        s.total
+    }
+}
+
+/// |v|, NaN kept (x86 max returns its second operand when either is NaN).
+#[inline(always)]
+unsafe fn abs<S: Simd>(v: S::V) -> S::V {
+    S::max(v, S::sub(S::splat(0.0), v))
+}
+
+/// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
+/// stays in cache for the kernels' passes over it).
+#[inline(always)]
+fn widened<'b, E: Element>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    if E::IS_F32 {
+        // SAFETY: E is f32 (only f32's Element impl sets IS_F32).
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+    } else {
+        buf.clear();
+        buf.extend(x.iter().map(|v| v.to_f32()));
+        buf
+    }
 }
 
 /// The optional elementwise affine parameters (float32), each of length n.
@@ -109,12 +149,12 @@ pub struct CodesIn<'a> {
     pub group_size: usize,
 }
 
-/// One row's forward: two statistics passes and the output pass over the row from cache;
-/// `next` (the next row, or empty) is prefetched while this row is written.
+/// One row's forward (`x` widened to f32): two statistics passes and the output pass over the
+/// row from cache; `next` (the next row, or empty) is prefetched while this row is written.
 #[inline(always)]
-fn forward_row<E: Element>(
+unsafe fn forward_row<S: Simd, E: Element>(
     norm: Norm,
-    x: &[E],
+    x: &[f32],
     next: &[E],
     eps: f64,
     p: Params<'_>,
@@ -126,12 +166,14 @@ fn forward_row<E: Element>(
         // mean is exact, so d = x - mean is 0 (raw f32 sums left a rounding error that the tiny
         // mean|d| then magnified to O(1) outputs).
         Norm::Layer => {
-            let pivot = x.first().map_or(0.0, |v| v.to_f32());
-            (f64::from(pivot) + lane_sum(x, |v| v - pivot) / n) as f32
+            let pivot = x.first().copied().unwrap_or(0.0);
+            let shift = S::splat(pivot);
+            (f64::from(pivot) + VecSum::<S>::sum(x, pivot, |v| S::sub(v, shift)) / n) as f32
         }
         Norm::Rms => 0.0,
     };
-    let mean_abs = lane_sum(x, |v| (v - mean).abs()) / n;
+    let m = S::splat(mean);
+    let mean_abs = VecSum::<S>::sum(x, mean, |v| abs::<S>(S::sub(v, m))) / n;
     let r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)) as f32;
     let chunks = y
         .chunks_mut(BLOCK)
@@ -140,7 +182,7 @@ fn forward_row<E: Element>(
     for (c, ((yc, xc), (gc, bc))) in chunks.enumerate() {
         prefetch_block(next, c * BLOCK, BLOCK);
         for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
-            *o = E::from_f32((v.to_f32() - mean) * r * g + b);
+            *o = E::from_f32((v - mean) * r * g + b);
         }
     }
     (mean, r)
@@ -202,48 +244,68 @@ struct ParamGrads<'a> {
     dbeta: Option<&'a mut [f32]>,
 }
 
-/// One row's backward; `next` holds the next row's x and dy (or empties), prefetched meanwhile.
+/// One row's backward (`x`, `dy` widened to f32); `next` holds the next row's x and dy (or
+/// empties), prefetched meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_row<E: Element, X: Element>(
+unsafe fn backward_row<S: Simd, E: Element>(
     norm: Norm,
-    x: &[X],
-    next: (&[X], &[E]),
+    x: &[f32],
+    next: (&[E], &[E]),
     (mean, r): (f32, f32),
-    dy: &[E],
+    dy: &[f32],
     gamma: &[f32],
     dx: &mut [E],
     pg: &mut ParamGrads<'_>,
 ) {
     let n = x.len() as f64;
-    // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in f32 lanes folded into
-    // f64 every FOLD elements.
-    let mut sums = [0.0f64; 3];
-    let blocks = x.chunks(FOLD).zip(dy.chunks(FOLD).zip(gamma.chunks(FOLD)));
-    for (xb, (db, gb)) in blocks {
-        let (mut sg, mut sgd, mut ss) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
-        let chunks = xb
-            .chunks_exact(LANES)
-            .zip(db.chunks_exact(LANES).zip(gb.chunks_exact(LANES)));
-        for (xc, (dc, gc)) in chunks {
-            for j in 0..LANES {
-                let (d, g) = (xc[j].to_f32() - mean, dc[j].to_f32() * gc[j]);
-                sg[j] += g;
-                sgd[j] += g * d;
-                ss[j] += signed(d, 1.0);
-            }
+    // Σ g and Σ g d with g = dy * gamma and d = x - mean, in vector lanes folded into f64;
+    // Σ sign(d) counted in integers (d > 0 exactly when x > mean).
+    let (mut sg, mut sgd) = (VecSum::<S>::new(), VecSum::<S>::new());
+    let m = S::splat(mean);
+    for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
+        let (len, px, pd, pgm) = (xb.len(), xb.as_ptr(), db.as_ptr(), gb.as_ptr());
+        // Vector i (rest: its valid lanes) into accumulators k; padding lanes add 0.
+        let mut step = |i: usize, k: usize, rest: usize| {
+            let (xv, dv, gv) = if rest >= S::LANES {
+                (S::load(px.add(i)), S::load(pd.add(i)), S::load(pgm.add(i)))
+            } else {
+                let part = |p: *const f32| S::load_partial(p, rest, 0.0);
+                (
+                    S::load_partial(px.add(i), rest, mean),
+                    part(pd.add(i)),
+                    part(pgm.add(i)),
+                )
+            };
+            let g = S::mul(dv, gv);
+            sg.acc[k] = S::add(sg.acc[k], g);
+            sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, S::sub(xv, m)));
+        };
+        let mut i = 0;
+        while i + 2 * S::LANES <= len {
+            step(i, 0, S::LANES);
+            step(i + S::LANES, 1, S::LANES);
+            i += 2 * S::LANES;
         }
-        let full = xb.len() - xb.len() % LANES;
-        for ((&xv, &dv), &gv) in xb[full..].iter().zip(&db[full..]).zip(&gb[full..]) {
-            let (d, g) = (xv.to_f32() - mean, dv.to_f32() * gv);
-            sums[0] += f64::from(g);
-            sums[1] += f64::from(g * d);
-            sums[2] += f64::from(signed(d, 1.0));
+        while i < len {
+            step(i, 0, len - i);
+            i += S::LANES;
         }
-        for (s, a) in sums.iter_mut().zip([sg, sgd, ss]) {
-            *s += fold(a);
-        }
+        sg.fold();
+        sgd.fold();
     }
+    // i32 counts per FOLD block (vector lanes), added up in i64.
+    let signs: i64 = x
+        .chunks(FOLD)
+        .map(|b| {
+            i64::from(
+                b.iter()
+                    .map(|&v| i32::from(v > mean) - i32::from(v < mean))
+                    .sum::<i32>(),
+            )
+        })
+        .sum();
+    let sums = [sg.total, sgd.total, signs as f64];
     let (mean_g, mean_s) = match norm {
         Norm::Layer => ((sums[0] / n) as f32, (sums[2] / n) as f32),
         Norm::Rms => (0.0, 0.0),
@@ -255,10 +317,10 @@ fn backward_row<E: Element, X: Element>(
     let k = Pass2 { mean, r, c0, c1 };
     // One loop for dx, dgamma and dbeta, specialized on which of the last two are wanted.
     match (pg.dgamma.as_deref_mut(), pg.dbeta.as_deref_mut()) {
-        (Some(dg), Some(db)) => k.run::<E, X, true, true>(x, next, dy, gamma, dx, dg, db),
-        (Some(dg), None) => k.run::<E, X, true, false>(x, next, dy, gamma, dx, dg, &mut []),
-        (None, Some(db)) => k.run::<E, X, false, true>(x, next, dy, gamma, dx, &mut [], db),
-        (None, None) => k.run::<E, X, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
+        (Some(dg), Some(db)) => k.run::<E, true, true>(x, next, dy, gamma, dx, dg, db),
+        (Some(dg), None) => k.run::<E, true, false>(x, next, dy, gamma, dx, dg, &mut []),
+        (None, Some(db)) => k.run::<E, false, true>(x, next, dy, gamma, dx, &mut [], db),
+        (None, None) => k.run::<E, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
     }
 }
 
@@ -275,11 +337,11 @@ impl Pass2 {
     /// prefetching the next row's x and dy.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn run<E: Element, X: Element, const G: bool, const B: bool>(
+    fn run<E: Element, const G: bool, const B: bool>(
         &self,
-        x: &[X],
-        next: (&[X], &[E]),
-        dy: &[E],
+        x: &[f32],
+        next: (&[E], &[E]),
+        dy: &[f32],
         gamma: &[f32],
         dx: &mut [E],
         dg: &mut [f32],
@@ -296,7 +358,7 @@ impl Pass2 {
             prefetch_block(next.0, start, BLOCK);
             prefetch_block(next.1, start, BLOCK);
             for i in start..(start + BLOCK).min(n) {
-                let (d, dv) = (x[i].to_f32() - mean, dy[i].to_f32());
+                let (d, dv) = (x[i] - mean, dy[i]);
                 dx[i] = E::from_f32(r * (dv * gamma[i]) + c0 - signed(d, c1));
                 if G {
                     dg[i] += dv * d * r;
@@ -358,9 +420,11 @@ unsafe fn forward_impl<S: Simd, E: Element>(job: ForwardJob<'_, E>) {
         stats,
     } = job;
     let mut mean = stats.mean;
+    let mut buf = Vec::with_capacity(if E::IS_F32 { 0 } else { n });
     for (i, (yr, r)) in y.chunks_exact_mut(n).zip(stats.rstd.iter_mut()).enumerate() {
         let next = x.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]);
-        let (m, rr) = forward_row(norm, &x[i * n..(i + 1) * n], next, eps, params, yr);
+        let xr = widened(&x[i * n..(i + 1) * n], &mut buf);
+        let (m, rr) = forward_row::<S, E>(norm, xr, next, eps, params, yr);
         if let Some(mean) = mean.as_deref_mut() {
             mean[i] = m;
         }
@@ -381,6 +445,8 @@ unsafe fn backward_impl<S: Simd, E: Element>(job: BackwardJob<'_, E>) {
         dx,
         mut pg,
     } = job;
+    let cap = if E::IS_F32 { 0 } else { n };
+    let (mut xbuf, mut dybuf) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
     let rows = dx.chunks_exact_mut(n).zip(stats.1).enumerate();
     for (i, (dxr, &r)) in rows {
         let mean = stats.0.map_or(0.0, |m| m[i]);
@@ -389,8 +455,9 @@ unsafe fn backward_impl<S: Simd, E: Element>(job: BackwardJob<'_, E>) {
             x.get(span(i + 1)).unwrap_or(&[]),
             dy.get(span(i + 1)).unwrap_or(&[]),
         );
-        let (xr, dyr) = (&x[span(i)], &dy[span(i)]);
-        backward_row(norm, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
+        let xr = widened(&x[span(i)], &mut xbuf);
+        let dyr = widened(&dy[span(i)], &mut dybuf);
+        backward_row::<S, E>(norm, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
     }
 }
 
@@ -427,16 +494,8 @@ unsafe fn backward_codes_impl<S: Simd>(c: CodesIn<'_>, r0: usize, job: BackwardJ
         let mean = stats.0.map_or(0.0, |m| m[i]);
         let xr = dequantize_row(&c, r0 + i, n, &mut buf);
         let dyr = &dy[i * n..(i + 1) * n];
-        backward_row(
-            Norm::Layer,
-            xr,
-            (&[], &[]),
-            (mean, r),
-            dyr,
-            gamma,
-            dxr,
-            &mut pg,
-        );
+        let next: (&[f32], &[f32]) = (&[], &[]);
+        backward_row::<S, f32>(Norm::Layer, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
     }
 }
 
@@ -523,8 +582,8 @@ fn check_shape(op: &str, norm: Norm, n: usize, mean: Option<usize>, bias: bool) 
     }
 }
 
-/// Rows per parallel task: all on the calling thread for small jobs, else tasks of about
-/// PAR_MIN elements, at least `tasks_per_thread` per thread when there are rows enough.
+/// Rows per parallel task: all on the calling thread for small jobs, else tasks of PAR_MIN
+/// elements or more, at most `tasks_per_thread` per thread and at least one per thread.
 fn rows_per_task(rows: usize, n: usize, tasks_per_thread: usize) -> usize {
     let threads = threads::num_threads();
     if threads == 1 || rows * n < PAR_MIN {
@@ -532,8 +591,8 @@ fn rows_per_task(rows: usize, n: usize, tasks_per_thread: usize) -> usize {
     }
     PAR_MIN
         .div_ceil(n)
-        .min(rows.div_ceil(threads * tasks_per_thread))
-        .max(1)
+        .max(rows.div_ceil(threads * tasks_per_thread))
+        .min(rows.div_ceil(threads))
 }
 
 /// The forward's checks and threading: `task(first row, job)` per chunk of rows, `job.x` the
@@ -573,25 +632,29 @@ fn run_forward<E: Element>(
     };
     let (y, rstd) = (Disjoint::new(y), Disjoint::new(stats.rstd));
     let mean = stats.mean.map(Disjoint::new);
-    threads::for_each_chunk(rows, rows_per_task(rows, n, 1), |_, r| {
-        let span = r.start * n..r.end * n;
-        // SAFETY: chunks are disjoint row ranges.
-        let job = unsafe {
-            ForwardJob {
-                norm,
-                x: x.get(span.clone()).unwrap_or(&[]),
-                n,
-                eps,
-                params,
-                y: y.piece(span),
-                stats: Stats {
-                    mean: mean.as_ref().map(|m| m.piece(r.clone())),
-                    rstd: rstd.piece(r.clone()),
-                },
-            }
-        };
-        task(r.start, job)
-    });
+    threads::for_each_chunk(
+        rows,
+        rows_per_task(rows, n, FORWARD_TASKS_PER_THREAD),
+        |_, r| {
+            let span = r.start * n..r.end * n;
+            // SAFETY: chunks are disjoint row ranges.
+            let job = unsafe {
+                ForwardJob {
+                    norm,
+                    x: x.get(span.clone()).unwrap_or(&[]),
+                    n,
+                    eps,
+                    params,
+                    y: y.piece(span),
+                    stats: Stats {
+                        mean: mean.as_ref().map(|m| m.piece(r.clone())),
+                        rstd: rstd.piece(r.clone()),
+                    },
+                }
+            };
+            task(r.start, job)
+        },
+    );
     Ok(())
 }
 
