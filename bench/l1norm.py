@@ -17,6 +17,7 @@ CPUs. ``python bench/l1norm.py [threads...] [--quick]``.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -40,7 +41,7 @@ SETUPS = {
 
 
 def _repeats(numel: int) -> int:
-    return 41 if numel <= 10**6 else 21
+    return 25 if numel <= 10**6 else 11
 
 
 def _runs(module: nn.Module, x: torch.Tensor, g: torch.Tensor, autocast: bool):
@@ -109,6 +110,7 @@ def case(bench: Bench, norm: str, shape: tuple[int, ...], dtype: str) -> dict:
 
 
 def main(threads: list[int], quick: bool = False) -> None:
+    load_before = os.getloadavg()
     rows = []
     for count in threads:
         bench = Bench("l1norm", count)
@@ -125,6 +127,7 @@ def main(threads: list[int], quick: bool = False) -> None:
                 "baseline": "nn.LayerNorm (L1LayerNorm) / nn.RMSNorm (L1RMSNorm), same dtype",
                 "fwdbwd": "y = m(x); torch.autograd.grad(y, (x, *m.parameters()), g)",
                 "bf16": "torch_setup: the faster torch setup, bf16 module or fp32 + autocast",
+                "load_average": {"before": load_before, "after": os.getloadavg()},
             },
             "rows": rows,
         },
@@ -133,4 +136,4 @@ def main(threads: list[int], quick: bool = False) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    main([int(a) for a in args] or [2, 1], quick="--quick" in sys.argv[1:])
+    main([int(a) for a in args] or [1, 2], quick="--quick" in sys.argv[1:])
