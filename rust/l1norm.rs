@@ -1,89 +1,143 @@
-//! L1 LayerNorm (docs/definitions.md) over rows of length n:
-//! y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * gamma + beta. No square root in the statistics, so they can be computed
-//! exactly in integers straight from ShiftQuant codes (`forward_codes`).
+//! L1 LayerNorm and L1 RMSNorm (docs/definitions.md) over rows of length n:
+//! LayerNorm y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * gamma + beta,
+//! RMSNorm   y = x / (sqrt(pi/2) * mean|x| + eps) * gamma.
+//! No square root in the statistics, so the LayerNorm's can be computed exactly in integers
+//! straight from ShiftQuant codes (`forward_codes`).
 //!
-//! The forward saves, per row, the mean and r = 1 / (sqrt(pi/2) * mean|d| + eps); the backward
-//! recomputes d = x - mean from x (or from the codes) and, with g = dy * gamma, y^ = d * r and
-//! s = sign(d):  dx = r * ((g - mean g) - sqrt(pi/2) / n * (sum g y^) * (s - mean s)).
-
-use std::ops::{Add, Mul, Sub};
+//! Rows are stored as float32, bfloat16 or float16 ([`Element`]) and computed in f32: 16-bit
+//! values are widened in registers as they are read and rounded as they are written, so a
+//! 16-bit call moves 16-bit bytes only. A row is read from memory once: the statistics passes
+//! and the output pass run over it while it sits in L1/L2, the next row being prefetched
+//! meanwhile (docs/l1norm.md has the measurements).
+//!
+//! The forward saves, per row, the mean (0 for RMSNorm) and r = 1 / (sqrt(pi/2) * mean|d| + eps)
+//! as f32; the backward reads x and dy once per row and, with d = x - mean, g = dy * gamma,
+//! y^ = d * r and s = sign(d), writes dx = r * ((g - mean g) - sqrt(pi/2) / n * (sum g y^) *
+//! (s - mean s)) (RMSNorm: the means dropped) and adds dy y^ and dy into per-task weight and bias
+//! gradient slots, summed at the end.
 
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
 use crate::simd::{prefetch_block, Simd, SimdLevel};
+use crate::softmax::{Bf16, Element, F16};
 use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
 pub const SQRT_HALF_PI: f64 = 1.253_314_137_315_500_3;
-/// Lanes of the per-row accumulators (independent sums that vectorize).
-const LANES: usize = 16;
-/// Rows holding fewer elements than this in total run on the calling thread.
+/// Elements summed in f32 lanes before folding into f64 (bounds rounding growth on long rows).
+const FOLD: usize = 1024;
+/// Elements per block of the loops that prefetch the next row (long enough to vectorize).
+const BLOCK: usize = 256;
+/// Jobs of fewer elements run on the calling thread; parallel tasks hold about this many.
 const PAR_MIN: usize = 1 << 15;
+/// Most forward tasks per thread: many short tasks, so that a thread slow to wake (a loaded
+/// machine) just takes fewer of them.
+const FORWARD_TASKS_PER_THREAD: usize = 64;
+/// Most backward tasks per thread: each owns weight / bias gradient slots of n floats that are
+/// summed at the end, so fewer, but more than one for the same reason.
+const BACKWARD_TASKS_PER_THREAD: usize = 4;
 
-/// The float types the kernels run in (float32, and float64 for gradcheck).
-pub trait Real:
-    Copy + Send + Sync + Default + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
-{
-    fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn abs(self) -> Self;
-    /// -1, 0 or 1 (0 at 0: the subgradient torch uses for |x|).
-    fn sign(self) -> Self;
+/// Which norm a kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// L1 LayerNorm: subtracts the row mean, optional bias.
+    Layer,
+    /// L1 RMSNorm: no mean, no bias.
+    Rms,
 }
 
-macro_rules! real {
-    ($t:ty) => {
-        impl Real for $t {
-            #[inline(always)]
-            fn from_f64(v: f64) -> Self {
-                v as $t
-            }
-            #[inline(always)]
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            #[inline(always)]
-            fn abs(self) -> Self {
-                <$t>::abs(self)
-            }
-            #[inline(always)]
-            fn sign(self) -> Self {
-                ((self > 0.0) as u8 as $t) - ((self < 0.0) as u8 as $t)
-            }
-        }
-    };
-}
-real!(f32);
-real!(f64);
+/// Independent vector accumulators of a sum (ACC chains, so adds do not wait on each other).
+const ACC: usize = 4;
 
-/// Σ f(x_i) in LANES independent partial sums (they vectorize), then in f64.
-#[inline(always)]
-fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> f64 {
-    let mut acc = [T::default(); LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(0.0, |s, &v| s + f(v).to_f64());
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = *a + f(v);
+/// A sum over f32 vectors in ACC accumulators, folded into f64 every FOLD elements (bounds
+/// rounding growth on long rows).
+struct VecSum<S: Simd> {
+    acc: [S::V; ACC],
+    total: f64,
+}
+
+impl<S: Simd> VecSum<S> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        VecSum {
+            acc: [S::splat(0.0); ACC],
+            total: 0.0,
         }
     }
-    acc.iter().fold(tail, |s, &v| s + v.to_f64())
+
+    /// The accumulators' lanes added into `total` in f64, and cleared.
+    #[inline(always)]
+    unsafe fn fold(&mut self) {
+        let v = self.acc[1..].iter().fold(self.acc[0], |s, &a| S::add(s, a));
+        let lanes = S::to_array(v);
+        self.total += lanes[..S::LANES].iter().map(|&l| f64::from(l)).sum::<f64>();
+        self.acc = [S::splat(0.0); ACC];
+    }
+
+    /// Σ f(x_i); the lanes past the end of `x` are loaded as `fill`, which f must map to 0.
+    #[inline(always)]
+    unsafe fn sum(x: &[f32], fill: f32, f: impl Fn(S::V) -> S::V) -> f64 {
+        let mut s = Self::new();
+        for block in x.chunks(FOLD) {
+            let (p, len) = (block.as_ptr(), block.len());
+            let mut i = 0;
+            while i + ACC * S::LANES <= len {
+                for k in 0..ACC {
+                    s.acc[k] = S::add(s.acc[k], f(S::load(p.add(i + k * S::LANES))));
+                }
+                i += ACC * S::LANES;
+            }
+            while i + S::LANES <= len {
+                s.acc[0] = S::add(s.acc[0], f(S::load(p.add(i))));
+                i += S::LANES;
+            }
+            if i < len {
+                s.acc[1] = S::add(s.acc[1], f(S::load_partial(p.add(i), len - i, fill)));
+            }
+            s.fold();
+        }
+        s.total
+    }
 }
 
-/// The optional elementwise affine parameters, each of length n.
+/// |v|, NaN kept (x86 max returns its second operand when either is NaN).
+#[inline(always)]
+unsafe fn abs<S: Simd>(v: S::V) -> S::V {
+    S::max(v, S::sub(S::splat(0.0), v))
+}
+
+/// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
+/// stays in cache for the kernels' passes over it).
+#[inline(always)]
+fn widened<'b, E: Element>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    if E::IS_F32 {
+        // SAFETY: E is f32 (only f32's Element impl sets IS_F32).
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+    } else {
+        buf.clear();
+        buf.extend(x.iter().map(|v| v.to_f32()));
+        buf
+    }
+}
+
+/// The optional elementwise affine parameters (float32), each of length n.
 #[derive(Clone, Copy)]
-pub struct Affine<'a, T> {
-    pub gamma: Option<&'a [T]>,
-    pub beta: Option<&'a [T]>,
+pub struct Affine<'a> {
+    pub gamma: Option<&'a [f32]>,
+    pub beta: Option<&'a [f32]>,
 }
 
-/// Per-row statistics saved by the forward: mean and r = 1 / (sqrt(pi/2) mean|d| + eps).
-pub struct Stats<'a, T> {
-    pub mean: &'a mut [T],
-    pub rstd: &'a mut [T],
+/// The affine parameters of a row, defaults filled in (ones / zeros) so the loops stay plain.
+#[derive(Clone, Copy)]
+struct Params<'a> {
+    gamma: &'a [f32],
+    beta: &'a [f32],
+}
+
+/// Per-row statistics saved by the forward: mean (LayerNorm only) and r.
+pub struct Stats<'a> {
+    pub mean: Option<&'a mut [f32]>,
+    pub rstd: &'a mut [f32],
 }
 
 /// A row of ShiftQuant codes as the input of the codes path.
@@ -95,29 +149,32 @@ pub struct CodesIn<'a> {
     pub group_size: usize,
 }
 
-/// The affine parameters of a row, defaults filled in (ones / zeros) so the loops stay plain.
-#[derive(Clone, Copy)]
-pub struct Params<'a, T> {
-    gamma: &'a [T],
-    beta: &'a [T],
-}
-
-/// Elements per block of the loops that prefetch the next row (long enough to vectorize).
-const BLOCK: usize = 256;
-
-/// One row's forward; `next` (the next row, or empty) is prefetched while this row is written
-/// from cache, so that its first pass does not wait on memory.
+/// One row's forward (`x` widened to f32): two statistics passes and the output pass over the
+/// row from cache; `next` (the next row, or empty) is prefetched while this row is written.
 #[inline(always)]
-fn forward_row<T: Real>(x: &[T], next: &[T], eps: f64, p: Params<'_, T>, y: &mut [T]) -> (T, T) {
+unsafe fn forward_row<S: Simd, E: Element>(
+    norm: Norm,
+    x: &[f32],
+    next: &[E],
+    eps: f64,
+    p: Params<'_>,
+    y: &mut [E],
+) -> (f32, f32) {
     let n = x.len() as f64;
-    // Summed relative to the first element: a constant row then sums exact zeros and its mean
-    // is exact, so d = x - mean is 0 (f32 lane sums of the raw values left a rounding error
-    // that the tiny mean|d| then magnified to O(1) outputs).
-    let pivot = x.first().map_or(0.0, |v| v.to_f64());
-    let shift = T::from_f64(pivot);
-    let mean = T::from_f64(pivot + lane_sum(x, |v| v - shift) / n);
-    let mean_abs = lane_sum(x, |v| (v - mean).abs()) / n;
-    let r = T::from_f64(1.0 / (SQRT_HALF_PI * mean_abs + eps));
+    let mean = match norm {
+        // Summed relative to the first element: a constant row then sums exact zeros and its
+        // mean is exact, so d = x - mean is 0 (raw f32 sums left a rounding error that the tiny
+        // mean|d| then magnified to O(1) outputs).
+        Norm::Layer => {
+            let pivot = x.first().copied().unwrap_or(0.0);
+            let shift = S::splat(pivot);
+            (f64::from(pivot) + VecSum::<S>::sum(x, pivot, |v| S::sub(v, shift)) / n) as f32
+        }
+        Norm::Rms => 0.0,
+    };
+    let m = S::splat(mean);
+    let mean_abs = VecSum::<S>::sum(x, mean, |v| abs::<S>(S::sub(v, m))) / n;
+    let r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)) as f32;
     let chunks = y
         .chunks_mut(BLOCK)
         .zip(x.chunks(BLOCK))
@@ -125,7 +182,7 @@ fn forward_row<T: Real>(x: &[T], next: &[T], eps: f64, p: Params<'_, T>, y: &mut
     for (c, ((yc, xc), (gc, bc))) in chunks.enumerate() {
         prefetch_block(next, c * BLOCK, BLOCK);
         for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
-            *o = (v - mean) * r * g + b;
+            *o = E::from_f32((v - mean) * r * g + b);
         }
     }
     (mean, r)
@@ -139,7 +196,7 @@ fn forward_codes_row(
     row: usize,
     n: usize,
     eps: f64,
-    p: Params<'_, f32>,
+    p: Params<'_>,
     y: &mut [f32],
     v: &mut Vec<i32>,
 ) -> (f32, f32) {
@@ -169,326 +226,328 @@ fn forward_codes_row(
     (mean as f32, r as f32)
 }
 
-/// One row's backward; `next` holds the next row's x and dy (or empties), prefetched meanwhile.
+/// Row `r` of the codes, dequantized into `buf`.
+fn dequantize_row<'b>(c: &CodesIn<'_>, r: usize, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    let groups = num_groups(n, c.group_size);
+    let codes = &c.codes[r * n..(r + 1) * n];
+    buf.clear();
+    for (g, &k) in codes.chunks(c.group_size).zip(&c.shifts[r * groups..]) {
+        let step = c.scale[r] * f32::from_bits((127 - u32::from(k)) << 23);
+        buf.extend(g.iter().map(|&q| f32::from(q) * step));
+    }
+    buf
+}
+
+/// A row's weight / bias gradient accumulators (this task's slots), when asked for.
+struct ParamGrads<'a> {
+    dgamma: Option<&'a mut [f32]>,
+    dbeta: Option<&'a mut [f32]>,
+}
+
+/// One row's backward (`x`, `dy` widened to f32); `next` holds the next row's x and dy (or
+/// empties), prefetched meanwhile.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn backward_row<T: Real>(
-    x: &[T],
-    next: (&[T], &[T]),
-    (mean, r): (T, T),
-    dy: &[T],
-    gamma: &[T],
-    grads: Grads<'_, T>,
+unsafe fn backward_row<S: Simd, E: Element>(
+    norm: Norm,
+    x: &[f32],
+    next: (&[E], &[E]),
+    (mean, r): (f32, f32),
+    dy: &[f32],
+    gamma: &[f32],
+    dx: &mut [E],
+    pg: &mut ParamGrads<'_>,
 ) {
-    let Grads { dx, dgamma, dbeta } = grads;
     let n = x.len() as f64;
-    // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in lanes.
-    let mut acc = [[T::default(); LANES]; 3];
-    let mut tail = [0.0f64; 3];
-    let add = |acc: &mut [T; 3], (&xv, (&dv, &gv)): (&T, (&T, &T))| {
-        let (d, g) = (xv - mean, dv * gv);
-        acc[0] = acc[0] + g;
-        acc[1] = acc[1] + g * d;
-        acc[2] = acc[2] + d.sign();
-    };
-    let chunks = x
-        .chunks_exact(LANES)
-        .zip(dy.chunks_exact(LANES).zip(gamma.chunks_exact(LANES)));
-    for (xc, (dc, gc)) in chunks {
-        for j in 0..LANES {
-            let mut lane = [acc[0][j], acc[1][j], acc[2][j]];
-            add(&mut lane, (&xc[j], (&dc[j], &gc[j])));
-            (acc[0][j], acc[1][j], acc[2][j]) = (lane[0], lane[1], lane[2]);
-        }
-    }
-    let full = x.len() - x.len() % LANES;
-    for e in x[full..].iter().zip(dy[full..].iter().zip(&gamma[full..])) {
-        let mut lane = [T::default(); 3];
-        add(&mut lane, e);
-        tail.iter_mut()
-            .zip(lane)
-            .for_each(|(t, v)| *t += v.to_f64());
-    }
-    let sums: Vec<f64> = (0..3)
-        .map(|i| acc[i].iter().fold(tail[i], |s, &v| s + v.to_f64()))
-        .collect();
-    let mean_g = T::from_f64(sums[0] / n);
-    let mean_s = T::from_f64(sums[2] / n);
-    // Σ g y^ = r Σ g d.
-    let coef = T::from_f64(SQRT_HALF_PI / n * sums[1]) * r;
-    // dx, dgamma and dbeta a block at a time from cache, prefetching the next row's x and dy.
-    let (mut dgamma, mut dbeta) = (
-        dgamma.map(|d| d.chunks_mut(BLOCK)),
-        dbeta.map(|d| d.chunks_mut(BLOCK)),
-    );
-    let chunks = dx
-        .chunks_mut(BLOCK)
-        .zip(x.chunks(BLOCK))
-        .zip(dy.chunks(BLOCK).zip(gamma.chunks(BLOCK)));
-    for (c, ((dxc, xc), (dyc, gc))) in chunks.enumerate() {
-        prefetch_block(next.0, c * BLOCK, BLOCK);
-        prefetch_block(next.1, c * BLOCK, BLOCK);
-        for (o, (&xv, (&dv, &gv))) in dxc.iter_mut().zip(xc.iter().zip(dyc.iter().zip(gc))) {
-            *o = r * ((dv * gv - mean_g) - coef * ((xv - mean).sign() - mean_s));
-        }
-        if let Some(dg) = dgamma.as_mut().and_then(Iterator::next) {
-            for (o, (&xv, &dv)) in dg.iter_mut().zip(xc.iter().zip(dyc)) {
-                *o = *o + dv * (xv - mean) * r;
-            }
-        }
-        if let Some(db) = dbeta.as_mut().and_then(Iterator::next) {
-            db.iter_mut().zip(dyc).for_each(|(o, &v)| *o = *o + v);
-        }
-    }
-}
-
-/// The input of a forward or backward: floats, or (float32 only) ShiftQuant codes.
-#[derive(Clone, Copy)]
-pub enum Input<'a, T> {
-    Floats(&'a [T]),
-    Codes(CodesIn<'a>),
-}
-
-impl<T: Real> Input<'_, T> {
-    /// Row r when the input holds floats and has that row, else empty (what is prefetched).
-    #[inline(always)]
-    fn floats_row(&self, r: usize, n: usize) -> &[T] {
-        match self {
-            Input::Floats(x) => x.get(r * n..(r + 1) * n).unwrap_or(&[]),
-            Input::Codes(_) => &[],
-        }
-    }
-
-    /// Row r as floats: borrowed, or dequantized into `buf`.
-    #[inline(always)]
-    fn row<'b>(&'b self, r: usize, n: usize, buf: &'b mut Vec<T>) -> &'b [T] {
-        match self {
-            Input::Floats(x) => &x[r * n..(r + 1) * n],
-            Input::Codes(c) => {
-                let groups = num_groups(n, c.group_size);
-                let codes = &c.codes[r * n..(r + 1) * n];
-                buf.clear();
-                for (g, &k) in codes.chunks(c.group_size).zip(&c.shifts[r * groups..]) {
-                    let step = c.scale[r] * f32::from_bits((127 - u32::from(k)) << 23);
-                    buf.extend(
-                        g.iter()
-                            .map(|&q| T::from_f64(f64::from(f32::from(q) * step))),
-                    );
-                }
-                buf
-            }
-        }
-    }
-}
-
-/// The backward's outputs; dgamma / dbeta are accumulated into (callers pass zeros).
-pub struct Grads<'a, T> {
-    pub dx: &'a mut [T],
-    pub dgamma: Option<&'a mut [T]>,
-    pub dbeta: Option<&'a mut [T]>,
-}
-
-/// Rows [r0, r0 + y.len() / n) of the forward.
-#[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn forward_impl<S: Simd, T: Real>(
-    x: Input<'_, T>,
-    r0: usize,
-    n: usize,
-    eps: f64,
-    p: Params<'_, T>,
-    y: &mut [T],
-    stats: Stats<'_, T>,
-) {
-    let mut buf = Vec::new();
-    let rows = y
-        .chunks_exact_mut(n)
-        .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
-    for (i, (yr, (m, r))) in rows.enumerate() {
-        let next = x.floats_row(r0 + i + 1, n);
-        (*m, *r) = forward_row(x.row(r0 + i, n, &mut buf), next, eps, p, yr);
-    }
-}
-
-/// The codes forward (float32): integer statistics, rows [r0, r0 + y.len() / n).
-#[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn forward_codes_impl<S: Simd>(
-    c: CodesIn<'_>,
-    r0: usize,
-    n: usize,
-    eps: f64,
-    p: Params<'_, f32>,
-    y: &mut [f32],
-    stats: Stats<'_, f32>,
-) {
-    let mut v = Vec::with_capacity(n);
-    let rows = y
-        .chunks_exact_mut(n)
-        .zip(stats.mean.iter_mut().zip(stats.rstd.iter_mut()));
-    for (i, (yr, (m, r))) in rows.enumerate() {
-        (*m, *r) = forward_codes_row(&c, r0 + i, n, eps, p, yr, &mut v);
-    }
-}
-
-/// Rows [r0, r0 + dy.len() / n) of the backward.
-#[inline(always)]
-#[allow(clippy::extra_unused_type_parameters)]
-unsafe fn backward_impl<S: Simd, T: Real>(
-    x: Input<'_, T>,
-    r0: usize,
-    n: usize,
-    stats: (&[T], &[T]),
-    dy: &[T],
-    gamma: &[T],
-    grads: Grads<'_, T>,
-) {
-    let Grads {
-        dx,
-        mut dgamma,
-        mut dbeta,
-    } = grads;
-    let mut buf = Vec::new();
-    let rows = dy
-        .chunks_exact(n)
-        .zip(dx.chunks_exact_mut(n))
-        .zip(stats.0.iter().zip(stats.1));
-    for (i, ((dyr, dxr), (&m, &r))) in rows.enumerate() {
-        let next = (
-            x.floats_row(r0 + i + 1, n),
-            dy.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]),
-        );
-        let xr = x.row(r0 + i, n, &mut buf);
-        let grads = Grads {
-            dx: dxr,
-            dgamma: dgamma.as_deref_mut(),
-            dbeta: dbeta.as_deref_mut(),
+    // Σ g and Σ g d with g = dy * gamma and d = x - mean, in vector lanes folded into f64;
+    // Σ sign(d) counted in integers (d > 0 exactly when x > mean).
+    let (mut sg, mut sgd) = (VecSum::<S>::new(), VecSum::<S>::new());
+    let m = S::splat(mean);
+    for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
+        let (len, px, pd, pgm) = (xb.len(), xb.as_ptr(), db.as_ptr(), gb.as_ptr());
+        // Vector i (rest: its valid lanes) into accumulators k; padding lanes add 0.
+        let mut step = |i: usize, k: usize, rest: usize| {
+            let (xv, dv, gv) = if rest >= S::LANES {
+                (S::load(px.add(i)), S::load(pd.add(i)), S::load(pgm.add(i)))
+            } else {
+                let part = |p: *const f32| S::load_partial(p, rest, 0.0);
+                (
+                    S::load_partial(px.add(i), rest, mean),
+                    part(pd.add(i)),
+                    part(pgm.add(i)),
+                )
+            };
+            let g = S::mul(dv, gv);
+            sg.acc[k] = S::add(sg.acc[k], g);
+            sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, S::sub(xv, m)));
         };
-        backward_row(xr, next, (m, r), dyr, gamma, grads);
+        let mut i = 0;
+        while i + 2 * S::LANES <= len {
+            step(i, 0, S::LANES);
+            step(i + S::LANES, 1, S::LANES);
+            i += 2 * S::LANES;
+        }
+        while i < len {
+            step(i, 0, len - i);
+            i += S::LANES;
+        }
+        sg.fold();
+        sgd.fold();
+    }
+    // i32 counts per FOLD block (vector lanes), added up in i64.
+    let signs: i64 = x
+        .chunks(FOLD)
+        .map(|b| {
+            i64::from(
+                b.iter()
+                    .map(|&v| i32::from(v > mean) - i32::from(v < mean))
+                    .sum::<i32>(),
+            )
+        })
+        .sum();
+    let sums = [sg.total, sgd.total, signs as f64];
+    let (mean_g, mean_s) = match norm {
+        Norm::Layer => ((sums[0] / n) as f32, (sums[2] / n) as f32),
+        Norm::Rms => (0.0, 0.0),
+    };
+    // Σ g y^ = r Σ g d.
+    let coef = (SQRT_HALF_PI / n * sums[1]) as f32 * r;
+    // dx = r (g - mean g) - r coef (s - mean s) = r g + c0 - c1 s, s = sign(d).
+    let (c1, c0) = (r * coef, r * (coef * mean_s - mean_g));
+    let k = Pass2 { mean, r, c0, c1 };
+    // One loop for dx, dgamma and dbeta, specialized on which of the last two are wanted.
+    match (pg.dgamma.as_deref_mut(), pg.dbeta.as_deref_mut()) {
+        (Some(dg), Some(db)) => k.run::<E, true, true>(x, next, dy, gamma, dx, dg, db),
+        (Some(dg), None) => k.run::<E, true, false>(x, next, dy, gamma, dx, dg, &mut []),
+        (None, Some(db)) => k.run::<E, false, true>(x, next, dy, gamma, dx, &mut [], db),
+        (None, None) => k.run::<E, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
+    }
+}
+
+/// The backward's second pass over a row (from cache), with the row's constants.
+struct Pass2 {
+    mean: f32,
+    r: f32,
+    c0: f32,
+    c1: f32,
+}
+
+impl Pass2 {
+    /// dx, and (when `G` / `B`) dy y^ into `dg` and dy into `db`, a block at a time,
+    /// prefetching the next row's x and dy.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn run<E: Element, const G: bool, const B: bool>(
+        &self,
+        x: &[f32],
+        next: (&[E], &[E]),
+        dy: &[f32],
+        gamma: &[f32],
+        dx: &mut [E],
+        dg: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let Pass2 { mean, r, c0, c1 } = *self;
+        let n = x.len();
+        let (dy, gamma, dx) = (&dy[..n], &gamma[..n], &mut dx[..n]);
+        let (dg, db) = (
+            &mut dg[..if G { n } else { 0 }],
+            &mut db[..if B { n } else { 0 }],
+        );
+        for start in (0..n).step_by(BLOCK) {
+            prefetch_block(next.0, start, BLOCK);
+            prefetch_block(next.1, start, BLOCK);
+            for i in start..(start + BLOCK).min(n) {
+                let (d, dv) = (x[i] - mean, dy[i]);
+                dx[i] = E::from_f32(r * (dv * gamma[i]) + c0 - signed(d, c1));
+                if G {
+                    dg[i] += dv * d * r;
+                }
+                if B {
+                    db[i] += dv;
+                }
+            }
+        }
+    }
+}
+
+/// sign(v) * c: c, -c or 0 (0 at 0: the subgradient torch uses for |x|); selects, which
+/// vectorize.
+#[inline(always)]
+fn signed(v: f32, c: f32) -> f32 {
+    if v > 0.0 {
+        c
+    } else if v < 0.0 {
+        -c
+    } else {
+        0.0
+    }
+}
+
+/// A forward job: whole rows of x into y and the statistics.
+pub struct ForwardJob<'a, E> {
+    norm: Norm,
+    x: &'a [E],
+    n: usize,
+    eps: f64,
+    params: Params<'a>,
+    y: &'a mut [E],
+    stats: Stats<'a>,
+}
+
+/// A backward job over whole rows; `pg` are this task's weight / bias gradient slots.
+pub struct BackwardJob<'a, E> {
+    norm: Norm,
+    x: &'a [E],
+    n: usize,
+    stats: (Option<&'a [f32]>, &'a [f32]),
+    dy: &'a [E],
+    gamma: &'a [f32],
+    dx: &'a mut [E],
+    pg: ParamGrads<'a>,
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn forward_impl<S: Simd, E: Element>(job: ForwardJob<'_, E>) {
+    let ForwardJob {
+        norm,
+        x,
+        n,
+        eps,
+        params,
+        y,
+        stats,
+    } = job;
+    let mut mean = stats.mean;
+    let mut buf = Vec::with_capacity(if E::IS_F32 { 0 } else { n });
+    for (i, (yr, r)) in y.chunks_exact_mut(n).zip(stats.rstd.iter_mut()).enumerate() {
+        let next = x.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]);
+        let xr = widened(&x[i * n..(i + 1) * n], &mut buf);
+        let (m, rr) = forward_row::<S, E>(norm, xr, next, eps, params, yr);
+        if let Some(mean) = mean.as_deref_mut() {
+            mean[i] = m;
+        }
+        *r = rr;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn backward_impl<S: Simd, E: Element>(job: BackwardJob<'_, E>) {
+    let BackwardJob {
+        norm,
+        x,
+        n,
+        stats,
+        dy,
+        gamma,
+        dx,
+        mut pg,
+    } = job;
+    let cap = if E::IS_F32 { 0 } else { n };
+    let (mut xbuf, mut dybuf) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let rows = dx.chunks_exact_mut(n).zip(stats.1).enumerate();
+    for (i, (dxr, &r)) in rows {
+        let mean = stats.0.map_or(0.0, |m| m[i]);
+        let span = |t: usize| t * n..(t + 1) * n;
+        let next = (
+            x.get(span(i + 1)).unwrap_or(&[]),
+            dy.get(span(i + 1)).unwrap_or(&[]),
+        );
+        let xr = widened(&x[span(i)], &mut xbuf);
+        let dyr = widened(&dy[span(i)], &mut dybuf);
+        backward_row::<S, E>(norm, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
+    }
+}
+
+/// The codes forward (float32 out): integer statistics, rows [r0, r0 + y.len() / n).
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn forward_codes_impl<S: Simd>(c: CodesIn<'_>, r0: usize, job: ForwardJob<'_, f32>) {
+    let mut v = Vec::with_capacity(job.n);
+    let mean = job.stats.mean.unwrap_or_default();
+    let rows = job
+        .y
+        .chunks_exact_mut(job.n)
+        .zip(mean.iter_mut().zip(job.stats.rstd));
+    for (i, (yr, (m, r))) in rows.enumerate() {
+        (*m, *r) = forward_codes_row(&c, r0 + i, job.n, job.eps, job.params, yr, &mut v);
+    }
+}
+
+/// The codes backward: each row dequantized into a scratch row, then the float backward.
+#[inline(always)]
+#[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
+unsafe fn backward_codes_impl<S: Simd>(c: CodesIn<'_>, r0: usize, job: BackwardJob<'_, f32>) {
+    let BackwardJob {
+        n,
+        stats,
+        dy,
+        gamma,
+        dx,
+        mut pg,
+        ..
+    } = job;
+    let mut buf = Vec::with_capacity(n);
+    for (i, (dxr, &r)) in dx.chunks_exact_mut(n).zip(stats.1).enumerate() {
+        let mean = stats.0.map_or(0.0, |m| m[i]);
+        let xr = dequantize_row(&c, r0 + i, n, &mut buf);
+        let dyr = &dy[i * n..(i + 1) * n];
+        let next: (&[f32], &[f32]) = (&[], &[]);
+        backward_row::<S, f32>(Norm::Layer, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
     }
 }
 
 crate::dispatch! {
-    fn forward_f32(x: Input<'_, f32>, r0: usize, n: usize, eps: f64, p: Params<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_impl<f32>;
-    fn forward_f64(x: Input<'_, f64>, r0: usize, n: usize, eps: f64, p: Params<'_, f64>, y: &mut [f64], stats: Stats<'_, f64>) = forward_impl<f64>;
-    fn forward_codes(c: CodesIn<'_>, r0: usize, n: usize, eps: f64, p: Params<'_, f32>, y: &mut [f32], stats: Stats<'_, f32>) = forward_codes_impl;
-    fn backward_f32(x: Input<'_, f32>, r0: usize, n: usize, stats: (&[f32], &[f32]), dy: &[f32], gamma: &[f32], grads: Grads<'_, f32>) = backward_impl<f32>;
-    fn backward_f64(x: Input<'_, f64>, r0: usize, n: usize, stats: (&[f64], &[f64]), dy: &[f64], gamma: &[f64], grads: Grads<'_, f64>) = backward_impl<f64>;
+    fn forward_f32(job: ForwardJob<'_, f32>) = forward_impl<f32>;
+    fn forward_bf16(job: ForwardJob<'_, Bf16>) = forward_impl<Bf16>;
+    fn forward_f16(job: ForwardJob<'_, F16>) = forward_impl<F16>;
+    fn backward_f32(job: BackwardJob<'_, f32>) = backward_impl<f32>;
+    fn backward_bf16(job: BackwardJob<'_, Bf16>) = backward_impl<Bf16>;
+    fn backward_f16(job: BackwardJob<'_, F16>) = backward_impl<F16>;
+    fn forward_codes_kernel(c: CodesIn<'_>, r0: usize, job: ForwardJob<'_, f32>) = forward_codes_impl;
+    fn backward_codes_kernel(c: CodesIn<'_>, r0: usize, job: BackwardJob<'_, f32>) = backward_codes_impl;
 }
 
-/// The float types with dispatched kernels.
-pub trait Kernels: Real {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        level: SimdLevel,
-        x: Input<'_, Self>,
-        r0: usize,
-        n: usize,
-        eps: f64,
-        p: Params<'_, Self>,
-        y: &mut [Self],
-        stats: Stats<'_, Self>,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        level: SimdLevel,
-        x: Input<'_, Self>,
-        r0: usize,
-        n: usize,
-        stats: (&[Self], &[Self]),
-        dy: &[Self],
-        gamma: &[Self],
-        grads: Grads<'_, Self>,
-    );
+/// The storage types with compiled kernels.
+pub trait Kernels: Element {
+    fn forward(level: SimdLevel, job: ForwardJob<'_, Self>);
+    fn backward(level: SimdLevel, job: BackwardJob<'_, Self>);
 }
 
-impl Kernels for f32 {
-    fn forward(
-        level: SimdLevel,
-        x: Input<'_, f32>,
-        r0: usize,
-        n: usize,
-        eps: f64,
-        p: Params<'_, f32>,
-        y: &mut [f32],
-        stats: Stats<'_, f32>,
-    ) {
-        match x {
-            Input::Codes(c) => forward_codes(level, c, r0, n, eps, p, y, stats),
-            floats => forward_f32(level, floats, r0, n, eps, p, y, stats),
-        }
-    }
-    fn backward(
-        level: SimdLevel,
-        x: Input<'_, f32>,
-        r0: usize,
-        n: usize,
-        stats: (&[f32], &[f32]),
-        dy: &[f32],
-        gamma: &[f32],
-        grads: Grads<'_, f32>,
-    ) {
-        backward_f32(level, x, r0, n, stats, dy, gamma, grads)
-    }
-}
-
-impl Kernels for f64 {
-    fn forward(
-        level: SimdLevel,
-        x: Input<'_, f64>,
-        r0: usize,
-        n: usize,
-        eps: f64,
-        p: Params<'_, f64>,
-        y: &mut [f64],
-        stats: Stats<'_, f64>,
-    ) {
-        forward_f64(level, x, r0, n, eps, p, y, stats)
-    }
-    fn backward(
-        level: SimdLevel,
-        x: Input<'_, f64>,
-        r0: usize,
-        n: usize,
-        stats: (&[f64], &[f64]),
-        dy: &[f64],
-        gamma: &[f64],
-        grads: Grads<'_, f64>,
-    ) {
-        backward_f64(level, x, r0, n, stats, dy, gamma, grads)
-    }
-}
-
-/// Rows per parallel task: everything on the calling thread for small inputs, else one task per
-/// thread (not `threads::rows_per_task`'s finer split: each backward task owns a partial
-/// weight / bias gradient slot of n elements, so fewer tasks mean less to add up).
-fn rows_per_task(rows: usize, n: usize) -> usize {
-    let threads = threads::num_threads();
-    if threads == 1 || rows * n < PAR_MIN {
-        rows.max(1)
-    } else {
-        rows.div_ceil(threads)
-    }
-}
-
-impl<T> Input<'_, T> {
-    fn check(&self, op: &str, rows: usize, n: usize) -> FgResult<()> {
-        let ok = match self {
-            Input::Floats(x) => x.len() == rows * n,
-            Input::Codes(c) => {
-                c.group_size > 0
-                    && c.codes.len() == rows * n
-                    && c.scale.len() == rows
-                    && c.shifts.len() == rows * num_groups(n, c.group_size)
-                    && c.shifts.iter().all(|&k| k <= crate::shiftquant::MAX_SHIFT)
+macro_rules! kernels {
+    ($($t:ty => $fwd:ident, $bwd:ident;)*) => {$(
+        impl Kernels for $t {
+            fn forward(level: SimdLevel, job: ForwardJob<'_, $t>) {
+                $fwd(level, job)
             }
-        };
-        if !ok {
-            return Err(FgError::Value(format!(
-                "{op}: x does not hold {rows} rows of {n}"
-            )));
+            fn backward(level: SimdLevel, job: BackwardJob<'_, $t>) {
+                $bwd(level, job)
+            }
         }
-        Ok(())
+    )*};
+}
+
+kernels! {
+    f32 => forward_f32, backward_f32;
+    Bf16 => forward_bf16, backward_bf16;
+    F16 => forward_f16, backward_f16;
+}
+
+/// ShiftQuant codes of `rows` rows of `n`, checked.
+fn check_codes(op: &str, c: &CodesIn<'_>, rows: usize, n: usize) -> FgResult<()> {
+    let ok = c.group_size > 0
+        && c.codes.len() == rows * n
+        && c.scale.len() == rows
+        && c.shifts.len() == rows * num_groups(n, c.group_size)
+        && c.shifts.iter().all(|&k| k <= crate::shiftquant::MAX_SHIFT);
+    if !ok {
+        return Err(FgError::Value(format!(
+            "{op}: x does not hold {rows} rows of {n}"
+        )));
     }
+    Ok(())
 }
 
 fn check_len(op: &str, name: &str, got: usize, want: usize) -> FgResult<()> {
@@ -500,226 +559,438 @@ fn check_len(op: &str, name: &str, got: usize, want: usize) -> FgResult<()> {
     Ok(())
 }
 
-/// L1 LayerNorm of `rows = y.len() / n` rows into `y`, saving per-row mean and rstd.
-pub fn forward<T: Kernels>(
-    level: SimdLevel,
-    x: Input<'_, T>,
-    n: usize,
-    eps: f64,
-    affine: Affine<'_, T>,
-    y: &mut [T],
-    stats: Stats<'_, T>,
-) -> FgResult<()> {
-    let op = "l1_layer_norm";
+fn op_names(norm: Norm) -> (&'static str, &'static str) {
+    match norm {
+        Norm::Layer => ("l1_layer_norm", "l1_layer_norm_backward"),
+        Norm::Rms => ("l1_rms_norm", "l1_rms_norm_backward"),
+    }
+}
+
+/// n >= 1, and the mean (and bias) given for LayerNorm only.
+fn check_shape(op: &str, norm: Norm, n: usize, mean: Option<usize>, bias: bool) -> FgResult<()> {
     if n == 0 {
         return Err(FgError::Value(format!(
             "{op}: the normalized size must be at least 1"
         )));
     }
-    let rows = stats.mean.len();
-    x.check(op, rows, n)?;
-    check_len(op, "out", y.len(), rows * n)?;
-    check_len(op, "rstd", stats.rstd.len(), rows)?;
-    for (name, p) in [("weight", affine.gamma), ("bias", affine.beta)] {
-        check_len(op, name, p.map_or(n, <[T]>::len), n)?;
+    match norm {
+        Norm::Layer if mean.is_none() => Err(FgError::Value(format!("{op}: mean is required"))),
+        Norm::Rms if mean.is_some() || bias => {
+            Err(FgError::Value(format!("{op}: takes no bias and no mean")))
+        }
+        _ => Ok(()),
     }
-    let (ones, zeros) = (vec![T::from_f64(1.0); n], vec![T::default(); n]);
-    let p = Params {
+}
+
+/// Rows per parallel task: all on the calling thread for small jobs, else tasks of PAR_MIN
+/// elements or more, at most `tasks_per_thread` per thread and at least one per thread.
+fn rows_per_task(rows: usize, n: usize, tasks_per_thread: usize) -> usize {
+    let threads = threads::num_threads();
+    if threads == 1 || rows * n < PAR_MIN {
+        return rows.max(1);
+    }
+    PAR_MIN
+        .div_ceil(n)
+        .max(rows.div_ceil(threads * tasks_per_thread))
+        .min(rows.div_ceil(threads))
+}
+
+/// The forward's checks and threading: `task(first row, job)` per chunk of rows, `job.x` the
+/// chunk's rows of `x` (empty for the codes path).
+#[allow(clippy::too_many_arguments)]
+fn run_forward<E: Element>(
+    op: &str,
+    norm: Norm,
+    x: &[E],
+    n: usize,
+    eps: f64,
+    affine: Affine<'_>,
+    y: &mut [E],
+    stats: Stats<'_>,
+    task: impl Fn(usize, ForwardJob<'_, E>) + Sync,
+) -> FgResult<()> {
+    check_shape(
+        op,
+        norm,
+        n,
+        stats.mean.as_ref().map(|m| m.len()),
+        affine.beta.is_some(),
+    )?;
+    let rows = stats.rstd.len();
+    check_len(op, "out", y.len(), rows * n)?;
+    if let Some(m) = &stats.mean {
+        check_len(op, "mean", m.len(), rows)?;
+    }
+    for (name, p) in [("weight", affine.gamma), ("bias", affine.beta)] {
+        check_len(op, name, p.map_or(n, <[f32]>::len), n)?;
+    }
+    let ones = vec![1.0f32; if affine.gamma.is_none() { n } else { 0 }];
+    let zeros = vec![0.0f32; if affine.beta.is_none() { n } else { 0 }];
+    let params = Params {
         gamma: affine.gamma.unwrap_or(&ones),
         beta: affine.beta.unwrap_or(&zeros),
     };
-    let (y, mean, rstd) = (
-        Disjoint::new(y),
-        Disjoint::new(stats.mean),
-        Disjoint::new(stats.rstd),
-    );
-    threads::for_each_chunk(rows, rows_per_task(rows, n), |_, r| {
-        // SAFETY: chunks are disjoint row ranges.
-        let (y, stats) = unsafe {
-            let stats = Stats {
-                mean: mean.piece(r.clone()),
-                rstd: rstd.piece(r.clone()),
+    let (y, rstd) = (Disjoint::new(y), Disjoint::new(stats.rstd));
+    let mean = stats.mean.map(Disjoint::new);
+    threads::for_each_chunk(
+        rows,
+        rows_per_task(rows, n, FORWARD_TASKS_PER_THREAD),
+        |_, r| {
+            let span = r.start * n..r.end * n;
+            // SAFETY: chunks are disjoint row ranges.
+            let job = unsafe {
+                ForwardJob {
+                    norm,
+                    x: x.get(span.clone()).unwrap_or(&[]),
+                    n,
+                    eps,
+                    params,
+                    y: y.piece(span),
+                    stats: Stats {
+                        mean: mean.as_ref().map(|m| m.piece(r.clone())),
+                        rstd: rstd.piece(r.clone()),
+                    },
+                }
             };
-            (y.piece(r.start * n..r.end * n), stats)
-        };
-        T::forward(level, x, r.start, n, eps, p, y, stats)
-    });
+            task(r.start, job)
+        },
+    );
     Ok(())
 }
 
-/// The input gradient into `grads.dx`; weight / bias gradients (summed over rows) into
-/// `grads.dgamma` / `grads.dbeta` when given (overwritten).
-pub fn backward<T: Kernels>(
+/// The L1 norm (`norm`) of `rows = stats.rstd.len()` rows of `x` into `y`, saving per-row
+/// mean (LayerNorm: `stats.mean` must be given) and r.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<E: Kernels>(
     level: SimdLevel,
-    x: Input<'_, T>,
+    norm: Norm,
+    x: &[E],
     n: usize,
-    stats: (&[T], &[T]),
-    dy: &[T],
-    gamma: Option<&[T]>,
-    grads: Grads<'_, T>,
+    eps: f64,
+    affine: Affine<'_>,
+    y: &mut [E],
+    stats: Stats<'_>,
 ) -> FgResult<()> {
-    let op = "l1_layer_norm_backward";
-    let rows = stats.0.len();
-    if n == 0 {
-        return Err(FgError::Value(format!(
-            "{op}: the normalized size must be at least 1"
-        )));
+    let op = op_names(norm).0;
+    check_len(op, "x", x.len(), stats.rstd.len() * n)?;
+    run_forward(op, norm, x, n, eps, affine, y, stats, |_, job| {
+        E::forward(level, job)
+    })
+}
+
+/// L1 LayerNorm of the rows ShiftQuant codes `c` hold, statistics exact in integers.
+pub fn forward_codes(
+    level: SimdLevel,
+    c: CodesIn<'_>,
+    n: usize,
+    eps: f64,
+    affine: Affine<'_>,
+    y: &mut [f32],
+    stats: Stats<'_>,
+) -> FgResult<()> {
+    let op = op_names(Norm::Layer).0;
+    check_codes(op, &c, stats.rstd.len(), n)?;
+    run_forward(op, Norm::Layer, &[], n, eps, affine, y, stats, |r0, job| {
+        forward_codes_kernel(level, c, r0, job)
+    })
+}
+
+/// What a backward reads: the forward's statistics (mean: LayerNorm only), dy and the weight.
+#[derive(Clone, Copy)]
+pub struct BackwardIn<'a, E> {
+    pub mean: Option<&'a [f32]>,
+    pub rstd: &'a [f32],
+    pub dy: &'a [E],
+    pub gamma: Option<&'a [f32]>,
+}
+
+/// The backward's outputs: dx, and the weight / bias gradients when asked for (overwritten
+/// with their sums over rows).
+pub struct Grads<'a, E> {
+    pub dx: &'a mut [E],
+    pub dgamma: Option<&'a mut [f32]>,
+    pub dbeta: Option<&'a mut [f32]>,
+}
+
+/// The backward's checks and threading, as [`run_forward`].
+fn run_backward<E: Element>(
+    op: &str,
+    norm: Norm,
+    x: &[E],
+    n: usize,
+    inp: BackwardIn<'_, E>,
+    grads: Grads<'_, E>,
+    task: impl Fn(usize, BackwardJob<'_, E>) + Sync,
+) -> FgResult<()> {
+    check_shape(
+        op,
+        norm,
+        n,
+        inp.mean.map(<[f32]>::len),
+        grads.dbeta.is_some(),
+    )?;
+    let rows = inp.rstd.len();
+    if let Some(m) = inp.mean {
+        check_len(op, "mean", m.len(), rows)?;
     }
-    x.check(op, rows, n)?;
-    check_len(op, "rstd", stats.1.len(), rows)?;
-    check_len(op, "grad_out", dy.len(), rows * n)?;
+    check_len(op, "grad_out", inp.dy.len(), rows * n)?;
     check_len(op, "grad_in", grads.dx.len(), rows * n)?;
-    check_len(op, "weight", gamma.map_or(n, <[T]>::len), n)?;
+    check_len(op, "weight", inp.gamma.map_or(n, <[f32]>::len), n)?;
     for (name, g) in [("grad_weight", &grads.dgamma), ("grad_bias", &grads.dbeta)] {
         check_len(op, name, g.as_ref().map_or(n, |g| g.len()), n)?;
     }
-    let ones = vec![T::from_f64(1.0); if gamma.is_none() { n } else { 0 }];
-    let gamma = gamma.unwrap_or(&ones);
-    let chunk = rows_per_task(rows, n);
+    let ones = vec![1.0f32; if inp.gamma.is_none() { n } else { 0 }];
+    let gamma = inp.gamma.unwrap_or(&ones);
+    let chunk = rows_per_task(rows, n, BACKWARD_TASKS_PER_THREAD);
     let tasks = rows.div_ceil(chunk).max(1);
     // Each task sums its rows' weight / bias gradients into its own slot; slots add up last.
-    let (want_g, want_b) = (grads.dgamma.is_some(), grads.dbeta.is_some());
-    let mut partial_g = vec![T::default(); if want_g { tasks * n } else { 0 }];
-    let mut partial_b = vec![T::default(); if want_b { tasks * n } else { 0 }];
-    let (dx, pg, pb) = (
-        Disjoint::new(grads.dx),
+    let Grads { dx, dgamma, dbeta } = grads;
+    let (want_g, want_b) = (dgamma.is_some(), dbeta.is_some());
+    let mut partial_g = vec![0.0f32; if want_g { tasks * n } else { 0 }];
+    let mut partial_b = vec![0.0f32; if want_b { tasks * n } else { 0 }];
+    let (dxd, pgd, pbd) = (
+        Disjoint::new(dx),
         Disjoint::new(&mut partial_g),
         Disjoint::new(&mut partial_b),
     );
     threads::for_each_chunk(rows, chunk, |t, r| {
-        // SAFETY: chunks are disjoint row ranges, and task t alone owns slot t.
+        let span = r.start * n..r.end * n;
         let slot = t * n..(t + 1) * n;
-        let (dgamma, dbeta) = unsafe {
-            (
-                want_g.then(|| pg.piece(slot.clone())),
-                want_b.then(|| pb.piece(slot)),
-            )
+        // SAFETY: chunks are disjoint row ranges, and task t alone owns slot t.
+        let job = unsafe {
+            BackwardJob {
+                norm,
+                x: x.get(span.clone()).unwrap_or(&[]),
+                n,
+                stats: (inp.mean.map(|m| &m[r.clone()]), &inp.rstd[r.clone()]),
+                dy: &inp.dy[span.clone()],
+                gamma,
+                dx: dxd.piece(span),
+                pg: ParamGrads {
+                    dgamma: want_g.then(|| pgd.piece(slot.clone())),
+                    dbeta: want_b.then(|| pbd.piece(slot)),
+                },
+            }
         };
-        let dx = unsafe { dx.piece(r.start * n..r.end * n) };
-        let stats = (&stats.0[r.clone()], &stats.1[r.clone()]);
-        let dy = &dy[r.start * n..r.end * n];
-        T::backward(
-            level,
-            x,
-            r.start,
-            n,
-            stats,
-            dy,
-            gamma,
-            Grads { dx, dgamma, dbeta },
-        )
+        task(r.start, job)
     });
-    for (out, partial) in [(grads.dgamma, partial_g), (grads.dbeta, partial_b)] {
+    for (out, partial) in [(dgamma, partial_g), (dbeta, partial_b)] {
         if let Some(out) = out {
-            out.fill(T::default());
+            out.fill(0.0);
             for slot in partial.chunks(n) {
-                out.iter_mut().zip(slot).for_each(|(o, &p)| *o = *o + p);
+                out.iter_mut().zip(slot).for_each(|(o, &p)| *o += p);
             }
         }
     }
     Ok(())
+}
+
+/// The gradients of the L1 norm (`norm`) at `x`.
+pub fn backward<E: Kernels>(
+    level: SimdLevel,
+    norm: Norm,
+    x: &[E],
+    n: usize,
+    inp: BackwardIn<'_, E>,
+    grads: Grads<'_, E>,
+) -> FgResult<()> {
+    let op = op_names(norm).1;
+    check_len(op, "x", x.len(), inp.rstd.len() * n)?;
+    run_backward(op, norm, x, n, inp, grads, |_, job| E::backward(level, job))
+}
+
+/// The gradients of L1 LayerNorm whose input was given as ShiftQuant codes (straight-through:
+/// the float backward at the dequantized input).
+pub fn backward_codes(
+    level: SimdLevel,
+    c: CodesIn<'_>,
+    n: usize,
+    inp: BackwardIn<'_, f32>,
+    grads: Grads<'_, f32>,
+) -> FgResult<()> {
+    let op = op_names(Norm::Layer).1;
+    check_codes(op, &c, inp.rstd.len(), n)?;
+    run_backward(op, Norm::Layer, &[], n, inp, grads, |r0, job| {
+        backward_codes_kernel(level, c, r0, job)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u64) -> Vec<f64> {
+    fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
-            .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 1.5)
+            .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 1.5) as f32)
             .collect()
     }
 
-    /// The definition, plainly, in f64.
-    fn reference(x: &[f64], n: usize, eps: f64, gamma: &[f64], beta: &[f64]) -> Vec<f64> {
-        x.chunks(n)
-            .flat_map(|row| {
-                let mean = row.iter().sum::<f64>() / n as f64;
-                let mad = row.iter().map(|v| (v - mean).abs()).sum::<f64>() / n as f64;
-                let denom = SQRT_HALF_PI * mad + eps;
-                row.iter()
-                    .enumerate()
-                    .map(move |(i, v)| (v - mean) / denom * gamma[i] + beta[i])
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+    /// The definition and its gradient, plainly, in f64: (y, dx, dgamma, dbeta).
+    fn reference(
+        norm: Norm,
+        x: &[f32],
+        n: usize,
+        eps: f64,
+        gamma: &[f32],
+        beta: &[f32],
+        dy: &[f32],
+    ) -> [Vec<f64>; 4] {
+        let (mut y, mut dx) = (vec![], vec![]);
+        let (mut dg, mut db) = (vec![0.0; n], vec![0.0; n]);
+        let nf = n as f64;
+        for (row, dyr) in x.chunks(n).zip(dy.chunks(n)) {
+            let row: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+            let mean = match norm {
+                Norm::Layer => row.iter().sum::<f64>() / nf,
+                Norm::Rms => 0.0,
+            };
+            let d: Vec<f64> = row.iter().map(|v| v - mean).collect();
+            let r = 1.0 / (SQRT_HALF_PI * d.iter().map(|v| v.abs()).sum::<f64>() / nf + eps);
+            let g: Vec<f64> = (0..n).map(|i| f64::from(dyr[i] * gamma[i])).collect();
+            let (sg, sgd) = (
+                g.iter().sum::<f64>(),
+                (0..n).map(|i| g[i] * d[i]).sum::<f64>(),
+            );
+            let ss = d
+                .iter()
+                .map(|v| v.signum() * f64::from(u8::from(*v != 0.0)))
+                .sum::<f64>();
+            let (mg, ms) = match norm {
+                Norm::Layer => (sg / nf, ss / nf),
+                Norm::Rms => (0.0, 0.0),
+            };
+            for i in 0..n {
+                let b = if norm == Norm::Layer { beta[i] } else { 0.0 };
+                y.push(d[i] * r * f64::from(gamma[i]) + f64::from(b));
+                let s = d[i].signum() * f64::from(u8::from(d[i] != 0.0));
+                dx.push(r * ((g[i] - mg) - SQRT_HALF_PI / nf * r * sgd * (s - ms)));
+                dg[i] += f64::from(dyr[i]) * d[i] * r;
+                db[i] += f64::from(dyr[i]);
+            }
+        }
+        [y, dx, dg, db]
     }
 
-    #[test]
-    fn forward_matches_the_definition_and_backward_matches_finite_differences() {
-        let (rows, n, eps) = (3, 37, 1e-5);
-        let x = data(rows * n, 1);
+    fn close(got: impl Iterator<Item = f64>, want: &[f64], tol: f64, what: &str) {
+        for (i, (a, b)) in got.zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * (1.0 + b.abs()),
+                "{what}[{i}]: {a} vs {b}"
+            );
+        }
+    }
+
+    /// Forward and backward of `E` rows against the f64 definition at the rows' own values.
+    fn check<E: Kernels>(norm: Norm, rows: usize, n: usize, tol: f64) {
+        let eps = 1e-5;
+        let x: Vec<E> = data(rows * n, 1).into_iter().map(E::from_f32).collect();
+        let dy: Vec<E> = data(rows * n, 4).into_iter().map(E::from_f32).collect();
+        let widen = |v: &[E]| v.iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
         let gamma = data(n, 2);
         let beta = data(n, 3);
-        let dy = data(rows * n, 4);
+        let want = reference(norm, &widen(&x), n, eps, &gamma, &beta, &widen(&dy));
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
             let affine = Affine {
-                gamma: Some(&gamma[..]),
-                beta: Some(&beta[..]),
+                gamma: Some(&gamma),
+                beta: (norm == Norm::Layer).then_some(&beta[..]),
             };
-            let run = |x: &[f64]| {
-                let mut y = vec![0.0; rows * n];
-                let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
-                forward(
-                    level,
-                    Input::Floats(x),
-                    n,
-                    eps,
-                    affine,
-                    &mut y,
-                    Stats {
-                        mean: &mut mean,
-                        rstd: &mut rstd,
-                    },
-                )
-                .unwrap();
-                (y, mean, rstd)
+            let mut y = vec![E::from_f32(0.0); rows * n];
+            let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
+            let stats = Stats {
+                mean: (norm == Norm::Layer).then_some(&mut mean[..]),
+                rstd: &mut rstd,
             };
-            let (y, mean, rstd) = run(&x);
-            for (a, b) in y.iter().zip(reference(&x, n, eps, &gamma, &beta)) {
-                assert!((a - b).abs() < 1e-12, "{a} {b}");
-            }
-            let mut dx = vec![0.0; rows * n];
+            forward(level, norm, &x, n, eps, affine, &mut y, stats).unwrap();
+            close(widen(&y).into_iter().map(f64::from), &want[0], tol, "y");
+            let mut dx = vec![E::from_f32(0.0); rows * n];
             let (mut dg, mut db) = (vec![0.0; n], vec![0.0; n]);
+            let inp = BackwardIn {
+                mean: (norm == Norm::Layer).then_some(&mean[..]),
+                rstd: &rstd,
+                dy: &dy,
+                gamma: Some(&gamma),
+            };
             let grads = Grads {
                 dx: &mut dx,
                 dgamma: Some(&mut dg),
-                dbeta: Some(&mut db),
+                dbeta: (norm == Norm::Layer).then_some(&mut db[..]),
             };
-            backward(
-                level,
-                Input::Floats(&x),
-                n,
-                (&mean, &rstd),
-                &dy,
-                Some(&gamma),
-                grads,
-            )
-            .unwrap();
-            let loss = |x: &[f64]| run(x).0.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>();
-            for i in [0, 5, n + 3, rows * n - 1] {
-                let h = 1e-6;
-                let (mut xp, mut xm) = (x.clone(), x.clone());
-                xp[i] += h;
-                xm[i] -= h;
-                let fd = (loss(&xp) - loss(&xm)) / (2.0 * h);
-                assert!(
-                    (fd - dx[i]).abs() < 1e-6,
-                    "{level:?} dx[{i}] {} vs {fd}",
-                    dx[i]
+            backward(level, norm, &x, n, inp, grads).unwrap();
+            close(widen(&dx).into_iter().map(f64::from), &want[1], tol, "dx");
+            close(
+                dg.iter().map(|&v| f64::from(v)),
+                &want[2],
+                tol * 10.0,
+                "dgamma",
+            );
+            if norm == Norm::Layer {
+                close(
+                    db.iter().map(|&v| f64::from(v)),
+                    &want[3],
+                    tol * 10.0,
+                    "dbeta",
                 );
             }
-            let want_db: f64 = (0..rows).map(|r| dy[r * n + 2]).sum();
-            assert!((db[2] - want_db).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn kernels_match_the_definition_in_every_storage() {
+        crate::threads::set_num_threads(2).unwrap();
+        for norm in [Norm::Layer, Norm::Rms] {
+            for (rows, n) in [(3, 37), (1, 1), (2, 1000), (64, 1024), (5, 3000)] {
+                check::<f32>(norm, rows, n, 2e-5);
+                check::<Bf16>(norm, rows, n, 1e-2);
+                check::<F16>(norm, rows, n, 2e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn norm_and_shape_mismatches_are_refused() {
+        let level = SimdLevel::Scalar;
+        let x = [1.0f32; 8];
+        let (mut y, mut rstd, mut mean) = ([0.0f32; 8], [0.0f32; 2], [0.0f32; 2]);
+        let none = Affine {
+            gamma: None,
+            beta: None,
+        };
+        let err = forward(
+            level,
+            Norm::Rms,
+            &x,
+            4,
+            1e-5,
+            none,
+            &mut y,
+            Stats {
+                mean: Some(&mut mean),
+                rstd: &mut rstd,
+            },
+        );
+        assert!(matches!(err, Err(FgError::Value(_))));
+        let err = forward(
+            level,
+            Norm::Layer,
+            &x,
+            3,
+            1e-5,
+            none,
+            &mut y,
+            Stats {
+                mean: Some(&mut mean),
+                rstd: &mut rstd,
+            },
+        );
+        assert!(matches!(err, Err(FgError::Value(_))));
     }
 
     #[test]
     fn codes_forward_matches_the_float_forward_of_the_dequantized_input() {
         use crate::shiftquant::{dequantize, quantize_rows, Codes, Rounding, Spec};
         let (rows, n, gs) = (4, 100, 16);
-        let x: Vec<f32> = data(rows * n, 5).iter().map(|&v| v as f32).collect();
+        let x = data(rows * n, 5);
         let spec = Spec::new("t", 6, gs, Rounding::Nearest).unwrap();
         let (mut codes, mut scale, mut shifts) = (
             vec![0i8; rows * n],
@@ -727,18 +998,12 @@ mod tests {
             vec![0u8; rows * num_groups(n, gs)],
         );
         let level = crate::simd::detected();
-        quantize_rows(
-            level,
-            &x,
-            n,
-            &spec,
-            Codes {
-                codes: &mut codes,
-                scale: &mut scale,
-                shifts: &mut shifts,
-            },
-        )
-        .unwrap();
+        let out = Codes {
+            codes: &mut codes,
+            scale: &mut scale,
+            shifts: &mut shifts,
+        };
+        quantize_rows(level, &x, n, &spec, out).unwrap();
         let mut xd = vec![0f32; rows * n];
         dequantize(level, &codes, &scale, &shifts, gs, &mut xd).unwrap();
         let c = CodesIn {
@@ -751,26 +1016,57 @@ mod tests {
             gamma: None,
             beta: None,
         };
-        let run = |x: Input<'_, f32>| {
-            let mut y = vec![0f32; rows * n];
-            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-            forward(
-                level,
-                x,
-                n,
-                1e-5,
-                none,
-                &mut y,
-                Stats {
-                    mean: &mut mean,
-                    rstd: &mut rstd,
-                },
-            )
-            .unwrap();
-            y
-        };
-        for (a, b) in run(Input::Codes(c)).iter().zip(run(Input::Floats(&xd))) {
+        let mut got = [vec![0f32; rows * n], vec![0f32; rows * n]];
+        let mut stats = [vec![0f32; rows], vec![0f32; rows]];
+        let [mean, rstd] = &mut stats;
+        forward_codes(
+            level,
+            c,
+            n,
+            1e-5,
+            none,
+            &mut got[0],
+            Stats {
+                mean: Some(mean),
+                rstd,
+            },
+        )
+        .unwrap();
+        let (mut mean2, mut rstd2) = (vec![0f32; rows], vec![0f32; rows]);
+        forward(
+            level,
+            Norm::Layer,
+            &xd,
+            n,
+            1e-5,
+            none,
+            &mut got[1],
+            Stats {
+                mean: Some(&mut mean2),
+                rstd: &mut rstd2,
+            },
+        )
+        .unwrap();
+        for (a, b) in got[0].iter().zip(&got[1]) {
             assert!((a - b).abs() < 1e-5, "{a} {b}");
         }
+        // The codes backward is the float backward at the dequantized input.
+        let dy = data(rows * n, 6);
+        let mut dx = [vec![0f32; rows * n], vec![0f32; rows * n]];
+        let inp = BackwardIn {
+            mean: Some(&mean2),
+            rstd: &rstd2,
+            dy: &dy,
+            gamma: None,
+        };
+        let [dx0, dx1] = &mut dx;
+        let grads = |dx| Grads {
+            dx,
+            dgamma: None,
+            dbeta: None,
+        };
+        backward_codes(level, c, n, inp, grads(dx0)).unwrap();
+        backward(level, Norm::Layer, &xd, n, inp, grads(dx1)).unwrap();
+        assert_eq!(dx[0], dx[1]);
     }
 }

@@ -417,3 +417,141 @@ def test_constant_and_nearly_constant_rows(n):
     # the float32 mean is within half an ulp of 1000 (3e-5) and y = d / (1.25 mean|d|) with
     # mean|d| ~ 8e-3: |dy| <= 3e-5 / 1e-2 = 3e-3, twice that allowed
     torch.testing.assert_close(norm(x).double(), want, rtol=0, atol=6e-3)
+
+
+# ---- 16-bit rows, odd layouts and special values ----
+
+
+def _norm(kind, n, dtype=torch.float32):
+    """An L1LayerNorm / L1RMSNorm with non-trivial parameters."""
+    torch.manual_seed(n)
+    m = fg.nn.L1LayerNorm(n) if kind == "layer" else fg.nn.L1RMSNorm(n)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5)
+    return m.to(dtype)
+
+
+def _float64_norm(kind, x, m):
+    """The definition in float64 at x's values, with m's parameters."""
+    if kind == "layer":
+        return reference(x, (x.shape[-1],), m.weight.double(), m.bias.double(), m.eps)
+    return rms_reference(x, m.weight.double(), m.eps)
+
+
+def _run(m, x, grad):
+    """y and the gradients of x and of m's parameters."""
+    x = x.detach().requires_grad_()
+    y = m(x)
+    return (y, *torch.autograd.grad(y, (x, *m.parameters()), grad))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, "same"])
+@pytest.mark.parametrize("shape", [(9, 1000), (2, 3, 64), (300, 16)])
+def test_16_bit_rows_match_float64_and_the_float32_kernel(kind, dtype, param_dtype, shape):
+    """16-bit rows are read and written natively: the result is the float32 kernel's at the
+    widened values, rounded once (bit for bit), and close to the float64 definition."""
+    n = shape[-1]
+    m = _norm(kind, n, dtype if param_dtype == "same" else param_dtype)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    got = _run(m, x, grad)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    m32 = _norm(kind, n).requires_grad_()
+    with torch.no_grad():
+        for p, q in zip(m32.parameters(), m.parameters(), strict=True):
+            p.copy_(q)
+    want32 = _run(m32, x.float(), grad.float())
+    for ours, theirs in zip(got, want32, strict=True):
+        torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=0, atol=0)
+    xr = x.double().requires_grad_()
+    y64 = _float64_norm(kind, xr, m32)
+    want64 = (y64, *torch.autograd.grad(y64, xr, grad.double()))
+    for ours, theirs in zip(got[:2], want64, strict=True):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_input_gives_the_contiguous_result(kind, dtype):
+    m = _norm(kind, 48)
+    base = torch.randn(40, 96).to(dtype)
+    grad = torch.randn(40, 48).to(dtype)
+    for x in (base[:, ::2], base[:, 48:], base.t()[:48].t()):
+        assert not x.is_contiguous()
+        got, want = _run(m, x, grad), _run(m, x.contiguous(), grad)
+        for ours, theirs in zip(got, want, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_length_one(kind, dtype):
+    m = _norm(kind, 1)
+    x = torch.tensor([[2.0], [-3.0], [0.0], [1e-3]]).to(dtype)
+    grad = torch.tensor([[1.0], [2.0], [-1.0], [0.5]]).to(dtype)
+    y, dx, *_ = _run(m, x, grad)
+    xr = x.double().requires_grad_()
+    want = _float64_norm(kind, xr, m)
+    (want_dx,) = torch.autograd.grad(want, xr, grad.double())
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(dx.double(), want_dx, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_batch(kind, dtype):
+    m = _norm(kind, 16).to(dtype)
+    x = torch.randn(0, 3, 16).to(dtype).requires_grad_()
+    y = m(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_rows_propagate_as_the_reference(kind, dtype):
+    """A row holding NaN or inf comes out (and its gradient) as the float64 definition has it
+    (NaN throughout, but for RMSNorm's inf rows: 0, NaN at the inf); the other rows are
+    untouched."""
+    m = _norm(kind, 40)
+    x = torch.randn(5, 40)
+    x[1, 3], x[2, 7], x[3, 0] = math.nan, math.inf, -math.inf
+    x = x.to(dtype)
+    grad = torch.randn(5, 40).to(dtype)
+    y, dx, *_ = _run(m, x, grad)
+    xr = x.double().requires_grad_()
+    want = _float64_norm(kind, xr, m)
+    (want_dx,) = torch.autograd.grad(want, xr, grad.double())
+    assert torch.equal(y.isnan(), want.isnan()) and y[1].isnan().all()
+    assert torch.equal(dx.isnan(), want_dx.isnan())
+    ok = torch.tensor([0, 4])
+    torch.testing.assert_close(y[ok].double(), want[ok].detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_thread_counts_agree(kind):
+    """Rows are split across threads, each with its own weight / bias gradient slots."""
+    m = _norm(kind, 512)
+    x, grad = torch.randn(700, 512), torch.randn(700, 512)
+    threads = fg.get_num_threads()
+    try:
+        fg.set_num_threads(1)
+        want = _run(m, x, grad)
+        fg.set_num_threads(2)
+        got = _run(m, x, grad)
+    finally:
+        fg.set_num_threads(threads)
+    torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=0)
+    torch.testing.assert_close(got[2:], want[2:], rtol=1e-5, atol=1e-4)
+
+
+def test_rms_gradcheck_through_the_float64_path_with_one_column():
+    x = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: l1norm.l1_rms_norm(x, w, 1e-3), (x, w))

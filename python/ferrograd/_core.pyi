@@ -147,7 +147,7 @@ def shiftquant_matmul(
 ) -> None:
     """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K."""
 
-def l1_norm_forward_f32(
+def l1_norm_forward(
     x: torch.Tensor,
     n: int,
     eps: float,
@@ -156,10 +156,12 @@ def l1_norm_forward_f32(
     out: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
+    dtype: str = "float32",
 ) -> None:
-    """L1 LayerNorm of x [rows, n]; saves per-row mean and rstd for the backward."""
+    """L1 LayerNorm of x [rows, n] into out (float32 rows, or bfloat16 / float16 rows as their
+    uint8 bytes, ``dtype`` naming them); saves per-row float32 mean and rstd."""
 
-def l1_norm_backward_f32(
+def l1_norm_backward(
     x: torch.Tensor,
     n: int,
     mean: torch.Tensor,
@@ -169,28 +171,33 @@ def l1_norm_backward_f32(
     grad_in: torch.Tensor,
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
-) -> None: ...
-def l1_norm_forward_f64(
+    dtype: str = "float32",
+) -> None:
+    """Gradients of L1 LayerNorm from the saved x, mean and rstd."""
+
+def l1_rms_norm_forward(
     x: torch.Tensor,
     n: int,
     eps: float,
     weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
     out: torch.Tensor,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
-) -> None: ...
-def l1_norm_backward_f64(
+    dtype: str = "float32",
+) -> None:
+    """L1 RMSNorm of x [rows, n] into out (rows as in l1_norm_forward); saves per-row rstd."""
+
+def l1_rms_norm_backward(
     x: torch.Tensor,
     n: int,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
     grad_out: torch.Tensor,
     weight: torch.Tensor | None,
     grad_in: torch.Tensor,
     grad_weight: torch.Tensor | None = None,
-    grad_bias: torch.Tensor | None = None,
-) -> None: ...
+    dtype: str = "float32",
+) -> None:
+    """Gradients of L1 RMSNorm from the saved x and rstd."""
+
 def l1_norm_forward_codes(
     codes: torch.Tensor,
     scale: torch.Tensor,

@@ -1,50 +1,202 @@
-//! L1 LayerNorm wrappers: float32 / float64 inputs, or float32 from ShiftQuant codes.
+//! L1 LayerNorm / L1 RMSNorm wrappers: rows of float32, or of bfloat16 / float16 passed as
+//! their bytes (`x.view(torch.uint8)`, `dtype` naming the type), and the codes path.
 
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{Borrows, Element};
-use crate::l1norm::{self, Affine, CodesIn, Grads, Input, Kernels, Stats};
+use super::tensor::Borrows;
+use crate::error::FgError;
+use crate::l1norm::{self, Affine, BackwardIn, CodesIn, Grads, Kernels, Norm, Stats};
 use crate::simd;
-
-const FORWARD: &str = "l1_layer_norm";
-const BACKWARD: &str = "l1_layer_norm_backward";
+use crate::softmax::{Bf16, F16};
 
 type Arg<'py> = Bound<'py, PyAny>;
 
+/// A storage type and how its rows are borrowed.
+trait Stored: Kernels {
+    fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [Self]>;
+    #[allow(clippy::mut_from_ref)]
+    fn write<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a mut [Self]>;
+}
+
+impl Stored for f32 {
+    fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [f32]> {
+        args.read(at.1, t)
+    }
+    fn write<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a mut [f32]> {
+        args.write(at.1, t)
+    }
+}
+
+/// (op, argument name) of a tensor being borrowed.
+type At<'s> = (&'s str, &'s str);
+
+/// The 16-bit elements over `bytes` (a ValueError unless 2-byte aligned): pointer and count.
+fn halves((op, name): At, bytes: &[u8]) -> PyResult<(usize, usize)> {
+    let ptr = bytes.as_ptr() as usize;
+    if !ptr.is_multiple_of(2) || !bytes.len().is_multiple_of(2) {
+        return Err(FgError::Value(format!(
+            "{op}: {name}'s bytes are not whole 2-byte aligned elements"
+        ))
+        .into());
+    }
+    Ok((ptr, bytes.len() / 2))
+}
+
+macro_rules! stored_16 {
+    ($($t:ty),*) => {$(
+        impl Stored for $t {
+            fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [$t]> {
+                let bytes: &[u8] = args.read(at.1, t)?;
+                let (ptr, len) = halves(at, bytes)?;
+                // SAFETY: `Borrows` checked the bytes (kept alive for 'a by `t`); the elements
+                // are aligned, and every bit pattern is a valid value.
+                Ok(unsafe { std::slice::from_raw_parts(ptr as *const $t, len) })
+            }
+            fn write<'a>(
+                args: &mut Borrows<'_>,
+                at: At,
+                t: &'a Arg<'_>,
+            ) -> PyResult<&'a mut [$t]> {
+                let bytes: &mut [u8] = args.write(at.1, t)?;
+                let (ptr, len) = halves(at, bytes)?;
+                // SAFETY: as in `read`; `Borrows` made sure nothing else overlaps it.
+                Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut $t, len) })
+            }
+        }
+    )*};
+}
+
+stored_16!(Bf16, F16);
+
+/// Runs `$body` with `$E` bound to the storage type `$dtype` names.
+macro_rules! with_storage {
+    ($op:expr, $dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            "float32" => {
+                type $E = f32;
+                $body
+            }
+            "bfloat16" => {
+                type $E = Bf16;
+                $body
+            }
+            "float16" => {
+                type $E = F16;
+                $body
+            }
+            other => Err(FgError::Type(format!(
+                "{}: dtype must be float32, bfloat16 or float16, got {other}",
+                $op
+            ))
+            .into()),
+        }
+    };
+}
+
+fn op_of(norm: Norm, backward: bool) -> &'static str {
+    match (norm, backward) {
+        (Norm::Layer, false) => "l1_layer_norm",
+        (Norm::Layer, true) => "l1_layer_norm_backward",
+        (Norm::Rms, false) => "l1_rms_norm",
+        (Norm::Rms, true) => "l1_rms_norm_backward",
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-fn forward<T: Kernels + Element>(
+fn forward<E: Stored>(
     py: Python<'_>,
-    mut args: Borrows<'_>,
-    x: Input<'_, T>,
+    norm: Norm,
+    x: &Arg<'_>,
     n: usize,
     eps: f64,
-    weight: Option<Arg<'_>>,
-    bias: Option<Arg<'_>>,
-    y: Arg<'_>,
-    mean: Arg<'_>,
-    rstd: Arg<'_>,
+    weight: &Option<Arg<'_>>,
+    bias: &Option<Arg<'_>>,
+    out: &Arg<'_>,
+    mean: &Option<Arg<'_>>,
+    rstd: &Arg<'_>,
 ) -> PyResult<()> {
+    let op = op_of(norm, false);
     let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let x = E::read(&mut args, (op, "x"), x)?;
     let affine = Affine {
-        gamma: args.read_opt("weight", &weight)?,
-        beta: args.read_opt("bias", &bias)?,
+        gamma: args.read_opt("weight", weight)?,
+        beta: args.read_opt("bias", bias)?,
     };
-    let y = args.write("out", &y)?;
+    let y = E::write(&mut args, (op, "out"), out)?;
     let stats = Stats {
-        mean: args.write("mean", &mean)?,
-        rstd: args.write("rstd", &rstd)?,
+        mean: args.write_opt("mean", mean)?,
+        rstd: args.write("rstd", rstd)?,
     };
-    run_detached(py, FORWARD, || {
-        l1norm::forward(level, x, n, eps, affine, y, stats)
+    run_detached(py, op, || {
+        l1norm::forward(level, norm, x, n, eps, affine, y, stats)
     })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Kernels + Element>(
+fn backward<E: Stored>(
     py: Python<'_>,
-    mut args: Borrows<'_>,
-    x: Input<'_, T>,
+    norm: Norm,
+    x: &Arg<'_>,
+    n: usize,
+    mean: &Option<Arg<'_>>,
+    rstd: &Arg<'_>,
+    grad_out: &Arg<'_>,
+    weight: &Option<Arg<'_>>,
+    grad_in: &Arg<'_>,
+    grad_weight: &Option<Arg<'_>>,
+    grad_bias: &Option<Arg<'_>>,
+) -> PyResult<()> {
+    let op = op_of(norm, true);
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let x = E::read(&mut args, (op, "x"), x)?;
+    let inp = BackwardIn {
+        mean: args.read_opt("mean", mean)?,
+        rstd: args.read("rstd", rstd)?,
+        dy: E::read(&mut args, (op, "grad_out"), grad_out)?,
+        gamma: args.read_opt("weight", weight)?,
+    };
+    let grads = Grads {
+        dx: E::write(&mut args, (op, "grad_in"), grad_in)?,
+        dgamma: args.write_opt("grad_weight", grad_weight)?,
+        dbeta: args.write_opt("grad_bias", grad_bias)?,
+    };
+    run_detached(py, op, || l1norm::backward(level, norm, x, n, inp, grads))
+}
+
+/// L1 LayerNorm of `x` [rows, n] into `out` (same `dtype`), saving per-row float32 `mean` and
+/// `rstd`; weight and bias are float32.
+#[pyfunction]
+#[pyo3(signature = (x, n, eps, weight, bias, out, mean, rstd, dtype="float32"))]
+#[allow(clippy::too_many_arguments)]
+fn l1_norm_forward(
+    py: Python<'_>,
+    x: Arg<'_>,
+    n: usize,
+    eps: f64,
+    weight: Option<Arg<'_>>,
+    bias: Option<Arg<'_>>,
+    out: Arg<'_>,
+    mean: Arg<'_>,
+    rstd: Arg<'_>,
+    dtype: &str,
+) -> PyResult<()> {
+    let (op, mean) = (op_of(Norm::Layer, false), Some(mean));
+    with_storage!(op, dtype, E => forward::<E>(
+        py, Norm::Layer, &x, n, eps, &weight, &bias, &out, &mean, &rstd
+    ))
+}
+
+/// Gradients of L1 LayerNorm from the saved `x`, `mean`, `rstd` (x, grad_out and grad_in of
+/// one `dtype`; the rest float32).
+#[pyfunction]
+#[pyo3(signature = (x, n, mean, rstd, grad_out, weight, grad_in, grad_weight=None, grad_bias=None, dtype="float32"))]
+#[allow(clippy::too_many_arguments)]
+fn l1_norm_backward(
+    py: Python<'_>,
+    x: Arg<'_>,
     n: usize,
     mean: Arg<'_>,
     rstd: Arg<'_>,
@@ -53,49 +205,54 @@ fn backward<T: Kernels + Element>(
     grad_in: Arg<'_>,
     grad_weight: Option<Arg<'_>>,
     grad_bias: Option<Arg<'_>>,
+    dtype: &str,
 ) -> PyResult<()> {
-    let level = simd::active()?;
-    let stats = (args.read("mean", &mean)?, args.read("rstd", &rstd)?);
-    let dy = args.read("grad_out", &grad_out)?;
-    let gamma = args.read_opt("weight", &weight)?;
-    let grads = Grads {
-        dx: args.write("grad_in", &grad_in)?,
-        dgamma: args.write_opt("grad_weight", &grad_weight)?,
-        dbeta: args.write_opt("grad_bias", &grad_bias)?,
-    };
-    run_detached(py, BACKWARD, || {
-        l1norm::backward(level, x, n, stats, dy, gamma, grads)
-    })
+    let (op, mean) = (op_of(Norm::Layer, true), Some(mean));
+    with_storage!(op, dtype, E => backward::<E>(
+        py, Norm::Layer, &x, n, &mean, &rstd, &grad_out, &weight, &grad_in, &grad_weight,
+        &grad_bias
+    ))
 }
 
-/// Defines the float32 and float64 entry points over the generic wrappers above.
-macro_rules! float_entry_points {
-    ($($t:ty => $fwd:ident, $bwd:ident;)*) => {$(
-        /// L1 LayerNorm of `x` [rows, n] into `out`, saving per-row `mean` and `rstd`.
-        #[pyfunction]
-        #[pyo3(signature = (x, n, eps, weight, bias, out, mean, rstd))]
-        #[allow(clippy::too_many_arguments)]
-        fn $fwd(py: Python<'_>, x: Arg<'_>, n: usize, eps: f64, weight: Option<Arg<'_>>, bias: Option<Arg<'_>>, out: Arg<'_>, mean: Arg<'_>, rstd: Arg<'_>) -> PyResult<()> {
-            let mut args = Borrows::new(FORWARD);
-            let x = Input::Floats(args.read::<$t>("x", &x)?);
-            forward(py, args, x, n, eps, weight, bias, out, mean, rstd)
-        }
-
-        /// Gradients of L1 LayerNorm from the saved `x`, `mean`, `rstd`.
-        #[pyfunction]
-        #[pyo3(signature = (x, n, mean, rstd, grad_out, weight, grad_in, grad_weight=None, grad_bias=None))]
-        #[allow(clippy::too_many_arguments)]
-        fn $bwd(py: Python<'_>, x: Arg<'_>, n: usize, mean: Arg<'_>, rstd: Arg<'_>, grad_out: Arg<'_>, weight: Option<Arg<'_>>, grad_in: Arg<'_>, grad_weight: Option<Arg<'_>>, grad_bias: Option<Arg<'_>>) -> PyResult<()> {
-            let mut args = Borrows::new(BACKWARD);
-            let x = Input::Floats(args.read::<$t>("x", &x)?);
-            backward(py, args, x, n, mean, rstd, grad_out, weight, grad_in, grad_weight, grad_bias)
-        }
-    )*};
+/// L1 RMSNorm of `x` [rows, n] into `out` (same `dtype`), saving per-row float32 `rstd`.
+#[pyfunction]
+#[pyo3(signature = (x, n, eps, weight, out, rstd, dtype="float32"))]
+#[allow(clippy::too_many_arguments)]
+fn l1_rms_norm_forward(
+    py: Python<'_>,
+    x: Arg<'_>,
+    n: usize,
+    eps: f64,
+    weight: Option<Arg<'_>>,
+    out: Arg<'_>,
+    rstd: Arg<'_>,
+    dtype: &str,
+) -> PyResult<()> {
+    let op = op_of(Norm::Rms, false);
+    with_storage!(op, dtype, E => forward::<E>(
+        py, Norm::Rms, &x, n, eps, &weight, &None, &out, &None, &rstd
+    ))
 }
 
-float_entry_points! {
-    f32 => l1_norm_forward_f32, l1_norm_backward_f32;
-    f64 => l1_norm_forward_f64, l1_norm_backward_f64;
+/// Gradients of L1 RMSNorm from the saved `x` and `rstd`.
+#[pyfunction]
+#[pyo3(signature = (x, n, rstd, grad_out, weight, grad_in, grad_weight=None, dtype="float32"))]
+#[allow(clippy::too_many_arguments)]
+fn l1_rms_norm_backward(
+    py: Python<'_>,
+    x: Arg<'_>,
+    n: usize,
+    rstd: Arg<'_>,
+    grad_out: Arg<'_>,
+    weight: Option<Arg<'_>>,
+    grad_in: Arg<'_>,
+    grad_weight: Option<Arg<'_>>,
+    dtype: &str,
+) -> PyResult<()> {
+    let op = op_of(Norm::Rms, true);
+    with_storage!(op, dtype, E => backward::<E>(
+        py, Norm::Rms, &x, n, &None, &rstd, &grad_out, &weight, &grad_in, &grad_weight, &None
+    ))
 }
 
 fn codes_input<'a>(
@@ -104,13 +261,13 @@ fn codes_input<'a>(
     scale: &'a Arg<'_>,
     shifts: &'a Arg<'_>,
     group_size: usize,
-) -> PyResult<Input<'a, f32>> {
-    Ok(Input::Codes(CodesIn {
+) -> PyResult<CodesIn<'a>> {
+    Ok(CodesIn {
         codes: args.read("codes", codes)?,
         scale: args.read("scale", scale)?,
         shifts: args.read("shifts", shifts)?,
         group_size,
-    }))
+    })
 }
 
 /// L1 LayerNorm straight from ShiftQuant codes (statistics exact in integers).
@@ -131,9 +288,22 @@ fn l1_norm_forward_codes(
     mean: Arg<'_>,
     rstd: Arg<'_>,
 ) -> PyResult<()> {
-    let mut args = Borrows::new(FORWARD);
-    let x = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
-    forward(py, args, x, n, eps, weight, bias, out, mean, rstd)
+    let op = op_of(Norm::Layer, false);
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let c = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
+    let affine = Affine {
+        gamma: args.read_opt("weight", &weight)?,
+        beta: args.read_opt("bias", &bias)?,
+    };
+    let y = args.write("out", &out)?;
+    let stats = Stats {
+        mean: Some(args.write("mean", &mean)?),
+        rstd: args.write("rstd", &rstd)?,
+    };
+    run_detached(py, op, || {
+        l1norm::forward_codes(level, c, n, eps, affine, y, stats)
+    })
 }
 
 /// Gradients of L1 LayerNorm whose input was given as ShiftQuant codes.
@@ -155,28 +325,29 @@ fn l1_norm_backward_codes(
     grad_weight: Option<Arg<'_>>,
     grad_bias: Option<Arg<'_>>,
 ) -> PyResult<()> {
-    let mut args = Borrows::new(BACKWARD);
-    let x = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
-    backward(
-        py,
-        args,
-        x,
-        n,
-        mean,
-        rstd,
-        grad_out,
-        weight,
-        grad_in,
-        grad_weight,
-        grad_bias,
-    )
+    let op = op_of(Norm::Layer, true);
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let c = codes_input(&mut args, &codes, &scale, &shifts, group_size)?;
+    let inp = BackwardIn {
+        mean: Some(args.read("mean", &mean)?),
+        rstd: args.read("rstd", &rstd)?,
+        dy: args.read("grad_out", &grad_out)?,
+        gamma: args.read_opt("weight", &weight)?,
+    };
+    let grads = Grads {
+        dx: args.write("grad_in", &grad_in)?,
+        dgamma: args.write_opt("grad_weight", &grad_weight)?,
+        dbeta: args.write_opt("grad_bias", &grad_bias)?,
+    };
+    run_detached(py, op, || l1norm::backward_codes(level, c, n, inp, grads))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(l1_norm_forward_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(l1_norm_backward_f32, m)?)?;
-    m.add_function(wrap_pyfunction!(l1_norm_forward_f64, m)?)?;
-    m.add_function(wrap_pyfunction!(l1_norm_backward_f64, m)?)?;
+    m.add_function(wrap_pyfunction!(l1_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(l1_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(l1_rms_norm_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(l1_rms_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(l1_norm_forward_codes, m)?)?;
     m.add_function(wrap_pyfunction!(l1_norm_backward_codes, m)?)?;
     Ok(())

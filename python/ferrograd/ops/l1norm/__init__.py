@@ -3,22 +3,23 @@ y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * weight + bias over the no
 
 Ops on x [rows, n], differentiable towards x, weight and bias:
 
-- ``ferrograd::l1_norm(x, weight, bias, eps)``: y and the per-row mean and 1 / (sqrt(pi/2) *
-  mean|x - mean| + eps) it saves; float64 runs in float64, other dtypes in float32 (returned in
-  x's dtype), so gradcheck works;
+- ``ferrograd::l1_norm(x, weight, bias, eps)``: y (x's dtype) and the per-row mean and
+  1 / (sqrt(pi/2) * mean|x - mean| + eps) it saves; float64 runs in float64, other dtypes in
+  float32 (float32 statistics), so gradcheck works;
 - ``ferrograd::l1_norm_codes(x, codes, scale, shifts, group_size, weight, bias, eps)``: the same
   from ShiftQuant codes of x, statistics exact in integers; the backward treats the quantization
   as the identity (straight-through to x) and reads the codes, so the layer saves int8 instead of
   float activations;
 
-with their ``_backward`` ops. CPU tensors run the Rust kernels (cpu.py), every other device the
-same rule in torch ops (reference.py); on CUDA the codes come from kernels/shiftquant.cu.
+with their ``_backward`` ops.
 
 L1 RMSNorm: y = x / (sqrt(pi/2) * mean|x| + eps) * weight over the last dim, differentiable towards
 x and weight: ``ferrograd::l1_rms_norm(x, weight, eps)`` (y and the per-row
-1 / (sqrt(pi/2) * mean|x| + eps) it saves, dtypes as above) and its ``_backward``. No Rust kernel
-computes it (the LayerNorm kernels subtract the mean), so every device, CPU included, runs
-reference.py.
+1 / (sqrt(pi/2) * mean|x| + eps) it saves, dtypes as above) and its ``_backward``.
+
+CPU tensors run the Rust kernels (cpu.py: float32, bfloat16 and float16 natively, float64 in
+reference.py), every other device the same rule in torch ops (reference.py); on CUDA the codes
+come from kernels/shiftquant.cu. docs/l1norm.md has the design and the measurements.
 """
 
 from __future__ import annotations
@@ -112,14 +113,14 @@ def _fake_rms_backward(grad, x, rstd, weight, weight_grad):
 
 l1_rms_norm_op = _library.define(
     "l1_rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
-    cpu=reference.rms_forward,
+    cpu=cpu.rms_forward,
     reference=reference.rms_forward,
     fake=_fake_rms,
 )
 l1_rms_norm_backward_op = _library.define(
     "l1_rms_norm_backward(Tensor grad, Tensor x, Tensor rstd, Tensor? weight, bool weight_grad) "
     "-> (Tensor, Tensor)",
-    cpu=reference.rms_backward,
+    cpu=cpu.rms_backward,
     reference=reference.rms_backward,
     fake=_fake_rms_backward,
 )

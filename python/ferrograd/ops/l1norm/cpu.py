@@ -1,5 +1,6 @@
-"""The Rust L1 LayerNorm kernels on CPU tensors x [rows, n]: float64 in float64, every other
-floating dtype in float32 (returned in the input's dtype); the codes path from ShiftQuant codes
+"""The Rust L1 norm kernels on CPU tensors x [rows, n]: float32, bfloat16 and float16 rows read
+and written in their own dtype (computed in float32, statistics saved as float32); float64 runs
+reference.py (gradcheck's dtype, no kernel of its own); the codes path from ShiftQuant codes
 (groups along n), its statistics exact in integers."""
 
 from __future__ import annotations
@@ -7,62 +8,90 @@ from __future__ import annotations
 import torch
 
 from ... import _core
-from .reference import kernel_dtype
+from . import reference
 
-_FLOAT = {
-    torch.float32: (_core.l1_norm_forward_f32, _core.l1_norm_backward_f32),
-    torch.float64: (_core.l1_norm_forward_f64, _core.l1_norm_backward_f64),
-}
-
-
-def _kernel_input(t: torch.Tensor | None, kd: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(kd).contiguous()
+#: The dtypes with kernels, by the name the kernels take.
+_KERNEL = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_F32 = torch.float32
 
 
-def _outputs(rows: int, n: int, kd: torch.dtype):
-    return (
-        torch.empty((rows, n), dtype=kd),
-        torch.empty(rows, dtype=kd),
-        torch.empty(rows, dtype=kd),
-    )
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(_F32).contiguous()
 
 
-def _grads(n: int, kd: torch.dtype, weight_grad: bool, bias_grad: bool):
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as the kernels take them: float32 itself, 16-bit rows as their bytes."""
+    t = t.contiguous()
+    return t if t.dtype == _F32 else t.view(torch.uint8)
+
+
+def _grads(n: int, weight_grad: bool, bias_grad: bool):
     """dweight and dbias buffers (None for the kernel) and what the op returns for them."""
-    dw = torch.empty(n, dtype=kd) if weight_grad else None
-    db = torch.empty(n, dtype=kd) if bias_grad else None
+    dw = torch.empty(n, dtype=_F32) if weight_grad else None
+    db = torch.empty(n, dtype=_F32) if bias_grad else None
 
     def returned(t):  # outputs must not alias one another
-        return torch.empty(0, dtype=kd) if t is None else t
+        return torch.empty(0, dtype=_F32) if t is None else t
 
     return dw, db, returned(dw), returned(db)
 
 
 def forward(x: torch.Tensor, weight, bias, eps: float):
-    kd = kernel_dtype(x.dtype)
+    dtype = _KERNEL.get(x.dtype)
+    if dtype is None:
+        return reference.forward(x, weight, bias, eps)
     rows, n = x.shape
-    y, mean, rstd = _outputs(rows, n, kd)
-    w, b = _kernel_input(weight, kd), _kernel_input(bias, kd)
-    _FLOAT[kd][0](_kernel_input(x, kd), n, eps, w, b, y, mean, rstd)
-    return y.to(x.dtype), mean, rstd
+    y = torch.empty((rows, n), dtype=x.dtype)
+    mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
+    _core.l1_norm_forward(_rows(x), n, eps, _f32(weight), _f32(bias), _rows(y), mean, rstd, dtype)
+    return y, mean, rstd
 
 
 def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
-    kd = mean.dtype
+    dtype = _KERNEL.get(x.dtype)
+    if dtype is None or grad.dtype != x.dtype:
+        return reference.backward(grad, x, mean, rstd, weight, weight_grad, bias_grad)
     n = x.shape[1]
-    dx = torch.empty(grad.shape, dtype=kd)
-    dw, db, dw_out, db_out = _grads(n, kd, weight_grad, bias_grad)
-    dy, x, w = _kernel_input(grad, kd), _kernel_input(x, kd), _kernel_input(weight, kd)
-    _FLOAT[kd][1](x, n, mean, rstd, dy, w, dx, dw, db)
-    return dx.to(grad.dtype), dw_out, db_out
+    dx = torch.empty(grad.shape, dtype=x.dtype)
+    dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
+    _core.l1_norm_backward(
+        _rows(x), n, mean, rstd, _rows(grad), _f32(weight), _rows(dx), dw, db, dtype
+    )
+    return dx, dw_out, db_out
+
+
+def rms_forward(x: torch.Tensor, weight, eps: float):
+    dtype = _KERNEL.get(x.dtype)
+    if dtype is None:
+        return reference.rms_forward(x, weight, eps)
+    rows, n = x.shape
+    y = torch.empty((rows, n), dtype=x.dtype)
+    rstd = torch.empty(rows, dtype=_F32)
+    _core.l1_rms_norm_forward(_rows(x), n, eps, _f32(weight), _rows(y), rstd, dtype)
+    return y, rstd
+
+
+def rms_backward(grad, x, rstd, weight, weight_grad: bool):
+    dtype = _KERNEL.get(x.dtype)
+    if dtype is None or grad.dtype != x.dtype:
+        return reference.rms_backward(grad, x, rstd, weight, weight_grad)
+    n = x.shape[1]
+    dx = torch.empty(grad.shape, dtype=x.dtype)
+    dw = torch.empty(n if weight_grad else 0, dtype=_F32)
+    _core.l1_rms_norm_backward(
+        _rows(x), n, rstd, _rows(grad), _f32(weight), _rows(dx), dw if weight_grad else None, dtype
+    )
+    return dx, dw
 
 
 def forward_codes(x, codes, scale, shifts, group_size: int, weight, bias, eps: float):
     rows, n = codes.shape
-    y, mean, rstd = _outputs(rows, n, torch.float32)
-    w, b = _kernel_input(weight, torch.float32), _kernel_input(bias, torch.float32)
+    y = torch.empty((rows, n), dtype=_F32)
+    mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
     codes, scale, shifts = (t.contiguous() for t in (codes, scale, shifts))
-    _core.l1_norm_forward_codes(codes, scale, shifts, group_size, n, eps, w, b, y, mean, rstd)
+    _core.l1_norm_forward_codes(
+        codes, scale, shifts, group_size, n, eps, _f32(weight), _f32(bias), y, mean, rstd
+    )
     return y.to(x.dtype), mean, rstd
 
 
@@ -70,9 +99,9 @@ def backward_codes(
     grad, codes, scale, shifts, group_size: int, mean, rstd, weight, weight_grad, bias_grad
 ):
     n = codes.shape[1]
-    dx = torch.empty(grad.shape, dtype=torch.float32)
-    dw, db, dw_out, db_out = _grads(n, torch.float32, weight_grad, bias_grad)
-    dy, w = _kernel_input(grad, torch.float32), _kernel_input(weight, torch.float32)
+    dx = torch.empty(grad.shape, dtype=_F32)
+    dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
+    dy, w = _f32(grad), _f32(weight)
     codes, scale, shifts = (t.contiguous() for t in (codes, scale, shifts))
     _core.l1_norm_backward_codes(codes, scale, shifts, group_size, n, mean, rstd, dy, w, dx, dw, db)
     return dx.to(grad.dtype), dw_out, db_out
