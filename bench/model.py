@@ -64,6 +64,9 @@ def variants(bf16: bool) -> list[Variant]:
         ("loss", "fg loss + AdamW fused", "adamw", {}),
         ("spam", "fg loss + SPAM", "spam", {}),
         ("sq8", "fg loss + SPAM + sq8", "spam", {"shiftquant_bits": 8}),
+        # ferrograd's kernels with torch's optimizer: the loss curve then differs from
+        # torch_bf16's by the kernels' numerics alone.
+        ("sq8_adamw", "fg loss + AdamW fused + sq8", "adamw", {"shiftquant_bits": 8}),
         ("sq6", "fg loss + SPAM + sq6", "spam", {"shiftquant_bits": 6}),
         (
             "sq8_l1",

@@ -19,7 +19,8 @@
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
 use crate::simd::{prefetch_block, Simd, SimdLevel};
-use crate::softmax::{Bf16, Element, F16};
+use crate::simd::{Bf16, F16};
+use crate::softmax::Element;
 use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.

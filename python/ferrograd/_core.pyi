@@ -156,10 +156,9 @@ def l1_norm_forward(
     out: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    dtype: str = "float32",
 ) -> None:
-    """L1 LayerNorm of x [rows, n] into out (float32 rows, or bfloat16 / float16 rows as their
-    uint8 bytes, ``dtype`` naming them); saves per-row float32 mean and rstd."""
+    """L1 LayerNorm of x [rows, n] into out (float32, bfloat16 or float16 rows, one dtype);
+    saves per-row float32 mean and rstd."""
 
 def l1_norm_backward(
     x: torch.Tensor,
@@ -171,7 +170,6 @@ def l1_norm_backward(
     grad_in: torch.Tensor,
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
-    dtype: str = "float32",
 ) -> None:
     """Gradients of L1 LayerNorm from the saved x, mean and rstd."""
 
@@ -182,7 +180,6 @@ def l1_rms_norm_forward(
     weight: torch.Tensor | None,
     out: torch.Tensor,
     rstd: torch.Tensor,
-    dtype: str = "float32",
 ) -> None:
     """L1 RMSNorm of x [rows, n] into out (rows as in l1_norm_forward); saves per-row rstd."""
 
@@ -194,7 +191,6 @@ def l1_rms_norm_backward(
     weight: torch.Tensor | None,
     grad_in: torch.Tensor,
     grad_weight: torch.Tensor | None = None,
-    dtype: str = "float32",
 ) -> None:
     """Gradients of L1 RMSNorm from the saved x and rstd."""
 

@@ -1,95 +1,31 @@
-//! L1 LayerNorm / L1 RMSNorm wrappers: rows of float32, or of bfloat16 / float16 passed as
-//! their bytes (`x.view(torch.uint8)`, `dtype` naming the type), and the codes path.
+//! L1 LayerNorm / L1 RMSNorm wrappers: rows of float32, bfloat16 or float16 (x, out and the
+//! gradients of x of one dtype, the rest float32), and the codes path.
 
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::Borrows;
-use crate::error::FgError;
+use super::tensor::{Borrows, Element, Float};
 use crate::l1norm::{self, Affine, BackwardIn, CodesIn, Grads, Kernels, Norm, Stats};
-use crate::simd;
-use crate::softmax::{Bf16, F16};
+use crate::simd::{self, Bf16, F16};
 
 type Arg<'py> = Bound<'py, PyAny>;
 
-/// A storage type and how its rows are borrowed.
-trait Stored: Kernels {
-    fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [Self]>;
-    #[allow(clippy::mut_from_ref)]
-    fn write<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a mut [Self]>;
-}
-
-impl Stored for f32 {
-    fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [f32]> {
-        args.read(at.1, t)
-    }
-    fn write<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a mut [f32]> {
-        args.write(at.1, t)
-    }
-}
-
-/// (op, argument name) of a tensor being borrowed.
-type At<'s> = (&'s str, &'s str);
-
-/// The 16-bit elements over `bytes` (a ValueError unless 2-byte aligned): pointer and count.
-fn halves((op, name): At, bytes: &[u8]) -> PyResult<(usize, usize)> {
-    let ptr = bytes.as_ptr() as usize;
-    if !ptr.is_multiple_of(2) || !bytes.len().is_multiple_of(2) {
-        return Err(FgError::Value(format!(
-            "{op}: {name}'s bytes are not whole 2-byte aligned elements"
-        ))
-        .into());
-    }
-    Ok((ptr, bytes.len() / 2))
-}
-
-macro_rules! stored_16 {
-    ($($t:ty),*) => {$(
-        impl Stored for $t {
-            fn read<'a>(args: &mut Borrows<'_>, at: At, t: &'a Arg<'_>) -> PyResult<&'a [$t]> {
-                let bytes: &[u8] = args.read(at.1, t)?;
-                let (ptr, len) = halves(at, bytes)?;
-                // SAFETY: `Borrows` checked the bytes (kept alive for 'a by `t`); the elements
-                // are aligned, and every bit pattern is a valid value.
-                Ok(unsafe { std::slice::from_raw_parts(ptr as *const $t, len) })
-            }
-            fn write<'a>(
-                args: &mut Borrows<'_>,
-                at: At,
-                t: &'a Arg<'_>,
-            ) -> PyResult<&'a mut [$t]> {
-                let bytes: &mut [u8] = args.write(at.1, t)?;
-                let (ptr, len) = halves(at, bytes)?;
-                // SAFETY: as in `read`; `Borrows` made sure nothing else overlaps it.
-                Ok(unsafe { std::slice::from_raw_parts_mut(ptr as *mut $t, len) })
-            }
-        }
-    )*};
-}
-
-stored_16!(Bf16, F16);
-
-/// Runs `$body` with `$E` bound to the storage type `$dtype` names.
-macro_rules! with_storage {
-    ($op:expr, $dtype:expr, $E:ident => $body:expr) => {
-        match $dtype {
-            "float32" => {
+/// Runs `$body` with `$E` bound to the element type of tensor `$x`.
+macro_rules! with_float {
+    ($x:expr, $E:ident => $body:expr) => {
+        match Float::of($x)? {
+            Float::F32 => {
                 type $E = f32;
                 $body
             }
-            "bfloat16" => {
+            Float::Bf16 => {
                 type $E = Bf16;
                 $body
             }
-            "float16" => {
+            Float::F16 => {
                 type $E = F16;
                 $body
             }
-            other => Err(FgError::Type(format!(
-                "{}: dtype must be float32, bfloat16 or float16, got {other}",
-                $op
-            ))
-            .into()),
         }
     };
 }
@@ -104,7 +40,7 @@ fn op_of(norm: Norm, backward: bool) -> &'static str {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward<E: Stored>(
+fn forward<E: Kernels + Element>(
     py: Python<'_>,
     norm: Norm,
     x: &Arg<'_>,
@@ -119,12 +55,12 @@ fn forward<E: Stored>(
     let op = op_of(norm, false);
     let level = simd::active()?;
     let mut args = Borrows::new(op);
-    let x = E::read(&mut args, (op, "x"), x)?;
+    let x = args.read::<E>("x", x)?;
     let affine = Affine {
         gamma: args.read_opt("weight", weight)?,
         beta: args.read_opt("bias", bias)?,
     };
-    let y = E::write(&mut args, (op, "out"), out)?;
+    let y = args.write::<E>("out", out)?;
     let stats = Stats {
         mean: args.write_opt("mean", mean)?,
         rstd: args.write("rstd", rstd)?,
@@ -135,7 +71,7 @@ fn forward<E: Stored>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward<E: Stored>(
+fn backward<E: Kernels + Element>(
     py: Python<'_>,
     norm: Norm,
     x: &Arg<'_>,
@@ -151,25 +87,25 @@ fn backward<E: Stored>(
     let op = op_of(norm, true);
     let level = simd::active()?;
     let mut args = Borrows::new(op);
-    let x = E::read(&mut args, (op, "x"), x)?;
+    let x = args.read::<E>("x", x)?;
     let inp = BackwardIn {
         mean: args.read_opt("mean", mean)?,
         rstd: args.read("rstd", rstd)?,
-        dy: E::read(&mut args, (op, "grad_out"), grad_out)?,
+        dy: args.read::<E>("grad_out", grad_out)?,
         gamma: args.read_opt("weight", weight)?,
     };
     let grads = Grads {
-        dx: E::write(&mut args, (op, "grad_in"), grad_in)?,
+        dx: args.write::<E>("grad_in", grad_in)?,
         dgamma: args.write_opt("grad_weight", grad_weight)?,
         dbeta: args.write_opt("grad_bias", grad_bias)?,
     };
     run_detached(py, op, || l1norm::backward(level, norm, x, n, inp, grads))
 }
 
-/// L1 LayerNorm of `x` [rows, n] into `out` (same `dtype`), saving per-row float32 `mean` and
+/// L1 LayerNorm of `x` [rows, n] into `out` (same dtype), saving per-row float32 `mean` and
 /// `rstd`; weight and bias are float32.
 #[pyfunction]
-#[pyo3(signature = (x, n, eps, weight, bias, out, mean, rstd, dtype="float32"))]
+#[pyo3(signature = (x, n, eps, weight, bias, out, mean, rstd))]
 #[allow(clippy::too_many_arguments)]
 fn l1_norm_forward(
     py: Python<'_>,
@@ -181,18 +117,17 @@ fn l1_norm_forward(
     out: Arg<'_>,
     mean: Arg<'_>,
     rstd: Arg<'_>,
-    dtype: &str,
 ) -> PyResult<()> {
-    let (op, mean) = (op_of(Norm::Layer, false), Some(mean));
-    with_storage!(op, dtype, E => forward::<E>(
+    let mean = Some(mean);
+    with_float!(&x, E => forward::<E>(
         py, Norm::Layer, &x, n, eps, &weight, &bias, &out, &mean, &rstd
     ))
 }
 
 /// Gradients of L1 LayerNorm from the saved `x`, `mean`, `rstd` (x, grad_out and grad_in of
-/// one `dtype`; the rest float32).
+/// one dtype; the rest float32).
 #[pyfunction]
-#[pyo3(signature = (x, n, mean, rstd, grad_out, weight, grad_in, grad_weight=None, grad_bias=None, dtype="float32"))]
+#[pyo3(signature = (x, n, mean, rstd, grad_out, weight, grad_in, grad_weight=None, grad_bias=None))]
 #[allow(clippy::too_many_arguments)]
 fn l1_norm_backward(
     py: Python<'_>,
@@ -205,18 +140,17 @@ fn l1_norm_backward(
     grad_in: Arg<'_>,
     grad_weight: Option<Arg<'_>>,
     grad_bias: Option<Arg<'_>>,
-    dtype: &str,
 ) -> PyResult<()> {
-    let (op, mean) = (op_of(Norm::Layer, true), Some(mean));
-    with_storage!(op, dtype, E => backward::<E>(
+    let mean = Some(mean);
+    with_float!(&x, E => backward::<E>(
         py, Norm::Layer, &x, n, &mean, &rstd, &grad_out, &weight, &grad_in, &grad_weight,
         &grad_bias
     ))
 }
 
-/// L1 RMSNorm of `x` [rows, n] into `out` (same `dtype`), saving per-row float32 `rstd`.
+/// L1 RMSNorm of `x` [rows, n] into `out` (same dtype), saving per-row float32 `rstd`.
 #[pyfunction]
-#[pyo3(signature = (x, n, eps, weight, out, rstd, dtype="float32"))]
+#[pyo3(signature = (x, n, eps, weight, out, rstd))]
 #[allow(clippy::too_many_arguments)]
 fn l1_rms_norm_forward(
     py: Python<'_>,
@@ -226,17 +160,15 @@ fn l1_rms_norm_forward(
     weight: Option<Arg<'_>>,
     out: Arg<'_>,
     rstd: Arg<'_>,
-    dtype: &str,
 ) -> PyResult<()> {
-    let op = op_of(Norm::Rms, false);
-    with_storage!(op, dtype, E => forward::<E>(
+    with_float!(&x, E => forward::<E>(
         py, Norm::Rms, &x, n, eps, &weight, &None, &out, &None, &rstd
     ))
 }
 
 /// Gradients of L1 RMSNorm from the saved `x` and `rstd`.
 #[pyfunction]
-#[pyo3(signature = (x, n, rstd, grad_out, weight, grad_in, grad_weight=None, dtype="float32"))]
+#[pyo3(signature = (x, n, rstd, grad_out, weight, grad_in, grad_weight=None))]
 #[allow(clippy::too_many_arguments)]
 fn l1_rms_norm_backward(
     py: Python<'_>,
@@ -247,10 +179,8 @@ fn l1_rms_norm_backward(
     weight: Option<Arg<'_>>,
     grad_in: Arg<'_>,
     grad_weight: Option<Arg<'_>>,
-    dtype: &str,
 ) -> PyResult<()> {
-    let op = op_of(Norm::Rms, true);
-    with_storage!(op, dtype, E => backward::<E>(
+    with_float!(&x, E => backward::<E>(
         py, Norm::Rms, &x, n, &None, &rstd, &grad_out, &weight, &grad_in, &grad_weight, &None
     ))
 }

@@ -4,28 +4,9 @@
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{has_dtype, Borrows, Element};
+use super::tensor::{Borrows, Element, Float};
 use crate::simd::{self, Bf16, SimdLevel, F16};
 use crate::softmax::{self, Kernels, Layout};
-
-/// The element type of a call, from its first tensor's dtype (anything else is float32's to
-/// refuse, in `Borrows`).
-#[derive(Clone, Copy)]
-enum Storage {
-    F32,
-    Bf16,
-    F16,
-}
-
-fn storage_of(t: &Bound<'_, PyAny>) -> PyResult<Storage> {
-    Ok(if has_dtype::<Bf16>(t)? {
-        Storage::Bf16
-    } else if has_dtype::<F16>(t)? {
-        Storage::F16
-    } else {
-        Storage::F32
-    })
-}
 
 fn forward_as<E: Kernels + Element>(
     py: Python<'_>,
@@ -77,10 +58,10 @@ fn softmax_forward(
     let level = simd::active()?;
     let layout = Layout { outer, n, inner };
     let t = (&x, &out);
-    match storage_of(&x)? {
-        Storage::F32 => forward_as::<f32>(py, op, level, t, layout, log),
-        Storage::Bf16 => forward_as::<Bf16>(py, op, level, t, layout, log),
-        Storage::F16 => forward_as::<F16>(py, op, level, t, layout, log),
+    match Float::of(&x)? {
+        Float::F32 => forward_as::<f32>(py, op, level, t, layout, log),
+        Float::Bf16 => forward_as::<Bf16>(py, op, level, t, layout, log),
+        Float::F16 => forward_as::<F16>(py, op, level, t, layout, log),
     }
 }
 
@@ -106,10 +87,10 @@ fn softmax_backward(
     let level = simd::active()?;
     let layout = Layout { outer, n, inner };
     let t = (&y, &grad_out, &grad_in);
-    match storage_of(&y)? {
-        Storage::F32 => backward_as::<f32>(py, op, level, t, layout, log),
-        Storage::Bf16 => backward_as::<Bf16>(py, op, level, t, layout, log),
-        Storage::F16 => backward_as::<F16>(py, op, level, t, layout, log),
+    match Float::of(&y)? {
+        Float::F32 => backward_as::<f32>(py, op, level, t, layout, log),
+        Float::Bf16 => backward_as::<Bf16>(py, op, level, t, layout, log),
+        Float::F16 => backward_as::<F16>(py, op, level, t, layout, log),
     }
 }
 

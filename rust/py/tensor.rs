@@ -74,6 +74,27 @@ pub(crate) fn has_dtype<T: Element>(t: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(matches!(t.getattr(intern!(py, "dtype")), Ok(d) if d.is(want)))
 }
 
+/// The float element type of a kernel that takes float32, bfloat16 and float16, from a tensor's
+/// dtype (anything else is float32's to refuse, when the tensor is borrowed).
+#[derive(Clone, Copy)]
+pub(crate) enum Float {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Float {
+    pub(crate) fn of(t: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(if has_dtype::<Bf16>(t)? {
+            Float::Bf16
+        } else if has_dtype::<F16>(t)? {
+            Float::F16
+        } else {
+            Float::F32
+        })
+    }
+}
+
 /// The byte ranges handed out during one call, to refuse a written slice that aliases another.
 pub(crate) struct Borrows<'op> {
     op: &'op str,

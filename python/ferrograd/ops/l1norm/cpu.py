@@ -10,19 +10,13 @@ import torch
 from ... import _core
 from . import reference
 
-#: The dtypes with kernels, by the name the kernels take.
-_KERNEL = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: The dtypes with kernels.
+_KERNEL = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(_F32).contiguous()
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t's elements as the kernels take them: float32 itself, 16-bit rows as their bytes."""
-    t = t.contiguous()
-    return t if t.dtype == _F32 else t.view(torch.uint8)
 
 
 def _grads(n: int, weight_grad: bool, bias_grad: bool):
@@ -37,49 +31,45 @@ def _grads(n: int, weight_grad: bool, bias_grad: bool):
 
 
 def forward(x: torch.Tensor, weight, bias, eps: float):
-    dtype = _KERNEL.get(x.dtype)
-    if dtype is None:
+    if x.dtype not in _KERNEL:
         return reference.forward(x, weight, bias, eps)
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype)
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
-    _core.l1_norm_forward(_rows(x), n, eps, _f32(weight), _f32(bias), _rows(y), mean, rstd, dtype)
+    _core.l1_norm_forward(x.contiguous(), n, eps, _f32(weight), _f32(bias), y, mean, rstd)
     return y, mean, rstd
 
 
 def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
-    dtype = _KERNEL.get(x.dtype)
-    if dtype is None or grad.dtype != x.dtype:
+    if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.backward(grad, x, mean, rstd, weight, weight_grad, bias_grad)
     n = x.shape[1]
     dx = torch.empty(grad.shape, dtype=x.dtype)
     dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
     _core.l1_norm_backward(
-        _rows(x), n, mean, rstd, _rows(grad), _f32(weight), _rows(dx), dw, db, dtype
+        x.contiguous(), n, mean, rstd, grad.contiguous(), _f32(weight), dx, dw, db
     )
     return dx, dw_out, db_out
 
 
 def rms_forward(x: torch.Tensor, weight, eps: float):
-    dtype = _KERNEL.get(x.dtype)
-    if dtype is None:
+    if x.dtype not in _KERNEL:
         return reference.rms_forward(x, weight, eps)
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype)
     rstd = torch.empty(rows, dtype=_F32)
-    _core.l1_rms_norm_forward(_rows(x), n, eps, _f32(weight), _rows(y), rstd, dtype)
+    _core.l1_rms_norm_forward(x.contiguous(), n, eps, _f32(weight), y, rstd)
     return y, rstd
 
 
 def rms_backward(grad, x, rstd, weight, weight_grad: bool):
-    dtype = _KERNEL.get(x.dtype)
-    if dtype is None or grad.dtype != x.dtype:
+    if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.rms_backward(grad, x, rstd, weight, weight_grad)
     n = x.shape[1]
     dx = torch.empty(grad.shape, dtype=x.dtype)
     dw = torch.empty(n if weight_grad else 0, dtype=_F32)
     _core.l1_rms_norm_backward(
-        _rows(x), n, rstd, _rows(grad), _f32(weight), _rows(dx), dw if weight_grad else None, dtype
+        x.contiguous(), n, rstd, grad.contiguous(), _f32(weight), dx, dw if weight_grad else None
     )
     return dx, dw
 
