@@ -26,6 +26,26 @@ use crate::threads::{self, SendPtr};
 /// The largest code magnitude (8-bit codes are symmetric; -128 would break the sign trick).
 const MAX_CODE: u32 = 127;
 
+/// What the GEMM writes: f32, or bfloat16 bits (u16) rounded to nearest even from the f32
+/// result (the bits torch's conversion of the f32 result gives, without a float32 copy).
+pub trait Output: Copy + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Output for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Output for u16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> u16 {
+        crate::simd::f32_to_bf16(v)
+    }
+}
+
 /// One quantized operand: codes [rows, k], scale [rows], shifts [rows, num_groups(k)].
 #[derive(Clone, Copy)]
 pub struct GemmOperand<'a> {
@@ -269,14 +289,14 @@ fn int16_depth(max_a: u32, max_b: u32) -> usize {
 }
 
 /// C = A · Bᵀ (+ bias) into `out` [M, N] for operands quantized along K in groups of `group_size`.
-pub fn matmul(
+pub fn matmul<T: Output>(
     level: SimdLevel,
     a: &GemmOperand<'_>,
     b: &GemmOperand<'_>,
     k: usize,
     group_size: usize,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: &mut [T],
 ) -> FgResult<()> {
     let (m, n) = (a.rows(), b.rows());
     if group_size == 0 || !group_size.is_multiple_of(4) {
@@ -395,7 +415,7 @@ impl Job<'_> {
     ///
     /// # Safety
     /// `out` points at the M x N output and no other thread writes this block.
-    unsafe fn block(&self, bi: usize, bj: usize, acc: &mut Vec<f32>, out: SendPtr<f32>) {
+    unsafe fn block<T: Output>(&self, bi: usize, bj: usize, acc: &mut Vec<f32>, out: SendPtr<T>) {
         let (mr, nr) = (self.kernel.mr, self.kernel.nr);
         let (m0, n0) = (bi * MC, bj * NC);
         let (rows, cols) = (MC.min(self.m - m0), NC.min(self.n - n0));
@@ -454,12 +474,12 @@ impl Job<'_> {
                     Some(bias) => {
                         let bias = &bias[pj * nr..pj * nr + o.len()];
                         for (((o, &v), &s), &b) in o.iter_mut().zip(a).zip(s).zip(bias) {
-                            *o = (v as f64 * (sa * s as f64) + b as f64) as f32;
+                            *o = T::from_f32((v as f64 * (sa * s as f64) + b as f64) as f32);
                         }
                     }
                     None => {
                         for ((o, &v), &s) in o.iter_mut().zip(a).zip(s) {
-                            *o = (v as f64 * (sa * s as f64)) as f32;
+                            *o = T::from_f32((v as f64 * (sa * s as f64)) as f32);
                         }
                     }
                 }

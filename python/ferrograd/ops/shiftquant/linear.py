@@ -25,13 +25,14 @@ def forward(
     bits: int,
     grad_bits: int,
     group_size: int,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T + bias in x's dtype. ``grad_bits`` is the backward's: the
-    op carries it so that its autograd formula finds it."""
+    """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
+    backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False)
     qw = kernels.quantize(weight, bits, group_size, None, False)
-    y = kernels.matmul(*qx, *qw, group_size, bias, x.dtype)
+    y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
 
