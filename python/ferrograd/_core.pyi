@@ -121,10 +121,12 @@ def shiftquant_quantize(
     seed: int | None = None,
     transposed: bool = False,
     bf16: bool = False,
+    col_sums: torch.Tensor | None = None,
 ) -> None:
     """ShiftQuant codes of x along the reduction length len: x is [rows, len], or with
     transposed [len, cols] (output row c is column c); seed None rounds to nearest. bf16: x is
-    a bfloat16 tensor viewed as uint8."""
+    a bfloat16 tensor viewed as uint8; col_sums (float32 [cols], transposed only): x's column
+    sums."""
 
 def shiftquant_dequantize(
     codes: torch.Tensor,

@@ -39,8 +39,9 @@ fn unaligned(op: &str, name: &str) -> PyErr {
 /// Quantizes `x` into `codes`, `scale`, `shifts` along the reduction length `len`: x is
 /// [rows, len], or with `transposed` [len, cols] (output row c is column c). `seed` None rounds
 /// to nearest, else stochastically. With `bf16`, x is a bfloat16 tensor viewed as uint8.
+/// `col_sums` (float32 [cols], with `transposed` only) receives the sums of x's columns.
 #[pyfunction]
-#[pyo3(signature = (x, codes, scale, shifts, len, bits, group_size, seed=None, transposed=false, bf16=false))]
+#[pyo3(signature = (x, codes, scale, shifts, len, bits, group_size, seed=None, transposed=false, bf16=false, col_sums=None))]
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_quantize(
     py: Python<'_>,
@@ -54,6 +55,7 @@ fn shiftquant_quantize(
     seed: Option<u64>,
     transposed: bool,
     bf16: bool,
+    col_sums: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let op = "shiftquant";
     let rounding = seed.map_or(Rounding::Nearest, |seed| Rounding::Stochastic { seed });
@@ -63,16 +65,19 @@ fn shiftquant_quantize(
     fn run<T: Element>(
         level: SimdLevel,
         x: &[T],
-        len: usize,
-        spec: &Spec,
+        (len, spec): (usize, &Spec),
         out: Codes<'_>,
         transposed: bool,
+        col_sums: Option<&mut [f32]>,
     ) -> FgResult<()> {
         if transposed {
-            shiftquant::quantize_cols(level, x, len, spec, out)
+            shiftquant::quantize_cols(level, x, len, spec, out, col_sums)
         } else {
             shiftquant::quantize_rows(level, x, len, spec, out)
         }
+    }
+    if col_sums.is_some() && !transposed {
+        return Err(FgError::Value(format!("{op}: col_sums needs transposed=True")).into());
     }
     let (x32, x16): (&[f32], &[u16]) = if bf16 {
         (&[][..], bf16_words(op, "x", args.read("x", &x)?)?)
@@ -84,11 +89,12 @@ fn shiftquant_quantize(
         scale: args.write("scale", &scale)?,
         shifts: args.write("shifts", &shifts)?,
     };
+    let col_sums = args.write_opt("col_sums", &col_sums)?;
     run_detached(py, op, || {
         if bf16 {
-            run(level, x16, len, &spec, out, transposed)
+            run(level, x16, (len, &spec), out, transposed, col_sums)
         } else {
-            run(level, x32, len, &spec, out, transposed)
+            run(level, x32, (len, &spec), out, transposed, col_sums)
         }
     })
 }

@@ -166,7 +166,7 @@ const KC: usize = 256;
 /// Per-thread work minimums: a second thread joins only when each gets at least this much
 /// (bytes to pack; multiply-adds, about 0.7 ms on one Zen 4 core). On a loaded machine a
 /// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay.
-const PACK_PER_THREAD: usize = 1 << 20;
+const PACK_PER_THREAD: usize = 1 << 18;
 const MACS_PER_THREAD: usize = 1 << 27;
 
 /// An operand packed into panels of `r` rows.
@@ -356,8 +356,10 @@ pub fn matmul<T: Output>(
         data_b,
     );
     let groups_per_block = (KC / group_size).max(1);
-    let blocks_m = m.div_ceil(MC);
+    let parallel = m * n * k >= 2 * MACS_PER_THREAD;
     let blocks_n = n.div_ceil(NC);
+    let mc = block_rows(m, kernel.mr, blocks_n, parallel.then(threads::num_threads));
+    let blocks_m = m.div_ceil(mc);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let job = Job {
         kernel,
@@ -365,6 +367,7 @@ pub fn matmul<T: Output>(
         pb: &pb,
         steps: &steps,
         groups_per_block,
+        mc,
         a_scale: a.scale,
         b_scale: b.scale,
         bias,
@@ -377,13 +380,34 @@ pub fn matmul<T: Output>(
             unsafe { job.block(idx / blocks_n, idx % blocks_n, acc, out_ptr) }
         })
     };
-    if m * n * k >= 2 * MACS_PER_THREAD {
+    if parallel {
         threads::split(blocks_m * blocks_n, block);
     } else {
         (0..blocks_m * blocks_n).for_each(block);
     }
     PACKED.set([pa.data, pb.data]);
     Ok(())
+}
+
+/// Rows per block of C (a multiple of `mr`, at most MC): with `threads`, as many blocks of rows
+/// as make the blocks a multiple of the thread count, of equal height. Otherwise at 2 threads
+/// M = 512 is blocks of 192, 192 and 128 rows (one thread does two thirds) and M = 1024 ends
+/// in a short block.
+fn block_rows(m: usize, mr: usize, blocks_n: usize, threads: Option<usize>) -> usize {
+    let mut blocks_m = m.div_ceil(MC);
+    if let Some(threads) = threads {
+        let per = threads / gcd(threads, blocks_n);
+        blocks_m = blocks_m.div_ceil(per) * per;
+    }
+    m.div_ceil(blocks_m).div_ceil(mr) * mr
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 thread_local! {
@@ -403,6 +427,8 @@ struct Job<'a> {
     pb: &'a Packed,
     steps: &'a [usize],
     groups_per_block: usize,
+    /// Rows per block (`block_rows`).
+    mc: usize,
     a_scale: &'a [f32],
     b_scale: &'a [f32],
     bias: Option<&'a [f32]>,
@@ -411,14 +437,14 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Computes the MC x NC block (bi, bj) of C into `out`.
+    /// Computes the mc x NC block (bi, bj) of C into `out`.
     ///
     /// # Safety
     /// `out` points at the M x N output and no other thread writes this block.
     unsafe fn block<T: Output>(&self, bi: usize, bj: usize, acc: &mut Vec<f32>, out: SendPtr<T>) {
         let (mr, nr) = (self.kernel.mr, self.kernel.nr);
-        let (m0, n0) = (bi * MC, bj * NC);
-        let (rows, cols) = (MC.min(self.m - m0), NC.min(self.n - n0));
+        let (m0, n0) = (bi * self.mc, bj * NC);
+        let (rows, cols) = (self.mc.min(self.m - m0), NC.min(self.n - n0));
         let (panels_m, panels_n) = (rows.div_ceil(mr), cols.div_ceil(nr));
         let tile = mr * nr;
         acc.clear();

@@ -8,12 +8,27 @@ import torch
 
 from ... import _core
 
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def quantize(
     x: torch.Tensor, bits: int, group_size: int, seed: int | None, transposed: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Quantized:
     """codes, scale, shifts of a matrix [R, C] along C (or along R with ``transposed``: then of
     shape [C, R], the quantization of x.T). ``seed`` None rounds to nearest."""
+    return _quantize(x, bits, group_size, seed, transposed, None)
+
+
+def quantize_with_col_sums(
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+) -> tuple[Quantized, torch.Tensor]:
+    """``quantize(x, ..., transposed=True)`` and the float32 sums of x's columns, from one read
+    of x (ShiftQuantLinear's dW operand and bias gradient)."""
+    sums = torch.empty(x.shape[1], dtype=torch.float32)
+    return _quantize(x, bits, group_size, seed, True, sums), sums
+
+
+def _quantize(x, bits, group_size, seed, transposed, col_sums) -> Quantized:
     bf16 = x.dtype == torch.bfloat16
     x = (x if bf16 or x.dtype == torch.float32 else x.float()).contiguous()
     rows, length = x.shape[::-1] if transposed else x.shape
@@ -31,6 +46,7 @@ def quantize(
         seed,
         transposed,
         bf16,
+        col_sums,
     )
     return codes, scale, shifts
 

@@ -55,7 +55,8 @@ def backward(
     q_wt = kernels.quantize(weight, bits, group_size, None, True)
     dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
-    q_dyt = kernels.quantize(dy, grad_bits, group_size, (seed + 1) % 2**64, True)
+    # The bias gradient (dY's column sums) comes from the same read of dY.
+    q_dyt, db = kernels.quantize_with_col_sums(dy, grad_bits, group_size, (seed + 1) % 2**64)
     q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True)
     dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
-    return dx, dw, dy.sum(0, dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db.to(weight.dtype)
