@@ -621,12 +621,18 @@ mod x86 {
                 a = a.add(4 * MR);
                 b = b.add(128);
             }
-            let pb0 = _mm512_loadu_ps(t.b_pow.add(g * 32));
-            let pb1 = _mm512_loadu_ps(t.b_pow.add(g * 32 + 16));
+            // 2^-(ka + kb) by adding exponents in the integer unit (the float multiply would
+            // take the vpdpbusd ports); the product is exact either way, so the fused
+            // multiply-add rounds as the portable kernel's s * pb * pa + acc does.
+            let one = _mm512_set1_epi32(0x3f80_0000);
+            let pb0 = _mm512_sub_epi32(_mm512_loadu_si512(t.b_pow.add(g * 32).cast()), one);
+            let pb1 = _mm512_sub_epi32(_mm512_loadu_si512(t.b_pow.add(g * 32 + 16).cast()), one);
             for (i, (fr, sr)) in f.iter_mut().zip(&s).enumerate() {
-                let pa = _mm512_set1_ps(*t.a_pow.add(g * MR + i));
-                fr[0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sr[0]), pb0), pa, fr[0]);
-                fr[1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sr[1]), pb1), pa, fr[1]);
+                let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
+                let p0 = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb0));
+                let p1 = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb1));
+                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[0]), p0, fr[0]);
+                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[1]), p1, fr[1]);
             }
         }
         for (i, row) in f.iter().enumerate() {
@@ -849,6 +855,30 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_gives_the_same_bits_and_bf16_is_the_rounded_f32() {
+        // Shifts that differ per group and row, several K blocks, a short last group, bias.
+        for (m, n, k, gs, bits) in [(13, 70, 600, 64, 8), (20, 33, 300, 32, 6)] {
+            let qa = Quantized::new(&data(m * k, 4), k, bits, gs);
+            let qb = Quantized::new(&data(n * k, 5), k, bits, gs);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.37 - 3.0).collect();
+            let run = |level| {
+                let mut out = vec![0f32; m * n];
+                let (a, b) = (qa.operand(), qb.operand());
+                matmul(level, &a, &b, k, gs, Some(&bias), &mut out).unwrap();
+                let mut low = vec![0u16; m * n];
+                matmul(level, &a, &b, k, gs, Some(&bias), &mut low).unwrap();
+                let want: Vec<u16> = out.iter().map(|&v| crate::simd::f32_to_bf16(v)).collect();
+                assert_eq!(low, want, "{level:?}");
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let want = run(SimdLevel::Scalar);
+            for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+                assert_eq!(run(level), want, "{level:?} {m}x{n}x{k}");
             }
         }
     }
