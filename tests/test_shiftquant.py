@@ -16,6 +16,7 @@ from support.tiny_transformer import TinyTransformer, motif_batch, train_tiny
 
 import ferrograd as fg
 from ferrograd.ops import shiftquant as sq
+from ferrograd.ops.shiftquant import cpu as sq_cpu
 from ferrograd.ops.shiftquant import cuda as sq_cuda
 from ferrograd.ops.shiftquant import linear, quantize_2d
 from ferrograd.ops.shiftquant import reference as sq_reference
@@ -341,6 +342,24 @@ def test_linear_with_no_outputs_has_a_backward():
     assert layer.weight.grad.shape == (0, 8) and layer.bias.grad.shape == (0,)
 
 
+def test_under_autocast_the_output_has_the_autocast_dtype_and_x_is_not_cast():
+    """As nn.Linear under autocast, the result is bf16; x is quantized as it is (float32), so the
+    result is the float32 layer's rounded to bf16. Gradients keep x's and the weight's dtypes;
+    float64 inputs stay float64, as autocast leaves them."""
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(256, 96)
+    x = sample((3, 40, 256), 11).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x.detach()).to(torch.bfloat16))
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    assert layer.bias.grad.dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert layer.double()(x.detach().double()).dtype == torch.float64
+
+
 def test_nan_and_infinity_poison_their_row_only():
     x = sample((3, 128))
     x[1, 5] = float("nan")
@@ -388,6 +407,27 @@ def test_half_inputs_are_read_as_they_are(device, dtype):
     assert_same_quantization(
         fg.shiftquant(x.to(device), **kw), reference_quantization(x.float(), 6, 32, 5)
     )
+
+
+@pytest.mark.parametrize("seed", [None, 9])
+def test_transposed_bf16_inputs_are_read_as_they_are(device, seed):
+    x = sample((1001, 70), 3).bfloat16()
+    ours = quantize_2d(x.to(device), 8, 64, seed, transposed=True)
+    assert_same_quantization(ours, reference_quantization(x.float(), 8, 64, seed, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_sums_come_with_the_transposed_codes(dtype):
+    """The CPU kernel's fused bias-gradient pass: the codes of quantizing along the first axis
+    and the float32 column sums, against the reference rule and a float64 sum."""
+    x = sample((1001, 70), 4).to(dtype)
+    x[:, 3] = 0
+    codes, sums = sq_cpu.quantize_with_col_sums(x, 6, 64, 7)
+    q = sq.ShiftQuantTensor(*codes, 6, 64)
+    assert_same_quantization(q, reference_quantization(x.float(), 6, 64, 7, True))
+    want = x.double().sum(0)
+    assert sums.dtype == torch.float32 and sums[3] == 0
+    assert ((sums.double() - want).abs() <= 1e-6 * x.double().abs().sum(0)).all()
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (1001, 70), (37, 5), (4096, 33)])

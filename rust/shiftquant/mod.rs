@@ -5,8 +5,10 @@
 mod gemm;
 mod quantize;
 
-pub use gemm::{matmul, GemmOperand};
-pub use quantize::{dequantize, quantize_cols, quantize_rows, shift_of, Codes, Rounding, Spec};
+pub use gemm::{matmul, GemmOperand, Output};
+pub use quantize::{
+    dequantize, quantize_cols, quantize_rows, shift_of, Codes, Element, Rounding, Spec,
+};
 
 /// The largest shift: groups that are all zero (or 2^15 times smaller than the row) get it.
 pub const MAX_SHIFT: u8 = 15;

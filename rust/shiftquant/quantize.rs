@@ -147,10 +147,44 @@ fn uniform_halves(lo: u32, hi: u32, col: u32) -> f32 {
     (mix32(mix32(col ^ lo).wrapping_add(hi)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// What the quantizers read: f32, or bfloat16 bits (u16). bfloat16 widens to f32 exactly, so
+/// both give the codes of the same values; reading bf16 saves a float32 copy of the input.
+pub trait Element: Copy + Send + Sync + 'static {
+    const ROWS: RowsKernel<Self>;
+    const GROUP_MAX_COLS: GroupMaxColsKernel<Self>;
+    const ENCODE_COLS: EncodeColsKernel<Self>;
+    fn value(self) -> f32;
+}
+
+type RowsKernel<T> = fn(SimdLevel, &[T], usize, &Spec, usize, Codes<'_>);
+type GroupMaxColsKernel<T> = fn(SimdLevel, &[T], usize, usize, &mut [u32], &mut [f32]);
+type EncodeColsKernel<T> = fn(SimdLevel, &[T], usize, &Spec, &ColumnPass, &mut Vec<i8>);
+
+impl Element for f32 {
+    const ROWS: RowsKernel<f32> = quantize_rows_f32;
+    const GROUP_MAX_COLS: GroupMaxColsKernel<f32> = group_max_cols_f32;
+    const ENCODE_COLS: EncodeColsKernel<f32> = encode_cols_f32;
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl Element for u16 {
+    const ROWS: RowsKernel<u16> = quantize_rows_bf16;
+    const GROUP_MAX_COLS: GroupMaxColsKernel<u16> = group_max_cols_bf16;
+    const ENCODE_COLS: EncodeColsKernel<u16> = encode_cols_bf16;
+    #[inline(always)]
+    fn value(self) -> f32 {
+        crate::simd::bf16_to_f32(self)
+    }
+}
+
 #[inline(always)]
-fn abs_max_bits(x: &[f32]) -> u32 {
+fn abs_max_bits<T: Element>(x: &[T]) -> u32 {
     // For non-NaN floats the order of |x| is the order of its bits: an integer max reduction.
-    x.iter().fold(0, |m, v| m.max(v.to_bits() & ABS_MASK))
+    x.iter()
+        .fold(0, |m, v| m.max(v.value().to_bits() & ABS_MASK))
 }
 
 /// A rounded value clamped into [-qmax, qmax] as a code.
@@ -163,8 +197,8 @@ fn to_code(q: f32, qmax: f32) -> i8 {
 
 /// Codes of one group: v = x * 2^k / s rounded (as x / (s * 2^-k), without the denormal loss).
 #[inline(always)]
-fn encode_group(
-    x: &[f32],
+fn encode_group<T: Element>(
+    x: &[T],
     codes: &mut [i8],
     pow: f32,
     scale: f32,
@@ -176,13 +210,13 @@ fn encode_group(
     match spec.rounding {
         Rounding::Nearest => {
             for (c, &v) in codes.iter_mut().zip(x) {
-                *c = nearest_code((v * pow) / scale, qmax);
+                *c = nearest_code((v.value() * pow) / scale, qmax);
             }
         }
         Rounding::Stochastic { .. } => {
             for (j, (c, &v)) in codes.iter_mut().zip(x).enumerate() {
                 let u = uniform(key, col0.wrapping_add(j as u32));
-                *c = stochastic_code((v * pow) / scale, u, qmax);
+                *c = stochastic_code((v.value() * pow) / scale, u, qmax);
             }
         }
     }
@@ -221,9 +255,9 @@ fn is_special(max_bits: u32) -> bool {
 /// memory, the encoding on arithmetic, and this overlaps them. Returns the row's scale.
 /// `group_max` is scratch for the max |x| bits of each group.
 #[inline(always)]
-fn quantize_row(
-    x: &[f32],
-    next: &[f32],
+fn quantize_row<T: Element>(
+    x: &[T],
+    next: &[T],
     codes: &mut [i8],
     shifts: &mut [u8],
     spec: &Spec,
@@ -262,8 +296,8 @@ fn quantize_row(
 /// Quantizes consecutive rows starting at output row `row0` (the index keys the random stream).
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn quantize_rows_impl<S: Simd>(
-    x: &[f32],
+unsafe fn quantize_rows_impl<S: Simd, T: Element>(
+    x: &[T],
     len: usize,
     spec: &Spec,
     row0: usize,
@@ -286,14 +320,35 @@ unsafe fn quantize_rows_impl<S: Simd>(
 }
 
 /// The max |x| bits of each (group of rows, column): `out` [groups][cols] for the rows of
-/// `x` [.., cols], in groups of `group_size` rows (the last one may be short).
+/// `x` [.., cols], in groups of `group_size` rows (the last one may be short); unless `sums` is
+/// empty, also the sum of each (group, column) into it (same shape, from zeros).
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn group_max_cols_impl<S: Simd>(x: &[f32], cols: usize, group_size: usize, out: &mut [u32]) {
-    for (xg, og) in x.chunks(group_size * cols).zip(out.chunks_exact_mut(cols)) {
-        for xr in xg.chunks_exact(cols) {
-            for (o, v) in og.iter_mut().zip(xr) {
-                *o = (*o).max(v.to_bits() & ABS_MASK);
+unsafe fn group_max_cols_impl<S: Simd, T: Element>(
+    x: &[T],
+    cols: usize,
+    group_size: usize,
+    out: &mut [u32],
+    sums: &mut [f32],
+) {
+    for (g, (xg, og)) in x
+        .chunks(group_size * cols)
+        .zip(out.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        if sums.is_empty() {
+            for xr in xg.chunks_exact(cols) {
+                for (o, v) in og.iter_mut().zip(xr) {
+                    *o = (*o).max(v.value().to_bits() & ABS_MASK);
+                }
+            }
+        } else {
+            let sg = &mut sums[g * cols..(g + 1) * cols];
+            for xr in xg.chunks_exact(cols) {
+                for ((o, sm), v) in og.iter_mut().zip(sg.iter_mut()).zip(xr) {
+                    *o = (*o).max(v.value().to_bits() & ABS_MASK);
+                    *sm += v.value();
+                }
             }
         }
     }
@@ -302,7 +357,7 @@ unsafe fn group_max_cols_impl<S: Simd>(x: &[f32], cols: usize, group_size: usize
 /// What the encoding pass of `quantize_cols` needs per column c (the output row c): its scale,
 /// the two halves of its random key, and a mask that zeroes the scaled values of a special (zero,
 /// NaN or infinite) column, whose codes are all 0; per (group, column) the power of two 2^k.
-struct ColumnPass {
+pub struct ColumnPass {
     scale: Vec<f32>,
     key_lo: Vec<u32>,
     key_hi: Vec<u32>,
@@ -316,21 +371,31 @@ struct ColumnPass {
 /// The codes of one input row r (the element r of every output row) into `codes`: the row
 /// path's `encode_group` arithmetic, with each column's own scale, power of two and key.
 #[inline(always)]
-fn encode_across(x: &[f32], codes: &mut [i8], pass: &ColumnPass, pow: &[f32], spec: &Spec, r: u32) {
+fn encode_across<T: Element>(
+    x: &[T],
+    codes: &mut [i8],
+    pass: &ColumnPass,
+    pow: &[f32],
+    spec: &Spec,
+    r: u32,
+) {
     let qmax = spec.qmax();
-    let scaled = x.iter().zip(pow).zip(&pass.scale).zip(&pass.keep);
+    // Indexed over slices of one length (a six-way zip did not vectorize: the stochastic path
+    // ran at a third of the row quantizer's speed).
+    let n = codes.len();
+    let (x, pow, scale, keep) = (&x[..n], &pow[..n], &pass.scale[..n], &pass.keep[..n]);
     let scaled =
-        scaled.map(|(((&v, &p), &s), &keep)| f32::from_bits(((v * p) / s).to_bits() & keep));
+        |i: usize| f32::from_bits(((x[i].value() * pow[i]) / scale[i]).to_bits() & keep[i]);
     match spec.rounding {
         Rounding::Nearest => {
-            for (c, t) in codes.iter_mut().zip(scaled) {
-                *c = nearest_code(t, qmax);
+            for (i, c) in codes.iter_mut().enumerate() {
+                *c = nearest_code(scaled(i), qmax);
             }
         }
         Rounding::Stochastic { .. } => {
-            let keys = pass.key_lo.iter().zip(&pass.key_hi);
-            for ((c, t), (&lo, &hi)) in codes.iter_mut().zip(scaled).zip(keys) {
-                *c = stochastic_code(t, uniform_halves(lo, hi, r), qmax);
+            let (lo, hi) = (&pass.key_lo[..n], &pass.key_hi[..n]);
+            for (i, c) in codes.iter_mut().enumerate() {
+                *c = stochastic_code(scaled(i), uniform_halves(lo[i], hi[i], r), qmax);
             }
         }
     }
@@ -343,8 +408,8 @@ fn encode_across(x: &[f32], codes: &mut [i8], pass: &ColumnPass, pow: &[f32], sp
 /// `pass.codes` covers every column's codes; no other thread writes these rows of them.
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn encode_cols_impl<S: Simd>(
-    block: &[f32],
+unsafe fn encode_cols_impl<S: Simd, T: Element>(
+    block: &[T],
     r0: usize,
     spec: &Spec,
     pass: &ColumnPass,
@@ -456,16 +521,19 @@ thread_local! {
 }
 
 crate::dispatch! {
-    fn quantize_rows_level(x: &[f32], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl;
-    fn group_max_cols_level(x: &[f32], cols: usize, group_size: usize, out: &mut [u32]) = group_max_cols_impl;
-    fn encode_cols_level(block: &[f32], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl;
+    fn quantize_rows_f32(x: &[f32], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl<f32>;
+    fn quantize_rows_bf16(x: &[u16], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl<u16>;
+    fn group_max_cols_f32(x: &[f32], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<f32>;
+    fn group_max_cols_bf16(x: &[u16], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<u16>;
+    fn encode_cols_f32(block: &[f32], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<f32>;
+    fn encode_cols_bf16(block: &[u16], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<u16>;
     fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
 }
 
 /// Quantizes `x` seen as [rows, len] along `len` (rows = x.len() / len).
-pub fn quantize_rows(
+pub fn quantize_rows<T: Element>(
     level: SimdLevel,
-    x: &[f32],
+    x: &[T],
     len: usize,
     spec: &Spec,
     out: Codes<'_>,
@@ -498,7 +566,7 @@ pub fn quantize_rows(
                 shifts: shifts.piece(r.start * groups..r.end * groups),
             }
         };
-        quantize_rows_level(
+        T::ROWS(
             level,
             &x[r.start * len..r.end * len],
             len,
@@ -511,13 +579,16 @@ pub fn quantize_rows(
 }
 
 /// Quantizes the row-major matrix `x` [rows, x.len() / rows] along its first axis: output row c
-/// holds column c (codes [cols, rows]), exactly as `quantize_rows` of the transpose would.
-pub fn quantize_cols(
+/// holds column c (codes [cols, rows]), exactly as `quantize_rows` of the transpose would. With
+/// `col_sums` ([cols]), also the sum of each column, from the same read of x (ShiftQuantLinear's
+/// bias gradient): float32 sums of each group of rows, added up in f64.
+pub fn quantize_cols<T: Element>(
     level: SimdLevel,
-    x: &[f32],
+    x: &[T],
     rows: usize,
     spec: &Spec,
     out: Codes<'_>,
+    col_sums: Option<&mut [f32]>,
 ) -> FgResult<()> {
     let cols = out.scale.len();
     if rows * cols != x.len() {
@@ -527,22 +598,52 @@ pub fn quantize_cols(
         )));
     }
     out.check("shiftquant", cols, rows, spec.group_size)?;
+    if col_sums.as_ref().is_some_and(|s| s.len() != cols) {
+        return Err(FgError::Value(format!(
+            "shiftquant: col_sums must hold {cols} elements"
+        )));
+    }
     if rows == 0 || cols == 0 {
         out.scale.fill(0.0);
+        if let Some(s) = col_sums {
+            s.fill(0.0);
+        }
         return Ok(());
     }
     let gs = spec.group_size;
     let groups = num_groups(rows, gs);
-    // Pass 1: max |x| bits per (group, column).
+    // Pass 1: max |x| bits (and sums) per (group, column).
     let mut group_max = vec![0u32; groups * cols];
+    let with_sums = col_sums.is_some();
+    let mut group_sums = vec![0f32; if with_sums { groups * cols } else { 0 }];
     let pieces = Disjoint::new(&mut group_max);
+    let sum_pieces = Disjoint::new(&mut group_sums);
     let chunk = threads::rows_per_task(groups, gs * cols, PAR_MIN);
     threads::for_each_chunk(groups, chunk, |_, g| {
         // SAFETY: chunks are disjoint group ranges.
         let piece = unsafe { pieces.piece(g.start * cols..g.end * cols) };
+        let sums = if !with_sums {
+            &mut [][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { sum_pieces.piece(g.start * cols..g.end * cols) }
+        };
         let x = &x[g.start * gs * cols..(g.end * gs).min(rows) * cols];
-        group_max_cols_level(level, x, cols, gs, piece)
+        T::GROUP_MAX_COLS(level, x, cols, gs, piece, sums)
     });
+    if let Some(col_sums) = col_sums {
+        let mut total = vec![0f64; cols];
+        for gs in group_sums.chunks_exact(cols) {
+            total
+                .iter_mut()
+                .zip(gs)
+                .for_each(|(t, &v)| *t += f64::from(v));
+        }
+        col_sums
+            .iter_mut()
+            .zip(&total)
+            .for_each(|(s, &t)| *s = t as f32);
+    }
     let mut col_max = vec![0u32; cols];
     for gm in group_max.chunks_exact(cols) {
         col_max
@@ -588,7 +689,7 @@ pub fn quantize_cols(
         let (r0, r1) = (b * COL_BLOCK, ((b + 1) * COL_BLOCK).min(rows));
         STAGING.with_borrow_mut(|staging| {
             // SAFETY: `pass.codes` covers all columns; blocks write disjoint rows of them.
-            encode_cols_level(level, &x[r0 * cols..r1 * cols], r0, spec, &pass, staging)
+            T::ENCODE_COLS(level, &x[r0 * cols..r1 * cols], r0, spec, &pass, staging)
         })
     };
     let blocks = rows.div_ceil(COL_BLOCK);
@@ -749,7 +850,7 @@ mod tests {
                         scale: &mut scale,
                         shifts: &mut shifts,
                     };
-                    quantize_cols(level, &x, rows, &spec, out).unwrap();
+                    quantize_cols(level, &x, rows, &spec, out, None).unwrap();
                     assert_eq!((codes, shifts), (want_codes, want_shifts), "{level:?}");
                     let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&scale), bits(&want_scale), "{level:?}");

@@ -127,8 +127,8 @@ def _fake_matmul(a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, group_s
     return a_codes.new_empty((a_codes.shape[0], b_codes.shape[0]), dtype=dtype)
 
 
-def _fake_linear(x, weight, bias, bits, grad_bits, group_size):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _fake_linear(x, weight, bias, bits, grad_bits, group_size, dtype=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype or x.dtype)
 
 
 def _fake_linear_backward(grad, x, weight, bits, grad_bits, group_size, seed):
@@ -157,7 +157,7 @@ matmul_op = _library.define(
 )
 linear_op = _library.define(
     "shiftquant_linear(Tensor x, Tensor weight, Tensor? bias, int bits, int grad_bits, "
-    "int group_size) -> Tensor",
+    "int group_size, ScalarType? dtype=None) -> Tensor",
     **_kernels(linear.forward),
     fake=_fake_linear,
 )
@@ -170,7 +170,7 @@ linear_backward_op = _library.define(
 
 
 def _setup_linear(ctx, inputs, output) -> None:
-    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size = inputs
+    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
@@ -180,7 +180,7 @@ def _linear_backward(ctx, grad):
     dx, dw, db = _library.call(
         linear_backward_op, grad, x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
     )
-    return dx, dw, db if ctx.has_bias else None, None, None, None
+    return dx, dw, db if ctx.has_bias else None, None, None, None, None
 
 
 _library.register_autograd(linear_op, _linear_backward, _setup_linear)
@@ -368,7 +368,8 @@ def shiftquant_linear(
     group_size: int = 64,
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` with ShiftQuant integer GEMMs in forward and backward
-    (linear.py); differentiable towards x, weight and bias."""
+    (linear.py); differentiable towards x, weight and bias. The result has x's dtype, or under
+    autocast (as nn.Linear) the autocast dtype; x is quantized as it is, without a cast."""
     op = "shiftquant_linear"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
@@ -387,4 +388,13 @@ def shiftquant_linear(
     if x.shape[-1] == 0:  # no products to quantize: zeros (+ bias), as nn.Linear gives
         bias = None if bias is None else bias.to(x.dtype)
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
-    return _library.call(linear_op, x, weight, bias, bits, grad_bits, group_size)
+    return _library.call(linear_op, x, weight, bias, bits, grad_bits, group_size, _out_dtype(x))
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype where autocast would run nn.Linear on x in it (float64 stays), else
+    None (x's dtype)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device)

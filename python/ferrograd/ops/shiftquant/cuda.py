@@ -100,6 +100,13 @@ def quantize(
     return codes, scale, shifts
 
 
+def quantize_with_col_sums(
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``quantize(x, ..., transposed=True)`` and the float32 sums of x's columns."""
+    return quantize(x, bits, group_size, seed, True), x.sum(0, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class GemmOperand:
     """One operand of sq_gemm: codes [rows, k] with k and the group size multiples of 32,

@@ -25,13 +25,14 @@ def forward(
     bits: int,
     grad_bits: int,
     group_size: int,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T + bias in x's dtype. ``grad_bits`` is the backward's: the
-    op carries it so that its autograd formula finds it."""
+    """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
+    backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False)
     qw = kernels.quantize(weight, bits, group_size, None, False)
-    y = kernels.matmul(*qx, *qw, group_size, bias, x.dtype)
+    y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -54,7 +55,8 @@ def backward(
     q_wt = kernels.quantize(weight, bits, group_size, None, True)
     dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
-    q_dyt = kernels.quantize(dy, grad_bits, group_size, (seed + 1) % 2**64, True)
+    # The bias gradient (dY's column sums) comes from the same read of dY.
+    q_dyt, db = kernels.quantize_with_col_sums(dy, grad_bits, group_size, (seed + 1) % 2**64)
     q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True)
     dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
-    return dx, dw, dy.sum(0, dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db.to(weight.dtype)

@@ -98,6 +98,13 @@ def quantize(
     return codes, scale, k.to(torch.uint8)
 
 
+def quantize_with_col_sums(
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``quantize(x, ..., transposed=True)`` and the float32 sums of x's columns."""
+    return quantize(x, bits, group_size, seed, True), x.sum(0, dtype=torch.float32)
+
+
 def element_shifts(shifts: torch.Tensor, group_size: int, length: int) -> torch.Tensor:
     """The shift of every code (int32 [..., length]) from the per-group ``shifts``."""
     return shifts.to(torch.int32).repeat_interleave(group_size, dim=-1)[..., :length]
