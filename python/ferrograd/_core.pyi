@@ -120,13 +120,11 @@ def shiftquant_quantize(
     group_size: int,
     seed: int | None = None,
     transposed: bool = False,
-    bf16: bool = False,
     col_sums: torch.Tensor | None = None,
 ) -> None:
-    """ShiftQuant codes of x along the reduction length len: x is [rows, len], or with
-    transposed [len, cols] (output row c is column c); seed None rounds to nearest. bf16: x is
-    a bfloat16 tensor viewed as uint8; col_sums (float32 [cols], transposed only): x's column
-    sums."""
+    """ShiftQuant codes of x (float32 or bfloat16) along the reduction length len: x is
+    [rows, len], or with transposed [len, cols] (output row c is column c); seed None rounds to
+    nearest; col_sums (float32 [cols], transposed only): x's column sums."""
 
 def shiftquant_dequantize(
     codes: torch.Tensor,
@@ -148,10 +146,9 @@ def shiftquant_matmul(
     group_size: int,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-    out_bf16: bool = False,
 ) -> None:
-    """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K; out_bf16:
-    out is a bfloat16 tensor viewed as uint8 (rounded to nearest even)."""
+    """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K; out
+    float32 or bfloat16 (rounded to nearest even)."""
 
 def l1_norm_forward(
     x: torch.Tensor,

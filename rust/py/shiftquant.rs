@@ -3,45 +3,17 @@
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::Borrows;
+use super::tensor::{Borrows, Float};
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::{self, Codes, Element, GemmOperand, Rounding, Spec};
-use crate::simd::{self, SimdLevel};
-
-/// bfloat16 elements from the bytes of a tensor viewed as uint8 (no bf16 dtype among the
-/// borrowed elements).
-fn bf16_words<'a>(op: &str, name: &str, bytes: &'a [u8]) -> PyResult<&'a [u16]> {
-    // SAFETY: u16 is valid for any bits.
-    let (head, words, tail) = unsafe { bytes.align_to::<u16>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(unaligned(op, name));
-    }
-    Ok(words)
-}
-
-/// As [`bf16_words`], for writing.
-fn bf16_words_mut<'a>(op: &str, name: &str, bytes: &'a mut [u8]) -> PyResult<&'a mut [u16]> {
-    // SAFETY: u16 is valid for any bits.
-    let (head, words, tail) = unsafe { bytes.align_to_mut::<u16>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(unaligned(op, name));
-    }
-    Ok(words)
-}
-
-fn unaligned(op: &str, name: &str) -> PyErr {
-    FgError::Value(format!(
-        "{op}: {name}'s bf16 bytes must be 2-byte aligned and whole"
-    ))
-    .into()
-}
+use crate::simd::{self, Bf16, SimdLevel};
 
 /// Quantizes `x` into `codes`, `scale`, `shifts` along the reduction length `len`: x is
 /// [rows, len], or with `transposed` [len, cols] (output row c is column c). `seed` None rounds
-/// to nearest, else stochastically. With `bf16`, x is a bfloat16 tensor viewed as uint8.
+/// to nearest, else stochastically. x is float32 or bfloat16.
 /// `col_sums` (float32 [cols], with `transposed` only) receives the sums of x's columns.
 #[pyfunction]
-#[pyo3(signature = (x, codes, scale, shifts, len, bits, group_size, seed=None, transposed=false, bf16=false, col_sums=None))]
+#[pyo3(signature = (x, codes, scale, shifts, len, bits, group_size, seed=None, transposed=false, col_sums=None))]
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_quantize(
     py: Python<'_>,
@@ -54,7 +26,6 @@ fn shiftquant_quantize(
     group_size: usize,
     seed: Option<u64>,
     transposed: bool,
-    bf16: bool,
     col_sums: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let op = "shiftquant";
@@ -79,8 +50,9 @@ fn shiftquant_quantize(
     if col_sums.is_some() && !transposed {
         return Err(FgError::Value(format!("{op}: col_sums needs transposed=True")).into());
     }
-    let (x32, x16): (&[f32], &[u16]) = if bf16 {
-        (&[][..], bf16_words(op, "x", args.read("x", &x)?)?)
+    let bf16 = matches!(Float::of(&x)?, Float::Bf16);
+    let (x32, x16): (&[f32], &[Bf16]) = if bf16 {
+        (&[][..], args.read("x", &x)?)
     } else {
         (args.read("x", &x)?, &[][..])
     };
@@ -121,10 +93,10 @@ fn shiftquant_dequantize(
     })
 }
 
-/// `out` [M, N] = A · Bᵀ (+ bias) for operands quantized along K. With `out_bf16`, out is a
-/// bfloat16 tensor viewed as uint8 (the f32 results rounded to nearest even).
+/// `out` [M, N] = A · Bᵀ (+ bias) for operands quantized along K; out is float32, or bfloat16
+/// (the f32 results rounded to nearest even).
 #[pyfunction]
-#[pyo3(signature = (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, k, group_size, out, bias=None, out_bf16=false))]
+#[pyo3(signature = (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, k, group_size, out, bias=None))]
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_matmul(
     py: Python<'_>,
@@ -138,7 +110,6 @@ fn shiftquant_matmul(
     group_size: usize,
     out: Bound<'_, PyAny>,
     bias: Option<Bound<'_, PyAny>>,
-    out_bf16: bool,
 ) -> PyResult<()> {
     let op = "shiftquant_matmul";
     let level = simd::active()?;
@@ -154,8 +125,8 @@ fn shiftquant_matmul(
         shifts: args.read("b.shifts", &b_shifts)?,
     };
     let bias = args.read_opt("bias", &bias)?;
-    if out_bf16 {
-        let out = bf16_words_mut(op, "out", args.write("out", &out)?)?;
+    if matches!(Float::of(&out)?, Float::Bf16) {
+        let out: &mut [Bf16] = args.write("out", &out)?;
         run_detached(py, op, || {
             shiftquant::matmul(level, &a, &b, k, group_size, bias, out)
         })

@@ -20,13 +20,13 @@
 
 use super::num_groups;
 use crate::error::{FgError, FgResult};
-use crate::simd::{cpu_features, Simd, SimdLevel};
+use crate::simd::{cpu_features, Bf16, Simd, SimdLevel};
 use crate::threads::{self, SendPtr};
 
 /// The largest code magnitude (8-bit codes are symmetric; -128 would break the sign trick).
 const MAX_CODE: u32 = 127;
 
-/// What the GEMM writes: f32, or bfloat16 bits (u16) rounded to nearest even from the f32
+/// What the GEMM writes: f32, or bfloat16 rounded to nearest even from the f32
 /// result (the bits torch's conversion of the f32 result gives, without a float32 copy).
 pub trait Output: Copy + Send + Sync + 'static {
     const EPILOGUE: EpilogueKernel<Self>;
@@ -43,11 +43,11 @@ impl Output for f32 {
     }
 }
 
-impl Output for u16 {
-    const EPILOGUE: EpilogueKernel<u16> = epilogue_bf16;
+impl Output for Bf16 {
+    const EPILOGUE: EpilogueKernel<Bf16> = epilogue_bf16;
     #[inline(always)]
-    fn from_f32(v: f32) -> u16 {
-        crate::simd::f32_to_bf16(v)
+    fn from_f32(v: f32) -> Bf16 {
+        Bf16(crate::simd::f32_to_bf16(v))
     }
 }
 
@@ -556,7 +556,7 @@ unsafe fn epilogue_impl<S: Simd, T: Output>(e: &Epilogue<'_>, out: *mut T, strid
 
 crate::dispatch! {
     fn epilogue_f32(e: &Epilogue<'_>, out: *mut f32, stride: usize) = epilogue_impl<f32>;
-    fn epilogue_bf16(e: &Epilogue<'_>, out: *mut u16, stride: usize) = epilogue_impl<u16>;
+    fn epilogue_bf16(e: &Epilogue<'_>, out: *mut Bf16, stride: usize) = epilogue_impl<Bf16>;
 }
 
 /// The portable micro-kernel (also the reference for the vector ones in the tests).
@@ -870,9 +870,9 @@ mod tests {
                 let mut out = vec![0f32; m * n];
                 let (a, b) = (qa.operand(), qb.operand());
                 matmul(level, &a, &b, k, gs, Some(&bias), &mut out).unwrap();
-                let mut low = vec![0u16; m * n];
+                let mut low = vec![Bf16(0); m * n];
                 matmul(level, &a, &b, k, gs, Some(&bias), &mut low).unwrap();
-                let want: Vec<u16> = out.iter().map(|&v| crate::simd::f32_to_bf16(v)).collect();
+                let want: Vec<Bf16> = out.iter().map(|&v| Bf16::from_f32(v)).collect();
                 assert_eq!(low, want, "{level:?}");
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };

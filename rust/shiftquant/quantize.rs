@@ -9,7 +9,7 @@
 
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
-use crate::simd::{prefetch, prefetch_block, Simd, SimdLevel};
+use crate::simd::{prefetch, prefetch_block, Bf16, Simd, SimdLevel};
 use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
@@ -147,7 +147,7 @@ fn uniform_halves(lo: u32, hi: u32, col: u32) -> f32 {
     (mix32(mix32(col ^ lo).wrapping_add(hi)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
-/// What the quantizers read: f32, or bfloat16 bits (u16). bfloat16 widens to f32 exactly, so
+/// What the quantizers read: f32 or bfloat16. bfloat16 widens to f32 exactly, so
 /// both give the codes of the same values; reading bf16 saves a float32 copy of the input.
 pub trait Element: Copy + Send + Sync + 'static {
     const ROWS: RowsKernel<Self>;
@@ -170,13 +170,13 @@ impl Element for f32 {
     }
 }
 
-impl Element for u16 {
-    const ROWS: RowsKernel<u16> = quantize_rows_bf16;
-    const GROUP_MAX_COLS: GroupMaxColsKernel<u16> = group_max_cols_bf16;
-    const ENCODE_COLS: EncodeColsKernel<u16> = encode_cols_bf16;
+impl Element for Bf16 {
+    const ROWS: RowsKernel<Bf16> = quantize_rows_bf16;
+    const GROUP_MAX_COLS: GroupMaxColsKernel<Bf16> = group_max_cols_bf16;
+    const ENCODE_COLS: EncodeColsKernel<Bf16> = encode_cols_bf16;
     #[inline(always)]
     fn value(self) -> f32 {
-        crate::simd::bf16_to_f32(self)
+        crate::simd::bf16_to_f32(self.0)
     }
 }
 
@@ -522,11 +522,11 @@ thread_local! {
 
 crate::dispatch! {
     fn quantize_rows_f32(x: &[f32], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl<f32>;
-    fn quantize_rows_bf16(x: &[u16], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl<u16>;
+    fn quantize_rows_bf16(x: &[Bf16], len: usize, spec: &Spec, row0: usize, out: Codes<'_>) = quantize_rows_impl<Bf16>;
     fn group_max_cols_f32(x: &[f32], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<f32>;
-    fn group_max_cols_bf16(x: &[u16], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<u16>;
+    fn group_max_cols_bf16(x: &[Bf16], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<Bf16>;
     fn encode_cols_f32(block: &[f32], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<f32>;
-    fn encode_cols_bf16(block: &[u16], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<u16>;
+    fn encode_cols_bf16(block: &[Bf16], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<Bf16>;
     fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
 }
 

@@ -36,17 +36,7 @@ def _quantize(x, bits, group_size, seed, transposed, col_sums) -> Quantized:
     scale = torch.empty(rows, dtype=torch.float32)
     shifts = torch.empty((rows, -(-length // group_size)), dtype=torch.uint8)
     _core.shiftquant_quantize(
-        x.view(torch.uint8) if bf16 else x,
-        codes,
-        scale,
-        shifts,
-        length,
-        bits,
-        group_size,
-        seed,
-        transposed,
-        bf16,
-        col_sums,
+        x, codes, scale, shifts, length, bits, group_size, seed, transposed, col_sums
     )
     return codes, scale, shifts
 
@@ -77,7 +67,5 @@ def matmul(
     out = torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32)
     operands = [t.contiguous() for t in (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts)]
     bias = None if bias is None else bias.float().contiguous()
-    _core.shiftquant_matmul(
-        *operands, k, group_size, out.view(torch.uint8) if bf16 else out, bias, bf16
-    )
+    _core.shiftquant_matmul(*operands, k, group_size, out, bias)
     return out if bf16 or dtype == torch.float32 else out.to(dtype)
