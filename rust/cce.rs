@@ -665,6 +665,124 @@ mod tests {
         }
     }
 
+    fn to_bf16(z: &[f32]) -> Vec<u16> {
+        z.iter().map(|&v| f32_to_bf16(v)).collect()
+    }
+
+    #[test]
+    fn bf16_logits_give_what_their_f32_values_give() {
+        let (rows, width) = (3, 40);
+        let bits = to_bf16(&logits(rows, width));
+        let exact: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+        let targets = [3i64, -1, 39];
+        let (a, b, u) = ([0.5f32, 0.0, 1.0], [0.5f32, 0.0, 1.0], [0.0f32; 3]);
+        let lse = [4.0f32, 3.0, 5.0];
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for cap in [None, Some(3.0f32)] {
+                let run = |logits: Logits<'_>| {
+                    let (mut l, mut t) = (vec![f64::NEG_INFINITY; rows], vec![f32::NAN; rows]);
+                    let mut z = exact.clone();
+                    let fwd = Chunk {
+                        logits: Logits::F32(&mut z),
+                        width,
+                        v0: 0,
+                        softcap: cap,
+                        targets: &targets,
+                    };
+                    let state = LseState {
+                        lse: &mut l,
+                        target_logit: &mut t,
+                        logit_sum: None,
+                    };
+                    forward_chunk(level, fwd, state).unwrap();
+                    let chunk = Chunk {
+                        logits,
+                        width,
+                        v0: 0,
+                        softcap: cap,
+                        targets: &targets,
+                    };
+                    let coefs = GradCoefs {
+                        lse: &lse,
+                        softmax: &a,
+                        target: &b,
+                        uniform: &u,
+                    };
+                    (l, t, backward_chunk(level, chunk, coefs).unwrap())
+                };
+                let (mut z32, mut z16) = (exact.clone(), bits.clone());
+                let want = run(Logits::F32(&mut z32));
+                let got = run(Logits::Bf16(&mut z16));
+                assert_eq!(format!("{want:?}"), format!("{got:?}"), "{level:?} {cap:?}");
+                assert_eq!(z16, to_bf16(&z32), "{level:?} {cap:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_rows_are_the_forward_then_the_backward() {
+        let (rows, width, piece) = (4, 45, 16);
+        let raw = logits(rows, width);
+        let targets = [3i64, -1, 44, 20];
+        let (scale, ls, z_loss) = (0.25f32, 0.1f64, 0.01f64);
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for cap in [None, Some(4.0f32)] {
+                let mut z = raw.clone();
+                z[width + 2] = f32::NAN; // the row without a target: its NaN reaches nothing
+                let (mut lse, mut tl, mut sums) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+                let mut peaks = vec![0.0f32; 3];
+                let chunk = Chunk {
+                    logits: Logits::F32(&mut z),
+                    width,
+                    v0: 0,
+                    softcap: cap,
+                    targets: &targets,
+                };
+                let opts = LossGrad {
+                    scale,
+                    label_smoothing: ls,
+                    z_loss,
+                    piece,
+                };
+                let out = LossGradOut {
+                    lse: &mut lse,
+                    target_logit: &mut tl,
+                    logit_sum: Some(&mut sums),
+                    peaks: &mut peaks,
+                };
+                loss_grad_rows(level, chunk, opts, out).unwrap();
+                assert!(tl[1].is_nan() && z[width..2 * width].iter().all(|&g| g == 0.0));
+                // The same through the chunk passes, with the coefficients of the module doc.
+                let mut want_peaks = [0.0f32; 3];
+                for r in [0, 2, 3] {
+                    let row: Vec<f64> = raw[r * width..(r + 1) * width]
+                        .iter()
+                        .map(|&v| capped(v, cap))
+                        .collect();
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let want_lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                    assert!((lse[r] as f64 - want_lse).abs() < 1e-5);
+                    assert!((sums[r] as f64 - row.iter().sum::<f64>()).abs() < 1e-3);
+                    assert!((tl[r] as f64 - row[targets[r] as usize]).abs() < 1e-5);
+                    let a = scale as f64 * (1.0 + 2.0 * z_loss * lse[r] as f64);
+                    let (b, u) = (scale as f64 * (1.0 - ls), scale as f64 * ls / width as f64);
+                    for (j, &zj) in row.iter().enumerate() {
+                        let onehot = (targets[r] == j as i64) as u8 as f64;
+                        let g = a * (zj - lse[r] as f64).exp() - b * onehot - u;
+                        let k = j / piece;
+                        want_peaks[k] = want_peaks[k].max((g.abs() / a.max(b)) as f32);
+                        let g = g * cap.map_or(1.0, |c| 1.0 - (zj / c as f64).powi(2));
+                        let got = z[r * width + j] as f64;
+                        assert!((got - g).abs() < 2e-6 * (1.0 + g.abs()), "{level:?} {cap:?}");
+                    }
+                }
+                for (p, w) in peaks.iter().zip(want_peaks) {
+                    assert!((p - w).abs() <= 1e-5 * w, "{level:?} {cap:?}: {p} vs {w}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn log_add_exp_handles_infinities_and_nan() {
         let inf = f64::INFINITY;

@@ -123,20 +123,30 @@ def _setup_fused(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _is_one(g: torch.Tensor) -> bool:
-    """Whether the eager upstream gradient is exactly 1 (a plain ``loss.backward()``): the saved
-    gradients are then the answer as they are. Traced graphs always scale."""
+def _used_once(g: torch.Tensor) -> bool:
+    """Whether this eager backward is the graph's last (no retain_graph): the saved gradients
+    may then be scaled in place and handed over as they are (no copy of dC). A kept graph
+    could otherwise meet them changed, e.g. by the accumulation into ``.grad``; traced graphs
+    always copy."""
     if type(g) is not torch.Tensor or not g.is_cpu or torch.compiler.is_compiling():
         return False
-    return not torch._C._len_torch_dispatch_stack() and g.item() == 1.0
+    return not (torch._C._len_torch_dispatch_stack() or _keep_graph())
+
+
+def _keep_graph() -> bool:
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 def _backward_fused(ctx, grad_loss, *_):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * 12
     saved = ctx.saved_tensors
-    if grad_loss is not None and not _is_one(grad_loss):
+    if not _used_once(grad_loss):
         saved = [t * grad_loss for t in saved]
-    flags = ctx.flags if grad_loss is not None else (False,) * 3
-    return *(t if flag else None for t, flag in zip(saved, flags, strict=True)), *(None,) * 9
+    elif grad_loss.item() != 1.0:  # (a plain loss.backward() has 1)
+        for t in saved:
+            t.mul_(grad_loss)
+    return *(t if flag else None for t, flag in zip(saved, ctx.flags, strict=True)), *(None,) * 9
 
 
 _library.register_autograd(linear_cross_entropy_fused_op, _backward_fused, _setup_fused)

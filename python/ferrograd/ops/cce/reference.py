@@ -26,8 +26,10 @@ CPU_BUFFER_ELEMS = 1 << 23
 GPU_BUFFER_ELEMS = 1 << 26
 #: The fewest vocabulary entries per chunk (keeps the matmuls efficient).
 CPU_MIN_CHUNK = 256
-#: Elements of the fused pass's buffer (rows over the whole vocabulary; docs/cce.md has the
-#: measurements behind the size).
+#: The fused pass's buffer holds at least FUSED_MIN_ROWS rows of logits over the whole
+#: vocabulary, more while it stays within FUSED_BUFFER_ELEMS elements: the bf16 matmuls lose
+#: 1.3-1.5x at 64-128 rows (docs/cce.md has the measurements).
+FUSED_MIN_ROWS = 256
 FUSED_BUFFER_ELEMS = 1 << 23
 
 OP = "linear_cross_entropy"
@@ -313,7 +315,7 @@ def fused(
     de = eg.new_empty(rows if e_grad else 0, e.shape[1])
     dc = cg.new_empty(vocab if c_grad else 0, c.shape[1])
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
-    row_block = max(1, min(rows, FUSED_BUFFER_ELEMS // vocab))
+    row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
     piece = _blocks(rows, vocab, e.device)[1]
     peaks = torch.empty(-(-vocab // piece), dtype=kd)
     written = [False] * peaks.numel()  # per piece of dC: by an earlier block's matmul
