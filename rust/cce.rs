@@ -212,22 +212,20 @@ impl RowStats {
         if let Some(cap) = softcap {
             softcap_row(level, row, cap);
         }
-        let max = row_max(level, row); // ignores NaN; the sums below catch it
-        let total = (want_sum || max.is_infinite()).then(|| sum(level, row));
-        let lse = match total {
-            // ±inf is the answer unless a NaN (or +inf - inf) hides in the row.
-            Some(t) if max.is_infinite() => {
-                if t.is_nan() {
-                    f64::NAN
-                } else {
-                    max as f64
-                }
+        let max = row_max(level, row); // ignores NaN; the sum below catches it
+        let lse = if max.is_infinite() {
+            // ±inf is the answer unless a NaN hides in the row (rare: a plain scan).
+            if row.iter().any(|v| v.is_nan()) {
+                f64::NAN
+            } else {
+                max as f64
             }
-            _ => max as f64 + exp_shifted_sum(level, row, max).ln(),
+        } else {
+            max as f64 + exp_shifted_sum(level, row, max).ln()
         };
         RowStats {
             lse,
-            logit_sum: total.unwrap_or(0.0),
+            logit_sum: if want_sum { sum(level, row) } else { 0.0 },
         }
     }
 }
@@ -781,6 +779,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_row_with_both_infinities_has_an_infinite_lse() {
+        let level = crate::simd::detected();
+        let mut row = [f32::INFINITY, f32::NEG_INFINITY, 1.0];
+        assert_eq!(RowStats::of(level, &mut row, None, false).lse, f64::INFINITY);
+        let mut row = [f32::INFINITY, f32::NAN, 1.0];
+        assert!(RowStats::of(level, &mut row, None, false).lse.is_nan());
+        let mut row = [f32::NEG_INFINITY, f32::NEG_INFINITY];
+        assert_eq!(RowStats::of(level, &mut row, None, true).lse, f64::NEG_INFINITY);
     }
 
     #[test]
