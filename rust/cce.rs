@@ -110,7 +110,9 @@ crate::dispatch! {
     fn narrow(x: &[f32], bits: &mut [u16]) = narrow_impl;
 }
 
-/// bfloat16 to f32 (exact); the loop vectorizes at the caller's SIMD width.
+/// bfloat16 to f32 (exact). `S` only picks the instantiation: `dispatch!` compiles the plain
+/// loop once per SIMD path, where it vectorizes at that width.
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 unsafe fn widen_impl<S: Simd>(bits: &[u16], out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bits) {
@@ -118,7 +120,8 @@ unsafe fn widen_impl<S: Simd>(bits: &[u16], out: &mut [f32]) {
     }
 }
 
-/// f32 to bfloat16, rounded to nearest even as torch rounds.
+/// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_impl`).
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 unsafe fn narrow_impl<S: Simd>(x: &[f32], bits: &mut [u16]) {
     for (b, &v) in bits.iter_mut().zip(x) {
@@ -314,14 +317,21 @@ pub fn forward_chunk(level: SimdLevel, mut chunk: Chunk<'_>, state: LseState<'_>
     )?;
     let (width, v0, softcap, targets) = (chunk.width, chunk.v0, chunk.softcap, chunk.targets);
     let want_sum = state.logit_sum.is_some();
-    let (stats, _) = map_rows(level, &mut chunk.logits, width, false, || (), |i, row, _| {
-        let s = RowStats::of(level, row, softcap, want_sum);
-        RowOut {
-            lse: s.lse,
-            logit_sum: s.logit_sum,
-            target_logit: target_column(targets[i], v0, width).map(|j| row[j]),
-        }
-    });
+    let (stats, _) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        false,
+        || (),
+        |i, row, _| {
+            let s = RowStats::of(level, row, softcap, want_sum);
+            RowOut {
+                lse: s.lse,
+                logit_sum: s.logit_sum,
+                target_logit: target_column(targets[i], v0, width).map(|j| row[j]),
+            }
+        },
+    );
     let mut logit_sum = state.logit_sum;
     for (i, row) in stats.iter().enumerate() {
         state.lse[i] = log_add_exp(state.lse[i], row.lse);
@@ -355,14 +365,30 @@ pub fn backward_chunk(
         ],
     )?;
     let (width, v0, softcap, targets) = (chunk.width, chunk.v0, chunk.softcap, chunk.targets);
-    let (_, peaks) = map_rows(level, &mut chunk.logits, width, true, || 0.0f32, |i, row, peak| {
-        let c = (coefs.softmax[i], coefs.target[i], coefs.uniform[i]);
-        if let (Some(cap), true) = (softcap, c != (0.0, 0.0, 0.0)) {
-            softcap_row(level, row, cap);
-        }
-        let target = target_column(targets[i], v0, width);
-        row_grad(level, row, target, coefs.lse[i], c, softcap, width, std::slice::from_mut(peak));
-    });
+    let (_, peaks) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        true,
+        || 0.0f32,
+        |i, row, peak| {
+            let c = (coefs.softmax[i], coefs.target[i], coefs.uniform[i]);
+            if let (Some(cap), true) = (softcap, c != (0.0, 0.0, 0.0)) {
+                softcap_row(level, row, cap);
+            }
+            let target = target_column(targets[i], v0, width);
+            row_grad(
+                level,
+                row,
+                target,
+                coefs.lse[i],
+                c,
+                softcap,
+                width,
+                std::slice::from_mut(peak),
+            );
+        },
+    );
     Ok(peaks.into_iter().fold(0.0, f32::max))
 }
 
@@ -403,7 +429,10 @@ pub fn loss_grad_rows(
         &[
             ("lse", out.lse.len()),
             ("target_logit", out.target_logit.len()),
-            ("logit_sum", out.logit_sum.as_ref().map_or(rows, |s| s.len())),
+            (
+                "logit_sum",
+                out.logit_sum.as_ref().map_or(rows, |s| s.len()),
+            ),
         ],
     )?;
     let (width, softcap, targets) = (chunk.width, chunk.softcap, chunk.targets);
@@ -422,26 +451,37 @@ pub fn loss_grad_rows(
     let uniform = (opts.label_smoothing / width as f64) as f32;
     let z2 = (2.0 * opts.z_loss) as f32;
     let init = || vec![0.0f32; pieces];
-    let (stats, task_peaks) = map_rows(level, &mut chunk.logits, width, true, init, |i, row, peaks| {
-        let s = RowStats::of(level, row, softcap, want_sum);
-        let target = target_column(targets[i], 0, width);
-        let lse = s.lse as f32;
-        let w = opts.scale;
-        let cs = if opts.z_loss != 0.0 { w * (1.0 + z2 * lse) } else { w };
-        // A row without a target has no gradient, whatever its (maybe NaN) lse.
-        let c = if targets[i] >= 0 {
-            (cs, w * keep, w * uniform)
-        } else {
-            (0.0, 0.0, 0.0)
-        };
-        let target_logit = target.map(|j| row[j]);
-        row_grad(level, row, target, lse, c, softcap, opts.piece, peaks);
-        RowOut {
-            lse: s.lse,
-            logit_sum: s.logit_sum,
-            target_logit,
-        }
-    });
+    let (stats, task_peaks) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        true,
+        init,
+        |i, row, peaks| {
+            let s = RowStats::of(level, row, softcap, want_sum);
+            let target = target_column(targets[i], 0, width);
+            let lse = s.lse as f32;
+            let w = opts.scale;
+            let cs = if opts.z_loss != 0.0 {
+                w * (1.0 + z2 * lse)
+            } else {
+                w
+            };
+            // A row without a target has no gradient, whatever its (maybe NaN) lse.
+            let c = if targets[i] >= 0 {
+                (cs, w * keep, w * uniform)
+            } else {
+                (0.0, 0.0, 0.0)
+            };
+            let target_logit = target.map(|j| row[j]);
+            row_grad(level, row, target, lse, c, softcap, opts.piece, peaks);
+            RowOut {
+                lse: s.lse,
+                logit_sum: s.logit_sum,
+                target_logit,
+            }
+        },
+    );
     let mut logit_sum = out.logit_sum;
     for (i, row) in stats.iter().enumerate() {
         out.lse[i] = row.lse as f32;
@@ -727,7 +767,8 @@ mod tests {
             for cap in [None, Some(4.0f32)] {
                 let mut z = raw.clone();
                 z[width + 2] = f32::NAN; // the row without a target: its NaN reaches nothing
-                let (mut lse, mut tl, mut sums) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+                let (mut lse, mut tl, mut sums) =
+                    (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
                 let mut peaks = vec![0.0f32; 3];
                 let chunk = Chunk {
                     logits: Logits::F32(&mut z),
@@ -771,7 +812,10 @@ mod tests {
                         want_peaks[k] = want_peaks[k].max((g.abs() / a.max(b)) as f32);
                         let g = g * cap.map_or(1.0, |c| 1.0 - (zj / c as f64).powi(2));
                         let got = z[r * width + j] as f64;
-                        assert!((got - g).abs() < 2e-6 * (1.0 + g.abs()), "{level:?} {cap:?}");
+                        assert!(
+                            (got - g).abs() < 2e-6 * (1.0 + g.abs()),
+                            "{level:?} {cap:?}"
+                        );
                     }
                 }
                 for (p, w) in peaks.iter().zip(want_peaks) {
@@ -785,11 +829,17 @@ mod tests {
     fn a_row_with_both_infinities_has_an_infinite_lse() {
         let level = crate::simd::detected();
         let mut row = [f32::INFINITY, f32::NEG_INFINITY, 1.0];
-        assert_eq!(RowStats::of(level, &mut row, None, false).lse, f64::INFINITY);
+        assert_eq!(
+            RowStats::of(level, &mut row, None, false).lse,
+            f64::INFINITY
+        );
         let mut row = [f32::INFINITY, f32::NAN, 1.0];
         assert!(RowStats::of(level, &mut row, None, false).lse.is_nan());
         let mut row = [f32::NEG_INFINITY, f32::NEG_INFINITY];
-        assert_eq!(RowStats::of(level, &mut row, None, true).lse, f64::NEG_INFINITY);
+        assert_eq!(
+            RowStats::of(level, &mut row, None, true).lse,
+            f64::NEG_INFINITY
+        );
     }
 
     #[test]

@@ -48,11 +48,11 @@ def reference(e, c, targets, *, bias=None, ignore_index=IGNORE, softcap=None, re
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 16 vocabulary entries and blocks of 40 rows (the fused pass: 640 // V rows,
-    at least 4): every test crosses both."""
+    """Chunks of 16 vocabulary entries and blocks of 40 rows (also the fused pass's, where
+    V >= 16): every test crosses both."""
     monkeypatch.setattr(cce.reference, "CPU_MIN_CHUNK", 16)
     monkeypatch.setattr(cce.reference, "CPU_BUFFER_ELEMS", 640)
-    monkeypatch.setattr(cce.reference, "FUSED_MIN_ROWS", 4)
+    monkeypatch.setattr(cce.reference, "FUSED_MIN_ROWS", 40)
     monkeypatch.setattr(cce.reference, "FUSED_BUFFER_ELEMS", 640)
 
 
@@ -475,6 +475,15 @@ def test_the_fused_gradients_scale_with_the_upstream_gradient(small_chunks):
     (loss * 0.5).backward()
     for leaf, p in zip((e, c, bias), plain, strict=True):
         torch.testing.assert_close(leaf.grad, 2.5 * p)
+
+
+def test_no_second_derivative_through_the_fused_pass():
+    """The gradients come from the forward as constants: a differentiable backward would
+    silently give 0 second derivatives, so it is refused."""
+    e, c, bias, targets = make_inputs(dtype=torch.float64)
+    loss = fg.linear_cross_entropy(e, c, targets)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: no second derivative"):
+        torch.autograd.grad(loss, e, create_graph=True)
 
 
 def test_fused_and_recomputed_gradients_agree(small_chunks):

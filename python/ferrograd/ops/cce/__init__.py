@@ -123,23 +123,24 @@ def _setup_fused(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _eager(g: torch.Tensor) -> bool:
+    return type(g) is torch.Tensor and g.is_cpu and not torch.compiler.is_compiling()
+
+
 def _used_once(g: torch.Tensor) -> bool:
     """Whether this eager backward is the graph's last (no retain_graph): the saved gradients
     may then be scaled in place and handed over as they are (no copy of dC). A kept graph
     could otherwise meet them changed, e.g. by the accumulation into ``.grad``; traced graphs
     always copy."""
-    if type(g) is not torch.Tensor or not g.is_cpu or torch.compiler.is_compiling():
-        return False
-    return not (torch._C._len_torch_dispatch_stack() or _keep_graph())
-
-
-def _keep_graph() -> bool:
-    return torch._C._autograd._get_current_graph_task_keep_graph()
+    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    return _eager(g) and not (torch._C._len_torch_dispatch_stack() or keep)
 
 
 def _backward_fused(ctx, grad_loss, *_):
     if grad_loss is None:  # the loss took no part in what is differentiated
         return (None,) * 12
+    if torch.is_grad_enabled() and _eager(grad_loss):  # the saved gradients are constants
+        raise RuntimeError(f"{OP}: no second derivative (backward with create_graph=True)")
     saved = ctx.saved_tensors
     if not _used_once(grad_loss):
         saved = [t * grad_loss for t in saved]

@@ -300,8 +300,9 @@ def fused(
     logit, logit sum and in place into the logit gradient, then dE_block = dZ C and
     dC += dZ^T E_block: three matmul passes in all, against four for forward + recomputing
     backward. dC accumulates in place in the matmul dtype (one rounding per row block there);
-    the filter works on the backward's chunks of the vocabulary (zeroed in dZ, their dC matmul
-    skipped)."""
+    the filter works on the backward's chunks of the vocabulary: a chunk below it in a row
+    block skips its share of dC and dbias (dE, one matmul over the whole vocabulary, is
+    exact)."""
     kd = compute_dtype(e.dtype)
     rows, vocab = e.shape[0], c.shape[0]
     check_targets(targets, vocab)
@@ -329,9 +330,7 @@ def fused(
                 label_smoothing, z_loss)  # fmt: skip
         dz = bufs.rounded(z)
         keep = [filter_eps is None or not p < filter_eps for p in peaks.tolist()]  # NaN kept
-        for k in (k for k, kept in enumerate(keep) if not kept):
-            dz[:, k * piece : (k + 1) * piece].zero_()
-        if e_grad:
+        if e_grad:  # (over the whole vocabulary: filtering would save nothing here)
             torch.mm(dz, cg, out=de[r0:r1])
         if not (c_grad or bias_grad):
             continue
