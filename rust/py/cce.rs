@@ -17,7 +17,10 @@ const OP: &str = "linear_cross_entropy";
 fn as_bytes<'py>(t: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, bool)> {
     let py = t.py();
     let torch = py.import(intern!(py, "torch"))?;
-    if !t.getattr(intern!(py, "dtype"))?.is(torch.getattr(intern!(py, "bfloat16"))?) {
+    if !t
+        .getattr(intern!(py, "dtype"))?
+        .is(torch.getattr(intern!(py, "bfloat16"))?)
+    {
         return Ok((t.clone(), false));
     }
     let bytes = t.call_method1(intern!(py, "view"), (torch.getattr(intern!(py, "uint8"))?,))?;
