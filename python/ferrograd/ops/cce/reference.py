@@ -1,16 +1,18 @@
-"""Cut cross-entropy as a loop over vocabulary chunks in plain torch ops: the kernel of float64
+"""Cut cross-entropy as loops over vocabulary chunks in plain torch ops: the kernel of float64
 (gradcheck runs through it) and of every device and dtype without a ferrograd kernel, and the
-loop the CPU kernel (cpu.py) runs with the Rust chunk kernels in place of :func:`fold_chunk` and
-:func:`grad_chunk`.
+loops the CPU kernel (cpu.py) runs with the Rust row kernels in place of :func:`fold_chunk`,
+:func:`grad_chunk` and :func:`fused_rows`.
 
 Rows of e [N, D] meet vocabulary chunks of c [V, D]; each chunk's raw logits land in one reused
 buffer (32 MiB of float32 on the CPU, 256 MiB on a GPU). The forward folds them into a running
 float64 log-sum-exp, the target logit and (label smoothing) the logit sum; the backward turns
-them into the logit gradient in place and accumulates dE and dC with two matmuls. Extra memory:
-the buffer. Computed in float32 (float64 for float64 inputs); the three matmuls run in
+them into the logit gradient in place and accumulates dE and dC with two matmuls. The fused
+pass (:func:`fused`) takes blocks of rows over the whole vocabulary and does both at once.
+Extra memory: the buffer. Computed in float32 (float64 for float64 inputs); the matmuls run in
 ``gemm_dtype`` (the compute dtype unless a kernel asks for bfloat16: then each chunk's logits
 are rounded to bfloat16 by the matmul, as a bfloat16 ``nn.Linear`` rounds them, and so is the
-logit gradient that meets c and e in the backward, while the sums stay float32).
+logit gradient that meets c and e in the backward, while the sums stay float32). ``native``:
+the row kernels read and write the matmul's dtype themselves (the Rust ones: no float32 copy).
 """
 
 from __future__ import annotations
