@@ -1,11 +1,13 @@
 """Cut cross-entropy (fg.linear_cross_entropy) vs the logits path a user writes today,
 ``F.cross_entropy(e @ c.T, targets)``: time and peak memory of forward + backward.
 
-CPU: float32 at N=4096, D=256, V=131072, and bfloat16 inputs (what a model under bf16 autocast
-hands the loss) at N=2048, D=512 and V = 32000 / 128256 / 256000 against bf16 logits +
-F.cross_entropy, the baseline this CPU's user has. Peak memory is measured in a fresh subprocess
-per method and case (the growth of the resident set while the loss and its gradients are
-computed, so the gradients themselves, dC = 128 MiB in the first case, count against both).
+CPU: float32 at N=4096, D=256, V=131072, bfloat16 inputs at N=2048, D=512 and V = 32000 /
+128256 / 256000 against bf16 logits + F.cross_entropy, the baseline this CPU's user has, and the
+shape bench/model.py's Llama hands the loss (N=1024, D=512, V=32000) under bf16 autocast: e
+bfloat16, c a float32 parameter (cast to bfloat16 by the Linear or by the loss). Peak memory is
+measured in a fresh subprocess per method and case (the growth of the resident set while the
+loss and its gradients are computed, so the gradients themselves, dC = 128 MiB in the first
+case, count against both).
 GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
 (N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
 (``cut_cross_entropy``) and Liger-Kernel where installed; memory is the peak allocated beyond the
@@ -27,20 +29,24 @@ from harness import Bench, gpu_section, gpu_time, interleaved_times
 
 import ferrograd as fg
 
-#: (dtype, N, D, V)
+#: (dtype, N, D, V, autocast); under autocast c is a float32 parameter
 CPU_CASES = [
-    (torch.float32, 4096, 256, 131072),
-    (torch.bfloat16, 2048, 512, 32000),
-    (torch.bfloat16, 2048, 512, 128256),
-    (torch.bfloat16, 2048, 512, 256000),
+    (torch.float32, 4096, 256, 131072, False),
+    (torch.bfloat16, 2048, 512, 32000, False),
+    (torch.bfloat16, 2048, 512, 128256, False),
+    (torch.bfloat16, 2048, 512, 256000, False),
+    (torch.bfloat16, 1024, 512, 32000, True),
 ]
 GPU_SHAPES = {"gemma2-2b": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
 
 
-def inputs(n: int, d: int, v: int, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+def inputs(
+    n: int, d: int, v: int, device: str = "cpu", dtype=torch.float32, seed: int = 0, c_dtype=None
+):
     g = torch.Generator(device=device).manual_seed(seed)
     e = (torch.randn(n, d, generator=g, device=device) * 0.5).to(dtype).requires_grad_()
-    c = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype).requires_grad_()
+    c = torch.randn(v, d, generator=g, device=device) / d**0.5
+    c = c.to(c_dtype or dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g, device=device)
     return e, c, targets
 
@@ -49,12 +55,27 @@ def torch_loss(e, c, targets):
     return F.cross_entropy((e @ c.T).float(), targets)
 
 
-def train_step(loss_fn: Callable, e, c, targets) -> Callable[[], None]:
+def train_step(loss_fn: Callable, e, c, targets, autocast=False) -> Callable[[], None]:
     def run():
-        loss_fn(e, c, targets).backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = loss_fn(e, c, targets)
+        loss.backward()
         e.grad = c.grad = None
 
     return run
+
+
+def forward(loss_fn: Callable, e, c, targets, autocast=False) -> Callable[[], None]:
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss_fn(e, c, targets)
+
+    return run
+
+
+def cpu_inputs(case: int):
+    dtype, n, d, v, autocast = CPU_CASES[case]
+    return inputs(n, d, v, dtype=dtype, c_dtype=torch.float32 if autocast else None), autocast
 
 
 def _status_bytes(field: str) -> int:
@@ -73,12 +94,11 @@ def _reset_peak_rss() -> None:
 def child_peak(method: str, case: int) -> None:
     """In a fresh process: peak resident growth of one forward + backward, printed as JSON."""
     torch.set_num_threads(int(sys.argv[3]))
-    dtype, *shape = CPU_CASES[case]
-    e, c, targets = inputs(*shape, dtype=dtype)
+    (e, c, targets), autocast = cpu_inputs(case)
     loss_fn = fg.linear_cross_entropy if method == "ours" else torch_loss
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
-    loss_fn(e, c, targets).backward()
+    train_step(loss_fn, e, c, targets, autocast)()
     print(json.dumps({"extra_bytes": _status_bytes("VmHWM") - before}))
 
 
@@ -89,28 +109,26 @@ def cpu_peak(method: str, case: int, threads: int) -> int:
 
 
 def cpu(bench: Bench) -> None:
-    for case, (dtype, n, d, v) in enumerate(CPU_CASES):
-        e, c, targets = inputs(n, d, v, dtype=dtype)
-        with torch.no_grad():
-            fwd = interleaved_times(
-                {
-                    "ours": partial(fg.linear_cross_entropy, e, c, targets),
-                    "torch": partial(torch_loss, e, c, targets),
-                },
-                repeats=3,
-            )
+    for case, (dtype, n, d, v, autocast) in enumerate(CPU_CASES):
+        (e, c, targets), _ = cpu_inputs(case)
+        args = (e, c, targets, autocast)
+        fwd = interleaved_times(
+            {"ours": forward(fg.linear_cross_entropy, *args), "torch": forward(torch_loss, *args)},
+            repeats=3,
+        )
         both = interleaved_times(
             {
-                "ours": train_step(fg.linear_cross_entropy, e, c, targets),
-                "torch": train_step(torch_loss, e, c, targets),
+                "ours": train_step(fg.linear_cross_entropy, *args),
+                "torch": train_step(torch_loss, *args),
             },
-            repeats=3,
+            repeats=5,
         )
         ours_mem = cpu_peak("ours", case, bench.threads)
         torch_mem = cpu_peak("torch", case, bench.threads)
         bench.add(
             {
-                "case": f"cpu {str(dtype).removeprefix('torch.')} N={n} D={d} V={v}",
+                "case": f"cpu {'autocast ' if autocast else ''}"
+                f"{str(dtype).removeprefix('torch.')} N={n} D={d} V={v}",
                 "fwd_ours_ms": fwd["ours"] * 1e3,
                 "fwd_torch_ms": fwd["torch"] * 1e3,
                 "fwdbwd_ours_ms": both["ours"] * 1e3,

@@ -1,14 +1,17 @@
-//! Cut cross-entropy on the CPU: the row passes over one vocabulary chunk of logits.
+//! Cut cross-entropy on the CPU: the row passes over logits that torch's matmul wrote.
 //!
-//! The caller (Python) walks the vocabulary in chunks, has torch's matmul write each chunk's
-//! logits `e · c[v0..v0+w]ᵀ (+ bias)` into one reused [rows, w] buffer, and calls these passes:
-//! the forward folds the chunk into a running log-sum-exp per row (max and sum of exponentials),
-//! picks the target logit and optionally sums the logits (label smoothing); the backward turns
-//! the recomputed chunk into the logit gradient in place, ready for the two gradient matmuls.
-//! Nothing here ever sees more than one chunk, so memory stays O(rows x w).
+//! The caller (Python) has torch's matmul write logits `e · c[v0..v0+w]ᵀ (+ bias)` into one
+//! reused [rows, w] buffer, in float32 or, where the matmul runs in bfloat16, in bfloat16 (read
+//! here as it is, into an f32 row that stays in cache: no float32 copy of the buffer), and calls
+//! these passes: the forward folds a vocabulary chunk into a running log-sum-exp per row (max
+//! and sum of exponentials), picks the target logit and optionally sums the logits (label
+//! smoothing); the backward turns a recomputed chunk into the logit gradient in place, ready for
+//! the two gradient matmuls; the fused pass takes rows over the whole vocabulary and does both
+//! at once (lse, then the gradient of the summed row losses), so that the loss's gradient is
+//! known in the forward. Nothing here ever sees more than the buffer.
 
 use crate::error::{FgError, FgResult};
-use crate::simd::{Scalar, Simd, SimdLevel};
+use crate::simd::{bf16_to_f32, f32_to_bf16, Scalar, Simd, SimdLevel};
 use crate::softmax::{exp_floored, exp_shifted_sum, row_max, sum};
 use crate::threads::{self, Disjoint};
 
@@ -17,10 +20,25 @@ const PAR_MIN: usize = 1 << 16;
 /// tanh(9) rounds to 1 in f32; clamping there keeps exp(2y) finite.
 const TANH_CLAMP: f32 = 9.0;
 
+/// Logits as the matmul stored them: float32, or bfloat16 bits.
+pub enum Logits<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+}
+
+impl Logits<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Logits::F32(z) => z.len(),
+            Logits::Bf16(z) => z.len(),
+        }
+    }
+}
+
 /// One vocabulary chunk of logits: `logits` is [rows, width] row-major, column `j` is
 /// vocabulary entry `v0 + j`; `targets[i] < 0` means row `i` has no target.
 pub struct Chunk<'a> {
-    pub logits: &'a mut [f32],
+    pub logits: Logits<'a>,
     pub width: usize,
     pub v0: usize,
     /// z = softcap * tanh(z / softcap), applied here to the raw logits.
@@ -88,8 +106,28 @@ pub struct GradCoefs<'a> {
 crate::dispatch! {
     fn softcap_row(x: &mut [f32], cap: f32) = softcap_row_impl;
     fn grad_row(z: &mut [f32], lse: f32, softmax: f32, uniform: f32, cap: Option<f32>) -> f32 = grad_row_impl;
+    fn widen(bits: &[u16], out: &mut [f32]) = widen_impl;
+    fn narrow(x: &[f32], bits: &mut [u16]) = narrow_impl;
 }
 
+/// bfloat16 to f32 (exact). `S` only picks the instantiation: `dispatch!` compiles the plain
+/// loop once per SIMD path, where it vectorizes at that width.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn widen_impl<S: Simd>(bits: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = bf16_to_f32(b);
+    }
+}
+
+/// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_impl`).
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn narrow_impl<S: Simd>(x: &[f32], bits: &mut [u16]) {
+    for (b, &v) in bits.iter_mut().zip(x) {
+        *b = f32_to_bf16(v);
+    }
+}
 /// x = cap * tanh(x / cap), with tanh(y) = (e^2y - 1) / (e^2y + 1) on y clamped to ±9.
 #[inline(always)]
 unsafe fn softcap_row_impl<S: Simd>(x: &mut [f32], cap: f32) {
@@ -173,31 +211,24 @@ struct RowStats {
 }
 
 impl RowStats {
-    const EMPTY: RowStats = RowStats {
-        lse: f64::NEG_INFINITY,
-        logit_sum: 0.0,
-    };
-
     fn of(level: SimdLevel, row: &mut [f32], softcap: Option<f32>, want_sum: bool) -> RowStats {
         if let Some(cap) = softcap {
             softcap_row(level, row, cap);
         }
-        let max = row_max(level, row); // ignores NaN; the sums below catch it
-        let total = (want_sum || max.is_infinite()).then(|| sum(level, row));
-        let lse = match total {
-            // ±inf is the answer unless a NaN (or +inf - inf) hides in the row.
-            Some(t) if max.is_infinite() => {
-                if t.is_nan() {
-                    f64::NAN
-                } else {
-                    max as f64
-                }
+        let max = row_max(level, row); // ignores NaN; the sum below catches it
+        let lse = if max.is_infinite() {
+            // ±inf is the answer unless a NaN hides in the row (rare: a plain scan).
+            if row.iter().any(|v| v.is_nan()) {
+                f64::NAN
+            } else {
+                max as f64
             }
-            _ => max as f64 + exp_shifted_sum(level, row, max).ln(),
+        } else {
+            max as f64 + exp_shifted_sum(level, row, max).ln()
         };
         RowStats {
             lse,
-            logit_sum: total.unwrap_or(0.0),
+            logit_sum: if want_sum { sum(level, row) } else { 0.0 },
         }
     }
 }
@@ -214,8 +245,64 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Forward: folds `chunk` into `state` (softcap applied to the chunk in place).
-pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) -> FgResult<()> {
+/// What one row of a pass gives back.
+#[derive(Default)]
+struct RowOut {
+    lse: f64,
+    logit_sum: f64,
+    target_logit: Option<f32>,
+}
+
+/// The logit gradient of one row of capped logits in place (`target`: the target's column),
+/// for coefficients (softmax, target, uniform); folds each piece of `piece` columns' largest
+/// |dz| / max(|softmax|, |target|) into `peaks` (infinite when the lse or a coefficient is not
+/// finite, so that the NaN they put in dz is never filtered away). A row whose coefficients
+/// are all 0 becomes 0.
+#[allow(clippy::too_many_arguments)]
+fn row_grad(
+    level: SimdLevel,
+    row: &mut [f32],
+    target: Option<usize>,
+    lse: f32,
+    (cs, ct, cu): (f32, f32, f32),
+    softcap: Option<f32>,
+    piece: usize,
+    peaks: &mut [f32],
+) {
+    if cs == 0.0 && ct == 0.0 && cu == 0.0 {
+        row.fill(0.0);
+        return;
+    }
+    let finite = lse.is_finite() && cs.is_finite() && ct.is_finite() && cu.is_finite();
+    let scale = cs.abs().max(ct.abs());
+    for (k, (z, peak)) in row.chunks_mut(piece).zip(peaks.iter_mut()).enumerate() {
+        let local = target
+            .and_then(|j| j.checked_sub(k * piece))
+            .filter(|&j| j < z.len());
+        let (head, tail) = match local {
+            Some(j) => {
+                // The one-hot term touches one column: do it apart from the vector passes.
+                let x = z[j];
+                let g = cs * ((x - lse) as f64).exp() as f32 - cu - ct;
+                z[j] = match softcap {
+                    Some(cap) => g * (1.0 - (x / cap) * (x / cap)),
+                    None => g,
+                };
+                let (head, rest) = z.split_at_mut(j);
+                (
+                    grad_row(level, head, lse, cs, cu, softcap).max(g.abs()),
+                    &mut rest[1..],
+                )
+            }
+            None => (0.0, z),
+        };
+        let size = head.max(grad_row(level, tail, lse, cs, cu, softcap));
+        *peak = peak.max(if finite { size / scale } else { f32::INFINITY });
+    }
+}
+
+/// Forward: folds `chunk` into `state` (softcap applied to float32 logits in place).
+pub fn forward_chunk(level: SimdLevel, mut chunk: Chunk<'_>, state: LseState<'_>) -> FgResult<()> {
     let rows = chunk.rows();
     chunk.check(
         "linear_cross_entropy",
@@ -228,27 +315,31 @@ pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) ->
             ),
         ],
     )?;
-    let width = chunk.width;
-    let (softcap, want_sum) = (chunk.softcap, state.logit_sum.is_some());
-    let mut stats: Vec<RowStats> = (0..rows).map(|_| RowStats::EMPTY).collect();
-    let (logits, slots) = (Disjoint::new(chunk.logits), Disjoint::new(&mut stats));
-    let per_task = threads::rows_per_task(rows, width, PAR_MIN);
-    threads::for_each_chunk(rows, per_task, |_, r| {
-        // SAFETY: chunks are disjoint row ranges.
-        let (z, out) = unsafe { (logits.piece(r.start * width..r.end * width), slots.piece(r)) };
-        for (row, slot) in z.chunks_exact_mut(width).zip(out) {
-            *slot = RowStats::of(level, row, softcap, want_sum);
-        }
-    });
-    let logits = &*chunk.logits;
+    let (width, v0, softcap, targets) = (chunk.width, chunk.v0, chunk.softcap, chunk.targets);
+    let want_sum = state.logit_sum.is_some();
+    let (stats, _) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        false,
+        || (),
+        |i, row, _| {
+            let s = RowStats::of(level, row, softcap, want_sum);
+            RowOut {
+                lse: s.lse,
+                logit_sum: s.logit_sum,
+                target_logit: target_column(targets[i], v0, width).map(|j| row[j]),
+            }
+        },
+    );
     let mut logit_sum = state.logit_sum;
     for (i, row) in stats.iter().enumerate() {
         state.lse[i] = log_add_exp(state.lse[i], row.lse);
         if let Some(sums) = logit_sum.as_deref_mut() {
             sums[i] += row.logit_sum;
         }
-        if let Some(j) = target_column(chunk.targets[i], chunk.v0, width) {
-            state.target_logit[i] = logits[i * width + j];
+        if let Some(z) = row.target_logit {
+            state.target_logit[i] = z;
         }
     }
     Ok(())
@@ -259,7 +350,11 @@ pub fn forward_chunk(level: SimdLevel, chunk: Chunk<'_>, state: LseState<'_>) ->
 /// infinite when a row's lse or coefficients are not finite, so that its NaN reaches the
 /// gradients), which the caller compares against `filter_eps` to skip the chunk's gradient
 /// matmuls.
-pub fn backward_chunk(level: SimdLevel, chunk: Chunk<'_>, coefs: GradCoefs<'_>) -> FgResult<f32> {
+pub fn backward_chunk(
+    level: SimdLevel,
+    mut chunk: Chunk<'_>,
+    coefs: GradCoefs<'_>,
+) -> FgResult<f32> {
     chunk.check(
         "linear_cross_entropy",
         &[
@@ -269,60 +364,200 @@ pub fn backward_chunk(level: SimdLevel, chunk: Chunk<'_>, coefs: GradCoefs<'_>) 
             ("coef_uniform", coefs.uniform.len()),
         ],
     )?;
-    let (width, rows, v0, softcap) = (chunk.width, chunk.rows(), chunk.v0, chunk.softcap);
-    let row_peak = |i: usize, row: &mut [f32], target: Option<usize>| -> f32 {
-        let (cs, ct, cu) = (coefs.softmax[i], coefs.target[i], coefs.uniform[i]);
-        if cs == 0.0 && ct == 0.0 && cu == 0.0 {
-            row.fill(0.0);
-            return 0.0;
-        }
-        if let Some(cap) = softcap {
-            softcap_row(level, row, cap);
-        }
-        let lse = coefs.lse[i];
-        let (head, tail) = match target {
-            Some(j) => {
-                // The one-hot term touches one column: do it apart from the vector passes.
-                let z = row[j];
-                let g = cs * ((z - lse) as f64).exp() as f32 - cu - ct;
-                row[j] = match softcap {
-                    Some(cap) => g * (1.0 - (z / cap) * (z / cap)),
-                    None => g,
-                };
-                let (head, rest) = row.split_at_mut(j);
-                (
-                    grad_row(level, head, lse, cs, cu, softcap).max(g.abs()),
-                    &mut rest[1..],
-                )
+    let (width, v0, softcap, targets) = (chunk.width, chunk.v0, chunk.softcap, chunk.targets);
+    let (_, peaks) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        true,
+        || 0.0f32,
+        |i, row, peak| {
+            let c = (coefs.softmax[i], coefs.target[i], coefs.uniform[i]);
+            if let (Some(cap), true) = (softcap, c != (0.0, 0.0, 0.0)) {
+                softcap_row(level, row, cap);
             }
-            None => (0.0, row),
-        };
-        let peak = head.max(grad_row(level, tail, lse, cs, cu, softcap));
-        // A NaN or infinite lse or coefficient puts NaN in dz, which the max above drops:
-        // such a row must never let the caller filter its chunk away.
-        if !(lse.is_finite() && cs.is_finite() && ct.is_finite() && cu.is_finite()) {
-            return f32::INFINITY;
-        }
-        peak / cs.abs().max(ct.abs())
-    };
-    let per_task = threads::rows_per_task(rows, width, PAR_MIN);
-    let mut peaks = vec![0.0f32; rows.div_ceil(per_task)];
-    let (logits, slots) = (Disjoint::new(chunk.logits), Disjoint::new(&mut peaks));
-    threads::for_each_chunk(rows, per_task, |t, r| {
-        // SAFETY: chunks are disjoint row ranges; task t alone owns slot t.
-        let (z, peak) = unsafe {
-            (
-                logits.piece(r.start * width..r.end * width),
-                slots.piece(t..t + 1),
-            )
-        };
-        peak[0] = z
-            .chunks_exact_mut(width)
-            .zip(r)
-            .map(|(row, i)| row_peak(i, row, target_column(chunk.targets[i], v0, width)))
-            .fold(0.0, f32::max);
-    });
+            let target = target_column(targets[i], v0, width);
+            row_grad(
+                level,
+                row,
+                target,
+                coefs.lse[i],
+                c,
+                softcap,
+                width,
+                std::slice::from_mut(peak),
+            );
+        },
+    );
     Ok(peaks.into_iter().fold(0.0, f32::max))
+}
+
+/// The loss options of the fused pass.
+pub struct LossGrad {
+    /// The weight of each row with a target in the summed loss (1 / rows counted for a mean).
+    pub scale: f32,
+    pub label_smoothing: f64,
+    pub z_loss: f64,
+    /// Columns per piece of the filter (`peaks` has one entry per piece).
+    pub piece: usize,
+}
+
+/// What the fused pass writes per row (lse, target logit: NaN where the row has none, logit sum)
+/// and per piece of columns (the largest relative gradient entry over the rows).
+pub struct LossGradOut<'a> {
+    pub lse: &'a mut [f32],
+    pub target_logit: &'a mut [f32],
+    pub logit_sum: Option<&'a mut [f32]>,
+    pub peaks: &'a mut [f32],
+}
+
+/// Fused forward and gradient over rows of logits that span the whole vocabulary (`chunk.v0`
+/// 0, `chunk.width` V): each row's lse, target logit and logit sum, then in place its logit
+/// gradient for the loss `scale * Σ_rows loss_i` (coefficients a = scale (1 + 2 z_loss lse),
+/// b = scale (1 - ls), u = scale ls / V for rows with a target, 0 for the others), while the
+/// row is still in cache.
+pub fn loss_grad_rows(
+    level: SimdLevel,
+    mut chunk: Chunk<'_>,
+    opts: LossGrad,
+    out: LossGradOut<'_>,
+) -> FgResult<()> {
+    let op = "linear_cross_entropy";
+    let rows = chunk.rows();
+    chunk.check(
+        op,
+        &[
+            ("lse", out.lse.len()),
+            ("target_logit", out.target_logit.len()),
+            (
+                "logit_sum",
+                out.logit_sum.as_ref().map_or(rows, |s| s.len()),
+            ),
+        ],
+    )?;
+    let (width, softcap, targets) = (chunk.width, chunk.softcap, chunk.targets);
+    let pieces = width.div_ceil(opts.piece.max(1));
+    if chunk.v0 != 0 || opts.piece == 0 || out.peaks.len() != pieces {
+        return Err(FgError::Value(format!(
+            "{op}: the fused pass takes whole rows (v0 0, got {}) and one peak per piece of \
+             {} columns ({pieces}, got {})",
+            chunk.v0,
+            opts.piece,
+            out.peaks.len()
+        )));
+    }
+    let want_sum = out.logit_sum.is_some();
+    let keep = (1.0 - opts.label_smoothing) as f32;
+    let uniform = (opts.label_smoothing / width as f64) as f32;
+    let z2 = (2.0 * opts.z_loss) as f32;
+    let init = || vec![0.0f32; pieces];
+    let (stats, task_peaks) = map_rows(
+        level,
+        &mut chunk.logits,
+        width,
+        true,
+        init,
+        |i, row, peaks| {
+            let s = RowStats::of(level, row, softcap, want_sum);
+            let target = target_column(targets[i], 0, width);
+            let lse = s.lse as f32;
+            let w = opts.scale;
+            let cs = if opts.z_loss != 0.0 {
+                w * (1.0 + z2 * lse)
+            } else {
+                w
+            };
+            // A row without a target has no gradient, whatever its (maybe NaN) lse.
+            let c = if targets[i] >= 0 {
+                (cs, w * keep, w * uniform)
+            } else {
+                (0.0, 0.0, 0.0)
+            };
+            let target_logit = target.map(|j| row[j]);
+            row_grad(level, row, target, lse, c, softcap, opts.piece, peaks);
+            RowOut {
+                lse: s.lse,
+                logit_sum: s.logit_sum,
+                target_logit,
+            }
+        },
+    );
+    let mut logit_sum = out.logit_sum;
+    for (i, row) in stats.iter().enumerate() {
+        out.lse[i] = row.lse as f32;
+        out.target_logit[i] = row.target_logit.unwrap_or(f32::NAN);
+        if let Some(sums) = logit_sum.as_deref_mut() {
+            sums[i] = row.logit_sum as f32;
+        }
+    }
+    out.peaks.fill(0.0);
+    for peaks in task_peaks {
+        for (p, q) in out.peaks.iter_mut().zip(peaks) {
+            *p = p.max(q);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f(i, row, state)` on every row of `logits` ([rows, width]) as f32, in parallel tasks
+/// each with its own `init()` state: float32 rows in place, bfloat16 rows through an f32 row
+/// per task that stays in cache (written back when `write_back`). Returns the per-row results
+/// and the task states.
+fn map_rows<R, T>(
+    level: SimdLevel,
+    logits: &mut Logits<'_>,
+    width: usize,
+    write_back: bool,
+    init: impl Fn() -> T + Sync,
+    f: impl Fn(usize, &mut [f32], &mut T) -> R + Sync,
+) -> (Vec<R>, Vec<T>)
+where
+    R: Default + Send,
+    T: Send,
+{
+    let rows = logits.len() / width;
+    let per_task = threads::rows_per_task(rows, width, PAR_MIN);
+    let mut results: Vec<R> = (0..rows).map(|_| R::default()).collect();
+    let mut states: Vec<Option<T>> = (0..rows.div_ceil(per_task)).map(|_| None).collect();
+    let (slots, tasks) = (Disjoint::new(&mut results), Disjoint::new(&mut states));
+    let run = |t: usize, r: std::ops::Range<usize>, row_at: &dyn Fn(usize, &mut T) -> R| {
+        // SAFETY: task t alone owns slot t and the results of its rows.
+        let (out, task) = unsafe { (slots.piece(r.clone()), &mut tasks.piece(t..t + 1)[0]) };
+        let mut state = init();
+        for (slot, i) in out.iter_mut().zip(r) {
+            *slot = row_at(i, &mut state);
+        }
+        *task = Some(state);
+    };
+    match logits {
+        Logits::F32(z) => {
+            let z = Disjoint::new(z);
+            threads::for_each_chunk(rows, per_task, |t, r| {
+                run(t, r, &|i, state| {
+                    // SAFETY: row i belongs to this task alone.
+                    f(i, unsafe { z.piece(i * width..(i + 1) * width) }, state)
+                })
+            });
+        }
+        Logits::Bf16(z) => {
+            let z = Disjoint::new(z);
+            threads::for_each_chunk(rows, per_task, |t, r| {
+                let row = std::cell::RefCell::new(vec![0.0f32; width]);
+                run(t, r, &|i, state| {
+                    // SAFETY: row i belongs to this task alone.
+                    let bits = unsafe { z.piece(i * width..(i + 1) * width) };
+                    let row = &mut *row.borrow_mut();
+                    widen(level, bits, row);
+                    let result = f(i, row, state);
+                    if write_back {
+                        narrow(level, row, bits);
+                    }
+                    result
+                })
+            });
+        }
+    }
+    (results, states.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
@@ -358,7 +593,7 @@ mod tests {
                         .flat_map(|r| z[r * vocab + v0..r * vocab + v0 + w].to_vec())
                         .collect();
                     let chunk = Chunk {
-                        logits: &mut chunk,
+                        logits: Logits::F32(&mut chunk),
                         width: w,
                         v0,
                         softcap: cap,
@@ -407,7 +642,7 @@ mod tests {
             for cap in [None, Some(3.0f32)] {
                 let mut dz = raw.clone();
                 let chunk = Chunk {
-                    logits: &mut dz,
+                    logits: Logits::F32(&mut dz),
                     width,
                     v0,
                     softcap: cap,
@@ -450,7 +685,7 @@ mod tests {
             let mut dz = logits(2, 20);
             dz[27] = f32::NAN;
             let chunk = Chunk {
-                logits: &mut dz,
+                logits: Logits::F32(&mut dz),
                 width: 20,
                 v0: 0,
                 softcap: None,
@@ -466,6 +701,145 @@ mod tests {
             assert_eq!(peak, f32::INFINITY, "{level:?}");
             assert!(dz[20..].iter().all(|g| g.is_nan()), "{level:?}");
         }
+    }
+
+    fn to_bf16(z: &[f32]) -> Vec<u16> {
+        z.iter().map(|&v| f32_to_bf16(v)).collect()
+    }
+
+    #[test]
+    fn bf16_logits_give_what_their_f32_values_give() {
+        let (rows, width) = (3, 40);
+        let bits = to_bf16(&logits(rows, width));
+        let exact: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+        let targets = [3i64, -1, 39];
+        let (a, b, u) = ([0.5f32, 0.0, 1.0], [0.5f32, 0.0, 1.0], [0.0f32; 3]);
+        let lse = [4.0f32, 3.0, 5.0];
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for cap in [None, Some(3.0f32)] {
+                let run = |logits: Logits<'_>| {
+                    let (mut l, mut t) = (vec![f64::NEG_INFINITY; rows], vec![f32::NAN; rows]);
+                    let mut z = exact.clone();
+                    let fwd = Chunk {
+                        logits: Logits::F32(&mut z),
+                        width,
+                        v0: 0,
+                        softcap: cap,
+                        targets: &targets,
+                    };
+                    let state = LseState {
+                        lse: &mut l,
+                        target_logit: &mut t,
+                        logit_sum: None,
+                    };
+                    forward_chunk(level, fwd, state).unwrap();
+                    let chunk = Chunk {
+                        logits,
+                        width,
+                        v0: 0,
+                        softcap: cap,
+                        targets: &targets,
+                    };
+                    let coefs = GradCoefs {
+                        lse: &lse,
+                        softmax: &a,
+                        target: &b,
+                        uniform: &u,
+                    };
+                    (l, t, backward_chunk(level, chunk, coefs).unwrap())
+                };
+                let (mut z32, mut z16) = (exact.clone(), bits.clone());
+                let want = run(Logits::F32(&mut z32));
+                let got = run(Logits::Bf16(&mut z16));
+                assert_eq!(format!("{want:?}"), format!("{got:?}"), "{level:?} {cap:?}");
+                assert_eq!(z16, to_bf16(&z32), "{level:?} {cap:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_rows_are_the_forward_then_the_backward() {
+        let (rows, width, piece) = (4, 45, 16);
+        let raw = logits(rows, width);
+        let targets = [3i64, -1, 44, 20];
+        let (scale, ls, z_loss) = (0.25f32, 0.1f64, 0.01f64);
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            for cap in [None, Some(4.0f32)] {
+                let mut z = raw.clone();
+                z[width + 2] = f32::NAN; // the row without a target: its NaN reaches nothing
+                let (mut lse, mut tl, mut sums) =
+                    (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows]);
+                let mut peaks = vec![0.0f32; 3];
+                let chunk = Chunk {
+                    logits: Logits::F32(&mut z),
+                    width,
+                    v0: 0,
+                    softcap: cap,
+                    targets: &targets,
+                };
+                let opts = LossGrad {
+                    scale,
+                    label_smoothing: ls,
+                    z_loss,
+                    piece,
+                };
+                let out = LossGradOut {
+                    lse: &mut lse,
+                    target_logit: &mut tl,
+                    logit_sum: Some(&mut sums),
+                    peaks: &mut peaks,
+                };
+                loss_grad_rows(level, chunk, opts, out).unwrap();
+                assert!(tl[1].is_nan() && z[width..2 * width].iter().all(|&g| g == 0.0));
+                // The same through the chunk passes, with the coefficients of the module doc.
+                let mut want_peaks = [0.0f32; 3];
+                for r in [0, 2, 3] {
+                    let row: Vec<f64> = raw[r * width..(r + 1) * width]
+                        .iter()
+                        .map(|&v| capped(v, cap))
+                        .collect();
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let want_lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                    assert!((lse[r] as f64 - want_lse).abs() < 1e-5);
+                    assert!((sums[r] as f64 - row.iter().sum::<f64>()).abs() < 1e-3);
+                    assert!((tl[r] as f64 - row[targets[r] as usize]).abs() < 1e-5);
+                    let a = scale as f64 * (1.0 + 2.0 * z_loss * lse[r] as f64);
+                    let (b, u) = (scale as f64 * (1.0 - ls), scale as f64 * ls / width as f64);
+                    for (j, &zj) in row.iter().enumerate() {
+                        let onehot = (targets[r] == j as i64) as u8 as f64;
+                        let g = a * (zj - lse[r] as f64).exp() - b * onehot - u;
+                        let k = j / piece;
+                        want_peaks[k] = want_peaks[k].max((g.abs() / a.max(b)) as f32);
+                        let g = g * cap.map_or(1.0, |c| 1.0 - (zj / c as f64).powi(2));
+                        let got = z[r * width + j] as f64;
+                        assert!(
+                            (got - g).abs() < 2e-6 * (1.0 + g.abs()),
+                            "{level:?} {cap:?}"
+                        );
+                    }
+                }
+                for (p, w) in peaks.iter().zip(want_peaks) {
+                    assert!((p - w).abs() <= 1e-5 * w, "{level:?} {cap:?}: {p} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_with_both_infinities_has_an_infinite_lse() {
+        let level = crate::simd::detected();
+        let mut row = [f32::INFINITY, f32::NEG_INFINITY, 1.0];
+        assert_eq!(
+            RowStats::of(level, &mut row, None, false).lse,
+            f64::INFINITY
+        );
+        let mut row = [f32::INFINITY, f32::NAN, 1.0];
+        assert!(RowStats::of(level, &mut row, None, false).lse.is_nan());
+        let mut row = [f32::NEG_INFINITY, f32::NEG_INFINITY];
+        assert_eq!(
+            RowStats::of(level, &mut row, None, true).lse,
+            f64::NEG_INFINITY
+        );
     }
 
     #[test]
@@ -486,7 +860,7 @@ mod tests {
         // 6 logits are not 2 rows of 4; a negative softcap is refused.
         for (width, softcap) in [(4, None), (3, Some(-1.0))] {
             let chunk = Chunk {
-                logits: &mut z,
+                logits: Logits::F32(&mut z),
                 width,
                 v0: 0,
                 softcap,

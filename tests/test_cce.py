@@ -48,9 +48,12 @@ def reference(e, c, targets, *, bias=None, ignore_index=IGNORE, softcap=None, re
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 16 vocabulary entries and blocks of 40 rows: every test crosses both."""
+    """Chunks of 16 vocabulary entries and blocks of 40 rows (also the fused pass's, where
+    V >= 16): every test crosses both."""
     monkeypatch.setattr(cce.reference, "CPU_MIN_CHUNK", 16)
     monkeypatch.setattr(cce.reference, "CPU_BUFFER_ELEMS", 640)
+    monkeypatch.setattr(cce.reference, "FUSED_MIN_ROWS", 40)
+    monkeypatch.setattr(cce.reference, "FUSED_BUFFER_ELEMS", 640)
 
 
 def make_inputs(
@@ -410,6 +413,91 @@ def test_opcheck_backward(device, sample, bias_grad):
     coefs = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)).to(device, lse.dtype)
     args = (e, c, b, targets, lse, *coefs, softcap, filter_eps, bias_grad and bias)
     torch.library.opcheck(cce.linear_cross_entropy_backward_op, args)
+
+
+@pytest.mark.parametrize("wanted", [(True, True, True), (True, False, False), (False, True, True)])
+@pytest.mark.parametrize("sample", OP_SAMPLES.values(), ids=OP_SAMPLES.keys())
+def test_opcheck_fused(device, sample, wanted):
+    dtype, bias, grad, *options = sample
+    e, c, b, targets = op_inputs(device, dtype, bias, grad)
+    flags = (*wanted[:2], wanted[2] and bias)
+    divisor = torch.tensor(4, device=device)
+    args = (e, c, b, targets, divisor, *options, *flags)
+    torch.library.opcheck(cce.linear_cross_entropy_fused_op, args)
+
+
+def matmul_passes(fn, n, v, d) -> float:
+    """The multiply-adds of the matmuls ``fn`` runs, in units of one [n, d] x [d, v] product."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    macs = 0
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            shapes = event.input_shapes
+            a, b = shapes[:2] if event.name == "aten::mm" else shapes[1:3]
+            macs += a[0] * a[1] * b[1]
+    return macs / (n * v * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_summed_loss_takes_its_gradients_in_three_matmul_passes(small_chunks, dtype):
+    """The fused pass: 3 passes (logits, dE, dC) where forward + recomputing backward take 4;
+    2 when c needs no gradient; 1 without any gradient; reduction "none" keeps the 4."""
+    e, c, bias, targets = make_inputs(shape=(150,), vocab=100, dim=24, dtype=dtype)
+
+    def step(reduction="mean", leaves=(e, c)):
+        loss = fg.linear_cross_entropy(e, c, targets, reduction=reduction, filter_eps=None)
+        grads(loss.sum(), leaves)
+
+    assert matmul_passes(step, 150, 100, 24) == 3
+    assert matmul_passes(lambda: step("none"), 150, 100, 24) == 4
+    assert matmul_passes(lambda: step(leaves=(e,)), 150, 100, 24) == 3  # c still asked for
+    c.requires_grad_(False)
+    assert matmul_passes(lambda: step(leaves=(e,)), 150, 100, 24) == 2
+    with torch.no_grad():
+        assert matmul_passes(lambda: fg.linear_cross_entropy(e, c, targets), 150, 100, 24) == 1
+
+
+def test_the_fused_gradients_scale_with_the_upstream_gradient(small_chunks):
+    """The saved gradients times any upstream gradient, also through retain_graph twice."""
+    e, c, bias, targets = make_inputs(shape=(2, 50), vocab=100)
+    loss = fg.linear_cross_entropy(e, c, targets, bias=bias, z_loss=1e-3)
+    plain = torch.autograd.grad(loss, (e, c, bias), retain_graph=True)
+    scaled = torch.autograd.grad(loss * -2.5, (e, c, bias), retain_graph=True)
+    again = torch.autograd.grad(loss * -2.5, (e, c, bias))
+    for p, s, a in zip(plain, scaled, again, strict=True):
+        torch.testing.assert_close(s, -2.5 * p)
+        torch.testing.assert_close(a, s, rtol=0, atol=0)
+    # .grad accumulation over a kept graph never meets the saved gradients changed
+    loss = fg.linear_cross_entropy(e, c, targets, bias=bias, z_loss=1e-3)
+    for _ in range(2):
+        loss.backward(retain_graph=True)
+    (loss * 0.5).backward()
+    for leaf, p in zip((e, c, bias), plain, strict=True):
+        torch.testing.assert_close(leaf.grad, 2.5 * p)
+
+
+def test_no_second_derivative_through_the_fused_pass():
+    """The gradients come from the forward as constants: a differentiable backward would
+    silently give 0 second derivatives, so it is refused."""
+    e, c, bias, targets = make_inputs(dtype=torch.float64)
+    loss = fg.linear_cross_entropy(e, c, targets)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: no second derivative"):
+        torch.autograd.grad(loss, e, create_graph=True)
+
+
+def test_fused_and_recomputed_gradients_agree(small_chunks):
+    """The summed loss through the fused pass and through the per-row ops, in bfloat16
+    (matmuls as a bfloat16 nn.Linear's where the CPU has them) and float32."""
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2.0**-6)):
+        e, c, bias, targets = make_inputs(shape=(150,), vocab=100, dtype=dtype)
+        kw = {"bias": bias, "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+        fused = grads(fg.linear_cross_entropy(e, c, targets, **kw), (e, c, bias))
+        rows = fg.linear_cross_entropy(e, c, targets, reduction="none", **kw)
+        valid = (targets != IGNORE).sum()
+        recomputed = grads(rows.float().sum() / valid, (e, c, bias))
+        for f, r in zip(fused, recomputed, strict=True):
+            torch.testing.assert_close(f, r, rtol=tol, atol=tol * float(r.abs().max()))
 
 
 @pytest.fixture

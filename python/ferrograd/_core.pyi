@@ -227,7 +227,7 @@ def l1_norm_backward_codes(
     grad_bias: torch.Tensor | None = None,
 ) -> None: ...
 
-# cut cross-entropy: one vocabulary chunk of logits [rows, width] per call
+# cut cross-entropy: one vocabulary chunk of logits [rows, width] (float32 or bfloat16) per call
 def cce_forward_chunk(
     logits: torch.Tensor,
     width: int,
@@ -252,6 +252,23 @@ def cce_backward_chunk(
     softcap: float | None = None,
 ) -> float:
     """Turns the raw chunk into the logit gradient in place; returns its relative peak."""
+
+def cce_loss_grad_rows(
+    logits: torch.Tensor,
+    width: int,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    logit_sum: torch.Tensor | None,
+    peaks: torch.Tensor,
+    piece: int,
+    scale: float,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None = None,
+) -> None:
+    """Rows over the whole vocabulary: lse, target logit, logit sum, then in place the
+    gradient of scale x the summed row losses; per piece of columns its relative peak."""
 
 # W4: stored codes 0..15 (q + 8 when symmetric), the CPU layout of ferrograd/ops/w4a16/weight.py
 def w4_quantize(

@@ -1,25 +1,55 @@
-//! Cut cross-entropy wrappers: the forward and backward passes over one vocabulary chunk.
+//! Cut cross-entropy wrappers: the forward, backward and fused passes over a buffer of logits
+//! (float32, or bfloat16 as a bfloat16 matmul wrote it).
 
+use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::run_detached;
 use super::tensor::Borrows;
-use crate::cce::{self, Chunk, GradCoefs, LseState};
+use crate::cce::{self, Chunk, GradCoefs, Logits, LossGrad, LossGradOut, LseState};
+use crate::error::FgError;
 use crate::simd;
 
 const OP: &str = "linear_cross_entropy";
 
-/// The chunk view over the caller's logits buffer and targets.
+/// A bfloat16 tensor's bytes as a uint8 view (the borrow checks then apply to it), or the
+/// tensor itself.
+fn as_bytes<'py>(t: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, bool)> {
+    let py = t.py();
+    let torch = py.import(intern!(py, "torch"))?;
+    if !t
+        .getattr(intern!(py, "dtype"))?
+        .is(torch.getattr(intern!(py, "bfloat16"))?)
+    {
+        return Ok((t.clone(), false));
+    }
+    let bytes = t.call_method1(intern!(py, "view"), (torch.getattr(intern!(py, "uint8"))?,))?;
+    Ok((bytes, true))
+}
+
+/// The chunk view over the caller's logits buffer (`logits` as `as_bytes` gave it) and targets.
 fn chunk<'a>(
     args: &mut Borrows<'_>,
-    logits: &'a Bound<'_, PyAny>,
+    (logits, bf16): &'a (Bound<'_, PyAny>, bool),
     width: usize,
     v0: usize,
     targets: &'a Bound<'_, PyAny>,
     softcap: Option<f32>,
 ) -> PyResult<Chunk<'a>> {
+    let logits = if *bf16 {
+        let bytes: &mut [u8] = args.write("logits", logits)?;
+        // SAFETY: any bits are a valid u16.
+        let (head, bits, tail) = unsafe { bytes.align_to_mut::<u16>() };
+        if !head.is_empty() || !tail.is_empty() {
+            let msg = format!("{OP}: logits' data is not aligned for bfloat16");
+            return Err(FgError::Value(msg).into());
+        }
+        Logits::Bf16(bits)
+    } else {
+        Logits::F32(args.write("logits", logits)?)
+    };
     Ok(Chunk {
-        logits: args.write("logits", logits)?,
+        logits,
         width,
         v0,
         softcap,
@@ -27,8 +57,8 @@ fn chunk<'a>(
     })
 }
 
-/// Folds the chunk `logits` [rows, width] (vocabulary entries v0..v0+width) into the running
-/// `lse`, `target_logit` and optional `logit_sum`, one entry per row.
+/// Folds the chunk `logits` [rows, width] (vocabulary entries v0..v0+width; float32 or
+/// bfloat16) into the running `lse`, `target_logit` and optional `logit_sum`, one entry per row.
 #[pyfunction]
 #[pyo3(signature = (logits, width, v0, targets, lse, target_logit, logit_sum=None, softcap=None))]
 #[allow(clippy::too_many_arguments)]
@@ -44,6 +74,7 @@ fn cce_forward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<()> {
     let level = simd::active()?;
+    let logits = as_bytes(&logits)?;
     let mut args = Borrows::new(OP);
     let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let state = LseState {
@@ -54,8 +85,8 @@ fn cce_forward_chunk(
     run_detached(py, OP, || cce::forward_chunk(level, chunk, state))
 }
 
-/// Turns the recomputed raw chunk `logits` into the logit gradient in place; returns the
-/// chunk's largest relative gradient entry (for `filter_eps`).
+/// Turns the recomputed raw chunk `logits` into the logit gradient in place (in their dtype);
+/// returns the chunk's largest relative gradient entry (for `filter_eps`).
 #[pyfunction]
 #[pyo3(signature = (logits, width, v0, targets, lse, coef_softmax, coef_target, coef_uniform, softcap=None))]
 #[allow(clippy::too_many_arguments)]
@@ -72,6 +103,7 @@ fn cce_backward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<f32> {
     let level = simd::active()?;
+    let logits = as_bytes(&logits)?;
     let mut args = Borrows::new(OP);
     let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let coefs = GradCoefs {
@@ -83,8 +115,50 @@ fn cce_backward_chunk(
     run_detached(py, OP, || cce::backward_chunk(level, chunk, coefs))
 }
 
+/// The fused pass over rows of raw `logits` [rows, V] spanning the whole vocabulary: writes
+/// each row's `lse`, `target_logit` (NaN without a target) and optional `logit_sum`, replaces
+/// the logits by the gradient of `scale` x the summed row losses, and writes per piece of
+/// `piece` columns the largest relative gradient entry into `peaks`.
+#[pyfunction]
+#[pyo3(signature = (logits, width, targets, lse, target_logit, logit_sum, peaks, piece, scale, label_smoothing, z_loss, softcap=None))]
+#[allow(clippy::too_many_arguments)]
+fn cce_loss_grad_rows(
+    py: Python<'_>,
+    logits: Bound<'_, PyAny>,
+    width: usize,
+    targets: Bound<'_, PyAny>,
+    lse: Bound<'_, PyAny>,
+    target_logit: Bound<'_, PyAny>,
+    logit_sum: Option<Bound<'_, PyAny>>,
+    peaks: Bound<'_, PyAny>,
+    piece: usize,
+    scale: f32,
+    label_smoothing: f64,
+    z_loss: f64,
+    softcap: Option<f32>,
+) -> PyResult<()> {
+    let level = simd::active()?;
+    let logits = as_bytes(&logits)?;
+    let mut args = Borrows::new(OP);
+    let chunk = chunk(&mut args, &logits, width, 0, &targets, softcap)?;
+    let out = LossGradOut {
+        lse: args.write("lse", &lse)?,
+        target_logit: args.write("target_logit", &target_logit)?,
+        logit_sum: args.write_opt("logit_sum", &logit_sum)?,
+        peaks: args.write("peaks", &peaks)?,
+    };
+    let opts = LossGrad {
+        scale,
+        label_smoothing,
+        z_loss,
+        piece,
+    };
+    run_detached(py, OP, || cce::loss_grad_rows(level, chunk, opts, out))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cce_forward_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(cce_backward_chunk, m)?)?;
+    m.add_function(wrap_pyfunction!(cce_loss_grad_rows, m)?)?;
     Ok(())
 }

@@ -5,13 +5,17 @@ Per token i, with z = e_i c^T + bias (then z = softcap * tanh(z / softcap)) and
 lse_i = logsumexp(z): loss_i = lse_i - (1 - ls) z[t_i] - ls / V * sum_j z_ij + z_loss * lse_i^2
 (docs/definitions.md).
 
-Two ops: ``ferrograd::linear_cross_entropy`` gives per row of e [N, D] the loss term and lse
+Three ops: ``ferrograd::linear_cross_entropy`` gives per row of e [N, D] the loss term and lse
 (three numbers per row in one pass: lse, target logit, logit sum), differentiable towards e, c,
 bias and through lse; ``ferrograd::linear_cross_entropy_backward`` recomputes the logits a block
 at a time and forms the logit gradient dz_ij = a_i p_ij - b_i [j = t_i] - u_i (times the softcap
 derivative) with a = g (1 + 2 z_loss lse) + g_lse, b = g (1 - ls), u = g ls / V, for the row loss
-gradient g, into dE, dC and dbias. Kernels: cpu.py (vocabulary chunks, Rust), cuda.py
-(kernels/cce.cu), reference.py (the chunk loop in torch ops: float64 and every other device).
+gradient g, into dE, dC and dbias. ``ferrograd::linear_cross_entropy_fused`` serves a summed or
+averaged loss on the CPU when gradients are wanted: each row's g is then known in the forward
+(1 / divisor), so it computes the loss and its gradients in one pass (3 matmul passes instead of
+4) and its backward only scales them by the scalar upstream gradient (docs/cce.md). Kernels:
+cpu.py (Rust row kernels), cuda.py (kernels/cce.cu), reference.py (the chunk loops in torch
+ops: float64 and every other device).
 """
 
 from __future__ import annotations
@@ -71,6 +75,25 @@ linear_cross_entropy_backward_op = _library.define(
 )
 
 
+def _fake_fused(e, c, bias, targets, divisor, *args):
+    e_grad, c_grad, bias_grad = args[-3:]
+    loss = e.new_empty((), dtype=reference.compute_dtype(e.dtype))
+    de = e.new_empty(e.shape if e_grad else (0, e.shape[1]))
+    dc = c.new_empty(c.shape if c_grad else (0, c.shape[1]))
+    db = (e if bias is None else bias).new_empty(c.shape[0] if bias_grad else 0)
+    return loss, de, dc, db
+
+
+linear_cross_entropy_fused_op = _library.define(
+    "linear_cross_entropy_fused(Tensor e, Tensor c, Tensor? bias, Tensor targets, Tensor divisor, "
+    "float? softcap, float label_smoothing, float z_loss, float? filter_eps, bool e_grad, "
+    "bool c_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    cpu=cpu.fused,
+    reference=reference.fused,
+    fake=_fake_fused,
+)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     e, c, bias, targets, ctx.softcap, ctx.label_smoothing, ctx.z_loss, ctx.filter_eps = inputs
     ctx.save_for_backward(e, c, bias, targets, output[1])
@@ -91,6 +114,43 @@ def _backward(ctx, grad_row: torch.Tensor, grad_lse: torch.Tensor):
 
 
 _library.register_autograd(linear_cross_entropy_op, _backward, _setup_context)
+
+
+def _setup_fused(ctx, inputs, output) -> None:
+    ctx.flags = inputs[-3:]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _eager(g: torch.Tensor) -> bool:
+    return type(g) is torch.Tensor and g.is_cpu and not torch.compiler.is_compiling()
+
+
+def _used_once(g: torch.Tensor) -> bool:
+    """Whether this eager backward is the graph's last (no retain_graph): the saved gradients
+    may then be scaled in place and handed over as they are (no copy of dC). A kept graph
+    could otherwise meet them changed, e.g. by the accumulation into ``.grad``; traced graphs
+    always copy."""
+    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    return _eager(g) and not (torch._C._len_torch_dispatch_stack() or keep)
+
+
+def _backward_fused(ctx, grad_loss, *_):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * 12
+    if torch.is_grad_enabled() and _eager(grad_loss):  # the saved gradients are constants
+        raise RuntimeError(f"{OP}: no second derivative (backward with create_graph=True)")
+    saved = ctx.saved_tensors
+    if not _used_once(grad_loss):
+        saved = [t * grad_loss for t in saved]
+    elif grad_loss.item() != 1.0:  # (a plain loss.backward() has 1)
+        for t in saved:
+            t.mul_(grad_loss)
+    return *(t if flag else None for t, flag in zip(saved, ctx.flags, strict=True)), *(None,) * 9
+
+
+_library.register_autograd(linear_cross_entropy_fused_op, _backward_fused, _setup_fused)
 
 
 def _check_inputs(e, c, targets, bias, autocast: bool) -> None:
@@ -261,16 +321,22 @@ def linear_cross_entropy(
         vocab = c.shape[0] if shard is None else shard.vocab
         _check_target_range(shifted, valid, vocab, ignore_index)
     flat_targets = torch.where(valid, shifted, -1).reshape(-1)
-    row, lse = (_library.call if shard is None else shard.call)(
-        linear_cross_entropy_op,
+    args = (
         e.reshape(targets.numel(), e.shape[-1]).contiguous(),  # (-1 fails when D = 0)
         c.contiguous(),
         None if bias is None else bias.contiguous(),
         flat_targets,
-        softcap,
-        label_smoothing,
-        z_loss,
-        eps,
+    )
+    grads = [t is not None and t.requires_grad for t in (e, c, bias)]
+    fuse = shard is None and reduction != "none" and not return_lse and e.is_cpu
+    if fuse and torch.is_grad_enabled() and any(grads):  # the loss's gradient is known now
+        one = torch.ones((), dtype=torch.long)
+        divisor = valid.sum().clamp(min=1) if reduction == "mean" else one
+        options = (softcap, label_smoothing, z_loss, eps, *grads)
+        loss = _library.call(linear_cross_entropy_fused_op, *args, divisor, *options)[0]
+        return loss.to(out_dtype)
+    row, lse = (_library.call if shard is None else shard.call)(
+        linear_cross_entropy_op, *args, softcap, label_smoothing, z_loss, eps
     )
     # The rows past a shift are ignored (0), so sums need no slicing.
     if reduction == "none":

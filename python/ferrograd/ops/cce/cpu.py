@@ -1,10 +1,12 @@
-"""The CPU kernels: reference.py's chunk loop with the Rust chunk kernels (float32 logits, from
-float32 / bfloat16 / float16 inputs); float64 runs the reference.
+"""The CPU kernels: reference.py's chunk loops (forward, recomputing backward, fused) with the
+Rust row kernels (rust/cce.rs) in place of the torch ones; float64 runs the reference.
 
 bfloat16 inputs multiply in bfloat16 where this CPU does so natively (oneDNN on AVX512-BF16 or
-AMX: about 3x the float32 rate), as a bfloat16 ``nn.Linear`` would; the log-sum-exp, the
-gradient and every sum over chunks stay float32. Elsewhere, and for float16 (no native CPU
-matmul on most CPUs), the chunks are upcast to float32.
+AMX: about 3x the float32 rate), as a bfloat16 ``nn.Linear`` would; the Rust kernels read the
+bfloat16 logits as the matmul wrote them (no float32 copy) and write the logit gradient back in
+bfloat16 for the gradient matmuls; the log-sum-exp, the gradient and every sum over chunks stay
+float32. Elsewhere, and for float16 (no native CPU matmul on most CPUs), the chunks are upcast
+to float32.
 """
 
 from __future__ import annotations
@@ -38,22 +40,43 @@ def _grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     return _core.cce_backward_chunk(z, z.shape[1], v0, targets, lse, *coefs, softcap)
 
 
+def _fused_rows(z, targets, lse, target_logit, logit_sum, peaks, piece, scale, *options):
+    softcap, label_smoothing, z_loss = options
+    _core.cce_loss_grad_rows(
+        z, z.shape[1], targets, lse, target_logit, logit_sum, peaks, piece, scale,
+        label_smoothing, z_loss, softcap,
+    )  # fmt: skip
+
+
+def _kernels(dtype: torch.dtype) -> dict:
+    """The chunk loop's options for inputs of ``dtype``: the matmul dtype, whose output the
+    Rust kernels read as it is."""
+    return {"gemm_dtype": gemm_dtype(dtype), "native": True}
+
+
 def forward(e, *args):
     """The op's arguments, as reference.forward's."""
     if e.dtype == torch.float64:
         return reference.forward(e, *args)
-    return reference.forward(e, *args, fold=_fold_chunk, gemm_dtype=gemm_dtype(e.dtype))
+    return reference.forward(e, *args, fold=_fold_chunk, **_kernels(e.dtype))
 
 
 def backward(e, *args):
     """The op's arguments, as reference.backward's."""
     if e.dtype == torch.float64:
         return reference.backward(e, *args)
-    return reference.backward(e, *args, grad=_grad_chunk, gemm_dtype=gemm_dtype(e.dtype))
+    return reference.backward(e, *args, grad=_grad_chunk, **_kernels(e.dtype))
+
+
+def fused(e, *args):
+    """The op's arguments, as reference.fused's."""
+    if e.dtype == torch.float64:
+        return reference.fused(e, *args)
+    return reference.fused(e, *args, rows_fn=_fused_rows, **_kernels(e.dtype))
 
 
 def parts(e, *args):
     """reference.parts' arguments, run as :func:`forward` runs the chunk loop."""
     if e.dtype == torch.float64:
         return reference.parts(e, *args)
-    return reference.parts(e, *args, fold=_fold_chunk, gemm_dtype=gemm_dtype(e.dtype))
+    return reference.parts(e, *args, fold=_fold_chunk, **_kernels(e.dtype))

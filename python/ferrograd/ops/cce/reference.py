@@ -1,16 +1,18 @@
-"""Cut cross-entropy as a loop over vocabulary chunks in plain torch ops: the kernel of float64
+"""Cut cross-entropy as loops over vocabulary chunks in plain torch ops: the kernel of float64
 (gradcheck runs through it) and of every device and dtype without a ferrograd kernel, and the
-loop the CPU kernel (cpu.py) runs with the Rust chunk kernels in place of :func:`fold_chunk` and
-:func:`grad_chunk`.
+loops the CPU kernel (cpu.py) runs with the Rust row kernels in place of :func:`fold_chunk`,
+:func:`grad_chunk` and :func:`fused_rows`.
 
 Rows of e [N, D] meet vocabulary chunks of c [V, D]; each chunk's raw logits land in one reused
 buffer (32 MiB of float32 on the CPU, 256 MiB on a GPU). The forward folds them into a running
 float64 log-sum-exp, the target logit and (label smoothing) the logit sum; the backward turns
-them into the logit gradient in place and accumulates dE and dC with two matmuls. Extra memory:
-the buffer. Computed in float32 (float64 for float64 inputs); the three matmuls run in
+them into the logit gradient in place and accumulates dE and dC with two matmuls. The fused
+pass (:func:`fused`) takes blocks of rows over the whole vocabulary and does both at once.
+Extra memory: the buffer. Computed in float32 (float64 for float64 inputs); the matmuls run in
 ``gemm_dtype`` (the compute dtype unless a kernel asks for bfloat16: then each chunk's logits
 are rounded to bfloat16 by the matmul, as a bfloat16 ``nn.Linear`` rounds them, and so is the
-logit gradient that meets c and e in the backward, while the sums stay float32).
+logit gradient that meets c and e in the backward, while the sums stay float32). ``native``:
+the row kernels read and write the matmul's dtype themselves (the Rust ones: no float32 copy).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ CPU_BUFFER_ELEMS = 1 << 23
 GPU_BUFFER_ELEMS = 1 << 26
 #: The fewest vocabulary entries per chunk (keeps the matmuls efficient).
 CPU_MIN_CHUNK = 256
+#: The fused pass's buffer holds at least FUSED_MIN_ROWS rows of logits over the whole
+#: vocabulary, more while it stays within FUSED_BUFFER_ELEMS elements: the bf16 matmuls lose
+#: 1.3-1.5x at 64-128 rows (docs/cce.md has the measurements).
+FUSED_MIN_ROWS = 256
+FUSED_BUFFER_ELEMS = 1 << 23
 
 OP = "linear_cross_entropy"
 
@@ -61,18 +68,21 @@ def _view(buf: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | Non
 
 class _Buffers:
     """The reused chunk buffers: the logits in the compute dtype and, when the matmuls run in
-    another dtype, their output (and the backward's rounded logit gradient) in that dtype."""
+    another dtype whose output the row kernels cannot read (``native`` False), their output
+    (and the backward's rounded logit gradient) in that dtype."""
 
-    def __init__(self, elems: int, kd: torch.dtype, gemm_dtype: torch.dtype, device) -> None:
-        self.z = torch.empty(elems, dtype=kd, device=device)
-        same = gemm_dtype == kd
+    def __init__(
+        self, elems: int, kd: torch.dtype, gemm_dtype: torch.dtype, device, native: bool = False
+    ) -> None:
+        same = gemm_dtype == kd or native
+        self.z = torch.empty(elems, dtype=gemm_dtype if same else kd, device=device)
         self.gemm = None if same else torch.empty(elems, dtype=gemm_dtype, device=device)
 
     def logits(
         self, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
     ) -> torch.Tensor:
         """Raw logits of rows e (in the matmul dtype) against vocabulary v0..v1, in a
-        contiguous view of the compute-dtype buffer."""
+        contiguous view of the buffer."""
         rows, width = e.shape[0], v1 - v0
         z = _view(self.z, rows, width)
         out = _view(self.gemm, rows, width)
@@ -109,8 +119,12 @@ def fold_chunk(z, v0, targets, lse, target_logit, logit_sum, softcap) -> None:
 def grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     """Turns the raw chunk logits z into the logit gradient in place and returns the chunk's
     largest |dz_ij| / max(|a_i|, |b_i|) (see ``chunked_backward``)."""
+    return _grad_capped(_softcap_(z, softcap), v0, targets, lse, coefs, softcap)
+
+
+def _grad_capped(z, v0, targets, lse, coefs, softcap) -> float:
+    """:func:`grad_chunk` on logits already capped."""
     a, b, u = coefs
-    _softcap_(z, softcap)
     capped = z.clone() if softcap is not None else None
     z.sub_(lse[:, None]).exp_().mul_(a[:, None]).sub_(u[:, None])
     local = targets - v0
@@ -122,6 +136,29 @@ def grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     if capped is not None:
         z.mul_(1 - (capped / softcap) ** 2)
     return float(peak)
+
+
+def fused_rows(
+    z, targets, lse, target_logit, logit_sum, peaks, piece, scale, softcap, label_smoothing, z_loss
+) -> None:
+    """The fused pass over raw logits z [rows, V] spanning the whole vocabulary: each row's
+    lse, target logit (NaN without one) and logit sum (None: not wanted) into the given
+    tensors, then z in place becomes the gradient of ``scale`` x the summed row losses, and
+    ``peaks`` gets per piece of ``piece`` columns the largest |dz_ij| / max(|a_i|, |b_i|)."""
+    vocab = z.shape[1]
+    lse64 = torch.full(lse.shape, -math.inf, dtype=torch.float64, device=z.device)
+    sums = None if logit_sum is None else torch.zeros_like(lse64)
+    target_logit.fill_(math.nan)
+    fold_chunk(z, 0, targets, lse64, target_logit, sums, softcap)  # caps z in place
+    lse.copy_(lse64)
+    if logit_sum is not None:
+        logit_sum.copy_(sums)
+    valid = targets >= 0
+    weight = valid.to(lse.dtype) * scale
+    coefs = coefficients(weight, 0.0, lse, valid, label_smoothing, z_loss, vocab)
+    for k, v0 in enumerate(range(0, vocab, piece)):
+        peaks[k] = _grad_capped(z[:, v0 : v0 + piece], v0, targets, lse, coefs, softcap)
+    z.masked_fill_(~valid[:, None], 0.0)  # 0, not 0 * NaN, where a row has no target
 
 
 def quiet_ignored_rows(
@@ -158,10 +195,12 @@ def chunked_forward(
     want_sum: bool,
     fold: Callable = fold_chunk,
     gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, target logit, logit sum or None) per row of e [N, D], in the compute dtype, chunk
     by chunk on e's device. A row whose target is in no chunk (ignored, or out of range in a
-    graph no check saw) keeps target logit NaN."""
+    graph no check saw) keeps target logit NaN. ``native``: ``fold`` reads the matmul's output
+    in ``gemm_dtype`` as it is."""
     kd = compute_dtype(e.dtype)
     rows, vocab = e.shape[0], c.shape[0]
     f64 = {"dtype": torch.float64, "device": e.device}
@@ -170,7 +209,7 @@ def chunked_forward(
     logit_sum = torch.zeros(rows, **f64) if want_sum else None
     row_block, chunk = _blocks(rows, vocab, e.device)
     gemm_dtype = gemm_dtype or kd
-    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device)
+    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device, native)
     rows_state = (targets, lse, target_logit, logit_sum)
     for er, *state in _row_blocks(row_block, e.to(gemm_dtype), *rows_state):
         for v0 in range(0, vocab, chunk):
@@ -191,42 +230,143 @@ def chunked_backward(
     bias_grad: bool,
     grad: Callable = grad_chunk,
     gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dE, dC, dbias) in the compute dtype for the logit gradient
+    """(dE in the compute dtype, dC, dbias in the compute dtype) for the logit gradient
     dz_ij = a_i p_ij - b_i [j = t_i] - u_i (times the softcap derivative), coefs = (a, b, u),
     recomputing the logits chunk by chunk; a chunk whose every |dz_ij| is below
     filter_eps * max(|a_i|, |b_i|) skips its two gradient matmuls (its dC rows and dbias entries
-    are exactly 0). dbias is empty unless ``bias_grad``."""
+    are exactly 0). dbias is empty unless ``bias_grad``. When the rows fit one block, each dC
+    row comes from one matmul, written straight into c's dtype where the matmuls run in it;
+    otherwise dC sums over the row blocks in the compute dtype."""
     kd = lse.dtype
     rows, vocab = e.shape[0], c.shape[0]
-    ek = e.to(kd)
     like = {"dtype": kd, "device": e.device}
-    de = torch.zeros(rows, e.shape[1], **like)
-    dc = torch.zeros(vocab, c.shape[1], **like)
-    dbias = torch.zeros(vocab if bias_grad else 0, **like)
-    coefs = [t.to(kd).contiguous() for t in coefs]
-    ek, lse = quiet_ignored_rows(ek, lse, coefs)
     gemm_dtype = gemm_dtype or kd
-    eg = ek.to(gemm_dtype)
+    coefs = [t.to(kd).contiguous() for t in coefs]
+    eg, lse = quiet_ignored_rows(e.to(gemm_dtype), lse, coefs)
     row_block, chunk = _blocks(rows, vocab, e.device)
-    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device)
+    direct = rows <= row_block and c.dtype == gemm_dtype
+    de = torch.zeros(rows, e.shape[1], **like)
+    dc = torch.empty_like(c) if direct else torch.zeros(vocab, c.shape[1], **like)
+    dbias = torch.zeros(vocab if bias_grad else 0, **like)
+    bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device, native)
     for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, eg, de, targets, lse, *coefs):
         for v0 in range(0, vocab, chunk):
             v1 = min(vocab, v0 + chunk)
             dz = bufs.logits(er, c, bias, v0, v1)
             peak = grad(dz, v0, t, lse_r, coefs_r, softcap)
             if filter_eps is not None and peak < filter_eps:
+                if direct:
+                    dc[v0:v1].zero_()
                 continue
             if bias_grad:
-                dbias[v0:v1] += dz.sum(0)
+                dbias[v0:v1] += dz.sum(0, dtype=kd)
             dzg = bufs.rounded(dz)
-            if dzg is dz:
-                de_r.addmm_(dz, c[v0:v1].to(kd))
-                dc[v0:v1].addmm_(dz.t(), er)
+            cg = c[v0:v1].to(gemm_dtype)
+            if direct:
+                torch.mm(dzg.t(), er, out=dc[v0:v1])
+            if dzg.dtype == kd:
+                de_r.addmm_(dzg, cg)
+                if not direct:
+                    dc[v0:v1].addmm_(dzg.t(), er)
             else:  # the products in the matmul dtype, their sums over chunks in float32
-                de_r += torch.mm(dzg, c[v0:v1].to(gemm_dtype))
-                dc[v0:v1] += torch.mm(dzg.t(), er)
+                de_r += torch.mm(dzg, cg)
+                if not direct:
+                    dc[v0:v1] += torch.mm(dzg.t(), er)
     return de, dc, dbias
+
+
+def fused(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    divisor: torch.Tensor,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss: float,
+    filter_eps: float | None,
+    e_grad: bool,
+    c_grad: bool,
+    bias_grad: bool,
+    *,
+    rows_fn: Callable = fused_rows,
+    gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dE, dC, dbias): loss = the row losses' sum / divisor (a 0-d tensor) in the
+    compute dtype and its gradients in the dtypes of e, c and bias (each empty unless asked
+    for), in one pass. Rows are taken a block at a time with the whole vocabulary: one matmul
+    gives the block's logits, ``rows_fn`` (:func:`fused_rows`) turns them into lse, target
+    logit, logit sum and in place into the logit gradient, then dE_block = dZ C and
+    dC += dZ^T E_block: three matmul passes in all, against four for forward + recomputing
+    backward. dC accumulates in place in the matmul dtype (one rounding per row block there);
+    the filter works on the backward's chunks of the vocabulary: a chunk below it in a row
+    block skips its share of dC and dbias (dE, one matmul over the whole vocabulary, is
+    exact)."""
+    kd = compute_dtype(e.dtype)
+    rows, vocab = e.shape[0], c.shape[0]
+    check_targets(targets, vocab)
+    gemm_dtype = gemm_dtype or kd
+    like = {"dtype": kd, "device": e.device}
+    eg, cg = e.to(gemm_dtype), c.to(gemm_dtype)
+    bg = None if bias is None else bias.to(gemm_dtype)
+    scale = 1.0 / float(divisor)
+    lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
+    logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
+    de = eg.new_empty(rows if e_grad else 0, e.shape[1])
+    dc = cg.new_empty(vocab if c_grad else 0, c.shape[1])
+    dbias = torch.zeros(vocab if bias_grad else 0, **like)
+    row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
+    piece = _blocks(rows, vocab, e.device)[1]
+    peaks = torch.empty(-(-vocab // piece), dtype=kd)
+    written = [False] * peaks.numel()  # per piece of dC: by an earlier block's matmul
+    bufs = _Buffers(min(rows, row_block) * vocab, kd, gemm_dtype, e.device, native)
+    for r0 in range(0, rows, row_block):
+        r1 = min(rows, r0 + row_block)
+        er, t, lse_r = eg[r0:r1], targets[r0:r1], lse[r0:r1]
+        sums = None if logit_sum is None else logit_sum[r0:r1]
+        z = bufs.logits(er, cg, bg, 0, vocab)
+        rows_fn(z, t, lse_r, target_logit[r0:r1], sums, peaks, piece, scale, softcap,
+                label_smoothing, z_loss)  # fmt: skip
+        dz = bufs.rounded(z)
+        keep = [filter_eps is None or not p < filter_eps for p in peaks.tolist()]  # NaN kept
+        if e_grad:  # (over the whole vocabulary: filtering would save nothing here)
+            torch.mm(dz, cg, out=de[r0:r1])
+        if not (c_grad or bias_grad):
+            continue
+        idle = (t < 0) & ~lse_r.isfinite()  # their NaN or inf must not reach dC
+        if bool(idle.any()):
+            er = torch.where(idle[:, None], 0, er)
+        for k0, k1 in _runs(keep, written if c_grad else None):
+            v0, v1 = k0 * piece, min(vocab, k1 * piece)
+            if bias_grad:
+                dbias[v0:v1] += dz[:, v0:v1].sum(0, dtype=kd)
+            if c_grad and written[k0]:
+                dc[v0:v1].addmm_(dz[:, v0:v1].t(), er)
+            elif c_grad:
+                torch.mm(dz[:, v0:v1].t(), er, out=dc[v0:v1])
+                written[k0:k1] = [True] * (k1 - k0)
+    for k0, k1 in _runs([not w for w in written]) if c_grad else ():
+        dc[k0 * piece : k1 * piece].zero_()
+    row = row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss)
+    bias_dtype = e.dtype if bias is None else bias.dtype
+    return row.sum() / divisor, de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
+
+
+def _runs(keep: list[bool], written: list[bool] | None = None):
+    """The (k0, k1) ranges of consecutive kept pieces, also split where ``written`` changes."""
+    start = None
+    for k in range(len(keep) + 1):
+        cut = k == len(keep) or not keep[k]
+        if not cut and start is not None and written is not None:
+            cut = written[k] != written[start]
+        if start is not None and cut:
+            yield start, k
+            start = None
+        if k < len(keep) and keep[k] and start is None:
+            start = k
 
 
 def parts(
@@ -239,12 +379,13 @@ def parts(
     *,
     fold: Callable = fold_chunk,
     gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, target logit, logit sum) per row, the pieces :func:`row_loss` combines: the
     target logit of a row whose target is not in c is 0, the logit sum empty unless
     ``want_sum`` (for a vocabulary split over ranks, ops/cce/parallel.py)."""
     lse, target_logit, logit_sum = chunked_forward(
-        e, c, bias, targets, softcap, want_sum, fold, gemm_dtype
+        e, c, bias, targets, softcap, want_sum, fold, gemm_dtype, native
     )
     target_logit.masked_fill_(targets < 0, 0.0)
     return lse, target_logit, lse.new_empty(0) if logit_sum is None else logit_sum
@@ -300,13 +441,14 @@ def forward(
     *,
     fold: Callable = fold_chunk,
     gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row loss, lse) per row of e [N, D] against c [V, D] for targets [N] (-1: ignored row),
     in the compute dtype. ``filter_eps`` is the backward's."""
     vocab = c.shape[0]
     check_targets(targets, vocab)
     lse, target_logit, logit_sum = chunked_forward(
-        e, c, bias, targets, softcap, label_smoothing > 0, fold, gemm_dtype
+        e, c, bias, targets, softcap, label_smoothing > 0, fold, gemm_dtype, native
     )
     return row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss), lse
 
@@ -326,11 +468,12 @@ def backward(
     *,
     grad: Callable = grad_chunk,
     gemm_dtype: torch.dtype | None = None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dE, dC, dbias) in the dtypes of e, c and bias (dbias empty unless ``bias_grad``)."""
     coefs = (coef_softmax, coef_target, coef_uniform)
     de, dc, dbias = chunked_backward(
-        e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad, gemm_dtype
+        e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad, gemm_dtype, native
     )
     bias_dtype = e.dtype if bias is None else bias.dtype
     return de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
