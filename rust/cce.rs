@@ -11,7 +11,7 @@
 //! known in the forward. Nothing here ever sees more than the buffer.
 
 use crate::error::{FgError, FgResult};
-use crate::simd::{bf16_to_f32, f32_to_bf16, Scalar, Simd, SimdLevel};
+use crate::simd::{bf16_to_f32, f32_to_bf16, Bf16, Scalar, Simd, SimdLevel};
 use crate::softmax::{exp_floored, exp_shifted_sum, row_max, sum};
 use crate::threads::{self, Disjoint};
 
@@ -20,10 +20,10 @@ const PAR_MIN: usize = 1 << 16;
 /// tanh(9) rounds to 1 in f32; clamping there keeps exp(2y) finite.
 const TANH_CLAMP: f32 = 9.0;
 
-/// Logits as the matmul stored them: float32, or bfloat16 bits.
+/// Logits as the matmul stored them: float32 or bfloat16.
 pub enum Logits<'a> {
     F32(&'a mut [f32]),
-    Bf16(&'a mut [u16]),
+    Bf16(&'a mut [Bf16]),
 }
 
 impl Logits<'_> {
@@ -106,26 +106,26 @@ pub struct GradCoefs<'a> {
 crate::dispatch! {
     fn softcap_row(x: &mut [f32], cap: f32) = softcap_row_impl;
     fn grad_row(z: &mut [f32], lse: f32, softmax: f32, uniform: f32, cap: Option<f32>) -> f32 = grad_row_impl;
-    fn widen(bits: &[u16], out: &mut [f32]) = widen_impl;
-    fn narrow(x: &[f32], bits: &mut [u16]) = narrow_impl;
+    fn widen(bits: &[Bf16], out: &mut [f32]) = widen_impl;
+    fn narrow(x: &[f32], bits: &mut [Bf16]) = narrow_impl;
 }
 
 /// bfloat16 to f32 (exact). `S` only picks the instantiation: `dispatch!` compiles the plain
 /// loop once per SIMD path, where it vectorizes at that width.
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
-unsafe fn widen_impl<S: Simd>(bits: &[u16], out: &mut [f32]) {
+unsafe fn widen_impl<S: Simd>(bits: &[Bf16], out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bits) {
-        *o = bf16_to_f32(b);
+        *o = bf16_to_f32(b.0);
     }
 }
 
 /// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_impl`).
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
-unsafe fn narrow_impl<S: Simd>(x: &[f32], bits: &mut [u16]) {
+unsafe fn narrow_impl<S: Simd>(x: &[f32], bits: &mut [Bf16]) {
     for (b, &v) in bits.iter_mut().zip(x) {
-        *b = f32_to_bf16(v);
+        *b = Bf16(f32_to_bf16(v));
     }
 }
 /// x = cap * tanh(x / cap), with tanh(y) = (e^2y - 1) / (e^2y + 1) on y clamped to ±9.
@@ -703,15 +703,15 @@ mod tests {
         }
     }
 
-    fn to_bf16(z: &[f32]) -> Vec<u16> {
-        z.iter().map(|&v| f32_to_bf16(v)).collect()
+    fn to_bf16(z: &[f32]) -> Vec<Bf16> {
+        z.iter().map(|&v| Bf16(f32_to_bf16(v))).collect()
     }
 
     #[test]
     fn bf16_logits_give_what_their_f32_values_give() {
         let (rows, width) = (3, 40);
         let bits = to_bf16(&logits(rows, width));
-        let exact: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+        let exact: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b.0)).collect();
         let targets = [3i64, -1, 39];
         let (a, b, u) = ([0.5f32, 0.0, 1.0], [0.5f32, 0.0, 1.0], [0.0f32; 3]);
         let lse = [4.0f32, 3.0, 5.0];

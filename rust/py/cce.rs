@@ -1,52 +1,27 @@
 //! Cut cross-entropy wrappers: the forward, backward and fused passes over a buffer of logits
 //! (float32, or bfloat16 as a bfloat16 matmul wrote it).
 
-use pyo3::intern;
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::Borrows;
+use super::tensor::{Borrows, Float};
 use crate::cce::{self, Chunk, GradCoefs, Logits, LossGrad, LossGradOut, LseState};
-use crate::error::FgError;
 use crate::simd;
 
 const OP: &str = "linear_cross_entropy";
 
-/// A bfloat16 tensor's bytes as a uint8 view (the borrow checks then apply to it), or the
-/// tensor itself.
-fn as_bytes<'py>(t: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, bool)> {
-    let py = t.py();
-    let torch = py.import(intern!(py, "torch"))?;
-    if !t
-        .getattr(intern!(py, "dtype"))?
-        .is(torch.getattr(intern!(py, "bfloat16"))?)
-    {
-        return Ok((t.clone(), false));
-    }
-    let bytes = t.call_method1(intern!(py, "view"), (torch.getattr(intern!(py, "uint8"))?,))?;
-    Ok((bytes, true))
-}
-
-/// The chunk view over the caller's logits buffer (`logits` as `as_bytes` gave it) and targets.
+/// The chunk view over the caller's logits buffer (float32 or bfloat16) and targets.
 fn chunk<'a>(
     args: &mut Borrows<'_>,
-    (logits, bf16): &'a (Bound<'_, PyAny>, bool),
+    logits: &'a Bound<'_, PyAny>,
     width: usize,
     v0: usize,
     targets: &'a Bound<'_, PyAny>,
     softcap: Option<f32>,
 ) -> PyResult<Chunk<'a>> {
-    let logits = if *bf16 {
-        let bytes: &mut [u8] = args.write("logits", logits)?;
-        // SAFETY: any bits are a valid u16.
-        let (head, bits, tail) = unsafe { bytes.align_to_mut::<u16>() };
-        if !head.is_empty() || !tail.is_empty() {
-            let msg = format!("{OP}: logits' data is not aligned for bfloat16");
-            return Err(FgError::Value(msg).into());
-        }
-        Logits::Bf16(bits)
-    } else {
-        Logits::F32(args.write("logits", logits)?)
+    let logits = match Float::of(logits)? {
+        Float::Bf16 => Logits::Bf16(args.write("logits", logits)?),
+        _ => Logits::F32(args.write("logits", logits)?),
     };
     Ok(Chunk {
         logits,
@@ -74,7 +49,6 @@ fn cce_forward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<()> {
     let level = simd::active()?;
-    let logits = as_bytes(&logits)?;
     let mut args = Borrows::new(OP);
     let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let state = LseState {
@@ -103,7 +77,6 @@ fn cce_backward_chunk(
     softcap: Option<f32>,
 ) -> PyResult<f32> {
     let level = simd::active()?;
-    let logits = as_bytes(&logits)?;
     let mut args = Borrows::new(OP);
     let chunk = chunk(&mut args, &logits, width, v0, &targets, softcap)?;
     let coefs = GradCoefs {
@@ -138,7 +111,6 @@ fn cce_loss_grad_rows(
     softcap: Option<f32>,
 ) -> PyResult<()> {
     let level = simd::active()?;
-    let logits = as_bytes(&logits)?;
     let mut args = Borrows::new(OP);
     let chunk = chunk(&mut args, &logits, width, 0, &targets, softcap)?;
     let out = LossGradOut {
