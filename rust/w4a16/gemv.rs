@@ -10,7 +10,8 @@ use crate::simd::{Simd, SimdLevel};
 use crate::threads::{self, SendPtr};
 
 /// x for the integer kernels: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
-/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks.
+/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks
+/// (the VNNI kernel: whole steps of two blocks, in its step order).
 pub(super) struct IntInput {
     pub(super) lo: Vec<i8>,
     pub(super) hi: Vec<i8>,
@@ -25,9 +26,10 @@ pub(super) const X_INT_MAX: f32 = 32639.0;
 
 impl IntInput {
     /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
-    fn new(level: SimdLevel, x: &[f32], shape: Shape) -> Option<IntInput> {
+    fn new(level: SimdLevel, x: &[f32], shape: Shape, step_order: bool) -> Option<IntInput> {
         let (k, groups) = (shape.k, shape.groups());
-        let padded = k.div_ceil(BLOCK) * BLOCK;
+        let unit = if step_order { 2 * BLOCK } else { BLOCK };
+        let padded = k.div_ceil(unit) * unit;
         let m = x.len() / k;
         let mut input = IntInput {
             lo: vec![0; m * padded],
@@ -43,6 +45,16 @@ impl IntInput {
             );
             let sums = &mut input.group_sums[i * groups..(i + 1) * groups];
             input.scale[i] = round_x_row(level, row, shape.group_size, lo, hi, sums)?;
+            if step_order {
+                // Each step's 32-column pieces 0, 1, 2, 3 stored as 0, 2, 1, 3.
+                let row = i * padded..(i + 1) * padded;
+                for bytes in [&mut input.lo[row.clone()], &mut input.hi[row]] {
+                    for step in bytes.chunks_exact_mut(unit) {
+                        let (first, second) = step.split_at_mut(BLOCK);
+                        first[BLOCK_BYTES..].swap_with_slice(&mut second[..BLOCK_BYTES]);
+                    }
+                }
+            }
         }
         Some(input)
     }
@@ -193,19 +205,21 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
             &widened
         }
     };
-    let (int_kernel, per_pass): (Option<IntKernel>, usize) = match level {
+    let (int_kernel, per_pass, step_order): (Option<IntKernel>, usize, bool) = match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => (
             Some(super::vnni::gemv_rows_vnni),
             super::vnni::VNNI_MAX_ROWS,
+            true,
         ),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if level.is_supported() => {
-            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS)
+            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS, false)
         }
-        _ => (None, MAX_ROWS),
+        _ => (None, MAX_ROWS, false),
     };
-    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s)?)));
+    let int =
+        int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s, step_order)?)));
     let float = int.is_none().then(|| GemvInput::new(xf, s));
     // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
     // writes its own columns of y.
