@@ -21,6 +21,9 @@ pub(super) struct IntInput {
     pub(super) padded: usize,
 }
 
+/// The most rows of x a GEMV kernel takes per pass (the VNNI kernel's 8).
+const MAX_PASS: usize = 8;
+
 /// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
 pub(super) const X_INT_MAX: f32 = 32639.0;
 
@@ -228,14 +231,18 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(parts, |part| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
-        let mut tile = vec![0.0f32; per_pass * rows.len()];
+        let mut buf = Vec::new();
+        let part_w = w.part(rows.clone(), &mut buf);
+        let mut tile = [0.0f32; MAX_PASS * MIN_ROWS_PER_PART];
         for row0 in (0..m).step_by(per_pass) {
             let count = per_pass.min(m - row0);
             let out = &mut tile[..count * rows.len()];
             match (&int, &float) {
                 // SAFETY: each kernel is picked above only for a CPU with its features.
-                (Some((kernel, v)), _) => unsafe { kernel(w, rows.clone(), v, row0, count, out) },
-                (_, Some(f)) => gemv_rows(level, w, rows.clone(), f, row0, count, out),
+                (Some((kernel, v)), _) => unsafe {
+                    kernel(&part_w, 0..rows.len(), v, row0, count, out)
+                },
+                (_, Some(f)) => gemv_rows(level, &part_w, 0..rows.len(), f, row0, count, out),
                 _ => unreachable!("one of the inputs is prepared"),
             }
             for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
@@ -264,7 +271,8 @@ fn recompute_overflowed(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
         w_hat.resize(k, 0.0f32);
         for (r, out) in y_row.iter_mut().enumerate() {
             if !out.is_finite() {
-                w.dequantize_row(r, &mut w_hat);
+                let mut buf = Vec::new();
+                w.part(r..r + 1, &mut buf).dequantize_row(0, &mut w_hat);
                 let dot: f64 = (0..k).map(|c| x_row(c) as f64 * w_hat[c] as f64).sum();
                 *out = dot as f32;
             }

@@ -129,7 +129,7 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
     let row = |r: usize| (n + r) * groups..(n + r + 1) * groups;
     let packed: [*const u8; R] =
         std::array::from_fn(|r| w.packed.as_ptr().add((n + r) * row_bytes));
-    let scales: [&[f32]; R] = std::array::from_fn(|r| &w.scales[row(r)]);
+    let scales: [&[f32]; R] = std::array::from_fn(|r| &w.scales.as_f32()[row(r)]);
     let x = row0 * input.padded;
     let mask = _mm512_set1_epi8(15);
     let mut lo = [[_mm512_setzero_si512(); M]; R];
