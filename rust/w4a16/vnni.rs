@@ -15,6 +15,8 @@ use super::{packed_row_bytes, zero_term, IntInput, PackedW4, BLOCK};
 pub(super) const VNNI_MAX_ROWS: usize = 8;
 /// Columns per step (one 64-byte load of codes).
 pub(super) const STEP: usize = 2 * BLOCK;
+/// Passes of W rows ahead that the kernel prefetches.
+const PREFETCH_ROWS: usize = 1;
 /// Steps whose int32 sums may add up before a flush: per lane a step adds 8 products of at
 /// most 15 * 128 (x̃'s high byte), so 64 steps stay below 2^20 and 256 times that below 2^31.
 const MAX_STEPS: usize = 64;
@@ -144,7 +146,10 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
         };
         let (mut low, mut high) = ([mask; R], [mask; R]);
         for r in 0..R {
-            let v = _mm512_maskz_loadu_epi8(load, packed[r].add(t * (STEP / 2)) as *const i8);
+            let p = packed[r].add(t * (STEP / 2));
+            // The same bytes of the rows one pass ahead (past the part's end: a harmless hint).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_ROWS * R * row_bytes) as *const i8);
+            let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
             low[r] = _mm512_and_si512(v, mask);
             high[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
         }
