@@ -66,24 +66,26 @@ fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point:
         let g = (i % k) / shape.group_size + (i / k) * shape.groups();
         assert_eq!(v, (q as f32 - zeros[g] as f32) * scales[g]);
     }
-    let m = 5;
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-        .collect();
-    let mut y = vec![0.0f32; m * n];
-    gemv(level, &pw, Rows::F32(&x), &mut y).unwrap();
-    for i in 0..m {
-        for r in 0..n {
-            let want: f64 = (0..k)
-                .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
-                .sum();
-            let scale: f64 = (0..k)
-                .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
-                .sum();
-            assert!(
-                (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
-                "{level:?} g{group_size} ({i},{r})"
-            );
+    // 1 to 4 rows of x take the VNNI kernel's passes of 4, 2 and 2 rows of W; 9 two passes.
+    for m in [1, 2, 3, 4, 5, 9] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let mut y = vec![0.0f32; m * n];
+        gemv(level, &pw, Rows::F32(&x), &mut y).unwrap();
+        for i in 0..m {
+            for r in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
+                    .sum();
+                let scale: f64 = (0..k)
+                    .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
+                    .sum();
+                assert!(
+                    (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
+                    "{level:?} g{group_size} m{m} ({i},{r})"
+                );
+            }
         }
     }
 }

@@ -36,8 +36,8 @@ pub(super) unsafe fn gemv_rows_vnni(
     match m {
         1 => vnni_rows::<1, 4>(w, rows, input, row0, out),
         2 => vnni_rows::<2, 2>(w, rows, input, row0, out),
-        3 => vnni_rows::<3, 1>(w, rows, input, row0, out),
-        4 => vnni_rows::<4, 1>(w, rows, input, row0, out),
+        3 => vnni_rows::<3, 2>(w, rows, input, row0, out),
+        4 => vnni_rows::<4, 2>(w, rows, input, row0, out),
         5 => vnni_rows::<5, 1>(w, rows, input, row0, out),
         6 => vnni_rows::<6, 1>(w, rows, input, row0, out),
         7 => vnni_rows::<7, 1>(w, rows, input, row0, out),
