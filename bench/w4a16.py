@@ -1,7 +1,8 @@
 """W4A16: the 4-bit weight matmul against torch's int4 CPU kernel and the bf16 matmul, the W4
 quantizer's throughput, and SmoothQuant+ fidelity on a small trained Transformer.
 
-CPU (bf16 x): M in {1, 8, 32, 128} on W [N, K] in {4096 x 4096, 11008 x 4096}, group size 128,
+CPU (bf16 x): M in {1, 8, 32, 128} on W [N, K] in {4096 x 4096, 2048 x 2048 (a decode layer
+of bench/inference.py's model, where the per-call cost shows), 11008 x 4096}, group size 128,
 at 1 and 2 threads: ours vs ``aten._weight_int4pack_mm_for_cpu`` (torch's int4 CPU kernel, what
 torchao's int4 CPU layout calls; its weight built as bench/inference.py's Int4Linear does) and
 vs the bf16 matmul on the full-precision weight, timed interleaved; ``copy_frac`` is the weight's
@@ -36,7 +37,7 @@ import ferrograd as fg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-CPU_SHAPES = [(4096, 4096), (11008, 4096)]
+CPU_SHAPES = [(4096, 4096), (2048, 2048), (11008, 4096)]
 GPU_SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]
 GPU_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 

@@ -119,6 +119,53 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     }
 }
 
+/// float16 bits to f32 (exact: normals, subnormals, infinities and NaN payloads).
+#[inline(always)]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let (sign, exp, man) = (
+        (bits as u32 & 0x8000) << 16,
+        (bits >> 10) & 0x1f,
+        bits as u32 & 0x3ff,
+    );
+    let magnitude = match exp {
+        // Subnormal (or zero): man * 2^-24, exact in f32.
+        0 => (man as f32 * f32::from_bits(0x3380_0000)).to_bits(),
+        31 => 0x7f80_0000 | (man << 13),
+        _ => ((exp as u32 + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+/// [`f16_to_f32`] over a slice (`dst` as long as `src`), by F16C's `vcvtph2ps` where the CPU
+/// has it (the same values).
+pub fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has F16C (and so AVX).
+        unsafe { f16_to_f32_f16c(src, dst) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16_to_f32(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let whole = src.len().min(dst.len()) / 8 * 8;
+    let (src, tail) = src.split_at(whole);
+    let (dst, dst_tail) = dst.split_at_mut(whole);
+    for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i));
+        _mm256_storeu_ps(d.as_mut_ptr(), v);
+    }
+    for (d, &s) in dst_tail.iter_mut().zip(tail) {
+        *d = f16_to_f32(s);
+    }
+}
+
 /// The widest path this CPU supports.
 pub fn detected() -> SimdLevel {
     let f = cpu_features();

@@ -432,6 +432,26 @@ def test_bf16_gradient_of_x():
     assert (x.grad.double() - want).abs().max() <= 1e-2 * want.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_float16_bias_is_added_before_the_rounding(rows):
+    """A product past float16's range whose sum with the bias is finite: the layer must give
+    the float64 result rounded once, not inf (the bias added after rounding)."""
+    linear = nn.Linear(128, 4)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        linear.bias.copy_(torch.tensor([-2000.0, 0.0, -1.0, 5.0]))
+    layer = fg.nn.W4A16Linear.from_linear(linear, 128).half()
+    x = torch.full((rows, 128), 520.0, dtype=torch.float16, requires_grad=True)
+    got = layer(x)
+    w_hat = layer.weight.dequantize().double()
+    want = x.double() @ w_hat.T + layer.bias.double()
+    assert got.dtype == torch.float16
+    assert torch.equal(got, want.half())
+    assert got[:, 0].isfinite().all() and got[:, 1:].isinf().all()  # as the exact sums
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float16 and x.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("rows", [2, 40])
 def test_gradients_reach_the_input_and_bias(rows):
     q = fg.quant.quantize_w4(torch.randn(30, 96), 32)

@@ -143,7 +143,7 @@ unsafe fn avx2_int_tile<const M: usize, const F: usize, const SPLIT: bool>(
     let (whole, tail) = flushes.split_at(blocks / F);
     for (r, n) in rows.enumerate() {
         let packed = w.packed.as_ptr().add(n * row_bytes);
-        let scales = &w.scales[n * groups..(n + 1) * groups];
+        let scales = &w.scales.as_f32()[n * groups..(n + 1) * groups];
         let zeros = &w.zeros[n * groups..(n + 1) * groups];
         let mut total = [_mm256_setzero_ps(); M];
         let mut acc = [[[_mm256_setzero_si256(); 2]; 2]; M];

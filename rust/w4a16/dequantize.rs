@@ -14,7 +14,10 @@ impl PackedW4<'_> {
         let row_bytes = packed_row_bytes(s.k);
         let packed = &self.packed[n * row_bytes..(n + 1) * row_bytes];
         let groups = s.groups();
-        let (scales, zeros) = (&self.scales[n * groups..], &self.zeros[n * groups..]);
+        let (scales, zeros) = (
+            &self.scales.as_f32()[n * groups..],
+            &self.zeros[n * groups..],
+        );
         let mut block = [0.0f32; BLOCK];
         for (b, bytes) in packed.chunks_exact(BLOCK_BYTES).enumerate() {
             self.dequantize_block(b, bytes, scales, zeros, &mut block);
@@ -106,7 +109,9 @@ pub fn dequantize(
     threads::for_each_chunk(rows.len(), per_task, |_, r| {
         // SAFETY: chunks are disjoint row ranges.
         let piece = unsafe { out.piece(r.start * k..r.end * k) };
-        dequantize_rows(level, w, rows.start + r.start..rows.start + r.end, piece);
+        let mut buf = Vec::new();
+        let part = w.part(rows.start + r.start..rows.start + r.end, &mut buf);
+        dequantize_rows(level, &part, 0..r.len(), piece);
     });
     Ok(())
 }

@@ -211,7 +211,7 @@ unsafe fn gemv_tile<S: Nibbles, const M: usize, const ACC: usize>(
     for (r, n) in rows.enumerate() {
         let packed = w.packed.as_ptr().add(n * row_bytes);
         let (scales, zeros) = (
-            &w.scales[n * groups..(n + 1) * groups],
+            &w.scales.as_f32()[n * groups..(n + 1) * groups],
             &w.zeros[n * groups..(n + 1) * groups],
         );
         let mut total = [S::splat(0.0); M];

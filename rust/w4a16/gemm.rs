@@ -224,7 +224,7 @@ unsafe fn dequantize_tile(
         let packed = w.packed.as_ptr().add(n * row_bytes);
         let zeros = &w.zeros[n * groups..(n + 1) * groups];
         for gi in 0..groups {
-            scales[gi * NR + r] = w.scales[n * groups + gi];
+            scales[gi * NR + r] = w.scales.get(n * groups + gi);
         }
         let table = |half: usize| {
             let z = *zeros.get_unchecked(*half_groups.get_unchecked(half)) as usize;

@@ -10,7 +10,8 @@ use crate::simd::{Simd, SimdLevel};
 use crate::threads::{self, SendPtr};
 
 /// x for the integer kernels: x̃ = round(x / scale) with scale = max|x| / 32639 per row (so that
-/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks.
+/// hi = (x̃ + 128) >> 8 fits a signed byte), split as x̃ = 256 hi + lo, padded to whole blocks
+/// (the VNNI kernel: whole steps of two blocks, in its step order).
 pub(super) struct IntInput {
     pub(super) lo: Vec<i8>,
     pub(super) hi: Vec<i8>,
@@ -20,14 +21,18 @@ pub(super) struct IntInput {
     pub(super) padded: usize,
 }
 
+/// The most rows of x a GEMV kernel takes per pass (the VNNI kernel's 8).
+const MAX_PASS: usize = 8;
+
 /// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
 pub(super) const X_INT_MAX: f32 = 32639.0;
 
 impl IntInput {
     /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
-    fn new(level: SimdLevel, x: &[f32], shape: Shape) -> Option<IntInput> {
+    fn new(level: SimdLevel, x: &[f32], shape: Shape, step_order: bool) -> Option<IntInput> {
         let (k, groups) = (shape.k, shape.groups());
-        let padded = k.div_ceil(BLOCK) * BLOCK;
+        let unit = if step_order { 2 * BLOCK } else { BLOCK };
+        let padded = k.div_ceil(unit) * unit;
         let m = x.len() / k;
         let mut input = IntInput {
             lo: vec![0; m * padded],
@@ -43,6 +48,16 @@ impl IntInput {
             );
             let sums = &mut input.group_sums[i * groups..(i + 1) * groups];
             input.scale[i] = round_x_row(level, row, shape.group_size, lo, hi, sums)?;
+            if step_order {
+                // Each step's 32-column pieces 0, 1, 2, 3 stored as 0, 2, 1, 3.
+                let row = i * padded..(i + 1) * padded;
+                for bytes in [&mut input.lo[row.clone()], &mut input.hi[row]] {
+                    for step in bytes.chunks_exact_mut(unit) {
+                        let (first, second) = step.split_at_mut(BLOCK);
+                        first[BLOCK_BYTES..].swap_with_slice(&mut second[..BLOCK_BYTES]);
+                    }
+                }
+            }
         }
         Some(input)
     }
@@ -193,19 +208,21 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
             &widened
         }
     };
-    let (int_kernel, per_pass): (Option<IntKernel>, usize) = match level {
+    let (int_kernel, per_pass, step_order): (Option<IntKernel>, usize, bool) = match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => (
             Some(super::vnni::gemv_rows_vnni),
             super::vnni::VNNI_MAX_ROWS,
+            true,
         ),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if level.is_supported() => {
-            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS)
+            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS, false)
         }
-        _ => (None, MAX_ROWS),
+        _ => (None, MAX_ROWS, false),
     };
-    let int = int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s)?)));
+    let int =
+        int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s, step_order)?)));
     let float = int.is_none().then(|| GemvInput::new(xf, s));
     // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
     // writes its own columns of y.
@@ -214,14 +231,18 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
     let y_ptr = SendPtr(y.as_mut_ptr());
     threads::split(parts, |part| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
-        let mut tile = vec![0.0f32; per_pass * rows.len()];
+        let mut buf = Vec::new();
+        let part_w = w.part(rows.clone(), &mut buf);
+        let mut tile = [0.0f32; MAX_PASS * MIN_ROWS_PER_PART];
         for row0 in (0..m).step_by(per_pass) {
             let count = per_pass.min(m - row0);
             let out = &mut tile[..count * rows.len()];
             match (&int, &float) {
                 // SAFETY: each kernel is picked above only for a CPU with its features.
-                (Some((kernel, v)), _) => unsafe { kernel(w, rows.clone(), v, row0, count, out) },
-                (_, Some(f)) => gemv_rows(level, w, rows.clone(), f, row0, count, out),
+                (Some((kernel, v)), _) => unsafe {
+                    kernel(&part_w, 0..rows.len(), v, row0, count, out)
+                },
+                (_, Some(f)) => gemv_rows(level, &part_w, 0..rows.len(), f, row0, count, out),
                 _ => unreachable!("one of the inputs is prepared"),
             }
             for (i, tile_row) in out.chunks_exact(rows.len().max(1)).enumerate() {
@@ -250,7 +271,8 @@ fn recompute_overflowed(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
         w_hat.resize(k, 0.0f32);
         for (r, out) in y_row.iter_mut().enumerate() {
             if !out.is_finite() {
-                w.dequantize_row(r, &mut w_hat);
+                let mut buf = Vec::new();
+                w.part(r..r + 1, &mut buf).dequantize_row(0, &mut w_hat);
                 let dot: f64 = (0..k).map(|c| x_row(c) as f64 * w_hat[c] as f64).sum();
                 *out = dot as f32;
             }

@@ -115,15 +115,89 @@ impl Shape {
     }
 }
 
+/// The per-group scales in the type they are stored in (read as they are: no float32 copy per
+/// call).
+#[derive(Clone, Copy)]
+pub enum Scales<'a> {
+    F32(&'a [f32]),
+    /// float16 bit patterns.
+    F16(&'a [u16]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+impl Scales<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Scales::F32(s) => s.len(),
+            Scales::F16(s) | Scales::Bf16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Scale i as float32 (exact).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Scales::F32(s) => s[i],
+            Scales::F16(s) => crate::simd::f16_to_f32(s[i]),
+            Scales::Bf16(s) => crate::simd::bf16_to_f32(s[i]),
+        }
+    }
+
+    /// The float32 scales of a [`PackedW4::part`] (the kernels index them directly).
+    #[inline(always)]
+    fn as_f32(&self) -> &[f32] {
+        match self {
+            Scales::F32(s) => s,
+            _ => unreachable!("the kernels run on parts, whose scales are float32"),
+        }
+    }
+}
+
 /// The packed weight with its per-group parameters, as the kernels read it.
 pub struct PackedW4<'a> {
     pub packed: &'a [u8],
-    pub scales: &'a [f32],
+    pub scales: Scales<'a>,
     pub zeros: &'a [u8],
     pub shape: Shape,
 }
 
 impl PackedW4<'_> {
+    /// Rows `rows` of the weight as a weight of their own, with float32 scales (converted into
+    /// `buf` where they are stored in 16 bits: a part's worth per call, not the weight's).
+    fn part<'b>(&'b self, rows: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> PackedW4<'b> {
+        let (s, groups, row_bytes) = (
+            self.shape,
+            self.shape.groups(),
+            packed_row_bytes(self.shape.k),
+        );
+        let params = rows.start * groups..rows.end * groups;
+        buf.resize(params.len(), 0.0);
+        let scales = match self.scales {
+            Scales::F32(all) => &all[params.clone()],
+            Scales::F16(all) => {
+                crate::simd::f16_to_f32_slice(&all[params.clone()], buf);
+                buf
+            }
+            Scales::Bf16(all) => {
+                for (d, &s) in buf.iter_mut().zip(&all[params.clone()]) {
+                    *d = crate::simd::bf16_to_f32(s);
+                }
+                buf
+            }
+        };
+        PackedW4 {
+            packed: &self.packed[rows.start * row_bytes..rows.end * row_bytes],
+            scales: Scales::F32(scales),
+            zeros: &self.zeros[params],
+            shape: Shape { n: rows.len(), ..s },
+        }
+    }
+
     fn check(&self, op: &str) -> FgResult<()> {
         let s = self.shape;
         s.check(

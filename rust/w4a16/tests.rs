@@ -44,7 +44,7 @@ impl Quantized {
     fn weight(&self) -> PackedW4<'_> {
         PackedW4 {
             packed: &self.packed,
-            scales: &self.scales,
+            scales: Scales::F32(&self.scales),
             zeros: &self.zeros,
             shape: self.shape,
         }
@@ -66,24 +66,26 @@ fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point:
         let g = (i % k) / shape.group_size + (i / k) * shape.groups();
         assert_eq!(v, (q as f32 - zeros[g] as f32) * scales[g]);
     }
-    let m = 5;
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-        .collect();
-    let mut y = vec![0.0f32; m * n];
-    gemv(level, &pw, Rows::F32(&x), &mut y).unwrap();
-    for i in 0..m {
-        for r in 0..n {
-            let want: f64 = (0..k)
-                .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
-                .sum();
-            let scale: f64 = (0..k)
-                .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
-                .sum();
-            assert!(
-                (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
-                "{level:?} g{group_size} ({i},{r})"
-            );
+    // 1 to 4 rows of x take the VNNI kernel's passes of 4, 2 and 2 rows of W; 9 two passes.
+    for m in [1, 2, 3, 4, 5, 9] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let mut y = vec![0.0f32; m * n];
+        gemv(level, &pw, Rows::F32(&x), &mut y).unwrap();
+        for i in 0..m {
+            for r in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w_hat[r * k + c] as f64)
+                    .sum();
+                let scale: f64 = (0..k)
+                    .map(|c| (x[i * k + c] * w_hat[r * k + c]).abs() as f64)
+                    .sum();
+                assert!(
+                    (y[i * n + r] as f64 - want).abs() <= 1e-4 * scale,
+                    "{level:?} g{group_size} m{m} ({i},{r})"
+                );
+            }
         }
     }
 }
@@ -269,4 +271,30 @@ fn zero_point_ranges_hold_zero_and_an_overflowing_range_is_an_error() {
     assert!(
         matches!(run(&[-3e38, 3e38, 0.0, 1.0]), Err(FgError::Value(m)) if m.contains("weight row 0"))
     );
+}
+
+#[test]
+fn float16_scales_read_exactly() {
+    for bits in 0..=u16::MAX {
+        let (sign, exp, man) = (bits >> 15, (bits >> 10) & 31, (bits & 1023) as f64);
+        let magnitude = match exp {
+            0 => man * 2f64.powi(-24),
+            31 if man == 0.0 => f64::INFINITY,
+            31 => f64::NAN,
+            e => (1.0 + man / 1024.0) * 2f64.powi(e as i32 - 15),
+        };
+        let want = if sign == 1 { -magnitude } else { magnitude };
+        let got = crate::simd::f16_to_f32(bits);
+        let mut sliced = [0.0f32; 9];
+        crate::simd::f16_to_f32_slice(&[bits; 9], &mut sliced);
+        assert!(sliced
+            .iter()
+            .all(|v| v.to_bits() == got.to_bits() || v.is_nan() && got.is_nan()));
+        if want.is_nan() {
+            assert!(got.is_nan() && got.to_bits() & 0x1fff == 0, "{bits:#06x}");
+        } else {
+            assert_eq!(got as f64, want, "{bits:#06x}");
+            assert_eq!(got.is_sign_negative(), sign == 1, "{bits:#06x}");
+        }
+    }
 }

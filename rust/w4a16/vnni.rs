@@ -1,115 +1,207 @@
 //! The AVX-512 VNNI integer GEMV.
+//!
+//! Each step reads 64 bytes of a packed row (two blocks, 128 columns) with one load; its low
+//! nibbles are columns 0-31 and 64-95 of the step, its high nibbles 32-63 and 96-127 (mod.rs's
+//! layout). x̃ is stored in that order (`IntInput` with `step_order`), so the nibbles meet x̃ as they come out
+//! of two `vpand`s: no widening, no shuffle. Short x (1 or 2 rows) takes 4 or 2 rows of W per
+//! pass, so that each x̃ vector loaded serves several rows and the sums form enough independent
+//! `vpdpbusd` chains to hide their latency.
 
 use std::arch::x86_64::*;
 
-/// Rows of x per pass over W: 2 x 8 int32 sums and 8 float32 totals fit in 32 registers.
+use super::{packed_row_bytes, zero_term, IntInput, PackedW4, BLOCK};
+
+/// Rows of x per pass over W: 8 x (2 int32 sums + 1 float32 total) fit in 32 registers.
 pub(super) const VNNI_MAX_ROWS: usize = 8;
+/// Columns per step (one 64-byte load of codes).
+pub(super) const STEP: usize = 2 * BLOCK;
+/// Passes of W rows ahead that the kernel prefetches.
+const PREFETCH_ROWS: usize = 1;
+/// Steps whose int32 sums may add up before a flush: per lane a step adds 8 products of at
+/// most 15 * 128 (x̃'s high byte), so 64 steps stay below 2^20 and 256 times that below 2^31.
+const MAX_STEPS: usize = 64;
 
 /// y_tile[i, r] = Σ_c x̃[row0 + i, c] q[n, c] in int32 per group, x̃ split into two signed
 /// bytes (x̃ = 256 hi + lo) so that `vpdpbusd` (unsigned codes times signed bytes) keeps 16
-/// bits of x; per group the two sums meet the scale in float32.
+/// bits of x; per group the sums meet the scale in float32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
 pub(super) unsafe fn gemv_rows_vnni(
-    w: &super::PackedW4<'_>,
+    w: &PackedW4<'_>,
     rows: std::ops::Range<usize>,
-    input: &super::IntInput,
+    input: &IntInput,
     row0: usize,
     m: usize,
     out: &mut [f32],
 ) {
     match m {
-        1 => vnni_tile::<1>(w, rows, input, row0, out),
-        2 => vnni_tile::<2>(w, rows, input, row0, out),
-        3 => vnni_tile::<3>(w, rows, input, row0, out),
-        4 => vnni_tile::<4>(w, rows, input, row0, out),
-        5 => vnni_tile::<5>(w, rows, input, row0, out),
-        6 => vnni_tile::<6>(w, rows, input, row0, out),
-        7 => vnni_tile::<7>(w, rows, input, row0, out),
-        _ => vnni_tile::<8>(w, rows, input, row0, out),
+        1 => vnni_rows::<1, 4>(w, rows, input, row0, out),
+        2 => vnni_rows::<2, 2>(w, rows, input, row0, out),
+        3 => vnni_rows::<3, 2>(w, rows, input, row0, out),
+        4 => vnni_rows::<4, 2>(w, rows, input, row0, out),
+        5 => vnni_rows::<5, 1>(w, rows, input, row0, out),
+        6 => vnni_rows::<6, 1>(w, rows, input, row0, out),
+        7 => vnni_rows::<7, 1>(w, rows, input, row0, out),
+        _ => vnni_rows::<8, 1>(w, rows, input, row0, out),
     }
 }
 
-/// total += (256 hi + lo) * scale (lanes 0-7 take `first`, 8-15 `second`); sums restart.
+/// `rows` of W in passes of R rows (the last few one at a time).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-unsafe fn flush<const M: usize>(
-    first: f32,
-    second: f32,
-    lo_acc: &mut [__m512i; M],
-    hi_acc: &mut [__m512i; M],
-    total: &mut [__m512; M],
-) {
-    let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(first), _mm512_set1_ps(second));
-    for j in 0..M {
-        let hi = _mm512_cvtepi32_ps(hi_acc[j]);
-        let sum = _mm512_fmadd_ps(hi, _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(lo_acc[j]));
-        total[j] = _mm512_fmadd_ps(sum, scale, total[j]);
-        (lo_acc[j], hi_acc[j]) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
-unsafe fn vnni_tile<const M: usize>(
-    w: &super::PackedW4<'_>,
+unsafe fn vnni_rows<const M: usize, const R: usize>(
+    w: &PackedW4<'_>,
     rows: std::ops::Range<usize>,
-    input: &super::IntInput,
+    input: &IntInput,
     row0: usize,
     out: &mut [f32],
 ) {
-    use super::{packed_row_bytes, zero_term, BLOCK, BLOCK_BYTES};
+    let width = rows.len();
+    let mut n = rows.start;
+    while n + R <= rows.end {
+        vnni_tile::<M, R>(w, n, input, row0, out, (n - rows.start, width));
+        n += R;
+    }
+    while n < rows.end {
+        vnni_tile::<M, 1>(w, n, input, row0, out, (n - rows.start, width));
+        n += 1;
+    }
+}
+
+/// Sums of one row of W against M rows of x̃: [row of W][row of x̃].
+type Acc<const M: usize, const R: usize> = [[__m512i; M]; R];
+
+/// acc += codes (R rows of W, 64 codes each) times the 64 x̃ columns at `at` of each x row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn dot<const M: usize, const R: usize>(
+    codes: &[__m512i; R],
+    input: &IntInput,
+    at: usize,
+    lo: &mut Acc<M, R>,
+    hi: &mut Acc<M, R>,
+) {
+    for j in 0..M {
+        let at = j * input.padded + at;
+        let xl = _mm512_loadu_si512(input.lo.as_ptr().add(at) as *const _);
+        let xh = _mm512_loadu_si512(input.hi.as_ptr().add(at) as *const _);
+        for r in 0..R {
+            lo[r][j] = _mm512_dpbusd_epi32(lo[r][j], codes[r], xl);
+            hi[r][j] = _mm512_dpbusd_epi32(hi[r][j], codes[r], xh);
+        }
+    }
+}
+
+/// total += (256 hi + lo) * scale[r] (lanes 0-7 and 8-15 may take different scales); the
+/// sums restart at 0. The int32 combination is exact (module docs).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn flush<const M: usize, const R: usize>(
+    scale: [__m512; R],
+    lo: &mut Acc<M, R>,
+    hi: &mut Acc<M, R>,
+    total: &mut [[__m512; M]; R],
+) {
+    for r in 0..R {
+        for j in 0..M {
+            let sum = _mm512_add_epi32(lo[r][j], _mm512_slli_epi32::<8>(hi[r][j]));
+            total[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale[r], total[r][j]);
+            (lo[r][j], hi[r][j]) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        }
+    }
+}
+
+/// out[i, at + r] for rows n .. n + R of W and M rows of x̃ from `row0`; `(at, width)`: the
+/// first column of out and its row length.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn vnni_tile<const M: usize, const R: usize>(
+    w: &PackedW4<'_>,
+    n: usize,
+    input: &IntInput,
+    row0: usize,
+    out: &mut [f32],
+    (at, width): (usize, usize),
+) {
     let s = w.shape;
-    let (row_bytes, groups, width, g) =
-        (packed_row_bytes(s.k), s.groups(), rows.len(), s.group_size);
-    // Groups of whole blocks flush every g / 64 blocks with one scale; groups of an odd
-    // number of halves flush every block with a scale per half (lanes 0-7 | 8-15).
-    let blend = g % BLOCK != 0;
-    let blocks_per_flush = if blend { 1 } else { g / BLOCK };
-    let mask = _mm256_set1_epi8(15);
-    for (r, n) in rows.enumerate() {
-        let packed = w.packed.as_ptr().add(n * row_bytes);
-        let scales = &w.scales[n * groups..(n + 1) * groups];
-        let zeros = &w.zeros[n * groups..(n + 1) * groups];
-        let mut total = [_mm512_setzero_ps(); M];
-        let mut lo_acc = [_mm512_setzero_si512(); M];
-        let mut hi_acc = [_mm512_setzero_si512(); M];
-        // The scale of the group(s) of flush f (first block b): one, or one per half block
-        // (a division only then: whole-block groups take flush f's group f).
-        let scale_of = |f: usize, b: usize| {
-            if blend {
-                let group = |col: usize| scales[(col / g).min(groups - 1)];
-                (group(b * BLOCK), group(b * BLOCK + BLOCK_BYTES))
-            } else {
-                let s = scales[f.min(groups - 1)];
-                (s, s)
-            }
+    let (row_bytes, groups, g) = (packed_row_bytes(s.k), s.groups(), s.group_size);
+    let steps = row_bytes.div_ceil(STEP / 2);
+    // Groups of whole steps (or one group per row) flush once per group with one scale;
+    // others after each half of a step, lanes 0-7 and 8-15 each with their group's scale.
+    let uniform = groups == 1 || g.is_multiple_of(STEP);
+    let row = |r: usize| (n + r) * groups..(n + r + 1) * groups;
+    let packed: [*const u8; R] =
+        std::array::from_fn(|r| w.packed.as_ptr().add((n + r) * row_bytes));
+    let scales: [&[f32]; R] = std::array::from_fn(|r| &w.scales.as_f32()[row(r)]);
+    let x = row0 * input.padded;
+    let mask = _mm512_set1_epi8(15);
+    let mut lo = [[_mm512_setzero_si512(); M]; R];
+    let mut hi = [[_mm512_setzero_si512(); M]; R];
+    let mut total = [[_mm512_setzero_ps(); M]; R];
+    for t in 0..steps {
+        // A last odd block: its 32 bytes, the rest zero codes (against zero x̃).
+        let load = if (t + 1) * (STEP / 2) <= row_bytes {
+            u64::MAX
+        } else {
+            0xFFFF_FFFF
         };
-        let blocks = row_bytes / BLOCK_BYTES;
-        let (mut left, mut first, mut flushes) = (blocks_per_flush, 0, 0);
-        for b in 0..blocks {
-            let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
-            let lo = _mm256_and_si256(v, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-            let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-            for j in 0..M {
-                let at = (row0 + j) * input.padded + b * BLOCK;
-                let xl = _mm512_loadu_si512(input.lo.as_ptr().add(at) as *const _);
-                let xh = _mm512_loadu_si512(input.hi.as_ptr().add(at) as *const _);
-                lo_acc[j] = _mm512_dpbusd_epi32(lo_acc[j], codes, xl);
-                hi_acc[j] = _mm512_dpbusd_epi32(hi_acc[j], codes, xh);
-            }
-            left -= 1;
-            if left == 0 || b + 1 == blocks {
-                let (a, c) = scale_of(flushes, first);
-                flush::<M>(a, c, &mut lo_acc, &mut hi_acc, &mut total);
-                (left, first, flushes) = (blocks_per_flush, b + 1, flushes + 1);
+        let (mut low, mut high) = ([mask; R], [mask; R]);
+        for r in 0..R {
+            let p = packed[r].add(t * (STEP / 2));
+            // The same bytes of the rows one pass ahead (past the part's end: a harmless hint).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_ROWS * R * row_bytes) as *const i8);
+            let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
+            low[r] = _mm512_and_si512(v, mask);
+            high[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+        }
+        dot::<M, R>(&low, input, x + t * STEP, &mut lo, &mut hi);
+        if !uniform {
+            flush::<M, R>(half_scales(&scales, g, t, 0), &mut lo, &mut hi, &mut total);
+        }
+        dot::<M, R>(&high, input, x + t * STEP + BLOCK, &mut lo, &mut hi);
+        if !uniform {
+            flush::<M, R>(half_scales(&scales, g, t, 1), &mut lo, &mut hi, &mut total);
+        } else {
+            let group_ends = groups > 1 && ((t + 1) * STEP).is_multiple_of(g);
+            if group_ends || (t + 1).is_multiple_of(MAX_STEPS) || t + 1 == steps {
+                let mut scale = [_mm512_setzero_ps(); R];
+                for (r, s) in scale.iter_mut().enumerate() {
+                    *s = _mm512_set1_ps(scale_at(scales[r], g, t * STEP));
+                }
+                flush::<M, R>(scale, &mut lo, &mut hi, &mut total);
             }
         }
+    }
+    for r in 0..R {
+        let zeros = &w.zeros[row(r)];
         for j in 0..M {
             let i = row0 + j;
             let sums = &input.group_sums[i * groups..(i + 1) * groups];
-            let dot = _mm512_reduce_add_ps(total[j]) * input.scale[i];
-            out[j * width + r] = dot - zero_term(scales, zeros, sums);
+            let dot = _mm512_reduce_add_ps(total[r][j]) * input.scale[i];
+            out[j * width + at + r] = dot - zero_term(scales[r], zeros, sums);
         }
     }
+}
+
+/// The scale of column `col` in a row's `scales` (groups of `g` columns).
+#[inline(always)]
+fn scale_at(scales: &[f32], g: usize, col: usize) -> f32 {
+    scales[(col / g).min(scales.len() - 1)]
+}
+
+/// The scales of half `h` of step t (lanes 0-7: its first 32 columns, 8-15: those 64 later).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn half_scales<const R: usize>(
+    scales: &[&[f32]; R],
+    g: usize,
+    t: usize,
+    h: usize,
+) -> [__m512; R] {
+    let col = t * STEP + h * (BLOCK / 2);
+    let mut out = [_mm512_setzero_ps(); R];
+    for (o, s) in out.iter_mut().zip(scales) {
+        let (a, b) = (scale_at(s, g, col), scale_at(s, g, col + BLOCK));
+        *o = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+    }
+    out
 }

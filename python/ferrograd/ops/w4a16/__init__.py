@@ -175,6 +175,12 @@ def w4a16_linear(
         if bias.shape != (n,) or bias.device != x.device:
             raise ValueError(f"{OP}: bias must have shape [N] = [{n}] on {x.device}, got "
                              f"{tuple(bias.shape)} on {bias.device}")  # fmt: skip
+    if bias is not None and x.dtype == torch.float16 and x.device.type == "cpu":
+        # The bias meets the float32 product before the one rounding to float16 (rounding
+        # first turns a product past float16's range into inf even where the sum is finite).
+        # On the CPU float16 x is widened for the kernels anyway, so this costs nothing.
+        y = _library.call(w4a16_matmul_op, x.float(), packed, scales, zeros, group_size, layout)
+        return (y + bias.float()).to(x.dtype)
     y = _library.call(w4a16_matmul_op, x, packed, scales, zeros, group_size, layout)
     return y if bias is None else y + bias.to(y.dtype)
 
