@@ -119,40 +119,64 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     }
 }
 
-/// float16 bits to f32 (exact: normals, subnormals, infinities and NaN payloads).
+/// float16 quiet NaN (the sign is added where one is kept).
+pub const F16_NAN: u16 = 0x7e00;
+
+/// float16 bits to f32 (exact: normals, subnormals, infinities and NaN payloads). The exponent
+/// is rebiased by a multiply by 2^112, which also normalizes subnormals (the AVX2 softmax path
+/// does the same eight lanes at a time).
 #[inline(always)]
 pub fn f16_to_f32(bits: u16) -> f32 {
-    let (sign, exp, man) = (
-        (bits as u32 & 0x8000) << 16,
-        (bits >> 10) & 0x1f,
-        bits as u32 & 0x3ff,
-    );
-    let magnitude = match exp {
-        // Subnormal (or zero): man * 2^-24, exact in f32.
-        0 => (man as f32 * f32::from_bits(0x3380_0000)).to_bits(),
-        31 => 0x7f80_0000 | (man << 13),
-        _ => ((exp as u32 + 112) << 23) | (man << 13),
+    let h = bits as u32;
+    let em = h & 0x7fff;
+    let magnitude = if em >= 0x7c00 {
+        (em << 13) | 0x7f80_0000
+    } else {
+        (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits()
     };
-    f32::from_bits(sign | magnitude)
+    f32::from_bits(magnitude | ((h & 0x8000) << 16))
+}
+
+/// f32 to float16 bits, rounded to nearest even (F. Giesen's branch-free scheme: tiny values
+/// round through a float add of 0.5, normal ones by integer rounding of the mantissa); NaN
+/// becomes [`F16_NAN`] with its sign.
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    let u = x.to_bits();
+    let sign = u & 0x8000_0000;
+    let a = u ^ sign;
+    let o = if a >= 0x4780_0000 {
+        if a > 0x7f80_0000 {
+            F16_NAN as u32
+        } else {
+            0x7c00
+        }
+    } else if a < 0x3880_0000 {
+        (f32::from_bits(a) + 0.5).to_bits() - 0x3f00_0000
+    } else {
+        let odd = (a >> 13) & 1;
+        a.wrapping_add(0xc800_0fff).wrapping_add(odd) >> 13
+    };
+    (o | (sign >> 16)) as u16
 }
 
 /// [`f16_to_f32`] over a slice (`dst` as long as `src`), by F16C's `vcvtph2ps` where the CPU
 /// has it (the same values).
-pub fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+pub fn f16_to_f32_slice(src: &[F16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("f16c") {
         // SAFETY: the CPU has F16C (and so AVX).
         unsafe { f16_to_f32_f16c(src, dst) };
         return;
     }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f16_to_f32(s);
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16_to_f32(s.0);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+unsafe fn f16_to_f32_f16c(src: &[F16], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let whole = src.len().min(dst.len()) / 8 * 8;
     let (src, tail) = src.split_at(whole);
@@ -161,8 +185,8 @@ unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
         let v = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i));
         _mm256_storeu_ps(d.as_mut_ptr(), v);
     }
-    for (d, &s) in dst_tail.iter_mut().zip(tail) {
-        *d = f16_to_f32(s);
+    for (d, s) in dst_tail.iter_mut().zip(tail) {
+        *d = f16_to_f32(s.0);
     }
 }
 

@@ -393,7 +393,7 @@ def test_bf16_x_matches_the_dequantized_weight_at_every_row_count(
     assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 1e-4 * size).all()
     y32 = torch.empty(rows, n)
     operands = (q.packed, q.scales.float(), kernel_zeros(q.scales, q.zeros), n, k, group_size)
-    if _core.w4_gemm(*operands, x.view(torch.uint8), y32, x_bf16=True):
+    if _core.w4_gemm(*operands, x, y32):
         # The GEMM's products of bf16 x and the codes are exact: float32 sums only.
         assert ((y32.double() - want).abs() <= 1e-5 * size).all()
 

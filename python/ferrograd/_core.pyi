@@ -297,12 +297,9 @@ def w4_gemv(
     group_size: int,
     x: torch.Tensor,
     y: torch.Tensor,
-    x_bf16: bool = False,
-    scales_dtype: str = "float32",
 ) -> None:
-    """y [m, n] = x [m, k] @ W_hat.T by the GEMV (group size a multiple of 32); x float32,
-    or bf16 as its bytes with ``x_bf16``; float16 / bfloat16 scales (``scales_dtype``) as
-    their bytes."""
+    """y [m, n] = x [m, k] @ W_hat.T by the GEMV (group size a multiple of 32); x float32
+    or bfloat16; scales float32, float16 or bfloat16, read as they are."""
 
 def w4_gemm(
     packed: torch.Tensor,
@@ -313,8 +310,6 @@ def w4_gemm(
     group_size: int,
     x: torch.Tensor,
     y: torch.Tensor,
-    x_bf16: bool = False,
-    scales_dtype: str = "float32",
 ) -> bool:
     """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 BF16 GEMM; False (y untouched) where the
     CPU or the group size does not allow it."""
@@ -329,7 +324,6 @@ def w4_dequantize(
     row0: int,
     row1: int,
     out: torch.Tensor,
-    scales_dtype: str = "float32",
 ) -> None: ...
 def kernel_sources() -> dict[str, str]:
     """File name -> source of the CUDA kernels embedded from kernels/."""

@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::Borrows;
+use super::tensor::{Borrows, Float};
 use crate::simd;
 use crate::w4a16::{self, PackedW4, Rows, Scales, Shape};
 
@@ -59,45 +59,18 @@ fn w4_pack(
     })
 }
 
-/// The elements of a 16-bit tensor passed as its bytes (`t.view(torch.uint8)`: no 16-bit
-/// types among the borrowed elements).
-fn words<'a>(
-    args: &mut Borrows<'_>,
-    op: &str,
-    name: &str,
-    t: &'a Bound<'_, PyAny>,
-) -> PyResult<&'a [u16]> {
-    let bytes: &[u8] = args.read(name, t)?;
-    // SAFETY: any two bytes are a valid u16; the split only checks alignment.
-    let (head, words, tail) = unsafe { bytes.align_to::<u16>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "{op}: {name}'s 16-bit bytes must be 2-byte aligned and whole"
-        )));
-    }
-    Ok(words)
-}
-
-/// The packed weight over the caller's arrays; `scales_dtype` names the scales' type (16-bit
-/// scales come as their bytes).
+/// The packed weight over the caller's arrays, its scales read in their stored dtype.
 fn packed_weight<'a>(
     args: &mut Borrows<'_>,
-    op: &str,
     packed: &'a Bound<'_, PyAny>,
-    (scales, scales_dtype): (&'a Bound<'_, PyAny>, &str),
+    scales: &'a Bound<'_, PyAny>,
     zeros: &'a Bound<'_, PyAny>,
-    shape: (usize, usize, i64),
+    (op, n, k, group_size): (&str, usize, usize, i64),
 ) -> PyResult<PackedW4<'a>> {
-    let (n, k, group_size) = shape;
-    let scales = match scales_dtype {
-        "float32" => Scales::F32(args.read("scales", scales)?),
-        "float16" => Scales::F16(words(args, op, "scales", scales)?),
-        "bfloat16" => Scales::Bf16(words(args, op, "scales", scales)?),
-        other => {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "{op}: scales_dtype must be float32, float16 or bfloat16, got {other}"
-            )))
-        }
+    let scales = match Float::of(scales)? {
+        Float::F32 => Scales::F32(args.read("scales", scales)?),
+        Float::F16 => Scales::F16(args.read("scales", scales)?),
+        Float::Bf16 => Scales::Bf16(args.read("scales", scales)?),
     };
     Ok(PackedW4 {
         packed: args.read("packed", packed)?,
@@ -107,19 +80,16 @@ fn packed_weight<'a>(
     })
 }
 
-/// x's elements: float32, or bf16 read from its bytes (`x.view(torch.uint8)`; no bf16 dtype
-/// among the borrowed elements).
-fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>, bf16: bool) -> PyResult<Rows<'a>> {
-    Ok(if bf16 {
-        Rows::Bf16(words(args, "w4a16_matmul", "x", x)?)
-    } else {
-        Rows::F32(args.read("x", x)?)
+/// x's rows, float32 or bfloat16.
+fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>) -> PyResult<Rows<'a>> {
+    Ok(match Float::of(x)? {
+        Float::Bf16 => Rows::Bf16(args.read("x", x)?),
+        _ => Rows::F32(args.read("x", x)?),
     })
 }
 
 /// y [m, n] = x [m, k] · Wᵀ by the GEMV (group size a multiple of 32).
 #[pyfunction]
-#[pyo3(signature = (packed, scales, zeros, n, k, group_size, x, y, x_bf16=false, scales_dtype="float32"))]
 #[allow(clippy::too_many_arguments)]
 fn w4_gemv(
     py: Python<'_>,
@@ -131,15 +101,12 @@ fn w4_gemv(
     group_size: i64,
     x: Bound<'_, PyAny>,
     y: Bound<'_, PyAny>,
-    x_bf16: bool,
-    scales_dtype: &str,
 ) -> PyResult<()> {
     let op = "w4a16_matmul";
     let level = simd::active()?;
     let mut args = Borrows::new(op);
-    let scales = (&scales, scales_dtype);
-    let w = packed_weight(&mut args, op, &packed, scales, &zeros, (n, k, group_size))?;
-    let x = rows(&mut args, &x, x_bf16)?;
+    let w = packed_weight(&mut args, &packed, &scales, &zeros, (op, n, k, group_size))?;
+    let x = rows(&mut args, &x)?;
     let y = args.write("y", &y)?;
     run_detached(py, op, || w4a16::gemv(level, &w, x, y))
 }
@@ -147,7 +114,6 @@ fn w4_gemv(
 /// y [m, n] = x [m, k] · Wᵀ by the AVX-512 BF16 GEMM; False (y untouched) where this CPU or
 /// the group size does not allow it.
 #[pyfunction]
-#[pyo3(signature = (packed, scales, zeros, n, k, group_size, x, y, x_bf16=false, scales_dtype="float32"))]
 #[allow(clippy::too_many_arguments)]
 fn w4_gemm(
     py: Python<'_>,
@@ -159,22 +125,18 @@ fn w4_gemm(
     group_size: i64,
     x: Bound<'_, PyAny>,
     y: Bound<'_, PyAny>,
-    x_bf16: bool,
-    scales_dtype: &str,
 ) -> PyResult<bool> {
     let op = "w4a16_matmul";
     let level = simd::active()?;
     let mut args = Borrows::new(op);
-    let scales = (&scales, scales_dtype);
-    let w = packed_weight(&mut args, op, &packed, scales, &zeros, (n, k, group_size))?;
-    let x = rows(&mut args, &x, x_bf16)?;
+    let w = packed_weight(&mut args, &packed, &scales, &zeros, (op, n, k, group_size))?;
+    let x = rows(&mut args, &x)?;
     let y = args.write("y", &y)?;
     run_detached(py, op, || w4a16::matmul(level, &w, x, y))
 }
 
 /// Rows row0..row1 of W as float32 into `out` [row1 - row0, k].
 #[pyfunction]
-#[pyo3(signature = (packed, scales, zeros, n, k, group_size, row0, row1, out, scales_dtype="float32"))]
 #[allow(clippy::too_many_arguments)]
 fn w4_dequantize(
     py: Python<'_>,
@@ -187,13 +149,11 @@ fn w4_dequantize(
     row0: usize,
     row1: usize,
     out: Bound<'_, PyAny>,
-    scales_dtype: &str,
 ) -> PyResult<()> {
     let op = "dequantize";
     let level = simd::active()?;
     let mut args = Borrows::new(op);
-    let scales = (&scales, scales_dtype);
-    let w = packed_weight(&mut args, op, &packed, scales, &zeros, (n, k, group_size))?;
+    let w = packed_weight(&mut args, &packed, &scales, &zeros, (op, n, k, group_size))?;
     let out = args.write("out", &out)?;
     run_detached(py, op, || w4a16::dequantize(level, &w, row0..row1, out))
 }

@@ -147,43 +147,7 @@ impl Element for F16 {
 
 /// bfloat16 quiet NaN (torch's), as the vector paths splat it.
 const BF16_NAN: u32 = simd::BF16_NAN as u32;
-/// float16 quiet NaN, sign added.
-const F16_NAN: u32 = 0x7e00;
-
-/// float16 bits to f32 bits (exact): the exponent rebiased by a multiply by 2^112, which also
-/// normalizes subnormals; infinities and NaN keep an all-ones exponent.
-#[inline(always)]
-fn f16_to_f32_bits(h: u32) -> u32 {
-    let em = h & 0x7fff;
-    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
-    let bits = if em >= 0x7c00 {
-        (em << 13) | 0x7f80_0000
-    } else {
-        v.to_bits()
-    };
-    bits | ((h & 0x8000) << 16)
-}
-
-/// f32 bits to float16 bits, rounded to nearest even (F. Giesen's branch-free scheme: tiny
-/// values round through a float add of 0.5, normal ones by integer rounding of the mantissa).
-#[inline(always)]
-fn f32_to_f16_bits(u: u32) -> u32 {
-    let sign = u & 0x8000_0000;
-    let a = u ^ sign;
-    let o = if a >= 0x4780_0000 {
-        if a > 0x7f80_0000 {
-            F16_NAN
-        } else {
-            0x7c00
-        }
-    } else if a < 0x3880_0000 {
-        (f32::from_bits(a) + 0.5).to_bits() - 0x3f00_0000
-    } else {
-        let odd = (a >> 13) & 1;
-        a.wrapping_add(0xc800_0fff).wrapping_add(odd) >> 13
-    };
-    o | (sign >> 16)
-}
+const F16_NAN: u32 = simd::F16_NAN as u32;
 
 impl Lanes for Scalar {
     #[inline(always)]
@@ -196,11 +160,11 @@ impl Lanes for Scalar {
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> f32 {
-        f32::from_bits(f16_to_f32_bits(*p as u32))
+        simd::f16_to_f32(*p)
     }
     #[inline(always)]
     unsafe fn store_f16(p: *mut u16, v: f32) {
-        *p = f32_to_f16_bits(v.to_bits()) as u16
+        *p = simd::f32_to_f16(v)
     }
     #[inline(always)]
     unsafe fn hsum(v: f32) -> f32 {
@@ -256,7 +220,7 @@ mod x86 {
         unsafe fn store_bf16(p: *mut u16, v: __m256) {
             store_u16_avx2(p, bf16_round_avx2(v))
         }
-        /// No F16C in the AVX2 path's feature set: `f16_to_f32_bits`, eight lanes at a time.
+        /// No F16C in the AVX2 path's feature set: `simd::f16_to_f32`, eight lanes at a time.
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn load_f16(p: *const u16) -> __m256 {
@@ -273,7 +237,7 @@ mod x86 {
             let sign = _mm256_slli_epi32::<16>(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)));
             _mm256_castsi256_ps(_mm256_or_si256(bits, sign))
         }
-        /// `f32_to_f16_bits`, eight lanes at a time.
+        /// `simd::f32_to_f16`, eight lanes at a time.
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn store_f16(p: *mut u16, v: __m256) {
@@ -340,7 +304,7 @@ mod x86 {
         unsafe fn load_f16(p: *const u16) -> __m512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
         }
-        /// vcvtps2ph rounds to nearest even like `f32_to_f16_bits`; NaN keeps its sign.
+        /// vcvtps2ph rounds to nearest even like `simd::f32_to_f16`; NaN keeps its sign.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn store_f16(p: *mut u16, v: __m512) {

@@ -12,7 +12,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{bf16, packed_row_bytes, PackedW4, Rows, BLOCK, BLOCK_BYTES};
+use super::{packed_row_bytes, PackedW4, Rows, BLOCK, BLOCK_BYTES};
+use crate::simd::{bf16_to_f32, f32_to_bf16 as bf16};
 use crate::threads::{self, SendPtr};
 
 /// Rows of W per tile: 2 x 12 sums, 2 vectors of x and a broadcast fit in 32 registers.
@@ -94,7 +95,7 @@ impl Packed {
                     let (ha, hc) = (bf16(a), bf16(c));
                     out[p * width + i] = ha as u32 | (hc as u32) << 16;
                     if terms == 2 {
-                        let lo = |v: f32, h: u16| bf16(v - f32::from_bits((h as u32) << 16));
+                        let lo = |v: f32, h: u16| bf16(v - bf16_to_f32(h));
                         out[p * width + LANES + i] = lo(a, ha) as u32 | (lo(c, hc) as u32) << 16;
                     }
                 }

@@ -16,6 +16,7 @@
 //! (AVX2 integer).
 
 use crate::error::{FgError, FgResult};
+use crate::simd::{self, Bf16, F16};
 
 /// `$tile::<M>(args)` for M = `$m` rows of x (the callers pass 1 to 4).
 #[cfg(target_arch = "x86_64")]
@@ -120,17 +121,16 @@ impl Shape {
 #[derive(Clone, Copy)]
 pub enum Scales<'a> {
     F32(&'a [f32]),
-    /// float16 bit patterns.
-    F16(&'a [u16]),
-    /// bfloat16 bit patterns.
-    Bf16(&'a [u16]),
+    F16(&'a [F16]),
+    Bf16(&'a [Bf16]),
 }
 
 impl Scales<'_> {
     pub fn len(&self) -> usize {
         match self {
             Scales::F32(s) => s.len(),
-            Scales::F16(s) | Scales::Bf16(s) => s.len(),
+            Scales::F16(s) => s.len(),
+            Scales::Bf16(s) => s.len(),
         }
     }
 
@@ -143,8 +143,8 @@ impl Scales<'_> {
     pub fn get(&self, i: usize) -> f32 {
         match self {
             Scales::F32(s) => s[i],
-            Scales::F16(s) => crate::simd::f16_to_f32(s[i]),
-            Scales::Bf16(s) => crate::simd::bf16_to_f32(s[i]),
+            Scales::F16(s) => simd::f16_to_f32(s[i].0),
+            Scales::Bf16(s) => simd::bf16_to_f32(s[i].0),
         }
     }
 
@@ -180,12 +180,12 @@ impl PackedW4<'_> {
         let scales = match self.scales {
             Scales::F32(all) => &all[params.clone()],
             Scales::F16(all) => {
-                crate::simd::f16_to_f32_slice(&all[params.clone()], buf);
+                simd::f16_to_f32_slice(&all[params.clone()], buf);
                 buf
             }
             Scales::Bf16(all) => {
                 for (d, &s) in buf.iter_mut().zip(&all[params.clone()]) {
-                    *d = crate::simd::bf16_to_f32(s);
+                    *d = simd::bf16_to_f32(s.0);
                 }
                 buf
             }
@@ -215,8 +215,7 @@ impl PackedW4<'_> {
 #[derive(Clone, Copy)]
 pub enum Rows<'a> {
     F32(&'a [f32]),
-    /// bf16 bit patterns.
-    Bf16(&'a [u16]),
+    Bf16(&'a [Bf16]),
 }
 
 impl Rows<'_> {
@@ -236,18 +235,7 @@ impl Rows<'_> {
     pub fn get(&self, i: usize) -> f32 {
         match self {
             Rows::F32(x) => x[i],
-            Rows::Bf16(x) => f32::from_bits((x[i] as u32) << 16),
+            Rows::Bf16(x) => simd::bf16_to_f32(x[i].0),
         }
-    }
-}
-
-/// float32 to bf16, rounding to nearest even (NaN stays NaN).
-#[inline(always)]
-pub(crate) fn bf16(v: f32) -> u16 {
-    let b = v.to_bits();
-    if v.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
     }
 }

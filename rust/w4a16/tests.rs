@@ -133,7 +133,7 @@ fn gemm_matches_the_dequantized_product() {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
-            let x16: Vec<u16> = x.iter().map(|&v| bf16(v)).collect();
+            let x16: Vec<Bf16> = x.iter().map(|&v| Bf16(simd::f32_to_bf16(v))).collect();
             for bf in [false, true] {
                 let rows = if bf { Rows::Bf16(&x16) } else { Rows::F32(&x) };
                 let mut y = vec![f32::NAN; m * n];
@@ -286,7 +286,7 @@ fn float16_scales_read_exactly() {
         let want = if sign == 1 { -magnitude } else { magnitude };
         let got = crate::simd::f16_to_f32(bits);
         let mut sliced = [0.0f32; 9];
-        crate::simd::f16_to_f32_slice(&[bits; 9], &mut sliced);
+        crate::simd::f16_to_f32_slice(&[F16(bits); 9], &mut sliced);
         assert!(sliced
             .iter()
             .all(|v| v.to_bits() == got.to_bits() || v.is_nan() && got.is_nan()));

@@ -49,65 +49,61 @@ def quantize(
     return packed, scales, zeros
 
 
-def _weight_blocks(packed, scales, zeros, k: int, group_size: int, scales_dtype: str):
+def _weight_blocks(packed, scales, zeros, k: int, group_size: int):
     """(n0, n1, W_hat[n0:n1] float32) over the rows of the weight (one reused buffer)."""
     n = packed.shape[0]
     block = torch.empty(min(n, DEQUANT_BLOCK_ROWS), k)
     for n0 in range(0, n, DEQUANT_BLOCK_ROWS):
         n1 = min(n, n0 + DEQUANT_BLOCK_ROWS)
         out = block[: n1 - n0]
-        _core.w4_dequantize(packed, scales, zeros, n, k, group_size, n0, n1, out, scales_dtype)
+        _core.w4_dequantize(packed, scales, zeros, n, k, group_size, n0, n1, out)
         yield n0, n1, out
 
 
-#: The scales' dtypes the Rust kernels read as they are (16-bit ones as their bytes).
-_SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: The scales' dtypes the Rust kernels read as they are.
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _operands(packed, scales, zeros):
     """packed, scales (in their stored dtype: no float32 copy per call) and uint8 zeros,
-    contiguous, as the Rust kernels read them, and the scales' dtype name."""
-    name, zeros = _SCALE_DTYPES[scales.dtype], kernel_zeros(scales, zeros)
-    scales = scales.contiguous()
-    if name != "float32":
-        scales = scales.view(torch.uint8)
-    return packed.contiguous(), scales, zeros, name
+    contiguous, as the Rust kernels read them."""
+    zeros = kernel_zeros(scales, zeros)
+    scales = scales.contiguous() if scales.dtype in _SCALE_DTYPES else scales.float().contiguous()
+    return packed.contiguous(), scales, zeros
 
 
 def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> torch.Tensor:
     if layout != CPU_BLOCKS:
         return reference.dequantize(packed, scales, zeros, k, group_size, layout)
-    packed, scales, zeros, scales_dtype = _operands(packed, scales, zeros)
+    packed, scales, zeros = _operands(packed, scales, zeros)
     n = packed.shape[0]
     out = torch.empty(n, k)
-    _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, out, scales_dtype)
+    _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, out)
     return out
 
 
-def _kernel_x(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """x as the Rust kernels read it: bf16 as its bytes (no float32 copy), else float32."""
-    if x.dtype == torch.bfloat16:
-        return x.contiguous().view(torch.uint8), True
-    return x.float().contiguous(), False
+def _kernel_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the Rust kernels read it: bf16 as it is (no float32 copy), else float32."""
+    return x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
 
 
 def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
     if layout != CPU_BLOCKS or x.dtype not in KERNEL_DTYPES:
         return reference.matmul(x, packed, scales, zeros, group_size, layout)
-    packed, scales, zeros, scales_dtype = _operands(packed, scales, zeros)
+    packed, scales, zeros = _operands(packed, scales, zeros)
     n, k = packed.shape[0], x.shape[-1]
-    xk, bf16 = _kernel_x(x)
+    xk = _kernel_x(x)
     # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims.
     y = torch.empty(*x.shape[:-1], n)
-    operands = (packed, scales, zeros, n, k, group_size, xk, y, bf16, scales_dtype)
+    operands = (packed, scales, zeros, n, k, group_size, xk, y)
     rows = x.numel() // k
-    if rows >= GEMM_MIN_ROWS[bf16] and _core.w4_gemm(*operands):
+    if rows >= GEMM_MIN_ROWS[xk.dtype == torch.bfloat16] and _core.w4_gemm(*operands):
         pass
     elif rows <= GEMV_MAX_ROWS and group_len(k, group_size) % 32 == 0:
         _core.w4_gemv(*operands)
     else:
         x2, y2 = x.float().view(-1, k), y.view(-1, n)
-        weight = (packed, scales, zeros, k, group_size, scales_dtype)
+        weight = (packed, scales, zeros, k, group_size)
         for n0, n1, block in _weight_blocks(*weight):
             y2[:, n0:n1] = x2 @ block.T
         _recompute_overflowed(x2, y2, weight)
@@ -121,10 +117,10 @@ def _recompute_overflowed(x2, y2, weight) -> None:
         return
     rows = (~y2.isfinite().all(1) & x2.isfinite().all(1)).nonzero()[:, 0]
     if rows.numel():
-        packed, scales, zeros, k, group_size, scales_dtype = weight
+        packed, scales, zeros, k, group_size = weight
         n = packed.shape[0]
         w_hat = torch.empty(n, k)
-        _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, w_hat, scales_dtype)
+        _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, w_hat)
         exact = (x2[rows].double() @ w_hat.double().T).float()
         y2[rows] = torch.where(y2[rows].isfinite(), y2[rows], exact)
 
@@ -132,7 +128,7 @@ def _recompute_overflowed(x2, y2, weight) -> None:
 def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout: str):
     if layout != CPU_BLOCKS or grad.dtype not in KERNEL_DTYPES:
         return reference.matmul_backward(grad, packed, scales, zeros, k, group_size, layout)
-    packed, scales, zeros, scales_dtype = _operands(packed, scales, zeros)
+    packed, scales, zeros = _operands(packed, scales, zeros)
     dy = grad.reshape(-1, packed.shape[0])
     # bf16 gradients meet bf16 blocks of W_hat in torch's bf16 matmul (AVX512-BF16 where the
     # CPU has it; rounding W_hat to bf16 costs what rounding dx to bf16 does), the blocks'
@@ -140,7 +136,7 @@ def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout
     half = dy.dtype == torch.bfloat16
     dy = dy if half else dy.float()
     dx = torch.zeros(dy.shape[0], k)
-    for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size, scales_dtype):
+    for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
         if half:
             dx += dy[:, n0:n1] @ block.bfloat16()
         else:
