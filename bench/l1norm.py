@@ -109,10 +109,12 @@ def case(bench: Bench, norm: str, shape: tuple[int, ...], dtype: str) -> dict:
     return row
 
 
-def main(threads: list[int], quick: bool = False) -> None:
+def main(threads: int | None = None, quick: bool = False) -> None:
+    """1 and 2 threads, or only ``threads``."""
+    counts = (threads,) if threads else (1, 2)
     load_before = os.getloadavg()
     rows = []
-    for count in threads:
+    for count in counts:
         bench = Bench("l1norm", count)
         for shape in QUICK if quick else SHAPES:
             for dtype in ("fp32", "bf16"):
@@ -121,7 +123,7 @@ def main(threads: list[int], quick: bool = False) -> None:
     save_run(
         "l1norm",
         {
-            "machine": machine(threads[0]),
+            "machine": machine(counts[0]),
             "notes": {
                 "ratio": "torch time / ferrograd time, interleaved medians",
                 "baseline": "nn.LayerNorm (L1LayerNorm) / nn.RMSNorm (L1RMSNorm), same dtype",
@@ -136,4 +138,4 @@ def main(threads: list[int], quick: bool = False) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    main([int(a) for a in args] or [1, 2], quick="--quick" in sys.argv[1:])
+    main(int(args[0]) if args else None, quick="--quick" in sys.argv[1:])

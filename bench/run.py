@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: name -> module in bench/ exposing ``main(threads: int | None) -> None``.
 BENCHMARKS = {
     "softmax": "softmax",
+    "l1norm": "l1norm",
     "packing": "packing",
     "spam": "spam",
     "shiftquant": "shiftquant",

@@ -150,9 +150,11 @@ def gpu(bench: Bench) -> None:
                 )
 
 
-def main(threads: tuple[int, ...] = (1, 2)) -> None:
+def main(threads: int | None = None) -> None:
+    """1 and 2 threads, or only ``threads``."""
+    counts = (threads,) if threads else (1, 2)
     benches = []
-    for t in threads:
+    for t in counts:
         bench = Bench("w4a16", t)
         for n, k in CPU_SHAPES:
             cpu_matmul(bench, n, k)
@@ -160,8 +162,8 @@ def main(threads: tuple[int, ...] = (1, 2)) -> None:
     quantize_speed(benches[-1])
     fidelity(benches[-1])
     rows = [row for b in benches for row in b.rows]
-    benches[-1].save(gpu_section("w4a16", threads[-1], gpu), rows=rows)
+    benches[-1].save(gpu_section("w4a16", counts[-1], gpu), rows=rows)
 
 
 if __name__ == "__main__":
-    main(tuple(int(t) for t in sys.argv[1:]) or (1, 2))
+    main(int(sys.argv[1]) if sys.argv[1:] else None)
