@@ -11,7 +11,7 @@
 //! known in the forward. Nothing here ever sees more than the buffer.
 
 use crate::error::{FgError, FgResult};
-use crate::simd::{bf16_to_f32, f32_to_bf16, Bf16, Scalar, Simd, SimdLevel};
+use crate::simd::{self, Bf16, Scalar, Simd, SimdLevel};
 use crate::softmax::{exp_floored, exp_shifted_sum, row_max, sum};
 use crate::threads::{self, Disjoint};
 
@@ -106,28 +106,8 @@ pub struct GradCoefs<'a> {
 crate::dispatch! {
     fn softcap_row(x: &mut [f32], cap: f32) = softcap_row_impl;
     fn grad_row(z: &mut [f32], lse: f32, softmax: f32, uniform: f32, cap: Option<f32>) -> f32 = grad_row_impl;
-    fn widen(bits: &[Bf16], out: &mut [f32]) = widen_impl;
-    fn narrow(x: &[f32], bits: &mut [Bf16]) = narrow_impl;
 }
 
-/// bfloat16 to f32 (exact). `S` only picks the instantiation: `dispatch!` compiles the plain
-/// loop once per SIMD path, where it vectorizes at that width.
-#[allow(clippy::extra_unused_type_parameters)]
-#[inline(always)]
-unsafe fn widen_impl<S: Simd>(bits: &[Bf16], out: &mut [f32]) {
-    for (o, &b) in out.iter_mut().zip(bits) {
-        *o = bf16_to_f32(b.0);
-    }
-}
-
-/// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_impl`).
-#[allow(clippy::extra_unused_type_parameters)]
-#[inline(always)]
-unsafe fn narrow_impl<S: Simd>(x: &[f32], bits: &mut [Bf16]) {
-    for (b, &v) in bits.iter_mut().zip(x) {
-        *b = Bf16(f32_to_bf16(v));
-    }
-}
 /// x = cap * tanh(x / cap), with tanh(y) = (e^2y - 1) / (e^2y + 1) on y clamped to ±9.
 #[inline(always)]
 unsafe fn softcap_row_impl<S: Simd>(x: &mut [f32], cap: f32) {
@@ -547,10 +527,10 @@ where
                     // SAFETY: row i belongs to this task alone.
                     let bits = unsafe { z.piece(i * width..(i + 1) * width) };
                     let row = &mut *row.borrow_mut();
-                    widen(level, bits, row);
+                    simd::widen_bf16(level, bits, row);
                     let result = f(i, row, state);
                     if write_back {
-                        narrow(level, row, bits);
+                        simd::narrow_bf16(level, row, bits);
                     }
                     result
                 })
@@ -563,6 +543,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simd::{bf16_to_f32, f32_to_bf16};
 
     /// Raw logits of `rows` x `vocab`, deterministic and spread over a few units.
     fn logits(rows: usize, vocab: usize) -> Vec<f32> {

@@ -190,6 +190,31 @@ unsafe fn f16_to_f32_f16c(src: &[F16], dst: &mut [f32]) {
     }
 }
 
+crate::dispatch! {
+    /// bfloat16 slice to f32 (`out` as long as `bits`).
+    pub fn widen_bf16(bits: &[Bf16], out: &mut [f32]) = widen_bf16_impl;
+    /// f32 slice to bfloat16 (`bits` as long as `x`), as [`f32_to_bf16`] rounds.
+    pub fn narrow_bf16(x: &[f32], bits: &mut [Bf16]) = narrow_bf16_impl;
+}
+
+/// bfloat16 to f32 (exact). `S` only picks the instantiation: `dispatch!` compiles the plain
+/// loop once per SIMD path, where it vectorizes at that width.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn widen_bf16_impl<S: Simd>(bits: &[Bf16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = bf16_to_f32(b.0);
+    }
+}
+
+/// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_bf16_impl`).
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+unsafe fn narrow_bf16_impl<S: Simd>(x: &[f32], bits: &mut [Bf16]) {
+    for (b, &v) in bits.iter_mut().zip(x) {
+        *b = Bf16(f32_to_bf16(v));
+    }
+}
 /// The widest path this CPU supports.
 pub fn detected() -> SimdLevel {
     let f = cpu_features();

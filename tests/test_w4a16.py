@@ -398,6 +398,27 @@ def test_bf16_x_matches_the_dequantized_weight_at_every_row_count(
         assert ((y32.double() - want).abs() <= 1e-5 * size).all()
 
 
+@pytest.mark.simd
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 40])
+def test_bf16_y_is_the_float32_y_rounded_once(rows):
+    """The kernels write bf16 y for bf16 x: their float32 sums rounded to nearest even once
+    (torch's rounding), the same as a float32 y cast afterwards; NaN rows stay NaN."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 77, 256
+    q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), 64)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    x[0, 3] = float("nan")
+    operands = (q.packed, q.scales, kernel_zeros(q.scales, q.zeros), n, k, 64, x)
+    for kernel in (_core.w4_gemv, _core.w4_gemm):
+        y32, y16 = torch.empty(rows, n), torch.full((rows, n), 7.0, dtype=torch.bfloat16)
+        wrote = kernel(*operands, y32)
+        assert kernel(*operands, y16) == wrote
+        if wrote is False:  # the GEMM where this CPU has no AVX-512 BF16: y untouched
+            assert (y16 == 7.0).all()
+            continue
+        assert torch.equal(y16[1:], y32[1:].bfloat16()) and y16[0].isnan().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows", [9, 40, 130])
 def test_wider_x_takes_the_gemm_as_two_bf16_terms(dtype, rows):

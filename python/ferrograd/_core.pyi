@@ -299,7 +299,8 @@ def w4_gemv(
     y: torch.Tensor,
 ) -> None:
     """y [m, n] = x [m, k] @ W_hat.T by the GEMV (group size a multiple of 32); x float32
-    or bfloat16; scales float32, float16 or bfloat16, read as they are."""
+    or bfloat16; scales float32, float16 or bfloat16, read as they are; y float32, or
+    bfloat16 (rounded once from the float32 sums)."""
 
 def w4_gemm(
     packed: torch.Tensor,
@@ -311,8 +312,8 @@ def w4_gemm(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> bool:
-    """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 BF16 GEMM; False (y untouched) where the
-    CPU or the group size does not allow it."""
+    """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 BF16 GEMM (y float32 or bfloat16, as
+    w4_gemv); False (y untouched) where the CPU or the group size does not allow it."""
 
 def w4_dequantize(
     packed: torch.Tensor,

@@ -4,7 +4,8 @@ use pyo3::prelude::*;
 
 use super::run_detached;
 use super::tensor::{Borrows, Float};
-use crate::simd;
+use crate::error::FgResult;
+use crate::simd::{self, Bf16, SimdLevel};
 use crate::w4a16::{self, PackedW4, Rows, Scales, Shape};
 
 /// Stored codes [n, k] (0..15), scales and zeros [n, groups] of the float32 weight [n, k].
@@ -88,6 +89,41 @@ fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>) -> PyResult<Rows<'a
     })
 }
 
+/// y as the caller holds it: float32, or bfloat16 (bf16 x: no float32 y and cast per call).
+enum Out<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [Bf16]),
+}
+
+impl Out<'_> {
+    fn of<'a>(args: &mut Borrows<'_>, y: &'a Bound<'_, PyAny>) -> PyResult<Out<'a>> {
+        Ok(match Float::of(y)? {
+            Float::Bf16 => Out::Bf16(args.write("y", y)?),
+            _ => Out::F32(args.write("y", y)?),
+        })
+    }
+
+    /// Runs `kernel` (whether it wrote y) into y: in place for float32; for bfloat16 into a
+    /// float32 scratch, rounded into y once where the kernel wrote it.
+    fn run(
+        self,
+        level: SimdLevel,
+        kernel: impl FnOnce(&mut [f32]) -> FgResult<bool>,
+    ) -> FgResult<bool> {
+        match self {
+            Out::F32(y) => kernel(y),
+            Out::Bf16(y) => {
+                let mut wide = vec![0.0f32; y.len()];
+                let wrote = kernel(&mut wide)?;
+                if wrote {
+                    simd::narrow_bf16(level, &wide, y);
+                }
+                Ok(wrote)
+            }
+        }
+    }
+}
+
 /// y [m, n] = x [m, k] · Wᵀ by the GEMV (group size a multiple of 32).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -107,8 +143,11 @@ fn w4_gemv(
     let mut args = Borrows::new(op);
     let w = packed_weight(&mut args, &packed, &scales, &zeros, (op, n, k, group_size))?;
     let x = rows(&mut args, &x)?;
-    let y = args.write("y", &y)?;
-    run_detached(py, op, || w4a16::gemv(level, &w, x, y))
+    let y = Out::of(&mut args, &y)?;
+    run_detached(py, op, || {
+        y.run(level, |y| w4a16::gemv(level, &w, x, y).map(|()| true))
+            .map(|_| ())
+    })
 }
 
 /// y [m, n] = x [m, k] · Wᵀ by the AVX-512 BF16 GEMM; False (y untouched) where this CPU or
@@ -131,8 +170,8 @@ fn w4_gemm(
     let mut args = Borrows::new(op);
     let w = packed_weight(&mut args, &packed, &scales, &zeros, (op, n, k, group_size))?;
     let x = rows(&mut args, &x)?;
-    let y = args.write("y", &y)?;
-    run_detached(py, op, || w4a16::matmul(level, &w, x, y))
+    let y = Out::of(&mut args, &y)?;
+    run_detached(py, op, || y.run(level, |y| w4a16::matmul(level, &w, x, y)))
 }
 
 /// Rows row0..row1 of W as float32 into `out` [row1 - row0, k].

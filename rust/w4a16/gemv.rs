@@ -200,11 +200,12 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
         )));
     }
     // bf16 rows widened once (m x k floats, small next to W).
-    let widened: Vec<f32>;
+    let mut widened: Vec<f32>;
     let xf = match x {
         Rows::F32(x) => x,
-        Rows::Bf16(_) => {
-            widened = (0..x.len()).map(|i| x.get(i)).collect();
+        Rows::Bf16(bits) => {
+            widened = vec![0.0; bits.len()];
+            crate::simd::widen_bf16(level, bits, &mut widened);
             &widened
         }
     };

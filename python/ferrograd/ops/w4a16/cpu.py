@@ -93,8 +93,9 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     packed, scales, zeros = _operands(packed, scales, zeros)
     n, k = packed.shape[0], x.shape[-1]
     xk = _kernel_x(x)
-    # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims.
-    y = torch.empty(*x.shape[:-1], n)
+    # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims. They
+    # write bf16 y for bf16 x (rounded once from their float32 sums), float32 y otherwise.
+    y = torch.empty(*x.shape[:-1], n, dtype=xk.dtype)
     operands = (packed, scales, zeros, n, k, group_size, xk, y)
     rows = x.numel() // k
     if rows >= GEMM_MIN_ROWS[xk.dtype == torch.bfloat16] and _core.w4_gemm(*operands):
@@ -102,6 +103,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     elif rows <= GEMV_MAX_ROWS and group_len(k, group_size) % 32 == 0:
         _core.w4_gemv(*operands)
     else:
+        y = torch.empty(*x.shape[:-1], n)
         x2, y2 = x.float().view(-1, k), y.view(-1, n)
         weight = (packed, scales, zeros, k, group_size)
         for n0, n1, block in _weight_blocks(*weight):
