@@ -4,7 +4,7 @@
 //! No square root in the statistics, so the LayerNorm's can be computed exactly in integers
 //! straight from ShiftQuant codes (`forward_codes`).
 //!
-//! Rows are stored as float32, bfloat16 or float16 ([`Element`]) and computed in f32: 16-bit
+//! Rows are stored as float32, bfloat16 or float16 ([`Storage`]) and computed in f32: 16-bit
 //! values are widened in registers as they are read and rounded as they are written, so a
 //! 16-bit call moves 16-bit bytes only. A row is read from memory once: the statistics passes
 //! and the output pass run over it while it sits in L1/L2, the next row being prefetched
@@ -19,8 +19,7 @@
 use crate::error::{FgError, FgResult};
 use crate::shiftquant::num_groups;
 use crate::simd::{prefetch_block, Simd, SimdLevel};
-use crate::simd::{Bf16, F16};
-use crate::softmax::Element;
+use crate::simd::{Bf16, Storage, F16};
 use crate::threads::{self, Disjoint};
 
 /// sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
@@ -110,7 +109,7 @@ unsafe fn abs<S: Simd>(v: S::V) -> S::V {
 /// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
 /// stays in cache for the kernels' passes over it).
 #[inline(always)]
-fn widened<'b, E: Element>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
+fn widened<'b, E: Storage>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
     if E::IS_F32 {
         // SAFETY: E is f32 (only f32's Element impl sets IS_F32).
         unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
@@ -153,7 +152,7 @@ pub struct CodesIn<'a> {
 /// One row's forward (`x` widened to f32): two statistics passes and the output pass over the
 /// row from cache; `next` (the next row, or empty) is prefetched while this row is written.
 #[inline(always)]
-unsafe fn forward_row<S: Simd, E: Element>(
+unsafe fn forward_row<S: Simd, E: Storage>(
     norm: Norm,
     x: &[f32],
     next: &[E],
@@ -249,7 +248,7 @@ struct ParamGrads<'a> {
 /// empties), prefetched meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn backward_row<S: Simd, E: Element>(
+unsafe fn backward_row<S: Simd, E: Storage>(
     norm: Norm,
     x: &[f32],
     next: (&[E], &[E]),
@@ -338,7 +337,7 @@ impl Pass2 {
     /// prefetching the next row's x and dy.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn run<E: Element, const G: bool, const B: bool>(
+    fn run<E: Storage, const G: bool, const B: bool>(
         &self,
         x: &[f32],
         next: (&[E], &[E]),
@@ -410,7 +409,7 @@ pub struct BackwardJob<'a, E> {
 
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn forward_impl<S: Simd, E: Element>(job: ForwardJob<'_, E>) {
+unsafe fn forward_impl<S: Simd, E: Storage>(job: ForwardJob<'_, E>) {
     let ForwardJob {
         norm,
         x,
@@ -435,7 +434,7 @@ unsafe fn forward_impl<S: Simd, E: Element>(job: ForwardJob<'_, E>) {
 
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
-unsafe fn backward_impl<S: Simd, E: Element>(job: BackwardJob<'_, E>) {
+unsafe fn backward_impl<S: Simd, E: Storage>(job: BackwardJob<'_, E>) {
     let BackwardJob {
         norm,
         x,
@@ -512,7 +511,7 @@ crate::dispatch! {
 }
 
 /// The storage types with compiled kernels.
-pub trait Kernels: Element {
+pub trait Kernels: Storage {
     fn forward(level: SimdLevel, job: ForwardJob<'_, Self>);
     fn backward(level: SimdLevel, job: BackwardJob<'_, Self>);
 }
@@ -599,7 +598,7 @@ fn rows_per_task(rows: usize, n: usize, tasks_per_thread: usize) -> usize {
 /// The forward's checks and threading: `task(first row, job)` per chunk of rows, `job.x` the
 /// chunk's rows of `x` (empty for the codes path).
 #[allow(clippy::too_many_arguments)]
-fn run_forward<E: Element>(
+fn run_forward<E: Storage>(
     op: &str,
     norm: Norm,
     x: &[E],
@@ -714,7 +713,7 @@ pub struct Grads<'a, E> {
 }
 
 /// The backward's checks and threading, as [`run_forward`].
-fn run_backward<E: Element>(
+fn run_backward<E: Storage>(
     op: &str,
     norm: Norm,
     x: &[E],

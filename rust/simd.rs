@@ -97,6 +97,49 @@ pub struct Bf16(pub u16);
 #[repr(transparent)]
 pub struct F16(pub u16);
 
+/// A type kernels store values in: f32, [`Bf16`] or [`F16`], widened to f32 exactly and
+/// narrowed by rounding to nearest even (NaN to a quiet NaN), one value at a time.
+pub trait Storage: Copy + Send + Sync + 'static {
+    /// Whether this is f32 itself (a slice of it can be read as f32 without a copy).
+    const IS_F32: bool = false;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Storage for f32 {
+    const IS_F32: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Storage for Bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self.0)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Bf16 {
+        Bf16(f32_to_bf16(v))
+    }
+}
+
+impl Storage for F16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self.0)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> F16 {
+        F16(f32_to_f16(v))
+    }
+}
+
 /// bfloat16 quiet NaN (torch's).
 pub const BF16_NAN: u16 = 0x7fc0;
 
@@ -215,6 +258,7 @@ unsafe fn narrow_bf16_impl<S: Simd>(x: &[f32], bits: &mut [Bf16]) {
         *b = Bf16(f32_to_bf16(v));
     }
 }
+
 /// The widest path this CPU supports.
 pub fn detected() -> SimdLevel {
     let f = cpu_features();

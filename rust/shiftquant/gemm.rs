@@ -20,7 +20,7 @@
 
 use super::num_groups;
 use crate::error::{FgError, FgResult};
-use crate::simd::{cpu_features, Bf16, Simd, SimdLevel};
+use crate::simd::{cpu_features, Bf16, Simd, SimdLevel, Storage};
 use crate::threads::{self, SendPtr};
 
 /// The largest code magnitude (8-bit codes are symmetric; -128 would break the sign trick).
@@ -28,27 +28,18 @@ const MAX_CODE: u32 = 127;
 
 /// What the GEMM writes: f32, or bfloat16 rounded to nearest even from the f32
 /// result (the bits torch's conversion of the f32 result gives, without a float32 copy).
-pub trait Output: Copy + Send + Sync + 'static {
+pub trait Output: Storage {
     const EPILOGUE: EpilogueKernel<Self>;
-    fn from_f32(v: f32) -> Self;
 }
 
 type EpilogueKernel<T> = fn(SimdLevel, &Epilogue<'_>, *mut T, usize);
 
 impl Output for f32 {
     const EPILOGUE: EpilogueKernel<f32> = epilogue_f32;
-    #[inline(always)]
-    fn from_f32(v: f32) -> f32 {
-        v
-    }
 }
 
 impl Output for Bf16 {
     const EPILOGUE: EpilogueKernel<Bf16> = epilogue_bf16;
-    #[inline(always)]
-    fn from_f32(v: f32) -> Bf16 {
-        Bf16(crate::simd::f32_to_bf16(v))
-    }
 }
 
 /// One quantized operand: codes [rows, k], scale [rows], shifts [rows, num_groups(k)].

@@ -9,7 +9,7 @@
 
 use super::{num_groups, MAX_SHIFT};
 use crate::error::{FgError, FgResult};
-use crate::simd::{prefetch, prefetch_block, Bf16, Simd, SimdLevel};
+use crate::simd::{prefetch, prefetch_block, Bf16, Simd, SimdLevel, Storage};
 use crate::threads::{self, Disjoint, SendPtr};
 
 /// Rows shorter than this many elements in total run on the calling thread.
@@ -149,11 +149,10 @@ fn uniform_halves(lo: u32, hi: u32, col: u32) -> f32 {
 
 /// What the quantizers read: f32 or bfloat16. bfloat16 widens to f32 exactly, so
 /// both give the codes of the same values; reading bf16 saves a float32 copy of the input.
-pub trait Element: Copy + Send + Sync + 'static {
+pub trait Element: Storage {
     const ROWS: RowsKernel<Self>;
     const GROUP_MAX_COLS: GroupMaxColsKernel<Self>;
     const ENCODE_COLS: EncodeColsKernel<Self>;
-    fn value(self) -> f32;
 }
 
 type RowsKernel<T> = fn(SimdLevel, &[T], usize, &Spec, usize, Codes<'_>);
@@ -164,27 +163,19 @@ impl Element for f32 {
     const ROWS: RowsKernel<f32> = quantize_rows_f32;
     const GROUP_MAX_COLS: GroupMaxColsKernel<f32> = group_max_cols_f32;
     const ENCODE_COLS: EncodeColsKernel<f32> = encode_cols_f32;
-    #[inline(always)]
-    fn value(self) -> f32 {
-        self
-    }
 }
 
 impl Element for Bf16 {
     const ROWS: RowsKernel<Bf16> = quantize_rows_bf16;
     const GROUP_MAX_COLS: GroupMaxColsKernel<Bf16> = group_max_cols_bf16;
     const ENCODE_COLS: EncodeColsKernel<Bf16> = encode_cols_bf16;
-    #[inline(always)]
-    fn value(self) -> f32 {
-        crate::simd::bf16_to_f32(self.0)
-    }
 }
 
 #[inline(always)]
 fn abs_max_bits<T: Element>(x: &[T]) -> u32 {
     // For non-NaN floats the order of |x| is the order of its bits: an integer max reduction.
     x.iter()
-        .fold(0, |m, v| m.max(v.value().to_bits() & ABS_MASK))
+        .fold(0, |m, v| m.max(v.to_f32().to_bits() & ABS_MASK))
 }
 
 /// A rounded value clamped into [-qmax, qmax] as a code.
@@ -210,13 +201,13 @@ fn encode_group<T: Element>(
     match spec.rounding {
         Rounding::Nearest => {
             for (c, &v) in codes.iter_mut().zip(x) {
-                *c = nearest_code((v.value() * pow) / scale, qmax);
+                *c = nearest_code((v.to_f32() * pow) / scale, qmax);
             }
         }
         Rounding::Stochastic { .. } => {
             for (j, (c, &v)) in codes.iter_mut().zip(x).enumerate() {
                 let u = uniform(key, col0.wrapping_add(j as u32));
-                *c = stochastic_code((v.value() * pow) / scale, u, qmax);
+                *c = stochastic_code((v.to_f32() * pow) / scale, u, qmax);
             }
         }
     }
@@ -339,15 +330,15 @@ unsafe fn group_max_cols_impl<S: Simd, T: Element>(
         if sums.is_empty() {
             for xr in xg.chunks_exact(cols) {
                 for (o, v) in og.iter_mut().zip(xr) {
-                    *o = (*o).max(v.value().to_bits() & ABS_MASK);
+                    *o = (*o).max(v.to_f32().to_bits() & ABS_MASK);
                 }
             }
         } else {
             let sg = &mut sums[g * cols..(g + 1) * cols];
             for xr in xg.chunks_exact(cols) {
                 for ((o, sm), v) in og.iter_mut().zip(sg.iter_mut()).zip(xr) {
-                    *o = (*o).max(v.value().to_bits() & ABS_MASK);
-                    *sm += v.value();
+                    *o = (*o).max(v.to_f32().to_bits() & ABS_MASK);
+                    *sm += v.to_f32();
                 }
             }
         }
@@ -385,7 +376,7 @@ fn encode_across<T: Element>(
     let n = codes.len();
     let (x, pow, scale, keep) = (&x[..n], &pow[..n], &pass.scale[..n], &pass.keep[..n]);
     let scaled =
-        |i: usize| f32::from_bits(((x[i].value() * pow[i]) / scale[i]).to_bits() & keep[i]);
+        |i: usize| f32::from_bits(((x[i].to_f32() * pow[i]) / scale[i]).to_bits() & keep[i]);
     match spec.rounding {
         Rounding::Nearest => {
             for (i, c) in codes.iter_mut().enumerate() {

@@ -4,7 +4,7 @@
 //! Every backend rounds a finite value to the same bits (the scalar path runs the vector
 //! paths' integer algorithm on one lane); a NaN stores as a quiet NaN.
 
-use crate::simd::{self, Bf16, Scalar, Simd, F16};
+use crate::simd::{self, Bf16, Scalar, Simd, Storage, F16};
 
 /// What a backend adds to [`Simd`] for the kernels here: 16-bit loads and stores and
 /// horizontal reductions.
@@ -28,9 +28,7 @@ pub trait Lanes: Simd {
 /// # Safety
 /// The pointers must be valid for `LANES` elements (the partial forms for `len < LANES`).
 #[allow(clippy::missing_safety_doc)]
-pub trait Element: Copy + Send + Sync + 'static {
-    /// Whether this is f32 itself (a row of it can hold f32 intermediates).
-    const IS_F32: bool = false;
+pub trait Element: Storage {
     /// Longest row the in-cache kernels take; longer rows run two-pass. 16-bit rows keep an
     /// f32 scratch row of this length in L2 (512 KiB) and the in-cache kernel led at every
     /// length measured; f32 rows keep exp(x) in y and two-pass led from 8192 on (Zen 4, 1 MiB
@@ -75,26 +73,9 @@ pub trait Element: Copy + Send + Sync + 'static {
             Self::store_partial::<S>(p, v, len)
         }
     }
-
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        // SAFETY: one element, read by the one-lane backend.
-        unsafe { Self::load::<Scalar>(&self) }
-    }
-
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        let mut out = std::mem::MaybeUninit::<Self>::uninit();
-        // SAFETY: the one-lane backend writes exactly one element.
-        unsafe {
-            Self::store::<Scalar>(out.as_mut_ptr(), v);
-            out.assume_init()
-        }
-    }
 }
 
 impl Element for f32 {
-    const IS_F32: bool = true;
     const SHORT_ROW: usize = 4096;
 
     #[inline(always)]
@@ -112,14 +93,6 @@ impl Element for f32 {
     #[inline(always)]
     unsafe fn store_partial<S: Lanes>(p: *mut f32, v: S::V, len: usize) {
         S::store_partial(p, v, len)
-    }
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> f32 {
-        v
     }
 }
 

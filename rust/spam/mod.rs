@@ -19,7 +19,7 @@ pub use stats::{adaclip_stats, AdaClip};
 use crate::dispatch;
 use crate::error::{FgError, FgResult};
 use crate::rng::SplitMix64;
-use crate::simd::{Bf16, SimdLevel};
+use crate::simd::{Bf16, SimdLevel, Storage};
 use crate::threads::{self, Disjoint};
 
 /// Elements below which a step runs on the calling thread.
@@ -31,11 +31,9 @@ const ALIGN: usize = sparse::CHUNK;
 const BLOCK: usize = 16;
 
 /// A parameter (and gradient) element type: float32 or bfloat16. Arithmetic is float32.
-pub trait Param: Copy + Send + Sync + 'static {
+pub trait Param: Storage {
     /// Whether this is [`Bf16`] (the vector paths widen and round it in registers).
     const BF16: bool;
-    fn to_f32(self) -> f32;
-    fn from_f32(x: f32) -> Self;
     /// The dense and sparse steps of this type on one SIMD path.
     fn dense(
         level: SimdLevel,
@@ -59,14 +57,6 @@ pub trait Param: Copy + Send + Sync + 'static {
 
 impl Param for f32 {
     const BF16: bool = false;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
     fn dense(
         level: SimdLevel,
         p: &mut [f32],
@@ -92,14 +82,6 @@ impl Param for f32 {
 
 impl Param for Bf16 {
     const BF16: bool = true;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        crate::simd::bf16_to_f32(self.0)
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        Bf16(crate::simd::f32_to_bf16(x))
-    }
     fn dense(
         level: SimdLevel,
         p: &mut [Bf16],
