@@ -4,31 +4,11 @@
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{Borrows, Element, Float};
+use super::tensor::{with_float, Borrows, Element};
 use crate::l1norm::{self, Affine, BackwardIn, CodesIn, Grads, Kernels, Norm, Stats};
-use crate::simd::{self, Bf16, F16};
+use crate::simd;
 
 type Arg<'py> = Bound<'py, PyAny>;
-
-/// Runs `$body` with `$E` bound to the element type of tensor `$x`.
-macro_rules! with_float {
-    ($x:expr, $E:ident => $body:expr) => {
-        match Float::of($x)? {
-            Float::F32 => {
-                type $E = f32;
-                $body
-            }
-            Float::Bf16 => {
-                type $E = Bf16;
-                $body
-            }
-            Float::F16 => {
-                type $E = F16;
-                $body
-            }
-        }
-    };
-}
 
 fn op_of(norm: Norm, backward: bool) -> &'static str {
     match (norm, backward) {

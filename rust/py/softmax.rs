@@ -4,8 +4,8 @@
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{Borrows, Element, Float};
-use crate::simd::{self, Bf16, SimdLevel, F16};
+use super::tensor::{with_float, Borrows, Element};
+use crate::simd::{self, SimdLevel};
 use crate::softmax::{self, Kernels, Layout};
 
 fn forward_as<E: Kernels + Element>(
@@ -58,11 +58,7 @@ fn softmax_forward(
     let level = simd::active()?;
     let layout = Layout { outer, n, inner };
     let t = (&x, &out);
-    match Float::of(&x)? {
-        Float::F32 => forward_as::<f32>(py, op, level, t, layout, log),
-        Float::Bf16 => forward_as::<Bf16>(py, op, level, t, layout, log),
-        Float::F16 => forward_as::<F16>(py, op, level, t, layout, log),
-    }
+    with_float!(&x, E => forward_as::<E>(py, op, level, t, layout, log))
 }
 
 /// The input gradient of softmax / log-softmax from its output `y` and `grad_out` (one dtype).
@@ -87,11 +83,7 @@ fn softmax_backward(
     let level = simd::active()?;
     let layout = Layout { outer, n, inner };
     let t = (&y, &grad_out, &grad_in);
-    match Float::of(&y)? {
-        Float::F32 => backward_as::<f32>(py, op, level, t, layout, log),
-        Float::Bf16 => backward_as::<Bf16>(py, op, level, t, layout, log),
-        Float::F16 => backward_as::<F16>(py, op, level, t, layout, log),
-    }
+    with_float!(&y, E => backward_as::<E>(py, op, level, t, layout, log))
 }
 
 /// The classic three-pass softmax over contiguous rows of length `n` (benchmark baseline,

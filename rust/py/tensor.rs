@@ -95,6 +95,28 @@ impl Float {
     }
 }
 
+/// Runs `$body` with the type alias `$E` bound to the element type of tensor `$x`
+/// ([`Float::of`]): f32, [`Bf16`] or [`F16`].
+macro_rules! with_float {
+    ($x:expr, $E:ident => $body:expr) => {
+        match $crate::py::tensor::Float::of($x)? {
+            $crate::py::tensor::Float::F32 => {
+                type $E = f32;
+                $body
+            }
+            $crate::py::tensor::Float::Bf16 => {
+                type $E = $crate::simd::Bf16;
+                $body
+            }
+            $crate::py::tensor::Float::F16 => {
+                type $E = $crate::simd::F16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_float;
+
 /// The byte ranges handed out during one call, to refuse a written slice that aliases another.
 pub(crate) struct Borrows<'op> {
     op: &'op str,
