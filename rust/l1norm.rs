@@ -111,7 +111,7 @@ unsafe fn abs<S: Simd>(v: S::V) -> S::V {
 #[inline(always)]
 fn widened<'b, E: Storage>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
     if E::IS_F32 {
-        // SAFETY: E is f32 (only f32's Element impl sets IS_F32).
+        // SAFETY: E is f32 (only f32's Storage impl sets IS_F32).
         unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
     } else {
         buf.clear();

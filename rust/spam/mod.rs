@@ -31,9 +31,9 @@ const ALIGN: usize = sparse::CHUNK;
 const BLOCK: usize = 16;
 
 /// A parameter (and gradient) element type: float32 or bfloat16. Arithmetic is float32.
+/// Every type but f32 is [`Bf16`] ([`Storage::IS_F32`] tells them apart): the vector paths widen
+/// and round it in registers.
 pub trait Param: Storage {
-    /// Whether this is [`Bf16`] (the vector paths widen and round it in registers).
-    const BF16: bool;
     /// The dense and sparse steps of this type on one SIMD path.
     fn dense(
         level: SimdLevel,
@@ -56,7 +56,6 @@ pub trait Param: Storage {
 }
 
 impl Param for f32 {
-    const BF16: bool = false;
     fn dense(
         level: SimdLevel,
         p: &mut [f32],
@@ -81,7 +80,6 @@ impl Param for f32 {
 }
 
 impl Param for Bf16 {
-    const BF16: bool = true;
     fn dense(
         level: SimdLevel,
         p: &mut [Bf16],

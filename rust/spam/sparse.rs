@@ -149,7 +149,7 @@ mod avx512 {
     #[inline(always)]
     unsafe fn load16<P: Param>(x: &[P]) -> __m512 {
         let x = &x[..16];
-        if P::BF16 {
+        if !P::IS_F32 {
             let raw = _mm256_loadu_si256(x.as_ptr().cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
         } else {
@@ -161,7 +161,7 @@ mod avx512 {
     #[inline(always)]
     unsafe fn store16<P: Param>(x: &mut [P], v: __m512) {
         let x = &mut x[..16];
-        if P::BF16 {
+        if !P::IS_F32 {
             let bits = _mm512_castps_si512(v);
             let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
             let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
