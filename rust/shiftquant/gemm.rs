@@ -194,9 +194,9 @@ fn pack(
     let panel_bytes = kpad * r;
     let meta = groups * r;
     let panels = rows.div_ceil(r);
-    // Padding encodes the code 0.
-    data.clear();
-    data.resize(panels * panel_bytes, offset as i8);
+    // Every byte is written below (the padding with the code 0 + offset): the buffer is only
+    // initialized where it grows.
+    data.resize(panels * panel_bytes, 0);
     let mut pow = vec![0f32; panels * meta];
     let mut corr = vec![0i32; panels * meta];
     let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
@@ -205,17 +205,38 @@ fn pack(
         let panel = &op.codes[p * r * k..(p * r + live) * k];
         // K = 0 leaves `panel` empty; the row chunks then only need a nonzero length.
         let row_len = k.max(1);
-        // Whole quads as u32, walking K outermost so that the writes are sequential (a byte
-        // loop, row by row, was a tenth of the GEMM's time at 1024³).
+        // Whole quads: 4 x 4 blocks (4 rows, 4 quads) transposed in registers, the rest one
+        // quad at a time, walking K outermost so that the writes are sequential (a byte loop,
+        // row by row, was a tenth of the GEMM's time at 1024³; quad by quad, 6-12% at model
+        // shapes).
         let (full, tail) = (k / 4, k % 4);
-        for kk in 0..full {
-            let out = &mut d[kk * r * 4..(kk * r + live) * 4];
-            for (o, row) in out.chunks_exact_mut(4).zip(panel.chunks_exact(row_len)) {
-                let quad: [i8; 4] = row[kk * 4..kk * 4 + 4].try_into().unwrap();
+        // Blocks of rows 0, 4, 8, ... and, for a count that is not a multiple of 4, the last
+        // four rows (rewriting some rows with the same bytes).
+        let full4 = if live >= 4 { full / 4 * 4 } else { 0 };
+        let row_blocks = (0..live / 4 * 4)
+            .step_by(4)
+            .chain((live >= 4 && !live.is_multiple_of(4)).then(|| live - 4));
+        for kk in (0..full4).step_by(4) {
+            for i in row_blocks.clone() {
+                let rows: [&[i8]; 4] =
+                    std::array::from_fn(|j| &panel[(i + j) * row_len + kk * 4..][..16]);
+                let out = &mut d[(kk * r + i) * 4..((kk + 3) * r + i + 4) * 4];
+                transpose_quads(rows, offset, out, r * 4);
+            }
+        }
+        for kk in full4..full {
+            for i in 0..live {
+                let quad: [i8; 4] = panel[i * row_len + kk * 4..][..4].try_into().unwrap();
                 let v = add_bytes(u32::from_ne_bytes(quad.map(|q| q as u8)), lanes);
+                let o = &mut d[(kk * r + i) * 4..][..4];
                 o.copy_from_slice(&v.to_ne_bytes().map(|b| b as i8));
             }
         }
+        // Padding: the rows past the operand's end, and the quads past K.
+        for kk in 0..full {
+            d[(kk * r + live) * 4..(kk + 1) * r * 4].fill(offset as i8);
+        }
+        d[full * r * 4..].fill(offset as i8);
         for (i, row) in panel.chunks_exact(row_len).enumerate() {
             if tail > 0 {
                 for (o, &q) in d[(full * r + i) * 4..].iter_mut().zip(&row[full * 4..]) {
@@ -226,8 +247,7 @@ fn pack(
             for (g, (group, &shift)) in row.chunks(gs).zip(shifts).enumerate() {
                 pw[g * r + i] = f32::from_bits((127 - u32::from(shift)) << 23);
                 if other_offset != 0 {
-                    let sum: i32 = group.iter().map(|&q| i32::from(q)).sum();
-                    cs[g * r + i] = -i32::from(other_offset) * sum;
+                    cs[g * r + i] = -i32::from(other_offset) * byte_sum(group);
                 }
             }
         }
@@ -262,6 +282,69 @@ fn pack(
         pow,
         corr,
     }
+}
+
+/// Quads j = 0..4 of the four `rows` (16 bytes each), plus `offset` per byte, written as 4 rows'
+/// quads at `out[j * stride..]`: a 4 x 4 transpose of 32-bit words.
+#[inline(always)]
+fn transpose_quads(rows: [&[i8]; 4], offset: u8, out: &mut [i8], stride: usize) {
+    assert!(rows.iter().all(|row| row.len() >= 16) && out.len() >= 3 * stride + 16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is part of x86_64; the assert bounds every load and store.
+    unsafe {
+        use std::arch::x86_64::*;
+        let add = _mm_set1_epi8(offset as i8);
+        let v: [__m128i; 4] =
+            std::array::from_fn(|j| _mm_add_epi8(_mm_loadu_si128(rows[j].as_ptr().cast()), add));
+        let (lo01, hi01) = (
+            _mm_unpacklo_epi32(v[0], v[1]),
+            _mm_unpackhi_epi32(v[0], v[1]),
+        );
+        let (lo23, hi23) = (
+            _mm_unpacklo_epi32(v[2], v[3]),
+            _mm_unpackhi_epi32(v[2], v[3]),
+        );
+        let t = [
+            _mm_unpacklo_epi64(lo01, lo23),
+            _mm_unpackhi_epi64(lo01, lo23),
+            _mm_unpacklo_epi64(hi01, hi23),
+            _mm_unpackhi_epi64(hi01, hi23),
+        ];
+        for (j, t) in t.iter().enumerate() {
+            _mm_storeu_si128(out.as_mut_ptr().add(j * stride).cast(), *t);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (i, row) in rows.iter().enumerate() {
+        for (j, quad) in row[..16].chunks_exact(4).enumerate() {
+            for (o, &q) in out[j * stride + 4 * i..][..4].iter_mut().zip(quad) {
+                *o = q.wrapping_add(offset as i8);
+            }
+        }
+    }
+}
+
+/// Σ q over `bytes`: 16 at a time by `psadbw` on q + 128 (then less 128 per byte).
+#[inline(always)]
+fn byte_sum(bytes: &[i8]) -> i32 {
+    let chunks = bytes.chunks_exact(16);
+    let tail: i32 = chunks.remainder().iter().map(|&q| i32::from(q)).sum();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is part of x86_64; each chunk holds 16 bytes.
+    let body = unsafe {
+        use std::arch::x86_64::*;
+        let (flip, zero) = (_mm_set1_epi8(i8::MIN), _mm_setzero_si128());
+        let mut acc = zero;
+        for chunk in chunks {
+            let v = _mm_xor_si128(_mm_loadu_si128(chunk.as_ptr().cast()), flip);
+            acc = _mm_add_epi64(acc, _mm_sad_epu8(v, zero));
+        }
+        let total = _mm_cvtsi128_si64(acc) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc));
+        total as i32 - 128 * (bytes.len() / 16 * 16) as i32
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let body: i32 = chunks.flatten().map(|&q| i32::from(q)).sum();
+    body + tail
 }
 
 /// The four bytes of `x` plus those of `y`, each modulo 256 (no carry between bytes).
@@ -510,20 +593,74 @@ pub struct Epilogue<'a> {
 /// Row and column scales, bias, the padding cropped, into `out` (row stride `stride`); a tile
 /// row at a time (nr consecutive accumulators), so that it vectorizes (dispatched: compiled
 /// for the baseline target it cost a sixth of a 1024 x 1376 x 512 GEMM). The scales multiply
-/// in f64: their product may leave the f32 range where the result does not (0 * inf would be
-/// NaN).
+/// in f32 where every product of a row and a column scale of the block is a normal f32 far
+/// from overflow (the usual case: half the vector work of f64, which was a tenth of a
+/// 1024 x 512 x 1376 GEMM); otherwise in f64, since their product may leave the f32 range
+/// where the result does not (0 * inf would be NaN).
 ///
 /// # Safety
 /// `out` is valid for the block's rows (a_scale.len()) of b_scale.len() elements at `stride`.
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
 unsafe fn epilogue_impl<S: Simd, T: Output>(e: &Epilogue<'_>, out: *mut T, stride: usize) {
+    if scales_fit_f32(e.a_scale, e.b_scale) {
+        scale_rows::<T, f32>(e, out, stride)
+    } else {
+        scale_rows::<T, f64>(e, out, stride)
+    }
+}
+
+/// Whether every product of a nonzero `a` and a nonzero `b` scale lies in [2^-100, 2^100] (so
+/// that scaling an accumulator by it in f32 rounds like f64 then f32, to an ulp, and never
+/// overflows early; zero scales give zero either way).
+#[inline(always)]
+fn scales_fit_f32(a: &[f32], b: &[f32]) -> bool {
+    let range = |s: &[f32]| {
+        let nonzero = s.iter().map(|v| f64::from(v.abs())).filter(|&v| v > 0.0);
+        nonzero.fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)))
+    };
+    let ((a_lo, a_hi), (b_lo, b_hi)) = (range(a), range(b));
+    let (lo, hi) = (2f64.powi(-100), 2f64.powi(100));
+    a_lo * b_lo >= lo && a_hi * b_hi <= hi
+}
+
+/// The epilogue's arithmetic type: f32, or f64 for scales whose products leave f32's range.
+trait Scaling: Copy + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> {
+    fn of(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Scaling for f32 {
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Scaling for f64 {
+    #[inline(always)]
+    fn of(v: f32) -> Self {
+        f64::from(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// [`epilogue_impl`]'s loops in the arithmetic type F.
+#[inline(always)]
+unsafe fn scale_rows<T: Output, F: Scaling>(e: &Epilogue<'_>, out: *mut T, stride: usize) {
     let (mr, nr) = (e.mr, e.nr);
     let tile = mr * nr;
     let cols = e.b_scale.len();
     for (r, &sa) in e.a_scale.iter().enumerate() {
         let (pi, i) = (r / mr, r % mr);
-        let sa = sa as f64;
+        let sa = F::of(sa);
         let dst = std::slice::from_raw_parts_mut(out.add(r * stride), cols);
         for (pj, (o, s)) in dst.chunks_mut(nr).zip(e.b_scale.chunks(nr)).enumerate() {
             let base = (pi * e.panels_n + pj) * tile + i * nr;
@@ -532,12 +669,12 @@ unsafe fn epilogue_impl<S: Simd, T: Output>(e: &Epilogue<'_>, out: *mut T, strid
                 Some(bias) => {
                     let bias = &bias[pj * nr..pj * nr + o.len()];
                     for (((o, &v), &s), &b) in o.iter_mut().zip(a).zip(s).zip(bias) {
-                        *o = T::from_f32((v as f64 * (sa * s as f64) + b as f64) as f32);
+                        *o = T::from_f32((F::of(v) * (sa * F::of(s)) + F::of(b)).to_f32());
                     }
                 }
                 None => {
                     for ((o, &v), &s) in o.iter_mut().zip(a).zip(s) {
-                        *o = T::from_f32((v as f64 * (sa * s as f64)) as f32);
+                        *o = T::from_f32((F::of(v) * (sa * F::of(s))).to_f32());
                     }
                 }
             }
