@@ -203,6 +203,10 @@ class Group:
                 p.grad = torch.zeros_like(p)
         self.all_reduce_([*(p.grad for p in params), loss])
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -477,7 +481,9 @@ def run(cfg: Config) -> dict:
         raise SystemExit("demo: --device cuda: torch sees no CUDA GPU here; run on the CPU")
     group = Group(cfg)
     try:
-        return _run(cfg, group)
+        result = _run(cfg, group)
+        group.barrier()  # no rank tears the group down while another still reports
+        return result
     finally:
         group.close()
 
