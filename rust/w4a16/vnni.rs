@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{packed_row_bytes, zero_term, IntInput, PackedW4, BLOCK};
+use super::{packed_row_bytes, zero_term, IntInput, PackedW4, BLOCK, BLOCK_BYTES};
 
 /// Rows of x per pass over W: 8 x (2 int32 sums + 1 float32 total) fit in 32 registers.
 pub(super) const VNNI_MAX_ROWS: usize = 8;
@@ -70,15 +70,33 @@ unsafe fn vnni_rows<const M: usize, const R: usize>(
             _mm_prefetch::<_MM_HINT_T1>(row.add(at) as *const i8);
         }
     }
+    // Groups smaller than a step: the group of each 32-column piece, looked up per flush
+    // (a division there cost about as much as the step's own arithmetic).
+    let (g, groups) = (w.shape.group_size, w.shape.groups());
+    let piece_groups: Vec<usize> = if uniform_groups(w.shape) {
+        Vec::new()
+    } else {
+        let pieces = row_bytes.div_ceil(STEP / 2) * STEP / BLOCK_BYTES;
+        (0..pieces)
+            .map(|p| (p * BLOCK_BYTES / g).min(groups - 1))
+            .collect()
+    };
     let mut n = rows.start;
     while n + R <= rows.end {
-        vnni_tile::<M, R>(w, n, input, row0, out, (n - rows.start, width));
+        let at = (n - rows.start, width);
+        vnni_tile::<M, R>(w, n, input, &piece_groups, row0, out, at);
         n += R;
     }
     while n < rows.end {
-        vnni_tile::<M, 1>(w, n, input, row0, out, (n - rows.start, width));
+        let at = (n - rows.start, width);
+        vnni_tile::<M, 1>(w, n, input, &piece_groups, row0, out, at);
         n += 1;
     }
+}
+
+/// Whether every group is whole steps (or the row one group): one scale per flush.
+fn uniform_groups(shape: super::Shape) -> bool {
+    shape.groups() == 1 || shape.group_size.is_multiple_of(STEP)
 }
 
 /// Sums of one row of W against M rows of x̃: [row of W][row of x̃].
@@ -125,13 +143,15 @@ unsafe fn flush<const M: usize, const R: usize>(
 }
 
 /// out[i, at + r] for rows n .. n + R of W and M rows of x̃ from `row0`; `(at, width)`: the
-/// first column of out and its row length.
+/// first column of out and its row length; `piece_groups`: the group of each 32 columns
+/// where groups are smaller than a step.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
 unsafe fn vnni_tile<const M: usize, const R: usize>(
     w: &PackedW4<'_>,
     n: usize,
     input: &IntInput,
+    piece_groups: &[usize],
     row0: usize,
     out: &mut [f32],
     (at, width): (usize, usize),
@@ -139,50 +159,54 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
     let s = w.shape;
     let (row_bytes, groups, g) = (packed_row_bytes(s.k), s.groups(), s.group_size);
     let steps = row_bytes.div_ceil(STEP / 2);
-    // Groups of whole steps (or one group per row) flush once per group with one scale;
-    // others after each half of a step, lanes 0-7 and 8-15 each with their group's scale.
-    let uniform = groups == 1 || g.is_multiple_of(STEP);
     let row = |r: usize| (n + r) * groups..(n + r + 1) * groups;
-    let packed: [*const u8; R] =
-        std::array::from_fn(|r| w.packed.as_ptr().add((n + r) * row_bytes));
     let scales: [&[f32]; R] = std::array::from_fn(|r| &w.scales.as_f32()[row(r)]);
+    let codes = StepLoader::<R>::new(w, n);
     let x = row0 * input.padded;
-    let mask = _mm512_set1_epi8(15);
     let mut lo = [[_mm512_setzero_si512(); M]; R];
     let mut hi = [[_mm512_setzero_si512(); M]; R];
     let mut total = [[_mm512_setzero_ps(); M]; R];
-    for t in 0..steps {
-        // A last odd block: its 32 bytes, the rest zero codes (against zero x̃).
-        let load = if (t + 1) * (STEP / 2) <= row_bytes {
-            u64::MAX
-        } else {
-            0xFFFF_FFFF
-        };
-        let (mut low, mut high) = ([mask; R], [mask; R]);
-        for r in 0..R {
-            let p = packed[r].add(t * (STEP / 2));
-            // The same bytes of the rows passes ahead (past the part's end: a harmless hint).
-            let ahead = p.wrapping_add(PREFETCH_PASSES * R * row_bytes);
-            _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
-            let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
-            low[r] = _mm512_and_si512(v, mask);
-            high[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-        }
-        dot::<M, R>(&low, input, x + t * STEP, &mut lo, &mut hi);
-        if !uniform {
-            flush::<M, R>(half_scales(&scales, g, t, 0), &mut lo, &mut hi, &mut total);
-        }
-        dot::<M, R>(&high, input, x + t * STEP + BLOCK, &mut lo, &mut hi);
-        if !uniform {
-            flush::<M, R>(half_scales(&scales, g, t, 1), &mut lo, &mut hi, &mut total);
-        } else {
-            let group_ends = groups > 1 && ((t + 1) * STEP).is_multiple_of(g);
-            if group_ends || (t + 1).is_multiple_of(MAX_STEPS) || t + 1 == steps {
-                let mut scale = [_mm512_setzero_ps(); R];
-                for (r, s) in scale.iter_mut().enumerate() {
-                    *s = _mm512_set1_ps(scale_at(scales[r], g, t * STEP));
-                }
+    if uniform_groups(s) {
+        // Groups of whole steps: one flush per group (or per MAX_STEPS steps) with one scale
+        // per row. The group is tracked by counting down: a division per step, and bounds
+        // checks on the scales, had cost about as much as the step's own arithmetic.
+        let group_steps = if groups == 1 { usize::MAX } else { g / STEP };
+        let scale_rows = w.scales.as_f32().as_ptr().add(n * groups);
+        let (mut group, mut group_left, mut run_left) = (0, group_steps, MAX_STEPS);
+        for t in 0..steps {
+            let (low, high) = codes.step(t);
+            dot::<M, R>(&low, input, x + t * STEP, &mut lo, &mut hi);
+            dot::<M, R>(&high, input, x + t * STEP + BLOCK, &mut lo, &mut hi);
+            (group_left, run_left) = (group_left - 1, run_left - 1);
+            if group_left == 0 || run_left == 0 || t + 1 == steps {
+                // group < groups: the steps end with the last group.
+                let scale =
+                    std::array::from_fn(|r| _mm512_set1_ps(*scale_rows.add(r * groups + group)));
                 flush::<M, R>(scale, &mut lo, &mut hi, &mut total);
+                run_left = MAX_STEPS;
+                if group_left == 0 {
+                    (group, group_left) = (group + 1, group_steps);
+                }
+            }
+        }
+    } else {
+        // Smaller groups (multiples of 32 columns): lanes 0-7 and 8-15 of a half step may
+        // take different scales. Groups of 64: one flush per step, as both halves' lanes
+        // 0-7 (columns 0-63 of the step) and 8-15 (64-127) lie in one group each.
+        let per_step = g.is_multiple_of(2 * BLOCK_BYTES);
+        for t in 0..steps {
+            let (low, high) = codes.step(t);
+            for (h, half) in [low, high].iter().enumerate() {
+                dot::<M, R>(half, input, x + t * STEP + h * BLOCK, &mut lo, &mut hi);
+                if !per_step || h == 1 {
+                    let h = if per_step { 0 } else { h };
+                    let (a, b) = (piece_groups[4 * t + h], piece_groups[4 * t + h + 2]);
+                    let scale = std::array::from_fn(|r| {
+                        let (a, b) = (_mm512_set1_ps(scales[r][a]), _mm512_set1_ps(scales[r][b]));
+                        _mm512_mask_blend_ps(0xFF00, a, b)
+                    });
+                    flush::<M, R>(scale, &mut lo, &mut hi, &mut total);
+                }
             }
         }
     }
@@ -197,26 +221,45 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
     }
 }
 
-/// The scale of column `col` in a row's `scales` (groups of `g` columns).
-#[inline(always)]
-fn scale_at(scales: &[f32], g: usize, col: usize) -> f32 {
-    scales[(col / g).min(scales.len() - 1)]
+/// Reads the codes of R rows of W step by step, prefetching the rows PREFETCH_PASSES passes
+/// ahead.
+struct StepLoader<const R: usize> {
+    first_row: *const u8,
+    row_bytes: usize,
 }
 
-/// The scales of half `h` of step t (lanes 0-7: its first 32 columns, 8-15: those 64 later).
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn half_scales<const R: usize>(
-    scales: &[&[f32]; R],
-    g: usize,
-    t: usize,
-    h: usize,
-) -> [__m512; R] {
-    let col = t * STEP + h * (BLOCK / 2);
-    let mut out = [_mm512_setzero_ps(); R];
-    for (o, s) in out.iter_mut().zip(scales) {
-        let (a, b) = (scale_at(s, g, col), scale_at(s, g, col + BLOCK));
-        *o = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+impl<const R: usize> StepLoader<R> {
+    #[inline(always)]
+    unsafe fn new(w: &PackedW4<'_>, n: usize) -> Self {
+        let row_bytes = packed_row_bytes(w.shape.k);
+        let first_row = w.packed.as_ptr().add(n * row_bytes);
+        StepLoader {
+            first_row,
+            row_bytes,
+        }
     }
-    out
+
+    /// Step t's codes of each row: low nibbles (the step's first block), high nibbles.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn step(&self, t: usize) -> ([__m512i; R], [__m512i; R]) {
+        let mask = _mm512_set1_epi8(15);
+        // A last odd block: its 32 bytes, the rest zero codes (against zero x̃).
+        let load = if (t + 1) * (STEP / 2) <= self.row_bytes {
+            u64::MAX
+        } else {
+            0xFFFF_FFFF
+        };
+        let (mut low, mut high) = ([mask; R], [mask; R]);
+        for r in 0..R {
+            let p = self.first_row.add(r * self.row_bytes + t * (STEP / 2));
+            // The same bytes of the rows passes ahead (past the part's end: a harmless hint).
+            let ahead = p.wrapping_add(PREFETCH_PASSES * R * self.row_bytes);
+            _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
+            let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
+            low[r] = _mm512_and_si512(v, mask);
+            high[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+        }
+        (low, high)
+    }
 }
