@@ -21,9 +21,6 @@ pub(super) struct IntInput {
     pub(super) padded: usize,
 }
 
-/// The most rows of x a GEMV kernel takes per pass (the VNNI kernel's 8).
-const MAX_PASS: usize = 8;
-
 /// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
 pub(super) const X_INT_MAX: f32 = 32639.0;
 
@@ -187,7 +184,7 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
     Ok(true)
 }
 
-/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x, 8 with VNNI).
+/// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).
 /// The group size must be a multiple of 32 (whole half blocks).
 pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<()> {
     const OP: &str = "w4a16_matmul";
@@ -209,18 +206,14 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
             &widened
         }
     };
-    let (int_kernel, per_pass, step_order): (Option<IntKernel>, usize, bool) = match level {
+    let (int_kernel, step_order): (Option<IntKernel>, bool) = match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => (
-            Some(super::vnni::gemv_rows_vnni),
-            super::vnni::VNNI_MAX_ROWS,
-            true,
-        ),
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if level.is_supported() => {
-            (Some(super::avx2::gemv_rows_avx2_int), MAX_ROWS, false)
+        SimdLevel::Avx512 if crate::simd::cpu_features().avx512vnni => {
+            (Some(super::vnni::gemv_rows_vnni), true)
         }
-        _ => (None, MAX_ROWS, false),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 if level.is_supported() => (Some(super::avx2::gemv_rows_avx2_int), false),
+        _ => (None, false),
     };
     let int =
         int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s, step_order)?)));
@@ -234,9 +227,9 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
         let mut buf = Vec::new();
         let part_w = w.part(rows.clone(), &mut buf);
-        let mut tile = [0.0f32; MAX_PASS * MIN_ROWS_PER_PART];
-        for row0 in (0..m).step_by(per_pass) {
-            let count = per_pass.min(m - row0);
+        let mut tile = [0.0f32; MAX_ROWS * MIN_ROWS_PER_PART];
+        for row0 in (0..m).step_by(MAX_ROWS) {
+            let count = MAX_ROWS.min(m - row0);
             let out = &mut tile[..count * rows.len()];
             match (&int, &float) {
                 // SAFETY: each kernel is picked above only for a CPU with its features.

@@ -11,8 +11,6 @@ use std::arch::x86_64::*;
 
 use super::{packed_row_bytes, zero_term, IntInput, PackedW4, BLOCK, BLOCK_BYTES};
 
-/// Rows of x per pass over W: 8 x (2 int32 sums + 1 float32 total) fit in 32 registers.
-pub(super) const VNNI_MAX_ROWS: usize = 8;
 /// Columns per step (one 64-byte load of codes).
 pub(super) const STEP: usize = 2 * BLOCK;
 /// Passes of W rows ahead that the kernel prefetches (into L2: the same hint into L1, one pass
@@ -40,11 +38,7 @@ pub(super) unsafe fn gemv_rows_vnni(
         1 => vnni_rows::<1, 4>(w, rows, input, row0, out),
         2 => vnni_rows::<2, 2>(w, rows, input, row0, out),
         3 => vnni_rows::<3, 2>(w, rows, input, row0, out),
-        4 => vnni_rows::<4, 2>(w, rows, input, row0, out),
-        5 => vnni_rows::<5, 1>(w, rows, input, row0, out),
-        6 => vnni_rows::<6, 1>(w, rows, input, row0, out),
-        7 => vnni_rows::<7, 1>(w, rows, input, row0, out),
-        _ => vnni_rows::<8, 1>(w, rows, input, row0, out),
+        _ => vnni_rows::<4, 2>(w, rows, input, row0, out),
     }
 }
 

@@ -5,7 +5,7 @@ From ``GEMM_MIN_ROWS`` rows of x, on CPUs with AVX-512 BF16, a blocked GEMM dequ
 W to exact bf16 codes (q - zero) and multiplies them with x in bf16 by ``vdpbf16ps``, each
 group's float32 sums meeting its scale once: bf16 x exactly, float32 and float16 x as two bf16
 terms (within 2^-17 of x per element). Fewer rows (up to ``GEMV_MAX_ROWS`` elsewhere) run the GEMV
-that unpacks each block of codes in registers once for 8 rows of x (AVX-512 VNNI; 4 otherwise).
+that unpacks each block of codes in registers once per 4 rows of x.
 With AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
 max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative error at
 most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN or
@@ -25,10 +25,10 @@ from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
 
 #: The most rows of x that take the GEMV kernel (which reads W once per 8 or 4 rows).
 GEMV_MAX_ROWS = 16
-#: Rows of x from which the AVX-512 BF16 GEMM takes over from the GEMV (where the CPU has it):
-#: bf16 x from 6 rows (its 8-lane pass beat the VNNI GEMV at 8 rows, not at 4, on Zen 4), x
-#: split into two bf16 terms from 9.
-GEMM_MIN_ROWS = {True: 6, False: 9}
+#: Rows of x from which the AVX-512 BF16 GEMM takes over from the GEMV (where the CPU has it).
+#: bf16 x at 4096 x 4096 on Zen 5: the VNNI GEMV (passes of 4 rows) 1.37x / 1.12x the GEMM at
+#: 6 / 8 rows, equal at 9-10, 0.75x at 12; float32 x (two bf16 terms in the GEMM) likewise.
+GEMM_MIN_ROWS = 9
 #: Rows of W dequantized at a time for larger batches and for the gradient.
 DEQUANT_BLOCK_ROWS = 1024
 
@@ -98,7 +98,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     y = torch.empty(*x.shape[:-1], n, dtype=xk.dtype)
     operands = (packed, scales, zeros, n, k, group_size, xk, y)
     rows = x.numel() // k
-    if rows >= GEMM_MIN_ROWS[xk.dtype == torch.bfloat16] and _core.w4_gemm(*operands):
+    if rows >= GEMM_MIN_ROWS and _core.w4_gemm(*operands):
         pass
     elif rows <= GEMV_MAX_ROWS and group_len(k, group_size) % 32 == 0:
         _core.w4_gemv(*operands)
