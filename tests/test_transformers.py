@@ -49,9 +49,10 @@ CONFIGS = {
 }
 
 
-def build(arch: str, seed: int = 0):
+def build(arch: str, seed: int = 0, **overrides):
     config_name, extra = CONFIGS[arch]
     kw = extra if arch == "GPT2LMHeadModel" else {**COMMON, **extra}
+    kw = {**kw, **overrides}
     config = getattr(transformers, config_name)(**kw)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -258,9 +259,12 @@ def test_apply_twice_is_a_no_op_or_an_error():
     assert sum(isinstance(m, fg.nn.ShiftQuantLinear) for m in model.modules()) == n
 
 
-@pytest.mark.parametrize("options", [{}, {"shiftquant_bits": 8, "l1_norm": True}])
-def test_compiled_patched_model_equals_eager(options):
-    model = fgt.apply(build("LlamaForCausalLM"), **options)
+@pytest.mark.parametrize(
+    "options, tied",
+    [({}, False), ({}, True), ({"shiftquant_bits": 8, "l1_norm": True}, False)],
+)
+def test_compiled_patched_model_equals_eager(options, tied):
+    model = fgt.apply(build("LlamaForCausalLM", tie_word_embeddings=tied), **options)
     ids, labels = batch()
 
     def run(m):
@@ -277,6 +281,78 @@ def test_compiled_patched_model_equals_eager(options):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_head_hands_its_gradient_to_the_embedding():
+    """A tied head and embedding: the embedding's backward adds its rows into the head's
+    gradient; float64 gradients equal those of the same patched model without the hand-off
+    (the rows summed in another order), over a retained graph's two passes, the padding id,
+    and inputs_embeds (no embedding call: the head's gradient flows on as usual)."""
+    patched = fgt.apply(build("LlamaForCausalLM", tie_word_embeddings=True).double())
+    model = copy.deepcopy(patched)
+    del model.get_input_embeddings().forward  # torch's embedding: two gradient buffers
+    assert patched.get_input_embeddings().weight is patched.get_output_embeddings().weight
+    ids, labels = batch()
+    ids[1, 3] = 0  # the padding id: its row gets no gradient from the embedding
+    handed = []
+    head_backward = fgt._tied.HeadHandOff.backward
+
+    def spy(ctx, grad):
+        handed.append(grad.data_ptr())
+        return head_backward(ctx, grad)
+
+    fgt._tied.HeadHandOff.backward = staticmethod(spy)
+    try:
+        for retain in (True, False):  # the second pass adds the same again
+            want = model(input_ids=ids, labels=labels).loss
+            got = patched(input_ids=ids, labels=labels).loss
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+            want.backward()
+            got.backward(retain_graph=retain)
+            if retain:
+                got.backward()
+                want = model(input_ids=ids, labels=labels).loss
+                want.backward()
+    finally:
+        fgt._tied.HeadHandOff.backward = head_backward
+    assert len(handed) == 3
+    emb = patched.get_input_embeddings().weight
+    for name, g in grads(model).items():
+        torch.testing.assert_close(grads(patched)[name], g, rtol=1e-10, atol=1e-13)
+    assert emb.grad[0].abs().sum() > 0  # the head's gradient of the padding row stays
+    # inputs_embeds: the embedding is not called, the head's gradient flows on as usual.
+    for m in (model, patched):
+        m.zero_grad(set_to_none=True)
+        embeds = m.get_input_embeddings()(ids)
+        m(inputs_embeds=embeds, labels=labels).loss.backward()
+    torch.testing.assert_close(emb.grad, model.get_input_embeddings().weight.grad)
+
+
+def test_tied_gradient_in_either_order_of_the_backward_nodes():
+    """The hand-off where the head's backward runs first (the usual order: the embedding's
+    backward returns the handed gradient, one buffer) and where the embedding's runs first
+    (the head's gradient then flows on as usual); both against the gradient written out."""
+    from ferrograd.integrations._tied import EmbeddingRows, HeadHandOff, Pairing
+
+    weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 3, 3, 0], [7, 1, 10, 2]])
+    flat = ids.reshape(-1)
+    probe = torch.randn(8, 11, dtype=torch.float64)
+    w = weight.detach()
+    e, keep = w[flat], (flat != 0).double().unsqueeze(1)  # padding id 0: no embedding gradient
+    want = torch.zeros_like(w).index_add_(0, flat, (2 * e + probe @ w) * keep) + probe.T @ e
+    for head_first in (True, False):
+        weight.grad, pairing = None, Pairing()
+        # The engine runs the later-created of two ready nodes first.
+        if head_first:
+            rows = EmbeddingRows.apply(ids, weight, 0, pairing).reshape(8, 4)
+            head = HeadHandOff.apply(weight, pairing)
+        else:
+            head = HeadHandOff.apply(weight, pairing)
+            rows = EmbeddingRows.apply(ids, weight, 0, pairing).reshape(8, 4)
+        ((rows @ head.T) * probe).sum().add((rows**2).sum()).backward()
+        assert (pairing.handoffs, pairing.embeddings, pairing.grad) == (1, 1, None)
+        torch.testing.assert_close(weight.grad, want)
 
 
 def test_trainer_with_spam(tmp_path):

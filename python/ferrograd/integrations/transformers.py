@@ -10,9 +10,11 @@
   ``logits_to_keep``, the final logit softcapping of the models whose config has it; a batch
   with nothing to predict gives 0, not NaN). ``.logits`` is None unless the call passes
   ``return_logits=True``. Without labels the forward is the model's own, so generate() is
-  untouched. Only the instance's forward is replaced; no transformers module is monkeypatched
-  (a deepcopy of the model carries the patch; pickling the whole module does not work, save its
-  state_dict).
+  untouched. With the head tied to a plain ``nn.Embedding``, the head's gradient is handed to
+  the embedding's backward, which adds its rows into it: one vocabulary x width gradient buffer
+  instead of two (``_tied.py``). Only instance forwards are replaced (the model's, and the tied
+  embedding's); no transformers module is monkeypatched (a deepcopy of the model carries the
+  patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
   ShiftQuantLinear (the head stays as it is).
 - ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (Gemma's 1 + weight folded in).
@@ -34,6 +36,7 @@ from ..nn.l1norm import L1LayerNorm, L1RMSNorm
 from ..nn.shiftquant import ShiftQuantLinear
 from ..ops.cce import linear_cross_entropy
 from ..ops.shiftquant import check_spec
+from . import _tied
 
 __all__ = ["SUPPORTED", "apply"]
 
@@ -99,7 +102,8 @@ def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> tor
     return logits
 
 
-def _loss(head, hidden, labels, softcap, kwargs) -> torch.Tensor:
+def _loss(head, weight, hidden, labels, softcap, kwargs) -> torch.Tensor:
+    """The loss against the head (``weight``: its weight as the loss takes it)."""
     shift_labels = kwargs.get("shift_labels")
     targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
     name = "labels" if shift_labels is None else "shift_labels"
@@ -111,7 +115,6 @@ def _loss(head, hidden, labels, softcap, kwargs) -> torch.Tensor:
             f"logits are computed for, after logits_to_keep), got {tuple(targets.shape)}"
         )
     num_items = kwargs.get("num_items_in_batch")
-    weight = head.weight
     loss = linear_cross_entropy(
         hidden.to(weight.dtype),
         weight,
@@ -150,12 +153,16 @@ def _patch_forward(model: nn.Module, arch: str, softcap: float | None) -> None:
         return_logits = kwargs.pop("return_logits", False)
         if labels is None:
             return original(self, **kwargs)
-        outputs = self.base_model(
-            **{k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}, return_dict=True
-        )
-        hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
         head = self.get_output_embeddings()
-        loss = _loss(head, hidden, labels, softcap, kwargs)
+        pairing = _tied.arm(self)
+        try:
+            outputs = self.base_model(
+                **{k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}, return_dict=True
+            )
+        finally:
+            weight = _tied.head_weight(self, head.weight, pairing)
+        hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
+        loss = _loss(head, weight, hidden, labels, softcap, kwargs)
         logits = _logits(head, hidden, softcap) if return_logits else None
         extra = {k: v for k, v in outputs.items() if k in fields}
         out = output_type(loss=loss, logits=logits, **extra)
@@ -258,5 +265,6 @@ def apply(
         _swap_modules(model.base_model, quant, bool(l1_norm))
     if linear_cross_entropy:
         _patch_forward(model, arch, _softcap(model, arch))
+        _tied.install(model)
     setattr(model, _PATCHED, options)
     return model
