@@ -19,6 +19,7 @@ from ferrograd import _core
 from ferrograd.ops import w4a16 as ops
 from ferrograd.ops.w4a16 import cuda as w4_cuda
 from ferrograd.ops.w4a16 import reference
+from ferrograd.ops.w4a16.cpu import GEMM_MIN_ROWS
 from ferrograd.ops.w4a16.weight import (
     CPU_BLOCKS,
     GPU_WORDS,
@@ -420,7 +421,7 @@ def test_bf16_y_is_the_float32_y_rounded_once(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [9, 40, 130])
+@pytest.mark.parametrize("rows", [GEMM_MIN_ROWS, 40, 130])
 def test_wider_x_takes_the_gemm_as_two_bf16_terms(dtype, rows):
     g = torch.Generator().manual_seed(rows)
     n, k = 45, 200

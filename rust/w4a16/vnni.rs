@@ -117,6 +117,37 @@ unsafe fn dot<const M: usize, const R: usize>(
     }
 }
 
+/// total += Σ codes x̃ over one step (both halves) * scale[r]: x̃'s high bytes first, shifted
+/// by 8 in the int32 sum, then its low bytes (|sum| < 2^23: exact).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn step_sums<const M: usize, const R: usize>(
+    low: &[__m512i; R],
+    high: &[__m512i; R],
+    input: &IntInput,
+    at: usize,
+    scale: [__m512; R],
+    total: &mut [[__m512; M]; R],
+) {
+    let zero = _mm512_setzero_si512();
+    #[allow(clippy::needless_range_loop)] // j picks x's row and the inner index of total[r]
+    for j in 0..M {
+        let at = j * input.padded + at;
+        let (lo, hi) = (input.lo.as_ptr().add(at), input.hi.as_ptr().add(at));
+        let (xl0, xh0) = (_mm512_loadu_si512(lo as _), _mm512_loadu_si512(hi as _));
+        let (xl1, xh1) = (
+            _mm512_loadu_si512(lo.add(BLOCK) as _),
+            _mm512_loadu_si512(hi.add(BLOCK) as _),
+        );
+        for r in 0..R {
+            let sum = _mm512_dpbusd_epi32(zero, low[r], xh0);
+            let sum = _mm512_slli_epi32::<8>(_mm512_dpbusd_epi32(sum, high[r], xh1));
+            let sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, low[r], xl0), high[r], xl1);
+            total[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale[r], total[r][j]);
+        }
+    }
+}
+
 /// total += (256 hi + lo) * scale[r] (lanes 0-7 and 8-15 may take different scales); the
 /// sums restart at 0. The int32 combination is exact (module docs).
 #[inline]
@@ -160,7 +191,17 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
     let mut lo = [[_mm512_setzero_si512(); M]; R];
     let mut hi = [[_mm512_setzero_si512(); M]; R];
     let mut total = [[_mm512_setzero_ps(); M]; R];
-    if uniform_groups(s) {
+    if g == STEP && groups > 1 {
+        // One group per step (the default 128): each sum is built as (hi << 8) + lo in one
+        // register and meets its scale at once: no separate lo / hi sums to combine and clear.
+        let scale_rows = w.scales.as_f32().as_ptr().add(n * groups);
+        for t in 0..steps {
+            let (low, high) = codes.step(t);
+            // t < steps = groups: one group per step.
+            let scale = std::array::from_fn(|r| _mm512_set1_ps(*scale_rows.add(r * groups + t)));
+            step_sums::<M, R>(&low, &high, input, x + t * STEP, scale, &mut total);
+        }
+    } else if uniform_groups(s) {
         // Groups of whole steps: one flush per group (or per MAX_STEPS steps) with one scale
         // per row. The group is tracked by counting down: a division per step, and bounds
         // checks on the scales, had cost about as much as the step's own arithmetic.

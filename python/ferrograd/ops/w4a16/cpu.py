@@ -26,9 +26,10 @@ from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
 #: The most rows of x that take the GEMV kernel (which reads W once per 8 or 4 rows).
 GEMV_MAX_ROWS = 16
 #: Rows of x from which the AVX-512 BF16 GEMM takes over from the GEMV (where the CPU has it).
-#: bf16 x at 4096 x 4096 on Zen 5: the VNNI GEMV (passes of 4 rows) 1.37x / 1.12x the GEMM at
-#: 6 / 8 rows, equal at 9-10, 0.75x at 12; float32 x (two bf16 terms in the GEMM) likewise.
-GEMM_MIN_ROWS = 9
+#: bf16 x on Zen 5, 2 threads: the VNNI GEMV (passes of 4 rows) 1.6x / 1.4x / 1.2x the GEMM at
+#: 8 / 9 / 12 rows at 4096 x 4096 (1.4x / 1.1x at 8 / 12 at 2048 x 2048), 0.9x at 16; float32
+#: x (two bf16 terms in the GEMM) gains more from the GEMV.
+GEMM_MIN_ROWS = 13
 #: Rows of W dequantized at a time for larger batches and for the gradient.
 DEQUANT_BLOCK_ROWS = 1024
 
