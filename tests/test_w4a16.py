@@ -882,3 +882,32 @@ def test_bad_input():
         fg.quant.smoothquant_plus(planted_block(), outlier_batches(), alpha=1.5)
     with pytest.raises(ValueError, match="smoothquant_plus: calibration_batches yielded no"):
         fg.quant.smoothquant_plus(planted_block(), [])
+
+
+def test_found_by_the_fuzz_campaign():
+    """Three cases `make fuzz` found: weights so small that range / 15 underflows float32
+    (they keep the smallest positive scale, not 0 -> scale 1 and codes 0); x so small that its
+    int16 step would be subnormal (the float kernel takes it: the step kept too few bits); a
+    non-contiguous x on the dequantizing path (group sizes not a multiple of 32)."""
+    tiny = torch.tensor([[1e-45, -3e-45, 4e-45, 0.0]])
+    for zero_point in (True, False):
+        q = fg.quant.quantize_w4(tiny, 1 if zero_point else -1, zero_point)
+        assert bool((q.scales.float() > 0).all()) and q.scales.dtype == torch.float32
+        err = (q.dequantize().double() - tiny.double()).abs()
+        assert bool((err <= q.scales.double().amax() / 2).all()), err
+    g = torch.Generator().manual_seed(0)
+    q = fg.quant.quantize_w4(torch.randn(4, 64, generator=g), 64, True)
+    x = torch.full((1, 64), 2e-36) * torch.linspace(-1, 1, 64)
+    want = x.double() @ q.dequantize().double().T
+    got = fg.w4a16_matmul(x, q).double()
+    assert bool(
+        ((got - want).abs() <= 1e-6 * (x.double().abs() @ q.dequantize().double().abs().T)).all()
+    )
+    q7 = fg.quant.quantize_w4(torch.randn(5, 61, generator=g), 7, False)
+    xt = torch.randn(2, 61, 3, generator=g).transpose(1, 2)  # [2, 3, 61], not contiguous
+    torch.testing.assert_close(
+        fg.w4a16_matmul(xt, q7).double(),
+        xt.double() @ q7.dequantize().double().T,
+        rtol=1e-5,
+        atol=1e-5,
+    )

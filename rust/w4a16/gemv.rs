@@ -25,7 +25,8 @@ pub(super) struct IntInput {
 pub(super) const X_INT_MAX: f32 = 32639.0;
 
 impl IntInput {
-    /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics).
+    /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics) or
+    /// is so small that its step would be subnormal.
     fn new(level: SimdLevel, x: &[f32], shape: Shape, step_order: bool) -> Option<IntInput> {
         let (k, groups) = (shape.k, shape.groups());
         let unit = if step_order { 2 * BLOCK } else { BLOCK };
@@ -80,6 +81,11 @@ unsafe fn round_x_row_impl<S: Simd>(
         return None;
     }
     let scale = if amax > 0.0 { amax / X_INT_MAX } else { 1.0 };
+    if scale < f32::MIN_POSITIVE {
+        // A subnormal step keeps too few bits to rebuild x (|x| below ~4e-34): the float
+        // kernel takes the call.
+        return None;
+    }
     let pieces = row
         .chunks(group_size)
         .zip(lo.chunks_mut(group_size).zip(hi.chunks_mut(group_size)));

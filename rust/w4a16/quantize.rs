@@ -25,12 +25,17 @@ unsafe fn quantize_group_impl<S: Simd>(w: &[f32], zero_point: bool, codes: &mut 
 /// values; a range that overflows float32 gives an infinite scale (the caller refuses it).
 #[inline(always)]
 fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
-    let nonzero = |scale: f32| if scale == 0.0 { 1.0 } else { scale };
+    // 1 for an all-zero group; a range so small that range / levels underflows float32 keeps
+    // the smallest positive scale (its codes then still hold the weights, to half that step).
+    let scale_of = |range: f32, levels: f32| match range {
+        0.0 => 1.0,
+        _ => (range / levels).max(f32::from_bits(1)),
+    };
     if zero_point {
         let (lo, hi) = w
             .iter()
             .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        let scale = nonzero((hi - lo) / 15.0);
+        let scale = scale_of(hi - lo, 15.0);
         if scale.is_infinite() {
             return (scale, 0);
         }
@@ -41,7 +46,7 @@ fn quantize_group(w: &[f32], zero_point: bool, codes: &mut [u8]) -> (f32, u8) {
         (scale, zero as u8)
     } else {
         let amax = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-        let scale = nonzero(amax / 7.0);
+        let scale = scale_of(amax, 7.0);
         for (q, &v) in codes.iter_mut().zip(w) {
             *q = (round_even(v / scale).clamp(-8.0, 7.0) + SYMMETRIC_ZERO as f32) as u8;
         }

@@ -105,7 +105,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
         _core.w4_gemv(*operands)
     else:
         y = torch.empty(*x.shape[:-1], n)
-        x2, y2 = x.float().view(-1, k), y.view(-1, n)
+        x2, y2 = x.float().reshape(-1, k), y.view(-1, n)
         weight = (packed, scales, zeros, k, group_size)
         for n0, n1, block in _weight_blocks(*weight):
             y2[:, n0:n1] = x2 @ block.T
