@@ -911,3 +911,22 @@ def test_found_by_the_fuzz_campaign():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_group_does_not_swallow_the_row(dtype):
+    """A group of zero weights (scale 1 by the rule) beside groups of tiny scales: the GEMV's
+    factored sums must not let its two equal terms swallow the row (found by `make fuzz`:
+    the row came out exactly 0)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 4097, generator=g) * 4e-30
+    w[:, 4096] = 0.0  # the last group (32 columns, one of them real) is all zero
+    q = fg.quant.quantize_w4(w, 32, False)
+    assert bool((q.scales[:, -1].float() == 1).all())
+    x = (torch.randint(-4, 5, (2, 4097), generator=g) * 1e-3).to(dtype)
+    w_hat = q.dequantize().double()
+    want = x.double() @ w_hat.T
+    size = x.double().abs() @ w_hat.abs().T
+    got = fg.w4a16_matmul(x, q).double()
+    bound = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    assert bool(((got - want).abs() <= bound * want.abs() + 1e-4 * size).all()), (got, want)
