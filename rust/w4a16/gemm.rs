@@ -125,10 +125,7 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     let (pairs, stride) = (kpad / 2, kpad + ROW_PAD);
     let groups = s.groups();
     let group_pairs = if groups == 1 { pairs } else { s.group_size / 2 };
-    // The group of each half block (32 columns), so that dequantizing divides nothing.
-    let half_groups: Vec<usize> = (0..kpad / BLOCK_BYTES)
-        .map(|h| (h * BLOCK_BYTES / s.group_size).min(groups - 1))
-        .collect();
+    let half_groups = s.half_block_groups(kpad / BLOCK_BYTES);
     let xp = Packed::new(x, m, s.k, pairs);
     let y_ptr = SendPtr(y.as_mut_ptr());
     // Chunks of m blocks: each chunk's x stays in the caches while every tile of W passes it

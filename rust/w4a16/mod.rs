@@ -125,6 +125,14 @@ impl Shape {
         self.k.div_ceil(self.group_size)
     }
 
+    /// The group of each of `halves` half blocks (32 columns), so that kernels divide nothing.
+    fn half_block_groups(&self, halves: usize) -> Vec<usize> {
+        let last = self.groups() - 1;
+        (0..halves)
+            .map(|h| (h * BLOCK_BYTES / self.group_size).min(last))
+            .collect()
+    }
+
     fn check(&self, op: &str, arrays: &[(&str, usize, usize)]) -> FgResult<()> {
         for &(name, got, per_row) in arrays {
             if got != self.n * per_row {
@@ -233,15 +241,8 @@ impl PackedW4<'_> {
         let s = self.shape;
         let (row_bytes, zero) = (packed_row_bytes(s.k), self.zeros[n * s.groups() + g]);
         let row = &self.packed[n * row_bytes..(n + 1) * row_bytes];
-        let code = |c: usize| {
-            let byte = row[c / BLOCK * BLOCK_BYTES + c % BLOCK_BYTES];
-            if c % BLOCK < BLOCK_BYTES {
-                byte & 15
-            } else {
-                byte >> 4
-            }
-        };
-        (g * s.group_size..((g + 1) * s.group_size).min(s.k)).all(|c| code(c) == zero)
+        (g * s.group_size..((g + 1) * s.group_size).min(s.k))
+            .all(|c| pack::packed_code(row, c) == zero)
     }
 
     fn check(&self, op: &str) -> FgResult<()> {

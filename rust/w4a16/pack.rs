@@ -49,13 +49,18 @@ pub fn unpack(packed: &[u8], shape: Shape, codes: &mut [u8]) -> FgResult<()> {
     )?;
     for (packed, codes) in packed.chunks(row_bytes).zip(codes.chunks_mut(k)) {
         for (c, q) in codes.iter_mut().enumerate() {
-            let byte = packed[c / BLOCK * BLOCK_BYTES + c % BLOCK_BYTES];
-            *q = if c % BLOCK < BLOCK_BYTES {
-                byte & 15
-            } else {
-                byte >> 4
-            };
+            *q = packed_code(packed, c);
         }
     }
     Ok(())
+}
+
+/// The stored code of column `c` in one packed row.
+pub(super) fn packed_code(row: &[u8], c: usize) -> u8 {
+    let byte = row[c / BLOCK * BLOCK_BYTES + c % BLOCK_BYTES];
+    if c % BLOCK < BLOCK_BYTES {
+        byte & 15
+    } else {
+        byte >> 4
+    }
 }

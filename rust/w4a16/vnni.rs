@@ -66,14 +66,11 @@ unsafe fn vnni_rows<const M: usize, const R: usize>(
     }
     // Groups smaller than a step: the group of each 32-column piece, looked up per flush
     // (a division there cost about as much as the step's own arithmetic).
-    let (g, groups) = (w.shape.group_size, w.shape.groups());
-    let piece_groups: Vec<usize> = if uniform_groups(w.shape) {
+    let piece_groups = if uniform_groups(w.shape) {
         Vec::new()
     } else {
-        let pieces = row_bytes.div_ceil(STEP / 2) * STEP / BLOCK_BYTES;
-        (0..pieces)
-            .map(|p| (p * BLOCK_BYTES / g).min(groups - 1))
-            .collect()
+        w.shape
+            .half_block_groups(row_bytes.div_ceil(STEP / 2) * STEP / BLOCK_BYTES)
     };
     let mut n = rows.start;
     while n + R <= rows.end {
