@@ -73,6 +73,44 @@ def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(t
         assert cb == pytest.approx(ca, rel=tol)
 
 
+def test_fsdp_sharded_runs_train_as_the_replicated_one_and_codes_on_the_wire_change_no_forward(
+    tmp_path,
+):
+    """--fsdp (FSDP2, fully_shard per block) on two gloo ranks trains as the replicated
+    two-rank run (same rows per rank, gradients summed either way); --compress-all-gather's
+    first step sees the same weights as the float all-gather (the forward re-makes the codes
+    it was sent), and training stays close."""
+    tiny = [
+        "--steps", "4", "--dim", "32", "--layers", "2", "--heads", "2", "--seq-len", "64",
+        "--batch-size", "4", "--val-batches", "2", "--sample-bytes", "8", "--lr", "1e-2",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    curves = {}
+    for name, extra in (("replicated", []), ("fsdp", ["--fsdp"]),
+                        ("codes", ["--fsdp", "--compress-all-gather"])):  # fmt: skip
+        out = tmp_path / name
+        cmd = [*launch, "2", "-m", "ferrograd", "demo", *tiny, *extra, "--out", str(out)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["fsdp"] == (name != "replicated")
+        curves[name] = summary["results"]["ferrograd"]["loss_curve"]
+        assert (out / "checkpoint.pt").exists()  # the gathered model, saved by rank 0
+    assert curves["fsdp"] == pytest.approx(curves["replicated"], rel=1e-4)
+    assert curves["codes"][0] == pytest.approx(curves["fsdp"][0], rel=1e-6)
+    assert curves["codes"] == pytest.approx(curves["fsdp"], rel=2e-2)
+
+
+def test_demo_sharding_options_need_torchrun_and_each_other(tmp_path):
+    base = [sys.executable, "-m", "ferrograd", "demo", "--out", str(tmp_path)]
+    for extra, message in (
+        (["--compress-all-gather"], "--compress-all-gather needs --fsdp"),
+        (["--fsdp"], "--fsdp shards the model over the processes torchrun starts"),
+    ):
+        run = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
 def test_demo_rejects_missing_data(tmp_path):
     cmd = [sys.executable, "-m", "ferrograd", "demo", "--data", str(tmp_path / "nope")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

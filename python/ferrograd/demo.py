@@ -61,6 +61,8 @@ class Config:
     seed: int = 0
     prompt: str = "def "
     sample_bytes: int = 200
+    fsdp: bool = False
+    compress_all_gather: bool = False
 
 
 class Block(nn.Module):
@@ -160,15 +162,23 @@ class Group:
 
     Data parallel over one global batch: every rank reads the same packed batches and trains on
     its contiguous share of the rows; its loss is its tokens' summed loss over the global batch's
-    token count, so the gradients summed over ranks (one all-reduce per parameter) are exactly
-    the one-process gradients of the batch mean, and the one-process run at the same global
-    batch is reproduced (to the order of float sums; ShiftQuant's stochastic gradient rounding
-    then sees other row blocks)."""
+    token count, so the gradients summed over ranks are exactly the one-process gradients of the
+    batch mean, and the one-process run at the same global batch is reproduced (to the order of
+    float sums; ShiftQuant's stochastic gradient rounding then sees other row blocks). The sum
+    is one all-reduce per parameter (every rank holds the whole model), or with ``--fsdp`` FSDP2's
+    reduce-scatter (``fully_shard`` per block and the model: each rank holds its rows of every
+    parameter and all-gathers a block's weights for its forward and backward)."""
 
     def __init__(self, cfg: Config | None) -> None:
         self.world = 1 if cfg is None else int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = 0 if cfg is None else int(os.environ.get("RANK", "0"))
-        if cfg is None or self.world == 1:
+        self.fsdp = cfg is not None and cfg.fsdp
+        if self.fsdp and "WORLD_SIZE" not in os.environ:
+            raise SystemExit(
+                "demo: --fsdp shards the model over the processes torchrun starts: run it as "
+                "torchrun --nproc_per_node N -m ferrograd demo --fsdp ..."
+            )
+        if cfg is None or (self.world == 1 and not self.fsdp):
             return
         if cfg.batch_size % self.world:
             raise SystemExit(
@@ -179,6 +189,7 @@ class Group:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+        self.device = cfg.device
 
     @property
     def main(self) -> bool:
@@ -194,9 +205,49 @@ class Group:
             for t in tensors:
                 dist.all_reduce(t)
 
+    def shard(self, model: ByteLM, compress: bool) -> None:
+        """FSDP2 over the ranks: each block, then the model (embeddings, final norm: kept
+        gathered from the forward through the loss, which reads the tied head). FSDP2 averages
+        the gradients over the ranks: :meth:`backward` scales each rank's loss by the world
+        size so that the average is the sum. With ``compress`` the ShiftQuantLinear weights
+        are all-gathered as codes."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        if compress:
+            fg.nn.compress_all_gather(model)
+        mesh = init_device_mesh(self.device, (self.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        register_fsdp_forward_method(model, "hidden")  # the loss runs hidden(), not forward()
+
+    def gathered(self, model: ByteLM, empty: ByteLM) -> ByteLM:
+        """``empty`` holding the sharded ``model``'s whole parameters (every rank takes part)."""
+        from torch.distributed.tensor import DTensor
+
+        from .nn.fsdp import ShiftQuantWeight
+
+        state = {}
+        for name, t in model.state_dict().items():
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if isinstance(t, ShiftQuantWeight):
+                t = t.data_
+            state[name] = t.detach()
+        empty.load_state_dict(state)
+        return empty
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.world if self.fsdp else loss).backward()
+
     def sum_gradients(self, params: list[nn.Parameter], loss: torch.Tensor) -> None:
-        """Sums the parameters' gradients (a rank without one adds zeros) and the loss."""
+        """Sums the parameters' gradients (a rank without one adds zeros; under FSDP2 its
+        reduce-scatter has summed them) and the loss."""
         if self.world == 1:
+            return
+        if self.fsdp:
+            self.all_reduce_([loss])
             return
         for p in params:
             if p.grad is None:
@@ -204,11 +255,11 @@ class Group:
         self.all_reduce_([*(p.grad for p in params), loss])
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if dist.is_initialized():
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -323,6 +374,8 @@ def train(
     cfg: Config, files: list[Path], ferrograd: bool, group: Group, quiet: bool = False
 ) -> tuple[ByteLM, Callable, dict]:
     model, loss_fn = build(cfg, ferrograd)
+    if group.fsdp:
+        group.shard(model, compress=ferrograd and cfg.compress_all_gather)
     params = list(model.parameters())
     if ferrograd:
         opt = fg.optim.SPAM(params, lr=cfg.lr, density=cfg.density, warmup_steps=cfg.steps // 20)
@@ -340,7 +393,7 @@ def train(
             with autocast(cfg):
                 loss = loss_fn(model, batch).float() / max(batch["global_tokens"], 1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            group.backward(loss)
             loss = loss.detach()
             group.sum_gradients(params, loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -517,6 +570,8 @@ def _run(cfg: Config, group: Group) -> dict:
         )
         curves[base_stats["label"]] = base_stats["loss_curve"]
         log(comparison_table(results["ferrograd"], results["baseline"]))
+    if group.fsdp:
+        model = group.gathered(model, build(cfg, True)[0])
     if not group.main:
         return {}
     out.mkdir(parents=True, exist_ok=True)
@@ -573,10 +628,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=int, default=getattr(d, name), help=text)
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard per block) instead of "
+        "replicating it on every rank",
+    )
+    parser.add_argument(
+        "--compress-all-gather",
+        action="store_true",
+        help="with --fsdp: all-gather ShiftQuantLinear weights as ShiftQuant codes "
+        "(fg.nn.compress_all_gather)",
+    )
     parser.add_argument("--prompt", default=d.prompt, help="start of the generated sample")
     parser.add_argument("--sample-bytes", type=int, default=d.sample_bytes, help="sample length")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     fields = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    if fields.get("compress_all_gather") and not fields.get("fsdp"):
+        raise SystemExit("demo: --compress-all-gather needs --fsdp (it changes FSDP2's all-gather)")
     return Config(**fields)
