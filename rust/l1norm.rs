@@ -174,6 +174,9 @@ unsafe fn forward_row<S: Simd, E: Storage>(
     };
     let m = S::splat(mean);
     let mean_abs = VecSum::<S>::sum(x, mean, |v| abs::<S>(S::sub(v, m))) / n;
+    if !(mean.is_finite() && mean_abs.is_finite()) {
+        return forward_row_f64(norm, x, eps, p, y);
+    }
     let r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)) as f32;
     let chunks = y
         .chunks_mut(BLOCK)
@@ -186,6 +189,31 @@ unsafe fn forward_row<S: Simd, E: Storage>(
         }
     }
     (mean, r)
+}
+
+/// A row whose f32 sums overflowed (|x| near f32::MAX: x - mean, or the lanes' sums, past
+/// f32's range) or that holds inf / NaN: the same rule in f64, scalar. Finite rows keep their
+/// finite answer; inf and NaN propagate as in the f64 reference.
+#[cold]
+fn forward_row_f64<E: Storage>(
+    norm: Norm,
+    x: &[f32],
+    eps: f64,
+    p: Params<'_>,
+    y: &mut [E],
+) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = match norm {
+        Norm::Layer => x.iter().map(|&v| f64::from(v)).sum::<f64>() / n,
+        Norm::Rms => 0.0,
+    };
+    let mean_abs = x.iter().map(|&v| (f64::from(v) - mean).abs()).sum::<f64>() / n;
+    let r = 1.0 / (SQRT_HALF_PI * mean_abs + eps);
+    for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
+        let out = (f64::from(v) - mean) * r * f64::from(g) + f64::from(b);
+        *o = E::from_f32(out as f32);
+    }
+    (mean as f32, r as f32)
 }
 
 /// The codes path: statistics exact in integers. With v = q * 2^(15 - k) (the row in units of
@@ -259,6 +287,12 @@ unsafe fn backward_row<S: Simd, E: Storage>(
     pg: &mut ParamGrads<'_>,
 ) {
     let n = x.len() as f64;
+    // mean|d| = (1 / r - eps) / sqrt(pi / 2), so max |d| <= n / (sqrt(pi / 2) r): past 2^120
+    // some d = x - mean (or a product with it) may leave f32's range.
+    let d_bound = n / (SQRT_HALF_PI * f64::from(r));
+    if d_bound.is_nan() || d_bound >= 2f64.powi(120) {
+        return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
+    }
     // Σ g and Σ g d with g = dy * gamma and d = x - mean, in vector lanes folded into f64;
     // Σ sign(d) counted in integers (d > 0 exactly when x > mean).
     let (mut sg, mut sgd) = (VecSum::<S>::new(), VecSum::<S>::new());
@@ -306,6 +340,9 @@ unsafe fn backward_row<S: Simd, E: Storage>(
         })
         .sum();
     let sums = [sg.total, sgd.total, signs as f64];
+    if !(sums[0].is_finite() && sums[1].is_finite()) {
+        return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
+    }
     let (mean_g, mean_s) = match norm {
         Norm::Layer => ((sums[0] / n) as f32, (sums[2] / n) as f32),
         Norm::Rms => (0.0, 0.0),
@@ -321,6 +358,44 @@ unsafe fn backward_row<S: Simd, E: Storage>(
         (Some(dg), None) => k.run::<E, true, false>(x, next, dy, gamma, dx, dg, &mut []),
         (None, Some(db)) => k.run::<E, false, true>(x, next, dy, gamma, dx, &mut [], db),
         (None, None) => k.run::<E, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
+    }
+}
+
+/// A row's backward in f64, scalar (rows where the f32 passes could overflow, or whose sums are
+/// not finite): the formulas of [`backward_row`].
+#[cold]
+fn backward_row_f64<E: Storage>(
+    norm: Norm,
+    x: &[f32],
+    (mean, r): (f32, f32),
+    dy: &[f32],
+    gamma: &[f32],
+    dx: &mut [E],
+    pg: &mut ParamGrads<'_>,
+) {
+    let (n, mean, r) = (x.len() as f64, f64::from(mean), f64::from(r));
+    let d = |i: usize| f64::from(x[i]) - mean;
+    let g = |i: usize| f64::from(dy[i]) * f64::from(gamma[i]);
+    let sign = |v: f64| f64::from(i8::from(v > 0.0) - i8::from(v < 0.0));
+    let (mut sg, mut sgd, mut ss) = (0.0, 0.0, 0.0);
+    for i in 0..x.len() {
+        sg += g(i);
+        sgd += g(i) * d(i);
+        ss += sign(d(i));
+    }
+    let (mean_g, mean_s) = match norm {
+        Norm::Layer => (sg / n, ss / n),
+        Norm::Rms => (0.0, 0.0),
+    };
+    let coef = SQRT_HALF_PI / n * sgd * r;
+    for i in 0..x.len() {
+        dx[i] = E::from_f32((r * (g(i) - mean_g) - r * coef * (sign(d(i)) - mean_s)) as f32);
+        if let Some(dg) = pg.dgamma.as_deref_mut() {
+            dg[i] += (f64::from(dy[i]) * d(i) * r) as f32;
+        }
+        if let Some(db) = pg.dbeta.as_deref_mut() {
+            db[i] += dy[i];
+        }
     }
 }
 

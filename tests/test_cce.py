@@ -289,7 +289,7 @@ def test_nan_reaches_the_gradients_as_in_torch(small_chunks, device, where, dtyp
     with torch.no_grad():
         c[:32] *= 0.01
         c[32:] *= 20.0
-        # (An ignored row's zero gradient times a NaN in c is NaN in its dE: not torch's.)
+        # (No ignored row beside the NaN of c: its dE is 0, where torch has 0 * NaN.)
         targets.copy_(torch.tensor([32, 40, 47, 33 if where == "c" else IGNORE]))
         if where == "c":
             c[1, 3] = float("nan")
@@ -303,6 +303,56 @@ def test_nan_reaches_the_gradients_as_in_torch(small_chunks, device, where, dtyp
     for o, w in zip(ours, want, strict=True):
         assert torch.equal(o.isnan(), w.isnan())
         assert w.isnan().any() == (where != "ignored e")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])  # the fused pass; the recomputing one
+@pytest.mark.parametrize("shift", [0, 2])
+def test_rows_out_of_the_loss_get_zero_gradient_beside_an_infinite_weight(small_chunks, shift,
+                                                                        reduction):  # fmt: skip
+    """Ignored rows and rows a shift drops take no part in the loss: their dE is exactly 0, also
+    where C holds an inf (their zero logit gradient times it was NaN; a fuzz case). The other
+    rows' gradients follow torch's on the rows in the loss, NaN where torch has it."""
+    torch.manual_seed(0)
+    e = torch.randn(2, 6, 8, dtype=torch.float64)
+    e[..., 1] = e[..., 1].abs() + 0.1  # the inf of C gives a -inf logit, p = 0
+    c = torch.randn(20, 8, dtype=torch.float64)
+    c[3, 1] = -float("inf")
+    targets = torch.randint(4, 20, (2, 6))
+    targets[0, 4] = IGNORE
+    e.requires_grad_(), c.requires_grad_()
+    loss = fg.linear_cross_entropy(e, c, targets, shift=shift, reduction=reduction)
+    ours = grads(loss.sum(), (e, c))
+    used = targets[:, shift:] != IGNORE
+    rows = e[:, : 6 - shift][used]
+    want_loss = F.cross_entropy(rows @ c.T, targets[:, shift:][used], reduction="sum")
+    want = grads(want_loss, (e, c))
+    torch.testing.assert_close(loss.sum(), want_loss)
+    out = torch.ones(2, 6, dtype=torch.bool)
+    out[:, : 6 - shift] = ~used
+    assert torch.equal(ours[0][out], torch.zeros_like(ours[0][out]))
+    torch.testing.assert_close(ours[0][~out], want[0][~out], equal_nan=True)
+    assert ours[0][~out].isnan().any()  # torch's 0 * inf in the rows of the loss
+    torch.testing.assert_close(ours[1], want[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # Rust kernels; reference.py
+def test_ignored_rows_give_no_gradient_beside_a_nan_in_c(reduction, dtype):
+    """Every row ignored and a NaN in C: the loss is 0 and every gradient exactly 0 (the NaN
+    logits of the ignored rows times their zero coefficients were NaN in dC on the float64
+    path; a fuzz case)."""
+    torch.manual_seed(0)
+    e = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    c = torch.randn(20, 8, dtype=dtype)
+    c[7, 2] = float("nan")
+    c.requires_grad_()
+    targets = torch.full((3,), IGNORE)
+    for label_smoothing in (0.0, 1.0):
+        loss = fg.linear_cross_entropy(e, c, targets, reduction=reduction, z_loss=0.5,
+                                       label_smoothing=label_smoothing)  # fmt: skip
+        assert torch.equal(loss, torch.zeros_like(loss))
+        for g in grads(loss.sum(), (e, c)):
+            assert torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -55,6 +55,39 @@ def test_forward_and_backward_match_torch(dtype, atol, rtol, shape):
         torch.testing.assert_close(b.grad.double(), br.grad, atol=atol * 100, rtol=rtol * 100)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_near_the_float32_range_keep_their_finite_answer(rms):
+    """Rows holding values near f32's limit (-1e38 among tiny values, +-3e38, a row of 1e37)
+    overflowed the f32 sums (x - mean, the lanes' sums of |d| or of g d) into NaN: they take an
+    f64 path and match the float64 definition, gradients of weight and bias included; normal
+    rows in the same call are untouched. (A fuzz case: one -1e38 among 55 values of 1e-30.)"""
+    torch.manual_seed(0)
+    n = 56
+    x = torch.randn(5, n) * 1e-30
+    x[0, 0] = -1e38
+    x[1, :2] = torch.tensor([3e38, -3e38])
+    x[2] = 1e37 * torch.rand(n)
+    x[3, ::3] = 2.5e38
+    x[4] = torch.randn(n)  # a normal row beside them
+    w, b = torch.rand(n) + 0.5, torch.randn(n)
+    grad = torch.randn(5, n)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    bg = None if rms else b.clone().requires_grad_()
+    y = l1norm.l1_rms_norm(xg, wg, 1e-6) if rms else l1_layer_norm(xg, (n,), wg, bg, 1e-5)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    br = None if rms else b.double().requires_grad_()
+    want = rms_reference(xr, wr, 1e-6) if rms else reference(xr, (n,), wr, br, 1e-5)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    y.backward(grad)
+    want.backward(grad.double())
+    pairs = [(xg.grad, xr.grad), (wg.grad, wr.grad)] + ([] if rms else [(bg.grad, br.grad)])
+    for got, ref in pairs:
+        assert torch.isfinite(got).all()
+        scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30) if ref.dim() > 1 else 1.0
+        torch.testing.assert_close(got.double() / scale, ref / scale, atol=1e-5, rtol=1e-4)
+
+
 def test_gradcheck_float64():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 11, dtype=torch.float64, requires_grad=True)

@@ -914,6 +914,27 @@ def test_found_by_the_fuzz_campaign():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_subnormal_size_survive_the_gemm(dtype):
+    """Rows of x whose largest entry is below 2^-100 (bf16 3e-39 is subnormal) among normal
+    rows, enough rows for the GEMM: AVX512-BF16's `vdpbf16ps` treats subnormal inputs as 0 and
+    flushes subnormal sums, so such a call takes the float path; every row matches float64
+    (found by `make fuzz`: a row of 3e-39 came out 0)."""
+    g = torch.Generator().manual_seed(5)
+    q = fg.quant.quantize_w4(torch.randn(40, 256, generator=g), 128, True)
+    x = torch.randn(GEMM_MIN_ROWS + 3, 256, generator=g)
+    x[1] *= 3e-39
+    x[4] *= 1e-33
+    x = x.to(dtype)
+    w_hat = q.dequantize().to(dtype).double()
+    want = x.double() @ w_hat.T
+    got = fg.w4a16_matmul(x, q).double()
+    scale = x.double().abs() @ w_hat.abs().T
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-5  # the output's rounding, the sums'
+    assert bool(((got - want).abs() <= bound * scale + 1e-44).all())
+    assert bool((got[1] != 0).any()) and bool((got[4] != 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_zero_group_does_not_swallow_the_row(dtype):
     """A group of zero weights (scale 1 by the rule) beside groups of tiny scales: the GEMV's
     factored sums must not let its two equal terms swallow the row (found by `make fuzz`:

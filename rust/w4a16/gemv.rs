@@ -179,7 +179,7 @@ pub fn gemm_supported(level: SimdLevel, shape: Shape) -> bool {
 /// `Ok(false)`, y untouched, where [`gemm_supported`] says no.
 pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<bool> {
     check_sizes("w4a16_matmul", w, x.len(), y.len())?;
-    if !gemm_supported(level, w.shape) {
+    if !gemm_supported(level, w.shape) || has_tiny_row(x, w.shape.k) {
         return Ok(false);
     }
     #[cfg(target_arch = "x86_64")]
@@ -188,6 +188,29 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
         recompute_overflowed(w, x, y);
     }
     Ok(true)
+}
+
+/// Whether some row of x is nonzero but below 2^-100 at its largest. `vdpbf16ps` treats
+/// subnormal inputs as 0 and flushes subnormal sums whatever MXCSR says: the GEMM would return
+/// 0 for such a row (a bf16 row of 3e-39; float32 x's low bf16 terms go first), where the other
+/// kernels keep it. Smaller entries beside a larger one only lose what the row's size hides.
+fn has_tiny_row(x: Rows<'_>, k: usize) -> bool {
+    // |v| as its bits (integer maxima vectorize; NaN sorts above every number).
+    const TINY: u32 = 27 << 23; // 2^-100
+    let tiny = |top: u32| top != 0 && top < TINY;
+    match x {
+        Rows::F32(x) => x.chunks(k.max(1)).any(|row| {
+            tiny(
+                row.iter()
+                    .map(|v| v.to_bits() & 0x7fff_ffff)
+                    .max()
+                    .unwrap_or(0),
+            )
+        }),
+        Rows::Bf16(x) => x
+            .chunks(k.max(1))
+            .any(|row| tiny(u32::from(row.iter().map(|v| v.0 & 0x7fff).max().unwrap_or(0)) << 16)),
+    }
 }
 
 /// y [m, n] = x [m, k] · Wᵀ for any m (meant for small m: W is read once per 4 rows of x).

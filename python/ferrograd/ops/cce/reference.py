@@ -135,6 +135,9 @@ def _grad_capped(z, v0, targets, lse, coefs, softcap) -> float:
     peak = (z[has_grad].abs() / scale[has_grad, None]).amax() if bool(has_grad.any()) else 0.0
     if capped is not None:
         z.mul_(1 - (capped / softcap) ** 2)
+    # Rows without a gradient (ignored: all three coefficients 0) get 0, not 0 * NaN where
+    # their logits are NaN (a NaN in C), as the Rust kernels write them.
+    z.masked_fill_(((a == 0) & (b == 0) & (u == 0))[:, None], 0.0)
     return float(peak)
 
 
@@ -158,7 +161,6 @@ def fused_rows(
     coefs = coefficients(weight, 0.0, lse, valid, label_smoothing, z_loss, vocab)
     for k, v0 in enumerate(range(0, vocab, piece)):
         peaks[k] = _grad_capped(z[:, v0 : v0 + piece], v0, targets, lse, coefs, softcap)
-    z.masked_fill_(~valid[:, None], 0.0)  # 0, not 0 * NaN, where a row has no target
 
 
 def quiet_ignored_rows(
@@ -274,6 +276,9 @@ def chunked_backward(
                 de_r += torch.mm(dzg, cg)
                 if not direct:
                     dc[v0:v1] += torch.mm(dzg.t(), er)
+    # Rows that take no part (all coefficients 0): their dE is exactly 0, not 0 * an inf of C.
+    a, b, u = coefs
+    de.masked_fill_(((a == 0) & (b == 0) & (u == 0))[:, None], 0)
     return de, dc, dbias
 
 
@@ -334,6 +339,8 @@ def fused(
         keep = [filter_eps is None or not p < filter_eps for p in peaks.tolist()]  # NaN kept
         if e_grad:  # (over the whole vocabulary: filtering would save nothing here)
             torch.mm(dz, cg, out=de[r0:r1])
+            # Ignored rows' dz is 0: their dE is exactly 0, not 0 * an inf of C.
+            de[r0:r1].masked_fill_((t < 0)[:, None], 0)
         if not (c_grad or bias_grad):
             continue
         idle = (t < 0) & ~lse_r.isfinite()  # their NaN or inf must not reach dC
