@@ -170,7 +170,7 @@ def l1_layer_norm(x, dims: int, weight, bias, eps_: float, out: torch.dtype, cod
     n = math.prod(x.shape[-dims:]) if x.dim() else 1
     k = 64 + (n if kd == torch.float64 else 0)  # float64 sums are accumulated in float64
     rounding = 2 * max(eps(out), eps(kd))  # the kernel dtype's result, then out's
-    tol = k * eps(kd) * (big * r + 1) * w + rounding * (y.abs() + b) + 1e-30
+    tol = k * eps(kd) * (big * r + 1) * w + rounding * (y.abs() + b) + _spacing(out)
     return y, tol
 
 
@@ -185,8 +185,14 @@ def l1_rms_norm(x, weight, eps_: float, out: torch.dtype, codes: bool):
     big = xd.abs().amax(-1, keepdim=True) if x.numel() else xd
     k = 64 + (x.shape[-1] if kd == torch.float64 and x.dim() else 0)
     rounding = 2 * max(eps(out), eps(kd))
-    tol = k * eps(kd) * (big * r + 1) * w + rounding * y.abs() + 1e-30
+    tol = k * eps(kd) * (big * r + 1) * w + rounding * y.abs() + _spacing(out)
     return y, tol
+
+
+def _spacing(out: torch.dtype) -> float:
+    """The output dtype's subnormal spacing: an exact result below it rounds to a multiple of it
+    (float16 keeps nothing finer than 6e-8), with 1e-30 as the floor of the float32 sums."""
+    return max(torch.finfo(out).tiny * eps(out), 1e-30)
 
 
 # ---- W4 ---------------------------------------------------------------------------------------
@@ -222,8 +228,9 @@ def w4_dequantized(w) -> torch.Tensor:
 
 def cross_entropy(e, c, targets, bias, ignore_index, softcap, reduction, shift, ls, z_loss):
     """(loss, lse) in float64 from the logits e @ c.T + bias, differentiable towards e, c, bias.
-    Ignored tokens' rows of e stay out of the loss's graph: their inf / NaN would poison the
-    gradients of c through 0 * inf."""
+    Ignored tokens' rows of e stay out of the loss's graph (as rows a shift drops are out of
+    torch's): the logits of the valid rows alone, so that neither their own inf / NaN nor an
+    inf of c times their 0 reaches the gradients."""
     t = targets.long()
     if shift:
         t = torch.cat([t[..., shift:], torch.full_like(t[..., :shift], ignore_index)], -1)
@@ -236,17 +243,18 @@ def cross_entropy(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
         return softcap * torch.tanh(z_ / softcap) if softcap is not None else z_
 
     lse_out = torch.logsumexp(logits(e), -1)
-    z = logits(torch.where(valid[..., None], e.double(), 0.0))
+    z = logits(e[valid])
     lse = torch.logsumexp(z, -1)
     logp = z - lse[..., None]
-    picked = torch.gather(logp, -1, torch.where(valid, t, 0)[..., None])[..., 0]
+    picked = torch.gather(logp, -1, t[valid][..., None])[..., 0]
     # Terms with a 0 factor are left out: 0 times an infinite term would be NaN.
-    row = -(1 - ls) * picked if ls < 1 else torch.zeros_like(lse)
+    picked_rows = -(1 - ls) * picked if ls < 1 else torch.zeros_like(lse)
     if ls:
-        row = row - ls * logp.mean(-1)
+        picked_rows = picked_rows - ls * logp.mean(-1)
     if z_loss:
-        row = row + z_loss * lse * lse
-    row = torch.where(valid, row, 0.0)
+        picked_rows = picked_rows + z_loss * lse * lse
+    row = torch.zeros(t.shape, dtype=torch.float64, device=lse.device)
+    row = row.index_put((valid,), picked_rows) if t.dim() else row + picked_rows.sum()
     if shift:
         row, lse_out = row[..., :-shift], lse_out[..., :-shift]
     if reduction == "sum":
