@@ -5,10 +5,11 @@ Each configuration trains ``python -m ferrograd demo``'s byte model (8-bit Shift
 L1LayerNorm, cut cross-entropy, SPAM, bf16 autocast where the CPU has BF16) for ``--steps``
 steps on the same batches, sharded with ``fully_shard`` per block and on the model, once with
 float all-gathers and once compressed. Reported per configuration: the bytes each rank hands to
-``all_gather_single`` per step (counted at the call), their ratio, the loss per step, and the
-training loss at the end (mean of the last 20 steps; both runs see the same batches) with its
-relative difference. Sizes: the demo's default model, and a wider one whose ShiftQuantLinear
-weights hold nearly all the parameters (embeddings and norms stay float32 either way).
+``all_gather_single`` per step (``fg.nn.fsdp.all_gather_bytes``), their ratio, the loss per
+step, and the training loss at the end (mean of the last 20 steps; both runs see the same
+batches) with its relative difference. Sizes: the demo's default model, and a wider one whose
+ShiftQuantLinear weights hold nearly all the parameters (embeddings and norms stay float32
+either way).
 
 ``python bench/fsdp.py [--steps N] [--threads T]`` starts ``torch.distributed.run`` itself and
 writes bench/results/fsdp.json under this CPU's name.
@@ -38,23 +39,15 @@ TAIL = 20  # steps averaged for the end-of-training loss
 def _rank_main(steps: int, out: Path) -> None:
     """One rank: every model, float and compressed all-gathers, through the demo's train()."""
     import torch
-    import torch.distributed as dist
 
     import ferrograd as fg
     from ferrograd import demo
+    from ferrograd.nn.fsdp import all_gather_bytes
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
     fg.set_num_threads(threads)
 
-    sent = [0]
-    all_gather = dist.all_gather_single
-
-    def counting(output_tensor, input_tensor, *args, **kwargs):
-        sent[0] += input_tensor.numel() * input_tensor.element_size()
-        return all_gather(output_tensor, input_tensor, *args, **kwargs)
-
-    dist.all_gather_single = counting
     base = demo.Config(data=[demo.default_data()], steps=steps, fsdp=True)
     group = demo.Group(base)
     train_files, _ = demo.split_files(base.data)
@@ -62,11 +55,11 @@ def _rank_main(steps: int, out: Path) -> None:
     for name, sizes in MODELS.items():
         for compressed in (False, True):
             cfg = replace(base, compress_all_gather=compressed, **sizes)
-            sent[0] = 0
             start = time.perf_counter()
-            _, _, stats = demo.train(cfg, train_files, True, group, quiet=True)
+            with all_gather_bytes() as sent:
+                _, _, stats = demo.train(cfg, train_files, True, group, quiet=True)
             runs[f"{name} | {'codes' if compressed else 'float32'}"] = {
-                "all_gather_bytes_per_step": sent[0] / steps,
+                "all_gather_bytes_per_step": sent.bytes / steps,
                 "seconds": time.perf_counter() - start,
                 "loss_curve": stats["loss_curve"],
             }
@@ -129,7 +122,7 @@ def main(threads: int | None = None, steps: int = 200) -> None:
         "notes": {
             "setup": f"{WORLD} gloo processes x {threads} threads, FSDP2 fully_shard per block "
                      "and on the model, the demo's data, optimizer (SPAM) and schedule",
-            "bytes": "bytes each rank passes to all_gather_single per step, counted at the call",
+            "bytes": "bytes each rank passes to all_gather_single per step (all_gather_bytes)",
             "end_loss": f"mean training loss (nats per byte) of the last {TAIL} steps",
             "steps": steps,
         },

@@ -19,6 +19,9 @@ inputs of the parameter's own shape).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -26,7 +29,7 @@ from torch.utils import _pytree as pytree
 from ..ops.shiftquant import ShiftQuantTensor, shiftquant
 from .shiftquant import ShiftQuantLinear
 
-__all__ = ["ShiftQuantWeight", "compress_all_gather"]
+__all__ = ["AllGatherBytes", "ShiftQuantWeight", "all_gather_bytes", "compress_all_gather"]
 
 OP = "compress_all_gather"
 
@@ -152,3 +155,30 @@ def compress_all_gather(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError(f"{OP}: model holds no ShiftQuantLinear")
     return model
+
+
+class AllGatherBytes:
+    """What :func:`all_gather_bytes` counted: ``bytes`` handed to the all-gather so far."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+@contextlib.contextmanager
+def all_gather_bytes() -> Iterator[AllGatherBytes]:
+    """Counts the bytes this process hands to ``torch.distributed.all_gather_single`` (FSDP2's
+    all-gather) inside the block, to measure what :func:`compress_all_gather` saves. Replaces
+    the function for the whole process while it runs."""
+    import torch.distributed as dist
+
+    counted, all_gather = AllGatherBytes(), dist.all_gather_single
+
+    def counting(output_tensor, input_tensor, *args, **kwargs):
+        counted.bytes += input_tensor.numel() * input_tensor.element_size()
+        return all_gather(output_tensor, input_tensor, *args, **kwargs)
+
+    dist.all_gather_single = counting
+    try:
+        yield counted
+    finally:
+        dist.all_gather_single = all_gather
