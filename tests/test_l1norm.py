@@ -88,6 +88,18 @@ def test_rows_near_the_float32_range_keep_their_finite_answer(rms):
         torch.testing.assert_close(got.double() / scale, ref / scale, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_outputs_over_the_last_dim_are_tensors_of_their_own(dtype):
+    """The norms over the last dim return a tensor of x's shape, not a view of a [rows, n] one:
+    FSDP2 warns of views leaving a module (an in-place op on one skips its hooks)."""
+    x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
+    for norm in (fg.nn.L1LayerNorm(8), fg.nn.L1RMSNorm(8)):
+        y = norm.to(dtype)(x)
+        assert not y._is_view() and y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+
+
 def test_gradcheck_float64():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 11, dtype=torch.float64, requires_grad=True)

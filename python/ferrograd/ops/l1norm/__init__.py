@@ -1,7 +1,8 @@
 """L1 LayerNorm (docs/definitions.md):
 y = (x - mean) / (sqrt(pi/2) * mean|x - mean| + eps) * weight + bias over the normalized dims.
 
-Ops on x [rows, n], differentiable towards x, weight and bias:
+Ops on x [..., n] (rows: every leading dim; the codes path [rows, n]), differentiable towards
+x, weight and bias:
 
 - ``ferrograd::l1_norm(x, weight, bias, eps)``: y (x's dtype) and the per-row mean and
   1 / (sqrt(pi/2) * mean|x - mean| + eps) it saves; float64 runs in float64, other dtypes in
@@ -42,9 +43,14 @@ CODES_GROUP_SIZE = 64
 _MAX_FLOAT = 1.7976931348623157e308  # eps must be finite
 
 
+def _rows(x: torch.Tensor):
+    """The rows of x [..., n]: every leading dim (symbolic under torch.compile)."""
+    return math.prod(x.shape[:-1])
+
+
 def _fake(x, weight, bias, eps):
     kd = reference.kernel_dtype(x.dtype)
-    rows = x.shape[0]
+    rows = _rows(x)
     return x.new_empty(x.shape), x.new_empty(rows, dtype=kd), x.new_empty(rows, dtype=kd)
 
 
@@ -55,7 +61,7 @@ def _fake_codes(x, codes, scale, shifts, group_size, weight, bias, eps):
 
 
 def _fake_grads(grad, mean, weight_grad, bias_grad):
-    n = grad.shape[1]
+    n = grad.shape[-1]
     return (
         grad.new_empty(grad.shape),
         mean.new_empty(n if weight_grad else 0),
@@ -104,11 +110,11 @@ l1_norm_codes_backward_op = _library.define(
 
 
 def _fake_rms(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], dtype=reference.kernel_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(_rows(x), dtype=reference.kernel_dtype(x.dtype))
 
 
 def _fake_rms_backward(grad, x, rstd, weight, weight_grad):
-    return grad.new_empty(grad.shape), rstd.new_empty(x.shape[1] if weight_grad else 0)
+    return grad.new_empty(grad.shape), rstd.new_empty(x.shape[-1] if weight_grad else 0)
 
 
 l1_rms_norm_op = _library.define(
@@ -268,14 +274,18 @@ def l1_layer_norm(
             raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
     if x.numel() == 0:
         return x.clone()
-    x2 = x.reshape(-1, n)
     if bits is None:
-        y = _library.call(l1_norm_op, x2, w, b, float(eps))[0]
-    else:
-        q = quantize_2d(x2, bits, CODES_GROUP_SIZE)
-        y = _library.call(
-            l1_norm_codes_op, x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps)
-        )[0]
+        # The op takes x [..., n] as it is: its output is then a tensor of x's shape, not a
+        # view of one (FSDP2 warns of views leaving a module: an in-place op on one would
+        # skip its hooks). Several normalized dims are flattened into one.
+        xn = x if len(shape) == 1 else x.reshape(*x.shape[: x.dim() - len(shape)], n)
+        y = _library.call(l1_norm_op, xn, w, b, float(eps))[0]
+        return y if len(shape) == 1 else y.reshape(x.shape)
+    x2 = x.reshape(-1, n)
+    q = quantize_2d(x2, bits, CODES_GROUP_SIZE)
+    y = _library.call(
+        l1_norm_codes_op, x2, q.codes, q.scale, q.shifts, CODES_GROUP_SIZE, w, b, float(eps)
+    )[0]
     return y.reshape(x.shape)
 
 
@@ -306,8 +316,9 @@ def l1_rms_norm(
         check_spec(op, bits, CODES_GROUP_SIZE)
     if x.numel() == 0:
         return x.clone()
+    if bits is None:
+        return _library.call(l1_rms_norm_op, x, weight, float(eps))[0]  # x [..., n] as it is
     x2 = x.reshape(-1, n)
-    if bits is not None:
-        codes = quantize_2d(x2.detach(), bits, CODES_GROUP_SIZE).dequantize().to(x.dtype)
-        x2 = codes + (x2 - x2.detach())  # exactly the codes' values, x's gradient
+    codes = quantize_2d(x2.detach(), bits, CODES_GROUP_SIZE).dequantize().to(x.dtype)
+    x2 = codes + (x2 - x2.detach())  # exactly the codes' values, x's gradient
     return _library.call(l1_rms_norm_op, x2, weight, float(eps))[0].reshape(x.shape)

@@ -1,9 +1,11 @@
-"""The Rust L1 norm kernels on CPU tensors x [rows, n]: float32, bfloat16 and float16 rows read
-and written in their own dtype (computed in float32, statistics saved as float32); float64 runs
-reference.py (gradcheck's dtype, no kernel of its own); the codes path from ShiftQuant codes
-(groups along n), its statistics exact in integers."""
+"""The Rust L1 norm kernels on CPU tensors x [..., n] (rows: every leading dim): float32,
+bfloat16 and float16 rows read and written in their own dtype (computed in float32, statistics
+saved as float32); float64 runs reference.py (gradcheck's dtype, no kernel of its own); the
+codes path from ShiftQuant codes (groups along n), its statistics exact in integers."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,8 +35,8 @@ def _grads(n: int, weight_grad: bool, bias_grad: bool):
 def forward(x: torch.Tensor, weight, bias, eps: float):
     if x.dtype not in _KERNEL:
         return reference.forward(x, weight, bias, eps)
-    rows, n = x.shape
-    y = torch.empty((rows, n), dtype=x.dtype)
+    n, rows = x.shape[-1], math.prod(x.shape[:-1])
+    y = torch.empty(x.shape, dtype=x.dtype)
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
     _core.l1_norm_forward(x.contiguous(), n, eps, _f32(weight), _f32(bias), y, mean, rstd)
     return y, mean, rstd
@@ -43,7 +45,7 @@ def forward(x: torch.Tensor, weight, bias, eps: float):
 def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
     if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.backward(grad, x, mean, rstd, weight, weight_grad, bias_grad)
-    n = x.shape[1]
+    n = x.shape[-1]
     dx = torch.empty(grad.shape, dtype=x.dtype)
     dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
     _core.l1_norm_backward(
@@ -55,8 +57,8 @@ def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
 def rms_forward(x: torch.Tensor, weight, eps: float):
     if x.dtype not in _KERNEL:
         return reference.rms_forward(x, weight, eps)
-    rows, n = x.shape
-    y = torch.empty((rows, n), dtype=x.dtype)
+    n, rows = x.shape[-1], math.prod(x.shape[:-1])
+    y = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(rows, dtype=_F32)
     _core.l1_rms_norm_forward(x.contiguous(), n, eps, _f32(weight), y, rstd)
     return y, rstd
@@ -65,7 +67,7 @@ def rms_forward(x: torch.Tensor, weight, eps: float):
 def rms_backward(grad, x, rstd, weight, weight_grad: bool):
     if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.rms_backward(grad, x, rstd, weight, weight_grad)
-    n = x.shape[1]
+    n = x.shape[-1]
     dx = torch.empty(grad.shape, dtype=x.dtype)
     dw = torch.empty(n if weight_grad else 0, dtype=_F32)
     _core.l1_rms_norm_backward(

@@ -28,15 +28,15 @@ def _affine(y, weight, bias, dtype):
 
 
 def forward(x: torch.Tensor, weight, bias, eps: float):
-    """y (x's dtype) and per-row mean and 1 / (sqrt(pi/2) mean|x - mean| + eps) of x [rows, n],
-    the statistics in the kernel dtype."""
+    """y (x's dtype and shape) and per-row mean and 1 / (sqrt(pi/2) mean|x - mean| + eps) of
+    x [..., n] (rows: every leading dim), the statistics in the kernel dtype."""
     kd = kernel_dtype(x.dtype)
     xk = x.to(kd)
     mean = xk.mean(-1, keepdim=True, dtype=torch.float64).to(kd)
     d = xk - mean
     mean_abs = d.abs().mean(-1, keepdim=True, dtype=torch.float64)
     r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)).to(kd)
-    return _affine(d * r, weight, bias, x.dtype), mean[:, 0], r[:, 0]
+    return _affine(d * r, weight, bias, x.dtype), mean.reshape(-1), r.reshape(-1)
 
 
 def _integers(codes, scale, shifts, group_size: int):
@@ -77,11 +77,12 @@ def _backward(dy, x, mean, r, weight, weight_grad: bool, bias_grad: bool):
 
 
 def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
-    """dx (grad's dtype), dweight and dbias (the kernel dtype; empty when not asked for)."""
-    dx, dw, db = _backward(
-        grad.to(mean.dtype), x.to(mean.dtype), mean, rstd, weight, weight_grad, bias_grad
-    )
-    return dx.to(grad.dtype), dw, db
+    """dx (grad's dtype and shape), dweight and dbias (the kernel dtype; empty when not asked
+    for); grad and x [..., n]."""
+    n = x.shape[-1]
+    g2, x2 = grad.reshape(-1, n).to(mean.dtype), x.reshape(-1, n).to(mean.dtype)
+    dx, dw, db = _backward(g2, x2, mean, rstd, weight, weight_grad, bias_grad)
+    return dx.to(grad.dtype).reshape(grad.shape), dw, db
 
 
 def backward_codes(
@@ -95,22 +96,23 @@ def backward_codes(
 
 
 def rms_forward(x: torch.Tensor, weight, eps: float):
-    """L1 RMSNorm of x [rows, n]: y (x's dtype) and per-row r = 1 / (sqrt(pi/2) mean|x| + eps) (the
-    kernel dtype), the statistic accumulated in float64."""
+    """L1 RMSNorm of x [..., n]: y (x's dtype and shape) and per-row r = 1 / (sqrt(pi/2) mean|x|
+    + eps) (the kernel dtype), the statistic accumulated in float64."""
     kd = kernel_dtype(x.dtype)
     xk = x.to(kd)
     mean_abs = xk.abs().mean(-1, keepdim=True, dtype=torch.float64)
     r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)).to(kd)
-    return _affine(xk * r, weight, None, x.dtype), r[:, 0]
+    return _affine(xk * r, weight, None, x.dtype), r.reshape(-1)
 
 
 def rms_backward(grad, x, rstd, weight, weight_grad: bool):
     """dx (grad's dtype) and dweight (the kernel dtype; empty when not asked for): with g = dy w,
     dx = r g - r² sqrt(pi/2) / n Σ(g x) sign(x)."""
-    kd = rstd.dtype
+    kd, shape = rstd.dtype, grad.shape
+    grad, x = grad.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
     dy, xk, r = grad.to(kd), x.to(kd), rstd[:, None]
     g = dy if weight is None else dy * weight.to(kd)
     gx = (g * xk).sum(-1, keepdim=True, dtype=torch.float64).to(kd)
     dx = r * g - (SQRT_HALF_PI / x.shape[-1]) * r * r * gx * torch.sign(xk)
     dw = (dy * xk * r).sum(0) if weight_grad else xk.new_empty(0)
-    return dx.to(grad.dtype), dw
+    return dx.to(grad.dtype).reshape(shape), dw
