@@ -218,6 +218,8 @@ _library.register_autograd(l1_norm_codes_op, _backward_codes, _setup_codes)
 
 def check_eps(op: str, eps: object) -> float:
     """eps as a float: a positive finite number (0 divides a constant row's 0 by 0)."""
+    if type(eps) is float and 0.0 < eps <= _MAX_FLOAT:  # the common case, without ABC checks
+        return eps
     if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
         eps = float(eps)  # numpy's floats too
     value = check_number(op, "eps", eps, 0.0, _MAX_FLOAT)
@@ -228,6 +230,8 @@ def check_eps(op: str, eps: object) -> float:
 
 def check_normalized_shape(op: str, shape: object) -> tuple[int, ...]:
     """An int or a sequence of ints >= 0 (numpy's too), as a tuple."""
+    if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
+        return shape  # the modules' own, checked once: no ABC checks per call
     dims = (shape,) if isinstance(shape, numbers.Integral) else shape
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence | torch.Size):
         raise TypeError(
@@ -259,19 +263,20 @@ def l1_layer_norm(
         check_device(op, "x", x)
         check_spec(op, bits, CODES_GROUP_SIZE)
     shape = check_normalized_shape(op, normalized_shape)
-    if not shape or tuple(x.shape[-len(shape) :]) != shape:
+    if not shape or x.shape[x.dim() - len(shape) :] != shape:
         raise ValueError(
             f"{op}: x's trailing dims must be normalized_shape={shape}, got {tuple(x.shape)}"
         )
     n = math.prod(shape)
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
-    w = None if weight is None else weight.reshape(n)
-    b = None if bias is None else bias.reshape(n)
-    for name, p in (("weight", w), ("bias", b)):
-        if p is not None and p.device != x.device:
-            raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
+        if p is not None:
+            if p.shape != shape:
+                raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
+            if p.device != x.device:
+                raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
+    one = len(shape) == 1  # weight and bias are then [n] already
+    w = weight if weight is None or one else weight.reshape(n)
+    b = bias if bias is None or one else bias.reshape(n)
     if x.numel() == 0:
         return x.clone()
     if bits is None:

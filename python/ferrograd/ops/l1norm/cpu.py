@@ -18,7 +18,9 @@ _F32 = torch.float32
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(_F32).contiguous()
+    if t is None or (t.dtype is _F32 and t.is_contiguous()):
+        return t
+    return t.to(_F32).contiguous()
 
 
 def _grads(n: int, weight_grad: bool, bias_grad: bool):
