@@ -122,6 +122,12 @@ def grad_chunk(z, v0, targets, lse, coefs, softcap) -> float:
     return _grad_capped(_softcap_(z, softcap), v0, targets, lse, coefs, softcap)
 
 
+def without_gradient(coefs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The rows that take no part in the backward: all three coefficients 0 (ignored rows)."""
+    a, b, u = coefs
+    return (a == 0) & (b == 0) & (u == 0)
+
+
 def _grad_capped(z, v0, targets, lse, coefs, softcap) -> float:
     """:func:`grad_chunk` on logits already capped."""
     a, b, u = coefs
@@ -137,7 +143,7 @@ def _grad_capped(z, v0, targets, lse, coefs, softcap) -> float:
         z.mul_(1 - (capped / softcap) ** 2)
     # Rows without a gradient (ignored: all three coefficients 0) get 0, not 0 * NaN where
     # their logits are NaN (a NaN in C), as the Rust kernels write them.
-    z.masked_fill_(((a == 0) & (b == 0) & (u == 0))[:, None], 0.0)
+    z.masked_fill_(without_gradient(coefs)[:, None], 0.0)
     return float(peak)
 
 
@@ -170,8 +176,7 @@ def quiet_ignored_rows(
     ignored) but hold a NaN or inf of their own (their lse is not finite) set to e = 0 and
     lse = inf: their dz is then exactly 0 instead of 0 * NaN, and their e no longer reaches dC.
     Off the CPU without a host synchronization (always copies)."""
-    a, b, u = coefs
-    idle = ~lse.isfinite() & (a == 0) & (b == 0) & (u == 0)
+    idle = ~lse.isfinite() & without_gradient(coefs)
     if e.device.type == "cpu" and not bool(idle.any()):
         return e, lse
     return torch.where(idle[:, None], 0, e), lse.masked_fill(idle, math.inf)
@@ -276,9 +281,8 @@ def chunked_backward(
                 de_r += torch.mm(dzg, cg)
                 if not direct:
                     dc[v0:v1] += torch.mm(dzg.t(), er)
-    # Rows that take no part (all coefficients 0): their dE is exactly 0, not 0 * an inf of C.
-    a, b, u = coefs
-    de.masked_fill_(((a == 0) & (b == 0) & (u == 0))[:, None], 0)
+    # Rows that take no part: their dE is exactly 0, not 0 * an inf of C.
+    de.masked_fill_(without_gradient(coefs)[:, None], 0)
     return de, dc, dbias
 
 
