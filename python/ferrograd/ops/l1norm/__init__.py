@@ -43,14 +43,9 @@ CODES_GROUP_SIZE = 64
 _MAX_FLOAT = 1.7976931348623157e308  # eps must be finite
 
 
-def _rows(x: torch.Tensor):
-    """The rows of x [..., n]: every leading dim (symbolic under torch.compile)."""
-    return math.prod(x.shape[:-1])
-
-
 def _fake(x, weight, bias, eps):
     kd = reference.kernel_dtype(x.dtype)
-    rows = _rows(x)
+    rows = reference.rows(x)
     return x.new_empty(x.shape), x.new_empty(rows, dtype=kd), x.new_empty(rows, dtype=kd)
 
 
@@ -110,7 +105,8 @@ l1_norm_codes_backward_op = _library.define(
 
 
 def _fake_rms(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(_rows(x), dtype=reference.kernel_dtype(x.dtype))
+    rstd = x.new_empty(reference.rows(x), dtype=reference.kernel_dtype(x.dtype))
+    return x.new_empty(x.shape), rstd
 
 
 def _fake_rms_backward(grad, x, rstd, weight, weight_grad):
@@ -274,7 +270,7 @@ def l1_layer_norm(
                 raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
             if p.device != x.device:
                 raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
-    one = len(shape) == 1  # weight and bias are then [n] already
+    one = len(shape) == 1  # one normalized dim: weight, bias and x need no reshape
     w = weight if weight is None or one else weight.reshape(n)
     b = bias if bias is None or one else bias.reshape(n)
     if x.numel() == 0:
@@ -283,9 +279,9 @@ def l1_layer_norm(
         # The op takes x [..., n] as it is: its output is then a tensor of x's shape, not a
         # view of one (FSDP2 warns of views leaving a module: an in-place op on one would
         # skip its hooks). Several normalized dims are flattened into one.
-        xn = x if len(shape) == 1 else x.reshape(*x.shape[: x.dim() - len(shape)], n)
+        xn = x if one else x.reshape(*x.shape[: x.dim() - len(shape)], n)
         y = _library.call(l1_norm_op, xn, w, b, float(eps))[0]
-        return y if len(shape) == 1 else y.reshape(x.shape)
+        return y if one else y.reshape(x.shape)
     x2 = x.reshape(-1, n)
     q = quantize_2d(x2, bits, CODES_GROUP_SIZE)
     y = _library.call(

@@ -5,8 +5,6 @@ codes path from ShiftQuant codes (groups along n), its statistics exact in integ
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ... import _core
@@ -37,7 +35,7 @@ def _grads(n: int, weight_grad: bool, bias_grad: bool):
 def forward(x: torch.Tensor, weight, bias, eps: float):
     if x.dtype not in _KERNEL:
         return reference.forward(x, weight, bias, eps)
-    n, rows = x.shape[-1], math.prod(x.shape[:-1])
+    n, rows = x.shape[-1], reference.rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
     _core.l1_norm_forward(x.contiguous(), n, eps, _f32(weight), _f32(bias), y, mean, rstd)
@@ -59,7 +57,7 @@ def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
 def rms_forward(x: torch.Tensor, weight, eps: float):
     if x.dtype not in _KERNEL:
         return reference.rms_forward(x, weight, eps)
-    n, rows = x.shape[-1], math.prod(x.shape[:-1])
+    n, rows = x.shape[-1], reference.rows(x)
     y = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(rows, dtype=_F32)
     _core.l1_rms_norm_forward(x.contiguous(), n, eps, _f32(weight), y, rstd)

@@ -14,6 +14,11 @@ from ..shiftquant import element_shifts
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
 
 
+def rows(x: torch.Tensor):
+    """The rows of x [..., n]: every leading dim (symbolic under torch.compile)."""
+    return math.prod(x.shape[:-1])
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 inputs are normalized in float64, every other floating dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
