@@ -195,21 +195,16 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
 /// 0 for such a row (a bf16 row of 3e-39; float32 x's low bf16 terms go first), where the other
 /// kernels keep it. Smaller entries beside a larger one only lose what the row's size hides.
 fn has_tiny_row(x: Rows<'_>, k: usize) -> bool {
-    // |v| as its bits (integer maxima vectorize; NaN sorts above every number).
-    const TINY: u32 = 27 << 23; // 2^-100
-    let tiny = |top: u32| top != 0 && top < TINY;
+    const TINY: f32 = f32::from_bits(27 << 23); // 2^-100
+    let tiny = |top: f32| top > 0.0 && top < TINY;
     match x {
-        Rows::F32(x) => x.chunks(k.max(1)).any(|row| {
-            tiny(
-                row.iter()
-                    .map(|v| v.to_bits() & 0x7fff_ffff)
-                    .max()
-                    .unwrap_or(0),
-            )
+        // (NaN and inf rows count as large: abs_max_or_inf gives inf.)
+        Rows::F32(x) => x.chunks(k.max(1)).any(|row| tiny(abs_max_or_inf(row))),
+        // |v| as its bits, not widened (integer maxima vectorize; NaN sorts above numbers).
+        Rows::Bf16(x) => x.chunks(k.max(1)).any(|row| {
+            let top = row.iter().map(|v| v.0 & 0x7fff).max().unwrap_or(0);
+            tiny(f32::from_bits(u32::from(top) << 16))
         }),
-        Rows::Bf16(x) => x
-            .chunks(k.max(1))
-            .any(|row| tiny(u32::from(row.iter().map(|v| v.0 & 0x7fff).max().unwrap_or(0)) << 16)),
     }
 }
 
