@@ -157,18 +157,41 @@ impl Kernel {
 /// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
 const MC: usize = 192;
 const NC: usize = 512;
-/// Bytes of K per block: a 32-column B micro-panel of this depth is 8 KiB (L1).
-const KC: usize = 256;
+/// Bytes of K per block: a 32-column B micro-panel of this depth is 16 KiB (L1).
+const KC: usize = 512;
 /// Per-thread work minimums: a second thread joins only when each gets at least this much
 /// (bytes to pack; multiply-adds, about 0.7 ms on one Zen 4 core). On a loaded machine a
 /// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay.
 const PACK_PER_THREAD: usize = 1 << 18;
 const MACS_PER_THREAD: usize = 1 << 27;
 
-/// An operand packed into panels of `r` rows.
+/// Where a packed operand's codes lie: K blocks outermost, then panels, then the block's quads
+/// ([block][panel][quad][r][4 bytes]). The tiles of a K block read the panels in turn, so this
+/// makes each thread's reads one contiguous run that the hardware prefetchers follow; panels
+/// laid out one after another restarted a stream every tile (about a tenth of the time of a
+/// 2048³ GEMM on Zen 5).
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Rows per panel.
+    r: usize,
+    panels: usize,
+    /// Quads of K (padded) per row, and per K block (the last block may be shorter).
+    quads: usize,
+    block_quads: usize,
+}
+
+impl Layout {
+    /// The byte offset of quad `kk` of panel `p` (its first row).
+    fn at(&self, p: usize, kk: usize) -> usize {
+        let start = kk / self.block_quads * self.block_quads;
+        let len = self.block_quads.min(self.quads - start);
+        (start * self.panels + p * len + kk - start) * self.r * 4
+    }
+}
+
+/// An operand packed into panels of `layout.r` rows.
 struct Packed {
-    /// Bytes per panel: padded K times r.
-    panel_bytes: usize,
+    layout: Layout,
     /// Metadata entries per panel: groups times r.
     meta: usize,
     data: Vec<i8>,
@@ -176,70 +199,95 @@ struct Packed {
     corr: Vec<i32>,
 }
 
-/// One panel's codes, powers of two and offset corrections.
-type PanelOut<'a> = (&'a mut [i8], (&'a mut [f32], &'a mut [i32]));
-
-/// Packs `op` into panels of `r` rows, storing q + `offset` (as unsigned bytes when nonzero),
-/// with -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset.
-/// The codes go into `data`, a buffer recycled from an earlier call (see `PACKED`).
+/// Packs `op` into `layout`, storing q + `offset` (as unsigned bytes when nonzero), with
+/// -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset. The codes
+/// go into `data`, a buffer recycled from an earlier call (see `PACKED`).
 fn pack(
     op: &GemmOperand<'_>,
-    (k, gs, kpad): (usize, usize, usize),
-    r: usize,
+    (k, gs): (usize, usize),
+    layout: Layout,
     (offset, other_offset): (u8, u8),
     mut data: Vec<i8>,
 ) -> Packed {
+    let Layout { r, panels, .. } = layout;
     let rows = op.rows();
     let groups = num_groups(k, gs);
-    let panel_bytes = kpad * r;
     let meta = groups * r;
-    let panels = rows.div_ceil(r);
     // Every byte is written below (the padding with the code 0 + offset): the buffer is only
     // initialized where it grows.
-    data.resize(panels * panel_bytes, 0);
+    data.resize(panels * layout.quads * r * 4, 0);
     let mut pow = vec![0f32; panels * meta];
     let mut corr = vec![0i32; panels * meta];
-    let fill = |(p, (d, (pw, cs))): (usize, PanelOut<'_>)| {
-        let lanes = u32::from_ne_bytes([offset; 4]);
+    let (dp, pp, cp) = (
+        SendPtr(data.as_mut_ptr()),
+        SendPtr(pow.as_mut_ptr()),
+        SendPtr(corr.as_mut_ptr()),
+    );
+    let panel = |p: usize| {
+        // SAFETY: panel p alone writes its quads (`Layout::at`) and its metadata range.
+        let (pw, cs) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pp.ptr().add(p * meta), meta),
+                std::slice::from_raw_parts_mut(cp.ptr().add(p * meta), meta),
+            )
+        };
         let live = r.min(rows - p * r);
         let panel = &op.codes[p * r * k..(p * r + live) * k];
         // K = 0 leaves `panel` empty; the row chunks then only need a nonzero length.
         let row_len = k.max(1);
-        // Whole quads: 4 x 4 blocks (4 rows, 4 quads) transposed in registers, the rest one
-        // quad at a time, walking K outermost so that the writes are sequential (a byte loop,
-        // row by row, was a tenth of the GEMM's time at 1024³; quad by quad, 6-12% at model
-        // shapes).
         let (full, tail) = (k / 4, k % 4);
         // Blocks of rows 0, 4, 8, ... and, for a count that is not a multiple of 4, the last
         // four rows (rewriting some rows with the same bytes).
-        let full4 = if live >= 4 { full / 4 * 4 } else { 0 };
         let row_blocks = (0..live / 4 * 4)
             .step_by(4)
             .chain((live >= 4 && !live.is_multiple_of(4)).then(|| live - 4));
-        for kk in (0..full4).step_by(4) {
+        let lanes = u32::from_ne_bytes([offset; 4]);
+        for start in (0..layout.quads).step_by(layout.block_quads) {
+            // This K block's quads are contiguous: at most 16 KiB, which stay in L1 while 4 rows
+            // at a time stream in (all r rows at once were more streams than the prefetchers
+            // follow: half the packing time was stalls).
+            let len = layout.block_quads.min(layout.quads - start);
+            // SAFETY: panel p alone writes these len quads of r rows of 4 bytes.
+            let block = unsafe {
+                std::slice::from_raw_parts_mut(dp.ptr().add(layout.at(p, start)), len * r * 4)
+            };
+            // Quads wholly inside K: 4 x 4 blocks (4 rows, 4 quads) transposed in registers,
+            // the rest one quad at a time (a byte loop, row by row, was a tenth of the GEMM's
+            // time at 1024³; quad by quad, 6-12% at model shapes).
+            let inside = full.clamp(start, start + len) - start;
+            let transposed = if live >= 4 { inside / 4 * 4 } else { 0 };
             for i in row_blocks.clone() {
-                let rows: [&[i8]; 4] =
-                    std::array::from_fn(|j| &panel[(i + j) * row_len + kk * 4..][..16]);
-                let out = &mut d[(kk * r + i) * 4..((kk + 3) * r + i + 4) * 4];
-                transpose_quads(rows, offset, out, r * 4);
+                for kk in (0..transposed).step_by(4) {
+                    let rows: [&[i8]; 4] = std::array::from_fn(|j| {
+                        &panel[(i + j) * row_len + (start + kk) * 4..][..16]
+                    });
+                    transpose_quads(rows, offset, &mut block[(kk * r + i) * 4..], r * 4);
+                }
+            }
+            for (kk, quad) in block.chunks_exact_mut(r * 4).enumerate() {
+                let mut write = |i: usize, v: u32| {
+                    quad[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes().map(|b| b as i8))
+                };
+                if (transposed..inside).contains(&kk) {
+                    for i in 0..live {
+                        let q: [i8; 4] = panel[i * row_len + (start + kk) * 4..][..4]
+                            .try_into()
+                            .unwrap();
+                        write(i, add_bytes(u32::from_ne_bytes(q.map(|q| q as u8)), lanes));
+                    }
+                }
+                // Padding: the rows past the operand's end, and the quads past K.
+                let pad = if kk < inside { live } else { 0 };
+                (pad..r).for_each(|i| write(i, lanes));
             }
         }
-        for kk in full4..full {
-            for i in 0..live {
-                let quad: [i8; 4] = panel[i * row_len + kk * 4..][..4].try_into().unwrap();
-                let v = add_bytes(u32::from_ne_bytes(quad.map(|q| q as u8)), lanes);
-                let o = &mut d[(kk * r + i) * 4..][..4];
-                o.copy_from_slice(&v.to_ne_bytes().map(|b| b as i8));
-            }
-        }
-        // Padding: the rows past the operand's end, and the quads past K.
-        for kk in 0..full {
-            d[(kk * r + live) * 4..(kk + 1) * r * 4].fill(offset as i8);
-        }
-        d[full * r * 4..].fill(offset as i8);
         for (i, row) in panel.chunks_exact(row_len).enumerate() {
             if tail > 0 {
-                for (o, &q) in d[(full * r + i) * 4..].iter_mut().zip(&row[full * 4..]) {
+                // SAFETY: quad `full` exists when K has a tail; row i's first `tail` bytes of it.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dp.ptr().add(layout.at(p, full) + i * 4), tail)
+                };
+                for (o, &q) in o.iter_mut().zip(&row[full * 4..]) {
                     *o = q.wrapping_add(offset as i8);
                 }
             }
@@ -252,31 +300,13 @@ fn pack(
             }
         }
     };
-    let (dp, pp, cp) = (
-        SendPtr(data.as_mut_ptr()),
-        SendPtr(pow.as_mut_ptr()),
-        SendPtr(corr.as_mut_ptr()),
-    );
-    let panel = |p: usize| {
-        // SAFETY: panel p alone touches these ranges of the three buffers.
-        let out = unsafe {
-            (
-                std::slice::from_raw_parts_mut(dp.ptr().add(p * panel_bytes), panel_bytes),
-                (
-                    std::slice::from_raw_parts_mut(pp.ptr().add(p * meta), meta),
-                    std::slice::from_raw_parts_mut(cp.ptr().add(p * meta), meta),
-                ),
-            )
-        };
-        fill((p, out))
-    };
     if rows * k >= 2 * PACK_PER_THREAD {
         threads::split(panels, panel);
     } else {
         (0..panels).for_each(panel);
     }
     Packed {
-        panel_bytes,
+        layout,
         meta,
         data,
         pow,
@@ -417,24 +447,28 @@ pub fn matmul<T: Output>(
     if let Some(last) = steps.last_mut() {
         *last = (k - (groups - 1) * group_size).div_ceil(4);
     }
-    let kpad = 4 * steps.iter().sum::<usize>();
+    let groups_per_block = (KC / group_size).max(1);
+    let layout = |rows: usize, r: usize| Layout {
+        r,
+        panels: rows.div_ceil(r),
+        quads: steps.iter().sum(),
+        block_quads: groups_per_block * group_size / 4,
+    };
     let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
-    let dims = (k, group_size, kpad);
     let pa = pack(
         a,
-        dims,
-        kernel.mr,
+        (k, group_size),
+        layout(m, kernel.mr),
         (kernel.a_offset, kernel.b_offset),
         data_a,
     );
     let pb = pack(
         b,
-        dims,
-        kernel.nr,
+        (k, group_size),
+        layout(n, kernel.nr),
         (kernel.b_offset, kernel.a_offset),
         data_b,
     );
-    let groups_per_block = (KC / group_size).max(1);
     let parallel = m * n * k >= 2 * MACS_PER_THREAD;
     let blocks_n = n.div_ceil(NC);
     let mc = block_rows(m, kernel.mr, blocks_n, parallel.then(threads::num_threads));
@@ -534,23 +568,15 @@ impl Job<'_> {
         let mut g0 = 0;
         while g0 < groups {
             let g1 = (g0 + self.groups_per_block).min(groups);
-            // Byte offset of group g0 inside a panel: every earlier group is full.
+            // Quad offset of group g0: every earlier group is full.
             let quads = g0 * self.steps[0];
             for pj in 0..panels_n {
                 let bp = n0 / nr + pj;
                 for pi in 0..panels_m {
                     let ap = m0 / mr + pi;
                     let t = Tile {
-                        a: self
-                            .pa
-                            .data
-                            .as_ptr()
-                            .add(ap * self.pa.panel_bytes + quads * 4 * mr),
-                        b: self
-                            .pb
-                            .data
-                            .as_ptr()
-                            .add(bp * self.pb.panel_bytes + quads * 4 * nr),
+                        a: self.pa.data.as_ptr().add(self.pa.layout.at(ap, quads)),
+                        b: self.pb.data.as_ptr().add(self.pb.layout.at(bp, quads)),
                         a_pow: self.pa.pow.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         a_corr: self.pa.corr.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         b_corr: self.pb.corr.as_ptr().add(bp * self.pb.meta + g0 * nr),
