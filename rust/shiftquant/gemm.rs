@@ -94,6 +94,9 @@ struct Tile {
     depth: usize,
     /// The tile's float accumulators, [MR][NR], updated in place.
     acc: *mut f32,
+    /// The first run of groups: the accumulators start from 0 instead of `acc` (which holds
+    /// whatever the buffer's last use left; not zeroing it saved a memset of each block).
+    first: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -562,8 +565,15 @@ impl Job<'_> {
         let (rows, cols) = (self.mc.min(self.m - m0), NC.min(self.n - n0));
         let (panels_m, panels_n) = (rows.div_ceil(mr), cols.div_ceil(nr));
         let tile = mr * nr;
-        acc.clear();
-        acc.resize(panels_m * panels_n * tile, 0.0);
+        // Every tile's first run starts from zero (`Tile::first`): only grow the buffer, and
+        // zero it where no run comes (K = 0).
+        let need = panels_m * panels_n * tile;
+        if acc.len() < need {
+            acc.resize(need, 0.0);
+        }
+        if self.steps.is_empty() {
+            acc[..need].fill(0.0);
+        }
         let groups = self.steps.len();
         let mut g0 = 0;
         while g0 < groups {
@@ -585,6 +595,7 @@ impl Job<'_> {
                         groups: g1 - g0,
                         depth: self.kernel.depth,
                         acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
+                        first: g0 == 0,
                     };
                     (self.kernel.run)(&t);
                 }
@@ -717,6 +728,9 @@ crate::dispatch! {
 unsafe fn scalar_4x8(t: &Tile) {
     const MR: usize = 4;
     const NR: usize = 8;
+    if t.first {
+        std::ptr::write_bytes(t.acc, 0, MR * NR);
+    }
     let (mut a, mut b) = (t.a, t.b);
     for g in 0..t.groups {
         let mut sums = [[0i32; NR]; MR];
@@ -753,9 +767,11 @@ mod x86 {
     pub(super) unsafe fn vnni_6x32(t: &Tile) {
         const MR: usize = 6;
         let mut f = [[_mm512_setzero_ps(); 2]; MR];
-        for (i, row) in f.iter_mut().enumerate() {
-            row[0] = _mm512_loadu_ps(t.acc.add(i * 32));
-            row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
+        if !t.first {
+            for (i, row) in f.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(t.acc.add(i * 32));
+                row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
+            }
         }
         let (mut a, mut b) = (t.a, t.b);
         for g in 0..t.groups {
@@ -795,9 +811,13 @@ mod x86 {
         }
     }
 
-    /// The float accumulators of an MR x 8 tile, loaded from and stored back to `Tile::acc`.
+    /// The float accumulators of an MR x 8 tile, loaded from (zeros on the first run) and stored
+    /// back to `Tile::acc`.
     #[inline(always)]
     unsafe fn load_acc<const MR: usize>(t: &Tile) -> [__m256; MR] {
+        if t.first {
+            return [_mm256_setzero_ps(); MR];
+        }
         std::array::from_fn(|i| _mm256_loadu_ps(t.acc.add(i * 8)))
     }
 
@@ -1114,6 +1134,30 @@ mod tests {
             )
             .unwrap();
             assert!(out.iter().all(|&v| v == 0.0), "{level:?}");
+        }
+    }
+
+    #[test]
+    fn k_zero_gives_the_bias_after_a_call_that_left_accumulators() {
+        // The block buffer is kept per thread and not zeroed between calls: K = 0 (no group
+        // runs) must not read what the previous call left there.
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let (m, n) = (7, 40);
+            let qa = Quantized::new(&data(m * 64, 1), 64, 8, 16);
+            let qb = Quantized::new(&data(n * 64, 2), 64, 8, 16);
+            let mut out = vec![0f32; m * n];
+            matmul(level, &qa.operand(), &qb.operand(), 64, 16, None, &mut out).unwrap();
+            let empty = |scale| GemmOperand {
+                codes: &[],
+                scale,
+                shifts: &[],
+            };
+            let (ea, eb) = (empty(&qa.scale), empty(&qb.scale));
+            let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
+            matmul(level, &ea, &eb, 0, 16, Some(&bias), &mut out).unwrap();
+            for row in out.chunks(n) {
+                assert_eq!(row, &bias[..], "{level:?}");
+            }
         }
     }
 
