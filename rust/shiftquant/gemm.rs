@@ -5,11 +5,12 @@
 //! and is scaled by exact powers of two, so the only rounding is the float32 accumulation
 //! across groups and the final scaling.
 //!
-//! GotoBLAS structure: both operands are packed once into panels of MR rows / NR columns laid
-//! out [k/4][MR or NR][4 bytes] (the micro-kernels' order), with per-group power-of-two factors
-//! beside them. Work is split into MC x NC blocks of C across threads; each block walks K in
-//! blocks of whole groups (KC) so that a B micro-panel stays in L1 while the A panels stream
-//! from L2, and keeps its float accumulators in a block-local buffer until the epilogue.
+//! GotoBLAS structure: both operands are packed once into panels of MR rows / NR columns, each
+//! K block of a panel laid out [k/4][MR or NR][4 bytes] (the micro-kernels' order) and the
+//! blocks outermost (`Layout`), with per-group power-of-two factors beside them. Work is split
+//! into MC x NC blocks of C across threads; each block walks K in blocks of whole groups (KC)
+//! so that a B micro-panel stays in L1 while the A panels stream from L2 in one contiguous run,
+//! and keeps its float accumulators in a block-local buffer until the epilogue.
 //!
 //! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), two AVX2
 //! ones, and a portable scalar one. The AVX2 kernels are picked from the operands' largest
