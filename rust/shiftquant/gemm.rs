@@ -190,11 +190,18 @@ struct Layout {
 }
 
 impl Layout {
+    /// The K block starting at quad `start` (a multiple of `block_quads`): the byte offset of its
+    /// first panel and the bytes from one panel to the next.
+    fn block(&self, start: usize) -> (usize, usize) {
+        let len = self.block_quads.min(self.quads - start);
+        (start * self.panels * self.r * 4, len * self.r * 4)
+    }
+
     /// The byte offset of quad `kk` of panel `p` (its first row).
     fn at(&self, p: usize, kk: usize) -> usize {
         let start = kk / self.block_quads * self.block_quads;
-        let len = self.block_quads.min(self.quads - start);
-        (start * self.panels + p * len + kk - start) * self.r * 4
+        let (base, panel) = self.block(start);
+        base + p * panel + (kk - start) * self.r * 4
     }
 }
 
@@ -255,11 +262,11 @@ fn pack(
             // This K block's quads are contiguous: at most 16 KiB, which stay in L1 while 4 rows
             // at a time stream in (all r rows at once were more streams than the prefetchers
             // follow: half the packing time was stalls).
-            let len = layout.block_quads.min(layout.quads - start);
+            let (base, bytes) = layout.block(start);
+            let len = bytes / (r * 4);
             // SAFETY: panel p alone writes these len quads of r rows of 4 bytes.
-            let block = unsafe {
-                std::slice::from_raw_parts_mut(dp.ptr().add(layout.at(p, start)), len * r * 4)
-            };
+            let block =
+                unsafe { std::slice::from_raw_parts_mut(dp.ptr().add(base + p * bytes), bytes) };
             // Quads wholly inside K: 4 x 4 blocks (4 rows, 4 quads) transposed in registers,
             // the rest one quad at a time (a byte loop, row by row, was a tenth of the GEMM's
             // time at 1024³; quad by quad, 6-12% at model shapes).
@@ -457,10 +464,11 @@ pub fn matmul<T: Output>(
         *last = (k - (groups - 1) * group_size).div_ceil(4);
     }
     let groups_per_block = (KC / group_size).max(1);
+    let quads = steps.iter().sum();
     let layout = |rows: usize, r: usize| Layout {
         r,
         panels: rows.div_ceil(r),
-        quads: steps.iter().sum(),
+        quads,
         block_quads: groups_per_block * group_size / 4,
     };
     let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
@@ -584,15 +592,17 @@ impl Job<'_> {
         let mut g0 = 0;
         while g0 < groups {
             let g1 = (g0 + self.groups_per_block).min(groups);
-            // Quad offset of group g0: every earlier group is full.
+            // Quad offset of group g0 (every earlier group is full): this K block's panels.
             let quads = g0 * self.steps[0];
+            let (a0, a_panel) = self.pa.layout.block(quads);
+            let (b0, b_panel) = self.pb.layout.block(quads);
             for pj in 0..panels_n {
                 let bp = n0 / nr + pj;
                 for pi in 0..panels_m {
                     let ap = m0 / mr + pi;
                     let t = Tile {
-                        a: self.pa.data.as_ptr().add(self.pa.layout.at(ap, quads)),
-                        b: self.pb.data.as_ptr().add(self.pb.layout.at(bp, quads)),
+                        a: self.pa.data.as_ptr().add(a0 + ap * a_panel),
+                        b: self.pb.data.as_ptr().add(b0 + bp * b_panel),
                         a_pow: self.pa.pow.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         a_corr: self.pa.corr.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         b_corr: self.pb.corr.as_ptr().add(bp * self.pb.meta + g0 * nr),
