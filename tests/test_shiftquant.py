@@ -532,6 +532,30 @@ def test_shiftquant_linear_matches_the_reference(device, dtype):
         torch.testing.assert_close(g.float(), r.float(), **tol)
 
 
+def test_workspace_operands_leave_the_layers_results_alone(monkeypatch):
+    """The CPU layer's quantized operands share one workspace per slot across calls: results
+    equal those from fresh tensors (workspace off), and a later call of another shape does not
+    touch an earlier call's outputs."""
+    torch.manual_seed(0)
+    shapes = [(96, 256, 192), (40, 128, 320)]  # (tokens, in, out): the second reuses slots
+    runs = []
+    for _ in range(2):
+        results = []
+        for m, k, n in shapes:
+            x, w = sample((m, k), m), sample((n, k), n + 1)
+            grad = sample((m, n), m + 2)
+            y = linear.forward(sq_cpu, x, w, None, 8, 8, 64)
+            results.append([y, *linear.backward(sq_cpu, grad, x, w, 8, 8, 64, seed=5)])
+        runs.append(results)
+        monkeypatch.setattr(sq_cpu, "WORKSPACE_MAX_BYTES", 0)
+    kept = [[t.clone() for t in r] for r in runs[0]]
+    for m, k, n in shapes:  # more calls through the workspace
+        linear.forward(sq_cpu, sample((m, k), 7), sample((n, k), 8), None, 8, 8, 64)
+    for with_ws, fresh, before in zip(runs[0], runs[1], kept, strict=True):
+        for a, b, c in zip(with_ws, fresh, before, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @needs_cuda
 def test_a_training_step_matches_the_cpu_path():
     """Attention differs in its last bits between the devices, which may flip a code here and

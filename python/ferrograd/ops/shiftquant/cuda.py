@@ -60,10 +60,16 @@ def rows_plan(length: int, group_size: int) -> tuple[int, int]:
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, seed: int | None, transposed: bool
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    seed: int | None,
+    transposed: bool,
+    slot: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """codes, scale, shifts of a CUDA matrix [R, C] along C (or along R with ``transposed``:
-    then of shape [C, R], as the quantization of x.T). ``seed`` None rounds to nearest."""
+    then of shape [C, R], as the quantization of x.T). ``seed`` None rounds to nearest.
+    ``slot`` (cpu.py's workspace) is not needed here: torch's caching allocator reuses memory."""
     if x.dtype not in _SUFFIX:
         x = x.float()
     x = x.contiguous()
@@ -101,7 +107,7 @@ def quantize(
 
 
 def quantize_with_col_sums(
-    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None, slot: int | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``quantize(x, ..., transposed=True)`` and the float32 sums of x's columns."""
     return quantize(x, bits, group_size, seed, True), x.sum(0, dtype=torch.float32)

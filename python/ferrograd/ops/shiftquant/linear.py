@@ -7,7 +7,9 @@ Backward, each operand quantized along that GEMM's reduction axis:
 dX = Q_sr(dY) · Q(Wᵀ)ᵀ (reduction over out_features) and dW = Q_sr(dYᵀ) · Q(Xᵀ)ᵀ (reduction
 over tokens), where Q_sr rounds stochastically with ``grad_bits``, keyed by ``seed`` and
 ``seed + 1``. The transposed operands are quantized straight from the row-major tensors, with
-no transposed float copy.
+no transposed float copy. The quantized operands live in workspace slots 0 (left) and 1 (right)
+where the kernel set keeps them (cpu.py): each GEMM consumes its pair before the slots are
+filled again.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def forward(
     """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
     backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
-    qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False)
-    qw = kernels.quantize(weight, bits, group_size, None, False)
+    qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
+    qw = kernels.quantize(weight, bits, group_size, None, False, slot=1)
     y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
@@ -51,12 +53,14 @@ def backward(
     rows = x.shape[:-1].numel()  # spelled out: reshape cannot infer -1 when N is 0
     dy = grad.reshape(rows, n)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
-    q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False)
-    q_wt = kernels.quantize(weight, bits, group_size, None, True)
+    q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
+    q_wt = kernels.quantize(weight, bits, group_size, None, True, slot=1)
     dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     # The bias gradient (dY's column sums) comes from the same read of dY.
-    q_dyt, db = kernels.quantize_with_col_sums(dy, grad_bits, group_size, (seed + 1) % 2**64)
-    q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True)
+    q_dyt, db = kernels.quantize_with_col_sums(
+        dy, grad_bits, group_size, (seed + 1) % 2**64, slot=0
+    )
+    q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True, slot=1)
     dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
     return dx, dw, db.to(weight.dtype)

@@ -61,10 +61,16 @@ def _shifts(row_max: torch.Tensor, group_max: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, seed: int | None, transposed: bool
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    seed: int | None,
+    transposed: bool,
+    slot: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """codes, scale, shifts of a matrix [R, C] along C (or along R with ``transposed``: then of
-    shape [C, R], the quantization of x.T). ``seed`` None rounds to nearest."""
+    shape [C, R], the quantization of x.T). ``seed`` None rounds to nearest; ``slot`` (cpu.py's
+    workspace) is ignored."""
     x = x.float()
     if transposed:
         x = x.T
@@ -99,7 +105,7 @@ def quantize(
 
 
 def quantize_with_col_sums(
-    x: torch.Tensor, bits: int, group_size: int, seed: int | None
+    x: torch.Tensor, bits: int, group_size: int, seed: int | None, slot: int | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``quantize(x, ..., transposed=True)`` and the float32 sums of x's columns."""
     return quantize(x, bits, group_size, seed, True), x.sum(0, dtype=torch.float32)
