@@ -14,6 +14,7 @@ Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 #: Operands up to this many bytes (codes, scale and shifts) are carved from a slot's workspace.
 WORKSPACE_MAX_BYTES = 1 << 26
+_MAX_CARVED = 64
 
 
 class _Workspace(threading.local):
@@ -26,13 +27,32 @@ class _Workspace(threading.local):
     """
 
     def __init__(self) -> None:
-        self.slots: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        #: (slot, rows, length, group_size) -> the carved (codes, scale, shifts): a layer asks
+        #: for the same shapes every call, and carving costs more than a small quantization.
+        self.carved: dict[tuple[int, int, int, int], Quantized] = {}
 
-    def take(self, slot: int, nbytes: int) -> torch.Tensor:
-        buf = self.slots.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            buf = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes]
+    def outputs(self, slot: int, rows: int, length: int, group_size: int) -> Quantized:
+        key = (slot, rows, length, group_size)
+        carved = self.carved.get(key)
+        if carved is not None:
+            return carved
+        if len(self.carved) >= _MAX_CARVED:  # shapes that keep changing (sequence lengths)
+            self.carved.clear()
+        groups = -(-length // group_size)
+        sizes = (4 * rows, rows * length, rows * groups)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < sum(sizes):
+            buf = self.buffers[slot] = torch.empty(sum(sizes), dtype=torch.uint8)
+            self.carved = {k: v for k, v in self.carved.items() if k[0] != slot}
+        # scale first, where the float32 alignment holds
+        scale, codes, shifts = buf[: sum(sizes)].split(sizes)
+        carved = self.carved[key] = (
+            codes.view(torch.int8).view(rows, length),
+            scale.view(torch.float32),
+            shifts.view(rows, groups),
+        )
+        return carved
 
 
 _WORKSPACE = _Workspace()
@@ -63,21 +83,15 @@ def quantize_with_col_sums(
 
 def _outputs(rows: int, length: int, group_size: int, slot: int | None) -> Quantized:
     """Empty codes [rows, length], scale [rows] and shifts [rows, groups]: fresh tensors, or
-    views of one workspace slot (scale first, where the float32 alignment holds)."""
-    groups = -(-length // group_size)
-    sizes = (4 * rows, rows * length, rows * groups)
-    if slot is None or sum(sizes) > WORKSPACE_MAX_BYTES:
+    views of one workspace slot."""
+    nbytes = rows * (length + 4 + -(-length // group_size))
+    if slot is None or nbytes > WORKSPACE_MAX_BYTES:
         return (
             torch.empty((rows, length), dtype=torch.int8),
             torch.empty(rows, dtype=torch.float32),
-            torch.empty((rows, groups), dtype=torch.uint8),
+            torch.empty((rows, -(-length // group_size)), dtype=torch.uint8),
         )
-    scale, codes, shifts = _WORKSPACE.take(slot, sum(sizes)).split(sizes)
-    return (
-        codes.view(torch.int8).view(rows, length),
-        scale.view(torch.float32),
-        shifts.view(rows, groups),
-    )
+    return _WORKSPACE.outputs(slot, rows, length, group_size)
 
 
 def _quantize(x, bits, group_size, seed, transposed, col_sums, slot) -> Quantized:
