@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,25 @@ def _cache_sizes() -> dict[str, str]:
     return sizes
 
 
+#: torch's CPU allocator gives allocations of 2 MiB and more transparent huge pages when set.
+HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+
+
+def with_huge_pages() -> None:
+    """Restarts this process with ``THP_MEM_ALLOC_ENABLE=1`` unless the variable is set already
+    (set it to 0 to measure the default allocator). torch reads it at its first allocation, so
+    it cannot be switched on in a running process. Large fresh tensors otherwise page-fault 4 KiB
+    at a time: measured on a 2-vCPU Zen 5 VM, a fresh 64 MiB float32 copy took 18-75 ms against
+    5 ms with huge pages, and torch's bf16 training step of bench/model.py ran 2.4x faster with
+    them (ferrograd's 1.1x). The strongest torch configuration therefore has them on."""
+    if HUGE_PAGES in os.environ or not sys.platform.startswith("linux"):
+        return
+    os.environ[HUGE_PAGES] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def machine(threads: int) -> dict:
     model, family, flags = _cpu_facts()
     return {
@@ -116,6 +136,7 @@ def machine(threads: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "simd_path": fg.simd_level(),
+        "huge_pages": os.environ.get(HUGE_PAGES, "unset"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,

@@ -3,7 +3,9 @@
 One step is forward, backward and optimizer on a model built from a config with random weights
 (no network). Every configuration starts from the same weights, trains on the same batches with
 the same thread count in this one process, and the configurations are stepped in turn (step i of
-every configuration, then step i + 1), so drift on a shared machine affects all alike.
+every configuration, then step i + 1), so drift on a shared machine affects all alike. It runs
+with torch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1, harness.with_huge_pages) unless the
+variable is set: without it the baseline's fresh logits page-fault every step.
 
 Configurations: torch float32 + AdamW(fused=True); torch bf16 autocast + AdamW(fused=True) (run
 where the CPU has BF16 instructions, or with --bf16 on); ferrograd's
@@ -38,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference  # noqa: E402
-from harness import Bench  # noqa: E402
+from harness import Bench, with_huge_pages  # noqa: E402
 
 import ferrograd as fg  # noqa: E402
 from ferrograd.integrations import transformers as fgt  # noqa: E402
@@ -341,6 +343,7 @@ def parse(argv: list[str], threads: int | None) -> argparse.Namespace:
 
 def main(threads: int | None = None, argv: list[str] | None = None) -> None:
     args = parse(list(argv or []), threads)
+    with_huge_pages()
     if args.memory_of:
         memory_child(args)
         return

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    from harness import with_huge_pages  # (imports torch: not for --help and bad names)
+
+    with_huge_pages()
     for name in args.names or BENCHMARKS:
         print(f"== {name} ==", flush=True)
         importlib.import_module(BENCHMARKS[name]).main(args.threads)

@@ -109,6 +109,35 @@ pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
     });
 }
 
+/// Runs `f(part)` for every part in 0..parts as [`split`] does, but each thread first takes the
+/// parts of its own contiguous run in order (thread w: parts w·parts/T .. (w+1)·parts/T), then
+/// what is left of the others' runs. Kernels that stream memory then read one sequential range
+/// per thread that the prefetchers follow (a shared counter interleaves the threads' parts: the
+/// W4A16 GEMV from memory ran 9-11% slower per decoded token on Zen 5), and a thread that is
+/// late still leaves its run to the others.
+pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
+    let workers = num_threads().min(parts);
+    if workers <= 1 {
+        (0..parts).for_each(f);
+        return;
+    }
+    let end = |w: usize| (w + 1) * parts / workers;
+    let next: Vec<AtomicUsize> = (0..workers)
+        .map(|w| AtomicUsize::new(w * parts / workers))
+        .collect();
+    split(workers, |me| {
+        for w in (me..workers).chain(0..me) {
+            loop {
+                let part = next[w].fetch_add(1, Ordering::Relaxed);
+                if part >= end(w) {
+                    break;
+                }
+                f(part);
+            }
+        }
+    });
+}
+
 /// Runs `f(t, rows)` for the consecutive ranges of `chunk` rows out of `rows` (the last may be
 /// short), in parallel through [`split`].
 pub fn for_each_chunk<F: Fn(usize, Range<usize>) + Sync>(rows: usize, chunk: usize, f: F) {
@@ -183,6 +212,20 @@ mod tests {
     #[test]
     fn zero_threads_is_rejected() {
         assert!(matches!(set_num_threads(0), Err(FgError::Value(_))));
+    }
+
+    #[test]
+    fn contiguous_split_runs_every_part_once() {
+        for parts in [0, 1, 2, 3, 7, 64, 1001] {
+            let seen: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+            split_contiguous(parts, |p| {
+                seen[p].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                seen.iter().all(|n| n.load(Ordering::Relaxed) == 1),
+                "{parts} parts"
+            );
+        }
     }
 
     #[test]

@@ -242,12 +242,12 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
     let int =
         int_kernel.and_then(|kernel| Some((kernel, IntInput::new(level, xf, s, step_order)?)));
     let float = int.is_none().then(|| GemvInput::new(xf, s));
-    // Parts of MIN_ROWS_PER_PART rows of W, taken dynamically by the threads; each part
+    // Parts of MIN_ROWS_PER_PART rows of W, each thread's own contiguous run first; each part
     // writes its own columns of y.
     let share = MIN_ROWS_PER_PART;
     let parts = s.n.div_ceil(share);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    threads::split(parts, |part| {
+    let run = |part: usize| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
         let mut buf = Vec::new();
         let part_w = w.part(rows.clone(), &mut buf);
@@ -269,7 +269,8 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
                 unsafe { std::ptr::copy_nonoverlapping(tile_row.as_ptr(), dst, rows.len()) };
             }
         }
-    });
+    };
+    threads::split_contiguous(parts, run);
     recompute_overflowed(w, x, y);
     Ok(())
 }
