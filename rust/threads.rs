@@ -139,10 +139,10 @@ pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
 }
 
 /// Runs `f(t, rows)` for the consecutive ranges of `chunk` rows out of `rows` (the last may be
-/// short), in parallel through [`split`].
+/// short), in parallel through [`split_contiguous`]: row kernels stream memory.
 pub fn for_each_chunk<F: Fn(usize, Range<usize>) + Sync>(rows: usize, chunk: usize, f: F) {
     let chunk = chunk.max(1);
-    split(rows.div_ceil(chunk), |t| {
+    split_contiguous(rows.div_ceil(chunk), |t| {
         f(t, t * chunk..((t + 1) * chunk).min(rows))
     });
 }
