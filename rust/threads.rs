@@ -113,7 +113,7 @@ pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
 /// parts of its own contiguous run in order (thread w: parts w·parts/T .. (w+1)·parts/T), then
 /// what is left of the others' runs. Kernels that stream memory then read one sequential range
 /// per thread that the prefetchers follow (a shared counter interleaves the threads' parts: the
-/// W4A16 GEMV from memory ran 9-11% slower per decoded token on Zen 5), and a thread that is
+/// W4A16 GEMV from memory ran 9-23% slower per decoded token on Zen 5), and a thread that is
 /// late still leaves its run to the others.
 pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
     let workers = num_threads().min(parts);

@@ -22,8 +22,9 @@ class _Workspace(threading.local):
 
     The operands die inside the layer's call (each one's GEMM runs before its slot is used
     again), so one buffer per slot serves every call: the layer then writes pages it has written
-    before. Fresh tensors of a few MB come from new mappings under glibc's allocator, and their
-    first writes page-faulted: at 1024 tokens, 512 -> 1376, a third of the backward's time.
+    before. Fresh tensors of a few MB come from new mappings whenever glibc's allocator has
+    handed the previous ones back, and their first writes page-fault: in such processes a third
+    of the backward's time at 1024 tokens, 512 -> 1376 (docs/shiftquant.md).
     """
 
     def __init__(self) -> None:
