@@ -72,7 +72,9 @@ def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | Non
 
 
 def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
-    if x.dtype not in KERNEL_DTYPES or torch_is_faster(x, log):
+    """The kernel for every input of its dtypes: the public functions send the inputs where
+    torch is faster (``torch_is_faster``) to torch before the op."""
+    if x.dtype not in KERNEL_DTYPES:
         return reference.forward(x, dim, log)
     xk, layout, outer, n = _kernel_args(x, dim)
     yk = torch.empty_like(xk)
