@@ -31,16 +31,27 @@ const MAX_CODE: u32 = 127;
 /// result (the bits torch's conversion of the f32 result gives, without a float32 copy).
 pub trait Output: Storage {
     const EPILOGUE: EpilogueKernel<Self>;
+    /// What a micro-kernel that writes C itself stores (`Direct`).
+    const FORMAT: Format;
+}
+
+/// The element format of C for the micro-kernels that write it themselves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    F32,
+    Bf16,
 }
 
 type EpilogueKernel<T> = fn(SimdLevel, &Epilogue<'_>, *mut T, usize);
 
 impl Output for f32 {
     const EPILOGUE: EpilogueKernel<f32> = epilogue_f32;
+    const FORMAT: Format = Format::F32;
 }
 
 impl Output for Bf16 {
     const EPILOGUE: EpilogueKernel<Bf16> = epilogue_bf16;
+    const FORMAT: Format = Format::Bf16;
 }
 
 /// One quantized operand: codes [rows, k], scale [rows], shifts [rows, num_groups(k)].
@@ -98,6 +109,27 @@ struct Tile {
     /// The first run of groups: the accumulators start from 0 instead of `acc` (which holds
     /// whatever the buffer's last use left; not zeroing it saved a memset of each block).
     first: bool,
+    /// On the last run, for kernels that can: write the tile's C instead of `acc`.
+    direct: Option<Direct>,
+}
+
+/// A tile's C written by the micro-kernel from its registers on the last run of groups:
+/// c = acc · (sa · sb) (+ bias), each operation rounded in f32 as the epilogue's f32 path rounds
+/// (used only where that path applies, `scales_fit_f32`), cropped to the live rows and columns.
+/// At K = 128 the separate epilogue pass (a store and a reload of every accumulator, then the
+/// scaling) was a fifth of the GEMM's time.
+#[derive(Clone, Copy)]
+struct Direct {
+    /// C's element (tile row 0, column 0), in `format`, and C's row stride in elements.
+    out: *mut u8,
+    stride: usize,
+    format: Format,
+    rows: usize,
+    cols: usize,
+    /// The tile's rows' and columns' scales, its columns' bias (null: none).
+    a_scale: *const f32,
+    b_scale: *const f32,
+    bias: *const f32,
 }
 
 #[derive(Clone, Copy)]
@@ -110,6 +142,8 @@ struct Kernel {
     b_offset: u8,
     /// Steps of 16-bit pair sums per widening (the AVX2 kernels; see `int16_depth`).
     depth: usize,
+    /// Whether `run` writes C itself when a tile carries `Tile::direct`.
+    direct: bool,
     run: unsafe fn(&Tile),
 }
 
@@ -122,6 +156,7 @@ impl Kernel {
             a_offset: 0,
             b_offset: 0,
             depth: int16_depth(max_a, max_b),
+            direct: false,
             run: scalar_4x8,
         };
         match level {
@@ -130,6 +165,7 @@ impl Kernel {
                 mr: 6,
                 nr: 32,
                 b_offset: 128,
+                direct: true,
                 run: x86::vnni_6x32,
                 ..plain
             },
@@ -164,10 +200,12 @@ const NC: usize = 512;
 /// Bytes of K per block: a 32-column B micro-panel of this depth is 16 KiB (L1).
 const KC: usize = 512;
 /// Per-thread work minimums: a second thread joins only when each gets at least this much
-/// (bytes to pack; multiply-adds, about 0.7 ms on one Zen 4 core). On a loaded machine a
-/// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay.
+/// (bytes to pack; multiply-adds, about 0.15 ms on one Zen 5 core). On a loaded machine a
+/// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay;
+/// on an idle one, 2^27 kept the GEMMs of a 128-wide model (4096 tokens, K = 128) on one
+/// thread, 1.4-1.6x slower than two (Zen 5, 2 cores).
 const PACK_PER_THREAD: usize = 1 << 18;
-const MACS_PER_THREAD: usize = 1 << 27;
+const MACS_PER_THREAD: usize = 1 << 25;
 /// What one output element costs beside its K multiply-adds (the epilogue's scaling and store,
 /// the accumulator round trips), in multiply-adds: at K = 128 a 4096 x 384 output took 1.46 ms
 /// on one Zen 5 core, of which the multiply-adds were a third. Counting only M·N·K, the
@@ -589,6 +627,10 @@ impl Job<'_> {
             acc[..need].fill(0.0);
         }
         let groups = self.steps.len();
+        let (a_scale, b_scale) = (&self.a_scale[m0..m0 + rows], &self.b_scale[n0..n0 + cols]);
+        let bias = self.bias.map(|b| &b[n0..n0 + cols]);
+        let direct = self.kernel.direct && groups > 0 && scales_fit_f32(a_scale, b_scale);
+        let out = out.ptr().add(m0 * self.n + n0);
         let mut g0 = 0;
         while g0 < groups {
             let g1 = (g0 + self.groups_per_block).min(groups);
@@ -612,22 +654,38 @@ impl Job<'_> {
                         depth: self.kernel.depth,
                         acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
                         first: g0 == 0,
+                        direct: (direct && g1 == groups).then(|| {
+                            let (i, j) = (pi * mr, pj * nr);
+                            Direct {
+                                out: out.add(i * self.n + j).cast(),
+                                stride: self.n,
+                                format: T::FORMAT,
+                                rows: mr.min(rows - i),
+                                cols: nr.min(cols - j),
+                                a_scale: a_scale[i..].as_ptr(),
+                                b_scale: b_scale[j..].as_ptr(),
+                                bias: bias.map_or(std::ptr::null(), |b| b[j..].as_ptr()),
+                            }
+                        }),
                     };
                     (self.kernel.run)(&t);
                 }
             }
             g0 = g1;
         }
+        if direct {
+            return;
+        }
         let e = Epilogue {
             acc,
-            a_scale: &self.a_scale[m0..m0 + rows],
-            b_scale: &self.b_scale[n0..n0 + cols],
-            bias: self.bias.map(|b| &b[n0..n0 + cols]),
+            a_scale,
+            b_scale,
+            bias,
             mr,
             nr,
             panels_n,
         };
-        (T::EPILOGUE)(self.level, &e, out.ptr().add(m0 * self.n + n0), self.n);
+        (T::EPILOGUE)(self.level, &e, out, self.n);
     }
 }
 
@@ -775,7 +833,7 @@ unsafe fn scalar_4x8(t: &Tile) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{Direct, Format, Tile};
 
     /// AVX-512 VNNI: 6 rows x 32 columns; B holds qb + 128 as unsigned bytes, each A quad is
     /// broadcast, and the accumulators start at -128 · Σ qa to cancel the offset.
@@ -821,10 +879,60 @@ mod x86 {
                 fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[1]), p1, fr[1]);
             }
         }
+        if let Some(d) = &t.direct {
+            return store_c(d, f);
+        }
         for (i, row) in f.iter().enumerate() {
             _mm512_storeu_ps(t.acc.add(i * 32), row[0]);
             _mm512_storeu_ps(t.acc.add(i * 32 + 16), row[1]);
         }
+    }
+
+    /// `Direct`: the tile's live rows of C from the accumulators of up to 32 columns, in the
+    /// epilogue's f32 arithmetic (sa · sb first, then the accumulator, then the bias; no fused
+    /// multiply-add) and its bfloat16 rounding (to nearest even, NaN to `BF16_NAN`).
+    #[inline(always)]
+    unsafe fn store_c<const MR: usize>(d: &Direct, f: [[__m512; 2]; MR]) {
+        let live = (1u64 << d.cols) - 1; // cols <= 32
+        let masks = [live as __mmask16, (live >> 16) as __mmask16];
+        let load = |p: *const f32, h: usize| _mm512_maskz_loadu_ps(masks[h], p.add(16 * h));
+        let sb = [load(d.b_scale, 0), load(d.b_scale, 1)];
+        let bias = (!d.bias.is_null()).then(|| [load(d.bias, 0), load(d.bias, 1)]);
+        // The lanes of the two halves' bf16 bits after `vpackusdw`, back in column order.
+        let order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+        for (i, row) in f.iter().enumerate().take(d.rows) {
+            let sa = _mm512_set1_ps(*d.a_scale.add(i));
+            let c: [__m512; 2] = std::array::from_fn(|h| {
+                let c = _mm512_mul_ps(row[h], _mm512_mul_ps(sa, sb[h]));
+                bias.map_or(c, |bias| _mm512_add_ps(c, bias[h]))
+            });
+            let at = i * d.stride;
+            match d.format {
+                Format::F32 => {
+                    for (h, &c) in c.iter().enumerate() {
+                        _mm512_mask_storeu_ps(d.out.cast::<f32>().add(at + 16 * h), masks[h], c);
+                    }
+                }
+                Format::Bf16 => {
+                    let bits = _mm512_packus_epi32(bf16(c[0]), bf16(c[1]));
+                    let bits = _mm512_permutexvar_epi64(order, bits);
+                    _mm512_mask_storeu_epi16(d.out.cast::<i16>().add(at), live as __mmask32, bits);
+                }
+            }
+        }
+    }
+
+    /// f32 lanes to bfloat16 bits (in 32-bit lanes) as `simd::f32_to_bf16` rounds them.
+    #[inline(always)]
+    unsafe fn bf16(c: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(c);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+        let nan_bits = _mm512_set1_epi32(i32::from(crate::simd::BF16_NAN));
+        _mm512_mask_blend_epi32(nan, rounded, nan_bits)
     }
 
     /// The float accumulators of an MR x 8 tile, loaded from (zeros on the first run) and stored

@@ -817,9 +817,9 @@ mod tests {
             .collect()
     }
 
-    fn run_rows(
+    fn run_rows<T: Element>(
         level: SimdLevel,
-        x: &[f32],
+        x: &[T],
         len: usize,
         spec: &Spec,
     ) -> (Vec<i8>, Vec<f32>, Vec<u8>) {
@@ -847,6 +847,43 @@ mod tests {
                     reference(&x, len, bits, gs),
                     "{level:?} {bits} {gs}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_gives_the_scalar_paths_codes() {
+        // Group sizes on and off multiples of the vector width, rows that end inside a vector
+        // and inside a group, both roundings, float32 and bfloat16 input, and rows that are all
+        // zero or hold a NaN.
+        let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (bits_, gs, len) in [
+            (8, 64, 200),
+            (8, 16, 37),
+            (7, 48, 1000),
+            (4, 128, 300),
+            (8, 20, 90),
+        ] {
+            let mut x = data(len * 6, gs as u64);
+            x[len..2 * len].fill(0.0);
+            x[3 * len + len / 2] = f32::NAN;
+            let low: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+            for rounding in [Rounding::Nearest, Rounding::Stochastic { seed: 3 }] {
+                let spec = Spec::new("t", bits_, gs, rounding).unwrap();
+                let (want, want_low) = (
+                    run_rows(SimdLevel::Scalar, &x, len, &spec),
+                    run_rows(SimdLevel::Scalar, &low, len, &spec),
+                );
+                for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+                    for (got, want) in [
+                        (run_rows(level, &x, len, &spec), &want),
+                        (run_rows(level, &low, len, &spec), &want_low),
+                    ] {
+                        let what = format!("{level:?} {bits_} {gs} {len} {rounding:?}");
+                        assert_eq!((&got.0, &got.2), (&want.0, &want.2), "{what}");
+                        assert_eq!(bits(&got.1), bits(&want.1), "{what}");
+                    }
+                }
             }
         }
     }
