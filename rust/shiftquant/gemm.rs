@@ -311,14 +311,20 @@ fn pack(
             let inside = full.clamp(start, start + len) - start;
             let transposed = if live >= 4 { inside / 4 * 4 } else { 0 };
             for i in row_blocks.clone() {
-                for kk in (0..transposed).step_by(4) {
-                    let rows: [&[i8]; 4] = std::array::from_fn(|j| {
-                        &panel[(i + j) * row_len + (start + kk) * 4..][..16]
-                    });
-                    transpose_quads(rows, offset, &mut block[(kk * r + i) * 4..], r * 4);
+                // Rows i..i + 4 hold quads start..start + transposed (inside K); the block holds
+                // `len` >= transposed quads of r >= i + 4 rows.
+                assert!(i + 4 <= live && (start + transposed) * 4 <= k && transposed <= len);
+                // SAFETY: the assert bounds every read and write.
+                unsafe {
+                    let src = panel.as_ptr().add(i * row_len + start * 4);
+                    let dst = block.as_mut_ptr().add(i * 4);
+                    transpose_quads(src, row_len, transposed, offset, dst, r * 4);
                 }
             }
-            for (kk, quad) in block.chunks_exact_mut(r * 4).enumerate() {
+            // The quads left: those not transposed, and the padding (rows past the operand's
+            // end, quads past K). A full panel of a K that is a multiple of 16 has none.
+            let quads = block.chunks_exact_mut(r * 4).enumerate();
+            for (kk, quad) in quads.skip(if live == r { transposed } else { 0 }) {
                 let mut write = |i: usize, v: u32| {
                     quad[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes().map(|b| b as i8))
                 };
@@ -330,7 +336,6 @@ fn pack(
                         write(i, add_bytes(u32::from_ne_bytes(q.map(|q| q as u8)), lanes));
                     }
                 }
-                // Padding: the rows past the operand's end, and the quads past K.
                 let pad = if kk < inside { live } else { 0 };
                 (pad..r).for_each(|i| write(i, lanes));
             }
@@ -368,41 +373,55 @@ fn pack(
     }
 }
 
-/// Quads j = 0..4 of the four `rows` (16 bytes each), plus `offset` per byte, written as 4 rows'
-/// quads at `out[j * stride..]`: a 4 x 4 transpose of 32-bit words.
+/// Quads 0..`quads` (a multiple of 4) of the four rows at `src` (`row_len` bytes apart), plus
+/// `offset` per byte, written as the 4 rows' quads of quad kk at `out[kk * stride..]`: 4 x 4
+/// transposes of 32-bit words. Raw pointers because bounds-checked slices per 16 bytes were
+/// most of the packing time.
+///
+/// # Safety
+/// The rows hold 4 · `quads` bytes from `src`; `out` holds (quads - 1) · stride + 16 bytes.
 #[inline(always)]
-fn transpose_quads(rows: [&[i8]; 4], offset: u8, out: &mut [i8], stride: usize) {
-    assert!(rows.iter().all(|row| row.len() >= 16) && out.len() >= 3 * stride + 16);
+unsafe fn transpose_quads(
+    src: *const i8,
+    row_len: usize,
+    quads: usize,
+    offset: u8,
+    out: *mut i8,
+    stride: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE2 is part of x86_64; the assert bounds every load and store.
-    unsafe {
+    {
         use std::arch::x86_64::*;
         let add = _mm_set1_epi8(offset as i8);
-        let v: [__m128i; 4] =
-            std::array::from_fn(|j| _mm_add_epi8(_mm_loadu_si128(rows[j].as_ptr().cast()), add));
-        let (lo01, hi01) = (
-            _mm_unpacklo_epi32(v[0], v[1]),
-            _mm_unpackhi_epi32(v[0], v[1]),
-        );
-        let (lo23, hi23) = (
-            _mm_unpacklo_epi32(v[2], v[3]),
-            _mm_unpackhi_epi32(v[2], v[3]),
-        );
-        let t = [
-            _mm_unpacklo_epi64(lo01, lo23),
-            _mm_unpackhi_epi64(lo01, lo23),
-            _mm_unpacklo_epi64(hi01, hi23),
-            _mm_unpackhi_epi64(hi01, hi23),
-        ];
-        for (j, t) in t.iter().enumerate() {
-            _mm_storeu_si128(out.as_mut_ptr().add(j * stride).cast(), *t);
+        for kk in (0..quads).step_by(4) {
+            let v: [__m128i; 4] = std::array::from_fn(|j| {
+                _mm_add_epi8(_mm_loadu_si128(src.add(j * row_len + kk * 4).cast()), add)
+            });
+            let (lo01, hi01) = (
+                _mm_unpacklo_epi32(v[0], v[1]),
+                _mm_unpackhi_epi32(v[0], v[1]),
+            );
+            let (lo23, hi23) = (
+                _mm_unpacklo_epi32(v[2], v[3]),
+                _mm_unpackhi_epi32(v[2], v[3]),
+            );
+            let t = [
+                _mm_unpacklo_epi64(lo01, lo23),
+                _mm_unpackhi_epi64(lo01, lo23),
+                _mm_unpacklo_epi64(hi01, hi23),
+                _mm_unpackhi_epi64(hi01, hi23),
+            ];
+            for (j, t) in t.iter().enumerate() {
+                _mm_storeu_si128(out.add((kk + j) * stride).cast(), *t);
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    for (i, row) in rows.iter().enumerate() {
-        for (j, quad) in row[..16].chunks_exact(4).enumerate() {
-            for (o, &q) in out[j * stride + 4 * i..][..4].iter_mut().zip(quad) {
-                *o = q.wrapping_add(offset as i8);
+    for kk in 0..quads {
+        for i in 0..4 {
+            for b in 0..4 {
+                let q = *src.add(i * row_len + kk * 4 + b);
+                *out.add(kk * stride + 4 * i + b) = q.wrapping_add(offset as i8);
             }
         }
     }
