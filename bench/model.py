@@ -2,8 +2,9 @@
 
 One step is forward, backward and optimizer on a model built from a config with random weights
 (no network). Every configuration starts from the same weights, trains on the same batches with
-the same thread count in this one process, and the configurations are stepped in turn (step i of
-every configuration, then step i + 1), so drift on a shared machine affects all alike. It runs
+the same thread count in this one process, and is timed beside a fresh baseline model, the two
+stepped in turn (step i of each, then step i + 1), so drift on a shared machine affects both
+alike; its ratio is against the baseline steps of its own pair (``timed_pairs``). It runs
 with torch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1, harness.with_huge_pages) unless the
 variable is set: without it the baseline's fresh logits page-fault every step.
 
@@ -164,6 +165,46 @@ def stepper(args, variant: Variant, data: list[torch.Tensor]):
         return loss.item()
 
     return model, step
+
+
+def timed_pairs(args, chosen: list[Variant], ref: str, data: list[torch.Tensor]):
+    """Step times, losses and parameter counts of every configuration, each timed beside a fresh
+    baseline model (the two stepped in turn, so drift on a shared machine affects both alike)
+    and nothing else: with all five configurations alive in one process, torch's bf16 step
+    took twice its time alone (900-1750 against 480-550 ms on a 2-vCPU Zen 5 VM, with glibc's
+    allocator or jemalloc) while ferrograd's did not change, which doubled the ratio. The
+    baseline's row pools its steps of every pair; ``times["pairs"][name]`` holds the baseline
+    steps timed beside ``name``."""
+    times: dict = {v.name: [] for v in chosen}
+    times["pairs"] = {}
+    losses: dict[str, list[float]] = {}
+    params: dict[str, int] = {}
+    has_ref = any(v.name == ref for v in chosen)
+    others = [v for v in chosen if v.name != ref] or list(chosen)
+    for other in others:
+        pair = [v for v in chosen if v.name == ref and v is not other] + [other]
+        steps = {}
+        for v in pair:
+            model, steps[v.name] = stepper(args, v, data)
+            params[v.name] = sum(p.numel() for p in model.parameters())
+        pair_times: dict[str, list[float]] = {v.name: [] for v in pair}
+        pair_losses: dict[str, list[float]] = {v.name: [] for v in pair}
+        for i in range(args.steps):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                pair_losses[name].append(step())
+                pair_times[name].append(time.perf_counter() - start)
+            print(f"{other.name}: step {i + 1}/{args.steps}", end="\r", flush=True, file=sys.stderr)
+        print(file=sys.stderr)
+        times[other.name] = pair_times[other.name]
+        losses[other.name] = pair_losses[other.name]
+        if has_ref and other.name != ref:
+            times["pairs"][other.name] = pair_times[ref]
+            # The baseline's row: the steps past warm-up of every pair (the first pair's curve)
+            times[ref] += pair_times[ref] if not times[ref] else pair_times[ref][args.warmup :]
+            losses.setdefault(ref, pair_losses[ref])
+        del steps, model
+    return times, losses, params
 
 
 def _status_kb(key: str) -> int:
@@ -356,33 +397,27 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
     data = batches(args)
     tokens = args.batch * args.seq
 
-    steppers, params = {}, {}
-    for v in chosen:
-        model, steppers[v.name] = stepper(args, v, data)
-        params[v.name] = sum(p.numel() for p in model.parameters())
-    times: dict[str, list[float]] = {v.name: [] for v in chosen}
-    losses: dict[str, list[float]] = {v.name: [] for v in chosen}
-    for i in range(args.steps):  # interleaved: step i of every configuration in turn
-        for name, step in steppers.items():
-            start = time.perf_counter()
-            losses[name].append(step())
-            times[name].append(time.perf_counter() - start)
-        print(f"step {i + 1}/{args.steps}", end="\r", flush=True, file=sys.stderr)
-
     names = [v.name for v in chosen]
     ref = baseline(names)
-    tps = {n: tokens / statistics.median(times[n][args.warmup :]) for n in names}
+    times, losses, params = timed_pairs(args, chosen, ref, data)
+    ref_times = times.pop("pairs")
+    warm = args.warmup
+    tps = {n: tokens / statistics.median(times[n][warm:]) for n in names}
     # The fastest step too: on a shared machine neighbours inflate the median of every row
-    best = {n: tokens / min(times[n][args.warmup :]) for n in names}
+    best = {n: tokens / min(times[n][warm:]) for n in names}
+    # Each configuration against the baseline steps timed beside it
+    ratio = {n: statistics.median(ref_times[n][warm:]) / statistics.median(times[n][warm:])
+             for n in ref_times}  # fmt: skip
+    ratio_best = {n: min(ref_times[n][warm:]) / min(times[n][warm:]) for n in ref_times}
     memory = {n: None if args.no_memory else peak_memory(args, n) for n in names}
     for v in chosen:
         bench.add(
             {
                 "config": v.name,
                 "tokens_per_s": tps[v.name],
-                f"x_{ref}": tps[v.name] / tps[ref],
+                f"x_{ref}": ratio.get(v.name, tps[v.name] / tps[ref]),
                 "best_tokens_per_s": best[v.name],
-                "x_best": best[v.name] / best[ref],
+                "x_best": ratio_best.get(v.name, best[v.name] / best[ref]),
                 "peak_rss_mib": memory[v.name] if memory[v.name] is not None else "-",
                 f"loss@{args.steps}": losses[v.name][-1],
             }
@@ -397,9 +432,11 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
 
     profiles = {}
     if args.profile_steps:
+        by_name = {v.name: v for v in chosen}
         for name in dict.fromkeys((main_variant(names), ref)):
-            if name in steppers:
-                profiles[name] = profile(steppers[name], args.profile_steps, args.top)
+            if name in by_name:
+                profiles[name] = profile(stepper(args, by_name[name], data)[1],
+                                         args.profile_steps, args.top)  # fmt: skip
                 print_profile(name, profiles[name])
 
     inference_rows = None
@@ -454,7 +491,9 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
             "command": " ".join(["bench/model.py", *args.argv]),
             "baseline": ref,
             "main_variant": main_variant(names),
-            "timing": f"median of steps {args.warmup + 1}..{args.steps}, configurations in turn",
+            "timing": f"median of steps {args.warmup + 1}..{args.steps}; each configuration "
+            "stepped in turn with a fresh baseline model, its ratios against that pair's baseline "
+            "steps",
             "peak_rss": f"VmHWM growth over the post-import VmRSS of a subprocess that builds the "
             f"model and trains {args.memory_steps} steps",
             "profile": profiles,
