@@ -538,13 +538,29 @@ pub fn pow2(k: f64) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Avx2, Avx512};
+pub use x86::{bf16_bits_avx512, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{exp_split_fma, Simd};
+    use super::{exp_split_fma, Simd, BF16_NAN};
+
+    /// 16 f32 lanes as bfloat16 bits in the low half of each 32-bit lane, rounded as
+    /// [`super::f32_to_bf16`] rounds (to nearest even; NaN to [`BF16_NAN`]).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F (callers run inside an AVX-512 kernel).
+    #[inline(always)]
+    pub unsafe fn bf16_bits_avx512(v: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(v);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+        let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+        _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(i32::from(BF16_NAN)))
+    }
 
     #[derive(Clone, Copy, Debug)]
     pub struct Avx2;

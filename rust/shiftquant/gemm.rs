@@ -853,6 +853,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Direct, Format, Tile};
+    use crate::simd::bf16_bits_avx512;
 
     /// AVX-512 VNNI: 6 rows x 32 columns; B holds qb + 128 as unsigned bytes, each A quad is
     /// broadcast, and the accumulators start at -128 · Σ qa to cancel the offset.
@@ -933,25 +934,12 @@ mod x86 {
                     }
                 }
                 Format::Bf16 => {
-                    let bits = _mm512_packus_epi32(bf16(c[0]), bf16(c[1]));
+                    let bits = _mm512_packus_epi32(bf16_bits_avx512(c[0]), bf16_bits_avx512(c[1]));
                     let bits = _mm512_permutexvar_epi64(order, bits);
                     _mm512_mask_storeu_epi16(d.out.cast::<i16>().add(at), live as __mmask32, bits);
                 }
             }
         }
-    }
-
-    /// f32 lanes to bfloat16 bits (in 32-bit lanes) as `simd::f32_to_bf16` rounds them.
-    #[inline(always)]
-    unsafe fn bf16(c: __m512) -> __m512i {
-        let bits = _mm512_castps_si512(c);
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-        let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-        let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
-        let nan_bits = _mm512_set1_epi32(i32::from(crate::simd::BF16_NAN));
-        _mm512_mask_blend_epi32(nan, rounded, nan_bits)
     }
 
     /// The float accumulators of an MR x 8 tile, loaded from (zeros on the first run) and stored

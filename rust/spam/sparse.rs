@@ -162,13 +162,7 @@ mod avx512 {
     unsafe fn store16<P: Param>(x: &mut [P], v: __m512) {
         let x = &mut x[..16];
         if !P::IS_F32 {
-            let bits = _mm512_castps_si512(v);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-            let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-            let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
-            let out = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+            let out = crate::simd::bf16_bits_avx512(v);
             _mm256_storeu_si256(x.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(out));
         } else {
             _mm512_storeu_ps(x.as_mut_ptr().cast(), v)
