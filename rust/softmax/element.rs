@@ -154,7 +154,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Lanes, BF16_NAN, F16_NAN};
-    use crate::simd::{Avx2, Avx512};
+    use crate::simd::{self, Avx2, Avx512};
 
     /// bfloat16 rounding of eight f32 lanes, NaN to `BF16_NAN`, as 32-bit lanes.
     #[inline]
@@ -264,12 +264,7 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn store_bf16(p: *mut u16, v: __m512) {
-            let u = _mm512_castps_si512(v);
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-            let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
-            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(BF16_NAN as i32));
+            let r = simd::bf16_bits_avx512(v);
             _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(r))
         }
         #[inline]
