@@ -173,10 +173,10 @@ def timed_pairs(args, chosen: list[Variant], ref: str, data: list[torch.Tensor])
     and nothing else: with all five configurations alive in one process, torch's bf16 step
     took twice its time alone (900-1750 against 480-550 ms on a 2-vCPU Zen 5 VM, with glibc's
     allocator or jemalloc) while ferrograd's did not change, which doubled the ratio. The
-    baseline's row pools its steps of every pair; ``times["pairs"][name]`` holds the baseline
-    steps timed beside ``name``."""
-    times: dict = {v.name: [] for v in chosen}
-    times["pairs"] = {}
+    baseline's row pools its steps of every pair; ``beside[name]`` holds the baseline steps
+    timed beside ``name``. Returns (times, beside, losses, params)."""
+    times: dict[str, list[float]] = {v.name: [] for v in chosen}
+    beside: dict[str, list[float]] = {}
     losses: dict[str, list[float]] = {}
     params: dict[str, int] = {}
     has_ref = any(v.name == ref for v in chosen)
@@ -199,12 +199,12 @@ def timed_pairs(args, chosen: list[Variant], ref: str, data: list[torch.Tensor])
         times[other.name] = pair_times[other.name]
         losses[other.name] = pair_losses[other.name]
         if has_ref and other.name != ref:
-            times["pairs"][other.name] = pair_times[ref]
+            beside[other.name] = pair_times[ref]
             # The baseline's row: the steps past warm-up of every pair (the first pair's curve)
             times[ref] += pair_times[ref] if not times[ref] else pair_times[ref][args.warmup :]
             losses.setdefault(ref, pair_losses[ref])
         del steps, model
-    return times, losses, params
+    return times, beside, losses, params
 
 
 def _status_kb(key: str) -> int:
@@ -399,8 +399,7 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
 
     names = [v.name for v in chosen]
     ref = baseline(names)
-    times, losses, params = timed_pairs(args, chosen, ref, data)
-    ref_times = times.pop("pairs")
+    times, ref_times, losses, params = timed_pairs(args, chosen, ref, data)
     warm = args.warmup
     tps = {n: tokens / statistics.median(times[n][warm:]) for n in names}
     # The fastest step too: on a shared machine neighbours inflate the median of every row

@@ -85,12 +85,12 @@ def quantize_with_col_sums(
 def _outputs(rows: int, length: int, group_size: int, slot: int | None) -> Quantized:
     """Empty codes [rows, length], scale [rows] and shifts [rows, groups]: fresh tensors, or
     views of one workspace slot."""
-    nbytes = rows * (length + 4 + -(-length // group_size))
-    if slot is None or nbytes > WORKSPACE_MAX_BYTES:
+    groups = -(-length // group_size)
+    if slot is None or rows * (length + 4 + groups) > WORKSPACE_MAX_BYTES:
         return (
             torch.empty((rows, length), dtype=torch.int8),
             torch.empty(rows, dtype=torch.float32),
-            torch.empty((rows, -(-length // group_size)), dtype=torch.uint8),
+            torch.empty((rows, groups), dtype=torch.uint8),
         )
     return _WORKSPACE.outputs(slot, rows, length, group_size)
 
