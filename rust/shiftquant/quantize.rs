@@ -370,11 +370,46 @@ fn encode_across<T: Element>(
     spec: &Spec,
     r: u32,
 ) {
-    let qmax = spec.qmax();
-    // Indexed over slices of one length (a six-way zip did not vectorize: the stochastic path
-    // ran at a third of the row quantizer's speed).
     let n = codes.len();
-    let (x, pow, scale, keep) = (&x[..n], &pow[..n], &pass.scale[..n], &pass.keep[..n]);
+    let full = n - n % ACROSS_LANES;
+    for c0 in (0..full).step_by(ACROSS_LANES) {
+        let span = c0..c0 + ACROSS_LANES;
+        let out: &mut [i8; ACROSS_LANES] = (&mut codes[span.clone()]).try_into().unwrap();
+        encode_span(&x[span.clone()], out, pass, &pow[span], spec, r, c0);
+    }
+    encode_span(
+        &x[full..n],
+        &mut codes[full..],
+        pass,
+        &pow[full..n],
+        spec,
+        r,
+        full,
+    );
+}
+
+/// Columns per chunk of `encode_across`: whole chunks are slices of one constant length, so
+/// the loops over them vectorize without a remainder. Over the whole row, the vectorized loop
+/// always left its last 16 columns to a scalar epilogue (a fifth of the pass's time at 384
+/// columns).
+const ACROSS_LANES: usize = 16;
+
+/// `encode_across` for the columns c0.. of `codes` (x and pow start at the same column).
+#[inline(always)]
+fn encode_span<T: Element, C: AsMut<[i8]> + ?Sized>(
+    x: &[T],
+    codes: &mut C,
+    pass: &ColumnPass,
+    pow: &[f32],
+    spec: &Spec,
+    r: u32,
+    c0: usize,
+) {
+    let qmax = spec.qmax();
+    let codes = codes.as_mut();
+    let n = codes.len();
+    let (x, pow) = (&x[..n], &pow[..n]);
+    let (scale, keep) = (&pass.scale[c0..c0 + n], &pass.keep[c0..c0 + n]);
     let scaled =
         |i: usize| f32::from_bits(((x[i].to_f32() * pow[i]) / scale[i]).to_bits() & keep[i]);
     match spec.rounding {
@@ -384,7 +419,7 @@ fn encode_across<T: Element>(
             }
         }
         Rounding::Stochastic { .. } => {
-            let (lo, hi) = (&pass.key_lo[..n], &pass.key_hi[..n]);
+            let (lo, hi) = (&pass.key_lo[c0..c0 + n], &pass.key_hi[c0..c0 + n]);
             for (i, c) in codes.iter_mut().enumerate() {
                 *c = stochastic_code(scaled(i), uniform_halves(lo[i], hi[i], r), qmax);
             }
@@ -421,27 +456,41 @@ unsafe fn encode_cols_impl<S: Simd, T: Element>(
     transpose_bytes(staging, cols, pass.codes.ptr().add(r0), pass.rows, h);
 }
 
-/// dst[c * dst_stride + i] = src[i * cols + c] for i < h, c < cols (src [h, cols]): 16 x 16
-/// tiles through registers, so that each output row gets 16-byte stores (one byte at a time,
-/// every store a cache line's first touch, the stores were the column quantizer's bottleneck).
+/// dst[c * dst_stride + i] = src[i * cols + c] for i < h, c < cols (src [h, cols], h at most
+/// `COL_BLOCK`): 16 x 16 tiles through registers into a strip of 16 output rows held in L1,
+/// then each output row's h bytes in one copy. The output rows lie `dst_stride` (the token
+/// count) apart, at 4096 tokens all in one L1 set: written 16 bytes per tile, their lines
+/// were evicted between the tiles and each came back from L2 four times (the tiles' stores
+/// were a third of the column quantizer's time). With one byte at a time, every store a cache
+/// line's first touch, the stores were its bottleneck before that.
 ///
 /// # Safety
 /// `dst` is valid for those writes.
 #[inline(always)]
 unsafe fn transpose_bytes(src: &[i8], cols: usize, dst: *mut i8, dst_stride: usize, h: usize) {
     const T: usize = 16;
+    let mut strip = [[0i8; COL_BLOCK]; T];
     for c0 in (0..cols).step_by(T) {
+        let width = T.min(cols - c0);
         for i0 in (0..h).step_by(T) {
             let tile = src.as_ptr().add(i0 * cols + c0);
-            let out = dst.add(c0 * dst_stride + i0);
-            if c0 + T <= cols && i0 + T <= h {
-                transpose_16x16(tile, cols, out, dst_stride);
+            let out = strip.as_mut_ptr().cast::<i8>().add(i0);
+            if width == T && i0 + T <= h {
+                transpose_16x16(tile, cols, out, COL_BLOCK);
             } else {
-                for c in 0..T.min(cols - c0) {
+                for c in 0..width {
                     for i in 0..T.min(h - i0) {
-                        *out.add(c * dst_stride + i) = *tile.add(i * cols + c);
+                        *out.add(c * COL_BLOCK + i) = *tile.add(i * cols + c);
                     }
                 }
+            }
+        }
+        for (c, row) in strip.iter().enumerate().take(width) {
+            let out = dst.add((c0 + c) * dst_stride);
+            if h == COL_BLOCK {
+                out.cast::<[i8; COL_BLOCK]>().write_unaligned(*row); // one 64-byte store
+            } else {
+                std::ptr::copy_nonoverlapping(row.as_ptr(), out, h);
             }
         }
     }
@@ -890,8 +939,9 @@ mod tests {
 
     #[test]
     fn columns_equal_rows_of_the_transpose() {
-        // 600 rows: three encoding blocks, the second boundary inside a group of 100.
-        for (rows, cols, gs) in [(70, 37, 16), (600, 37, 100)] {
+        // 600 rows: ten encoding blocks, boundaries inside groups of 100; 48 columns: whole
+        // chunks and strips only.
+        for (rows, cols, gs) in [(70, 37, 16), (600, 37, 100), (128, 48, 32)] {
             let mut x = data(rows * cols, 3);
             x[5 * cols + 2] = f32::NAN; // column 2 is special, and column 3 all zero
             (0..rows).for_each(|r| x[r * cols + 3] = 0.0);
