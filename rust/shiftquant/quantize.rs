@@ -273,12 +273,16 @@ fn quantize_row<T: Element>(
         Rounding::Nearest => 0,
         Rounding::Stochastic { seed } => row_key(seed, row),
     };
+    // The shifts first, and the powers of two in place of the maxima: the encoding loop then
+    // holds only its own constants.
+    for (gm, k) in group_max.iter_mut().zip(shifts.iter_mut()) {
+        *k = shift_of(row_max, f32::from_bits(*gm));
+        *gm = (127 + u32::from(*k)) << 23;
+    }
     let groups = x.chunks(gs).zip(codes.chunks_mut(gs)).zip(group_max.iter());
-    for (g, ((xg, cg), &gm)) in groups.enumerate() {
+    for (g, ((xg, cg), &pow)) in groups.enumerate() {
         prefetch_block(next, g * gs, gs);
-        let k = shift_of(row_max, f32::from_bits(gm));
-        shifts[g] = k;
-        let pow = f32::from_bits((127 + u32::from(k)) << 23);
+        let pow = f32::from_bits(pow);
         encode_group(xg, cg, pow, scale, spec, key, (g * gs) as u32);
     }
     scale
