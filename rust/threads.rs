@@ -122,13 +122,13 @@ pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
         return;
     }
     let end = |w: usize| (w + 1) * parts / workers;
-    let next: Vec<AtomicUsize> = (0..workers)
-        .map(|w| AtomicUsize::new(w * parts / workers))
+    let next: Vec<Counter> = (0..workers)
+        .map(|w| Counter(AtomicUsize::new(w * parts / workers)))
         .collect();
     split(workers, |me| {
         for w in (me..workers).chain(0..me) {
             loop {
-                let part = next[w].fetch_add(1, Ordering::Relaxed);
+                let part = next[w].0.fetch_add(1, Ordering::Relaxed);
                 if part >= end(w) {
                     break;
                 }
@@ -137,6 +137,11 @@ pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
         }
     });
 }
+
+/// One thread's part counter, alone in its cache line: side by side, every part a thread took
+/// pulled the line away from the other threads.
+#[repr(align(64))]
+struct Counter(AtomicUsize);
 
 /// Runs `f(t, rows)` for the consecutive ranges of `chunk` rows out of `rows` (the last may be
 /// short), in parallel through [`split_contiguous`]: row kernels stream memory.

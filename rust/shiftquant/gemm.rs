@@ -359,11 +359,15 @@ fn pack(
             }
         }
     };
-    if rows * k >= 2 * PACK_PER_THREAD {
-        threads::split(panels, panel);
+    // Runs of panels of about PACK_PER_THREAD bytes, one contiguous run per thread first: a
+    // shared counter per panel (6 rows of A at K = 128 are 768 bytes) bounced its cache line
+    // between the threads for a fifth of the packing time.
+    let per_task = if rows * k < 2 * PACK_PER_THREAD {
+        panels
     } else {
-        (0..panels).for_each(panel);
-    }
+        threads::rows_per_task(panels, r * k, PACK_PER_THREAD)
+    };
+    threads::for_each_chunk(panels, per_task, |_, run| run.for_each(panel));
     Packed {
         layout,
         meta,
@@ -557,6 +561,7 @@ pub fn matmul<T: Output>(
         groups_per_block,
         mc,
         a_scale: a.scale,
+        scales_fit: scales_fit_f32(a.scale, b.scale),
         b_scale: b.scale,
         bias,
         m,
@@ -623,6 +628,8 @@ struct Job<'a> {
     bias: Option<&'a [f32]>,
     m: usize,
     n: usize,
+    /// `scales_fit_f32` over all of A's and B's scales: then it holds for every block too.
+    scales_fit: bool,
 }
 
 impl Job<'_> {
@@ -648,7 +655,10 @@ impl Job<'_> {
         let groups = self.steps.len();
         let (a_scale, b_scale) = (&self.a_scale[m0..m0 + rows], &self.b_scale[n0..n0 + cols]);
         let bias = self.bias.map(|b| &b[n0..n0 + cols]);
-        let direct = self.kernel.direct && groups > 0 && scales_fit_f32(a_scale, b_scale);
+        // Per block only where the whole operands' scales do not fit (a scan per block was 5%
+        // of the GEMM at K = 128).
+        let fit = self.scales_fit || scales_fit_f32(a_scale, b_scale);
+        let direct = self.kernel.direct && groups > 0 && fit;
         let out = out.ptr().add(m0 * self.n + n0);
         let mut g0 = 0;
         while g0 < groups {
@@ -703,6 +713,7 @@ impl Job<'_> {
             mr,
             nr,
             panels_n,
+            fit,
         };
         (T::EPILOGUE)(self.level, &e, out, self.n);
     }
@@ -718,6 +729,8 @@ pub struct Epilogue<'a> {
     mr: usize,
     nr: usize,
     panels_n: usize,
+    /// `scales_fit_f32` of the block's scales.
+    fit: bool,
 }
 
 /// Row and column scales, bias, the padding cropped, into `out` (row stride `stride`); a tile
@@ -733,7 +746,7 @@ pub struct Epilogue<'a> {
 #[inline(always)]
 #[allow(clippy::extra_unused_type_parameters)] // S picks the target features, via dispatch!
 unsafe fn epilogue_impl<S: Simd, T: Output>(e: &Epilogue<'_>, out: *mut T, stride: usize) {
-    if scales_fit_f32(e.a_scale, e.b_scale) {
+    if e.fit {
         scale_rows::<T, f32>(e, out, stride)
     } else {
         scale_rows::<T, f64>(e, out, stride)
@@ -745,9 +758,26 @@ unsafe fn epilogue_impl<S: Simd, T: Output>(e: &Epilogue<'_>, out: *mut T, strid
 /// overflows early; zero scales give zero either way).
 #[inline(always)]
 fn scales_fit_f32(a: &[f32], b: &[f32]) -> bool {
+    // On the bits of |s| (ordered as the values for non-NaN floats), so that it vectorizes:
+    // zeros and NaN take no part; no nonzero scale gives (inf, 0), which fits.
     let range = |s: &[f32]| {
-        let nonzero = s.iter().map(|v| f64::from(v.abs())).filter(|&v| v > 0.0);
-        nonzero.fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        let (lo, hi) = s.iter().fold((u32::MAX, 0u32), |(lo, hi), v| {
+            let bits = v.to_bits() & 0x7fff_ffff;
+            let live = bits.wrapping_sub(1) < 0x7f80_0000; // 0 < |s| <= inf
+            (
+                lo.min(if live { bits } else { u32::MAX }),
+                hi.max(if live { bits } else { 0 }),
+            )
+        });
+        let value = |bits: u32| f64::from(f32::from_bits(bits));
+        (
+            if lo == u32::MAX {
+                f64::INFINITY
+            } else {
+                value(lo)
+            },
+            value(hi),
+        )
     };
     let ((a_lo, a_hi), (b_lo, b_hi)) = (range(a), range(b));
     let (lo, hi) = (2f64.powi(-100), 2f64.powi(100));
