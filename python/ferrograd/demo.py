@@ -630,7 +630,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default=d.device, help="where to train"
     )
-    parser.add_argument("--compare", action="store_true", help="also train the float32 baseline")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train the strongest plain-torch baseline on the same batches (bf16 autocast "
+        "+ AdamW(fused=True) where the CPU has BF16, float32 elsewhere)",
+    )
     parser.add_argument("--out", default=d.out, help="output directory")
     parser.add_argument(
         "--density", type=float, default=d.density, help="SPAM momentum density (1 = dense)"
