@@ -71,8 +71,8 @@ def test_forward_matches_float64(name, shape, dim, dtype):
     assert_accurate(name, y, x, dim)
 
 
-# Small and short rows, the in-cache kernels' limits (float32: 4096, 16-bit: 131072) either
-# side, strided slabs (with a scalar tail).
+# Small and short rows, the in-cache kernels' limits either side (AVX-512: float32 4096, 16-bit
+# 131072; AVX2 and scalar: 262143 for both), strided slabs (with a scalar tail).
 KERNEL_CASES = [
     ((7,), 0),
     ((5, 33), -1),
@@ -81,6 +81,8 @@ KERNEL_CASES = [
     ((2, 4097), 1),
     ((1, 131072), -1),
     ((1, 131073), -1),
+    ((1, 262143), -1),
+    ((2, 262144), 1),
     ((4, 37, 21), 1),
     ((300, 17), 0),
 ]

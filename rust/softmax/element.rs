@@ -4,7 +4,8 @@
 //! Every backend rounds a finite value to the same bits (the scalar path runs the vector
 //! paths' integer algorithm on one lane); a NaN stores as a quiet NaN.
 
-use crate::simd::{self, Bf16, Scalar, Simd, Storage, F16};
+use super::layout::SPLIT_ROW;
+use crate::simd::{self, Bf16, Scalar, Simd, SimdLevel, Storage, F16};
 
 /// What a backend adds to [`Simd`] for the kernels here: 16-bit loads and stores and
 /// horizontal reductions.
@@ -29,11 +30,23 @@ pub trait Lanes: Simd {
 /// The pointers must be valid for `LANES` elements (the partial forms for `len < LANES`).
 #[allow(clippy::missing_safety_doc)]
 pub trait Element: Storage {
-    /// Longest row the in-cache kernels take; longer rows run two-pass. 16-bit rows keep an
-    /// f32 scratch row of this length in L2 (512 KiB) and the in-cache kernel led at every
-    /// length measured; f32 rows keep exp(x) in y and two-pass led from 8192 on (Zen 4, 1 MiB
-    /// L2; docs/softmax.md).
+    /// Longest row the in-cache kernels take with AVX-512; longer rows run two-pass. 16-bit
+    /// rows keep an f32 scratch row of this length in L2 (512 KiB) and the in-cache kernel led
+    /// at every length measured; f32 rows keep exp(x) in y and two-pass led from 8192 on (Zen 4,
+    /// 1 MiB L2; docs/softmax.md).
     const SHORT_ROW: usize = 1 << 17;
+
+    /// Longest row the in-cache kernels take at `level`. With 8 lanes or fewer, exp costs twice
+    /// as much per element as with 16 and computing it once led at every length up to the
+    /// rows split across threads, for both types (Zen 3, AVX2: two-pass took 1.65-1.93x as
+    /// long for f32 softmax rows of 8192-256000, 1.25-1.39x for log_softmax, 2.0x for bf16
+    /// rows of 256000; docs/softmax.md).
+    fn short_row(level: SimdLevel) -> usize {
+        match level {
+            SimdLevel::Avx512 => Self::SHORT_ROW,
+            SimdLevel::Avx2 | SimdLevel::Scalar => SPLIT_ROW - 1,
+        }
+    }
 
     unsafe fn load<S: Lanes>(p: *const Self) -> S::V;
     unsafe fn store<S: Lanes>(p: *mut Self, v: S::V);

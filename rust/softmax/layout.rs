@@ -10,6 +10,8 @@ use crate::threads::{self, Disjoint, SendPtr};
 const PAR_MIN: usize = 1 << 15;
 /// Smallest piece of a row given to one thread.
 const CHUNK_MIN: usize = 1 << 17;
+/// Rows from this length on are split across threads when there are fewer rows than threads.
+pub(super) const SPLIT_ROW: usize = 2 * CHUNK_MIN;
 
 /// The view of a tensor as `[outer, n, inner]`, softmax over `n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,9 +88,9 @@ pub(super) fn for_each_row<E: Send + Sync>(
     let threads = threads::num_threads();
     let row = 0..n;
     let whole = std::slice::from_ref(&row);
-    if threads == 1 || rows * n < PAR_MIN || (rows == 1 && n < 2 * CHUNK_MIN) {
+    if threads == 1 || rows * n < PAR_MIN || (rows == 1 && n < SPLIT_ROW) {
         rows_fn(a, b, out, whole)
-    } else if rows >= threads || n < 2 * CHUNK_MIN {
+    } else if rows >= threads || n < SPLIT_ROW {
         let out = Disjoint::new(out);
         threads::for_each_chunk(rows, threads::rows_per_task(rows, n, PAR_MIN), |_, r| {
             let span = r.start * n..r.end * n;
