@@ -36,12 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
-    from harness import with_huge_pages  # (imports torch: not for --help and bad names)
+    import torch  # (not for --help and bad names)
+    from harness import with_huge_pages
+
+    import ferrograd as fg
 
     with_huge_pages()
+    default_threads = torch.get_num_threads()
     for name in args.names or BENCHMARKS:
         print(f"== {name} ==", flush=True)
         importlib.import_module(BENCHMARKS[name]).main(args.threads)
+        # A benchmark that sweeps thread counts (softmax: 2, then 1) leaves its last one set.
+        torch.set_num_threads(default_threads)
+        fg.set_num_threads(default_threads)
     return 0
 
 
