@@ -538,13 +538,27 @@ pub fn pow2(k: f64) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{bf16_bits_avx512, Avx2, Avx512};
+pub use x86::{bf16_bits_avx2, bf16_bits_avx512, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{exp_split_fma, Simd, BF16_NAN};
+
+    /// [`bf16_bits_avx512`] for 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 (callers run inside an AVX2 kernel).
+    #[inline(always)]
+    pub unsafe fn bf16_bits_avx2(v: __m256) -> __m256i {
+        let u = _mm256_castps_si256(v);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
+        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(u, bias));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_epi8(r, _mm256_set1_epi32(i32::from(BF16_NAN)), nan)
+    }
 
     /// 16 f32 lanes as bfloat16 bits in the low half of each 32-bit lane, rounded as
     /// [`super::f32_to_bf16`] rounds (to nearest even; NaN to [`BF16_NAN`]).

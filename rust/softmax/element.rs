@@ -131,8 +131,7 @@ impl Element for F16 {
     }
 }
 
-/// bfloat16 quiet NaN (torch's), as the vector paths splat it.
-const BF16_NAN: u32 = simd::BF16_NAN as u32;
+/// float16 quiet NaN (torch's), as the vector paths splat it.
 const F16_NAN: u32 = simd::F16_NAN as u32;
 
 impl Lanes for Scalar {
@@ -166,20 +165,8 @@ impl Lanes for Scalar {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, BF16_NAN, F16_NAN};
+    use super::{Lanes, F16_NAN};
     use crate::simd::{self, Avx2, Avx512};
-
-    /// bfloat16 rounding of eight f32 lanes, NaN to `BF16_NAN`, as 32-bit lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn bf16_round_avx2(v: __m256) -> __m256i {
-        let u = _mm256_castps_si256(v);
-        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
-        let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
-        let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(u, bias));
-        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-        _mm256_blendv_epi8(r, _mm256_set1_epi32(BF16_NAN as i32), nan)
-    }
 
     /// Eight 32-bit lanes holding 16-bit values, stored as eight u16.
     #[inline]
@@ -204,7 +191,7 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn store_bf16(p: *mut u16, v: __m256) {
-            store_u16_avx2(p, bf16_round_avx2(v))
+            store_u16_avx2(p, simd::bf16_bits_avx2(v))
         }
         /// No F16C in the AVX2 path's feature set: `simd::f16_to_f32`, eight lanes at a time.
         #[inline]

@@ -275,21 +275,29 @@ mod avx2 {
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(entry.as_ptr().cast()))
     }
 
+    /// 8 elements as f32 lanes (bf16 widens in registers: an element loop through a stack
+    /// array made bf16 sparse steps slower than dense ones on Zen 3).
     #[inline(always)]
     unsafe fn load8<P: Param>(x: &[P]) -> __m256 {
-        let mut lanes = [0.0f32; 8];
-        for (l, v) in lanes.iter_mut().zip(&x[..8]) {
-            *l = v.to_f32();
+        let x = &x[..8];
+        if !P::IS_F32 {
+            let raw = _mm_loadu_si128(x.as_ptr().cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        } else {
+            _mm256_loadu_ps(x.as_ptr().cast())
         }
-        _mm256_loadu_ps(lanes.as_ptr())
     }
 
+    /// 8 f32 lanes stored as elements (bf16 rounds to nearest even as `Bf16::from_f32`).
     #[inline(always)]
     unsafe fn store8<P: Param>(x: &mut [P], v: __m256) {
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-        for (o, l) in x[..8].iter_mut().zip(lanes) {
-            *o = P::from_f32(l);
+        let x = &mut x[..8];
+        if !P::IS_F32 {
+            let bits = crate::simd::bf16_bits_avx2(v);
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(bits, bits));
+            _mm_storeu_si128(x.as_mut_ptr().cast(), _mm256_castsi256_si128(packed));
+        } else {
+            _mm256_storeu_ps(x.as_mut_ptr().cast(), v)
         }
     }
 
