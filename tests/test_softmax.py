@@ -72,7 +72,8 @@ def test_forward_matches_float64(name, shape, dim, dtype):
 
 
 # Small and short rows, the in-cache kernels' limits either side (AVX-512: float32 4096, 16-bit
-# 131072; AVX2 and scalar: 262143 for both), strided slabs (with a scalar tail).
+# 131072; AVX2 and scalar: 262143 for both), a row long enough to be split across threads,
+# strided slabs (with a scalar tail).
 KERNEL_CASES = [
     ((7,), 0),
     ((5, 33), -1),
@@ -83,6 +84,7 @@ KERNEL_CASES = [
     ((1, 131073), -1),
     ((1, 262143), -1),
     ((2, 262144), 1),
+    ((1, 300001), -1),
     ((4, 37, 21), 1),
     ((300, 17), 0),
 ]

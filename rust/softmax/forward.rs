@@ -216,7 +216,7 @@ pub(super) unsafe fn pass2_impl<S: Lanes, E: Element>(
 
 /// The largest entry of a row (NaN skipped: a NaN row is caught by its sum).
 #[inline(always)]
-unsafe fn row_max<S: Lanes, E: Element>(x: &[E]) -> f32 {
+pub(super) unsafe fn row_max_impl<S: Lanes, E: Element>(x: &[E]) -> f32 {
     let (l, p) = (S::LANES, x.as_ptr());
     let ninf = S::splat(f32::NEG_INFINITY);
     let (mut m0, mut m1) = (ninf, ninf);
@@ -234,18 +234,27 @@ unsafe fn row_max<S: Lanes, E: Element>(x: &[E]) -> f32 {
     S::hmax(S::max(m0, m1))
 }
 
+/// exp(x) 2^-nmax from x's own exponent split. A named always-inlined function, not a
+/// closure: closures (and `array::map`) are not compiled with the caller's target features, so
+/// their `Simd` calls stayed out-of-line calls (two thirds of an AVX2 in-cache softmax).
+#[inline(always)]
+unsafe fn scaled_exp<S: Simd>(x: S::V, nmax: S::V) -> S::V {
+    let (m, n) = S::exp_split(S::max(S::splat(X_FLOOR), x));
+    S::scale(m, S::sub(n, nmax))
+}
+
 /// `Σ exp(x) 2^-nmax` (`nmax` the row maximum's exponent), exp(x) 2^-nmax stored in `e` when
 /// given: the exponent split works on x itself, so no rounding of x - max enters (as in the
 /// two-pass kernel).
 #[inline(always)]
-unsafe fn scaled_exp_sum<S: Lanes, E: Element>(x: &[E], e: Option<&mut [f32]>, nmax: f32) -> f64 {
+pub(super) unsafe fn scaled_exp_sum_impl<S: Lanes, E: Element>(
+    x: &[E],
+    e: Option<&mut [f32]>,
+    nmax: f32,
+) -> f64 {
     let l = S::LANES;
     let (px, pe) = (x.as_ptr(), e.map(|e| e.as_mut_ptr()));
     let nv = S::splat(nmax);
-    let term = |v: S::V| {
-        let (m, n) = S::exp_split(S::max(S::splat(X_FLOOR), v));
-        S::scale(m, S::sub(n, nv))
-    };
     let mut total = 0.0f64;
     let mut i = 0;
     while i < x.len() {
@@ -253,23 +262,27 @@ unsafe fn scaled_exp_sum<S: Lanes, E: Element>(x: &[E], e: Option<&mut [f32]>, n
         let zero = S::splat(0.0);
         let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
         while i + 4 * l <= end {
-            let t = [0, 1, 2, 3].map(|k| term(E::load::<S>(px.add(i + k * l))));
+            let t0 = scaled_exp::<S>(E::load::<S>(px.add(i)), nv);
+            let t1 = scaled_exp::<S>(E::load::<S>(px.add(i + l)), nv);
+            let t2 = scaled_exp::<S>(E::load::<S>(px.add(i + 2 * l)), nv);
+            let t3 = scaled_exp::<S>(E::load::<S>(px.add(i + 3 * l)), nv);
             if let Some(pe) = pe {
-                for (k, v) in t.iter().enumerate() {
-                    S::store(pe.add(i + k * l), *v);
-                }
+                S::store(pe.add(i), t0);
+                S::store(pe.add(i + l), t1);
+                S::store(pe.add(i + 2 * l), t2);
+                S::store(pe.add(i + 3 * l), t3);
             }
             (s0, s1, s2, s3) = (
-                S::add(s0, t[0]),
-                S::add(s1, t[1]),
-                S::add(s2, t[2]),
-                S::add(s3, t[3]),
+                S::add(s0, t0),
+                S::add(s1, t1),
+                S::add(s2, t2),
+                S::add(s3, t3),
             );
             i += 4 * l;
         }
         while i < end {
             let rest = (end - i).min(l);
-            let t = term(E::load_upto::<S>(px.add(i), rest, f32::NEG_INFINITY));
+            let t = scaled_exp::<S>(E::load_upto::<S>(px.add(i), rest, f32::NEG_INFINITY), nv);
             if let Some(pe) = pe {
                 f32::store_upto::<S>(pe.add(i), t, rest);
             }
@@ -299,7 +312,7 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
         vec![0.0f32; n]
     };
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let max = row_max::<S, E>(xr);
+        let max = row_max_impl::<S, E>(xr);
         let nmax = (max * std::f32::consts::LOG2_E).round();
         let yp = yr.as_mut_ptr();
         let ep: *mut f32 = if E::IS_F32 {
@@ -309,7 +322,7 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
         };
         // SAFETY: ep is n f32 (y's own row or the scratch row); nothing else reads it here.
         let e = (!log).then(|| std::slice::from_raw_parts_mut(ep, n));
-        let sum = scaled_exp_sum::<S, E>(xr, e, nmax);
+        let sum = scaled_exp_sum_impl::<S, E>(xr, e, nmax);
         let acc = ExpSum {
             mant: sum,
             exp: nmax as f64,
@@ -331,6 +344,89 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
     }
 }
 
+/// `y *= inv` (the in-cache kernel's last pass over a float32 row held in y).
+#[inline(always)]
+pub(super) unsafe fn scale_in_place_impl<S: Lanes>(y: &mut [f32], inv: f32) {
+    let p = y.as_mut_ptr();
+    map_row::<S, f32, f32, Scaled>(p, p, p, y.len(), inv, 0.0)
+}
+
+crate::dispatch! {
+    pub(super) fn scale_in_place(y: &mut [f32], inv: f32) = scale_in_place_impl;
+}
+
+/// The in-cache kernel's passes over one row split into `pieces` across threads, for float32
+/// softmax and all log-softmax with AVX2 or scalar code, where computing exp twice costs more
+/// than a third pass over memory (Zen 3, rows of 10^7-10^8, 2 threads: float32 softmax
+/// 1.29-1.43x as fast as two-pass, at 0.81-0.87 of copy bandwidth; log-softmax 1.23-1.49x;
+/// docs/softmax.md): the maximum, then exp(x) 2^-N written to y (softmax) or only summed, then
+/// y scaled in place or x - log-sum-exp written. 16-bit softmax rows stay two-pass (they would
+/// need a float32 scratch row as long as the input).
+fn forward_row_exp_once<E: Kernels>(
+    level: SimdLevel,
+    x: &[E],
+    y: &mut [E],
+    pieces: &[Range<usize>],
+    log: bool,
+) {
+    debug_assert!(log || E::IS_F32);
+    let max = over_pieces(
+        pieces,
+        |r| E::row_max(level, &x[r]),
+        f32::NEG_INFINITY,
+        f32::max,
+    );
+    let nmax = (max * std::f32::consts::LOG2_E).round();
+    let ys = Disjoint::new(&mut *y);
+    let sum = over_pieces(
+        pieces,
+        |r| {
+            // SAFETY: the pieces are disjoint ranges of this row; y holds f32 when it is written
+            // here (softmax runs this path for float32 rows only).
+            let e = (!log).then(|| unsafe {
+                let piece = ys.piece(r.clone());
+                std::slice::from_raw_parts_mut(piece.as_mut_ptr().cast::<f32>(), piece.len())
+            });
+            E::scaled_exp_sum(level, &x[r], e, nmax)
+        },
+        0.0,
+        |a, b| a + b,
+    );
+    let acc = ExpSum {
+        mant: sum,
+        exp: nmax as f64,
+    };
+    if !(max.is_finite() && acc.is_fast()) {
+        // SAFETY: x and y are whole rows of the same length.
+        unsafe { exact_row(x.len(), 1, x.as_ptr(), y.as_mut_ptr(), log) };
+        return;
+    }
+    let (p, q) = (
+        max,
+        (nmax as f64 * std::f64::consts::LN_2 + sum.ln() - max as f64) as f32,
+    );
+    let inv = (1.0 / sum) as f32;
+    let ys = Disjoint::new(y);
+    over_pieces(
+        pieces,
+        |r| {
+            // SAFETY: as above.
+            let yp = unsafe { ys.piece(r.clone()) };
+            if log {
+                E::pass2(level, &x[r], yp, p, q, true)
+            } else {
+                // SAFETY: float32 rows only (see above).
+                let e = unsafe {
+                    std::slice::from_raw_parts_mut(yp.as_mut_ptr().cast::<f32>(), yp.len())
+                };
+                scale_in_place(level, e, inv)
+            }
+        },
+        (),
+        |_, _| (),
+    )
+}
+
 /// Two-pass softmax (or log-softmax) of one contiguous row split into `pieces`.
 fn forward_row<E: Kernels>(
     level: SimdLevel,
@@ -339,6 +435,9 @@ fn forward_row<E: Kernels>(
     pieces: &[Range<usize>],
     log: bool,
 ) {
+    if level != SimdLevel::Avx512 && (log || E::IS_F32) {
+        return forward_row_exp_once(level, x, y, pieces, log);
+    }
     let acc = over_pieces(
         pieces,
         |r| E::exp_sum(level, &x[r]),

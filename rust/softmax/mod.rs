@@ -50,7 +50,10 @@ pub use three_pass::{softmax_three_pass, ThreePass};
 
 use backward::{columns_backward_impl, grad_out_impl, grad_reduce_impl, rows_backward_impl};
 use element::Lanes;
-use forward::{columns_forward_impl, exp_sum_impl, pass2_impl, rows_forward_impl};
+use forward::{
+    columns_forward_impl, exp_sum_impl, pass2_impl, row_max_impl, rows_forward_impl,
+    scaled_exp_sum_impl,
+};
 use layout::ColumnJob;
 
 /// Inputs are clamped here from below before the exponent split (-inf then contributes 0).
@@ -104,6 +107,10 @@ pub trait Kernels: Element {
     fn exp_sum(level: SimdLevel, x: &[Self]) -> ExpSum;
     /// Two-pass pass 2 with the parameters of `ExpSum::pass2_params`.
     fn pass2(level: SimdLevel, x: &[Self], y: &mut [Self], p: f32, q: f32, log: bool);
+    /// The largest entry of a piece of a row (NaN skipped).
+    fn row_max(level: SimdLevel, x: &[Self]) -> f32;
+    /// Σ exp(x) 2^-nmax over a piece of a row, the terms stored in `e` when given.
+    fn scaled_exp_sum(level: SimdLevel, x: &[Self], e: Option<&mut [f32]>, nmax: f32) -> f64;
     /// The in-cache forward over whole rows of length `n`.
     fn rows_forward(level: SimdLevel, x: &[Self], y: &mut [Self], n: usize, log: bool);
     /// Σ y dy (softmax) or Σ dy (log-softmax) over a piece of a row.
@@ -134,6 +141,9 @@ macro_rules! kernels {
                 pub(super) fn exp_sum(x: &[$t]) -> ExpSum = exp_sum_impl<$t>;
                 pub(super) fn pass2(x: &[$t], y: &mut [$t], p: f32, q: f32, log: bool)
                     = pass2_impl<$t>;
+                pub(super) fn row_max(x: &[$t]) -> f32 = row_max_impl<$t>;
+                pub(super) fn scaled_exp_sum(x: &[$t], e: Option<&mut [f32]>, nmax: f32) -> f64
+                    = scaled_exp_sum_impl<$t>;
                 pub(super) fn rows_forward(x: &[$t], y: &mut [$t], n: usize, log: bool)
                     = rows_forward_impl<$t>;
                 pub(super) fn grad_reduce(y: &[$t], dy: &[$t], log: bool) -> f64
@@ -154,6 +164,17 @@ macro_rules! kernels {
             }
             fn pass2(level: SimdLevel, x: &[Self], y: &mut [Self], p: f32, q: f32, log: bool) {
                 $m::pass2(level, x, y, p, q, log)
+            }
+            fn row_max(level: SimdLevel, x: &[Self]) -> f32 {
+                $m::row_max(level, x)
+            }
+            fn scaled_exp_sum(
+                level: SimdLevel,
+                x: &[Self],
+                e: Option<&mut [f32]>,
+                nmax: f32,
+            ) -> f64 {
+                $m::scaled_exp_sum(level, x, e, nmax)
             }
             fn rows_forward(level: SimdLevel, x: &[Self], y: &mut [Self], n: usize, log: bool) {
                 $m::rows_forward(level, x, y, n, log)

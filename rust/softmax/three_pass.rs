@@ -2,7 +2,7 @@
 //! tests and the `dev` feature only.
 
 use super::element::Lanes;
-use super::forward::Scaled;
+use super::forward::scale_in_place;
 use super::layout::{for_each_row, over_pieces, Layout};
 use super::reduce::{exp_shifted_sum, row_max};
 use super::{exp_floored, map_row, Pointwise, BLOCK_VECTORS};
@@ -62,11 +62,6 @@ unsafe fn exp_store_sum_impl<S: Simd>(x: &[f32], y: &mut [f32], max: f32) -> f64
 }
 
 #[inline(always)]
-unsafe fn scale_in_place_impl<S: Lanes>(y: &mut [f32], inv: f32) {
-    let p = y.as_mut_ptr();
-    map_row::<S, f32, f32, Scaled>(p, p, p, y.len(), inv, 0.0)
-}
-#[inline(always)]
 unsafe fn exp_shifted_scaled_impl<S: Lanes>(x: &[f32], y: &mut [f32], max: f32, inv: f32) {
     map_row::<S, f32, f32, ExpShiftedScaled>(
         x.as_ptr(),
@@ -80,7 +75,6 @@ unsafe fn exp_shifted_scaled_impl<S: Lanes>(x: &[f32], y: &mut [f32], max: f32, 
 
 dispatch! {
     fn exp_store_sum(x: &[f32], y: &mut [f32], max: f32) -> f64 = exp_store_sum_impl;
-    fn scale_in_place(y: &mut [f32], inv: f32) = scale_in_place_impl;
     fn exp_shifted_scaled(x: &[f32], y: &mut [f32], max: f32, inv: f32) = exp_shifted_scaled_impl;
 }
 
