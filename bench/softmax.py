@@ -134,7 +134,9 @@ def main(threads: int | None = None, quick: bool = False) -> None:
                 "ratio": "torch time / ferrograd time, both allocating outputs, interleaved",
                 "fwdbwd": "y = f(x); torch.autograd.grad(y, x, g)",
                 "bw_frac": "(2 reads + 1 write per element at copy bandwidth) / forward time",
-                "kernels": "preallocated float32 outputs: vs_* = other kernel time / two-pass",
+                "kernels": "preallocated float32 outputs: vs_* = other kernel time / ferrograd's "
+                "(two_pass_us: the two-pass kernel with AVX-512; with AVX2 or scalar code rows of "
+                "10^7 take the in-cache kernel's three passes, docs/softmax.md)",
             },
             "sweep": sweep,
             "kernels": kernels,
