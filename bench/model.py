@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference  # noqa: E402
-from harness import Bench, with_huge_pages  # noqa: E402
+from harness import Bench, cpu_has_bf16, with_huge_pages  # noqa: E402
 
 import ferrograd as fg  # noqa: E402
 from ferrograd.integrations import transformers as fgt  # noqa: E402
@@ -92,16 +92,6 @@ def main_variant(names: list[str]) -> str:
 
 def baseline(names: list[str]) -> str:
     return "torch_bf16" if "torch_bf16" in names else "torch_fp32"
-
-
-def cpu_has_bf16() -> bool:
-    """BF16 dot-product instructions (AVX512-BF16 or AMX-BF16): where bf16 autocast is the
-    strongest torch configuration. oneDNN runs bf16 on any AVX-512 CPU, emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build(args, variant: Variant) -> tuple[torch.nn.Module, object]:

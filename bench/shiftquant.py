@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from harness import (
     Bench,
+    cpu_has_bf16,
     device_copy_bandwidth,
     gpu_section,
     gpu_time,
@@ -38,6 +39,12 @@ from ferrograd import _core
 from ferrograd.ops.shiftquant import matmul_2d, quantize_2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+#: Whether torch's bf16 matmul and torch._int_mm are measured: on CPUs without BF16 and VNNI
+#: instructions (AVX2 only) they are emulated (Zen 3: bf16 8x slower than float32, _int_mm 20x,
+#: a bf16-autocast nn.Linear step at 4096 x 1024 -> 4096 a minute), so float32 is the baseline.
+BASELINES_16_8 = cpu_has_bf16() or fg.cpu_info()["features"]["avx512vnni"]
 
 
 def cpu_mhz() -> float:
@@ -101,34 +108,35 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
     def quant(x: torch.Tensor):
         return fg.shiftquant(x, bits)
 
-    t = interleaved_times(
-        {
-            "int": lambda: fg.shiftquant_matmul(qa, qb),
-            "int+quant": lambda: fg.shiftquant_matmul(quant(a), quant(b)),
-            "torch": lambda: torch.matmul(a, b.T),
-            "bf16": lambda: torch.matmul(a16, b16.T),
-            "int_mm": lambda: torch._int_mm(a8, b8),
-        },
-        repeats=5 if m * n * k <= 2**33 else 3,
-    )
+    fns = {
+        "int": lambda: fg.shiftquant_matmul(qa, qb),
+        "int+quant": lambda: fg.shiftquant_matmul(quant(a), quant(b)),
+        "torch": lambda: torch.matmul(a, b.T),
+    }
+    if BASELINES_16_8:
+        fns["bf16"] = lambda: torch.matmul(a16, b16.T)
+        fns["int_mm"] = lambda: torch._int_mm(a8, b8)
+    t = interleaved_times(fns, repeats=5 if m * n * k <= 2**33 else 3)
     macs = m * n * k / t["int"]
-    bench.add(
-        {
-            "case": f"gemm {m}x{k}x{n}" + ("" if bits == 8 else f" at {bits} bits"),
-            "ours_ms": t["int"] * 1e3,
-            "torch_ms": t["torch"] * 1e3,
+    row = {
+        "case": f"gemm {m}x{k}x{n}" + ("" if bits == 8 else f" at {bits} bits"),
+        "ours_ms": t["int"] * 1e3,
+        "torch_ms": t["torch"] * 1e3,
+        "speedup": t["torch"] / t["int"],
+        "speedup_with_quant": t["torch"] / t["int+quant"],
+        "GMACs": macs / 1e9,
+        "int8_peak_frac": macs / peak,
+        "int8_peak": how,
+    }
+    if BASELINES_16_8:
+        row |= {
             "bf16_ms": t["bf16"] * 1e3,
             "int_mm_ms": t["int_mm"] * 1e3,
-            "speedup": t["torch"] / t["int"],
             "vs_bf16": t["bf16"] / t["int"],
             "vs_int_mm": t["int_mm"] / t["int"],
-            "speedup_with_quant": t["torch"] / t["int+quant"],
-            "GMACs": macs / 1e9,
-            "int8_peak_frac": macs / peak,
             "int_mm_peak_frac": m * n * k / t["int_mm"] / peak,
-            "int8_peak": how,
         }
-    )
+    bench.add(row)
 
 
 def autocast_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
@@ -150,27 +158,24 @@ def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
     ours = fg.nn.ShiftQuantLinear.from_linear(ref, bits=bits)
     x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
     case = f"linear fwd+bwd {tokens}x{k}->{n}" + ("" if bits == 8 else f" at {bits} bits")
-    t = interleaved_times(
-        {
-            "ours": train_step(ours, x, grad),
-            "ours_autocast": autocast_step(ours, x, grad),
-            "torch": train_step(ref, x, grad),
-            "bf16": autocast_step(ref, x, grad),
-        },
-        repeats=5 if tokens * k * n > 2**32 else 15,
-    )
-    bench.add(
-        {
-            "case": case,
-            "ours_ms": t["ours"] * 1e3,
+    fns = {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}
+    if BASELINES_16_8:
+        fns |= {"ours_autocast": autocast_step(ours, x, grad), "bf16": autocast_step(ref, x, grad)}
+    t = interleaved_times(fns, repeats=5 if tokens * k * n > 2**32 else 15)
+    row = {
+        "case": case,
+        "ours_ms": t["ours"] * 1e3,
+        "torch_ms": t["torch"] * 1e3,
+        "speedup": t["torch"] / t["ours"],
+    }
+    if BASELINES_16_8:
+        row |= {
             "ours_autocast_ms": t["ours_autocast"] * 1e3,
-            "torch_ms": t["torch"] * 1e3,
             "bf16_ms": t["bf16"] * 1e3,
-            "speedup": t["torch"] / t["ours"],
             "vs_bf16": t["bf16"] / t["ours"],
             "autocast_vs_bf16": t["bf16"] / t["ours_autocast"],
         }
-    )
+    bench.add(row)
 
 
 def quantize(bench: Bench, rows: int, cols: int) -> None:
@@ -327,6 +332,8 @@ def main(threads: int | None = None) -> None:
         {
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
+            "baselines": "bf16 and torch._int_mm rows only on CPUs with BF16 or VNNI instructions "
+            "(elsewhere torch emulates them, 8-20x slower than float32)",
             "vs_bf16": "torch bf16 time / ferrograd time: torch.matmul on bf16 operands (gemm), "
             "nn.Linear forward + backward under torch.autocast('cpu', torch.bfloat16) (linear)",
             "autocast_vs_bf16": "linear: both layers under bf16 autocast (ShiftQuantLinear then "
