@@ -427,7 +427,8 @@ fn forward_row_exp_once<E: Kernels>(
     )
 }
 
-/// Two-pass softmax (or log-softmax) of one contiguous row split into `pieces`.
+/// Softmax (or log-softmax) of one contiguous row split into `pieces`: two-pass with AVX-512
+/// and for 16-bit softmax, else `forward_row_exp_once`.
 fn forward_row<E: Kernels>(
     level: SimdLevel,
     x: &[E],

@@ -8,10 +8,12 @@
 //! whenever the exponent grows, so no separate max pass is needed; pass 2 recomputes exp(x)
 //! and scales it. That is two reads and one write per element, against three reads and one or
 //! two writes for the classic max / sum / normalize scheme, which is kept (three_pass.rs, in
-//! `dev` builds) so the benchmark can measure the difference. Rows up to `Element::SHORT_ROW` run
-//! the in-cache kernel instead: one read from memory (the max), then exp(x) computed once into
-//! an f32 scratch row that stays in cache, then the scaled output (docs/softmax.md has the
-//! measurements behind the choice).
+//! `dev` builds) so the benchmark can measure the difference. Rows up to `Element::short_row`
+//! run the in-cache kernel instead: one read from memory (the max), then exp(x) computed once
+//! into an f32 scratch row that stays in cache, then the scaled output. With AVX2 or scalar code,
+//! where exp costs more than a pass over memory, every row takes the in-cache kernel's passes
+//! (but 16-bit softmax rows of 262144+). docs/softmax.md has the measurements behind the
+//! choices.
 //!
 //! A tensor is seen as `[outer, n, inner]` with the softmax over `n`. With `inner == 1` each row
 //! is contiguous and is vectorized along its length (short rows many to a task, a long row split
