@@ -234,6 +234,38 @@ pub(super) unsafe fn row_max_impl<S: Lanes, E: Element>(x: &[E]) -> f32 {
     S::hmax(S::max(m0, m1))
 }
 
+/// A row's in-cache parameters: its maximum and N = round(max / ln 2), the exponent by which
+/// the stored exp(x) terms are scaled down (2^-N).
+#[derive(Clone, Copy)]
+struct InCache {
+    max: f32,
+    nmax: f32,
+}
+
+impl InCache {
+    fn new(max: f32) -> InCache {
+        InCache {
+            max,
+            nmax: (max * std::f32::consts::LOG2_E).round(),
+        }
+    }
+
+    /// Whether the fast path holds for the row's Σ exp(x) 2^-N (else `exact_row`).
+    fn is_fast(&self, sum: f64) -> bool {
+        let acc = ExpSum {
+            mant: sum,
+            exp: self.nmax as f64,
+        };
+        self.max.is_finite() && acc.is_fast()
+    }
+
+    /// (p, q) of [`LogSoftmaxOut`]: y = (x - max) - (log-sum-exp - max).
+    fn log_params(&self, sum: f64) -> (f32, f32) {
+        let lse = self.nmax as f64 * std::f64::consts::LN_2 + sum.ln();
+        (self.max, (lse - self.max as f64) as f32)
+    }
+}
+
 /// exp(x) 2^-nmax from x's own exponent split. A named always-inlined function, not a
 /// closure: closures (and `array::map`) are not compiled with the caller's target features, so
 /// their `Simd` calls stayed out-of-line calls (two thirds of an AVX2 in-cache softmax).
@@ -312,8 +344,7 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
         vec![0.0f32; n]
     };
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let max = row_max_impl::<S, E>(xr);
-        let nmax = (max * std::f32::consts::LOG2_E).round();
+        let row = InCache::new(row_max_impl::<S, E>(xr));
         let yp = yr.as_mut_ptr();
         let ep: *mut f32 = if E::IS_F32 {
             yp.cast()
@@ -322,20 +353,13 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
         };
         // SAFETY: ep is n f32 (y's own row or the scratch row); nothing else reads it here.
         let e = (!log).then(|| std::slice::from_raw_parts_mut(ep, n));
-        let sum = scaled_exp_sum_impl::<S, E>(xr, e, nmax);
-        let acc = ExpSum {
-            mant: sum,
-            exp: nmax as f64,
-        };
-        if !(max.is_finite() && acc.is_fast()) {
+        let sum = scaled_exp_sum_impl::<S, E>(xr, e, row.nmax);
+        if !row.is_fast(sum) {
             exact_row(n, 1, xr.as_ptr(), yp, log);
             continue;
         }
         if log {
-            let (p, q) = (
-                max,
-                (nmax as f64 * std::f64::consts::LN_2 + sum.ln() - max as f64) as f32,
-            );
+            let (p, q) = row.log_params(sum);
             map_row::<S, E, E, LogSoftmaxOut>(xr.as_ptr(), xr.as_ptr(), yp, n, p, q)
         } else {
             let inv = (1.0 / sum) as f32;
@@ -370,41 +394,30 @@ fn forward_row_exp_once<E: Kernels>(
     log: bool,
 ) {
     debug_assert!(log || E::IS_F32);
-    let max = over_pieces(
+    let row = InCache::new(over_pieces(
         pieces,
         |r| E::row_max(level, &x[r]),
         f32::NEG_INFINITY,
         f32::max,
-    );
-    let nmax = (max * std::f32::consts::LOG2_E).round();
+    ));
     let ys = Disjoint::new(&mut *y);
     let sum = over_pieces(
         pieces,
         |r| {
-            // SAFETY: the pieces are disjoint ranges of this row; y holds f32 when it is written
-            // here (softmax runs this path for float32 rows only).
-            let e = (!log).then(|| unsafe {
-                let piece = ys.piece(r.clone());
-                std::slice::from_raw_parts_mut(piece.as_mut_ptr().cast::<f32>(), piece.len())
-            });
-            E::scaled_exp_sum(level, &x[r], e, nmax)
+            // SAFETY: the pieces are disjoint ranges of this row; softmax runs this path for
+            // float32 rows only.
+            let e = (!log).then(|| unsafe { as_f32(ys.piece(r.clone())) });
+            E::scaled_exp_sum(level, &x[r], e, row.nmax)
         },
         0.0,
         |a, b| a + b,
     );
-    let acc = ExpSum {
-        mant: sum,
-        exp: nmax as f64,
-    };
-    if !(max.is_finite() && acc.is_fast()) {
+    if !row.is_fast(sum) {
         // SAFETY: x and y are whole rows of the same length.
         unsafe { exact_row(x.len(), 1, x.as_ptr(), y.as_mut_ptr(), log) };
         return;
     }
-    let (p, q) = (
-        max,
-        (nmax as f64 * std::f64::consts::LN_2 + sum.ln() - max as f64) as f32,
-    );
+    let (p, q) = row.log_params(sum);
     let inv = (1.0 / sum) as f32;
     let ys = Disjoint::new(y);
     over_pieces(
@@ -415,16 +428,22 @@ fn forward_row_exp_once<E: Kernels>(
             if log {
                 E::pass2(level, &x[r], yp, p, q, true)
             } else {
-                // SAFETY: float32 rows only (see above).
-                let e = unsafe {
-                    std::slice::from_raw_parts_mut(yp.as_mut_ptr().cast::<f32>(), yp.len())
-                };
-                scale_in_place(level, e, inv)
+                // SAFETY: as above.
+                scale_in_place(level, unsafe { as_f32(yp) }, inv)
             }
         },
         (),
         |_, _| (),
     )
+}
+
+/// A float32 row seen as `[f32]`.
+///
+/// # Safety
+/// `E` is f32 (`E::IS_F32`).
+unsafe fn as_f32<E: Element>(y: &mut [E]) -> &mut [f32] {
+    debug_assert!(E::IS_F32);
+    std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len())
 }
 
 /// Softmax (or log-softmax) of one contiguous row split into `pieces`: two-pass with AVX-512
