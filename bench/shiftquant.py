@@ -100,9 +100,6 @@ def int8_peak(threads: int, bits: int) -> tuple[float, str]:
 def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
     a, b = torch.randn(m, k), torch.randn(n, k)
     qa, qb = fg.shiftquant(a, bits), fg.shiftquant(b, bits)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
-    b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
     peak, how = int8_peak(bench.threads, bits)
 
     def quant(x: torch.Tensor):
@@ -114,6 +111,9 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
         "torch": lambda: torch.matmul(a, b.T),
     }
     if BASELINES_16_8:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
         fns["bf16"] = lambda: torch.matmul(a16, b16.T)
         fns["int_mm"] = lambda: torch._int_mm(a8, b8)
     t = interleaved_times(fns, repeats=5 if m * n * k <= 2**33 else 3)
