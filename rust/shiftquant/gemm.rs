@@ -15,7 +15,7 @@
 //! Micro-kernels: AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers), two AVX2
 //! ones, and a portable scalar one. The AVX2 kernels are picked from the operands' largest
 //! |codes| (measured before packing, so no bit width is trusted): 8-bit codes run `vpmaddubsw`
-//! on |b| and sign-transferred a, widened by `vpmaddwd` every step (6 x 8); narrower codes store
+//! on |b| and sign-transferred a, widened by `vpmaddwd` every step (4 x 16); narrower codes store
 //! A offset to unsigned (no `vpsignb`) and add the 16-bit pair sums of as many steps as cannot
 //! overflow before widening (6 x 16). Codes of -128 are rejected (the sign trick cannot hold them).
 
@@ -185,8 +185,9 @@ impl Kernel {
                     }
                 } else {
                     Kernel {
-                        mr: 6,
-                        run: x86::avx2_6x8,
+                        mr: 4,
+                        nr: 16,
+                        run: x86::avx2_4x16,
                         ..plain
                     }
                 }
@@ -981,9 +982,13 @@ mod x86 {
         if t.first {
             return [[_mm256_setzero_ps(); NV]; MR];
         }
-        std::array::from_fn(|i| {
-            std::array::from_fn(|v| _mm256_loadu_ps(t.acc.add((i * NV + v) * 8)))
-        })
+        let mut f = [[_mm256_setzero_ps(); NV]; MR];
+        for (i, row) in f.iter_mut().enumerate() {
+            for (v, fv) in row.iter_mut().enumerate() {
+                *fv = _mm256_loadu_ps(t.acc.add((i * NV + v) * 8));
+            }
+        }
+        f
     }
 
     #[inline(always)]
@@ -1007,10 +1012,11 @@ mod x86 {
         f: &mut [[__m256; NV]; MR],
     ) {
         let one = _mm256_set1_epi32(0x3f80_0000);
-        let pb: [__m256i; NV] = std::array::from_fn(|v| {
-            let pb = _mm256_loadu_si256(t.b_pow.add((g * NV + v) * 8).cast());
-            _mm256_sub_epi32(pb, one)
-        });
+        let mut pb = [one; NV];
+        for (v, pb) in pb.iter_mut().enumerate() {
+            let bits = _mm256_loadu_si256(t.b_pow.add((g * NV + v) * 8).cast());
+            *pb = _mm256_sub_epi32(bits, one);
+        }
         for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
             let pa = _mm256_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
             for ((fv, sv), pb) in fr.iter_mut().zip(sr).zip(&pb) {
@@ -1021,27 +1027,34 @@ mod x86 {
     }
 
     /// The MR x NV 16-bit pair-sum products of one k-step (MR quads of A against the 8·NV
-    /// quads of B at the cursors), moving both cursors on to the next step.
+    /// quads of B at the cursors), moving both cursors on to the next step. Plain loops, no
+    /// closures: the intrinsics inside nested `array::from_fn` closures stayed out-of-line
+    /// calls (a kernel ran 30x slower).
     #[inline(always)]
     unsafe fn step<const MR: usize, const NV: usize, const SIGNED: bool>(
         (a, b): (&mut *const i8, &mut *const i8),
     ) -> [[__m256i; NV]; MR] {
-        let bv: [__m256i; NV] = std::array::from_fn(|v| _mm256_loadu_si256(b.add(32 * v).cast()));
-        let babs = if SIGNED {
-            bv.map(|v| _mm256_abs_epi8(v))
-        } else {
-            bv
-        };
-        let prods = std::array::from_fn(|i| {
+        let mut bv = [_mm256_setzero_si256(); NV];
+        let mut babs = bv;
+        for v in 0..NV {
+            bv[v] = _mm256_loadu_si256(b.add(32 * v).cast());
+            babs[v] = if SIGNED {
+                _mm256_abs_epi8(bv[v])
+            } else {
+                bv[v]
+            };
+        }
+        let mut prods = [[_mm256_setzero_si256(); NV]; MR];
+        for (i, row) in prods.iter_mut().enumerate() {
             let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
-            std::array::from_fn(|v| {
-                if SIGNED {
+            for v in 0..NV {
+                row[v] = if SIGNED {
                     _mm256_maddubs_epi16(babs[v], _mm256_sign_epi8(av, bv[v]))
                 } else {
                     _mm256_maddubs_epi16(av, bv[v])
-                }
-            })
-        });
+                };
+            }
+        }
         *a = a.add(4 * MR);
         *b = b.add(32 * NV);
         prods
@@ -1089,19 +1102,20 @@ mod x86 {
         s
     }
 
-    /// AVX2 on 8-bit codes: 6 rows x 8 columns; |b| times a with b's sign (`vpsignb`) keeps
+    /// AVX2 on 8-bit codes: 4 rows x 16 columns; |b| times a with b's sign (`vpsignb`) keeps
     /// `vpmaddubsw` from saturating (|qa · qb| <= 127², two per 16-bit lane), and the pair sums
     /// of `depth` steps (1 for 8-bit x 8-bit) add up in 16 bits before `vpmaddwd` widens them.
-    /// On Zen 3 `vpsignb`, `vpmaddubsw` and `vpmaddwd` share the two multiply pipes: 3 of them
-    /// per 32 products bound this kernel at ~21 multiply-adds per cycle (measured 16-17 in the
-    /// GEMM); 6 rows share each `vpabsb` of B among more of them than 4 did (0-8% faster).
+    /// On Zen 3 `vpsignb`, `vpmaddubsw` and `vpmaddwd` compete for the same pipes: 3 of them per
+    /// 32 products bound this kernel near 24 multiply-adds per cycle (measured 20-21 in the
+    /// GEMM). Two B vectors per broadcast of A (4 x 16, its 8 int32 sums in registers) ran 3-6%
+    /// faster than 6 x 8, which was 0-8% faster than 4 x 8.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_6x8(t: &Tile) {
-        let mut f = load_acc::<6, 1>(t);
+    pub(super) unsafe fn avx2_4x16(t: &Tile) {
+        let mut f = load_acc::<4, 2>(t);
         let (mut a, mut b) = (t.a, t.b);
         for g in 0..t.groups {
-            let zero = [[_mm256_setzero_si256(); 1]; 6];
-            let s = group_sums::<6, 1, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
+            let zero = [[_mm256_setzero_si256(); 2]; 4];
+            let s = group_sums::<4, 2, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
             fold(t, g, &s, &mut f);
         }
         store_acc(t, &f);
@@ -1118,8 +1132,8 @@ mod x86 {
         let mut f = load_acc::<6, 2>(t);
         let (mut a, mut b) = (t.a, t.b);
         for g in 0..t.groups {
-            let corr: [__m256i; 2] =
-                std::array::from_fn(|v| _mm256_loadu_si256(t.b_corr.add((g * 2 + v) * 8).cast()));
+            let corr = t.b_corr.add(g * 16);
+            let corr = [0, 8].map(|v| _mm256_loadu_si256(corr.add(v).cast()));
             let s = group_sums::<6, 2, false>(t, *t.steps.add(g), (&mut a, &mut b), [corr; 6]);
             fold(t, g, &s, &mut f);
         }
