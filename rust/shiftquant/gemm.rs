@@ -1249,17 +1249,24 @@ mod tests {
 
     #[test]
     fn every_path_gives_the_same_bits_and_bf16_is_the_rounded_f32() {
-        // Shifts that differ per group and row, several K blocks, a short last group, bias.
-        for (m, n, k, gs, bits) in [(13, 70, 600, 64, 8), (20, 33, 300, 32, 6)] {
+        // Shifts that differ per group and row, several K blocks, a short last group, tiles
+        // cropped at C's last rows and columns, with and without bias.
+        let cases = [
+            (13, 70, 600, 64, 8, true),
+            (20, 33, 300, 32, 6, true),
+            (7, 21, 128, 64, 8, false),
+        ];
+        for (m, n, k, gs, bits, with_bias) in cases {
             let qa = Quantized::new(&data(m * k, 4), k, bits, gs);
             let qb = Quantized::new(&data(n * k, 5), k, bits, gs);
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.37 - 3.0).collect();
+            let bias = with_bias.then_some(&bias[..]);
             let run = |level| {
                 let mut out = vec![0f32; m * n];
                 let (a, b) = (qa.operand(), qb.operand());
-                matmul(level, &a, &b, k, gs, Some(&bias), &mut out).unwrap();
+                matmul(level, &a, &b, k, gs, bias, &mut out).unwrap();
                 let mut low = vec![Bf16(0); m * n];
-                matmul(level, &a, &b, k, gs, Some(&bias), &mut low).unwrap();
+                matmul(level, &a, &b, k, gs, bias, &mut low).unwrap();
                 let want: Vec<Bf16> = out.iter().map(|&v| Bf16::from_f32(v)).collect();
                 assert_eq!(low, want, "{level:?}");
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
