@@ -286,6 +286,42 @@ def chunked_backward(
     return de, dc, dbias
 
 
+class _CastPieces:
+    """c for the fused pass's two matmuls against it: as it is where the matmuls run in its
+    dtype, otherwise cast a piece of ``piece`` rows at a time into the matmul dtype (each piece
+    is read by its matmul while it is in cache; the logits land in place in the buffer)."""
+
+    def __init__(self, c: torch.Tensor, dtype: torch.dtype, piece: int) -> None:
+        self.c, self.dtype = c, dtype
+        self.piece = c.shape[0] if c.dtype == dtype else piece
+
+    def _runs(self):
+        vocab = self.c.shape[0]
+        for v0 in range(0, vocab, self.piece):
+            v1 = min(vocab, v0 + self.piece)
+            yield v0, v1, self.c[v0:v1].to(self.dtype)
+
+    def logits(self, bufs: _Buffers, e: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The raw logits of rows e over the whole vocabulary (:meth:`_Buffers.logits`)."""
+        if self.piece == self.c.shape[0]:
+            return bufs.logits(e, self.c, bias, 0, self.piece)
+        z = _view(bufs.z, e.shape[0], self.c.shape[0])
+        for v0, v1, cc in self._runs():
+            if bias is None:
+                torch.mm(e, cc.t(), out=z[:, v0:v1])
+            else:
+                torch.addmm(bias[v0:v1], e, cc.t(), out=z[:, v0:v1])
+        return z
+
+    def mm(self, dz: torch.Tensor, out: torch.Tensor) -> None:
+        """out = dz @ c."""
+        for v0, v1, cc in self._runs():
+            if v0 == 0:
+                torch.mm(dz[:, v0:v1], cc, out=out)
+            else:
+                out.addmm_(dz[:, v0:v1], cc)
+
+
 def fused(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -319,13 +355,17 @@ def fused(
     check_targets(targets, vocab)
     gemm_dtype = gemm_dtype or kd
     like = {"dtype": kd, "device": e.device}
-    eg, cg = e.to(gemm_dtype), c.to(gemm_dtype)
+    eg = e.to(gemm_dtype)
     bg = None if bias is None else bias.to(gemm_dtype)
+    # c in the matmul dtype a piece of the vocabulary at a time where that is not its own dtype
+    # (float16, or bfloat16 where the CPU has no bfloat16 matmul): a whole float32 copy of c was
+    # a third of the pass's peak memory.
+    pieces = _CastPieces(c, gemm_dtype, _blocks(rows, vocab, e.device)[1])
     scale = 1.0 / float(divisor)
     lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
     logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
     de = eg.new_empty(rows if e_grad else 0, e.shape[1])
-    dc = cg.new_empty(vocab if c_grad else 0, c.shape[1])
+    dc = eg.new_empty(vocab if c_grad else 0, c.shape[1])
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
     piece = _blocks(rows, vocab, e.device)[1]
@@ -336,13 +376,13 @@ def fused(
         r1 = min(rows, r0 + row_block)
         er, t, lse_r = eg[r0:r1], targets[r0:r1], lse[r0:r1]
         sums = None if logit_sum is None else logit_sum[r0:r1]
-        z = bufs.logits(er, cg, bg, 0, vocab)
+        z = pieces.logits(bufs, er, bg)
         rows_fn(z, t, lse_r, target_logit[r0:r1], sums, peaks, piece, scale, softcap,
                 label_smoothing, z_loss)  # fmt: skip
         dz = bufs.rounded(z)
         keep = [filter_eps is None or not p < filter_eps for p in peaks.tolist()]  # NaN kept
         if e_grad:  # (over the whole vocabulary: filtering would save nothing here)
-            torch.mm(dz, cg, out=de[r0:r1])
+            pieces.mm(dz, de[r0:r1])
             # Ignored rows' dz is 0: their dE is exactly 0, not 0 * an inf of C.
             de[r0:r1].masked_fill_((t < 0)[:, None], 0)
         if not (c_grad or bias_grad):
