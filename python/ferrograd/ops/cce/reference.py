@@ -403,6 +403,8 @@ def fused(
         dc[k0 * piece : k1 * piece].zero_()
     row = row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss)
     bias_dtype = e.dtype if bias is None else bias.dtype
+    # The buffer goes before dC is cast to c's dtype, so that the cast is not the peak.
+    bufs = z = dz = er = None
     return row.sum() / divisor, de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
 
 
