@@ -379,13 +379,14 @@ crate::dispatch! {
     pub(super) fn scale_in_place(y: &mut [f32], inv: f32) = scale_in_place_impl;
 }
 
-/// The in-cache kernel's passes over one row split into `pieces` across threads, for float32
-/// softmax and all log-softmax with AVX2 or scalar code, where computing exp twice costs more
-/// than a third pass over memory (Zen 3, rows of 10^7-10^8, 2 threads: float32 softmax
-/// 1.29-1.43x as fast as two-pass, at 0.81-0.87 of copy bandwidth; log-softmax 1.23-1.49x;
-/// docs/softmax.md): the maximum, then exp(x) 2^-N written to y (softmax) or only summed, then
-/// y scaled in place or x - log-sum-exp written. 16-bit softmax rows stay two-pass (they would
-/// need a float32 scratch row as long as the input).
+/// The in-cache kernel's passes over one row split into `pieces` across threads, with AVX2 or
+/// scalar code, where computing exp twice costs more than a third pass over memory (Zen 3,
+/// rows of 10^7-10^8, 2 threads: float32 softmax 1.29-1.43x as fast as two-pass, at 0.81-0.87
+/// of copy bandwidth; log-softmax 1.23-1.49x; docs/softmax.md): the maximum, then exp(x) 2^-N
+/// summed (and written to y for float32 softmax), then y scaled in place or x - log-sum-exp
+/// written. 16-bit softmax, which has no float32 row to keep the terms in, recomputes exp(x)
+/// 2^-N in the last pass (two exps, as two-pass, but a plain sum in the middle pass in place
+/// of two-pass's running rescale: bfloat16 rows 1.2-1.27x as fast on Zen 3, docs/softmax.md).
 fn forward_row_exp_once<E: Kernels>(
     level: SimdLevel,
     x: &[E],
@@ -393,7 +394,6 @@ fn forward_row_exp_once<E: Kernels>(
     pieces: &[Range<usize>],
     log: bool,
 ) {
-    debug_assert!(log || E::IS_F32);
     let row = InCache::new(over_pieces(
         pieces,
         |r| E::row_max(level, &x[r]),
@@ -404,9 +404,8 @@ fn forward_row_exp_once<E: Kernels>(
     let sum = over_pieces(
         pieces,
         |r| {
-            // SAFETY: the pieces are disjoint ranges of this row; softmax runs this path for
-            // float32 rows only.
-            let e = (!log).then(|| unsafe { as_f32(ys.piece(r.clone())) });
+            // SAFETY: the pieces are disjoint ranges of this row, of float32 elements here.
+            let e = (!log && E::IS_F32).then(|| unsafe { as_f32(ys.piece(r.clone())) });
             E::scaled_exp_sum(level, &x[r], e, row.nmax)
         },
         0.0,
@@ -427,9 +426,12 @@ fn forward_row_exp_once<E: Kernels>(
             let yp = unsafe { ys.piece(r.clone()) };
             if log {
                 E::pass2(level, &x[r], yp, p, q, true)
-            } else {
+            } else if E::IS_F32 {
                 // SAFETY: as above.
                 scale_in_place(level, unsafe { as_f32(yp) }, inv)
+            } else {
+                // exp(x) 2^-N / sum: pass 2's softmax output with the in-cache sum's scale.
+                E::pass2(level, &x[r], yp, inv, row.nmax, false)
             }
         },
         (),
@@ -446,8 +448,8 @@ unsafe fn as_f32<E: Element>(y: &mut [E]) -> &mut [f32] {
     std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len())
 }
 
-/// Softmax (or log-softmax) of one contiguous row split into `pieces`: two-pass with AVX-512
-/// and for 16-bit softmax, else `forward_row_exp_once`.
+/// Softmax (or log-softmax) of one contiguous row split into `pieces`: two-pass with AVX-512,
+/// else `forward_row_exp_once`.
 fn forward_row<E: Kernels>(
     level: SimdLevel,
     x: &[E],
@@ -455,7 +457,7 @@ fn forward_row<E: Kernels>(
     pieces: &[Range<usize>],
     log: bool,
 ) {
-    if level != SimdLevel::Avx512 && (log || E::IS_F32) {
+    if level != SimdLevel::Avx512 {
         return forward_row_exp_once(level, x, y, pieces, log);
     }
     let acc = over_pieces(

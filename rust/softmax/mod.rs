@@ -12,8 +12,9 @@
 //! run the in-cache kernel instead: one read from memory (the max), then exp(x) computed once
 //! into an f32 scratch row that stays in cache, then the scaled output. With AVX2 or scalar code,
 //! where exp costs more than a pass over memory, every row takes the in-cache kernel's passes
-//! (but 16-bit softmax rows of 262144+). docs/softmax.md has the measurements behind the
-//! choices.
+//! (16-bit softmax rows of 262144+, which would need a float32 scratch row as long as the
+//! input, recompute exp in the last pass instead). docs/softmax.md has the measurements behind
+//! the choices.
 //!
 //! A tensor is seen as `[outer, n, inner]` with the softmax over `n`. With `inner == 1` each row
 //! is contiguous and is vectorized along its length (short rows many to a task, a long row split
