@@ -296,33 +296,16 @@ unsafe fn backward_row<S: Simd, E: Storage>(
     // Σ g and Σ g d with g = dy * gamma and d = x - mean, in vector lanes folded into f64;
     // Σ sign(d) counted in integers (d > 0 exactly when x > mean).
     let (mut sg, mut sgd) = (VecSum::<S>::new(), VecSum::<S>::new());
-    let m = S::splat(mean);
     for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
-        let (len, px, pd, pgm) = (xb.len(), xb.as_ptr(), db.as_ptr(), gb.as_ptr());
-        // Vector i (rest: its valid lanes) into accumulators k; padding lanes add 0.
-        let mut step = |i: usize, k: usize, rest: usize| {
-            let (xv, dv, gv) = if rest >= S::LANES {
-                (S::load(px.add(i)), S::load(pd.add(i)), S::load(pgm.add(i)))
-            } else {
-                let part = |p: *const f32| S::load_partial(p, rest, 0.0);
-                (
-                    S::load_partial(px.add(i), rest, mean),
-                    part(pd.add(i)),
-                    part(pgm.add(i)),
-                )
-            };
-            let g = S::mul(dv, gv);
-            sg.acc[k] = S::add(sg.acc[k], g);
-            sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, S::sub(xv, m)));
-        };
+        let (len, rows) = (xb.len(), (xb.as_ptr(), db.as_ptr(), gb.as_ptr()));
         let mut i = 0;
         while i + 2 * S::LANES <= len {
-            step(i, 0, S::LANES);
-            step(i + S::LANES, 1, S::LANES);
+            grad_sums_step(&mut sg, &mut sgd, rows, mean, i, 0, S::LANES);
+            grad_sums_step(&mut sg, &mut sgd, rows, mean, i + S::LANES, 1, S::LANES);
             i += 2 * S::LANES;
         }
         while i < len {
-            step(i, 0, len - i);
+            grad_sums_step(&mut sg, &mut sgd, rows, mean, i, 0, len - i);
             i += S::LANES;
         }
         sg.fold();
@@ -359,6 +342,34 @@ unsafe fn backward_row<S: Simd, E: Storage>(
         (None, Some(db)) => k.run::<E, false, true>(x, next, dy, gamma, dx, &mut [], db),
         (None, None) => k.run::<E, false, false>(x, next, dy, gamma, dx, &mut [], &mut []),
     }
+}
+
+/// The backward's first pass, one vector: lanes `i..i + min(rest, LANES)` of the row's x, dy and
+/// gamma (`rows`) into accumulators `k` of Σ g and Σ g d (g = dy gamma, d = x - mean); padding
+/// lanes add 0. A named always-inlined function, not a closure: a closure is not compiled with
+/// the kernel's target features, and its `Simd` calls stayed out-of-line calls.
+#[inline(always)]
+unsafe fn grad_sums_step<S: Simd>(
+    sg: &mut VecSum<S>,
+    sgd: &mut VecSum<S>,
+    (px, pd, pgm): (*const f32, *const f32, *const f32),
+    mean: f32,
+    i: usize,
+    k: usize,
+    rest: usize,
+) {
+    let (xv, dv, gv) = if rest >= S::LANES {
+        (S::load(px.add(i)), S::load(pd.add(i)), S::load(pgm.add(i)))
+    } else {
+        (
+            S::load_partial(px.add(i), rest, mean),
+            S::load_partial(pd.add(i), rest, 0.0),
+            S::load_partial(pgm.add(i), rest, 0.0),
+        )
+    };
+    let g = S::mul(dv, gv);
+    sg.acc[k] = S::add(sg.acc[k], g);
+    sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, S::sub(xv, S::splat(mean))));
 }
 
 /// A row's backward in f64, scalar (rows where the f32 passes could overflow, or whose sums are
