@@ -548,6 +548,11 @@ mod tests {
         }
     }
 
+    /// The same bits, any NaN matching any NaN.
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan()
+    }
+
     fn supported() -> impl Iterator<Item = SimdLevel> {
         SimdLevel::ALL.into_iter().filter(|l| l.is_supported())
     }
@@ -576,7 +581,6 @@ mod tests {
             stable(None, f32::NAN, 0.75),
             stable(None, f32::NEG_INFINITY, 1.0),
         ];
-        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
         for s in configs {
             for level in supported() {
                 let (mut p, mut m, mut v) = (p0.clone(), vec![0.1f32; n], v0.clone());
@@ -627,7 +631,6 @@ mod tests {
             for i in 0..n {
                 let want = s.apply(p0[i], g[i], 0.01, v[i]);
                 let got = (p[i], m[i], vv[i]);
-                let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan();
                 assert!(
                     same(got.0, want.0) && same(got.1, want.1) && same(got.2, want.2),
                     "{level:?} at {i}: {got:?} != {want:?}"
