@@ -241,35 +241,26 @@ class _SpamBase(torch.optim.Optimizer):
         t = glob["step"]
         for group in self.param_groups:
             reset = t % group["reset_interval"] == 0
+            scalars = self._scalars(group, t)  # the same for every tensor of the group
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 grad = self._grad(p)
-                if "exp_avg" not in self.state[p] or reset:
+                state = self.state[p]
+                if "exp_avg" not in state or reset:
                     self._fresh_moments(p, group)
-                self._update(p, grad, group, t)
+                self._update(p, state, grad, scalars)
         return loss
 
-    def _fused(
-        self,
-        p: torch.Tensor,
-        grad: torch.Tensor,
-        *,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        eps: float,
-        bias_corrections: tuple[float, float],
-        warmup: float = 1.0,
-        spike_threshold: float | None = None,
-        adaclip: tuple[float, float] = (math.inf, 1.0),
-        grad_scale: float = 1.0,
-    ) -> None:
-        """One step of the rule on ``p``'s local tensor (ferrograd/ops/spam has the scalars)."""
-        state = self.state[p]
+    def _update(self, p: torch.Tensor, state: dict, grad: torch.Tensor, scalars: tuple) -> None:
+        """One tensor's step with its group's ``_scalars`` (SPAM's are the op's own)."""
+        self._fused(p, state, grad, *scalars)
+
+    def _fused(self, p: torch.Tensor, state: dict, grad: torch.Tensor, *scalars: float | None):
+        """One step of the rule on ``p``'s local tensor: ``scalars`` in the order of
+        ``spam_step``'s schema (ferrograd/ops/spam), from lr to grad_scale."""
         spam_step(
-            _local(p), _local(grad), state["exp_avg"], state["exp_avg_sq"], lr, weight_decay,
-            *betas, eps, *bias_corrections, warmup, spike_threshold, *adaclip, grad_scale,
+            _local(p), _local(grad), state["exp_avg"], state["exp_avg_sq"], *scalars,
             mask=state.get("mask"),
         )  # fmt: skip
 
@@ -317,7 +308,9 @@ class SPAM(_SpamBase):
         check_int("SPAM", "warmup_steps", group["warmup_steps"], 0, _INT_MAX)
         check_int("SPAM", "clip_warmup", group["clip_warmup"], 0, _INT_MAX)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
+    def _scalars(self, group: dict, t: int) -> tuple:
+        """spam_step's scalars at step t: bias corrections, the warm-up after a reset, and
+        the spike threshold once clip_warmup steps have passed."""
         interval, warmup_steps = group["reset_interval"], group["warmup_steps"]
         t0 = (t // interval) * interval  # step of the last reset, 0 before the first
         if t0 == 0 or warmup_steps == 0:  # no warm-up yet, or none at all
@@ -327,11 +320,9 @@ class SPAM(_SpamBase):
             warmup = 1.0 - 0.99 * (1.0 + math.cos(math.pi * s)) / 2.0
         b1, b2 = group["betas"]
         clip = group["threshold"] if t - t0 >= group["clip_warmup"] else None
-        self._fused(
-            p, grad,
-            lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
-            eps=group["eps"], bias_corrections=(1.0 - b1**t, 1.0 - b2**t),
-            warmup=warmup, spike_threshold=clip,
+        return (
+            group["lr"], group["weight_decay"], b1, b2, group["eps"], 1.0 - b1**t, 1.0 - b2**t,
+            warmup, clip, math.inf, 1.0, 1.0,
         )  # fmt: skip
 
 
@@ -375,14 +366,24 @@ class StableSPAM(_SpamBase):
             check_int("StableSPAM", "total_steps", group["total_steps"], 1, _INT_MAX)
         check_number("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> None:
-        state = self.state[p]
+    def _scalars(self, group: dict, t: int) -> tuple:
+        """(gammas, their bias corrections, eps, spam_step's scalars up to bias_correction2):
+        beta1 and gamma1 on the cosine schedule, the moments' counter restarted at resets."""
         g1, g2, g3 = group["gamma1"], group["gamma2"], group["gamma3"]
         b1, b2 = group["betas"]
         if group["total_steps"] is not None:
             frac = min(t, group["total_steps"]) / group["total_steps"]
             c = group["eta_min"] + (1 - group["eta_min"]) * 0.5 * (1 + math.cos(math.pi * frac))
             b1, g1 = b1 * c, g1 * c
+        interval = group["reset_interval"]
+        k = t if t < interval else t - (t // interval) * interval + 1
+        return (
+            (g1, g2, g3), (1 - g1**t, 1 - g2**t, 1 - g3**t), group["eps"],
+            (group["lr"], group["weight_decay"], b1, b2, group["eps"], 1.0 - b1**k, 1.0 - b2**k),
+        )  # fmt: skip
+
+    def _update(self, p: torch.Tensor, state: dict, grad: torch.Tensor, scalars: tuple) -> None:
+        (g1, g2, g3), (c1, c2, c3), eps, step = scalars
         # AdaClip: a running estimate of the largest |g| caps the entries above it; one pass
         # gives it and the clipped gradient's squared norm (AdaGN's input).
         local = _local(grad)
@@ -395,7 +396,7 @@ class StableSPAM(_SpamBase):
             )
             max_abs = _across_shards(grad, local_max, torch.distributed.ReduceOp.MAX)
         _, state["max_abs"], bound, ratio, squares = adaclip_stats(
-            local, max_abs, state.get("max_abs", 0.0), g3, 1 - g3**t
+            local, max_abs, state.get("max_abs", 0.0), g3, c3
         )
         if local is not grad:
             squares = _across_shards(
@@ -405,15 +406,6 @@ class StableSPAM(_SpamBase):
         norm = math.sqrt(squares)
         state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
         state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
-        target = (state["norm_m"] / (1 - g1**t)) / (
-            math.sqrt(state["norm_v"] / (1 - g2**t)) + group["eps"]
-        )
+        target = (state["norm_m"] / c1) / (math.sqrt(state["norm_v"] / c2) + eps)
         scale = target / norm if norm > 0 else 0.0
-        interval = group["reset_interval"]
-        k = t if t < interval else t - (t // interval) * interval + 1
-        self._fused(
-            p, grad,
-            lr=group["lr"], weight_decay=group["weight_decay"], betas=(b1, b2),
-            eps=group["eps"], bias_corrections=(1.0 - b1**k, 1.0 - b2**k),
-            adaclip=(bound, ratio), grad_scale=scale,
-        )  # fmt: skip
+        self._fused(p, state, grad, *step, 1.0, None, bound, ratio, scale)
