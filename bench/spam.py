@@ -2,8 +2,12 @@
 torch.optim.AdamW(fused=True), and pytorch-optimizer's SPAM / StableSPAM where that package is
 installed (an optional import: ``pip install pytorch-optimizer``; never a dependency).
 
-Each optimizer steps its own copy of the same parameter (one [n / 1000, 1000] tensor) and
-gradient; all are timed in turn every round (median), on the same thread count. ``GBps`` counts
+Each optimizer steps its own copy of the same parameters and gradients: one [n / 1000, 1000]
+tensor of 1e6-1e8 parameters, and the 38 tensors of bench/model.py's Llama (29M parameters, one
+32000 x 512 embedding, 512-1376 wide layers), where per-tensor costs (Python bookkeeping, a
+parallel region per call) and caches (StableSPAM's statistics pass leaves a layer's gradient in
+cache for the update) come in; all are timed in turn every round (median), on the same thread
+count. ``GBps`` counts
 the bytes a dense step must move per parameter: 28 for float32 (read p, g, m, v; write p, m, v),
 22 for bfloat16 parameters and gradients with float32 moments (torch's AdamW keeps bfloat16
 moments: 14); ``bw_frac`` is that rate over the measured copy bandwidth (one read and one write
@@ -34,26 +38,40 @@ except ImportError:
 STEP_BYTES = {torch.float32: 28, torch.bfloat16: 22}
 
 
-def state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in opt.state[p].values() if torch.is_tensor(t))
+def state_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for p in params
+        for t in opt.state[p].values()
+        if torch.is_tensor(t)
+    )
 
 
 #: Steps before SPAM clips spikes: fewer than the warm-up steps of ``make`` below.
 CLIP_WARMUP = 2
 
 
-def case(bench: Bench, numel: int, dtype: torch.dtype) -> None:
-    shape = (numel // 1000, 1000)
+def llama_shapes(layers: int = 4, width: int = 512, mlp: int = 1376, vocab: int = 32000):
+    """The parameter tensors of bench/model.py's Llama (tied embeddings): per layer four
+    attention projections, three MLP ones and two norms, then the final norm."""
+    layer = [(width, width)] * 4 + [(mlp, width)] * 2 + [(width, mlp)] + [(width,)] * 2
+    return [(vocab, width), *layer * layers, (width,)]
+
+
+def case(bench: Bench, shapes: list[tuple[int, ...]], dtype: torch.dtype, label: str) -> None:
+    """All optimizers on their own copies of the same parameters of ``shapes``."""
     gen = torch.Generator().manual_seed(0)
-    base = torch.randn(shape, generator=gen).to(dtype)
-    grad = (torch.randn(shape, generator=gen) * 1e-2).to(dtype)
+    base = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+    grads = [(torch.randn(shape, generator=gen) * 1e-2).to(dtype) for shape in shapes]
+    numel = sum(b.numel() for b in base)
     params = {}
 
     def make(name, factory, warmup=3):
-        p = torch.nn.Parameter(base.clone())
-        p.grad = grad.clone()
-        params[name] = p
-        opt = factory([p])
+        ps = [torch.nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g.clone()
+        params[name] = ps
+        opt = factory(ps)
         for _ in range(warmup):  # state allocated, first-step paths done
             opt.step()
         return opt
@@ -75,11 +93,12 @@ def case(bench: Bench, numel: int, dtype: torch.dtype) -> None:
         opts["po_stable"] = make(
             "po_stable", lambda ps: pytorch_optimizer.StableSPAM(ps, lr=1e-3), 2
         )
-    repeats = 41 if numel <= 10**6 else 15 if numel <= 10**7 else 5
+    repeats = 41 if numel <= 10**6 else 15 if numel <= 10**7 else 9 if numel < 10**8 else 5
     t = interleaved_times({k: o.step for k, o in opts.items()}, repeats=repeats)
     gbps = STEP_BYTES[dtype] * numel / t["spam"] / 1e9
     row = {
-        "params": f"1e{len(str(numel)) - 1}",
+        "params": label,
+        "tensors": len(shapes),
         "dtype": str(dtype).removeprefix("torch."),
         "adamw_fused_ms": t["adamw_fused"] * 1e3,
         "spam_ms": t["spam"] * 1e3,
@@ -117,9 +136,11 @@ def save(bench: Bench, notes: dict) -> None:
 
 def main(threads: int | None = None, sizes=(10**6, 10**7, 10**8)) -> None:
     bench = Bench("spam", threads)
+    model = llama_shapes()
     for dtype in (torch.float32, torch.bfloat16):
         for numel in sizes:
-            case(bench, numel, dtype)
+            case(bench, [(numel // 1000, 1000)], dtype, f"1e{len(str(numel)) - 1}")
+        case(bench, model, dtype, "llama 4x512 32k")
     save(
         bench,
         {
@@ -131,8 +152,10 @@ def main(threads: int | None = None, sizes=(10**6, 10**7, 10**8)) -> None:
             "sparse_state_B": "state bytes per parameter at density 0.25 (bound 2.125)",
             "GBps": "bytes a dense step moves per parameter (28 float32, 22 bfloat16) / SPAM time",
             "bw_frac": "GBps over the copy bandwidth",
-            "params": "parameters in one [n / 1000, 1000] tensor; bfloat16 rows: bfloat16 "
-            "params and grads (ferrograd keeps float32 moments, AdamW bfloat16 ones)",
+            "params": "1eN: parameters in one [n / 1000, 1000] tensor; llama: the tensors of "
+            "bench/model.py's 4-layer 512-wide Llama, vocab 32000 (29.0M parameters); bfloat16 "
+            "rows: bfloat16 params and grads (ferrograd keeps float32 moments, AdamW bfloat16 "
+            "ones)",
         },
     )
 
