@@ -6,8 +6,11 @@ of bench/inference.py's model, where the per-call cost shows), 11008 x 4096}, gr
 at 1 and 2 threads: ours vs ``aten._weight_int4pack_mm_for_cpu`` (torch's int4 CPU kernel, what
 torchao's int4 CPU layout calls; its weight built as bench/inference.py's Int4Linear does) and
 vs the bf16 matmul on the full-precision weight, timed interleaved; ``copy_frac`` is the weight's
-bytes (codes, scales, zeros) per second over the measured copy bandwidth. Results are kept per
-CPU (model and SIMD features) in bench/results/w4a16.json.
+bytes (codes, scales, zeros) per second over the measured copy bandwidth, with the weight read
+from memory: M = 1 is timed again alone over copies of the weight that together exceed the
+caches (``memory_ms``; in the interleaved timing one weight of 8-23 MB may sit in the last-level
+cache, or be evicted by the bf16 matmul's buffers). Results are kept per CPU (model and SIMD
+features) in bench/results/w4a16.json.
 GPU (where present): fp16 and bf16, M in {1 .. 256} on (N, K) in {(8192, 8192), (28672, 8192),
 (8192, 28672)}; ``hbm_frac`` is the bytes the kernel must read (codes, scales, zeros, x) per
 second over the device's measured copy bandwidth.
@@ -18,6 +21,7 @@ by SmoothQuant+ (alpha searched) and by plain round to nearest; loss on held-out
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 from functools import partial
 from pathlib import Path
@@ -43,6 +47,9 @@ GPU_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 CPU_ROWS = [1, 8, 32, 128]
+#: Bytes of weight copies the from-memory GEMV cycles through: beyond the largest last-level
+#: caches of the CPUs these runs see (32 MiB per core complex).
+BEYOND_CACHE = 96 << 20
 
 
 def cpu_matmul(bench: Bench, n: int, k: int) -> None:
@@ -73,8 +80,23 @@ def cpu_matmul(bench: Bench, n: int, k: int) -> None:
             "vs_bf16": t["bf16"] / t["ours"],
         }
         if m == 1:
-            row["copy_frac"] = weight_bytes / t["ours"] / bench.bandwidth
+            from_memory = gemv_from_memory(q, x, weight_bytes)
+            row["memory_ms"] = from_memory * 1e3
+            row["copy_frac"] = weight_bytes / from_memory / bench.bandwidth
         bench.add(row)
+
+
+def gemv_from_memory(q, x: torch.Tensor, weight_bytes: int) -> float:
+    """Median time of ``w4a16_matmul(x, W)`` over copies of ``q`` taken in turn, which
+    together exceed the caches: each call reads its weight from memory."""
+    copies = [q, *(copy.deepcopy(q) for _ in range(-(-BEYOND_CACHE // weight_bytes) - 1))]
+    turn = itertools.count()
+    t = interleaved_times(
+        {"gemv": lambda: fg.w4a16_matmul(x, copies[next(turn) % len(copies)])},
+        repeats=4 * len(copies) + 1,
+        warmup=len(copies),
+    )
+    return t["gemv"]
 
 
 def quantize_speed(bench: Bench, n: int = 4096, k: int = 11008) -> None:
