@@ -143,6 +143,15 @@ pub fn split_contiguous<F: Fn(usize) + Sync>(parts: usize, f: F) {
 #[repr(align(64))]
 struct Counter(AtomicUsize);
 
+/// Parts per thread when a job is cut for [`split`]: a thread that starts late (a shared
+/// machine) leaves its parts to the others.
+const PARTS_PER_THREAD: usize = 4;
+
+/// Items per part when `items` are cut into a few parts per thread (callers clamp or round it).
+pub fn part_size(items: usize) -> usize {
+    items.div_ceil(PARTS_PER_THREAD * num_threads())
+}
+
 /// Runs `f(t, rows)` for the consecutive ranges of `chunk` rows out of `rows` (the last may be
 /// short), in parallel through [`split_contiguous`]: row kernels stream memory.
 pub fn for_each_chunk<F: Fn(usize, Range<usize>) + Sync>(rows: usize, chunk: usize, f: F) {

@@ -372,11 +372,9 @@ unsafe fn sparse_step_impl<S: sparse::Sparse, P: Param>(
     sparse::step::<S, P>(p, g, mask, m, v, s)
 }
 
-/// Elements per parallel part: a few parts per thread, so that a thread that starts late
-/// (a shared machine) leaves its parts to the others; whole multiples of [`ALIGN`].
+/// Elements per parallel part ([`threads::part_size`]), whole multiples of [`ALIGN`].
 fn part_len(numel: usize) -> usize {
-    let per_part = numel.div_ceil(4 * threads::num_threads());
-    CHUNK.max(per_part.div_ceil(ALIGN) * ALIGN)
+    CHUNK.max(threads::part_size(numel).div_ceil(ALIGN) * ALIGN)
 }
 
 /// One dense step over a whole tensor.

@@ -105,9 +105,7 @@ fn chunks<P: StatsParam>(level: SimdLevel, g: &[P], clip: Option<(f32, f32)>) ->
     let slots = Disjoint::new(&mut out);
     // A few parts per thread: the tensors of a model (2^18-2^20 entries: 32-128 chunks) in
     // parts of 32 chunks ran on one thread, or on two with one doing twice the other's share.
-    let part = n
-        .div_ceil(4 * threads::num_threads())
-        .clamp(MIN_PART, MAX_PART);
+    let part = threads::part_size(n).clamp(MIN_PART, MAX_PART);
     threads::for_each_chunk(n, part, |_, r| {
         // SAFETY: the parts' chunk ranges are disjoint.
         let slots = unsafe { slots.piece(r.clone()) };
