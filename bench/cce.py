@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Bench, cpu_has_bf16, gpu_section, gpu_time, interleaved_times
+from harness import (
+    Bench,
+    cpu_has_bf16,
+    gpu_kernel_time,
+    gpu_section,
+    gpu_time,
+    interleaved_times,
+)
 
 import ferrograd as fg
 
@@ -180,6 +187,7 @@ def gpu(bench: Bench) -> None:
             try:
                 fwd = gpu_time(partial(loss_fn, e.detach(), c.detach(), targets))
                 both = gpu_time(train_step(loss_fn, e, c, targets))
+                both_kernels = gpu_kernel_time(train_step(loss_fn, e, c, targets), repeats=5)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -196,6 +204,7 @@ def gpu(bench: Bench) -> None:
                     "fwd_ms": fwd * 1e3,
                     "fwdbwd_ms": both * 1e3,
                     "bwd_ms": (both - fwd) * 1e3,
+                    "fwdbwd_kernel_ms": both_kernels * 1e3,
                     "loss_memory_MiB": extra / 2**20,
                 }
             )

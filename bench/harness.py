@@ -63,6 +63,25 @@ def gpu_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
+def gpu_kernel_time(fn: Callable[[], object], repeats: int = 20) -> float:
+    """Seconds of device work per ``fn()``: the kernels, copies and memsets the profiler saw,
+    without the host's launch cost (``gpu_time`` has it: small kernels are launch-bound there).
+    NaN where the profiler saw no device work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(
+        e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA
+    )
+    return device_us / repeats / 1e6 if device_us > 0 else float("nan")
+
+
 def device_copy_bandwidth() -> float:
     """Bytes per second of a 512 MiB device-to-device copy (read + write)."""
     src = torch.empty(1 << 28, device="cuda", dtype=torch.float16)

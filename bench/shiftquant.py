@@ -29,6 +29,7 @@ from harness import (
     Bench,
     cpu_has_bf16,
     device_copy_bandwidth,
+    gpu_kernel_time,
     gpu_section,
     gpu_time,
     interleaved_times,
@@ -224,12 +225,15 @@ def gpu_linear(bench: Bench, tokens: int, k: int, n: int) -> None:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     t_ours, t_ref = (gpu_time(train_step(layer, x, grad)) for layer in (ours, ref))
+    k_ours, k_ref = (gpu_kernel_time(train_step(layer, x, grad)) for layer in (ours, ref))
     bench.add(
         {
             "case": f"gpu linear fwd+bwd bf16 {tokens}x{k}->{n}",
             "ours_ms": t_ours * 1e3,
             "torch_ms": t_ref * 1e3,
             "speedup": t_ref / t_ours,
+            "ours_kernel_ms": k_ours * 1e3,
+            "torch_kernel_ms": k_ref * 1e3,
         }
     )
     qx, qw = fg.shiftquant(x), fg.shiftquant(ref.weight)

@@ -13,7 +13,9 @@ cache, or be evicted by the bf16 matmul's buffers). Results are kept per CPU (mo
 features) in bench/results/w4a16.json.
 GPU (where present): fp16 and bf16, M in {1 .. 256} on (N, K) in {(8192, 8192), (28672, 8192),
 (8192, 28672)}; ``hbm_frac`` is the bytes the kernel must read (codes, scales, zeros, x) per
-second over the device's measured copy bandwidth.
+second of kernel time (the profiler's, without the launch) over the device's measured copy
+bandwidth; ``*_us`` is the synchronized wall time of a call, ``*_kernel_us`` the device time; vs
+cuBLAS (the fp16 / bf16 matmul on the full weight) and, in bf16, torch's int4 CUDA kernel.
 Fidelity: TinyTransformer (tests/test_shiftquant.py) trained in float32, then quantized to W4 g128
 by SmoothQuant+ (alpha searched) and by plain round to nearest; loss on held-out batches.
 """
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from harness import (
     Bench,
     device_copy_bandwidth,
+    gpu_kernel_time,
     gpu_section,
     gpu_time,
     interleaved_times,
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 CPU_SHAPES = [(4096, 4096), (2048, 2048), (11008, 4096)]
 GPU_SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672)]
-GPU_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+GPU_ROWS = [1, 4, 8, 16, 32, 128, 256]
 
 
 CPU_ROWS = [1, 8, 32, 128]
@@ -150,26 +153,65 @@ def fidelity(bench: Bench) -> None:
         )
 
 
+def cuda_int4(w: torch.Tensor):
+    """torch's int4 CUDA kernel (``aten._weight_int4pack_mm``, tinygemm: what torchao's int4
+    CUDA layout calls) on ``w`` quantized asymmetric per group of 128, bf16 only: returns the
+    matmul as a function of x, or the reason it cannot run here."""
+    n, k = w.shape
+    groups = w.float().view(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+    zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8
+        )
+        pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
+        scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
+        return (
+            lambda x, p: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, scales_and_zeros)
+        ), packed
+    except (RuntimeError, AttributeError) as e:
+        return str(e).splitlines()[0], None
+
+
 def gpu(bench: Bench) -> None:
     copy_bw = device_copy_bandwidth()
     for dtype in (torch.float16, torch.bfloat16):
         for n, k in GPU_SHAPES:
             w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
             q = fg.quant.quantize_w4(w, 128)
+            int4, packed = cuda_int4(w) if dtype == torch.bfloat16 else (None, None)
             for m in GPU_ROWS:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                ours = gpu_time(partial(fg.w4a16_matmul, x, q))
-                ref = gpu_time(partial(torch.matmul, x, w.T))
+                ours = partial(fg.w4a16_matmul, x, q)
+                ref = partial(torch.matmul, x, w.T)
                 moved = n * k / 2 + q.scales.numel() * 3 + m * k * 2
-                bench.add(
-                    {
-                        "case": f"{str(dtype)[6:]} M={m} N={n} K={k}",
-                        "ours_us": ours * 1e6,
-                        "cublas_us": ref * 1e6,
-                        "speedup": ref / ours,
-                        "hbm_frac": moved / ours / copy_bw,
-                    }
-                )
+                row = {
+                    "case": f"{str(dtype)[6:]} M={m} N={n} K={k}",
+                    "ours_us": gpu_time(ours) * 1e6,
+                    "cublas_us": gpu_time(ref) * 1e6,
+                    "ours_kernel_us": gpu_kernel_time(ours) * 1e6,
+                    "cublas_kernel_us": gpu_kernel_time(ref) * 1e6,
+                }
+                row["speedup"] = row["cublas_us"] / row["ours_us"]
+                row["kernel_speedup"] = row["cublas_kernel_us"] / row["ours_kernel_us"]
+                row["hbm_frac"] = moved / (row["ours_kernel_us"] * 1e-6) / copy_bw
+                if packed is not None:
+                    theirs = partial(int4, x, packed)
+                    row["int4_us"] = gpu_time(theirs) * 1e6
+                    row["int4_kernel_us"] = gpu_kernel_time(theirs) * 1e6
+                    row["vs_int4_kernel"] = row["int4_kernel_us"] / row["ours_kernel_us"]
+                elif isinstance(int4, str):
+                    row["int4"] = int4
+                bench.add(row)
+            if packed is not None:  # the int4 reference's own error, so a wrong layout shows
+                x = torch.randn(16, k, device="cuda", dtype=dtype)
+                exact = x.float() @ w.float().T
+                for name, y in (("ours", fg.w4a16_matmul(x, q)), ("int4", int4(x, packed))):
+                    err = (y.float() - exact).norm() / exact.norm()
+                    bench.add({"case": f"rel err M=16 N={n} K={k} {name}", "rel_err": err.item()})
 
 
 def main(threads: int | None = None) -> None:
