@@ -365,8 +365,10 @@ cce_forward(const T* __restrict__ e, const T* __restrict__ c, const T* __restric
 
 // Grid: row tiles x vocabulary tiles blocks, in groups of kGroupRows row tiles (row fastest
 // within a group). coef_* and lse are fp32 [n]; order (int32 [v]) may be null (identity);
-// de [n, d], dc [v, d] and dbias [v] (may be null) are zeroed fp32 scratch. filter_eps < 0
-// turns the filter off; grad_scale points at the power of two described above.
+// de [n, d], dc [v, d] and dbias [v] (may be null) are zeroed fp32 scratch. A tile is dropped
+// when each of its |cs_i p_ij| is below filter_eps * max(|cs_i|, |ct_i|) (the reference's rule,
+// ops/cce/reference.py); filter_eps < 0 turns the filter off; grad_scale points at the power of
+// two described above.
 extern "C" __global__ void __launch_bounds__(kThreads)
 cce_backward(const T* __restrict__ e, const T* __restrict__ c, const T* __restrict__ bias,
              const i64* __restrict__ targets, const float* __restrict__ lse,
@@ -431,7 +433,12 @@ cce_backward(const T* __restrict__ e, const T* __restrict__ c, const T* __restri
                 const float sp = cs[mi][h] != 0.f ? cs[mi][h] * expf(z - row_lse[mi][h]) : 0.f;
                 const bool hit = col == target[mi][h];
                 float grad = sp - (hit ? ct[mi][h] : 0.f) - cu[mi][h];
-                keep |= !(fabsf(sp) < filter_eps) || hit || cu[mi][h] != 0.f;  // NaN keeps
+                // The filter is relative to the row's gradient scale max(|cs|, |ct|); rows
+                // without a gradient (ignored: all coefficients 0) never keep a tile; a NaN
+                // coefficient makes sp NaN, which keeps it.
+                const bool has_grad = cs[mi][h] != 0.f || ct[mi][h] != 0.f || cu[mi][h] != 0.f;
+                const float threshold = filter_eps * fmaxf(fabsf(cs[mi][h]), fabsf(ct[mi][h]));
+                keep |= has_grad && (!(fabsf(sp) < threshold) || hit || cu[mi][h] != 0.f);
                 if (softcap > 0.f) {
                     const float capped = z / softcap;
                     grad *= 1.f - capped * capped;

@@ -156,9 +156,11 @@ def cce_backward_cuda(
     exp(z_ij - lse_i), times 1 - (z_ij / softcap)^2 when softcap is set (z capped).
 
     filter_eps (None: off): a (64-row, 128-entry) block is skipped when every
-    |coef_softmax_i| p_ij in it is below filter_eps, none of its rows has its target in it and
-    its rows' coef_uniform are 0. The vocabulary is then visited in ``vocab_order`` so that such
-    blocks cluster. Accumulation in fp32 scratch (atomics), cast at the end."""
+    |coef_softmax_i| p_ij in it is below filter_eps * max(|coef_softmax_i|, |coef_target_i|)
+    (the reference's rule, relative to the row's gradient scale; rows whose coefficients are all
+    0 do not count), none of its rows has its target in it and its rows' coef_uniform are 0.
+    The vocabulary is then visited in ``vocab_order`` so that such blocks cluster. Accumulation
+    in fp32 scratch (atomics), cast at the end."""
     op = "cce_backward_cuda"
     e, c, bias, targets = _operands(op, e, c, bias, targets)
     cap = _softcap(op, softcap)
