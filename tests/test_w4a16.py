@@ -13,6 +13,7 @@ import pytest
 import torch
 from support.w4a16_emulation import emulate
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ferrograd as fg
 from ferrograd import _core
@@ -630,13 +631,21 @@ def test_smoothquant_plus_keeps_input_scales_when_folding_is_inexact():
     assert all(layer.folded_into is None for layer in report.layers.values())
 
 
+@pytest.mark.parametrize(
+    "m, plan",
+    [
+        (5, ("w4a16_gemm", (2, 1, 4), 1)),  # one m16 tile, part empty
+        (20, ("w4a16_gemm_m64", (2, 1, 4), 1)),  # four m16 tiles, two empty
+        (70, ("w4a16_gemm_m64", (2, 2, 4), 1)),  # two blocks of rows
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size, zero_point", [(32, True), (64, False), (-1, True)])
-def test_cuda_kernel_decomposition_emulated(dtype, group_size, zero_point):
+def test_cuda_kernel_decomposition_emulated(m, plan, dtype, group_size, zero_point):
     """kernels/w4a16.cu's blocks, warps, lanes, fragments and split-K, run in torch: equal to
     x @ W_hat.T with W_hat rounded to x's dtype (what the kernel feeds the tensor cores)."""
     g = torch.Generator().manual_seed(1)
-    m, n, k = 20, 136, 128  # two blocks of rows and of columns, four K steps (split four ways)
+    n, k = 136, 128  # two blocks of columns, four K steps (split four ways)
     q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), group_size, zero_point)
     qweight = q.with_layout(GPU_WORDS).packed
     assert qweight.dtype == torch.int32 and qweight.shape == (n, k // 8)
@@ -650,35 +659,37 @@ def test_cuda_kernel_decomposition_emulated(dtype, group_size, zero_point):
     ].float()
     want = x.double() @ w_hat.to(dtype).double().T
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert w4_cuda.launch_plan(m, n, k) == ((2, 2, 4), 1)
+    assert w4_cuda.launch_plan(m, n, k) == plan
     assert w4_cuda.supports(k, group_size) and not w4_cuda.supports(96 + 8, 32)
 
 
+@pytest.mark.parametrize("lead", [(2, 3), (4, 9)])  # 6 rows: w4a16_gemm, 36: w4a16_gemm_m64
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size, zero_point", [(32, False), (-1, True)])
-def test_cuda_launch_with_the_emulated_kernel(monkeypatch, dtype, group_size, zero_point):
+def test_cuda_launch_with_the_emulated_kernel(monkeypatch, lead, dtype, group_size, zero_point):
     """cuda.py's operands and launch arguments, the launch replaced by the emulation."""
 
     def kernel(file, name, defines):
         def launch(grid, block, args):
             x, qweight, scales, zeros, out, m, n, k, group, per_split = args
-            assert (grid, per_split) == w4_cuda.launch_plan(m, n, k) and block == (128,)
+            assert (name, grid, per_split) == w4_cuda.launch_plan(m, n, k) and block == (128,)
             assert scales.dtype == x.dtype and zeros.dtype == torch.uint8
             out += emulate(x, qweight, scales, zeros, group)
 
-        assert (file, name) == ("w4a16.cu", "w4a16_gemm")
+        assert file == "w4a16.cu" and name in w4_cuda.ENTRY_ROWS
         assert defines == {"W4_T": "__half" if dtype == torch.float16 else "__nv_bfloat16"}
         return launch
 
     monkeypatch.setattr(w4_cuda.cuda, "is_available", lambda: True)
     monkeypatch.setattr(w4_cuda.cuda, "kernel", kernel)
+    monkeypatch.setattr(w4_cuda, "multiprocessors", lambda device: 132)
     g = torch.Generator().manual_seed(2)
     q = fg.quant.quantize_w4(torch.randn(40, 64, generator=g), group_size, zero_point)
     words = q.with_layout(GPU_WORDS)
-    x = torch.randn(2, 3, 64, generator=g).to(dtype)
+    x = torch.randn(*lead, 64, generator=g).to(dtype)
     got = w4_cuda.matmul(x, words.packed, words.scales, words.zeros, group_size, GPU_WORDS)
     want = reference.matmul(x, q.packed, q.scales, q.zeros, group_size, CPU_BLOCKS)
-    assert got.shape == (2, 3, 40) and got.dtype == dtype
+    assert got.shape == (*lead, 40) and got.dtype == dtype
     # Both round float32 sums to x's dtype, summed in different orders: one unit of the largest.
     assert (got.float() - want.float()).abs().max() <= torch.finfo(dtype).eps * want.abs().max()
 
@@ -736,6 +747,35 @@ def test_quantizer_is_the_same_on_every_device(device):
         got = fg.quant.quantize_w4(w.to(device), group_size, zero_point).to("cpu")
         assert torch.equal(got.packed, want.packed) and torch.equal(got.scales, want.scales)
         assert (got.zeros is None) or torch.equal(got.zeros, want.zeros)
+
+
+class CudaScalarDivision(TorchDispatchMode):
+    """torch's CUDA division by a CPU scalar (a Python number, or any 0-dim CPU tensor) as that
+    kernel computes it, here on the CPU: a times the reciprocal of b, which can be one ulp off
+    the quotient the CPU's division gives."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.div.Tensor and not kwargs:
+            a, b = args
+            scalar = isinstance(b, int | float) or (isinstance(b, torch.Tensor) and b.dim() == 0)
+            if scalar and a.dtype == torch.float32:
+                one = torch.tensor(1.0)
+                return a * (one / torch.as_tensor(b, dtype=torch.float32))  # reciprocal in float32
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("group_size, zero_point", [(64, True), (-1, False), (48, True)])
+def test_reference_quantizer_is_exact_under_cudas_scalar_division(group_size, zero_point):
+    """The reference quantizer runs for CUDA weights and must give the Rust quantizer's codes and
+    scales: under CUDA's division by a scalar (emulated) it still does. The weight holds rows
+    whose max / 7 and (max - min) / 15 differ from max * (1 / 7) and range * (1 / 15)."""
+    w = torch.randn(40, 200, generator=torch.Generator().manual_seed(4)).half()
+    want = ops.cpu.quantize(w, group_size, zero_point)
+    with CudaScalarDivision():
+        got = reference.quantize(w, group_size, zero_point)
+    for name, a, b in zip(("packed", "scales", "zeros"), got, want, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_gradient_and_bias_on_device(device):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ferrograd.ops.w4a16.cuda import BLOCK_N, STEP_K, launch_plan
+from ferrograd.ops.w4a16.cuda import BLOCK_N, ENTRY_ROWS, STEP_K, launch_plan
 from ferrograd.ops.w4a16.weight import group_len
 
 from .mma import LANES, mma_16816, row_pairs
@@ -24,16 +24,18 @@ def emulate(x, qweight, scales, zeros, group_size: int) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
     group = group_len(k, group_size)
-    grid, per_split = launch_plan(m, n, k)
+    entry, grid, per_split = launch_plan(m, n, k)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     gid, tig = (t.to(x.device) for t in LANES)
+    rows = ENTRY_ROWS[entry]
     for bx in range(grid[0]):
         for by in range(grid[1]):
             for bz in range(grid[2]):
                 steps = range(bz * per_split, min(k // STEP_K, (bz + 1) * per_split))
                 for warp in range(4):
                     col0 = bx * BLOCK_N + warp * 32
-                    _warp(x, qweight, scales, zeros, group, out, by * 16, col0, steps, gid, tig)
+                    for row0 in range(by * rows, (by + 1) * rows, 16):  # the warp's m16 tiles
+                        _warp(x, qweight, scales, zeros, group, out, row0, col0, steps, gid, tig)
     return out
 
 

@@ -1,7 +1,8 @@
 """The CUDA kernel: kernels/w4a16.cu (mma.sync tensor cores, in-register dequantization,
-split-K) for float16 / bfloat16 x and weights in the ``gpu_words`` layout (weight.py) when K and
-the group length are multiples of 32 and ferrograd can launch kernels here; other CUDA inputs
-run the reference (dequantize, then torch's matmul), as the gradient of x always does.
+split-K, 16 or 64 rows of x per block) for float16 / bfloat16 x and weights in the ``gpu_words``
+layout (weight.py) when K and the group length are multiples of 32 and ferrograd can launch
+kernels here; other CUDA inputs run the reference (dequantize, then torch's matmul), as the
+gradient of x always does.
 
 The kernel reads scales in x's dtype and zeros uint8 [N, G] (8 for the symmetric scheme) and
 accumulates into a float32 [M, N] buffer that split-K blocks add into. It takes scales stored in
@@ -23,8 +24,12 @@ __all__ = ["BLOCK_N", "STEP_K", "launch_plan", "matmul", "supports"]
 #: Columns of W per block (4 warps x 4 n8 tiles) and columns of K per step (kernels/w4a16.cu).
 BLOCK_N = 128
 STEP_K = 32
-#: Blocks to aim for when choosing the split of K (about two waves on 132 SMs).
-TARGET_BLOCKS = 264
+#: Rows of x per block of each entry point: one m16 tile up to 16 rows (decode: the weight's
+#: bytes are the cost), else four, so that each dequantized fragment of W feeds four mma.
+ENTRY_ROWS = {"w4a16_gemm": 16, "w4a16_gemm_m64": 64}
+#: Blocks to aim for per SM when choosing the split of K: the kernel waits on its weight loads,
+#: and eight blocks of 4 warps is what its registers let an SM hold.
+BLOCKS_PER_SM = 8
 _TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 
@@ -33,13 +38,19 @@ def supports(k: int, group_size: int) -> bool:
     return k % STEP_K == 0 and group_len(k, group_size) % STEP_K == 0
 
 
-def launch_plan(m: int, n: int, k: int) -> tuple[tuple[int, int, int], int]:
-    """(grid, 32-column steps per K slice): split K until the grid fills the GPU."""
-    blocks = -(-n // BLOCK_N) * -(-m // 16)
+def launch_plan(m: int, n: int, k: int, sms: int = 132) -> tuple[str, tuple[int, int, int], int]:
+    """(entry point, grid, 32-column steps per K slice) on a GPU of ``sms`` multiprocessors:
+    split K until the grid holds about ``BLOCKS_PER_SM`` blocks per SM."""
+    entry = "w4a16_gemm" if m <= 16 else "w4a16_gemm_m64"
+    blocks = -(-n // BLOCK_N) * -(-m // ENTRY_ROWS[entry])
     steps = k // STEP_K
-    splits = max(1, min(steps, TARGET_BLOCKS // max(blocks, 1)))
+    splits = max(1, min(steps, BLOCKS_PER_SM * sms // blocks))
     per_split = -(-steps // splits)
-    return (-(-n // BLOCK_N), -(-m // 16), -(-steps // per_split)), per_split
+    return entry, (-(-n // BLOCK_N), -(-m // ENTRY_ROWS[entry]), -(-steps // per_split)), per_split
+
+
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
@@ -57,8 +68,8 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid, per_split = launch_plan(m, n, k)
-    gemm = cuda.kernel("w4a16.cu", "w4a16_gemm", {"W4_T": _TYPES[x.dtype]})
+    entry, grid, per_split = launch_plan(m, n, k, multiprocessors(x.device))
+    gemm = cuda.kernel("w4a16.cu", entry, {"W4_T": _TYPES[x.dtype]})
     operands = (packed.contiguous(), scales.to(x.dtype).contiguous(), kernel_zeros(scales, zeros))
     gemm(grid, (128,), [x2, *operands, out, m, n, k, group_len(k, group_size), per_split])
     return out.to(x.dtype).view(*x.shape[:-1], n)

@@ -16,6 +16,12 @@ def _groups(w: torch.Tensor, g: int, fill: float) -> torch.Tensor:
     return padded.view(n, -1, g)
 
 
+def _quotient(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x / d rounded once, as the Rust quantizer divides, on every device: CUDA divides by a
+    Python number as x times its float32 reciprocal, up to one ulp off."""
+    return x / torch.full_like(x, d)
+
+
 def quantize(
     weight: torch.Tensor, group_size: int, zero_point: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,10 +33,10 @@ def quantize(
     if zero_point:
         # The range widened to hold 0 (padding with 0 leaves it unchanged).
         lo = _groups(w, g, 0.0).amin(-1).clamp(max=0)
-        scale = (_groups(w, g, 0.0).amax(-1).clamp(min=0) - lo) / 15
+        scale = _quotient(_groups(w, g, 0.0).amax(-1).clamp(min=0) - lo, 15)
         check_range(scale)
     else:
-        scale = _groups(w.abs(), g, 0.0).amax(-1) / 7
+        scale = _quotient(_groups(w.abs(), g, 0.0).amax(-1), 7)
     scale = torch.where(scale == 0, 1.0, scale)
     per_column = scale.repeat_interleave(g, dim=1)[:, :k]
     q = torch.round(w / per_column)
