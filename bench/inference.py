@@ -29,23 +29,29 @@ import ferrograd as fg
 GROUP = 128
 
 
+def int4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's int4 weight-only scheme (CPU and CUDA kernels alike) for w [N, K]: asymmetric
+    4-bit codes per group of GROUP inputs, as (codes int32 [N, K], scales_and_zeros bf16
+    [K / GROUP, N, 2])."""
+    n, k = w.shape
+    groups = w.float().view(n, k // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+    zero = low + 8 * scale  # the kernels compute (code - 8) * scale + zero
+    pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
+    return codes, pairs.to(torch.bfloat16).contiguous()
+
+
 class Int4Linear(nn.Module):
     """torch's int4 CPU weight-only linear: asymmetric 4-bit codes per group of 128 inputs."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        groups = w.view(n, k // GROUP, GROUP)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
-        zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+        codes, self.scales_and_zeros = int4_quantize(linear.weight.detach())
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
-        self.scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach().bfloat16()
-        self.out_features = n
+        self.out_features = codes.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)

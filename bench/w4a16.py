@@ -38,7 +38,7 @@ from harness import (
     gpu_time,
     interleaved_times,
 )
-from inference import GROUP, Int4Linear
+from inference import GROUP, Int4Linear, int4_quantize
 
 import ferrograd as fg
 
@@ -155,25 +155,17 @@ def fidelity(bench: Bench) -> None:
 
 def cuda_int4(w: torch.Tensor):
     """torch's int4 CUDA kernel (``aten._weight_int4pack_mm``, tinygemm: what torchao's int4
-    CUDA layout calls) on ``w`` quantized asymmetric per group of 128, bf16 only: returns the
-    matmul as a function of x, or the reason it cannot run here."""
-    n, k = w.shape
-    groups = w.float().view(n, k // GROUP, GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=1e-8)
-    codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
-    zero = low + 8 * scale  # the kernel computes (code - 8) * scale + zero
+    CUDA layout calls) on ``w`` quantized as bench/inference.py's ``int4_quantize``, bf16 only:
+    returns the matmul as a function of x and the packed weight, or the reason it cannot run
+    here and None."""
+    codes, scales_and_zeros = int4_quantize(w)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack(
             (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8
         )
-        pairs = torch.stack([scale.view(n, -1).T, zero.view(n, -1).T], -1)
-        scales_and_zeros = pairs.to(torch.bfloat16).contiguous()
-        return (
-            lambda x, p: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, scales_and_zeros)
-        ), packed
     except (RuntimeError, AttributeError) as e:
         return str(e).splitlines()[0], None
+    return (lambda x, p: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, scales_and_zeros)), packed
 
 
 def gpu(bench: Bench) -> None:
