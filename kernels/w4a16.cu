@@ -15,7 +15,7 @@
 // into slices of whole 32-column steps; partial sums are added into the fp32 output with
 // atomicAdd (the caller zeroes it and casts it to T afterwards). The kernel is bound by the
 // latency of its weight loads: each step's words, scales and zeros are requested one step ahead
-// of their use, and the caller splits K until about eight blocks run on each SM.
+// of their use, and the caller splits K until the grid holds about eight blocks per SM.
 // The weight is dequantized in registers, two codes per instruction and without int -> float
 // conversions: a code q in the low mantissa bits of the 16-bit float M (1024 in fp16, 128 in
 // bf16; both hold M + 15 exactly) is the float M + q, so (M + q) - (M + z) = q - z exactly and

@@ -28,7 +28,8 @@ STEP_K = 32
 #: bytes are the cost), else four, so that each dequantized fragment of W feeds four mma.
 ENTRY_ROWS = {"w4a16_gemm": 16, "w4a16_gemm_m64": 64}
 #: Blocks to aim for per SM when choosing the split of K: the kernel waits on its weight loads,
-#: and eight blocks of 4 warps is what its registers let an SM hold.
+#: so the grid should keep every SM full (on an H200 its registers let an SM hold 5 blocks of
+#: w4a16_gemm: eight per SM is about 1.6 waves; bench/results/gpu_check.md).
 BLOCKS_PER_SM = 8
 _TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
@@ -42,11 +43,11 @@ def launch_plan(m: int, n: int, k: int, sms: int = 132) -> tuple[str, tuple[int,
     """(entry point, grid, 32-column steps per K slice) on a GPU of ``sms`` multiprocessors:
     split K until the grid holds about ``BLOCKS_PER_SM`` blocks per SM."""
     entry = "w4a16_gemm" if m <= 16 else "w4a16_gemm_m64"
-    blocks = -(-n // BLOCK_N) * -(-m // ENTRY_ROWS[entry])
+    col_blocks, row_blocks = -(-n // BLOCK_N), -(-m // ENTRY_ROWS[entry])
     steps = k // STEP_K
-    splits = max(1, min(steps, BLOCKS_PER_SM * sms // blocks))
+    splits = max(1, min(steps, BLOCKS_PER_SM * sms // (col_blocks * row_blocks)))
     per_split = -(-steps // splits)
-    return entry, (-(-n // BLOCK_N), -(-m // ENTRY_ROWS[entry]), -(-steps // per_split)), per_split
+    return entry, (col_blocks, row_blocks, -(-steps // per_split)), per_split
 
 
 def multiprocessors(device: torch.device) -> int:
