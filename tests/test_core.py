@@ -161,3 +161,55 @@ def _softmax_sum_in_child() -> float:
 
     torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe (DataLoader does this too)
     return float(fg.softmax(torch.randn(64, 1 << 16)).sum(dtype=torch.float64))
+
+
+def _thp_mode() -> str | None:
+    """The THP mode in brackets ("always", "madvise", "never"), None off Linux."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _thp_eligible(address: int) -> bool | None:
+    """THPeligible of the mapping holding ``address`` in /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "THPeligible:":
+            return line.split()[1] == "1"
+    return None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no THP on this system")
+def test_fresh_outputs_are_advised_as_huge_pages_and_keep_their_values():
+    from ferrograd.ops._memory import fresh
+
+    huge = 2 << 20
+    t = torch.empty(64 << 20, dtype=torch.uint8)
+    assert fresh(t) is t
+    inside = -(-t.data_ptr() // huge) * huge
+    assert _thp_eligible(inside)
+    # Advice never changes memory: a written tensor keeps its values when advised again.
+    t.copy_(torch.arange(t.numel()) % 251)
+    assert _core.advise_huge_pages(t)
+    assert torch.equal(t[:1000], torch.arange(1000) % 251)
+    assert not _core.advise_huge_pages(torch.empty(16))  # no whole huge page inside
+    assert not _core.advise_huge_pages(torch.empty(64 << 20, dtype=torch.uint8, device="meta"))
+    # An op's output of that size comes out right (a float64 reference).
+    x = torch.randn(2, (32 << 20) // 8 + 5)
+    torch.testing.assert_close(fg.softmax(x, -1).double(), torch.softmax(x.double(), -1))
+
+
+def test_huge_page_advice_can_be_turned_off():
+    code = (
+        "import torch, ferrograd._core as c; "
+        "print(c.advise_huge_pages(torch.empty(64 << 20, dtype=torch.uint8)))"
+    )
+    env = dict(os.environ, FERROGRAD_HUGE_PAGES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

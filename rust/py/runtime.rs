@@ -1,8 +1,10 @@
-//! Threads, SIMD selection, and (`dev` builds) the clock and panic probes.
+//! Threads, SIMD selection, memory advice, and (`dev` builds) the clock and panic probes.
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::memory;
 use crate::simd::{self, SimdLevel};
 use crate::threads;
 
@@ -48,6 +50,20 @@ fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(info)
 }
 
+/// Advises the storage of `t`, a CPU tensor just allocated and not yet written, as transparent
+/// huge pages (rust/memory.rs). Returns whether any range was advised (never for other devices).
+#[pyfunction]
+fn advise_huge_pages(t: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let py = t.py();
+    if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+        return Ok(false);
+    }
+    let storage = t.call_method0(intern!(py, "untyped_storage"))?;
+    let ptr: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let len: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    Ok(memory::advise_huge_pages(ptr, len))
+}
+
 /// The measured core clock in Hz (None off x86_64), for the benchmarks' peak estimates.
 #[cfg(any(test, feature = "dev"))]
 #[pyfunction]
@@ -78,6 +94,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
+    m.add_function(wrap_pyfunction!(advise_huge_pages, m)?)?;
     #[cfg(any(test, feature = "dev"))]
     {
         m.add_function(wrap_pyfunction!(measured_clock_hz, m)?)?;

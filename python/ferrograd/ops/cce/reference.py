@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from .._memory import fresh
+
 #: Elements of the reused logits buffer: 32 MiB of float32 on the CPU, 256 MiB on a GPU (where
 #: larger chunks keep cuBLAS efficient).
 CPU_BUFFER_ELEMS = 1 << 23
@@ -66,6 +68,11 @@ def _view(buf: torch.Tensor | None, rows: int, width: int) -> torch.Tensor | Non
     return None if buf is None else buf[: rows * width].view(rows, width)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, a cast copy written into a :func:`fresh` tensor."""
+    return t if t.dtype == dtype else fresh(torch.empty_like(t, dtype=dtype)).copy_(t)
+
+
 class _Buffers:
     """The reused chunk buffers: the logits in the compute dtype and, when the matmuls run in
     another dtype whose output the row kernels cannot read (``native`` False), their output
@@ -75,8 +82,8 @@ class _Buffers:
         self, elems: int, kd: torch.dtype, gemm_dtype: torch.dtype, device, native: bool = False
     ) -> None:
         same = gemm_dtype == kd or native
-        self.z = torch.empty(elems, dtype=gemm_dtype if same else kd, device=device)
-        self.gemm = None if same else torch.empty(elems, dtype=gemm_dtype, device=device)
+        self.z = fresh(torch.empty(elems, dtype=gemm_dtype if same else kd, device=device))
+        self.gemm = None if same else fresh(torch.empty(elems, dtype=gemm_dtype, device=device))
 
     def logits(
         self, e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
@@ -254,8 +261,10 @@ def chunked_backward(
     eg, lse = quiet_ignored_rows(e.to(gemm_dtype), lse, coefs)
     row_block, chunk = _blocks(rows, vocab, e.device)
     direct = rows <= row_block and c.dtype == gemm_dtype
-    de = torch.zeros(rows, e.shape[1], **like)
-    dc = torch.empty_like(c) if direct else torch.zeros(vocab, c.shape[1], **like)
+    de = fresh(torch.empty(rows, e.shape[1], **like)).zero_()
+    dc = fresh(torch.empty_like(c) if direct else torch.empty(vocab, c.shape[1], **like))
+    if not direct:
+        dc.zero_()
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     bufs = _Buffers(min(rows, row_block) * chunk, kd, gemm_dtype, e.device, native)
     for er, de_r, t, lse_r, *coefs_r in _row_blocks(row_block, eg, de, targets, lse, *coefs):
@@ -364,8 +373,8 @@ def fused(
     scale = 1.0 / float(divisor)
     lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
     logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
-    de = eg.new_empty(rows if e_grad else 0, e.shape[1])
-    dc = eg.new_empty(vocab if c_grad else 0, c.shape[1])
+    de = fresh(eg.new_empty(rows if e_grad else 0, e.shape[1]))
+    dc = fresh(eg.new_empty(vocab if c_grad else 0, c.shape[1]))
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
     piece = _blocks(rows, vocab, e.device)[1]
@@ -529,4 +538,4 @@ def backward(
         e, c, bias, targets, lse, coefs, softcap, filter_eps, bias_grad, grad, gemm_dtype, native
     )
     bias_dtype = e.dtype if bias is None else bias.dtype
-    return de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
+    return _cast(de, e.dtype), _cast(dc, c.dtype), dbias.to(bias_dtype)

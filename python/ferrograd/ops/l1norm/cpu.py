@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ... import _core
+from .._memory import fresh
 from . import reference
 
 #: The dtypes with kernels.
@@ -36,7 +37,7 @@ def forward(x: torch.Tensor, weight, bias, eps: float):
     if x.dtype not in _KERNEL:
         return reference.forward(x, weight, bias, eps)
     n, rows = x.shape[-1], reference.rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = fresh(torch.empty(x.shape, dtype=x.dtype))
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
     _core.l1_norm_forward(x.contiguous(), n, eps, _f32(weight), _f32(bias), y, mean, rstd)
     return y, mean, rstd
@@ -46,7 +47,7 @@ def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
     if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.backward(grad, x, mean, rstd, weight, weight_grad, bias_grad)
     n = x.shape[-1]
-    dx = torch.empty(grad.shape, dtype=x.dtype)
+    dx = fresh(torch.empty(grad.shape, dtype=x.dtype))
     dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
     _core.l1_norm_backward(
         x.contiguous(), n, mean, rstd, grad.contiguous(), _f32(weight), dx, dw, db
@@ -58,7 +59,7 @@ def rms_forward(x: torch.Tensor, weight, eps: float):
     if x.dtype not in _KERNEL:
         return reference.rms_forward(x, weight, eps)
     n, rows = x.shape[-1], reference.rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = fresh(torch.empty(x.shape, dtype=x.dtype))
     rstd = torch.empty(rows, dtype=_F32)
     _core.l1_rms_norm_forward(x.contiguous(), n, eps, _f32(weight), y, rstd)
     return y, rstd
@@ -68,7 +69,7 @@ def rms_backward(grad, x, rstd, weight, weight_grad: bool):
     if x.dtype not in _KERNEL or grad.dtype != x.dtype:
         return reference.rms_backward(grad, x, rstd, weight, weight_grad)
     n = x.shape[-1]
-    dx = torch.empty(grad.shape, dtype=x.dtype)
+    dx = fresh(torch.empty(grad.shape, dtype=x.dtype))
     dw = torch.empty(n if weight_grad else 0, dtype=_F32)
     _core.l1_rms_norm_backward(
         x.contiguous(), n, rstd, grad.contiguous(), _f32(weight), dx, dw if weight_grad else None
@@ -78,7 +79,7 @@ def rms_backward(grad, x, rstd, weight, weight_grad: bool):
 
 def forward_codes(x, codes, scale, shifts, group_size: int, weight, bias, eps: float):
     rows, n = codes.shape
-    y = torch.empty((rows, n), dtype=_F32)
+    y = fresh(torch.empty((rows, n), dtype=_F32))
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
     codes, scale, shifts = (t.contiguous() for t in (codes, scale, shifts))
     _core.l1_norm_forward_codes(
@@ -91,7 +92,7 @@ def backward_codes(
     grad, codes, scale, shifts, group_size: int, mean, rstd, weight, weight_grad, bias_grad
 ):
     n = codes.shape[1]
-    dx = torch.empty(grad.shape, dtype=_F32)
+    dx = fresh(torch.empty(grad.shape, dtype=_F32))
     dw, db, dw_out, db_out = _grads(n, weight_grad, bias_grad)
     dy, w = _f32(grad), _f32(weight)
     codes, scale, shifts = (t.contiguous() for t in (codes, scale, shifts))

@@ -9,6 +9,7 @@ import threading
 import torch
 
 from ... import _core
+from .._memory import fresh
 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -109,7 +110,7 @@ def _quantize(x, bits, group_size, seed, transposed, col_sums, slot) -> Quantize
 def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, shifts: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    out = torch.empty(codes.shape, dtype=torch.float32)
+    out = fresh(torch.empty(codes.shape, dtype=torch.float32))
     _core.shiftquant_dequantize(
         codes.contiguous(), scale.contiguous(), shifts.contiguous(), group_size, out
     )
@@ -129,7 +130,7 @@ def matmul(
 ) -> torch.Tensor:
     m, k = a_codes.shape
     bf16 = dtype == torch.bfloat16
-    out = torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32)
+    out = fresh(torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32))
     operands = [t.contiguous() for t in (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts)]
     bias = None if bias is None else bias.float().contiguous()
     _core.shiftquant_matmul(*operands, k, group_size, out, bias)

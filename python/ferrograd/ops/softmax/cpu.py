@@ -9,6 +9,7 @@ import torch
 
 from ... import _core
 from .._checks import KERNEL_DTYPES
+from .._memory import fresh
 from . import reference
 
 #: Inputs smaller than this times torch's thread count (up to 2, the counts measured) run
@@ -77,7 +78,7 @@ def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if x.dtype not in KERNEL_DTYPES:
         return reference.forward(x, dim, log)
     xk, layout, outer, n = _kernel_args(x, dim)
-    yk = torch.empty_like(xk)
+    yk = fresh(torch.empty_like(xk))
     if layout is None:
         _core.softmax_forward(xk, yk, outer, n, 1, log)
         return yk
@@ -90,6 +91,6 @@ def backward(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> torch.
         return reference.backward(y, grad, dim, log)
     yk, layout, outer, n = _kernel_args(y, dim)
     gk = grad if layout is None and grad.is_contiguous() else _kernel_args(grad, dim)[0]
-    dxk = torch.empty_like(yk)
+    dxk = fresh(torch.empty_like(yk))
     _core.softmax_backward(yk, gk, dxk, outer, n, 1 if layout is None else layout.inner, log)
     return dxk if layout is None else layout.from_kernel(dxk)

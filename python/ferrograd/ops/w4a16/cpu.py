@@ -23,6 +23,7 @@ import torch
 
 from ... import _core
 from .._checks import KERNEL_DTYPES
+from .._memory import fresh
 from . import reference
 from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
 
@@ -86,7 +87,7 @@ def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> t
         return reference.dequantize(packed, scales, zeros, k, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
     n = packed.shape[0]
-    out = torch.empty(n, k)
+    out = fresh(torch.empty(n, k))
     _core.w4_dequantize(packed, scales, zeros, n, k, group_size, 0, n, out)
     return out
 
@@ -117,7 +118,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     xk = _kernel_x(x)
     # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims. They
     # write bf16 y for bf16 x (rounded once from their float32 sums), float32 y otherwise.
-    y = torch.empty(*x.shape[:-1], n, dtype=xk.dtype)
+    y = fresh(torch.empty(*x.shape[:-1], n, dtype=xk.dtype))
     operands = (packed, scales, zeros, n, k, group_size, xk, y)
     rows = x.numel() // k
     if rows >= GEMM_MIN_ROWS and _core.w4_gemm(*operands):
@@ -125,7 +126,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     elif rows <= _gemv_max_rows() and group_len(k, group_size) % 32 == 0:
         _core.w4_gemv(*operands)
     else:
-        y = torch.empty(*x.shape[:-1], n)
+        y = fresh(torch.empty(*x.shape[:-1], n))
         x2, y2 = x.float().reshape(-1, k), y.view(-1, n)
         weight = (packed, scales, zeros, k, group_size)
         for n0, n1, block in _weight_blocks(*weight):
@@ -159,7 +160,7 @@ def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout
     # products summed in float32.
     half = dy.dtype == torch.bfloat16
     dy = dy if half else dy.float()
-    dx = torch.zeros(dy.shape[0], k)
+    dx = fresh(torch.empty(dy.shape[0], k)).zero_()
     for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):
         if half:
             dx += dy[:, n0:n1] @ block.bfloat16()

@@ -1,0 +1,22 @@
+"""Fresh CPU outputs backed by transparent huge pages (rust/memory.rs says why)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _core
+
+#: From this size every glibc allocation is a fresh mapping (its mmap threshold grows with the
+#: blocks a process frees, up to 32 MiB). Smaller blocks come, after the first few calls, from
+#: memory the process has already faulted in, where advice changes nothing but the heap's
+#: mappings (measured on Zen 4: 16 MiB outputs 0.95-1.0x with advice, 32 MiB and up 1.3-2.9x).
+_SMALLEST = 32 << 20
+
+
+def fresh(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a tensor just allocated and not yet written, its memory advised as transparent
+    huge pages when large enough to hold one, so that its first writes fault once per 2 MiB
+    instead of once per 4 KiB page."""
+    if t.nbytes >= _SMALLEST:
+        _core.advise_huge_pages(t)
+    return t
