@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -187,6 +188,8 @@ def _thp_eligible(address: int) -> bool | None:
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no THP on this system")
 def test_fresh_outputs_are_advised_as_huge_pages_and_keep_their_values():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from ferrograd.ops._memory import fresh
 
     huge = 2 << 20
@@ -200,6 +203,10 @@ def test_fresh_outputs_are_advised_as_huge_pages_and_keep_their_values():
     assert torch.equal(t[:1000], torch.arange(1000) % 251)
     assert not _core.advise_huge_pages(torch.empty(16))  # no whole huge page inside
     assert not _core.advise_huge_pages(torch.empty(64 << 20, dtype=torch.uint8, device="meta"))
+    with FakeTensorMode(), warnings.catch_warnings():  # no pointer to read: torch warns
+        warnings.simplefilter("error")
+        fake = torch.empty(64 << 20, dtype=torch.uint8)
+        assert fresh(fake) is fake
     # An op's output of that size comes out right (a float64 reference).
     x = torch.randn(2, (32 << 20) // 8 + 5)
     torch.testing.assert_close(fg.softmax(x, -1).double(), torch.softmax(x.double(), -1))

@@ -16,7 +16,8 @@ _SMALLEST = 32 << 20
 def fresh(t: torch.Tensor) -> torch.Tensor:
     """``t``, a tensor just allocated and not yet written, its memory advised as transparent
     huge pages when large enough to hold one, so that its first writes fault once per 2 MiB
-    instead of once per 4 KiB page."""
-    if t.nbytes >= _SMALLEST:
+    instead of once per 4 KiB page. Tensor subclasses (a FakeTensor while tracing) have no
+    memory of their own to advise."""
+    if t.nbytes >= _SMALLEST and type(t) is torch.Tensor:
         _core.advise_huge_pages(t)
     return t
