@@ -1,8 +1,8 @@
 //! ferrograd's Rust core: SIMD kernels on plain slices, plus the `_core` Python module.
 //!
 //! One module per primitive (softmax, shiftquant, l1norm, spam, packing, cce, w4a16) over the
-//! shared plumbing (error, memory, rng, simd, threads, openmp); only `py` (the wrappers) and this file
-//! know about Python.
+//! shared plumbing (error, memory, rng, simd, threads, openmp); only `py` (the wrappers) and
+//! this file know about Python.
 
 pub mod cce;
 pub mod error;
