@@ -682,7 +682,7 @@ def test_cuda_launch_with_the_emulated_kernel(monkeypatch, lead, dtype, group_si
 
     monkeypatch.setattr(w4_cuda.cuda, "is_available", lambda: True)
     monkeypatch.setattr(w4_cuda.cuda, "kernel", kernel)
-    monkeypatch.setattr(w4_cuda, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(w4_cuda.cuda, "multiprocessors", lambda device: 132)
     g = torch.Generator().manual_seed(2)
     q = fg.quant.quantize_w4(torch.randn(40, 64, generator=g), group_size, zero_point)
     words = q.with_layout(GPU_WORDS)

@@ -47,6 +47,7 @@ __all__ = [
     "include_dirs",
     "is_available",
     "kernel",
+    "multiprocessors",
 ]
 
 #: The defines each kernel file is built with (every combination is compiled by the tests).
@@ -282,6 +283,11 @@ def is_available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of ``device``: the launch plans size their grids by it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass

@@ -118,7 +118,7 @@ def cce_forward_cuda(e, c, bias, targets, softcap, want_sum):
     if n == 0:
         return torch.empty(0, **f32), z_target, torch.empty(0, **f32) if want_sum else None
     row_tiles, tiles = _cdiv(n, BLOCK_ROWS), _cdiv(v, BLOCK_VOCAB)
-    sms = torch.cuda.get_device_properties(e.device).multi_processor_count
+    sms = cuda.multiprocessors(e.device)
     # Split the vocabulary until the grid holds a few waves; a block's split is a contiguous
     # run of tiles, consecutive blocks share a row tile (e stays in L2).
     splits = min(tiles, max(1, _cdiv(FORWARD_BLOCKS_PER_SM * sms, row_tiles)))

@@ -50,10 +50,6 @@ def launch_plan(m: int, n: int, k: int, sms: int = 132) -> tuple[str, tuple[int,
     return entry, (col_blocks, row_blocks, -(-steps // per_split)), per_split
 
 
-def multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
     k = x.shape[-1]
     if not (
@@ -69,7 +65,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    entry, grid, per_split = launch_plan(m, n, k, multiprocessors(x.device))
+    entry, grid, per_split = launch_plan(m, n, k, cuda.multiprocessors(x.device))
     gemm = cuda.kernel("w4a16.cu", entry, {"W4_T": _TYPES[x.dtype]})
     operands = (packed.contiguous(), scales.to(x.dtype).contiguous(), kernel_zeros(scales, zeros))
     gemm(grid, (128,), [x2, *operands, out, m, n, k, group_len(k, group_size), per_split])
