@@ -414,7 +414,7 @@ def fused(
     bias_dtype = e.dtype if bias is None else bias.dtype
     # The buffer goes before dC is cast to c's dtype, so that the cast is not the peak.
     bufs = z = dz = er = None
-    return row.sum() / divisor, de.to(e.dtype), dc.to(c.dtype), dbias.to(bias_dtype)
+    return row.sum() / divisor, _cast(de, e.dtype), _cast(dc, c.dtype), dbias.to(bias_dtype)
 
 
 def _runs(keep: list[bool], written: list[bool] | None = None):
