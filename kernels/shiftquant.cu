@@ -77,7 +77,7 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 
 // A uniform draw in [0, 1) with 24 random bits for column `col` of the row keyed `key`.
 __device__ __forceinline__ float uniform(u64 key, u32 col) {
-    const u32 h = mix32(mix32(col ^ static_cast<u32>(key)) + static_cast<u32>(key >> 32));
+    const u32 h = mix32(col ^ static_cast<u32>(key)) ^ static_cast<u32>(key >> 32);
     return __fmul_rn(static_cast<float>(h >> 8), 1.0f / 16777216.0f);
 }
 

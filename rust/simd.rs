@@ -371,6 +371,9 @@ pub trait Simd: Copy {
     const LANES: usize;
     /// Whether `scale` is one instruction (then branch-free rescaling beats a rare branch).
     const CHEAP_SCALE: bool;
+    /// Whether `f32::floor` is one instruction (SSE4.1 `roundps` and up) where this level's
+    /// code is compiled; at the baseline target it is a call into libm.
+    const ROUNDS: bool;
     type V: Copy;
 
     unsafe fn splat(v: f32) -> Self::V;
@@ -449,6 +452,7 @@ pub struct Scalar;
 impl Simd for Scalar {
     const LANES: usize = 1;
     const CHEAP_SCALE: bool = true;
+    const ROUNDS: bool = false;
     type V = f32;
 
     #[inline(always)]
@@ -599,6 +603,7 @@ mod x86 {
     impl Simd for Avx2 {
         const LANES: usize = 8;
         const CHEAP_SCALE: bool = false;
+        const ROUNDS: bool = true;
         type V = __m256;
 
         #[inline]
@@ -695,6 +700,7 @@ mod x86 {
     impl Simd for Avx512 {
         const LANES: usize = 16;
         const CHEAP_SCALE: bool = true;
+        const ROUNDS: bool = true;
         type V = __m512;
 
         #[inline]

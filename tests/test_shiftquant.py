@@ -126,6 +126,34 @@ def test_stochastic_seed_none_follows_torch_manual_seed():
     assert torch.equal(a.codes, b.codes)
 
 
+def test_stochastic_draws_are_independent_across_rows_and_columns():
+    """Codes of t = 1/2 round up with probability 1/2 each, with no pattern along rows, along
+    columns or between neighbours (a key shared by rows, or draws repeating along a row, would
+    show as a correlation near 1)."""
+    x = torch.full((512, 512), 0.5 / 127)
+    x[:, ::64] = 1.0  # every group's max: scale 1/127, shift 0, so t = 127 x = 1/2
+    up = fg.shiftquant(x, 8, rounding="stochastic", seed=11).codes.double()
+    up = up[:, torch.arange(512) % 64 != 0]
+    assert set(up.unique().tolist()) == {0.0, 1.0}
+    assert abs(up.mean().item() - 0.5) < 4 * 0.5 / up.numel() ** 0.5
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    # About 250k pairs each: the standard error of a zero correlation is 0.002.
+    for a, b in [
+        (up[1:], up[:-1]),
+        (up[:, 1:], up[:, :-1]),
+        (up[:, 16:], up[:, :-16]),
+        (up[64:], up[:-64]),
+    ]:
+        assert abs(corr(a, b)) < 0.01
+    # Row and column means spread as means of independent draws do.
+    for means, count in [(up.mean(1), up.shape[1]), (up.mean(0), up.shape[0])]:
+        assert 0.7 < means.std().item() / (0.5 / count**0.5) < 1.3
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("shape, group_size", [((150, 37), 16), ((1000, 300), 48)])
 def test_quantizing_along_the_first_axis_equals_quantizing_the_transpose(

@@ -48,7 +48,7 @@ def _uniform(seed: int, rows: int, length: int, device: torch.device) -> torch.T
     keys = _row_keys(seed, rows, device)[:, None]
     lo, hi = keys & _U32, _shr(keys, 32)
     col = torch.arange(length, dtype=torch.int64, device=device)
-    bits = _mix32((_mix32(col ^ lo) + hi) & _U32) >> 8
+    bits = (_mix32(col ^ lo) ^ hi) >> 8
     return bits.float() * (1.0 / 16_777_216.0)
 
 
