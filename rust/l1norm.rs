@@ -65,12 +65,13 @@ impl<S: Simd> VecSum<S> {
         }
     }
 
-    /// The accumulators' lanes added into `total` in f64, and cleared.
+    /// The accumulators' lanes added into `total` in f64, and cleared. In vector registers: on
+    /// rows of 128 the lanes added one by one in scalar f64 (a chain of 16 dependent adds, per
+    /// sum) took about half of the backward's time.
     #[inline(always)]
     unsafe fn fold(&mut self) {
         let v = self.acc[1..].iter().fold(self.acc[0], |s, &a| S::add(s, a));
-        let lanes = S::to_array(v);
-        self.total += lanes[..S::LANES].iter().map(|&l| f64::from(l)).sum::<f64>();
+        self.total += S::sum_f64(v);
         self.acc = [S::splat(0.0); ACC];
     }
 
@@ -289,49 +290,38 @@ unsafe fn backward_row<S: Simd, E: Storage>(
     let n = x.len() as f64;
     // mean|d| = (1 / r - eps) / sqrt(pi / 2), so max |d| <= n / (sqrt(pi / 2) r): past 2^120
     // some d = x - mean (or a product with it) may leave f32's range.
-    let d_bound = n / (SQRT_HALF_PI * f64::from(r));
-    if d_bound.is_nan() || d_bound >= 2f64.powi(120) {
+    let limit = 2f64.powi(120) * (SQRT_HALF_PI * f64::from(r));
+    if limit.is_nan() || n >= limit {
         return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
     }
-    // Σ g and Σ g d with g = dy * gamma and d = x - mean, in vector lanes folded into f64;
-    // Σ sign(d) counted in integers (d > 0 exactly when x > mean).
-    let (mut sg, mut sgd) = (VecSum::<S>::new(), VecSum::<S>::new());
+    // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in vector lanes folded into
+    // f64 (the sign counts exactly: at most FOLD / LANES per lane between folds).
+    let mut sums = [VecSum::<S>::new(), VecSum::<S>::new(), VecSum::<S>::new()];
     for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
         let (len, rows) = (xb.len(), (xb.as_ptr(), db.as_ptr(), gb.as_ptr()));
         let mut i = 0;
         while i + 2 * S::LANES <= len {
-            grad_sums_step(&mut sg, &mut sgd, rows, mean, i, 0, S::LANES);
-            grad_sums_step(&mut sg, &mut sgd, rows, mean, i + S::LANES, 1, S::LANES);
+            grad_sums_step(&mut sums, rows, mean, i, 0, S::LANES);
+            grad_sums_step(&mut sums, rows, mean, i + S::LANES, 1, S::LANES);
             i += 2 * S::LANES;
         }
         while i < len {
-            grad_sums_step(&mut sg, &mut sgd, rows, mean, i, 0, len - i);
+            grad_sums_step(&mut sums, rows, mean, i, 0, len - i);
             i += S::LANES;
         }
-        sg.fold();
-        sgd.fold();
+        sums.iter_mut().for_each(|s| s.fold());
     }
-    // i32 counts per FOLD block (vector lanes), added up in i64.
-    let signs: i64 = x
-        .chunks(FOLD)
-        .map(|b| {
-            i64::from(
-                b.iter()
-                    .map(|&v| i32::from(v > mean) - i32::from(v < mean))
-                    .sum::<i32>(),
-            )
-        })
-        .sum();
-    let sums = [sg.total, sgd.total, signs as f64];
+    let sums = sums.map(|s| s.total);
     if !(sums[0].is_finite() && sums[1].is_finite()) {
         return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
     }
+    let inv_n = 1.0 / n;
     let (mean_g, mean_s) = match norm {
-        Norm::Layer => ((sums[0] / n) as f32, (sums[2] / n) as f32),
+        Norm::Layer => ((sums[0] * inv_n) as f32, (sums[2] * inv_n) as f32),
         Norm::Rms => (0.0, 0.0),
     };
     // Σ g y^ = r Σ g d.
-    let coef = (SQRT_HALF_PI / n * sums[1]) as f32 * r;
+    let coef = (SQRT_HALF_PI * inv_n * sums[1]) as f32 * r;
     // dx = r (g - mean g) - r coef (s - mean s) = r g + c0 - c1 s, s = sign(d).
     let (c1, c0) = (r * coef, r * (coef * mean_s - mean_g));
     let k = Pass2 { mean, r, c0, c1 };
@@ -345,13 +335,12 @@ unsafe fn backward_row<S: Simd, E: Storage>(
 }
 
 /// The backward's first pass, one vector: lanes `i..i + min(rest, LANES)` of the row's x, dy and
-/// gamma (`rows`) into accumulators `k` of Σ g and Σ g d (g = dy gamma, d = x - mean); padding
-/// lanes add 0. A named always-inlined function, not a closure: a closure is not compiled with
-/// the kernel's target features, and its `Simd` calls stayed out-of-line calls.
+/// gamma (`rows`) into accumulators `k` of Σ g, Σ g d and Σ sign(d) (g = dy gamma, d = x -
+/// mean); padding lanes add 0. A named always-inlined function, not a closure: a closure is not
+/// compiled with the kernel's target features, and its `Simd` calls stayed out-of-line calls.
 #[inline(always)]
 unsafe fn grad_sums_step<S: Simd>(
-    sg: &mut VecSum<S>,
-    sgd: &mut VecSum<S>,
+    [sg, sgd, ss]: &mut [VecSum<S>; 3],
     (px, pd, pgm): (*const f32, *const f32, *const f32),
     mean: f32,
     i: usize,
@@ -368,8 +357,17 @@ unsafe fn grad_sums_step<S: Simd>(
         )
     };
     let g = S::mul(dv, gv);
+    let d = S::sub(xv, S::splat(mean));
     sg.acc[k] = S::add(sg.acc[k], g);
-    sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, S::sub(xv, S::splat(mean))));
+    sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, d));
+    // sign(d): every nonzero f32 times 2^200 is at least 2^51 in magnitude (or infinite), so
+    // the clamp gives exactly -1, 0 or 1.
+    let big = S::splat(2f32.powi(100));
+    let sign = S::min(
+        S::max(S::mul(S::mul(d, big), big), S::splat(-1.0)),
+        S::splat(1.0),
+    );
+    ss.acc[k] = S::add(ss.acc[k], sign);
 }
 
 /// A row's backward in f64, scalar (rows where the f32 passes could overflow, or whose sums are

@@ -393,6 +393,8 @@ pub trait Simd: Copy {
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
     /// Whether any lane of `a` is greater than the same lane of `b` (false for NaN lanes).
     unsafe fn any_gt(a: Self::V, b: Self::V) -> bool;
+    /// The lanes' sum in f64: each lane widened (exactly), then added pairwise.
+    unsafe fn sum_f64(v: Self::V) -> f64;
     /// Splits exp(x) = m * 2^n with n = round(x / ln 2) (integer-valued) and m in [0.7, 1.42].
     /// Exact enough for |x| < 2^21; callers clamp x from below and route larger rows elsewhere.
     unsafe fn exp_split(x: Self::V) -> (Self::V, Self::V);
@@ -513,6 +515,10 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn any_gt(a: f32, b: f32) -> bool {
         a > b
+    }
+    #[inline(always)]
+    unsafe fn sum_f64(v: f32) -> f64 {
+        f64::from(v)
     }
     #[inline(always)]
     unsafe fn exp_split(x: f32) -> (f32, f32) {
@@ -675,6 +681,15 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
+        unsafe fn sum_f64(v: __m256) -> f64 {
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+            let s = _mm256_add_pd(lo, hi);
+            let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd::<1>(s));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn exp_split(x: __m256) -> (__m256, __m256) {
             exp_split_fma::<Avx2>(x)
         }
@@ -767,6 +782,15 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn any_gt(a: __m512, b: __m512) -> bool {
             _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) != 0
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sum_f64(v: __m512) -> f64 {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            )));
+            _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
