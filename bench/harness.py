@@ -145,7 +145,11 @@ def with_huge_pages() -> None:
     it cannot be switched on in a running process. Large fresh tensors otherwise page-fault 4 KiB
     at a time: measured on a 2-vCPU Zen 5 VM, a fresh 64 MiB float32 copy took 18-75 ms against
     5 ms with huge pages, and torch's bf16 training step of bench/model.py ran 2.4x faster with
-    them (ferrograd's 1.1x). The strongest torch configuration therefore has them on."""
+    them (ferrograd's 1.1x). The strongest torch configuration therefore has them on. Not for
+    every op: on a Zen 4 VM torch._int_mm at 2048^3 took 39 ms with them against 20 ms without
+    (its fresh 16 MiB output faulted in as huge pages each call), so the op benchmarks run on
+    their own (python bench/<name>.py) keep torch's default allocator unless the variable is
+    set; bench/results/*.json record which in machine.huge_pages."""
     if HUGE_PAGES in os.environ or not sys.platform.startswith("linux"):
         return
     os.environ[HUGE_PAGES] = "1"
