@@ -399,14 +399,20 @@ def main(threads: int | None = None, argv: list[str] | None = None) -> None:
              for n in ref_times}  # fmt: skip
     ratio_best = {n: min(ref_times[n][warm:]) / min(times[n][warm:]) for n in ref_times}
     memory = {n: None if args.no_memory else peak_memory(args, n) for n in names}
+
+    def against_ref(n: str, own: dict, rates: dict):
+        """n's ratio to the baseline beside it, its own rate's where n is the baseline, "-"
+        where --only left the baseline out."""
+        return own.get(n, rates[n] / rates[ref] if ref in rates else "-")
+
     for v in chosen:
         bench.add(
             {
                 "config": v.name,
                 "tokens_per_s": tps[v.name],
-                f"x_{ref}": ratio.get(v.name, tps[v.name] / tps[ref]),
+                f"x_{ref}": against_ref(v.name, ratio, tps),
                 "best_tokens_per_s": best[v.name],
-                "x_best": ratio_best.get(v.name, best[v.name] / best[ref]),
+                "x_best": against_ref(v.name, ratio_best, best),
                 "peak_rss_mib": memory[v.name] if memory[v.name] is not None else "-",
                 f"loss@{args.steps}": losses[v.name][-1],
             }
