@@ -371,9 +371,9 @@ pub trait Simd: Copy {
     const LANES: usize;
     /// Whether `scale` is one instruction (then branch-free rescaling beats a rare branch).
     const CHEAP_SCALE: bool;
-    /// Whether `f32::floor` is one instruction (SSE4.1 `roundps` and up) where this level's
-    /// code is compiled; at the baseline target it is a call into libm.
-    const ROUNDS: bool;
+    /// Whether `floor` and `mul_add` on scalars are single instructions (SSE4.1 `roundps`, FMA)
+    /// where this level's code is compiled; at the baseline target both are calls into libm.
+    const NATIVE_MATH: bool;
     type V: Copy;
 
     unsafe fn splat(v: f32) -> Self::V;
@@ -454,7 +454,7 @@ pub struct Scalar;
 impl Simd for Scalar {
     const LANES: usize = 1;
     const CHEAP_SCALE: bool = true;
-    const ROUNDS: bool = false;
+    const NATIVE_MATH: bool = false;
     type V = f32;
 
     #[inline(always)]
@@ -609,7 +609,7 @@ mod x86 {
     impl Simd for Avx2 {
         const LANES: usize = 8;
         const CHEAP_SCALE: bool = false;
-        const ROUNDS: bool = true;
+        const NATIVE_MATH: bool = true;
         type V = __m256;
 
         #[inline]
@@ -715,7 +715,7 @@ mod x86 {
     impl Simd for Avx512 {
         const LANES: usize = 16;
         const CHEAP_SCALE: bool = true;
-        const ROUNDS: bool = true;
+        const NATIVE_MATH: bool = true;
         type V = __m512;
 
         #[inline]

@@ -224,7 +224,7 @@ fn nearest_code(t: f32, qmax: f32) -> i8 {
 /// The code of a scaled value t, rounded up when the draw u is below its fractional part.
 #[inline(always)]
 fn stochastic_code<S: Simd>(t: f32, u: f32, qmax: f32) -> i8 {
-    let floor = if S::ROUNDS {
+    let floor = if S::NATIVE_MATH {
         t.floor()
     } else {
         let r = (t + ROUND_MAGIC) - ROUND_MAGIC;

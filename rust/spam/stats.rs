@@ -42,8 +42,8 @@ pub struct AdaClip {
 /// vector paths' fused multiply-add gives the same bits as the scalar path's add.
 #[inline(always)]
 fn add_square<S: Simd>(acc: f64, y: f64) -> f64 {
-    if S::LANES > 1 {
-        y.mul_add(y, acc) // AVX2 and AVX-512 paths: FMA is in their target features
+    if S::NATIVE_MATH {
+        y.mul_add(y, acc)
     } else {
         acc + y * y
     }
