@@ -89,7 +89,14 @@ impl GemmOperand<'_> {
 
 /// Everything a micro-kernel needs for one MR x NR tile over a run of whole groups.
 struct Tile {
+    /// A's first quad of this run: row i of the tile starts `a_row` · i bytes on (up to its
+    /// `a_live` rows; the rows past the end repeat the last one), and each k-step moves `a_step`
+    /// bytes on. Packed panels are 4 and 4 · MR; the rows where they lie (`Kernel::a_in_place`)
+    /// K and 4. Only kernels with `a_in_place` read these three; the others take packed panels.
     a: *const i8,
+    a_row: usize,
+    a_step: usize,
+    a_live: usize,
     b: *const i8,
     /// 2^-ka per (group, row of the panel), [groups][MR].
     a_pow: *const f32,
@@ -144,6 +151,11 @@ struct Kernel {
     depth: usize,
     /// Whether `run` writes C itself when a tile carries `Tile::direct`.
     direct: bool,
+    /// Whether `run` can read A's codes where they lie (rows `Tile::a_row` apart) rather than
+    /// from packed panels: A then needs no copy, only its group factors and sums (`pack` with
+    /// `in_place`). Packing A was a fifth of the samples of a 128-wide layer's GEMMs (4096
+    /// tokens, 2 threads), and its parallel region a wait of its own.
+    a_in_place: bool,
     run: unsafe fn(&Tile),
 }
 
@@ -157,6 +169,7 @@ impl Kernel {
             b_offset: 0,
             depth: int16_depth(max_a, max_b),
             direct: false,
+            a_in_place: false,
             run: scalar_4x8,
         };
         match level {
@@ -166,6 +179,7 @@ impl Kernel {
                 nr: 32,
                 b_offset: 128,
                 direct: true,
+                a_in_place: true,
                 run: x86::vnni_6x32,
                 ..plain
             },
@@ -256,25 +270,64 @@ struct Packed {
     corr: Vec<i32>,
 }
 
+impl Packed {
+    fn into_buffers(self) -> Buffers {
+        let Packed {
+            data, pow, corr, ..
+        } = self;
+        Buffers { data, pow, corr }
+    }
+}
+
+/// What a `Packed` is made in, recycled between calls (`PACKED`).
+#[derive(Default)]
+struct Buffers {
+    data: Vec<i8>,
+    pow: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+impl Buffers {
+    const EMPTY: Buffers = Buffers {
+        data: Vec::new(),
+        pow: Vec::new(),
+        corr: Vec::new(),
+    };
+}
+
 /// Packs `op` into `layout`, storing q + `offset` (as unsigned bytes when nonzero), with
 /// -`other_offset` · Σ_group q per (group, row) to cancel the other operand's offset. The codes
-/// go into `data`, a buffer recycled from an earlier call (see `PACKED`).
+/// go into `data` and the group factors and sums into `pow` and `corr`, buffers recycled from an
+/// earlier call (see `PACKED`). With `in_place` (no offset, K a multiple of 4) only the group
+/// factors and sums are made, for a kernel that reads the codes where they lie
+/// (`Kernel::a_in_place`), and `data` comes back as it was.
 fn pack(
     op: &GemmOperand<'_>,
     (k, gs): (usize, usize),
     layout: Layout,
     (offset, other_offset): (u8, u8),
-    mut data: Vec<i8>,
+    Buffers {
+        mut data,
+        mut pow,
+        mut corr,
+    }: Buffers,
+    in_place: bool,
 ) -> Packed {
     let Layout { r, panels, .. } = layout;
     let rows = op.rows();
     let groups = num_groups(k, gs);
     let meta = groups * r;
+    assert!(!in_place || (offset == 0 && k.is_multiple_of(4)));
     // Every byte is written below (the padding with the code 0 + offset): the buffer is only
     // initialized where it grows.
-    data.resize(panels * layout.quads * r * 4, 0);
-    let mut pow = vec![0f32; panels * meta];
-    let mut corr = vec![0i32; panels * meta];
+    if !in_place {
+        data.resize(panels * layout.quads * r * 4, 0);
+    }
+    // Zero where no row writes (the padding rows; corr without an offset to cancel).
+    pow.clear();
+    pow.resize(panels * meta, 0.0);
+    corr.clear();
+    corr.resize(panels * meta, 0);
     let (dp, pp, cp) = (
         SendPtr(data.as_mut_ptr()),
         SendPtr(pow.as_mut_ptr()),
@@ -299,7 +352,8 @@ fn pack(
             .step_by(4)
             .chain((live >= 4 && !live.is_multiple_of(4)).then(|| live - 4));
         let lanes = u32::from_ne_bytes([offset; 4]);
-        for start in (0..layout.quads).step_by(layout.block_quads) {
+        let starts = if in_place { 0 } else { layout.quads };
+        for start in (0..starts).step_by(layout.block_quads) {
             // This K block's quads are contiguous: at most 16 KiB, which stay in L1 while 4 rows
             // at a time stream in (all r rows at once were more streams than the prefetchers
             // follow: half the packing time was stalls).
@@ -535,20 +589,24 @@ pub fn matmul<T: Output>(
         quads,
         block_quads: groups_per_block * group_size / 4,
     };
-    let [data_a, data_b] = PACKED.with_borrow_mut(std::mem::take);
+    let [buffers_a, buffers_b] = PACKED.with_borrow_mut(std::mem::take);
+    // A packed is read once per block of NC columns: copying it pays off only over several.
+    let a_in_place = kernel.a_in_place && k.is_multiple_of(4) && n <= NC;
     let pa = pack(
         a,
         (k, group_size),
         layout(m, kernel.mr),
         (kernel.a_offset, kernel.b_offset),
-        data_a,
+        buffers_a,
+        a_in_place,
     );
     let pb = pack(
         b,
         (k, group_size),
         layout(n, kernel.nr),
         (kernel.b_offset, kernel.a_offset),
-        data_b,
+        buffers_b,
+        false,
     );
     let parallel = m * n * (k + MACS_PER_OUTPUT) >= 2 * MACS_PER_THREAD;
     let blocks_n = n.div_ceil(NC);
@@ -559,6 +617,8 @@ pub fn matmul<T: Output>(
         level,
         kernel,
         pa: &pa,
+        a_codes: a_in_place.then_some(a.codes),
+        k,
         pb: &pb,
         steps: &steps,
         groups_per_block,
@@ -581,7 +641,7 @@ pub fn matmul<T: Output>(
     } else {
         (0..blocks_m * blocks_n).for_each(block);
     }
-    PACKED.set([pa.data, pb.data]);
+    PACKED.set([pa.into_buffers(), pb.into_buffers()]);
     Ok(())
 }
 
@@ -610,10 +670,12 @@ thread_local! {
     /// A block's float accumulators, kept per thread between blocks and calls (a fresh 192 KiB
     /// buffer per block was an mmap and its page faults every time).
     static BLOCK_ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The packed codes of both operands, kept by the calling thread between calls: fresh
-    /// buffers were page faults on every call (a tenth of the time at 1024³).
-    static PACKED: std::cell::RefCell<[Vec<i8>; 2]> = const {
-        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    /// The packed operands' buffers, kept by the calling thread between calls: fresh ones were
+    /// page faults on every call (a tenth of the time at 1024³), and their allocations and frees
+    /// of ~100 KiB per call left the heap's top free, so that glibc gave it back and the GEMM's
+    /// next output faulted its pages in again (30-240 faults a call in a ShiftQuantLinear).
+    static PACKED: std::cell::RefCell<[Buffers; 2]> = const {
+        std::cell::RefCell::new([Buffers::EMPTY, Buffers::EMPTY])
     };
 }
 
@@ -621,6 +683,10 @@ struct Job<'a> {
     level: SimdLevel,
     kernel: Kernel,
     pa: &'a Packed,
+    /// A's codes [M, K] when the kernel reads them where they lie (`pa` then holds only the
+    /// group factors and sums).
+    a_codes: Option<&'a [i8]>,
+    k: usize,
     pb: &'a Packed,
     steps: &'a [usize],
     groups_per_block: usize,
@@ -674,8 +740,19 @@ impl Job<'_> {
                 let bp = n0 / nr + pj;
                 for pi in 0..panels_m {
                     let ap = m0 / mr + pi;
+                    let (a, a_row, a_step, a_live) = match self.a_codes {
+                        Some(codes) => {
+                            let row = ap * mr;
+                            let a = codes.as_ptr().add(row * self.k + quads * 4);
+                            (a, self.k, 4, mr.min(self.m - row))
+                        }
+                        None => (self.pa.data.as_ptr().add(a0 + ap * a_panel), 4, 4 * mr, mr),
+                    };
                     let t = Tile {
-                        a: self.pa.data.as_ptr().add(a0 + ap * a_panel),
+                        a,
+                        a_row,
+                        a_step,
+                        a_live,
                         b: self.pb.data.as_ptr().add(b0 + bp * b_panel),
                         a_pow: self.pa.pow.as_ptr().add(ap * self.pa.meta + g0 * mr),
                         a_corr: self.pa.corr.as_ptr().add(ap * self.pa.meta + g0 * mr),
@@ -900,7 +977,8 @@ mod x86 {
                 row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
             }
         }
-        let (mut a, mut b) = (t.a, t.b);
+        let rows: [*const i8; MR] = std::array::from_fn(|i| t.a.add(i.min(t.a_live - 1) * t.a_row));
+        let (mut at, mut b) = (0, t.b);
         for g in 0..t.groups {
             let mut s = [[_mm512_setzero_si512(); 2]; MR];
             for (i, row) in s.iter_mut().enumerate() {
@@ -910,12 +988,12 @@ mod x86 {
             for _ in 0..*t.steps.add(g) {
                 let b0 = _mm512_loadu_si512(b.cast());
                 let b1 = _mm512_loadu_si512(b.add(64).cast());
-                for (i, row) in s.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+                for (row, a) in s.iter_mut().zip(rows) {
+                    let av = _mm512_set1_epi32(a.add(at).cast::<i32>().read_unaligned());
                     row[0] = _mm512_dpbusd_epi32(row[0], b0, av);
                     row[1] = _mm512_dpbusd_epi32(row[1], b1, av);
                 }
-                a = a.add(4 * MR);
+                at += t.a_step;
                 b = b.add(128);
             }
             // 2^-(ka + kb) by adding exponents in the integer unit (the float multiply would
