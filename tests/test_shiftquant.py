@@ -201,13 +201,14 @@ def test_integer_gemm_equals_the_float64_product_of_the_dequantized_operands(
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("k", [701, 700])
-def test_integer_gemm_across_blocks_tiles_and_threads(threads, k):
-    # M, N past several row and column blocks of C and not multiples of the micro-kernel's
-    # tile, K past several K blocks and not a multiple of the group size (nor of 4: A packed;
-    # a multiple of 4: the VNNI kernel reads A where it lies), and enough work for the second
-    # thread (when given) to take blocks.
-    m, n, group_size = 389, 1041, 64
+@pytest.mark.parametrize(("n", "k"), [(1041, 701), (509, 700)])
+def test_integer_gemm_across_blocks_tiles_and_threads(threads, n, k):
+    # M past several row blocks of C, M and N not multiples of the micro-kernel's tile, K past
+    # several K blocks and not a multiple of the group size, and enough work for the second
+    # thread (when given) to take blocks. N past several column blocks with K not a multiple
+    # of 4: A packed; N within one column block with K a multiple of 4: the VNNI kernel reads
+    # A where it lies.
+    m, group_size = 389, 64
     qa = fg.shiftquant(sample((m, k), 7), 8, group_size)
     qb = fg.shiftquant(sample((n, k), 8), 8, group_size)
     before = fg.get_num_threads()

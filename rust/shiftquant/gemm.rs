@@ -352,8 +352,9 @@ fn pack(
             .step_by(4)
             .chain((live >= 4 && !live.is_multiple_of(4)).then(|| live - 4));
         let lanes = u32::from_ne_bytes([offset; 4]);
-        let starts = if in_place { 0 } else { layout.quads };
-        for start in (0..starts).step_by(layout.block_quads) {
+        // In place there are no codes to copy: only the metadata loop below runs.
+        let copied = if in_place { 0 } else { layout.quads };
+        for start in (0..copied).step_by(layout.block_quads) {
             // This K block's quads are contiguous: at most 16 KiB, which stay in L1 while 4 rows
             // at a time stream in (all r rows at once were more streams than the prefetchers
             // follow: half the packing time was stalls).
