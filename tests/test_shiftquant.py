@@ -267,6 +267,134 @@ def test_shiftquant_linear_matches_its_definition():
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _definition(layer, x):
+    """The forward of the definition on the layer's weight as it is now, in float64."""
+    bits, gs = layer.bits, layer.group_size
+    w, b = layer.weight.detach().float(), layer.bias.detach().double()
+    return dequantized(fg.shiftquant(x, bits, gs)) @ dequantized(fg.shiftquant(w, bits, gs)).T + b
+
+
+def _adamw(layer):
+    return torch.optim.AdamW(layer.parameters(), lr=0.05, fused=True)
+
+
+def _step(make_optimizer):
+    def update(layer):
+        layer(torch.randn(3, 64)).square().sum().backward()
+        make_optimizer(layer).step()
+
+    return update
+
+
+def _replace_weight(layer):
+    layer.weight = torch.nn.Parameter(layer.weight.detach() * 2)
+
+
+def _assign_data(layer):
+    layer.weight.data = layer.weight.detach() * 2
+
+
+def _load(layer):
+    layer.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})
+
+
+def _in_place(layer):
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+
+
+def _through_data(layer):
+    layer.weight.data.mul_(2)  # torch records no write: the caller clears the codes
+    layer.clear_weight_codes()
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        _step(_adamw),  # fused: the parameter's version counter does not move
+        _step(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, foreach=True)),
+        _step(lambda m: fg.optim.SPAM(m.parameters(), lr=0.05)),
+        _load,
+        _replace_weight,
+        _assign_data,
+        _in_place,
+        lambda m: m.to(torch.bfloat16).float(),
+        lambda m: setattr(m, "bits", 5),
+        _through_data,
+    ],
+    ids=[
+        "adamw-fused",
+        "sgd-foreach",
+        "spam",
+        "load_state_dict",
+        "new-parameter",
+        "data-assignment",
+        "in-place-op",
+        "to-dtype",
+        "bits",
+        "data-write-then-clear",
+    ],
+)
+def test_cached_weight_codes_never_outlive_an_update_of_the_weight(update):
+    torch.manual_seed(5)
+    layer = fg.nn.ShiftQuantLinear(64, 24, bits=6, group_size=16, cache_weight_codes=True)
+    x = sample((7, 64), 3)
+    with torch.no_grad():
+        before = layer(x)
+    update(layer)
+    with torch.no_grad():
+        after = layer(x)
+    torch.testing.assert_close(after.double(), _definition(layer, x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(after, before)
+
+
+def test_cached_weight_codes_are_reused_and_give_the_uncached_results():
+    """Two micro-batches per optimizer step (gradient accumulation) and an evaluation between
+    steps: the cached layer's outputs and gradients equal the uncached one's bit for bit, and
+    each weight is quantized once per step."""
+    torch.manual_seed(6)
+    plain = fg.nn.ShiftQuantLinear(96, 40, bits=8, group_size=32)
+    cached = copy.deepcopy(plain)
+    cached.cache_weight_codes = True
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=True) for m in (plain, cached)]
+    for step in range(3):
+        made = []
+        for micro in range(2):
+            x = sample((2, 9, 96), 10 * step + micro)
+            results = []
+            for layer in (plain, cached):
+                xi = x.clone().requires_grad_()
+                torch.manual_seed(step)  # the same stochastic rounding for both
+                y = layer(xi)
+                y.backward(torch.ones_like(y))
+                results.append((y, xi.grad))
+            made.append([t.data_ptr() for t in cached._codes.forward + cached._codes.transposed])
+            for got, want in zip(*results, strict=True):
+                assert torch.equal(got, want)
+        assert made[0] == made[1] and len(made[0]) == 6  # Q(W) and Q(Wᵀ) made once
+        assert torch.equal(cached.weight.grad, plain.weight.grad)
+        for o in optimizers:
+            o.step()
+            o.zero_grad()
+        with torch.no_grad():
+            x = sample((5, 96), 99)
+            assert torch.equal(cached(x), plain(x))
+
+
+def test_cached_weight_codes_under_torch_compile_and_bad_flags():
+    torch.manual_seed(7)
+    layer = fg.nn.ShiftQuantLinear(64, 16, cache_weight_codes=True)
+    x = sample((4, 64), 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(x).double(), _definition(layer, x), rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(TypeError, match="ShiftQuantLinear: cache_weight_codes must be a bool"):
+        fg.nn.ShiftQuantLinear(8, 8, cache_weight_codes=1)
+
+
 def test_quantize_model_swaps_and_keeps_parameters():
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Sequential(torch.nn.Linear(32, 4))
@@ -725,6 +853,11 @@ def test_linear_opcheck(device, bias):
     grad = torch.randn(3, 4, 24, device=device)
     args = (grad, x.detach(), w.detach(), 8, 6, 32, sq.seed_tensor(11))
     torch.library.opcheck(sq.linear_backward_op, args)
+    # With the weight's codes made beforehand (ShiftQuantLinear's cache).
+    q, qt = quantize_2d(w, 8, 32), quantize_2d(w, 8, 32, transposed=True)
+    codes = [q.codes, q.scale, q.shifts, qt.codes, qt.scale, qt.shifts]
+    torch.library.opcheck(sq.linear_op, (x, w, b, 8, 6, 32, None, codes))
+    torch.library.opcheck(sq.linear_backward_op, (*args, codes[3:]))
 
 
 def test_compiled_quantize_and_matmul_equal_eager(device):

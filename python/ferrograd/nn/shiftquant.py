@@ -6,10 +6,37 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..ops._checks import check_int
-from ..ops.shiftquant import check_spec, shiftquant_linear
+from ..ops.shiftquant import check_spec, linear_with_codes, quantize_2d
 from .l1norm import L1LayerNorm
+
+#: Optimizer steps begun in this process, by any torch.optim.Optimizer: fused and foreach
+#: steps write parameters without bumping their version counters, so a cached weight's codes
+#: are only trusted within one count.
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_pre_hook(_count_step)
+
+
+class _WeightCodes:
+    """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), and what they were made
+    from: ``source`` keeps the weight's storage alive, so that no other tensor can take its
+    address while ``key`` names it."""
+
+    __slots__ = ("key", "source", "forward", "transposed")
+
+    def __init__(self, weight: torch.Tensor, key: tuple) -> None:
+        self.key, self.source = key, weight.detach()
+        self.forward: list[torch.Tensor] = []
+        self.transposed: list[torch.Tensor] = []
 
 
 class ShiftQuantLinear(nn.Module):
@@ -18,6 +45,15 @@ class ShiftQuantLinear(nn.Module):
     Activations and weights are rounded to nearest at ``bits``; the output gradient is rounded
     stochastically at ``grad_bits`` (default: ``bits``). The parameters stay float32 (the
     optimizer updates them as usual); only the GEMM operands are quantized.
+
+    ``cache_weight_codes=True`` keeps the weight's codes between calls while the weight is
+    unchanged (about 2 bytes per weight element): evaluation, gradient accumulation and
+    activation checkpointing then quantize each weight once per optimizer step instead of once
+    per call. The codes are made again after any optimizer step (torch.optim.Optimizer), any
+    in-place write to the weight (``copy_``, ``load_state_dict``), a new weight tensor
+    (``.to()``, assignment) or a change of ``bits`` / ``group_size``. Not seen: writes through
+    ``weight.data``, which torch does not record; call ``clear_weight_codes()`` after those.
+    Under torch.compile the cache is not used.
     """
 
     def __init__(
@@ -29,6 +65,7 @@ class ShiftQuantLinear(nn.Module):
         bits: int = 8,
         grad_bits: int | None = None,
         group_size: int = 64,
+        cache_weight_codes: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -39,7 +76,14 @@ class ShiftQuantLinear(nn.Module):
         if grad_bits is not None:
             check_spec("ShiftQuantLinear", grad_bits, group_size, "grad_bits")
         self.in_features, self.out_features = in_features, out_features
+        if not isinstance(cache_weight_codes, bool):
+            raise TypeError(
+                "ShiftQuantLinear: cache_weight_codes must be a bool, got "
+                f"{type(cache_weight_codes).__name__}"
+            )
         self.bits, self.grad_bits, self.group_size = bits, grad_bits, group_size
+        self.cache_weight_codes = cache_weight_codes
+        self._codes: _WeightCodes | None = None
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
@@ -71,14 +115,58 @@ class ShiftQuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return shiftquant_linear(
-            x,
-            self.weight,
-            self.bias,
-            bits=self.bits,
-            grad_bits=self.grad_bits,
-            group_size=self.group_size,
+        codes = self._weight_codes(x) if self.cache_weight_codes else None
+        w, b = self.weight, self.bias
+        return linear_with_codes(x, w, b, self.bits, self.grad_bits, self.group_size, codes)
+
+    def clear_weight_codes(self) -> None:
+        """Drops the cached weight codes (``cache_weight_codes``): the next call makes them
+        from the weight as it is then."""
+        self._codes = None
+
+    def _weight_codes(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The cached Q(W), and Q(Wᵀ) where a backward may follow; None where the cache does
+        not apply (torch.compile, tensor subclasses, inference tensors, bad input)."""
+        w = self.weight
+        if (
+            torch.compiler.is_compiling()
+            or type(w) not in (torch.Tensor, nn.Parameter)
+            or not isinstance(x, torch.Tensor)
+            or w.dim() != 2
+            or w.numel() == 0
+            or w.is_inference()
+            or w.device != x.device
+        ):
+            return None
+        key = (
+            w.data_ptr(),
+            w._version,
+            _optimizer_steps,
+            w.dtype,
+            w.device,
+            w.shape,
+            w.stride(),
+            self.bits,
+            self.group_size,
         )
+        codes = self._codes
+        if codes is None or codes.key != key:
+            check_spec("ShiftQuantLinear", self.bits, self.group_size)
+            codes = self._codes = _WeightCodes(w, key)
+        if not codes.forward:
+            codes.forward = self._quantized(w, False)
+        grads = (x, w, self.bias)
+        if (
+            not codes.transposed
+            and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in grads)
+        ):
+            codes.transposed = self._quantized(w, True)
+        return codes.forward + codes.transposed
+
+    def _quantized(self, w: torch.Tensor, transposed: bool) -> list[torch.Tensor]:
+        q = quantize_2d(w, self.bits, self.group_size, transposed=transposed)
+        return [q.codes, q.scale, q.shifts]
 
     def extra_repr(self) -> str:
         return (

@@ -37,6 +37,7 @@ __all__ = [
     "check_device",
     "check_spec",
     "element_shifts",
+    "linear_with_codes",
     "matmul_2d",
     "quantize_2d",
     "seed_tensor",
@@ -95,9 +96,12 @@ def _quantize_kernel(kernels, x, bits, group_size, seed, transposed):
     return kernels.quantize(x, bits, group_size, _rounding_key(seed), transposed)
 
 
-def _linear_backward_kernel(kernels, grad, x, weight, bits, grad_bits, group_size, seed):
+def _linear_backward_kernel(
+    kernels, grad, x, weight, bits, grad_bits, group_size, seed, weight_codes_t=None
+):
+    key = _rounding_key(seed)
     return linear.backward(
-        kernels, grad, x, weight, bits, grad_bits, group_size, _rounding_key(seed)
+        kernels, grad, x, weight, bits, grad_bits, group_size, key, weight_codes_t
     )
 
 
@@ -127,11 +131,11 @@ def _fake_matmul(a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, group_s
     return a_codes.new_empty((a_codes.shape[0], b_codes.shape[0]), dtype=dtype)
 
 
-def _fake_linear(x, weight, bias, bits, grad_bits, group_size, dtype=None):
+def _fake_linear(x, weight, bias, bits, grad_bits, group_size, dtype=None, weight_codes=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype or x.dtype)
 
 
-def _fake_linear_backward(grad, x, weight, bits, grad_bits, group_size, seed):
+def _fake_linear_backward(grad, x, weight, bits, grad_bits, group_size, seed, weight_codes_t=None):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
@@ -157,30 +161,41 @@ matmul_op = _library.define(
 )
 linear_op = _library.define(
     "shiftquant_linear(Tensor x, Tensor weight, Tensor? bias, int bits, int grad_bits, "
-    "int group_size, ScalarType? dtype=None) -> Tensor",
+    "int group_size, ScalarType? dtype=None, Tensor[]? weight_codes=None) -> Tensor",
     **_kernels(linear.forward),
     fake=_fake_linear,
 )
 linear_backward_op = _library.define(
     "shiftquant_linear_backward(Tensor grad, Tensor x, Tensor weight, int bits, int grad_bits, "
-    "int group_size, Tensor seed) -> (Tensor, Tensor, Tensor)",
+    "int group_size, Tensor seed, Tensor[]? weight_codes_t=None) -> (Tensor, Tensor, Tensor)",
     **_kernels(_linear_backward_kernel),
     fake=_fake_linear_backward,
 )
 
 
 def _setup_linear(ctx, inputs, output) -> None:
-    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _ = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _ = inputs[:7]
+    # Q(W) and, when cached, Q(Wᵀ) (ShiftQuantLinear's cache): the backward takes the latter.
+    codes = inputs[7] if len(inputs) > 7 else None
+    ctx.save_for_backward(x, weight, *(codes or [])[3:])
     ctx.has_bias = bias is not None
+    ctx.inputs = len(inputs)  # ``call`` passes the trailing defaults or not
 
 
 def _linear_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight, *codes_t = ctx.saved_tensors
     dx, dw, db = _library.call(
-        linear_backward_op, grad, x, weight, ctx.bits, ctx.grad_bits, ctx.group_size, seed_tensor()
+        linear_backward_op,
+        grad,
+        x,
+        weight,
+        ctx.bits,
+        ctx.grad_bits,
+        ctx.group_size,
+        seed_tensor(),
+        codes_t or None,
     )
-    return dx, dw, db if ctx.has_bias else None, None, None, None, None
+    return dx, dw, db if ctx.has_bias else None, *[None] * (ctx.inputs - 3)
 
 
 _library.register_autograd(linear_op, _linear_backward, _setup_linear)
@@ -370,6 +385,21 @@ def shiftquant_linear(
     """``x @ weight.T + bias`` with ShiftQuant integer GEMMs in forward and backward
     (linear.py); differentiable towards x, weight and bias. The result has x's dtype, or under
     autocast (as nn.Linear) the autocast dtype; x is quantized as it is, without a cast."""
+    return linear_with_codes(x, weight, bias, bits, grad_bits, group_size, None)
+
+
+def linear_with_codes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    grad_bits: int | None,
+    group_size: int,
+    weight_codes: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``shiftquant_linear`` with the weight's codes made earlier (ShiftQuantLinear's cache):
+    Q(W) (codes, scale, shifts) and, for the backward, optionally Q(Wᵀ) after them; None
+    quantizes the weight in the call."""
     op = "shiftquant_linear"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
@@ -388,7 +418,10 @@ def shiftquant_linear(
     if x.shape[-1] == 0:  # no products to quantize: zeros (+ bias), as nn.Linear gives
         bias = None if bias is None else bias.to(x.dtype)
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
-    return _library.call(linear_op, x, weight, bias, bits, grad_bits, group_size, _out_dtype(x))
+    dtype = _out_dtype(x)
+    return _library.call(
+        linear_op, x, weight, bias, bits, grad_bits, group_size, dtype, weight_codes
+    )
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -10,6 +10,10 @@ over tokens), where Q_sr rounds stochastically with ``grad_bits``, keyed by ``se
 no transposed float copy. The quantized operands live in workspace slots 0 (left) and 1 (right)
 where the kernel set keeps them (cpu.py): each GEMM consumes its pair before the slots are
 filled again.
+
+``weight_codes`` hands in Q(W) (and ``weight_codes_t`` Q(Wᵀ)) made earlier by the same rule from
+the same weight, as ShiftQuantLinear's weight-codes cache does (nn/shiftquant.py); the layer
+then skips quantizing the weight.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ def forward(
     grad_bits: int,
     group_size: int,
     dtype: torch.dtype | None = None,
+    weight_codes: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
     backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
-    qw = kernels.quantize(weight, bits, group_size, None, False, slot=1)
+    qw = (
+        weight_codes[:3]
+        if weight_codes
+        else kernels.quantize(weight, bits, group_size, None, False, slot=1)
+    )
     y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
@@ -47,6 +56,7 @@ def backward(
     grad_bits: int,
     group_size: int,
     seed: int,
+    weight_codes_t: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dX (x's dtype and shape), dW and db (weight's dtype) from the output gradient."""
     n, k = weight.shape
@@ -54,7 +64,7 @@ def backward(
     dy = grad.reshape(rows, n)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
     q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
-    q_wt = kernels.quantize(weight, bits, group_size, None, True, slot=1)
+    q_wt = weight_codes_t or kernels.quantize(weight, bits, group_size, None, True, slot=1)
     dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     # The bias gradient (dY's column sums) comes from the same read of dY.
