@@ -371,7 +371,7 @@ def test_cached_weight_codes_are_reused_and_give_the_uncached_results():
             made.append([t.data_ptr() for t in cached._codes.forward + cached._codes.transposed])
             for got, want in zip(*results, strict=True):
                 assert torch.equal(got, want)
-        assert made[0] == made[1] and len(made[0]) == 6  # Q(W) and Q(Wᵀ) made once
+        assert made[0] == made[1] and len(made[0]) == 8  # Q(W) and Q(Wᵀ) made once
         assert torch.equal(cached.weight.grad, plain.weight.grad)
         for o in optimizers:
             o.step()
@@ -379,6 +379,22 @@ def test_cached_weight_codes_are_reused_and_give_the_uncached_results():
         with torch.no_grad():
             x = sample((5, 96), 99)
             assert torch.equal(cached(x), plain(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_packed_ahead_gives_the_float64_product(dtype):
+    a, w = sample((9, 200), 11), sample((70, 200), 12)
+    qa, qw = (sq_cpu.quantize(t, 8, 32, None, False) for t in (a, w))
+    packed = sq_cpu.pack_weight(*qw, 32)
+    got = sq_cpu.matmul(*qa, *qw, 32, None, dtype, packed_b=packed)
+    want = dequantized(quantize_2d(a, 8, 32)) @ dequantized(quantize_2d(w, 8, 32)).T
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    other = sq_cpu.quantize(sample((71, 200), 13), 8, 32, None, False)
+    with pytest.raises(ValueError, match="shiftquant_matmul: packed_b was packed for 70 x 200"):
+        sq_cpu.matmul(*qa, *other, 32, None, dtype, packed_b=packed)
+    with pytest.raises(ValueError, match="shiftquant_matmul: packed_b"):
+        sq_cpu.matmul(*qa, *qw, 32, None, dtype, packed_b=packed[:-64])
 
 
 def test_cached_weight_codes_under_torch_compile_and_bad_flags():
@@ -854,10 +870,9 @@ def test_linear_opcheck(device, bias):
     args = (grad, x.detach(), w.detach(), 8, 6, 32, sq.seed_tensor(11))
     torch.library.opcheck(sq.linear_backward_op, args)
     # With the weight's codes made beforehand (ShiftQuantLinear's cache).
-    q, qt = quantize_2d(w, 8, 32), quantize_2d(w, 8, 32, transposed=True)
-    codes = [q.codes, q.scale, q.shifts, qt.codes, qt.scale, qt.shifts]
+    codes = sq.weight_operand(w, 8, 32) + sq.weight_operand(w, 8, 32, transposed=True)
     torch.library.opcheck(sq.linear_op, (x, w, b, 8, 6, 32, None, codes))
-    torch.library.opcheck(sq.linear_backward_op, (*args, codes[3:]))
+    torch.library.opcheck(sq.linear_backward_op, (*args, codes[4:]))
 
 
 def test_compiled_quantize_and_matmul_equal_eager(device):

@@ -147,9 +147,25 @@ def shiftquant_matmul(
     group_size: int,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
+    packed_b: torch.Tensor | None = None,
 ) -> None:
     """out [M, N] = A · Bᵀ (+ bias) in integer arithmetic, operands quantized along K; out
-    float32 or bfloat16 (rounded to nearest even)."""
+    float32 or bfloat16 (rounded to nearest even); packed_b (shiftquant_pack_weight of B)
+    spares packing B."""
+
+def shiftquant_packed_weight_bytes(n: int, k: int, group_size: int) -> int:
+    """The bytes shiftquant_pack_weight writes for an N x K weight on this CPU."""
+
+def shiftquant_pack_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shifts: torch.Tensor,
+    k: int,
+    group_size: int,
+    out: torch.Tensor,
+) -> None:
+    """A weight [N, K] quantized along K packed into out (uint8) as shiftquant_matmul's
+    packed_b."""
 
 def l1_norm_forward(
     x: torch.Tensor,

@@ -94,9 +94,10 @@ fn shiftquant_dequantize(
 }
 
 /// `out` [M, N] = A · Bᵀ (+ bias) for operands quantized along K; out is float32, or bfloat16
-/// (the f32 results rounded to nearest even).
+/// (the f32 results rounded to nearest even). `packed_b` (uint8, from `shiftquant_pack_weight`
+/// of this B) spares the call packing B.
 #[pyfunction]
-#[pyo3(signature = (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, k, group_size, out, bias=None))]
+#[pyo3(signature = (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, k, group_size, out, bias=None, packed_b=None))]
 #[allow(clippy::too_many_arguments)]
 fn shiftquant_matmul(
     py: Python<'_>,
@@ -110,6 +111,7 @@ fn shiftquant_matmul(
     group_size: usize,
     out: Bound<'_, PyAny>,
     bias: Option<Bound<'_, PyAny>>,
+    packed_b: Option<Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let op = "shiftquant_matmul";
     let level = simd::active()?;
@@ -125,22 +127,62 @@ fn shiftquant_matmul(
         shifts: args.read("b.shifts", &b_shifts)?,
     };
     let bias = args.read_opt("bias", &bias)?;
+    let packed: Option<&[u8]> = args.read_opt("packed_b", &packed_b)?;
     if matches!(Float::of(&out)?, Float::Bf16) {
         let out: &mut [Bf16] = args.write("out", &out)?;
         run_detached(py, op, || {
-            shiftquant::matmul(level, &a, &b, k, group_size, bias, out)
+            shiftquant::matmul(level, &a, &b, packed, k, group_size, bias, out)
         })
     } else {
         let out: &mut [f32] = args.write("out", &out)?;
         run_detached(py, op, || {
-            shiftquant::matmul(level, &a, &b, k, group_size, bias, out)
+            shiftquant::matmul(level, &a, &b, packed, k, group_size, bias, out)
         })
     }
+}
+
+/// The bytes `shiftquant_pack_weight` writes for an N x K weight on this CPU.
+#[pyfunction]
+fn shiftquant_packed_weight_bytes(n: usize, k: usize, group_size: usize) -> PyResult<usize> {
+    Ok(shiftquant::packed_weight_bytes(
+        simd::active()?,
+        n,
+        k,
+        group_size,
+    )?)
+}
+
+/// Packs a weight [N, K] quantized along K into `out` (uint8, `shiftquant_packed_weight_bytes`
+/// long): `shiftquant_matmul`'s `packed_b` for it as B.
+#[pyfunction]
+fn shiftquant_pack_weight(
+    py: Python<'_>,
+    codes: Bound<'_, PyAny>,
+    scale: Bound<'_, PyAny>,
+    shifts: Bound<'_, PyAny>,
+    k: usize,
+    group_size: usize,
+    out: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let op = "shiftquant_pack_weight";
+    let level = simd::active()?;
+    let mut args = Borrows::new(op);
+    let weight = GemmOperand {
+        codes: args.read("codes", &codes)?,
+        scale: args.read("scale", &scale)?,
+        shifts: args.read("shifts", &shifts)?,
+    };
+    let out = args.write("out", &out)?;
+    run_detached(py, op, || {
+        shiftquant::pack_weight(level, &weight, k, group_size, out)
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(shiftquant_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(shiftquant_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(shiftquant_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(shiftquant_packed_weight_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(shiftquant_pack_weight, m)?)?;
     Ok(())
 }

@@ -19,10 +19,16 @@
 //! A offset to unsigned (no `vpsignb`) and add the 16-bit pair sums of as many steps as cannot
 //! overflow before widening (6 x 16). Codes of -128 are rejected (the sign trick cannot hold them).
 
+use std::borrow::Cow;
+
 use super::num_groups;
 use crate::error::{FgError, FgResult};
 use crate::simd::{cpu_features, Bf16, Simd, SimdLevel, Storage};
 use crate::threads::{self, SendPtr};
+
+mod prepacked;
+
+pub use prepacked::{pack_weight, packed_weight_bytes};
 
 /// The largest code magnitude (8-bit codes are symmetric; -128 would break the sign trick).
 const MAX_CODE: u32 = 127;
@@ -260,22 +266,71 @@ impl Layout {
     }
 }
 
-/// An operand packed into panels of `layout.r` rows.
-struct Packed {
+/// An operand packed into panels of `layout.r` rows: made by this call (`pack`), or borrowed
+/// from a weight packed ahead of time (`prepacked`).
+struct Packed<'a> {
     layout: Layout,
     /// Metadata entries per panel: groups times r.
     meta: usize,
-    data: Vec<i8>,
-    pow: Vec<f32>,
-    corr: Vec<i32>,
+    data: Cow<'a, [i8]>,
+    pow: Cow<'a, [f32]>,
+    corr: Cow<'a, [i32]>,
 }
 
-impl Packed {
+impl Packed<'_> {
+    /// The buffers this call made, for the next one (borrowed ones give empty vectors).
     fn into_buffers(self) -> Buffers {
         let Packed {
             data, pow, corr, ..
         } = self;
-        Buffers { data, pow, corr }
+        Buffers {
+            data: owned(data),
+            pow: owned(pow),
+            corr: owned(corr),
+        }
+    }
+}
+
+fn owned<T: Clone>(c: Cow<'_, [T]>) -> Vec<T> {
+    match c {
+        Cow::Owned(v) => v,
+        Cow::Borrowed(_) => Vec::new(),
+    }
+}
+
+/// How K is walked: k/4 steps per group (every group but the last holds group_size / 4 quads;
+/// the last is padded to whole quads) in blocks of whole groups of about KC bytes.
+struct Plan {
+    steps: Vec<usize>,
+    groups_per_block: usize,
+    group_size: usize,
+    quads: usize,
+}
+
+impl Plan {
+    fn new(k: usize, group_size: usize) -> Plan {
+        let groups = num_groups(k, group_size);
+        let mut steps = vec![group_size / 4; groups];
+        if let Some(last) = steps.last_mut() {
+            *last = (k - (groups - 1) * group_size).div_ceil(4);
+        }
+        let quads = steps.iter().sum();
+        Plan {
+            steps,
+            groups_per_block: (KC / group_size).max(1),
+            group_size,
+            quads,
+        }
+    }
+
+    /// The layout of an operand of `rows` rows in panels of `r`.
+    fn layout(&self, rows: usize, r: usize) -> Layout {
+        Layout {
+            r,
+            panels: rows.div_ceil(r),
+            quads: self.quads,
+            block_quads: self.groups_per_block * self.group_size / 4,
+        }
     }
 }
 
@@ -312,7 +367,7 @@ fn pack(
         mut corr,
     }: Buffers,
     in_place: bool,
-) -> Packed {
+) -> Packed<'static> {
     let Layout { r, panels, .. } = layout;
     let rows = op.rows();
     let groups = num_groups(k, gs);
@@ -429,9 +484,9 @@ fn pack(
     Packed {
         layout,
         meta,
-        data,
-        pow,
-        corr,
+        data: Cow::Owned(data),
+        pow: Cow::Owned(pow),
+        corr: Cow::Owned(corr),
     }
 }
 
@@ -533,10 +588,13 @@ fn int16_depth(max_a: u32, max_b: u32) -> usize {
 }
 
 /// C = A · Bᵀ (+ bias) into `out` [M, N] for operands quantized along K in groups of `group_size`.
+/// `packed_b`, B packed ahead of time (`pack_weight`), spares the call packing B.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Output>(
     level: SimdLevel,
     a: &GemmOperand<'_>,
     b: &GemmOperand<'_>,
+    packed_b: Option<&[u8]>,
     k: usize,
     group_size: usize,
     bias: Option<&[f32]>,
@@ -567,7 +625,14 @@ pub fn matmul<T: Output>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let (max_a, max_b) = (max_abs_code(a.codes), max_abs_code(b.codes));
+    let weight = packed_b
+        .map(|bytes| prepacked::Weight::parse(bytes, n, k, group_size))
+        .transpose()?;
+    // A packed weight's codes were checked when it was packed.
+    let max_b = weight
+        .as_ref()
+        .map_or_else(|| max_abs_code(b.codes), |w| w.max_b);
+    let max_a = max_abs_code(a.codes);
     for (name, max) in [("a", max_a), ("b", max_b)] {
         if max > MAX_CODE {
             return Err(FgError::Value(format!(
@@ -576,20 +641,8 @@ pub fn matmul<T: Output>(
         }
     }
     let kernel = Kernel::select(level, max_a, max_b);
-    let groups = num_groups(k, group_size);
-    // Every group but the last holds group_size / 4 quads; the last is padded to whole quads.
-    let mut steps = vec![group_size / 4; groups];
-    if let Some(last) = steps.last_mut() {
-        *last = (k - (groups - 1) * group_size).div_ceil(4);
-    }
-    let groups_per_block = (KC / group_size).max(1);
-    let quads = steps.iter().sum();
-    let layout = |rows: usize, r: usize| Layout {
-        r,
-        panels: rows.div_ceil(r),
-        quads,
-        block_quads: groups_per_block * group_size / 4,
-    };
+    let plan = Plan::new(k, group_size);
+    let layout = |rows: usize, r: usize| plan.layout(rows, r);
     let [buffers_a, buffers_b] = PACKED.with_borrow_mut(std::mem::take);
     // A packed is read once per block of NC columns: copying it pays off only over several.
     let a_in_place = kernel.a_in_place && k.is_multiple_of(4) && n <= NC;
@@ -601,14 +654,21 @@ pub fn matmul<T: Output>(
         buffers_a,
         a_in_place,
     );
-    let pb = pack(
-        b,
-        (k, group_size),
-        layout(n, kernel.nr),
-        (kernel.b_offset, kernel.a_offset),
-        buffers_b,
-        false,
-    );
+    let (pb, spare_b) = match weight.and_then(|w| w.packed(&kernel, &plan, n)) {
+        Some(pb) => (pb, Some(buffers_b)),
+        None => {
+            let offsets = (kernel.b_offset, kernel.a_offset);
+            let pb = pack(
+                b,
+                (k, group_size),
+                layout(n, kernel.nr),
+                offsets,
+                buffers_b,
+                false,
+            );
+            (pb, None)
+        }
+    };
     let parallel = m * n * (k + MACS_PER_OUTPUT) >= 2 * MACS_PER_THREAD;
     let blocks_n = n.div_ceil(NC);
     let mc = block_rows(m, kernel.mr, blocks_n, parallel.then(threads::num_threads));
@@ -621,8 +681,8 @@ pub fn matmul<T: Output>(
         a_codes: a_in_place.then_some(a.codes),
         k,
         pb: &pb,
-        steps: &steps,
-        groups_per_block,
+        steps: &plan.steps,
+        groups_per_block: plan.groups_per_block,
         mc,
         a_scale: a.scale,
         scales_fit: scales_fit_f32(a.scale, b.scale),
@@ -642,7 +702,8 @@ pub fn matmul<T: Output>(
     } else {
         (0..blocks_m * blocks_n).for_each(block);
     }
-    PACKED.set([pa.into_buffers(), pb.into_buffers()]);
+    let buffers_b = spare_b.unwrap_or_else(|| pb.into_buffers());
+    PACKED.set([pa.into_buffers(), buffers_b]);
     Ok(())
 }
 
@@ -683,12 +744,12 @@ thread_local! {
 struct Job<'a> {
     level: SimdLevel,
     kernel: Kernel,
-    pa: &'a Packed,
+    pa: &'a Packed<'a>,
     /// A's codes [M, K] when the kernel reads them where they lie (`pa` then holds only the
     /// group factors and sums).
     a_codes: Option<&'a [i8]>,
     k: usize,
-    pb: &'a Packed,
+    pb: &'a Packed<'a>,
     steps: &'a [usize],
     groups_per_block: usize,
     /// Rows per block (`block_rows`).
@@ -1279,6 +1340,114 @@ mod tests {
             .collect()
     }
 
+    /// `q` packed as a weight at `level`, in u32 words (so that the bytes are 4-byte aligned).
+    fn packed_weight(level: SimdLevel, q: &Quantized, k: usize, gs: usize) -> Vec<u32> {
+        let n = q.scale.len();
+        let bytes = packed_weight_bytes(level, n, k, gs).unwrap();
+        assert_eq!(bytes % 4, 0);
+        let mut words = vec![0u32; bytes / 4];
+        pack_weight(level, &q.operand(), k, gs, as_bytes_mut(&mut words)).unwrap();
+        words
+    }
+
+    fn as_bytes_mut(words: &mut [u32]) -> &mut [u8] {
+        // SAFETY: u8 has no alignment and every bit pattern is valid.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 4) }
+    }
+
+    fn as_bytes(words: &[u32]) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 4) }
+    }
+
+    #[test]
+    fn a_weight_packed_ahead_gives_the_same_bits_on_every_path() {
+        let levels: Vec<_> = SimdLevel::ALL
+            .into_iter()
+            .filter(|l| l.is_supported())
+            .collect();
+        // 8-bit and narrower A (the AVX2 kernel that offsets A scales B's stored sums), ragged N
+        // and K, several K blocks and both column blocks.
+        for (m, n, k, gs, (bits_a, bits_b)) in [
+            (13, 70, 600, 64, (8, 8)),
+            (9, 37, 150, 16, (5, 4)),
+            (20, 600, 1100, 64, (8, 6)),
+            (1, 33, 7, 4, (6, 8)),
+        ] {
+            let qa = Quantized::new(&data(m * k, 6), k, bits_a, gs);
+            let qb = Quantized::new(&data(n * k, 7), k, bits_b, gs);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.3 - 1.0).collect();
+            for &level in &levels {
+                let mut want = vec![0f32; m * n];
+                let (a, b) = (qa.operand(), qb.operand());
+                matmul(level, &a, &b, None, k, gs, Some(&bias), &mut want).unwrap();
+                // Packed at this level, and at every other one (then B is packed in the call).
+                for &packed_at in &levels {
+                    let words = packed_weight(packed_at, &qb, k, gs);
+                    let mut got = vec![0f32; m * n];
+                    let packed = Some(as_bytes(&words));
+                    matmul(level, &a, &b, packed, k, gs, Some(&bias), &mut got).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{level:?} (packed at {packed_at:?}) {m}x{n}x{k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_of_a_level_stores_b_alike() {
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let first = Kernel::select(level, MAX_CODE, MAX_CODE);
+            for max_a in 1..=MAX_CODE {
+                let kernel = Kernel::select(level, max_a, 3);
+                assert_eq!((kernel.nr, kernel.b_offset), (first.nr, first.b_offset));
+            }
+        }
+    }
+
+    #[test]
+    fn a_packed_weight_for_another_operand_is_refused() {
+        let level = SimdLevel::Scalar;
+        let (k, gs) = (40, 8);
+        let qa = Quantized::new(&data(3 * k, 8), k, 8, gs);
+        let qb = Quantized::new(&data(5 * k, 9), k, 8, gs);
+        let other = Quantized::new(&data(6 * k, 9), k, 8, gs);
+        let words = packed_weight(level, &qb, k, gs);
+        let mut out = vec![0f32; 3 * 6];
+        let (a, o) = (qa.operand(), other.operand());
+        let err = matmul(level, &a, &o, Some(as_bytes(&words)), k, gs, None, &mut out);
+        assert!(format!("{:?}", err.unwrap_err()).contains("was packed for 5 x 40"));
+        let mut out = vec![0f32; 3 * 5];
+        let b = qb.operand();
+        let bytes = as_bytes(&words);
+        for bad in [
+            &bytes[..bytes.len() - 4],
+            &bytes[4..],
+            &bytes[1..bytes.len() - 3],
+            &[][..],
+        ] {
+            assert!(matmul(level, &a, &b, Some(bad), k, gs, None, &mut out).is_err());
+        }
+        let mut corrupt = words.clone();
+        corrupt[5] = 128; // max |b| beyond the codes' range
+        let err = matmul(
+            level,
+            &a,
+            &b,
+            Some(as_bytes(&corrupt)),
+            k,
+            gs,
+            None,
+            &mut out,
+        );
+        assert!(err.is_err());
+        let mut short = vec![0u32; words.len() - 1];
+        assert!(pack_weight(level, &b, k, gs, as_bytes_mut(&mut short)).is_err());
+    }
+
     #[test]
     fn equals_the_product_of_the_dequantized_operands_on_every_path() {
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
@@ -1302,6 +1471,7 @@ mod tests {
                     level,
                     &qa.operand(),
                     &qb.operand(),
+                    None,
                     k,
                     gs,
                     Some(&bias),
@@ -1343,9 +1513,9 @@ mod tests {
             let run = |level| {
                 let mut out = vec![0f32; m * n];
                 let (a, b) = (qa.operand(), qb.operand());
-                matmul(level, &a, &b, k, gs, bias, &mut out).unwrap();
+                matmul(level, &a, &b, None, k, gs, bias, &mut out).unwrap();
                 let mut low = vec![Bf16(0); m * n];
-                matmul(level, &a, &b, k, gs, bias, &mut low).unwrap();
+                matmul(level, &a, &b, None, k, gs, bias, &mut low).unwrap();
                 let want: Vec<Bf16> = out.iter().map(|&v| Bf16::from_f32(v)).collect();
                 assert_eq!(low, want, "{level:?}");
                 out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -1395,7 +1565,17 @@ mod tests {
                     let qa = extreme(m, k, gs, max_a, flip);
                     let qb = extreme(n, k, gs, max_b, flip);
                     let mut out = vec![0f32; m * n];
-                    matmul(level, &qa.operand(), &qb.operand(), k, gs, None, &mut out).unwrap();
+                    matmul(
+                        level,
+                        &qa.operand(),
+                        &qb.operand(),
+                        None,
+                        k,
+                        gs,
+                        None,
+                        &mut out,
+                    )
+                    .unwrap();
                     for i in 0..m {
                         for j in 0..n {
                             let want: i64 = (0..k)
@@ -1427,6 +1607,7 @@ mod tests {
                 level,
                 &qa.operand(),
                 &zeros.operand(),
+                None,
                 k,
                 gs,
                 None,
@@ -1446,7 +1627,17 @@ mod tests {
             let qa = Quantized::new(&data(m * 64, 1), 64, 8, 16);
             let qb = Quantized::new(&data(n * 64, 2), 64, 8, 16);
             let mut out = vec![0f32; m * n];
-            matmul(level, &qa.operand(), &qb.operand(), 64, 16, None, &mut out).unwrap();
+            matmul(
+                level,
+                &qa.operand(),
+                &qb.operand(),
+                None,
+                64,
+                16,
+                None,
+                &mut out,
+            )
+            .unwrap();
             let empty = |scale| GemmOperand {
                 codes: &[],
                 scale,
@@ -1454,7 +1645,7 @@ mod tests {
             };
             let (ea, eb) = (empty(&qa.scale), empty(&qb.scale));
             let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
-            matmul(level, &ea, &eb, 0, 16, Some(&bias), &mut out).unwrap();
+            matmul(level, &ea, &eb, None, 0, 16, Some(&bias), &mut out).unwrap();
             for row in out.chunks(n) {
                 assert_eq!(row, &bias[..], "{level:?}");
             }
@@ -1468,7 +1659,16 @@ mod tests {
         qa.codes[5] = i8::MIN;
         let mut out = vec![0f32; 6];
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
-            let err = matmul(level, &qa.operand(), &qb.operand(), 8, 4, None, &mut out);
+            let err = matmul(
+                level,
+                &qa.operand(),
+                &qb.operand(),
+                None,
+                8,
+                4,
+                None,
+                &mut out,
+            );
             assert!(matches!(err, Err(FgError::Value(msg)) if msg.contains("a.codes")));
         }
     }
@@ -1479,12 +1679,33 @@ mod tests {
         let qb = Quantized::new(&data(3 * 8, 2), 8, 8, 4);
         let mut out = vec![0f32; 6];
         let level = SimdLevel::Scalar;
-        assert!(matmul(level, &qa.operand(), &qb.operand(), 8, 8, None, &mut out).is_err());
-        assert!(matmul(level, &qa.operand(), &qb.operand(), 8, 6, None, &mut out).is_err());
         assert!(matmul(
             level,
             &qa.operand(),
             &qb.operand(),
+            None,
+            8,
+            8,
+            None,
+            &mut out
+        )
+        .is_err());
+        assert!(matmul(
+            level,
+            &qa.operand(),
+            &qb.operand(),
+            None,
+            8,
+            6,
+            None,
+            &mut out
+        )
+        .is_err());
+        assert!(matmul(
+            level,
+            &qa.operand(),
+            &qb.operand(),
+            None,
             8,
             4,
             Some(&[0.0; 2]),
@@ -1495,12 +1716,23 @@ mod tests {
             level,
             &qa.operand(),
             &qb.operand(),
+            None,
             8,
             4,
             None,
             &mut out[..5]
         )
         .is_err());
-        matmul(level, &qa.operand(), &qb.operand(), 8, 4, None, &mut out).unwrap();
+        matmul(
+            level,
+            &qa.operand(),
+            &qb.operand(),
+            None,
+            8,
+            4,
+            None,
+            &mut out,
+        )
+        .unwrap();
     }
 }

@@ -5,7 +5,7 @@
 mod gemm;
 mod quantize;
 
-pub use gemm::{matmul, GemmOperand, Output};
+pub use gemm::{matmul, pack_weight, packed_weight_bytes, GemmOperand, Output};
 pub use quantize::{
     dequantize, quantize_cols, quantize_rows, shift_of, Codes, Element, Rounding, Spec,
 };

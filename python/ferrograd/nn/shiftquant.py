@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..ops._checks import check_int
-from ..ops.shiftquant import check_spec, linear_with_codes, quantize_2d
+from ..ops.shiftquant import check_spec, linear_with_codes, weight_operand
 from .l1norm import L1LayerNorm
 
 #: Optimizer steps begun in this process, by any torch.optim.Optimizer: fused and foreach
@@ -27,9 +27,10 @@ register_optimizer_step_pre_hook(_count_step)
 
 
 class _WeightCodes:
-    """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), and what they were made
-    from: ``source`` keeps the weight's storage alive, so that no other tensor can take its
-    address while ``key`` names it."""
+    """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), each with its GEMM packing
+    (ops/shiftquant's ``weight_operand``), and what they were made from: ``source`` keeps the
+    weight's storage alive, so that no other tensor can take its address while ``key`` names
+    it."""
 
     __slots__ = ("key", "source", "forward", "transposed")
 
@@ -46,13 +47,14 @@ class ShiftQuantLinear(nn.Module):
     stochastically at ``grad_bits`` (default: ``bits``). The parameters stay float32 (the
     optimizer updates them as usual); only the GEMM operands are quantized.
 
-    ``cache_weight_codes=True`` keeps the weight's codes between calls while the weight is
-    unchanged (about 2 bytes per weight element): evaluation, gradient accumulation and
-    activation checkpointing then quantize each weight once per optimizer step instead of once
-    per call. The codes are made again after any optimizer step (torch.optim.Optimizer), any
-    in-place write to the weight (``copy_``, ``load_state_dict``), a new weight tensor
-    (``.to()``, assignment) or a change of ``bits`` / ``group_size``. Not seen: writes through
-    ``weight.data``, which torch does not record; call ``clear_weight_codes()`` after those.
+    ``cache_weight_codes=True`` keeps the weight's codes, packed for the GEMM, between calls
+    while the weight is unchanged (about 2 bytes per weight element, 4 once a backward has run):
+    evaluation, gradient accumulation and activation checkpointing then quantize and pack each
+    weight once per optimizer step instead of once per call. The codes are made again after any
+    optimizer step (torch.optim.Optimizer), any in-place write to the weight (``copy_``,
+    ``load_state_dict``), a new weight tensor (``.to()``, assignment) or a change of ``bits`` /
+    ``group_size``. Not seen: writes through ``weight.data``, which torch does not record; call
+    ``clear_weight_codes()`` after those.
     Under torch.compile the cache is not used.
     """
 
@@ -154,19 +156,15 @@ class ShiftQuantLinear(nn.Module):
             check_spec("ShiftQuantLinear", self.bits, self.group_size)
             codes = self._codes = _WeightCodes(w, key)
         if not codes.forward:
-            codes.forward = self._quantized(w, False)
+            codes.forward = weight_operand(w, self.bits, self.group_size)
         grads = (x, w, self.bias)
         if (
             not codes.transposed
             and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in grads)
         ):
-            codes.transposed = self._quantized(w, True)
+            codes.transposed = weight_operand(w, self.bits, self.group_size, transposed=True)
         return codes.forward + codes.transposed
-
-    def _quantized(self, w: torch.Tensor, transposed: bool) -> list[torch.Tensor]:
-        q = quantize_2d(w, self.bits, self.group_size, transposed=transposed)
-        return [q.codes, q.scale, q.shifts]
 
     def extra_repr(self) -> str:
         return (

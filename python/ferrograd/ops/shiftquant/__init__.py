@@ -44,6 +44,7 @@ __all__ = [
     "shiftquant",
     "shiftquant_linear",
     "shiftquant_matmul",
+    "weight_operand",
 ]
 
 _ROUNDINGS = ("nearest", "stochastic")
@@ -177,7 +178,7 @@ def _setup_linear(ctx, inputs, output) -> None:
     x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _ = inputs[:7]
     # Q(W) and, when cached, Q(Wᵀ) (ShiftQuantLinear's cache): the backward takes the latter.
     codes = inputs[7] if len(inputs) > 7 else None
-    ctx.save_for_backward(x, weight, *(codes or [])[3:])
+    ctx.save_for_backward(x, weight, *(codes or [])[4:])
     ctx.has_bias = bias is not None
     ctx.inputs = len(inputs)  # ``call`` passes the trailing defaults or not
 
@@ -388,6 +389,16 @@ def shiftquant_linear(
     return linear_with_codes(x, weight, bias, bits, grad_bits, group_size, None)
 
 
+def weight_operand(
+    weight: torch.Tensor, bits: int, group_size: int, transposed: bool = False
+) -> list[torch.Tensor]:
+    """Q(W) (or Q(Wᵀ)) of a weight [N, K] as ``linear_with_codes`` takes it, made by the
+    kernels of the weight's device (linear.weight_operand)."""
+    kernels = {"cpu": cpu, "cuda": cuda}.get(weight.device.type, reference)
+    with torch.no_grad():
+        return linear.weight_operand(kernels, weight.detach(), bits, group_size, transposed)
+
+
 def linear_with_codes(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -398,8 +409,8 @@ def linear_with_codes(
     weight_codes: list[torch.Tensor] | None,
 ) -> torch.Tensor:
     """``shiftquant_linear`` with the weight's codes made earlier (ShiftQuantLinear's cache):
-    Q(W) (codes, scale, shifts) and, for the backward, optionally Q(Wᵀ) after them; None
-    quantizes the weight in the call."""
+    ``weight_operand(weight, ...)`` and, for the backward, optionally the transposed one after
+    it; None quantizes the weight in the call."""
     op = "shiftquant_linear"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)

@@ -127,11 +127,25 @@ def matmul(
     group_size: int,
     bias: torch.Tensor | None,
     dtype: torch.dtype,
+    packed_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """a @ b.T (+ bias); ``packed_b`` (``pack_weight`` of b) spares packing b."""
     m, k = a_codes.shape
     bf16 = dtype == torch.bfloat16
     out = fresh(torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32))
     operands = [t.contiguous() for t in (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts)]
     bias = None if bias is None else bias.float().contiguous()
-    _core.shiftquant_matmul(*operands, k, group_size, out, bias)
+    _core.shiftquant_matmul(*operands, k, group_size, out, bias, packed_b)
     return out if bf16 or dtype == torch.float32 else out.to(dtype)
+
+
+def pack_weight(
+    codes: torch.Tensor, scale: torch.Tensor, shifts: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The quantized weight [N, K] in the GEMM kernel's panels (uint8; the layout is
+    rust/shiftquant/gemm/prepacked.rs'), for ``matmul(..., packed_b=)`` with it as b."""
+    n, k = codes.shape
+    out = torch.empty(_core.shiftquant_packed_weight_bytes(n, k, group_size), dtype=torch.uint8)
+    operands = [t.contiguous() for t in (codes, scale, shifts)]
+    _core.shiftquant_pack_weight(*operands, k, group_size, out)
+    return out

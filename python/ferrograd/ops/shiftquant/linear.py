@@ -12,8 +12,9 @@ where the kernel set keeps them (cpu.py): each GEMM consumes its pair before the
 filled again.
 
 ``weight_codes`` hands in Q(W) (and ``weight_codes_t`` Q(Wᵀ)) made earlier by the same rule from
-the same weight, as ShiftQuantLinear's weight-codes cache does (nn/shiftquant.py); the layer
-then skips quantizing the weight.
+the same weight, as ShiftQuantLinear's weight-codes cache does (nn/shiftquant.py): per
+operand codes, scale, shifts and the GEMM's packed layout of them (``weight_operand``; empty
+where the kernel set has none). The layer then neither quantizes nor packs the weight.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ def forward(
     backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
-    qw = (
-        weight_codes[:3]
-        if weight_codes
-        else kernels.quantize(weight, bits, group_size, None, False, slot=1)
-    )
-    y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
+    if weight_codes:
+        y = _matmul(kernels, qx, weight_codes[:4], group_size, bias, dtype or x.dtype)
+    else:
+        qw = kernels.quantize(weight, bits, group_size, None, False, slot=1)
+        y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -64,8 +64,12 @@ def backward(
     dy = grad.reshape(rows, n)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
     q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
-    q_wt = weight_codes_t or kernels.quantize(weight, bits, group_size, None, True, slot=1)
-    dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype).reshape(x.shape)
+    if weight_codes_t:
+        dx = _matmul(kernels, q_dy, weight_codes_t, group_size, None, x.dtype)
+    else:
+        q_wt = kernels.quantize(weight, bits, group_size, None, True, slot=1)
+        dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype)
+    dx = dx.reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     # The bias gradient (dY's column sums) comes from the same read of dY.
     q_dyt, db = kernels.quantize_with_col_sums(
@@ -74,3 +78,21 @@ def backward(
     q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True, slot=1)
     dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
     return dx, dw, db.to(weight.dtype)
+
+
+def weight_operand(
+    kernels: ModuleType, weight: torch.Tensor, bits: int, group_size: int, transposed: bool
+) -> list[torch.Tensor]:
+    """Q(W) (or Q(Wᵀ)) as ``weight_codes`` takes it: codes, scale, shifts and, where the kernel
+    set packs operands (cpu.py), the packed layout (else an empty tensor)."""
+    q = kernels.quantize(weight, bits, group_size, None, transposed)
+    pack = getattr(kernels, "pack_weight", None)
+    packed = pack(*q, group_size) if pack else q[0].new_empty(0, dtype=torch.uint8)
+    return [*q, packed]
+
+
+def _matmul(kernels, qa, weight, group_size, bias, dtype) -> torch.Tensor:
+    """qa @ Q(W).T with Q(W) from ``weight_operand``."""
+    codes, scale, shifts, packed = weight
+    extra = {"packed_b": packed} if packed.numel() else {}
+    return kernels.matmul(*qa, codes, scale, shifts, group_size, bias, dtype, **extra)
