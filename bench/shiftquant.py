@@ -21,6 +21,7 @@ on one machine does not overwrite another's.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -179,6 +180,40 @@ def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
     bench.add(row)
 
 
+def linear_eval(bench: Bench, tokens: int, k: int, n: int) -> None:
+    """Forward only, without gradients (evaluation, generation): ShiftQuantLinear with and
+    without its weight-codes cache (then the weight is quantized and packed once, not per call)
+    against nn.Linear in float32 and with bf16 weights, the strongest a user evaluating on a
+    BF16 CPU has (no per-call cast); x in bf16 for the bf16 rows."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(k, n)
+    plain = fg.nn.ShiftQuantLinear.from_linear(ref)
+    cached = fg.nn.ShiftQuantLinear.from_linear(ref, cache_weight_codes=True)
+    x = torch.randn(tokens, k)
+    fns = {"ours": lambda: plain(x), "cached": lambda: cached(x), "torch": lambda: ref(x)}
+    if BASELINES_16_8:
+        ref16, x16 = copy.deepcopy(ref).bfloat16(), x.bfloat16()
+        fns["bf16"] = lambda: ref16(x16)
+        fns["cached_bf16"] = lambda: cached(x16)
+    with torch.no_grad():
+        t = interleaved_times(fns, repeats=25 if tokens < 64 else 9)
+    row = {
+        "case": f"linear eval {tokens}x{k}->{n}",
+        "ours_ms": t["ours"] * 1e3,
+        "cached_ms": t["cached"] * 1e3,
+        "torch_ms": t["torch"] * 1e3,
+        "speedup": t["torch"] / t["cached"],
+        "cache_speedup": t["ours"] / t["cached"],
+    }
+    if BASELINES_16_8:
+        row |= {
+            "bf16_ms": t["bf16"] * 1e3,
+            "cached_bf16_ms": t["cached_bf16"] * 1e3,
+            "vs_bf16": t["bf16"] / t["cached_bf16"],
+        }
+    bench.add(row)
+
+
 def quantize(bench: Bench, rows: int, cols: int) -> None:
     x = torch.randn(rows, cols)
     t = interleaved_times({"rows": lambda: fg.shiftquant(x), "copy": lambda: x.clone()}, repeats=9)
@@ -328,6 +363,10 @@ def main(threads: int | None = None) -> None:
     # The demo model's shapes (dim 512, MLP 1376) at 1024 tokens.
     for k, n in ((512, 512), (512, 1376), (1376, 512)):
         linear(bench, 1024, k, n)
+    for tokens in (1, 8, 32):
+        linear_eval(bench, tokens, 4096, 4096)
+    linear_eval(bench, 8, 512, 1376)
+    linear_eval(bench, 1024, 512, 1376)
     quantize(bench, 4096, 4096)
     l1norm(bench, 8192, 1024)
     fidelity(bench, 300)
@@ -344,6 +383,10 @@ def main(threads: int | None = None) -> None:
             "returns bf16 and quantizes the bf16 output gradient as it is), float32 x",
             "vs_int_mm": "torch._int_mm time (int8 x int8 -> int32, no scales) / ferrograd time",
             "speedup_with_quant": "as speedup, with both operands quantized inside the timing",
+            "linear_eval": "forward under torch.no_grad: cached = ShiftQuantLinear("
+            "cache_weight_codes=True) (weight quantized and packed once), ours = without; "
+            "speedup = float32 nn.Linear / cached, vs_bf16 = nn.Linear with bf16 weights on bf16 x "
+            "/ cached on the same bf16 x, cache_speedup = ours / cached",
             "int8_peak": "per row: threads x vector ports that multiply (assumed) x int8 MACs "
             "per port and cycle x the measured clock (see the module docstring)",
             "int_mm_peak_frac": "torch._int_mm's multiply-adds per second / the same int8 peak",

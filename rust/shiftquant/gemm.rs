@@ -163,6 +163,8 @@ struct Kernel {
     /// tokens, 2 threads), and its parallel region a wait of its own.
     a_in_place: bool,
     run: unsafe fn(&Tile),
+    /// The same kernel with MR = 1, 2, ... below `mr` (`fit_rows`), where there is one.
+    narrower: &'static [unsafe fn(&Tile)],
 }
 
 impl Kernel {
@@ -177,6 +179,7 @@ impl Kernel {
             direct: false,
             a_in_place: false,
             run: scalar_4x8,
+            narrower: &[],
         };
         match level {
             #[cfg(target_arch = "x86_64")]
@@ -186,7 +189,8 @@ impl Kernel {
                 b_offset: 128,
                 direct: true,
                 a_in_place: true,
-                run: x86::vnni_6x32,
+                run: x86::vnni::<6>,
+                narrower: &x86::VNNI_NARROWER,
                 ..plain
             },
             #[cfg(target_arch = "x86_64")]
@@ -217,6 +221,18 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// The kernel for an A of `m` rows: below MR one with MR = m where the kernel has one, so
+    /// that no multiply-adds go to rows that are not there (at M = 1, 5/6 of the VNNI kernel's;
+    /// a layer's evaluation at one token).
+    fn fit_rows(self, m: usize) -> Kernel {
+        match self.narrower.get(m.wrapping_sub(1)) {
+            Some(&run) if m < self.mr => Kernel { mr: m, run, ..self },
+            _ => self,
+        }
+    }
+}
+
 /// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
 const MC: usize = 192;
 const NC: usize = 512;
@@ -229,6 +245,10 @@ const KC: usize = 512;
 /// thread, 1.4-1.6x slower than two (Zen 5, 2 cores).
 const PACK_PER_THREAD: usize = 1 << 18;
 const MACS_PER_THREAD: usize = 1 << 25;
+/// Bytes of B per thread: at a few rows of A the GEMM streams B (a weight) from memory, and two
+/// threads stream faster than one (8 x 4096 x 4096 with B packed ahead: 2 MB here is about
+/// 0.1 ms of one core's reading).
+const B_BYTES_PER_THREAD: usize = 1 << 21;
 /// What one output element costs beside its K multiply-adds (the epilogue's scaling and store,
 /// the accumulator round trips), in multiply-adds: at K = 128 a 4096 x 384 output took 1.46 ms
 /// on one Zen 5 core, of which the multiply-adds were a third. Counting only M·N·K, the
@@ -640,7 +660,7 @@ pub fn matmul<T: Output>(
             )));
         }
     }
-    let kernel = Kernel::select(level, max_a, max_b);
+    let kernel = Kernel::select(level, max_a, max_b).fit_rows(m);
     let plan = Plan::new(k, group_size);
     let layout = |rows: usize, r: usize| plan.layout(rows, r);
     let [buffers_a, buffers_b] = PACKED.with_borrow_mut(std::mem::take);
@@ -669,7 +689,8 @@ pub fn matmul<T: Output>(
             (pb, None)
         }
     };
-    let parallel = m * n * (k + MACS_PER_OUTPUT) >= 2 * MACS_PER_THREAD;
+    let parallel = m * n * (k + MACS_PER_OUTPUT) >= 2 * MACS_PER_THREAD
+        || (n * k >= 2 * B_BYTES_PER_THREAD && n > NC);
     let blocks_n = n.div_ceil(NC);
     let mc = block_rows(m, kernel.mr, blocks_n, parallel.then(threads::num_threads));
     let blocks_m = m.div_ceil(mc);
@@ -1027,11 +1048,15 @@ mod x86 {
     use super::{Direct, Format, Tile};
     use crate::simd::bf16_bits_avx512;
 
-    /// AVX-512 VNNI: 6 rows x 32 columns; B holds qb + 128 as unsigned bytes, each A quad is
-    /// broadcast, and the accumulators start at -128 · Σ qa to cancel the offset.
+    /// `vnni` with MR = 1..=5, for fewer rows of A than 6.
+    pub(super) const VNNI_NARROWER: [unsafe fn(&Tile); 5] =
+        [vnni::<1>, vnni::<2>, vnni::<3>, vnni::<4>, vnni::<5>];
+
+    /// AVX-512 VNNI: MR rows (6, or fewer for a short A) x 32 columns; B holds qb + 128 as
+    /// unsigned bytes, each A quad is broadcast, and the accumulators start at -128 · Σ qa to
+    /// cancel the offset.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn vnni_6x32(t: &Tile) {
-        const MR: usize = 6;
+    pub(super) unsafe fn vnni<const MR: usize>(t: &Tile) {
         let mut f = [[_mm512_setzero_ps(); 2]; MR];
         if !t.first {
             for (i, row) in f.iter_mut().enumerate() {
@@ -1141,7 +1166,7 @@ mod x86 {
     }
 
     /// Adds group g's int32 sums, scaled by 2^-(ka + kb), into the float accumulators. The
-    /// factor's exponent is added in the integer unit (as in `vnni_6x32`), which leaves one
+    /// factor's exponent is added in the integer unit (as in `vnni`), which leaves one
     /// float operation per accumulator after the conversion instead of two; the product is
     /// exact either way.
     #[inline(always)]
@@ -1504,6 +1529,12 @@ mod tests {
             (13, 70, 600, 64, 8, true),
             (20, 33, 300, 32, 6, true),
             (7, 21, 128, 64, 8, false),
+            // Fewer rows than the VNNI kernel's 6 (`fit_rows`), A in place and packed.
+            (1, 600, 256, 64, 8, true),
+            (2, 40, 64, 16, 8, true),
+            (3, 70, 128, 32, 8, false),
+            (4, 530, 203, 64, 8, true),
+            (5, 33, 200, 64, 6, true),
         ];
         for (m, n, k, gs, bits, with_bias) in cases {
             let qa = Quantized::new(&data(m * k, 4), k, bits, gs);
