@@ -12,9 +12,9 @@ from ..ops._checks import check_int
 from ..ops.shiftquant import check_spec, linear_with_codes, weight_operand
 from .l1norm import L1LayerNorm
 
-#: Optimizer steps begun in this process, by any torch.optim.Optimizer: fused and foreach
-#: steps write parameters without bumping their version counters, so a cached weight's codes
-#: are only trusted within one count.
+#: Optimizer steps begun in this process, by any torch.optim.Optimizer: some steps write the
+#: parameters without bumping their version counters (AdamW(fused=True), ferrograd's SPAM), so a
+#: cached weight's codes are only trusted within one count.
 _optimizer_steps = 0
 
 
@@ -137,6 +137,7 @@ class ShiftQuantLinear(nn.Module):
             or w.dim() != 2
             or w.numel() == 0
             or w.is_inference()
+            or w.device.type not in ("cpu", "cuda")
             or w.device != x.device
         ):
             return None
