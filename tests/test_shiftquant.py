@@ -6,6 +6,7 @@ GPU. The CUDA GEMM's fragment decomposition is also emulated on the CPU (tests/s
 from __future__ import annotations
 
 import copy
+import io
 import math
 from pathlib import Path
 
@@ -395,6 +396,21 @@ def test_a_weight_packed_ahead_gives_the_float64_product(dtype):
         sq_cpu.matmul(*qa, *other, 32, None, dtype, packed_b=packed)
     with pytest.raises(ValueError, match="shiftquant_matmul: packed_b"):
         sq_cpu.matmul(*qa, *qw, 32, None, dtype, packed_b=packed[:-64])
+
+
+def test_a_copied_or_pickled_layer_leaves_the_cache_behind():
+    layer = fg.nn.ShiftQuantLinear(64, 16, cache_weight_codes=True)
+    x = sample((3, 64), 4)
+    with torch.no_grad():
+        want = layer(x)
+    assert layer._codes is not None
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert other._codes is None and other.cache_weight_codes
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
 
 
 def test_cached_weight_codes_under_torch_compile_and_bad_flags():

@@ -1710,60 +1710,17 @@ mod tests {
         let qb = Quantized::new(&data(3 * 8, 2), 8, 8, 4);
         let mut out = vec![0f32; 6];
         let level = SimdLevel::Scalar;
-        assert!(matmul(
-            level,
-            &qa.operand(),
-            &qb.operand(),
-            None,
-            8,
-            8,
-            None,
-            &mut out
-        )
-        .is_err());
-        assert!(matmul(
-            level,
-            &qa.operand(),
-            &qb.operand(),
-            None,
-            8,
-            6,
-            None,
-            &mut out
-        )
-        .is_err());
-        assert!(matmul(
-            level,
-            &qa.operand(),
-            &qb.operand(),
-            None,
-            8,
-            4,
-            Some(&[0.0; 2]),
-            &mut out
-        )
-        .is_err());
-        assert!(matmul(
-            level,
-            &qa.operand(),
-            &qb.operand(),
-            None,
-            8,
-            4,
-            None,
-            &mut out[..5]
-        )
-        .is_err());
-        matmul(
-            level,
-            &qa.operand(),
-            &qb.operand(),
-            None,
-            8,
-            4,
-            None,
-            &mut out,
-        )
-        .unwrap();
+        let (a, b) = (qa.operand(), qb.operand());
+        // A group size that does not match the shifts, one that is not a multiple of 4, a bias
+        // of the wrong length, an output of the wrong size.
+        for (gs, bias, len) in [
+            (8, None, 6),
+            (6, None, 6),
+            (4, Some(&[0.0; 2][..]), 6),
+            (4, None, 5),
+        ] {
+            assert!(matmul(level, &a, &b, None, 8, gs, bias, &mut out[..len]).is_err());
+        }
+        matmul(level, &a, &b, None, 8, 4, None, &mut out).unwrap();
     }
 }

@@ -121,6 +121,11 @@ class ShiftQuantLinear(nn.Module):
         w, b = self.weight, self.bias
         return linear_with_codes(x, w, b, self.bits, self.grad_bits, self.group_size, codes)
 
+    def __getstate__(self) -> dict:
+        # A pickled or deep-copied layer starts without the cache (up to 4 bytes per weight
+        # element that the copy would make again anyway: its weight is another tensor).
+        return {**super().__getstate__(), "_codes": None}
+
     def clear_weight_codes(self) -> None:
         """Drops the cached weight codes (``cache_weight_codes``): the next call makes them
         from the weight as it is then."""
