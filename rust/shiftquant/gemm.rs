@@ -204,14 +204,16 @@ impl Kernel {
                         nr: 16,
                         a_offset: max_a as u8,
                         depth,
-                        run: x86::avx2_unsigned_6x16,
+                        run: x86::avx2_unsigned::<6>,
+                        narrower: &x86::AVX2_UNSIGNED_NARROWER,
                         ..plain
                     }
                 } else {
                     Kernel {
                         mr: 4,
                         nr: 16,
-                        run: x86::avx2_4x16,
+                        run: x86::avx2_signed::<4>,
+                        narrower: &x86::AVX2_SIGNED_NARROWER,
                         ..plain
                     }
                 }
@@ -1274,17 +1276,29 @@ mod x86 {
     /// 32 products bound this kernel near 24 multiply-adds per cycle (measured 20-21 in the
     /// GEMM). Two B vectors per broadcast of A (4 x 16, its 8 int32 sums in registers) ran 3-6%
     /// faster than 6 x 8, which was 0-8% faster than 4 x 8.
+    /// MR = 4, or fewer for a short A (`AVX2_SIGNED_NARROWER`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_4x16(t: &Tile) {
-        let mut f = load_acc::<4, 2>(t);
+    pub(super) unsafe fn avx2_signed<const MR: usize>(t: &Tile) {
+        let mut f = load_acc::<MR, 2>(t);
         let (mut a, mut b) = (t.a, t.b);
         for g in 0..t.groups {
-            let zero = [[_mm256_setzero_si256(); 2]; 4];
-            let s = group_sums::<4, 2, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
+            let zero = [[_mm256_setzero_si256(); 2]; MR];
+            let s = group_sums::<MR, 2, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
             fold(t, g, &s, &mut f);
         }
         store_acc(t, &f);
     }
+
+    /// `avx2_signed` with MR = 1..=3 and `avx2_unsigned` with MR = 1..=5, for fewer rows of A.
+    pub(super) const AVX2_SIGNED_NARROWER: [unsafe fn(&Tile); 3] =
+        [avx2_signed::<1>, avx2_signed::<2>, avx2_signed::<3>];
+    pub(super) const AVX2_UNSIGNED_NARROWER: [unsafe fn(&Tile); 5] = [
+        avx2_unsigned::<1>,
+        avx2_unsigned::<2>,
+        avx2_unsigned::<3>,
+        avx2_unsigned::<4>,
+        avx2_unsigned::<5>,
+    ];
 
     /// AVX2 below 8 bits: 6 rows x 16 columns with A stored as qa + max|qa| (unsigned), so
     /// `vpmaddubsw` needs no `vpsignb`; the sums start at -max|qa| · Σ qb. Widening once per
@@ -1292,14 +1306,15 @@ mod x86 {
     /// vectors per broadcast of A: on Zen 3 the 6 x 8 kernel's broadcasts and loop overhead
     /// held it near 28 multiply-adds per cycle; a step of this one (12 `vpmaddubsw`) runs in
     /// 6.9 cycles alone, and the GEMM gained 7-13%.
+    /// MR = 6, or fewer for a short A (`AVX2_UNSIGNED_NARROWER`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2_unsigned_6x16(t: &Tile) {
-        let mut f = load_acc::<6, 2>(t);
+    pub(super) unsafe fn avx2_unsigned<const MR: usize>(t: &Tile) {
+        let mut f = load_acc::<MR, 2>(t);
         let (mut a, mut b) = (t.a, t.b);
         for g in 0..t.groups {
             let corr = t.b_corr.add(g * 16);
             let corr = [0, 8].map(|v| _mm256_loadu_si256(corr.add(v).cast()));
-            let s = group_sums::<6, 2, false>(t, *t.steps.add(g), (&mut a, &mut b), [corr; 6]);
+            let s = group_sums::<MR, 2, false>(t, *t.steps.add(g), (&mut a, &mut b), [corr; MR]);
             fold(t, g, &s, &mut f);
         }
         store_acc(t, &f);
@@ -1535,6 +1550,8 @@ mod tests {
             (3, 70, 128, 32, 8, false),
             (4, 530, 203, 64, 8, true),
             (5, 33, 200, 64, 6, true),
+            (2, 50, 96, 32, 5, false),
+            (4, 20, 64, 64, 4, true),
         ];
         for (m, n, k, gs, bits, with_bias) in cases {
             let qa = Quantized::new(&data(m * k, 4), k, bits, gs);
