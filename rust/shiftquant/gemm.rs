@@ -1370,6 +1370,18 @@ mod tests {
         }
     }
 
+    /// A [m, k] and B [n, k] quantized at these bit widths (data seeded by `seed`, `seed + 1`)
+    /// and a bias of n.
+    fn operands(
+        (m, n, k, gs): (usize, usize, usize, usize),
+        (bits_a, bits_b): (u32, u32),
+        seed: u64,
+    ) -> (Quantized, Quantized, Vec<f32>) {
+        let qa = Quantized::new(&data(m * k, seed), k, bits_a, gs);
+        let qb = Quantized::new(&data(n * k, seed + 1), k, bits_b, gs);
+        (qa, qb, (0..n).map(|j| j as f32 * 0.37 - 3.0).collect())
+    }
+
     fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
@@ -1414,9 +1426,7 @@ mod tests {
             (20, 600, 1100, 64, (8, 6)),
             (1, 33, 7, 4, (6, 8)),
         ] {
-            let qa = Quantized::new(&data(m * k, 6), k, bits_a, gs);
-            let qb = Quantized::new(&data(n * k, 7), k, bits_b, gs);
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.3 - 1.0).collect();
+            let (qa, qb, bias) = operands((m, n, k, gs), (bits_a, bits_b), 6);
             for &level in &levels {
                 let mut want = vec![0f32; m * n];
                 let (a, b) = (qa.operand(), qb.operand());
@@ -1503,9 +1513,7 @@ mod tests {
                 (11, 19, 200, 32, (7, 4)),
                 (11, 19, 200, 32, (5, 3)),
             ] {
-                let qa = Quantized::new(&data(m * k, 1), k, bits_a, gs);
-                let qb = Quantized::new(&data(n * k, 2), k, bits_b, gs);
-                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
+                let (qa, qb, bias) = operands((m, n, k, gs), (bits_a, bits_b), 1);
                 let mut out = vec![0f32; m * n];
                 matmul(
                     level,
@@ -1554,9 +1562,7 @@ mod tests {
             (4, 20, 64, 64, 4, true),
         ];
         for (m, n, k, gs, bits, with_bias) in cases {
-            let qa = Quantized::new(&data(m * k, 4), k, bits, gs);
-            let qb = Quantized::new(&data(n * k, 5), k, bits, gs);
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.37 - 3.0).collect();
+            let (qa, qb, bias) = operands((m, n, k, gs), (bits, bits), 4);
             let bias = with_bias.then_some(&bias[..]);
             let run = |level| {
                 let mut out = vec![0f32; m * n];
