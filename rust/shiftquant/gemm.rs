@@ -1515,17 +1515,8 @@ mod tests {
             ] {
                 let (qa, qb, bias) = operands((m, n, k, gs), (bits_a, bits_b), 1);
                 let mut out = vec![0f32; m * n];
-                matmul(
-                    level,
-                    &qa.operand(),
-                    &qb.operand(),
-                    None,
-                    k,
-                    gs,
-                    Some(&bias),
-                    &mut out,
-                )
-                .unwrap();
+                let (a, b) = (qa.operand(), qb.operand());
+                matmul(level, &a, &b, None, k, gs, Some(&bias), &mut out).unwrap();
                 for i in 0..m {
                     let ra = qa.row(i, k, gs);
                     for j in 0..n {
@@ -1619,17 +1610,8 @@ mod tests {
                     let qa = extreme(m, k, gs, max_a, flip);
                     let qb = extreme(n, k, gs, max_b, flip);
                     let mut out = vec![0f32; m * n];
-                    matmul(
-                        level,
-                        &qa.operand(),
-                        &qb.operand(),
-                        None,
-                        k,
-                        gs,
-                        None,
-                        &mut out,
-                    )
-                    .unwrap();
+                    let (a, b) = (qa.operand(), qb.operand());
+                    matmul(level, &a, &b, None, k, gs, None, &mut out).unwrap();
                     for i in 0..m {
                         for j in 0..n {
                             let want: i64 = (0..k)
@@ -1657,17 +1639,8 @@ mod tests {
             let zeros = Quantized::new(&vec![0.0; n * k], k, 8, gs);
             let qa = Quantized::new(&data(m * k, 3), k, 6, gs);
             let mut out = vec![1f32; m * n];
-            matmul(
-                level,
-                &qa.operand(),
-                &zeros.operand(),
-                None,
-                k,
-                gs,
-                None,
-                &mut out,
-            )
-            .unwrap();
+            let (a, b) = (qa.operand(), zeros.operand());
+            matmul(level, &a, &b, None, k, gs, None, &mut out).unwrap();
             assert!(out.iter().all(|&v| v == 0.0), "{level:?}");
         }
     }
@@ -1681,17 +1654,8 @@ mod tests {
             let qa = Quantized::new(&data(m * 64, 1), 64, 8, 16);
             let qb = Quantized::new(&data(n * 64, 2), 64, 8, 16);
             let mut out = vec![0f32; m * n];
-            matmul(
-                level,
-                &qa.operand(),
-                &qb.operand(),
-                None,
-                64,
-                16,
-                None,
-                &mut out,
-            )
-            .unwrap();
+            let (a, b) = (qa.operand(), qb.operand());
+            matmul(level, &a, &b, None, 64, 16, None, &mut out).unwrap();
             let empty = |scale| GemmOperand {
                 codes: &[],
                 scale,
@@ -1713,16 +1677,8 @@ mod tests {
         qa.codes[5] = i8::MIN;
         let mut out = vec![0f32; 6];
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
-            let err = matmul(
-                level,
-                &qa.operand(),
-                &qb.operand(),
-                None,
-                8,
-                4,
-                None,
-                &mut out,
-            );
+            let (a, b) = (qa.operand(), qb.operand());
+            let err = matmul(level, &a, &b, None, 8, 4, None, &mut out);
             assert!(matches!(err, Err(FgError::Value(msg)) if msg.contains("a.codes")));
         }
     }
