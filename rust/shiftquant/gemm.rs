@@ -623,11 +623,7 @@ pub fn matmul<T: Output>(
     out: &mut [T],
 ) -> FgResult<()> {
     let (m, n) = (a.rows(), b.rows());
-    if group_size == 0 || !group_size.is_multiple_of(4) {
-        return Err(FgError::Value(format!(
-            "shiftquant_matmul: group_size must be a positive multiple of 4, got {group_size}"
-        )));
-    }
+    check_group_size("shiftquant_matmul", group_size)?;
     a.check("a", k, group_size)?;
     b.check("b", k, group_size)?;
     if out.len() != m * n {
@@ -727,6 +723,16 @@ pub fn matmul<T: Output>(
     }
     let buffers_b = spare_b.unwrap_or_else(|| pb.into_buffers());
     PACKED.set([pa.into_buffers(), buffers_b]);
+    Ok(())
+}
+
+/// The GEMM walks K in quads: a group must hold whole ones.
+fn check_group_size(op: &str, group_size: usize) -> FgResult<()> {
+    if group_size == 0 || !group_size.is_multiple_of(4) {
+        return Err(FgError::Value(format!(
+            "{op}: group_size must be a positive multiple of 4, got {group_size}"
+        )));
+    }
     Ok(())
 }
 

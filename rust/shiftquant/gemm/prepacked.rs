@@ -10,7 +10,9 @@
 
 use std::borrow::Cow;
 
-use super::{max_abs_code, pack, Buffers, GemmOperand, Kernel, Packed, Plan, MAX_CODE};
+use super::{
+    check_group_size, max_abs_code, pack, Buffers, GemmOperand, Kernel, Packed, Plan, MAX_CODE,
+};
 use crate::error::{FgError, FgResult};
 use crate::simd::SimdLevel;
 
@@ -35,15 +37,6 @@ fn regions(plan: &Plan, n: usize, nr: usize) -> (usize, usize) {
 
 fn total_bytes((data, meta): (usize, usize)) -> usize {
     HEADER + data.next_multiple_of(ALIGN) + 2 * (4 * meta).next_multiple_of(ALIGN)
-}
-
-fn check_group_size(op: &str, group_size: usize) -> FgResult<()> {
-    if group_size == 0 || !group_size.is_multiple_of(4) {
-        return Err(FgError::Value(format!(
-            "{op}: group_size must be a positive multiple of 4, got {group_size}"
-        )));
-    }
-    Ok(())
 }
 
 /// The bytes `pack_weight` writes for an N x K weight at this SIMD level.
