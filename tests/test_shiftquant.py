@@ -398,6 +398,25 @@ def test_a_weight_packed_ahead_gives_the_float64_product(dtype):
         sq_cpu.matmul(*qa, *qw, 32, None, dtype, packed_b=packed[:-64])
 
 
+def test_checkpointing_recomputes_the_forward_from_the_cached_codes(monkeypatch):
+    from ferrograd.nn import shiftquant as sq_nn
+
+    made = []
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("transposed", False))
+        return weight_operand(*args, **kwargs)
+
+    weight_operand = sq_nn.weight_operand
+    monkeypatch.setattr(sq_nn, "weight_operand", counting)
+    layer = fg.nn.ShiftQuantLinear(64, 32, cache_weight_codes=True)
+    x = sample((8, 64), 5).requires_grad_()
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.backward(torch.ones_like(y))
+    assert made == [False, True]  # Q(W) and Q(Wᵀ) once; the recomputed forward hit the cache
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 def test_a_copied_or_pickled_layer_leaves_the_cache_behind():
     layer = fg.nn.ShiftQuantLinear(64, 16, cache_weight_codes=True)
     x = sample((3, 64), 4)
