@@ -1505,6 +1505,35 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_as_a_packed_weight_give_a_result_or_an_error() {
+        // Mutated copies of a packed weight (bytes flipped anywhere, header included, and cut
+        // or grown): every length is checked before a read, so each call returns, on every
+        // level, whatever the content.
+        let (k, gs) = (96, 32);
+        let (qa, qb, _) = operands((5, 40, k, gs), (8, 6), 11);
+        let (a, b) = (qa.operand(), qb.operand());
+        let mut rng = crate::rng::SplitMix64::new(12);
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let words = packed_weight(level, &qb, k, gs);
+            for trial in 0..300 {
+                let mut w = words.clone();
+                for _ in 0..=trial % 8 {
+                    let at = rng.next_u64() as usize % w.len();
+                    let at = if trial % 3 == 0 { at % 16 } else { at }; // the header, often
+                    w[at] ^= 1 << (rng.next_u64() % 32);
+                }
+                match trial % 5 {
+                    0 => w.truncate(w.len() - 1 - rng.next_u64() as usize % 8),
+                    1 => w.push(0),
+                    _ => {}
+                }
+                let mut out = vec![0f32; 5 * 40];
+                let _ = matmul(level, &a, &b, Some(as_bytes(&w)), k, gs, None, &mut out);
+            }
+        }
+    }
+
+    #[test]
     fn equals_the_product_of_the_dequantized_operands_on_every_path() {
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
             // Equal and mixed bit widths (ShiftQuantLinear's backward multiplies grad_bits codes

@@ -185,10 +185,12 @@ impl<'a> Weight<'a> {
         if format(kernel) != self.format {
             return None;
         }
-        // Only kernels that store A offset (`Kernel::a_offset` > 0) read B's corrections.
+        // Only kernels that store A offset (`Kernel::a_offset` > 0) read B's corrections. A real
+        // weight's products fit in i32 (|Σ| <= group size x 127, offset <= 127); wrapping keeps
+        // corrupt bytes a wrong result rather than an overflow panic.
         let corr = match i32::from(kernel.a_offset) {
             0 => Cow::Borrowed(self.sums),
-            offset => Cow::Owned(self.sums.iter().map(|&s| s * offset).collect()),
+            offset => Cow::Owned(self.sums.iter().map(|&s| s.wrapping_mul(offset)).collect()),
         };
         Some(Packed {
             layout: plan.layout(n, kernel.nr),
