@@ -660,14 +660,13 @@ pub fn matmul<T: Output>(
     }
     let kernel = Kernel::select(level, max_a, max_b).fit_rows(m);
     let plan = Plan::new(k, group_size);
-    let layout = |rows: usize, r: usize| plan.layout(rows, r);
     let [buffers_a, buffers_b] = PACKED.with_borrow_mut(std::mem::take);
     // A packed is read once per block of NC columns: copying it pays off only over several.
     let a_in_place = kernel.a_in_place && k.is_multiple_of(4) && n <= NC;
     let pa = pack(
         a,
         (k, group_size),
-        layout(m, kernel.mr),
+        plan.layout(m, kernel.mr),
         (kernel.a_offset, kernel.b_offset),
         buffers_a,
         a_in_place,
@@ -679,7 +678,7 @@ pub fn matmul<T: Output>(
             let pb = pack(
                 b,
                 (k, group_size),
-                layout(n, kernel.nr),
+                plan.layout(n, kernel.nr),
                 offsets,
                 buffers_b,
                 false,

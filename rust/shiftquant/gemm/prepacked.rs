@@ -90,7 +90,7 @@ pub fn pack_weight(
         (k, group_size),
         layout,
         (kernel.b_offset, 1),
-        Buffers::default(),
+        Buffers::EMPTY,
         false,
     );
     let words = [

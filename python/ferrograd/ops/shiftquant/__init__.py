@@ -175,12 +175,10 @@ linear_backward_op = _library.define(
 
 
 def _setup_linear(ctx, inputs, output) -> None:
-    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _ = inputs[:7]
+    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _, codes = inputs
     # Q(W) and, when cached, Q(Wᵀ) (ShiftQuantLinear's cache): the backward takes the latter.
-    codes = inputs[7] if len(inputs) > 7 else None
     ctx.save_for_backward(x, weight, *(codes or [])[4:])
     ctx.has_bias = bias is not None
-    ctx.inputs = len(inputs)  # ``call`` passes the trailing defaults or not
 
 
 def _linear_backward(ctx, grad):
@@ -196,7 +194,7 @@ def _linear_backward(ctx, grad):
         seed_tensor(),
         codes_t or None,
     )
-    return dx, dw, db if ctx.has_bias else None, *[None] * (ctx.inputs - 3)
+    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None
 
 
 _library.register_autograd(linear_op, _linear_backward, _setup_linear)

@@ -39,11 +39,8 @@ def forward(
     backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
-    if weight_codes:
-        y = _matmul(kernels, qx, weight_codes[:4], group_size, bias, dtype or x.dtype)
-    else:
-        qw = kernels.quantize(weight, bits, group_size, None, False, slot=1)
-        y = kernels.matmul(*qx, *qw, group_size, bias, dtype or x.dtype)
+    codes = weight_codes[:4] if weight_codes else None
+    y = _times_weight(kernels, qx, (weight, codes), bits, group_size, False, bias, dtype or x.dtype)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -64,12 +61,8 @@ def backward(
     dy = grad.reshape(rows, n)
     # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
     q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
-    if weight_codes_t:
-        dx = _matmul(kernels, q_dy, weight_codes_t, group_size, None, x.dtype)
-    else:
-        q_wt = kernels.quantize(weight, bits, group_size, None, True, slot=1)
-        dx = kernels.matmul(*q_dy, *q_wt, group_size, None, x.dtype)
-    dx = dx.reshape(x.shape)
+    w = (weight, weight_codes_t)
+    dx = _times_weight(kernels, q_dy, w, bits, group_size, True, None, x.dtype).reshape(x.shape)
     # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
     # The bias gradient (dY's column sums) comes from the same read of dY.
     q_dyt, db = kernels.quantize_with_col_sums(
@@ -91,8 +84,13 @@ def weight_operand(
     return [*q, packed]
 
 
-def _matmul(kernels, qa, weight, group_size, bias, dtype) -> torch.Tensor:
-    """qa @ Q(W).T with Q(W) from ``weight_operand``."""
-    codes, scale, shifts, packed = weight
+def _times_weight(kernels, qa, weight, bits, group_size, transposed, bias, dtype) -> torch.Tensor:
+    """qa @ Q(W).T (Q(Wᵀ) with ``transposed``), ``weight`` being (W, its ``weight_operand`` or
+    None): the operand made earlier, or W quantized here into workspace slot 1."""
+    w, codes = weight
+    if not codes:
+        qw = kernels.quantize(w, bits, group_size, None, transposed, slot=1)
+        return kernels.matmul(*qa, *qw, group_size, bias, dtype)
+    q, scale, shifts, packed = codes
     extra = {"packed_b": packed} if packed.numel() else {}
-    return kernels.matmul(*qa, codes, scale, shifts, group_size, bias, dtype, **extra)
+    return kernels.matmul(*qa, q, scale, shifts, group_size, bias, dtype, **extra)
