@@ -48,6 +48,15 @@ pub enum Format {
     Bf16,
 }
 
+impl Format {
+    fn bytes(self) -> usize {
+        match self {
+            Format::F32 => 4,
+            Format::Bf16 => 2,
+        }
+    }
+}
+
 type EpilogueKernel<T> = fn(SimdLevel, &Epilogue<'_>, *mut T, usize);
 
 impl Output for f32 {
@@ -117,6 +126,9 @@ struct Tile {
     groups: usize,
     /// Steps whose 16-bit pair sums can add up in 16 bits before widening (see `int16_depth`).
     depth: usize,
+    /// Every group's sum is below 2^22 in magnitude (`sums_below_2_22`): kernels that can then
+    /// fold it without a multiply.
+    small_sums: bool,
     /// The tile's float accumulators, [MR][NR], updated in place.
     acc: *mut f32,
     /// The first run of groups: the accumulators start from 0 instead of `acc` (which holds
@@ -440,6 +452,7 @@ fn pack(
             // SAFETY: panel p alone writes these len quads of r rows of 4 bytes.
             let block =
                 unsafe { std::slice::from_raw_parts_mut(dp.ptr().add(base + p * bytes), bytes) };
+            prefetch_lines(block);
             // Quads wholly inside K: 4 x 4 blocks (4 rows, 4 quads) transposed in registers,
             // the rest one quad at a time (a byte loop, row by row, was a tenth of the GEMM's
             // time at 1024³; quad by quad, 6-12% at model shapes).
@@ -562,6 +575,20 @@ unsafe fn transpose_quads(
                 let q = *src.add(i * row_len + kk * 4 + b);
                 *out.add(kk * stride + 4 * i + b) = q.wrapping_add(offset as i8);
             }
+        }
+    }
+}
+
+/// Asks for `bytes`' cache lines ahead of writes that touch each line several times, a few
+/// bytes at a time.
+#[inline(always)]
+fn prefetch_lines(bytes: &[i8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching has no effect on memory.
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr());
         }
     }
 }
@@ -704,6 +731,7 @@ pub fn matmul<T: Output>(
         mc,
         a_scale: a.scale,
         scales_fit: scales_fit_f32(a.scale, b.scale),
+        small_sums: sums_below_2_22(group_size, max_a, max_b),
         b_scale: b.scale,
         bias,
         m,
@@ -723,6 +751,12 @@ pub fn matmul<T: Output>(
     let buffers_b = spare_b.unwrap_or_else(|| pb.into_buffers());
     PACKED.set([pa.into_buffers(), buffers_b]);
     Ok(())
+}
+
+/// Whether a group's sum Σ qa · qb (at most group_size · max|qa| · max|qb|) stays below 2^22
+/// in magnitude: 8-bit codes in groups of up to 256.
+fn sums_below_2_22(group_size: usize, max_a: u32, max_b: u32) -> bool {
+    (group_size as u64) * u64::from(max_a) * u64::from(max_b) < 1 << 22
 }
 
 /// The GEMM walks K in quads: a group must hold whole ones.
@@ -789,6 +823,7 @@ struct Job<'a> {
     n: usize,
     /// `scales_fit_f32` over all of A's and B's scales: then it holds for every block too.
     scales_fit: bool,
+    small_sums: bool,
 }
 
 impl Job<'_> {
@@ -851,6 +886,7 @@ impl Job<'_> {
                         steps: self.steps.as_ptr().add(g0),
                         groups: g1 - g0,
                         depth: self.kernel.depth,
+                        small_sums: self.small_sums,
                         acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
                         first: g0 == 0,
                         direct: (direct && g1 == groups).then(|| {
@@ -1071,6 +1107,9 @@ mod x86 {
                 row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
             }
         }
+        if let Some(d) = &t.direct {
+            prefetch_c(d);
+        }
         let rows: [*const i8; MR] = std::array::from_fn(|i| t.a.add(i.min(t.a_live - 1) * t.a_row));
         let (mut at, mut b) = (0, t.b);
         for g in 0..t.groups {
@@ -1090,18 +1129,19 @@ mod x86 {
                 at += t.a_step;
                 b = b.add(128);
             }
-            // 2^-(ka + kb) by adding exponents in the integer unit (the float multiply would
-            // take the vpdpbusd ports); the product is exact either way, so the fused
-            // multiply-add rounds as the portable kernel's s * pb * pa + acc does.
-            let one = _mm512_set1_epi32(0x3f80_0000);
-            let pb0 = _mm512_sub_epi32(_mm512_loadu_si512(t.b_pow.add(g * 32).cast()), one);
-            let pb1 = _mm512_sub_epi32(_mm512_loadu_si512(t.b_pow.add(g * 32 + 16).cast()), one);
-            for (i, (fr, sr)) in f.iter_mut().zip(&s).enumerate() {
-                let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
-                let p0 = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb0));
-                let p1 = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb1));
-                fr[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[0]), p0, fr[0]);
-                fr[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[1]), p1, fr[1]);
+            if t.small_sums {
+                fold_by_adding(t, g, &s, &mut f);
+            } else {
+                // 2^-(ka + kb) by adding exponents in the integer unit; the product is exact,
+                // so the fused multiply-add rounds as the portable kernel's s * pb * pa + acc.
+                let pb = pow_bits(t, g, -0x3f80_0000);
+                for (i, (fr, sr)) in f.iter_mut().zip(&s).enumerate() {
+                    let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
+                    for h in 0..2 {
+                        let p = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb[h]));
+                        fr[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[h]), p, fr[h]);
+                    }
+                }
             }
         }
         if let Some(d) = &t.direct {
@@ -1110,6 +1150,60 @@ mod x86 {
         for (i, row) in f.iter().enumerate() {
             _mm512_storeu_ps(t.acc.add(i * 32), row[0]);
             _mm512_storeu_ps(t.acc.add(i * 32 + 16), row[1]);
+        }
+    }
+
+    /// Asks for the cache lines of the tile's C for writing, a run of groups before `store_c`
+    /// writes them: C is usually fresh memory, and each tile's stores otherwise wait on their
+    /// lines' reads, holding the store queue (the next tile's setup stalled on it).
+    #[inline(always)]
+    unsafe fn prefetch_c(d: &Direct) {
+        let bytes = d.cols * d.format.bytes();
+        for i in 0..d.rows {
+            let row = d.out.add(i * d.stride * d.format.bytes());
+            let mut at = 0;
+            while at < bytes {
+                _mm_prefetch::<_MM_HINT_ET0>(row.add(at).cast());
+                at += 64;
+            }
+            // The row's last byte, when the row does not start on a line.
+            _mm_prefetch::<_MM_HINT_ET0>(row.add(bytes - 1).cast());
+        }
+    }
+
+    /// Group g's column factors 2^-kb as float bits, plus `add` (wrapping).
+    #[inline(always)]
+    unsafe fn pow_bits(t: &Tile, g: usize, add: i32) -> [__m512i; 2] {
+        let add = _mm512_set1_epi32(add);
+        std::array::from_fn(|h| {
+            let pb = _mm512_loadu_si512(t.b_pow.add(g * 32 + 16 * h).cast());
+            _mm512_add_epi32(pb, add)
+        })
+    }
+
+    /// f += s · 2^-(ka + kb) for group g, with |s| < 2^22 (`Tile::small_sums`), in adds alone:
+    /// the vpdpbusd ports also do float multiplies (on Zen 4 the fold's multiply-adds were 5%
+    /// of a 64-wide group's time), while integer and float adds run on others as well. With
+    /// e = -(ka + kb), M = 1.5 · 2^(23 + e) has ulp 2^e, so the float whose bits are M's plus s
+    /// is M + s · 2^e exactly, and subtracting M leaves the exact product: f + product then
+    /// rounds once, as the multiply-add does.
+    #[inline(always)]
+    unsafe fn fold_by_adding<const MR: usize>(
+        t: &Tile,
+        g: usize,
+        s: &[[__m512i; 2]; MR],
+        f: &mut [[__m512; 2]; MR],
+    ) {
+        // bits(M) = bits(1.5 · 2^23) + bits(2^-ka) + bits(2^-kb) - 2 · bits(1.0).
+        const MAGIC: i32 = 0x4b40_0000_u32.wrapping_sub(0x7f00_0000) as i32;
+        let pb = pow_bits(t, g, MAGIC);
+        for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
+            let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
+            for h in 0..2 {
+                let m = _mm512_add_epi32(pa, pb[h]);
+                let x = _mm512_castsi512_ps(_mm512_add_epi32(m, sr[h]));
+                fr[h] = _mm512_add_ps(fr[h], _mm512_sub_ps(x, _mm512_castsi512_ps(m)));
+            }
         }
     }
 
@@ -1621,6 +1715,33 @@ mod tests {
                 .collect(),
             scale: vec![1.0; rows],
             shifts: vec![0; rows * num_groups(k, gs)],
+        }
+    }
+
+    #[test]
+    fn group_sums_near_2_22_give_the_same_bits_on_every_path() {
+        // |Σ qa · qb| per group of 127 · 127 products up to 260 · 16129 = 2^22 - 654 (the VNNI
+        // kernel folds it by adding, `sums_below_2_22`) and 264 · 16129 = 2^22 + 63752 (by a
+        // multiply-add), with shifts across 0..=15 so that 2^-(ka + kb) reaches 2^-30.
+        for (k, gs) in [(520, 260), (528, 264), (512, 256)] {
+            let (m, n) = (7, 33);
+            let shifted = |mut q: Quantized, salt: usize| {
+                let len = q.shifts.len();
+                q.shifts = (0..len).map(|i| ((i * 7 + salt) % 16) as u8).collect();
+                q
+            };
+            let qa = shifted(extreme(m, k, gs, 127, k), 0);
+            let qb = shifted(extreme(n, k, gs, -127, k), 3);
+            let (a, b) = (qa.operand(), qb.operand());
+            let run = |level| {
+                let mut out = vec![0f32; m * n];
+                matmul(level, &a, &b, None, k, gs, None, &mut out).unwrap();
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let want = run(SimdLevel::Scalar);
+            for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+                assert_eq!(run(level), want, "{level:?} g{gs}");
+            }
         }
     }
 
