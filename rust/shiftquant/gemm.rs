@@ -1153,9 +1153,11 @@ mod x86 {
         }
     }
 
-    /// Asks for the cache lines of the tile's C for writing, a run of groups before `store_c`
-    /// writes them: C is usually fresh memory, and each tile's stores otherwise wait on their
-    /// lines' reads, holding the store queue (the next tile's setup stalled on it).
+    /// Prefetches the cache lines of the tile's C a run of groups before `store_c` writes them:
+    /// C is usually fresh memory, and each tile's stores otherwise waited on their lines'
+    /// reads, holding the store queue (the next tile's setup stalled on it). A read prefetch:
+    /// `prefetchw` would need a target feature (prfchw) that the kernel's selection does not
+    /// check.
     #[inline(always)]
     unsafe fn prefetch_c(d: &Direct) {
         let bytes = d.cols * d.format.bytes();
@@ -1163,11 +1165,11 @@ mod x86 {
             let row = d.out.add(i * d.stride * d.format.bytes());
             let mut at = 0;
             while at < bytes {
-                _mm_prefetch::<_MM_HINT_ET0>(row.add(at).cast());
+                _mm_prefetch::<_MM_HINT_T0>(row.add(at).cast());
                 at += 64;
             }
             // The row's last byte, when the row does not start on a line.
-            _mm_prefetch::<_MM_HINT_ET0>(row.add(bytes - 1).cast());
+            _mm_prefetch::<_MM_HINT_T0>(row.add(bytes - 1).cast());
         }
     }
 
