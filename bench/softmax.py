@@ -4,7 +4,8 @@
 single long rows), float32 and bfloat16, forward (``fwd``) and forward + backward (``fwdbwd``),
 at 2 threads and 1 thread. ``ratio`` = torch time / ferrograd time (above 1: ferrograd is
 faster), both calls allocating their result as a user's would, timed in turn every round
-(medians), so drift on a shared machine hits them alike. ``bw_frac`` (long fp32 rows): the
+(medians), so drift on a shared machine hits them alike; torch's time is the faster of its
+eager op and the op through torch.compile (inductor), per phase. ``bw_frac`` (long fp32 rows): the
 forward's speed as a fraction of copy bandwidth for 2 reads + 1 write per element.
 
 ``kernels``: float32 single rows, preallocated outputs: the two-pass kernel against its
@@ -19,7 +20,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import Bench, interleaved_times, machine, save_run
+from harness import Bench, compiled_fresh, interleaved_times, machine, save_run
 
 import ferrograd as fg
 from ferrograd import _core
@@ -52,6 +53,7 @@ def _repeats(numel: int) -> int:
 
 def sweep_case(bench: Bench, op: str, shape: tuple[int, ...], dtype: str) -> dict:
     ours, theirs = OPS[op]
+    compiled = compiled_fresh(lambda t, dim: theirs(t, dim))
     x = torch.randn(shape, dtype=DTYPES[dtype]) * 4
     g = torch.randn(shape, dtype=DTYPES[dtype])
     xg = x.clone().requires_grad_()
@@ -59,23 +61,32 @@ def sweep_case(bench: Bench, op: str, shape: tuple[int, ...], dtype: str) -> dic
     def fwdbwd(fn):
         return lambda: torch.autograd.grad(fn(xg, -1), xg, g)
 
+    fns = {"fg": ours, "eager": theirs, "compiled": compiled}
     fwd = interleaved_times(
-        {"fg": lambda: ours(x, -1), "torch": lambda: theirs(x, -1)}, _repeats(x.numel())
+        {name: (lambda fn=fn: fn(x, -1)) for name, fn in fns.items()}, _repeats(x.numel())
     )
     both = interleaved_times(
-        {"fg": fwdbwd(ours), "torch": fwdbwd(theirs)}, max(5, _repeats(x.numel()) // 2)
+        {name: fwdbwd(fn) for name, fn in fns.items()}, max(5, _repeats(x.numel()) // 2)
     )
+    for t in (fwd, both):
+        t["torch"] = min(t["eager"], t["compiled"])
     row = {
         "op": op,
         "shape": "x".join(map(str, shape)),
         "dtype": dtype,
         "threads": bench.threads,
+        "fwd_baseline": "compiled" if fwd["compiled"] < fwd["eager"] else "eager",
+        "fwdbwd_baseline": "compiled" if both["compiled"] < both["eager"] else "eager",
         "fwd_fg_us": fwd["fg"] * 1e6,
         "fwd_torch_us": fwd["torch"] * 1e6,
         "fwd_ratio": fwd["torch"] / fwd["fg"],
         "fwdbwd_fg_us": both["fg"] * 1e6,
         "fwdbwd_torch_us": both["torch"] * 1e6,
         "fwdbwd_ratio": both["torch"] / both["fg"],
+        "fwd_eager_us": fwd["eager"] * 1e6,
+        "fwd_compiled_us": fwd["compiled"] * 1e6,
+        "fwdbwd_eager_us": both["eager"] * 1e6,
+        "fwdbwd_compiled_us": both["compiled"] * 1e6,
     }
     if shape[0] == 1 and x.numel() >= 10**7:
         row["bw_frac"] = 3 * x.element_size() * x.numel() / bench.bandwidth / fwd["fg"]
@@ -131,7 +142,9 @@ def main(threads: int | None = None, quick: bool = False) -> None:
             "machine": machine(counts[0]),
             "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
             "notes": {
-                "ratio": "torch time / ferrograd time, both allocating outputs, interleaved",
+                "ratio": "torch time / ferrograd time, both allocating outputs, interleaved; torch "
+                "is the faster of eager and torch.compile'd (inductor) per phase (fwd_baseline, "
+                "fwdbwd_baseline); *_eager_us and *_compiled_us keep both",
                 "fwdbwd": "y = f(x); torch.autograd.grad(y, x, g)",
                 "bw_frac": "(2 reads + 1 write per element at copy bandwidth) / forward time",
                 "kernels": "preallocated float32 outputs: vs_* = other kernel time / ferrograd's "
