@@ -10,7 +10,8 @@ float32 module on bf16 inputs under ``torch.autocast("cpu", bfloat16)`` (``bf16-
 torch's time is the faster of the two (``torch_setup`` says which), and ferrograd runs in that
 same setup. Both give bf16 outputs and input gradients. In each setup torch's module runs eager
 and through torch.compile (inductor fuses nn.RMSNorm's eager chain of ops, 1.2-24x faster on
-a Zen 4 CPU); the baseline is the faster of the two, per phase (``fwd_baseline``, ``fwdbwd_baseline``).
+a Zen 4 CPU); the baseline is the faster of the two, per phase (``fwd_baseline``,
+``fwdbwd_baseline``).
 
 Results go to bench/results/l1norm.json under the CPU model's name, next to those of other
 CPUs. ``python bench/l1norm.py [threads...] [--quick]``.
