@@ -452,7 +452,8 @@ fn pack(
             // SAFETY: panel p alone writes these len quads of r rows of 4 bytes.
             let block =
                 unsafe { std::slice::from_raw_parts_mut(dp.ptr().add(base + p * bytes), bytes) };
-            prefetch_lines(block);
+            // Each line is written 16 bytes at a time by several passes: ask for it first.
+            crate::simd::prefetch(block);
             // Quads wholly inside K: 4 x 4 blocks (4 rows, 4 quads) transposed in registers,
             // the rest one quad at a time (a byte loop, row by row, was a tenth of the GEMM's
             // time at 1024³; quad by quad, 6-12% at model shapes).
@@ -575,20 +576,6 @@ unsafe fn transpose_quads(
                 let q = *src.add(i * row_len + kk * 4 + b);
                 *out.add(kk * stride + 4 * i + b) = q.wrapping_add(offset as i8);
             }
-        }
-    }
-}
-
-/// Asks for `bytes`' cache lines ahead of writes that touch each line several times, a few
-/// bytes at a time.
-#[inline(always)]
-fn prefetch_lines(bytes: &[i8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: prefetching has no effect on memory.
-        unsafe {
-            use std::arch::x86_64::*;
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr());
         }
     }
 }
@@ -1162,14 +1149,10 @@ mod x86 {
     unsafe fn prefetch_c(d: &Direct) {
         let bytes = d.cols * d.format.bytes();
         for i in 0..d.rows {
-            let row = d.out.add(i * d.stride * d.format.bytes());
-            let mut at = 0;
-            while at < bytes {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(at).cast());
-                at += 64;
-            }
-            // The row's last byte, when the row does not start on a line.
-            _mm_prefetch::<_MM_HINT_T0>(row.add(bytes - 1).cast());
+            let row = std::slice::from_raw_parts(d.out.add(i * d.stride * d.format.bytes()), bytes);
+            crate::simd::prefetch(row);
+            // The row's last line, when the row does not start on one.
+            crate::simd::prefetch(&row[bytes - 1..]);
         }
     }
 
