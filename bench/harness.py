@@ -62,6 +62,19 @@ def compiled_fresh(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def strongest_torch(fwd: dict[str, float], both: dict[str, float]) -> dict:
+    """Sets ``t["torch"]`` to the faster of ``t["eager"]`` and ``t["compiled"]`` in the forward
+    and forward + backward times, and returns the row fields that say which won and keep both
+    (in microseconds)."""
+    row = {}
+    for phase, t in (("fwd", fwd), ("fwdbwd", both)):
+        t["torch"] = min(t["eager"], t["compiled"])
+        row[f"{phase}_baseline"] = "compiled" if t["compiled"] < t["eager"] else "eager"
+    for phase, t in (("fwd", fwd), ("fwdbwd", both)):
+        row |= {f"{phase}_{kind}_us": t[kind] * 1e6 for kind in ("eager", "compiled")}
+    return row
+
+
 def gpu_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> float:
     """Median wall time of ``fn()`` on the GPU, synchronizing around each run."""
     for _ in range(warmup):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from harness import Bench, compiled_fresh, interleaved_times, machine, save_run
+from harness import Bench, compiled_fresh, interleaved_times, machine, save_run, strongest_torch
 
 import ferrograd as fg
 from ferrograd import _core
@@ -68,25 +68,19 @@ def sweep_case(bench: Bench, op: str, shape: tuple[int, ...], dtype: str) -> dic
     both = interleaved_times(
         {name: fwdbwd(fn) for name, fn in fns.items()}, max(5, _repeats(x.numel()) // 2)
     )
-    for t in (fwd, both):
-        t["torch"] = min(t["eager"], t["compiled"])
+    baselines = strongest_torch(fwd, both)
     row = {
         "op": op,
         "shape": "x".join(map(str, shape)),
         "dtype": dtype,
         "threads": bench.threads,
-        "fwd_baseline": "compiled" if fwd["compiled"] < fwd["eager"] else "eager",
-        "fwdbwd_baseline": "compiled" if both["compiled"] < both["eager"] else "eager",
         "fwd_fg_us": fwd["fg"] * 1e6,
         "fwd_torch_us": fwd["torch"] * 1e6,
         "fwd_ratio": fwd["torch"] / fwd["fg"],
         "fwdbwd_fg_us": both["fg"] * 1e6,
         "fwdbwd_torch_us": both["torch"] * 1e6,
         "fwdbwd_ratio": both["torch"] / both["fg"],
-        "fwd_eager_us": fwd["eager"] * 1e6,
-        "fwd_compiled_us": fwd["compiled"] * 1e6,
-        "fwdbwd_eager_us": both["eager"] * 1e6,
-        "fwdbwd_compiled_us": both["compiled"] * 1e6,
+        **baselines,
     }
     if shape[0] == 1 and x.numel() >= 10**7:
         row["bw_frac"] = 3 * x.element_size() * x.numel() / bench.bandwidth / fwd["fg"]
