@@ -452,14 +452,14 @@ fn pack(
             // SAFETY: panel p alone writes these len quads of r rows of 4 bytes.
             let block =
                 unsafe { std::slice::from_raw_parts_mut(dp.ptr().add(base + p * bytes), bytes) };
-            // Each line is written 16 bytes at a time by several passes: ask for it first.
-            crate::simd::prefetch(block);
+            prefetch_source(panel, row_len, live, 0, start * 4, len * 4);
             // Quads wholly inside K: 4 x 4 blocks (4 rows, 4 quads) transposed in registers,
             // the rest one quad at a time (a byte loop, row by row, was a tenth of the GEMM's
             // time at 1024³; quad by quad, 6-12% at model shapes).
             let inside = full.clamp(start, start + len) - start;
             let transposed = if live >= 4 { inside / 4 * 4 } else { 0 };
             for i in row_blocks.clone() {
+                prefetch_source(panel, row_len, live, i + 4, start * 4, len * 4);
                 // Rows i..i + 4 hold quads start..start + transposed (inside K); the block holds
                 // `len` >= transposed quads of r >= i + 4 rows.
                 assert!(i + 4 <= live && (start + transposed) * 4 <= k && transposed <= len);
@@ -523,6 +523,16 @@ fn pack(
         data: Cow::Owned(data),
         pow: Cow::Owned(pow),
         corr: Cow::Owned(corr),
+    }
+}
+
+/// Prefetches bytes `from..from + len` of the 4 rows from `row` of `panel` (rows `row_len`
+/// apart, `live` of them): the packer's next rows, read 4 at a time a K block wide (a short run
+/// per row, which the hardware prefetchers start too late to follow).
+#[inline(always)]
+fn prefetch_source(panel: &[i8], row_len: usize, live: usize, row: usize, from: usize, len: usize) {
+    for i in row..(row + 4).min(live) {
+        crate::simd::prefetch_block(&panel[i * row_len..(i + 1) * row_len], from, len);
     }
 }
 
