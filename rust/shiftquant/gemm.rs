@@ -126,9 +126,6 @@ struct Tile {
     groups: usize,
     /// Steps whose 16-bit pair sums can add up in 16 bits before widening (see `int16_depth`).
     depth: usize,
-    /// Every group's sum is below 2^22 in magnitude (`sums_below_2_22`): kernels that can then
-    /// fold it without a multiply.
-    small_sums: bool,
     /// The tile's float accumulators, [MR][NR], updated in place.
     acc: *mut f32,
     /// The first run of groups: the accumulators start from 0 instead of `acc` (which holds
@@ -728,7 +725,6 @@ pub fn matmul<T: Output>(
         mc,
         a_scale: a.scale,
         scales_fit: scales_fit_f32(a.scale, b.scale),
-        small_sums: sums_below_2_22(group_size, max_a, max_b),
         b_scale: b.scale,
         bias,
         m,
@@ -748,12 +744,6 @@ pub fn matmul<T: Output>(
     let buffers_b = spare_b.unwrap_or_else(|| pb.into_buffers());
     PACKED.set([pa.into_buffers(), buffers_b]);
     Ok(())
-}
-
-/// Whether a group's sum Σ qa · qb (at most group_size · max|qa| · max|qb|) stays below 2^22
-/// in magnitude: 8-bit codes in groups of up to 256.
-fn sums_below_2_22(group_size: usize, max_a: u32, max_b: u32) -> bool {
-    (group_size as u64) * u64::from(max_a) * u64::from(max_b) < 1 << 22
 }
 
 /// The GEMM walks K in quads: a group must hold whole ones.
@@ -820,7 +810,6 @@ struct Job<'a> {
     n: usize,
     /// `scales_fit_f32` over all of A's and B's scales: then it holds for every block too.
     scales_fit: bool,
-    small_sums: bool,
 }
 
 impl Job<'_> {
@@ -883,7 +872,6 @@ impl Job<'_> {
                         steps: self.steps.as_ptr().add(g0),
                         groups: g1 - g0,
                         depth: self.kernel.depth,
-                        small_sums: self.small_sums,
                         acc: acc.as_mut_ptr().add((pi * panels_n + pj) * tile),
                         first: g0 == 0,
                         direct: (direct && g1 == groups).then(|| {
@@ -1126,20 +1114,7 @@ mod x86 {
                 at += t.a_step;
                 b = b.add(128);
             }
-            if t.small_sums {
-                fold_by_adding(t, g, &s, &mut f);
-            } else {
-                // 2^-(ka + kb) by adding exponents in the integer unit; the product is exact,
-                // so the fused multiply-add rounds as the portable kernel's s * pb * pa + acc.
-                let pb = pow_bits(t, g, -0x3f80_0000);
-                for (i, (fr, sr)) in f.iter_mut().zip(&s).enumerate() {
-                    let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
-                    for h in 0..2 {
-                        let p = _mm512_castsi512_ps(_mm512_add_epi32(pa, pb[h]));
-                        fr[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[h]), p, fr[h]);
-                    }
-                }
-            }
+            fold_vnni(t, g, &s, &mut f);
         }
         if let Some(d) = &t.direct {
             return store_c(d, f);
@@ -1166,38 +1141,28 @@ mod x86 {
         }
     }
 
-    /// Group g's column factors 2^-kb as float bits, plus `add` (wrapping).
+    /// f += s · 2^-(ka + kb) for group g: s converted to float (exact below 2^24, rounded as
+    /// the portable kernel's conversion above), scaled by `vscalefps` with the exponent
+    /// -(ka + kb) (`vgetexpps` of the factors, added as floats), then added: one rounding, the
+    /// bits of the portable kernel's s · pb · pa + acc (shifts are at most 15, so the scaled
+    /// sum is a normal float and exact). On Zen 4 the float multiply-add this replaced, or the
+    /// integer adds of an exponent trick, ran on the `vpdpbusd` pipes: 6% of a 2048^3 GEMM with
+    /// groups of 64, against 1% for these conversions, exponent ops and float adds.
     #[inline(always)]
-    unsafe fn pow_bits(t: &Tile, g: usize, add: i32) -> [__m512i; 2] {
-        let add = _mm512_set1_epi32(add);
-        std::array::from_fn(|h| {
-            let pb = _mm512_loadu_si512(t.b_pow.add(g * 32 + 16 * h).cast());
-            _mm512_add_epi32(pb, add)
-        })
-    }
-
-    /// f += s · 2^-(ka + kb) for group g, with |s| < 2^22 (`Tile::small_sums`), in adds alone:
-    /// the vpdpbusd ports also do float multiplies (on Zen 4 the fold's multiply-adds were 5%
-    /// of a 64-wide group's time), while integer and float adds run on others as well. With
-    /// e = -(ka + kb), M = 1.5 · 2^(23 + e) has ulp 2^e, so the float whose bits are M's plus s
-    /// is M + s · 2^e exactly, and subtracting M leaves the exact product: f + product then
-    /// rounds once, as the multiply-add does.
-    #[inline(always)]
-    unsafe fn fold_by_adding<const MR: usize>(
+    unsafe fn fold_vnni<const MR: usize>(
         t: &Tile,
         g: usize,
         s: &[[__m512i; 2]; MR],
         f: &mut [[__m512; 2]; MR],
     ) {
-        // bits(M) = bits(1.5 · 2^23) + bits(2^-ka) + bits(2^-kb) - 2 · bits(1.0).
-        const MAGIC: i32 = 0x4b40_0000_u32.wrapping_sub(0x7f00_0000) as i32;
-        let pb = pow_bits(t, g, MAGIC);
+        let eb: [__m512; 2] = std::array::from_fn(|h| {
+            _mm512_getexp_ps(_mm512_loadu_ps(t.b_pow.add(g * 32 + 16 * h)))
+        });
         for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
-            let pa = _mm512_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
+            let ea = _mm512_getexp_ps(_mm512_set1_ps(*t.a_pow.add(g * MR + i)));
             for h in 0..2 {
-                let m = _mm512_add_epi32(pa, pb[h]);
-                let x = _mm512_castsi512_ps(_mm512_add_epi32(m, sr[h]));
-                fr[h] = _mm512_add_ps(fr[h], _mm512_sub_ps(x, _mm512_castsi512_ps(m)));
+                let e = _mm512_add_ps(ea, eb[h]);
+                fr[h] = _mm512_add_ps(fr[h], _mm512_scalef_ps(_mm512_cvtepi32_ps(sr[h]), e));
             }
         }
     }
@@ -1262,7 +1227,7 @@ mod x86 {
     }
 
     /// Adds group g's int32 sums, scaled by 2^-(ka + kb), into the float accumulators. The
-    /// factor's exponent is added in the integer unit (as in `vnni`), which leaves one
+    /// factor's exponent is added in the integer unit, which leaves one
     /// float operation per accumulator after the conversion instead of two; the product is
     /// exact either way.
     #[inline(always)]
@@ -1714,18 +1679,20 @@ mod tests {
     }
 
     #[test]
-    fn group_sums_near_2_22_give_the_same_bits_on_every_path() {
-        // |Σ qa · qb| per group of 127 · 127 products up to 260 · 16129 = 2^22 - 654 (the VNNI
-        // kernel folds it by adding, `sums_below_2_22`) and 264 · 16129 = 2^22 + 63752 (by a
-        // multiply-add), with shifts across 0..=15 so that 2^-(ka + kb) reaches 2^-30.
-        for (k, gs) in [(520, 260), (528, 264), (512, 256)] {
+    fn large_group_sums_give_the_same_bits_on_every_path() {
+        // |Σ qa · qb| per group of 127 · 127 products on both sides of 2^22 (260 and 264 of
+        // them), and past 2^25 (2112 of them, one a 124 · 127: 34064067, 3 mod 4, which the
+        // conversion to float must round up to nearest, as every kernel does), with shifts
+        // across 0..=15 so that 2^-(ka + kb) reaches 2^-30.
+        for (k, gs) in [(520, 260), (528, 264), (512, 256), (4224, 2112)] {
             let (m, n) = (7, 33);
             let shifted = |mut q: Quantized, salt: usize| {
                 let len = q.shifts.len();
                 q.shifts = (0..len).map(|i| ((i * 7 + salt) % 16) as u8).collect();
                 q
             };
-            let qa = shifted(extreme(m, k, gs, 127, k), 0);
+            let mut qa = shifted(extreme(m, k, gs, 127, k), 0);
+            qa.codes[0] = 124;
             let qb = shifted(extreme(n, k, gs, -127, k), 3);
             let (a, b) = (qa.operand(), qb.operand());
             let run = |level| {
