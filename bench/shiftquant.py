@@ -118,7 +118,10 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
         b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
         fns["bf16"] = lambda: torch.matmul(a16, b16.T)
         fns["int_mm"] = lambda: torch._int_mm(a8, b8)
-    t = interleaved_times(fns, repeats=5 if m * n * k <= 2**33 else 3)
+    # Three warm-up calls each: the first several calls of a new shape ran up to 1.7x slower
+    # than the steady state a training loop sees (Zen 4, 1024^3: 5.4, 3.9, 3.3, ... then
+    # 3.1-3.3 ms), which one warm-up call left in the medians.
+    t = interleaved_times(fns, repeats=5 if m * n * k <= 2**33 else 3, warmup=3)
     macs = m * n * k / t["int"]
     row = {
         "case": f"gemm {m}x{k}x{n}" + ("" if bits == 8 else f" at {bits} bits"),
