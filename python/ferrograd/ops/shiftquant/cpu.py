@@ -9,7 +9,7 @@ import threading
 import torch
 
 from ... import _core
-from .._memory import fresh
+from .._memory import HUGE_PAGE, fresh
 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -132,7 +132,8 @@ def matmul(
     """a @ b.T (+ bias); ``packed_b`` (``pack_weight`` of b) spares packing b."""
     m, k = a_codes.shape
     bf16 = dtype == torch.bfloat16
-    out = fresh(torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32))
+    out = torch.empty((m, b_codes.shape[0]), dtype=dtype if bf16 else torch.float32)
+    out = fresh(out, HUGE_PAGE)
     operands = [t.contiguous() for t in (a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts)]
     bias = None if bias is None else bias.float().contiguous()
     _core.shiftquant_matmul(*operands, k, group_size, out, bias, packed_b)
