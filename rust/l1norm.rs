@@ -185,8 +185,17 @@ unsafe fn forward_row<S: Simd, E: Storage>(
         .zip(p.gamma.chunks(BLOCK).zip(p.beta.chunks(BLOCK)));
     for (c, ((yc, xc), (gc, bc))) in chunks.enumerate() {
         prefetch_block(next, c * BLOCK, BLOCK);
-        for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
-            *o = E::from_f32((v - mean) * r * g + b);
+        match norm {
+            Norm::Layer => {
+                for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
+                    *o = E::from_f32((v - mean) * r * g + b);
+                }
+            }
+            Norm::Rms => {
+                for ((o, &v), &g) in yc.iter_mut().zip(xc).zip(gc) {
+                    *o = E::from_f32(v * r * g);
+                }
+            }
         }
     }
     (mean, r)
