@@ -76,10 +76,19 @@ impl<S: Simd> VecSum<S> {
     }
 
     /// Σ f(x_i); the lanes past the end of `x` are loaded as `fill`, which f must map to 0.
+    /// 16-bit rows are widened a fold block at a time into `buf` (FOLD floats, 4 KiB: stays in
+    /// L1, where a widened copy of the whole row, 16 KiB at n = 4096, pushed the rows the
+    /// passes read out of it); f32 rows are read where they lie.
     #[inline(always)]
-    unsafe fn sum(x: &[f32], fill: f32, f: impl Fn(S::V) -> S::V) -> f64 {
+    unsafe fn sum<E: Storage>(
+        x: &[E],
+        buf: &mut [f32],
+        fill: f32,
+        f: impl Fn(S::V) -> S::V,
+    ) -> f64 {
         let mut s = Self::new();
         for block in x.chunks(FOLD) {
+            let block = widened(block, buf);
             let (p, len) = (block.as_ptr(), block.len());
             let mut i = 0;
             while i + ACC * S::LANES <= len {
@@ -107,18 +116,28 @@ unsafe fn abs<S: Simd>(v: S::V) -> S::V {
     S::max(v, S::sub(S::splat(0.0), v))
 }
 
-/// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
-/// stays in cache for the kernels' passes over it).
+/// `x` as f32: borrowed when `E` is f32, else widened into the front of `buf` (at least as
+/// long as `x`).
 #[inline(always)]
-fn widened<'b, E: Storage>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
+fn widened<'b, E: Storage>(x: &'b [E], buf: &'b mut [f32]) -> &'b [f32] {
     if E::IS_F32 {
         // SAFETY: E is f32 (only f32's Storage impl sets IS_F32).
         unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
     } else {
-        buf.clear();
-        buf.extend(x.iter().map(|v| v.to_f32()));
+        let buf = &mut buf[..x.len()];
+        for (o, v) in buf.iter_mut().zip(x) {
+            *o = v.to_f32();
+        }
         buf
     }
+}
+
+/// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
+/// stays in cache for the backward's passes over it).
+#[inline(always)]
+fn widened_row<'b, E: Storage>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    buf.resize(if E::IS_F32 { 0 } else { x.len() }, 0.0);
+    widened(x, buf)
 }
 
 /// The optional elementwise affine parameters (float32), each of length n.
@@ -150,12 +169,16 @@ pub struct CodesIn<'a> {
     pub group_size: usize,
 }
 
-/// One row's forward (`x` widened to f32): two statistics passes and the output pass over the
-/// row from cache; `next` (the next row, or empty) is prefetched while this row is written.
+/// One row's forward: two statistics passes and the output pass over the row from cache;
+/// `next` (the next row, or empty) is prefetched while this row is written. `x` is the row as
+/// stored (16-bit rows longer than `buf`: the statistics widen a fold block at a time into
+/// `buf`, the output pass in registers) or widened to f32 whole (rows that fit `buf`).
 #[inline(always)]
-unsafe fn forward_row<S: Simd, E: Storage>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_row<S: Simd, X: Storage, E: Storage>(
     norm: Norm,
-    x: &[f32],
+    x: &[X],
+    buf: &mut [f32],
     next: &[E],
     eps: f64,
     p: Params<'_>,
@@ -167,14 +190,14 @@ unsafe fn forward_row<S: Simd, E: Storage>(
         // mean is exact, so d = x - mean is 0 (raw f32 sums left a rounding error that the tiny
         // mean|d| then magnified to O(1) outputs).
         Norm::Layer => {
-            let pivot = x.first().copied().unwrap_or(0.0);
+            let pivot = x.first().map_or(0.0, |v| v.to_f32());
             let shift = S::splat(pivot);
-            (f64::from(pivot) + VecSum::<S>::sum(x, pivot, |v| S::sub(v, shift)) / n) as f32
+            (f64::from(pivot) + VecSum::<S>::sum(x, buf, pivot, |v| S::sub(v, shift)) / n) as f32
         }
         Norm::Rms => 0.0,
     };
     let m = S::splat(mean);
-    let mean_abs = VecSum::<S>::sum(x, mean, |v| abs::<S>(S::sub(v, m))) / n;
+    let mean_abs = VecSum::<S>::sum(x, buf, mean, |v| abs::<S>(S::sub(v, m))) / n;
     if !(mean.is_finite() && mean_abs.is_finite()) {
         return forward_row_f64(norm, x, eps, p, y);
     }
@@ -188,12 +211,12 @@ unsafe fn forward_row<S: Simd, E: Storage>(
         match norm {
             Norm::Layer => {
                 for (((o, &v), &g), &b) in yc.iter_mut().zip(xc).zip(gc).zip(bc) {
-                    *o = E::from_f32((v - mean) * r * g + b);
+                    *o = E::from_f32((v.to_f32() - mean) * r * g + b);
                 }
             }
             Norm::Rms => {
                 for ((o, &v), &g) in yc.iter_mut().zip(xc).zip(gc) {
-                    *o = E::from_f32(v * r * g);
+                    *o = E::from_f32(v.to_f32() * r * g);
                 }
             }
         }
@@ -205,22 +228,23 @@ unsafe fn forward_row<S: Simd, E: Storage>(
 /// f32's range) or that holds inf / NaN: the same rule in f64, scalar. Finite rows keep their
 /// finite answer; inf and NaN propagate as in the f64 reference.
 #[cold]
-fn forward_row_f64<E: Storage>(
+fn forward_row_f64<X: Storage, E: Storage>(
     norm: Norm,
-    x: &[f32],
+    x: &[X],
     eps: f64,
     p: Params<'_>,
     y: &mut [E],
 ) -> (f32, f32) {
     let n = x.len() as f64;
+    let x64 = |v: &X| f64::from(v.to_f32());
     let mean = match norm {
-        Norm::Layer => x.iter().map(|&v| f64::from(v)).sum::<f64>() / n,
+        Norm::Layer => x.iter().map(x64).sum::<f64>() / n,
         Norm::Rms => 0.0,
     };
-    let mean_abs = x.iter().map(|&v| (f64::from(v) - mean).abs()).sum::<f64>() / n;
+    let mean_abs = x.iter().map(|v| (x64(v) - mean).abs()).sum::<f64>() / n;
     let r = 1.0 / (SQRT_HALF_PI * mean_abs + eps);
-    for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
-        let out = (f64::from(v) - mean) * r * f64::from(g) + f64::from(b);
+    for (((o, v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
+        let out = (x64(v) - mean) * r * f64::from(g) + f64::from(b);
         *o = E::from_f32(out as f32);
     }
     (mean as f32, r as f32)
@@ -513,11 +537,32 @@ unsafe fn forward_impl<S: Simd, E: Storage>(job: ForwardJob<'_, E>) {
         stats,
     } = job;
     let mut mean = stats.mean;
-    let mut buf = Vec::with_capacity(if E::IS_F32 { 0 } else { n });
+    // 16-bit rows are widened whole, once, and every pass reads the copy, except RMSNorm rows
+    // longer than FOLD: their one statistics pass widens a fold block at a time and the output
+    // pass converts in registers. Zen 4, bf16, one thread: RMSNorm rows of 4096 widened whole
+    // ran 5-10% slower (the 16 KiB copy, gamma and the rows passed L1), rows of 512-1024 read
+    // as stored 5-7% slower (a conversion per element in each pass); LayerNorm's two
+    // statistics passes made rows of 4096 read as stored 7% slower.
+    let whole = !E::IS_F32 && (n <= FOLD || norm == Norm::Layer);
+    let mut buf = vec![
+        0f32;
+        if E::IS_F32 {
+            0
+        } else if whole {
+            n
+        } else {
+            FOLD
+        }
+    ];
     for (i, (yr, r)) in y.chunks_exact_mut(n).zip(stats.rstd.iter_mut()).enumerate() {
         let next = x.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]);
-        let xr = widened(&x[i * n..(i + 1) * n], &mut buf);
-        let (m, rr) = forward_row::<S, E>(norm, xr, next, eps, params, yr);
+        let xr = &x[i * n..(i + 1) * n];
+        let (m, rr) = if whole {
+            let xw = widened(xr, &mut buf);
+            forward_row::<S, f32, E>(norm, xw, &mut [], next, eps, params, yr)
+        } else {
+            forward_row::<S, E, E>(norm, xr, &mut buf, next, eps, params, yr)
+        };
         if let Some(mean) = mean.as_deref_mut() {
             mean[i] = m;
         }
@@ -548,8 +593,8 @@ unsafe fn backward_impl<S: Simd, E: Storage>(job: BackwardJob<'_, E>) {
             x.get(span(i + 1)).unwrap_or(&[]),
             dy.get(span(i + 1)).unwrap_or(&[]),
         );
-        let xr = widened(&x[span(i)], &mut xbuf);
-        let dyr = widened(&dy[span(i)], &mut dybuf);
+        let xr = widened_row(&x[span(i)], &mut xbuf);
+        let dyr = widened_row(&dy[span(i)], &mut dybuf);
         backward_row::<S, E>(norm, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
     }
 }
