@@ -1141,13 +1141,14 @@ mod x86 {
         }
     }
 
-    /// f += s · 2^-(ka + kb) for group g: s converted to float (exact below 2^24, rounded as
-    /// the portable kernel's conversion above), scaled by `vscalefps` with the exponent
+    /// f += s · 2^-(ka + kb) for group g: s converted to float (exact below 2^24, else rounded
+    /// to nearest like `scalar_4x8`'s `s as f32`), scaled by `vscalefps` with the exponent
     /// -(ka + kb) (`vgetexpps` of the factors, added as floats), then added: one rounding, the
-    /// bits of the portable kernel's s · pb · pa + acc (shifts are at most 15, so the scaled
-    /// sum is a normal float and exact). On Zen 4 the float multiply-add this replaced, or the
+    /// bits of `scalar_4x8`'s s · pb · pa + acc (shifts are at most 15, so the scaled sum is a
+    /// normal float and exact). Padding rows and columns carry the factor 0, whose exponent is
+    /// -inf: their scaled sums are 0. On Zen 4 the float multiply-add this replaced, or the
     /// integer adds of an exponent trick, ran on the `vpdpbusd` pipes: 6% of a 2048^3 GEMM with
-    /// groups of 64, against 1% for these conversions, exponent ops and float adds.
+    /// groups of 64, against about 1% for these conversions, exponent ops and float adds.
     #[inline(always)]
     unsafe fn fold_vnni<const MR: usize>(
         t: &Tile,
