@@ -328,23 +328,12 @@ unsafe fn backward_row<S: Simd, E: Storage>(
         return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
     }
     // Σ g, Σ g d and Σ sign(d) with g = dy * gamma and d = x - mean, in vector lanes folded into
-    // f64 (the sign counts exactly: at most FOLD / LANES per lane between folds).
-    let mut sums = [VecSum::<S>::new(), VecSum::<S>::new(), VecSum::<S>::new()];
-    for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
-        let (len, rows) = (xb.len(), (xb.as_ptr(), db.as_ptr(), gb.as_ptr()));
-        let mut i = 0;
-        while i + 2 * S::LANES <= len {
-            grad_sums_step(&mut sums, rows, mean, i, 0, S::LANES);
-            grad_sums_step(&mut sums, rows, mean, i + S::LANES, 1, S::LANES);
-            i += 2 * S::LANES;
-        }
-        while i < len {
-            grad_sums_step(&mut sums, rows, mean, i, 0, len - i);
-            i += S::LANES;
-        }
-        sums.iter_mut().for_each(|s| s.fold());
-    }
-    let sums = sums.map(|s| s.total);
+    // f64 (the sign counts exactly: at most FOLD / LANES per lane between folds); RMSNorm needs
+    // only Σ g d.
+    let sums = match norm {
+        Norm::Layer => grad_sums::<S, true>(x, dy, gamma, mean),
+        Norm::Rms => grad_sums::<S, false>(x, dy, gamma, mean),
+    };
     if !(sums[0].is_finite() && sums[1].is_finite()) {
         return backward_row_f64(norm, x, (mean, r), dy, gamma, dx, pg);
     }
@@ -367,12 +356,40 @@ unsafe fn backward_row<S: Simd, E: Storage>(
     }
 }
 
-/// The backward's first pass, one vector: lanes `i..i + min(rest, LANES)` of the row's x, dy and
-/// gamma (`rows`) into accumulators `k` of Σ g, Σ g d and Σ sign(d) (g = dy gamma, d = x -
-/// mean); padding lanes add 0. A named always-inlined function, not a closure: a closure is not
-/// compiled with the kernel's target features, and its `Simd` calls stayed out-of-line calls.
+/// The backward's first pass over a row: [Σ g, Σ g d, Σ sign(d)] (g = dy gamma, d = x - mean),
+/// the first and last only with `LAYER` (0 without: RMSNorm's formula has no use for them).
 #[inline(always)]
-unsafe fn grad_sums_step<S: Simd>(
+unsafe fn grad_sums<S: Simd, const LAYER: bool>(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: f32,
+) -> [f64; 3] {
+    let mut sums = [VecSum::<S>::new(), VecSum::<S>::new(), VecSum::<S>::new()];
+    for ((xb, db), gb) in x.chunks(FOLD).zip(dy.chunks(FOLD)).zip(gamma.chunks(FOLD)) {
+        let (len, rows) = (xb.len(), (xb.as_ptr(), db.as_ptr(), gb.as_ptr()));
+        let mut i = 0;
+        while i + 2 * S::LANES <= len {
+            grad_sums_step::<S, LAYER>(&mut sums, rows, mean, i, 0, S::LANES);
+            grad_sums_step::<S, LAYER>(&mut sums, rows, mean, i + S::LANES, 1, S::LANES);
+            i += 2 * S::LANES;
+        }
+        while i < len {
+            grad_sums_step::<S, LAYER>(&mut sums, rows, mean, i, 0, len - i);
+            i += S::LANES;
+        }
+        sums.iter_mut().for_each(|s| s.fold());
+    }
+    sums.map(|s| s.total)
+}
+
+/// The backward's first pass, one vector: lanes `i..i + min(rest, LANES)` of the row's x, dy and
+/// gamma (`rows`) into accumulators `k` of Σ g d and, with `LAYER`, Σ g and Σ sign(d) (g = dy
+/// gamma, d = x - mean); padding lanes add 0. A named always-inlined function, not a closure: a
+/// closure is not compiled with the kernel's target features, and its `Simd` calls stayed
+/// out-of-line calls.
+#[inline(always)]
+unsafe fn grad_sums_step<S: Simd, const LAYER: bool>(
     [sg, sgd, ss]: &mut [VecSum<S>; 3],
     (px, pd, pgm): (*const f32, *const f32, *const f32),
     mean: f32,
@@ -391,8 +408,11 @@ unsafe fn grad_sums_step<S: Simd>(
     };
     let g = S::mul(dv, gv);
     let d = S::sub(xv, S::splat(mean));
-    sg.acc[k] = S::add(sg.acc[k], g);
     sgd.acc[k] = S::add(sgd.acc[k], S::mul(g, d));
+    if !LAYER {
+        return;
+    }
+    sg.acc[k] = S::add(sg.acc[k], g);
     // sign(d): every nonzero f32 times 2^200 is at least 2^51 in magnitude (or infinite), so
     // the clamp gives exactly -1, 0 or 1.
     let big = S::splat(2f32.powi(100));
