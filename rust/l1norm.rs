@@ -132,14 +132,6 @@ fn widened<'b, E: Storage>(x: &'b [E], buf: &'b mut [f32]) -> &'b [f32] {
     }
 }
 
-/// A row as f32: borrowed when `E` is f32, else widened into `buf` (one pass; the row then
-/// stays in cache for the backward's passes over it).
-#[inline(always)]
-fn widened_row<'b, E: Storage>(x: &'b [E], buf: &'b mut Vec<f32>) -> &'b [f32] {
-    buf.resize(if E::IS_F32 { 0 } else { x.len() }, 0.0);
-    widened(x, buf)
-}
-
 /// The optional elementwise affine parameters (float32), each of length n.
 #[derive(Clone, Copy)]
 pub struct Affine<'a> {
@@ -564,16 +556,14 @@ unsafe fn forward_impl<S: Simd, E: Storage>(job: ForwardJob<'_, E>) {
     // as stored 5-7% slower (a conversion per element in each pass); LayerNorm's two
     // statistics passes made rows of 4096 read as stored 7% slower.
     let whole = !E::IS_F32 && (n <= FOLD || norm == Norm::Layer);
-    let mut buf = vec![
-        0f32;
-        if E::IS_F32 {
-            0
-        } else if whole {
-            n
-        } else {
-            FOLD
-        }
-    ];
+    let len = if whole {
+        n
+    } else if E::IS_F32 {
+        0
+    } else {
+        FOLD
+    };
+    let mut buf = vec![0f32; len];
     for (i, (yr, r)) in y.chunks_exact_mut(n).zip(stats.rstd.iter_mut()).enumerate() {
         let next = x.get((i + 1) * n..(i + 2) * n).unwrap_or(&[]);
         let xr = &x[i * n..(i + 1) * n];
@@ -603,8 +593,9 @@ unsafe fn backward_impl<S: Simd, E: Storage>(job: BackwardJob<'_, E>) {
         dx,
         mut pg,
     } = job;
+    // Rows of x and dy widened to f32 (one pass each; they then stay in cache for the passes).
     let cap = if E::IS_F32 { 0 } else { n };
-    let (mut xbuf, mut dybuf) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let (mut xbuf, mut dybuf) = (vec![0f32; cap], vec![0f32; cap]);
     let rows = dx.chunks_exact_mut(n).zip(stats.1).enumerate();
     for (i, (dxr, &r)) in rows {
         let mean = stats.0.map_or(0.0, |m| m[i]);
@@ -613,8 +604,8 @@ unsafe fn backward_impl<S: Simd, E: Storage>(job: BackwardJob<'_, E>) {
             x.get(span(i + 1)).unwrap_or(&[]),
             dy.get(span(i + 1)).unwrap_or(&[]),
         );
-        let xr = widened_row(&x[span(i)], &mut xbuf);
-        let dyr = widened_row(&dy[span(i)], &mut dybuf);
+        let xr = widened(&x[span(i)], &mut xbuf);
+        let dyr = widened(&dy[span(i)], &mut dybuf);
         backward_row::<S, E>(norm, xr, next, (mean, r), dyr, gamma, dxr, &mut pg);
     }
 }
