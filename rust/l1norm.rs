@@ -236,7 +236,13 @@ fn forward_row_f64<X: Storage, E: Storage>(
     let mean_abs = x.iter().map(|v| (x64(v) - mean).abs()).sum::<f64>() / n;
     let r = 1.0 / (SQRT_HALF_PI * mean_abs + eps);
     for (((o, v), &g), &b) in y.iter_mut().zip(x).zip(p.gamma).zip(p.beta) {
-        let out = (x64(v) - mean) * r * f64::from(g) + f64::from(b);
+        let out = (x64(v) - mean) * r * f64::from(g);
+        // RMSNorm has no bias: adding its zero would turn a -0 into +0 (`forward_row` keeps -0).
+        let out = if norm == Norm::Layer {
+            out + f64::from(b)
+        } else {
+            out
+        };
         *o = E::from_f32(out as f32);
     }
     (mean as f32, r as f32)
