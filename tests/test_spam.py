@@ -12,7 +12,15 @@ import torch
 from support.distributed import init_gloo, spawn
 
 import ferrograd as fg
-from ferrograd.ops.spam import adaclip_stats, mask_indices, reference, sample_mask, spam_step_op
+from ferrograd.ops.spam import (
+    adaclip_stats,
+    mask_indices,
+    reference,
+    sample_mask,
+    spam_step_many,
+    spam_step_many_op,
+    spam_step_op,
+)
 
 pytestmark = pytest.mark.simd
 
@@ -192,6 +200,66 @@ def test_bfloat16_rust_step_is_the_float32_step_rounded(sparse):
     reference.spam_step(p_ref, g, m_ref, v_ref, *args[4:])
     torch.testing.assert_close(p.float(), p_ref.float(), rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-7)
+
+
+def many_args(cases):
+    """spam_step_many's arguments for tensors of (shape, sparse, dtype), each with its own
+    AdaClip bound and ratio and AdaGN scale (the first dense one clips and scales nothing)."""
+    tensors = [step_args(shape, sparse, dtype, seed=i) for i, (shape, sparse, dtype) in
+               enumerate(cases)]  # fmt: skip
+    shared = tensors[0][4:13] if tensors else step_args((1,), False)[4:13]
+    per = [(math.inf, 1.0, 1.0)] + [(2.0 + i, 0.5, 1.0 + 0.1 * i) for i in range(len(cases))]
+    lists = [list(column) for column in zip(*(t[:4] for t in tensors), strict=True)] or [[]] * 4
+    return lists, shared, per[: len(cases)], [t[-1] for t in tensors]
+
+
+MANY = [((613, 301), False, torch.float32), ((37, 29), True, torch.float32), ((5,), False,
+        torch.float32), ((0, 3), False, torch.float32), ((300, 700), True, torch.bfloat16),
+        ((64,), False, torch.bfloat16), ((9, 7), True, torch.float64)]  # fmt: skip
+
+
+def test_many_tensors_step_as_each_alone():
+    """One spam_step_many call (float32 and bfloat16 tensors each in one Rust pass, float64 by
+    the reference) leaves every tensor with the bits of its own spam_step call."""
+    fg.set_num_threads(max(2, fg.get_num_threads()))
+    (ps, gs, ms, vs), shared, per, masks = many_args(MANY)
+    alone = [[t.clone() for t in tensors] for tensors in zip(ps, gs, ms, vs, strict=True)]
+    for (p, g, m, v), (bound, ratio, scale), mask in zip(alone, per, masks, strict=True):
+        spam_step_op(p, g, m, v, *shared, bound, ratio, scale, mask)
+    spam_step_many(ps, gs, ms, vs, *shared, adaclip_bounds=[b for b, _, _ in per],
+                   adaclip_ratios=[r for _, r, _ in per], grad_scales=[c for _, _, c in per],
+                   masks=masks)  # fmt: skip
+    for i, (got, want) in enumerate(zip(zip(ps, gs, ms, vs, strict=True), alone, strict=True)):
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), f"tensor {i}"
+
+
+def test_spam_step_many_opcheck_and_refusals():
+    cases = [((9, 7), False, torch.float32), ((4, 6), True, torch.float32), ((5,), False,
+             torch.bfloat16)]  # fmt: skip
+    (ps, gs, ms, vs), shared, per, masks = many_args(cases)
+    per_lists = [[t[j] for t in per] for j in range(3)]
+    torch.library.opcheck(spam_step_many_op, (ps, gs, ms, vs, *shared, *per_lists, masks))
+    with pytest.raises(ValueError, match="spam_step_many: masks has 2 entries for 3 params"):
+        spam_step_many(ps, gs, ms, vs, *shared, adaclip_bounds=per_lists[0],
+                       adaclip_ratios=per_lists[1], grad_scales=per_lists[2],
+                       masks=masks[:2])  # fmt: skip
+    # one moment tensor handed to two parameters: refused before anything is written
+    before = [t.clone() for t in ps]
+    with pytest.raises(ValueError, match=r"spam_step: exp_avgs\[1\] overlaps exp_avgs\[0\]"):
+        spam_step_many(ps[:2], gs[:2], [ms[0], ms[0][: ms[1].numel()]], vs[:2], *shared,
+                       adaclip_bounds=per_lists[0][:2], adaclip_ratios=per_lists[1][:2],
+                       grad_scales=per_lists[2][:2], masks=masks[:2])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(ps, before, strict=True))
+    spam_step_many([], [], [], [], *shared, adaclip_bounds=[], adaclip_ratios=[],
+                   grad_scales=[], masks=[])  # fmt: skip
+    # the Rust pass takes one parameter dtype per call (the op's CPU kernel splits by dtype)
+    from ferrograd import _core
+
+    with pytest.raises(TypeError, match=r"spam_step: params\[1\] must have the dtype of params"):
+        _core.spam_step_many([ps[0], ps[2]], [gs[0], gs[2]], [ms[0], ms[2]], [vs[0], vs[2]],
+                             0.01, 0.0, (0.9, 0.99), 1e-6, (0.1, 0.01), 1.0, None,
+                             [(math.inf, 1.0)] * 2, [1.0, 1.0], [None, None])  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

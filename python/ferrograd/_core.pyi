@@ -83,15 +83,35 @@ def spam_step(
     betas: tuple[float, float],
     eps: float,
     bias_corrections: tuple[float, float],
-    warmup: float = 1.0,
-    spike_threshold: float | None = None,
-    adaclip: tuple[float, float] = ...,
-    grad_scale: float = 1.0,
-    mask: torch.Tensor | None = None,
+    warmup: float,
+    spike_threshold: float | None,
+    adaclip: tuple[float, float],
+    grad_scale: float,
+    mask: torch.Tensor | None,
 ) -> None:
-    """One fused SPAM-family step in place on a float32 or bfloat16 param (grad of the same
-    dtype) with float32 moments; with mask (1 bit per element) the moments are compact for the
-    marked coordinates and the others get weight decay only."""
+    """spam_step_many on one parameter, its scalars as arguments."""
+
+def spam_step_many(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    bias_corrections: tuple[float, float],
+    warmup: float,
+    spike_threshold: float | None,
+    adaclips: list[tuple[float, float]],
+    grad_scales: list[float],
+    masks: list[torch.Tensor | None],
+) -> None:
+    """One fused step in place on every float32 or bfloat16 parameter of ``params`` (one dtype;
+    gradients of it) with float32 moments, in one parallel region: the scalars shared but
+    AdaClip's (bound, ratio) and AdaGN's scale per parameter. With a mask (1 bit per element)
+    the moments are compact, for the marked coordinates only; the others get weight decay alone.
+    """
 
 def adaclip_stats(
     grad: torch.Tensor,

@@ -1,33 +1,21 @@
 //! SPAM / Stable-SPAM step wrappers.
 
+use std::borrow::Cow;
+
 use numpy::PyArray1;
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{has_dtype, Borrows};
+use super::tensor::{has_dtype, Borrows, Element};
 use crate::error::FgError;
 use crate::rng::SplitMix64;
 use crate::simd::{self, Bf16};
 use crate::spam::{self, StepScalars};
 
-/// A parameter and its gradient, float32 or bfloat16.
-enum Pair<'a> {
-    F32(&'a mut [f32], &'a [f32]),
-    Bf16(&'a mut [Bf16], &'a [Bf16]),
-}
-
-/// One fused step in place on a float32 or bfloat16 `param` (and `grad` of the same dtype)
-/// with float32 moments. With `mask` (1 bit per element), the moments are compact, for the
-/// marked coordinates only; the others get weight decay alone.
-#[pyfunction]
-#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup=1.0, spike_threshold=None, adaclip=(f64::INFINITY, 1.0), grad_scale=1.0, mask=None))]
+/// The scalars of one tensor's step. Combinations of the optimizer's scalars are formed in f64,
+/// then rounded, as a plain torch implementation forms them.
 #[allow(clippy::too_many_arguments)]
-fn spam_step(
-    py: Python<'_>,
-    param: Bound<'_, PyAny>,
-    grad: Bound<'_, PyAny>,
-    exp_avg: Bound<'_, PyAny>,
-    exp_avg_sq: Bound<'_, PyAny>,
+fn scalars(
     lr: f64,
     weight_decay: f64,
     betas: (f64, f64),
@@ -35,28 +23,10 @@ fn spam_step(
     bias_corrections: (f64, f64),
     warmup: f64,
     spike_threshold: Option<f64>,
-    adaclip: (f64, f64),
+    (adaclip_bound, adaclip_ratio): (f64, f64),
     grad_scale: f64,
-    mask: Option<Bound<'_, PyAny>>,
-) -> PyResult<()> {
-    let op = "spam_step";
-    let level = simd::active()?;
-    let bf16 = has_dtype::<Bf16>(&param)?;
-    if bf16 != has_dtype::<Bf16>(&grad)? {
-        return Err(FgError::Type(format!("{op}: grad must have param's dtype")).into());
-    }
-    let mut args = Borrows::new(op);
-    let pair = if bf16 {
-        Pair::Bf16(args.write("param", &param)?, args.read("grad", &grad)?)
-    } else {
-        Pair::F32(args.write("param", &param)?, args.read("grad", &grad)?)
-    };
-    let m = args.write("exp_avg", &exp_avg)?;
-    let v = args.write("exp_avg_sq", &exp_avg_sq)?;
-    let mask = args.read_opt("mask", &mask)?;
-    // Combinations of the optimizer's scalars are formed in f64, then rounded, as a plain
-    // torch implementation forms them.
-    let s = StepScalars {
+) -> StepScalars {
+    StepScalars {
         decay: (1.0 - lr * weight_decay) as f32,
         step_size: (lr * warmup) as f32,
         beta1: betas.0 as f32,
@@ -67,16 +37,208 @@ fn spam_step(
         bias_correction1: bias_corrections.0 as f32,
         bias_correction2: bias_corrections.1 as f32,
         spike_threshold: spike_threshold.map(|t| t as f32),
-        adaclip_bound: adaclip.0 as f32,
-        adaclip_ratio: adaclip.1 as f32,
+        adaclip_bound: adaclip_bound as f32,
+        adaclip_ratio: adaclip_ratio as f32,
         grad_scale: grad_scale as f32,
+    }
+}
+
+/// The tensors of one parameter's step, as Python hands them over.
+struct Tensors<'py> {
+    param: Bound<'py, PyAny>,
+    grad: Bound<'py, PyAny>,
+    exp_avg: Bound<'py, PyAny>,
+    exp_avg_sq: Bound<'py, PyAny>,
+    mask: Option<Bound<'py, PyAny>>,
+}
+
+/// Borrows every tensor (named by its position in the lists when `indexed`) and runs one step
+/// over all of them.
+fn run_step(
+    py: Python<'_>,
+    op: &str,
+    tensors: &[Tensors<'_>],
+    s: &[StepScalars],
+    indexed: bool,
+) -> PyResult<()> {
+    let level = simd::active()?;
+    let bf16 = match tensors.first() {
+        Some(t) => has_dtype::<Bf16>(&t.param)?,
+        None => return Ok(()),
     };
-    run_detached(py, op, || match (pair, mask) {
-        (Pair::F32(p, g), Some(mask)) => spam::sparse_step(level, p, g, mask, m, v, &s),
-        (Pair::F32(p, g), None) => spam::dense_step(level, p, g, m, v, &s),
-        (Pair::Bf16(p, g), Some(mask)) => spam::sparse_step(level, p, g, mask, m, v, &s),
-        (Pair::Bf16(p, g), None) => spam::dense_step(level, p, g, m, v, &s),
-    })
+    if bf16 {
+        borrowed_step::<Bf16>(py, op, level, tensors, s, indexed)
+    } else {
+        borrowed_step::<f32>(py, op, level, tensors, s, indexed)
+    }
+}
+
+/// [`run_step`] for parameters of P: every parameter and gradient must be of P.
+fn borrowed_step<P: spam::Param + Element>(
+    py: Python<'_>,
+    op: &str,
+    level: simd::SimdLevel,
+    tensors: &[Tensors<'_>],
+    s: &[StepScalars],
+    indexed: bool,
+) -> PyResult<()> {
+    let mut sets = Vec::with_capacity(tensors.len());
+    let mut steps: Vec<spam::TensorStep<'_, P>> = Vec::with_capacity(tensors.len());
+    for (i, (t, &s)) in tensors.iter().zip(s).enumerate() {
+        let name = |arg: &'static str| -> Cow<'static, str> {
+            if indexed {
+                Cow::Owned(format!("{arg}s[{i}]"))
+            } else {
+                Cow::Borrowed(arg)
+            }
+        };
+        let bf16 = has_dtype::<Bf16>(&t.param)?;
+        if bf16 == P::IS_F32 {
+            return Err(FgError::Type(format!(
+                "{op}: {} must have the dtype of params[0]",
+                name("param")
+            ))
+            .into());
+        }
+        if has_dtype::<Bf16>(&t.grad)? != bf16 {
+            return Err(FgError::Type(format!(
+                "{op}: {} must have {}'s dtype",
+                name("grad"),
+                name("param")
+            ))
+            .into());
+        }
+        let mut args = Borrows::new(op);
+        steps.push(spam::TensorStep {
+            p: args.write(&name("param"), &t.param)?,
+            g: args.read(&name("grad"), &t.grad)?,
+            m: args.write(&name("exp_avg"), &t.exp_avg)?,
+            v: args.write(&name("exp_avg_sq"), &t.exp_avg_sq)?,
+            mask: args.read_opt(&name("mask"), &t.mask)?,
+            s,
+        });
+        sets.push(args);
+    }
+    Borrows::check_apart(op, &sets)?;
+    run_detached(py, op, || spam::step(level, op, steps))
+}
+
+/// `spam_step_many` on one parameter, its scalars as arguments (no lists to build per call).
+#[pyfunction]
+#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, lr, weight_decay, betas, eps, bias_corrections, warmup, spike_threshold, adaclip, grad_scale, mask))]
+#[allow(clippy::too_many_arguments)]
+fn spam_step<'py>(
+    py: Python<'py>,
+    param: Bound<'py, PyAny>,
+    grad: Bound<'py, PyAny>,
+    exp_avg: Bound<'py, PyAny>,
+    exp_avg_sq: Bound<'py, PyAny>,
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    bias_corrections: (f64, f64),
+    warmup: f64,
+    spike_threshold: Option<f64>,
+    adaclip: (f64, f64),
+    grad_scale: f64,
+    mask: Option<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let s = scalars(
+        lr,
+        weight_decay,
+        betas,
+        eps,
+        bias_corrections,
+        warmup,
+        spike_threshold,
+        adaclip,
+        grad_scale,
+    );
+    let tensors = Tensors {
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        mask,
+    };
+    run_step(py, "spam_step", &[tensors], &[s], false)
+}
+
+/// One fused step in place on every parameter of `params` (float32 or bfloat16, all of one
+/// dtype, each gradient of its parameter's dtype) with float32 moments, in one parallel region.
+/// The scalars are shared but AdaClip's bound and ratio and AdaGN's scale (`adaclips`,
+/// `grad_scales`); every list holds one entry per parameter. With a mask (1 bit per element)
+/// the moments are compact, for the marked coordinates only, and the others get weight decay
+/// alone; None: dense.
+#[pyfunction]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, lr, weight_decay, betas, eps, bias_corrections, warmup, spike_threshold, adaclips, grad_scales, masks))]
+#[allow(clippy::too_many_arguments)]
+fn spam_step_many<'py>(
+    py: Python<'py>,
+    params: Vec<Bound<'py, PyAny>>,
+    grads: Vec<Bound<'py, PyAny>>,
+    exp_avgs: Vec<Bound<'py, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'py, PyAny>>,
+    lr: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    bias_corrections: (f64, f64),
+    warmup: f64,
+    spike_threshold: Option<f64>,
+    adaclips: Vec<(f64, f64)>,
+    grad_scales: Vec<f64>,
+    masks: Vec<Option<Bound<'py, PyAny>>>,
+) -> PyResult<()> {
+    let op = "spam_step";
+    let n = params.len();
+    let lens = [
+        grads.len(),
+        exp_avgs.len(),
+        exp_avg_sqs.len(),
+        adaclips.len(),
+        grad_scales.len(),
+        masks.len(),
+    ];
+    if lens.iter().any(|&l| l != n) {
+        return Err(FgError::Value(format!(
+            "{op}: params, grads, exp_avgs, exp_avg_sqs, adaclips, grad_scales and masks must be \
+             lists of one length, got {n} params and {lens:?}"
+        ))
+        .into());
+    }
+    let s: Vec<StepScalars> = adaclips
+        .into_iter()
+        .zip(grad_scales)
+        .map(|(adaclip, scale)| {
+            scalars(
+                lr,
+                weight_decay,
+                betas,
+                eps,
+                bias_corrections,
+                warmup,
+                spike_threshold,
+                adaclip,
+                scale,
+            )
+        })
+        .collect();
+    let tensors: Vec<Tensors<'_>> = params
+        .into_iter()
+        .zip(grads)
+        .zip(exp_avgs.into_iter().zip(exp_avg_sqs))
+        .zip(masks)
+        .map(|(((param, grad), (exp_avg, exp_avg_sq)), mask)| Tensors {
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            mask,
+        })
+        .collect();
+    run_step(py, op, &tensors, &s, n > 1)
 }
 
 /// Stable-SPAM's AdaClip statistics of a float32 or bfloat16 gradient in one pass; returns
@@ -123,6 +285,7 @@ fn sample_mask(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(spam_step_many, m)?)?;
     m.add_function(wrap_pyfunction!(adaclip_stats, m)?)?;
     m.add_function(wrap_pyfunction!(sample_mask, m)?)?;
     Ok(())

@@ -60,7 +60,10 @@ def define(
 
 def _has_subclass(args: tuple) -> bool:
     for a in args:
-        if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
+        if type(a) is list:  # a Tensor[] argument (spam_step_many): one C-level pass
+            if not _PLAIN.issuperset(map(type, a)) and _has_subclass(tuple(a)):
+                return True
+        elif type(a) not in _PLAIN and isinstance(a, torch.Tensor):
             return True
     return False
 
@@ -68,10 +71,11 @@ def _has_subclass(args: tuple) -> bool:
 def call(op: torch._ops.OpOverload, *args):
     """``op(*args)``; in eager mode on plain CPU tensors without the dispatcher's round trips.
 
-    The first argument of every ferrograd op is a tensor that decides the device; a tensor
-    subclass anywhere (a wrapped weight, a DTensor) takes the dispatcher, which unwraps it.
+    The first argument of every ferrograd op is a tensor, or a non-empty list of them, that
+    decides the device; a tensor subclass anywhere (a wrapped weight, a DTensor) takes the
+    dispatcher, which unwraps it.
     """
-    first = args[0]
+    first = args[0][0] if type(args[0]) is list else args[0]
     if (
         _has_subclass(args)
         or not first.is_cpu

@@ -1,10 +1,11 @@
 """SPAM / Stable-SPAM (rules in docs/definitions.md): the bookkeeping here, the fused step in
-the op ``ferrograd::spam_step`` (ferrograd/ops/spam).
+the op ``ferrograd::spam_step_many`` (ferrograd/ops/spam).
 
 The optimizers compute each step's scalars (bias corrections, warm-up, clip thresholds, the
-Stable-SPAM gradient statistics: one Rust pass over the gradient on CPU) and call the op once
-per parameter tensor; the dispatcher runs the fused Rust pass on CPU float32 and bfloat16
-parameters (float32 moments) and the same rule in torch ops on any other device or dtype.
+Stable-SPAM gradient statistics: one Rust pass over each gradient on CPU) and call the op once
+per parameter group and device; the dispatcher runs the fused Rust pass on CPU float32 and
+bfloat16 parameters (float32 moments; one parallel region over every tensor of a dtype) and
+the same rule in torch ops on any other device or dtype.
 Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
 ``round(density * numel)`` coordinates drawn uniformly without replacement from a seeded
 generator, redrawn at every reset, marked in a bitmask (state: 8 * density + 0.125 bytes per
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..ops._checks import check_int, check_number
-from ..ops.spam import adaclip_stats, mask_indices, sample_mask, spam_step
+from ..ops.spam import adaclip_stats, mask_indices, sample_mask, spam_step, spam_step_many
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 _MAX_FLOAT = 1.7976931348623157e308  # options must be finite
@@ -242,6 +243,7 @@ class _SpamBase(torch.optim.Optimizer):
         for group in self.param_groups:
             reset = t % group["reset_interval"] == 0
             scalars = self._scalars(group, t)  # the same for every tensor of the group
+            todo = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -249,20 +251,32 @@ class _SpamBase(torch.optim.Optimizer):
                 state = self.state[p]
                 if "exp_avg" not in state or reset:
                     self._fresh_moments(p, group)
-                self._update(p, state, grad, scalars)
+                todo.append((p, state, grad))
+            self._update(todo, scalars)
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict, grad: torch.Tensor, scalars: tuple) -> None:
-        """One tensor's step with its group's ``_scalars`` (SPAM's are the op's own)."""
-        self._fused(p, state, grad, *scalars)
+    def _update(self, todo: list[tuple], scalars: tuple) -> None:
+        """The step of a group's tensors, ``todo`` holding (param, state, grad) each, with the
+        group's ``_scalars`` (SPAM's: the op's shared ones)."""
+        self._fused(todo, scalars, [(math.inf, 1.0, 1.0)] * len(todo))
 
-    def _fused(self, p: torch.Tensor, state: dict, grad: torch.Tensor, *scalars: float | None):
-        """One step of the rule on ``p``'s local tensor: ``scalars`` in the order of
-        ``spam_step``'s schema (ferrograd/ops/spam), from lr to grad_scale."""
-        spam_step(
-            _local(p), _local(grad), state["exp_avg"], state["exp_avg_sq"], *scalars,
-            mask=state.get("mask"),
-        )  # fmt: skip
+    def _fused(self, todo: list[tuple], shared: tuple, per_tensor: list[tuple]) -> None:
+        """One op call per device over the group's tensors (their local shards): ``shared``
+        the scalars of ``spam_step_many`` from lr to spike_threshold, ``per_tensor`` each
+        tensor's (AdaClip bound, ratio, AdaGN scale)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (p, _, _) in enumerate(todo):
+            by_device.setdefault(p.device, []).append(i)
+        for idx in by_device.values():
+            states = [todo[i][1] for i in idx]
+            spam_step_many(
+                [_local(todo[i][0]) for i in idx], [_local(todo[i][2]) for i in idx],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], *shared,
+                adaclip_bounds=[per_tensor[i][0] for i in idx],
+                adaclip_ratios=[per_tensor[i][1] for i in idx],
+                grad_scales=[per_tensor[i][2] for i in idx],
+                masks=[s.get("mask") for s in states],
+            )  # fmt: skip
 
 
 def _across_shards(t: torch.Tensor, value: torch.Tensor, op) -> float:
@@ -309,8 +323,8 @@ class SPAM(_SpamBase):
         check_int("SPAM", "clip_warmup", group["clip_warmup"], 0, _INT_MAX)
 
     def _scalars(self, group: dict, t: int) -> tuple:
-        """spam_step's scalars at step t: bias corrections, the warm-up after a reset, and
-        the spike threshold once clip_warmup steps have passed."""
+        """spam_step_many's shared scalars at step t: bias corrections, the warm-up after a
+        reset, and the spike threshold once clip_warmup steps have passed."""
         interval, warmup_steps = group["reset_interval"], group["warmup_steps"]
         t0 = (t // interval) * interval  # step of the last reset, 0 before the first
         if t0 == 0 or warmup_steps == 0:  # no warm-up yet, or none at all
@@ -322,7 +336,7 @@ class SPAM(_SpamBase):
         clip = group["threshold"] if t - t0 >= group["clip_warmup"] else None
         return (
             group["lr"], group["weight_decay"], b1, b2, group["eps"], 1.0 - b1**t, 1.0 - b2**t,
-            warmup, clip, math.inf, 1.0, 1.0,
+            warmup, clip,
         )  # fmt: skip
 
 
@@ -382,30 +396,37 @@ class StableSPAM(_SpamBase):
             (group["lr"], group["weight_decay"], b1, b2, group["eps"], 1.0 - b1**k, 1.0 - b2**k),
         )  # fmt: skip
 
-    def _update(self, p: torch.Tensor, state: dict, grad: torch.Tensor, scalars: tuple) -> None:
+    def _update(self, todo: list[tuple], scalars: tuple) -> None:
+        # Tensor by tensor: each step right after the statistics pass over its gradient, which
+        # then comes from the cache (all statistics first, then one step over every tensor,
+        # read the gradients twice from memory: 3-7% slower on a 29M-parameter Llama).
         (g1, g2, g3), (c1, c2, c3), eps, step = scalars
-        # AdaClip: a running estimate of the largest |g| caps the entries above it; one pass
-        # gives it and the clipped gradient's squared norm (AdaGN's input).
-        local = _local(grad)
-        max_abs = None
-        if local is not grad:  # a shard: the max over every shard first (shards may be empty)
-            local_max = (
-                torch.linalg.vector_norm(local, ord=math.inf, dtype=torch.float64)
-                if local.numel()
-                else torch.zeros((), dtype=torch.float64, device=local.device)
+        for p, state, grad in todo:
+            # AdaClip: a running estimate of the largest |g| caps the entries above it; one
+            # pass gives it and the clipped gradient's squared norm (AdaGN's input).
+            local = _local(grad)
+            max_abs = None
+            if local is not grad:  # a shard: the max over every shard first (may be empty)
+                local_max = (
+                    torch.linalg.vector_norm(local, ord=math.inf, dtype=torch.float64)
+                    if local.numel()
+                    else torch.zeros((), dtype=torch.float64, device=local.device)
+                )
+                max_abs = _across_shards(grad, local_max, torch.distributed.ReduceOp.MAX)
+            _, state["max_abs"], bound, ratio, squares = adaclip_stats(
+                local, max_abs, state.get("max_abs", 0.0), g3, c3
             )
-            max_abs = _across_shards(grad, local_max, torch.distributed.ReduceOp.MAX)
-        _, state["max_abs"], bound, ratio, squares = adaclip_stats(
-            local, max_abs, state.get("max_abs", 0.0), g3, c3
-        )
-        if local is not grad:
-            squares = _across_shards(
-                grad, torch.tensor(squares, dtype=torch.float64, device=local.device),
-                torch.distributed.ReduceOp.SUM,
+            if local is not grad:
+                squares = _across_shards(
+                    grad, torch.tensor(squares, dtype=torch.float64, device=local.device),
+                    torch.distributed.ReduceOp.SUM,
+                )  # fmt: skip
+            norm = math.sqrt(squares)
+            state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
+            state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
+            target = (state["norm_m"] / c1) / (math.sqrt(state["norm_v"] / c2) + eps)
+            scale = target / norm if norm > 0 else 0.0
+            spam_step(
+                _local(p), local, state["exp_avg"], state["exp_avg_sq"], *step, 1.0, None,
+                bound, ratio, scale, mask=state.get("mask"),
             )  # fmt: skip
-        norm = math.sqrt(squares)
-        state["norm_m"] = g1 * state.get("norm_m", 0.0) + (1 - g1) * norm
-        state["norm_v"] = g2 * state.get("norm_v", 0.0) + (1 - g2) * norm**2
-        target = (state["norm_m"] / c1) / (math.sqrt(state["norm_v"] / c2) + eps)
-        scale = target / norm if norm > 0 else 0.0
-        self._fused(p, state, grad, *step, 1.0, None, bound, ratio, scale)

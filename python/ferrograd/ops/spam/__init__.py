@@ -5,10 +5,13 @@ torch.compile functionalizes it) and returns nothing. float32 and bfloat16 CPU p
 float32 moments) run one fused Rust pass (cpu.py); every other device and dtype runs the same
 rule in torch ops (reference.py). ``adaclip_stats`` gives Stable-SPAM's per-tensor gradient
 statistics (one Rust pass on CPU).
-The optimizers in ``ferrograd.optim`` compute the scalars (bias corrections, warm-up factor,
-clip thresholds) and call the op once per parameter tensor. ``mask`` (uint8, one bit per
-element of ``param``) selects sparse momentum: the moments then hold only the marked
-coordinates, in order, and the others get weight decay only.
+``ferrograd::spam_step_many`` is the same step over lists of tensors (the scalars shared but
+AdaClip's bound and ratio and AdaGN's scale, per tensor): on CPU one Rust call per parameter
+dtype, one parallel region over every tensor's parts. The optimizers in ``ferrograd.optim``
+compute the scalars (bias corrections, warm-up factor, clip thresholds) and call it once per
+parameter group. ``mask`` (uint8, one bit per element of ``param``) selects sparse momentum:
+the moments then hold only the marked coordinates, in order, and the others get weight decay
+only.
 """
 
 from __future__ import annotations
@@ -20,20 +23,40 @@ from . import cpu, reference
 from .cpu import sample_mask
 from .reference import mask_indices
 
-__all__ = ["adaclip_stats", "mask_indices", "sample_mask", "spam_step", "spam_step_op"]
+__all__ = [
+    "adaclip_stats",
+    "mask_indices",
+    "sample_mask",
+    "spam_step",
+    "spam_step_many",
+    "spam_step_op",
+]
 
 
 def _fake(param: torch.Tensor, *args) -> None:
     return None
 
 
-spam_step_op = _library.define(
-    "spam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+_SCALARS = (
     "float lr, float weight_decay, float beta1, float beta2, float eps, "
     "float bias_correction1, float bias_correction2, float warmup, float? spike_threshold, "
-    "float adaclip_bound, float adaclip_ratio, float grad_scale, Tensor? mask=None) -> ()",
+)
+spam_step_op = _library.define(
+    "spam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    + _SCALARS
+    + "float adaclip_bound, float adaclip_ratio, float grad_scale, Tensor? mask=None) -> ()",
     cpu=cpu.spam_step,
     reference=reference.spam_step,
+    fake=_fake,
+)
+
+
+spam_step_many_op = _library.define(
+    "spam_step_many(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, " + _SCALARS + "float[] adaclip_bounds, float[] adaclip_ratios, "
+    "float[] grad_scales, Tensor?[] masks) -> ()",
+    cpu=cpu.spam_step_many,
+    reference=reference.spam_step_many,
     fake=_fake,
 )
 
@@ -48,6 +71,35 @@ def spam_step(
 ) -> None:
     """One fused step in place: ``ferrograd::spam_step`` with the scalars in schema order."""
     _library.call(spam_step_op, param, grad, exp_avg, exp_avg_sq, *scalars, mask)
+
+
+def spam_step_many(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *scalars: float | None,
+    adaclip_bounds: list[float],
+    adaclip_ratios: list[float],
+    grad_scales: list[float],
+    masks: list[torch.Tensor | None],
+) -> None:
+    """``spam_step`` on every tensor of the lists in one op (``ferrograd::spam_step_many``):
+    ``scalars`` in the schema's order from lr to spike_threshold, shared; the rest one entry
+    per parameter."""
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             "adaclip_bounds": adaclip_bounds, "adaclip_ratios": adaclip_ratios,
+             "grad_scales": grad_scales, "masks": masks}  # fmt: skip
+    for name, values in lists.items():
+        if len(values) != len(params):
+            raise ValueError(
+                f"spam_step_many: {name} has {len(values)} entries for {len(params)} params"
+            )
+    if params:
+        _library.call(
+            spam_step_many_op, params, grads, exp_avgs, exp_avg_sqs, *scalars, adaclip_bounds,
+            adaclip_ratios, grad_scales, masks,
+        )  # fmt: skip
 
 
 def adaclip_stats(

@@ -13,6 +13,18 @@ from . import reference
 _FUSED = (torch.float32, torch.bfloat16)
 
 
+def _fused(param, grad, exp_avg, exp_avg_sq) -> bool:
+    """Whether the Rust pass takes this tensor's step (else the reference does)."""
+    return (
+        param.dtype == grad.dtype
+        and param.dtype in _FUSED
+        and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
+        and param.is_contiguous()
+        and exp_avg.is_contiguous()
+        and exp_avg_sq.is_contiguous()
+    )
+
+
 def spam_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -32,15 +44,7 @@ def spam_step(
     grad_scale: float,
     mask: torch.Tensor | None = None,
 ) -> None:
-    fused = (
-        param.dtype == grad.dtype
-        and param.dtype in _FUSED
-        and exp_avg.dtype == exp_avg_sq.dtype == torch.float32
-        and param.is_contiguous()
-        and exp_avg.is_contiguous()
-        and exp_avg_sq.is_contiguous()
-    )
-    if not fused:
+    if not _fused(param, grad, exp_avg, exp_avg_sq):
         reference.spam_step(
             param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
             bias_correction1, bias_correction2, warmup, spike_threshold, adaclip_bound,
@@ -50,9 +54,49 @@ def spam_step(
     _core.spam_step(
         param, grad.contiguous(), exp_avg, exp_avg_sq, lr, weight_decay, (beta1, beta2), eps,
         (bias_correction1, bias_correction2), warmup, spike_threshold,
-        (adaclip_bound, adaclip_ratio), grad_scale,
-        None if mask is None else mask.contiguous(),
+        (adaclip_bound, adaclip_ratio), grad_scale, None if mask is None else mask.contiguous(),
     )  # fmt: skip
+
+
+def spam_step_many(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    warmup: float,
+    spike_threshold: float | None,
+    adaclip_bounds: list[float],
+    adaclip_ratios: list[float],
+    grad_scales: list[float],
+    masks: list[torch.Tensor | None],
+) -> None:
+    """One Rust call per parameter dtype (float32, bfloat16) over the tensors it takes; the
+    reference steps the others one by one."""
+    per_tensor = (adaclip_bounds, adaclip_ratios, grad_scales, masks)
+    shared = (lr, weight_decay, beta1, beta2, eps, bias_correction1, bias_correction2, warmup,
+              spike_threshold)  # fmt: skip
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        if _fused(*tensors):
+            by_dtype.setdefault(tensors[0].dtype, []).append(i)
+        else:
+            reference.spam_step(*tensors, *shared, *(t[i] for t in per_tensor))
+    for idx in by_dtype.values():
+        masks_i = [None if masks[i] is None else masks[i].contiguous() for i in idx]
+        _core.spam_step_many(
+            [params[i] for i in idx], [grads[i].contiguous() for i in idx],
+            [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], lr, weight_decay,
+            (beta1, beta2), eps, (bias_correction1, bias_correction2), warmup, spike_threshold,
+            [(adaclip_bounds[i], adaclip_ratios[i]) for i in idx], [grad_scales[i] for i in idx],
+            masks_i,
+        )  # fmt: skip
 
 
 def adaclip_stats(

@@ -71,6 +71,21 @@ def spam_step(
         p.copy_(flat.view_as(p))
 
 
+def spam_step_many(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *args: float | None | list[float] | list[torch.Tensor | None],
+) -> None:
+    """:func:`spam_step` on every tensor of the lists, its AdaClip bound and ratio, AdaGN
+    scale and mask taken from the per-tensor lists (the last four arguments)."""
+    *shared, bounds, ratios, scales, masks = args
+    each = zip(params, grads, exp_avgs, exp_avg_sqs, bounds, ratios, scales, masks, strict=True)
+    for p, g, m, v, bound, ratio, scale, mask in each:
+        spam_step(p, g, m, v, *shared, bound, ratio, scale, mask)
+
+
 def adaclip_stats(
     grad: torch.Tensor,
     max_abs: float | None,
