@@ -69,7 +69,7 @@ fn load() -> Option<Runtime> {
             parallel: std::mem::transmute::<*mut c_void, GompParallel>(symbol("GOMP_parallel")?),
             thread_num: std::mem::transmute::<*mut c_void, OmpInt>(symbol("omp_get_thread_num")?),
             num_threads: std::mem::transmute::<*mut c_void, OmpInt>(symbol("omp_get_num_threads")?),
-            pid: std::process::id(),
+            pid: crate::threads::process_id(),
         })
     }
 }
@@ -83,7 +83,7 @@ fn runtime() -> Option<&'static Runtime> {
     RUNTIME
         .get_or_init(load)
         .as_ref()
-        .filter(|r| r.pid == std::process::id())
+        .filter(|r| r.pid == crate::threads::process_id())
 }
 
 /// Whether [`parallel`] will use an OpenMP team in this process.

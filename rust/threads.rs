@@ -5,8 +5,8 @@
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Once, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -37,14 +37,47 @@ pub fn set_num_threads(threads: usize) -> FgResult<()> {
         )));
     }
     let pool = build(threads)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some((std::process::id(), pool));
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some((process_id(), pool));
     Ok(())
+}
+
+/// This process's id, cached: getpid is a system call (about 0.1 µs on a VM), which every
+/// kernel call made twice to notice a fork (the pool's check and the OpenMP runtime's). A
+/// forked child starts with the cache cleared by the atfork handler, and asks once.
+pub fn process_id() -> u32 {
+    static PID: AtomicU32 = AtomicU32::new(0);
+    #[cfg(unix)]
+    {
+        static HANDLER: Once = Once::new();
+        extern "C" fn forked_child() {
+            PID.store(0, Ordering::Relaxed); // an atomic store: async-signal-safe
+        }
+        extern "C" {
+            fn pthread_atfork(
+                prepare: Option<extern "C" fn()>,
+                parent: Option<extern "C" fn()>,
+                child: Option<extern "C" fn()>,
+            ) -> std::ffi::c_int;
+        }
+        // SAFETY: registers a handler that only stores into an atomic.
+        HANDLER.call_once(|| unsafe {
+            pthread_atfork(None, None, Some(forked_child));
+        });
+    }
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
 }
 
 /// The current pool, created with the machine's available parallelism on first use, and
 /// again (same size) in a forked child.
 pub fn pool() -> Arc<ThreadPool> {
-    let pid = std::process::id();
+    let pid = process_id();
     if let Some((owner, pool)) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         if *owner == pid {
             return pool.clone();
