@@ -58,14 +58,23 @@ def define(
     return op
 
 
-def _has_subclass(args: tuple) -> bool:
+def _has_subclass(args: tuple | list) -> bool:
+    if _PLAIN.issuperset(map(type, args)):  # the common call, in one C-level pass
+        return False
     for a in args:
-        if type(a) is list:  # a Tensor[] argument (spam_step_many): one C-level pass
-            if not _PLAIN.issuperset(map(type, a)) and _has_subclass(tuple(a)):
+        if type(a) is list:  # a Tensor[] argument (spam_step_many)
+            if _has_subclass(a):
                 return True
         elif type(a) not in _PLAIN and isinstance(a, torch.Tensor):
             return True
     return False
+
+
+# The per-call checks of `call`, looked up once (each attribute chain costs tens of ns a call).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
 
 
 def call(op: torch._ops.OpOverload, *args):
@@ -76,14 +85,9 @@ def call(op: torch._ops.OpOverload, *args):
     dispatcher, which unwraps it.
     """
     first = args[0][0] if type(args[0]) is list else args[0]
-    if (
-        _has_subclass(args)
-        or not first.is_cpu
-        or torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-    ):
+    if _has_subclass(args) or not first.is_cpu or _is_compiling() or _dispatch_modes():
         return op(*args)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if _grad_enabled() and _any_requires_grad(*args):
         autograd = _AUTOGRAD.get(op)
         if autograd is None:
             return op(*args)

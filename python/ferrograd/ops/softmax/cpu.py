@@ -20,6 +20,8 @@ TORCH_BELOW = 32768
 # softmax dim last (one copy) beats running the strided kernel on partial vectors.
 _MIN_LANES = 16
 
+_F32 = torch.float32
+
 
 class _Layout:
     """How a tensor and a dim map onto the kernels' [outer, n, inner] view."""
@@ -52,12 +54,12 @@ def torch_is_faster(x: torch.Tensor, log: bool) -> bool:
     its 16-bit log_softmax rounds in 16 bits. Empty and one-element inputs (exact either way)
     always go to torch."""
     numel = x.numel()
-    if numel <= 1:
-        return True
-    return log == (x.dtype == torch.float32) and _small(numel)
+    return numel <= 1 or (log == (x.dtype is _F32) and _small(numel))
 
 
 def _small(numel: int) -> bool:
+    if numel < TORCH_BELOW or numel >= 2 * TORCH_BELOW:  # the same at 1 and 2 threads
+        return numel < TORCH_BELOW
     # The thread count is not traceable: a compiled graph takes the 1-thread limit.
     threads = 1 if torch.compiler.is_compiling() else min(torch.get_num_threads(), 2)
     return numel < TORCH_BELOW * threads
