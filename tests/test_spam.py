@@ -326,6 +326,25 @@ def test_spam_step_compiles_fullgraph_like_eager():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_spam_step_many_compiles_fullgraph_like_eager():
+    cases = [((12, 10), False, torch.float32), ((6, 8), True, torch.float32), ((7,), False,
+             torch.bfloat16)]  # fmt: skip
+
+    def step(ps, gs, ms, vs, shared, per, masks):
+        torch.ops.ferrograd.spam_step_many(ps, gs, ms, vs, *shared, *per, masks)
+        return [p * 2 for p in ps]
+
+    compiled = torch.compile(step, fullgraph=True)
+    (ps, gs, ms, vs), shared, per, masks = many_args(cases)
+    per = [[t[j] for t in per] for j in range(3)]
+    traced = [[t.clone() for t in column] for column in (ps, gs, ms, vs)]
+    want = step(ps, gs, ms, vs, shared, per, masks)
+    got = compiled(*traced, shared, per, masks)
+    for a, b in zip([*got, *traced[0], *traced[2], *traced[3]], [*want, *ps, *ms, *vs],
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", [fg.optim.SPAM, fg.optim.StableSPAM])
 def test_resume_from_state_dict_is_bit_identical(cls):
     shapes = ((20, 10), (10,))
