@@ -14,6 +14,7 @@ from support.distributed import init_gloo, spawn
 import ferrograd as fg
 from ferrograd.ops.spam import (
     adaclip_stats,
+    adaclip_stats_many,
     mask_indices,
     reference,
     sample_mask,
@@ -283,6 +284,44 @@ def test_adaclip_stats_match_the_torch_rule(dtype, given_max):
     clipped = torch.where(g.float().abs() > got[2], g.float() * got[3], g.float()).double()
     assert math.isclose(got[4], float((clipped * clipped).sum()), rel_tol=1e-12)
     assert x.max() == got[0] or given_max
+
+
+def test_adaclip_stats_many_gives_each_gradient_its_own():
+    """One call over gradients of both Rust dtypes, float64 (the reference), an empty one and
+    one with a given max gives each the statistics of its own call."""
+    fg.set_num_threads(max(2, fg.get_num_threads()))
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n, dtype in [
+        (300_001, torch.float32), (1000, torch.bfloat16), (0, torch.float32),
+        (777, torch.float64), (50_000, torch.float32)]]  # fmt: skip
+    grads[0][[9, 123_456]] = torch.tensor([300.0, -250.0])
+    max_abs = [None, None, None, None, 7.5]
+    running = [0.0, 1.0, 2.0, 3.0, 4.0]
+    got = adaclip_stats_many(grads, max_abs, running, 0.999, 0.3)
+    for g, m, r, stats in zip(grads, max_abs, running, got, strict=True):
+        assert stats == adaclip_stats(g, m, r, 0.999, 0.3)
+    with pytest.raises(ValueError, match="adaclip_stats: max_abs and running_maxes"):
+        adaclip_stats_many(grads, max_abs[:2], running, 0.999, 0.3)
+
+
+def test_stable_spam_batches_step_as_tensor_by_tensor(monkeypatch):
+    """Stable-SPAM's statistics and steps in cache-sized batches give the bits of one tensor at
+    a time."""
+    from ferrograd.optim import spam as spam_module
+
+    shapes = [(300, 200), (64,), (128, 64), (1000,), (40, 40)]
+    results = []
+    for batch_bytes in (spam_module._BATCH_BYTES, 0):
+        monkeypatch.setattr(spam_module, "_BATCH_BYTES", batch_bytes)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = fg.optim.StableSPAM(params, lr=1e-2, weight_decay=0.01)
+        for gs in make_grads(30, shapes):
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_adaclip_stats_nan_and_empty():

@@ -113,15 +113,16 @@ def spam_step_many(
     the moments are compact, for the marked coordinates only; the others get weight decay alone.
     """
 
-def adaclip_stats(
-    grad: torch.Tensor,
-    max_abs: float | None,
-    running_max: float,
+def adaclip_stats_many(
+    grads: list[torch.Tensor],
+    max_abs: list[float | None],
+    running_maxes: list[float],
     gamma3: float,
     correction: float,
-) -> tuple[float, float, float, float, float]:
-    """Stable-SPAM's AdaClip statistics of a float32 or bfloat16 gradient in one pass: (max |g|
-    or max_abs when given, running max, bound, ratio, sum of squares of the clipped gradient)."""
+) -> list[tuple[float, float, float, float, float]]:
+    """Stable-SPAM's AdaClip statistics of float32 or bfloat16 gradients (one dtype) in one
+    call, their chunks in one parallel region: per gradient (max |g| or max_abs when given,
+    running max, bound, ratio, sum of squares of the clipped gradient)."""
 
 def sample_mask(numel: int, k: int, rng_state: int) -> tuple[npt.NDArray[np.uint8], int]:
     """Exactly k of numel coordinates as a bitmask, and the advanced generator state."""

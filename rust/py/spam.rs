@@ -241,33 +241,86 @@ fn spam_step_many<'py>(
     run_step(py, op, &tensors, &s, n > 1)
 }
 
-/// Stable-SPAM's AdaClip statistics of a float32 or bfloat16 gradient in one pass; returns
-/// (max |g|, running max, bound, ratio, sum of squares of the clipped gradient).
+/// One gradient's (max |g|, running max, bound, ratio, sum of squares of the clipped gradient).
+type Stats = (f64, f64, f64, f64, f64);
+
+/// Stable-SPAM's AdaClip statistics of float32 or bfloat16 gradients (all of one dtype), in
+/// one call: per gradient (max |g|, running max, bound, ratio, sum of squares of the clipped
+/// gradient). `max_abs[i]`, when given, replaces max |g| (a sharded gradient's global max).
 #[pyfunction]
-#[pyo3(signature = (grad, max_abs, running_max, gamma3, correction))]
-fn adaclip_stats(
+#[pyo3(signature = (grads, max_abs, running_maxes, gamma3, correction))]
+fn adaclip_stats_many(
     py: Python<'_>,
-    grad: Bound<'_, PyAny>,
-    max_abs: Option<f64>,
-    running_max: f64,
+    grads: Vec<Bound<'_, PyAny>>,
+    max_abs: Vec<Option<f64>>,
+    running_maxes: Vec<f64>,
     gamma3: f64,
     correction: f64,
-) -> PyResult<(f64, f64, f64, f64, f64)> {
+) -> PyResult<Vec<Stats>> {
     let op = "adaclip_stats";
-    let level = simd::active()?;
-    let mut args = Borrows::new(op);
-    let s = if has_dtype::<Bf16>(&grad)? {
-        let g: &[Bf16] = args.read("grad", &grad)?;
-        run_detached(py, op, || {
-            spam::adaclip_stats(level, g, max_abs, running_max, gamma3, correction)
-        })?
-    } else {
-        let g: &[f32] = args.read("grad", &grad)?;
-        run_detached(py, op, || {
-            spam::adaclip_stats(level, g, max_abs, running_max, gamma3, correction)
-        })?
+    if max_abs.len() != grads.len() || running_maxes.len() != grads.len() {
+        return Err(FgError::Value(format!(
+            "{op}: max_abs and running_maxes must hold one entry per gradient ({}), got {} and {}",
+            grads.len(),
+            max_abs.len(),
+            running_maxes.len()
+        ))
+        .into());
+    }
+    let bf16 = match grads.first() {
+        Some(g) => has_dtype::<Bf16>(g)?,
+        None => return Ok(Vec::new()),
     };
-    Ok((s.max_abs, s.running_max, s.bound, s.ratio, s.sum_sq))
+    let stats = if bf16 {
+        stats_of::<Bf16>(
+            py,
+            op,
+            &grads,
+            &max_abs,
+            &running_maxes,
+            (gamma3, correction),
+        )?
+    } else {
+        stats_of::<f32>(
+            py,
+            op,
+            &grads,
+            &max_abs,
+            &running_maxes,
+            (gamma3, correction),
+        )?
+    };
+    Ok(stats
+        .into_iter()
+        .map(|s| (s.max_abs, s.running_max, s.bound, s.ratio, s.sum_sq))
+        .collect())
+}
+
+/// [`adaclip_stats_many`] on gradients of P (each borrowed as P: another dtype is refused).
+fn stats_of<P: spam::StatsParam + Element>(
+    py: Python<'_>,
+    op: &str,
+    grads: &[Bound<'_, PyAny>],
+    max_abs: &[Option<f64>],
+    running_maxes: &[f64],
+    (gamma3, correction): (f64, f64),
+) -> PyResult<Vec<spam::AdaClip>> {
+    let level = simd::active()?;
+    let mut inputs = Vec::with_capacity(grads.len());
+    for (i, ((g, &max_abs), &running_max)) in
+        grads.iter().zip(max_abs).zip(running_maxes).enumerate()
+    {
+        let name = format!("grads[{i}]");
+        let g: &[P] = Borrows::new(op).read(&name, g)?;
+        inputs.push(spam::ClipInput {
+            g,
+            max_abs,
+            running_max,
+        });
+    }
+    run_detached(py, op, || {
+        spam::adaclip_stats(level, &inputs, gamma3, correction)
+    })
 }
 
 /// Draws exactly `k` of `numel` coordinates as a bitmask; returns it and the generator state.
@@ -286,7 +339,7 @@ fn sample_mask(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spam_step, m)?)?;
     m.add_function(wrap_pyfunction!(spam_step_many, m)?)?;
-    m.add_function(wrap_pyfunction!(adaclip_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(adaclip_stats_many, m)?)?;
     m.add_function(wrap_pyfunction!(sample_mask, m)?)?;
     Ok(())
 }

@@ -14,7 +14,7 @@
 mod sparse;
 mod stats;
 
-pub use stats::{adaclip_stats, AdaClip};
+pub use stats::{adaclip_stats, AdaClip, ClipInput, StatsParam};
 
 use std::ops::Range;
 

@@ -118,55 +118,83 @@ impl StatsParam for Bf16 {
     }
 }
 
-/// (max |g|, sum of squares) of every chunk of `g`, in parallel.
-fn chunks<P: StatsParam>(level: SimdLevel, g: &[P], clip: Option<(f32, f32)>) -> Vec<(f32, f64)> {
-    let n = g.len().div_ceil(CHUNK);
-    let mut out = vec![(0.0f32, 0.0f64); n];
-    let slots = Disjoint::new(&mut out);
+/// (max |g|, sum of squares) of every chunk of every gradient in `grads`, each pass clipped
+/// with its entry of `clips` (None: unclipped), in one parallel region; per gradient, its
+/// chunks' results in order.
+fn chunks<P: StatsParam>(
+    level: SimdLevel,
+    grads: &[&[P]],
+    clips: &[Option<(f32, f32)>],
+) -> Vec<Vec<(f32, f64)>> {
+    let jobs: Vec<(usize, usize)> = grads
+        .iter()
+        .enumerate()
+        .flat_map(|(t, g)| (0..g.len().div_ceil(CHUNK)).map(move |c| (t, c)))
+        .collect();
+    let mut flat = vec![(0.0f32, 0.0f64); jobs.len()];
+    let slots = Disjoint::new(&mut flat);
     // A few parts per thread: the tensors of a model (2^18-2^20 entries: 32-128 chunks) in
     // parts of 32 chunks ran on one thread, or on two with one doing twice the other's share.
-    let part = threads::part_size(n).clamp(MIN_PART, MAX_PART);
-    threads::for_each_chunk(n, part, |_, r| {
-        // SAFETY: the parts' chunk ranges are disjoint.
+    let part = threads::part_size(jobs.len()).clamp(MIN_PART, MAX_PART);
+    threads::for_each_chunk(jobs.len(), part, |_, r| {
+        // SAFETY: the parts' job ranges are disjoint.
         let slots = unsafe { slots.piece(r.clone()) };
-        for (slot, c) in slots.iter_mut().zip(r) {
-            *slot = P::chunk(level, &g[c * CHUNK..((c + 1) * CHUNK).min(g.len())], clip);
+        for (slot, &(t, c)) in slots.iter_mut().zip(&jobs[r]) {
+            let g = grads[t];
+            *slot = P::chunk(
+                level,
+                &g[c * CHUNK..((c + 1) * CHUNK).min(g.len())],
+                clips[t],
+            );
         }
     });
-    out
+    let mut rest = flat.into_iter();
+    grads
+        .iter()
+        .map(|g| rest.by_ref().take(g.len().div_ceil(CHUNK)).collect())
+        .collect()
 }
 
-/// AdaClip's statistics of `g`: with `max_abs` given (the max over every shard of a sharded
-/// gradient) one pass sums the clipped squares; otherwise one pass finds max |g| and the
-/// chunk sums, and the chunks that hold a clipped entry are summed again. `running_max`,
-/// `gamma3` and `correction` (1 - gamma3^t) give the bound, in f64 as the optimizer's Python
-/// bookkeeping computes it.
+/// One gradient's AdaClip inputs: `max_abs`, when given, replaces max |g| (the max over every
+/// shard of a sharded gradient); `running_max` is the state's running max.
+pub struct ClipInput<'a, P> {
+    pub g: &'a [P],
+    pub max_abs: Option<f64>,
+    pub running_max: f64,
+}
+
+/// AdaClip's statistics of every gradient of `inputs`, their chunks in one parallel region (a
+/// model's many small gradients pay one fork and join): with `max_abs` given one pass sums the
+/// clipped squares; otherwise one pass finds max |g| and the chunk sums, and the chunks that
+/// hold a clipped entry are summed again. `gamma3` and `correction` (1 - gamma3^t) give the
+/// bound, in f64 as the optimizer's Python bookkeeping computes it.
 pub fn adaclip_stats<P: StatsParam>(
     level: SimdLevel,
-    g: &[P],
-    max_abs: Option<f64>,
-    running_max: f64,
+    inputs: &[ClipInput<'_, P>],
     gamma3: f64,
     correction: f64,
-) -> FgResult<AdaClip> {
+) -> FgResult<Vec<AdaClip>> {
     if correction.is_nan() || correction <= 0.0 {
         return Err(FgError::Value(format!(
             "adaclip_stats: correction must be positive, got {correction}"
         )));
     }
-    let clip_of = |gmax: f64| {
+    let clip_of = |gmax: f64, running_max: f64| {
         let running_max = gamma3 * running_max + (1.0 - gamma3) * gmax;
         let bound = running_max / correction;
         let ratio = if gmax > 0.0 { bound / gmax } else { 1.0 };
         (running_max, bound, ratio)
     };
-    let (max_abs, parts) = match max_abs {
-        Some(gmax) => {
-            let (_, bound, ratio) = clip_of(gmax);
-            (gmax, chunks(level, g, Some((bound as f32, ratio as f32))))
-        }
-        None => {
-            let mut parts = chunks(level, g, None);
+    let as_f32 = |(_, bound, ratio): (f64, f64, f64)| (bound as f32, ratio as f32);
+    let grads: Vec<&[P]> = inputs.iter().map(|i| i.g).collect();
+    let clips: Vec<_> = inputs
+        .iter()
+        .map(|i| i.max_abs.map(|gmax| as_f32(clip_of(gmax, i.running_max))))
+        .collect();
+    let results = chunks(level, &grads, &clips);
+    let stats = inputs.iter().zip(results).map(|(input, mut parts)| {
+        let g = input.g;
+        let max_abs = input.max_abs.unwrap_or_else(|| {
             let gmax = parts.iter().fold(0.0f32, |acc, &(m, _)| {
                 if m.is_nan() || acc.is_nan() {
                     f32::NAN
@@ -174,30 +202,47 @@ pub fn adaclip_stats<P: StatsParam>(
                     acc.max(m)
                 }
             }) as f64;
-            let (_, bound, ratio) = clip_of(gmax);
-            let clip = (bound as f32, ratio as f32);
+            let clip = as_f32(clip_of(gmax, input.running_max));
             for (c, part) in parts.iter_mut().enumerate() {
                 if part.0 > clip.0 {
                     let r = c * CHUNK..((c + 1) * CHUNK).min(g.len());
                     *part = P::chunk(level, &g[r], Some(clip));
                 }
             }
-            (gmax, parts)
+            gmax
+        });
+        let (running_max, bound, ratio) = clip_of(max_abs, input.running_max);
+        AdaClip {
+            max_abs,
+            running_max,
+            bound,
+            ratio,
+            sum_sq: parts.iter().map(|&(_, s)| s).sum(),
         }
-    };
-    let (running_max, bound, ratio) = clip_of(max_abs);
-    Ok(AdaClip {
-        max_abs,
-        running_max,
-        bound,
-        ratio,
-        sum_sq: parts.iter().map(|&(_, s)| s).sum(),
-    })
+    });
+    Ok(stats.collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One gradient's statistics.
+    fn stats_of(
+        level: SimdLevel,
+        g: &[f32],
+        max_abs: Option<f64>,
+        running_max: f64,
+        gamma3: f64,
+        correction: f64,
+    ) -> FgResult<AdaClip> {
+        let input = ClipInput {
+            g,
+            max_abs,
+            running_max,
+        };
+        Ok(adaclip_stats(level, &[input], gamma3, correction)?[0])
+    }
 
     fn grad(n: usize) -> Vec<f32> {
         let mut g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -228,7 +273,7 @@ mod tests {
         let (gmax, sum) = naive(&g, 1.0, 0.999, 0.05);
         let mut results = Vec::new();
         for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
-            let s = adaclip_stats(level, &g, None, 1.0, 0.999, 0.05).unwrap();
+            let s = stats_of(level, &g, None, 1.0, 0.999, 0.05).unwrap();
             assert_eq!(s.max_abs, gmax);
             assert!(
                 (s.sum_sq - sum).abs() <= 1e-12 * sum,
@@ -236,7 +281,7 @@ mod tests {
                 s.sum_sq
             );
             assert!(s.bound < 300.0); // the spike was clipped
-            let given = adaclip_stats(level, &g, Some(gmax), 1.0, 0.999, 0.05).unwrap();
+            let given = stats_of(level, &g, Some(gmax), 1.0, 0.999, 0.05).unwrap();
             assert_eq!(given, s);
             results.push(s);
         }
@@ -247,11 +292,53 @@ mod tests {
     fn nan_propagates_and_empty_is_zero() {
         let mut g = grad(1000);
         g[10] = f32::NAN;
-        let s = adaclip_stats(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.1).unwrap();
+        let s = stats_of(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.1).unwrap();
         assert!(s.max_abs.is_nan() && s.sum_sq.is_nan());
         let empty: [f32; 0] = [];
-        let s = adaclip_stats(SimdLevel::Scalar, &empty, None, 0.0, 0.9, 0.1).unwrap();
+        let s = stats_of(SimdLevel::Scalar, &empty, None, 0.0, 0.9, 0.1).unwrap();
         assert_eq!((s.max_abs, s.sum_sq, s.ratio), (0.0, 0.0, 1.0));
-        assert!(adaclip_stats(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.0).is_err());
+        assert!(stats_of(SimdLevel::Scalar, &g, None, 0.0, 0.9, 0.0).is_err());
+    }
+
+    #[test]
+    fn many_gradients_get_each_their_own_statistics() {
+        // Gradients of several sizes (one empty, one with a given max, one with a NaN) in one
+        // call give the bits of one call each, on every path.
+        let mut nan = grad(3 * CHUNK);
+        nan[5] = f32::NAN;
+        let grads = [
+            grad(70 * CHUNK + 123),
+            grad(100),
+            Vec::new(),
+            nan,
+            grad(CHUNK),
+        ];
+        let given = [None, Some(400.0), None, None, None];
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let inputs: Vec<_> = grads
+                .iter()
+                .zip(given)
+                .enumerate()
+                .map(|(i, (g, max_abs))| ClipInput {
+                    g,
+                    max_abs,
+                    running_max: i as f64,
+                })
+                .collect();
+            let all = adaclip_stats(level, &inputs, 0.99, 0.3).unwrap();
+            for (i, (g, max_abs)) in grads.iter().zip(given).enumerate() {
+                let alone = stats_of(level, g, max_abs, i as f64, 0.99, 0.3).unwrap();
+                let same = |a: f64, b: f64| a == b || a.is_nan() && b.is_nan();
+                let (a, b) = (all[i], alone);
+                assert!(
+                    same(a.max_abs, b.max_abs)
+                        && same(a.sum_sq, b.sum_sq)
+                        && same(a.bound, b.bound)
+                        && same(a.ratio, b.ratio)
+                        && same(a.running_max, b.running_max),
+                    "{level:?} gradient {i}: {a:?} != {b:?}"
+                );
+            }
+        }
     }
 }

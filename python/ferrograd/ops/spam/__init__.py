@@ -25,6 +25,7 @@ from .reference import mask_indices
 
 __all__ = [
     "adaclip_stats",
+    "adaclip_stats_many",
     "mask_indices",
     "sample_mask",
     "spam_step",
@@ -113,5 +114,27 @@ def adaclip_stats(
     running_max + (1 - gamma3) * max|g|``, bound ``running / correction``, ratio ``bound / max
     |g|`` applied to the entries above the bound, sum of squares of the clipped gradient).
     ``max_abs`` replaces max |g| when given (a sharded gradient's global max)."""
-    kernel = cpu.adaclip_stats if grad.device.type == "cpu" else reference.adaclip_stats
-    return kernel(grad, max_abs, running_max, gamma3, correction)
+    return adaclip_stats_many([grad], [max_abs], [running_max], gamma3, correction)[0]
+
+
+def adaclip_stats_many(
+    grads: list[torch.Tensor],
+    max_abs: list[float | None],
+    running_maxes: list[float],
+    gamma3: float,
+    correction: float,
+) -> list[tuple[float, float, float, float, float]]:
+    """:func:`adaclip_stats` of every gradient of ``grads`` (with its ``max_abs`` and running
+    max): on CPU one Rust call per dtype, its chunks in one parallel region."""
+    if not len(grads) == len(max_abs) == len(running_maxes):
+        raise ValueError(
+            f"adaclip_stats: max_abs and running_maxes must hold one entry per gradient "
+            f"({len(grads)}), got {len(max_abs)} and {len(running_maxes)}"
+        )
+    if all(g.device.type == "cpu" for g in grads):
+        return cpu.adaclip_stats_many(grads, max_abs, running_maxes, gamma3, correction)
+    out = []  # other devices: one gradient at a time, in torch ops
+    for g, m, r in zip(grads, max_abs, running_maxes, strict=True):
+        kernel = cpu.adaclip_stats_many if g.device.type == "cpu" else reference.adaclip_stats_many
+        out += kernel([g], [m], [r], gamma3, correction)
+    return out

@@ -99,16 +99,30 @@ def spam_step_many(
         )  # fmt: skip
 
 
-def adaclip_stats(
-    grad: torch.Tensor,
-    max_abs: float | None,
-    running_max: float,
+def adaclip_stats_many(
+    grads: list[torch.Tensor],
+    max_abs: list[float | None],
+    running_maxes: list[float],
     gamma3: float,
     correction: float,
-) -> tuple[float, float, float, float, float]:
-    if grad.dtype not in _FUSED:
-        return reference.adaclip_stats(grad, max_abs, running_max, gamma3, correction)
-    return _core.adaclip_stats(grad.contiguous(), max_abs, running_max, gamma3, correction)
+) -> list[tuple[float, float, float, float, float]]:
+    """One Rust call per gradient dtype (float32, bfloat16) over the gradients it takes; the
+    reference takes the others one by one."""
+    out: list = [None] * len(grads)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g.dtype in _FUSED:
+            by_dtype.setdefault(g.dtype, []).append(i)
+        else:
+            out[i] = reference.adaclip_stats(g, max_abs[i], running_maxes[i], gamma3, correction)
+    for idx in by_dtype.values():
+        stats = _core.adaclip_stats_many(
+            [grads[i].contiguous() for i in idx], [max_abs[i] for i in idx],
+            [running_maxes[i] for i in idx], gamma3, correction,
+        )  # fmt: skip
+        for i, s in zip(idx, stats, strict=True):
+            out[i] = s
+    return out
 
 
 def sample_mask(numel: int, k: int, rng_state: int) -> tuple[torch.Tensor, int]:

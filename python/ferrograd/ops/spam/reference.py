@@ -105,3 +105,15 @@ def adaclip_stats(
     clipped = torch.where(g.abs() > bound, g * ratio, g)
     sum_sq = float(torch.linalg.vector_norm(clipped, dtype=torch.float64) ** 2)
     return max_abs, running, bound, ratio, sum_sq
+
+
+def adaclip_stats_many(
+    grads: list[torch.Tensor],
+    max_abs: list[float | None],
+    running_maxes: list[float],
+    gamma3: float,
+    correction: float,
+) -> list[tuple[float, float, float, float, float]]:
+    """:func:`adaclip_stats` of each gradient."""
+    each = zip(grads, max_abs, running_maxes, strict=True)
+    return [adaclip_stats(g, m, r, gamma3, correction) for g, m, r in each]
