@@ -253,8 +253,10 @@ const KC: usize = 512;
 /// (bytes to pack; multiply-adds, about 0.15 ms on one Zen 5 core). On a loaded machine a
 /// parallel call can wait milliseconds for a descheduled thread, which small calls cannot repay;
 /// on an idle one, 2^27 kept the GEMMs of a 128-wide model (4096 tokens, K = 128) on one
-/// thread, 1.4-1.6x slower than two (Zen 5, 2 cores).
-const PACK_PER_THREAD: usize = 1 << 18;
+/// thread, 1.4-1.6x slower than two (Zen 5, 2 cores). Packing B of a 512-wide layer's GEMMs
+/// (256 KiB) on one thread while the other waited was 4-5% of a 1024 x 512 x 512 GEMM: from
+/// 64 KiB a thread it takes both (Zen 4: 768-771 -> 747-759 us).
+const PACK_PER_THREAD: usize = 1 << 16;
 const MACS_PER_THREAD: usize = 1 << 25;
 /// Bytes of B per thread: at a few rows of A the GEMM streams B (a weight) from memory, and two
 /// threads stream faster than one (8 x 4096 x 4096 with B packed ahead: 2 MB here is about
