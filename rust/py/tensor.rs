@@ -136,14 +136,15 @@ impl<'op> Borrows<'op> {
     /// every pair: a step over a model's hundreds of tensors borrows four or five each.
     pub(crate) fn check_apart(op: &str, sets: &[Borrows<'_>]) -> PyResult<()> {
         let mut all: Vec<_> = sets.iter().flat_map(|b| &b.ranges).collect();
-        all.sort_by_key(|r| r.0); // stable: of two at one address, the first borrowed is named second
-                                  // The furthest-reaching range so far, and the furthest-reaching written one.
-        let (mut reach, mut written): (Option<&(usize, usize, bool, String)>, Option<_>) =
-            (None, None);
+        // Stable: of two ranges at one address, the one borrowed first is named second.
+        all.sort_by_key(|r| r.0);
+        // The furthest-reaching range so far, and the furthest-reaching written one.
+        let mut reach: Option<&(usize, usize, bool, String)> = None;
+        let mut written = reach;
         for r in all {
-            let (start, _, writable, name) = r;
+            let (start, end, writable, name) = r;
             let hit = written
-                .filter(|w: &&(usize, usize, bool, String)| *start < w.1)
+                .filter(|w| *start < w.1)
                 .or(reach.filter(|a| *writable && *start < a.1));
             if let Some(other) = hit {
                 return Err(FgError::Value(format!(
@@ -152,10 +153,10 @@ impl<'op> Borrows<'op> {
                 ))
                 .into());
             }
-            if reach.is_none_or(|a| r.1 > a.1) {
+            if reach.is_none_or(|a| *end > a.1) {
                 reach = Some(r);
             }
-            if *writable && written.is_none_or(|w| r.1 > w.1) {
+            if *writable && written.is_none_or(|w| *end > w.1) {
                 written = Some(r);
             }
         }
