@@ -4,13 +4,14 @@
 CPU: float32 at N=4096, D=256, V=131072, bfloat16 inputs at N=2048, D=512 and V = 32000 /
 128256 / 256000 against bf16 logits + F.cross_entropy, the baseline this CPU's user has, and the
 shape bench/model.py's Llama hands the loss (N=1024, D=512, V=32000) under bf16 autocast: e
-bfloat16, c a float32 parameter (cast to bfloat16 by the Linear or by the loss). On CPUs without
-BF16 instructions torch emulates the bf16 matmul (8x slower than float32 on Zen 3: one bf16
-baseline step took 105 s), so there the baseline upcasts e and c and computes float32 logits, and
-the autocast case (which nobody runs on such a CPU) is left out. Peak memory is
-measured in a fresh subprocess per method and case (the growth of the resident set while the
-loss and its gradients are computed, so the gradients themselves, dC = 128 MiB in the first
-case, count against both).
+bfloat16, c a float32 parameter (cast to bfloat16 by the Linear or by the loss). Where torch's
+bf16 matmul is not the faster one (ferrograd.ops._matmul measures it as the loss does: emulated
+on AVX2-only CPUs, 8x slower than float32 on Zen 3, where one bf16 baseline step took 105 s;
+half the float32 rate on an Intel Xeon of family 6 model 207 without AMX) the baseline upcasts e
+and c and computes float32 logits; the autocast case runs where the CPU has BF16 instructions.
+Peak memory is measured in a fresh subprocess per method and case (the growth of the resident
+set while the loss and its gradients are computed, so the gradients themselves, dC = 128 MiB in
+the first case, count against both).
 GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
 (N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
 (``cut_cross_entropy``) and Liger-Kernel where installed; memory is the peak allocated beyond the
@@ -38,6 +39,7 @@ from harness import (
 )
 
 import ferrograd as fg
+from ferrograd.ops._matmul import bf16_matmul_is_faster
 
 #: (dtype, N, D, V, autocast); under autocast c is a float32 parameter
 CPU_CASES = [
@@ -62,7 +64,7 @@ def inputs(
 
 
 def torch_loss(e, c, targets):
-    if e.is_cpu and not cpu_has_bf16():  # float32 logits: the faster on such a CPU
+    if e.is_cpu and not bf16_matmul_is_faster():  # float32 logits: the faster on such a CPU
         e, c = e.float(), c.float()
     return F.cross_entropy((e @ c.T).float(), targets)
 
@@ -149,7 +151,7 @@ def cpu(bench: Bench) -> None:
                 "fwdbwd_torch_ms": both["torch"] * 1e3,
                 "speedup": both["torch"] / both["ours"],
                 "torch_logits": "bfloat16"
-                if dtype == torch.bfloat16 and cpu_has_bf16()
+                if autocast or (dtype == torch.bfloat16 and bf16_matmul_is_faster())
                 else "float32",
                 "peak_ours_MiB": ours_mem / 2**20,
                 "peak_torch_MiB": torch_mem / 2**20,

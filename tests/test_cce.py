@@ -131,7 +131,10 @@ HALF_OPTIONS = [{}, OPTIONS[-2]]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("options", HALF_OPTIONS, ids=["plain", "all"])
 def test_half_inputs_with_float32_products(small_chunks, dtype, options):
-    """The inputs are exact in their dtype; only the final rounding to it may differ."""
+    """The inputs are exact in their dtype; only the final rounding to it may differ, but for a
+    bfloat16 dC: it accumulates in bfloat16, rounded once per row block (4 blocks of 40 rows
+    here), each rounding within 2^-8 of a partial sum (taken as at most twice the largest
+    entry)."""
     if not float32_products(dtype):
         pytest.skip(f"this CPU multiplies {dtype} natively (next test)")
     e, c, bias, targets = make_inputs(dtype=dtype)
@@ -139,8 +142,12 @@ def test_half_inputs_with_float32_products(small_chunks, dtype, options):
     assert loss.dtype == dtype and all(g.dtype == dtype for g in ours_grads)
     rtol = 2 * torch.finfo(dtype).eps
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=0)
-    for ours, want in zip(ours_grads, ref_grads, strict=True):
-        torch.testing.assert_close(ours.double(), want, rtol=rtol, atol=1e-4 * want.abs().max())
+    for i, (ours, want) in enumerate(zip(ours_grads, ref_grads, strict=True)):
+        largest = float(want.abs().max())
+        if i == 1 and dtype == torch.bfloat16:
+            assert float((ours.double() - want).abs().max()) <= 4 * 2.0**-8 * 2 * largest
+        else:
+            torch.testing.assert_close(ours.double(), want, rtol=rtol, atol=1e-4 * largest)
 
 
 @pytest.mark.parametrize("options", HALF_OPTIONS, ids=["plain", "all"])

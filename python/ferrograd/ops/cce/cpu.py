@@ -1,8 +1,8 @@
 """The CPU kernels: reference.py's chunk loops (forward, recomputing backward, fused) with the
 Rust row kernels (rust/cce.rs) in place of the torch ones; float64 runs the reference.
 
-bfloat16 inputs multiply in bfloat16 where this CPU does so natively (oneDNN on AVX512-BF16 or
-AMX: about 3x the float32 rate), as a bfloat16 ``nn.Linear`` would; the Rust kernels read the
+bfloat16 inputs multiply in bfloat16 where torch's bfloat16 matmul is the faster one on this CPU
+(ops/_matmul.py measures it), as a bfloat16 ``nn.Linear`` would; the Rust kernels read the
 bfloat16 logits as the matmul wrote them (no float32 copy) and write the logit gradient back in
 bfloat16 for the gradient matmuls; the log-sum-exp, the gradient and every sum over chunks stay
 float32. Elsewhere, and for float16 (no native CPU matmul on most CPUs), the chunks are upcast
@@ -11,23 +11,16 @@ to float32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ... import _core
+from .._matmul import bf16_matmul_is_faster
 from . import reference
-
-
-@functools.cache
-def _native_bf16() -> bool:
-    mkldnn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(mkldnn is not None and torch.backends.mkldnn.is_available() and mkldnn())
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the chunk matmuls run in for inputs of ``dtype``."""
-    if dtype == torch.bfloat16 and _native_bf16():
+    if dtype == torch.bfloat16 and bf16_matmul_is_faster():
         return torch.bfloat16
     return reference.compute_dtype(dtype)
 

@@ -295,6 +295,33 @@ def chunked_backward(
     return de, dc, dbias
 
 
+class _Accumulator:
+    """out[v0:v1] = or += a @ b, for an ``out`` in the products' dtype or in a narrower one
+    (bfloat16 from float32 products): then ``piece`` rows at a time through one reused buffer,
+    so that no product of the whole range exists at once."""
+
+    def __init__(self, out: torch.Tensor, piece: int) -> None:
+        self.out, self.piece, self.buf = out, piece, None
+
+    def add(self, v0: int, v1: int, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+        out = self.out
+        if out.dtype == a.dtype:
+            if accumulate:
+                out[v0:v1].addmm_(a, b)
+            else:
+                torch.mm(a, b, out=out[v0:v1])
+            return
+        if self.buf is None:
+            self.buf = a.new_empty(min(self.piece, out.shape[0]), out.shape[1])
+        for p0 in range(v0, v1, self.piece):
+            p1 = min(v1, p0 + self.piece)
+            prod = torch.mm(a[p0 - v0 : p1 - v0], b, out=self.buf[: p1 - p0])
+            if accumulate:
+                out[p0:p1] += prod
+            else:
+                out[p0:p1].copy_(prod)
+
+
 class _CastPieces:
     """c for the fused pass's two matmuls against it: as it is where the matmuls run in its
     dtype, otherwise cast a piece of ``piece`` rows at a time into the matmul dtype (each piece
@@ -374,7 +401,11 @@ def fused(
     lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
     logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
     de = fresh(eg.new_empty(rows if e_grad else 0, e.shape[1]))
-    dc = fresh(eg.new_empty(vocab if c_grad else 0, c.shape[1]))
+    # A bfloat16 dC accumulates in bfloat16 (rounded once per row block) also where the matmuls
+    # run in float32: a float32 sum of V x D would double the pass's peak memory.
+    dc_dtype = c.dtype if c.dtype == torch.bfloat16 else gemm_dtype
+    dc = fresh(torch.empty(vocab if c_grad else 0, c.shape[1], dtype=dc_dtype, device=e.device))
+    dc_acc = _Accumulator(dc, _blocks(rows, vocab, e.device)[1])
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
     piece = _blocks(rows, vocab, e.device)[1]
@@ -403,17 +434,15 @@ def fused(
             v0, v1 = k0 * piece, min(vocab, k1 * piece)
             if bias_grad:
                 dbias[v0:v1] += dz[:, v0:v1].sum(0, dtype=kd)
-            if c_grad and written[k0]:
-                dc[v0:v1].addmm_(dz[:, v0:v1].t(), er)
-            elif c_grad:
-                torch.mm(dz[:, v0:v1].t(), er, out=dc[v0:v1])
+            if c_grad:
+                dc_acc.add(v0, v1, dz[:, v0:v1].t(), er, written[k0])
                 written[k0:k1] = [True] * (k1 - k0)
     for k0, k1 in _runs([not w for w in written]) if c_grad else ():
         dc[k0 * piece : k1 * piece].zero_()
     row = row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss)
     bias_dtype = e.dtype if bias is None else bias.dtype
     # The buffer goes before dC is cast to c's dtype, so that the cast is not the peak.
-    bufs = z = dz = er = None
+    bufs = z = dz = er = dc_acc = None
     return row.sum() / divisor, _cast(de, e.dtype), _cast(dc, c.dtype), dbias.to(bias_dtype)
 
 

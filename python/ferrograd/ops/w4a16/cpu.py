@@ -23,6 +23,7 @@ import torch
 
 from ... import _core
 from .._checks import KERNEL_DTYPES
+from .._matmul import bf16_matmul_is_faster
 from .._memory import fresh
 from . import reference
 from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
@@ -155,10 +156,10 @@ def matmul_backward(grad, packed, scales, zeros, k: int, group_size: int, layout
         return reference.matmul_backward(grad, packed, scales, zeros, k, group_size, layout)
     packed, scales, zeros = _operands(packed, scales, zeros)
     dy = grad.reshape(-1, packed.shape[0])
-    # bf16 gradients meet bf16 blocks of W_hat in torch's bf16 matmul (AVX512-BF16 where the
-    # CPU has it; rounding W_hat to bf16 costs what rounding dx to bf16 does), the blocks'
-    # products summed in float32.
-    half = dy.dtype == torch.bfloat16
+    # bf16 gradients meet bf16 blocks of W_hat in torch's bf16 matmul where that is the faster
+    # one here (ops/_matmul.py; rounding W_hat to bf16 costs what rounding dx to bf16 does),
+    # the blocks' products summed in float32.
+    half = dy.dtype == torch.bfloat16 and bf16_matmul_is_faster()
     dy = dy if half else dy.float()
     dx = fresh(torch.empty(dy.shape[0], k)).zero_()
     for n0, n1, block in _weight_blocks(packed, scales, zeros, k, group_size):

@@ -1,0 +1,56 @@
+"""Which dtype torch's CPU matmul is fastest in on this machine, for ops that hand it 16-bit
+inputs (cut cross-entropy's chunk matmuls, W4A16's backward).
+
+A native bfloat16 instruction set does not make torch's bfloat16 matmul the faster one: on an
+AMD Zen 4 VM (AVX512-BF16, oneDNN's brgemm) it runs at about 3-4x the float32 rate, on an Intel
+Xeon VM of family 6 model 207 with AVX512-BF16 but no AMX exposed at 0.55x (1024^3: 13.5 ms
+against MKL's float32 7.5 ms), and on AVX2-only CPUs torch emulates it (8x slower). So the
+choice is measured, once per process, on a matmul of the shape those ops issue.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+#: The probe: rows x inner x columns of a logits chunk (a block of tokens against a piece of
+#: the vocabulary); about 0.3 GFLOP, so each timed call is a millisecond or two.
+_PROBE_SHAPE = (256, 512, 1024)
+#: bfloat16 is chosen only when clearly faster: the two dtypes round differently, and a choice
+#: that flipped between runs of the same program on timing noise would change its losses.
+_MARGIN = 1.2
+
+
+def _best_of(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: oneDNN creates its primitive on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def bf16_matmul_is_faster() -> bool:
+    """Whether torch's bfloat16 CPU matmul is clearly faster than its float32 one here: the
+    better of three calls of each, on one chunk-shaped product (about 10 ms once per process)."""
+    if not (torch.backends.mkldnn.is_available() and _mkldnn_bf16()):
+        return False  # emulated: never faster
+    m, k, n = _PROBE_SHAPE
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        # (device and dtype spelled out: a default device or dtype the user set must not move it)
+        like = {"device": "cpu", "dtype": torch.float32}
+        a, b = torch.randn(m, k, **like), torch.randn(k, n, **like)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        out, out16 = torch.empty(m, n, **like), torch.empty(m, n, device="cpu", dtype=a16.dtype)
+        f32 = _best_of(lambda: torch.mm(a, b, out=out))
+        bf16 = _best_of(lambda: torch.mm(a16, b16, out=out16))
+    return bf16 * _MARGIN < f32
+
+
+def _mkldnn_bf16() -> bool:
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and probe())
