@@ -49,6 +49,10 @@ pub struct CpuFeatures {
     pub avx512vl: bool,
     pub avx512dq: bool,
     pub avx512vnni: bool,
+    /// An AMD CPU: Zen 4/5 run float adds and conversions on pipes of their own (FP2/FP3),
+    /// apart from the integer and fused multiply-adds; Intel's cores issue 512-bit ones all on
+    /// ports 0 and 5. A kernel picks the arithmetic that keeps its multiply-add pipes free.
+    pub amd: bool,
 }
 
 impl CpuFeatures {
@@ -78,6 +82,7 @@ pub fn cpu_features() -> CpuFeatures {
                 avx512vl: is_x86_feature_detected!("avx512vl"),
                 avx512dq: is_x86_feature_detected!("avx512dq"),
                 avx512vnni: is_x86_feature_detected!("avx512vnni"),
+                amd: is_amd(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -85,6 +90,13 @@ pub fn cpu_features() -> CpuFeatures {
             CpuFeatures::default()
         }
     })
+}
+
+/// Whether CPUID's vendor string is AMD's ("AuthenticAMD": EBX, EDX, ECX of leaf 0).
+#[cfg(target_arch = "x86_64")]
+fn is_amd() -> bool {
+    let id = std::arch::x86_64::__cpuid(0);
+    (id.ebx, id.edx, id.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
 }
 
 /// bfloat16 bits, as torch stores them (torch.bfloat16).
