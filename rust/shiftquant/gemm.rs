@@ -1196,9 +1196,11 @@ mod x86 {
         s: &[[__m512i; 2]; MR],
         f: &mut [[__m512; 2]; MR],
     ) {
-        let eb: [__m512; 2] = std::array::from_fn(|h| {
-            _mm512_getexp_ps(_mm512_loadu_ps(t.b_pow.add(g * 32 + 16 * h)))
-        });
+        let pb = t.b_pow.add(g * 32);
+        let eb = [
+            _mm512_getexp_ps(_mm512_loadu_ps(pb)),
+            _mm512_getexp_ps(_mm512_loadu_ps(pb.add(16))),
+        ];
         for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
             let ea = _mm512_getexp_ps(_mm512_set1_ps(*t.a_pow.add(g * MR + i)));
             for h in 0..2 {
@@ -1219,8 +1221,8 @@ mod x86 {
         s: &[[__m512i; 2]; MR],
         f: &mut [[__m512; 2]; MR],
     ) {
-        let pb: [__m512; 2] =
-            std::array::from_fn(|h| _mm512_loadu_ps(t.b_pow.add(g * 32 + 16 * h)));
+        let pb = t.b_pow.add(g * 32);
+        let pb = [_mm512_loadu_ps(pb), _mm512_loadu_ps(pb.add(16))];
         for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
             let pa = _mm512_set1_ps(*t.a_pow.add(g * MR + i));
             for h in 0..2 {
@@ -1237,17 +1239,29 @@ mod x86 {
     unsafe fn store_c<const MR: usize>(d: &Direct, f: [[__m512; 2]; MR]) {
         let live = (1u64 << d.cols) - 1; // cols <= 32
         let masks = [live as __mmask16, (live >> 16) as __mmask16];
-        let load = |p: *const f32, h: usize| _mm512_maskz_loadu_ps(masks[h], p.add(16 * h));
-        let sb = [load(d.b_scale, 0), load(d.b_scale, 1)];
-        let bias = (!d.bias.is_null()).then(|| [load(d.bias, 0), load(d.bias, 1)]);
+        let sb = [
+            _mm512_maskz_loadu_ps(masks[0], d.b_scale),
+            _mm512_maskz_loadu_ps(masks[1], d.b_scale.add(16)),
+        ];
+        let bias = if d.bias.is_null() {
+            None
+        } else {
+            Some([
+                _mm512_maskz_loadu_ps(masks[0], d.bias),
+                _mm512_maskz_loadu_ps(masks[1], d.bias.add(16)),
+            ])
+        };
         // The lanes of the two halves' bf16 bits after `vpackusdw`, back in column order.
         let order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
         for (i, row) in f.iter().enumerate().take(d.rows) {
             let sa = _mm512_set1_ps(*d.a_scale.add(i));
-            let c: [__m512; 2] = std::array::from_fn(|h| {
-                let c = _mm512_mul_ps(row[h], _mm512_mul_ps(sa, sb[h]));
-                bias.map_or(c, |bias| _mm512_add_ps(c, bias[h]))
-            });
+            let mut c = [
+                _mm512_mul_ps(row[0], _mm512_mul_ps(sa, sb[0])),
+                _mm512_mul_ps(row[1], _mm512_mul_ps(sa, sb[1])),
+            ];
+            if let Some(bias) = bias {
+                c = [_mm512_add_ps(c[0], bias[0]), _mm512_add_ps(c[1], bias[1])];
+            }
             let at = i * d.stride;
             match d.format {
                 Format::F32 => {

@@ -147,6 +147,18 @@ unsafe fn step_sums<const M: usize, const R: usize>(
 
 /// total += (256 hi + lo) * scale[r] (lanes 0-7 and 8-15 may take different scales); the
 /// sums restart at 0. The int32 combination is exact (module docs).
+/// Row r's scale of `group` broadcast, for R rows whose scales lie `groups` apart. (A loop, not
+/// `array::from_fn`: intrinsics in its closure were not inlined, each a call of its own.)
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_scales<const R: usize>(rows: *const f32, groups: usize, group: usize) -> [__m512; R] {
+    let mut scale = [_mm512_setzero_ps(); R];
+    for (r, s) in scale.iter_mut().enumerate() {
+        *s = _mm512_set1_ps(*rows.add(r * groups + group));
+    }
+    scale
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
 unsafe fn flush<const M: usize, const R: usize>(
@@ -195,7 +207,7 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
         for t in 0..steps {
             let (low, high) = codes.step(t);
             // t < steps = groups: one group per step.
-            let scale = std::array::from_fn(|r| _mm512_set1_ps(*scale_rows.add(r * groups + t)));
+            let scale = row_scales::<R>(scale_rows, groups, t);
             step_sums::<M, R>(&low, &high, input, x + t * STEP, scale, &mut total);
         }
     } else if uniform_groups(s) {
@@ -212,8 +224,7 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
             (group_left, run_left) = (group_left - 1, run_left - 1);
             if group_left == 0 || run_left == 0 || t + 1 == steps {
                 // group < groups: the steps end with the last group.
-                let scale =
-                    std::array::from_fn(|r| _mm512_set1_ps(*scale_rows.add(r * groups + group)));
+                let scale = row_scales::<R>(scale_rows, groups, group);
                 flush::<M, R>(scale, &mut lo, &mut hi, &mut total);
                 run_left = MAX_STEPS;
                 if group_left == 0 {
@@ -233,10 +244,11 @@ unsafe fn vnni_tile<const M: usize, const R: usize>(
                 if !per_step || h == 1 {
                     let h = if per_step { 0 } else { h };
                     let (a, b) = (piece_groups[4 * t + h], piece_groups[4 * t + h + 2]);
-                    let scale = std::array::from_fn(|r| {
-                        let (a, b) = (_mm512_set1_ps(scales[r][a]), _mm512_set1_ps(scales[r][b]));
-                        _mm512_mask_blend_ps(0xFF00, a, b)
-                    });
+                    let mut scale = [_mm512_setzero_ps(); R];
+                    for (s, rs) in scale.iter_mut().zip(&scales) {
+                        let (a, b) = (_mm512_set1_ps(rs[a]), _mm512_set1_ps(rs[b]));
+                        *s = _mm512_mask_blend_ps(0xFF00, a, b);
+                    }
                     flush::<M, R>(scale, &mut lo, &mut hi, &mut total);
                 }
             }
