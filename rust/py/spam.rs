@@ -271,25 +271,19 @@ fn adaclip_stats_many(
         Some(g) => has_dtype::<Bf16>(g)?,
         None => return Ok(Vec::new()),
     };
-    let stats = if bf16 {
-        stats_of::<Bf16>(
-            py,
-            op,
-            &grads,
-            &max_abs,
-            &running_maxes,
-            (gamma3, correction),
-        )?
+    let stats_of = if bf16 {
+        stats_of::<Bf16>
     } else {
-        stats_of::<f32>(
-            py,
-            op,
-            &grads,
-            &max_abs,
-            &running_maxes,
-            (gamma3, correction),
-        )?
+        stats_of::<f32>
     };
+    let stats = stats_of(
+        py,
+        op,
+        &grads,
+        &max_abs,
+        &running_maxes,
+        (gamma3, correction),
+    )?;
     Ok(stats
         .into_iter()
         .map(|s| (s.max_abs, s.running_max, s.bound, s.ratio, s.sum_sq))
