@@ -363,6 +363,23 @@ pub fn prefetch<T>(x: &[T]) {
     let _ = x;
 }
 
+/// Prefetches the cache line of element `at` of the `len` elements at `base`, when it is one of
+/// them: for streams that a kernel holds as mutable slices cut into blocks.
+#[inline(always)]
+#[allow(clippy::not_unsafe_ptr_arg_deref)] // a prefetch reads nothing and never faults
+pub fn prefetch_at<T>(base: *const T, len: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < len {
+        // SAFETY: a prefetch has no architectural effect (and the address is in bounds).
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, len, at);
+}
+
 /// `prefetch` of `x[start..start + len]`, cut at the end of `x` (the next row may be empty).
 #[inline(always)]
 pub fn prefetch_block<T>(x: &[T], start: usize, len: usize) {

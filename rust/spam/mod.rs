@@ -31,6 +31,18 @@ const CHUNK: usize = 1 << 16;
 const ALIGN: usize = sparse::CHUNK;
 /// Elements per block of the dense loop: spike clipping is decided per block.
 const BLOCK: usize = 16;
+/// Elements ahead of the block being stepped that the dense step prefetches from its four
+/// streams: the hardware prefetchers alone left a step from memory short of reads in flight
+/// (Xeon family 6 model 207, 2 threads, 1e7 float32 parameters: 6.3-6.5 ms without, 5.6-6.0
+/// at 256-768 elements, 6.7-6.9 at 2048; a plain C loop of the same traffic reaches the same).
+const PREFETCH: usize = 512;
+/// Steps that move at least this many bytes (as dense float32 ones: [`DENSE_BYTES`] a
+/// parameter) prefetch their streams; smaller ones mostly find their state in cache when
+/// stepped back to back, where the prefetch instructions cost (1e6 parameters: dense +4%,
+/// sparse +30%).
+const STREAM_BYTES: usize = 64 << 20;
+/// Read p, g, m, v; write p, m, v.
+const DENSE_BYTES: usize = 28;
 
 /// A parameter (and gradient) element type: float32 or bfloat16. Arithmetic is float32.
 /// Every type but f32 is [`Bf16`] ([`Storage::IS_F32`] tells them apart): the vector paths widen
@@ -44,6 +56,7 @@ pub trait Param: Storage {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     );
     #[allow(clippy::too_many_arguments)]
     fn sparse(
@@ -54,6 +67,7 @@ pub trait Param: Storage {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     );
 }
 
@@ -65,8 +79,9 @@ impl Param for f32 {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     ) {
-        dense_f32(level, p, g, m, v, s)
+        dense_f32(level, p, g, m, v, s, stream)
     }
     fn sparse(
         level: SimdLevel,
@@ -76,8 +91,9 @@ impl Param for f32 {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     ) {
-        sparse_f32(level, p, g, mask, m, v, s)
+        sparse_f32(level, p, g, mask, m, v, s, stream)
     }
 }
 
@@ -89,8 +105,9 @@ impl Param for Bf16 {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     ) {
-        dense_bf16(level, p, g, m, v, s)
+        dense_bf16(level, p, g, m, v, s, stream)
     }
     fn sparse(
         level: SimdLevel,
@@ -100,8 +117,9 @@ impl Param for Bf16 {
         m: &mut [f32],
         v: &mut [f32],
         s: &StepScalars,
+        stream: bool,
     ) {
-        sparse_bf16(level, p, g, mask, m, v, s)
+        sparse_bf16(level, p, g, mask, m, v, s, stream)
     }
 }
 
@@ -289,14 +307,17 @@ unsafe fn dense_step_impl<S, P: Param>(
     m: &mut [f32],
     v: &mut [f32],
     s: &StepScalars,
+    stream: bool,
 ) {
     if s.scales_grad() {
-        dense_blocks::<P, true>(p, g, m, v, s)
+        dense_blocks::<P, true>(p, g, m, v, s, stream)
     } else {
-        dense_blocks::<P, false>(p, g, m, v, s)
+        dense_blocks::<P, false>(p, g, m, v, s, stream)
     }
 }
 
+/// The dense step over one part; `stream`: prefetch [`PREFETCH`] elements ahead (the state
+/// comes from memory).
 #[inline(always)]
 fn dense_blocks<P: Param, const SCALED: bool>(
     p: &mut [P],
@@ -304,19 +325,29 @@ fn dense_blocks<P: Param, const SCALED: bool>(
     m: &mut [f32],
     v: &mut [f32],
     s: &StepScalars,
+    stream: bool,
 ) {
     let blocks = p.len() / BLOCK;
     let (pb, pt) = p.split_at_mut(blocks * BLOCK);
     let (gb, gt) = g.split_at(blocks * BLOCK);
     let (mb, mt) = m.split_at_mut(blocks * BLOCK);
     let (vb, vt) = v.split_at_mut(blocks * BLOCK);
+    let (pp, gp, mp, vp) = (pb.as_ptr(), gb.as_ptr(), mb.as_ptr(), vb.as_ptr());
+    let n = blocks * BLOCK;
     let chunks = pb
         .chunks_exact_mut(BLOCK)
         .zip(gb.chunks_exact(BLOCK))
         .zip(mb.chunks_exact_mut(BLOCK))
         .zip(vb.chunks_exact_mut(BLOCK));
     let mut steps = [0.0f32; BLOCK];
-    for (((pc, gc), mc), vc) in chunks {
+    for (b, (((pc, gc), mc), vc)) in chunks.enumerate() {
+        if stream {
+            let at = b * BLOCK + PREFETCH;
+            crate::simd::prefetch_at(pp, n, at);
+            crate::simd::prefetch_at(gp, n, at);
+            crate::simd::prefetch_at(mp, n, at);
+            crate::simd::prefetch_at(vp, n, at);
+        }
         block_steps::<P, SCALED>(s, gc, mc, vc, &mut steps);
         for i in 0..BLOCK {
             pc[i] = P::from_f32(pc[i].to_f32() * s.decay - steps[i]);
@@ -349,16 +380,18 @@ unsafe fn steps_in_place<S>(g: &mut [f32], m: &mut [f32], v: &mut [f32], s: &Ste
 
 dispatch! {
     fn dense_f32(
-        p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars
+        p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &StepScalars, stream: bool
     ) = dense_step_impl<f32>;
     fn dense_bf16(
-        p: &mut [Bf16], g: &[Bf16], m: &mut [f32], v: &mut [f32], s: &StepScalars
+        p: &mut [Bf16], g: &[Bf16], m: &mut [f32], v: &mut [f32], s: &StepScalars, stream: bool
     ) = dense_step_impl<Bf16>;
     fn sparse_f32(
-        p: &mut [f32], g: &[f32], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars
+        p: &mut [f32], g: &[f32], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars,
+        stream: bool
     ) = sparse_step_impl<f32>;
     fn sparse_bf16(
-        p: &mut [Bf16], g: &[Bf16], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars
+        p: &mut [Bf16], g: &[Bf16], mask: &[u8], m: &mut [f32], v: &mut [f32], s: &StepScalars,
+        stream: bool
     ) = sparse_step_impl<Bf16>;
 }
 
@@ -370,8 +403,9 @@ unsafe fn sparse_step_impl<S: sparse::Sparse, P: Param>(
     m: &mut [f32],
     v: &mut [f32],
     s: &StepScalars,
+    stream: bool,
 ) {
-    sparse::step::<S, P>(p, g, mask, m, v, s)
+    sparse::step::<S, P>(p, g, mask, m, v, s, stream)
 }
 
 /// Elements per parallel part ([`threads::part_size`]), whole multiples of [`ALIGN`].
@@ -461,6 +495,7 @@ impl<P> TensorStep<'_, P> {
 pub fn step<P: Param>(level: SimdLevel, op: &str, tensors: Vec<TensorStep<'_, P>>) -> FgResult<()> {
     let total: usize = tensors.iter().map(|t| t.p.len()).sum();
     let part = part_len(total);
+    let stream = total * DENSE_BYTES >= STREAM_BYTES;
     let mut parts = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         let what = if tensors.len() == 1 {
@@ -501,8 +536,8 @@ pub fn step<P: Param>(level: SimdLevel, op: &str, tensors: Vec<TensorStep<'_, P>
         };
         let g = &g[elems.clone()];
         match mask {
-            Some(mask) => P::sparse(level, p, g, &mask[bytes.clone()], m, v, s),
-            None => P::dense(level, p, g, m, v, s),
+            Some(mask) => P::sparse(level, p, g, &mask[bytes.clone()], m, v, s, stream),
+            None => P::dense(level, p, g, m, v, s, stream),
         }
     };
     if total <= CHUNK {
@@ -799,6 +834,40 @@ mod tests {
                 results.push((p, m, v));
             }
             assert!(results.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[test]
+    fn prefetching_steps_give_the_same_bits() {
+        // `stream` (taken by steps too large for a test) only adds prefetches: dense and
+        // sparse parts, several chunks and a tail, on every path.
+        let n = 3 * sparse::CHUNK + 1234;
+        let k = n / 3;
+        let mask = sample_mask(n, k, &mut SplitMix64::new(9)).unwrap();
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() * 50.0).collect();
+        let mut s = scalars();
+        (s.adaclip_bound, s.adaclip_ratio) = (20.0, 0.5);
+        for level in supported() {
+            for mask in [None, Some(&mask[..])] {
+                let moments = if mask.is_some() { k } else { n };
+                let run = |stream: bool| {
+                    let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+                    let (mut m, mut v) = (vec![0.01f32; moments], vec![1e-4f32; moments]);
+                    match mask {
+                        Some(mask) => {
+                            f32::sparse(level, &mut p, &g, mask, &mut m, &mut v, &s, stream)
+                        }
+                        None => f32::dense(level, &mut p, &g, &mut m, &mut v, &s, stream),
+                    }
+                    (p, m, v)
+                };
+                assert_eq!(
+                    run(true),
+                    run(false),
+                    "{level:?}, sparse: {}",
+                    mask.is_some()
+                );
+            }
         }
     }
 

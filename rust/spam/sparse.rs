@@ -63,7 +63,8 @@ impl Sparse for crate::simd::Avx512 {
     }
 }
 
-/// The step over one part: `mask` covers `p`, the moments are the part's compact ones.
+/// The step over one part: `mask` covers `p`, the moments are the part's compact ones;
+/// `stream`: prefetch ahead (the state comes from memory).
 #[inline(always)]
 pub(super) unsafe fn step<S: Sparse, P: Param>(
     p: &mut [P],
@@ -72,11 +73,28 @@ pub(super) unsafe fn step<S: Sparse, P: Param>(
     m: &mut [f32],
     v: &mut [f32],
     s: &StepScalars,
+    stream: bool,
 ) {
     let mut buf = [0.0f32; CHUNK + BLOCK];
     let mut j = 0;
+    let p_len = p.len();
+    let (pp, gp, mp, vp) = (p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr());
     for (c, (pc, gc)) in p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).enumerate() {
         let mc = &mask[c * CHUNK / 8..][..pc.len().div_ceil(8)];
+        if stream {
+            // The next chunk's p and g, and about its share of the moments (at the mean
+            // density), on their way while this one computes: 5.0-5.4 -> 4.8 ms at 1e7
+            // parameters, density 0.25 (Xeon family 6 model 207, 2 threads).
+            let (next, moments) = ((c + 1) * CHUNK, CHUNK * m.len() / p_len.max(1));
+            for e in (next..next + CHUNK).step_by(64 / std::mem::size_of::<P>()) {
+                crate::simd::prefetch_at(pp, p_len, e);
+                crate::simd::prefetch_at(gp, p_len, e);
+            }
+            for e in (j + moments..j + 2 * moments).step_by(16) {
+                crate::simd::prefetch_at(mp, m.len(), e);
+                crate::simd::prefetch_at(vp, m.len(), e);
+            }
+        }
         let n = S::gather(gc, mc, &mut buf);
         let full = n / BLOCK * BLOCK;
         steps_in_place::<S>(

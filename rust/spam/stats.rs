@@ -17,6 +17,10 @@ use crate::threads::{self, Disjoint};
 
 /// Entries per partial result (a multiple of [`LANES`]).
 const CHUNK: usize = 1 << 13;
+/// How far ahead of the chunk being summed its gradient is prefetched: from memory a pass had
+/// too few reads in flight (Xeon family 6 model 207, 2 threads, 128 MiB of cold gradients: 18
+/// GB/s without, 24 GB/s at 8 KiB, 19-22 GB/s at 12-32 KiB; in cache unchanged).
+const PREFETCH_BYTES: usize = 8 << 10;
 /// Independent f64 sums: four AVX-512 vectors, enough to hide the add latency.
 const LANES: usize = 32;
 /// Chunks per parallel part at most, and at least (a part's fork costs about what summing
@@ -52,16 +56,26 @@ fn add_square<S: Simd>(acc: f64, y: f64) -> f64 {
 /// Max |g| (NaN-propagating through the sum) and the sum of squares of `g`, clipped when
 /// `clip` is given, for one chunk.
 #[inline(always)]
-unsafe fn chunk_impl<S: Simd, P: Param>(g: &[P], clip: Option<(f32, f32)>) -> (f32, f64) {
+unsafe fn chunk_impl<S: Simd, P: Param>(
+    g: &[P],
+    ahead: &[P],
+    clip: Option<(f32, f32)>,
+) -> (f32, f64) {
     match clip {
-        None => lanes::<S, P, false>(g, 0.0, 1.0),
-        Some((bound, ratio)) => lanes::<S, P, true>(g, bound, ratio),
+        None => lanes::<S, P, false>(g, ahead, 0.0, 1.0),
+        Some((bound, ratio)) => lanes::<S, P, true>(g, ahead, bound, ratio),
     }
 }
 
-/// [`chunk_impl`] with the clip compiled in or out (the first pass over g has none).
+/// [`chunk_impl`] with the clip compiled in or out (the first pass over g has none); `ahead`
+/// (entries a fixed distance past `g`, possibly fewer) is prefetched block by block.
 #[inline(always)]
-fn lanes<S: Simd, P: Param, const CLIP: bool>(g: &[P], bound: f32, ratio: f32) -> (f32, f64) {
+fn lanes<S: Simd, P: Param, const CLIP: bool>(
+    g: &[P],
+    ahead: &[P],
+    bound: f32,
+    ratio: f32,
+) -> (f32, f64) {
     let mut max = [0.0f32; LANES];
     let mut acc = [0.0f64; LANES];
     let mut step = |i: usize, x: P| {
@@ -72,7 +86,8 @@ fn lanes<S: Simd, P: Param, const CLIP: bool>(g: &[P], bound: f32, ratio: f32) -
         acc[i] = add_square::<S>(acc[i], y as f64);
     };
     let mut blocks = g.chunks_exact(LANES);
-    for c in &mut blocks {
+    for (b, c) in (&mut blocks).enumerate() {
+        crate::simd::prefetch_block(ahead, b * LANES, LANES);
         for (i, &x) in c.iter().enumerate() {
             step(i, x);
         }
@@ -97,24 +112,24 @@ fn lanes<S: Simd, P: Param, const CLIP: bool>(g: &[P], bound: f32, ratio: f32) -
 }
 
 dispatch! {
-    fn chunk_f32(g: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<f32>;
-    fn chunk_bf16(g: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<Bf16>;
+    fn chunk_f32(g: &[f32], ahead: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<f32>;
+    fn chunk_bf16(g: &[Bf16], ahead: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) = chunk_impl<Bf16>;
 }
 
 /// The dispatched chunk kernel of each parameter type.
 pub trait StatsParam: Param {
-    fn chunk(level: SimdLevel, g: &[Self], clip: Option<(f32, f32)>) -> (f32, f64);
+    fn chunk(level: SimdLevel, g: &[Self], ahead: &[Self], clip: Option<(f32, f32)>) -> (f32, f64);
 }
 
 impl StatsParam for f32 {
-    fn chunk(level: SimdLevel, g: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) {
-        chunk_f32(level, g, clip)
+    fn chunk(level: SimdLevel, g: &[f32], ahead: &[f32], clip: Option<(f32, f32)>) -> (f32, f64) {
+        chunk_f32(level, g, ahead, clip)
     }
 }
 
 impl StatsParam for Bf16 {
-    fn chunk(level: SimdLevel, g: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) {
-        chunk_bf16(level, g, clip)
+    fn chunk(level: SimdLevel, g: &[Bf16], ahead: &[Bf16], clip: Option<(f32, f32)>) -> (f32, f64) {
+        chunk_bf16(level, g, ahead, clip)
     }
 }
 
@@ -141,11 +156,10 @@ fn chunks<P: StatsParam>(
         let slots = unsafe { slots.piece(r.clone()) };
         for (slot, &(t, c)) in slots.iter_mut().zip(&jobs[r]) {
             let g = grads[t];
-            *slot = P::chunk(
-                level,
-                &g[c * CHUNK..((c + 1) * CHUNK).min(g.len())],
-                clips[t],
-            );
+            let r = c * CHUNK..((c + 1) * CHUNK).min(g.len());
+            let ah = PREFETCH_BYTES / std::mem::size_of::<P>();
+            let ahead = &g[(r.start + ah).min(g.len())..(r.end + ah).min(g.len())];
+            *slot = P::chunk(level, &g[r], ahead, clips[t]);
         }
     });
     let mut rest = flat.into_iter();
@@ -206,7 +220,7 @@ pub fn adaclip_stats<P: StatsParam>(
             for (c, part) in parts.iter_mut().enumerate() {
                 if part.0 > clip.0 {
                     let r = c * CHUNK..((c + 1) * CHUNK).min(g.len());
-                    *part = P::chunk(level, &g[r], Some(clip));
+                    *part = P::chunk(level, &g[r], &[], Some(clip));
                 }
             }
             gmax
