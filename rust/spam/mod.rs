@@ -40,7 +40,7 @@ const PREFETCH: usize = 512;
 /// parameter) prefetch their streams; smaller ones mostly find their state in cache when
 /// stepped back to back, where the prefetch instructions cost (1e6 parameters: dense +4%,
 /// sparse +30%).
-const STREAM_BYTES: usize = 64 << 20;
+const STREAM_BYTES: usize = 32 << 20;
 /// Read p, g, m, v; write p, m, v.
 const DENSE_BYTES: usize = 28;
 
