@@ -295,13 +295,17 @@ def chunked_backward(
     return de, dc, dbias
 
 
+#: Elements per mixed-dtype add of ``_Accumulator`` (its two float32 temporaries: 1 MiB each).
+_ADD_ELEMS = 1 << 18
+
+
 class _Accumulator:
     """out[v0:v1] = or += a @ b, for an ``out`` in the products' dtype or in a narrower one
-    (bfloat16 from float32 products): then ``piece`` rows at a time through one reused buffer,
-    so that no product of the whole range exists at once."""
+    (bfloat16 from float32 products): then a piece of ``scratch``'s rows at a time through
+    ``scratch``, so that no product of the whole range exists at once."""
 
-    def __init__(self, out: torch.Tensor, piece: int) -> None:
-        self.out, self.piece, self.buf = out, piece, None
+    def __init__(self, out: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        self.out, self.scratch = out, scratch
 
     def add(self, v0: int, v1: int, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
         out = self.out
@@ -311,31 +315,36 @@ class _Accumulator:
             else:
                 torch.mm(a, b, out=out[v0:v1])
             return
-        if self.buf is None:
-            self.buf = a.new_empty(min(self.piece, out.shape[0]), out.shape[1])
-        for p0 in range(v0, v1, self.piece):
-            p1 = min(v1, p0 + self.piece)
-            prod = torch.mm(a[p0 - v0 : p1 - v0], b, out=self.buf[: p1 - p0])
-            if accumulate:
-                out[p0:p1] += prod
-            else:
+        piece = self.scratch.shape[0]
+        for p0 in range(v0, v1, piece):
+            p1 = min(v1, p0 + piece)
+            prod = torch.mm(a[p0 - v0 : p1 - v0], b, out=self.scratch[: p1 - p0])
+            if not accumulate:
                 out[p0:p1].copy_(prod)
+                continue
+            # A bfloat16 += float32 materializes the float32 upcast and sum (two copies of
+            # the operand): a few rows at a time they stay small.
+            rows = max(1, _ADD_ELEMS // out.shape[1])
+            for q0 in range(p0, p1, rows):
+                q1 = min(p1, q0 + rows)
+                out[q0:q1] += prod[q0 - p0 : q1 - p0]
 
 
 class _CastPieces:
     """c for the fused pass's two matmuls against it: as it is where the matmuls run in its
-    dtype, otherwise cast a piece of ``piece`` rows at a time into the matmul dtype (each piece
+    dtype, otherwise cast a piece of ``scratch``'s rows at a time into ``scratch`` (each piece
     is read by its matmul while it is in cache; the logits land in place in the buffer)."""
 
-    def __init__(self, c: torch.Tensor, dtype: torch.dtype, piece: int) -> None:
-        self.c, self.dtype = c, dtype
-        self.piece = c.shape[0] if c.dtype == dtype else piece
+    def __init__(self, c: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None) -> None:
+        self.c, self.dtype, self.scratch = c, dtype, scratch
+        self.piece = c.shape[0] if c.dtype == dtype else scratch.shape[0]
 
     def _runs(self):
         vocab = self.c.shape[0]
         for v0 in range(0, vocab, self.piece):
             v1 = min(vocab, v0 + self.piece)
-            yield v0, v1, self.c[v0:v1].to(self.dtype)
+            cc = self.c[v0:v1]
+            yield v0, v1, cc if cc.dtype == self.dtype else self.scratch[: v1 - v0].copy_(cc)
 
     def logits(self, bufs: _Buffers, e: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The raw logits of rows e over the whole vocabulary (:meth:`_Buffers.logits`)."""
@@ -396,19 +405,25 @@ def fused(
     # c in the matmul dtype a piece of the vocabulary at a time where that is not its own dtype
     # (float16, or bfloat16 where the CPU has no bfloat16 matmul): a whole float32 copy of c was
     # a third of the pass's peak memory.
-    pieces = _CastPieces(c, gemm_dtype, _blocks(rows, vocab, e.device)[1])
+    piece = _blocks(rows, vocab, e.device)[1]
+    # One buffer of ``piece`` rows of D in the matmul dtype for the pieces of c cast into it and
+    # for the float32 products of a bfloat16 dC (never in use at once): fresh casts churned
+    # the allocator, and glibc kept the freed blocks resident.
+    dc_dtype = c.dtype if c.dtype == torch.bfloat16 else gemm_dtype
+    scratch = None
+    if c.dtype != gemm_dtype or (c_grad and dc_dtype != gemm_dtype):
+        scratch = torch.empty(min(piece, vocab), c.shape[1], dtype=gemm_dtype, device=e.device)
+    pieces = _CastPieces(c, gemm_dtype, scratch)
     scale = 1.0 / float(divisor)
     lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
     logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
     de = fresh(eg.new_empty(rows if e_grad else 0, e.shape[1]))
     # A bfloat16 dC accumulates in bfloat16 (rounded once per row block) also where the matmuls
     # run in float32: a float32 sum of V x D would double the pass's peak memory.
-    dc_dtype = c.dtype if c.dtype == torch.bfloat16 else gemm_dtype
     dc = fresh(torch.empty(vocab if c_grad else 0, c.shape[1], dtype=dc_dtype, device=e.device))
-    dc_acc = _Accumulator(dc, _blocks(rows, vocab, e.device)[1])
+    dc_acc = _Accumulator(dc, scratch)
     dbias = torch.zeros(vocab if bias_grad else 0, **like)
     row_block = max(1, min(rows, max(FUSED_MIN_ROWS, FUSED_BUFFER_ELEMS // vocab)))
-    piece = _blocks(rows, vocab, e.device)[1]
     peaks = torch.empty(-(-vocab // piece), dtype=kd)
     written = [False] * peaks.numel()  # per piece of dC: by an earlier block's matmul
     bufs = _Buffers(min(rows, row_block) * vocab, kd, gemm_dtype, e.device, native)
@@ -442,7 +457,7 @@ def fused(
     row = row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss)
     bias_dtype = e.dtype if bias is None else bias.dtype
     # The buffer goes before dC is cast to c's dtype, so that the cast is not the peak.
-    bufs = z = dz = er = dc_acc = None
+    bufs = z = dz = er = dc_acc = pieces = scratch = None
     return row.sum() / divisor, _cast(de, e.dtype), _cast(dc, c.dtype), dbias.to(bias_dtype)
 
 
