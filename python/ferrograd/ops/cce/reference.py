@@ -400,7 +400,6 @@ def fused(
     check_targets(targets, vocab)
     gemm_dtype = gemm_dtype or kd
     like = {"dtype": kd, "device": e.device}
-    eg = e.to(gemm_dtype)
     bg = None if bias is None else bias.to(gemm_dtype)
     # c in the matmul dtype a piece of the vocabulary at a time where that is not its own dtype
     # (float16, or bfloat16 where the CPU has no bfloat16 matmul): a whole float32 copy of c was
@@ -417,7 +416,10 @@ def fused(
     scale = 1.0 / float(divisor)
     lse, target_logit = torch.empty(rows, **like), torch.empty(rows, **like)
     logit_sum = torch.empty(rows, **like) if label_smoothing > 0 else None
-    de = fresh(eg.new_empty(rows if e_grad else 0, e.shape[1]))
+    # dE in e's dtype: a row block's sum over the vocabulary runs in the matmul dtype in a
+    # buffer of the block and is rounded once into it, as a whole copy of dE (and of e) in the
+    # matmul dtype was before (N x D each: 4 MiB at 2048 x 512, 128 MiB at 8192 x 4096).
+    de = fresh(e.new_empty(rows if e_grad else 0, e.shape[1]))
     # A bfloat16 dC accumulates in bfloat16 (rounded once per row block) also where the matmuls
     # run in float32: a float32 sum of V x D would double the pass's peak memory.
     dc = fresh(torch.empty(vocab if c_grad else 0, c.shape[1], dtype=dc_dtype, device=e.device))
@@ -427,9 +429,12 @@ def fused(
     peaks = torch.empty(-(-vocab // piece), dtype=kd)
     written = [False] * peaks.numel()  # per piece of dC: by an earlier block's matmul
     bufs = _Buffers(min(rows, row_block) * vocab, kd, gemm_dtype, e.device, native)
+    de_block = None
+    if e_grad and e.dtype != gemm_dtype:
+        de_block = e.new_empty(min(rows, row_block), e.shape[1], dtype=gemm_dtype)
     for r0 in range(0, rows, row_block):
         r1 = min(rows, r0 + row_block)
-        er, t, lse_r = eg[r0:r1], targets[r0:r1], lse[r0:r1]
+        er, t, lse_r = e[r0:r1].to(gemm_dtype), targets[r0:r1], lse[r0:r1]
         sums = None if logit_sum is None else logit_sum[r0:r1]
         z = pieces.logits(bufs, er, bg)
         rows_fn(z, t, lse_r, target_logit[r0:r1], sums, peaks, piece, scale, softcap,
@@ -437,9 +442,12 @@ def fused(
         dz = bufs.rounded(z)
         keep = [filter_eps is None or not p < filter_eps for p in peaks.tolist()]  # NaN kept
         if e_grad:  # (over the whole vocabulary: filtering would save nothing here)
-            pieces.mm(dz, de[r0:r1])
+            de_r = de[r0:r1] if de_block is None else de_block[: r1 - r0]
+            pieces.mm(dz, de_r)
             # Ignored rows' dz is 0: their dE is exactly 0, not 0 * an inf of C.
-            de[r0:r1].masked_fill_((t < 0)[:, None], 0)
+            de_r.masked_fill_((t < 0)[:, None], 0)
+            if de_block is not None:
+                de[r0:r1].copy_(de_r)
         if not (c_grad or bias_grad):
             continue
         idle = (t < 0) & ~lse_r.isfinite()  # their NaN or inf must not reach dC
@@ -457,8 +465,8 @@ def fused(
     row = row_loss(lse, target_logit, logit_sum, targets, vocab, label_smoothing, z_loss)
     bias_dtype = e.dtype if bias is None else bias.dtype
     # The buffer goes before dC is cast to c's dtype, so that the cast is not the peak.
-    bufs = z = dz = er = dc_acc = pieces = scratch = None
-    return row.sum() / divisor, _cast(de, e.dtype), _cast(dc, c.dtype), dbias.to(bias_dtype)
+    bufs = z = dz = er = dc_acc = pieces = scratch = de_block = None
+    return row.sum() / divisor, de, _cast(dc, c.dtype), dbias.to(bias_dtype)
 
 
 def _runs(keep: list[bool], written: list[bool] | None = None):
