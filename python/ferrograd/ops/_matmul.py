@@ -23,20 +23,27 @@ _PROBE_SHAPE = (256, 512, 1024)
 _MARGIN = 1.2
 
 
-def _best_of(fn, repeats: int = 3) -> float:
-    fn()  # warm-up: oneDNN creates its primitive on the first call
-    best = float("inf")
+def _best_of_each(fns, repeats: int = 5) -> list[float]:
+    """The fastest of ``repeats`` calls of each of ``fns``, called in turn round by round: a
+    burst of load from another process then slows some calls of each, not every call of one
+    (one after the other, 5 of 28 processes picked bfloat16 on the Xeon beside a process
+    running float32 matmuls on both cores; in turn, 0 of 32)."""
+    for fn in fns:
+        fn()  # warm-up: oneDNN creates its primitive on the first call
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
 @functools.cache
 def bf16_matmul_is_faster() -> bool:
     """Whether torch's bfloat16 CPU matmul is clearly faster than its float32 one here: the
-    better of three calls of each, on one chunk-shaped product (about 10 ms once per process)."""
+    best of five calls of each, in turn, on one chunk-shaped product (about 20 ms once per
+    process)."""
     if not (torch.backends.mkldnn.is_available() and _mkldnn_bf16()):
         return False  # emulated: never faster
     m, k, n = _PROBE_SHAPE
@@ -46,8 +53,9 @@ def bf16_matmul_is_faster() -> bool:
         a, b = torch.randn(m, k, **like), torch.randn(k, n, **like)
         a16, b16 = a.bfloat16(), b.bfloat16()
         out, out16 = torch.empty(m, n, **like), torch.empty(m, n, device="cpu", dtype=a16.dtype)
-        f32 = _best_of(lambda: torch.mm(a, b, out=out))
-        bf16 = _best_of(lambda: torch.mm(a16, b16, out=out16))
+        f32, bf16 = _best_of_each(
+            [lambda: torch.mm(a, b, out=out), lambda: torch.mm(a16, b16, out=out16)]
+        )
     return bf16 * _MARGIN < f32
 
 
