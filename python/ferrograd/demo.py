@@ -42,6 +42,9 @@ import ferrograd as fg
 from ferrograd.ops._matmul import bf16_matmul_is_faster
 
 VOCAB = 260  # bytes + 4 specials (docs/definitions.md, byte ids)
+#: Whether the CPU runs autocast in bf16, as rank 0 measured it (under torchrun; None: this
+#: process measures).
+_CPU_BF16: bool | None = None
 HOLDOUT_EVERY = 20
 
 
@@ -193,6 +196,13 @@ class Group:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         self.device = cfg.device
+        if cfg.device == "cpu":
+            # One precision for every rank: each process would measure torch's bf16 matmul
+            # itself (autocast_dtype), and ranks near the probe's margin could disagree.
+            choice = torch.tensor([int(bf16_matmul_is_faster())])
+            dist.broadcast(choice, 0)
+            global _CPU_BF16
+            _CPU_BF16 = bool(choice)
 
     @property
     def main(self) -> bool:
@@ -294,7 +304,8 @@ def autocast_dtype(device: str) -> torch.dtype | None:
     rate: bench/model.py's Llama trained at 484 tokens/s under autocast there, 949 in float32)."""
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if bf16_matmul_is_faster() else None
+    bf16 = bf16_matmul_is_faster() if _CPU_BF16 is None else _CPU_BF16
+    return torch.bfloat16 if bf16 else None
 
 
 def autocast(cfg: Config) -> contextlib.AbstractContextManager:
