@@ -327,13 +327,12 @@ fn dense_blocks<P: Param, const SCALED: bool>(
     s: &StepScalars,
     stream: bool,
 ) {
-    let blocks = p.len() / BLOCK;
-    let (pb, pt) = p.split_at_mut(blocks * BLOCK);
-    let (gb, gt) = g.split_at(blocks * BLOCK);
-    let (mb, mt) = m.split_at_mut(blocks * BLOCK);
-    let (vb, vt) = v.split_at_mut(blocks * BLOCK);
+    let n = p.len() / BLOCK * BLOCK; // whole blocks; the tail runs element by element
+    let (pb, pt) = p.split_at_mut(n);
+    let (gb, gt) = g.split_at(n);
+    let (mb, mt) = m.split_at_mut(n);
+    let (vb, vt) = v.split_at_mut(n);
     let (pp, gp, mp, vp) = (pb.as_ptr(), gb.as_ptr(), mb.as_ptr(), vb.as_ptr());
-    let n = blocks * BLOCK;
     let chunks = pb
         .chunks_exact_mut(BLOCK)
         .zip(gb.chunks_exact(BLOCK))

@@ -151,13 +151,13 @@ fn chunks<P: StatsParam>(
     // A few parts per thread: the tensors of a model (2^18-2^20 entries: 32-128 chunks) in
     // parts of 32 chunks ran on one thread, or on two with one doing twice the other's share.
     let part = threads::part_size(jobs.len()).clamp(MIN_PART, MAX_PART);
+    let ah = PREFETCH_BYTES / std::mem::size_of::<P>();
     threads::for_each_chunk(jobs.len(), part, |_, r| {
         // SAFETY: the parts' job ranges are disjoint.
         let slots = unsafe { slots.piece(r.clone()) };
         for (slot, &(t, c)) in slots.iter_mut().zip(&jobs[r]) {
             let g = grads[t];
             let r = c * CHUNK..((c + 1) * CHUNK).min(g.len());
-            let ah = PREFETCH_BYTES / std::mem::size_of::<P>();
             let ahead = &g[(r.start + ah).min(g.len())..(r.end + ah).min(g.len())];
             *slot = P::chunk(level, &g[r], ahead, clips[t]);
         }

@@ -145,8 +145,6 @@ unsafe fn step_sums<const M: usize, const R: usize>(
     }
 }
 
-/// total += (256 hi + lo) * scale[r] (lanes 0-7 and 8-15 may take different scales); the
-/// sums restart at 0. The int32 combination is exact (module docs).
 /// Row r's scale of `group` broadcast, for R rows whose scales lie `groups` apart. (A loop, not
 /// `array::from_fn`: intrinsics in its closure were not inlined, each a call of its own.)
 #[inline]
@@ -159,6 +157,8 @@ unsafe fn row_scales<const R: usize>(rows: *const f32, groups: usize, group: usi
     scale
 }
 
+/// total += (256 hi + lo) * scale[r] (lanes 0-7 and 8-15 may take different scales); the
+/// sums restart at 0. The int32 combination is exact (module docs).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
 unsafe fn flush<const M: usize, const R: usize>(
