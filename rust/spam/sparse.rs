@@ -21,9 +21,14 @@ pub(super) const CHUNK: usize = 1024;
 /// How a backend moves the active coordinates of a chunk in and out of the buffer.
 pub(super) trait Sparse {
     /// Writes the active entries of `g` (as f32, mask order) to the front of `buf` (at least
-    /// `g.len() + 16` long); returns how many. Prefetches `ahead` as it goes.
+    /// `g.len() + 16` long); returns how many. Prefetches `ahead` (if any) as it goes.
     #[inline(always)]
-    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32], _ahead: Ahead) -> usize {
+    unsafe fn gather<P: Param>(
+        g: &[P],
+        mask: &[u8],
+        buf: &mut [f32],
+        _ahead: Option<Ahead>,
+    ) -> usize {
         gather_bits(g, mask, buf)
     }
 
@@ -35,7 +40,7 @@ pub(super) trait Sparse {
         mask: &[u8],
         steps: &mut [f32],
         decay: f32,
-        _ahead: Ahead,
+        _ahead: Option<Ahead>,
     ) {
         scatter_bits(p, mask, steps, decay)
     }
@@ -46,7 +51,12 @@ impl Sparse for crate::simd::Scalar {}
 #[cfg(target_arch = "x86_64")]
 impl Sparse for crate::simd::Avx2 {
     #[inline(always)]
-    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32], ahead: Ahead) -> usize {
+    unsafe fn gather<P: Param>(
+        g: &[P],
+        mask: &[u8],
+        buf: &mut [f32],
+        ahead: Option<Ahead>,
+    ) -> usize {
         avx2::gather(g, mask, buf, ahead)
     }
 
@@ -56,7 +66,7 @@ impl Sparse for crate::simd::Avx2 {
         mask: &[u8],
         steps: &mut [f32],
         decay: f32,
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) {
         avx2::scatter(p, mask, steps, decay, ahead)
     }
@@ -65,7 +75,12 @@ impl Sparse for crate::simd::Avx2 {
 #[cfg(target_arch = "x86_64")]
 impl Sparse for crate::simd::Avx512 {
     #[inline(always)]
-    unsafe fn gather<P: Param>(g: &[P], mask: &[u8], buf: &mut [f32], ahead: Ahead) -> usize {
+    unsafe fn gather<P: Param>(
+        g: &[P],
+        mask: &[u8],
+        buf: &mut [f32],
+        ahead: Option<Ahead>,
+    ) -> usize {
         avx512::gather(g, mask, buf, ahead)
     }
 
@@ -75,7 +90,7 @@ impl Sparse for crate::simd::Avx512 {
         mask: &[u8],
         steps: &mut [f32],
         decay: f32,
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) {
         avx512::scatter(p, mask, steps, decay, ahead)
     }
@@ -106,15 +121,12 @@ pub(super) unsafe fn step<S: Sparse, P: Param>(
         // parameters 3.1 -> 2.5 ms, 1e8 43 -> 40 ms, 1e8 bfloat16 39 -> 29 ms (Xeon family 6
         // model 207, 2 threads; 2 chunks ahead instead of 1 was slower).
         let (next, share) = ((c + 1) * CHUNK, CHUNK * m.len() / p_len.max(1));
-        let (p_next, g_next) = (
-            part(pp, p_len, next, CHUNK, stream),
-            part(gp, p_len, next, CHUNK, stream),
-        );
+        let (p_next, g_next) = (part(pp, p_len, next, CHUNK), part(gp, p_len, next, CHUNK));
         let (m_next, v_next) = (
-            part(mp, m.len(), j + share, share, stream),
-            part(vp, m.len(), j + share, share, stream),
+            part(mp, m.len(), j + share, share),
+            part(vp, m.len(), j + share, share),
         );
-        let n = S::gather(gc, mc, &mut buf, Ahead([g_next, m_next]));
+        let n = S::gather(gc, mc, &mut buf, stream.then_some(Ahead([g_next, m_next])));
         let full = n / BLOCK * BLOCK;
         steps_in_place::<S>(
             &mut buf[..full],
@@ -133,34 +145,31 @@ pub(super) unsafe fn step<S: Sparse, P: Param>(
             m[j + full..j + n].copy_from_slice(&mt[..rest]);
             v[j + full..j + n].copy_from_slice(&vt[..rest]);
         }
-        S::scatter(pc, mc, &mut buf, s.decay, Ahead([p_next, v_next]));
+        S::scatter(
+            pc,
+            mc,
+            &mut buf,
+            s.decay,
+            stream.then_some(Ahead([p_next, v_next])),
+        );
         j += n;
     }
 }
 
 /// The parts of two streams that a chunk's gather or scatter prefetches as it walks the chunk
-/// (start, bytes; 0 bytes: none): at the chunk's element i, the line at byte i * bytes / CHUNK
+/// (start, bytes): at the chunk's element i, the line at byte i * bytes / CHUNK
 /// of each, so that a part arrives spread over the chunk's work.
 #[derive(Clone, Copy)]
 pub(super) struct Ahead([(*const u8, usize); 2]);
 
-/// Elements `start..start + len` of the `end` at `base`, cut at the end, as a part for [`Ahead`]
-/// (none unless `stream`).
+/// Elements `start..start + len` of the `end` at `base`, cut at the end, as a part for [`Ahead`].
 #[inline(always)]
-fn part<T>(
-    base: *const T,
-    end: usize,
-    start: usize,
-    len: usize,
-    stream: bool,
-) -> (*const u8, usize) {
-    let len = if stream {
-        len.min(end.saturating_sub(start))
-    } else {
-        0
-    };
-    let size = std::mem::size_of::<T>();
-    (base.wrapping_add(start).cast(), len * size)
+fn part<T>(base: *const T, end: usize, start: usize, len: usize) -> (*const u8, usize) {
+    let len = len.min(end.saturating_sub(start));
+    (
+        base.wrapping_add(start).cast(),
+        len * std::mem::size_of::<T>(),
+    )
 }
 
 impl Ahead {
@@ -276,7 +285,7 @@ mod avx512 {
         g: &[P],
         mask: &[u8],
         buf: &mut [f32],
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) -> usize {
         let blocks = g.len() / 16;
         let block_bits = &mask[..2 * blocks];
@@ -284,7 +293,9 @@ mod avx512 {
         let mut n = 0;
         for blk in 0..blocks {
             let k = bits16(block_bits, blk);
-            ahead.touch(16 * blk);
+            if let Some(ahead) = ahead {
+                ahead.touch(16 * blk);
+            }
             let gv = load16(&g[16 * blk..16 * blk + 16]);
             // A full-width store: the lanes past the active ones are overwritten next.
             _mm512_storeu_ps(buf.as_mut_ptr().add(n), compress(k, gv));
@@ -300,14 +311,16 @@ mod avx512 {
         mask: &[u8],
         steps: &mut [f32],
         decay: f32,
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) {
         let blocks = p.len() / 16;
         let decay_v = _mm512_set1_ps(decay);
         let mut n = 0;
         for blk in 0..blocks {
             let k = bits16(mask, blk);
-            ahead.touch(16 * blk);
+            if let Some(ahead) = ahead {
+                ahead.touch(16 * blk);
+            }
             let r = 16 * blk..16 * blk + 16;
             let decayed = _mm512_mul_ps(load16(&p[r.clone()]), decay_v);
             let step = expand(k, _mm512_loadu_ps(steps[n..n + 16].as_ptr()));
@@ -385,13 +398,15 @@ mod avx2 {
         g: &[P],
         mask: &[u8],
         buf: &mut [f32],
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) -> usize {
         let bytes = g.len() / 8;
         assert!(buf.len() >= g.len() + 8);
         let mut n = 0;
         for (b, &byte) in mask[..bytes].iter().enumerate() {
-            ahead.touch(8 * b);
+            if let Some(ahead) = ahead {
+                ahead.touch(8 * b);
+            }
             let packed = _mm256_permutevar8x32_ps(
                 load8(&g[8 * b..8 * b + 8]),
                 indices(&TABLES.0[byte as usize]),
@@ -410,14 +425,16 @@ mod avx2 {
         mask: &[u8],
         steps: &mut [f32],
         decay: f32,
-        ahead: Ahead,
+        ahead: Option<Ahead>,
     ) {
         let bytes = p.len() / 8;
         let decay_v = _mm256_set1_ps(decay);
         let lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         let mut n = 0;
         for (b, &byte) in mask[..bytes].iter().enumerate() {
-            ahead.touch(8 * b);
+            if let Some(ahead) = ahead {
+                ahead.touch(8 * b);
+            }
             let r = 8 * b..8 * b + 8;
             let decayed = _mm256_mul_ps(load8(&p[r.clone()]), decay_v);
             let step = _mm256_permutevar8x32_ps(
