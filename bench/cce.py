@@ -11,7 +11,10 @@ half the float32 rate on an Intel Xeon of family 6 model 207 without AMX) the ba
 and c and computes float32 logits; the autocast case runs where the CPU has BF16 instructions.
 Peak memory is measured in a fresh subprocess per method and case (the growth of the resident
 set while the loss and its gradients are computed, so the gradients themselves, dC = 128 MiB in
-the first case, count against both).
+the first case, count against both), after the same method has run once on a tiny problem
+(N=64, V=1024): a model's loss runs in a process whose matmul libraries, thread teams and
+kernels are loaded, which in a cold process cost 13-20 MiB (``peak_*_cold_MiB`` keep those
+figures: the first call's growth without the warm-up).
 GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
 (N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
 (``cut_cross_entropy``) and Liger-Kernel where installed; memory is the peak allocated beyond the
@@ -105,19 +108,25 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def child_peak(method: str, case: int) -> None:
-    """In a fresh process: peak resident growth of one forward + backward, printed as JSON."""
+def child_peak(method: str, case: int, warm: bool) -> None:
+    """In a fresh process: peak resident growth of one forward + backward, printed as JSON;
+    ``warm``: after one of the same method on a tiny problem."""
     torch.set_num_threads(int(sys.argv[3]))
     (e, c, targets), autocast = cpu_inputs(case)
     loss_fn = fg.linear_cross_entropy if method == "ours" else torch_loss
+    if warm:
+        dtype, _, d, _, _ = CPU_CASES[case]
+        tiny = inputs(64, d, 1024, dtype=dtype, c_dtype=torch.float32 if autocast else None)
+        train_step(loss_fn, *tiny, autocast)()
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
     train_step(loss_fn, e, c, targets, autocast)()
     print(json.dumps({"extra_bytes": _status_bytes("VmHWM") - before}))
 
 
-def cpu_peak(method: str, case: int, threads: int) -> int:
+def cpu_peak(method: str, case: int, threads: int, warm: bool = True) -> int:
     cmd = [sys.executable, __file__, "--child", method, str(threads), str(case)]
+    cmd += ["warm"] if warm else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])["extra_bytes"]
 
@@ -139,8 +148,8 @@ def cpu(bench: Bench) -> None:
             },
             repeats=5,
         )
-        ours_mem = cpu_peak("ours", case, bench.threads)
-        torch_mem = cpu_peak("torch", case, bench.threads)
+        ours_mem, torch_mem = (cpu_peak(m, case, bench.threads) for m in ("ours", "torch"))
+        cold = {m: cpu_peak(m, case, bench.threads, warm=False) for m in ("ours", "torch")}
         bench.add(
             {
                 "case": f"cpu {'autocast ' if autocast else ''}"
@@ -156,6 +165,8 @@ def cpu(bench: Bench) -> None:
                 "peak_ours_MiB": ours_mem / 2**20,
                 "peak_torch_MiB": torch_mem / 2**20,
                 "memory_ratio": ours_mem / torch_mem,
+                "peak_ours_cold_MiB": cold["ours"] / 2**20,
+                "peak_torch_cold_MiB": cold["torch"] / 2**20,
             }
         )
 
@@ -221,6 +232,6 @@ def main(threads: int | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        child_peak(sys.argv[2], int(sys.argv[4]))
+        child_peak(sys.argv[2], int(sys.argv[4]), warm=sys.argv[5:] == ["warm"])
     else:
         main()
