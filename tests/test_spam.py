@@ -304,6 +304,22 @@ def test_adaclip_stats_many_gives_each_gradient_its_own():
         adaclip_stats_many(grads, max_abs[:2], running, 0.999, 0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaclip_stats_clipping_every_chunk_of_several_gradients(dtype):
+    """A step where the bound falls below entries of every chunk of several gradients (each
+    chunk summed again, clipped) gives the torch rule's statistics for each."""
+    fg.set_num_threads(max(2, fg.get_num_threads()))
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in (100_000, 9000, 40_000)]
+    running = [0.5, 0.1, 2.0]  # bounds near 1: entries above them in every chunk
+    got = adaclip_stats_many(grads, [None] * 3, running, 0.9, 1.0)
+    for g, r, stats in zip(grads, running, got, strict=True):
+        want = reference.adaclip_stats(g, None, r, 0.9, 1.0)
+        assert stats[:4] == want[:4]
+        assert stats[2] < 2.5 and stats[3] < 1  # clipped
+        assert math.isclose(stats[4], want[4], rel_tol=1e-12)
+
+
 def test_stable_spam_batches_step_as_tensor_by_tensor(monkeypatch):
     """Stable-SPAM's statistics and steps in cache-sized batches give the bits of one tensor at
     a time."""
