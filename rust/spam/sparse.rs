@@ -48,53 +48,36 @@ pub(super) trait Sparse {
 
 impl Sparse for crate::simd::Scalar {}
 
-#[cfg(target_arch = "x86_64")]
-impl Sparse for crate::simd::Avx2 {
-    #[inline(always)]
-    unsafe fn gather<P: Param>(
-        g: &[P],
-        mask: &[u8],
-        buf: &mut [f32],
-        ahead: Option<Ahead>,
-    ) -> usize {
-        avx2::gather(g, mask, buf, ahead)
-    }
+/// A backend whose gather and scatter are its module's functions.
+macro_rules! sparse_backend {
+    ($($simd:ident => $module:ident),*) => {$(
+        #[cfg(target_arch = "x86_64")]
+        impl Sparse for crate::simd::$simd {
+            #[inline(always)]
+            unsafe fn gather<P: Param>(
+                g: &[P],
+                mask: &[u8],
+                buf: &mut [f32],
+                ahead: Option<Ahead>,
+            ) -> usize {
+                $module::gather(g, mask, buf, ahead)
+            }
 
-    #[inline(always)]
-    unsafe fn scatter<P: Param>(
-        p: &mut [P],
-        mask: &[u8],
-        steps: &mut [f32],
-        decay: f32,
-        ahead: Option<Ahead>,
-    ) {
-        avx2::scatter(p, mask, steps, decay, ahead)
-    }
+            #[inline(always)]
+            unsafe fn scatter<P: Param>(
+                p: &mut [P],
+                mask: &[u8],
+                steps: &mut [f32],
+                decay: f32,
+                ahead: Option<Ahead>,
+            ) {
+                $module::scatter(p, mask, steps, decay, ahead)
+            }
+        }
+    )*};
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Sparse for crate::simd::Avx512 {
-    #[inline(always)]
-    unsafe fn gather<P: Param>(
-        g: &[P],
-        mask: &[u8],
-        buf: &mut [f32],
-        ahead: Option<Ahead>,
-    ) -> usize {
-        avx512::gather(g, mask, buf, ahead)
-    }
-
-    #[inline(always)]
-    unsafe fn scatter<P: Param>(
-        p: &mut [P],
-        mask: &[u8],
-        steps: &mut [f32],
-        decay: f32,
-        ahead: Option<Ahead>,
-    ) {
-        avx512::scatter(p, mask, steps, decay, ahead)
-    }
-}
+sparse_backend!(Avx2 => avx2, Avx512 => avx512);
 
 /// The step over one part: `mask` covers `p`, the moments are the part's compact ones;
 /// `stream`: prefetch ahead (the state comes from memory).
