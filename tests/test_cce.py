@@ -172,10 +172,15 @@ def test_bfloat16_products_round_as_a_bfloat16_linear(small_chunks, options):
         assert float((ours.double() - want).abs().max()) <= bound
 
 
-def test_under_autocast_mixed_dtypes_multiply_in_bfloat16_and_give_a_float32_loss():
+@pytest.mark.parametrize("bf16_matmul", [True, False])
+def test_under_autocast_mixed_dtypes_multiply_in_bfloat16_and_give_a_float32_loss(
+    bf16_matmul, monkeypatch
+):
     """Under CPU autocast, bfloat16 activations meet a float32 weight as autocast's Linear meets
     them (both cast to bfloat16), the loss is float32 (as autocast's cross-entropy) and each
-    gradient reaches its leaf in the leaf's dtype."""
+    gradient reaches its leaf in the leaf's dtype; also where the matmuls run in float32 (the
+    weight then keeps its precision: within the same bound of the rounded definition)."""
+    monkeypatch.setattr(cce.cpu, "bf16_matmul_is_faster", lambda: bf16_matmul)
     e, c, bias, targets = make_inputs()
     e = e.detach().bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,6 +197,25 @@ def test_under_autocast_mixed_dtypes_multiply_in_bfloat16_and_give_a_float32_los
     for o, w, leaf in zip(ours, want, (e, c, bias), strict=True):
         assert o.dtype == leaf.dtype
         assert float((o.double() - w).abs().max()) <= 2 * bf16 * (1 + zmax) * float(w.abs().max())
+
+
+def test_under_autocast_float32_matmuls_keep_the_float32_weight(monkeypatch):
+    """Where the CPU's matmuls run in float32 (torch's bfloat16 matmul the slower one), the
+    training pass under autocast multiplies the float32 weight and bias as they are, and its
+    gradients reach them unrounded: the definition on bfloat16 e and float32 c and bias to
+    float32 accuracy (rounding c to bfloat16 misses it by about 2^-9 of the logits)."""
+    monkeypatch.setattr(cce.cpu, "bf16_matmul_is_faster", lambda: False)
+    e, c, bias, targets = make_inputs(dim=64)
+    e = e.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fg.linear_cross_entropy(e, c, targets, bias=bias)
+    eb = e.detach().double().requires_grad_()
+    cd, bd = (t.detach().double().requires_grad_() for t in (c, bias))
+    ref, _ = reference(eb, cd, targets, bias=bd)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=0)
+    for ours, want in zip(grads(loss, (c, bias)), grads(ref, (cd, bd)), strict=True):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-7)
 
 
 def test_default_chunking_on_a_larger_vocabulary():

@@ -234,15 +234,30 @@ def _autocasting(e: object) -> bool:
     return torch.is_autocast_enabled(e.device.type)
 
 
-def _autocast(e, c, bias):
+def _autocast(e, c, bias, fused: bool):
     """(e, c, bias, loss dtype) under autocast: the product in autocast's dtype, as the
     ``nn.Linear`` it replaces would run it, and the loss in float32, as autocast runs
     cross-entropy. Unchanged, with the loss in e's dtype, outside autocast and for float64
-    (which autocast leaves alone too)."""
+    (which autocast leaves alone too).
+
+    Where the ``fused`` CPU pass will multiply in float32 anyway (torch's bfloat16 matmul is
+    the slower one on this CPU: cpu.gemm_dtype), a float32 c and bias keep their dtype: rounding
+    them to bfloat16 first would only cost precision and two V x D copies a step, the cast and
+    its gradient's (about 70 ms of a 750 ms step of bench/model.py's Llama on the Xeon of
+    family 6 model 207, mostly the page faults of the fresh copies)."""
     if not _autocasting(e):
         return e, c, bias, e.dtype
     dtype = torch.get_autocast_dtype(e.device.type)
-    return e.to(dtype), c.to(dtype), None if bias is None else bias.to(dtype), torch.float32
+    f32 = torch.float32
+    keep = (
+        fused
+        and c.dtype == f32
+        and (bias is None or bias.dtype == f32)
+        and cpu.gemm_dtype(dtype) == f32
+    )
+    if not keep:
+        c, bias = c.to(dtype), None if bias is None else bias.to(dtype)
+    return e.to(dtype), c, bias, f32
 
 
 def linear_cross_entropy(
@@ -314,7 +329,10 @@ def linear_cross_entropy(
         raise ValueError(f"{OP}: z_loss must be finite, got inf")
     eps = _filter_eps(filter_eps, e.dtype, label_smoothing)
 
-    e, c, bias, out_dtype = _autocast(e, c, bias)
+    grads = [t is not None and t.requires_grad for t in (e, c, bias)]
+    fuse = shard is None and reduction != "none" and not return_lse and e.is_cpu
+    fuse = fuse and torch.is_grad_enabled() and any(grads)  # the loss's gradient is known now
+    e, c, bias, out_dtype = _autocast(e, c, bias, fuse)
     shifted = _shifted_targets(targets.long(), shift, ignore_index)
     valid = shifted != ignore_index
     if not torch.compiler.is_compiling():
@@ -327,9 +345,7 @@ def linear_cross_entropy(
         None if bias is None else bias.contiguous(),
         flat_targets,
     )
-    grads = [t is not None and t.requires_grad for t in (e, c, bias)]
-    fuse = shard is None and reduction != "none" and not return_lse and e.is_cpu
-    if fuse and torch.is_grad_enabled() and any(grads):  # the loss's gradient is known now
+    if fuse:
         one = torch.ones((), dtype=torch.long)
         divisor = valid.sum().clamp(min=1) if reduction == "mean" else one
         options = (softcap, label_smoothing, z_loss, eps, *grads)
