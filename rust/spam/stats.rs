@@ -4,8 +4,8 @@
 //! The clip bound depends on max |g| itself, so the pass keeps, per fixed chunk of
 //! [`CHUNK`] entries, the chunk's max |g| and its unclipped sum of squares; once the bound is
 //! known, only the chunks holding an entry above it (spikes) are summed again with the clip,
-//! every gradient's in one more parallel region. Sums run in f64 over 32 fixed lanes and chunks combine in order, so the result is the
-//! same on every SIMD path and thread count. The first pass has no clip compiled in: 12.4
+//! every gradient's in one more parallel region. Sums run in f64 over 32 fixed lanes and chunks
+//! combine in order, so the result is the same on every SIMD path and thread count. The first pass has no clip compiled in: 12.4
 //! elements/ns on one Zen 4 core in cache, against 6.3-6.9 with the clip's compare and masked
 //! multiply in every pass and 16 lanes (two vectors of f64 sums, add-latency bound).
 
@@ -169,8 +169,8 @@ pub struct ClipInput<'a, P> {
 /// AdaClip's statistics of every gradient of `inputs`, their chunks in one parallel region (a
 /// model's many small gradients pay one fork and join): with `max_abs` given one pass sums the
 /// clipped squares; otherwise one pass finds max |g| and the chunk sums, and the chunks that
-/// hold a clipped entry are summed again (a second region). `gamma3` and `correction` (1 - gamma3^t) give the
-/// bound, in f64 as the optimizer's Python bookkeeping computes it.
+/// hold a clipped entry are summed again (a second region). `gamma3` and `correction`
+/// (1 - gamma3^t) give the bound, in f64 as the optimizer's Python bookkeeping computes it.
 pub fn adaclip_stats<P: StatsParam>(
     level: SimdLevel,
     inputs: &[ClipInput<'_, P>],
@@ -194,12 +194,17 @@ pub fn adaclip_stats<P: StatsParam>(
         .iter()
         .map(|i| i.max_abs.map(|gmax| as_f32(clip_of(gmax, i.running_max))))
         .collect();
-    let jobs: Vec<Job> = grads
-        .iter()
-        .enumerate()
-        .flat_map(|(t, g)| {
+    // Gradient t's chunks are entries bounds[t]..bounds[t + 1] of the job list and the results.
+    let mut bounds = vec![0];
+    bounds.extend(grads.iter().scan(0, |at, g| {
+        *at += g.len().div_ceil(CHUNK);
+        Some(*at)
+    }));
+    let own = |t: usize| bounds[t]..bounds[t + 1];
+    let jobs: Vec<Job> = (0..grads.len())
+        .flat_map(|t| {
             let clip = clips[t];
-            (0..g.len().div_ceil(CHUNK)).map(move |c| (t, c, clip))
+            (0..own(t).len()).map(move |c| (t, c, clip))
         })
         .collect();
     let mut parts = sum_chunks(level, &grads, &jobs);
@@ -207,44 +212,46 @@ pub fn adaclip_stats<P: StatsParam>(
     // entry above its bound summed again, clipped, all in one parallel region (on the calling
     // thread, a step that clipped every chunk of 1e6 float32 entries took 278 us against 75 us
     // unclipped; now 164 us, Xeon family 6 model 207, 2 threads).
-    let mut starts = Vec::with_capacity(inputs.len());
     let mut redo: Vec<Job> = Vec::new();
-    let mut maxes = Vec::with_capacity(inputs.len());
-    let mut first = 0;
-    for (t, input) in inputs.iter().enumerate() {
-        let own = &parts[first..first + input.g.len().div_ceil(CHUNK)];
-        starts.push(first);
-        let max_abs = input.max_abs.unwrap_or_else(|| {
-            let gmax = own.iter().fold(0.0f32, |acc, &(m, _)| {
-                if m.is_nan() || acc.is_nan() {
-                    f32::NAN
-                } else {
-                    acc.max(m)
-                }
-            }) as f64;
-            let clip = as_f32(clip_of(gmax, input.running_max));
-            let over = own.iter().enumerate().filter(|(_, part)| part.0 > clip.0);
-            redo.extend(over.map(|(c, _)| (t, c, Some(clip))));
-            gmax
-        });
-        maxes.push(max_abs);
-        first += own.len();
-    }
+    let maxes: Vec<f64> = inputs
+        .iter()
+        .enumerate()
+        .map(|(t, input)| {
+            input.max_abs.unwrap_or_else(|| {
+                let gmax = parts[own(t)].iter().fold(0.0f32, |acc, &(m, _)| {
+                    if m.is_nan() || acc.is_nan() {
+                        f32::NAN
+                    } else {
+                        acc.max(m)
+                    }
+                }) as f64;
+                let clip = as_f32(clip_of(gmax, input.running_max));
+                let over = parts[own(t)]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.0 > clip.0);
+                redo.extend(over.map(|(c, _)| (t, c, Some(clip))));
+                gmax
+            })
+        })
+        .collect();
     for (&(t, c, _), part) in redo.iter().zip(sum_chunks(level, &grads, &redo)) {
-        parts[starts[t] + c] = part;
+        parts[bounds[t] + c] = part;
     }
-    let stats = inputs.iter().enumerate().map(|(t, input)| {
-        let own = &parts[starts[t]..starts[t] + input.g.len().div_ceil(CHUNK)];
-        let max_abs = maxes[t];
-        let (running_max, bound, ratio) = clip_of(max_abs, input.running_max);
-        AdaClip {
-            max_abs,
-            running_max,
-            bound,
-            ratio,
-            sum_sq: own.iter().map(|&(_, s)| s).sum(),
-        }
-    });
+    let stats = inputs
+        .iter()
+        .zip(maxes)
+        .enumerate()
+        .map(|(t, (input, max_abs))| {
+            let (running_max, bound, ratio) = clip_of(max_abs, input.running_max);
+            AdaClip {
+                max_abs,
+                running_max,
+                bound,
+                ratio,
+                sum_sq: parts[own(t)].iter().map(|&(_, s)| s).sum(),
+            }
+        });
     Ok(stats.collect())
 }
 
