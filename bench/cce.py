@@ -13,7 +13,7 @@ Peak memory is measured in a fresh subprocess per method and case (the growth of
 set while the loss and its gradients are computed, so the gradients themselves, dC = 128 MiB in
 the first case, count against both), after the same method has run once on a tiny problem
 (N=64, V=1024): a model's loss runs in a process whose matmul libraries, thread teams and
-kernels are loaded, which in a cold process cost 13-20 MiB (``peak_*_cold_MiB`` keep those
+kernels are loaded, which in a cold process cost 13-21 MiB (``peak_*_cold_MiB`` keep those
 figures: the first call's growth without the warm-up).
 GPU (bfloat16, where a GPU is present): Gemma 2 2B (N=8192, D=2304, V=256000) and Llama 3
 (N=8192, D=4096, V=128256) against torch eager, torch.compile, and Apple's ml-cross-entropy
