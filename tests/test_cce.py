@@ -49,7 +49,8 @@ def reference(e, c, targets, *, bias=None, ignore_index=IGNORE, softcap=None, re
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 16 vocabulary entries and blocks of 40 rows (also the fused pass's, where
-    V >= 16): every test crosses both."""
+    V >= 16): every test crosses both. Small eager calls run the op too (not small.py)."""
+    monkeypatch.setattr(cce.small, "LOGITS_BELOW", 0)
     monkeypatch.setattr(cce.reference, "CPU_MIN_CHUNK", 16)
     monkeypatch.setattr(cce.reference, "CPU_BUFFER_ELEMS", 640)
     monkeypatch.setattr(cce.reference, "FUSED_MIN_ROWS", 40)
@@ -225,6 +226,80 @@ def test_default_chunking_on_a_larger_vocabulary():
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
     for ours, want in zip(ours_grads, ref_grads, strict=True):
         torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max())
+
+
+SMALL_OPTIONS = [
+    {},  # c without gradient: the filter has nothing to act on
+    {"bias": True, "softcap": 2.5, "filter_eps": None},
+    {"shift": 2, "label_smoothing": 0.1},  # (label smoothing turns the filter off)
+    {"ignore_index": 7},  # a valid id that no row holds
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", SMALL_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 2e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-2)]
+)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_small_eager_calls_take_torch_cross_entropy_by_the_same_definition(
+    monkeypatch, options, reduction, dtype, tol, autocast
+):
+    """Logits this few cost less to write than the op's call: such eager calls (every row in the
+    loss, no z_loss, lse or gradient filter that could act) run F.cross_entropy on materialized
+    logits in the compute dtype, which must give the op's loss and gradients."""
+    monkeypatch.setattr(cce._library, "call", lambda *a: pytest.fail("the op ran"))
+    monkeypatch.setattr(cce.cpu, "bf16_matmul_is_faster", lambda: True)  # autocast rounds c
+    kw = dict(options)
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=8, vocab=24, dtype=dtype, ignored=0.0)
+    targets = torch.where(targets == 7, 8, targets)
+    b = bias if kw.pop("bias", False) else None
+    if kw.get("filter_eps", "auto") == "auto" and not kw.get("label_smoothing"):
+        c = c.detach()
+    filter_eps = kw.pop("filter_eps", "auto")
+    leaves = [t for t in (e, c, b) if t is not None and t.requires_grad]
+    on = autocast and dtype != torch.float64  # (autocast leaves float64 alone)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fg.linear_cross_entropy(
+            e, c, targets, bias=b, reduction=reduction, filter_eps=filter_eps, **kw
+        )
+    assert loss.dtype == (torch.float32 if on else dtype)
+    rounded = [t.to(torch.bfloat16) if on else t for t in (e, c, b) if t is not None]
+    ref, _ = reference(*rounded[:2], targets, bias=rounded[2] if b is not None else None,
+                       reduction=reduction, **kw)  # fmt: skip
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    weights = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).view(ref.shape)
+    ours = grads((loss.double() * weights).sum(), leaves)
+    want = grads((ref * weights).sum(), leaves)
+    for o, w in zip(ours, want, strict=True):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.double(), w.double(), rtol=tol, atol=tol * w.abs().max())
+
+
+@pytest.mark.parametrize(
+    "case", ["ignored row", "z_loss", "return_lse", "filter", "target out of range"]
+)
+def test_small_calls_the_op_answers(monkeypatch, case):
+    """Small calls that torch's cross-entropy would answer otherwise stay with the op: a row out
+    of the loss (torch spreads its NaN / inf into dC), z_loss and lse, a gradient filter that may
+    zero dC, and a bad target (the op's message)."""
+    ran = []
+    call = cce._library.call
+    monkeypatch.setattr(cce._library, "call", lambda *a: ran.append(1) or call(*a))
+    e, c, bias, targets = make_inputs(shape=(6,), dim=8, vocab=24, ignored=0.0)
+    kw = {"z_loss": {"z_loss": 1e-2}, "return_lse": {"return_lse": True}}.get(case, {})
+    if case == "ignored row":
+        targets[2] = IGNORE
+    if case != "filter":
+        c = c.detach()
+    if case == "target out of range":
+        targets[3] = 24
+        with pytest.raises(ValueError, match=r"linear_cross_entropy: targets must be in \[0, 24"):
+            fg.linear_cross_entropy(e, c, targets)
+        return
+    fg.linear_cross_entropy(e, c, targets, **kw)
+    assert ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -15,7 +15,8 @@ averaged loss on the CPU when gradients are wanted: each row's g is then known i
 (1 / divisor), so it computes the loss and its gradients in one pass (3 matmul passes instead of
 4) and its backward only scales them by the scalar upstream gradient (docs/cce.md). Kernels:
 cpu.py (Rust row kernels), cuda.py (kernels/cce.cu), reference.py (the chunk loops in torch
-ops: float64 and every other device).
+ops: float64 and every other device); small.py sends eager calls with few logits to torch's
+cross-entropy, which then costs less than the op's call.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from .. import _library
 from .._checks import check_floating, check_number, check_tensor
-from . import cpu, cuda, parallel, reference
+from . import cpu, cuda, parallel, reference, small
 
 __all__ = ["linear_cross_entropy"]
 
@@ -333,6 +334,13 @@ def linear_cross_entropy(
     fuse = shard is None and reduction != "none" and not return_lse and e.is_cpu
     fuse = fuse and torch.is_grad_enabled() and any(grads)  # the loss's gradient is known now
     e, c, bias, out_dtype = _autocast(e, c, bias, fuse)
+    filtered = eps is not None and torch.is_grad_enabled() and any(grads[1:])
+    exact = not (z_loss or return_lse or filtered or shard is not None)
+    if small.fits(e, c, targets.numel(), exact):
+        options = (shift, ignore_index, softcap, reduction, label_smoothing)
+        loss = small.loss(e, c, bias, targets, *options)
+        if loss is not None:
+            return loss.to(out_dtype)
     shifted = _shifted_targets(targets.long(), shift, ignore_index)
     valid = shifted != ignore_index
     if not torch.compiler.is_compiling():
