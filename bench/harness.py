@@ -215,19 +215,6 @@ def copy_bandwidth(numel: int = 1 << 28) -> float:
     return 2 * 4 * numel / seconds
 
 
-def last_level_cache_bytes(default: int = 32 << 20) -> int:
-    """The largest cache this CPU reports (Linux sysfs; ``default`` where it reports none)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (entry / "size").read_text().strip()
-        except OSError:
-            continue
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    return max(sizes, default=default)
-
-
 class Bench:
     """One benchmark's run: same thread count for ferrograd and torch, rows, table, JSON."""
 

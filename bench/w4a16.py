@@ -37,11 +37,11 @@ from harness import (
     gpu_section,
     gpu_time,
     interleaved_times,
-    last_level_cache_bytes,
 )
 from inference import GROUP, Int4Linear, int4_quantize
 
 import ferrograd as fg
+from ferrograd.ops._memory import last_level_cache_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 

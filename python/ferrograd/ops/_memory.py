@@ -1,6 +1,10 @@
-"""Fresh CPU outputs backed by transparent huge pages (rust/memory.rs says why)."""
+"""Fresh CPU outputs backed by transparent huge pages (rust/memory.rs says why), and the size
+of this CPU's last-level cache."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -25,3 +29,17 @@ def fresh(t: torch.Tensor, smallest: int = _SMALLEST) -> torch.Tensor:
     if t.nbytes >= smallest and type(t) is torch.Tensor:
         _core.advise_huge_pages(t)
     return t
+
+
+@functools.cache
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest cache this CPU reports (Linux sysfs; ``default`` where it reports none)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (entry / "size").read_text().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError):  # (an unreadable or unexpected entry: not a size)
+            continue
+    return max(sizes, default=default)
