@@ -440,7 +440,7 @@ def _batch_bytes() -> int:
     of a 29M-parameter Llama first, then one step, read them twice from memory: 3-7% slower
     than tensor by tensor); each batch costs a call of each (two parallel regions), which where
     the cache is large buys nothing (Xeon family 6 model 207, 260 MiB L3, the Llama's 38
-    tensors: 8 MiB batches 20.8-21.3 ms a step, 65 MiB batches 19.9-20.3)."""
+    tensors: 8 MiB batches 20.6-21.3 ms a step, 65 MiB batches 19.9-20.3)."""
     return max(8 << 20, last_level_cache_bytes() // 4)
 
 
