@@ -444,19 +444,22 @@ def _batch_bytes() -> int:
     return max(8 << 20, last_level_cache_bytes() // 4)
 
 
-_BATCH_BYTES = _batch_bytes()
+#: Overrides ``_batch_bytes()`` when set (None: the cache's size, read from sysfs at the first
+#: step rather than at every ``import ferrograd``: about 80 us).
+_BATCH_BYTES: int | None = None
 
 
 def _cache_batches(todo: list[tuple]):
-    """Runs of consecutive (param, state, grad) of ``todo`` holding up to ``_BATCH_BYTES`` of
+    """Runs of consecutive (param, state, grad) of ``todo`` holding up to ``_batch_bytes()`` of
     gradient (a larger one alone), a sharded gradient always alone (its statistics are
     all-reduced over its shards)."""
+    limit = _batch_bytes() if _BATCH_BYTES is None else _BATCH_BYTES
     batch, size = [], 0
     for item in todo:
         grad = item[2]
         local = _local(grad)
         nbytes = local.numel() * local.element_size()
-        if batch and (size + nbytes > _BATCH_BYTES or local is not grad):
+        if batch and (size + nbytes > limit or local is not grad):
             yield batch
             batch, size = [], 0
         batch.append(item)
