@@ -213,28 +213,27 @@ pub fn adaclip_stats<P: StatsParam>(
     // thread, a step that clipped every chunk of 1e6 float32 entries took 278 us against 75 us
     // unclipped; now 164 us, Xeon family 6 model 207, 2 threads).
     let mut redo: Vec<Job> = Vec::new();
-    let maxes: Vec<f64> = inputs
-        .iter()
-        .enumerate()
-        .map(|(t, input)| {
-            input.max_abs.unwrap_or_else(|| {
-                let gmax = parts[own(t)].iter().fold(0.0f32, |acc, &(m, _)| {
-                    if m.is_nan() || acc.is_nan() {
-                        f32::NAN
-                    } else {
-                        acc.max(m)
-                    }
-                }) as f64;
-                let clip = as_f32(clip_of(gmax, input.running_max));
-                let over = parts[own(t)]
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.0 > clip.0);
-                redo.extend(over.map(|(c, _)| (t, c, Some(clip))));
-                gmax
-            })
-        })
-        .collect();
+    let mut maxes: Vec<f64> = Vec::with_capacity(inputs.len());
+    for (t, input) in inputs.iter().enumerate() {
+        if let Some(gmax) = input.max_abs {
+            maxes.push(gmax);
+            continue;
+        }
+        let gmax = parts[own(t)].iter().fold(0.0f32, |acc, &(m, _)| {
+            if m.is_nan() || acc.is_nan() {
+                f32::NAN
+            } else {
+                acc.max(m)
+            }
+        }) as f64;
+        let clip = as_f32(clip_of(gmax, input.running_max));
+        for (c, part) in parts[own(t)].iter().enumerate() {
+            if part.0 > clip.0 {
+                redo.push((t, c, Some(clip)));
+            }
+        }
+        maxes.push(gmax);
+    }
     for (&(t, c, _), part) in redo.iter().zip(sum_chunks(level, &grads, &redo)) {
         parts[bounds[t] + c] = part;
     }
