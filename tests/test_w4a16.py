@@ -20,7 +20,7 @@ from ferrograd import _core
 from ferrograd.ops import w4a16 as ops
 from ferrograd.ops.w4a16 import cuda as w4_cuda
 from ferrograd.ops.w4a16 import reference
-from ferrograd.ops.w4a16.cpu import GEMM_MIN_ROWS
+from ferrograd.ops.w4a16.cpu import _gemm_min_rows
 from ferrograd.ops.w4a16.weight import (
     CPU_BLOCKS,
     GPU_WORDS,
@@ -422,8 +422,10 @@ def test_bf16_y_is_the_float32_y_rounded_once(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [GEMM_MIN_ROWS, 40, 130])
-def test_wider_x_takes_the_gemm_as_two_bf16_terms(dtype, rows):
+@pytest.mark.parametrize("rows", [_gemm_min_rows(), 40, 130])
+def test_wider_x_takes_the_gemm(dtype, rows):
+    """float32 / float16 x in the GEMM (two bf16 terms with vdpbf16ps, as it is with FMAs)
+    and through w4a16_matmul, an outlier beside small entries."""
     g = torch.Generator().manual_seed(rows)
     n, k = 45, 200
     q = fg.quant.quantize_w4(torch.randn(n, k, generator=g), 32)
@@ -961,7 +963,7 @@ def test_rows_of_subnormal_size_survive_the_gemm(dtype):
     (found by `make fuzz`: a row of 3e-39 came out 0)."""
     g = torch.Generator().manual_seed(5)
     q = fg.quant.quantize_w4(torch.randn(40, 256, generator=g), 128, True)
-    x = torch.randn(GEMM_MIN_ROWS + 3, 256, generator=g)
+    x = torch.randn(_gemm_min_rows() + 3, 256, generator=g)
     x[1] *= 3e-39
     x[4] *= 1e-33
     x = x.to(dtype)

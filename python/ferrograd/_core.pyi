@@ -350,8 +350,12 @@ def w4_gemm(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> bool:
-    """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 BF16 GEMM (y float32 or bfloat16, as
-    w4_gemv); False (y untouched) where the CPU or the group size does not allow it."""
+    """y [m, n] = x [m, k] @ W_hat.T by the AVX-512 GEMM on CPUs with AVX-512 BF16 (y float32
+    or bfloat16, as w4_gemv); False (y untouched) where the CPU or the group size does not
+    allow it."""
+
+def w4_gemm_arith() -> str:
+    """The GEMM's multiply on this CPU: "bf16" (vdpbf16ps) or "fma" (float32 multiply-adds)."""
 
 def w4_dequantize(
     packed: torch.Tensor,

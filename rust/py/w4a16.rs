@@ -150,8 +150,8 @@ fn w4_gemv(
     })
 }
 
-/// y [m, n] = x [m, k] · Wᵀ by the AVX-512 BF16 GEMM; False (y untouched) where this CPU or
-/// the group size does not allow it.
+/// y [m, n] = x [m, k] · Wᵀ by the AVX-512 GEMM (on CPUs with AVX-512 BF16); False (y
+/// untouched) where this CPU or the group size does not allow it.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn w4_gemm(
@@ -172,6 +172,12 @@ fn w4_gemm(
     let x = rows(&mut args, &x)?;
     let y = Out::of(&mut args, &y)?;
     run_detached(py, op, || y.run(level, |y| w4a16::matmul(level, &w, x, y)))
+}
+
+/// The GEMM's multiply on this CPU: "bf16" (`vdpbf16ps`) or "fma" (float32 multiply-adds).
+#[pyfunction]
+fn w4_gemm_arith() -> &'static str {
+    w4a16::gemm_arith()
 }
 
 /// Rows row0..row1 of W as float32 into `out` [row1 - row0, k].
@@ -202,6 +208,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(w4_pack, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemv, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemm, m)?)?;
+    m.add_function(wrap_pyfunction!(w4_gemm_arith, m)?)?;
     m.add_function(wrap_pyfunction!(w4_dequantize, m)?)?;
     Ok(())
 }

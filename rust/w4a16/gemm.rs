@@ -1,13 +1,19 @@
-//! The AVX-512 BF16 GEMM, for more rows of x than the GEMV takes.
+//! The AVX-512 GEMM for more rows of x than the GEMV takes, in one of two arithmetics
+//! ([`Arith`]).
 //!
-//! Each thread dequantizes `NR` rows of W at a time into a tile of bf16 codes q - zero (integers
-//! -15..15, exact in bf16) and multiplies them with x in bf16 by `vdpbf16ps`: the products are
-//! exact and add up in float32, and each group's sums meet its scale in float32 once. bf16 x is
-//! read as it is; float32 x is split into two bf16 terms, hi + lo (within 2^-17 of x).
+//! Each thread dequantizes `NR` rows of W at a time into a tile of codes q - zero (integers
+//! -15..15, exact in bf16 and float32) and multiplies them with x: the group's sums meet its
+//! scale in float32 once.
 //!
-//! x is packed transposed, 16 rows per vector (one row of x per float32 lane of the sums):
-//! [m block][pair p of columns 2p, 2p + 1][32 lanes] as bf16 pairs; a pair of W's columns is
-//! then one broadcast 32-bit word of the tile.
+//! - `vdpbf16ps` (AMD): the tile holds bf16 codes; bf16 x is read as it is, float32 x is split
+//!   into two bf16 terms, hi + lo (within 2^-17 of x); the products are exact and add up in
+//!   float32. x is packed transposed, 16 rows per vector (one row of x per float32 lane of the
+//!   sums): [m block][pair p of columns 2p, 2p + 1][32 lanes] as bf16 pairs; a pair of W's
+//!   columns is then one broadcast 32-bit word of the tile.
+//! - float32 fused multiply-adds (Intel): the tile holds float32 codes, x is packed as float32
+//!   [m block][column][32 lanes], and a column of W is one broadcast float. bf16 x is exact in
+//!   float32 (its products too); float32 x is used unsplit, each product rounded once in its
+//!   multiply-add.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -46,6 +52,57 @@ static TABLES: [[u16; 32]; 16] = {
     t
 };
 
+/// (c - z) in float32 for c = 0..15 (the `vpermps` table), per zero z = 0..15.
+static TABLES_F32: [[f32; 16]; 16] = {
+    let mut t = [[0.0f32; 16]; 16];
+    let mut z = 0;
+    while z < 16 {
+        let mut c = 0;
+        while c < 16 {
+            t[z][c] = c as f32 - z as f32;
+            c += 1;
+        }
+        z += 1;
+    }
+    t
+};
+
+/// The multiply of the micro-kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Arith {
+    /// `vdpbf16ps` on bf16 pairs.
+    Bf16,
+    /// float32 fused multiply-adds.
+    Fma,
+}
+
+impl Arith {
+    /// This CPU's: on Intel a 512-bit `vdpbf16ps` issues every other cycle where two FMAs
+    /// issue each cycle (Xeon family 6 model 207, 12 independent chains: 0.43 against 1.72 a
+    /// cycle), so its 32 multiply-adds come at half the FMAs' rate; the AMD CPUs measured ran
+    /// the bf16 GEMM at its best against torch (docs/w4a16.md).
+    pub(super) fn of_cpu() -> Arith {
+        #[cfg(test)]
+        if let Some(arith) = super::tests::GEMM_ARITH.get() {
+            return arith;
+        }
+        if crate::simd::cpu_features().amd {
+            Arith::Bf16
+        } else {
+            Arith::Fma
+        }
+    }
+}
+
+impl Arith {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Arith::Bf16 => "bf16",
+            Arith::Fma => "fma",
+        }
+    }
+}
+
 /// Whether this CPU, at `level`, runs the GEMM for a weight of `shape` (group sizes that are
 /// multiples of 32, or one group per row, so that each half block has one zero).
 pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
@@ -57,13 +114,15 @@ pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
         && (shape.group_size.is_multiple_of(BLOCK_BYTES) || shape.groups() == 1)
 }
 
-/// x packed for the micro-kernel (module docs): `terms` bf16 terms per element of x, `width`
-/// lanes per column pair. With one term, m block b holds rows 32b .. 32b + 31; with two, rows
-/// 16b .. 16b + 15, hi in lanes 0-15 and lo in lanes 16-31. Up to 8 rows of bf16 x take one
-/// narrow block of 8 lanes instead.
+/// x packed for the micro-kernel (module docs): `steps` words of `width` lanes per m block
+/// (column pairs for `vdpbf16ps`, columns for the FMAs), `terms` bf16 terms per element of x.
+/// With one term, m block b holds rows 32b .. 32b + 31; with two, rows 16b .. 16b + 15, hi in
+/// lanes 0-15 and lo in lanes 16-31. Up to 8 rows of bf16 x take one narrow block of 8 lanes
+/// instead (`vdpbf16ps` only).
 struct Packed {
     words: Vec<u32>,
     rows: usize,
+    steps: usize,
     terms: usize,
     width: usize,
     rows_per_block: usize,
@@ -71,16 +130,26 @@ struct Packed {
 }
 
 impl Packed {
-    fn new(x: Rows<'_>, m: usize, k: usize, pairs: usize) -> Packed {
-        let terms = if matches!(x, Rows::Bf16(_)) { 1 } else { 2 };
-        let width = if terms == 1 && m <= NARROW {
+    /// x [m, k] for `arith`, `pairs` column pairs (k padded) a row.
+    fn new(arith: Arith, x: Rows<'_>, m: usize, k: usize, pairs: usize) -> Packed {
+        let terms = if arith == Arith::Fma || matches!(x, Rows::Bf16(_)) {
+            1
+        } else {
+            2
+        };
+        let width = if arith == Arith::Bf16 && terms == 1 && m <= NARROW {
             NARROW
         } else {
             BLOCK_LANES
         };
+        let steps = if arith == Arith::Fma {
+            2 * pairs
+        } else {
+            pairs
+        };
         let rows_per_block = width / terms;
         let blocks = m.div_ceil(rows_per_block);
-        let per_block = pairs * width;
+        let per_block = steps * width;
         let mut words = vec![0u32; blocks * per_block];
         let dst = SendPtr(words.as_mut_ptr());
         threads::split(blocks, |b| {
@@ -90,6 +159,12 @@ impl Packed {
             for i in 0..rows_per_block.min(m - b * rows_per_block) {
                 let row = (b * rows_per_block + i) * k;
                 let value = |c: usize| if c < k { x.get(row + c) } else { 0.0 };
+                if arith == Arith::Fma {
+                    for c in 0..k {
+                        out[c * width + i] = value(c).to_bits();
+                    }
+                    continue;
+                }
                 for p in 0..pairs.min(k.div_ceil(2)) {
                     let (a, c) = (value(2 * p), value(2 * p + 1));
                     let (ha, hc) = (bf16(a), bf16(c));
@@ -104,6 +179,7 @@ impl Packed {
         Packed {
             words,
             rows: m,
+            steps,
             terms,
             width,
             rows_per_block,
@@ -113,65 +189,100 @@ impl Packed {
 }
 
 thread_local! {
-    /// Each thread's tile of W (bf16 codes) and the tile's scales, reused across calls.
-    static TILE: RefCell<(Vec<u16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Each thread's tile of W (bf16 or float32 codes, for the CPU's [`Arith`]) and the tile's
+    /// scales, reused across calls.
+    static TILE: RefCell<(Vec<u16>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// y [m, n] = x [m, k] · W_hatᵀ in float32. The caller checks [`supported`] and the sizes.
 pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     let s = w.shape;
     let m = x.len() / s.k;
+    let arith = Arith::of_cpu();
     let kpad = packed_row_bytes(s.k) * 2;
-    let (pairs, stride) = (kpad / 2, kpad + ROW_PAD);
+    let pairs = kpad / 2;
     let groups = s.groups();
     let group_pairs = if groups == 1 { pairs } else { s.group_size / 2 };
     let half_groups = s.half_block_groups(kpad / BLOCK_BYTES);
-    let xp = Packed::new(x, m, s.k, pairs);
+    let xp = Packed::new(arith, x, m, s.k, pairs);
     let y_ptr = SendPtr(y.as_mut_ptr());
     // Chunks of m blocks: each chunk's x stays in the caches while every tile of W passes it
-    // (W is dequantized once per chunk).
-    let chunks = (0..xp.blocks).step_by(CHUNK_BLOCKS);
-    for chunk in chunks.map(|b0| b0..(b0 + CHUNK_BLOCKS).min(xp.blocks)) {
-        gemm_chunk(w, &xp, chunk, (stride, group_pairs), &half_groups, y_ptr);
+    // (W is dequantized once per chunk). An FMA block's words are single columns: half as
+    // many blocks hold as many bytes.
+    let chunk_blocks = match arith {
+        Arith::Bf16 => CHUNK_BLOCKS,
+        Arith::Fma => CHUNK_BLOCKS / 2,
+    };
+    let group_steps = xp.steps / pairs * group_pairs;
+    let chunks = (0..xp.blocks).step_by(chunk_blocks);
+    for chunk in chunks.map(|b0| b0..(b0 + chunk_blocks).min(xp.blocks)) {
+        gemm_chunk(w, arith, &xp, chunk, group_steps, &half_groups, y_ptr);
     }
 }
 
-/// The m blocks `chunk` of y from the packed x, each thread taking tiles of W in turn.
+/// The m blocks `chunk` of y from the packed x, each thread taking tiles of W in turn;
+/// `group_steps`: the micro-kernel's steps (pairs or columns) per group.
 fn gemm_chunk(
     w: &PackedW4<'_>,
+    arith: Arith,
     xp: &Packed,
     chunk: std::ops::Range<usize>,
-    (stride, group_pairs): (usize, usize),
+    group_steps: usize,
     half_groups: &[usize],
     y_ptr: SendPtr<f32>,
 ) {
     let s = w.shape;
     let m = xp.rows;
-    let (pairs, groups) = (packed_row_bytes(s.k), s.groups());
+    let (steps, groups) = (xp.steps, s.groups());
+    let stride = packed_row_bytes(s.k) * 2 + ROW_PAD; // codes of either type
     threads::split(s.n.div_ceil(NR), |part| {
-        TILE.with_borrow_mut(|(tile, scales)| {
-            tile.resize(NR * stride, 0);
+        TILE.with_borrow_mut(|(tile16, tile32, scales)| {
             scales.resize(groups * NR, 0.0);
             let n0 = part * NR;
             let rows = NR.min(s.n - n0);
             // SAFETY: the GEMM runs only where `supported` found the features.
-            unsafe { dequantize_tile(w, n0, rows, stride, half_groups, tile, scales) };
+            unsafe {
+                match arith {
+                    Arith::Bf16 => {
+                        tile16.resize(NR * stride, 0);
+                        dequantize_tile(w, n0, rows, stride, half_groups, tile16, scales)
+                    }
+                    Arith::Fma => {
+                        tile32.resize(NR * stride, 0.0);
+                        dequantize_tile_f32(w, n0, rows, stride, half_groups, tile32, scales)
+                    }
+                }
+            }
             let mut out = [0.0f32; NR * BLOCK_LANES];
             let width = xp.width;
             for b in chunk.clone() {
                 out.fill(0.0);
-                let xb = &xp.words[b * pairs * width..(b + 1) * pairs * width];
+                let xb = &xp.words[b * steps * width..(b + 1) * steps * width];
                 let m_rows = xp.rows_per_block.min(m - b * xp.rows_per_block);
-                let args = (tile.as_slice(), stride, xb, width, group_pairs);
-                // SAFETY: as above; the tile holds NR rows of `stride` codes, xb `pairs` words
+                let one_vector = xp.terms == 1 && m_rows <= LANES;
+                // SAFETY: as above; the tile holds NR rows of `stride` codes, xb `steps` words
                 // of `width` lanes.
                 unsafe {
-                    if width == NARROW {
-                        micro::<__m256, 1>(args, scales, &mut out)
-                    } else if xp.terms == 1 && m_rows <= LANES {
-                        micro::<__m512, 1>(args, scales, &mut out)
-                    } else {
-                        micro::<__m512, 2>(args, scales, &mut out)
+                    match arith {
+                        Arith::Fma => {
+                            let args = (tile32.as_slice(), stride, xb, width, group_steps);
+                            if one_vector {
+                                micro_fma::<1>(args, scales, &mut out)
+                            } else {
+                                micro_fma::<2>(args, scales, &mut out)
+                            }
+                        }
+                        Arith::Bf16 => {
+                            let args = (tile16.as_slice(), stride, xb, width, group_steps);
+                            if width == NARROW {
+                                micro::<__m256, 1>(args, scales, &mut out)
+                            } else if one_vector {
+                                micro::<__m512, 1>(args, scales, &mut out)
+                            } else {
+                                micro::<__m512, 2>(args, scales, &mut out)
+                            }
+                        }
                     }
                 }
                 for i in 0..m_rows {
@@ -191,6 +302,56 @@ fn gemm_chunk(
             }
         })
     });
+}
+
+/// Rows n0 .. n0 + rows of W as float32 codes q - zero into `tile` [NR, stride] (rows past
+/// the weight's end hold zeros), and their scales into `scales` [groups, NR] (as
+/// [`dequantize_tile`]).
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn dequantize_tile_f32(
+    w: &PackedW4<'_>,
+    n0: usize,
+    rows: usize,
+    stride: usize,
+    half_groups: &[usize],
+    tile: &mut [f32],
+    scales: &mut [f32],
+) {
+    let s = w.shape;
+    let (row_bytes, groups) = (packed_row_bytes(s.k), s.groups());
+    let mask = _mm256_set1_epi8(15);
+    for r in 0..NR {
+        let dst = tile.as_mut_ptr().add(r * stride);
+        if r >= rows {
+            std::ptr::write_bytes(dst, 0, stride);
+            for gi in 0..groups {
+                scales[gi * NR + r] = 0.0;
+            }
+            continue;
+        }
+        let n = n0 + r;
+        let packed = w.packed.as_ptr().add(n * row_bytes);
+        let zeros = &w.zeros[n * groups..(n + 1) * groups];
+        for gi in 0..groups {
+            scales[gi * NR + r] = w.scales.get(n * groups + gi);
+        }
+        for b in 0..row_bytes / BLOCK_BYTES {
+            let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
+            let halves = [
+                _mm256_and_si256(v, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+            ];
+            for (half, codes) in halves.into_iter().enumerate() {
+                let z = *zeros.get_unchecked(*half_groups.get_unchecked(2 * b + half)) as usize;
+                let table = _mm512_loadu_ps(TABLES_F32.get_unchecked(z & 15).as_ptr());
+                let at = dst.add(b * BLOCK + half * BLOCK_BYTES);
+                let low = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes));
+                let high = _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(codes));
+                _mm512_storeu_ps(at, _mm512_permutexvar_ps(low, table));
+                _mm512_storeu_ps(at.add(16), _mm512_permutexvar_ps(high, table));
+            }
+        }
+    }
 }
 
 /// Rows n0 .. n0 + rows of W as bf16 codes q - zero into `tile` [NR, stride] (rows past the
@@ -344,6 +505,42 @@ unsafe fn micro<V: Sums, const MV: usize>(
         for (j, a) in acc.iter().enumerate() {
             for (v, &sum) in a.iter().enumerate() {
                 sum.fold(scales[j], out.as_mut_ptr().add(j * width + v * V::LANES));
+            }
+        }
+    }
+}
+
+/// [`micro`] in float32 fused multiply-adds: `args` = (tile of float32 codes, its row stride,
+/// the block's x words (float32 bits, one column of `width` lanes each), lanes per column,
+/// columns per group).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro_fma<const MV: usize>(
+    args: (&[f32], usize, &[u32], usize, usize),
+    scales: &[f32],
+    out: &mut [f32; NR * BLOCK_LANES],
+) {
+    let (tile, stride, x, width, group_cols) = args;
+    let cols = x.len() / width;
+    let (tp, xp) = (tile.as_ptr(), x.as_ptr() as *const f32);
+    for (gi, c0) in (0..cols).step_by(group_cols).enumerate() {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NR];
+        for c in c0..(c0 + group_cols).min(cols) {
+            let mut xv = [_mm512_setzero_ps(); MV];
+            for (v, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(xp.add(c * width + v * LANES));
+            }
+            for (j, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*tp.add(j * stride + c));
+                for v in 0..MV {
+                    a[v] = _mm512_fmadd_ps(xv[v], w, a[v]);
+                }
+            }
+        }
+        let scales = &scales[gi.min(scales.len() / NR - 1) * NR..];
+        for (j, a) in acc.iter().enumerate() {
+            for (v, &sum) in a.iter().enumerate() {
+                sum.fold(scales[j], out.as_mut_ptr().add(j * width + v * LANES));
             }
         }
     }

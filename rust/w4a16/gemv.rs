@@ -175,7 +175,16 @@ pub fn gemm_supported(level: SimdLevel, shape: Shape) -> bool {
     return false;
 }
 
-/// y [m, n] = x [m, k] · Wᵀ by the blocked bf16 GEMM (meant for m past the GEMV's rows);
+/// The GEMM's multiply on this CPU, "bf16" (`vdpbf16ps`) or "fma" (float32 multiply-adds):
+/// the rows of x from which it beats the GEMV differ (python/ferrograd/ops/w4a16/cpu.py).
+pub fn gemm_arith() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    return super::gemm::Arith::of_cpu().name();
+    #[cfg(not(target_arch = "x86_64"))]
+    return "none";
+}
+
+/// y [m, n] = x [m, k] · Wᵀ by the blocked GEMM (meant for m past the GEMV's rows);
 /// `Ok(false)`, y untouched, where [`gemm_supported`] says no.
 pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<bool> {
     check_sizes("w4a16_matmul", w, x.len(), y.len())?;

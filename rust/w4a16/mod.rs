@@ -10,8 +10,8 @@
 //! conversions, with the 64 columns in order.
 //!
 //! Files: quantize.rs (weights to codes), pack.rs (the CPU layout), dequantize.rs, gemv.rs (the
-//! GEMV and GEMM drivers and the integer kernels' input), gemm.rs (the AVX-512 BF16 GEMM for
-//! more rows of x), and the GEMV kernels per ISA: float.rs (every
+//! GEMV and GEMM drivers and the integer kernels' input), gemm.rs (the AVX-512 GEMM for
+//! more rows of x, by `vdpbf16ps` or float32 FMAs), and the GEMV kernels per ISA: float.rs (every
 //! path; the only one on scalar and AVX-512 without VNNI), vnni.rs (AVX-512 VNNI), avx2.rs
 //! (AVX2 integer).
 
@@ -47,7 +47,7 @@ mod vnni;
 
 pub use dequantize::dequantize;
 pub use float::Nibbles;
-pub use gemv::{gemm_supported, gemv, matmul};
+pub use gemv::{gemm_arith, gemm_supported, gemv, matmul};
 use gemv::{zero_term, IntInput};
 pub use pack::{pack, unpack};
 pub use quantize::quantize;

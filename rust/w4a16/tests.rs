@@ -1,6 +1,14 @@
+use std::cell::Cell;
+
 use super::gemv::X_INT_MAX;
 use super::*;
 use crate::simd::SimdLevel;
+
+thread_local! {
+    /// The GEMM arithmetic a test asks for (`Arith::of_cpu`); None: this CPU's.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) static GEMM_ARITH: Cell<Option<gemm::Arith>> = const { Cell::new(None) };
+}
 
 fn weight(n: usize, k: usize) -> Vec<f32> {
     (0..n * k)
@@ -110,10 +118,21 @@ fn quantize_pack_gemv_on_every_level() {
     }
 }
 
-/// The bf16 GEMM against the float64 product with W_hat: bf16 x exactly (its products are
-/// exact), float32 x within its two bf16 terms; m past one vector of rows, odd n and k tails.
+/// The GEMM in each arithmetic against the float64 product with W_hat: bf16 x exactly (its
+/// products are exact), float32 x within its two bf16 terms (`vdpbf16ps`) or its rounded
+/// multiply-adds; m past one vector of rows, odd n and k tails.
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn gemm_matches_the_dequantized_product() {
+    for arith in [gemm::Arith::Bf16, gemm::Arith::Fma] {
+        GEMM_ARITH.set(Some(arith));
+        gemm_matches_in_this_arithmetic();
+    }
+    GEMM_ARITH.set(None);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn gemm_matches_in_this_arithmetic() {
     let level = crate::simd::detected();
     for (n, k, g) in [
         (13, 64, 32),

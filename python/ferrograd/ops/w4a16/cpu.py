@@ -2,11 +2,12 @@
 float64 x run the reference. bf16 x reaches the kernels as it is (no float32 copy).
 
 From ``GEMM_MIN_ROWS`` rows of x, on CPUs with AVX-512 BF16, a blocked GEMM dequantizes tiles of
-W to exact bf16 codes (q - zero) and multiplies them with x in bf16 by ``vdpbf16ps``, each
-group's float32 sums meeting its scale once: bf16 x exactly, float32 and float16 x as two bf16
-terms (within 2^-17 of x per element). Fewer rows (up to ``GEMV_MAX_ROWS`` elsewhere) run the GEMV
-that unpacks each block of codes in registers once per 4 rows of x (up to ``INT_GEMV_MAX_ROWS``
-with the integer kernels).
+W to exact codes (q - zero) and multiplies them with x, each group's float32 sums meeting its
+scale once: on AMD in bf16 by ``vdpbf16ps`` (bf16 x exactly, float32 and float16 x as two bf16
+terms, within 2^-17 of x per element), on Intel, whose ``vdpbf16ps`` runs at half the rate of
+its float32 multiply-adds, by those (bf16 x exactly, float32 x as it is). Fewer rows (up to
+``GEMV_MAX_ROWS`` elsewhere) run the GEMV that unpacks each block of codes in registers once per
+4 rows of x (up to ``INT_GEMV_MAX_ROWS`` with the integer kernels).
 With AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
 max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative error at
 most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN or
@@ -35,11 +36,15 @@ GEMV_MAX_ROWS = 16
 #: dequantizing W into torch's float32 matmul up to 64 rows (Zen 3, bf16 x, 2 threads, 4096 x 4096
 #: and 11008 x 4096: 1.8-2.2x at 24-32 rows, 1.4x at 64, even at 128; 1.14x at 64 on 1 thread).
 INT_GEMV_MAX_ROWS = 64
-#: Rows of x from which the AVX-512 BF16 GEMM takes over from the GEMV (where the CPU has it).
-#: bf16 x on Zen 5, 2 threads: the VNNI GEMV (passes of 4 rows) 1.6x / 1.4x / 1.2x the GEMM at
-#: 8 / 9 / 12 rows at 4096 x 4096 (1.4x / 1.1x at 8 / 12 at 2048 x 2048), 0.9x at 16; float32
-#: x (two bf16 terms in the GEMM) gains more from the GEMV.
-GEMM_MIN_ROWS = 13
+#: Rows of x from which the AVX-512 GEMM takes over from the GEMV (where the CPU has AVX-512
+#: BF16), per the GEMM's multiply (`_core.w4_gemm_arith()`). "bf16" (AMD): on Zen 5, bf16 x,
+#: 2 threads, the VNNI GEMV (passes of 4 rows) took 1/1.6 / 1/1.4 / 1/1.2 of the GEMM's time
+#: at 8 / 9 / 12 rows at 4096 x 4096 (1/1.4 / 1/1.1 at 8 / 12 at 2048 x 2048), 1/0.9 at 16;
+#: float32 x (two bf16 terms in the GEMM) gains more from the GEMV. "fma" (Intel): on a Xeon
+#: of family 6 model 207, 2 threads, the GEMV took 0.78-0.91 of the GEMM's time at 24 rows
+#: (4096 x 4096, 2048 x 2048, 11008 x 4096; bf16 and float32 x), 0.98-1.11 at 32, 1.08-1.28
+#: at 64; from 32 rows the GEMM, whose bf16 products are exact, at about the same speed.
+GEMM_MIN_ROWS = {"bf16": 13, "fma": 32}
 #: Rows of W dequantized at a time for larger batches and for the gradient.
 DEQUANT_BLOCK_ROWS = 1024
 
@@ -94,6 +99,11 @@ def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> t
 
 
 @functools.cache
+def _gemm_min_rows() -> int:
+    return GEMM_MIN_ROWS.get(_core.w4_gemm_arith(), GEMM_MIN_ROWS["bf16"])
+
+
+@functools.cache
 def _has_vnni() -> bool:
     return bool(_core.cpu_info()["features"]["avx512vnni"])
 
@@ -122,7 +132,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
     y = fresh(torch.empty(*x.shape[:-1], n, dtype=xk.dtype))
     operands = (packed, scales, zeros, n, k, group_size, xk, y)
     rows = x.numel() // k
-    if rows >= GEMM_MIN_ROWS and _core.w4_gemm(*operands):
+    if rows >= _gemm_min_rows() and _core.w4_gemm(*operands):
         pass
     elif rows <= _gemv_max_rows() and group_len(k, group_size) % 32 == 0:
         _core.w4_gemv(*operands)
