@@ -529,6 +529,10 @@ unsafe fn micro_fma<const MV: usize>(
             let mut xv = [_mm512_setzero_ps(); MV];
             for (v, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(xp.add(c * width + v * LANES));
+                // x's block streams from L2 once per tile: its lines 8 columns ahead (at 128
+                // rows, 4096 x 4096, 2 threads: 19.2 -> 16.3 ms; 16 ahead the same).
+                let ahead = xp.wrapping_add((c + 8) * width + v * LANES); // (may pass the end)
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*tp.add(j * stride + c));
