@@ -250,7 +250,7 @@ fn gemm_chunk(
                     }
                     Arith::Fma => {
                         tile32.resize(NR * stride, 0.0);
-                        dequantize_tile_f32(w, n0, rows, stride, half_groups, tile32, scales)
+                        dequantize_tile(w, n0, rows, stride, half_groups, tile32, scales)
                     }
                 }
             }
@@ -304,67 +304,53 @@ fn gemm_chunk(
     });
 }
 
-/// Rows n0 .. n0 + rows of W as float32 codes q - zero into `tile` [NR, stride] (rows past
-/// the weight's end hold zeros), and their scales into `scales` [groups, NR] (as
-/// [`dequantize_tile`]).
-#[target_feature(enable = "avx512f,avx512bw,avx2")]
-unsafe fn dequantize_tile_f32(
-    w: &PackedW4<'_>,
-    n0: usize,
-    rows: usize,
-    stride: usize,
-    half_groups: &[usize],
-    tile: &mut [f32],
-    scales: &mut [f32],
-) {
-    let s = w.shape;
-    let (row_bytes, groups) = (packed_row_bytes(s.k), s.groups());
-    let mask = _mm256_set1_epi8(15);
-    for r in 0..NR {
-        let dst = tile.as_mut_ptr().add(r * stride);
-        if r >= rows {
-            std::ptr::write_bytes(dst, 0, stride);
-            for gi in 0..groups {
-                scales[gi * NR + r] = 0.0;
-            }
-            continue;
-        }
-        let n = n0 + r;
-        let packed = w.packed.as_ptr().add(n * row_bytes);
-        let zeros = &w.zeros[n * groups..(n + 1) * groups];
-        for gi in 0..groups {
-            scales[gi * NR + r] = w.scales.get(n * groups + gi);
-        }
-        for b in 0..row_bytes / BLOCK_BYTES {
-            let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
-            let halves = [
-                _mm256_and_si256(v, mask),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
-            ];
-            for (half, codes) in halves.into_iter().enumerate() {
-                let z = *zeros.get_unchecked(*half_groups.get_unchecked(2 * b + half)) as usize;
-                let table = _mm512_loadu_ps(TABLES_F32.get_unchecked(z & 15).as_ptr());
-                let at = dst.add(b * BLOCK + half * BLOCK_BYTES);
-                let low = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes));
-                let high = _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(codes));
-                _mm512_storeu_ps(at, _mm512_permutexvar_ps(low, table));
-                _mm512_storeu_ps(at.add(16), _mm512_permutexvar_ps(high, table));
-            }
+/// An element of the tile: bf16 bits (`u16`) or float32.
+trait TileCode: Copy {
+    /// Writes the 64 codes q - zero of one packed block at `dst`: `lo` holds the low nibbles
+    /// (columns 0-31, zero `z_lo`), `hi` the high ones (columns 32-63, zero `z_hi`), one code a
+    /// byte.
+    unsafe fn write_block(dst: *mut Self, lo: __m256i, hi: __m256i, z_lo: usize, z_hi: usize);
+}
+
+impl TileCode for u16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn write_block(dst: *mut u16, lo: __m256i, hi: __m256i, z_lo: usize, z_hi: usize) {
+        let table =
+            |z: usize| _mm512_loadu_si512(TABLES.get_unchecked(z & 15).as_ptr() as *const _);
+        let lo = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(lo), table(z_lo));
+        let hi = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(hi), table(z_hi));
+        _mm512_storeu_si512(dst as *mut _, lo);
+        _mm512_storeu_si512(dst.add(BLOCK_BYTES) as *mut _, hi);
+    }
+}
+
+impl TileCode for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    unsafe fn write_block(dst: *mut f32, lo: __m256i, hi: __m256i, z_lo: usize, z_hi: usize) {
+        for (half, (codes, z)) in [(lo, z_lo), (hi, z_hi)].into_iter().enumerate() {
+            let table = _mm512_loadu_ps(TABLES_F32.get_unchecked(z & 15).as_ptr());
+            let at = dst.add(half * BLOCK_BYTES);
+            let low = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(codes));
+            let high = _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(codes));
+            _mm512_storeu_ps(at, _mm512_permutexvar_ps(low, table));
+            _mm512_storeu_ps(at.add(16), _mm512_permutexvar_ps(high, table));
         }
     }
 }
 
-/// Rows n0 .. n0 + rows of W as bf16 codes q - zero into `tile` [NR, stride] (rows past the
+/// Rows n0 .. n0 + rows of W as codes q - zero into `tile` [NR, stride] (rows past the
 /// weight's end hold zeros), and their scales into `scales` [groups, NR]; `half_groups` holds
 /// the group of each half block.
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
-unsafe fn dequantize_tile(
+unsafe fn dequantize_tile<C: TileCode>(
     w: &PackedW4<'_>,
     n0: usize,
     rows: usize,
     stride: usize,
     half_groups: &[usize],
-    tile: &mut [u16],
+    tile: &mut [C],
     scales: &mut [f32],
 ) {
     let s = w.shape;
@@ -385,19 +371,12 @@ unsafe fn dequantize_tile(
         for gi in 0..groups {
             scales[gi * NR + r] = w.scales.get(n * groups + gi);
         }
-        let table = |half: usize| {
-            let z = *zeros.get_unchecked(*half_groups.get_unchecked(half)) as usize;
-            _mm512_loadu_si512(TABLES.get_unchecked(z & 15).as_ptr() as *const _)
-        };
+        let zero = |half: usize| *zeros.get_unchecked(*half_groups.get_unchecked(half)) as usize;
         for b in 0..row_bytes / BLOCK_BYTES {
             let v = _mm256_loadu_si256(packed.add(b * BLOCK_BYTES) as *const __m256i);
-            let lo = _mm512_cvtepu8_epi16(_mm256_and_si256(v, mask));
-            let hi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask));
-            let col = b * BLOCK;
-            let lo = _mm512_permutexvar_epi16(lo, table(2 * b));
-            let hi = _mm512_permutexvar_epi16(hi, table(2 * b + 1));
-            _mm512_storeu_si512(dst.add(col) as *mut _, lo);
-            _mm512_storeu_si512(dst.add(col + BLOCK_BYTES) as *mut _, hi);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            C::write_block(dst.add(b * BLOCK), lo, hi, zero(2 * b), zero(2 * b + 1));
         }
     }
 }
