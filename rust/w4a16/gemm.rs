@@ -79,8 +79,8 @@ pub(super) enum Arith {
 impl Arith {
     /// This CPU's: on Intel a 512-bit `vdpbf16ps` issues every other cycle where two FMAs
     /// issue each cycle (Xeon family 6 model 207, 12 independent chains: 0.43 against 1.72 a
-    /// cycle), so its 32 multiply-adds come at half the FMAs' rate; the AMD CPUs measured ran
-    /// the bf16 GEMM at its best against torch (docs/w4a16.md).
+    /// cycle), so its 32 multiply-adds come at half the FMAs' rate. AMD keeps `vdpbf16ps`, the
+    /// arithmetic measured there (docs/w4a16.md); FMAs were not measured on AMD.
     pub(super) fn of_cpu() -> Arith {
         #[cfg(test)]
         if let Some(arith) = super::tests::GEMM_ARITH.get() {
@@ -92,9 +92,8 @@ impl Arith {
             Arith::Fma
         }
     }
-}
 
-impl Arith {
+    /// As `_core.w4_gemm_arith()` reports it.
     pub(super) fn name(self) -> &'static str {
         match self {
             Arith::Bf16 => "bf16",
