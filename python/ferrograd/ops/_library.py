@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LIB", "call", "define", "register_autograd"]
+__all__ = ["LIB", "call", "define", "eager_cpu", "register_autograd"]
 
 LIB = torch.library.Library("ferrograd", "DEF")
 
@@ -77,15 +77,22 @@ _grad_enabled = torch.is_grad_enabled
 _any_requires_grad = torch._C._any_requires_grad
 
 
-def call(op: torch._ops.OpOverload, *args):
-    """``op(*args)``; in eager mode on plain CPU tensors without the dispatcher's round trips.
+def eager_cpu(args: tuple | list) -> bool:
+    """Whether a call on ``args`` runs eagerly on plain CPU tensors: the first argument (a
+    tensor, or a non-empty list of them) on the CPU, no tensor subclass anywhere (a wrapped
+    weight, a DTensor, a FakeTensor), no torch.compile / torch.export tracing and no dispatch
+    mode. Such calls may skip the dispatcher; every other call must take it."""
+    first = args[0][0] if type(args[0]) is list else args[0]
+    return not (_has_subclass(args) or not first.is_cpu or _is_compiling() or _dispatch_modes())
 
-    The first argument of every ferrograd op is a tensor, or a non-empty list of them, that
-    decides the device; a tensor subclass anywhere (a wrapped weight, a DTensor) takes the
+
+def call(op: torch._ops.OpOverload, *args):
+    """``op(*args)``; in eager mode on plain CPU tensors (``eager_cpu``) without the
+    dispatcher's round trips. The first argument of every ferrograd op is a tensor, or a
+    non-empty list of them, that decides the device; a tensor subclass anywhere takes the
     dispatcher, which unwraps it.
     """
-    first = args[0][0] if type(args[0]) is list else args[0]
-    if _has_subclass(args) or not first.is_cpu or _is_compiling() or _dispatch_modes():
+    if not eager_cpu(args):
         return op(*args)
     if _grad_enabled() and _any_requires_grad(*args):
         autograd = _AUTOGRAD.get(op)

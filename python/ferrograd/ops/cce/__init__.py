@@ -336,7 +336,7 @@ def linear_cross_entropy(
     e, c, bias, out_dtype = _autocast(e, c, bias, fuse)
     filtered = eps is not None and torch.is_grad_enabled() and any(grads[1:])
     exact = not (z_loss or return_lse or filtered or shard is not None)
-    if small.fits(e, c, targets.numel(), exact):
+    if small.fits(e, c, bias, targets, exact):
         options = (shift, ignore_index, softcap, reduction, label_smoothing)
         loss = small.loss(e, c, bias, targets, *options)
         if loss is not None:

@@ -17,6 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .. import _library
 from . import reference
 
 #: Largest N * V served here: below it this path took 0.4-0.8x the op's time, at 2^19 logits
@@ -30,19 +31,20 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)  # (.to() costs ~1 us even so)
 
 
-def fits(e: torch.Tensor, c: torch.Tensor, rows: int, exact: bool) -> bool:
-    """Whether the call takes this path: small logits, eager, plain CPU tensors, and ``exact``:
-    no z_loss or lse asked for (those need the op's per-row log-sum-exp) and no gradient
-    filter that could skip dC / dbias entries (the op's filter leaves them exactly 0; here
-    every gradient is the exact one)."""
-    return (
-        exact
-        and rows * c.shape[0] <= LOGITS_BELOW
-        and type(e) is torch.Tensor
-        and e.is_cpu
-        and not torch.compiler.is_compiling()
-        and not torch._C._len_torch_dispatch_stack()
-    )
+def fits(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    exact: bool,
+) -> bool:
+    """Whether the call takes this path: small logits, an eager call on plain CPU tensors
+    (``_library.eager_cpu``, the test the op's own call makes), and ``exact``: no z_loss or lse
+    asked for (those need the op's per-row log-sum-exp) and no gradient filter that could skip
+    dC / dbias entries (the op's filter leaves them exactly 0; here every gradient is the
+    exact one)."""
+    small = targets.numel() * c.shape[0] <= LOGITS_BELOW
+    return exact and small and _library.eager_cpu((e, c, bias, targets))
 
 
 def loss(
