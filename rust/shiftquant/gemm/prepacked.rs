@@ -66,7 +66,7 @@ pub fn pack_weight(
     let op = "shiftquant_pack_weight";
     check_group_size(op, group_size)?;
     b.check("weight", k, group_size)?;
-    let max_b = max_abs_code(b.codes);
+    let max_b = max_abs_code(level, b.codes);
     if max_b > MAX_CODE {
         return Err(FgError::Value(format!(
             "{op}: weight.codes must lie in [-{MAX_CODE}, {MAX_CODE}], got -128"
