@@ -989,9 +989,9 @@ mod tests {
 
     #[test]
     fn columns_equal_rows_of_the_transpose() {
-        // 600 rows: ten encoding blocks, boundaries inside groups of 100; 48 columns: whole
-        // chunks and strips only.
-        for (rows, cols, gs) in [(70, 37, 16), (600, 37, 100), (128, 48, 32)] {
+        // 600 rows: ten encoding blocks, boundaries inside groups of 100, or 150 groups of 4
+        // (the shifts transposed 64 groups at a time); 48 columns: whole chunks and strips only.
+        for (rows, cols, gs) in [(70, 37, 16), (600, 37, 100), (600, 37, 4), (128, 48, 32)] {
             let mut x = data(rows * cols, 3);
             x[5 * cols + 2] = f32::NAN; // column 2 is special, and column 3 all zero
             (0..rows).for_each(|r| x[r * cols + 3] = 0.0);
