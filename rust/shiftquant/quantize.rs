@@ -369,7 +369,7 @@ unsafe fn column_params_impl<S: Simd>(
     group_max: &[u32],
     col_max: &mut [u32],
     pow: &mut [f32],
-    ks: &mut [u8],
+    ks: &mut [i8],
 ) {
     let cols = col_max.len();
     for gm in group_max.chunks_exact(cols) {
@@ -381,12 +381,13 @@ unsafe fn column_params_impl<S: Simd>(
     let rows = group_max.chunks_exact(cols).zip(pow.chunks_exact_mut(cols));
     for ((gm, pw), kr) in rows.zip(ks.chunks_exact_mut(cols)) {
         for (((p, k), &g), &c) in pw.iter_mut().zip(kr.iter_mut()).zip(gm).zip(col_max.iter()) {
-            *k = if is_special(c) {
+            let shift = if is_special(c) {
                 MAX_SHIFT
             } else {
                 shift_of(f32::from_bits(c), f32::from_bits(g))
             };
-            *p = f32::from_bits((127 + u32::from(*k)) << 23);
+            *k = shift as i8; // (at most 15)
+            *p = f32::from_bits((127 + u32::from(shift)) << 23);
         }
     }
 }
@@ -663,7 +664,7 @@ crate::dispatch! {
     fn group_max_cols_bf16(x: &[Bf16], cols: usize, group_size: usize, out: &mut [u32], sums: &mut [f32]) = group_max_cols_impl<Bf16>;
     fn encode_cols_f32(block: &[f32], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<f32>;
     fn encode_cols_bf16(block: &[Bf16], r0: usize, spec: &Spec, pass: &ColumnPass, staging: &mut Vec<i8>) = encode_cols_impl<Bf16>;
-    fn column_params(group_max: &[u32], col_max: &mut [u32], pow: &mut [f32], ks: &mut [u8]) = column_params_impl;
+    fn column_params(group_max: &[u32], col_max: &mut [u32], pow: &mut [f32], ks: &mut [i8]) = column_params_impl;
     fn column_totals(group_sums: &[f32], col_sums: &mut [f32]) = column_totals_impl;
     fn dequantize_level(codes: &[i8], scale: &[f32], shifts: &[u8], group_size: usize, out: &mut [f32]) = dequantize_impl;
 }
@@ -772,19 +773,18 @@ pub fn quantize_cols<T: Element>(
     // Per column: max, scale, key, mask, sum; per (group, column): 2^k and the shift k.
     let mut col_max = vec![0u32; cols];
     let mut pow = vec![0f32; groups * cols];
-    let mut ks = vec![0u8; groups * cols];
+    let mut ks = vec![0i8; groups * cols];
     column_params(level, &group_max, &mut col_max, &mut pow, &mut ks);
     if let Some(col_sums) = col_sums {
         column_totals(level, &group_sums, col_sums);
     }
+    // The shifts [cols][groups] from ks [groups][cols], COL_BLOCK groups at a time.
     for g0 in (0..groups).step_by(COL_BLOCK) {
         let h = COL_BLOCK.min(groups - g0);
-        // SAFETY: shifts is [cols][groups]: column c's entries g0..g0 + h are in bounds.
-        unsafe {
-            let dst = out.shifts.as_mut_ptr().add(g0).cast::<i8>();
-            let src = std::slice::from_raw_parts(ks.as_ptr().add(g0 * cols).cast(), h * cols);
-            transpose_bytes(src, cols, dst, groups, h);
-        }
+        let dst = out.shifts[g0..].as_mut_ptr().cast::<i8>();
+        // SAFETY: column c's entries g0..g0 + h of the shifts are in bounds (c * groups + g0 +
+        // h <= cols * groups).
+        unsafe { transpose_bytes(&ks[g0 * cols..(g0 + h) * cols], cols, dst, groups, h) };
     }
     let special: Vec<bool> = col_max.iter().map(|&m| is_special(m)).collect();
     for (s, &m) in out.scale.iter_mut().zip(&col_max) {
