@@ -959,8 +959,9 @@ def test_found_by_the_fuzz_campaign():
 def test_rows_of_subnormal_size_survive_the_gemm(dtype):
     """Rows of x whose largest entry is below 2^-100 (bf16 3e-39 is subnormal) among normal
     rows, enough rows for the GEMM: AVX512-BF16's `vdpbf16ps` treats subnormal inputs as 0 and
-    flushes subnormal sums, so such a call takes the float path; every row matches float64
-    (found by `make fuzz`: a row of 3e-39 came out 0)."""
+    flushes subnormal sums, so where the GEMM multiplies in bf16 such a call takes the float
+    path; the float32 FMA GEMM keeps them. Every row matches float64 (found by `make fuzz`: a
+    row of 3e-39 came out 0)."""
     g = torch.Generator().manual_seed(5)
     q = fg.quant.quantize_w4(torch.randn(40, 256, generator=g), 128, True)
     x = torch.randn(_gemm_min_rows() + 3, 256, generator=g)

@@ -188,7 +188,7 @@ pub fn gemm_arith() -> &'static str {
 /// `Ok(false)`, y untouched, where [`gemm_supported`] says no.
 pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> FgResult<bool> {
     check_sizes("w4a16_matmul", w, x.len(), y.len())?;
-    if !gemm_supported(level, w.shape) || has_tiny_row(x, w.shape.k) {
+    if !gemm_supported(level, w.shape) || (flushes_tiny_rows() && has_tiny_row(x, w.shape.k)) {
         return Ok(false);
     }
     #[cfg(target_arch = "x86_64")]
@@ -197,6 +197,15 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
         recompute_overflowed(w, x, y);
     }
     Ok(true)
+}
+
+/// Whether the GEMM's arithmetic loses rows of subnormal size (`has_tiny_row`): `vdpbf16ps`
+/// does; float32 FMAs keep subnormal products and sums, so on those CPUs x is not scanned.
+fn flushes_tiny_rows() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::gemm::Arith::of_cpu() == super::gemm::Arith::Bf16;
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
 }
 
 /// Whether some row of x is nonzero but below 2^-100 at its largest. `vdpbf16ps` treats

@@ -173,6 +173,49 @@ fn gemm_matches_in_this_arithmetic() {
     }
 }
 
+/// A row of x of subnormal size: the FMA GEMM keeps it (matches float64), the `vdpbf16ps` one
+/// would flush it, so there the call leaves it to the float path (`matmul` returns false).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn rows_of_subnormal_size_take_the_fma_gemm_only() {
+    let level = crate::simd::detected();
+    let (n, k, m) = (20, 256, 40);
+    let shape = Shape::new("test", n, k, 128).unwrap();
+    if !gemm_supported(level, shape) {
+        return;
+    }
+    let q = Quantized::new(level, &weight(n, k), shape, true);
+    let mut w_hat = vec![0.0f32; n * k];
+    dequantize(level, &q.weight(), 0..n, &mut w_hat).unwrap();
+    let mut x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+        .collect();
+    x[k..2 * k].iter_mut().for_each(|v| *v *= 3e-40); // largest 2.1e-39: subnormal
+    for arith in [gemm::Arith::Bf16, gemm::Arith::Fma] {
+        GEMM_ARITH.set(Some(arith));
+        let mut y = vec![f32::NAN; m * n];
+        let took = matmul(level, &q.weight(), Rows::F32(&x), &mut y).unwrap();
+        GEMM_ARITH.set(None);
+        assert_eq!(took, arith == gemm::Arith::Fma, "{arith:?}");
+        if !took {
+            continue;
+        }
+        for r in 0..n {
+            let (want, size) = (0..k).fold((0.0f64, 0.0f64), |(s, a), c| {
+                let p = x[k + c] as f64 * w_hat[r * k + c] as f64;
+                (s + p, a + p.abs())
+            });
+            let err = (y[n + r] as f64 - want).abs();
+            assert!(
+                err <= 2e-5 * size + 1e-44,
+                "({r}): {} against {want}",
+                y[n + r]
+            );
+            assert!(y[n + r] != 0.0 || want == 0.0);
+        }
+    }
+}
+
 /// The integer kernels' int16 sums at their limit: every code 15 but each group's first,
 /// every low byte of x̃ = 32384 = 256 * 127 - 128 at -128, groups of up to whole rows (several
 /// int16 flushes each). x̃ is exact here, so only float rounding may remain.
