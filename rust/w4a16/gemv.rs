@@ -202,10 +202,7 @@ pub fn matmul(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) ->
 /// Whether the GEMM's arithmetic loses rows of subnormal size (`has_tiny_row`): `vdpbf16ps`
 /// does; float32 FMAs keep subnormal products and sums, so on those CPUs x is not scanned.
 fn flushes_tiny_rows() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return super::gemm::Arith::of_cpu() == super::gemm::Arith::Bf16;
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
+    gemm_arith() == "bf16"
 }
 
 /// Whether some row of x is nonzero but below 2^-100 at its largest. `vdpbf16ps` treats
