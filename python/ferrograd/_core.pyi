@@ -315,17 +315,12 @@ def w4_quantize(
     k: int,
     group_size: int,
     zero_point: bool,
-    codes: torch.Tensor,
+    packed: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
-) -> None: ...
-def w4_pack(
-    codes: torch.Tensor,
-    packed: torch.Tensor,
-    n: int,
-    k: int,
-    unpack: bool = False,
-) -> None: ...
+) -> None:
+    """Codes straight into the CPU layout; NaN or infinity in weight is a ValueError."""
+
 def w4_gemv(
     packed: torch.Tensor,
     scales: torch.Tensor,

@@ -1,14 +1,15 @@
-//! W4A16 wrappers: quantize, pack / unpack (CPU layout), GEMV and block dequantization.
+//! W4A16 wrappers: quantize (into the CPU layout), GEMV and block dequantization.
 
 use pyo3::prelude::*;
 
 use super::run_detached;
-use super::tensor::{Borrows, Float};
+use super::tensor::{with_float, Borrows, Float};
 use crate::error::FgResult;
 use crate::simd::{self, Bf16, SimdLevel};
 use crate::w4a16::{self, PackedW4, Rows, Scales, Shape};
 
-/// Stored codes [n, k] (0..15), scales and zeros [n, groups] of the float32 weight [n, k].
+/// The CPU layout's packed codes [n, packed_row_bytes(k)], scales and zeros [n, groups] of the
+/// float32, bfloat16 or float16 weight [n, k].
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn w4_quantize(
@@ -18,7 +19,7 @@ fn w4_quantize(
     k: usize,
     group_size: i64,
     zero_point: bool,
-    codes: Bound<'_, PyAny>,
+    packed: Bound<'_, PyAny>,
     scales: Bound<'_, PyAny>,
     zeros: Bound<'_, PyAny>,
 ) -> PyResult<()> {
@@ -26,37 +27,14 @@ fn w4_quantize(
     let level = simd::active()?;
     let shape = Shape::new(op, n, k, group_size)?;
     let mut args = Borrows::new(op);
-    let w = args.read("weight", &weight)?;
-    let codes = args.write("codes", &codes)?;
-    let scales = args.write("scales", &scales)?;
-    let zeros = args.write("zeros", &zeros)?;
-    run_detached(py, op, || {
-        w4a16::quantize(level, w, shape, zero_point, codes, scales, zeros)
-    })
-}
-
-/// Packs stored codes [n, k] into the CPU layout (`unpack=True`: the reverse).
-#[pyfunction]
-#[pyo3(signature = (codes, packed, n, k, unpack=false))]
-fn w4_pack(
-    py: Python<'_>,
-    codes: Bound<'_, PyAny>,
-    packed: Bound<'_, PyAny>,
-    n: usize,
-    k: usize,
-    unpack: bool,
-) -> PyResult<()> {
-    let op = "quantize_w4";
-    let shape = Shape::new(op, n, k, -1)?;
-    let mut args = Borrows::new(op);
-    let codes = args.write("codes", &codes)?;
-    let packed = args.write("packed", &packed)?;
-    run_detached(py, op, || {
-        if unpack {
-            w4a16::unpack(packed, shape, codes)
-        } else {
-            w4a16::pack(codes, shape, packed)
-        }
+    with_float!(&weight, E => {
+        let w = args.read::<E>("weight", &weight)?;
+        let packed = args.write("packed", &packed)?;
+        let scales = args.write("scales", &scales)?;
+        let zeros = args.write("zeros", &zeros)?;
+        run_detached(py, op, || {
+            w4a16::quantize(level, w, shape, zero_point, packed, scales, zeros)
+        })
     })
 }
 
@@ -205,7 +183,6 @@ fn w4_dequantize(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(w4_quantize, m)?)?;
-    m.add_function(wrap_pyfunction!(w4_pack, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemv, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(w4_gemm_arith, m)?)?;

@@ -16,7 +16,7 @@ fn weight(n: usize, k: usize) -> Vec<f32> {
         .collect()
 }
 
-/// W quantized and packed as `gemv` reads it.
+/// W quantized and packed as `gemv` reads it, with its codes unpacked.
 struct Quantized {
     codes: Vec<u8>,
     scales: Vec<f32>,
@@ -27,26 +27,7 @@ struct Quantized {
 
 impl Quantized {
     fn new(level: SimdLevel, w: &[f32], shape: Shape, zero_point: bool) -> Quantized {
-        let (n, k, groups) = (shape.n, shape.k, shape.groups());
-        let mut q = Quantized {
-            codes: vec![0u8; n * k],
-            scales: vec![0.0f32; n * groups],
-            zeros: vec![0u8; n * groups],
-            packed: vec![0u8; n * packed_row_bytes(k)],
-            shape,
-        };
-        quantize(
-            level,
-            w,
-            shape,
-            zero_point,
-            &mut q.codes,
-            &mut q.scales,
-            &mut q.zeros,
-        )
-        .unwrap();
-        pack(&q.codes, shape, &mut q.packed).unwrap();
-        q
+        quantized(level, w, shape, zero_point).unwrap()
     }
 
     fn weight(&self) -> PackedW4<'_> {
@@ -59,20 +40,57 @@ impl Quantized {
     }
 }
 
+/// `quantize` into the packed layout, with the stored codes read back out of it.
+fn quantized(level: SimdLevel, w: &[f32], shape: Shape, zero_point: bool) -> FgResult<Quantized> {
+    let (n, k, groups) = (shape.n, shape.k, shape.groups());
+    let mut q = Quantized {
+        codes: vec![0u8; n * k],
+        scales: vec![0.0f32; n * groups],
+        zeros: vec![0u8; n * groups],
+        packed: vec![0u8; n * packed_row_bytes(k)],
+        shape,
+    };
+    quantize(
+        level,
+        w,
+        shape,
+        zero_point,
+        &mut q.packed,
+        &mut q.scales,
+        &mut q.zeros,
+    )?;
+    let row_bytes = packed_row_bytes(k);
+    for (r, codes) in q.codes.chunks_mut(k).enumerate() {
+        let row = &q.packed[r * row_bytes..(r + 1) * row_bytes];
+        for (c, code) in codes.iter_mut().enumerate() {
+            *code = pack::packed_code(row, c);
+        }
+        // Columns past K (the last block's padding) hold 0.
+        assert!((k..k.div_ceil(BLOCK) * BLOCK).all(|c| pack::packed_code(row, c) == 0));
+    }
+    Ok(q)
+}
+
 /// Quantizes, packs, then checks unpacking and the GEMV against W_hat from `dequantize`.
 fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point: bool) {
     let shape = Shape::new("test", n, k, group_size).unwrap();
     let q = Quantized::new(level, &weight(n, k), shape, zero_point);
     let (codes, scales, zeros) = (&q.codes, &q.scales, &q.zeros);
-    let mut back = vec![0u8; n * k];
-    unpack(&q.packed, shape, &mut back).unwrap();
-    assert_eq!(&back, codes);
     let pw = q.weight();
     let mut w_hat = vec![0.0f32; n * k];
     dequantize(level, &pw, 0..n, &mut w_hat).unwrap();
+    let w = weight(n, k);
+    // Round to nearest: half a step off at most (a step where the zero point's rounding shifts
+    // the grid against the range's top).
+    let tolerance = if zero_point { 1.0 } else { 0.5 };
     for (i, (&q, &v)) in codes.iter().zip(&w_hat).enumerate() {
         let g = (i % k) / shape.group_size + (i / k) * shape.groups();
         assert_eq!(v, (q as f32 - zeros[g] as f32) * scales[g]);
+        assert!(
+            (w[i] - v).abs() <= tolerance * scales[g] * 1.0001,
+            "{level:?} g{group_size} element {i}: {} -> {v}",
+            w[i]
+        );
     }
     // 1 to 4 rows of x take the VNNI kernel's passes of 4, 2 and 2 rows of W; 9 two passes.
     for m in [1, 2, 3, 4, 5, 9] {
@@ -94,6 +112,31 @@ fn round_trip(level: SimdLevel, n: usize, k: usize, group_size: i64, zero_point:
                     "{level:?} g{group_size} m{m} ({i},{r})"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn non_finite_weights_and_overflowing_ranges_are_refused() {
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+        let shape = Shape::new("test", 3, 40, 16).unwrap();
+        for (bad, zero_point, want) in [
+            (f32::NAN, true, "holds NaN or infinity (row 2)"),
+            (f32::NAN, false, "holds NaN or infinity (row 2)"),
+            (f32::INFINITY, true, "holds NaN or infinity (row 2)"),
+            (f32::NEG_INFINITY, false, "holds NaN or infinity (row 2)"),
+            (-3e38, true, "weight row 2 has a range"),
+        ] {
+            let mut w = weight(3, 40);
+            w[2 * 40 + 37] = bad; // in the last row's last, short group
+            if bad == -3e38 {
+                w[2 * 40 + 33] = 3e38;
+            }
+            let err = quantized(level, &w, shape, zero_point)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(want), "{level:?} {bad} {zero_point}: {err}");
         }
     }
 }
@@ -261,32 +304,13 @@ fn int16_sums_at_their_limit_do_not_wrap() {
 #[test]
 fn zero_groups_get_scale_one_and_symmetric_codes_are_offset() {
     let shape = Shape::new("test", 1, 8, -1).unwrap();
-    let (mut codes, mut scales, mut zeros) = (vec![0u8; 8], vec![0.0f32], vec![0u8]);
-    quantize(
-        SimdLevel::Scalar,
-        &[0.0; 8],
-        shape,
-        false,
-        &mut codes,
-        &mut scales,
-        &mut zeros,
-    )
-    .unwrap();
-    assert_eq!((scales[0], zeros[0]), (1.0, SYMMETRIC_ZERO));
-    assert!(codes.iter().all(|&q| q == SYMMETRIC_ZERO));
+    let q = quantized(SimdLevel::Scalar, &[0.0; 8], shape, false).unwrap();
+    assert_eq!((q.scales[0], q.zeros[0]), (1.0, SYMMETRIC_ZERO));
+    assert!(q.codes.iter().all(|&q| q == SYMMETRIC_ZERO));
     let w = [-7.0, 7.0, 3.5, 0.0, -1.0, 1.0, 2.0, -2.0];
-    quantize(
-        SimdLevel::Scalar,
-        &w,
-        shape,
-        false,
-        &mut codes,
-        &mut scales,
-        &mut zeros,
-    )
-    .unwrap();
-    assert_eq!(scales[0], 1.0);
-    assert_eq!(codes, [1, 15, 12, 8, 7, 9, 10, 6]); // 3.5 rounds half to even: 4
+    let q = quantized(SimdLevel::Scalar, &w, shape, false).unwrap();
+    assert_eq!(q.scales[0], 1.0);
+    assert_eq!(q.codes, [1, 15, 12, 8, 7, 9, 10, 6]); // 3.5 rounds half to even: 4
 }
 
 #[test]
@@ -309,18 +333,8 @@ fn bad_shapes_are_value_errors() {
 #[test]
 fn zero_point_ranges_hold_zero_and_an_overflowing_range_is_an_error() {
     let shape = Shape::new("test", 1, 4, -1).unwrap();
-    let (mut codes, mut scales, mut zeros) = (vec![0u8; 4], vec![0.0f32], vec![0u8]);
-    let mut run = |w: &[f32]| {
-        let r = quantize(
-            SimdLevel::Scalar,
-            w,
-            shape,
-            true,
-            &mut codes,
-            &mut scales,
-            &mut zeros,
-        );
-        r.map(|()| (codes.clone(), scales[0], zeros[0]))
+    let run = |w: &[f32]| {
+        quantized(SimdLevel::Scalar, w, shape, true).map(|q| (q.codes, q.scales[0], q.zeros[0]))
     };
     // All positive: the range is [0, 15], zero 0, each weight its own code.
     assert_eq!(
