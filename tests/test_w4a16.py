@@ -215,7 +215,7 @@ def test_a_range_overflowing_float32_is_refused():
 @pytest.mark.parametrize("zero_point", [True, False])
 def test_rust_quantizer_equals_the_reference_on_extreme_weights(zero_point):
     g = torch.Generator().manual_seed(9)
-    w = torch.randn(6, 200, generator=g)
+    w = torch.randn(7, 200, generator=g)
     w[0] *= 5e5
     w[1] *= 1e-8
     w[2] = torch.linspace(10, 11, 200)
@@ -223,6 +223,7 @@ def test_rust_quantizer_equals_the_reference_on_extreme_weights(zero_point):
     w[3, 100:] = 1.0
     w[4] *= 1e-40  # float32 subnormals
     w[5] = 3e38
+    w[6] = torch.randint(-3, 4, (200,), generator=g) * 2.0**-149  # range / 15 underflows
     for group_size in (64, -1, 48):
         got = ops.w4_quantize_op(w, group_size, zero_point)
         for a, b in zip(got, reference.quantize(w, group_size, zero_point), strict=True):

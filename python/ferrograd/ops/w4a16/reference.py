@@ -16,6 +16,10 @@ def _groups(w: torch.Tensor, g: int, fill: float) -> torch.Tensor:
     return padded.view(n, -1, g)
 
 
+#: The smallest positive float32 (a subnormal).
+_SMALLEST_F32 = 2.0**-149
+
+
 def _quotient(x: torch.Tensor, d: int) -> torch.Tensor:
     """x / d rounded once, as the Rust quantizer divides, on every device: CUDA divides by a
     Python number as x times its float32 reciprocal, up to one ulp off."""
@@ -33,11 +37,15 @@ def quantize(
     if zero_point:
         # The range widened to hold 0 (padding with 0 leaves it unchanged).
         lo = _groups(w, g, 0.0).amin(-1).clamp(max=0)
-        scale = _quotient(_groups(w, g, 0.0).amax(-1).clamp(min=0) - lo, 15)
+        span = _groups(w, g, 0.0).amax(-1).clamp(min=0) - lo
+        scale = _quotient(span, 15)
         check_range(scale)
     else:
-        scale = _quotient(_groups(w.abs(), g, 0.0).amax(-1), 7)
-    scale = torch.where(scale == 0, 1.0, scale)
+        span = _groups(w.abs(), g, 0.0).amax(-1)
+        scale = _quotient(span, 7)
+    # 1 for an all-zero group; a range whose quotient underflows keeps the smallest positive
+    # float32 (its codes still hold the weights, to half that step), as the Rust kernel does.
+    scale = torch.where(span == 0, 1.0, scale.clamp(min=_SMALLEST_F32))
     per_column = scale.repeat_interleave(g, dim=1)[:, :k]
     q = torch.round(w / per_column)
     if zero_point:
