@@ -441,6 +441,40 @@ def test_rows_out_of_the_loss_get_zero_gradient_beside_an_infinite_weight(small_
     torch.testing.assert_close(ours[1], want[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])  # the fused pass; the recomputing one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # Rust kernels; reference.py
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_softcapped_row_out_of_the_loss_keeps_its_inf_out_of_dc(small_chunks, reduction, dtype,
+                                                                 bad):  # fmt: skip
+    """An inf in a row of e that a shift drops (or that is ignored): under softcap its logits
+    are capped to finite values, so its lse is finite too, and that row was still multiplied
+    into dC (0 * inf: a NaN column of dC; a fuzz case). The gradients equal those of the
+    rows in the loss alone, in torch ops."""
+    torch.manual_seed(0)
+    e = torch.randn(2, 6, 8, dtype=dtype)
+    targets = torch.randint(4, 20, (2, 6))
+    targets[1, 3] = IGNORE
+    e[0, 5, 2] = bad  # dropped by the shift
+    e[1, 1, 4] = bad  # its target (position 3) ignored
+    c = torch.randn(20, 8, dtype=dtype, requires_grad=True)
+    e.requires_grad_()
+    loss = fg.linear_cross_entropy(
+        e, c, targets, reduction=reduction, shift=2, softcap=3.0, z_loss=0.5
+    ).sum()
+    ours = grads(loss, (e, c))
+    # The rule in torch ops on the rows in the loss only.
+    used = targets[:, 2:] != IGNORE
+    capped = 3.0 * torch.tanh(e[:, :4][used] @ c.T / 3.0)
+    lse = capped.logsumexp(-1)
+    picked = capped.gather(1, targets[:, 2:][used][:, None])[:, 0]
+    want_loss = (lse - picked + 0.5 * lse**2).sum()
+    want = grads(want_loss, (e, c))
+    torch.testing.assert_close(loss, want_loss)
+    for o, w in zip(ours, want, strict=True):
+        assert bool(o.isfinite().all())
+        torch.testing.assert_close(o, w)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # Rust kernels; reference.py
 def test_ignored_rows_give_no_gradient_beside_a_nan_in_c(reduction, dtype):

@@ -180,10 +180,11 @@ def quiet_ignored_rows(
     e: torch.Tensor, lse: torch.Tensor, coefs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e, lse) with the rows that take no part in the backward (all three coefficients 0:
-    ignored) but hold a NaN or inf of their own (their lse is not finite) set to e = 0 and
-    lse = inf: their dz is then exactly 0 instead of 0 * NaN, and their e no longer reaches dC.
+    ignored) but hold a NaN or inf (in e, or in their lse from c) set to e = 0 and lse = inf:
+    their dz is then exactly 0 instead of 0 * NaN, and their e no longer reaches dC. e is
+    checked itself: under softcap an inf of e gives capped, finite logits and a finite lse.
     Off the CPU without a host synchronization (always copies)."""
-    idle = ~lse.isfinite() & without_gradient(coefs)
+    idle = ~(lse.isfinite() & e.isfinite().all(-1)) & without_gradient(coefs)
     if e.device.type == "cpu" and not bool(idle.any()):
         return e, lse
     return torch.where(idle[:, None], 0, e), lse.masked_fill(idle, math.inf)
@@ -450,7 +451,8 @@ def fused(
                 de[r0:r1].copy_(de_r)
         if not (c_grad or bias_grad):
             continue
-        idle = (t < 0) & ~lse_r.isfinite()  # their NaN or inf must not reach dC
+        # Their NaN or inf must not reach dC (in e itself: softcap keeps their lse finite).
+        idle = (t < 0) & ~(lse_r.isfinite() & er.isfinite().all(-1))
         if bool(idle.any()):
             er = torch.where(idle[:, None], 0, er)
         for k0, k1 in _runs(keep, written if c_grad else None):
