@@ -441,6 +441,29 @@ def test_rows_out_of_the_loss_get_zero_gradient_beside_an_infinite_weight(small_
     torch.testing.assert_close(ours[1], want[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("rows", [1, 600])  # torch's small path; the chunk loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_positive_infinite_logit_gives_torchs_nan_on_every_path(rows, dtype):
+    """A +inf logit (an inf in c): torch's cross-entropy is NaN for that row (its log-softmax
+    subtracts the max, inf - inf), its logsumexp +inf. The recomputing loop's row loss
+    lse - z_t gave +inf where the others gave NaN (a fuzz case)."""
+    torch.manual_seed(0)
+    e = torch.rand(rows, 16, dtype=dtype) + 0.1
+    c = torch.randn(30, 16, dtype=dtype)
+    c[7, 3] = float("inf")
+    targets = torch.randint(0, 30, (rows,))
+    want = F.cross_entropy(e @ c.T, targets, reduction="none")
+    assert bool(want.isnan().all())
+    for reduction in ("none", "sum", "mean"):
+        for grad in (False, True):
+            x = e.clone().requires_grad_(grad)
+            loss = fg.linear_cross_entropy(x, c, targets, reduction=reduction)
+            assert bool(loss.isnan().all()), (reduction, grad)
+    loss, lse = fg.linear_cross_entropy(e, c, targets, reduction="none", return_lse=True)
+    assert bool(loss.isnan().all())
+    assert torch.equal(lse, torch.logsumexp(e @ c.T, -1))  # +inf, as torch's logsumexp
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])  # the fused pass; the recomputing one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # Rust kernels; reference.py
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

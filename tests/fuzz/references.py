@@ -246,6 +246,8 @@ def cross_entropy(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
     z = logits(e[valid])
     lse = torch.logsumexp(z, -1)
     logp = z - lse[..., None]
+    # A +inf logit makes the row NaN, as in torch's log-softmax (max subtracted: inf - inf).
+    logp = logp.masked_fill(lse[..., None] == math.inf, math.nan)
     picked = torch.gather(logp, -1, t[valid][..., None])[..., 0]
     # Terms with a 0 factor are left out: 0 times an infinite term would be NaN.
     picked_rows = -(1 - ls) * picked if ls < 1 else torch.zeros_like(lse)

@@ -536,12 +536,15 @@ def row_loss(
     label_smoothing: float,
     z_loss: float,
 ) -> torch.Tensor:
-    """lse_i - (1 - ls) z[t_i] - ls / V * sum_j z_ij + z_loss * lse_i^2, 0 for ignored rows."""
+    """lse_i - (1 - ls) z[t_i] - ls / V * sum_j z_ij + z_loss * lse_i^2, 0 for ignored rows;
+    NaN for a row with a +inf logit (lse +inf), as torch's cross-entropy has it (its
+    log-softmax subtracts the max: inf - inf), where the formula would give +inf."""
     row = lse - (1.0 - label_smoothing) * target_logit if label_smoothing else lse - target_logit
     if logit_sum is not None:
         row = row - (label_smoothing / vocab) * logit_sum
     if z_loss:
         row = row + z_loss * lse * lse
+    row = row.masked_fill_(lse == math.inf, math.nan)
     return row.masked_fill_(targets < 0, 0.0)
 
 
