@@ -380,6 +380,21 @@ pub fn prefetch_at<T>(base: *const T, len: usize, at: usize) {
     let _ = (base, len, at);
 }
 
+/// Reduces `lanes` independent accumulators (a power of two) into lane 0 by halving:
+/// `combine(i, i + width)` for width lanes / 2, lanes / 4, ..., 1. Inlined into a kernel over
+/// arrays of lanes, each round is one vector operation in registers, where folding the lanes
+/// one by one went through the stack as a chain of scalar operations.
+#[inline(always)]
+pub fn fold_halves(lanes: usize, mut combine: impl FnMut(usize, usize)) {
+    let mut width = lanes / 2;
+    while width > 0 {
+        for i in 0..width {
+            combine(i, i + width);
+        }
+        width /= 2;
+    }
+}
+
 /// `prefetch` of `x[start..start + len]`, cut at the end of `x` (the next row may be empty).
 #[inline(always)]
 pub fn prefetch_block<T>(x: &[T], start: usize, len: usize) {

@@ -95,18 +95,10 @@ fn lanes<S: Simd, P: Param, const CLIP: bool>(
     for (i, &x) in blocks.remainder().iter().enumerate() {
         step(i, x);
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            acc[i] += acc[i + width];
-            max[i] = if max[i + width] > max[i] {
-                max[i + width]
-            } else {
-                max[i]
-            };
-        }
-        width /= 2;
-    }
+    crate::simd::fold_halves(LANES, |i, j| {
+        acc[i] += acc[j];
+        max[i] = if max[j] > max[i] { max[j] } else { max[i] };
+    });
     // A NaN entry makes its square, hence the sum, NaN; the max comparisons skipped it.
     (if acc[0].is_nan() { f32::NAN } else { max[0] }, acc[0])
 }

@@ -83,24 +83,11 @@ fn range<E: Storage>(w: &[E]) -> (f32, f32, bool) {
     for (i, &v) in chunks.remainder().iter().enumerate() {
         step(i, v);
     }
-    // Halving in registers: a lane-by-lane fold of the arrays went through the stack.
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            lo[i] = if lo[i + width] < lo[i] {
-                lo[i + width]
-            } else {
-                lo[i]
-            };
-            hi[i] = if hi[i + width] > hi[i] {
-                hi[i + width]
-            } else {
-                hi[i]
-            };
-            probe[i] += probe[i + width];
-        }
-        width /= 2;
-    }
+    crate::simd::fold_halves(LANES, |i, j| {
+        lo[i] = if lo[j] < lo[i] { lo[j] } else { lo[i] };
+        hi[i] = if hi[j] > hi[i] { hi[j] } else { hi[i] };
+        probe[i] += probe[j];
+    });
     (lo[0], hi[0], probe[0].is_nan())
 }
 
@@ -139,10 +126,10 @@ fn quantize_group<E: Storage>(w: &[E], zero_point: bool, codes: &mut [u8]) -> (f
     }
 }
 
-/// Quantizes W [n, k] (row-major; float32, bfloat16 or float16, computed in float32) into the CPU layout [n, packed_row_bytes(k)] with scales and
-/// zeros [n, groups]. A group whose scale would be 0 gets scale 1; a weight holding NaN or
-/// infinity, or a group whose range (max - min, widened to hold 0) overflows float32, is a
-/// ValueError.
+/// Quantizes W [n, k] (row-major; float32, bfloat16 or float16, computed in float32) into the
+/// CPU layout [n, packed_row_bytes(k)] with scales and zeros [n, groups]. A group whose scale
+/// would be 0 gets scale 1; a weight holding NaN or infinity, or a group whose range (max - min,
+/// widened to hold 0) overflows float32, is a ValueError.
 pub fn quantize<E: Weight>(
     level: SimdLevel,
     w: &[E],
