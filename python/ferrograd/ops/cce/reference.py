@@ -176,15 +176,20 @@ def fused_rows(
         peaks[k] = _grad_capped(z[:, v0 : v0 + piece], v0, targets, lse, coefs, softcap)
 
 
+def _not_finite(e: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Rows holding a NaN or inf: in e itself (under softcap an inf of e gives capped, finite
+    logits and a finite lse), or in their lse (from c)."""
+    return ~(lse.isfinite() & e.isfinite().all(-1))
+
+
 def quiet_ignored_rows(
     e: torch.Tensor, lse: torch.Tensor, coefs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e, lse) with the rows that take no part in the backward (all three coefficients 0:
-    ignored) but hold a NaN or inf (in e, or in their lse from c) set to e = 0 and lse = inf:
-    their dz is then exactly 0 instead of 0 * NaN, and their e no longer reaches dC. e is
-    checked itself: under softcap an inf of e gives capped, finite logits and a finite lse.
-    Off the CPU without a host synchronization (always copies)."""
-    idle = ~(lse.isfinite() & e.isfinite().all(-1)) & without_gradient(coefs)
+    ignored) but hold a NaN or inf (``_not_finite``) set to e = 0 and lse = inf: their dz is
+    then exactly 0 instead of 0 * NaN, and their e no longer reaches dC. Off the CPU without a
+    host synchronization (always copies)."""
+    idle = _not_finite(e, lse) & without_gradient(coefs)
     if e.device.type == "cpu" and not bool(idle.any()):
         return e, lse
     return torch.where(idle[:, None], 0, e), lse.masked_fill(idle, math.inf)
@@ -451,8 +456,7 @@ def fused(
                 de[r0:r1].copy_(de_r)
         if not (c_grad or bias_grad):
             continue
-        # Their NaN or inf must not reach dC (in e itself: softcap keeps their lse finite).
-        idle = (t < 0) & ~(lse_r.isfinite() & er.isfinite().all(-1))
+        idle = (t < 0) & _not_finite(er, lse_r)  # their NaN or inf must not reach dC
         if bool(idle.any()):
             er = torch.where(idle[:, None], 0, er)
         for k0, k1 in _runs(keep, written if c_grad else None):

@@ -299,8 +299,8 @@ def l1_rms_norm(
 ) -> torch.Tensor:
     """L1 RMSNorm of ``x`` over its last dim (see module doc). With ``bits``, the statistic and
     the output come from x's ShiftQuant codes (nearest, groups of 64 along the last dim), their
-    dequantized values (float32, the output rounded to x's dtype once); the gradient passes
-    straight through to x."""
+    dequantized values (float32, float64 for float64 x; the output rounded to x's dtype once);
+    the gradient passes straight through to x."""
     op = "l1_rms_norm"
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
@@ -320,11 +320,11 @@ def l1_rms_norm(
         return x.clone()
     if bits is None:
         return _library.call(l1_rms_norm_op, x, weight, float(eps))[0]  # x [..., n] as it is
-    # The codes' values in float32 (exact; rounded to a 16-bit x's dtype they lost up to half
-    # a unit there, all of it for subnormals: a fuzz case), with x's gradient; the output is
-    # rounded to x's dtype once.
-    x2 = x.reshape(-1, n).float()
-    codes = quantize_2d(x2.detach(), bits, CODES_GROUP_SIZE).dequantize().float()
+    # The codes' values in float32, or float64 for float64 x (exact; rounded to a 16-bit x's
+    # dtype they lost up to half a unit there, all of it for subnormals: a fuzz case), with x's
+    # gradient; the output is rounded to x's dtype once.
+    x2 = x.reshape(-1, n).to(torch.promote_types(x.dtype, torch.float32))
+    codes = quantize_2d(x2, bits, CODES_GROUP_SIZE).dequantize().to(x2.dtype)
     x2 = codes + (x2 - x2.detach())
     y = _library.call(l1_rms_norm_op, x2, weight, float(eps))[0]
     return y.reshape(x.shape).to(x.dtype)
