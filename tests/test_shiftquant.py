@@ -268,6 +268,22 @@ def test_shiftquant_linear_matches_its_definition():
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_float64_layer_adds_its_bias_in_float64():
+    """With float64 x the product is float32-precise (the integer GEMM's float32 scales), but
+    the bias is not rounded to float32 with it: a bias far larger than the product comes back
+    to float64 precision (a fuzz case; float32 rounding put y 2.5e-9 relative off)."""
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(1, 11, bits=6, group_size=8).double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.rand(11, dtype=torch.float64) + 0.25)
+    x = torch.full((3, 1), 1e-9, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    want = x @ layer.weight.detach().T + layer.bias.detach()
+    # The product is 1e-9 at most: float32's rounding of it is far below 1e-15.
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=1e-15)
+
+
 def _definition(layer, x):
     """The forward of the definition on the layer's weight as it is now, in float64."""
     bits, gs = layer.bits, layer.group_size

@@ -38,9 +38,17 @@ def forward(
     """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
     backward's: the op carries it so that its autograd formula finds it."""
     lead, k = x.shape[:-1], x.shape[-1]
+    dtype = dtype or x.dtype
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
     codes = weight_codes[:4] if weight_codes else None
-    y = _times_weight(kernels, qx, (weight, codes), bits, group_size, False, bias, dtype or x.dtype)
+    # A float64 output gets its bias in float64, after the GEMM: added inside it, the bias
+    # would be rounded to float32 with the product (a fuzz case: y ~ bias off by 2.5e-9).
+    late = dtype == torch.float64 and bias is not None
+    y = _times_weight(
+        kernels, qx, (weight, codes), bits, group_size, False, None if late else bias, dtype
+    )
+    if late:
+        y = y + bias.to(torch.float64)
     return y.reshape(*lead, weight.shape[0])
 
 
