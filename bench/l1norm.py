@@ -92,9 +92,13 @@ def case(bench: Bench, norm: str, shape: tuple[int, ...], dtype: str) -> dict:
         compiled = compiled_fresh(copy.deepcopy(theirs))
         (of, ob), (tf, tb), (cf, cb) = (_runs(m, x, g, autocast) for m in (ours, theirs, compiled))
         reps = _repeats(x.numel())
-        fwd = interleaved_times({"fg": of, "eager": tf, "compiled": cf}, reps)
-        both = interleaved_times({"fg": ob, "eager": tb, "compiled": cb}, reps)
+        faults: tuple[dict, dict] = ({}, {})
+        fwd = interleaved_times({"fg": of, "eager": tf, "compiled": cf}, reps, faults=faults[0])
+        both = interleaved_times({"fg": ob, "eager": tb, "compiled": cb}, reps, faults=faults[1])
         baselines = strongest_torch(fwd, both)
+        for phase, f in zip(("fwd", "fwdbwd"), faults, strict=True):
+            torch_kind = baselines[f"{phase}_baseline"]
+            baselines |= {f"{phase}_fg_faults": f["fg"], f"{phase}_torch_faults": f[torch_kind]}
         if best is None or both["torch"] < best[1]["torch"]:
             best = (setup, both, fwd, baselines)
     setup, both, fwd, baselines = best
@@ -137,6 +141,8 @@ def main(threads: int | None = None, quick: bool = False) -> None:
                 "the faster of eager and torch.compile'd (inductor) per phase (fwd_baseline, "
                 "fwdbwd_baseline); *_eager_us and *_compiled_us keep both",
                 "fwdbwd": "y = m(x); torch.autograd.grad(y, (x, *m.parameters()), g)",
+                "faults": "*_faults: median minor page faults per call (glibc's trimmed heap "
+                "faulted in again; the order of the calls rotates every round)",
                 "bf16": "torch_setup: the faster torch setup, bf16 module or fp32 + autocast",
                 "load_average": {"before": load_before, "after": os.getloadavg()},
             },
