@@ -27,6 +27,7 @@ COMMON = {
     "max_position_embeddings": 64,
     "pad_token_id": 0,
 }
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {"tie_word_embeddings": False}),
     "MistralForCausalLM": ("MistralConfig", {}),
@@ -38,6 +39,39 @@ CONFIGS = {
     "PhiForCausalLM": ("PhiConfig", {}),
     "Phi3ForCausalLM": ("Phi3Config", {}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
+    # Forwards the same as Llama's up to the names (the configs made valid for tiny sizes and,
+    # where the default has dropout, deterministic).
+    "ApertusForCausalLM": ("ApertusConfig", {}),
+    "ArceeForCausalLM": ("ArceeConfig", {}),
+    "BitNetForCausalLM": ("BitNetConfig", {}),
+    "CwmForCausalLM": ("CwmConfig", {}),
+    "DiffLlamaForCausalLM": ("DiffLlamaConfig", {}),
+    "Ernie4_5ForCausalLM": ("Ernie4_5Config", {}),
+    "Exaone4ForCausalLM": ("Exaone4Config", {}),
+    "Glm4ForCausalLM": ("Glm4Config", {}),
+    "GlmForCausalLM": ("GlmConfig", {}),
+    "HeliumForCausalLM": ("HeliumConfig", {"head_dim": 16}),
+    "HunYuanDenseV1ForCausalLM": (
+        "HunYuanDenseV1Config",
+        {"head_dim": 16, "rope_parameters": ROPE},
+    ),
+    "Jais2ForCausalLM": ("Jais2Config", {}),
+    "Lfm2ForCausalLM": ("Lfm2Config", {}),
+    "Ministral3ForCausalLM": ("Ministral3Config", {}),
+    "MinistralForCausalLM": ("MinistralConfig", {"head_dim": 16, "rope_parameters": ROPE}),
+    "NemotronForCausalLM": ("NemotronConfig", {}),
+    "Olmo3ForCausalLM": ("Olmo3Config", {}),
+    "OlmoForCausalLM": ("OlmoConfig", {}),
+    "PersimmonForCausalLM": ("PersimmonConfig", {}),
+    "SeedOssForCausalLM": ("SeedOssConfig", {"residual_dropout": 0.0, "attention_dropout": 0.0}),
+    "SmolLM3ForCausalLM": ("SmolLM3Config", {}),
+    "StableLmForCausalLM": ("StableLmConfig", {}),
+    "Starcoder2ForCausalLM": ("Starcoder2Config", {}),
+    # Logits scaled by a constant: Cohere's logit_scale (1/16 by default), Granite's division
+    # by logits_scaling (3, not a power of two: the scaled hidden states round differently).
+    "CohereForCausalLM": ("CohereConfig", {}),
+    "Cohere2ForCausalLM": ("Cohere2Config", {"head_dim": 16}),
+    "GraniteForCausalLM": ("GraniteConfig", {"logits_scaling": 3.0}),
     "GPT2LMHeadModel": (
         "GPT2Config",
         {
@@ -126,6 +160,26 @@ def test_num_items_in_batch_logits_to_keep_and_return_logits():
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["CohereForCausalLM", "GraniteForCausalLM"])
+def test_logit_scaling_with_a_biased_head(arch):
+    """The scaling reaches the head's bias too (c (h W^T + b)), and the logits asked for."""
+    model = build(arch)
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(torch.randn(head.out_features))
+    model.lm_head = biased
+    patched = fgt.apply(copy.deepcopy(model))
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels)
+    got = patched(input_ids=ids, labels=labels, return_logits=True)
+    want.loss.backward()
+    got.loss.backward()
+    assert_same_loss_and_grads(patched, model, want, got)
+    torch.testing.assert_close(got.logits, want.logits)
+
+
 def test_ignored_labels_contribute_nothing():
     patched = fgt.apply(build("LlamaForCausalLM"))
     ids, labels = batch()
@@ -183,7 +237,7 @@ def train(model, ids, labels, steps=8, lr=3e-3):
     return losses
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
     from transformers.pytorch_utils import Conv1D
 

@@ -7,7 +7,8 @@
   hidden states and computes the loss with ``fg.linear_cross_entropy`` against the head's weight
   (and bias), never materializing the logits: transformers' semantics (labels shifted by one or
   ``shift_labels``, ``ignore_index`` -100, ``num_items_in_batch`` -> sum / num_items_in_batch,
-  ``logits_to_keep``, the final logit softcapping of the models whose config has it; a batch
+  ``logits_to_keep``, the final logit softcapping of the models whose config has it, Cohere's
+  and Granite's logit scaling; a batch
   with nothing to predict gives 0, not NaN). ``.logits`` is None unless the call passes
   ``return_logits=True``. Without labels the forward is the model's own, so generate() is
   untouched. With the head tied to a plain ``nn.Embedding``, the head's gradient is handed to
@@ -40,25 +41,56 @@ from . import _tied
 
 __all__ = ["SUPPORTED", "apply"]
 
-#: The causal LM classes whose forward is base model -> lm_head -> (softcap) -> loss, as
-#: ``apply`` rebuilds it; a subclass of one of them is accepted too.
+#: The causal LM classes whose forward is base model -> lm_head -> (softcap or scaling) ->
+#: loss, as ``apply`` rebuilds it (their forwards were read against Llama's: the same code up
+#: to the names); a subclass of one of them is accepted too.
 SUPPORTED = frozenset(
     {
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "GemmaForCausalLM",
+        "ApertusForCausalLM",
+        "ArceeForCausalLM",
+        "BitNetForCausalLM",
+        "Cohere2ForCausalLM",
+        "CohereForCausalLM",
+        "CwmForCausalLM",
+        "DiffLlamaForCausalLM",
+        "Ernie4_5ForCausalLM",
+        "Exaone4ForCausalLM",
+        "GPT2LMHeadModel",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
-        "GPT2LMHeadModel",
-        "PhiForCausalLM",
-        "Phi3ForCausalLM",
+        "GemmaForCausalLM",
+        "Glm4ForCausalLM",
+        "GlmForCausalLM",
+        "GraniteForCausalLM",
+        "HeliumForCausalLM",
+        "HunYuanDenseV1ForCausalLM",
+        "Jais2ForCausalLM",
+        "Lfm2ForCausalLM",
+        "LlamaForCausalLM",
+        "Ministral3ForCausalLM",
+        "MinistralForCausalLM",
+        "MistralForCausalLM",
+        "NemotronForCausalLM",
         "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
+        "OlmoForCausalLM",
+        "PersimmonForCausalLM",
+        "Phi3ForCausalLM",
+        "PhiForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "SeedOssForCausalLM",
+        "SmolLM3ForCausalLM",
+        "StableLmForCausalLM",
+        "Starcoder2ForCausalLM",
     }
 )
 #: The ones whose forward applies ``config.final_logit_softcapping`` to the logits.
 _SOFTCAPPED = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+#: The ones whose forward scales the logits by a constant: Cohere's ``logits * logit_scale``,
+#: Granite's ``logits / config.logits_scaling``.
+_MULTIPLIED = frozenset({"CohereForCausalLM", "Cohere2ForCausalLM"})
+_DIVIDED = frozenset({"GraniteForCausalLM"})
 #: What the base model does not get (everything else goes on to it, as in the model's forward;
 #: it always returns its dataclass here).
 _HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
@@ -84,6 +116,25 @@ def _softcap(model: nn.Module, arch: str) -> float | None:
     return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Scaling:
+    """The constant the forward multiplies (``divide``: divides) the logits by."""
+
+    value: float
+    divide: bool
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t / self.value if self.divide else t * self.value
+
+
+def _scaling(model: nn.Module, arch: str) -> _Scaling | None:
+    if arch in _MULTIPLIED:
+        return _Scaling(float(model.logit_scale), divide=False)
+    if arch in _DIVIDED:
+        return _Scaling(float(model.config.logits_scaling), divide=True)
+    return None
+
+
 try:  # transformers 5: also per-row positions and masks
     from transformers.modeling_utils import slice_logits_to_keep as _keep
 except ImportError:  # transformers 4
@@ -95,15 +146,19 @@ except ImportError:  # transformers 4
         return hidden[:, logits_to_keep, :]
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, scaling) -> torch.Tensor:
     logits = head(hidden)
+    if scaling is not None:
+        logits = scaling(logits)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
 
 
-def _loss(head, weight, hidden, labels, softcap, kwargs) -> torch.Tensor:
-    """The loss against the head (``weight``: its weight as the loss takes it)."""
+def _loss(head, weight, hidden, labels, softcap, scaling, kwargs) -> torch.Tensor:
+    """The loss against the head (``weight``: its weight as the loss takes it). A scaling of
+    the logits, c (h W^T + b), is taken as (c h) W^T + c b: the same logits (to rounding; exactly
+    where c is a power of two, as Cohere's 1/16), without a scaled copy of the weight."""
     shift_labels = kwargs.get("shift_labels")
     targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
     name = "labels" if shift_labels is None else "shift_labels"
@@ -115,11 +170,15 @@ def _loss(head, weight, hidden, labels, softcap, kwargs) -> torch.Tensor:
             f"logits are computed for, after logits_to_keep), got {tuple(targets.shape)}"
         )
     num_items = kwargs.get("num_items_in_batch")
+    bias = head.bias
+    if scaling is not None:
+        hidden = scaling(hidden)
+        bias = None if bias is None else scaling(bias)
     loss = linear_cross_entropy(
         hidden.to(weight.dtype),
         weight,
         targets.to(hidden.device),
-        bias=head.bias,
+        bias=bias,
         ignore_index=kwargs.get("ignore_index", -100),
         softcap=softcap,
         reduction="mean" if num_items is None else "sum",
@@ -132,7 +191,7 @@ def _loss(head, weight, hidden, labels, softcap, kwargs) -> torch.Tensor:
     return loss / num_items
 
 
-def _patch_forward(model: nn.Module, arch: str, softcap: float | None) -> None:
+def _patch_forward(model: nn.Module, arch: str, softcap: float | None, scaling) -> None:
     """Replaces the instance's forward by a bound method, so a deepcopy of the model runs its
     own copy (a closure over ``model`` would keep running the original)."""
     original = type(model).forward
@@ -162,8 +221,8 @@ def _patch_forward(model: nn.Module, arch: str, softcap: float | None) -> None:
         finally:
             weight = _tied.head_weight(self, head.weight, pairing)
         hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
-        loss = _loss(head, weight, hidden, labels, softcap, kwargs)
-        logits = _logits(head, hidden, softcap) if return_logits else None
+        loss = _loss(head, weight, hidden, labels, softcap, scaling, kwargs)
+        logits = _logits(head, hidden, softcap, scaling) if return_logits else None
         extra = {k: v for k, v in outputs.items() if k in fields}
         out = output_type(loss=loss, logits=logits, **extra)
         return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
@@ -264,7 +323,7 @@ def apply(
     if quant is not None or l1_norm:
         _swap_modules(model.base_model, quant, bool(l1_norm))
     if linear_cross_entropy:
-        _patch_forward(model, arch, _softcap(model, arch))
+        _patch_forward(model, arch, _softcap(model, arch), _scaling(model, arch))
         _tied.install(model)
     setattr(model, _PATCHED, options)
     return model
