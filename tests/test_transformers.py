@@ -85,6 +85,8 @@ CONFIGS = {
 
 def build(arch: str, seed: int = 0, **overrides):
     config_name, extra = CONFIGS[arch]
+    if not hasattr(transformers, arch):  # an architecture newer than this transformers
+        pytest.skip(f"{arch} is not in transformers {transformers.__version__}")
     kw = extra if arch == "GPT2LMHeadModel" else {**COMMON, **extra}
     kw = {**kw, **overrides}
     config = getattr(transformers, config_name)(**kw)
