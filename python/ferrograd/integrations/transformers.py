@@ -8,8 +8,9 @@
   (and bias), never materializing the logits: transformers' semantics (labels shifted by one or
   ``shift_labels``, ``ignore_index`` -100, ``num_items_in_batch`` -> sum / num_items_in_batch,
   ``logits_to_keep``, the final logit softcapping of the models whose config has it, Cohere's
-  and Granite's logit scaling; a batch
-  with nothing to predict gives 0, not NaN). ``.logits`` is None unless the call passes
+  and Granite's logit scaling, the router's load-balancing loss of the mixture-of-experts
+  models; a batch with nothing to predict gives 0, not NaN). ``.logits`` is None unless the
+  call passes
   ``return_logits=True``. Without labels the forward is the model's own, so generate() is
   untouched. With the head tied to a plain ``nn.Embedding``, the head's gradient is handed to
   the embedding's backward, which adds its rows into it: one vocabulary x width gradient buffer
@@ -18,7 +19,8 @@
   patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
   ShiftQuantLinear (the head stays as it is).
-- ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (Gemma's 1 + weight folded in).
+- ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (a 1 + weight scaling, as
+  Gemma's and Qwen3-Next's, folded in).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import types
 
 import torch
@@ -41,49 +44,72 @@ from . import _tied
 
 __all__ = ["SUPPORTED", "apply"]
 
+#: Mixture-of-experts classes whose forward is Mixtral's: the causal LM's, plus the router's
+#: load-balancing loss (their module's ``load_balancing_loss_func``) times
+#: ``router_aux_loss_coef`` added where ``output_router_logits`` (argument, else config) holds.
+_MOE = frozenset(
+    {
+        "Ernie4_5_MoeForCausalLM",
+        "FlexOlmoForCausalLM",
+        "GptOssForCausalLM",
+        "JambaForCausalLM",
+        "MiniMaxForCausalLM",
+        "MiniMaxM2ForCausalLM",
+        "MixtralForCausalLM",
+        "OlmoeForCausalLM",
+        "PhimoeForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Qwen3NextForCausalLM",
+    }
+)
 #: The causal LM classes whose forward is base model -> lm_head -> (softcap or scaling) ->
 #: loss, as ``apply`` rebuilds it (their forwards were read against Llama's: the same code up
-#: to the names); a subclass of one of them is accepted too.
-SUPPORTED = frozenset(
-    {
-        "ApertusForCausalLM",
-        "ArceeForCausalLM",
-        "BitNetForCausalLM",
-        "Cohere2ForCausalLM",
-        "CohereForCausalLM",
-        "CwmForCausalLM",
-        "DiffLlamaForCausalLM",
-        "Ernie4_5ForCausalLM",
-        "Exaone4ForCausalLM",
-        "GPT2LMHeadModel",
-        "Gemma2ForCausalLM",
-        "Gemma3ForCausalLM",
-        "GemmaForCausalLM",
-        "Glm4ForCausalLM",
-        "GlmForCausalLM",
-        "GraniteForCausalLM",
-        "HeliumForCausalLM",
-        "HunYuanDenseV1ForCausalLM",
-        "Jais2ForCausalLM",
-        "Lfm2ForCausalLM",
-        "LlamaForCausalLM",
-        "Ministral3ForCausalLM",
-        "MinistralForCausalLM",
-        "MistralForCausalLM",
-        "NemotronForCausalLM",
-        "Olmo2ForCausalLM",
-        "Olmo3ForCausalLM",
-        "OlmoForCausalLM",
-        "PersimmonForCausalLM",
-        "Phi3ForCausalLM",
-        "PhiForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "SeedOssForCausalLM",
-        "SmolLM3ForCausalLM",
-        "StableLmForCausalLM",
-        "Starcoder2ForCausalLM",
-    }
+#: to the names), and the mixture-of-experts ones above; a subclass of one of them is accepted
+#: too.
+SUPPORTED = (
+    frozenset(
+        {
+            "ApertusForCausalLM",
+            "ArceeForCausalLM",
+            "BitNetForCausalLM",
+            "Cohere2ForCausalLM",
+            "CohereForCausalLM",
+            "CwmForCausalLM",
+            "DiffLlamaForCausalLM",
+            "Ernie4_5ForCausalLM",
+            "Exaone4ForCausalLM",
+            "GPT2LMHeadModel",
+            "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM",
+            "GemmaForCausalLM",
+            "Glm4ForCausalLM",
+            "GlmForCausalLM",
+            "GraniteForCausalLM",
+            "HeliumForCausalLM",
+            "HunYuanDenseV1ForCausalLM",
+            "Jais2ForCausalLM",
+            "Lfm2ForCausalLM",
+            "LlamaForCausalLM",
+            "Ministral3ForCausalLM",
+            "MinistralForCausalLM",
+            "MistralForCausalLM",
+            "NemotronForCausalLM",
+            "Olmo2ForCausalLM",
+            "Olmo3ForCausalLM",
+            "OlmoForCausalLM",
+            "PersimmonForCausalLM",
+            "Phi3ForCausalLM",
+            "PhiForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+            "SeedOssForCausalLM",
+            "SmolLM3ForCausalLM",
+            "StableLmForCausalLM",
+            "Starcoder2ForCausalLM",
+        }
+    )
+    | _MOE
 )
 #: The ones whose forward applies ``config.final_logit_softcapping`` to the logits.
 _SOFTCAPPED = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
@@ -95,23 +121,27 @@ _DIVIDED = frozenset({"GraniteForCausalLM"})
 #: it always returns its dataclass here).
 _HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
 #: The output dataclass (transformers.modeling_outputs) each forward returns.
-_OUTPUT_TYPES = {"GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions"}
+_OUTPUT_TYPES = {
+    "GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions",
+    **dict.fromkeys(_MOE, "MoeCausalLMOutputWithPast"),
+}
 _PATCHED = "_ferrograd_patched"
 _APPLY = "ferrograd.integrations.transformers.apply"
 
 
-def _architecture(model: nn.Module) -> str:
+def _architecture(model: nn.Module) -> type:
+    """The supported transformers class ``model`` is (or derives from)."""
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED and cls.__module__.startswith("transformers."):
-            return cls.__name__
+            return cls
     raise TypeError(
         f"{_APPLY}: {type(model).__name__} is not a supported "
         f"model class (supported: {', '.join(sorted(SUPPORTED))})"
     )
 
 
-def _softcap(model: nn.Module, arch: str) -> float | None:
-    if arch not in _SOFTCAPPED:
+def _softcap(model: nn.Module, arch: type) -> float | None:
+    if arch.__name__ not in _SOFTCAPPED:
         return None
     return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
 
@@ -127,10 +157,10 @@ class _Scaling:
         return t / self.value if self.divide else t * self.value
 
 
-def _scaling(model: nn.Module, arch: str) -> _Scaling | None:
-    if arch in _MULTIPLIED:
+def _scaling(model: nn.Module, arch: type) -> _Scaling | None:
+    if arch.__name__ in _MULTIPLIED:
         return _Scaling(float(model.logit_scale), divide=False)
-    if arch in _DIVIDED:
+    if arch.__name__ in _DIVIDED:
         return _Scaling(float(model.config.logits_scaling), divide=True)
     return None
 
@@ -191,11 +221,14 @@ def _loss(head, weight, hidden, labels, softcap, scaling, kwargs) -> torch.Tenso
     return loss / num_items
 
 
-def _patch_forward(model: nn.Module, arch: str, softcap: float | None, scaling) -> None:
+def _patch_forward(model: nn.Module, arch: type, softcap: float | None, scaling) -> None:
     """Replaces the instance's forward by a bound method, so a deepcopy of the model runs its
     own copy (a closure over ``model`` would keep running the original)."""
     original = type(model).forward
-    output_type = getattr(modeling_outputs, _OUTPUT_TYPES.get(arch, "CausalLMOutputWithPast"))
+    name = arch.__name__
+    output_type = getattr(modeling_outputs, _OUTPUT_TYPES.get(name, "CausalLMOutputWithPast"))
+    # The router's load-balancing loss as the architecture's own module computes it.
+    balancing = sys.modules[arch.__module__].load_balancing_loss_func if name in _MOE else None
     fields = {f.name for f in dataclasses.fields(output_type)} - {"loss", "logits"}
     positional = [
         p.name
@@ -214,25 +247,49 @@ def _patch_forward(model: nn.Module, arch: str, softcap: float | None, scaling) 
             return original(self, **kwargs)
         head = self.get_output_embeddings()
         pairing = _tied.arm(self)
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}
+        if balancing is not None:
+            routed = kwargs.get("output_router_logits")
+            routed = self.config.output_router_logits if routed is None else routed
+            base_kwargs["output_router_logits"] = routed
         try:
-            outputs = self.base_model(
-                **{k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}, return_dict=True
-            )
+            outputs = self.base_model(**base_kwargs, return_dict=True)
         finally:
             weight = _tied.head_weight(self, head.weight, pairing)
         hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
         loss = _loss(head, weight, hidden, labels, softcap, scaling, kwargs)
         logits = _logits(head, hidden, softcap, scaling) if return_logits else None
         extra = {k: v for k, v in outputs.items() if k in fields}
+        if balancing is not None and routed:
+            extra["aux_loss"] = balancing(
+                outputs.router_logits,
+                self.num_experts,
+                self.num_experts_per_tok,
+                kwargs.get("attention_mask"),
+            )
+            loss = loss + self.router_aux_loss_coef * extra["aux_loss"].to(loss.device)
         out = output_type(loss=loss, logits=logits, **extra)
         return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
 
     model.forward = types.MethodType(forward, model)
 
 
-def _gemma_style(norm: nn.Module) -> bool:
-    """Gemma's RMSNorms scale by 1 + weight."""
-    return type(norm).__name__.startswith("Gemma")
+def _weight_offset(norm: nn.Module) -> float:
+    """1.0 for an RMSNorm that scales by 1 + weight (Gemma's, Qwen3-Next's), else 0.0: told
+    apart by running it with its weight zeroed, which zeroes only a plain norm's output (on the
+    meta device, which runs nothing, by the class name: Gemma's)."""
+    w = norm.weight
+    if w.is_meta:
+        return 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+    probe = torch.linspace(1.0, 2.0, w.shape[0], dtype=w.dtype, device=w.device)[None]
+    with torch.no_grad():
+        saved = w.detach().clone()
+        w.zero_()
+        try:
+            out = norm(probe)
+        finally:
+            w.copy_(saved)
+    return 1.0 if bool(out.abs().amax() > 0) else 0.0
 
 
 def _rms_like(module: nn.Module) -> bool:
@@ -269,8 +326,7 @@ def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
         elif l1_norm and type(child) is nn.LayerNorm and child.elementwise_affine:
             swapped = L1LayerNorm.from_layer_norm(child)
         elif l1_norm and _rms_like(child):
-            offset = 1.0 if _gemma_style(child) else 0.0
-            swapped = L1RMSNorm.from_rms_norm(child, weight_offset=offset)
+            swapped = L1RMSNorm.from_rms_norm(child, weight_offset=_weight_offset(child))
         if swapped is None:
             _swap_modules(child, quant, l1_norm)
         else:
