@@ -18,7 +18,8 @@
   embedding's); no transformers module is monkeypatched (a deepcopy of the model carries the
   patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
-  ShiftQuantLinear (the head stays as it is).
+  ShiftQuantLinear (the head stays as it is; so do a mixture-of-experts layer's experts, held
+  as stacked 3-D weights, and its router where that is its own module).
 - ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (a 1 + weight scaling, as
   Gemma's and Qwen3-Next's, folded in).
 """
