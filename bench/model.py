@@ -47,7 +47,7 @@ import ferrograd as fg  # noqa: E402
 from ferrograd.integrations import transformers as fgt  # noqa: E402
 
 #: Architectures whose configs take the Llama-style size arguments used here.
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe")
 
 
 @dataclasses.dataclass(frozen=True)
