@@ -15,6 +15,7 @@ transformers = pytest.importorskip(
 
 import ferrograd as fg  # noqa: E402
 from ferrograd.integrations import transformers as fgt  # noqa: E402
+from ferrograd.ops.shiftquant import shiftquant_linear  # noqa: E402
 
 VOCAB = 300
 COMMON = {
@@ -290,6 +291,37 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
         assert (got - want).abs().max() < 0.1 * want.abs().max()
     losses = train(model, ids, labels)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+def test_shiftquant_experts_route_each_token_through_its_experts(arch):
+    """The experts' ShiftQuant loop against a token-by-token sum over the top-k slots, each
+    slot's expert applied to that one token (the codes are per row: the same products), and
+    training reaches the experts' 3-D weights."""
+    model = build(arch)
+    fgt.apply(model, shiftquant_bits=8)
+    experts = [m for m in model.modules() if hasattr(m, "_ferrograd_shiftquant")]
+    assert len(experts) == model.config.num_hidden_layers
+    e = experts[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, model.config.hidden_size, generator=g)
+    k = model.config.num_experts_per_tok
+    index = torch.stack([torch.randperm(e.num_experts, generator=g)[:k] for _ in range(9)])
+    weights = torch.rand(9, k, generator=g)
+    want = torch.zeros_like(x)
+    for t in range(9):
+        for slot in range(k):
+            i = int(index[t, slot])
+            h = shiftquant_linear(x[t : t + 1], e.gate_up_proj[i].detach(), bits=8)
+            y = shiftquant_linear(e._apply_gate(h), e.down_proj[i].detach(), bits=8)
+            want[t] += weights[t, slot] * y[0]
+    with torch.no_grad():
+        got = e(x, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    ids, labels = batch()
+    losses = train(model, ids, labels)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (e.gate_up_proj, e.down_proj))
 
 
 @pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "GPT2LMHeadModel", "Qwen3NextForCausalLM"])

@@ -18,8 +18,10 @@
   embedding's); no transformers module is monkeypatched (a deepcopy of the model carries the
   patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
-  ShiftQuantLinear (the head stays as it is; so do a mixture-of-experts layer's experts, held
-  as stacked 3-D weights, and its router where that is its own module).
+  ShiftQuantLinear (the head stays as it is), and a mixture-of-experts layer's experts (3-D
+  weights, transformers' common layout) run each expert's projections as ShiftQuant GEMMs on
+  the tokens routed to it; a router of its own class, and experts in another layout (GPT-OSS's
+  transposed, biased ones), stay as they are.
 - ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (a 1 + weight scaling, as
   Gemma's and Qwen3-Next's, folded in).
 """
@@ -40,7 +42,7 @@ from transformers.pytorch_utils import Conv1D
 from ..nn.l1norm import L1LayerNorm, L1RMSNorm
 from ..nn.shiftquant import ShiftQuantLinear
 from ..ops.cce import linear_cross_entropy
-from ..ops.shiftquant import check_spec
+from ..ops.shiftquant import check_spec, shiftquant_linear
 from . import _tied
 
 __all__ = ["SUPPORTED", "apply"]
@@ -317,9 +319,53 @@ def _from_conv1d(conv: nn.Module, **kw) -> ShiftQuantLinear:
     return out
 
 
+def _plain_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts layer (``use_experts_implementation``) in
+    the common layout: 3-D weights [experts, out, in], gate and up projections concatenated, no
+    biases, no norm after each expert."""
+    weights = (getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None))
+    return (
+        hasattr(type(module), "_apply_gate")
+        and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights)
+        and getattr(module, "has_gate", False) is True
+        and getattr(module, "is_concatenated", False) is True
+        and getattr(module, "is_transposed", True) is False
+        and getattr(module, "has_bias", True) is False
+        and getattr(module, "has_post_expert_norm", True) is False
+    )
+
+
+def _shiftquant_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop with each expert's two projections as ShiftQuant GEMMs
+    (``self._ferrograd_shiftquant``: their bits, grad_bits, group_size): the codes of the tokens
+    routed to expert e times those of its weight rows, gradients to both."""
+    quant = self._ferrograd_shiftquant
+    # One unbind per weight: its backward stacks the experts' gradients once. Indexed per
+    # expert (weight[e]), each backward wrote a zero-filled copy of the whole 3-D gradient:
+    # two thirds of the experts' backward at 8 experts.
+    gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():  # (expert, top-k slot, token) -> routed; num_experts: EP's sentinel
+        routed = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+        routed = routed.permute(2, 1, 0)
+        hit = torch.greater(routed.sum(dim=(-1, -2)), 0).nonzero()
+    for (e,) in hit.tolist():
+        if e == self.num_experts:
+            continue
+        slot, token = torch.where(routed[e])
+        h = self._apply_gate(shiftquant_linear(hidden_states[token], gate_up[e], **quant))
+        y = shiftquant_linear(h, down[e], **quant)
+        out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
     for name, child in list(module.named_children()):
         swapped = None
+        if quant is not None and _plain_experts(child):
+            child._ferrograd_shiftquant = dict(quant)
+            child.forward = types.MethodType(_shiftquant_experts_forward, child)
+            continue
         if quant is not None and type(child) is nn.Linear:
             swapped = ShiftQuantLinear.from_linear(child, **quant)
         elif quant is not None and isinstance(child, Conv1D):
