@@ -293,7 +293,7 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"])
 def test_shiftquant_experts_route_each_token_through_its_experts(arch):
     """The experts' ShiftQuant loop against a token-by-token sum over the top-k slots, each
     slot's expert applied to that one token (the codes are per row: the same products), and
@@ -308,12 +308,21 @@ def test_shiftquant_experts_route_each_token_through_its_experts(arch):
     k = model.config.num_experts_per_tok
     index = torch.stack([torch.randperm(e.num_experts, generator=g)[:k] for _ in range(9)])
     weights = torch.rand(9, k, generator=g)
+    with torch.no_grad():  # GPT-OSS's biases start at 0: make them matter
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            if hasattr(e, name):
+                getattr(e, name).normal_(generator=g)
+
+    def project(x, name, i):  # GPT-OSS keeps [in, out] weights and biases
+        w = getattr(e, name)[i].detach()
+        b = getattr(e, f"{name}_bias")[i].detach() if e.has_bias else None
+        return shiftquant_linear(x, w.t() if e.is_transposed else w, b, bits=8)
+
     want = torch.zeros_like(x)
     for t in range(9):
         for slot in range(k):
             i = int(index[t, slot])
-            h = shiftquant_linear(x[t : t + 1], e.gate_up_proj[i].detach(), bits=8)
-            y = shiftquant_linear(e._apply_gate(h), e.down_proj[i].detach(), bits=8)
+            y = project(e._apply_gate(project(x[t : t + 1], "gate_up_proj", i)), "down_proj", i)
             want[t] += weights[t, slot] * y[0]
     with torch.no_grad():
         got = e(x, index, weights)

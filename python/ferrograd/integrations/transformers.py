@@ -18,10 +18,9 @@
   embedding's); no transformers module is monkeypatched (a deepcopy of the model carries the
   patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
-  ShiftQuantLinear (the head stays as it is), and a mixture-of-experts layer's experts (3-D
-  weights, transformers' common layout) run each expert's projections as ShiftQuant GEMMs on
-  the tokens routed to it; a router of its own class, and experts in another layout (GPT-OSS's
-  transposed, biased ones), stay as they are.
+  ShiftQuantLinear (the head stays as it is), and a mixture-of-experts layer's experts
+  (transformers' experts layers with 3-D weights) run each expert's projections as ShiftQuant
+  GEMMs on the tokens routed to it; a router of its own class stays as it is.
 - ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (a 1 + weight scaling, as
   Gemma's and Qwen3-Next's, folded in).
 """
@@ -319,19 +318,19 @@ def _from_conv1d(conv: nn.Module, **kw) -> ShiftQuantLinear:
     return out
 
 
-def _plain_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers experts layer (``use_experts_implementation``) in
-    the common layout: 3-D weights [experts, out, in], gate and up projections concatenated, no
+def _experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts layer (``use_experts_implementation``)
+    that the ShiftQuant loop runs: 3-D weights ([experts, out, in], or [experts, in, out] where
+    ``is_transposed``), a gate (``_apply_gate`` splits and gates either layout), optional
     biases, no norm after each expert."""
     weights = (getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None))
     return (
         hasattr(type(module), "_apply_gate")
         and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights)
         and getattr(module, "has_gate", False) is True
-        and getattr(module, "is_concatenated", False) is True
-        and getattr(module, "is_transposed", True) is False
-        and getattr(module, "has_bias", True) is False
         and getattr(module, "has_post_expert_norm", True) is False
+        and isinstance(getattr(module, "is_transposed", None), bool)
+        and isinstance(getattr(module, "has_bias", None), bool)
     )
 
 
@@ -343,7 +342,16 @@ def _shiftquant_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     # One unbind per weight: its backward stacks the experts' gradients once. Indexed per
     # expert (weight[e]), each backward wrote a zero-filled copy of the whole 3-D gradient:
     # two thirds of the experts' backward at 8 experts.
-    gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+    layers = [self.gate_up_proj.unbind(0), self.down_proj.unbind(0)]
+    biases = [None, None]
+    if self.has_bias:
+        biases = [self.gate_up_proj_bias.unbind(0), self.down_proj_bias.unbind(0)]
+
+    def project(x, layer, e):  # x @ W_e^T + b_e, W_e [out, in] as ShiftQuantLinear takes it
+        w = layers[layer][e]
+        b = None if biases[layer] is None else biases[layer][e]
+        return shiftquant_linear(x, w.t() if self.is_transposed else w, b, **quant)
+
     out = torch.zeros_like(hidden_states)
     with torch.no_grad():  # (expert, top-k slot, token) -> routed; num_experts: EP's sentinel
         routed = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
@@ -353,8 +361,7 @@ def _shiftquant_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if e == self.num_experts:
             continue
         slot, token = torch.where(routed[e])
-        h = self._apply_gate(shiftquant_linear(hidden_states[token], gate_up[e], **quant))
-        y = shiftquant_linear(h, down[e], **quant)
+        y = project(self._apply_gate(project(hidden_states[token], 0, e)), 1, e)
         out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -362,7 +369,7 @@ def _shiftquant_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
     for name, child in list(module.named_children()):
         swapped = None
-        if quant is not None and _plain_experts(child):
+        if quant is not None and _experts(child):
             child._ferrograd_shiftquant = dict(quant)
             child.forward = types.MethodType(_shiftquant_experts_forward, child)
             continue
