@@ -100,6 +100,10 @@ CONFIGS = {
             "Qwen3NextForCausalLM": {"layer_types": ["full_attention"] * 2, "head_dim": 16},
         }.items()
     },
+    "Qwen3_5MoeForCausalLM": (
+        "Qwen3_5MoeTextConfig",
+        {**MOE, "layer_types": ["full_attention"] * 2, "head_dim": 16},
+    ),
     "GPT2LMHeadModel": (
         "GPT2Config",
         {

@@ -63,6 +63,7 @@ _MOE = frozenset(
         "Qwen2MoeForCausalLM",
         "Qwen3MoeForCausalLM",
         "Qwen3NextForCausalLM",
+        "Qwen3_5MoeForCausalLM",
     }
 )
 #: The causal LM classes whose forward is base model -> lm_head -> (softcap or scaling) ->
