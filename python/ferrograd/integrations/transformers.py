@@ -23,6 +23,8 @@
   GEMMs on the tokens routed to it; a router of its own class stays as it is.
 - ``l1_norm``: LayerNorm -> L1LayerNorm, RMSNorm -> L1RMSNorm (a 1 + weight scaling, as
   Gemma's and Qwen3-Next's, folded in).
+
+docs/transformers.md has how a class gets on ``SUPPORTED`` and the measurements.
 """
 
 from __future__ import annotations
