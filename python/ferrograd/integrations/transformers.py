@@ -10,13 +10,12 @@
   ``logits_to_keep``, the final logit softcapping of the models whose config has it, Cohere's
   and Granite's logit scaling, the router's load-balancing loss of the mixture-of-experts
   models; a batch with nothing to predict gives 0, not NaN). ``.logits`` is None unless the
-  call passes
-  ``return_logits=True``. Without labels the forward is the model's own, so generate() is
-  untouched. With the head tied to a plain ``nn.Embedding``, the head's gradient is handed to
-  the embedding's backward, which adds its rows into it: one vocabulary x width gradient buffer
-  instead of two (``_tied.py``). Only instance forwards are replaced (the model's, and the tied
-  embedding's); no transformers module is monkeypatched (a deepcopy of the model carries the
-  patch; pickling the whole module does not work, save its state_dict).
+  call passes ``return_logits=True``. Without labels the forward is the model's own, so
+  generate() is untouched. With the head tied to a plain ``nn.Embedding``, the head's gradient
+  is handed to the embedding's backward, which adds its rows into it: one vocabulary x width
+  gradient buffer instead of two (``_tied.py``). Only instance forwards are replaced (the
+  model's, and the tied embedding's); no transformers module is monkeypatched (a deepcopy of the
+  model carries the patch; pickling the whole module does not work, save its state_dict).
 - ``shiftquant_bits``: the decoder's nn.Linear (and GPT-2's Conv1D) layers become
   ShiftQuantLinear (the head stays as it is), and a mixture-of-experts layer's experts
   (transformers' experts layers with 3-D weights) run each expert's projections as ShiftQuant
