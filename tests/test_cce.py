@@ -768,6 +768,18 @@ def test_compiled_matches_eager(fresh_dynamo, device, options, reduction):
     assert_compiled_matches_eager(loss, (e, c, targets, bias if use_bias else None), "aot_eager")
 
 
+def test_compiled_under_autocast_is_one_graph(fresh_dynamo):
+    """Under CPU bf16 autocast the op asks which dtype torch's matmul is faster in: a constant
+    to torch.compile (traced into, its timing and backend probe were graph breaks)."""
+
+    def loss(e, c, targets, bias):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fg.linear_cross_entropy(e, c, targets, bias=bias)
+
+    e, c, bias, targets = make_inputs(shape=(2, 9), dim=16, vocab=40)
+    assert_compiled_matches_eager(loss, (e, c, targets, bias), "aot_eager")
+
+
 def test_compiled_with_inductor(fresh_dynamo, device):
     def loss(e, c, targets, bias):
         return fg.linear_cross_entropy(

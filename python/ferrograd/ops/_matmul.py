@@ -39,11 +39,18 @@ def _best_of_each(fns, repeats: int = 5) -> list[float]:
     return best
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def bf16_matmul_is_faster() -> bool:
     """Whether torch's bfloat16 CPU matmul is clearly faster than its float32 one here: the
     best of five calls of each, in turn, on one chunk-shaped product (about 20 ms once per
-    process)."""
+    process). A constant to torch.compile, which calls it while tracing: traced into, its clock
+    reads and backend probe broke the graph (11 breaks in a patched 2-layer Llama's loss under
+    bf16 autocast; the mark is not seen through functools.cache, hence the two functions)."""
+    return _measured()
+
+
+@functools.cache
+def _measured() -> bool:
     if not (torch.backends.mkldnn.is_available() and _mkldnn_bf16()):
         return False  # emulated: never faster
     m, k, n = _PROBE_SHAPE
