@@ -24,6 +24,7 @@ BENCHMARKS = {
     "w4a16": "w4a16",
     "overhead": "overhead",
     "model": "model",
+    "demo_step": "demo",
     "fsdp": "fsdp",
 }
 
