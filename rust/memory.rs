@@ -1,4 +1,4 @@
-//! Transparent huge pages for fresh outputs.
+//! Transparent huge pages for fresh outputs, and per-thread scratch kept between calls.
 //!
 //! A tensor of 32 MiB or more that torch has just allocated is a new mapping: every first write
 //! to each of its 4 KiB pages faults, and the kernel zeroes the page before the write goes on,
@@ -62,6 +62,19 @@ pub fn advise_huge_pages(ptr: usize, len: usize) -> bool {
         .is_some_and(|(start, len)| madvise_huge(start, len))
 }
 
+/// The largest scratch buffer a kernel keeps per thread between calls ([`keep`]).
+const KEEP_BYTES: usize = 8 << 20;
+
+/// Hands a kernel's scratch `buf` back to the thread's `slot` for its next call, or frees it
+/// when larger than 8 MiB (one large call's scratch is not held for the process's life).
+/// Scratch allocated per call as `vec![0; n]` is calloc'd, which jemalloc serves from fresh
+/// zeroed pages: hundreds of page faults a call where glibc reuses its heap.
+pub fn keep<T>(slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>, buf: Vec<T>) {
+    if buf.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
+        slot.set(buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +91,17 @@ mod tests {
             Some((MIB2, 2 * MIB2))
         );
         assert_eq!(huge_page_range(usize::MAX - 10, 100, MIB2), None);
+    }
+
+    #[test]
+    fn keep_holds_small_scratch_and_frees_large() {
+        thread_local! {
+            static SLOT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        keep(&SLOT, vec![1; 1000]);
+        assert_eq!(SLOT.take().len(), 1000);
+        keep(&SLOT, vec![1; KEEP_BYTES + 1]);
+        assert_eq!(SLOT.take().capacity(), 0);
     }
 
     #[test]

@@ -67,6 +67,12 @@ fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>) -> PyResult<Rows<'a
     })
 }
 
+thread_local! {
+    /// The float32 y of bfloat16 outputs ([`Out::run`]), kept per calling thread
+    /// (`memory::keep`).
+    static WIDE_Y: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// y as the caller holds it: float32, or bfloat16 (bf16 x: no float32 y and cast per call).
 enum Out<'a> {
     F32(&'a mut [f32]),
@@ -91,12 +97,14 @@ impl Out<'_> {
         match self {
             Out::F32(y) => kernel(y),
             Out::Bf16(y) => {
-                let mut wide = vec![0.0f32; y.len()];
-                let wrote = kernel(&mut wide)?;
-                if wrote {
+                let mut wide = WIDE_Y.take();
+                wide.resize(y.len(), 0.0);
+                let wrote = kernel(&mut wide);
+                if matches!(wrote, Ok(true)) {
                     simd::narrow_bf16(level, &wide, y);
                 }
-                Ok(wrote)
+                crate::memory::keep(&WIDE_Y, wide);
+                wrote
             }
         }
     }

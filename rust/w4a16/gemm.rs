@@ -149,7 +149,11 @@ impl Packed {
         let rows_per_block = width / terms;
         let blocks = m.div_ceil(rows_per_block);
         let per_block = steps * width;
-        let mut words = vec![0u32; blocks * per_block];
+        // The calling thread's buffer from its last call (`memory::keep`), cleared: padding
+        // rows and columns must read 0.
+        let mut words = X_WORDS.take();
+        words.clear();
+        words.resize(blocks * per_block, 0);
         let dst = SendPtr(words.as_mut_ptr());
         threads::split(blocks, |b| {
             // SAFETY: block b alone writes its `per_block` words.
@@ -188,6 +192,9 @@ impl Packed {
 }
 
 thread_local! {
+    /// The packed x of the calling thread's last call ([`Packed::new`]; handed back by
+    /// [`gemm`]).
+    static X_WORDS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's tile of W (bf16 or float32 codes, for the CPU's [`Arith`]) and the tile's
     /// scales, reused across calls.
     static TILE: RefCell<(Vec<u16>, Vec<f32>, Vec<f32>)> =
@@ -218,6 +225,7 @@ pub fn gemm(w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) {
     for chunk in chunks.map(|b0| b0..(b0 + chunk_blocks).min(xp.blocks)) {
         gemm_chunk(w, arith, &xp, chunk, group_steps, &half_groups, y_ptr);
     }
+    crate::memory::keep(&X_WORDS, xp.words);
 }
 
 /// The m blocks `chunk` of y from the packed x, each thread taking tiles of W in turn;
