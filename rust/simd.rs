@@ -437,6 +437,8 @@ pub trait Simd: Copy {
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
     /// Whether any lane of `a` is greater than the same lane of `b` (false for NaN lanes).
     unsafe fn any_gt(a: Self::V, b: Self::V) -> bool;
+    /// `v` with its subnormal lanes (0 < |v| < f32::MIN_POSITIVE) set to +0; NaN kept.
+    unsafe fn flush_subnormal(v: Self::V) -> Self::V;
     /// The lanes' sum in f64: each lane widened (exactly), then added pairwise.
     unsafe fn sum_f64(v: Self::V) -> f64;
     /// Splits exp(x) = m * 2^n with n = round(x / ln 2) (integer-valued) and m in [0.7, 1.42].
@@ -559,6 +561,14 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn any_gt(a: f32, b: f32) -> bool {
         a > b
+    }
+    #[inline(always)]
+    unsafe fn flush_subnormal(v: f32) -> f32 {
+        if v.abs() < f32::MIN_POSITIVE {
+            0.0
+        } else {
+            v
+        }
     }
     #[inline(always)]
     unsafe fn sum_f64(v: f32) -> f64 {
@@ -725,6 +735,13 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
+        unsafe fn flush_subnormal(v: __m256) -> __m256 {
+            let size = _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+            let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(size, _mm256_set1_ps(f32::MIN_POSITIVE));
+            _mm256_andnot_ps(tiny, v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn sum_f64(v: __m256) -> f64 {
             let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
             let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
@@ -826,6 +843,13 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn any_gt(a: __m512, b: __m512) -> bool {
             _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) != 0
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn flush_subnormal(v: __m512) -> __m512 {
+            let size = _mm512_abs_ps(v);
+            let normal = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(size, _mm512_set1_ps(f32::MIN_POSITIVE));
+            _mm512_maskz_mov_ps(normal, v)
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
@@ -942,6 +966,60 @@ mod tests {
                     "{level:?}: exp({xi}) = {yi}, want {want}, rel {rel}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn flush_subnormal_zeroes_exactly_the_subnormals() {
+        let tiny = f32::MIN_POSITIVE;
+        let mut v = [0.0f32; 16];
+        v[..11].copy_from_slice(&[
+            1e-39,
+            -1e-40,
+            f32::from_bits(1),
+            tiny,
+            -tiny,
+            tiny * 0.999_999,
+            1.0,
+            -3e38,
+            f32::INFINITY,
+            f32::NAN,
+            -0.0,
+        ]);
+        // The rule: |x| below the smallest normal (NaN is not) becomes +0.
+        let want: Vec<u32> = v
+            .iter()
+            .map(|&x| if x.abs() < tiny { 0 } else { x.to_bits() })
+            .collect();
+        assert_eq!(
+            want[..7],
+            [
+                0,
+                0,
+                0,
+                tiny.to_bits(),
+                (-tiny).to_bits(),
+                0,
+                1f32.to_bits()
+            ]
+        );
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            dispatch! { pub fn flush_lanes(v: &[f32], out: &mut [f32]) = flush_impl; }
+            #[inline(always)]
+            unsafe fn flush_impl<S: Simd>(v: &[f32], out: &mut [f32]) {
+                for i in (0..v.len()).step_by(S::LANES) {
+                    let f = S::flush_subnormal(S::load(v.as_ptr().add(i)));
+                    S::store(out.as_mut_ptr().add(i), f);
+                }
+            }
+            let mut out = [0.0f32; 16];
+            flush_lanes(level, &v, &mut out);
+            let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got[..9], want[..9], "{level:?}");
+            assert!(
+                out[9].is_nan() && got[10] == 0,
+                "{level:?}: NaN kept, -0 as +0"
+            );
         }
     }
 

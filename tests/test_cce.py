@@ -121,6 +121,21 @@ def test_matches_float64_reference(small_chunks, device, options, reduction, dty
         torch.testing.assert_close(ours.double(), want, rtol=tol, atol=tol * want.abs().max())
 
 
+@pytest.mark.parametrize("options", [{}, {"softcap": 60.0}, {"label_smoothing": 0.1}],
+                         ids=["plain", "softcap", "smoothing"])  # fmt: skip
+def test_widely_spread_logits_match_float64(small_chunks, options):
+    """Logits spread over hundreds: most probabilities lie below float32's normal range, which
+    the kernel writes into the gradient as 0 (subnormal operands slow the GEMMs down by orders of
+    magnitude); the loss and gradients stay float64's."""
+    e, c, bias, targets = make_inputs()
+    with torch.no_grad():
+        e.mul_(40)  # logits with a standard deviation of about 80
+    loss, ref, ours_grads, ref_grads = run_both(e, c, bias, targets, options, "mean")
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+    for ours, want in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours.double(), want, rtol=2e-5, atol=2e-5 * want.abs().max())
+
+
 def float32_products(dtype: torch.dtype) -> bool:
     """Whether the CPU kernel upcasts the chunk matmuls of ``dtype`` inputs to float32."""
     return cce.cpu.gemm_dtype(dtype) == torch.float32
