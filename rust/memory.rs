@@ -65,10 +65,23 @@ pub fn advise_huge_pages(ptr: usize, len: usize) -> bool {
 /// The largest scratch buffer a kernel keeps per thread between calls ([`keep`]).
 const KEEP_BYTES: usize = 8 << 20;
 
-/// Hands a kernel's scratch `buf` back to the thread's `slot` for its next call, or frees it
-/// when larger than 8 MiB (one large call's scratch is not held for the process's life).
-/// Scratch allocated per call as `vec![0; n]` is calloc'd, which jemalloc serves from fresh
-/// zeroed pages: hundreds of page faults a call where glibc reuses its heap.
+/// A kernel's scratch of `len` elements from the thread's `slot` (what its last call handed back
+/// by [`keep`]; contents unspecified, growth filled with the default). Scratch allocated per
+/// call as `vec![0; n]` is calloc'd, which jemalloc serves from fresh zeroed pages: hundreds of
+/// page faults a call where glibc reuses its heap. Taken out and put back rather than borrowed
+/// in a closure: closures are not compiled with the caller's SIMD target features.
+pub fn take<T: Clone + Default>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+) -> Vec<T> {
+    let mut buf = slot.take();
+    buf.resize(len, T::default());
+    buf
+}
+
+/// Hands a kernel's scratch `buf` back to the thread's `slot` for its next call ([`take`]), or
+/// frees it when larger than 8 MiB (one large call's scratch is not held for the process's
+/// life).
 pub fn keep<T>(slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>, buf: Vec<T>) {
     if buf.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
         slot.set(buf);
@@ -99,7 +112,10 @@ mod tests {
             static SLOT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         keep(&SLOT, vec![1; 1000]);
-        assert_eq!(SLOT.take().len(), 1000);
+        assert_eq!(
+            take(&SLOT, 1200)[..1001],
+            [[1; 1000].as_slice(), &[0]].concat()
+        );
         keep(&SLOT, vec![1; KEEP_BYTES + 1]);
         assert_eq!(SLOT.take().capacity(), 0);
     }

@@ -402,6 +402,13 @@ class Progress:
             print(file=sys.stderr)
 
 
+def optimizer(cfg: Config, params: list[nn.Parameter], ferrograd: bool) -> torch.optim.Optimizer:
+    """fg.optim.SPAM for the ferrograd run, AdamW(fused=True) for the torch one."""
+    if ferrograd:
+        return fg.optim.SPAM(params, lr=cfg.lr, density=cfg.density, warmup_steps=cfg.steps // 20)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True)
+
+
 def train(
     cfg: Config, files: list[Path], ferrograd: bool, group: Group, quiet: bool = False
 ) -> tuple[ByteLM, Callable, dict]:
@@ -409,10 +416,7 @@ def train(
     if group.fsdp:
         group.shard(model, compress=ferrograd and cfg.compress_all_gather)
     params = list(model.parameters())
-    if ferrograd:
-        opt = fg.optim.SPAM(params, lr=cfg.lr, density=cfg.density, warmup_steps=cfg.steps // 20)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True)
+    opt = optimizer(cfg, params, ferrograd)
     label = run_label(cfg, ferrograd)
     progress = Progress(cfg.steps, label) if group.main and not quiet else None
     curve, tokens = [], 0

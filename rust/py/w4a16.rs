@@ -69,7 +69,7 @@ fn rows<'a>(args: &mut Borrows<'_>, x: &'a Bound<'_, PyAny>) -> PyResult<Rows<'a
 
 thread_local! {
     /// The float32 y of bfloat16 outputs ([`Out::run`]), kept per calling thread
-    /// (`memory::keep`).
+    /// (`memory::take` / `keep`).
     static WIDE_Y: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -97,8 +97,7 @@ impl Out<'_> {
         match self {
             Out::F32(y) => kernel(y),
             Out::Bf16(y) => {
-                let mut wide = WIDE_Y.take();
-                wide.resize(y.len(), 0.0);
+                let mut wide = crate::memory::take(&WIDE_Y, y.len());
                 let wrote = kernel(&mut wide);
                 if matches!(wrote, Ok(true)) {
                     simd::narrow_bf16(level, &wide, y);

@@ -341,19 +341,14 @@ pub(super) unsafe fn rows_forward_impl<S: Lanes, E: Element>(
     if log || E::IS_F32 {
         return rows_forward_into::<S, E>(x, y, n, log, &mut []);
     }
-    // Taken out and put back (no closure: closures are not compiled with this function's
-    // target features).
-    let mut scratch = SCRATCH.take();
-    if scratch.len() < n {
-        scratch.resize(n, 0.0);
-    }
-    rows_forward_into::<S, E>(x, y, n, log, &mut scratch[..n]);
+    let mut scratch = crate::memory::take(&SCRATCH, n);
+    rows_forward_into::<S, E>(x, y, n, log, &mut scratch);
     crate::memory::keep(&SCRATCH, scratch);
 }
 
 thread_local! {
     /// The 16-bit in-cache kernel's float32 row of exp(x) 2^-N, kept per thread between calls
-    /// (`memory::keep`): allocated per call (up to 512 KiB) under jemalloc, bfloat16 [2048,
+    /// (`memory::take` / `keep`): allocated per call (up to 512 KiB) under jemalloc, bfloat16 [2048,
     /// 32768] at 2 threads faulted 68-100k pages a call against the output's 33k and took
     /// 106-134 ms against torch's 36-59; 32 ms now.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };

@@ -149,11 +149,10 @@ impl Packed {
         let rows_per_block = width / terms;
         let blocks = m.div_ceil(rows_per_block);
         let per_block = steps * width;
-        // The calling thread's buffer from its last call (`memory::keep`), cleared: padding
-        // rows and columns must read 0.
-        let mut words = X_WORDS.take();
-        words.clear();
-        words.resize(blocks * per_block, 0);
+        // The calling thread's buffer from its last call, cleared: padding rows and columns
+        // must read 0.
+        let mut words = crate::memory::take(&X_WORDS, blocks * per_block);
+        words.fill(0);
         let dst = SendPtr(words.as_mut_ptr());
         threads::split(blocks, |b| {
             // SAFETY: block b alone writes its `per_block` words.
@@ -193,7 +192,7 @@ impl Packed {
 
 thread_local! {
     /// The packed x of the calling thread's last call ([`Packed::new`]; handed back by
-    /// [`gemm`]).
+    /// [`gemm`]; `memory::take` / `keep`).
     static X_WORDS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's tile of W (bf16 or float32 codes, for the CPU's [`Arith`]) and the tile's
     /// scales, reused across calls.
