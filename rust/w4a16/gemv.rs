@@ -291,7 +291,7 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
             }
         }
     };
-    if m * s.n * s.k < SERIAL_BELOW {
+    if m.saturating_mul(s.n).saturating_mul(s.k) < SERIAL_BELOW {
         (0..parts).for_each(run);
     } else {
         threads::split_contiguous(parts, run);
