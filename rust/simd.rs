@@ -4,6 +4,7 @@
 //! `#[target_feature]` function by [`dispatch!`]: the wheel targets baseline x86-64 and picks the
 //! widest path the CPU supports at run time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::error::{FgError, FgResult};
@@ -69,11 +70,22 @@ impl CpuFeatures {
     }
 }
 
+/// Whether this CPU has AVX512-BF16's `vcvtneps2bf16` (set with [`cpu_features`], which every
+/// dispatched kernel call reaches first; until then the integer rounding is used).
+static BF16_CONVERT: AtomicBool = AtomicBool::new(false);
+
+/// See [`BF16_CONVERT`]; one load and a predictable branch per vector where it is asked.
+#[inline(always)]
+pub fn has_bf16_convert() -> bool {
+    BF16_CONVERT.load(Ordering::Relaxed)
+}
+
 pub fn cpu_features() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
     *FEATURES.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
+            BF16_CONVERT.store(is_x86_feature_detected!("avx512bf16"), Ordering::Relaxed);
             CpuFeatures {
                 avx2: is_x86_feature_detected!("avx2"),
                 fma: is_x86_feature_detected!("fma"),
@@ -602,13 +614,13 @@ pub fn pow2(k: f64) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{bf16_bits_avx2, bf16_bits_avx512, Avx2, Avx512};
+pub use x86::{bf16_bits_avx2, bf16_bits_avx512, bf16_pack_avx512, Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{exp_split_fma, Simd, BF16_NAN};
+    use super::{exp_split_fma, has_bf16_convert, Simd, BF16_NAN};
 
     /// [`bf16_bits_avx512`] for 8 lanes.
     ///
@@ -638,6 +650,33 @@ mod x86 {
         let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
         let nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
         _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(i32::from(BF16_NAN)))
+    }
+
+    /// 16 f32 lanes as 16 packed bfloat16, rounded as [`super::f32_to_bf16`] rounds. Where the
+    /// CPU has AVX512-BF16, one `vcvtneps2bf16` (where [`bf16_bits_avx512`] and its narrowing
+    /// take about ten operations on the vector ports) rounds the same way, except that it
+    /// flushes subnormal inputs to zero and keeps a NaN's sign and payload: a vector with such
+    /// a lane takes the integer rounding.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F, BW, VL and DQ (callers run inside an AVX-512 kernel).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn bf16_pack_avx512(v: __m512) -> __m256i {
+        // fpclass categories: quiet NaN 0x01, subnormal 0x20, signalling NaN 0x80.
+        if has_bf16_convert() && _mm512_fpclass_ps_mask::<0xa1>(v) == 0 {
+            let packed: __m256i;
+            // SAFETY: the CPU has AVX512-BF16 (checked above). Written as assembly because
+            // the dispatched kernels do not enable the feature (not every AVX-512 CPU has it).
+            std::arch::asm!(
+                "vcvtneps2bf16 {packed}, {v}",
+                packed = out(ymm_reg) packed,
+                v = in(zmm_reg) v,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            return packed;
+        }
+        _mm512_cvtepi32_epi16(bf16_bits_avx512(v))
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -1043,5 +1082,45 @@ mod tests {
                 assert_eq!(out[i], want, "{level:?}: 1.5 * 2^{}", k[i]);
             }
         }
+    }
+
+    /// `bf16_pack_avx512` against the scalar rounding for every upper half of the f32 bits with
+    /// lower halves at and around the ties: vectors of ordinary values take `vcvtneps2bf16`
+    /// where the CPU has it; vectors holding a subnormal or a NaN the integer rounding.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_pack_rounds_as_the_scalar_path() {
+        if !SimdLevel::Avx512.is_supported() {
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+        unsafe fn pack(v: &[f32; 16]) -> [u16; 16] {
+            use std::arch::x86_64::*;
+            std::mem::transmute(bf16_pack_avx512(_mm512_loadu_ps(v.as_ptr())))
+        }
+        let lows = [
+            0x0000, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff, 0x5a5a, 0xc3c3,
+        ];
+        let values: Vec<f32> = (0..=u16::MAX as u32)
+            .flat_map(|hi| lows.map(|lo| f32::from_bits(hi << 16 | lo)))
+            .collect();
+        let (mut special, mut plain) = (0, 0);
+        for chunk in values.chunks_exact(16) {
+            let v: [f32; 16] = chunk.try_into().unwrap();
+            let got = unsafe { pack(&v) };
+            let odd = v.iter().any(|x| x.is_nan() || x.is_subnormal());
+            if odd {
+                special += 1;
+            } else {
+                plain += 1;
+            }
+            for (x, b) in v.iter().zip(got) {
+                assert_eq!(b, f32_to_bf16(*x), "bf16({x:e}) = {b:#06x}");
+            }
+        }
+        assert!(special >= 256 && plain > 30_000, "{special} / {plain}");
+        let v = [1e-40f32; 16];
+        assert_eq!(unsafe { pack(&v) }, [f32_to_bf16(1e-40); 16]);
+        assert_ne!(f32_to_bf16(1e-40), 0, "a subnormal keeps its bits");
     }
 }

@@ -262,10 +262,9 @@ mod x86 {
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
         }
         #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
         unsafe fn store_bf16(p: *mut u16, v: __m512) {
-            let r = simd::bf16_bits_avx512(v);
-            _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(r))
+            _mm256_storeu_si256(p.cast(), simd::bf16_pack_avx512(v))
         }
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

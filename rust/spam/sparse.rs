@@ -225,8 +225,7 @@ mod avx512 {
     unsafe fn store16<P: Param>(x: &mut [P], v: __m512) {
         let x = &mut x[..16];
         if !P::IS_F32 {
-            let out = crate::simd::bf16_bits_avx512(v);
-            _mm256_storeu_si256(x.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(out));
+            _mm256_storeu_si256(x.as_mut_ptr().cast(), crate::simd::bf16_pack_avx512(v));
         } else {
             _mm512_storeu_ps(x.as_mut_ptr().cast(), v)
         }
