@@ -353,6 +353,31 @@ def test_opcheck(shape, dim, dtype, log):
     torch.library.opcheck(torch.ops.ferrograd.softmax_backward.default, (y, g, dim, log))
 
 
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_take_negative_dims_as_torch(dtype, log):
+    """The torch.library ops themselves (not only the public functions) take a dim in
+    [-rank, rank), as torch's softmax does, and name the op and dim outside it."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 40, 512).to(dtype)  # large enough for the Rust kernels
+    ref_fn = torch.log_softmax if log else torch.softmax
+    bwd = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+    tol = 1e-5 if dtype is torch.float32 else 2e-2
+    for dim in (-1, -2, -3):
+        y = torch.ops.ferrograd.softmax(x, dim, log)
+        want = ref_fn(x.double(), dim)
+        assert torch.allclose(y.double(), want, rtol=tol, atol=tol), dim
+        g = torch.randn_like(x)
+        dx = torch.ops.ferrograd.softmax_backward(y, g, dim, log)
+        want_dx = bwd(g.double(), y.double(), dim, torch.float64)
+        assert torch.allclose(dx.double(), want_dx, rtol=tol, atol=tol), dim
+    for dim in (3, -4):
+        with pytest.raises(IndexError, match="softmax: dim"):
+            torch.ops.ferrograd.softmax(x, dim, log)
+    scalar = torch.tensor(0.5, dtype=dtype)
+    assert torch.ops.ferrograd.softmax(scalar, -1, log).shape == ()
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_compiled_equals_eager(name):
     fn = OPS[name][0]

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ... import _core
-from .._checks import KERNEL_DTYPES
+from .._checks import KERNEL_DTYPES, normalize_dim
 from .._memory import fresh
 from . import reference
 
@@ -66,8 +66,12 @@ def _small(numel: int) -> bool:
 
 
 def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | None, int, int]:
-    """The contiguous kernel input, the layout when it is not plain rows, and rows, n."""
-    if dim == t.dim() - 1 and t.is_contiguous():
+    """The contiguous kernel input, the layout when it is not plain rows, and rows, n. The ops
+    take any dim torch's softmax takes (the public functions hand them one in [0, rank))."""
+    rank = t.dim()
+    if not 0 <= dim < rank:
+        dim = normalize_dim("softmax", dim, rank)
+    if dim == rank - 1 and t.is_contiguous():
         n = t.shape[dim]
         return t, None, t.numel() // n, n
     layout = _Layout(t.shape, dim)
@@ -77,7 +81,7 @@ def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | Non
 def forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     """The kernel for every input of its dtypes: the public functions send the inputs where
     torch is faster (``torch_is_faster``) to torch before the op."""
-    if x.dtype not in KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES or x.dim() == 0:
         return reference.forward(x, dim, log)
     xk, layout, outer, n = _kernel_args(x, dim)
     yk = fresh(torch.empty_like(xk))
