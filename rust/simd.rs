@@ -274,13 +274,10 @@ unsafe fn widen_bf16_impl<S: Simd>(bits: &[Bf16], out: &mut [f32]) {
     }
 }
 
-/// f32 to bfloat16, rounded to nearest even as torch rounds (vectorized as `widen_bf16_impl`).
-#[allow(clippy::extra_unused_type_parameters)]
+/// f32 to bfloat16, rounded to nearest even as torch rounds ([`Simd::narrow_bf16`]).
 #[inline(always)]
 unsafe fn narrow_bf16_impl<S: Simd>(x: &[f32], bits: &mut [Bf16]) {
-    for (b, &v) in bits.iter_mut().zip(x) {
-        *b = Bf16(f32_to_bf16(v));
-    }
+    S::narrow_bf16(x, bits)
 }
 
 /// The widest path this CPU supports.
@@ -471,6 +468,15 @@ pub trait Simd: Copy {
         let (m, n) = Self::exp_split(x);
         Self::scale(m, n)
     }
+
+    /// `x` rounded to bfloat16 into `bits` (as long), as [`f32_to_bf16`] rounds: a plain loop
+    /// that vectorizes at this level's width, unless the backend has a faster conversion.
+    #[inline(always)]
+    unsafe fn narrow_bf16(x: &[f32], bits: &mut [Bf16]) {
+        for (b, &v) in bits.iter_mut().zip(x) {
+            *b = Bf16(f32_to_bf16(v));
+        }
+    }
 }
 
 /// log2(e)
@@ -620,7 +626,7 @@ pub use x86::{bf16_bits_avx2, bf16_bits_avx512, bf16_pack_avx512, Avx2, Avx512};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{exp_split_fma, has_bf16_convert, Simd, BF16_NAN};
+    use super::{exp_split_fma, f32_to_bf16, has_bf16_convert, Bf16, Simd, BF16_NAN};
 
     /// [`bf16_bits_avx512`] for 8 lanes.
     ///
@@ -909,6 +915,21 @@ mod x86 {
         unsafe fn scale(m: __m512, k: __m512) -> __m512 {
             _mm512_scalef_ps(m, k)
         }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+        unsafe fn narrow_bf16(x: &[f32], bits: &mut [Bf16]) {
+            let n = x.len().min(bits.len());
+            let (px, pb) = (x.as_ptr(), bits.as_mut_ptr());
+            let mut i = 0;
+            while i + 16 <= n {
+                let packed = bf16_pack_avx512(_mm512_loadu_ps(px.add(i)));
+                _mm256_storeu_si256(pb.add(i).cast(), packed);
+                i += 16;
+            }
+            for j in i..n {
+                *pb.add(j) = Bf16(f32_to_bf16(*px.add(j)));
+            }
+        }
     }
 }
 
@@ -1122,5 +1143,16 @@ mod tests {
         let v = [1e-40f32; 16];
         assert_eq!(unsafe { pack(&v) }, [f32_to_bf16(1e-40); 16]);
         assert_ne!(f32_to_bf16(1e-40), 0, "a subnormal keeps its bits");
+        // The slice form on every path, with a ragged tail.
+        let x = &values[..values.len() - 5];
+        let want: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+        for level in SimdLevel::ALL.into_iter().filter(|l| l.is_supported()) {
+            let mut bits = vec![Bf16(0); x.len()];
+            narrow_bf16(level, x, &mut bits);
+            assert!(
+                bits.iter().map(|b| b.0).eq(want.iter().copied()),
+                "{level:?}"
+            );
+        }
     }
 }
