@@ -50,6 +50,8 @@ pub struct CpuFeatures {
     pub avx512vl: bool,
     pub avx512dq: bool,
     pub avx512vnni: bool,
+    /// `vcvtneps2bf16` and `vdpbf16ps` (bfloat16 stores and dot products).
+    pub avx512bf16: bool,
     /// An AMD CPU: Zen 4/5 run float adds and conversions on pipes of their own (FP2/FP3),
     /// apart from the integer and fused multiply-adds; Intel's cores issue 512-bit ones all on
     /// ports 0 and 5. A kernel picks the arithmetic that keeps its multiply-add pipes free.
@@ -57,7 +59,7 @@ pub struct CpuFeatures {
 }
 
 impl CpuFeatures {
-    pub fn named(&self) -> [(&'static str, bool); 7] {
+    pub fn named(&self) -> [(&'static str, bool); 8] {
         [
             ("avx2", self.avx2),
             ("fma", self.fma),
@@ -66,6 +68,7 @@ impl CpuFeatures {
             ("avx512vl", self.avx512vl),
             ("avx512dq", self.avx512dq),
             ("avx512vnni", self.avx512vnni),
+            ("avx512bf16", self.avx512bf16),
         ]
     }
 }
@@ -85,7 +88,8 @@ pub fn cpu_features() -> CpuFeatures {
     *FEATURES.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            BF16_CONVERT.store(is_x86_feature_detected!("avx512bf16"), Ordering::Relaxed);
+            let avx512bf16 = is_x86_feature_detected!("avx512bf16");
+            BF16_CONVERT.store(avx512bf16, Ordering::Relaxed);
             CpuFeatures {
                 avx2: is_x86_feature_detected!("avx2"),
                 fma: is_x86_feature_detected!("fma"),
@@ -94,6 +98,7 @@ pub fn cpu_features() -> CpuFeatures {
                 avx512vl: is_x86_feature_detected!("avx512vl"),
                 avx512dq: is_x86_feature_detected!("avx512dq"),
                 avx512vnni: is_x86_feature_detected!("avx512vnni"),
+                avx512bf16,
                 amd: is_amd(),
             }
         }

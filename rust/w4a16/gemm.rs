@@ -109,7 +109,7 @@ pub fn supported(level: crate::simd::SimdLevel, shape: super::Shape) -> bool {
     level == crate::simd::SimdLevel::Avx512
         && f.avx512bw
         && f.avx512vl
-        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && f.avx512bf16
         && (shape.group_size.is_multiple_of(BLOCK_BYTES) || shape.groups() == 1)
 }
 
