@@ -353,6 +353,40 @@ def test_opcheck(shape, dim, dtype, log):
     torch.library.opcheck(torch.ops.ferrograd.softmax_backward.default, (y, g, dim, log))
 
 
+def test_small_inputs_with_gradients_take_torchs_op_where_as_accurate():
+    """Which op a call records: torch's own for inputs where it is as accurate and small enough
+    to be faster (a higher limit when the call records a graph: the backward's Python node
+    costs more than torch's), ferrograd's elsewhere; the gradients match float64 either way."""
+    from ferrograd.ops.softmax import cpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the limits scale with threads up to 2
+    try:
+        n = cpu.TORCH_BELOW_GRAD // 512
+        for rows, dtype, log, ours in [
+            (n // 2, torch.bfloat16, False, False),  # between the two limits, grad: torch
+            (n, torch.bfloat16, False, True),
+            (n // 2, torch.float32, True, False),
+            (n // 2, torch.float32, False, True),  # float32 softmax: always ferrograd's
+            (n // 2, torch.bfloat16, True, True),  # 16-bit log_softmax: always ferrograd's
+        ]:
+            x = torch.randn(rows, 512).to(dtype).requires_grad_()
+            y = (fg.log_softmax if log else fg.softmax)(x)
+            assert ("ferrograd" in type(y.grad_fn).__name__) is ours, (rows, dtype, log)
+            g = torch.randn_like(y)
+            (dx,) = torch.autograd.grad(y, x, g)
+            x64 = x.detach().double().requires_grad_()
+            y64 = (torch.log_softmax if log else torch.softmax)(x64, -1)
+            (want,) = torch.autograd.grad(y64, x64, g.double())
+            tol = 1e-5 if dtype is torch.float32 else 3e-2
+            assert torch.allclose(dx.double(), want, rtol=tol, atol=tol)
+            with torch.no_grad():  # no graph: the lower limit
+                y = (fg.log_softmax if log else fg.softmax)(x)
+                assert y.grad_fn is None
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ops_take_negative_dims_as_torch(dtype, log):

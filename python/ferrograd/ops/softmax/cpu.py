@@ -15,6 +15,9 @@ from . import reference
 #: Inputs smaller than this times torch's thread count (up to 2, the counts measured) run
 #: torch's op where it is as accurate (docs/softmax.md).
 TORCH_BELOW = 32768
+#: The same limit for inputs that record a graph: the backward's Python autograd node costs
+#: more than torch's native one, and torch's forward + backward stayed ahead up to here.
+TORCH_BELOW_GRAD = 131072
 
 # With fewer independent softmaxes side by side than one AVX-512 vector holds, moving the
 # softmax dim last (one copy) beats running the strided kernel on partial vectors.
@@ -54,15 +57,20 @@ def torch_is_faster(x: torch.Tensor, log: bool) -> bool:
     its 16-bit log_softmax rounds in 16 bits. Empty and one-element inputs (exact either way)
     always go to torch."""
     numel = x.numel()
-    return numel <= 1 or (log == (x.dtype is _F32) and _small(numel))
+    if numel <= 1:
+        return True
+    if log != (x.dtype is _F32):
+        return False
+    grad = x.requires_grad and torch.is_grad_enabled()
+    return _small(numel, TORCH_BELOW_GRAD if grad else TORCH_BELOW)
 
 
-def _small(numel: int) -> bool:
-    if numel < TORCH_BELOW or numel >= 2 * TORCH_BELOW:  # the same at 1 and 2 threads
-        return numel < TORCH_BELOW
+def _small(numel: int, below: int = TORCH_BELOW) -> bool:
+    if numel < below or numel >= 2 * below:  # the same at 1 and 2 threads
+        return numel < below
     # The thread count is not traceable: a compiled graph takes the 1-thread limit.
     threads = 1 if torch.compiler.is_compiling() else min(torch.get_num_threads(), 2)
-    return numel < TORCH_BELOW * threads
+    return numel < below * threads
 
 
 def _kernel_args(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, _Layout | None, int, int]:
