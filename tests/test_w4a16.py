@@ -689,8 +689,8 @@ def test_cuda_launch_with_the_emulated_kernel(monkeypatch, lead, dtype, group_si
     q = fg.quant.quantize_w4(torch.randn(40, 64, generator=g), group_size, zero_point)
     words = q.with_layout(GPU_WORDS)
     x = torch.randn(*lead, 64, generator=g).to(dtype)
-    got = w4_cuda.matmul(x, words.packed, words.scales, words.zeros, group_size, GPU_WORDS)
-    want = reference.matmul(x, q.packed, q.scales, q.zeros, group_size, CPU_BLOCKS)
+    got = w4_cuda.matmul(x, words.packed, words.scales, words.zeros, 64, group_size, GPU_WORDS)
+    want = reference.matmul(x, q.packed, q.scales, q.zeros, 64, group_size, CPU_BLOCKS)
     assert got.shape == (*lead, 40) and got.dtype == dtype
     # Both round float32 sums to x's dtype, summed in different orders: one unit of the largest.
     assert (got.float() - want.float()).abs().max() <= torch.finfo(dtype).eps * want.abs().max()
@@ -719,8 +719,8 @@ def test_cuda_takes_the_reference_for_scales_x_cannot_hold(monkeypatch, scales_d
     scales = q.scales.to(scales_dtype)
     words = q.with_layout(GPU_WORDS)
     x = torch.randn(3, 64).to(x_dtype)
-    got = w4_cuda.matmul(x, words.packed, scales, words.zeros, 32, GPU_WORDS)
-    want = reference.matmul(x, q.packed, scales, q.zeros, 32, CPU_BLOCKS)
+    got = w4_cuda.matmul(x, words.packed, scales, words.zeros, 64, 32, GPU_WORDS)
+    want = reference.matmul(x, q.packed, scales, q.zeros, 64, 32, CPU_BLOCKS)
     assert torch.equal(got, want) and got.isfinite().all()
 
 
@@ -834,6 +834,22 @@ OPCHECK_CASES = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_op_refuses_x_of_another_k(layout):
+    """The op takes K itself: the packed layouts pad K (the CPU's to blocks of 64), so x of 100
+    or 127 columns against a 128-column weight matched the weight's tensors and was multiplied
+    by its first columns. Every K but the weight's is the ValueError naming x."""
+    q = fg.quant.quantize_w4(torch.randn(64, 128), 32).with_layout(layout)
+    operands = (q.packed, q.scales, q.zeros)
+    x = torch.randn(2, 128)
+    y = torch.ops.ferrograd.w4a16_matmul(x, *operands, 128, 32, layout).double()
+    want = x.double() @ q.dequantize().double().T
+    assert (y - want).abs().max() / want.abs().max() < 1e-4  # x rounded per row (above)
+    for k in (64, 96, 100, 127, 130):
+        with pytest.raises(ValueError, match=r"w4a16_matmul: x must have shape \[\.\.\., K\]"):
+            torch.ops.ferrograd.w4a16_matmul(torch.randn(2, k), *operands, 128, 32, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype, zero_point, group_size, x_shape", OPCHECK_CASES)
 def test_opcheck(device, layout, dtype, zero_point, group_size, x_shape):
     g = torch.Generator().manual_seed(3)
@@ -843,7 +859,7 @@ def test_opcheck(device, layout, dtype, zero_point, group_size, x_shape):
     operands = (q.packed, q.scales, q.zeros)
     torch.library.opcheck(ops.w4_dequantize_op, (*operands, 96, group_size, layout))
     x = torch.randn(x_shape, generator=g).to(device, dtype).requires_grad_()
-    torch.library.opcheck(ops.w4a16_matmul_op, (x, *operands, group_size, layout))
+    torch.library.opcheck(ops.w4a16_matmul_op, (x, *operands, 96, group_size, layout))
     grad = torch.randn(*x_shape[:-1], 20, generator=g).to(device, dtype).requires_grad_()
     torch.library.opcheck(ops.w4a16_matmul_backward_op, (grad, *operands, 96, group_size, layout))
 

@@ -23,7 +23,7 @@ import torch
 from .. import _library
 from .._checks import KERNEL_DTYPES, check_floating, check_tensor
 from . import cpu, cuda, reference
-from .weight import CPU_BLOCKS, W4Weight, group_len, packed_shape, store_scales
+from .weight import CPU_BLOCKS, W4Weight, check_x, group_len, packed_shape, store_scales
 
 __all__ = ["W4Weight", "quantize_w4", "w4a16_linear", "w4a16_matmul"]
 
@@ -44,7 +44,8 @@ def _fake_dequantize(packed, scales, zeros, k, group_size, layout):
     return scales.new_empty(packed.shape[0], k, dtype=torch.float32)
 
 
-def _fake_matmul(x, packed, scales, zeros, group_size, layout):
+def _fake_matmul(x, packed, scales, zeros, k, group_size, layout):
+    check_x(x, k)
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
@@ -66,7 +67,7 @@ w4_dequantize_op = _library.define(
     fake=_fake_dequantize,
 )
 w4a16_matmul_op = _library.define(
-    "w4a16_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
+    "w4a16_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int k, int group_size, "
     "str layout) -> Tensor",
     cpu=cpu.matmul,
     cuda=cuda.matmul,
@@ -83,8 +84,7 @@ w4a16_matmul_backward_op = _library.define(
 
 
 def _setup_matmul(ctx, inputs, output) -> None:
-    x, packed, scales, zeros, ctx.group_size, ctx.layout = inputs
-    ctx.k = x.shape[-1]
+    _, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout = inputs
     ctx.save_for_backward(packed, scales, zeros)
 
 
@@ -93,17 +93,19 @@ def _matmul_backward(ctx, grad: torch.Tensor):
     dx = _library.call(
         w4a16_matmul_backward_op, grad, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout
     )
-    return dx, None, None, None, None, None
+    return dx, None, None, None, None, None, None
 
 
 def _setup_backward(ctx, inputs, output) -> None:
-    _, packed, scales, zeros, _, ctx.group_size, ctx.layout = inputs
+    _, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout = inputs
     ctx.save_for_backward(packed, scales, zeros)
 
 
 def _backward_backward(ctx, grad: torch.Tensor):
     packed, scales, zeros = ctx.saved_tensors
-    dgrad = _library.call(w4a16_matmul_op, grad, packed, scales, zeros, ctx.group_size, ctx.layout)
+    dgrad = _library.call(
+        w4a16_matmul_op, grad, packed, scales, zeros, ctx.k, ctx.group_size, ctx.layout
+    )
     return dgrad, None, None, None, None, None, None
 
 
@@ -167,9 +169,7 @@ def w4a16_linear(
     ``fg.nn.W4A16Linear`` holds as buffers): checks, then the op."""
     check_tensor(OP, "x", x)
     check_floating(OP, "x", x)
-    n, k = shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{OP}: x must have shape [..., K] with K = {k}, got {tuple(x.shape)}")
+    n, k = shape  # x's K: checked by the op's kernels (weight.check_x)
     if x.device != packed.device:
         raise ValueError(f"{OP}: x is on {x.device} but w is on {packed.device}")
     if bias is not None:
@@ -181,9 +181,9 @@ def w4a16_linear(
         # The bias meets the float32 product before the one rounding to float16 (rounding
         # first turns a product past float16's range into inf even where the sum is finite).
         # On the CPU float16 x is widened for the kernels anyway, so this costs nothing.
-        y = _library.call(w4a16_matmul_op, x.float(), packed, scales, zeros, group_size, layout)
+        y = _library.call(w4a16_matmul_op, x.float(), packed, scales, zeros, k, group_size, layout)
         return (y + bias.float()).to(x.dtype)
-    y = _library.call(w4a16_matmul_op, x, packed, scales, zeros, group_size, layout)
+    y = _library.call(w4a16_matmul_op, x, packed, scales, zeros, k, group_size, layout)
     return y if bias is None else y + bias.to(y.dtype)
 
 

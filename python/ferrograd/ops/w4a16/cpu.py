@@ -27,7 +27,7 @@ from .._checks import KERNEL_DTYPES
 from .._matmul import bf16_matmul_is_faster
 from .._memory import fresh
 from . import reference
-from .weight import CPU_BLOCKS, group_len, kernel_zeros, packed_shape
+from .weight import CPU_BLOCKS, check_x, group_len, kernel_zeros, packed_shape
 
 #: The most rows of x that take the GEMV kernel (which reads W once per 8 or 4 rows).
 GEMV_MAX_ROWS = 16
@@ -124,11 +124,12 @@ def _kernel_x(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
 
 
-def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
+def matmul(x, packed, scales, zeros, k: int, group_size: int, layout: str) -> torch.Tensor:
     if layout != CPU_BLOCKS or x.dtype not in KERNEL_DTYPES:
-        return reference.matmul(x, packed, scales, zeros, group_size, layout)
+        return reference.matmul(x, packed, scales, zeros, k, group_size, layout)
+    check_x(x, k)
     packed, scales, zeros = _operands(packed, scales, zeros)
-    n, k = packed.shape[0], x.shape[-1]
+    n = packed.shape[0]
     xk = _kernel_x(x)
     # The kernels see x [M, K] and y [M, N] as flat rows: no reshape for leading dims. They
     # write bf16 y for bf16 x (rounded once from their float32 sums), float32 y otherwise.

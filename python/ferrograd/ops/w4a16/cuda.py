@@ -17,7 +17,7 @@ import torch
 
 from ... import cuda
 from . import reference
-from .weight import GPU_WORDS, group_len, kernel_zeros
+from .weight import GPU_WORDS, check_x, group_len, kernel_zeros
 
 __all__ = ["BLOCK_N", "STEP_K", "launch_plan", "matmul", "supports"]
 
@@ -50,8 +50,8 @@ def launch_plan(m: int, n: int, k: int, sms: int = 132) -> tuple[str, tuple[int,
     return entry, (col_blocks, row_blocks, -(-steps // per_split)), per_split
 
 
-def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tensor:
-    k = x.shape[-1]
+def matmul(x, packed, scales, zeros, k: int, group_size: int, layout: str) -> torch.Tensor:
+    check_x(x, k)
     if not (
         layout == GPU_WORDS
         and x.dtype in _TYPES
@@ -60,7 +60,7 @@ def matmul(x, packed, scales, zeros, group_size: int, layout: str) -> torch.Tens
         and supports(k, group_size)
         and cuda.is_available()
     ):
-        return reference.matmul(x, packed, scales, zeros, group_size, layout)
+        return reference.matmul(x, packed, scales, zeros, k, group_size, layout)
     n = packed.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .weight import CPU_BLOCKS, SYMMETRIC_ZERO, group_len, kernel_zeros, pack, unpack
+from .weight import CPU_BLOCKS, SYMMETRIC_ZERO, check_x, group_len, kernel_zeros, pack, unpack
 
 
 def _groups(w: torch.Tensor, g: int, fill: float) -> torch.Tensor:
@@ -87,11 +87,13 @@ def matmul(
     packed: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
+    k: int,
     group_size: int,
     layout: str,
 ) -> torch.Tensor:
     """x [..., K] @ W_hat.T -> [..., N] in x's dtype (W_hat rounded to x's dtype)."""
-    w_hat = dequantize(packed, scales, zeros, x.shape[-1], group_size, layout)
+    check_x(x, k)
+    w_hat = dequantize(packed, scales, zeros, k, group_size, layout)
     return x @ w_hat.to(x.dtype).T
 
 

@@ -56,6 +56,16 @@ def group_len(k: int, group_size: int) -> int:
     return k if group_size == -1 else group_size
 
 
+def check_x(x: torch.Tensor, k: int) -> None:
+    """x [..., K] for a K-column weight, or the ValueError naming the op and x: the packed
+    layouts pad K (to blocks of 64 on the CPU), so the weight's tensors alone cannot tell a
+    shorter x from the right one."""
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"w4a16_matmul: x must have shape [..., K] with K = {k}, got {tuple(x.shape)}"
+        )
+
+
 def native_layout(device: torch.device | str) -> str:
     """The layout a weight takes on ``device``: the GPU kernel's on CUDA, the CPU one elsewhere."""
     return GPU_WORDS if torch.device(device).type == "cuda" else CPU_BLOCKS
