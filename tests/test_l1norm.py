@@ -616,3 +616,13 @@ def test_rms_gradcheck_through_the_float64_path_with_one_column():
     x = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
     w = torch.rand(1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: l1norm.l1_rms_norm(x, w, 1e-3), (x, w))
+
+
+def test_ops_refuse_0d_inputs():
+    """The ops themselves (the public functions check first): 0-d x was an IndexError from a
+    tuple; now the ValueError naming the op and x."""
+    x = torch.tensor(1.5)
+    with pytest.raises(ValueError, match="l1_layer_norm: x must have at least one dim"):
+        torch.ops.ferrograd.l1_norm(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="l1_rms_norm: x must have at least one dim"):
+        torch.ops.ferrograd.l1_rms_norm(x, None, 1e-5)

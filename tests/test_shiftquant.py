@@ -686,6 +686,25 @@ def test_dequantize_equals_the_reference(device):
     assert torch.equal(q.dequantize().cpu(), want)
 
 
+@pytest.mark.parametrize("group_size", [0, -4])
+def test_quantize_op_refuses_a_group_size_below_one(group_size):
+    """The op itself: group_size 0 was a ZeroDivisionError, -4 a tensor of negative size."""
+    with pytest.raises(ValueError, match="shiftquant: group_size must be a positive multiple"):
+        torch.ops.ferrograd.shiftquant_quantize(torch.randn(8, 64), 8, group_size, None, False)
+
+
+def test_dequantize_op_refuses_a_scale_per_other_rows():
+    """The op itself (not only ShiftQuantTensor.dequantize) wants one scale per row of codes:
+    codes [8, 64] with 4 scales and 8 shifts read as 4 rows of 128 in the Rust kernel."""
+    q = fg.shiftquant(sample((8, 128), 8), bits=8, group_size=64)
+    codes = q.codes.reshape(16, 64)  # 16 rows of one group each; q.scale has 8
+    shifts = q.shifts.reshape(16, 1)
+    with pytest.raises(ValueError, match="shiftquant_dequantize: scale must hold one value"):
+        torch.ops.ferrograd.shiftquant_dequantize(codes, q.scale, shifts, 64)
+    got = torch.ops.ferrograd.shiftquant_dequantize(q.codes, q.scale, q.shifts, 64)
+    assert torch.equal(got, sq_reference.dequantize(q.codes, q.scale, q.shifts, 64))
+
+
 @pytest.mark.parametrize(
     "m, n, k, group_size",
     [

@@ -4,6 +4,7 @@ are (other floating dtypes are converted to float32 first), the GEMM writes floa
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -100,6 +101,10 @@ def _quantize(x, bits, group_size, seed, transposed, col_sums, slot) -> Quantize
     bf16 = x.dtype == torch.bfloat16
     x = (x if bf16 or x.dtype == torch.float32 else x.float()).contiguous()
     rows, length = x.shape[::-1] if transposed else x.shape
+    if group_size <= 0:  # the kernel checks it too, but the outputs are sized by it first
+        raise ValueError(
+            f"shiftquant: group_size must be a positive multiple of 4, got {group_size}"
+        )
     codes, scale, shifts = _outputs(rows, length, group_size, slot)
     _core.shiftquant_quantize(
         x, codes, scale, shifts, length, bits, group_size, seed, transposed, col_sums
@@ -110,6 +115,13 @@ def _quantize(x, bits, group_size, seed, transposed, col_sums, slot) -> Quantize
 def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, shifts: torch.Tensor, group_size: int
 ) -> torch.Tensor:
+    # The kernel reads rows of len(codes) / len(scale) codes: codes [8, 64] with 4 scales
+    # would pass its checks as 4 rows of 128.
+    if codes.dim() == 0 or scale.numel() != math.prod(codes.shape[:-1]):
+        raise ValueError(
+            f"shiftquant_dequantize: scale must hold one value per row of codes "
+            f"{tuple(codes.shape)}, got {scale.numel()}"
+        )
     out = fresh(torch.empty(codes.shape, dtype=torch.float32))
     _core.shiftquant_dequantize(
         codes.contiguous(), scale.contiguous(), shifts.contiguous(), group_size, out
