@@ -1053,3 +1053,20 @@ def test_kernel_launch_errors():
     lse = torch.zeros(4, device="cuda")
     with pytest.raises(ValueError, match="cce_backward_cuda: coef_target must be a float32"):
         cce_backward_cuda(e, c, b, targets, lse, lse, lse.double(), lse, None, None, False)
+
+
+def test_ops_name_mismatched_shapes():
+    """The ops themselves (the public function checks first) raised torch's matmul and
+    broadcast errors on mismatched shapes; now the ValueError naming op and argument."""
+    e, c, t = torch.randn(8, 16), torch.randn(100, 16), torch.randint(0, 100, (8,))
+    args = (None, 0.0, 0.0, None)
+    op = torch.ops.ferrograd.linear_cross_entropy
+    with pytest.raises(ValueError, match="linear_cross_entropy: e .N, D. and c .V, D. must share"):
+        op(e, torch.randn(100, 12), None, t, *args)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: bias must have shape \[100\]"):
+        op(e, c, torch.randn(50), t, *args)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: targets must have shape \[8\]"):
+        op(e, c, None, t[:5], *args)
+    loss, lse = op(e, c, None, t, *args)
+    want = torch.nn.functional.cross_entropy(e.double() @ c.double().T, t, reduction="none")
+    assert torch.allclose(loss.double(), want, rtol=1e-5, atol=1e-5)

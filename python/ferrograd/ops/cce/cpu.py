@@ -47,8 +47,24 @@ def _kernels(dtype: torch.dtype) -> dict:
     return {"gemm_dtype": gemm_dtype(dtype), "native": True}
 
 
+def _check(op: str, e, c, bias, targets) -> None:
+    """The shapes the chunk loop assumes (the public function checks them first; the ops
+    themselves raised torch's matmul and broadcast errors, naming neither op nor argument)."""
+    if e.dim() != 2 or c.dim() != 2 or e.shape[1] != c.shape[1]:
+        raise ValueError(
+            f"{op}: e [N, D] and c [V, D] must share D, got {tuple(e.shape)} and {tuple(c.shape)}"
+        )
+    if targets.shape != (e.shape[0],):
+        raise ValueError(
+            f"{op}: targets must have shape [{e.shape[0]}], got {tuple(targets.shape)}"
+        )
+    if bias is not None and bias.shape != (c.shape[0],):
+        raise ValueError(f"{op}: bias must have shape [{c.shape[0]}], got {tuple(bias.shape)}")
+
+
 def forward(e, *args):
     """The op's arguments, as reference.forward's."""
+    _check("linear_cross_entropy", e, *args[:3])
     if e.dtype == torch.float64:
         return reference.forward(e, *args)
     return reference.forward(e, *args, fold=_fold_chunk, **_kernels(e.dtype))
@@ -56,6 +72,7 @@ def forward(e, *args):
 
 def backward(e, *args):
     """The op's arguments, as reference.backward's."""
+    _check("linear_cross_entropy_backward", e, *args[:3])
     if e.dtype == torch.float64:
         return reference.backward(e, *args)
     return reference.backward(e, *args, grad=_grad_chunk, **_kernels(e.dtype))
@@ -63,6 +80,7 @@ def backward(e, *args):
 
 def fused(e, *args):
     """The op's arguments, as reference.fused's."""
+    _check("linear_cross_entropy_fused", e, *args[:3])
     if e.dtype == torch.float64:
         return reference.fused(e, *args)
     return reference.fused(e, *args, rows_fn=_fused_rows, **_kernels(e.dtype))
@@ -70,6 +88,7 @@ def fused(e, *args):
 
 def parts(e, *args):
     """reference.parts' arguments, run as :func:`forward` runs the chunk loop."""
+    _check("linear_cross_entropy_parts", e, *args[:3])
     if e.dtype == torch.float64:
         return reference.parts(e, *args)
     return reference.parts(e, *args, fold=_fold_chunk, **_kernels(e.dtype))
