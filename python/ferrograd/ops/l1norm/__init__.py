@@ -305,8 +305,7 @@ def l1_rms_norm(
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
     eps = check_eps(op, eps)
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least one dim")
+    reference.check_rows(op, x)
     n = x.shape[-1]
     if weight is not None:
         if tuple(weight.shape) != (n,):

@@ -22,12 +22,6 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(_F32).contiguous()
 
 
-def _check_rows(op: str, x: torch.Tensor) -> None:
-    """The ops themselves take x [..., n] (the public functions check it first)."""
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least one dim")
-
-
 def _grads(n: int, weight_grad: bool, bias_grad: bool):
     """dweight and dbias buffers (None for the kernel) and what the op returns for them."""
     dw = torch.empty(n, dtype=_F32) if weight_grad else None
@@ -42,7 +36,7 @@ def _grads(n: int, weight_grad: bool, bias_grad: bool):
 def forward(x: torch.Tensor, weight, bias, eps: float):
     if x.dtype not in _KERNEL:
         return reference.forward(x, weight, bias, eps)
-    _check_rows("l1_layer_norm", x)
+    reference.check_rows("l1_layer_norm", x)  # the ops themselves (also public)
     n, rows = x.shape[-1], reference.rows(x)
     y = fresh(torch.empty(x.shape, dtype=x.dtype))
     mean, rstd = torch.empty(rows, dtype=_F32), torch.empty(rows, dtype=_F32)
@@ -65,7 +59,7 @@ def backward(grad, x, mean, rstd, weight, weight_grad: bool, bias_grad: bool):
 def rms_forward(x: torch.Tensor, weight, eps: float):
     if x.dtype not in _KERNEL:
         return reference.rms_forward(x, weight, eps)
-    _check_rows("l1_rms_norm", x)
+    reference.check_rows("l1_rms_norm", x)
     n, rows = x.shape[-1], reference.rows(x)
     y = fresh(torch.empty(x.shape, dtype=x.dtype))
     rstd = torch.empty(rows, dtype=_F32)

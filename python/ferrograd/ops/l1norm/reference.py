@@ -19,6 +19,12 @@ def rows(x: torch.Tensor):
     return math.prod(x.shape[:-1])
 
 
+def check_rows(op: str, x: torch.Tensor) -> None:
+    """x [..., n] has at least one dim, or the ValueError naming ``op`` and x."""
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dim")
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 inputs are normalized in float64, every other floating dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
