@@ -22,6 +22,7 @@ test: develop
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test -q
+	FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16 cargo test -q
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest ferrograd._core --allowlist .stubtest-allowlist
@@ -34,6 +35,13 @@ test: develop
 			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
 		fi; \
 	done
+	@# AVX-512 without VNNI and BF16 (Skylake-SP's set; Cascade Lake and Ice Lake lack BF16): the
+	@# paths those CPUs take, run here with the two features turned off.
+	@if $(PY) -c "import ferrograd, sys; sys.exit('avx512' not in ferrograd.cpu_info()['supported'])"; then \
+		echo "== SIMD path avx512 without avx512vnni and avx512bf16 =="; \
+		FERROGRAD_SIMD=avx512 FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16 \
+			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
+	fi
 
 # The long fuzz campaign (tests/fuzz/campaign.py): FUZZ_EXAMPLES cases per op, crash-isolated,
 # bounded by FUZZ_SECONDS; the table goes to stdout and bench/results/fuzz.json.

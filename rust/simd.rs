@@ -1,4 +1,5 @@
-//! CPU feature detection, the `FERROGRAD_SIMD` override, and the vector backends.
+//! CPU feature detection, the `FERROGRAD_SIMD` and `FERROGRAD_DISABLE_FEATURES` overrides, and
+//! the vector backends.
 //!
 //! Kernels are written once, generic over [`Simd`], and instantiated per backend inside a
 //! `#[target_feature]` function by [`dispatch!`]: the wheel targets baseline x86-64 and picks the
@@ -59,6 +60,39 @@ pub struct CpuFeatures {
 }
 
 impl CpuFeatures {
+    /// These features with the one called `name` (as [`CpuFeatures::named`] calls it) off;
+    /// None for a name that is not one of them.
+    fn without(mut self, name: &str) -> Option<Self> {
+        let flag = match name {
+            "avx2" => &mut self.avx2,
+            "fma" => &mut self.fma,
+            "avx512f" => &mut self.avx512f,
+            "avx512bw" => &mut self.avx512bw,
+            "avx512vl" => &mut self.avx512vl,
+            "avx512dq" => &mut self.avx512dq,
+            "avx512vnni" => &mut self.avx512vnni,
+            "avx512bf16" => &mut self.avx512bf16,
+            _ => return None,
+        };
+        *flag = false;
+        Some(self)
+    }
+
+    /// These features less those of `list` (comma-separated names, as
+    /// `FERROGRAD_DISABLE_FEATURES` gives them), or the message naming an unknown one.
+    fn disabling(self, list: &str) -> Result<Self, String> {
+        let mut names = list.split(',').map(str::trim).filter(|n| !n.is_empty());
+        names.try_fold(self, |features, name| {
+            features.without(name).ok_or_else(|| {
+                let known: Vec<&str> = self.named().iter().map(|(n, _)| *n).collect();
+                format!(
+                    "FERROGRAD_DISABLE_FEATURES names {name:?}, not one of {}",
+                    known.join(", ")
+                )
+            })
+        })
+    }
+
     pub fn named(&self) -> [(&'static str, bool); 8] {
         [
             ("avx2", self.avx2),
@@ -85,30 +119,48 @@ pub fn has_bf16_convert() -> bool {
     BF16_CONVERT.load(Ordering::Relaxed)
 }
 
+/// The features the kernels use: those this CPU has, less any that `FERROGRAD_DISABLE_FEATURES`
+/// names (read once). Turning off AVX512-VNNI and AVX512-BF16 on a CPU that has them runs the
+/// AVX-512 paths of CPUs without them (Skylake-SP to Ice Lake), which `make test` checks;
+/// turning off an AVX-512 base feature makes the CPU an AVX2 one. With an unknown name the
+/// features are the detected ones and [`active`] reports the error.
 pub fn cpu_features() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
     *FEATURES.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx512bf16 = is_x86_feature_detected!("avx512bf16");
-            BF16_CONVERT.store(avx512bf16, Ordering::Relaxed);
-            CpuFeatures {
-                avx2: is_x86_feature_detected!("avx2"),
-                fma: is_x86_feature_detected!("fma"),
-                avx512f: is_x86_feature_detected!("avx512f"),
-                avx512bw: is_x86_feature_detected!("avx512bw"),
-                avx512vl: is_x86_feature_detected!("avx512vl"),
-                avx512dq: is_x86_feature_detected!("avx512dq"),
-                avx512vnni: is_x86_feature_detected!("avx512vnni"),
-                avx512bf16,
-                amd: is_amd(),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            CpuFeatures::default()
-        }
+        let detected = detected_features();
+        let features = disabled_features(detected).unwrap_or(detected);
+        BF16_CONVERT.store(features.avx512bf16, Ordering::Relaxed);
+        features
     })
+}
+
+/// `features` less those `FERROGRAD_DISABLE_FEATURES` names.
+fn disabled_features(features: CpuFeatures) -> Result<CpuFeatures, String> {
+    match std::env::var("FERROGRAD_DISABLE_FEATURES") {
+        Ok(list) => features.disabling(&list),
+        Err(_) => Ok(features),
+    }
+}
+
+fn detected_features() -> CpuFeatures {
+    #[cfg(target_arch = "x86_64")]
+    {
+        CpuFeatures {
+            avx2: is_x86_feature_detected!("avx2"),
+            fma: is_x86_feature_detected!("fma"),
+            avx512f: is_x86_feature_detected!("avx512f"),
+            avx512bw: is_x86_feature_detected!("avx512bw"),
+            avx512vl: is_x86_feature_detected!("avx512vl"),
+            avx512dq: is_x86_feature_detected!("avx512dq"),
+            avx512vnni: is_x86_feature_detected!("avx512vnni"),
+            avx512bf16: is_x86_feature_detected!("avx512bf16"),
+            amd: is_amd(),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        CpuFeatures::default()
+    }
 }
 
 /// Whether CPUID's vendor string is AMD's ("AuthenticAMD": EBX, EDX, ECX of leaf 0).
@@ -319,11 +371,15 @@ pub fn resolve(requested: Option<&str>) -> FgResult<SimdLevel> {
     Ok(level)
 }
 
-/// The path every kernel uses: `FERROGRAD_SIMD` when set (read once), else the detected one.
+/// The path every kernel uses: `FERROGRAD_SIMD` when set (read once), else the detected one;
+/// an error for a bad `FERROGRAD_SIMD` or `FERROGRAD_DISABLE_FEATURES`.
 pub fn active() -> FgResult<SimdLevel> {
     static ACTIVE: OnceLock<FgResult<SimdLevel>> = OnceLock::new();
     ACTIVE
-        .get_or_init(|| resolve(std::env::var("FERROGRAD_SIMD").ok().as_deref()))
+        .get_or_init(|| {
+            disabled_features(cpu_features()).map_err(FgError::Value)?;
+            resolve(std::env::var("FERROGRAD_SIMD").ok().as_deref())
+        })
         .clone()
 }
 
@@ -1002,6 +1058,40 @@ mod tests {
         assert_eq!(resolve(Some("scalar")), Ok(SimdLevel::Scalar));
         assert_eq!(resolve(None), Ok(detected()));
         assert_eq!(resolve(Some("auto")), Ok(detected()));
+    }
+
+    #[test]
+    fn disabling_turns_off_the_named_features_only() {
+        let all = CpuFeatures {
+            avx2: true,
+            fma: true,
+            avx512f: true,
+            avx512bw: true,
+            avx512vl: true,
+            avx512dq: true,
+            avx512vnni: true,
+            avx512bf16: true,
+            amd: false,
+        };
+        let off = |list: &str| all.disabling(list).unwrap().named();
+        let on = |features: [(&str, bool); 8]| {
+            let on = features.iter().filter(|(_, v)| *v).map(|(n, _)| *n);
+            on.collect::<Vec<_>>().join(",")
+        };
+        assert_eq!(on(off("")), on(all.named()));
+        assert_eq!(
+            on(off(" avx512vnni, avx512bf16 ,")),
+            "avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"
+        );
+        assert_eq!(
+            on(off("avx512f")),
+            "avx2,fma,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16"
+        );
+        let bad = all.disabling("avx512vnni,sse9").unwrap_err();
+        assert!(
+            bad.contains("\"sse9\"") && bad.contains("avx512bf16"),
+            "{bad}"
+        );
     }
 
     #[test]

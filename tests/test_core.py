@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import subprocess
@@ -106,8 +107,8 @@ def test_measured_clock_is_a_plausible_core_clock():
     assert 0.3e9 < hz < 7e9
 
 
-def _run(code: str, simd: str) -> subprocess.CompletedProcess:
-    env = {"FERROGRAD_SIMD": simd, "PATH": ""}
+def _run(code: str, simd: str, **env: str) -> subprocess.CompletedProcess:
+    env = {"FERROGRAD_SIMD": simd, "PATH": "", **env}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
@@ -120,6 +121,28 @@ def test_forced_simd_path_is_used_and_bad_values_are_rejected():
     bad = _run("import torch, ferrograd as fg; fg.softmax(torch.zeros(3))", "sse9")
     assert bad.returncode != 0
     assert "FERROGRAD_SIMD" in bad.stderr and "ValueError" in bad.stderr
+
+
+def test_disabled_features_are_off_and_bad_names_are_rejected():
+    detected = fg.cpu_info()
+    show = "import ferrograd as fg; i = fg.cpu_info(); print(i['features']); print(i['detected'])"
+    out = _run(show, "auto", FERROGRAD_DISABLE_FEATURES=" avx512vnni,avx512bf16 ")
+    assert out.returncode == 0, out.stderr
+    features, level = out.stdout.splitlines()
+    features = ast.literal_eval(features)
+    assert not features["avx512vnni"] and not features["avx512bf16"]
+    assert all(features[n] == detected["features"][n] for n in ("avx2", "fma", "avx512f"))
+    assert level == detected["detected"]  # the path stays
+    # Without AVX-512 F an AVX-512 CPU is an AVX2 one: forcing avx512 is then refused.
+    call = "import torch, ferrograd as fg; fg.softmax(torch.zeros(3000))"
+    if "avx512" in detected["supported"]:
+        forced = _run(show + "; " + call, "avx512", FERROGRAD_DISABLE_FEATURES="avx512f")
+        assert forced.stdout.splitlines()[-1] == "avx2"
+        assert "FERROGRAD_SIMD" in forced.stderr and "ValueError" in forced.stderr
+    bad = _run(call, "auto", FERROGRAD_DISABLE_FEATURES="avx512vnni,sse9")
+    assert bad.returncode != 0
+    assert "FERROGRAD_DISABLE_FEATURES" in bad.stderr and '"sse9"' in bad.stderr
+    assert "ValueError" in bad.stderr
 
 
 def test_kernels_release_the_gil():
