@@ -12,8 +12,8 @@
 //! Files: quantize.rs (weights to packed codes), pack.rs (the CPU layout), dequantize.rs,
 //! gemv.rs (the GEMV and GEMM drivers and the integer kernels' input), gemm.rs (the AVX-512
 //! GEMM for more rows of x, by `vdpbf16ps` or float32 FMAs), and the GEMV kernels per ISA:
-//! float.rs (every path; the only one on scalar and AVX-512 without VNNI), vnni.rs (AVX-512
-//! VNNI), avx2.rs (AVX2 integer).
+//! float.rs (every path; the only one on scalar), vnni.rs (AVX-512 VNNI), avx2.rs (AVX2
+//! integer, also on AVX-512 without VNNI).
 
 use crate::error::{FgError, FgResult};
 use crate::simd::{self, Bf16, F16};

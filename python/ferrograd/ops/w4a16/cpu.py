@@ -8,12 +8,12 @@ terms, within 2^-17 of x per element), on Intel, whose ``vdpbf16ps`` runs at hal
 its float32 multiply-adds, by those (bf16 x exactly, float32 x as it is). Fewer rows (up to
 ``GEMV_MAX_ROWS`` elsewhere) run the GEMV that unpacks each block of codes in registers once per
 4 rows of x (up to ``INT_GEMV_MAX_ROWS`` with the integer kernels).
-With AVX-512 VNNI or AVX2 it multiplies the codes by x rounded to 16-bit integers per row (scale
-max|x| / 32639, split into two signed bytes for ``vpdpbusd`` / ``vpmaddubsw``): relative error at
-most 2^-15 of the row's largest |x| per element, the "A16" of W4A16; rows holding NaN or
-infinity, AVX-512 without VNNI and the scalar path run in float32. Other cases (more rows without
-AVX-512 BF16, group sizes that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS`` rows of
-W at a time into torch's float32 matmul, as the gradient of x does. Returned in x's dtype.
+With AVX-512 VNNI or AVX2 (also on AVX-512 CPUs without VNNI) it multiplies the codes by x rounded
+to 16-bit integers per row (scale max|x| / 32639, split into two signed bytes for ``vpdpbusd`` /
+``vpmaddubsw``): relative error at most 2^-15 of the row's largest |x| per element, the "A16" of
+W4A16; rows holding NaN or infinity and the scalar path run in float32. Other cases (more rows
+without AVX-512 BF16, group sizes that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS``
+rows of W at a time into torch's float32 matmul, as the gradient of x does. Returned in x's dtype.
 """
 
 from __future__ import annotations
@@ -106,17 +106,10 @@ def _gemm_min_rows() -> int:
     return GEMM_MIN_ROWS.get(_core.w4_gemm_arith(), GEMM_MIN_ROWS["bf16"])
 
 
-@functools.cache
-def _has_vnni() -> bool:
-    return bool(_core.cpu_info()["features"]["avx512vnni"])
-
-
 def _gemv_max_rows() -> int:
     """GEMV_MAX_ROWS, or INT_GEMV_MAX_ROWS where the GEMV runs an integer kernel (the SIMD
     path can be chosen per process, so this is asked per call)."""
-    level = _core.simd_level()
-    integer = level == "avx2" or (level == "avx512" and _has_vnni())
-    return INT_GEMV_MAX_ROWS if integer else GEMV_MAX_ROWS
+    return GEMV_MAX_ROWS if _core.simd_level() == "scalar" else INT_GEMV_MAX_ROWS
 
 
 def _kernel_x(x: torch.Tensor) -> torch.Tensor:
