@@ -258,8 +258,8 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
         }
         // AVX-512 CPUs without VNNI (Skylake-SP) take the AVX2 one: on the Xeon of family 6
         // model 207 with VNNI and BF16 turned off (FERROGRAD_DISABLE_FEATURES), 4096 x 4096, 2
-        // threads, it ran M = 1 / 4 / 8 / 12 in 0.47 / 1.31 / 2.51 / 3.48 ms against the
-        // AVX-512 float kernel's 0.70 / 2.47 / 5.32 / 7.70 (bf16 x).
+        // threads, bf16 x, it ran M = 1 / 4 / 8 / 12 in 0.44 / 1.15 / 1.97 / 3.31 ms against
+        // the AVX-512 float kernel's 0.70 / 2.47 / 5.32 / 7.70 (docs/w4a16.md).
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 | SimdLevel::Avx2 if level.is_supported() => {
             (Some(super::avx2::gemv_rows_avx2_int), false)
