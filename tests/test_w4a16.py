@@ -437,7 +437,7 @@ def test_wider_x_takes_the_gemm(dtype, rows):
     y = torch.empty(rows, n)
     xk = x.float().contiguous()
     if not _core.w4_gemm(q.packed, q.scales.float(), q.zeros, n, k, 32, xk, y):
-        pytest.skip("no AVX-512 BF16 GEMM on this CPU / SIMD level")
+        pytest.skip("no AVX-512 GEMM on this CPU / SIMD level")
     assert ((y.double() - want).abs() <= 2e-5 * size).all()
     got = fg.w4a16_matmul(x, q).double()
     assert (

@@ -167,7 +167,8 @@ fn check_sizes(op: &str, w: &PackedW4<'_>, x_len: usize, y_len: usize) -> FgResu
     Ok(m)
 }
 
-/// Whether [`matmul`] runs on this CPU at `level` for a weight of `shape` (AVX-512 BF16).
+/// Whether [`matmul`] runs on this CPU at `level` for a weight of `shape` (AVX-512; BF16 where
+/// the GEMM multiplies by `vdpbf16ps`).
 pub fn gemm_supported(level: SimdLevel, shape: Shape) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::gemm::supported(level, shape);

@@ -1,19 +1,20 @@
 """The Rust kernels on CPU tensors in the ``cpu_blocks`` layout (weight.py); other layouts and
 float64 x run the reference. bf16 x reaches the kernels as it is (no float32 copy).
 
-From ``GEMM_MIN_ROWS`` rows of x, on CPUs with AVX-512 BF16, a blocked GEMM dequantizes tiles of
-W to exact codes (q - zero) and multiplies them with x, each group's float32 sums meeting its
-scale once: on AMD in bf16 by ``vdpbf16ps`` (bf16 x exactly, float32 and float16 x as two bf16
-terms, within 2^-17 of x per element), on Intel, whose ``vdpbf16ps`` runs at half the rate of
-its float32 multiply-adds, by those (bf16 x exactly, float32 x as it is). Fewer rows (up to
-``GEMV_MAX_ROWS`` elsewhere) run the GEMV that unpacks each block of codes in registers once per
-4 rows of x (up to ``INT_GEMV_MAX_ROWS`` with the integer kernels).
+From ``GEMM_MIN_ROWS`` rows of x, on AVX-512 CPUs, a blocked GEMM dequantizes tiles of W to exact
+codes (q - zero) and multiplies them with x, each group's float32 sums meeting its scale once: on
+AMD (with AVX-512 BF16) in bf16 by ``vdpbf16ps`` (bf16 x exactly, float32 and float16 x as two bf16
+terms, within 2^-17 of x per element), on Intel, whose ``vdpbf16ps`` (where it has one) runs at
+half the rate of its float32 multiply-adds, by those (bf16 x exactly, float32 x as it is). Fewer
+rows (up to ``GEMV_MAX_ROWS`` elsewhere) run the GEMV that unpacks each block of codes in registers
+once per 4 rows of x (up to ``INT_GEMV_MAX_ROWS`` with the integer kernels).
 With AVX-512 VNNI or AVX2 (also on AVX-512 CPUs without VNNI) it multiplies the codes by x rounded
 to 16-bit integers per row (scale max|x| / 32639, split into two signed bytes for ``vpdpbusd`` /
 ``vpmaddubsw``): relative error at most 2^-15 of the row's largest |x| per element, the "A16" of
-W4A16; rows holding NaN or infinity and the scalar path run in float32. Other cases (more rows
-without AVX-512 BF16, group sizes that are not multiples of 32) dequantize ``DEQUANT_BLOCK_ROWS``
-rows of W at a time into torch's float32 matmul, as the gradient of x does. Returned in x's dtype.
+W4A16; rows holding NaN or infinity and the scalar path run in float32. Other cases (more rows than
+the GEMV takes without AVX-512, group sizes that are not multiples of 32) dequantize
+``DEQUANT_BLOCK_ROWS`` rows of W at a time into torch's float32 matmul, as the gradient of x does.
+Returned in x's dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ INT_GEMV_MAX_ROWS = 64
 #: float32 x (two bf16 terms in the GEMM) gains more from the GEMV. "fma" (Intel): on a Xeon
 #: of family 6 model 207, 2 threads, the GEMV took 0.78-0.91 of the GEMM's time at 24 rows
 #: (4096 x 4096, 2048 x 2048, 11008 x 4096; bf16 and float32 x), 0.98-1.11 at 32, 1.08-1.28
-#: at 64; from 32 rows the GEMM, whose bf16 products are exact, at about the same speed.
-GEMM_MIN_ROWS = {"bf16": 13, "fma": 32}
+#: at 64; from 32 rows the GEMM, whose bf16 products are exact, at about the same speed. Where
+#: the GEMV is the AVX2 integer kernel (AVX-512 without VNNI, as Skylake-SP), run as such a CPU
+#: on that Xeon (4096 x 4096, bf16 x, two runs): the GEMV took 0.92-0.95 of the GEMM's time at
+#: 16-20 rows, 1.08-1.15 at 24, 1.29-1.45 at 28-32.
+GEMM_MIN_ROWS = {"bf16": 13, "fma": 32, "fma without vnni": 24}
 #: Rows of W dequantized at a time for larger batches and for the gradient.
 DEQUANT_BLOCK_ROWS = 1024
 
@@ -103,7 +107,10 @@ def dequantize(packed, scales, zeros, k: int, group_size: int, layout: str) -> t
 
 @functools.cache
 def _gemm_min_rows() -> int:
-    return GEMM_MIN_ROWS.get(_core.w4_gemm_arith(), GEMM_MIN_ROWS["bf16"])
+    arith = _core.w4_gemm_arith()
+    if arith == "fma" and not _core.cpu_info()["features"]["avx512vnni"]:
+        arith = "fma without vnni"
+    return GEMM_MIN_ROWS.get(arith, GEMM_MIN_ROWS["bf16"])
 
 
 def _gemv_max_rows() -> int:
