@@ -189,7 +189,7 @@ def w4a16_linear(
 
 def w4a16_matmul(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (float16, bfloat16 or float32) @ W_hat.T (+ bias) -> [..., N] in x's dtype,
-    differentiable towards x and bias. CPU: the Rust GEMV, AVX-512 BF16 GEMM or blocked
+    differentiable towards x and bias. CPU: the Rust GEMV, AVX-512 GEMM or blocked
     dequantization (cpu.py); CUDA: kernels/w4a16.cu (cuda.py); elsewhere the reference."""
     if not isinstance(w, W4Weight):
         raise TypeError(

@@ -32,7 +32,7 @@ from .weight import CPU_BLOCKS, check_x, group_len, kernel_zeros, packed_shape
 
 #: The most rows of x that take the GEMV kernel (which reads W once per 8 or 4 rows).
 GEMV_MAX_ROWS = 16
-#: The same with the integer GEMV kernels (AVX2, AVX-512 VNNI) where no BF16 GEMM takes over:
+#: The same with the integer GEMV kernels (AVX2, AVX-512 VNNI) where no AVX-512 GEMM takes over:
 #: each part of 64 rows of W stays in cache while every pass of 4 rows of x meets it, which beat
 #: dequantizing W into torch's float32 matmul up to 64 rows (Zen 3, bf16 x, 2 threads, 4096 x 4096
 #: and 11008 x 4096: 1.8-2.2x at 24-32 rows, 1.4x at 64, even at 128; 1.14x at 64 on 1 thread).
