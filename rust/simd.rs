@@ -134,6 +134,17 @@ pub fn cpu_features() -> CpuFeatures {
     })
 }
 
+/// The features this CPU has that `FERROGRAD_DISABLE_FEATURES` turned off.
+pub fn disabled_features_named() -> Vec<&'static str> {
+    let used = cpu_features().named();
+    let detected = detected_features().named();
+    let off = detected
+        .iter()
+        .zip(used)
+        .filter(|((_, has), (_, on))| *has && !on);
+    off.map(|((name, _), _)| *name).collect()
+}
+
 /// `features` less those `FERROGRAD_DISABLE_FEATURES` names.
 fn disabled_features(features: CpuFeatures) -> Result<CpuFeatures, String> {
     match std::env::var("FERROGRAD_DISABLE_FEATURES") {

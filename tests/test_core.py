@@ -125,12 +125,16 @@ def test_forced_simd_path_is_used_and_bad_values_are_rejected():
 
 def test_disabled_features_are_off_and_bad_names_are_rejected():
     detected = fg.cpu_info()
-    show = "import ferrograd as fg; i = fg.cpu_info(); print(i['features']); print(i['detected'])"
+    assert detected["disabled"] == []
+    show = "import ferrograd as fg; i = fg.cpu_info(); print(i['features']); print(i['disabled'])"
+    show += "; print(i['detected'])"
     out = _run(show, "auto", FERROGRAD_DISABLE_FEATURES=" avx512vnni,avx512bf16 ")
     assert out.returncode == 0, out.stderr
-    features, level = out.stdout.splitlines()
+    features, disabled, level = out.stdout.splitlines()
     features = ast.literal_eval(features)
     assert not features["avx512vnni"] and not features["avx512bf16"]
+    had = [n for n in ("avx512vnni", "avx512bf16") if detected["features"][n]]
+    assert ast.literal_eval(disabled) == had
     assert all(features[n] == detected["features"][n] for n in ("avx2", "fma", "avx512f"))
     assert level == detected["detected"]  # the path stays
     # Without AVX-512 F an AVX-512 CPU is an AVX2 one: forcing avx512 is then refused.

@@ -58,8 +58,8 @@ def simd_level() -> str:
 
 
 def cpu_info() -> dict:
-    """Detected CPU features (less any ``FERROGRAD_DISABLE_FEATURES`` names) and the SIMD paths
-    this CPU supports."""
+    """Detected CPU features (less those ``FERROGRAD_DISABLE_FEATURES`` turned off, which
+    ``"disabled"`` lists) and the SIMD paths this CPU supports."""
     return _core.cpu_info()
 
 

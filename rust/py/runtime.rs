@@ -25,7 +25,8 @@ fn simd_level() -> PyResult<&'static str> {
     Ok(simd::active()?.name())
 }
 
-/// Detected CPU features and the paths this CPU can run.
+/// Detected CPU features (less those `FERROGRAD_DISABLE_FEATURES` turned off, listed under
+/// "disabled") and the paths this CPU can run.
 #[pyfunction]
 fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let info = PyDict::new(py);
@@ -34,6 +35,7 @@ fn cpu_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         features.set_item(name, present)?;
     }
     info.set_item("features", features)?;
+    info.set_item("disabled", simd::disabled_features_named())?;
     info.set_item("detected", simd::detected().name())?;
     let supported: Vec<&str> = SimdLevel::ALL
         .into_iter()
