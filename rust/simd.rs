@@ -60,21 +60,24 @@ pub struct CpuFeatures {
 }
 
 impl CpuFeatures {
-    /// These features with the one called `name` (as [`CpuFeatures::named`] calls it) off;
-    /// None for a name that is not one of them.
+    /// Each named feature's flag: the one list of the names that `named`, `without` and
+    /// `FERROGRAD_DISABLE_FEATURES` use.
+    fn flags(&mut self) -> [(&'static str, &mut bool); 8] {
+        [
+            ("avx2", &mut self.avx2),
+            ("fma", &mut self.fma),
+            ("avx512f", &mut self.avx512f),
+            ("avx512bw", &mut self.avx512bw),
+            ("avx512vl", &mut self.avx512vl),
+            ("avx512dq", &mut self.avx512dq),
+            ("avx512vnni", &mut self.avx512vnni),
+            ("avx512bf16", &mut self.avx512bf16),
+        ]
+    }
+
+    /// These features with the one called `name` off; None for a name that is not one of them.
     fn without(mut self, name: &str) -> Option<Self> {
-        let flag = match name {
-            "avx2" => &mut self.avx2,
-            "fma" => &mut self.fma,
-            "avx512f" => &mut self.avx512f,
-            "avx512bw" => &mut self.avx512bw,
-            "avx512vl" => &mut self.avx512vl,
-            "avx512dq" => &mut self.avx512dq,
-            "avx512vnni" => &mut self.avx512vnni,
-            "avx512bf16" => &mut self.avx512bf16,
-            _ => return None,
-        };
-        *flag = false;
+        *self.flags().into_iter().find(|(n, _)| *n == name)?.1 = false;
         Some(self)
     }
 
@@ -94,16 +97,8 @@ impl CpuFeatures {
     }
 
     pub fn named(&self) -> [(&'static str, bool); 8] {
-        [
-            ("avx2", self.avx2),
-            ("fma", self.fma),
-            ("avx512f", self.avx512f),
-            ("avx512bw", self.avx512bw),
-            ("avx512vl", self.avx512vl),
-            ("avx512dq", self.avx512dq),
-            ("avx512vnni", self.avx512vnni),
-            ("avx512bf16", self.avx512bf16),
-        ]
+        let mut copy = *self;
+        copy.flags().map(|(name, on)| (name, *on))
     }
 }
 
@@ -125,32 +120,43 @@ pub fn has_bf16_convert() -> bool {
 /// turning off an AVX-512 base feature makes the CPU an AVX2 one. With an unknown name the
 /// features are the detected ones and [`active`] reports the error.
 pub fn cpu_features() -> CpuFeatures {
-    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(|| {
+    features().used
+}
+
+/// What [`cpu_features`] and [`active`] read, made once: the detected features, those the
+/// kernels use, and the message naming an unknown `FERROGRAD_DISABLE_FEATURES` name.
+struct Features {
+    detected: CpuFeatures,
+    used: CpuFeatures,
+    error: Option<String>,
+}
+
+fn features() -> &'static Features {
+    static FEATURES: OnceLock<Features> = OnceLock::new();
+    FEATURES.get_or_init(|| {
         let detected = detected_features();
-        let features = disabled_features(detected).unwrap_or(detected);
-        BF16_CONVERT.store(features.avx512bf16, Ordering::Relaxed);
-        features
+        let disabled = std::env::var("FERROGRAD_DISABLE_FEATURES").map(|l| detected.disabling(&l));
+        let (used, error) = match disabled {
+            Ok(Err(message)) => (detected, Some(message)),
+            Ok(Ok(used)) => (used, None),
+            Err(_) => (detected, None),
+        };
+        BF16_CONVERT.store(used.avx512bf16, Ordering::Relaxed);
+        Features {
+            detected,
+            used,
+            error,
+        }
     })
 }
 
 /// The features this CPU has that `FERROGRAD_DISABLE_FEATURES` turned off.
 pub fn disabled_features_named() -> Vec<&'static str> {
-    let used = cpu_features().named();
-    let detected = detected_features().named();
-    let off = detected
-        .iter()
-        .zip(used)
-        .filter(|((_, has), (_, on))| *has && !on);
-    off.map(|((name, _), _)| *name).collect()
-}
-
-/// `features` less those `FERROGRAD_DISABLE_FEATURES` names.
-fn disabled_features(features: CpuFeatures) -> Result<CpuFeatures, String> {
-    match std::env::var("FERROGRAD_DISABLE_FEATURES") {
-        Ok(list) => features.disabling(&list),
-        Err(_) => Ok(features),
-    }
+    let f = features();
+    let both = f.detected.named().into_iter().zip(f.used.named());
+    both.filter(|((_, has), (_, on))| *has && !on)
+        .map(|((name, _), _)| name)
+        .collect()
 }
 
 fn detected_features() -> CpuFeatures {
@@ -388,7 +394,9 @@ pub fn active() -> FgResult<SimdLevel> {
     static ACTIVE: OnceLock<FgResult<SimdLevel>> = OnceLock::new();
     ACTIVE
         .get_or_init(|| {
-            disabled_features(cpu_features()).map_err(FgError::Value)?;
+            if let Some(message) = &features().error {
+                return Err(FgError::Value(message.clone()));
+            }
             resolve(std::env::var("FERROGRAD_SIMD").ok().as_deref())
         })
         .clone()
