@@ -344,7 +344,7 @@ class Kernel:
             return ctypes.c_void_p(a.data_ptr())
         if isinstance(a, ctypes._SimpleCData):
             return a
-        if isinstance(a, bool) or not isinstance(a, int | float):
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
             raise TypeError(f"{self.name}: cannot pass argument {index}, a {type(a).__name__}")
         if isinstance(a, float):
             return ctypes.c_float(a)

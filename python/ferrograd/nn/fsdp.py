@@ -166,19 +166,21 @@ class AllGatherBytes:
 
 @contextlib.contextmanager
 def all_gather_bytes() -> Iterator[AllGatherBytes]:
-    """Counts the bytes this process hands to ``torch.distributed.all_gather_single`` (FSDP2's
-    all-gather) inside the block, to measure what :func:`compress_all_gather` saves. Replaces
-    the function for the whole process while it runs."""
+    """Counts the bytes this process hands to FSDP2's all-gather inside the block, to measure
+    what :func:`compress_all_gather` saves. Replaces the function for the whole process while
+    it runs: ``torch.distributed.all_gather_single``, or ``all_gather_into_tensor`` in the torch
+    releases that lack it (FSDP2 called that one before)."""
     import torch.distributed as dist
 
-    counted, all_gather = AllGatherBytes(), dist.all_gather_single
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    counted, all_gather = AllGatherBytes(), getattr(dist, name)
 
     def counting(output_tensor, input_tensor, *args, **kwargs):
         counted.bytes += input_tensor.numel() * input_tensor.element_size()
         return all_gather(output_tensor, input_tensor, *args, **kwargs)
 
-    dist.all_gather_single = counting
+    setattr(dist, name, counting)
     try:
         yield counted
     finally:
-        dist.all_gather_single = all_gather
+        setattr(dist, name, all_gather)

@@ -64,7 +64,7 @@ def check_int(op: str, name: str, value: object, low: int, high: int | None = No
 
 def check_number(op: str, name: str, value: object, low: float, high: float = math.inf) -> float:
     """A real number (int or float, not a bool) in [low, high], as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")

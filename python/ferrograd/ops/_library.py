@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from ._compat import any_requires_grad
+
 __all__ = ["LIB", "call", "define", "eager_cpu", "register_autograd"]
 
 LIB = torch.library.Library("ferrograd", "DEF")
@@ -74,7 +76,6 @@ def _has_subclass(args: tuple | list) -> bool:
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
-_any_requires_grad = torch._C._any_requires_grad
 
 
 def eager_cpu(args: tuple | list) -> bool:
@@ -82,8 +83,10 @@ def eager_cpu(args: tuple | list) -> bool:
     tensor, or a non-empty list of them) on the CPU, no tensor subclass anywhere (a wrapped
     weight, a DTensor, a FakeTensor), no torch.compile / torch.export tracing and no dispatch
     mode. Such calls may skip the dispatcher; every other call must take it."""
+    if _is_compiling() or _dispatch_modes():  # first: older dynamo cannot trace the rest
+        return False
     first = args[0][0] if type(args[0]) is list else args[0]
-    return not (_has_subclass(args) or not first.is_cpu or _is_compiling() or _dispatch_modes())
+    return first.is_cpu and not _has_subclass(args)
 
 
 def call(op: torch._ops.OpOverload, *args):
@@ -94,7 +97,7 @@ def call(op: torch._ops.OpOverload, *args):
     """
     if not eager_cpu(args):
         return op(*args)
-    if _grad_enabled() and _any_requires_grad(*args):
+    if _grad_enabled() and any_requires_grad(*args):
         autograd = _AUTOGRAD.get(op)
         if autograd is None:
             return op(*args)
@@ -144,7 +147,7 @@ def register_autograd(
     def kernel(keyset, *args):
         if len(args) < n_args:  # the dispatcher drops trailing arguments equal to defaults
             args = tuple(args) + tuple(a.default_value for a in schema.arguments[len(args) :])
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch.is_grad_enabled() and any_requires_grad(*args):
             return Backward.apply(functools.partial(redispatch, keyset), *args)
         return redispatch(keyset, *args)
 

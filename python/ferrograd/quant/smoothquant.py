@@ -80,7 +80,7 @@ def _output_tensor(out) -> torch.Tensor:
     logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    if isinstance(out, tuple | list):
+    if isinstance(out, (tuple, list)):
         for item in out:
             if isinstance(item, torch.Tensor):
                 return item

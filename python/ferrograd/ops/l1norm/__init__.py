@@ -229,7 +229,7 @@ def check_normalized_shape(op: str, shape: object) -> tuple[int, ...]:
     if type(shape) is tuple and all(type(d) is int and d >= 0 for d in shape):
         return shape  # the modules' own, checked once: no ABC checks per call
     dims = (shape,) if isinstance(shape, numbers.Integral) else shape
-    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence | torch.Size):
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, (Sequence, torch.Size)):
         raise TypeError(
             f"{op}: normalized_shape must be an int or a sequence of ints, got {shape!r}"
         )
