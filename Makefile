@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 SIMD_PATHS := scalar avx2 avx512
 
-.PHONY: develop test fuzz demo bench wheel clean
+.PHONY: develop test test-torch fuzz demo bench wheel clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.4" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11" "transformers>=4.50" "accelerate>=1.1" "hypothesis>=6.100"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "torch>=2.5" "numpy>=1.24" "pytest>=8" "ruff>=0.6" "mypy>=1.11" "transformers>=4.50" "accelerate>=1.1" "hypothesis>=6.100"
 	touch $@
 
 develop: $(STAMP)
@@ -43,6 +43,17 @@ test: develop
 			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
 	fi
 
+# The Python suite on another torch release (TORCH; the default is the oldest that
+# pyproject.toml accepts) against the wheel, in a venv of its own: about 3 GB of downloads, so
+# not part of `make test` (docs/ops.md, "Torch versions").
+TORCH ?= 2.5.1
+TORCH_VENV := .venv-torch-$(TORCH)
+test-torch: wheel
+	python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q "torch==$(TORCH)" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9.4,<2" "cuda-python>=12.6"
+	$(TORCH_VENV)/bin/pip install -q --no-deps --force-reinstall $$(ls -t target/wheels/ferrograd-*.whl | head -1)
+	$(TORCH_VENV)/bin/python -m pytest -q tests
+
 # The long fuzz campaign (tests/fuzz/campaign.py): FUZZ_EXAMPLES cases per op, crash-isolated,
 # bounded by FUZZ_SECONDS; the table goes to stdout and bench/results/fuzz.json.
 FUZZ_EXAMPLES ?= 10000
@@ -63,4 +74,4 @@ wheel: $(STAMP)
 	$(VENV)/bin/maturin build --release
 
 clean:
-	rm -rf target dist $(VENV)
+	rm -rf target dist $(VENV) .venv-torch-*

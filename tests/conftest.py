@@ -1,5 +1,6 @@
-"""Shared fixtures: every test leaves the thread counts as it found them, and ``device`` runs a
-test on the CPU always and on CUDA when a GPU is present (skipped with a reason otherwise)."""
+"""Shared fixtures: every test leaves the thread counts as it found them and starts with
+subnormals kept, and ``device`` runs a test on the CPU always and on CUDA when a GPU is present
+(skipped with a reason otherwise)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def _restore_thread_counts():
     yield
     fg.set_num_threads(ours)
     torch.set_num_threads(theirs)
+
+
+@pytest.fixture(autouse=True)
+def _default_subnormals():
+    """Every test starts with subnormals kept (MXCSR's FTZ and DAZ off): torch 2.5's compiled
+    (inductor) code turns both on in the thread that runs it and leaves them on, and the
+    tests of subnormal inputs would then see them flushed (docs/ops.md, "Torch versions")."""
+    torch.set_flush_denormal(False)
 
 
 #: Tests of the op layer (tracing, schemas, fake kernels), not of kernel arithmetic: the passes

@@ -1,4 +1,5 @@
-"""The extension's plumbing: errors, panics, threads, SIMD selection."""
+"""The extension's plumbing: errors, panics, threads, SIMD selection, the op layer's fallbacks
+for older torch releases."""
 
 from __future__ import annotations
 
@@ -109,7 +110,9 @@ def test_measured_clock_is_a_plausible_core_clock():
 
 def _run(code: str, simd: str, **env: str) -> subprocess.CompletedProcess:
     env = {"FERROGRAD_SIMD": simd, "PATH": "", **env}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8"
+    )
 
 
 def test_forced_simd_path_is_used_and_bad_values_are_rejected():
@@ -245,5 +248,26 @@ def test_huge_page_advice_can_be_turned_off():
         "print(c.advise_huge_pages(torch.empty(64 << 20, dtype=torch.uint8)))"
     )
     env = dict(os.environ, FERROGRAD_HUGE_PAGES="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8"
+    )
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._C, "_any_requires_grad"), reason="no torch function to compare with"
+)
+def test_the_any_requires_grad_fallback_answers_as_torch():
+    """ops/_compat.py's version for torch 2.5 and 2.6, against torch's own where it exists."""
+    from ferrograd.ops import _compat
+
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2)
+    cases = [
+        (), (b,), (a,), (a[:1],), (a.detach(),), (1.0, None, b, "x"), (b, [b, a]), ([b],),
+        ([],), ([1, 2],), (b, [b, None]), ((a,),),
+    ]  # fmt: skip
+    for args in cases:
+        assert _compat._any_requires_grad(*args) == torch._C._any_requires_grad(*args), args
+    # A list that does not start with a tensor: torch does not look into it; the fallback does
+    # and answers True, which sends the call down the autograd path (right either way).
+    assert _compat._any_requires_grad([None, a]) and not torch._C._any_requires_grad([None, a])

@@ -28,7 +28,7 @@ MMA_SHAPES = {"cce.cu": "m16n8k16", "shiftquant.cu": "m16n8k32", "w4a16.cu": "m1
 
 
 def kernel_files() -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted(KERNELS.glob("*.cu*"))}
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(KERNELS.glob("*.cu*"))}
 
 
 def variant_id(v):
@@ -100,7 +100,7 @@ def test_ptx_cache_round_trip_and_key(tmp_path, monkeypatch):
     assert key != fgcuda.cache_key("cce.cu", "compute_80", {"CCE_T": "__nv_bfloat16"})
     assert key != fgcuda.cache_key("w4a16.cu", "compute_80", half)
     ptx = fgcuda.compile_ptx("cce.cu", "compute_80", half)
-    header, body = (tmp_path / f"{key}.ptx").read_text().split("\n", 1)
+    header, body = (tmp_path / f"{key}.ptx").read_text(encoding="utf-8").split("\n", 1)
     assert body == ptx and header.endswith(hashlib.sha256(ptx.encode()).hexdigest())
     assert [p.name for p in tmp_path.iterdir()] == [f"{key}.ptx"]  # no temporary left behind
     # A second call reads the cache (a different, correctly digested PTX stands for it).

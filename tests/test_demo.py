@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from support.distributed import fsdp2_on_cpu
 
 
 def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
@@ -19,9 +20,9 @@ def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
         "--val-batches", "2", "--sample-bytes", "24", "--lr", "1e-2", "--compare",
         "--density", "0.5", "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=600)
     assert run.returncode == 0, run.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     results = summary["results"]
     for name in ("ferrograd", "baseline"):
         curve = results[name]["loss_curve"]
@@ -40,7 +41,7 @@ def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
     assert results["ferrograd"]["label"].endswith(f"({precision})")
     assert "bytes/s" in run.stderr and "peak memory" in run.stderr  # the side-by-side table
     # nothing of this machine's file system in the summary
-    text = (out / "summary.json").read_text()
+    text = (out / "summary.json").read_text(encoding="utf-8")
     assert str(tmp_path) not in text and sys.prefix not in text
     assert summary["config"]["data"] == ["python-stdlib"]
     w4 = results["w4a16"]
@@ -67,10 +68,10 @@ def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(t
         [sys.executable, "-m", "ferrograd", "demo", *tiny, "--out", str(one)],
         [*launch, "2", "-m", "ferrograd", "demo", *tiny, "--out", str(two)],
     ):
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-    a = json.loads((one / "summary.json").read_text())
-    b = json.loads((two / "summary.json").read_text())
+    a = json.loads((one / "summary.json").read_text(encoding="utf-8"))
+    b = json.loads((two / "summary.json").read_text(encoding="utf-8"))
     assert b["machine"]["processes"] == 2 and a["machine"]["processes"] == 1
     for name, tol in (("baseline", 2e-4), ("ferrograd", 2e-2)):
         ca, cb = a["results"][name]["loss_curve"], b["results"][name]["loss_curve"]
@@ -78,6 +79,7 @@ def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(t
         assert cb == pytest.approx(ca, rel=tol)
 
 
+@fsdp2_on_cpu
 def test_fsdp_sharded_runs_train_as_the_replicated_one_and_codes_on_the_wire_change_no_forward(
     tmp_path,
 ):
@@ -95,9 +97,9 @@ def test_fsdp_sharded_runs_train_as_the_replicated_one_and_codes_on_the_wire_cha
                         ("codes", ["--fsdp", "--compress-all-gather"])):  # fmt: skip
         out = tmp_path / name
         cmd = [*launch, "2", "-m", "ferrograd", "demo", *tiny, *extra, "--out", str(out)]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         assert summary["config"]["fsdp"] == (name != "replicated")
         curves[name] = summary["results"]["ferrograd"]["loss_curve"]
         assert (out / "checkpoint.pt").exists()  # the gathered model, saved by rank 0
@@ -112,18 +114,18 @@ def test_demo_sharding_options_need_torchrun_and_each_other(tmp_path):
         (["--compress-all-gather"], "--compress-all-gather needs --fsdp"),
         (["--fsdp"], "--fsdp shards the model over the processes torchrun starts"),
     ):
-        run = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([*base, *extra], capture_output=True, encoding="utf-8", timeout=120)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
 
 
 def test_demo_rejects_missing_data(tmp_path):
     cmd = [sys.executable, "-m", "ferrograd", "demo", "--data", str(tmp_path / "nope")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=120)
     assert run.returncode != 0 and "neither a file nor a directory" in run.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/cuda runs the demo")
 def test_demo_on_cuda_without_a_gpu_says_so(tmp_path):
     cmd = [sys.executable, "-m", "ferrograd", "demo", "--device", "cuda", "--out", str(tmp_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=120)
     assert run.returncode != 0 and "torch sees no CUDA GPU" in run.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.distributed import init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, init_gloo, spawn
 from torch import nn
 
 import ferrograd as fg
@@ -76,6 +76,7 @@ def runs() -> dict:
     return spawn(_worker, world=WORLD)
 
 
+@fsdp2_on_cpu
 def test_codes_on_the_wire_train_like_floats(runs):
     for rank, out in runs.items():
         assert isinstance(out, dict), (rank, out)

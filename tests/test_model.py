@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support.distributed import init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, init_gloo, spawn
 from torch import nn
 
 import ferrograd as fg
@@ -154,6 +154,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@fsdp2_on_cpu
 def test_fsdp2_training_matches_one_process():
     """FSDP2 frees and re-gathers parameters by resizing their storage: the kernels must borrow
     tensor memory without pinning it. Two ranks train like one process on the whole batch."""

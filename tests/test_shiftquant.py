@@ -856,7 +856,7 @@ def test_operands_on_two_devices_are_refused():
 
 
 def test_the_emulation_uses_the_kernels_index_expressions():
-    source = KERNEL.read_text()
+    source = KERNEL.read_text(encoding="utf-8")
     for name, expression in KERNEL_INDEX.items():
         assert expression in source, f"{name}: {expression!r} is not in {KERNEL.name}"
 

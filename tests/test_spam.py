@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from support.distributed import init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, init_gloo, spawn
 
 import ferrograd as fg
 from ferrograd.ops.spam import (
@@ -574,6 +574,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@fsdp2_on_cpu
 def test_fsdp2_steps_the_local_shard_like_an_unsharded_run():
     results = spawn(_fsdp2_worker)
     assert results == {r: {"SPAM": True, "StableSPAM": True} for r in range(2)}

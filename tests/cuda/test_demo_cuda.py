@@ -22,9 +22,9 @@ def test_tiny_demo_runs_on_cuda(tmp_path):
         "--val-batches", "2", "--sample-bytes", "24", "--lr", "1e-2", "--compare",
         "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, capture_output=True, encoding="utf-8", timeout=600)
     assert run.returncode == 0, run.stderr
-    results = json.loads((out / "summary.json").read_text())["results"]
+    results = json.loads((out / "summary.json").read_text(encoding="utf-8"))["results"]
     for name in ("ferrograd", "baseline"):
         curve = results[name]["loss_curve"]
         assert len(curve) == 16 and all(math.isfinite(x) for x in curve)
