@@ -44,14 +44,16 @@ test: develop
 	fi
 
 # The Python suite on another torch release (TORCH; the default is the oldest that
-# pyproject.toml accepts) against the wheel, in a venv of its own: about 3 GB of downloads, so
-# not part of `make test` (docs/ops.md, "Torch versions").
+# pyproject.toml accepts) in a venv of its own, against a wheel built as `make develop` builds
+# (with the tests' hooks): about 3 GB of downloads, so not part of `make test` (docs/ops.md,
+# "Torch versions").
 TORCH ?= 2.5.1
 TORCH_VENV := .venv-torch-$(TORCH)
-test-torch: wheel
+test-torch: $(STAMP)
+	$(VENV)/bin/maturin build --release -q --features dev -o target/wheels-dev
 	python3 -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install -q "torch==$(TORCH)" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9.4,<2" "cuda-python>=12.6"
-	$(TORCH_VENV)/bin/pip install -q --no-deps --force-reinstall $$(ls -t target/wheels/ferrograd-*.whl | head -1)
+	$(TORCH_VENV)/bin/pip install -q --no-deps --force-reinstall $$(ls -t target/wheels-dev/ferrograd-*.whl | head -1)
 	$(TORCH_VENV)/bin/python -m pytest -q tests
 
 # The long fuzz campaign (tests/fuzz/campaign.py): FUZZ_EXAMPLES cases per op, crash-isolated,
