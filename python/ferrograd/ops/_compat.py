@@ -9,7 +9,7 @@ __all__ = ["any_requires_grad"]
 
 
 def _any_requires_grad(*args) -> bool:
-    """torch._C._any_requires_grad of torch 2.8 and later (2.5 and 2.6 lack it): whether a
+    """torch._C._any_requires_grad of torch 2.8 and later (2.5 to 2.7 lack it): whether a
     tensor among ``args``, or in a list among them, requires grad. Tuples are not looked into,
     as there; a list that does not start with a tensor is, where torch's answers False."""
     for a in args:
