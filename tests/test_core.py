@@ -258,7 +258,7 @@ def test_huge_page_advice_can_be_turned_off():
     not hasattr(torch._C, "_any_requires_grad"), reason="no torch function to compare with"
 )
 def test_the_any_requires_grad_fallback_answers_as_torch():
-    """ops/_compat.py's version for torch 2.5 and 2.6, against torch's own where it exists."""
+    """ops/_compat.py's version for torch 2.5 to 2.7, against torch's own where it exists."""
     from ferrograd.ops import _compat
 
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2)
