@@ -286,7 +286,12 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
     n_linear = sum(type(m) in (torch.nn.Linear, Conv1D) for m in model.base_model.modules())
     fgt.apply(model, shiftquant_bits=8, grad_bits=6)
     swapped = [m for m in model.base_model.modules() if isinstance(m, fg.nn.ShiftQuantLinear)]
-    assert len(swapped) == n_linear > 0
+    # Kept: a router that transformers records as an nn.Linear (Jamba's up to transformers 5.20)
+    kept = [
+        name for name, m in model.base_model.named_modules() if type(m) in (torch.nn.Linear, Conv1D)
+    ]
+    assert all(name.endswith(".router") for name in kept), kept
+    assert len(swapped) == n_linear - len(kept) > 0
     assert all(m.bits == 8 and m.grad_bits == 6 for m in swapped)
     assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head stays
     with torch.no_grad():  # 8-bit codes: close to the float model
@@ -295,6 +300,37 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
         assert (got - want).abs().max() < 0.1 * want.abs().max()
     losses = train(model, ids, labels)
     assert losses[-1] < losses[0]
+
+
+def test_modules_transformers_records_by_class_stay_and_are_still_recorded(monkeypatch):
+    """A module whose output transformers records by its class (here Llama's o_proj, recorded
+    as an nn.Linear in place of the attention weights; Jamba's router in transformers 5.20) is
+    not swapped: swapped, it went unrecorded (the hooks stay on the old module, the class no
+    longer matches). Its output is recorded before and after apply, every other linear is
+    swapped."""
+    try:
+        from transformers.utils.output_capturing import OutputRecorder
+    except ImportError:
+        OutputRecorder = pytest.importorskip("transformers.utils.generic").OutputRecorder
+    recorders = dict(transformers.LlamaPreTrainedModel._can_record_outputs or {})
+    recorders["attentions"] = OutputRecorder(torch.nn.Linear, index=0, layer_name="o_proj")
+    monkeypatch.setattr(transformers.LlamaPreTrainedModel, "_can_record_outputs", recorders)
+    model = build("LlamaForCausalLM")
+    ids, _ = batch()
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():  # the first forward installs the recording hooks
+        want = model(input_ids=ids, output_attentions=True).attentions
+    assert len(want) == layers
+    fgt.apply(model, shiftquant_bits=8)
+    kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert sorted(kept) == sorted(
+        [f"model.layers.{i}.self_attn.o_proj" for i in range(layers)] + ["lm_head"]
+    )
+    with torch.no_grad():
+        got = model(input_ids=ids, output_attentions=True).attentions
+    assert len(got) == layers
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and (g - w).abs().max() < 0.1 * w.abs().max()
 
 
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM"])

@@ -368,14 +368,49 @@ def _shiftquant_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return out
 
 
-def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
+def _recorded(model: nn.Module) -> set[int]:
+    """ids of the modules whose outputs transformers records by their class
+    (``_can_record_outputs``: a class, a class-name suffix or an ``OutputRecorder``, with an
+    optional ``layer_name``), matched as transformers matches them. A module swapped in for one
+    is not recorded: the hooks stay on the old module and the new class does not match. Seen:
+    transformers 5.20 records Jamba's router, an ``nn.Linear``, by ``OutputRecorder(nn.Linear,
+    layer_name="router")``; a ShiftQuantLinear router lost the router logits, and the forward
+    raised in the load-balancing loss. Such modules stay as they are (later releases give
+    routers a class of their own, which is never swapped)."""
+    ids = set()
+    for root in model.modules():
+        flags = getattr(type(root), "_can_record_outputs", None)
+        if not isinstance(flags, dict):
+            continue
+        for value in flags.values():
+            for spec in value if isinstance(value, list) else [value]:
+                target = getattr(spec, "target_class", None if isinstance(spec, str) else spec)
+                suffix = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
+                layer = getattr(spec, "layer_name", None)
+                for name, sub in root.named_modules(prefix=""):
+                    path = f".{name}" if name else ""
+                    if not (
+                        (isinstance(target, type) and isinstance(sub, target))
+                        or (isinstance(suffix, str) and path.endswith(suffix))
+                    ):
+                        continue
+                    if layer is None or f".{layer.strip('.')}." in f"{path}.":
+                        ids.add(id(sub))
+    return ids
+
+
+def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool, keep: set[int]) -> None:
+    """Swaps, below ``module``, the layers ``apply`` replaces, except the modules in ``keep``
+    (ids, ``_recorded``)."""
     for name, child in list(module.named_children()):
         swapped = None
         if quant is not None and _experts(child):
             child._ferrograd_shiftquant = dict(quant)
             child.forward = types.MethodType(_shiftquant_experts_forward, child)
             continue
-        if quant is not None and type(child) is nn.Linear:
+        if id(child) in keep:
+            pass
+        elif quant is not None and type(child) is nn.Linear:
             swapped = ShiftQuantLinear.from_linear(child, **quant)
         elif quant is not None and isinstance(child, Conv1D):
             swapped = _from_conv1d(child, **quant)
@@ -384,7 +419,7 @@ def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool) -> None:
         elif l1_norm and _rms_like(child):
             swapped = L1RMSNorm.from_rms_norm(child, weight_offset=_weight_offset(child))
         if swapped is None:
-            _swap_modules(child, quant, l1_norm)
+            _swap_modules(child, quant, l1_norm, keep)
         else:
             setattr(module, name, swapped)
 
@@ -433,7 +468,7 @@ def apply(
             if value != default:
                 raise ValueError(f"{_APPLY}: {name} needs shiftquant_bits, got {name}={value}")
     if quant is not None or l1_norm:
-        _swap_modules(model.base_model, quant, bool(l1_norm))
+        _swap_modules(model.base_model, quant, bool(l1_norm), _recorded(model))
     if linear_cross_entropy:
         _patch_forward(model, arch, _softcap(model, arch), _scaling(model, arch))
         _tied.install(model)
