@@ -54,7 +54,7 @@ def test_tiny_demo_runs_and_writes_its_summary(tmp_path):
 
 def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(tmp_path):
     """Two gloo ranks, each training half the rows of every batch, give the one-process loss
-    curve: the first step exactly (same forward), the float baseline to float-sum order
+    curve: the first step to rounding (the same forward), the float baseline to float-sum order
     throughout; ShiftQuant's stochastic gradient rounding keys its noise on each rank's own
     row block, so the ferrograd curve drifts slightly after the first update."""
     tiny = [
@@ -75,7 +75,9 @@ def test_torchrun_two_processes_reproduce_one_process_at_the_same_global_batch(t
     assert b["machine"]["processes"] == 2 and a["machine"]["processes"] == 1
     for name, tol in (("baseline", 2e-4), ("ferrograd", 2e-2)):
         ca, cb = a["results"][name]["loss_curve"], b["results"][name]["loss_curve"]
-        assert ca[0] == pytest.approx(cb[0], rel=1e-6)
+        # The same forward, summed in another order: MKL's thread count differs between one
+        # process and two (and drops under load): 7e-6 seen on torch 2.5.1 beside pip installs.
+        assert ca[0] == pytest.approx(cb[0], rel=2e-5)
         assert cb == pytest.approx(ca, rel=tol)
 
 
