@@ -302,6 +302,23 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
     assert losses[-1] < losses[0]
 
 
+def test_a_class_whose_prefix_names_no_submodule_is_patched_below_its_head(monkeypatch):
+    """transformers 4.57's Gemma3ForCausalLM names its base model ``language_model`` and holds
+    it as ``model``, so ``base_model`` is the causal LM itself: the head was swapped with the
+    decoder's linears, and the loss read the hidden states from the causal LM's output."""
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "base_model_prefix", "language_model")
+    model = build("LlamaForCausalLM")
+    assert model.base_model is model
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels).loss
+    patched = fgt.apply(copy.deepcopy(model), shiftquant_bits=8)
+    assert type(patched.lm_head) is torch.nn.Linear
+    assert isinstance(patched.model.layers[0].mlp.up_proj, fg.nn.ShiftQuantLinear)
+    got = fgt.apply(copy.deepcopy(model))(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(got, want)
+    assert patched(input_ids=ids, labels=labels).loss.isfinite()
+
+
 def test_modules_transformers_records_by_class_stay_and_are_still_recorded(monkeypatch):
     """A module whose output transformers records by its class (here Llama's o_proj, recorded
     as an nn.Linear in place of the attention weights; Jamba's router in transformers 5.20) is

@@ -225,6 +225,19 @@ def _loss(head, weight, hidden, labels, softcap, scaling, kwargs) -> torch.Tenso
     return loss / num_items
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    """The base model under the head: ``model.base_model``, which is the causal LM itself where
+    the class names a prefix it does not hold (transformers 4.57's Gemma3ForCausalLM says
+    ``language_model`` and holds ``model``: the head was swapped with the decoder's linears and
+    the loss read hidden states from the causal LM's own output)."""
+    base = model.base_model
+    if base is model:
+        base = getattr(model, "model", None)
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"{_APPLY}: {type(model).__name__} has no base model under its head")
+    return base
+
+
 def _patch_forward(model: nn.Module, arch: type, softcap: float | None, scaling) -> None:
     """Replaces the instance's forward by a bound method, so a deepcopy of the model runs its
     own copy (a closure over ``model`` would keep running the original)."""
@@ -257,7 +270,7 @@ def _patch_forward(model: nn.Module, arch: type, softcap: float | None, scaling)
             routed = self.config.output_router_logits if routed is None else routed
             base_kwargs["output_router_logits"] = routed
         try:
-            outputs = self.base_model(**base_kwargs, return_dict=True)
+            outputs = _decoder(self)(**base_kwargs, return_dict=True)
         finally:
             weight = _tied.head_weight(self, head.weight, pairing)
         hidden = _keep(outputs.last_hidden_state, kwargs.get("logits_to_keep", 0))
@@ -439,6 +452,7 @@ def apply(
     is a no-op; with other options a ValueError (the model is never patched twice).
     """
     arch = _architecture(model)
+    decoder = _decoder(model)
     options = {
         "linear_cross_entropy": bool(linear_cross_entropy),
         "shiftquant_bits": shiftquant_bits,
@@ -468,7 +482,7 @@ def apply(
             if value != default:
                 raise ValueError(f"{_APPLY}: {name} needs shiftquant_bits, got {name}={value}")
     if quant is not None or l1_norm:
-        _swap_modules(model.base_model, quant, bool(l1_norm), _recorded(model))
+        _swap_modules(decoder, quant, bool(l1_norm), _recorded(model))
     if linear_cross_entropy:
         _patch_forward(model, arch, _softcap(model, arch), _scaling(model, arch))
         _tied.install(model)
