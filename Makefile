@@ -44,15 +44,19 @@ test: develop
 	fi
 
 # The Python suite on another torch release (TORCH; the default is the oldest that
-# pyproject.toml accepts) in a venv of its own, against a wheel built as `make develop` builds
-# (with the tests' hooks): about 3 GB of downloads, so not part of `make test` (docs/ops.md,
-# "Torch versions").
+# pyproject.toml accepts) and Python interpreter (PYTHON, e.g. python3.13) in a venv of its own,
+# against the abi3 wheel built as `make develop` builds (with the tests' hooks): about 3 GB of
+# downloads, so not part of `make test` (docs/ops.md, "Torch and Python versions").
 TORCH ?= 2.5.1
-TORCH_VENV := .venv-torch-$(TORCH)
+PYTHON ?= python3
+# More packages for that venv, e.g. "transformers>=4.50 accelerate>=1.1" with a recent torch
+# (recent transformers releases need one; without them the transformers tests skip).
+TORCH_EXTRAS ?=
+TORCH_VENV := .venv-torch-$(TORCH)-$(notdir $(PYTHON))
 test-torch: $(STAMP)
 	$(VENV)/bin/maturin build --release -q --features dev -o target/wheels-dev
-	python3 -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install -q "torch==$(TORCH)" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9.4,<2" "cuda-python>=12.6"
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q "torch==$(TORCH)" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "maturin>=1.9.4,<2" "cuda-python>=12.6" $(foreach p,$(TORCH_EXTRAS),"$(p)")
 	$(TORCH_VENV)/bin/pip install -q --no-deps --force-reinstall $$(ls -t target/wheels-dev/ferrograd-*.whl | head -1)
 	$(TORCH_VENV)/bin/python -m pytest -q tests
 

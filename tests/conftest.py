@@ -39,7 +39,8 @@ def _restore_thread_counts():
 def _default_subnormals():
     """Every test starts with subnormals kept (MXCSR's FTZ and DAZ off): torch 2.5's compiled
     (inductor) code turns both on in the thread that runs it and leaves them on, and the
-    tests of subnormal inputs would then see them flushed (docs/ops.md, "Torch versions")."""
+    tests of subnormal inputs would then see them flushed (docs/ops.md, "Torch and Python
+    versions")."""
     torch.set_flush_denormal(False)
 
 

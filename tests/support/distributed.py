@@ -11,7 +11,7 @@ import torch
 #: FSDP2 on CPU tensors over gloo, as these tests run it: the tests fail on torch 2.5 and 2.6
 #: (2.6: 'Stream' object has no attribute 'record_event'), 2.7 and 2.8 sum the ranks' gradients
 #: where later releases average them; 2.9.1 and later train as one process (docs/ops.md,
-#: "Torch versions").
+#: "Torch and Python versions").
 FSDP2_ON_CPU = torch.__version__ >= "2.9"
 fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on CPU (gloo) needs torch >= 2.9")
 

@@ -1,5 +1,5 @@
 """The private torch functions the op layer calls, with the fallbacks that the older torch
-releases pyproject.toml accepts need (docs/ops.md, "Torch versions")."""
+releases pyproject.toml accepts need (docs/ops.md, "Torch and Python versions")."""
 
 from __future__ import annotations
 
