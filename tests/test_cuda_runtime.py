@@ -82,6 +82,10 @@ def test_a_built_wheel_carries_the_kernel_sources_and_nothing_test_only(tmp_path
         binary = z.read(lib)
     for name, source in kernel_files().items():
         assert source.encode() in binary, f"{name} is not embedded in {lib}"
+    # Everything under the package: a top-level kernels/ landed in site-packages/kernels,
+    # inside the directory of Hugging Face's `kernels` package (a transformers dependency).
+    dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
+    assert {n.split("/", 1)[0] for n in names} == {"ferrograd", dist_info}, names
     # Test and benchmark machinery stays out: GPU emulators, probes, baselines.
     for probe in (b"_panic_for_test", b"measured_clock_hz", b"softmax_three_pass"):
         assert probe not in binary, probe
