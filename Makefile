@@ -76,8 +76,12 @@ demo: develop
 bench: develop
 	$(PY) bench/run.py
 
+# A wheel for any x86-64 Linux with glibc 2.17 or newer (manylinux2014), linked by zig (the
+# ziglang package): linked by this machine's toolchain it takes its glibc's symbol versions
+# (manylinux_2_34 on Debian 12), and pip refuses it on older systems (Ubuntu 20.04, RHEL 8).
 wheel: $(STAMP)
-	$(VENV)/bin/maturin build --release
+	$(PY) -m pip install -q "ziglang>=0.13"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --zig --compatibility manylinux2014
 
 clean:
 	rm -rf target dist $(VENV) .venv-torch-*
