@@ -22,7 +22,7 @@ test: develop
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test -q
-	FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16 cargo test -q
+	FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16,avxvnni cargo test -q
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest ferrograd._core --allowlist .stubtest-allowlist
@@ -36,10 +36,11 @@ test: develop
 		fi; \
 	done
 	@# AVX-512 without VNNI and BF16 (Skylake-SP's set; Cascade Lake and Ice Lake lack BF16): the
-	@# paths those CPUs take, run here with the two features turned off.
+	@# paths those CPUs take, run here with the features turned off. AVX-VNNI off as well: the
+	@# 8-bit GEMM then runs the AVX2 kernels that CPUs without any VNNI (Zen 2, Zen 3) take.
 	@if $(PY) -c "import ferrograd, sys; sys.exit('avx512' not in ferrograd.cpu_info()['supported'])"; then \
-		echo "== SIMD path avx512 without avx512vnni and avx512bf16 =="; \
-		FERROGRAD_SIMD=avx512 FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16 \
+		echo "== SIMD path avx512 without avx512vnni, avx512bf16 and avxvnni =="; \
+		FERROGRAD_SIMD=avx512 FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16,avxvnni \
 			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
 	fi
 

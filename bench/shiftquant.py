@@ -46,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 #: Whether torch's bf16 matmul and torch._int_mm are measured: on CPUs without BF16 and VNNI
 #: instructions (AVX2 only) they are emulated (Zen 3: bf16 8x slower than float32, _int_mm 20x,
 #: a bf16-autocast nn.Linear step at 4096 x 1024 -> 4096 a minute), so float32 is the baseline.
-BASELINES_16_8 = cpu_has_bf16() or fg.cpu_info()["features"]["avx512vnni"]
+FEATURES = fg.cpu_info()["features"]
+# torch._int_mm (oneDNN) has VNNI kernels, 512- and 256-bit; without VNNI it runs a reference loop.
+BASELINES_16_8 = cpu_has_bf16() or FEATURES["avx512vnni"] or FEATURES["avxvnni"]
 
 
 def cpu_mhz() -> float:
@@ -85,9 +87,12 @@ def compare_layers(bench: Bench, case: str, ours, ref, x, grad, repeats: int) ->
 def int8_peak(threads: int, bits: int) -> tuple[float, str]:
     """This CPU's assumed peak int8 multiply-adds per second for codes of ``bits``, and how."""
     info = Path("/proc/cpuinfo").read_text()
-    if fg.cpu_info()["features"]["avx512vnni"]:
+    level = _core.simd_level()  # FERROGRAD_SIMD may force a narrower path than the CPU's
+    if level == "avx512" and FEATURES["avx512vnni"]:
         # Zen 4 (family 25) runs a 512-bit vpdpbusd as two halves on its two 256-bit pipes.
         per_port, ports = 64, 1 if "AuthenticAMD" in info and "cpu family\t: 25\n" in info else 2
+    elif level != "scalar" and FEATURES["avxvnni"]:
+        per_port, ports = 32, 2  # 256-bit vpdpbusd, two a cycle
     else:
         per_port = 16 if bits == 8 else 32
         ports = 1 if "AuthenticAMD" in info and "cpu family\t: 23\n" in info else 2

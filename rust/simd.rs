@@ -53,6 +53,9 @@ pub struct CpuFeatures {
     pub avx512vnni: bool,
     /// `vcvtneps2bf16` and `vdpbf16ps` (bfloat16 stores and dot products).
     pub avx512bf16: bool,
+    /// AVX-VNNI: 256-bit `vpdpbusd` without AVX-512 (Intel's cores from Alder Lake and Sierra
+    /// Forest on; Sapphire Rapids and Zen 5 have it beside AVX512-VNNI).
+    pub avxvnni: bool,
     /// An AMD CPU: Zen 4/5 run float adds and conversions on pipes of their own (FP2/FP3),
     /// apart from the integer and fused multiply-adds; Intel's cores issue 512-bit ones all on
     /// ports 0 and 5. A kernel picks the arithmetic that keeps its multiply-add pipes free.
@@ -62,7 +65,7 @@ pub struct CpuFeatures {
 impl CpuFeatures {
     /// Each named feature's flag: the one list of the names that `named`, `without` and
     /// `FERROGRAD_DISABLE_FEATURES` use.
-    fn flags(&mut self) -> [(&'static str, &mut bool); 8] {
+    fn flags(&mut self) -> [(&'static str, &mut bool); 9] {
         [
             ("avx2", &mut self.avx2),
             ("fma", &mut self.fma),
@@ -72,6 +75,7 @@ impl CpuFeatures {
             ("avx512dq", &mut self.avx512dq),
             ("avx512vnni", &mut self.avx512vnni),
             ("avx512bf16", &mut self.avx512bf16),
+            ("avxvnni", &mut self.avxvnni),
         ]
     }
 
@@ -96,7 +100,7 @@ impl CpuFeatures {
         })
     }
 
-    pub fn named(&self) -> [(&'static str, bool); 8] {
+    pub fn named(&self) -> [(&'static str, bool); 9] {
         let mut copy = *self;
         copy.flags().map(|(name, on)| (name, *on))
     }
@@ -171,6 +175,7 @@ fn detected_features() -> CpuFeatures {
             avx512dq: is_x86_feature_detected!("avx512dq"),
             avx512vnni: is_x86_feature_detected!("avx512vnni"),
             avx512bf16: is_x86_feature_detected!("avx512bf16"),
+            avxvnni: is_x86_feature_detected!("avxvnni"),
             amd: is_amd(),
         }
     }
@@ -1090,21 +1095,22 @@ mod tests {
             avx512dq: true,
             avx512vnni: true,
             avx512bf16: true,
+            avxvnni: true,
             amd: false,
         };
         let off = |list: &str| all.disabling(list).unwrap().named();
-        let on = |features: [(&str, bool); 8]| {
+        let on = |features: [(&str, bool); 9]| {
             let on = features.iter().filter(|(_, v)| *v).map(|(n, _)| *n);
             on.collect::<Vec<_>>().join(",")
         };
         assert_eq!(on(off("")), on(all.named()));
         assert_eq!(
-            on(off(" avx512vnni, avx512bf16 ,")),
+            on(off(" avx512vnni, avx512bf16 ,avxvnni")),
             "avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"
         );
         assert_eq!(
             on(off("avx512f")),
-            "avx2,fma,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16"
+            "avx2,fma,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avxvnni"
         );
         let bad = all.disabling("avx512vnni,sse9").unwrap_err();
         assert!(

@@ -212,6 +212,15 @@ impl Kernel {
                 ..plain
             },
             #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 | SimdLevel::Avx2 if cpu_features().avxvnni => Kernel {
+                mr: 6,
+                nr: 16,
+                a_offset: 128,
+                run: x86::avx_vnni::<6>,
+                narrower: &x86::AVX_VNNI_NARROWER,
+                ..plain
+            },
+            #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 | SimdLevel::Avx2 => {
                 // A + max_a is unsigned (no vpsignb) at twice the magnitude; worth it once
                 // two steps fit in 16 bits, i.e. below 8-bit codes.
@@ -1444,6 +1453,43 @@ mod x86 {
         }
         store_acc(t, &f);
     }
+
+    /// AVX-VNNI (256-bit `vpdpbusd`): 6 rows x 16 columns, with B's signed codes stored as the
+    /// other AVX2 kernels store them and A as qa + 128 (unsigned), so that one instruction
+    /// multiplies and adds 32 pairs: the sums start at -128 · Σ qb. 12 accumulators, two B
+    /// vectors and a broadcast fill 15 of the 16 registers.
+    /// MR = 6, or fewer for a short A (`AVX_VNNI_NARROWER`).
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn avx_vnni<const MR: usize>(t: &Tile) {
+        let mut f = load_acc::<MR, 2>(t);
+        let (mut a, mut b) = (t.a, t.b);
+        for g in 0..t.groups {
+            let corr = t.b_corr.add(g * 16);
+            let corr = [0, 8].map(|v| _mm256_loadu_si256(corr.add(v).cast()));
+            let mut s = [corr; MR];
+            for _ in 0..*t.steps.add(g) {
+                let b0 = _mm256_loadu_si256(b.cast());
+                let b1 = _mm256_loadu_si256(b.add(32).cast());
+                for (i, row) in s.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+                    row[0] = _mm256_dpbusd_avx_epi32(row[0], av, b0);
+                    row[1] = _mm256_dpbusd_avx_epi32(row[1], av, b1);
+                }
+                a = a.add(4 * MR);
+                b = b.add(64);
+            }
+            fold(t, g, &s, &mut f);
+        }
+        store_acc(t, &f);
+    }
+
+    pub(super) const AVX_VNNI_NARROWER: [unsafe fn(&Tile); 5] = [
+        avx_vnni::<1>,
+        avx_vnni::<2>,
+        avx_vnni::<3>,
+        avx_vnni::<4>,
+        avx_vnni::<5>,
+    ];
 
     /// `avx2_signed` with MR = 1..=3 and `avx2_unsigned` with MR = 1..=5, for fewer rows of A.
     pub(super) const AVX2_SIGNED_NARROWER: [unsafe fn(&Tile); 3] =
