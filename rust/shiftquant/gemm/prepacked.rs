@@ -186,7 +186,7 @@ impl<'a> Weight<'a> {
             return None;
         }
         // Only kernels that store A offset (`Kernel::a_offset` > 0) read B's corrections. A real
-        // weight's products fit in i32 (|Σ| <= group size x 127, offset <= 127); wrapping keeps
+        // weight's products fit in i32 (|Σ| <= group size x 127, offset <= 128); wrapping keeps
         // corrupt bytes a wrong result rather than an overflow panic.
         let corr = match i32::from(kernel.a_offset) {
             0 => Cow::Borrowed(self.sums),
