@@ -215,6 +215,9 @@ def machine(threads: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "simd_path": fg.simd_level(),
+        # A run as another CPU (docs/ops.md, "Runs as another CPU"): ferrograd's path forced or
+        # features turned off, torch's held back by its own variables; part of the run's key.
+        "run_as": _run_as(),
         "huge_pages": os.environ.get(HUGE_PAGES, "unset"),
         # glibc's tunables where a run set them (e.g. MALLOC_TRIM_THRESHOLD_): they decide
         # whether freed outputs go back to the system and fault in again on the next call.
@@ -277,11 +280,30 @@ class Bench:
         return save_run(self.name, run)
 
 
+#: Variables that hold torch's kernels to fewer instructions than the CPU has.
+TORCH_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def _run_as() -> str | None:
+    """How this run differs from the CPU as it is, or None: ferrograd's forced SIMD path, the
+    features FERROGRAD_DISABLE_FEATURES turned off and torch's instruction variables."""
+    info = fg.cpu_info()
+    parts = []
+    if fg.simd_level() != info["detected"]:
+        parts.append(fg.simd_level())
+    if info["disabled"]:
+        parts.append("without " + ",".join(info["disabled"]))
+    parts += [f"{v}={os.environ[v]}" for v in TORCH_ISA_VARIABLES if v in os.environ]
+    return " ".join(parts) or None
+
+
 def cpu_key(facts: dict) -> str:
     """The CPU a run belongs to: model name, family and model numbers (VMs report several
-    generations as plain "AMD EPYC") and the kernel-choosing flags."""
+    generations as plain "AMD EPYC") and the kernel-choosing flags; for a run as another CPU,
+    how (``run_as``)."""
     family = facts.get("cpu_family_model")
-    return f"{facts['cpu']}{f' ({family})' if family else ''} [{' '.join(facts['cpu_flags'])}]"
+    key = f"{facts['cpu']}{f' ({family})' if family else ''} [{' '.join(facts['cpu_flags'])}]"
+    return key + (f" run as {facts['run_as']}" if facts.get("run_as") else "")
 
 
 def save_run(name: str, run: dict) -> Path:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,24 @@ def test_forced_simd_path_is_used_and_bad_values_are_rejected():
     bad = _run("import torch, ferrograd as fg; fg.softmax(torch.zeros(3))", "sse9")
     assert bad.returncode != 0
     assert "FERROGRAD_SIMD" in bad.stderr and "ValueError" in bad.stderr
+
+
+def test_a_run_as_another_cpu_is_kept_apart_in_bench_results():
+    # bench/harness.py keys results by CPU and by how a run narrowed it (docs/ops.md).
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    code = f"import sys; sys.path.insert(0, {bench!r}); import harness; "
+    code += "print(harness.cpu_key(harness.machine(1)))"
+    own = _run(code, "auto")
+    assert own.returncode == 0, own.stderr
+    assert "run as" not in own.stdout
+    off = "avx512bf16"  # a feature whose loss leaves the detected path as it is
+    narrowed = _run(code, "scalar", FERROGRAD_DISABLE_FEATURES=off, ATEN_CPU_CAPABILITY="avx2")
+    assert narrowed.returncode == 0, narrowed.stderr
+    info = fg.cpu_info()
+    how = ["scalar"] if info["detected"] != "scalar" else []
+    how += [f"without {off}"] if info["features"][off] else []
+    want = own.stdout.strip() + " run as " + " ".join([*how, "ATEN_CPU_CAPABILITY=avx2"])
+    assert narrowed.stdout.strip() == want
 
 
 def test_disabled_features_are_off_and_bad_names_are_rejected():
