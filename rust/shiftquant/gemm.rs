@@ -14,12 +14,12 @@
 //!
 //! Micro-kernels (x86.rs): AVX-512 VNNI (`vpdpbusd`, 6 x 32, float accumulators in registers),
 //! AVX-VNNI (256-bit `vpdpbusd`, 6 x 16, A offset by 128) where the CPU has it and not the
-//! former, two AVX2 ones elsewhere, and a portable scalar one. The AVX2 kernels are picked from
-//! the operands' largest |codes| (measured before packing, so no bit width is trusted): 8-bit
-//! codes run `vpmaddubsw` on |b| and sign-transferred a, widened by `vpmaddwd` every step
-//! (4 x 16); narrower codes store A offset to unsigned (no `vpsignb`) and add the 16-bit pair
-//! sums of as many steps as cannot overflow before widening (6 x 16). Codes of -128 are rejected
-//! (the sign trick cannot hold them).
+//! former, `vpmaddubsw` kernels elsewhere (512-bit with AVX-512 BW, 256-bit with AVX2), and a
+//! portable scalar one. The `vpmaddubsw` kernels are picked from the operands' largest |codes|
+//! (measured before packing, so no bit width is trusted): 8-bit codes multiply |b| by
+//! sign-transferred a, widened by `vpmaddwd` every step; narrower codes store A offset to
+//! unsigned (no sign transfer) and add the 16-bit pair sums of as many steps as cannot overflow
+//! before widening. Codes of -128 are rejected (the sign trick cannot hold them).
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -195,58 +195,45 @@ impl Kernel {
             run: scalar_4x8,
             narrower: &[],
         };
+        #[cfg(target_arch = "x86_64")]
+        let family = |(mr, run, narrower): x86::Family, nr: usize| Kernel {
+            mr,
+            nr,
+            run,
+            narrower,
+            ..plain
+        };
         match level {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 if cpu_features().avx512vnni => Kernel {
-                mr: 6,
-                nr: 32,
                 b_offset: 128,
                 direct: true,
                 a_in_place: true,
-                run: if fma_fold() {
-                    x86::vnni::<6, true>
-                } else {
-                    x86::vnni::<6, false>
-                },
-                narrower: if fma_fold() {
-                    &x86::VNNI_FMA_NARROWER
-                } else {
-                    &x86::VNNI_NARROWER
-                },
-                ..plain
+                ..family(if fma_fold() { x86::VNNI_FMA } else { x86::VNNI }, 32)
             },
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 | SimdLevel::Avx2 if cpu_features().avxvnni => Kernel {
-                mr: 6,
-                nr: 16,
                 a_offset: 128,
-                run: x86::avx_vnni::<6>,
-                narrower: &x86::AVX_VNNI_NARROWER,
-                ..plain
+                ..family(x86::AVX_VNNI, 16)
             },
+            // Without VNNI, `vpmaddubsw` kernels: A + max_a is unsigned (no sign transfer) at
+            // twice the magnitude; worth it once two steps fit in 16 bits, i.e. below 8-bit codes.
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 | SimdLevel::Avx2 => {
-                // A + max_a is unsigned (no vpsignb) at twice the magnitude; worth it once
-                // two steps fit in 16 bits, i.e. below 8-bit codes.
+                let (unsigned, signed, nr) = if level == SimdLevel::Avx512 {
+                    (x86::AVX512BW_UNSIGNED, x86::AVX512BW_SIGNED, 32)
+                } else {
+                    (x86::AVX2_UNSIGNED, x86::AVX2_SIGNED, 16)
+                };
                 let depth = int16_depth(2 * max_a, max_b);
                 if depth >= 2 {
                     Kernel {
-                        mr: 6,
-                        nr: 16,
                         a_offset: max_a as u8,
                         depth,
-                        run: x86::avx2_unsigned::<6>,
-                        narrower: &x86::AVX2_UNSIGNED_NARROWER,
-                        ..plain
+                        ..family(unsigned, nr)
                     }
                 } else {
-                    Kernel {
-                        mr: 4,
-                        nr: 16,
-                        run: x86::avx2_signed::<4>,
-                        narrower: &x86::AVX2_SIGNED_NARROWER,
-                        ..plain
-                    }
+                    family(signed, nr)
                 }
             }
             _ => plain,

@@ -1,31 +1,40 @@
-//! The x86-64 micro-kernels (AVX-512 VNNI, AVX-VNNI, AVX2) and their folds and stores.
+//! The x86-64 micro-kernels (AVX-512 VNNI, AVX-VNNI, and `vpmaddubsw` ones in 512- and 256-bit
+//! registers) and their folds and stores.
 
 use std::arch::x86_64::*;
 
 use super::{Direct, Format, Tile};
 use crate::simd::bf16_bits_avx512;
 
-/// `vnni` with MR = 1..=5, for fewer rows of A than 6, with each fold.
-pub(super) const VNNI_NARROWER: [unsafe fn(&Tile); 5] = [
-    vnni::<1, false>,
-    vnni::<2, false>,
-    vnni::<3, false>,
-    vnni::<4, false>,
-    vnni::<5, false>,
-];
-pub(super) const VNNI_FMA_NARROWER: [unsafe fn(&Tile); 5] = [
-    vnni::<1, true>,
-    vnni::<2, true>,
-    vnni::<3, true>,
-    vnni::<4, true>,
-    vnni::<5, true>,
-];
+/// The VNNI kernel with each fold (`fma_fold`).
+pub(super) const VNNI: Family = (
+    6,
+    vnni::<6, false>,
+    &[
+        vnni::<1, false>,
+        vnni::<2, false>,
+        vnni::<3, false>,
+        vnni::<4, false>,
+        vnni::<5, false>,
+    ],
+);
+pub(super) const VNNI_FMA: Family = (
+    6,
+    vnni::<6, true>,
+    &[
+        vnni::<1, true>,
+        vnni::<2, true>,
+        vnni::<3, true>,
+        vnni::<4, true>,
+        vnni::<5, true>,
+    ],
+);
 
 /// AVX-512 VNNI: MR rows (6, or fewer for a short A) x 32 columns; B holds qb + 128 as
 /// unsigned bytes, each A quad is broadcast, and the accumulators start at -128 · Σ qa to
 /// cancel the offset.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
+unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
     let mut f = [[_mm512_setzero_ps(); 2]; MR];
     if !t.first {
         for (i, row) in f.iter_mut().enumerate() {
@@ -183,27 +192,199 @@ unsafe fn store_c<const MR: usize>(d: &Direct, f: [[__m512; 2]; MR]) {
     }
 }
 
-/// The float accumulators of an MR x 8·NV tile, loaded from (zeros on the first run) and
+/// A register of byte, int16 and int32 lanes and its float32 twin: what the `vpmaddubsw`
+/// kernels, their fold and the AVX-VNNI kernel need, in 256-bit (AVX2) and 512-bit (AVX-512 BW)
+/// form. The methods are `inline(always)` without target features of their own: they compile
+/// inside the kernel that calls them, with its features.
+trait Lanes: Copy {
+    type Float: Copy;
+    /// B's codes of one step made ready for `signed_pairs`.
+    type Signed: Copy;
+    /// int32 lanes: a tile's columns per register.
+    const COLUMNS: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const i8) -> Self;
+    unsafe fn splat_i32(x: i32) -> Self;
+    unsafe fn splat_i16(x: i16) -> Self;
+    unsafe fn add_i16(self, other: Self) -> Self;
+    unsafe fn add_i32(self, other: Self) -> Self;
+    unsafe fn sub_i32(self, other: Self) -> Self;
+    /// Unsigned bytes `self` times signed bytes `signed`, adjacent pairs summed to int16
+    /// (`vpmaddubsw`, saturating).
+    unsafe fn maddubs(self, signed: Self) -> Self;
+    /// int16 lanes times `other`'s, adjacent pairs summed to int32 (`vpmaddwd`).
+    unsafe fn madd(self, other: Self) -> Self;
+    unsafe fn signed(b: Self) -> Self::Signed;
+    /// The pair sums of a · b for signed bytes: |b| times a with b's sign, so that no product
+    /// saturates (|qa · qb| <= 127², two per int16 lane).
+    unsafe fn signed_pairs(b: Self::Signed, a: Self) -> Self;
+    unsafe fn float_zero() -> Self::Float;
+    unsafe fn load_float(p: *const f32) -> Self::Float;
+    unsafe fn store_float(p: *mut f32, v: Self::Float);
+    /// f + float(s) · p, p's bits given as int32 lanes, in one fused multiply-add.
+    unsafe fn fold_lanes(f: Self::Float, s: Self, p: Self) -> Self::Float;
+}
+
+impl Lanes for __m256i {
+    type Float = __m256;
+    type Signed = (__m256i, __m256i);
+    const COLUMNS: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const i8) -> Self {
+        _mm256_loadu_si256(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn splat_i32(x: i32) -> Self {
+        _mm256_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn splat_i16(x: i16) -> Self {
+        _mm256_set1_epi16(x)
+    }
+    #[inline(always)]
+    unsafe fn add_i16(self, other: Self) -> Self {
+        _mm256_add_epi16(self, other)
+    }
+    #[inline(always)]
+    unsafe fn add_i32(self, other: Self) -> Self {
+        _mm256_add_epi32(self, other)
+    }
+    #[inline(always)]
+    unsafe fn sub_i32(self, other: Self) -> Self {
+        _mm256_sub_epi32(self, other)
+    }
+    #[inline(always)]
+    unsafe fn maddubs(self, signed: Self) -> Self {
+        _mm256_maddubs_epi16(self, signed)
+    }
+    #[inline(always)]
+    unsafe fn madd(self, other: Self) -> Self {
+        _mm256_madd_epi16(self, other)
+    }
+    #[inline(always)]
+    unsafe fn signed(b: Self) -> Self::Signed {
+        (_mm256_abs_epi8(b), b)
+    }
+    #[inline(always)]
+    unsafe fn signed_pairs((abs, b): Self::Signed, a: Self) -> Self {
+        _mm256_maddubs_epi16(abs, _mm256_sign_epi8(a, b))
+    }
+    #[inline(always)]
+    unsafe fn float_zero() -> Self::Float {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load_float(p: *const f32) -> Self::Float {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store_float(p: *mut f32, v: Self::Float) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fold_lanes(f: Self::Float, s: Self, p: Self) -> Self::Float {
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_castsi256_ps(p), f)
+    }
+}
+
+/// AVX-512 has no `vpsignb`: a is negated where b's sign bit is set (`vpmovb2m` once per B
+/// register, a masked `vpsubb` per product); where b is 0, |b| makes the product 0 as
+/// `vpsignb` does.
+impl Lanes for __m512i {
+    type Float = __m512;
+    type Signed = (__m512i, __mmask64);
+    const COLUMNS: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_si512()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const i8) -> Self {
+        _mm512_loadu_si512(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn splat_i32(x: i32) -> Self {
+        _mm512_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn splat_i16(x: i16) -> Self {
+        _mm512_set1_epi16(x)
+    }
+    #[inline(always)]
+    unsafe fn add_i16(self, other: Self) -> Self {
+        _mm512_add_epi16(self, other)
+    }
+    #[inline(always)]
+    unsafe fn add_i32(self, other: Self) -> Self {
+        _mm512_add_epi32(self, other)
+    }
+    #[inline(always)]
+    unsafe fn sub_i32(self, other: Self) -> Self {
+        _mm512_sub_epi32(self, other)
+    }
+    #[inline(always)]
+    unsafe fn maddubs(self, signed: Self) -> Self {
+        _mm512_maddubs_epi16(self, signed)
+    }
+    #[inline(always)]
+    unsafe fn madd(self, other: Self) -> Self {
+        _mm512_madd_epi16(self, other)
+    }
+    #[inline(always)]
+    unsafe fn signed(b: Self) -> Self::Signed {
+        (_mm512_abs_epi8(b), _mm512_movepi8_mask(b))
+    }
+    #[inline(always)]
+    unsafe fn signed_pairs((abs, negative): Self::Signed, a: Self) -> Self {
+        let signed = _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a);
+        _mm512_maddubs_epi16(abs, signed)
+    }
+    #[inline(always)]
+    unsafe fn float_zero() -> Self::Float {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load_float(p: *const f32) -> Self::Float {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store_float(p: *mut f32, v: Self::Float) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fold_lanes(f: Self::Float, s: Self, p: Self) -> Self::Float {
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_castsi512_ps(p), f)
+    }
+}
+
+/// The float accumulators of an MR x COLUMNS·NV tile, loaded from (zeros on the first run) and
 /// stored back to `Tile::acc`.
 #[inline(always)]
-unsafe fn load_acc<const MR: usize, const NV: usize>(t: &Tile) -> [[__m256; NV]; MR] {
+unsafe fn load_acc<V: Lanes, const MR: usize, const NV: usize>(t: &Tile) -> [[V::Float; NV]; MR] {
+    let mut f = [[V::float_zero(); NV]; MR];
     if t.first {
-        return [[_mm256_setzero_ps(); NV]; MR];
+        return f;
     }
-    let mut f = [[_mm256_setzero_ps(); NV]; MR];
     for (i, row) in f.iter_mut().enumerate() {
         for (v, fv) in row.iter_mut().enumerate() {
-            *fv = _mm256_loadu_ps(t.acc.add((i * NV + v) * 8));
+            *fv = V::load_float(t.acc.add((i * NV + v) * V::COLUMNS));
         }
     }
     f
 }
 
 #[inline(always)]
-unsafe fn store_acc<const MR: usize, const NV: usize>(t: &Tile, f: &[[__m256; NV]; MR]) {
+unsafe fn store_acc<V: Lanes, const MR: usize, const NV: usize>(
+    t: &Tile,
+    f: &[[V::Float; NV]; MR],
+) {
     for (i, fr) in f.iter().enumerate() {
         for (v, fv) in fr.iter().enumerate() {
-            _mm256_storeu_ps(t.acc.add((i * NV + v) * 8), *fv);
+            V::store_float(t.acc.add((i * NV + v) * V::COLUMNS), *fv);
         }
     }
 }
@@ -213,94 +394,113 @@ unsafe fn store_acc<const MR: usize, const NV: usize>(t: &Tile, f: &[[__m256; NV
 /// float operation per accumulator after the conversion instead of two; the product is
 /// exact either way.
 #[inline(always)]
-unsafe fn fold<const MR: usize, const NV: usize>(
+unsafe fn fold<V: Lanes, const MR: usize, const NV: usize>(
     t: &Tile,
     g: usize,
-    s: &[[__m256i; NV]; MR],
-    f: &mut [[__m256; NV]; MR],
+    s: &[[V; NV]; MR],
+    f: &mut [[V::Float; NV]; MR],
 ) {
-    let one = _mm256_set1_epi32(0x3f80_0000);
+    let one = V::splat_i32(0x3f80_0000);
     let mut pb = [one; NV];
     for (v, pb) in pb.iter_mut().enumerate() {
-        let bits = _mm256_loadu_si256(t.b_pow.add((g * NV + v) * 8).cast());
-        *pb = _mm256_sub_epi32(bits, one);
+        let bits = V::load(t.b_pow.add((g * NV + v) * V::COLUMNS).cast());
+        *pb = bits.sub_i32(one);
     }
     for (i, (fr, sr)) in f.iter_mut().zip(s).enumerate() {
-        let pa = _mm256_set1_epi32(t.a_pow.add(g * MR + i).cast::<i32>().read());
+        let pa = V::splat_i32(t.a_pow.add(g * MR + i).cast::<i32>().read());
         for ((fv, sv), pb) in fr.iter_mut().zip(sr).zip(&pb) {
-            let p = _mm256_castsi256_ps(_mm256_add_epi32(pa, *pb));
-            *fv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sv), p, *fv);
+            *fv = V::fold_lanes(*fv, *sv, pa.add_i32(*pb));
         }
     }
 }
 
-/// The MR x NV 16-bit pair-sum products of one k-step (MR quads of A against the 8·NV
-/// quads of B at the cursors), moving both cursors on to the next step. Plain loops, no
-/// closures: the intrinsics inside nested `array::from_fn` closures stayed out-of-line
-/// calls (a kernel ran 30x slower).
+/// The offset corrections of B's columns for group g (`Tile::b_corr`), as each row's start.
 #[inline(always)]
-unsafe fn step<const MR: usize, const NV: usize, const SIGNED: bool>(
-    (a, b): (&mut *const i8, &mut *const i8),
-) -> [[__m256i; NV]; MR] {
-    let mut bv = [_mm256_setzero_si256(); NV];
-    let mut babs = bv;
-    for v in 0..NV {
-        bv[v] = _mm256_loadu_si256(b.add(32 * v).cast());
-        babs[v] = if SIGNED {
-            _mm256_abs_epi8(bv[v])
-        } else {
-            bv[v]
-        };
+unsafe fn b_corrections<V: Lanes, const MR: usize, const NV: usize>(
+    t: &Tile,
+    g: usize,
+) -> [[V; NV]; MR] {
+    let mut corr = [V::zero(); NV];
+    for (v, c) in corr.iter_mut().enumerate() {
+        *c = V::load(t.b_corr.add((g * NV + v) * V::COLUMNS).cast());
     }
-    let mut prods = [[_mm256_setzero_si256(); NV]; MR];
+    [corr; MR]
+}
+
+/// The MR x NV 16-bit pair-sum products of one k-step (MR quads of A against the
+/// COLUMNS·NV quads of B at the cursors), moving both cursors on to the next step. Plain
+/// loops, no closures: the intrinsics inside nested `array::from_fn` closures stayed
+/// out-of-line calls (a kernel ran 30x slower).
+#[inline(always)]
+unsafe fn step<V: Lanes, const MR: usize, const NV: usize, const SIGNED: bool>(
+    (a, b): (&mut *const i8, &mut *const i8),
+) -> [[V; NV]; MR] {
+    let mut bv = [V::zero(); NV];
+    for (v, bv) in bv.iter_mut().enumerate() {
+        *bv = V::load(b.add(4 * V::COLUMNS * v));
+    }
+    let mut signed = [V::signed(V::zero()); NV];
+    if SIGNED {
+        for (sv, &b) in signed.iter_mut().zip(&bv) {
+            *sv = V::signed(b);
+        }
+    }
+    let mut prods = [[V::zero(); NV]; MR];
     for (i, row) in prods.iter_mut().enumerate() {
-        let av = _mm256_set1_epi32(a.add(4 * i).cast::<i32>().read_unaligned());
+        let av = V::splat_i32(a.add(4 * i).cast::<i32>().read_unaligned());
         for v in 0..NV {
             row[v] = if SIGNED {
-                _mm256_maddubs_epi16(babs[v], _mm256_sign_epi8(av, bv[v]))
+                V::signed_pairs(signed[v], av)
             } else {
-                _mm256_maddubs_epi16(av, bv[v])
+                av.maddubs(bv[v])
             };
         }
     }
     *a = a.add(4 * MR);
-    *b = b.add(32 * NV);
+    *b = b.add(4 * V::COLUMNS * NV);
     prods
+}
+
+/// s += the int16 pair sums p, widened to int32 (`vpmaddwd` by ones). A function, not a
+/// closure: the closure this was stayed an out-of-line call in some kernels.
+#[inline(always)]
+unsafe fn widen<V: Lanes, const MR: usize, const NV: usize>(
+    s: &mut [[V; NV]; MR],
+    p: [[V; NV]; MR],
+) {
+    let ones = V::splat_i16(1);
+    for (sr, pr) in s.iter_mut().zip(p) {
+        for (sv, pv) in sr.iter_mut().zip(pr) {
+            *sv = sv.add_i32(pv.madd(ones));
+        }
+    }
 }
 
 /// A group's int32 sums, widening the 16-bit pair sums every `t.depth` steps; `start` holds
 /// the offset corrections (or zeros).
 #[inline(always)]
-unsafe fn group_sums<const MR: usize, const NV: usize, const SIGNED: bool>(
+unsafe fn group_sums<V: Lanes, const MR: usize, const NV: usize, const SIGNED: bool>(
     t: &Tile,
     steps: usize,
     (a, b): (&mut *const i8, &mut *const i8),
-    start: [[__m256i; NV]; MR],
-) -> [[__m256i; NV]; MR] {
-    let ones = _mm256_set1_epi16(1);
+    start: [[V; NV]; MR],
+) -> [[V; NV]; MR] {
     let mut s = start;
-    let widen = |s: &mut [[__m256i; NV]; MR], p: [[__m256i; NV]; MR]| {
-        for (sr, pr) in s.iter_mut().zip(p) {
-            for (sv, pv) in sr.iter_mut().zip(pr) {
-                *sv = _mm256_add_epi32(*sv, _mm256_madd_epi16(pv, ones));
-            }
-        }
-    };
     if t.depth == 1 {
         // 8-bit x 8-bit: widen every step (the general loop's 16-bit adds would be idle).
         for _ in 0..steps {
-            widen(&mut s, step::<MR, NV, SIGNED>((a, b)));
+            widen(&mut s, step::<V, MR, NV, SIGNED>((a, b)));
         }
         return s;
     }
     let mut left = steps;
     while left > 0 {
         let run = left.min(t.depth);
-        let mut pairs = [[_mm256_setzero_si256(); NV]; MR];
+        let mut pairs = [[V::zero(); NV]; MR];
         for _ in 0..run {
-            for (pr, qr) in pairs.iter_mut().zip(step::<MR, NV, SIGNED>((a, b))) {
+            for (pr, qr) in pairs.iter_mut().zip(step::<V, MR, NV, SIGNED>((a, b))) {
                 for (p, q) in pr.iter_mut().zip(qr) {
-                    *p = _mm256_add_epi16(*p, q);
+                    *p = p.add_i16(q);
                 }
             }
         }
@@ -310,39 +510,122 @@ unsafe fn group_sums<const MR: usize, const NV: usize, const SIGNED: bool>(
     s
 }
 
-/// AVX2 on 8-bit codes: 4 rows x 16 columns; |b| times a with b's sign (`vpsignb`) keeps
-/// `vpmaddubsw` from saturating (|qa · qb| <= 127², two per 16-bit lane), and the pair sums
-/// of `depth` steps (1 for 8-bit x 8-bit) add up in 16 bits before `vpmaddwd` widens them.
-/// On Zen 3 `vpsignb`, `vpmaddubsw` and `vpmaddwd` compete for the same pipes: 3 of them per
-/// 32 products bound this kernel near 24 multiply-adds per cycle (measured 20-21 in the
-/// GEMM). Two B vectors per broadcast of A (4 x 16, its 8 int32 sums in registers) ran 3-6%
-/// faster than 6 x 8, which was 0-8% faster than 4 x 8.
-/// MR = 4, or fewer for a short A (`AVX2_SIGNED_NARROWER`).
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn avx2_signed<const MR: usize>(t: &Tile) {
-    let mut f = load_acc::<MR, 2>(t);
+/// 8-bit codes: |b| times a with b's sign (`Lanes::signed_pairs`), and the pair sums of
+/// `depth` steps (1 for 8-bit x 8-bit) add up in 16 bits before `vpmaddwd` widens them.
+#[inline(always)]
+unsafe fn signed<V: Lanes, const MR: usize>(t: &Tile) {
+    let mut f = load_acc::<V, MR, 2>(t);
     let (mut a, mut b) = (t.a, t.b);
     for g in 0..t.groups {
-        let zero = [[_mm256_setzero_si256(); 2]; MR];
-        let s = group_sums::<MR, 2, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
+        let zero = [[V::zero(); 2]; MR];
+        let s = group_sums::<V, MR, 2, true>(t, *t.steps.add(g), (&mut a, &mut b), zero);
         fold(t, g, &s, &mut f);
     }
-    store_acc(t, &f);
+    store_acc::<V, MR, 2>(t, &f);
 }
+
+/// Below 8 bits: A stored as qa + max|qa| (unsigned), so `vpmaddubsw` needs no sign
+/// transfer; the sums start at -max|qa| · Σ qb. Widening once per `depth` steps (8 for 6-bit
+/// codes) leaves the multiply pipes to `vpmaddubsw`.
+#[inline(always)]
+unsafe fn unsigned<V: Lanes, const MR: usize>(t: &Tile) {
+    let mut f = load_acc::<V, MR, 2>(t);
+    let (mut a, mut b) = (t.a, t.b);
+    for g in 0..t.groups {
+        let corr = b_corrections::<V, MR, 2>(t, g);
+        let s = group_sums::<V, MR, 2, false>(t, *t.steps.add(g), (&mut a, &mut b), corr);
+        fold(t, g, &s, &mut f);
+    }
+    store_acc::<V, MR, 2>(t, &f);
+}
+
+/// A kernel family of one register width: MR, the kernel, and its forms with MR = 1.. below.
+pub(super) type Family = (usize, unsafe fn(&Tile), &'static [unsafe fn(&Tile)]);
+
+/// AVX2 on 8-bit codes: 4 rows x 16 columns (`signed`). On Zen 3 `vpsignb`, `vpmaddubsw` and
+/// `vpmaddwd` compete for the same pipes: 3 of them per 32 products bound this kernel near 24
+/// multiply-adds per cycle (measured 20-21 in the GEMM). Two B vectors per broadcast of A
+/// (4 x 16, its 8 int32 sums in registers) ran 3-6% faster than 6 x 8, which was 0-8% faster
+/// than 4 x 8.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_signed<const MR: usize>(t: &Tile) {
+    signed::<__m256i, MR>(t)
+}
+
+pub(super) const AVX2_SIGNED: Family = (
+    4,
+    avx2_signed::<4>,
+    &[avx2_signed::<1>, avx2_signed::<2>, avx2_signed::<3>],
+);
+
+/// AVX2 below 8 bits: 6 rows x 16 columns (`unsigned`). Two B vectors per broadcast of A: on
+/// Zen 3 the 6 x 8 kernel's broadcasts and loop overhead held it near 28 multiply-adds per
+/// cycle; a step of this one (12 `vpmaddubsw`) runs in 6.9 cycles alone, and the GEMM gained
+/// 7-13%.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_unsigned<const MR: usize>(t: &Tile) {
+    unsigned::<__m256i, MR>(t)
+}
+
+pub(super) const AVX2_UNSIGNED: Family = (
+    6,
+    avx2_unsigned::<6>,
+    &[
+        avx2_unsigned::<1>,
+        avx2_unsigned::<2>,
+        avx2_unsigned::<3>,
+        avx2_unsigned::<4>,
+        avx2_unsigned::<5>,
+    ],
+);
+
+/// AVX-512 without VNNI (Skylake-SP) on 8-bit codes: 6 rows x 32 columns (`signed`), twice
+/// the products of the AVX2 kernel's instructions.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn avx512bw_signed<const MR: usize>(t: &Tile) {
+    signed::<__m512i, MR>(t)
+}
+
+pub(super) const AVX512BW_SIGNED: Family = (
+    6,
+    avx512bw_signed::<6>,
+    &[
+        avx512bw_signed::<1>,
+        avx512bw_signed::<2>,
+        avx512bw_signed::<3>,
+        avx512bw_signed::<4>,
+        avx512bw_signed::<5>,
+    ],
+);
+
+/// AVX-512 without VNNI below 8 bits: 6 rows x 32 columns (`unsigned`).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn avx512bw_unsigned<const MR: usize>(t: &Tile) {
+    unsigned::<__m512i, MR>(t)
+}
+
+pub(super) const AVX512BW_UNSIGNED: Family = (
+    6,
+    avx512bw_unsigned::<6>,
+    &[
+        avx512bw_unsigned::<1>,
+        avx512bw_unsigned::<2>,
+        avx512bw_unsigned::<3>,
+        avx512bw_unsigned::<4>,
+        avx512bw_unsigned::<5>,
+    ],
+);
 
 /// AVX-VNNI (256-bit `vpdpbusd`): 6 rows x 16 columns, with B's signed codes stored as the
 /// other AVX2 kernels store them and A as qa + 128 (unsigned), so that one instruction
 /// multiplies and adds 32 pairs: the sums start at -128 · Σ qb. 12 accumulators, two B
 /// vectors and a broadcast fill 15 of the 16 registers.
-/// MR = 6, or fewer for a short A (`AVX_VNNI_NARROWER`).
 #[target_feature(enable = "avx2,fma,avxvnni")]
-pub(super) unsafe fn avx_vnni<const MR: usize>(t: &Tile) {
-    let mut f = load_acc::<MR, 2>(t);
+unsafe fn avx_vnni<const MR: usize>(t: &Tile) {
+    let mut f = load_acc::<__m256i, MR, 2>(t);
     let (mut a, mut b) = (t.a, t.b);
     for g in 0..t.groups {
-        let corr = t.b_corr.add(g * 16);
-        let corr = [0, 8].map(|v| _mm256_loadu_si256(corr.add(v).cast()));
-        let mut s = [corr; MR];
+        let mut s = b_corrections::<__m256i, MR, 2>(t, g);
         for _ in 0..*t.steps.add(g) {
             let b0 = _mm256_loadu_si256(b.cast());
             let b1 = _mm256_loadu_si256(b.add(32).cast());
@@ -356,44 +639,17 @@ pub(super) unsafe fn avx_vnni<const MR: usize>(t: &Tile) {
         }
         fold(t, g, &s, &mut f);
     }
-    store_acc(t, &f);
+    store_acc::<__m256i, MR, 2>(t, &f);
 }
 
-pub(super) const AVX_VNNI_NARROWER: [unsafe fn(&Tile); 5] = [
-    avx_vnni::<1>,
-    avx_vnni::<2>,
-    avx_vnni::<3>,
-    avx_vnni::<4>,
-    avx_vnni::<5>,
-];
-
-/// `avx2_signed` with MR = 1..=3 and `avx2_unsigned` with MR = 1..=5, for fewer rows of A.
-pub(super) const AVX2_SIGNED_NARROWER: [unsafe fn(&Tile); 3] =
-    [avx2_signed::<1>, avx2_signed::<2>, avx2_signed::<3>];
-pub(super) const AVX2_UNSIGNED_NARROWER: [unsafe fn(&Tile); 5] = [
-    avx2_unsigned::<1>,
-    avx2_unsigned::<2>,
-    avx2_unsigned::<3>,
-    avx2_unsigned::<4>,
-    avx2_unsigned::<5>,
-];
-
-/// AVX2 below 8 bits: 6 rows x 16 columns with A stored as qa + max|qa| (unsigned), so
-/// `vpmaddubsw` needs no `vpsignb`; the sums start at -max|qa| · Σ qb. Widening once per
-/// `depth` steps (8 for 6-bit codes) leaves the multiply pipes to `vpmaddubsw`. Two B
-/// vectors per broadcast of A: on Zen 3 the 6 x 8 kernel's broadcasts and loop overhead
-/// held it near 28 multiply-adds per cycle; a step of this one (12 `vpmaddubsw`) runs in
-/// 6.9 cycles alone, and the GEMM gained 7-13%.
-/// MR = 6, or fewer for a short A (`AVX2_UNSIGNED_NARROWER`).
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn avx2_unsigned<const MR: usize>(t: &Tile) {
-    let mut f = load_acc::<MR, 2>(t);
-    let (mut a, mut b) = (t.a, t.b);
-    for g in 0..t.groups {
-        let corr = t.b_corr.add(g * 16);
-        let corr = [0, 8].map(|v| _mm256_loadu_si256(corr.add(v).cast()));
-        let s = group_sums::<MR, 2, false>(t, *t.steps.add(g), (&mut a, &mut b), [corr; MR]);
-        fold(t, g, &s, &mut f);
-    }
-    store_acc(t, &f);
-}
+pub(super) const AVX_VNNI: Family = (
+    6,
+    avx_vnni::<6>,
+    &[
+        avx_vnni::<1>,
+        avx_vnni::<2>,
+        avx_vnni::<3>,
+        avx_vnni::<4>,
+        avx_vnni::<5>,
+    ],
+);
