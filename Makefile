@@ -35,9 +35,16 @@ test: develop
 			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
 		fi; \
 	done
+	@# AVX2 without AVX-VNNI (Zen 2, Zen 3, Haswell to Comet Lake), where this CPU has it: the
+	@# 256-bit vpmaddubsw GEMM kernels, which the runs above do not reach here.
+	@if $(PY) -c "import ferrograd, sys; sys.exit(not ferrograd.cpu_info()['features']['avxvnni'])"; then \
+		echo "== SIMD path avx2 without avxvnni =="; \
+		FERROGRAD_SIMD=avx2 FERROGRAD_DISABLE_FEATURES=avxvnni \
+			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
+	fi
 	@# AVX-512 without VNNI and BF16 (Skylake-SP's set; Cascade Lake and Ice Lake lack BF16): the
-	@# paths those CPUs take, run here with the features turned off. AVX-VNNI off as well: the
-	@# 8-bit GEMM then runs the AVX2 kernels that CPUs without any VNNI (Zen 2, Zen 3) take.
+	@# paths those CPUs take, run here with the features turned off (AVX-VNNI too: Skylake-SP
+	@# lacks it, and the GEMM then runs its 512-bit vpmaddubsw kernels).
 	@if $(PY) -c "import ferrograd, sys; sys.exit('avx512' not in ferrograd.cpu_info()['supported'])"; then \
 		echo "== SIMD path avx512 without avx512vnni, avx512bf16 and avxvnni =="; \
 		FERROGRAD_SIMD=avx512 FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16,avxvnni \
