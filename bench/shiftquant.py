@@ -47,8 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 #: instructions (AVX2 only) they are emulated (Zen 3: bf16 8x slower than float32, _int_mm 20x,
 #: a bf16-autocast nn.Linear step at 4096 x 1024 -> 4096 a minute), so float32 is the baseline.
 FEATURES = fg.cpu_info()["features"]
-# torch._int_mm (oneDNN) has VNNI kernels, 512- and 256-bit; without VNNI it runs a reference loop.
-BASELINES_16_8 = cpu_has_bf16() or FEATURES["avx512vnni"] or FEATURES["avxvnni"]
+# bf16 where the CPU multiplies it natively (a run as another CPU turns avx512bf16 off,
+# docs/ops.md); torch._int_mm where oneDNN has VNNI kernels for it, 512- or 256-bit (without,
+# it runs a reference loop).
+BF16_BASELINE = cpu_has_bf16() and "avx512bf16" not in fg.cpu_info()["disabled"]
+INT_MM_BASELINE = FEATURES["avx512vnni"] or FEATURES["avxvnni"]
 
 
 def cpu_mhz() -> float:
@@ -117,11 +120,12 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
         "int+quant": lambda: fg.shiftquant_matmul(quant(a), quant(b)),
         "torch": lambda: torch.matmul(a, b.T),
     }
-    if BASELINES_16_8:
+    if BF16_BASELINE:
         a16, b16 = a.bfloat16(), b.bfloat16()
+        fns["bf16"] = lambda: torch.matmul(a16, b16.T)
+    if INT_MM_BASELINE:
         a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
         b8 = torch.randint(-127, 128, (n, k), dtype=torch.int8).T
-        fns["bf16"] = lambda: torch.matmul(a16, b16.T)
         fns["int_mm"] = lambda: torch._int_mm(a8, b8)
     # Three warm-up calls each: the first several calls of a new shape ran up to 1.7x slower
     # than the steady state a training loop sees (Zen 4, 1024^3: 5.4, 3.9, 3.3, ... then
@@ -138,11 +142,11 @@ def gemm(bench: Bench, m: int, k: int, n: int, bits: int = 8) -> None:
         "int8_peak_frac": macs / peak,
         "int8_peak": how,
     }
-    if BASELINES_16_8:
+    if BF16_BASELINE:
+        row |= {"bf16_ms": t["bf16"] * 1e3, "vs_bf16": t["bf16"] / t["int"]}
+    if INT_MM_BASELINE:
         row |= {
-            "bf16_ms": t["bf16"] * 1e3,
             "int_mm_ms": t["int_mm"] * 1e3,
-            "vs_bf16": t["bf16"] / t["int"],
             "vs_int_mm": t["int_mm"] / t["int"],
             "int_mm_peak_frac": m * n * k / t["int_mm"] / peak,
         }
@@ -169,7 +173,7 @@ def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
     x, grad = torch.randn(tokens, k), torch.randn(tokens, n)
     case = f"linear fwd+bwd {tokens}x{k}->{n}" + ("" if bits == 8 else f" at {bits} bits")
     fns = {"ours": train_step(ours, x, grad), "torch": train_step(ref, x, grad)}
-    if BASELINES_16_8:
+    if BF16_BASELINE:
         fns |= {"ours_autocast": autocast_step(ours, x, grad), "bf16": autocast_step(ref, x, grad)}
     t = interleaved_times(fns, repeats=5 if tokens * k * n > 2**32 else 15)
     row = {
@@ -178,7 +182,7 @@ def linear(bench: Bench, tokens: int, k: int, n: int, bits: int = 8) -> None:
         "torch_ms": t["torch"] * 1e3,
         "speedup": t["torch"] / t["ours"],
     }
-    if BASELINES_16_8:
+    if BF16_BASELINE:
         row |= {
             "ours_autocast_ms": t["ours_autocast"] * 1e3,
             "bf16_ms": t["bf16"] * 1e3,
@@ -199,7 +203,7 @@ def linear_eval(bench: Bench, tokens: int, k: int, n: int) -> None:
     cached = fg.nn.ShiftQuantLinear.from_linear(ref, cache_weight_codes=True)
     x = torch.randn(tokens, k)
     fns = {"ours": lambda: plain(x), "cached": lambda: cached(x), "torch": lambda: ref(x)}
-    if BASELINES_16_8:
+    if BF16_BASELINE:
         ref16, x16 = copy.deepcopy(ref).bfloat16(), x.bfloat16()
         fns["bf16"] = lambda: ref16(x16)
         fns["cached_bf16"] = lambda: cached(x16)
@@ -213,7 +217,7 @@ def linear_eval(bench: Bench, tokens: int, k: int, n: int) -> None:
         "speedup": t["torch"] / t["cached"],
         "cache_speedup": t["ours"] / t["cached"],
     }
-    if BASELINES_16_8:
+    if BF16_BASELINE:
         row |= {
             "bf16_ms": t["bf16"] * 1e3,
             "cached_bf16_ms": t["cached_bf16"] * 1e3,
@@ -383,8 +387,9 @@ def main(threads: int | None = None) -> None:
         {
             **notes,
             "speedup": "torch float32 time / ferrograd time (same threads)",
-            "baselines": "bf16 and torch._int_mm rows only on CPUs with BF16 or VNNI instructions "
-            "(elsewhere torch emulates them, 8-20x slower than float32)",
+            "baselines": "bf16 rows only on CPUs with BF16 instructions, torch._int_mm only on "
+            "CPUs with VNNI (512- or 256-bit); elsewhere torch emulates them, 8-20x slower than "
+            "float32",
             "vs_bf16": "torch bf16 time / ferrograd time: torch.matmul on bf16 operands (gemm), "
             "nn.Linear forward + backward under torch.autocast('cpu', torch.bfloat16) (linear)",
             "autocast_vs_bf16": "linear: both layers under bf16 autocast (ShiftQuantLinear then "
