@@ -35,13 +35,7 @@ pub(super) const VNNI_FMA: Family = (
 /// cancel the offset.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
-    let mut f = [[_mm512_setzero_ps(); 2]; MR];
-    if !t.first {
-        for (i, row) in f.iter_mut().enumerate() {
-            row[0] = _mm512_loadu_ps(t.acc.add(i * 32));
-            row[1] = _mm512_loadu_ps(t.acc.add(i * 32 + 16));
-        }
-    }
+    let mut f = load_acc::<__m512i, MR, 2>(t);
     if let Some(d) = &t.direct {
         prefetch_c(d);
     }
@@ -73,10 +67,7 @@ unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
     if let Some(d) = &t.direct {
         return store_c(d, f);
     }
-    for (i, row) in f.iter().enumerate() {
-        _mm512_storeu_ps(t.acc.add(i * 32), row[0]);
-        _mm512_storeu_ps(t.acc.add(i * 32 + 16), row[1]);
-    }
+    store_acc::<__m512i, MR, 2>(t, &f);
 }
 
 /// Prefetches the cache lines of the tile's C a run of groups before `store_c` writes them:
@@ -193,8 +184,8 @@ unsafe fn store_c<const MR: usize>(d: &Direct, f: [[__m512; 2]; MR]) {
 }
 
 /// A register of byte, int16 and int32 lanes and its float32 twin: what the `vpmaddubsw`
-/// kernels, their fold and the AVX-VNNI kernel need, in 256-bit (AVX2) and 512-bit (AVX-512 BW)
-/// form. The methods are `inline(always)` without target features of their own: they compile
+/// kernels, their fold and the AVX-VNNI kernel need (and the VNNI kernel's accumulators), in
+/// 256-bit (AVX2) and 512-bit (AVX-512 BW) form. The methods are `inline(always)` without target features of their own: they compile
 /// inside the kernel that calls them, with its features.
 trait Lanes: Copy {
     type Float: Copy;
