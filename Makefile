@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 SIMD_PATHS := scalar avx2 avx512
+# The features of the VNNI and BF16 kernels: `make test` runs cargo test and the SIMD tests
+# once more without them (rust/simd.rs, FERROGRAD_DISABLE_FEATURES).
+NO_VNNI := avx512vnni,avx512bf16,avxvnni
+SIMD_WITHOUT := avx2:avxvnni avx512:$(NO_VNNI)
 
 .PHONY: develop test test-torch fuzz demo bench wheel clean
 
@@ -22,7 +26,7 @@ test: develop
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test -q
-	FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16,avxvnni cargo test -q
+	FERROGRAD_DISABLE_FEATURES=$(NO_VNNI) cargo test -q
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(PY) -m mypy.stubtest ferrograd._core --allowlist .stubtest-allowlist
@@ -35,21 +39,18 @@ test: develop
 			echo "== SIMD path $$simd: not supported by this CPU, skipped =="; \
 		fi; \
 	done
-	@# AVX2 without AVX-VNNI (Zen 2, Zen 3, Haswell to Comet Lake), where this CPU has it: the
-	@# 256-bit vpmaddubsw GEMM kernels, which the runs above do not reach here.
-	@if $(PY) -c "import ferrograd, sys; sys.exit(not ferrograd.cpu_info()['features']['avxvnni'])"; then \
-		echo "== SIMD path avx2 without avxvnni =="; \
-		FERROGRAD_SIMD=avx2 FERROGRAD_DISABLE_FEATURES=avxvnni \
-			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
-	fi
-	@# AVX-512 without VNNI and BF16 (Skylake-SP's set; Cascade Lake and Ice Lake lack BF16): the
-	@# paths those CPUs take, run here with the features turned off (AVX-VNNI too: Skylake-SP
-	@# lacks it, and the GEMM then runs its 512-bit vpmaddubsw kernels).
-	@if $(PY) -c "import ferrograd, sys; sys.exit('avx512' not in ferrograd.cpu_info()['supported'])"; then \
-		echo "== SIMD path avx512 without avx512vnni, avx512bf16 and avxvnni =="; \
-		FERROGRAD_SIMD=avx512 FERROGRAD_DISABLE_FEATURES=avx512vnni,avx512bf16,avxvnni \
-			$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
-	fi
+	@# Runs as CPUs with fewer features, where this CPU has any of them (path:features off):
+	@# AVX2 without AVX-VNNI (Zen 2, Zen 3, Haswell to Comet Lake: the 256-bit vpmaddubsw GEMM
+	@# kernels), and AVX-512 without VNNI, BF16 and AVX-VNNI (Skylake-SP's set; Cascade Lake and
+	@# Ice Lake lack BF16: the 512-bit vpmaddubsw kernels and the paths without BF16).
+	@for run in $(SIMD_WITHOUT); do \
+		simd=$${run%%:*}; off=$${run#*:}; \
+		if $(PY) -c "import ferrograd, sys; i = ferrograd.cpu_info(); sys.exit('$$simd' not in i['supported'] or not any(i['features'][f] for f in '$$off'.split(',')))"; then \
+			echo "== SIMD path $$simd without $$off =="; \
+			FERROGRAD_SIMD=$$simd FERROGRAD_DISABLE_FEATURES=$$off \
+				$(PY) -m pytest -q -m "simd and not slow" tests || exit 1; \
+		fi; \
+	done
 
 # The Python suite on another torch release (TORCH; the default is the oldest that
 # pyproject.toml accepts) and Python interpreter (PYTHON, e.g. python3.13) in a venv of its own,
