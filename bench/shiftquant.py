@@ -46,11 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 #: Whether torch's bf16 matmul and torch._int_mm are measured: on CPUs without BF16 and VNNI
 #: instructions (AVX2 only) they are emulated (Zen 3: bf16 8x slower than float32, _int_mm 20x,
 #: a bf16-autocast nn.Linear step at 4096 x 1024 -> 4096 a minute), so float32 is the baseline.
-FEATURES = fg.cpu_info()["features"]
+CPU = fg.cpu_info()
+FEATURES = CPU["features"]
 # bf16 where the CPU multiplies it natively (a run as another CPU turns avx512bf16 off,
 # docs/ops.md); torch._int_mm where oneDNN has VNNI kernels for it, 512- or 256-bit (without,
 # it runs a reference loop).
-BF16_BASELINE = cpu_has_bf16() and "avx512bf16" not in fg.cpu_info()["disabled"]
+BF16_BASELINE = cpu_has_bf16() and "avx512bf16" not in CPU["disabled"]
 INT_MM_BASELINE = FEATURES["avx512vnni"] or FEATURES["avxvnni"]
 
 
