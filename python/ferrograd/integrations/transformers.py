@@ -33,6 +33,7 @@ import functools
 import inspect
 import sys
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -393,23 +394,25 @@ def _recorded(model: nn.Module) -> set[int]:
     ids = set()
     for root in model.modules():
         flags = getattr(type(root), "_can_record_outputs", None)
-        if not isinstance(flags, dict):
-            continue
-        for value in flags.values():
-            for spec in value if isinstance(value, list) else [value]:
-                target = getattr(spec, "target_class", None if isinstance(spec, str) else spec)
-                suffix = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
-                layer = getattr(spec, "layer_name", None)
-                for name, sub in root.named_modules(prefix=""):
-                    path = f".{name}" if name else ""
-                    if not (
-                        (isinstance(target, type) and isinstance(sub, target))
-                        or (isinstance(suffix, str) and path.endswith(suffix))
-                    ):
-                        continue
-                    if layer is None or f".{layer.strip('.')}." in f"{path}.":
-                        ids.add(id(sub))
+        if isinstance(flags, dict):
+            for value in flags.values():
+                for spec in value if isinstance(value, list) else [value]:
+                    ids.update(id(sub) for sub in _recorded_by(root, spec))
     return ids
+
+
+def _recorded_by(root: nn.Module, spec) -> Iterator[nn.Module]:
+    """The modules below ``root`` (itself included) that one ``_can_record_outputs`` entry
+    matches: by class or by name suffix, and within ``layer_name`` where it gives one."""
+    target = getattr(spec, "target_class", None if isinstance(spec, str) else spec)
+    suffix = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
+    layer = getattr(spec, "layer_name", None)
+    for name, sub in root.named_modules(prefix=""):
+        path = f".{name}" if name else ""
+        by_class = isinstance(target, type) and isinstance(sub, target)
+        by_name = isinstance(suffix, str) and path.endswith(suffix)
+        if (by_class or by_name) and (layer is None or f".{layer.strip('.')}." in f"{path}."):
+            yield sub
 
 
 def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool, keep: set[int]) -> None:
