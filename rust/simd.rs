@@ -58,7 +58,9 @@ pub struct CpuFeatures {
     pub avxvnni: bool,
     /// An AMD CPU: Zen 4/5 run float adds and conversions on pipes of their own (FP2/FP3),
     /// apart from the integer and fused multiply-adds; Intel's cores issue 512-bit ones all on
-    /// ports 0 and 5. A kernel picks the arithmetic that keeps its multiply-add pipes free.
+    /// ports 0 and 5. A kernel picks the arithmetic that keeps its multiply-add pipes free. The
+    /// SPAM steps also read it: their software prefetches, which fed the Xeon's, slowed Zen 4's
+    /// (rust/spam/mod.rs `streams`).
     pub amd: bool,
 }
 

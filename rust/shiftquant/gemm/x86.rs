@@ -185,8 +185,9 @@ unsafe fn store_c<const MR: usize>(d: &Direct, f: [[__m512; 2]; MR]) {
 
 /// A register of byte, int16 and int32 lanes and its float32 twin: what the `vpmaddubsw`
 /// kernels, their fold and the AVX-VNNI kernel need (and the VNNI kernel's accumulators), in
-/// 256-bit (AVX2) and 512-bit (AVX-512 BW) form. The methods are `inline(always)` without target features of their own: they compile
-/// inside the kernel that calls them, with its features.
+/// 256-bit (AVX2) and 512-bit (AVX-512 BW) form. The methods are `inline(always)` without
+/// target features of their own: they compile inside the kernel that calls them, with its
+/// features.
 trait Lanes: Copy {
     type Float: Copy;
     /// B's codes of one step made ready for `signed_pairs`.
