@@ -40,13 +40,11 @@ def _rank_main(steps: int, out: Path) -> None:
     """One rank: every model, float and compressed all-gathers, through the demo's train()."""
     import torch
 
-    import ferrograd as fg
     from ferrograd import demo
     from ferrograd.nn.fsdp import all_gather_bytes
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
-    fg.set_num_threads(threads)
 
     base = demo.Config(data=[demo.default_data()], steps=steps, fsdp=True)
     group = demo.Group(base)

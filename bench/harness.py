@@ -245,8 +245,7 @@ class Bench:
     def __init__(self, name: str, threads: int | None = None) -> None:
         self.name = name
         self.threads = threads or torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        fg.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)  # ferrograd's kernels follow it
         self.rows: list[dict] = []
         self._bandwidth: float | None = None
 

@@ -234,7 +234,6 @@ def memory_child(args) -> None:
     variant = next(v for v in variants(True) if v.name == args.memory_of)
     data = batches(args)
     torch.set_num_threads(args.threads)
-    fg.set_num_threads(args.threads)
     base = _status_kb("VmRSS")
     _, step = stepper(args, variant, data)
     for _ in range(args.memory_steps):

@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # (not for --help and bad names)
     from harness import with_huge_pages
 
-    import ferrograd as fg
-
     with_huge_pages()
     default_threads = torch.get_num_threads()
     for name in args.names or BENCHMARKS:
@@ -49,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(BENCHMARKS[name]).main(args.threads)
         # A benchmark that sweeps thread counts (softmax: 2, then 1) leaves its last one set.
         torch.set_num_threads(default_threads)
-        fg.set_num_threads(default_threads)
     return 0
 
 

@@ -1116,7 +1116,10 @@ mod tests {
 
     #[test]
     fn kernels_match_the_definition_in_every_storage() {
-        crate::threads::set_num_threads(2).unwrap();
+        let _count = crate::threads::TEST_COUNT_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        crate::threads::set_num_threads(2, true).unwrap();
         for norm in [Norm::Layer, Norm::Rms] {
             for (rows, n) in [(3, 37), (1, 1), (2, 1000), (64, 1024), (5, 3000)] {
                 check::<f32>(norm, rows, n, 2e-5);

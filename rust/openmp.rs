@@ -5,6 +5,9 @@
 //! 2 cores, a 0.8 ms W4 GEMV took 1.8 ms right after a torch matmul. When the process has an
 //! OpenMP runtime loaded (found in /proc/self/maps, never loaded by us), [`parallel`] hands the
 //! parts to that runtime's `GOMP_parallel` instead, so the spinning threads do our work.
+//!
+//! [`torch_threads`] reads torch's thread count, which ferrograd's kernels follow
+//! (rust/threads.rs).
 
 use std::any::Any;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
@@ -24,52 +27,72 @@ extern "C" {
 const RTLD_NOW: c_int = 2;
 const RTLD_NOLOAD: c_int = 4;
 
-/// The entry points of a loaded OpenMP runtime, and the process that found them (a forked
-/// child must not use the parent's team).
+/// The entry points of a loaded OpenMP runtime, the process that found them (a forked child
+/// must not use the parent's team), and whether its team may run our parts
+/// (`FERROGRAD_NO_OPENMP` unset).
 struct Runtime {
     parallel: GompParallel,
     thread_num: OmpInt,
     num_threads: OmpInt,
+    max_threads: OmpInt,
     pid: u32,
+    team: bool,
 }
 
 static RUNTIME: OnceLock<Option<Runtime>> = OnceLock::new();
 
-/// The path of a mapped libgomp or libiomp5 (which also exports the GOMP ABI).
-fn mapped_runtime() -> Option<String> {
+/// The path of a mapped library whose file name `is_it` accepts.
+fn mapped(is_it: impl Fn(&str) -> bool) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
-        .find(|path| {
-            let name = path.rsplit('/').next().unwrap_or("");
-            (name.starts_with("libgomp") || name.starts_with("libiomp5")) && name.contains(".so")
-        })
+        .find(|path| is_it(path.rsplit('/').next().unwrap_or("")))
         .map(str::to_owned)
+}
+
+/// The named symbols of a library this process has already loaded (never loads one itself).
+#[cfg(target_os = "linux")]
+fn symbols<const N: usize>(path: String, names: [&str; N]) -> Option<[*mut c_void; N]> {
+    let path = CString::new(path).ok()?;
+    // SAFETY: RTLD_NOLOAD only returns a handle to a library that is already loaded.
+    let handle = unsafe { dlopen(path.as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
+    if handle.is_null() {
+        return None;
+    }
+    let mut found = [std::ptr::null_mut(); N];
+    for (slot, name) in found.iter_mut().zip(names) {
+        let name = CString::new(name).ok()?;
+        // SAFETY: a lookup in a live handle.
+        *slot = unsafe { dlsym(handle, name.as_ptr()) };
+        if slot.is_null() {
+            return None;
+        }
+    }
+    Some(found)
 }
 
 #[cfg(target_os = "linux")]
 fn load() -> Option<Runtime> {
-    if std::env::var_os("FERROGRAD_NO_OPENMP").is_some() {
-        return None;
-    }
-    let path = CString::new(mapped_runtime()?).ok()?;
-    // SAFETY: RTLD_NOLOAD only returns a handle to a library that is already loaded; the
-    // symbols are the documented libgomp ABI with these signatures.
+    // libgomp, or libiomp5, which also exports the GOMP ABI.
+    let path = mapped(|name| {
+        (name.starts_with("libgomp") || name.starts_with("libiomp5")) && name.contains(".so")
+    })?;
+    let names = [
+        "GOMP_parallel",
+        "omp_get_thread_num",
+        "omp_get_num_threads",
+        "omp_get_max_threads",
+    ];
+    let [parallel, thread_num, num_threads, max_threads] = symbols(path, names)?;
+    // SAFETY: the documented libgomp ABI, with these signatures.
     unsafe {
-        let handle = dlopen(path.as_ptr(), RTLD_NOW | RTLD_NOLOAD);
-        if handle.is_null() {
-            return None;
-        }
-        let symbol = |name: &str| {
-            let name = CString::new(name).expect("symbol name");
-            let p = dlsym(handle, name.as_ptr());
-            (!p.is_null()).then_some(p)
-        };
         Some(Runtime {
-            parallel: std::mem::transmute::<*mut c_void, GompParallel>(symbol("GOMP_parallel")?),
-            thread_num: std::mem::transmute::<*mut c_void, OmpInt>(symbol("omp_get_thread_num")?),
-            num_threads: std::mem::transmute::<*mut c_void, OmpInt>(symbol("omp_get_num_threads")?),
+            parallel: std::mem::transmute::<*mut c_void, GompParallel>(parallel),
+            thread_num: std::mem::transmute::<*mut c_void, OmpInt>(thread_num),
+            num_threads: std::mem::transmute::<*mut c_void, OmpInt>(num_threads),
+            max_threads: std::mem::transmute::<*mut c_void, OmpInt>(max_threads),
             pid: crate::threads::process_id(),
+            team: std::env::var_os("FERROGRAD_NO_OPENMP").is_none(),
         })
     }
 }
@@ -79,11 +102,52 @@ fn load() -> Option<Runtime> {
     None
 }
 
+fn loaded() -> Option<&'static Runtime> {
+    RUNTIME.get_or_init(load).as_ref()
+}
+
+/// The runtime whose team runs our parts: loaded, allowed, and found in this process.
 fn runtime() -> Option<&'static Runtime> {
-    RUNTIME
-        .get_or_init(load)
-        .as_ref()
-        .filter(|r| r.pid == crate::threads::process_id())
+    loaded().filter(|r| r.team && r.pid == crate::threads::process_id())
+}
+
+/// torch's C call `int32_t torch_get_num_threads(uint32_t *out)` (its stable ABI, torch 2.10
+/// on): `torch.get_num_threads()` itself, which also applies torch's count to a thread that
+/// has not run a torch op yet.
+type TorchCount = unsafe extern "C" fn(*mut u32) -> i32;
+
+#[cfg(target_os = "linux")]
+fn load_torch_count() -> Option<TorchCount> {
+    let path = mapped(|name| name.starts_with("libtorch_cpu.") && name.contains(".so"))?;
+    let [count] = symbols(path, ["torch_get_num_threads"])?;
+    // SAFETY: the signature torch's stable C header declares.
+    Some(unsafe { std::mem::transmute::<*mut c_void, TorchCount>(count) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn load_torch_count() -> Option<TorchCount> {
+    None
+}
+
+/// torch's thread count for the calling thread (what `torch.get_num_threads()` returns),
+/// where this process has torch loaded: by torch's own C call, else (torch before 2.10) from
+/// the OpenMP runtime, which holds it (there, a thread that has not run a torch op yet holds
+/// the runtime's default: `OMP_NUM_THREADS`, else the CPUs). A forked child reads it too
+/// (DataLoader workers set it to 1).
+pub fn torch_threads() -> Option<usize> {
+    static TORCH_COUNT: OnceLock<Option<TorchCount>> = OnceLock::new();
+    let mut n = 0u32;
+    let count = match TORCH_COUNT.get_or_init(load_torch_count) {
+        // SAFETY: writes one u32; 0 means success.
+        Some(count) if unsafe { count(&mut n) } == 0 => n as i64,
+        // SAFETY: omp_get_max_threads only reads the calling thread's settings.
+        _ => unsafe { (loaded()?.max_threads)() }.into(),
+    };
+    Some(
+        usize::try_from(count)
+            .unwrap_or(1)
+            .clamp(1, crate::threads::MAX_THREADS),
+    )
 }
 
 /// Whether [`parallel`] will use an OpenMP team in this process.

@@ -1,7 +1,7 @@
 //! How every multithreaded kernel runs: [`split`] (and [`for_each_chunk`]) hand numbered parts
 //! to torch's OpenMP team when the process has one ([`crate::openmp`]), else to ferrograd's own
 //! pool; [`Disjoint`] gives the parts their non-overlapping pieces of the outputs. The thread
-//! count is `ferrograd.set_num_threads`'.
+//! count follows torch's (`torch.set_num_threads`) until `ferrograd.set_num_threads` pins one.
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -13,8 +13,16 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 use crate::error::{FgError, FgResult};
 
 /// The pool and the process it was started in: a forked child (DataLoader workers) inherits
-/// the handle but not the threads, so it must start its own.
+/// the handle but not the threads, so it must start its own. It runs the parts only where no
+/// OpenMP team does (`split`), and is started on first use.
 static POOL: RwLock<Option<(u32, Arc<ThreadPool>)>> = RwLock::new(None);
+
+/// The count [`set_num_threads`] pinned; 0 while the count follows torch's.
+static PINNED: AtomicUsize = AtomicUsize::new(0);
+
+/// While following torch without an OpenMP runtime to read its count from: the count torch
+/// had when ferrograd last started following it (0: the machine's available parallelism).
+static FALLBACK: AtomicUsize = AtomicUsize::new(0);
 
 fn build(threads: usize) -> FgResult<Arc<ThreadPool>> {
     ThreadPoolBuilder::new()
@@ -29,16 +37,38 @@ fn build(threads: usize) -> FgResult<Arc<ThreadPool>> {
 /// count beyond this is a mistake (10^6 would start a million threads), not a configuration.
 pub const MAX_THREADS: usize = 1024;
 
-/// Replaces the pool with one of `threads` workers (1 runs everything on the calling thread).
-pub fn set_num_threads(threads: usize) -> FgResult<()> {
+/// Pins the thread count at `threads` (`pin`, its pool started at once), or follows torch's
+/// count again, with `threads` (torch's count now) standing in for it where no OpenMP
+/// runtime holds it.
+pub fn set_num_threads(threads: usize, pin: bool) -> FgResult<()> {
     if threads == 0 || threads > MAX_THREADS {
         return Err(FgError::Value(format!(
             "set_num_threads: n must be in [1, {MAX_THREADS}], got {threads}"
         )));
     }
-    let pool = build(threads)?;
-    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some((process_id(), pool));
+    let pool = if pin { Some(build(threads)?) } else { None };
+    let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
+    PINNED.store(if pin { threads } else { 0 }, Ordering::Relaxed);
+    FALLBACK.store(threads, Ordering::Relaxed);
+    let old = std::mem::replace(&mut *slot, pool.map(|p| (process_id(), p)));
+    if let Some((owner, pool)) = old {
+        if owner != process_id() {
+            // Its threads live only in the parent; dropping it could touch their state.
+            std::mem::forget(pool);
+        }
+    }
     Ok(())
+}
+
+/// The pool's size: the pinned count, else the fallback.
+fn pool_size() -> usize {
+    match (
+        PINNED.load(Ordering::Relaxed),
+        FALLBACK.load(Ordering::Relaxed),
+    ) {
+        (0, 0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        (0, n) | (n, _) => n,
+    }
 }
 
 /// This process's id, cached: getpid is a system call (about 0.1 µs on a VM), which every
@@ -74,8 +104,7 @@ pub fn process_id() -> u32 {
     }
 }
 
-/// The current pool, created with the machine's available parallelism on first use, and
-/// again (same size) in a forked child.
+/// The current pool, started on first use in this process (again in a forked child).
 pub fn pool() -> Arc<ThreadPool> {
     let pid = process_id();
     if let Some((owner, pool)) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -84,26 +113,26 @@ pub fn pool() -> Arc<ThreadPool> {
         }
     }
     let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
-    match slot.as_ref() {
-        Some((owner, pool)) if *owner == pid => pool.clone(),
-        inherited => {
-            let threads = match inherited {
-                // The parent's pool object is unusable here; only read its size.
-                Some((_, parent)) => parent.current_num_threads(),
-                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            };
-            let pool = build(threads).expect("thread pool");
-            if let Some(parent) = slot.replace((pid, pool.clone())) {
-                // Its threads live only in the parent; dropping it could touch their state.
-                std::mem::forget(parent);
-            }
-            pool
+    if let Some((owner, pool)) = slot.as_ref() {
+        if *owner == pid {
+            return pool.clone();
         }
     }
+    let pool = build(pool_size()).expect("thread pool");
+    if let Some((_, parent)) = slot.replace((pid, pool.clone())) {
+        // The parent's: its threads live only there, and dropping it could touch their state.
+        std::mem::forget(parent);
+    }
+    pool
 }
 
+/// How many threads a kernel splits its work over: the pinned count, else torch's (read at
+/// each call, so that `torch.set_num_threads` takes effect at once).
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    match PINNED.load(Ordering::Relaxed) {
+        0 => crate::openmp::torch_threads().unwrap_or_else(pool_size),
+        n => n,
+    }
 }
 
 /// Runs `f(part)` for every part in 0..parts on up to `num_threads()` threads, the calling
@@ -252,13 +281,21 @@ impl<T> SendPtr<T> {
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+/// Held by tests that set the thread count, which is global to the test binary's threads.
+#[cfg(test)]
+pub static TEST_COUNT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn zero_threads_is_rejected() {
-        assert!(matches!(set_num_threads(0), Err(FgError::Value(_))));
+        for pin in [true, false] {
+            assert!(matches!(set_num_threads(0, pin), Err(FgError::Value(_))));
+            let too_many = set_num_threads(MAX_THREADS + 1, pin);
+            assert!(matches!(too_many, Err(FgError::Value(_))));
+        }
     }
 
     #[test]
@@ -276,10 +313,17 @@ mod tests {
     }
 
     #[test]
-    fn pool_resizes() {
-        set_num_threads(3).unwrap();
+    fn pinned_and_followed_counts() {
+        let _count = TEST_COUNT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        set_num_threads(3, true).unwrap();
         assert_eq!(num_threads(), 3);
-        set_num_threads(1).unwrap();
+        assert_eq!(pool().current_num_threads(), 3);
+        set_num_threads(1, true).unwrap();
         assert_eq!(num_threads(), 1);
+        // No torch in the test binary: following torch falls back to the count given.
+        assert!(crate::openmp::torch_threads().is_none());
+        set_num_threads(2, false).unwrap();
+        assert_eq!(num_threads(), 2);
+        assert_eq!(pool().current_num_threads(), 2);
     }
 }

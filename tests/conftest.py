@@ -1,4 +1,5 @@
-"""Shared fixtures: every test leaves the thread counts as it found them and starts with
+"""Shared fixtures: every test leaves the thread counts as it found them (ferrograd following
+torch's) and starts with
 subnormals kept, and ``device`` runs a test on the CPU always and on CUDA when a GPU is present
 (skipped with a reason otherwise)."""
 
@@ -29,10 +30,10 @@ def device(request) -> str:
 
 @pytest.fixture(autouse=True)
 def _restore_thread_counts():
-    ours, theirs = fg.get_num_threads(), torch.get_num_threads()
+    theirs = torch.get_num_threads()
     yield
-    fg.set_num_threads(ours)
     torch.set_num_threads(theirs)
+    fg.set_num_threads(None)  # following torch's count: the default
 
 
 @pytest.fixture(autouse=True)

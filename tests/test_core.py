@@ -33,6 +33,9 @@ def test_panic_in_a_parallel_part_becomes_runtime_error(backend):
     on a worker must not unwind through C frames."""
     code = (
         "import ferrograd as fg; from ferrograd import _core\n"
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "assert fg.get_num_threads() == 1\n"  # following torch with either backend
         "fg.set_num_threads(2)\n"
         f"assert fg.cpu_info()['parallel_backend'] == {backend!r}\n"
         "try:\n    _core._panic_for_test('boom', parallel=True)\n"
@@ -79,19 +82,48 @@ def test_core_refuses_aliased_outputs_and_leaves_storage_resizable():
 
 
 def test_threads():
-    previous = fg.get_num_threads()
-    try:
-        fg.set_num_threads(3)
-        assert fg.get_num_threads() == 3
-        with pytest.raises(ValueError, match="set_num_threads: n"):
-            fg.set_num_threads(0)
-        for huge in (1025, 10**6, 2**64):  # refused before any thread starts
-            with pytest.raises(ValueError, match=r"set_num_threads: n must be in \[1, 1024\]"):
-                fg.set_num_threads(huge)
-        with pytest.raises(TypeError, match="set_num_threads: n"):
-            fg.set_num_threads(2.0)
-    finally:
-        fg.set_num_threads(previous)
+    fg.set_num_threads(3)
+    assert fg.get_num_threads() == 3
+    with pytest.raises(ValueError, match="set_num_threads: n"):
+        fg.set_num_threads(0)
+    for huge in (1025, 10**6, 2**64):  # refused before any thread starts
+        with pytest.raises(ValueError, match=r"set_num_threads: n must be in \[1, 1024\]"):
+            fg.set_num_threads(huge)
+    for wrong in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="set_num_threads: n must be an int or None"):
+            fg.set_num_threads(wrong)
+    assert fg.get_num_threads() == 3
+
+
+def test_thread_count_follows_torch_until_pinned():
+    """By default the kernels use torch's count as it is at each call; a pinned count stays
+    until ``set_num_threads(None)``. The results do not depend on the count."""
+    x = torch.randn(64, 1 << 12)
+    want = torch.softmax(x.double(), -1)
+    fg.set_num_threads(None)
+    for n in (1, 3, 2):
+        torch.set_num_threads(n)
+        assert fg.get_num_threads() == n
+        torch.testing.assert_close(fg.softmax(x).double(), want, rtol=1e-6, atol=1e-9)
+    fg.set_num_threads(3)
+    torch.set_num_threads(1)
+    assert fg.get_num_threads() == 3
+    torch.testing.assert_close(fg.softmax(x).double(), want, rtol=1e-6, atol=1e-9)
+    fg.set_num_threads(None)
+    assert fg.get_num_threads() == 1
+
+
+def test_thread_count_in_a_new_thread_is_torchs():
+    """A thread that has not run a torch op yet: torch applies its count there when asked
+    (torch 2.10's C call, which ferrograd asks; before it, the OpenMP default stands)."""
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 10):
+        pytest.skip("torch_get_num_threads (the stable C ABI) arrived in torch 2.10")
+    torch.set_num_threads(1)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(fg.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert seen == [1]
 
 
 def test_cpu_info_and_level():
@@ -199,18 +231,28 @@ def test_kernels_work_in_a_forked_child():
 
     import torch
 
-    fg.softmax(torch.randn(4, 1 << 16))  # starts the pool in the parent
+    fg.set_num_threads(2)  # pinned: the parent's pool starts (no OpenMP team in the child)
+    fg.softmax(torch.randn(4, 1 << 16))
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
-        total = pool.apply_async(_softmax_sum_in_child).get(timeout=120)  # hangs if broken
-    assert abs(total - 64.0) < 1e-3
+        got = pool.apply_async(_softmax_sums_in_child).get(timeout=120)  # hangs if broken
+    pinned, pinned_total, following, following_total = got
+    assert (pinned, following) == (2, 1)
+    assert abs(pinned_total - 64.0) < 1e-3 and abs(following_total - 64.0) < 1e-3
 
 
-def _softmax_sum_in_child() -> float:
+def _softmax_sums_in_child() -> tuple[int, float, int, float]:
+    """The thread count and a softmax's sum in a forked child as a DataLoader worker sets it
+    up (torch's own OpenMP pool is not fork-safe, so it runs one thread): with the count the
+    parent pinned (on the child's own pool), then following torch's."""
     import torch
 
-    torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe (DataLoader does this too)
-    return float(fg.softmax(torch.randn(64, 1 << 16)).sum(dtype=torch.float64))
+    torch.set_num_threads(1)
+    x = torch.randn(64, 1 << 16)
+    pinned = fg.get_num_threads()
+    pinned_total = float(fg.softmax(x).sum(dtype=torch.float64))
+    fg.set_num_threads(None)
+    return pinned, pinned_total, fg.get_num_threads(), float(fg.softmax(x).sum(dtype=torch.float64))
 
 
 def _thp_mode() -> str | None:

@@ -600,14 +600,10 @@ def test_thread_counts_agree(kind):
     """Rows are split across threads, each with its own weight / bias gradient slots."""
     m = _norm(kind, 512)
     x, grad = torch.randn(700, 512), torch.randn(700, 512)
-    threads = fg.get_num_threads()
-    try:
-        fg.set_num_threads(1)
-        want = _run(m, x, grad)
-        fg.set_num_threads(2)
-        got = _run(m, x, grad)
-    finally:
-        fg.set_num_threads(threads)
+    fg.set_num_threads(1)  # conftest restores the default
+    want = _run(m, x, grad)
+    fg.set_num_threads(2)
+    got = _run(m, x, grad)
     torch.testing.assert_close(got[:2], want[:2], rtol=0, atol=0)
     torch.testing.assert_close(got[2:], want[2:], rtol=1e-5, atol=1e-4)
 

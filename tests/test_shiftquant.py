@@ -212,12 +212,8 @@ def test_integer_gemm_across_blocks_tiles_and_threads(threads, n, k):
     m, group_size = 389, 64
     qa = fg.shiftquant(sample((m, k), 7), 8, group_size)
     qb = fg.shiftquant(sample((n, k), 8), 8, group_size)
-    before = fg.get_num_threads()
-    fg.set_num_threads(threads)
-    try:
-        got = fg.shiftquant_matmul(qa, qb).double()
-    finally:
-        fg.set_num_threads(before)
+    fg.set_num_threads(threads)  # conftest restores the default
+    got = fg.shiftquant_matmul(qa, qb).double()
     da, db = dequantized(qa), dequantized(qb)
     assert ((got - da @ db.T).abs() <= 1e-5 * (da.abs() @ db.abs().T) + 1e-300).all()
 

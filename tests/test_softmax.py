@@ -223,15 +223,11 @@ def test_special_values_follow_torch(name, layout):
 
 @pytest.mark.parametrize("name", OPS)
 def test_long_row_split_across_threads(name):
-    previous = fg.get_num_threads()
-    fg.set_num_threads(4)
-    try:
-        x = torch.randn(2, 300_001) * 5
-        assert_accurate(name, OPS[name][0](x, -1), x, -1)
-        x = torch.randn(1, 300_001) * 5
-        assert_accurate(name, OPS[name][0](x, -1), x, -1)
-    finally:
-        fg.set_num_threads(previous)
+    fg.set_num_threads(4)  # conftest restores the default
+    x = torch.randn(2, 300_001) * 5
+    assert_accurate(name, OPS[name][0](x, -1), x, -1)
+    x = torch.randn(1, 300_001) * 5
+    assert_accurate(name, OPS[name][0](x, -1), x, -1)
 
 
 @pytest.mark.slow

@@ -38,10 +38,16 @@ __all__ = [
 _MAX_THREADS = 1024
 
 
-def set_num_threads(n: int) -> None:
-    """Sets how many threads ferrograd's CPU kernels use (default: ``torch.get_num_threads()``)."""
+def set_num_threads(n: int | None) -> None:
+    """Sets how many threads ferrograd's CPU kernels use. By default they use
+    ``torch.get_num_threads()``, read at each call, so ``torch.set_num_threads`` (and a
+    DataLoader worker's single thread) applies to them too; an int pins ferrograd's own count,
+    which torch's then no longer changes; ``None`` follows torch's again."""
+    if n is None:
+        _core.set_num_threads(max(1, torch.get_num_threads()), pin=False)
+        return
     if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+        raise TypeError(f"set_num_threads: n must be an int or None, got {type(n).__name__}")
     if not 1 <= n <= _MAX_THREADS:  # each thread starts at once: 10**6 is a mistake
         raise ValueError(f"set_num_threads: n must be in [1, {_MAX_THREADS}], got {n}")
     _core.set_num_threads(n)
@@ -63,4 +69,4 @@ def cpu_info() -> dict:
     return _core.cpu_info()
 
 
-set_num_threads(max(1, torch.get_num_threads()))
+set_num_threads(None)  # follow torch (its count now stands in where no OpenMP runtime holds it)

@@ -8,10 +8,13 @@ use crate::memory;
 use crate::simd::{self, SimdLevel};
 use crate::threads;
 
+/// Pins ferrograd's thread count at `n`, or (`pin` false) follows torch's, `n` being torch's
+/// count now (rust/threads.rs).
 #[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
+#[pyo3(signature = (n, pin=true))]
+fn set_num_threads(n: i64, pin: bool) -> PyResult<()> {
     let n = usize::try_from(n).unwrap_or(0);
-    Ok(threads::set_num_threads(n)?)
+    Ok(threads::set_num_threads(n, pin)?)
 }
 
 #[pyfunction]
