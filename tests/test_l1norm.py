@@ -109,6 +109,47 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: l1_layer_norm(x, (3, 11)), (x,))
 
 
+def test_gradgradcheck_float64():
+    torch.manual_seed(2)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: l1_layer_norm(x, (9,), w, b), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: l1norm.l1_rms_norm(x, w, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_gradient_penalty_through_the_kernels_matches_float64(kind):
+    """A second derivative (a gradient penalty, create_graph=True) through the float32
+    kernels' forward, against the definition in float64."""
+    m = _norm(kind, 256)
+    x, u = torch.randn(8, 256) * 2, torch.randn(8, 256)
+
+    def penalty_grads(f, params, x):
+        x = x.clone().requires_grad_()
+        grads = torch.autograd.grad((f(x) * u.to(x.dtype)).sum(), (x, *params), create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        inputs = (x, *params)
+        found = torch.autograd.grad(penalty, inputs, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(found, inputs, strict=True)]
+
+    got = penalty_grads(m, list(m.parameters()), x)
+    params = [p.detach().double().requires_grad_() for p in m.parameters()]
+    if kind == "layer":
+        want = penalty_grads(lambda z: reference(z, (256,), *params, m.eps), params, x.double())
+    else:
+        want = penalty_grads(lambda z: rms_reference(z, params[0], m.eps), params, x.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
+def test_codes_path_refuses_second_derivatives():
+    m = fg.nn.L1LayerNorm(64, bits=8)
+    x = torch.randn(4, 64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="l1_norm_codes: a second derivative"):
+        torch.autograd.grad(m(x).sum(), x, create_graph=True)
+
+
 def test_module_matches_layer_norm_on_gaussian_inputs():
     torch.manual_seed(2)
     x = torch.randn(64, 4096)

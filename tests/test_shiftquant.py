@@ -1035,3 +1035,10 @@ def test_scale_products_beyond_float32_keep_finite_results(device):
     want = (a.dequantize().double() @ b.dequantize().double().T).float().cpu()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert torch.isfinite(got[0, 0]) and got[0, 0] == 0
+
+
+def test_linear_refuses_second_derivatives():
+    layer = fg.nn.ShiftQuantLinear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="shiftquant_linear: a second derivative"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)

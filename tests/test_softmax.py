@@ -255,6 +255,30 @@ def test_gradients_match_torch_float64(name, shape, dim):
 
 
 @pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_derivatives_match_torch_float64(name, dtype):
+    """Hessian-vector products through the Rust kernels' forward (create_graph=True): the
+    backward then runs in torch's differentiable ops."""
+    x, w, v = torch.randn(64, 4096) * 3, torch.randn(64, 4096), torch.randn(64, 4096)
+
+    def hvp(f, x):
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((f(x, -1) * w.to(x.dtype)).sum(), x, create_graph=True)
+        return torch.autograd.grad((g * v.to(x.dtype)).sum(), x)[0]
+
+    got = hvp(OPS[name][0], x.to(dtype)).double()
+    want = hvp(OPS[name][1], x.to(dtype).double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_gradgradcheck_float64(name):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: OPS[name][0](x, -1), (x,))
+
+
+@pytest.mark.parametrize("name", OPS)
 def test_gradients_in_bfloat16(name):
     x = torch.randn(6, 50)
     g = torch.randn(6, 50)

@@ -19,13 +19,13 @@ dispatcher.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ._compat import any_requires_grad
 
-__all__ = ["LIB", "call", "define", "eager_cpu", "register_autograd"]
+__all__ = ["LIB", "call", "define", "eager_cpu", "recomputed_grads", "register_autograd"]
 
 LIB = torch.library.Library("ferrograd", "DEF")
 
@@ -106,7 +106,11 @@ def call(op: torch._ops.OpOverload, *args):
 
 
 def register_autograd(
-    op: torch._ops.OpOverload, backward: Callable, setup_context: Callable
+    op: torch._ops.OpOverload,
+    backward: Callable,
+    setup_context: Callable,
+    *,
+    differentiable_backward: Callable | None = None,
 ) -> None:
     """Registers ``backward(ctx, *grads)`` (one gradient or None per input of ``op``) with
     ``setup_context(ctx, inputs, output)``, as ``torch.library.register_autograd`` takes them.
@@ -114,6 +118,12 @@ def register_autograd(
     The Autograd kernel is written here rather than taken from torch.library: torch's rebuilds
     the schema's defaults on every call that needs gradients (about 10 µs in Python). The
     backward must itself call ferrograd ops or torch ops, so that torch.compile traces it.
+
+    A backward run with ``create_graph=True`` (a second derivative to come: Hessian-vector
+    products, gradient penalties) runs ``differentiable_backward`` instead, whose result must
+    carry its own graph (torch ops, or ferrograd ops with autograd); an op without one raises
+    NotImplementedError there rather than hand back gradients whose own derivative is lost
+    (torch's fallback for a backward op without autograd only warns and drops it).
     """
     schema = op._schema
     n_args = len(schema.arguments)
@@ -132,7 +142,16 @@ def register_autograd(
         needs = ctx.needs_input_grad
         ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it
         try:
-            result = backward(ctx, *grads)
+            # Grad mode is on in a backward exactly when it runs with create_graph=True.
+            if not _grad_enabled() or _is_compiling() or all(g is None for g in grads):
+                result = backward(ctx, *grads)
+            elif differentiable_backward is not None:
+                result = differentiable_backward(ctx, *grads)
+            else:
+                raise NotImplementedError(
+                    f"{schema.name}: a second derivative (backward with create_graph=True) is "
+                    "not supported by this op"
+                )
         finally:
             ctx.needs_input_grad = needs
         return (None, *result) if isinstance(result, tuple) else (None, result)
@@ -153,3 +172,18 @@ def register_autograd(
 
     LIB.impl(schema.name.split("::", 1)[1], kernel, "Autograd", with_keyset=True)
     _AUTOGRAD[op] = Backward
+
+
+def recomputed_grads(
+    forward: Callable, inputs: Sequence[torch.Tensor | None], grad: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """The gradients of ``forward(*inputs)`` (torch ops, so differentiable) at ``grad`` towards
+    each input that requires grad (None for the others), carrying a graph of their own: the
+    ``differentiable_backward`` of an op whose backward kernel has no derivative."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        y = forward(*inputs)
+    found = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return [next(found) if t is not None and t.requires_grad else None for t in inputs]

@@ -140,8 +140,6 @@ def _used_once(g: torch.Tensor) -> bool:
 def _backward_fused(ctx, grad_loss, *_):
     if grad_loss is None:  # the loss took no part in what is differentiated
         return (None,) * 12
-    if torch.is_grad_enabled() and _eager(grad_loss):  # the saved gradients are constants
-        raise RuntimeError(f"{OP}: no second derivative (backward with create_graph=True)")
     saved = ctx.saved_tensors
     if not _used_once(grad_loss):
         saved = [t * grad_loss for t in saved]

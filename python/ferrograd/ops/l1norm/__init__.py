@@ -156,7 +156,7 @@ def _param_grads(ctx, wanted: tuple[bool, bool], dw, db):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, _ = inputs
+    x, weight, bias, ctx.eps = inputs
     _setup_params(ctx, weight, bias, output, 1)
     ctx.save_for_backward(x, output[1], output[2], weight)
 
@@ -194,7 +194,7 @@ def _backward_codes(ctx, grad, _mean, _rstd):
 
 
 def _setup_rms(ctx, inputs, output) -> None:
-    x, weight, _ = inputs
+    x, weight, ctx.eps = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.save_for_backward(x, output[1], weight)
@@ -207,8 +207,32 @@ def _backward_rms(ctx, grad, _rstd):
     return dx, dw.to(ctx.weight_dtype) if weight_grad else None, None
 
 
-_library.register_autograd(l1_norm_op, _backward, _setup)
-_library.register_autograd(l1_rms_norm_op, _backward_rms, _setup_rms)
+# With create_graph=True: the forward recomputed in reference.py's torch ops and
+# differentiated by torch, so that the gradients carry their own graph (the bias gradient, a
+# sum of grad, directly). The codes path has none: its x is gone (only the codes are saved).
+def _differentiable_backward(ctx, grad, _mean, _rstd):
+    x, _, _, weight = ctx.saved_tensors
+    dx, dw = _library.recomputed_grads(
+        lambda x, w: reference.forward(x, w, None, ctx.eps)[0], (x, weight), grad
+    )
+    db = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if _wanted(ctx)[1] else None
+    return dx, dw, db, None
+
+
+def _differentiable_backward_rms(ctx, grad, _rstd):
+    x, _, weight = ctx.saved_tensors
+    dx, dw = _library.recomputed_grads(
+        lambda x, w: reference.rms_forward(x, w, ctx.eps)[0], (x, weight), grad
+    )
+    return dx, dw, None
+
+
+_library.register_autograd(
+    l1_norm_op, _backward, _setup, differentiable_backward=_differentiable_backward
+)
+_library.register_autograd(
+    l1_rms_norm_op, _backward_rms, _setup_rms, differentiable_backward=_differentiable_backward_rms
+)
 _library.register_autograd(l1_norm_codes_op, _backward_codes, _setup_codes)
 
 

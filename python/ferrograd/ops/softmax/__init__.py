@@ -49,7 +49,15 @@ def _backward(ctx, grad: torch.Tensor):
     return _library.call(softmax_backward_op, y, grad, ctx.dim, ctx.log), None, None
 
 
-_library.register_autograd(softmax_op, _backward, _setup_context)
+def _differentiable_backward(ctx, grad: torch.Tensor):
+    """The backward in torch's ops, whose own derivatives torch has (create_graph=True)."""
+    (y,) = ctx.saved_tensors
+    return reference.backward(y, grad, ctx.dim, ctx.log), None, None
+
+
+_library.register_autograd(
+    softmax_op, _backward, _setup_context, differentiable_backward=_differentiable_backward
+)
 
 
 def _checked(op: str, x: object, dim: object, dtype: object) -> tuple[torch.Tensor, int]:

@@ -109,8 +109,16 @@ def _backward_backward(ctx, grad: torch.Tensor):
     return dgrad, None, None, None, None, None, None
 
 
-_library.register_autograd(w4a16_matmul_op, _matmul_backward, _setup_matmul)
-_library.register_autograd(w4a16_matmul_backward_op, _backward_backward, _setup_backward)
+# Each backward is the other op, itself differentiable: any order of derivative works.
+_library.register_autograd(
+    w4a16_matmul_op, _matmul_backward, _setup_matmul, differentiable_backward=_matmul_backward
+)
+_library.register_autograd(
+    w4a16_matmul_backward_op,
+    _backward_backward,
+    _setup_backward,
+    differentiable_backward=_backward_backward,
+)
 
 
 def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = True) -> W4Weight:
