@@ -32,6 +32,8 @@ LIB = torch.library.Library("ferrograd", "DEF")
 #: Per op: its CPU kernel and, once registered, its autograd Function (for ``call``).
 _CPU: dict[torch._ops.OpOverload, Callable] = {}
 _AUTOGRAD: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
+#: Per op: the same Function in the form torch.func transforms take (``register_autograd``).
+_FUNC_AUTOGRAD: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
 #: Argument types ``call`` may hand to a CPU kernel itself (plain tensors and the scalars of
 #: the schemas); a tensor of any other type is traced or wrapped. A set lookup per argument:
 #: the optimizer step's 17 arguments cost 2.9 us through isinstance, 0.7 us so.
@@ -75,15 +77,19 @@ def _has_subclass(args: tuple | list) -> bool:
 # The per-call checks of `call`, looked up once (each attribute chain costs tens of ns a call).
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_transform = torch._C._functorch.peek_interpreter_stack  # vmap, grad, jvp, ...
 _grad_enabled = torch.is_grad_enabled
 
 
 def eager_cpu(args: tuple | list) -> bool:
     """Whether a call on ``args`` runs eagerly on plain CPU tensors: the first argument (a
     tensor, or a non-empty list of them) on the CPU, no tensor subclass anywhere (a wrapped
-    weight, a DTensor, a FakeTensor), no torch.compile / torch.export tracing and no dispatch
-    mode. Such calls may skip the dispatcher; every other call must take it."""
+    weight, a DTensor, a FakeTensor), no torch.compile / torch.export tracing, no dispatch
+    mode and no torch.func transform (whose wrapped tensors have no storage of their own).
+    Such calls may skip the dispatcher; every other call must take it."""
     if _is_compiling() or _dispatch_modes():  # first: older dynamo cannot trace the rest
+        return False
+    if _functorch_transform() is not None:
         return False
     first = args[0][0] if type(args[0]) is list else args[0]
     return first.is_cpu and not _has_subclass(args)
@@ -96,6 +102,10 @@ def call(op: torch._ops.OpOverload, *args):
     dispatcher, which unwraps it.
     """
     if not eager_cpu(args):
+        if not _is_compiling() and _functorch_transform() is not None and op in _FUNC_AUTOGRAD:
+            # torch.func takes an autograd.Function at this level only (not from inside the
+            # dispatcher); its forward dispatches the op again one level down.
+            return _FUNC_AUTOGRAD[op].apply(op, *args)
         return op(*args)
     if _grad_enabled() and any_requires_grad(*args):
         autograd = _AUTOGRAD.get(op)
@@ -138,6 +148,12 @@ def register_autograd(
         setup_context(ctx, args, output)
         return output
 
+    def func_forward(kernel, *args):
+        return kernel(*args)
+
+    def func_setup(ctx, inputs, output):
+        setup_context(ctx, inputs[1:], output)
+
     def backward_all(ctx, *grads):
         needs = ctx.needs_input_grad
         ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it
@@ -147,6 +163,11 @@ def register_autograd(
                 result = backward(ctx, *grads)
             elif differentiable_backward is not None:
                 result = differentiable_backward(ctx, *grads)
+            elif _functorch_transform() is not None:
+                raise NotImplementedError(
+                    f"{schema.name}: torch.func's grad transforms run the backward with "
+                    "create_graph=True, and this op's backward has no derivative"
+                )
             else:
                 raise NotImplementedError(
                     f"{schema.name}: a second derivative (backward with create_graph=True) is "
@@ -157,10 +178,23 @@ def register_autograd(
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     # Built under its final name: autograd names the graph node (and profiler rows) after it.
+    name = schema.name.replace("::", "_")
     Backward = type(
-        f"{schema.name.replace('::', '_')}",
+        name,
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward_all)},
+    )
+    # torch.func takes only a Function with a separate setup_context, whose apply binds the
+    # arguments by signature on every call (about 10 us more): the eager calls keep the first.
+    _FUNC_AUTOGRAD[op] = type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(func_forward),
+            "setup_context": staticmethod(func_setup),
+            "backward": staticmethod(backward_all),
+            "generate_vmap_rule": True,  # vmap over forward and backward alike
+        },
     )
 
     def kernel(keyset, *args):
