@@ -3,6 +3,7 @@
 //! pool; [`Disjoint`] gives the parts their non-overlapping pieces of the outputs. The thread
 //! count follows torch's (`torch.set_num_threads`) until `ferrograd.set_num_threads` pins one.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -126,11 +127,44 @@ pub fn pool() -> Arc<ThreadPool> {
     pool
 }
 
+thread_local! {
+    /// Whether this thread is running parts of a [`split`].
+    static IN_PART: Cell<bool> = const { Cell::new(false) };
+}
+
+/// torch's count as the last call outside a part read it.
+static TORCH_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks the current thread as running parts until dropped (a panicking part included).
+struct InPart(bool);
+
+impl InPart {
+    fn enter() -> Self {
+        InPart(IN_PART.replace(true))
+    }
+}
+
+impl Drop for InPart {
+    fn drop(&mut self) {
+        IN_PART.set(self.0);
+    }
+}
+
 /// How many threads a kernel splits its work over: the pinned count, else torch's (read at
-/// each call, so that `torch.set_num_threads` takes effect at once).
+/// each call, so that `torch.set_num_threads` takes effect at once). A kernel nested in a part
+/// of another takes the count its caller read: asking torch from a worker thread would run
+/// torch's per-thread set-up there.
 pub fn num_threads() -> usize {
     match PINNED.load(Ordering::Relaxed) {
-        0 => crate::openmp::torch_threads().unwrap_or_else(pool_size),
+        0 if IN_PART.get() => match TORCH_COUNT.load(Ordering::Relaxed) {
+            0 => pool_size(),
+            n => n,
+        },
+        0 => {
+            let n = crate::openmp::torch_threads().unwrap_or_else(pool_size);
+            TORCH_COUNT.store(n, Ordering::Relaxed);
+            n
+        }
         n => n,
     }
 }
@@ -152,12 +186,15 @@ pub fn split<F: Fn(usize) + Sync>(parts: usize, f: F) {
         return;
     }
     let next = AtomicUsize::new(0);
-    let work = |_: usize| loop {
-        let part = next.fetch_add(1, Ordering::Relaxed);
-        if part >= parts {
-            break;
+    let work = |_: usize| {
+        let _in_part = InPart::enter();
+        loop {
+            let part = next.fetch_add(1, Ordering::Relaxed);
+            if part >= parts {
+                break;
+            }
+            f(part);
         }
-        f(part);
     };
     if crate::openmp::parallel(workers, &work) {
         return;
@@ -325,5 +362,10 @@ mod tests {
         set_num_threads(2, false).unwrap();
         assert_eq!(num_threads(), 2);
         assert_eq!(pool().current_num_threads(), 2);
+        // A kernel nested in a part takes its caller's count; the mark ends with the parts.
+        let nested: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+        split(4, |p| nested[p].store(num_threads(), Ordering::Relaxed));
+        assert!(nested.iter().all(|n| n.load(Ordering::Relaxed) == 2));
+        assert!(!IN_PART.get());
     }
 }
