@@ -102,9 +102,15 @@ def call(op: torch._ops.OpOverload, *args):
     dispatcher, which unwraps it.
     """
     if not eager_cpu(args):
-        if not _is_compiling() and _functorch_transform() is not None and op in _FUNC_AUTOGRAD:
-            # torch.func takes an autograd.Function at this level only (not from inside the
-            # dispatcher); its forward dispatches the op again one level down.
+        if (
+            not _is_compiling()
+            and _functorch_transform() is not None
+            and op in _FUNC_AUTOGRAD
+            and _grad_enabled()
+            and any_requires_grad(*args)
+        ):
+            # torch.func's grad takes an autograd.Function at this level only (not from inside
+            # the dispatcher); its forward dispatches the op again one level down.
             return _FUNC_AUTOGRAD[op].apply(op, *args)
         return op(*args)
     if _grad_enabled() and any_requires_grad(*args):

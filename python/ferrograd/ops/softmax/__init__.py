@@ -60,6 +60,18 @@ _library.register_autograd(
 )
 
 
+def _vmap(info, in_dims, x: torch.Tensor, dim: int, log: bool):
+    """torch.func.vmap's rule: the batch dim moved first, one call over the whole batch (dim
+    counts the unbatched dims; a negative one counts from the end either way)."""
+    if in_dims[0] is None:
+        return softmax_op(x, dim, log), None
+    x = x.movedim(in_dims[0], 0)
+    return softmax_op(x, dim + 1 if dim >= 0 else dim, log), 0
+
+
+torch.library.register_vmap(softmax_op, _vmap, lib=_library.LIB)
+
+
 def _checked(op: str, x: object, dim: object, dtype: object) -> tuple[torch.Tensor, int]:
     """x (cast to ``dtype``) and dim in [0, rank), or the error naming the argument."""
     check_tensor(op, "x", x)
