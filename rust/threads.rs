@@ -51,14 +51,20 @@ pub fn set_num_threads(threads: usize, pin: bool) -> FgResult<()> {
     let mut slot = POOL.write().unwrap_or_else(|e| e.into_inner());
     PINNED.store(if pin { threads } else { 0 }, Ordering::Relaxed);
     FALLBACK.store(threads, Ordering::Relaxed);
-    let old = std::mem::replace(&mut *slot, pool.map(|p| (process_id(), p)));
-    if let Some((owner, pool)) = old {
-        if owner != process_id() {
-            // Its threads live only in the parent; dropping it could touch their state.
-            std::mem::forget(pool);
+    install(&mut slot, pool);
+    Ok(())
+}
+
+/// Puts `pool` (started in this process) in the pool's slot. A pool the slot held from the
+/// parent process (a forked child's) is forgotten, not dropped: its threads live only in the
+/// parent, and dropping it could touch their state.
+fn install(slot: &mut Option<(u32, Arc<ThreadPool>)>, pool: Option<Arc<ThreadPool>>) {
+    let pid = process_id();
+    if let Some((owner, old)) = std::mem::replace(slot, pool.map(|p| (pid, p))) {
+        if owner != pid {
+            std::mem::forget(old);
         }
     }
-    Ok(())
 }
 
 /// The pool's size: the pinned count, else the fallback.
@@ -120,10 +126,7 @@ pub fn pool() -> Arc<ThreadPool> {
         }
     }
     let pool = build(pool_size()).expect("thread pool");
-    if let Some((_, parent)) = slot.replace((pid, pool.clone())) {
-        // The parent's: its threads live only there, and dropping it could touch their state.
-        std::mem::forget(parent);
-    }
+    install(&mut slot, Some(pool.clone()));
     pool
 }
 
