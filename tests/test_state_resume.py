@@ -1,12 +1,15 @@
 """State round trips through torch.save / torch.load(weights_only=True): SPAM and StableSPAM
 resume bit-exactly at every save point of several configurations (dense and sparse, resets,
 warm-ups and clip warm-ups crossed, two param groups); packed W4 weights (W4A16Linear's buffers
-and a W4Weight's fields, both layouts, both scale storages, with and without zero points) load
-back bit for bit. ByteStream's save points: tests/test_bytestream.py."""
+and W4Weights, both layouts, both scale storages, with and without zero points), quantized
+tensors and packed batches load back bit for bit; a W4Weight whose saved fields disagree is
+refused on load. ByteStream's save points: tests/test_bytestream.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import pickle
 
 import pytest
 import torch
@@ -133,3 +136,44 @@ def test_w4_weight_fields_round_trip(layout, group_size, zero_point, dtype, magn
     back = fg.quant.W4Weight(**through_torch_save(fields))
     assert back.scales.dtype == q.scales.dtype and torch.equal(back.packed, q.packed)
     assert torch.equal(back.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("layout", ["cpu_blocks", "gpu_words"])
+@pytest.mark.parametrize("group_size, zero_point, dtype, magnitude", W4_CASES)
+def test_w4_weight_loads_with_weights_only(layout, group_size, zero_point, dtype, magnitude):
+    """torch.load's default (weights_only=True) rebuilds a saved W4Weight, alone or in a dict."""
+    q = fg.quant.quantize_w4(_weight(dtype, magnitude), group_size, zero_point)
+    q = q.with_layout(layout)
+    back = through_torch_save({"w": q})["w"]
+    assert isinstance(back, fg.quant.W4Weight)
+    for f in dataclasses.fields(q):
+        a, b = getattr(q, f.name), getattr(back, f.name)
+        same = torch.equal(a, b) and a.dtype == b.dtype if isinstance(a, torch.Tensor) else a == b
+        assert same, f.name
+    assert torch.equal(back.dequantize(), q.dequantize())
+
+
+def test_a_w4_weight_with_inconsistent_fields_is_refused_on_load():
+    q = fg.quant.quantize_w4(_weight(torch.float32, 1.0), 32)
+    object.__setattr__(q, "packed", q.packed[:5])  # as a damaged or hand-edited file would hold
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    for weights_only in (True, False):
+        buf.seek(0)
+        with pytest.raises((ValueError, pickle.UnpicklingError), match="W4Weight: packed must"):
+            torch.load(buf, weights_only=weights_only)
+
+
+def test_quantized_tensors_and_packed_batches_load_with_weights_only():
+    x = torch.randn(6, 70)
+    q = fg.shiftquant(x, bits=6, group_size=32)
+    batch = fg.data.pack_documents(["first document", b"second", "third one here"], 16)
+    back_q, back_batch = through_torch_save([q, batch])
+    assert isinstance(back_q, fg.ShiftQuantTensor) and (back_q.bits, back_q.group_size) == (6, 32)
+    for name in ("codes", "scale", "shifts"):
+        assert torch.equal(getattr(back_q, name), getattr(q, name)), name
+    assert torch.equal(back_q.dequantize(), q.dequantize())
+    assert isinstance(back_batch, fg.data.PackedBatch)
+    assert back_batch.max_seqlen == batch.max_seqlen
+    for name in ("input_ids", "targets", "position_ids", "document_ids", "cu_seqlens"):
+        assert torch.equal(getattr(back_batch, name), getattr(batch, name)), name

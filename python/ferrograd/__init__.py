@@ -69,4 +69,8 @@ def cpu_info() -> dict:
     return _core.cpu_info()
 
 
+# torch.load's default (weights_only=True) rebuilds only the types it is told are safe: these
+# hold tensors and plain values (a W4Weight is rebuilt through its checking constructor).
+torch.serialization.add_safe_globals([ShiftQuantTensor, quant.W4Weight, data.PackedBatch])
+
 set_num_threads(None)  # follow torch (its count now stands in where no OpenMP runtime holds it)

@@ -260,6 +260,12 @@ class W4Weight:
             )
         return w.with_layout(layout)
 
+    def __reduce__(self):
+        # Pickled as its constructor's arguments, so loading runs the constructor's checks: a
+        # file whose packed codes disagree with its shape raises instead of reaching a kernel
+        # (the default reduce would fill the fields in unchecked).
+        return (W4Weight, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
     def __repr__(self) -> str:
         return (
             f"W4Weight(shape={tuple(self.shape)}, group_size={self.group_size}, "
