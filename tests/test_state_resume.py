@@ -43,13 +43,14 @@ OPTIMIZERS = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cls, options", OPTIMIZERS)
-def test_optimizer_resumes_bit_exactly_at_every_save_point(cls, options):
-    grads = gradients(seed=len(options))
+def test_optimizer_resumes_bit_exactly_at_every_save_point(cls, options, dtype):
+    grads = [[g.to(dtype) for g in gs] for gs in gradients(seed=len(options))]
 
     def fresh():
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(s)) for s in SHAPES]
+        params = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
         groups = [{"params": params[:2]}, {"params": params[2:], "lr": 5e-3}]
         return params, cls(groups, lr=1e-2, seed=11, **options)
 

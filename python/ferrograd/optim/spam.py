@@ -5,7 +5,8 @@ The optimizers compute each step's scalars (bias corrections, warm-up, clip thre
 Stable-SPAM gradient statistics: one Rust pass over each gradient on CPU) and call the op once
 per parameter group and device; the dispatcher runs the fused Rust pass on CPU float32 and
 bfloat16 parameters (float32 moments; one parallel region over every tensor of a dtype) and
-the same rule in torch ops on any other device or dtype.
+the same rule in torch ops on any other device or dtype (float64 parameters: float64 moments
+and arithmetic).
 Sparse momentum (``density < 1``, tensors with 2+ dims) keeps moments for exactly
 ``round(density * numel)`` coordinates drawn uniformly without replacement from a seeded
 generator, redrawn at every reset, marked in a bitmask (state: 8 * density + 0.125 bytes per
@@ -25,6 +26,12 @@ from ..ops.spam import adaclip_stats_many, mask_indices, sample_mask, spam_step_
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 _MAX_FLOAT = 1.7976931348623157e308  # options must be finite
+
+
+def _moment_dtype(p: torch.Tensor) -> torch.dtype:
+    """The moments' dtype: float64 for float64 parameters (as torch's optimizers keep them),
+    float32 for every other (16-bit parameters included)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -78,11 +85,11 @@ class _SpamBase(torch.optim.Optimizer):
         check_int(op, "reset_interval", group["reset_interval"], 1, _INT_MAX)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but keeps the moments float32 and the mask uint8 (torch would cast them
-        to each parameter's dtype), and checks the state first: each parameter's moments
-        (shape, float32, v >= 0), mask (uint8 bitmask of exactly round(density * numel) bits,
-        present exactly when the group is sparse), statistics and the step, raising ValueError
-        naming the key before anything is loaded."""
+        """As torch's, but keeps the moments float32 (float64 for float64 parameters) and the
+        mask uint8 (torch would cast them to each parameter's dtype), and checks the state
+        first: each parameter's moments (shape, dtype, v >= 0), mask (uint8 bitmask of exactly
+        round(density * numel) bits, present exactly when the group is sparse), statistics and
+        the step, raising ValueError naming the key before anything is loaded."""
         saved = {k: v for k, v in state_dict["state"].items() if isinstance(k, int)}
         self._check_state(state_dict, saved)
         super().load_state_dict(state_dict)
@@ -162,11 +169,13 @@ class _SpamBase(torch.optim.Optimizer):
                         f"{group['density']}, {p.dim()}-D)"
                     )
                 shape = tuple(local.shape)
+            dtype = _moment_dtype(local)
             for key in moments:
                 t = entries[key]
-                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                if not isinstance(t, torch.Tensor) or t.dtype != dtype:
                     got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"{name}[{key!r}] must be a float32 tensor, got {got}")
+                    want = str(dtype).removeprefix("torch.")
+                    raise ValueError(f"{name}[{key!r}] must be a {want} tensor, got {got}")
                 if tuple(t.shape) != shape:
                     raise ValueError(
                         f"{name}[{key!r}] must have shape {list(shape)}, got {list(t.shape)}"
@@ -204,8 +213,9 @@ class _SpamBase(torch.optim.Optimizer):
         else:
             state.pop("mask", None)
             shape = p.shape
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        dtype = _moment_dtype(p)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
 
     def active_indices(self, p: torch.Tensor) -> torch.Tensor:
         """Sorted int64 flat indices of ``p`` that carry momentum (all of them when dense);

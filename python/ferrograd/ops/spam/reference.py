@@ -35,37 +35,44 @@ def spam_step(
     grad_scale: float,
     mask: torch.Tensor | None = None,
 ) -> None:
-    """One step in place, moments in float32, the same rule as the Rust pass: AdaClip
+    """One step in place, the same rule as the Rust pass: AdaClip
     (entries above ``adaclip_bound`` scaled by ``adaclip_ratio``), ``grad_scale``, spike
     clipping to sqrt(spike_threshold * v), Adam moments, bias corrections, decoupled weight
     decay, step ``lr * warmup``. With ``mask`` the moments hold the marked coordinates only and
-    the others get weight decay only."""
+    the others get weight decay only. Float32 arithmetic, float64 for float64 parameters
+    (whose moments the optimizers keep in float64): a float64 parameter is never rounded to
+    float32."""
     p = param
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-    g = grad.reshape(-1).float()
-    p32 = flat.float()
+    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    g = grad.reshape(-1).to(work)
+    p_work = flat.to(work)
     decay = 1.0 - lr * weight_decay
     idx = None if mask is None else mask_indices(mask, p.numel())
     if idx is not None:
-        g, base = g[idx], p32[idx]
+        g, base = g[idx], p_work[idx]
     else:
-        base = p32
+        base = p_work
     if math.isfinite(adaclip_bound):
         g = torch.where(g.abs() > adaclip_bound, g * adaclip_ratio, g)
     g = g * grad_scale
-    m, v = exp_avg.view(-1), exp_avg_sq.view(-1)
+    stored_m, stored_v = exp_avg.view(-1), exp_avg_sq.view(-1)
+    m, v = stored_m.to(work), stored_v.to(work)  # the stored ones where they have that dtype
     if spike_threshold is not None:
         cap = (spike_threshold * v).sqrt()
         g = torch.minimum(torch.maximum(g, -cap), cap)
     m.mul_(beta1).add_(g * (1.0 - beta1))
     v.mul_(beta2).add_(g * (1.0 - beta2) * g)
+    if m is not stored_m:
+        stored_m.copy_(m)
+        stored_v.copy_(v)
     inv1, inv2 = 1.0 / bias_correction1, 1.0 / bias_correction2  # as the Rust pass does
     update = (m * inv1) / ((v * inv2).sqrt() + eps)
     new = base * decay - (lr * warmup) * update
     if idx is not None:
-        p32 = p32 * decay
-        p32[idx] = new
-        new = p32
+        p_work = p_work * decay
+        p_work[idx] = new
+        new = p_work
     flat.copy_(new.to(p.dtype))
     if not p.is_contiguous():
         p.copy_(flat.view_as(p))
@@ -93,10 +100,12 @@ def adaclip_stats(
     gamma3: float,
     correction: float,
 ) -> tuple[float, float, float, float, float]:
-    """Stable-SPAM's AdaClip on ``grad`` (float32 arithmetic, sums in float64): returns (max
-    |g| (``max_abs`` when given: the max over every shard), the new running max, the bound,
-    the ratio applied above it, the sum of squares of the clipped gradient)."""
-    g = grad.reshape(-1).float()
+    """Stable-SPAM's AdaClip on ``grad`` (float32 arithmetic, float64 for float64 gradients;
+    sums in float64): returns (max |g| (``max_abs`` when given: the max over every shard), the
+    new running max, the bound, the ratio applied above it, the sum of squares of the clipped
+    gradient)."""
+    g = grad.reshape(-1)
+    g = g if g.dtype == torch.float64 else g.float()
     if max_abs is None:
         max_abs = float(g.abs().max()) if g.numel() else 0.0
     running = gamma3 * running_max + (1 - gamma3) * max_abs
