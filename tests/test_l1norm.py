@@ -186,6 +186,33 @@ def test_from_layer_norm_copies_parameters():
     assert l1.eps == 1e-3 and torch.equal(l1.weight, ln.weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_layer_norm_keeps_dtype_and_bias(dtype, bias):
+    """A norm of a bfloat16 model stays bfloat16 (its parameters were made float32 before), and
+    L1LayerNorm takes nn.LayerNorm's ``bias``."""
+    ln = torch.nn.LayerNorm(8, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2.0)
+        if bias:
+            ln.bias.uniform_(-1.0, 1.0)
+    l1 = fg.nn.L1LayerNorm.from_layer_norm(ln)
+    direct = fg.nn.L1LayerNorm(8, bias=bias, dtype=dtype)
+    for norm in (l1, direct):
+        assert [n for n, _ in norm.named_parameters()] == [n for n, _ in ln.named_parameters()]
+        assert all(p.dtype == dtype for p in norm.parameters())
+    assert torch.equal(l1.weight, ln.weight)
+    assert (l1.bias is None) != bias and (not bias or torch.equal(l1.bias, ln.bias))
+    x = torch.randn(5, 8, dtype=torch.float64)
+    xc = x - x.mean(-1, keepdim=True)
+    want = xc / (math.sqrt(math.pi / 2) * xc.abs().mean(-1, keepdim=True) + 1e-5)
+    want = want * ln.weight.double() + (ln.bias.double() if bias else 0.0)
+    got = l1(x.to(dtype))
+    assert got.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="normalized_shape"):
         l1_layer_norm(torch.randn(3, 4), (5,))

@@ -34,6 +34,7 @@ class L1LayerNorm(nn.Module):
         eps: float = 1e-5,
         elementwise_affine: bool = True,
         *,
+        bias: bool = True,
         bits: int | None = None,
         device=None,
         dtype=None,
@@ -44,26 +45,36 @@ class L1LayerNorm(nn.Module):
         _check_bits("L1LayerNorm", bits)
         self.elementwise_affine = elementwise_affine
         self.bits = bits
+        kw = {"device": device, "dtype": dtype}
         if elementwise_affine:
-            kw = {"device": device, "dtype": dtype}
             self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw))
         else:
             self.register_parameter("weight", None)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw))
+        else:
             self.register_parameter("bias", None)
 
     @classmethod
     def from_layer_norm(cls, norm: nn.LayerNorm, *, bits: int | None = None) -> L1LayerNorm:
-        """An L1LayerNorm with ``norm``'s shape, eps and (copied) affine parameters."""
-        out = cls(norm.normalized_shape, norm.eps, norm.elementwise_affine, bits=bits)
-        if norm.elementwise_affine:
+        """An L1LayerNorm with ``norm``'s shape, eps and (copied) affine parameters, on their
+        device and in their dtype."""
+        weight = norm.weight if norm.elementwise_affine else None
+        out = cls(
+            norm.normalized_shape,
+            norm.eps,
+            norm.elementwise_affine,
+            bias=norm.bias is not None,
+            bits=bits,
+            device=None if weight is None else weight.device,
+            dtype=None if weight is None else weight.dtype,
+        )
+        if weight is not None:
             with torch.no_grad():
-                out.weight.copy_(norm.weight)
+                out.weight.copy_(weight)
                 if norm.bias is not None:
                     out.bias.copy_(norm.bias)
-                else:
-                    out.bias = None
-        return out.to(device=next(norm.parameters(), torch.empty(0)).device)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l1_layer_norm(
@@ -72,9 +83,10 @@ class L1LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         bits = "" if self.bits is None else f", bits={self.bits}"
+        bias = "" if self.bias is not None or not self.elementwise_affine else ", bias=False"
         return (
             f"{self.normalized_shape}, eps={self.eps}, "
-            f"elementwise_affine={self.elementwise_affine}{bits}"
+            f"elementwise_affine={self.elementwise_affine}{bias}{bits}"
         )
 
 
