@@ -505,6 +505,14 @@ def test_bad_arguments_and_sparse_gradients():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+    # complex parameters: refused up front (the step dropped the imaginary parts before)
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    for cls in (fg.optim.SPAM, fg.optim.StableSPAM):
+        with pytest.raises(TypeError, match=r"complex parameters .* params\[1\]"):
+            cls([p, z])
+        opt = cls([p])
+        with pytest.raises(TypeError, match="complex parameters"):
+            opt.add_param_group({"params": [z]})
 
 
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:

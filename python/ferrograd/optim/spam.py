@@ -64,6 +64,13 @@ class _SpamBase(torch.optim.Optimizer):
         """As torch's; a group's own options are checked as the defaults are."""
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            # The step's real arithmetic would drop the imaginary parts.
+            if p.is_complex():
+                raise TypeError(
+                    f"{self._name}: complex parameters are not supported, got params[{i}] of "
+                    f"dtype {p.dtype}"
+                )
 
     def _check_group(self, group: dict) -> None:
         """ValueError / TypeError naming the option of ``group`` that is out of range."""
