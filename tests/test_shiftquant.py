@@ -992,6 +992,44 @@ def test_quantize_model_keeps_shared_modules_shared():
     assert torch.equal(model[0].weight, shared.weight)
 
 
+def test_quantize_model_swaps_in_the_same_parameters():
+    """The swapped layers hold the original Parameters, not copies: a head tied to the
+    embedding stays tied, and an optimizer made before the swap trains the new layers."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.lin, self.norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+            self.head = torch.nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.lin(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    before = {name: p for name, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fg.nn.quantize_model(model)
+    assert isinstance(model.head, fg.nn.ShiftQuantLinear) and model.head.weight is model.emb.weight
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    for name in ("lin", "norm"):
+        assert all(p.device.type == "cpu" for p in getattr(model, name).parameters()), name
+    start = {name: p.detach().clone() for name, p in before.items()}
+    model(torch.randint(0, 50, (6,))).sum().backward()
+    opt.step()
+    assert all(not torch.equal(start[name], p) for name, p in before.items())
+    # a parametrized weight is computed: the swap holds a copy of its value
+    lin = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 4))
+    out = fg.nn.quantize_model(torch.nn.Sequential(lin))[0]
+    assert torch.equal(out.weight, lin.weight) and out.weight is not lin.weight
+    # from_linear copies unless asked to share
+    plain = torch.nn.Linear(8, 4)
+    assert fg.nn.ShiftQuantLinear.from_linear(plain).weight is not plain.weight
+
+
 def test_quantize_model_swaps_a_root_module():
     linear = torch.nn.Linear(8, 8)
     out = fg.nn.quantize_model(linear, bits=6)

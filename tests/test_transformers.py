@@ -286,7 +286,13 @@ def test_shiftquant_swaps_the_decoder_linears_and_trains(arch):
         want = model(input_ids=ids).logits
     # (exactly nn.Linear: a subclass, as Phi-MoE's router, keeps its own forward)
     n_linear = sum(type(m) in (torch.nn.Linear, Conv1D) for m in model.base_model.modules())
+    params = dict(model.named_parameters())
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     fgt.apply(model, shiftquant_bits=8, grad_bits=6)
+    # nn.Linear layers are swapped with their own Parameters (GPT-2's Conv1D: transposed copies)
+    if not conv1d:
+        after = dict(model.named_parameters())
+        assert after.keys() == params.keys() and all(after[k] is params[k] for k in params)
     swapped = [m for m in model.base_model.modules() if isinstance(m, fg.nn.ShiftQuantLinear)]
     # Kept: a router that transformers records as an nn.Linear (Jamba's up to transformers 5.20)
     kept = [

@@ -427,11 +427,11 @@ def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool, keep: se
         if id(child) in keep:
             pass
         elif quant is not None and type(child) is nn.Linear:
-            swapped = ShiftQuantLinear.from_linear(child, **quant)
+            swapped = ShiftQuantLinear.from_linear(child, share=True, **quant)
         elif quant is not None and isinstance(child, Conv1D):
             swapped = _from_conv1d(child, **quant)
         elif l1_norm and type(child) is nn.LayerNorm and child.elementwise_affine:
-            swapped = L1LayerNorm.from_layer_norm(child)
+            swapped = L1LayerNorm.from_layer_norm(child, share=True)
         elif l1_norm and _rms_like(child):
             swapped = L1RMSNorm.from_rms_norm(child, weight_offset=_weight_offset(child))
         if swapped is None:

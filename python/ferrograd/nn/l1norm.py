@@ -56,20 +56,28 @@ class L1LayerNorm(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_layer_norm(cls, norm: nn.LayerNorm, *, bits: int | None = None) -> L1LayerNorm:
-        """An L1LayerNorm with ``norm``'s shape, eps and (copied) affine parameters, on their
-        device and in their dtype."""
+    def from_layer_norm(
+        cls, norm: nn.LayerNorm, *, bits: int | None = None, share: bool = False
+    ) -> L1LayerNorm:
+        """An L1LayerNorm with ``norm``'s shape, eps and affine parameters (copies on their
+        device and in their dtype, or with ``share=True`` the very same Parameters, as
+        ``ShiftQuantLinear.from_linear`` shares them)."""
+        from .shiftquant import _plain_parameters  # nn.shiftquant imports this module
+
         weight = norm.weight if norm.elementwise_affine else None
+        shared = share and _plain_parameters(norm, ("weight", "bias"))
         out = cls(
             norm.normalized_shape,
             norm.eps,
             norm.elementwise_affine,
             bias=norm.bias is not None,
             bits=bits,
-            device=None if weight is None else weight.device,
+            device="meta" if shared else None if weight is None else weight.device,
             dtype=None if weight is None else weight.dtype,
         )
-        if weight is not None:
+        if shared:
+            out.weight, out.bias = norm.weight, norm.bias
+        elif weight is not None:
             with torch.no_grad():
                 out.weight.copy_(weight)
                 if norm.bias is not None:

@@ -26,6 +26,15 @@ def _count_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_pre_hook(_count_step)
 
 
+def _plain_parameters(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether each of ``names`` is an nn.Parameter (or None) registered on ``module`` itself:
+    not computed by a parametrization (torch.nn.utils.parametrize), whose result a new module
+    cannot hold."""
+    return not hasattr(module, "parametrizations") and all(
+        name in module._parameters for name in names
+    )
+
+
 class _WeightCodes:
     """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), each with its GEMM packing
     (ops/shiftquant's ``weight_operand``), and what they were made from: ``source`` keeps the
@@ -99,17 +108,23 @@ class ShiftQuantLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kw) -> ShiftQuantLinear:
-        """A ShiftQuantLinear holding a copy of ``linear``'s weight and bias."""
+    def from_linear(cls, linear: nn.Linear, *, share: bool = False, **kw) -> ShiftQuantLinear:
+        """A ShiftQuantLinear holding a copy of ``linear``'s weight and bias, or with
+        ``share=True`` the very same Parameters (where they are plain Parameters): a swap in
+        place then keeps weights tied to other modules and an optimizer's references valid."""
         w = linear.weight
+        shared = share and _plain_parameters(linear, ("weight", "bias"))
         out = cls(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
-            device=w.device,
+            device="meta" if shared else w.device,
             dtype=w.dtype,
             **kw,
         )
+        if shared:
+            out.weight, out.bias = linear.weight, linear.bias
+            return out
         with torch.no_grad():
             out.weight.copy_(w)
             if linear.bias is not None:
@@ -210,10 +225,10 @@ def quantize_model(
             return swapped[id(module)][1]
         if isinstance(module, nn.Linear) and not isinstance(module, ShiftQuantLinear):
             out = ShiftQuantLinear.from_linear(
-                module, bits=bits, grad_bits=grad_bits, group_size=group_size
+                module, share=True, bits=bits, grad_bits=grad_bits, group_size=group_size
             )
         elif norms and isinstance(module, nn.LayerNorm):
-            out = L1LayerNorm.from_layer_norm(module)
+            out = L1LayerNorm.from_layer_norm(module, share=True)
         else:
             out = module
         swapped[id(module)] = (module, out)
