@@ -401,7 +401,9 @@ def test_shiftquant_experts_route_each_token_through_its_experts(arch):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (e.gate_up_proj, e.down_proj))
 
 
-@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "GPT2LMHeadModel", "Qwen3NextForCausalLM"])
+@pytest.mark.parametrize(
+    "arch", ["Gemma3ForCausalLM", "GPT2LMHeadModel", "Qwen3NextForCausalLM", "LlamaForCausalLM"]
+)
 def test_l1_norm_swaps_the_norms_and_trains(arch):
     model = build(arch)
     norms = {
@@ -413,9 +415,11 @@ def test_l1_norm_swaps_the_norms_and_trains(arch):
     modules = dict(model.base_model.named_modules())
     want = fg.nn.L1LayerNorm if arch == "GPT2LMHeadModel" else fg.nn.L1RMSNorm
     assert norms and all(type(modules[n]) is want for n in norms)
-    if want is fg.nn.L1RMSNorm:  # Gemma and Qwen3-Next scale by 1 + weight
+    if arch in ("Gemma3ForCausalLM", "Qwen3NextForCausalLM"):  # they scale by 1 + weight
         for n, m in norms.items():
             torch.testing.assert_close(modules[n].weight, m.weight + 1)
+    else:  # the norms' own Parameters, not copies
+        assert all(modules[n].weight is m.weight for n, m in norms.items())
     ids, labels = batch()
     losses = train(model, ids, labels)
     assert losses[-1] < losses[0]

@@ -433,7 +433,8 @@ def _swap_modules(module: nn.Module, quant: dict | None, l1_norm: bool, keep: se
         elif l1_norm and type(child) is nn.LayerNorm and child.elementwise_affine:
             swapped = L1LayerNorm.from_layer_norm(child, share=True)
         elif l1_norm and _rms_like(child):
-            swapped = L1RMSNorm.from_rms_norm(child, weight_offset=_weight_offset(child))
+            offset = _weight_offset(child)
+            swapped = L1RMSNorm.from_rms_norm(child, weight_offset=offset, share=True)
         if swapped is None:
             _swap_modules(child, quant, l1_norm, keep)
         else:

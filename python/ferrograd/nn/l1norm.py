@@ -127,19 +127,32 @@ class L1RMSNorm(nn.Module):
 
     @classmethod
     def from_rms_norm(
-        cls, norm: nn.Module, *, bits: int | None = None, weight_offset: float = 0.0
+        cls,
+        norm: nn.Module,
+        *,
+        bits: int | None = None,
+        weight_offset: float = 0.0,
+        share: bool = False,
     ) -> L1RMSNorm:
         """An L1RMSNorm with the weight (plus ``weight_offset``: 1 for norms that scale by
         1 + weight, as Gemma's) and eps of an RMSNorm module with ``.weight`` and
         ``.variance_epsilon`` or ``.eps`` (None: the weight dtype's machine epsilon, as
-        nn.RMSNorm)."""
+        nn.RMSNorm). The weight is copied, or with ``share=True`` and no offset the very same
+        Parameter is held (as ``ShiftQuantLinear.from_linear`` shares)."""
+        from .shiftquant import _plain_parameters  # nn.shiftquant imports this module
+
         weight = getattr(norm, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             raise TypeError(f"L1RMSNorm.from_rms_norm: {type(norm).__name__} has no 1-dim .weight")
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
             eps = torch.finfo(weight.dtype).eps
-        out = cls(weight.shape[0], eps, bits=bits, device=weight.device, dtype=weight.dtype)
+        shared = share and weight_offset == 0 and _plain_parameters(norm, ("weight",))
+        device = "meta" if shared else weight.device
+        out = cls(weight.shape[0], eps, bits=bits, device=device, dtype=weight.dtype)
+        if shared:
+            out.weight = norm.weight
+            return out
         with torch.no_grad():
             out.weight.copy_(weight + weight_offset)
         return out
