@@ -1030,6 +1030,22 @@ def test_quantize_model_swaps_in_the_same_parameters():
     assert fg.nn.ShiftQuantLinear.from_linear(plain).weight is not plain.weight
 
 
+def test_copies_of_frozen_layers_stay_frozen():
+    """A copy takes each parameter's requires_grad (a frozen layer's copy was trainable)."""
+    linear, norm, rms = torch.nn.Linear(8, 4), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)
+    linear.weight.requires_grad_(False)
+    norm.requires_grad_(False)
+    rms.requires_grad_(False)
+    copies = (
+        fg.nn.ShiftQuantLinear.from_linear(linear),
+        fg.nn.L1LayerNorm.from_layer_norm(norm),
+        fg.nn.L1RMSNorm.from_rms_norm(rms, weight_offset=1.0),
+    )
+    for made, source in zip(copies, (linear, norm, rms), strict=True):
+        got = {n: p.requires_grad for n, p in made.named_parameters()}
+        assert got == {n: p.requires_grad for n, p in source.named_parameters()}
+
+
 def test_quantize_model_swaps_a_root_module():
     linear = torch.nn.Linear(8, 8)
     out = fg.nn.quantize_model(linear, bits=6)

@@ -40,6 +40,7 @@ from torch import nn
 from transformers import modeling_outputs
 from transformers.pytorch_utils import Conv1D
 
+from ..nn._swap import frozen_as
 from ..nn.l1norm import L1LayerNorm, L1RMSNorm
 from ..nn.shiftquant import ShiftQuantLinear
 from ..ops.cce import linear_cross_entropy
@@ -331,7 +332,7 @@ def _from_conv1d(conv: nn.Module, **kw) -> ShiftQuantLinear:
         out.weight.copy_(w.t())
         if conv.bias is not None:
             out.bias.copy_(conv.bias)
-    return out
+    return frozen_as(out, conv)
 
 
 def _experts(module: nn.Module) -> bool:

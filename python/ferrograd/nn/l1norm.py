@@ -14,6 +14,7 @@ from ..ops.l1norm import (
     l1_rms_norm,
 )
 from ..ops.shiftquant import check_spec
+from ._swap import frozen_as, plain_parameters
 
 
 def _check_bits(cls: str, bits: object) -> None:
@@ -62,10 +63,8 @@ class L1LayerNorm(nn.Module):
         """An L1LayerNorm with ``norm``'s shape, eps and affine parameters (copies on their
         device and in their dtype, or with ``share=True`` the very same Parameters, as
         ``ShiftQuantLinear.from_linear`` shares them)."""
-        from .shiftquant import _plain_parameters  # nn.shiftquant imports this module
-
         weight = norm.weight if norm.elementwise_affine else None
-        shared = share and _plain_parameters(norm, ("weight", "bias"))
+        shared = share and plain_parameters(norm, ("weight", "bias"))
         out = cls(
             norm.normalized_shape,
             norm.eps,
@@ -82,6 +81,7 @@ class L1LayerNorm(nn.Module):
                 out.weight.copy_(weight)
                 if norm.bias is not None:
                     out.bias.copy_(norm.bias)
+            frozen_as(out, norm)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,15 +139,13 @@ class L1RMSNorm(nn.Module):
         ``.variance_epsilon`` or ``.eps`` (None: the weight dtype's machine epsilon, as
         nn.RMSNorm). The weight is copied, or with ``share=True`` and no offset the very same
         Parameter is held (as ``ShiftQuantLinear.from_linear`` shares)."""
-        from .shiftquant import _plain_parameters  # nn.shiftquant imports this module
-
         weight = getattr(norm, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             raise TypeError(f"L1RMSNorm.from_rms_norm: {type(norm).__name__} has no 1-dim .weight")
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
             eps = torch.finfo(weight.dtype).eps
-        shared = share and weight_offset == 0 and _plain_parameters(norm, ("weight",))
+        shared = share and weight_offset == 0 and plain_parameters(norm, ("weight",))
         device = "meta" if shared else weight.device
         out = cls(weight.shape[0], eps, bits=bits, device=device, dtype=weight.dtype)
         if shared:
@@ -155,7 +153,7 @@ class L1RMSNorm(nn.Module):
             return out
         with torch.no_grad():
             out.weight.copy_(weight + weight_offset)
-        return out
+        return frozen_as(out, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l1_rms_norm(x, self.weight, self.eps, bits=self.bits)

@@ -10,6 +10,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..ops._checks import check_int
 from ..ops.shiftquant import check_spec, linear_with_codes, weight_operand
+from ._swap import frozen_as, plain_parameters
 from .l1norm import L1LayerNorm
 
 #: Optimizer steps begun in this process, by any torch.optim.Optimizer: some steps write the
@@ -24,15 +25,6 @@ def _count_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_pre_hook(_count_step)
-
-
-def _plain_parameters(module: nn.Module, names: tuple[str, ...]) -> bool:
-    """Whether each of ``names`` is an nn.Parameter (or None) registered on ``module`` itself:
-    not computed by a parametrization (torch.nn.utils.parametrize), whose result a new module
-    cannot hold."""
-    return not hasattr(module, "parametrizations") and all(
-        name in module._parameters for name in names
-    )
 
 
 class _WeightCodes:
@@ -113,7 +105,7 @@ class ShiftQuantLinear(nn.Module):
         ``share=True`` the very same Parameters (where they are plain Parameters): a swap in
         place then keeps weights tied to other modules and an optimizer's references valid."""
         w = linear.weight
-        shared = share and _plain_parameters(linear, ("weight", "bias"))
+        shared = share and plain_parameters(linear, ("weight", "bias"))
         out = cls(
             linear.in_features,
             linear.out_features,
@@ -129,7 +121,7 @@ class ShiftQuantLinear(nn.Module):
             out.weight.copy_(w)
             if linear.bias is not None:
                 out.bias.copy_(linear.bias)
-        return out
+        return frozen_as(out, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = self._weight_codes(x) if self.cache_weight_codes else None
