@@ -1040,10 +1040,12 @@ def test_copies_of_frozen_layers_stay_frozen():
         fg.nn.ShiftQuantLinear.from_linear(linear),
         fg.nn.L1LayerNorm.from_layer_norm(norm),
         fg.nn.L1RMSNorm.from_rms_norm(rms, weight_offset=1.0),
+        fg.nn.W4A16Linear.from_linear(linear),  # (its weight is frozen either way)
     )
-    for made, source in zip(copies, (linear, norm, rms), strict=True):
-        got = {n: p.requires_grad for n, p in made.named_parameters()}
-        assert got == {n: p.requires_grad for n, p in source.named_parameters()}
+    for made, source in zip(copies, (linear, norm, rms, linear), strict=True):
+        want = {n: p.requires_grad for n, p in source.named_parameters()}
+        for name, p in made.named_parameters():
+            assert p.requires_grad == want[name], (type(made).__name__, name)
 
 
 def test_quantize_model_swaps_a_root_module():

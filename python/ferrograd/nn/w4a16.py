@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.w4a16 import W4Weight, quantize_w4, w4a16_linear
 from ..ops.w4a16.weight import CPU_BLOCKS, convert, native_layout
+from ._swap import frozen_as
 
 __all__ = ["W4A16Linear"]
 
@@ -83,7 +84,7 @@ class W4A16Linear(nn.Module):
             smooth = smooth.detach().to(weight.device, torch.float32)
             weight = (weight.float() * smooth).to(weight.dtype)
             input_scale = (1.0 / smooth).to(weight.dtype)
-        return cls(quantize_w4(weight, group_size), linear.bias, input_scale)
+        return frozen_as(cls(quantize_w4(weight, group_size), linear.bias, input_scale), linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
