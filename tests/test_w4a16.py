@@ -633,6 +633,21 @@ def test_smoothquant_plus_keeps_input_scales_when_folding_is_inexact():
     assert all(layer.folded_into is None for layer in report.layers.values())
 
 
+def test_smoothquant_plus_swaps_a_shared_linear_everywhere():
+    """A Linear used in two places is one W4A16Linear in both (the second stayed float)."""
+    torch.manual_seed(0)
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(nn.LayerNorm(64), shared, nn.ReLU(), shared)
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    want = model(batches[0])
+    fg.quant.smoothquant_plus(model, batches, group_size=32)
+    assert isinstance(model[1], fg.nn.W4A16Linear) and model[3] is model[1]
+    got = model(batches[0])
+    assert ((got - want).norm() / want.norm()).item() < 0.2
+    with pytest.raises(TypeError, match="smoothquant_plus: model must hold its Linears"):
+        fg.quant.smoothquant_plus(nn.Linear(8, 8), [torch.randn(2, 8)])
+
+
 @pytest.mark.parametrize(
     "m, plan",
     [

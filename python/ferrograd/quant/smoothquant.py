@@ -172,16 +172,28 @@ def _fold(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
             m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def _paths(model: nn.Module) -> dict[int, list[str]]:
+    """id of each submodule -> every name it has under ``model`` (a layer used in several
+    places has several)."""
+    paths: dict[int, list[str]] = {}
+    for path, sub in model.named_modules(remove_duplicate=False):
+        if path:
+            paths.setdefault(id(sub), []).append(path)
+    return paths
+
+
+def _set_module(model: nn.Module, paths: list[str], module: nn.Module) -> None:
+    """Puts ``module`` at each of ``paths`` (every name of the layer it replaces)."""
+    for path in paths:
+        parent_name, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _quantize(model: nn.Module, calib: _Calibration, alpha: float | None, group_size: int,
               fold: bool) -> dict[str, tuple[str | None, torch.Tensor | None]]:  # fmt: skip
     """Smooths (alpha None: not at all) and quantizes ``model``'s calibrated Linears in place;
     returns name -> (norm folded into, s)."""
-    modules = dict(model.named_modules())
+    modules, paths = dict(model.named_modules()), _paths(model)
     applied = {}
     for norm_name, names in calib.groups():
         linears = [modules[n] for n in names]
@@ -191,11 +203,11 @@ def _quantize(model: nn.Module, calib: _Calibration, alpha: float | None, group_
         if s is not None and fold and norm_name is not None:
             _fold(modules[norm_name], linears, s)
             for n, m in zip(names, linears, strict=True):
-                _set_module(model, n, W4A16Linear.from_linear(m, group_size))
+                _set_module(model, paths[id(m)], W4A16Linear.from_linear(m, group_size))
                 applied[n] = (norm_name, s)
         else:
             for n, m in zip(names, linears, strict=True):
-                _set_module(model, n, W4A16Linear.from_linear(m, group_size, smooth=s))
+                _set_module(model, paths[id(m)], W4A16Linear.from_linear(m, group_size, smooth=s))
                 applied[n] = (None, s)
     return applied
 
@@ -242,6 +254,11 @@ def smoothquant_plus(
     errors. See the module docstring for the procedure."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{OP}: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):  # replaced in place: a root has no parent to hold it
+        raise TypeError(
+            f"{OP}: model must hold its Linears, got an nn.Linear itself (quantize it with "
+            "fg.nn.W4A16Linear.from_linear, or wrap it in a module)"
+        )
     if alpha is not None and (isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"{OP}: alpha must be None or in [0, 1], got {alpha!r}")
     batches = list(calibration_batches)
