@@ -186,6 +186,26 @@ def test_from_layer_norm_copies_parameters():
     assert l1.eps == 1e-3 and torch.equal(l1.weight, ln.weight)
 
 
+def test_norms_initialize_after_meta_device_construction():
+    """The meta-device recipe (build on meta, ``to_empty``, each module's
+    ``reset_parameters``) leaves the norms as freshly built ones, not uninitialized memory."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(
+            fg.nn.L1LayerNorm(16), fg.nn.L1RMSNorm(16), fg.nn.L1LayerNorm(16, bias=False)
+        )
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(7.0)  # what to_empty's memory may hold
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    fresh = torch.nn.Sequential(
+        fg.nn.L1LayerNorm(16), fg.nn.L1RMSNorm(16), fg.nn.L1LayerNorm(16, bias=False)
+    )
+    for (name, got), want in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_layer_norm_keeps_dtype_and_bias(dtype, bias):

@@ -56,6 +56,14 @@ class L1LayerNorm(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def reset_parameters(self) -> None:
+        """Weight 1, bias 0, as nn.LayerNorm's (the meta-device recipe: ``to_empty`` and then
+        each module's ``reset_parameters``)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     @classmethod
     def from_layer_norm(
         cls, norm: nn.LayerNorm, *, bits: int | None = None, share: bool = False
@@ -124,6 +132,10 @@ class L1RMSNorm(nn.Module):
         _check_bits("L1RMSNorm", bits)
         self.bits = bits
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        """Weight 1, as nn.RMSNorm's."""
+        nn.init.ones_(self.weight)
 
     @classmethod
     def from_rms_norm(
