@@ -773,6 +773,38 @@ def test_shiftquant_linear_matches_the_reference(device, dtype):
         torch.testing.assert_close(g.float(), r.float(), **tol)
 
 
+def test_backward_computes_only_the_gradients_autograd_asks_for(device, monkeypatch):
+    """A frozen weight skips dW's quantizations and GEMM, an input without a gradient dX's;
+    what is computed is the same bits as with everything asked for (the seeds are separate)."""
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(128, 96, bits=6).to(device)
+    x = sample((2, 40, 128), 3).to(device)
+    grad = torch.randn(2, 40, 96, device=device)
+
+    def run(x_grad: bool, w_grad: bool, b_grad: bool):
+        xi = x.clone().requires_grad_(x_grad)
+        layer.weight.requires_grad_(w_grad)
+        layer.bias.requires_grad_(b_grad)
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the backward's seed
+        layer(xi).backward(grad)
+        return xi.grad, layer.weight.grad, layer.bias.grad
+
+    full = run(True, True, True)
+    matmuls = []
+    kernels = sq_cpu if device == "cpu" else sq.cuda
+    real = kernels.matmul
+    monkeypatch.setattr(kernels, "matmul", lambda *a, **k: matmuls.append(1) or real(*a, **k))
+    for wanted in [(True, False, False), (False, True, False), (False, False, True),
+                   (True, False, True), (False, True, True)]:  # fmt: skip
+        matmuls.clear()
+        got = run(*wanted)
+        assert len(matmuls) == 1 + wanted[0] + wanted[1], wanted  # the forward's, dX's, dW's
+        for g, f, w in zip(got, full, wanted, strict=True):
+            assert (g is None) if not w else torch.equal(g, f), wanted
+    layer.requires_grad_(True)
+
+
 def test_workspace_operands_leave_the_layers_results_alone(monkeypatch):
     """The CPU layer's quantized operands share one workspace per slot across calls: results
     equal those from fresh tensors (workspace off), and a later call of another shape does not
@@ -935,6 +967,8 @@ def test_linear_opcheck(device, bias):
     grad = torch.randn(3, 4, 24, device=device)
     args = (grad, x.detach(), w.detach(), 8, 6, 32, sq.seed_tensor(11))
     torch.library.opcheck(sq.linear_backward_op, args)
+    for mask in ([True, False, False], [False, True, bias]):  # only some gradients
+        torch.library.opcheck(sq.linear_backward_op, (*args, None, mask))
     # With the weight's codes made beforehand (ShiftQuantLinear's cache).
     codes = sq.weight_operand(w, 8, 32) + sq.weight_operand(w, 8, 32, transposed=True)
     torch.library.opcheck(sq.linear_op, (x, w, b, 8, 6, 32, None, codes))

@@ -98,12 +98,22 @@ def _quantize_kernel(kernels, x, bits, group_size, seed, transposed):
 
 
 def _linear_backward_kernel(
-    kernels, grad, x, weight, bits, grad_bits, group_size, seed, weight_codes_t=None
+    kernels,
+    grad,
+    x,
+    weight,
+    bits,
+    grad_bits,
+    group_size,
+    seed,
+    weight_codes_t=None,
+    output_mask=(True, True, True),
 ):
     key = _rounding_key(seed)
     return linear.backward(
-        kernels, grad, x, weight, bits, grad_bits, group_size, key, weight_codes_t
-    )
+        kernels, grad, x, weight, bits, grad_bits, group_size, key, weight_codes_t,
+        tuple(output_mask),
+    )  # fmt: skip
 
 
 def _kernels(rule):
@@ -136,8 +146,15 @@ def _fake_linear(x, weight, bias, bits, grad_bits, group_size, dtype=None, weigh
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype or x.dtype)
 
 
-def _fake_linear_backward(grad, x, weight, bits, grad_bits, group_size, seed, weight_codes_t=None):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+def _fake_linear_backward(
+    grad, x, weight, bits, grad_bits, group_size, seed, weight_codes_t=None,
+    output_mask=(True, True, True),
+):  # fmt: skip
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(
+        like.new_empty(shape if wanted else (0,))
+        for like, shape, wanted in zip((x, weight, weight), shapes, output_mask, strict=True)
+    )
 
 
 quantize_op = _library.define(
@@ -168,7 +185,8 @@ linear_op = _library.define(
 )
 linear_backward_op = _library.define(
     "shiftquant_linear_backward(Tensor grad, Tensor x, Tensor weight, int bits, int grad_bits, "
-    "int group_size, Tensor seed, Tensor[]? weight_codes_t=None) -> (Tensor, Tensor, Tensor)",
+    "int group_size, Tensor seed, Tensor[]? weight_codes_t=None, "
+    "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)",
     **_kernels(_linear_backward_kernel),
     fake=_fake_linear_backward,
 )
@@ -183,6 +201,9 @@ def _setup_linear(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad):
     x, weight, *codes_t = ctx.saved_tensors
+    # Only the gradients autograd asks for: a frozen weight skips dW's quantizations and GEMM.
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and ctx.has_bias]
     dx, dw, db = _library.call(
         linear_backward_op,
         grad,
@@ -193,8 +214,10 @@ def _linear_backward(ctx, grad):
         ctx.group_size,
         seed_tensor(),
         codes_t or None,
+        mask,
     )
-    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None
+    dx, dw, db = (t if wanted else None for t, wanted in zip((dx, dw, db), mask, strict=True))
+    return dx, dw, db, None, None, None, None, None
 
 
 _library.register_autograd(linear_op, _linear_backward, _setup_linear)

@@ -62,23 +62,35 @@ def backward(
     group_size: int,
     seed: int,
     weight_codes_t: list[torch.Tensor] | None = None,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dX (x's dtype and shape), dW and db (weight's dtype) from the output gradient."""
+    """dX (x's dtype and shape), dW and db (weight's dtype) from the output gradient; those
+    ``output_mask`` leaves out are empty tensors, and their quantizations and GEMM are not
+    run (a frozen weight skips dW's, an input without a gradient dX's). dX and dW round with
+    seeds of their own, so either is the same bits with or without the other."""
     n, k = weight.shape
     rows = x.shape[:-1].numel()  # spelled out: reshape cannot infer -1 when N is 0
     dy = grad.reshape(rows, n)
-    # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
-    q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
-    w = (weight, weight_codes_t)
-    dx = _times_weight(kernels, q_dy, w, bits, group_size, True, None, x.dtype).reshape(x.shape)
-    # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
-    # The bias gradient (dY's column sums) comes from the same read of dY.
-    q_dyt, db = kernels.quantize_with_col_sums(
-        dy, grad_bits, group_size, (seed + 1) % 2**64, slot=0
-    )
-    q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True, slot=1)
-    dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
-    return dx, dw, db.to(weight.dtype)
+    dx = x.new_empty(0)
+    dw, db = weight.new_empty(0), weight.new_empty(0)
+    if output_mask[0]:
+        # dX [T, K] = dY [T, N] · W [N, K]: reduce over N.
+        q_dy = kernels.quantize(dy, grad_bits, group_size, seed, False, slot=0)
+        w = (weight, weight_codes_t)
+        dx = _times_weight(kernels, q_dy, w, bits, group_size, True, None, x.dtype)
+        dx = dx.reshape(x.shape)
+    if output_mask[1] or output_mask[2]:
+        # dW [N, K] = dYᵀ [N, T] · X [T, K]: reduce over T.
+        # The bias gradient (dY's column sums) comes from the same read of dY.
+        q_dyt, sums = kernels.quantize_with_col_sums(
+            dy, grad_bits, group_size, (seed + 1) % 2**64, slot=0
+        )
+        if output_mask[1]:
+            q_xt = kernels.quantize(x.reshape(rows, k), bits, group_size, None, True, slot=1)
+            dw = kernels.matmul(*q_dyt, *q_xt, group_size, None, weight.dtype)
+        if output_mask[2]:
+            db = sums.to(weight.dtype)
+    return dx, dw, db
 
 
 def weight_operand(
