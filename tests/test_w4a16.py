@@ -955,6 +955,8 @@ def test_bad_input():
     assert q.group_size == 4 and type(q.group_size) is int
     with pytest.raises(TypeError, match="quantize_w4: weight must be a floating"):
         fg.quant.quantize_w4(torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="quantize_w4: weight is on the meta device"):
+        fg.nn.W4A16Linear.from_linear(nn.Linear(64, 8, device="meta"))
     q = fg.quant.quantize_w4(torch.randn(4, 64))
     with pytest.raises(ValueError, match=r"w4a16_matmul: x must have shape \[..., K\] with K = 64"):
         fg.w4a16_matmul(torch.ones(2, 63), q)

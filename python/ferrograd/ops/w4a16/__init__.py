@@ -151,6 +151,11 @@ def quantize_w4(weight: torch.Tensor, group_size: int = 128, zero_point: bool = 
         raise TypeError(
             f"{QUANTIZE_OP}: zero_point must be a bool, got {type(zero_point).__name__}"
         )
+    if type(weight) is torch.Tensor and weight.is_meta:  # (not a traced FakeTensor)
+        raise ValueError(
+            f"{QUANTIZE_OP}: weight is on the meta device and holds no values to quantize "
+            "(load or initialize the weights first)"
+        )
     # The CPU kernel refuses NaN and infinity itself, in its pass over the weight.
     kernel_checks = weight.is_cpu and weight.dtype in KERNEL_DTYPES
     if not (kernel_checks or torch.compiler.is_compiling() or bool(torch.isfinite(weight).all())):
