@@ -13,6 +13,12 @@ from .._errors import DimensionError
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute and keep statistics in for inputs of ``dtype``: float64 for
+    float64, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_tensor(op: str, name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")

@@ -20,18 +20,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..ops._checks import check_int, check_number
+from ..ops._checks import check_int, check_number, compute_dtype
 from ..ops._memory import last_level_cache_bytes
 from ..ops.spam import adaclip_stats_many, mask_indices, sample_mask, spam_step_many
 
 _GLOBAL = "spam"  # key of the optimizer-wide state (step, generator) in self.state
 _MAX_FLOAT = 1.7976931348623157e308  # options must be finite
-
-
-def _moment_dtype(p: torch.Tensor) -> torch.dtype:
-    """The moments' dtype: float64 for float64 parameters (as torch's optimizers keep them),
-    float32 for every other (16-bit parameters included)."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -176,7 +170,7 @@ class _SpamBase(torch.optim.Optimizer):
                         f"{group['density']}, {p.dim()}-D)"
                     )
                 shape = tuple(local.shape)
-            dtype = _moment_dtype(local)
+            dtype = compute_dtype(local.dtype)
             for key in moments:
                 t = entries[key]
                 if not isinstance(t, torch.Tensor) or t.dtype != dtype:
@@ -220,7 +214,8 @@ class _SpamBase(torch.optim.Optimizer):
         else:
             state.pop("mask", None)
             shape = p.shape
-        dtype = _moment_dtype(p)
+        # float64 for float64 parameters, as torch's optimizers keep them; float32 else
+        dtype = compute_dtype(p.dtype)
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._checks import compute_dtype
 from .._memory import fresh
 
 #: Elements of the reused logits buffer: 32 MiB of float32 on the CPU, 256 MiB on a GPU (where
@@ -37,11 +38,6 @@ FUSED_MIN_ROWS = 256
 FUSED_BUFFER_ELEMS = 1 << 23
 
 OP = "linear_cross_entropy"
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the loop computes in, and of the forward's outputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_targets(targets: torch.Tensor, vocab: int) -> None:

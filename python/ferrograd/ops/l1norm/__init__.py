@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_number, check_tensor
+from .._checks import check_floating, check_number, check_tensor, compute_dtype
 from ..shiftquant import check_device, check_spec, quantize_2d
 from . import cpu, reference
 
@@ -44,7 +44,7 @@ _MAX_FLOAT = 1.7976931348623157e308  # eps must be finite
 
 
 def _fake(x, weight, bias, eps):
-    kd = reference.kernel_dtype(x.dtype)
+    kd = compute_dtype(x.dtype)
     rows = reference.rows(x)
     return x.new_empty(x.shape), x.new_empty(rows, dtype=kd), x.new_empty(rows, dtype=kd)
 
@@ -105,7 +105,7 @@ l1_norm_codes_backward_op = _library.define(
 
 
 def _fake_rms(x, weight, eps):
-    rstd = x.new_empty(reference.rows(x), dtype=reference.kernel_dtype(x.dtype))
+    rstd = x.new_empty(reference.rows(x), dtype=compute_dtype(x.dtype))
     return x.new_empty(x.shape), rstd
 
 

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._checks import compute_dtype
 from ..shiftquant import element_shifts
 
 #: sqrt(pi / 2): makes mean|x - mean| match the standard deviation of a Gaussian.
@@ -25,11 +26,6 @@ def check_rows(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: x must have at least one dim")
 
 
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 inputs are normalized in float64, every other floating dtype in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _affine(y, weight, bias, dtype):
     if weight is not None:
         y = y * weight.to(y.dtype)
@@ -41,7 +37,7 @@ def _affine(y, weight, bias, dtype):
 def forward(x: torch.Tensor, weight, bias, eps: float):
     """y (x's dtype and shape) and per-row mean and 1 / (sqrt(pi/2) mean|x - mean| + eps) of
     x [..., n] (rows: every leading dim), the statistics in the kernel dtype."""
-    kd = kernel_dtype(x.dtype)
+    kd = compute_dtype(x.dtype)
     xk = x.to(kd)
     mean = xk.mean(-1, keepdim=True, dtype=torch.float64).to(kd)
     d = xk - mean
@@ -109,7 +105,7 @@ def backward_codes(
 def rms_forward(x: torch.Tensor, weight, eps: float):
     """L1 RMSNorm of x [..., n]: y (x's dtype and shape) and per-row r = 1 / (sqrt(pi/2) mean|x|
     + eps) (the kernel dtype), the statistic accumulated in float64."""
-    kd = kernel_dtype(x.dtype)
+    kd = compute_dtype(x.dtype)
     xk = x.to(kd)
     mean_abs = xk.abs().mean(-1, keepdim=True, dtype=torch.float64)
     r = (1.0 / (SQRT_HALF_PI * mean_abs + eps)).to(kd)

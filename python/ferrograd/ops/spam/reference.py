@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .._checks import compute_dtype
+
 
 def mask_indices(mask: torch.Tensor, numel: int) -> torch.Tensor:
     """Sorted int64 flat indices of the set bits of a bitmask over ``numel`` elements (bit i of
@@ -44,7 +46,7 @@ def spam_step(
     float32."""
     p = param
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    work = compute_dtype(p.dtype)
     g = grad.reshape(-1).to(work)
     p_work = flat.to(work)
     decay = 1.0 - lr * weight_decay
@@ -104,8 +106,7 @@ def adaclip_stats(
     sums in float64): returns (max |g| (``max_abs`` when given: the max over every shard), the
     new running max, the bound, the ratio applied above it, the sum of squares of the clipped
     gradient)."""
-    g = grad.reshape(-1)
-    g = g if g.dtype == torch.float64 else g.float()
+    g = grad.reshape(-1).to(compute_dtype(grad.dtype))
     if max_abs is None:
         max_abs = float(g.abs().max()) if g.numel() else 0.0
     running = gamma3 * running_max + (1 - gamma3) * max_abs
