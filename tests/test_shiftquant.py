@@ -805,6 +805,40 @@ def test_backward_computes_only_the_gradients_autograd_asks_for(device, monkeypa
     layer.requires_grad_(True)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_frozen_weight_does_not_keep_the_input(device, cached):
+    """x feeds only dW: a frozen layer's graph node keeps no copy or view of x (torch's linear
+    keeps its input only for the weight's gradient), and dX is the same bits as a trained
+    layer's."""
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(128, 96, cache_weight_codes=cached).to(device)
+    x = sample((3, 40, 128), 3).to(device).requires_grad_()
+    grad = torch.randn(3, 40, 96, device=device)
+
+    def run(w_grad: bool):
+        layer.weight.requires_grad_(w_grad)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            torch.manual_seed(1)  # the backward's seed
+            y = layer(x)
+        (dx,) = torch.autograd.grad(y, x, grad)
+        return saved, dx
+
+    trained_saved, trained_dx = run(True)
+    frozen_saved, frozen_dx = run(False)
+    layer.requires_grad_(True)
+    ptr = x.untyped_storage().data_ptr()
+    assert any(t.untyped_storage().data_ptr() == ptr for t in trained_saved)  # the check works
+    assert not any(t.untyped_storage().data_ptr() == ptr for t in frozen_saved)
+    # Besides the layer's own tensors (its weight, its cached codes) only a one-element
+    # stand-in for x.
+    own = [layer.weight, *(layer._codes.transposed if cached else [])]
+    own_ptrs = {t.untyped_storage().data_ptr() for t in own}
+    kept = [t for t in frozen_saved if t.untyped_storage().data_ptr() not in own_ptrs]
+    assert [t.untyped_storage().nbytes() for t in kept] == [x.element_size()]
+    assert torch.equal(frozen_dx, trained_dx)
+
+
 def test_workspace_operands_leave_the_layers_results_alone(monkeypatch):
     """The CPU layer's quantized operands share one workspace per slot across calls: results
     equal those from fresh tensors (workspace off), and a later call of another shape does not

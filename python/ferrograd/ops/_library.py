@@ -129,7 +129,8 @@ def register_autograd(
     differentiable_backward: Callable | None = None,
 ) -> None:
     """Registers ``backward(ctx, *grads)`` (one gradient or None per input of ``op``) with
-    ``setup_context(ctx, inputs, output)``, as ``torch.library.register_autograd`` takes them.
+    ``setup_context(ctx, inputs, output)``, as ``torch.library.register_autograd`` takes them;
+    both see ``ctx.needs_input_grad`` over the op's own inputs.
 
     The Autograd kernel is written here rather than taken from torch.library: torch's rebuilds
     the schema's defaults on every call that needs gradients (about 10 µs in Python). The
@@ -149,16 +150,24 @@ def register_autograd(
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below_autograd, *args)
 
+    def own_inputs_setup(ctx, args, output):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it (no kernel slot)
+        try:
+            setup_context(ctx, args, output)
+        finally:
+            ctx.needs_input_grad = needs
+
     def forward(ctx, kernel, *args):
         output = kernel(*args)  # the redispatch below autograd, or the CPU kernel (call)
-        setup_context(ctx, args, output)
+        own_inputs_setup(ctx, args, output)
         return output
 
     def func_forward(kernel, *args):
         return kernel(*args)
 
     def func_setup(ctx, inputs, output):
-        setup_context(ctx, inputs[1:], output)
+        own_inputs_setup(ctx, inputs[1:], output)
 
     def backward_all(ctx, *grads):
         needs = ctx.needs_input_grad

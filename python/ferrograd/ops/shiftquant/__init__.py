@@ -194,13 +194,20 @@ linear_backward_op = _library.define(
 
 def _setup_linear(ctx, inputs, output) -> None:
     x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _, codes = inputs
+    # x is read only for dW. Without it (a frozen weight) the node keeps a one-element stand-in
+    # of x's dtype and device and x's shape, as torch's linear keeps its input only for the
+    # weight's gradient: a frozen layer does not hold its input alive.
+    ctx.x_shape = None if ctx.needs_input_grad[1] else x.shape
+    kept = x if ctx.x_shape is None else x.new_empty(())
     # Q(W) and, when cached, Q(Wᵀ) (ShiftQuantLinear's cache): the backward takes the latter.
-    ctx.save_for_backward(x, weight, *(codes or [])[4:])
+    ctx.save_for_backward(kept, weight, *(codes or [])[4:])
     ctx.has_bias = bias is not None
 
 
 def _linear_backward(ctx, grad):
     x, weight, *codes_t = ctx.saved_tensors
+    if ctx.x_shape is not None:
+        x = x.expand(ctx.x_shape)  # the stand-in: shape and dtype for dX, no data read
     # Only the gradients autograd asks for: a frozen weight skips dW's quantizations and GEMM.
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and ctx.has_bias]
