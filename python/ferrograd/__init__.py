@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _core, data, nn, optim, quant
@@ -46,11 +48,11 @@ def set_num_threads(n: int | None) -> None:
     if n is None:
         _core.set_num_threads(max(1, torch.get_num_threads()), pin=False)
         return
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: n must be an int or None, got {type(n).__name__}")
     if not 1 <= n <= _MAX_THREADS:  # each thread starts at once: 10**6 is a mistake
         raise ValueError(f"set_num_threads: n must be in [1, {_MAX_THREADS}], got {n}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

@@ -69,14 +69,15 @@ class PackingCollator:
         use_cache: bool | None = False,
         text_key: str = "text",
     ) -> None:
-        check_int(_OP, "seq_len", seq_len, 1)
+        seq_len = check_int(_OP, "seq_len", seq_len, 1)
         if layout not in _LAYOUTS:
             raise ValueError(f"{_OP}: layout must be one of {_LAYOUTS}, got {layout!r}")
-        for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-            if value is not None:
-                check_int(_OP, name, value, 0)
-        check_int(_OP, "pad_id", pad_id, 0)
-        check_int(_OP, "offset", offset, 3, _MAX_OFFSET)
+        bos_id, eos_id = (
+            None if value is None else check_int(_OP, name, value, 0)
+            for name, value in (("bos_id", bos_id), ("eos_id", eos_id))
+        )
+        pad_id = check_int(_OP, "pad_id", pad_id, 0)
+        offset = check_int(_OP, "offset", offset, 3, _MAX_OFFSET)
         for name, value in (
             ("add_bos", add_bos),
             ("add_eos", add_eos),

@@ -133,12 +133,12 @@ def pack_documents(
     op = "pack_documents"
     if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
         raise TypeError(f"{op}: docs must be a sequence of str or bytes, got {type(docs).__name__}")
-    check_int(op, "seq_len", seq_len, 1)
+    seq_len = check_int(op, "seq_len", seq_len, 1)
     if batch_size is not None:
-        check_int(op, "batch_size", batch_size, 1)
-    check_int(op, "offset", offset, 3, MAX_OFFSET)
+        batch_size = check_int(op, "batch_size", batch_size, 1)
+    offset = check_int(op, "offset", offset, 3, MAX_OFFSET)
     if seed is not None:
-        check_int(op, "seed", seed, 0, 2**64 - 1)
+        seed = check_int(op, "seed", seed, 0, 2**64 - 1)
     for name, value in (("add_bos", add_bos), ("add_eos", add_eos), ("split_long", split_long)):
         check_bool(op, name, value)
     buffer, offsets = byte_buffer(op, docs)
@@ -152,7 +152,7 @@ def decode_bytes(ids: torch.Tensor | Sequence[int], offset: int = 4) -> str:
     """Ids back to text: ids below ``offset`` (PAD, BOS, EOS, -100) are dropped, invalid UTF-8
     is replaced with U+FFFD; an id beyond the byte range raises ValueError."""
     op = "decode_bytes"
-    check_int(op, "offset", offset, 0, MAX_OFFSET)
+    offset = check_int(op, "offset", offset, 0, MAX_OFFSET)
     if isinstance(ids, torch.Tensor):
         t = ids
     elif isinstance(ids, (str, bytes)) or ids is None:

@@ -66,15 +66,17 @@ class ByteStream(IterableDataset):
         shard_ranks: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (
-            ("seq_len", seq_len, 1),
-            ("batch_size", batch_size, 1),
-            ("chunk_bytes", chunk_bytes, 1),
-            ("shuffle_buffer", shuffle_buffer, 1),
-            ("seed", seed, 0),
-        ):
+        seq_len, batch_size, chunk_bytes, shuffle_buffer, seed = (
             check_int(_OP, name, value, minimum)
-        check_int(_OP, "offset", offset, 3, MAX_OFFSET)
+            for name, value, minimum in (
+                ("seq_len", seq_len, 1),
+                ("batch_size", batch_size, 1),
+                ("chunk_bytes", chunk_bytes, 1),
+                ("shuffle_buffer", shuffle_buffer, 1),
+                ("seed", seed, 0),
+            )
+        )
+        offset = check_int(_OP, "offset", offset, 3, MAX_OFFSET)
         flags = {"shuffle": shuffle, "add_bos": add_bos, "add_eos": add_eos}
         for name, value in {**flags, "shard_ranks": shard_ranks}.items():
             check_bool(_OP, name, value)
@@ -101,7 +103,7 @@ class ByteStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's shuffle (as DistributedSampler.set_epoch) and restarts it."""
-        self.epoch = epoch
+        self.epoch = check_int(f"{_OP}.set_epoch", "epoch", epoch, 0)
         self._resume = None
 
     def _fresh_state(self) -> dict:

@@ -458,6 +458,12 @@ def apply(
     """
     arch = _architecture(model)
     decoder = _decoder(model)
+    if shiftquant_bits is not None:
+        shiftquant_bits, group_size = check_spec(
+            f"{_APPLY}(shiftquant_bits)", shiftquant_bits, group_size
+        )
+        if grad_bits is not None:
+            grad_bits, _ = check_spec(f"{_APPLY}(grad_bits)", grad_bits, group_size)
     options = {
         "linear_cross_entropy": bool(linear_cross_entropy),
         "shiftquant_bits": shiftquant_bits,
@@ -475,9 +481,6 @@ def apply(
         )
     quant = None
     if shiftquant_bits is not None:
-        check_spec(f"{_APPLY}(shiftquant_bits)", shiftquant_bits, group_size)
-        if grad_bits is not None:
-            check_spec(f"{_APPLY}(grad_bits)", grad_bits, group_size)
         quant = {"bits": shiftquant_bits, "grad_bits": grad_bits, "group_size": group_size}
     else:
         for name, value, default in (

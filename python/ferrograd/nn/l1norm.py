@@ -17,9 +17,8 @@ from ..ops.shiftquant import check_spec
 from ._swap import frozen_as, plain_parameters
 
 
-def _check_bits(cls: str, bits: object) -> None:
-    if bits is not None:
-        check_spec(cls, bits, CODES_GROUP_SIZE)
+def _check_bits(cls: str, bits: object) -> int | None:
+    return None if bits is None else check_spec(cls, bits, CODES_GROUP_SIZE)[0]
 
 
 class L1LayerNorm(nn.Module):
@@ -43,9 +42,8 @@ class L1LayerNorm(nn.Module):
         super().__init__()
         self.normalized_shape = check_normalized_shape("L1LayerNorm", normalized_shape)
         self.eps = check_eps("L1LayerNorm", eps)
-        _check_bits("L1LayerNorm", bits)
+        self.bits = _check_bits("L1LayerNorm", bits)
         self.elementwise_affine = elementwise_affine
-        self.bits = bits
         kw = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw))
@@ -129,8 +127,7 @@ class L1RMSNorm(nn.Module):
                 f"L1RMSNorm: normalized_shape must be one dim (the last), got {normalized_shape}"
             )
         self.eps = check_eps("L1RMSNorm", eps)
-        _check_bits("L1RMSNorm", bits)
-        self.bits = bits
+        self.bits = _check_bits("L1RMSNorm", bits)
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:

@@ -73,11 +73,11 @@ class ShiftQuantLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            check_int("ShiftQuantLinear", name, value, 0)
-        check_spec("ShiftQuantLinear", bits, group_size)
+        in_features = check_int("ShiftQuantLinear", "in_features", in_features, 0)
+        out_features = check_int("ShiftQuantLinear", "out_features", out_features, 0)
+        bits, group_size = check_spec("ShiftQuantLinear", bits, group_size)
         if grad_bits is not None:
-            check_spec("ShiftQuantLinear", grad_bits, group_size, "grad_bits")
+            grad_bits, _ = check_spec("ShiftQuantLinear", grad_bits, group_size, "grad_bits")
         self.in_features, self.out_features = in_features, out_features
         if not isinstance(cache_weight_codes, bool):
             raise TypeError(
@@ -204,9 +204,9 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
-    check_spec("quantize_model", bits, group_size)
+    bits, group_size = check_spec("quantize_model", bits, group_size)
     if grad_bits is not None:
-        check_spec("quantize_model", grad_bits, group_size, "grad_bits")
+        grad_bits, _ = check_spec("quantize_model", grad_bits, group_size, "grad_bits")
     if not isinstance(norms, bool):
         raise TypeError(f"quantize_model: norms must be a bool, got {type(norms).__name__}")
     # id of a module -> (the module, kept alive so that its id stays unique; its replacement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -57,10 +58,16 @@ def check_bool(op: str, name: str, value: object) -> bool:
     return value
 
 
-def check_int(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
-    """An int (not a bool) at least ``low``, and at most ``high`` when given."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def as_int(op: str, name: str, value: object) -> int:
+    """An integer (Python's or numpy's, as torch's modules take them; not a bool) as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_int(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
+    """An integer (``as_int``) at least ``low``, and at most ``high`` when given, as an int."""
+    value = as_int(op, name, value)
     if high is None and value < low:
         raise ValueError(f"{op}: {name} must be at least {low}, got {value}")
     if high is not None and not low <= value <= high:
@@ -69,9 +76,10 @@ def check_int(op: str, name: str, value: object, low: int, high: int | None = No
 
 
 def check_number(op: str, name: str, value: object, low: float, high: float = math.inf) -> float:
-    """A real number (int or float, not a bool) in [low, high], as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (int or float, numpy's too; not a bool) in [low, high], as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not low <= value <= high:
         raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
-    return float(value)
+    return value

@@ -49,15 +49,16 @@ class _SpamBase(torch.optim.Optimizer):
     _stats: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict, seed: int) -> None:
-        self._check_group(defaults)
-        check_int(self._name, "seed", seed, 0, 2**64 - 1)
+        defaults.update(self._check_group(defaults))
+        seed = check_int(self._name, "seed", seed, 0, 2**64 - 1)
         super().__init__(params, defaults)
         self.state[_GLOBAL] = {"step": 0, "rng": seed}
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's; a group's own options are checked as the defaults are."""
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        group.update(self._check_group(group))
         for i, p in enumerate(self.param_groups[-1]["params"]):
             # The step's real arithmetic would drop the imaginary parts.
             if p.is_complex():
@@ -66,24 +67,32 @@ class _SpamBase(torch.optim.Optimizer):
                     f"dtype {p.dtype}"
                 )
 
-    def _check_group(self, group: dict) -> None:
-        """ValueError / TypeError naming the option of ``group`` that is out of range."""
+    def _check_group(self, group: dict) -> dict:
+        """ValueError / TypeError naming the option of ``group`` that is out of range; else
+        the options as Python floats and ints (numpy scalars taken, as torch's optimizers do),
+        which the optimizer's own groups then hold."""
         op = self._name
-        check_number(op, "lr", group["lr"], 0.0, _MAX_FLOAT)
-        check_number(op, "eps", group["eps"], 0.0, _MAX_FLOAT)
+        out = {
+            "lr": check_number(op, "lr", group["lr"], 0.0, _MAX_FLOAT),
+            "eps": check_number(op, "eps", group["eps"], 0.0, _MAX_FLOAT),
+        }
         # The step divides by sqrt(v_hat) + eps in float32: 0 / 0 where v is 0.
-        if torch.tensor(group["eps"], dtype=torch.float32) == 0:
-            raise ValueError(
-                f"{op}: eps must be positive in float32 (>= 1e-45), got {group['eps']}"
-            )
-        check_number(op, "weight_decay", group["weight_decay"], 0.0, _MAX_FLOAT)
-        check_number(op, "density", group["density"], 0.0, 1.0)
+        if torch.tensor(out["eps"], dtype=torch.float32) == 0:
+            raise ValueError(f"{op}: eps must be positive in float32 (>= 1e-45), got {out['eps']}")
+        out["weight_decay"] = check_number(
+            op, "weight_decay", group["weight_decay"], 0.0, _MAX_FLOAT
+        )
+        out["density"] = check_number(op, "density", group["density"], 0.0, 1.0)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise TypeError(f"{op}: betas must be a pair of floats")
-        for i, b in enumerate(betas):
-            check_number(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12)
-        check_int(op, "reset_interval", group["reset_interval"], 1, _INT_MAX)
+        out["betas"] = tuple(
+            check_number(op, f"betas[{i}]", b, 0.0, 1.0 - 1e-12) for i, b in enumerate(betas)
+        )
+        out["reset_interval"] = check_int(
+            op, "reset_interval", group["reset_interval"], 1, _INT_MAX
+        )
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps the moments float32 (float64 for float64 parameters) and the
@@ -327,13 +336,14 @@ class SPAM(_SpamBase):
         )  # fmt: skip
         super().__init__(params, defaults, seed)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
-        check_number("SPAM", "threshold", group["threshold"], 0.0)
-        if group["threshold"] == 0.0:  # inf is allowed: no spike clipping
+    def _check_group(self, group: dict) -> dict:
+        out = super()._check_group(group)
+        out["threshold"] = check_number("SPAM", "threshold", group["threshold"], 0.0)
+        if out["threshold"] == 0.0:  # inf is allowed: no spike clipping
             raise ValueError("SPAM: threshold must be positive (inf: no clipping), got 0.0")
-        check_int("SPAM", "warmup_steps", group["warmup_steps"], 0, _INT_MAX)
-        check_int("SPAM", "clip_warmup", group["clip_warmup"], 0, _INT_MAX)
+        for name in ("warmup_steps", "clip_warmup"):
+            out[name] = check_int("SPAM", name, group[name], 0, _INT_MAX)
+        return out
 
     def _scalars(self, group: dict, t: int) -> tuple:
         """spam_step_many's shared scalars at step t: bias corrections, the warm-up after a
@@ -385,13 +395,16 @@ class StableSPAM(_SpamBase):
         )  # fmt: skip
         super().__init__(params, defaults, seed)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict) -> dict:
+        out = super()._check_group(group)
         for name in ("gamma1", "gamma2", "gamma3"):
-            check_number("StableSPAM", name, group[name], 0.0, 1.0 - 1e-12)
+            out[name] = check_number("StableSPAM", name, group[name], 0.0, 1.0 - 1e-12)
         if group["total_steps"] is not None:
-            check_int("StableSPAM", "total_steps", group["total_steps"], 1, _INT_MAX)
-        check_number("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
+            out["total_steps"] = check_int(
+                "StableSPAM", "total_steps", group["total_steps"], 1, _INT_MAX
+            )
+        out["eta_min"] = check_number("StableSPAM", "eta_min", group["eta_min"], 0.0, 1.0)
+        return out
 
     def _scalars(self, group: dict, t: int) -> tuple:
         """(gammas, their bias corrections, eps, spam_step's scalars up to bias_correction2):

@@ -26,7 +26,7 @@ import math
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_number, check_tensor
+from .._checks import as_int, check_floating, check_number, check_tensor
 from . import cpu, cuda, parallel, reference, small
 
 __all__ = ["linear_cross_entropy"]
@@ -307,12 +307,10 @@ def linear_cross_entropy(
         options = (ignore_index, reduction, shift, softcap, label_smoothing, z_loss, return_lse)
         shard = parallel.agree(process_group, e, c, targets, bias, (*options, filter_eps))
     _check_inputs(e, c, targets, bias, _autocasting(e))
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = as_int(OP, "ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(shift, bool) or not isinstance(shift, int):
-        raise TypeError(f"{OP}: shift must be an int, got {type(shift).__name__}")
+    shift = as_int(OP, "shift", shift)
     if shift and not 0 < shift <= (targets.shape[-1] if targets.dim() else 0):
         raise ValueError(
             f"{OP}: shift must be in [0, {targets.shape[-1] if targets.dim() else 0}] "

@@ -281,7 +281,7 @@ def l1_layer_norm(
     eps = check_eps(op, eps)
     if bits is not None:
         check_device(op, "x", x)
-        check_spec(op, bits, CODES_GROUP_SIZE)
+        bits, _ = check_spec(op, bits, CODES_GROUP_SIZE)
     shape = check_normalized_shape(op, normalized_shape)
     if not shape or x.shape[x.dim() - len(shape) :] != shape:
         raise ValueError(
@@ -338,7 +338,7 @@ def l1_rms_norm(
             raise ValueError(f"{op}: weight is on {weight.device}, x on {x.device}")
     if bits is not None:
         check_device(op, "x", x)
-        check_spec(op, bits, CODES_GROUP_SIZE)
+        bits, _ = check_spec(op, bits, CODES_GROUP_SIZE)
     if x.numel() == 0:
         return x.clone()
     if bits is None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_tensor
+from .._checks import as_int, check_floating, check_tensor
 from . import cpu, cuda, linear, reference
 from .reference import element_shifts
 
@@ -63,18 +63,17 @@ def check_spec(
     group_size: object,
     bits_name: str = "bits",
     group_name: str = "group_size",
-) -> None:
-    """bits in 2..8 and group_size a positive multiple of 4; the names are how the messages
-    call the arguments (``grad_bits``, ``b_q.group_size``)."""
-    for name, v in ((bits_name, bits), (group_name, group_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+) -> tuple[int, int]:
+    """bits in 2..8 and group_size a positive multiple of 4, as ints; the names are how the
+    messages call the arguments (``grad_bits``, ``b_q.group_size``)."""
+    bits, group_size = as_int(op, bits_name, bits), as_int(op, group_name, group_size)
     if not 2 <= bits <= 8:
         raise ValueError(f"{op}: {bits_name} must be in 2..8, got {bits}")
     if not 0 < group_size < 2**62 or group_size % 4:
         raise ValueError(
             f"{op}: {group_name} must be a positive multiple of 4 below 2^62, got {group_size}"
         )
+    return bits, group_size
 
 
 def seed_tensor(seed: int | None = None) -> torch.Tensor:
@@ -306,11 +305,11 @@ def shiftquant(
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
     check_device(op, "x", x)
-    check_spec(op, bits, group_size)
+    bits, group_size = check_spec(op, bits, group_size)
     if rounding not in _ROUNDINGS:
         raise ValueError(f"{op}: rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{op}: seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None:
+        seed = as_int(op, "seed", seed)
     key = seed_tensor(seed) if rounding == "stochastic" else None
     if x.dim() == 0:
         x = x.reshape(1)
@@ -443,8 +442,8 @@ def linear_with_codes(
     check_tensor(op, "x", x)
     check_floating(op, "x", x)
     grad_bits = bits if grad_bits is None else grad_bits
-    check_spec(op, bits, group_size)
-    check_spec(op, grad_bits, group_size, "grad_bits")
+    bits, group_size = check_spec(op, bits, group_size)
+    grad_bits, _ = check_spec(op, grad_bits, group_size, "grad_bits")
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None:
             check_device(op, name, t)
