@@ -348,9 +348,10 @@ def _through_data(layer):
         "data-write-then-clear",
     ],
 )
-def test_cached_weight_codes_never_outlive_an_update_of_the_weight(update):
+@pytest.mark.parametrize("cache", [True, None])
+def test_cached_weight_codes_never_outlive_an_update_of_the_weight(update, cache):
     torch.manual_seed(5)
-    layer = fg.nn.ShiftQuantLinear(64, 24, bits=6, group_size=16, cache_weight_codes=True)
+    layer = fg.nn.ShiftQuantLinear(64, 24, bits=6, group_size=16, cache_weight_codes=cache)
     x = sample((7, 64), 3)
     with torch.no_grad():
         before = layer(x)
@@ -410,17 +411,59 @@ def test_a_weight_packed_ahead_gives_the_float64_product(dtype):
         sq_cpu.matmul(*qa, *qw, 32, None, dtype, packed_b=packed[:-64])
 
 
-def test_checkpointing_recomputes_the_forward_from_the_cached_codes(monkeypatch):
+@pytest.fixture
+def weight_codes_made(monkeypatch) -> list[bool]:
+    """Every Q(W) the layers make for their cache, as its ``transposed`` flag."""
     from ferrograd.nn import shiftquant as sq_nn
 
     made = []
+    real = sq_nn.weight_operand
 
     def counting(*args, **kwargs):
         made.append(kwargs.get("transposed", False))
-        return weight_operand(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    weight_operand = sq_nn.weight_operand
     monkeypatch.setattr(sq_nn, "weight_operand", counting)
+    return made
+
+
+def test_by_default_calls_without_gradients_share_the_weights_codes(weight_codes_made):
+    """The default policy: calls that want no gradient (no_grad, a frozen layer fed an input
+    without one) quantize the weight once and give the uncached results bit for bit; a call
+    that trains uses no cache and lets the kept codes go."""
+    torch.manual_seed(8)
+    layer = fg.nn.ShiftQuantLinear(96, 40, bits=7, group_size=32)
+    plain = copy.deepcopy(layer)
+    plain.cache_weight_codes = False
+    xs = [sample((3, 96), i) for i in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(layer(x), plain(x))
+    assert weight_codes_made == [False] and layer._codes is not None
+
+    xi = xs[0].clone().requires_grad_()
+    torch.manual_seed(1)
+    y = layer(xi)
+    y.backward(torch.ones_like(y))
+    assert layer._codes is None and weight_codes_made == [False]
+    want = xi.grad.clone()
+    xi.grad = None
+    torch.manual_seed(1)
+    plain(xi).backward(torch.ones_like(y))
+    assert torch.equal(xi.grad, want)
+
+    layer.requires_grad_(False)  # frozen, and an input without a gradient: nothing to train
+    for x in xs:
+        assert torch.equal(layer(x), plain(x))
+    assert weight_codes_made == [False, False]
+    plain.requires_grad_(True)
+    with torch.no_grad():
+        plain(xs[0])
+    assert plain._codes is None  # cache_weight_codes=False keeps nothing
+
+
+def test_checkpointing_recomputes_the_forward_from_the_cached_codes(weight_codes_made):
+    made = weight_codes_made
     layer = fg.nn.ShiftQuantLinear(64, 32, cache_weight_codes=True)
     x = sample((8, 64), 5).requires_grad_()
     y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
@@ -454,7 +497,7 @@ def test_cached_weight_codes_under_torch_compile_and_bad_flags():
         torch.testing.assert_close(
             compiled(x).double(), _definition(layer, x), rtol=1e-5, atol=1e-5
         )
-    with pytest.raises(TypeError, match="ShiftQuantLinear: cache_weight_codes must be a bool"):
+    with pytest.raises(TypeError, match="cache_weight_codes must be a bool or None"):
         fg.nn.ShiftQuantLinear(8, 8, cache_weight_codes=1)
 
 

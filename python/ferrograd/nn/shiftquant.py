@@ -48,14 +48,18 @@ class ShiftQuantLinear(nn.Module):
     stochastically at ``grad_bits`` (default: ``bits``). The parameters stay float32 (the
     optimizer updates them as usual); only the GEMM operands are quantized.
 
-    ``cache_weight_codes=True`` keeps the weight's codes, packed for the GEMM, between calls
-    while the weight is unchanged (about 2 bytes per weight element, 4 once a backward has run):
-    evaluation, gradient accumulation and activation checkpointing then quantize and pack each
-    weight once per optimizer step instead of once per call. The codes are made again after any
-    optimizer step (torch.optim.Optimizer), any in-place write to the weight (``copy_``,
-    ``load_state_dict``), a new weight tensor (``.to()``, assignment) or a change of ``bits`` /
-    ``group_size``. Not seen: writes through ``weight.data``, which torch does not record; call
-    ``clear_weight_codes()`` after those.
+    The weight's codes, packed for the GEMM, can be kept between calls while the weight is
+    unchanged (``cache_weight_codes``): about 2 bytes per weight element for the forward's, 4
+    once a backward has run. By default (None) the layer keeps the forward's codes for calls
+    that want no gradient (``torch.no_grad()``, ``generate()``, a frozen layer fed an input
+    without one), so that evaluation and decoding quantize each weight once rather than at
+    every token, and lets them go at the first call that trains. ``True`` keeps them for every
+    call (gradient accumulation and activation checkpointing then quantize and pack each
+    weight once per optimizer step), ``False`` never.
+    The codes are made again after any optimizer step (torch.optim.Optimizer), any in-place
+    write to the weight (``copy_``, ``load_state_dict``), a new weight tensor (``.to()``,
+    assignment) or a change of ``bits`` / ``group_size``. Not seen: writes through
+    ``weight.data``, which torch does not record; call ``clear_weight_codes()`` after those.
     Under torch.compile the cache is not used.
     """
 
@@ -68,7 +72,7 @@ class ShiftQuantLinear(nn.Module):
         bits: int = 8,
         grad_bits: int | None = None,
         group_size: int = 64,
-        cache_weight_codes: bool = False,
+        cache_weight_codes: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -79,9 +83,9 @@ class ShiftQuantLinear(nn.Module):
         if grad_bits is not None:
             grad_bits, _ = check_spec("ShiftQuantLinear", grad_bits, group_size, "grad_bits")
         self.in_features, self.out_features = in_features, out_features
-        if not isinstance(cache_weight_codes, bool):
+        if cache_weight_codes is not None and not isinstance(cache_weight_codes, bool):
             raise TypeError(
-                "ShiftQuantLinear: cache_weight_codes must be a bool, got "
+                "ShiftQuantLinear: cache_weight_codes must be a bool or None, got "
                 f"{type(cache_weight_codes).__name__}"
             )
         self.bits, self.grad_bits, self.group_size = bits, grad_bits, group_size
@@ -124,7 +128,7 @@ class ShiftQuantLinear(nn.Module):
         return frozen_as(out, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self._weight_codes(x) if self.cache_weight_codes else None
+        codes = None if self.cache_weight_codes is False else self._weight_codes(x)
         w, b = self.weight, self.bias
         return linear_with_codes(x, w, b, self.bits, self.grad_bits, self.group_size, codes)
 
@@ -140,12 +144,19 @@ class ShiftQuantLinear(nn.Module):
 
     def _weight_codes(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """The cached Q(W), and Q(Wᵀ) where a backward may follow; None where the cache does
-        not apply (torch.compile, tensor subclasses, inference tensors, bad input)."""
+        not apply (torch.compile, tensor subclasses, inference tensors, bad input, a call that
+        trains under the default policy: whose codes are then let go)."""
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+            return None  # (bad input: the op names it)
         w = self.weight
+        trains = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w, self.bias)
+        )
+        if trains and self.cache_weight_codes is None:
+            self._codes = None
+            return None
         if (
-            torch.compiler.is_compiling()
-            or type(w) not in (torch.Tensor, nn.Parameter)
-            or not isinstance(x, torch.Tensor)
+            type(w) not in (torch.Tensor, nn.Parameter)
             or w.dim() != 2
             or w.numel() == 0
             or w.is_inference()
@@ -170,12 +181,7 @@ class ShiftQuantLinear(nn.Module):
             codes = self._codes = _WeightCodes(w, key)
         if not codes.forward:
             codes.forward = weight_operand(w, self.bits, self.group_size)
-        grads = (x, w, self.bias)
-        if (
-            not codes.transposed
-            and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in grads)
-        ):
+        if trains and not codes.transposed:
             codes.transposed = weight_operand(w, self.bits, self.group_size, transposed=True)
         return codes.forward + codes.transposed
 
