@@ -9,6 +9,9 @@ replaced alike:
   and float zero points in bf16.
 - ``fg W4A16``: ``fg.quant.smoothquant_plus`` (alpha fixed, one calibration batch: this row
   measures speed; bench/w4a16.py measures fidelity), then the model in bfloat16.
+- ``fg ShiftQuant8``: ``fg.nn.quantize_model`` (8-bit codes, group 64, the norms kept): a model
+  trained with ShiftQuantLinear, evaluated as it is; each weight quantized and packed at its
+  first call without gradients, then read as int8 codes.
 
 Decode: tokens/s of single-token steps with the KV cache after a prompt; prefill: tokens/s of
 one forward over ``prefill`` tokens. Versions run in turn within each repeat, so drift on a
@@ -94,6 +97,8 @@ def build(args, version: str) -> nn.Module:
         calibration = [torch.randint(0, args.vocab, (1, 64), generator=_gen(args))]
         with torch.no_grad():
             fg.quant.smoothquant_plus(model, calibration, group_size=GROUP, alpha=0.5)
+    elif version == "fg ShiftQuant8":
+        fg.nn.quantize_model(model, norms=False)
     return model.to(torch.bfloat16)
 
 
@@ -132,13 +137,15 @@ def weight_bytes(model: nn.Module) -> int:
         elif isinstance(module, fg.nn.W4A16Linear):
             total += sum(t.numel() * t.element_size() for t in (module.packed, module.scales))
             total += module.zeros.numel() * module.zeros.element_size()
+        elif isinstance(module, fg.nn.ShiftQuantLinear) and module._codes is not None:
+            total += module._codes.forward[3].numel()  # the packed codes the GEMM reads
     return total
 
 
 def rows(args) -> list[dict]:
     """One row per version: decode and prefill tokens/s (medians over ``args.infer_repeats``),
     the weight bytes a decode step reads and the ratios to bf16 and to torch's int4 kernel."""
-    versions = ("bf16", "torch int4", "fg W4A16")
+    versions = ("bf16", "torch int4", "fg W4A16", "fg ShiftQuant8")
     models = {v: build(args, v) for v in versions}
     prompt = torch.randint(0, args.vocab, (1, args.prefill), generator=_gen(args))
     decode: dict[str, list[float]] = {v: [] for v in versions}
