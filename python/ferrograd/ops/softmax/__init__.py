@@ -91,7 +91,7 @@ def _apply(op: str, x: torch.Tensor, dim: int, dtype: torch.dtype | None, log: b
         dim %= rank
     else:
         x, dim = _checked(op, x, dim, dtype)
-    if x.is_cpu and cpu.torch_is_faster(x, log):  # torch's own op, eager or traced
+    if x.is_cpu and cpu.torch_is_faster(x, dim, log):  # torch's own op, eager or traced
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     return _library.call(softmax_op, x, dim, log)
 
