@@ -317,8 +317,25 @@ def _in_place(layer):
 
 
 def _through_data(layer):
-    layer.weight.data.mul_(2)  # torch records no write: the caller clears the codes
-    layer.clear_weight_codes()
+    layer.weight.data.mul_(2)  # torch records no write: the sampled elements show it
+
+
+def _few_through_data(layer):
+    layer.weight.data[3, 5] += 1  # unrecorded, and between the sampled elements
+    layer.clear_weight_codes()  # the caller's to clear
+
+
+def _regathered(layer):
+    """What FSDP2 does to an unsharded weight between forwards: its memory freed, allocated
+    again (often at the same address) and written with the version counter kept."""
+    w = layer.weight
+    new = w.detach() * -1
+    storage = w.untyped_storage()
+    size = storage.nbytes()
+    storage.resize_(0)
+    storage.resize_(size)
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(w):
+        w.copy_(new)
 
 
 @pytest.mark.parametrize(
@@ -334,6 +351,8 @@ def _through_data(layer):
         lambda m: m.to(torch.bfloat16).float(),
         lambda m: setattr(m, "bits", 5),
         _through_data,
+        _few_through_data,
+        _regathered,
     ],
     ids=[
         "adamw-fused",
@@ -345,7 +364,9 @@ def _through_data(layer):
         "in-place-op",
         "to-dtype",
         "bits",
-        "data-write-then-clear",
+        "data-write",
+        "few-data-writes-then-clear",
+        "fsdp2-regather",
     ],
 )
 @pytest.mark.parametrize("cache", [True, None])

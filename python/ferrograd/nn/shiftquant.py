@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,18 +28,44 @@ def _count_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_pre_hook(_count_step)
 
 
+#: Elements of a CPU weight compared with the cached codes' at every call (about 2 us): they
+#: catch rewrites of the weight that torch does not record.
+_SAMPLES = 64
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int) -> torch.Tensor:
+    return torch.linspace(0, numel - 1, min(numel, _SAMPLES)).round().long()
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """Elements spread evenly over the weight (in its logical order, any strides)."""
+    return torch.take(weight.detach(), _sample_index(weight.numel()))
+
+
 class _WeightCodes:
     """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), each with its GEMM packing
     (ops/shiftquant's ``weight_operand``), and what they were made from: ``source`` keeps the
     weight's storage alive, so that no other tensor can take its address while ``key`` names
-    it."""
+    it; ``sample`` holds some of its elements (CPU weights; None on other devices)."""
 
-    __slots__ = ("key", "source", "forward", "transposed")
+    __slots__ = ("key", "source", "sample", "forward", "transposed")
 
-    def __init__(self, weight: torch.Tensor, key: tuple) -> None:
-        self.key, self.source = key, weight.detach()
+    def __init__(self, weight: torch.Tensor, key: tuple, sample: torch.Tensor | None) -> None:
+        self.key, self.source, self.sample = key, weight.detach(), sample
         self.forward: list[torch.Tensor] = []
         self.transposed: list[torch.Tensor] = []
+
+    def made_from(self, weight: torch.Tensor, key: tuple) -> bool:
+        """Whether the codes are ``weight``'s as it is now: the same key, and on the CPU the
+        same sampled elements. Some writes move no version counter and may reuse the address:
+        FSDP2 frees an unsharded weight after the forward and all-gathers it again into new
+        memory, keeping its version counter, and the allocator often hands back the same
+        address (a reloaded checkpoint then met the old codes); likewise DDP's broadcast and
+        writes through ``weight.data``."""
+        if key != self.key:
+            return False
+        return self.sample is None or torch.equal(_sample(weight), self.sample)
 
 
 class ShiftQuantLinear(nn.Module):
@@ -50,7 +77,7 @@ class ShiftQuantLinear(nn.Module):
 
     The weight's codes, packed for the GEMM, can be kept between calls while the weight is
     unchanged (``cache_weight_codes``): about 2 bytes per weight element for the forward's, 4
-    once a backward has run. By default (None) the layer keeps the forward's codes for calls
+    once a backward has run. By default (None) a CPU layer keeps the forward's codes for calls
     that want no gradient (``torch.no_grad()``, ``generate()``, a frozen layer fed an input
     without one), so that evaluation and decoding quantize each weight once rather than at
     every token, and lets them go at the first call that trains. ``True`` keeps them for every
@@ -58,9 +85,13 @@ class ShiftQuantLinear(nn.Module):
     weight once per optimizer step), ``False`` never.
     The codes are made again after any optimizer step (torch.optim.Optimizer), any in-place
     write to the weight (``copy_``, ``load_state_dict``), a new weight tensor (``.to()``,
-    assignment) or a change of ``bits`` / ``group_size``. Not seen: writes through
-    ``weight.data``, which torch does not record; call ``clear_weight_codes()`` after those.
-    Under torch.compile the cache is not used.
+    assignment) or a change of ``bits`` / ``group_size``; on the CPU also when any of 64
+    elements spread over the weight changed, which catches whole-weight writes torch does not
+    record (through ``weight.data``, FSDP2 gathering a reloaded weight into the same memory).
+    Not seen: unrecorded writes of a few elements that miss those (call
+    ``clear_weight_codes()`` after such), and on CUDA any unrecorded write, where the default
+    keeps no codes (the comparison would wait for the GPU at every call) and ``True`` trusts
+    the version counter. Under torch.compile the cache is not used.
     """
 
     def __init__(
@@ -152,7 +183,8 @@ class ShiftQuantLinear(nn.Module):
         trains = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w, self.bias)
         )
-        if trains and self.cache_weight_codes is None:
+        if self.cache_weight_codes is None and (trains or x.device.type != "cpu"):
+            # (on a GPU the sampled check would wait for the device at every call)
             self._codes = None
             return None
         if (
@@ -176,9 +208,10 @@ class ShiftQuantLinear(nn.Module):
             self.group_size,
         )
         codes = self._codes
-        if codes is None or codes.key != key:
+        if codes is None or not codes.made_from(w, key):
             check_spec("ShiftQuantLinear", self.bits, self.group_size)
-            codes = self._codes = _WeightCodes(w, key)
+            sample = _sample(w) if w.device.type == "cpu" else None
+            codes = self._codes = _WeightCodes(w, key, sample)
         if not codes.forward:
             codes.forward = weight_operand(w, self.bits, self.group_size)
         if trains and not codes.transposed:
