@@ -1,6 +1,7 @@
 """FSDP2 all-gathering ShiftQuantLinear weights as ShiftQuant codes (fg.nn.compress_all_gather)
 on two gloo processes, against the same FSDP2 run all-gathering float32: bytes on the wire,
-the first step's loss (the forward sees the same codes) and the loss after training."""
+the first step's loss (the forward sees the same codes) and the loss after training; and
+ShiftQuantLinear's weight-codes cache under FSDP2 around a reload."""
 
 from __future__ import annotations
 
@@ -101,3 +102,48 @@ def test_compress_all_gather_wraps_only_shiftquant_weights_and_refuses_other_mod
         fg.nn.compress_all_gather(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="compress_all_gather: model must be an nn.Module"):
         fg.nn.compress_all_gather("model")
+
+
+def _reload_worker(rank: int, world: int, port: int, queue) -> None:
+    """No-grad forwards of large ShiftQuantLinears under fully_shard around a load_state_dict
+    of other weights: FSDP2 gathers the new weights into memory that is often at the old
+    address, with the old version counter (the codes cached by the first forward must not be
+    served to the second)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    init_gloo(rank, world, port)
+    try:
+        out = {}
+        for cache in (None, True):
+            torch.manual_seed(0)
+            shapes = [(2048, 4096), (4096, 2048)]  # 32 MiB weights: the allocator maps them
+            layers = [fg.nn.ShiftQuantLinear(*s, cache_weight_codes=cache) for s in shapes]
+            model = nn.Sequential(layers[0], nn.GELU(), layers[1])
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            x = torch.randn(4, 2048)
+            other = {k: (v * -1).detach() for k, v in model.state_dict().items()}
+            with torch.no_grad():
+                model(x)
+                model.load_state_dict(other)
+                got = model(x)
+            plain = nn.Sequential(*(fg.nn.ShiftQuantLinear(*s) for s in shapes[:1]), nn.GELU(),
+                                  *(fg.nn.ShiftQuantLinear(*s) for s in shapes[1:]))  # fmt: skip
+            plain.load_state_dict({k: v.full_tensor() for k, v in other.items()})
+            with torch.no_grad():
+                out[cache] = float((got - plain(x)).abs().max())
+        queue.put((rank, out))
+    except Exception as err:  # reported to the test, which fails on it
+        queue.put((rank, repr(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@fsdp2_on_cpu
+def test_evaluation_after_a_reload_sees_the_new_weights():
+    for rank, out in spawn(_reload_worker, world=WORLD).items():
+        assert out == {None: 0.0, True: 0.0}, (rank, out)
