@@ -493,6 +493,17 @@ def test_checkpointing_recomputes_the_forward_from_the_cached_codes(weight_codes
     assert x.grad is not None and layer.weight.grad is not None
 
 
+@pytest.mark.parametrize("numel", [1, 2, 63, 64, 65, 2**24 + 1, 65_536_000, 2**40 + 7])
+def test_sampled_weight_elements_span_the_weight(numel):
+    """The cache's sampled elements run from the first to the last (bench/model.py's 65.5M
+    element embedding-tied head once got an index past its end from a float32 linspace)."""
+    from ferrograd.nn.shiftquant import _sample_index
+
+    index = _sample_index(numel)
+    assert index[0] == 0 and index[-1] == numel - 1
+    assert len(index) == min(numel, 64) and bool((index[1:] > index[:-1]).all())
+
+
 def test_a_copied_or_pickled_layer_leaves_the_cache_behind():
     layer = fg.nn.ShiftQuantLinear(64, 16, cache_weight_codes=True)
     x = sample((3, 64), 4)

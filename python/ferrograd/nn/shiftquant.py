@@ -35,7 +35,10 @@ _SAMPLES = 64
 
 @functools.lru_cache(maxsize=64)
 def _sample_index(numel: int) -> torch.Tensor:
-    return torch.linspace(0, numel - 1, min(numel, _SAMPLES)).round().long()
+    """Flat indices from 0 to numel - 1, evenly spaced (integer arithmetic: a float32
+    linspace rounds numel - 1 up past the end from 2^24 elements on)."""
+    k = min(numel, _SAMPLES)
+    return torch.arange(k, dtype=torch.int64) * (numel - 1) // max(k - 1, 1)
 
 
 def _sample(weight: torch.Tensor) -> torch.Tensor:
