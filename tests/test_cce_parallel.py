@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.distributed import init_gloo, spawn
+from support.distributed import spawn
 
 import ferrograd as fg
 from ferrograd.ops.cce import parallel, reference
@@ -217,38 +217,32 @@ def bad_inputs(pg, rank) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    init_gloo(rank, world, port)
-    try:
-        # Chunks of 16 vocabulary entries and blocks of 40 rows: every case crosses both.
-        reference.CPU_MIN_CHUNK, reference.CPU_BUFFER_ELEMS = 16, 640
-        pg = dist.group.WORLD
-        results = {}
-        for split in SPLITS:
-            for dtype in TOLERANCES:
-                for options in OPTIONS:
-                    for reduction in ("mean", "sum", "none"):
-                        key = f"{split} {dtype} {options} {reduction}"
-                        results[key] = one_case(pg, rank, split, dtype, options, reduction)
-        module = fg.nn.LinearCrossEntropy(process_group=pg, reduction="sum")
-        e, c, _, targets = inputs({})
-        shard = c[:19] if rank == 0 else c[19:]
-        results["module"] = float(module(e, shard, targets)) - float(
-            definition(e, c, targets, None, IGNORE, None, "sum", 0, 0.0, 0.0)[0]
-        )
-        for autocast in (False, True):
-            for options in ({}, {"bias": True, "softcap": 3.0, "label_smoothing": 0.1}):
-                key = f"low precision {options} autocast={autocast}"
-                results[key] = low_precision_case(pg, rank, options, autocast)
-        results["dtensor"] = dtensor_case(pg)
-        results["bad inputs"] = bad_inputs(pg, rank)
-        queue.put((rank, results))
-    except Exception as err:  # reported to the test, which fails on it
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    # Chunks of 16 vocabulary entries and blocks of 40 rows: every case crosses both.
+    reference.CPU_MIN_CHUNK, reference.CPU_BUFFER_ELEMS = 16, 640
+    pg = dist.group.WORLD
+    results = {}
+    for split in SPLITS:
+        for dtype in TOLERANCES:
+            for options in OPTIONS:
+                for reduction in ("mean", "sum", "none"):
+                    key = f"{split} {dtype} {options} {reduction}"
+                    results[key] = one_case(pg, rank, split, dtype, options, reduction)
+    module = fg.nn.LinearCrossEntropy(process_group=pg, reduction="sum")
+    e, c, _, targets = inputs({})
+    shard = c[:19] if rank == 0 else c[19:]
+    results["module"] = float(module(e, shard, targets)) - float(
+        definition(e, c, targets, None, IGNORE, None, "sum", 0, 0.0, 0.0)[0]
+    )
+    for autocast in (False, True):
+        for options in ({}, {"bias": True, "softcap": 3.0, "label_smoothing": 0.1}):
+            key = f"low precision {options} autocast={autocast}"
+            results[key] = low_precision_case(pg, rank, options, autocast)
+    results["dtensor"] = dtensor_case(pg)
+    results["bad inputs"] = bad_inputs(pg, rank)
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.distributed import FSDP2_ON_CPU, fsdp2_on_cpu, init_gloo, spawn
+from support.distributed import FSDP2_ON_CPU, fsdp2_on_cpu, spawn
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (make test installs it)"
@@ -54,45 +54,39 @@ def rank_loss(model, step: int, rank: int) -> torch.Tensor:
     return model(input_ids=ids[rows], labels=labels[rows]).loss
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    init_gloo(rank, world, port)
-    try:
-        out = {}
-        for mode in MODES:
-            model = build()
-            if mode == "fsdp2":
-                mesh = init_device_mesh("cpu", (world,))
-                for layer in model.model.layers:
-                    fully_shard(layer, mesh=mesh)
-                fully_shard(model, mesh=mesh)
-                wrapped = model
-            else:
-                wrapped = DistributedDataParallel(model)
-            opt = optimizer(wrapped.parameters())
-            losses = []
-            for step in range(STEPS):
-                opt.zero_grad()
-                loss = rank_loss(wrapped, step, rank)
-                loss.backward()  # FSDP2 and DDP average the ranks' gradients
-                opt.step()
-                mean = loss.detach().clone()
-                dist.all_reduce(mean)
-                losses.append(float(mean) / world)
-            params = {
-                name: (p.full_tensor() if mode == "fsdp2" else p).detach().numpy().copy()
-                for name, p in model.named_parameters()
-            }
-            out[mode] = (losses, params)
-        queue.put((rank, out))
-    except Exception as err:  # reported to the test, which fails on it
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for mode in MODES:
+        model = build()
+        if mode == "fsdp2":
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            wrapped = model
+        else:
+            wrapped = DistributedDataParallel(model)
+        opt = optimizer(wrapped.parameters())
+        losses = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = rank_loss(wrapped, step, rank)
+            loss.backward()  # FSDP2 and DDP average the ranks' gradients
+            opt.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(float(mean) / world)
+        params = {
+            name: (p.full_tensor() if mode == "fsdp2" else p).detach().numpy().copy()
+            for name, p in model.named_parameters()
+        }
+        out[mode] = (losses, params)
+    return out
 
 
 def one_process() -> tuple[list[float], dict]:
@@ -100,7 +94,7 @@ def one_process() -> tuple[list[float], dict]:
     accumulated (the average FSDP2 and DDP take), then one optimizer step. (One forward over
     all rows would round the gradients otherwise: their ShiftQuant groups run along the
     tokens.)"""
-    torch.set_num_threads(1)  # as init_gloo sets it for the ranks
+    torch.set_num_threads(1)  # as the spawned ranks run (support/distributed.py)
     model = build()
     opt = optimizer(model.parameters())
     losses = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.distributed import fsdp2_on_cpu, init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, spawn
 from torch import nn
 
 import ferrograd as fg
@@ -33,43 +33,37 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tanh(x @ w / WIDTHS[0] ** 0.5)
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    init_gloo(rank, world, port)
-    try:
-        out = {}
-        for compressed in (False, True):
-            model = build()
-            if compressed:
-                fg.nn.compress_all_gather(model)
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model:
-                if isinstance(layer, fg.nn.ShiftQuantLinear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            losses = []
-            rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
-            with all_gather_bytes() as sent:
-                for step in range(STEPS):
-                    x, y = batch(step)
-                    torch.manual_seed(1000 * step + rank)  # the gradients' stochastic rounding
-                    loss = nn.functional.mse_loss(model(x[rows]), y[rows])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    mean = loss.detach().clone()
-                    dist.all_reduce(mean)
-                    losses.append(float(mean) / world)
-            out[compressed] = (losses, sent.bytes / STEPS)
-        queue.put((rank, out))
-    except Exception as err:  # reported to the test, which fails on it
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for compressed in (False, True):
+        model = build()
+        if compressed:
+            fg.nn.compress_all_gather(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, fg.nn.ShiftQuantLinear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
+        with all_gather_bytes() as sent:
+            for step in range(STEPS):
+                x, y = batch(step)
+                torch.manual_seed(1000 * step + rank)  # the gradients' stochastic rounding
+                loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mean = loss.detach().clone()
+                dist.all_reduce(mean)
+                losses.append(float(mean) / world)
+        out[compressed] = (losses, sent.bytes / STEPS)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,43 +98,36 @@ def test_compress_all_gather_wraps_only_shiftquant_weights_and_refuses_other_mod
         fg.nn.compress_all_gather("model")
 
 
-def _reload_worker(rank: int, world: int, port: int, queue) -> None:
+def _reload_worker(rank: int, world: int) -> dict:
     """No-grad forwards of large ShiftQuantLinears under fully_shard around a load_state_dict
     of other weights: FSDP2 gathers the new weights into memory that is often at the old
     address, with the old version counter (the codes cached by the first forward must not be
     served to the second)."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    init_gloo(rank, world, port)
-    try:
-        out = {}
-        for cache in (None, True):
-            torch.manual_seed(0)
-            shapes = [(2048, 4096), (4096, 2048)]  # 32 MiB weights: the allocator maps them
-            layers = [fg.nn.ShiftQuantLinear(*s, cache_weight_codes=cache) for s in shapes]
-            model = nn.Sequential(layers[0], nn.GELU(), layers[1])
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            x = torch.randn(4, 2048)
-            other = {k: (v * -1).detach() for k, v in model.state_dict().items()}
-            with torch.no_grad():
-                model(x)
-                model.load_state_dict(other)
-                got = model(x)
-            plain = nn.Sequential(*(fg.nn.ShiftQuantLinear(*s) for s in shapes[:1]), nn.GELU(),
-                                  *(fg.nn.ShiftQuantLinear(*s) for s in shapes[1:]))  # fmt: skip
-            plain.load_state_dict({k: v.full_tensor() for k, v in other.items()})
-            with torch.no_grad():
-                out[cache] = float((got - plain(x)).abs().max())
-        queue.put((rank, out))
-    except Exception as err:  # reported to the test, which fails on it
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for cache in (None, True):
+        torch.manual_seed(0)
+        shapes = [(2048, 4096), (4096, 2048)]  # 32 MiB weights: the allocator maps them
+        layers = [fg.nn.ShiftQuantLinear(*s, cache_weight_codes=cache) for s in shapes]
+        model = nn.Sequential(layers[0], nn.GELU(), layers[1])
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x = torch.randn(4, 2048)
+        other = {k: (v * -1).detach() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model(x)
+            model.load_state_dict(other)
+            got = model(x)
+        plain = nn.Sequential(*(fg.nn.ShiftQuantLinear(*s) for s in shapes[:1]), nn.GELU(),
+                              *(fg.nn.ShiftQuantLinear(*s) for s in shapes[1:]))  # fmt: skip
+        plain.load_state_dict({k: v.full_tensor() for k, v in other.items()})
+        with torch.no_grad():
+            out[cache] = float((got - plain(x)).abs().max())
+    return out
 
 
 @fsdp2_on_cpu

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support.distributed import fsdp2_on_cpu, init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, spawn
 from torch import nn
 
 import ferrograd as fg
@@ -113,45 +113,38 @@ def test_shiftquant_matmul_compiles():
     torch.testing.assert_close(compiled(x, w), product(x, w))
 
 
-def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
-    import torch.distributed as dist
+def _fsdp2_worker(rank: int, world: int) -> float:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    init_gloo(rank, world, port)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        sharded = TinyLM()
-        torch.manual_seed(0)
-        plain = TinyLM()
-        for layer in (sharded.norm1, sharded.qkv, sharded.proj, sharded.norm2):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
-        opt = fg.optim.SPAM(sharded.parameters(), lr=1e-2, warmup_steps=1)
-        ref = fg.optim.SPAM(plain.parameters(), lr=1e-2, warmup_steps=1)
-        for step in range(4):
-            batches = [_batch(100 * step + r, batch=2) for r in range(world)]
-            opt.zero_grad()
-            torch.manual_seed(1000 * step + rank)
-            sharded(*batches[rank]).backward()
-            opt.step()
-            ref.zero_grad()
-            for r, batch in enumerate(batches):
-                # FSDP averages the ranks' gradients: the mean of the per-rank losses, each
-                # backward seeded as that rank's was.
-                torch.manual_seed(1000 * step + r)
-                (plain(*batch) / world).backward()
-            ref.step()
-        worst = max(
-            _relative(p.full_tensor(), q.detach())
-            for p, q in zip(sharded.parameters(), plain.parameters(), strict=True)
-        )
-        queue.put((rank, worst))
-    except Exception as err:  # reported to the test, which fails on it
-        queue.put((rank, repr(err)))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    sharded = TinyLM()
+    torch.manual_seed(0)
+    plain = TinyLM()
+    for layer in (sharded.norm1, sharded.qkv, sharded.proj, sharded.norm2):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    opt = fg.optim.SPAM(sharded.parameters(), lr=1e-2, warmup_steps=1)
+    ref = fg.optim.SPAM(plain.parameters(), lr=1e-2, warmup_steps=1)
+    for step in range(4):
+        batches = [_batch(100 * step + r, batch=2) for r in range(world)]
+        opt.zero_grad()
+        torch.manual_seed(1000 * step + rank)
+        sharded(*batches[rank]).backward()
+        opt.step()
+        ref.zero_grad()
+        for r, batch in enumerate(batches):
+            # FSDP averages the ranks' gradients: the mean of the per-rank losses, each
+            # backward seeded as that rank's was.
+            torch.manual_seed(1000 * step + r)
+            (plain(*batch) / world).backward()
+        ref.step()
+    worst = max(
+        _relative(p.full_tensor(), q.detach())
+        for p, q in zip(sharded.parameters(), plain.parameters(), strict=True)
+    )
+    return worst
 
 
 @fsdp2_on_cpu

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from support.distributed import fsdp2_on_cpu, init_gloo, spawn
+from support.distributed import fsdp2_on_cpu, spawn
 
 import ferrograd as fg
 from ferrograd.ops.spam import (
@@ -520,71 +520,62 @@ def test_bad_arguments_and_sparse_gradients():
             opt.add_param_group({"params": [z]})
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+def _ddp_worker(rank: int, world: int) -> bool:
     import torch.distributed as dist
 
-    init_gloo(rank, world, port)
-    try:
-        torch.manual_seed(0)  # identical initial replicas
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = fg.optim.SPAM(ddp.parameters(), lr=1e-2, density=0.5, reset_interval=7, seed=3)
-        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-        for _ in range(20):
-            x = torch.randn(4, 8, generator=gen)
-            opt.zero_grad()
-            ddp(x).pow(2).mean().backward()
-            opt.step()
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        queue.put((rank, all(torch.equal(gathered[0], g) for g in gathered)))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)  # identical initial replicas
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = fg.optim.SPAM(ddp.parameters(), lr=1e-2, density=0.5, reset_interval=7, seed=3)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    for _ in range(20):
+        x = torch.randn(4, 8, generator=gen)
+        opt.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered)
 
 
 def test_ddp_with_gloo_keeps_replicas_identical():
     assert spawn(_ddp_worker) == {0: True, 1: True}
 
 
-def _fsdp2_worker(rank: int, world: int, port: int, queue) -> None:
-    import torch.distributed as dist
+def _fsdp2_worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    init_gloo(rank, world, port)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        results = {}
-        for cls in (fg.optim.SPAM, fg.optim.StableSPAM):
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for cls in (fg.optim.SPAM, fg.optim.StableSPAM):
 
-            def model():
-                torch.manual_seed(0)
-                return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
-                                           torch.nn.Linear(16, 1))  # fmt: skip
+        def model():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 1))  # fmt: skip
 
-            sharded, plain = model(), model()
-            fully_shard(sharded, mesh=mesh)
-            opt = cls(sharded.parameters(), lr=1e-2, reset_interval=7)
-            ref = cls(plain.parameters(), lr=1e-2, reset_interval=7)
-            for step in range(15):
-                batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 10 + r))
-                           for r in range(world)]  # fmt: skip
-                opt.zero_grad()
-                sharded(batches[rank]).pow(2).mean().backward()
-                opt.step()
-                ref.zero_grad()
-                # FSDP averages the ranks' gradients: the mean of the per-rank losses.
-                (sum(plain(b).pow(2).mean() for b in batches) / world).backward()
-                ref.step()
-            full = [p.full_tensor() for p in sharded.parameters()]
-            results[cls.__name__] = all(
-                torch.allclose(f, q.detach(), rtol=1e-5, atol=1e-6)
-                for f, q in zip(full, plain.parameters(), strict=True)
-            )
-        queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
+        sharded, plain = model(), model()
+        fully_shard(sharded, mesh=mesh)
+        opt = cls(sharded.parameters(), lr=1e-2, reset_interval=7)
+        ref = cls(plain.parameters(), lr=1e-2, reset_interval=7)
+        for step in range(15):
+            batches = [torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 10 + r))
+                       for r in range(world)]  # fmt: skip
+            opt.zero_grad()
+            sharded(batches[rank]).pow(2).mean().backward()
+            opt.step()
+            ref.zero_grad()
+            # FSDP averages the ranks' gradients: the mean of the per-rank losses.
+            (sum(plain(b).pow(2).mean() for b in batches) / world).backward()
+            ref.step()
+        full = [p.full_tensor() for p in sharded.parameters()]
+        results[cls.__name__] = all(
+            torch.allclose(f, q.detach(), rtol=1e-5, atol=1e-6)
+            for f, q in zip(full, plain.parameters(), strict=True)
+        )
+    return results
 
 
 @fsdp2_on_cpu

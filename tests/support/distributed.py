@@ -16,9 +16,10 @@ FSDP2_ON_CPU = torch.__version__ >= "2.9"
 fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on CPU (gloo) needs torch >= 2.9")
 
 
-def spawn(target: Callable, world: int = 2, timeout: float = 300.0) -> dict:
-    """Runs ``target(rank, world, port, queue)`` in ``world`` spawned processes; each puts one
-    ``(rank, result)`` pair on the queue. Returns {rank: result}."""
+def spawn(body: Callable[[int, int], object], world: int = 2, timeout: float = 300.0) -> dict:
+    """Runs ``body(rank, world)`` (a module-level function) in ``world`` spawned processes
+    joined in a gloo group. Returns {rank: what body returned, or the repr of what it raised}:
+    the test fails on it."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -26,7 +27,9 @@ def spawn(target: Callable, world: int = 2, timeout: float = 300.0) -> dict:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_gloo_process, args=(body, r, world, port, queue)) for r in range(world)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -39,11 +42,16 @@ def spawn(target: Callable, world: int = 2, timeout: float = 300.0) -> dict:
     return results
 
 
-def init_gloo(rank: int, world: int, port: int) -> None:
-    import torch
+def _gloo_process(body: Callable, rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
+    try:
+        queue.put((rank, body(rank, world)))
+    except Exception as err:
+        queue.put((rank, repr(err)))
+    finally:
+        dist.destroy_process_group()
