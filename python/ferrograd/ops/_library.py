@@ -150,46 +150,35 @@ def register_autograd(
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below_autograd, *args)
 
-    def own_inputs_setup(ctx, args, output):
-        needs = ctx.needs_input_grad
-        ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it (no kernel slot)
-        try:
-            setup_context(ctx, args, output)
-        finally:
-            ctx.needs_input_grad = needs
-
     def forward(ctx, kernel, *args):
         output = kernel(*args)  # the redispatch below autograd, or the CPU kernel (call)
-        own_inputs_setup(ctx, args, output)
+        _on_own_inputs(setup_context, ctx, args, output)
         return output
 
     def func_forward(kernel, *args):
         return kernel(*args)
 
     def func_setup(ctx, inputs, output):
-        own_inputs_setup(ctx, inputs[1:], output)
+        _on_own_inputs(setup_context, ctx, inputs[1:], output)
+
+    def chosen_backward(ctx, *grads):
+        # Grad mode is on in a backward exactly when it runs with create_graph=True.
+        if not _grad_enabled() or _is_compiling() or all(g is None for g in grads):
+            return backward(ctx, *grads)
+        if differentiable_backward is not None:
+            return differentiable_backward(ctx, *grads)
+        if _functorch_transform() is not None:
+            raise NotImplementedError(
+                f"{schema.name}: torch.func's grad transforms run the backward with "
+                "create_graph=True, and this op's backward has no derivative"
+            )
+        raise NotImplementedError(
+            f"{schema.name}: a second derivative (backward with create_graph=True) is "
+            "not supported by this op"
+        )
 
     def backward_all(ctx, *grads):
-        needs = ctx.needs_input_grad
-        ctx.needs_input_grad = needs[1:]  # as the op's own inputs see it
-        try:
-            # Grad mode is on in a backward exactly when it runs with create_graph=True.
-            if not _grad_enabled() or _is_compiling() or all(g is None for g in grads):
-                result = backward(ctx, *grads)
-            elif differentiable_backward is not None:
-                result = differentiable_backward(ctx, *grads)
-            elif _functorch_transform() is not None:
-                raise NotImplementedError(
-                    f"{schema.name}: torch.func's grad transforms run the backward with "
-                    "create_graph=True, and this op's backward has no derivative"
-                )
-            else:
-                raise NotImplementedError(
-                    f"{schema.name}: a second derivative (backward with create_graph=True) is "
-                    "not supported by this op"
-                )
-        finally:
-            ctx.needs_input_grad = needs
+        result = _on_own_inputs(chosen_backward, ctx, *grads)
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     # Built under its final name: autograd names the graph node (and profiler rows) after it.
@@ -221,6 +210,17 @@ def register_autograd(
 
     LIB.impl(schema.name.split("::", 1)[1], kernel, "Autograd", with_keyset=True)
     _AUTOGRAD[op] = Backward
+
+
+def _on_own_inputs(fn: Callable, ctx, *args):
+    """``fn(ctx, *args)`` with ``ctx.needs_input_grad`` over the op's own inputs: the Function's
+    first input is the kernel it runs, which takes no gradient."""
+    needs = ctx.needs_input_grad
+    ctx.needs_input_grad = needs[1:]
+    try:
+        return fn(ctx, *args)
+    finally:
+        ctx.needs_input_grad = needs
 
 
 def recomputed_grads(

@@ -59,7 +59,7 @@ class _SpamBase(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.update(self._check_group(group))
-        for i, p in enumerate(self.param_groups[-1]["params"]):
+        for i, p in enumerate(group["params"]):
             # The step's real arithmetic would drop the imaginary parts.
             if p.is_complex():
                 raise TypeError(
