@@ -59,16 +59,16 @@ class _WeightCodes:
         self.forward: list[torch.Tensor] = []
         self.transposed: list[torch.Tensor] = []
 
-    def made_from(self, weight: torch.Tensor, key: tuple) -> bool:
-        """Whether the codes are ``weight``'s as it is now: the same key, and on the CPU the
-        same sampled elements. Some writes move no version counter and may reuse the address:
+    def made_from(self, key: tuple, sample: torch.Tensor | None) -> bool:
+        """Whether the codes are those of the weight with this key and (CPU) these sampled
+        elements. Some writes move no version counter and may reuse the address:
         FSDP2 frees an unsharded weight after the forward and all-gathers it again into new
         memory, keeping its version counter, and the allocator often hands back the same
         address (a reloaded checkpoint then met the old codes); likewise DDP's broadcast and
         writes through ``weight.data``."""
         if key != self.key:
             return False
-        return self.sample is None or torch.equal(_sample(weight), self.sample)
+        return self.sample is None or torch.equal(sample, self.sample)
 
 
 class ShiftQuantLinear(nn.Module):
@@ -210,10 +210,10 @@ class ShiftQuantLinear(nn.Module):
             self.bits,
             self.group_size,
         )
+        sample = _sample(w) if w.device.type == "cpu" else None
         codes = self._codes
-        if codes is None or not codes.made_from(w, key):
+        if codes is None or not codes.made_from(key, sample):
             check_spec("ShiftQuantLinear", self.bits, self.group_size)
-            sample = _sample(w) if w.device.type == "cpu" else None
             codes = self._codes = _WeightCodes(w, key, sample)
         if not codes.forward:
             codes.forward = weight_operand(w, self.bits, self.group_size)
