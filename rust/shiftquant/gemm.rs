@@ -97,7 +97,9 @@ impl GemmOperand<'_> {
                 self.shifts.len()
             )));
         }
-        if self.shifts.iter().any(|&s| s > super::MAX_SHIFT) {
+        // A max (vectorized) rather than `any` (a byte at a time): a weight's shifts are
+        // checked at every call, at one token as long as the GEMM itself.
+        if self.shifts.iter().fold(0, |m, &s| m.max(s)) > super::MAX_SHIFT {
             return Err(FgError::Value(format!(
                 "shiftquant_matmul: {name}.shifts must be in 0..={}",
                 super::MAX_SHIFT
@@ -1388,6 +1390,10 @@ mod tests {
             (5, 33, 200, 64, 6, true),
             (2, 50, 96, 32, 5, false),
             (4, 20, 64, 64, 4, true),
+            // One row (`vnni_row`'s two chains): an odd number of steps per group (3, 5) and a
+            // short last group (2 or 3 quads).
+            (1, 45, 140, 12, 8, true),
+            (1, 70, 150, 20, 7, false),
         ];
         for (m, n, k, gs, bits, with_bias) in cases {
             let (qa, qb, bias) = operands((m, n, k, gs), (bits, bits), 4);

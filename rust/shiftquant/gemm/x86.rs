@@ -11,7 +11,7 @@ pub(super) const VNNI: Family = (
     6,
     vnni::<6, false>,
     &[
-        vnni::<1, false>,
+        vnni_row::<false>,
         vnni::<2, false>,
         vnni::<3, false>,
         vnni::<4, false>,
@@ -22,7 +22,7 @@ pub(super) const VNNI_FMA: Family = (
     6,
     vnni::<6, true>,
     &[
-        vnni::<1, true>,
+        vnni_row::<true>,
         vnni::<2, true>,
         vnni::<3, true>,
         vnni::<4, true>,
@@ -68,6 +68,55 @@ unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
         return store_c(d, f);
     }
     store_acc::<__m512i, MR, 2>(t, &f);
+}
+
+/// `vnni` for one row of A (a layer's call at one token): with one row a step feeds only two
+/// accumulators, and each waits on its own previous `vpdpbusd` (about 4 cycles), so the steps
+/// alternate between two pairs of accumulators, added before the group's fold (the same
+/// integer sums, so the same bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_row<const FMA: bool>(t: &Tile) {
+    let mut f = load_acc::<__m512i, 1, 2>(t);
+    if let Some(d) = &t.direct {
+        prefetch_c(d);
+    }
+    let (mut a, mut b) = (t.a, t.b);
+    for g in 0..t.groups {
+        let c = _mm512_set1_epi32(*t.a_corr.add(g));
+        let mut even = [c, c];
+        let mut odd = [_mm512_setzero_si512(); 2];
+        let steps = *t.steps.add(g);
+        for _ in 0..steps / 2 {
+            let av = _mm512_set1_epi32(a.cast::<i32>().read_unaligned());
+            let aw = _mm512_set1_epi32(a.add(t.a_step).cast::<i32>().read_unaligned());
+            even[0] = _mm512_dpbusd_epi32(even[0], _mm512_loadu_si512(b.cast()), av);
+            even[1] = _mm512_dpbusd_epi32(even[1], _mm512_loadu_si512(b.add(64).cast()), av);
+            odd[0] = _mm512_dpbusd_epi32(odd[0], _mm512_loadu_si512(b.add(128).cast()), aw);
+            odd[1] = _mm512_dpbusd_epi32(odd[1], _mm512_loadu_si512(b.add(192).cast()), aw);
+            a = a.add(2 * t.a_step);
+            b = b.add(256);
+        }
+        if steps % 2 == 1 {
+            let av = _mm512_set1_epi32(a.cast::<i32>().read_unaligned());
+            even[0] = _mm512_dpbusd_epi32(even[0], _mm512_loadu_si512(b.cast()), av);
+            even[1] = _mm512_dpbusd_epi32(even[1], _mm512_loadu_si512(b.add(64).cast()), av);
+            a = a.add(t.a_step);
+            b = b.add(128);
+        }
+        let s = [[
+            _mm512_add_epi32(even[0], odd[0]),
+            _mm512_add_epi32(even[1], odd[1]),
+        ]];
+        if FMA {
+            fold_vnni_fma(t, g, &s, &mut f);
+        } else {
+            fold_vnni(t, g, &s, &mut f);
+        }
+    }
+    if let Some(d) = &t.direct {
+        return store_c(d, f);
+    }
+    store_acc::<__m512i, 1, 2>(t, &f);
 }
 
 /// Prefetches the cache lines of the tile's C a run of groups before `store_c` writes them:
