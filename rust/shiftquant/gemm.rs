@@ -260,14 +260,28 @@ fn fma_fold() -> bool {
 impl Kernel {
     /// The kernel for an A of `m` rows: below MR one with MR = m where the kernel has one, so
     /// that no multiply-adds go to rows that are not there (at M = 1, 5/6 of the VNNI kernel's;
-    /// a layer's evaluation at one token).
+    /// a layer's evaluation at one token); up to `SHORT_A` rows, equal panels of the fewest
+    /// rows that need no more of them (M = 8: two of 4 rather than 6 and 2 live of 6).
     fn fit_rows(self, m: usize) -> Kernel {
-        match self.narrower.get(m.wrapping_sub(1)) {
-            Some(&run) if m < self.mr => Kernel { mr: m, run, ..self },
+        let rows = if m <= SHORT_A * self.mr {
+            m.div_ceil(m.div_ceil(self.mr))
+        } else {
+            self.mr
+        };
+        match self.narrower.get(rows.wrapping_sub(1)) {
+            Some(&run) if rows < self.mr => Kernel {
+                mr: rows,
+                run,
+                ..self
+            },
             _ => self,
         }
     }
 }
+
+/// Panels of A (at the kernel's full MR) up to which A is "short": the GEMM then streams B
+/// once, threads splitting only its columns (`block_rows`), and `fit_rows` evens the panels.
+const SHORT_A: usize = 2;
 
 /// Rows of C per block (a multiple of every MR) and columns per block (a multiple of every NR).
 const MC: usize = 192;
@@ -807,6 +821,11 @@ fn check_group_size(op: &str, group_size: usize) -> FgResult<()> {
 /// in a short block.
 fn block_rows(m: usize, mr: usize, blocks_n: usize, threads: Option<usize>) -> usize {
     let mut blocks_m = m.div_ceil(MC);
+    // A short A with enough columns for every thread: one block of rows, so that B (a
+    // weight, streamed from memory at a few rows) is read once rather than once per block.
+    if threads.is_some_and(|t| blocks_n >= t && m <= SHORT_A * mr) {
+        return m.next_multiple_of(mr);
+    }
     if let Some(threads) = threads {
         let per = threads / gcd(threads, blocks_n);
         blocks_m = blocks_m.div_ceil(per) * per;
@@ -1606,5 +1625,28 @@ mod tests {
             assert!(matmul(level, &a, &b, None, 8, gs, bias, &mut out[..len]).is_err());
         }
         matmul(level, &a, &b, None, 8, 4, None, &mut out).unwrap();
+    }
+
+    #[test]
+    fn a_short_a_is_one_block_of_even_panels() {
+        // A 6-row kernel with every narrower one (the VNNI kernel's shape).
+        const NARROWER: &[unsafe fn(&Tile)] = &[scalar_4x8 as unsafe fn(&Tile); 5];
+        let six = Kernel {
+            mr: 6,
+            narrower: NARROWER,
+            ..Kernel::select(SimdLevel::Scalar, MAX_CODE, MAX_CODE)
+        };
+        let mr = |m| six.fit_rows(m).mr;
+        // Rows per panel: m itself below 6, then two equal panels up to 12, then full ones.
+        let got: Vec<usize> = [1, 5, 6, 7, 8, 9, 11, 12, 13, 100].map(mr).to_vec();
+        assert_eq!(got, [1, 5, 6, 4, 4, 5, 6, 6, 6, 6]);
+        // Two threads: a short A with a column block per thread is one block of rows (B read
+        // once); with one column block, or a taller A, the rows are split.
+        assert_eq!(block_rows(8, 4, 11, Some(2)), 8);
+        assert_eq!(block_rows(12, 6, 2, Some(2)), 12);
+        assert_eq!(block_rows(8, 4, 1, Some(2)), 4);
+        assert_eq!(block_rows(16, 6, 11, Some(2)), 12);
+        assert_eq!(block_rows(512, 6, 1, Some(2)), 132);
+        assert_eq!(block_rows(8, 4, 11, None), 8);
     }
 }
