@@ -533,6 +533,33 @@ def test_cached_weight_codes_under_torch_compile_and_bad_flags():
         fg.nn.ShiftQuantLinear(8, 8, cache_weight_codes=1)
 
 
+def test_calls_with_kept_codes_give_the_ops_results_and_errors():
+    """Calls without gradients that use kept codes skip the op's dispatch: every input dtype,
+    autocast and a batch of rows give the uncached layer's bits, and bad input the op's errors."""
+    torch.manual_seed(9)
+    layer = fg.nn.ShiftQuantLinear(64, 24, group_size=32)
+    plain = copy.deepcopy(layer)
+    plain.cache_weight_codes = False
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            x = sample((2, 3, 64), 3).to(dtype)
+            assert torch.equal(layer(x), plain(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = layer(x)
+                assert torch.equal(got, plain(x))
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.bfloat16)
+        assert layer._codes is not None
+        for bad, error, match in [
+            (torch.ones(2, 64, dtype=torch.int32), TypeError, "x must be a floating-point"),
+            (torch.randn(2, 63), ValueError, "x.s last dim must be in_features=64"),
+            (torch.randn(()), ValueError, "x.s last dim must be in_features=64"),
+            ([1.0] * 64, TypeError, "x must be a torch.Tensor"),
+            (torch.randn(2, 64, device="meta"), NotImplementedError, "x is on meta"),
+        ]:
+            with pytest.raises(error, match=f"shiftquant_linear: {match}"):
+                layer(bad)
+
+
 def test_quantize_model_swaps_and_keeps_parameters():
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Sequential(torch.nn.Linear(32, 4))

@@ -182,11 +182,11 @@ class ShiftQuantLinear(nn.Module):
         trains under the default policy: whose codes are then let go)."""
         if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
             return None  # (bad input: the op names it)
-        w = self.weight
-        trains = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, w, self.bias)
+        w, b = self.weight, self.bias
+        trains = torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
         )
-        if self.cache_weight_codes is None and (trains or x.device.type != "cpu"):
+        if self.cache_weight_codes is None and (trains or not x.is_cpu):
             # (on a GPU the sampled check would wait for the device at every call)
             self._codes = None
             return None
@@ -195,7 +195,7 @@ class ShiftQuantLinear(nn.Module):
             or w.dim() != 2
             or w.numel() == 0
             or w.is_inference()
-            or w.device.type not in ("cpu", "cuda")
+            or not (w.is_cpu or w.is_cuda)
             or w.device != x.device
         ):
             return None
@@ -210,7 +210,7 @@ class ShiftQuantLinear(nn.Module):
             self.bits,
             self.group_size,
         )
-        sample = _sample(w) if w.device.type == "cpu" else None
+        sample = _sample(w) if w.is_cpu else None
         codes = self._codes
         if codes is None or not codes.made_from(key, sample):
             check_spec("ShiftQuantLinear", self.bits, self.group_size)
