@@ -469,9 +469,15 @@ def shiftquant_linear_case(draw) -> Case:
             desc={"ctor": repr(ctor), "x": describe(bad_x)},
         )
     grad = ctor["in_features"] > 0 and x.isfinite().all() and draw(st.booleans())
+    # Without gradients the layer keeps its weight's codes: a second call reuses them.
+    kept = not grad and draw(st.booleans())
     gy = torch.randn((*lead, out_f), generator=torch.Generator().manual_seed(2), dtype=dtype)
 
     def call():
+        if kept:
+            with torch.no_grad():
+                layer(x)
+                return layer(x), None
         if not grad:
             return layer(x), None
         leaf = x.detach().requires_grad_()
@@ -520,7 +526,13 @@ def shiftquant_linear_case(draw) -> Case:
         [layer, x, gy],
         (op, "shiftquant_linear"),
         check,
-        desc={"ctor": repr(ctor), "layout": layout, "grad": bool(grad), "x": describe(x)},
+        desc={
+            "ctor": repr(ctor),
+            "layout": layout,
+            "grad": bool(grad),
+            "kept": kept,
+            "x": describe(x),
+        },
     )
 
 
