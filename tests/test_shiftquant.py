@@ -497,7 +497,7 @@ def test_checkpointing_recomputes_the_forward_from_the_cached_codes(weight_codes
 def test_sampled_weight_elements_span_the_weight(numel):
     """The cache's sampled elements run from the first to the last (bench/model.py's 65.5M
     element embedding-tied head once got an index past its end from a float32 linspace)."""
-    from ferrograd.nn.shiftquant import _sample_index
+    from ferrograd.ops.shiftquant.kept import _sample_index
 
     index = _sample_index(numel)
     assert index[0] == 0 and index[-1] == numel - 1
@@ -558,6 +558,50 @@ def test_calls_with_kept_codes_give_the_ops_results_and_errors():
         ]:
             with pytest.raises(error, match=f"shiftquant_linear: {match}"):
                 layer(bad)
+
+
+def test_compiled_calls_without_gradients_keep_the_weights_codes():
+    """Under torch.compile (fullgraph) a call without gradients takes Q(W) kept per weight by
+    the op (ops/shiftquant/kept.py): made once, made again after an optimizer step and after an
+    unrecorded write, each result the uncached layer's bits; calls that train and layers with
+    cache_weight_codes=False keep nothing."""
+    from ferrograd.ops.shiftquant import kept
+
+    torch.manual_seed(10)
+    layer = fg.nn.ShiftQuantLinear(96, 40, group_size=32)
+    plain = copy.deepcopy(layer)
+    plain.cache_weight_codes = False
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, fused=True)
+
+    def packed():
+        return kept._KEPT[layer.weight][(layer.bits, layer.group_size)].forward[3].data_ptr()
+
+    xs = [sample((3, 96), i) for i in range(3)]
+    made = []
+    for round in range(3):
+        with torch.no_grad():
+            for x in xs:
+                assert torch.equal(compiled(x), plain(x))
+                made.append(packed())
+        assert len(set(made[-3:])) == 1  # once per round
+        assert round == 0 or made[-4] != made[-3]  # and anew after the weight changed
+        if round == 0:  # a training step, compiled: nothing kept by it
+            compiled(xs[0]).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        else:  # a write torch does not record
+            layer.weight.data.mul_(0.5)
+        plain.load_state_dict(layer.state_dict())
+    assert layer._codes is None
+    layer.clear_weight_codes()
+    assert layer.weight not in kept._KEPT
+    plain.cache_weight_codes = False
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(plain, fullgraph=True)(xs[0])
+    assert plain.weight not in kept._KEPT
 
 
 def test_quantize_model_swaps_and_keeps_parameters():

@@ -2,73 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..ops._checks import check_int
-from ..ops.shiftquant import check_spec, linear_with_codes, weight_operand
+from ..ops.shiftquant import check_spec, kept, linear_with_codes, weight_operand
 from ._swap import frozen_as, plain_parameters
 from .l1norm import L1LayerNorm
-
-#: Optimizer steps begun in this process, by any torch.optim.Optimizer: some steps write the
-#: parameters without bumping their version counters (AdamW(fused=True), ferrograd's SPAM), so a
-#: cached weight's codes are only trusted within one count.
-_optimizer_steps = 0
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_pre_hook(_count_step)
-
-
-#: Elements of a CPU weight compared with the cached codes' at every call (about 2 us): they
-#: catch rewrites of the weight that torch does not record.
-_SAMPLES = 64
-
-
-@functools.lru_cache(maxsize=64)
-def _sample_index(numel: int) -> torch.Tensor:
-    """Flat indices from 0 to numel - 1, evenly spaced (integer arithmetic: a float32
-    linspace rounds numel - 1 up past the end from 2^24 elements on)."""
-    k = min(numel, _SAMPLES)
-    return torch.arange(k, dtype=torch.int64) * (numel - 1) // max(k - 1, 1)
-
-
-def _sample(weight: torch.Tensor) -> torch.Tensor:
-    """Elements spread evenly over the weight (in its logical order, any strides)."""
-    return torch.take(weight.detach(), _sample_index(weight.numel()))
-
-
-class _WeightCodes:
-    """A weight's codes, Q(W) and (once a backward needs it) Q(Wᵀ), each with its GEMM packing
-    (ops/shiftquant's ``weight_operand``), and what they were made from: ``source`` keeps the
-    weight's storage alive, so that no other tensor can take its address while ``key`` names
-    it; ``sample`` holds some of its elements (CPU weights; None on other devices)."""
-
-    __slots__ = ("key", "source", "sample", "forward", "transposed")
-
-    def __init__(self, weight: torch.Tensor, key: tuple, sample: torch.Tensor | None) -> None:
-        self.key, self.source, self.sample = key, weight.detach(), sample
-        self.forward: list[torch.Tensor] = []
-        self.transposed: list[torch.Tensor] = []
-
-    def made_from(self, key: tuple, sample: torch.Tensor | None) -> bool:
-        """Whether the codes are those of the weight with this key and (CPU) these sampled
-        elements. Some writes move no version counter and may reuse the address:
-        FSDP2 frees an unsharded weight after the forward and all-gathers it again into new
-        memory, keeping its version counter, and the allocator often hands back the same
-        address (a reloaded checkpoint then met the old codes); likewise DDP's broadcast and
-        writes through ``weight.data``."""
-        if key != self.key:
-            return False
-        return self.sample is None or torch.equal(sample, self.sample)
 
 
 class ShiftQuantLinear(nn.Module):
@@ -94,7 +36,9 @@ class ShiftQuantLinear(nn.Module):
     Not seen: unrecorded writes of a few elements that miss those (call
     ``clear_weight_codes()`` after such), and on CUDA any unrecorded write, where the default
     keeps no codes (the comparison would wait for the GPU at every call) and ``True`` trusts
-    the version counter. Under torch.compile the cache is not used.
+    the version counter. Under torch.compile the layer keeps nothing itself; a compiled call
+    that wants no gradient has the op keep Q(W) per weight tensor, with the same checks
+    (ops/shiftquant/kept.py), while compiled calls that train quantize the weight each time.
     """
 
     def __init__(
@@ -124,7 +68,7 @@ class ShiftQuantLinear(nn.Module):
             )
         self.bits, self.grad_bits, self.group_size = bits, grad_bits, group_size
         self.cache_weight_codes = cache_weight_codes
-        self._codes: _WeightCodes | None = None
+        self._codes: kept.WeightCodes | None = None
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
@@ -164,7 +108,10 @@ class ShiftQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = None if self.cache_weight_codes is False else self._weight_codes(x)
         w, b = self.weight, self.bias
-        return linear_with_codes(x, w, b, self.bits, self.grad_bits, self.group_size, codes)
+        keep = codes is None and self._keeps_compiled(x)
+        return linear_with_codes(
+            x, w, b, self.bits, self.grad_bits, self.group_size, codes, keep_codes=keep
+        )
 
     def __getstate__(self) -> dict:
         # A pickled or deep-copied layer starts without the cache (up to 4 bytes per weight
@@ -175,6 +122,15 @@ class ShiftQuantLinear(nn.Module):
         """Drops the cached weight codes (``cache_weight_codes``): the next call makes them
         from the weight as it is then."""
         self._codes = None
+        if isinstance(self.weight, torch.Tensor):
+            kept.drop(self.weight)
+
+    def _trains(self, x: torch.Tensor) -> bool:
+        """Whether a call on x wants a gradient."""
+        w, b = self.weight, self.bias
+        return torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+        )
 
     def _weight_codes(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """The cached Q(W), and Q(Wᵀ) where a backward may follow; None where the cache does
@@ -182,44 +138,34 @@ class ShiftQuantLinear(nn.Module):
         trains under the default policy: whose codes are then let go)."""
         if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
             return None  # (bad input: the op names it)
-        w, b = self.weight, self.bias
-        trains = torch.is_grad_enabled() and (
-            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
-        )
+        trains = self._trains(x)
         if self.cache_weight_codes is None and (trains or not x.is_cpu):
             # (on a GPU the sampled check would wait for the device at every call)
             self._codes = None
             return None
-        if (
-            type(w) not in (torch.Tensor, nn.Parameter)
-            or w.dim() != 2
-            or w.numel() == 0
-            or w.is_inference()
-            or not (w.is_cpu or w.is_cuda)
-            or w.device != x.device
-        ):
+        w = self.weight
+        if not kept.can_keep(w) or w.device != x.device:
             return None
-        key = (
-            w.data_ptr(),
-            w._version,
-            _optimizer_steps,
-            w.dtype,
-            w.device,
-            w.shape,
-            w.stride(),
-            self.bits,
-            self.group_size,
+        self._codes = kept.refresh(
+            self._codes, w, self.bits, self.group_size, trains, self._make_codes
         )
-        sample = _sample(w) if w.is_cpu else None
-        codes = self._codes
-        if codes is None or not codes.made_from(key, sample):
-            check_spec("ShiftQuantLinear", self.bits, self.group_size)
-            codes = self._codes = _WeightCodes(w, key, sample)
-        if not codes.forward:
-            codes.forward = weight_operand(w, self.bits, self.group_size)
-        if trains and not codes.transposed:
-            codes.transposed = weight_operand(w, self.bits, self.group_size, transposed=True)
-        return codes.forward + codes.transposed
+        return self._codes.forward + self._codes.transposed
+
+    def _keeps_compiled(self, x: object) -> bool:
+        """Whether a call being compiled asks the op to keep the weight's codes itself
+        (ops/shiftquant/kept.py): one that wants no gradient, where the eager layer would keep
+        them (the default: on the CPU)."""
+        return (
+            torch.compiler.is_compiling()
+            and self.cache_weight_codes is not False
+            and isinstance(x, torch.Tensor)
+            and (self.cache_weight_codes or x.is_cpu)
+            and not self._trains(x)
+        )
+
+    def _make_codes(self, w, bits, group_size, transposed=False) -> list[torch.Tensor]:
+        check_spec("ShiftQuantLinear", bits, group_size)
+        return weight_operand(w, bits, group_size, transposed=transposed)
 
     def extra_repr(self) -> str:
         return (

@@ -30,7 +30,7 @@ import torch
 from .. import _library
 from .._checks import as_int, check_floating, check_tensor
 from .._compat import any_requires_grad
-from . import cpu, cuda, linear, reference
+from . import cpu, cuda, kept, linear, reference
 from .reference import element_shifts
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "check_device",
     "check_spec",
     "element_shifts",
+    "kept",
     "linear_with_codes",
     "matmul_2d",
     "quantize_2d",
@@ -142,7 +143,9 @@ def _fake_matmul(a_codes, a_scale, a_shifts, b_codes, b_scale, b_shifts, group_s
     return a_codes.new_empty((a_codes.shape[0], b_codes.shape[0]), dtype=dtype)
 
 
-def _fake_linear(x, weight, bias, bits, grad_bits, group_size, dtype=None, weight_codes=None):
+def _fake_linear(
+    x, weight, bias, bits, grad_bits, group_size, dtype=None, weight_codes=None, keep_codes=False
+):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype or x.dtype)
 
 
@@ -179,7 +182,8 @@ matmul_op = _library.define(
 )
 linear_op = _library.define(
     "shiftquant_linear(Tensor x, Tensor weight, Tensor? bias, int bits, int grad_bits, "
-    "int group_size, ScalarType? dtype=None, Tensor[]? weight_codes=None) -> Tensor",
+    "int group_size, ScalarType? dtype=None, Tensor[]? weight_codes=None, "
+    "bool keep_codes=False) -> Tensor",
     **_kernels(linear.forward),
     fake=_fake_linear,
 )
@@ -193,7 +197,7 @@ linear_backward_op = _library.define(
 
 
 def _setup_linear(ctx, inputs, output) -> None:
-    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _, codes = inputs
+    x, weight, bias, ctx.bits, ctx.grad_bits, ctx.group_size, _, codes, _ = inputs
     # x is read only for dW. Without it (a frozen weight) the node keeps a one-element stand-in
     # of x's dtype and device and x's shape, as torch's linear keeps its input only for the
     # weight's gradient: a frozen layer does not hold its input alive.
@@ -224,7 +228,7 @@ def _linear_backward(ctx, grad):
         mask,
     )
     dx, dw, db = (t if wanted else None for t, wanted in zip((dx, dw, db), mask, strict=True))
-    return dx, dw, db, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None
 
 
 _library.register_autograd(linear_op, _linear_backward, _setup_linear)
@@ -435,10 +439,12 @@ def linear_with_codes(
     grad_bits: int | None,
     group_size: int,
     weight_codes: list[torch.Tensor] | None,
+    keep_codes: bool = False,
 ) -> torch.Tensor:
     """``shiftquant_linear`` with the weight's codes made earlier (ShiftQuantLinear's cache):
     ``weight_operand(weight, ...)`` and, for the backward, optionally the transposed one after
-    it; None quantizes the weight in the call."""
+    it; None quantizes the weight in the call, or with ``keep_codes`` (a call without
+    gradients, under torch.compile) takes Q(W) as kept for this weight by kept.py."""
     if weight_codes and _inference_on_cpu(x, weight, bias):
         # Evaluation and decoding with kept codes: the op's CPU kernel straight away, as
         # `_library.call` would run it, without re-checking what made the codes (3-5 us of
@@ -465,7 +471,7 @@ def linear_with_codes(
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
     dtype = _out_dtype(x)
     return _library.call(
-        linear_op, x, weight, bias, bits, grad_bits, group_size, dtype, weight_codes
+        linear_op, x, weight, bias, bits, grad_bits, group_size, dtype, weight_codes, keep_codes
     )
 
 

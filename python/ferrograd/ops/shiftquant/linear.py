@@ -19,9 +19,12 @@ where the kernel set has none). The layer then neither quantizes nor packs the w
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import torch
+
+from . import kept
 
 
 def forward(
@@ -34,11 +37,16 @@ def forward(
     group_size: int,
     dtype: torch.dtype | None = None,
     weight_codes: list[torch.Tensor] | None = None,
+    keep_codes: bool = False,
 ) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T + bias in ``dtype`` (None: x's). ``grad_bits`` is the
-    backward's: the op carries it so that its autograd formula finds it."""
+    backward's: the op carries it so that its autograd formula finds it. ``keep_codes``
+    (without ``weight_codes``) takes Q(W) as kept.py keeps it for this weight."""
     lead, k = x.shape[:-1], x.shape[-1]
     dtype = dtype or x.dtype
+    if keep_codes and not weight_codes and kept.can_keep(weight):
+        make = functools.partial(weight_operand, kernels)
+        weight_codes = kept.forward_codes(weight, bits, group_size, make)
     qx = kernels.quantize(x.reshape(-1, k), bits, group_size, None, False, slot=0)
     codes = weight_codes[:4] if weight_codes else None
     # A float64 output gets its bias in float64, after the GEMM: added inside it, the bias
@@ -94,11 +102,15 @@ def backward(
 
 
 def weight_operand(
-    kernels: ModuleType, weight: torch.Tensor, bits: int, group_size: int, transposed: bool
+    kernels: ModuleType,
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    transposed: bool = False,
 ) -> list[torch.Tensor]:
     """Q(W) (or Q(Wᵀ)) as ``weight_codes`` takes it: codes, scale, shifts and, where the kernel
     set packs operands (cpu.py), the packed layout (else an empty tensor)."""
-    q = kernels.quantize(weight, bits, group_size, None, transposed)
+    q = kernels.quantize(weight.detach(), bits, group_size, None, transposed)
     pack = getattr(kernels, "pack_weight", None)
     packed = pack(*q, group_size) if pack else q[0].new_empty(0, dtype=torch.uint8)
     return [*q, packed]
