@@ -58,16 +58,9 @@ unsafe fn vnni<const MR: usize, const FMA: bool>(t: &Tile) {
             at += t.a_step;
             b = b.add(128);
         }
-        if FMA {
-            fold_vnni_fma(t, g, &s, &mut f);
-        } else {
-            fold_vnni(t, g, &s, &mut f);
-        }
+        fold_group::<MR, FMA>(t, g, &s, &mut f);
     }
-    if let Some(d) = &t.direct {
-        return store_c(d, f);
-    }
-    store_acc::<__m512i, MR, 2>(t, &f);
+    finish(t, f);
 }
 
 /// `vnni` for one row of A (a layer's call at one token): with one row a step feeds only two
@@ -87,19 +80,13 @@ unsafe fn vnni_row<const FMA: bool>(t: &Tile) {
         let mut odd = [_mm512_setzero_si512(); 2];
         let steps = *t.steps.add(g);
         for _ in 0..steps / 2 {
-            let av = _mm512_set1_epi32(a.cast::<i32>().read_unaligned());
-            let aw = _mm512_set1_epi32(a.add(t.a_step).cast::<i32>().read_unaligned());
-            even[0] = _mm512_dpbusd_epi32(even[0], _mm512_loadu_si512(b.cast()), av);
-            even[1] = _mm512_dpbusd_epi32(even[1], _mm512_loadu_si512(b.add(64).cast()), av);
-            odd[0] = _mm512_dpbusd_epi32(odd[0], _mm512_loadu_si512(b.add(128).cast()), aw);
-            odd[1] = _mm512_dpbusd_epi32(odd[1], _mm512_loadu_si512(b.add(192).cast()), aw);
+            row_step(&mut even, a, b);
+            row_step(&mut odd, a.add(t.a_step), b.add(128));
             a = a.add(2 * t.a_step);
             b = b.add(256);
         }
         if steps % 2 == 1 {
-            let av = _mm512_set1_epi32(a.cast::<i32>().read_unaligned());
-            even[0] = _mm512_dpbusd_epi32(even[0], _mm512_loadu_si512(b.cast()), av);
-            even[1] = _mm512_dpbusd_epi32(even[1], _mm512_loadu_si512(b.add(64).cast()), av);
+            row_step(&mut even, a, b);
             a = a.add(t.a_step);
             b = b.add(128);
         }
@@ -107,16 +94,43 @@ unsafe fn vnni_row<const FMA: bool>(t: &Tile) {
             _mm512_add_epi32(even[0], odd[0]),
             _mm512_add_epi32(even[1], odd[1]),
         ]];
-        if FMA {
-            fold_vnni_fma(t, g, &s, &mut f);
-        } else {
-            fold_vnni(t, g, &s, &mut f);
-        }
+        fold_group::<1, FMA>(t, g, &s, &mut f);
     }
-    if let Some(d) = &t.direct {
-        return store_c(d, f);
+    finish(t, f);
+}
+
+/// One k-step of one row: the row's quad at `a` times the step's 32 columns of B at `b`,
+/// added into its two accumulators.
+#[inline(always)]
+unsafe fn row_step(acc: &mut [__m512i; 2], a: *const i8, b: *const i8) {
+    let av = _mm512_set1_epi32(a.cast::<i32>().read_unaligned());
+    acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_loadu_si512(b.cast()), av);
+    acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_loadu_si512(b.add(64).cast()), av);
+}
+
+/// f += group g's sums `s`, by the fold `fma_fold` chose.
+#[inline(always)]
+unsafe fn fold_group<const MR: usize, const FMA: bool>(
+    t: &Tile,
+    g: usize,
+    s: &[[__m512i; 2]; MR],
+    f: &mut [[__m512; 2]; MR],
+) {
+    if FMA {
+        fold_vnni_fma(t, g, s, f);
+    } else {
+        fold_vnni(t, g, s, f);
     }
-    store_acc::<__m512i, 1, 2>(t, &f);
+}
+
+/// The VNNI tile's end: C written from the registers on the last run of groups (`Direct`),
+/// else the accumulators stored for the next run or the epilogue.
+#[inline(always)]
+unsafe fn finish<const MR: usize>(t: &Tile, f: [[__m512; 2]; MR]) {
+    match &t.direct {
+        Some(d) => store_c(d, f),
+        None => store_acc::<__m512i, MR, 2>(t, &f),
+    }
 }
 
 /// Prefetches the cache lines of the tile's C a run of groups before `store_c` writes them:
