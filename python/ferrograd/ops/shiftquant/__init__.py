@@ -428,7 +428,7 @@ def weight_operand(
     kernels of the weight's device (linear.weight_operand)."""
     kernels = {"cpu": cpu, "cuda": cuda}.get(weight.device.type, reference)
     with torch.no_grad():
-        return linear.weight_operand(kernels, weight.detach(), bits, group_size, transposed)
+        return linear.weight_operand(kernels, weight, bits, group_size, transposed)
 
 
 def linear_with_codes(

@@ -86,16 +86,15 @@ def can_keep(weight: torch.Tensor) -> bool:
 
 def refresh(
     codes: WeightCodes | None,
-    weight: torch.Tensor,
+    w: torch.Tensor,
     bits: int,
     group_size: int,
     transposed: bool,
     make,
 ) -> WeightCodes:
-    """``codes`` if they are still those of ``weight`` at ``bits`` / ``group_size``, else new
-    ones; Q(W) made where missing, and Q(Wᵀ) too with ``transposed``. ``make(weight, bits,
+    """``codes`` if they are still those of the weight ``w`` at ``bits`` / ``group_size``, else
+    new ones; Q(W) made where missing, and Q(Wᵀ) too with ``transposed``. ``make(w, bits,
     group_size, transposed=...)`` makes one (``weight_operand``)."""
-    w = weight
     key = (
         w.data_ptr(),
         w._version,
