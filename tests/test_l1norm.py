@@ -710,3 +710,30 @@ def test_ops_refuse_0d_inputs():
         torch.ops.ferrograd.l1_norm(x, None, None, 1e-5)
     with pytest.raises(ValueError, match="l1_rms_norm: x must have at least one dim"):
         torch.ops.ferrograd.l1_rms_norm(x, None, 1e-5)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+@pytest.mark.parametrize("cls", [fg.nn.L1LayerNorm, fg.nn.L1RMSNorm])
+def test_a_parametrized_weight_is_the_one_normalized_with(cls):
+    # The layers read their registered tensors from the module's dicts; a parametrized weight
+    # is a property instead, and must be what the layer computes with.
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    layer = cls(64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    plain = cls(64)
+    plain.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        plain.weight.mul_(2)
+    parametrize.register_parametrization(layer, "weight", _Doubled())
+    x = torch.randn(8, 64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+    y.sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None

@@ -1262,6 +1262,32 @@ def test_copies_of_frozen_layers_stay_frozen():
             assert p.requires_grad == want[name], (type(made).__name__, name)
 
 
+def test_a_parametrized_weight_is_the_one_quantized():
+    """The layer reads its registered tensors from the module's dicts; a parametrized weight is a
+    property instead (a new tensor per call), and must be what each call quantizes, also where
+    the layer keeps codes between calls."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = fg.nn.ShiftQuantLinear(64, 32)
+    plain = fg.nn.ShiftQuantLinear(64, 32, cache_weight_codes=False)
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight)  # the parametrized (doubled) weight
+            plain.bias.copy_(layer.bias)
+            torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+            layer.parametrizations.weight.original.mul_(1.5)  # codes must follow
+    y = layer(x.requires_grad_())
+    y.sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None
+
+
 def test_quantize_model_swaps_a_root_module():
     linear = torch.nn.Linear(8, 8)
     out = fg.nn.quantize_model(linear, bits=6)

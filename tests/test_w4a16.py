@@ -507,6 +507,27 @@ def test_w4a16_linear_from_linear_smooth_to_and_state_dict():
     assert layer.to(torch.device("cpu")).weight.device.type == "cpu"
 
 
+def test_w4a16_linear_computes_with_parametrized_bias_and_input_scale():
+    # The layer reads its registered tensors from the module's dicts; a parametrized one is a
+    # property instead, and must be what the layer computes with.
+    from torch.nn.utils import parametrize
+
+    class Halved(nn.Module):
+        def forward(self, t):
+            return t / 2
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 40)
+    s = torch.rand(128) + 0.5
+    layer = fg.nn.W4A16Linear.from_linear(linear, group_size=64, smooth=s)
+    q = fg.quant.quantize_w4(linear.weight.detach() * s, 64)
+    for name in ("bias", "input_scale"):
+        parametrize.register_parametrization(layer, name, Halved())
+    x = torch.randn(6, 128)
+    want = (x / s / 2) @ q.dequantize().T + linear.bias / 2
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+
+
 class Block(nn.Module):
     """Pre-norm: q/k/v read one LayerNorm, up/gate another (RMSNorm), down reads an activation."""
 

@@ -14,6 +14,7 @@ from ..ops.l1norm import (
     l1_rms_norm,
 )
 from ..ops.shiftquant import check_spec
+from ._own import own
 from ._swap import frozen_as, plain_parameters
 
 
@@ -91,9 +92,8 @@ class L1LayerNorm(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return l1_layer_norm(
-            x, self.normalized_shape, self.weight, self.bias, self.eps, bits=self.bits
-        )
+        weight, bias = own(self, "weight"), own(self, "bias")
+        return l1_layer_norm(x, self.normalized_shape, weight, bias, self.eps, bits=self.bits)
 
     def extra_repr(self) -> str:
         bits = "" if self.bits is None else f", bits={self.bits}"
@@ -165,7 +165,7 @@ class L1RMSNorm(nn.Module):
         return frozen_as(out, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return l1_rms_norm(x, self.weight, self.eps, bits=self.bits)
+        return l1_rms_norm(x, own(self, "weight"), self.eps, bits=self.bits)
 
     def extra_repr(self) -> str:
         bits = "" if self.bits is None else f", bits={self.bits}"

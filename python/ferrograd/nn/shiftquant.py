@@ -9,6 +9,7 @@ from torch import nn
 
 from ..ops._checks import check_int
 from ..ops.shiftquant import check_spec, kept, linear_with_codes, weight_operand
+from ._own import own
 from ._swap import frozen_as, plain_parameters
 from .l1norm import L1LayerNorm
 
@@ -106,9 +107,9 @@ class ShiftQuantLinear(nn.Module):
         return frozen_as(out, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = None if self.cache_weight_codes is False else self._weight_codes(x)
-        w, b = self.weight, self.bias
-        keep = codes is None and self._keeps_compiled(x)
+        w, b = own(self, "weight"), own(self, "bias")
+        codes = None if self.cache_weight_codes is False else self._weight_codes(x, w, b)
+        keep = codes is None and self._keeps_compiled(x, w, b)
         return linear_with_codes(
             x, w, b, self.bits, self.grad_bits, self.group_size, codes, keep_codes=keep
         )
@@ -125,25 +126,26 @@ class ShiftQuantLinear(nn.Module):
         if isinstance(self.weight, torch.Tensor):
             kept.drop(self.weight)
 
-    def _trains(self, x: torch.Tensor) -> bool:
-        """Whether a call on x wants a gradient."""
-        w, b = self.weight, self.bias
+    @staticmethod
+    def _trains(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+        """Whether a call on x with weight w and bias b wants a gradient."""
         return torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
         )
 
-    def _weight_codes(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """The cached Q(W), and Q(Wᵀ) where a backward may follow; None where the cache does
+    def _weight_codes(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> list[torch.Tensor] | None:
+        """The cached Q(w), and Q(Wᵀ) where a backward may follow; None where the cache does
         not apply (torch.compile, tensor subclasses, inference tensors, bad input, a call that
         trains under the default policy: whose codes are then let go)."""
         if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
             return None  # (bad input: the op names it)
-        trains = self._trains(x)
+        trains = self._trains(x, w, b)
         if self.cache_weight_codes is None and (trains or not x.is_cpu):
             # (on a GPU the sampled check would wait for the device at every call)
             self._codes = None
             return None
-        w = self.weight
         if not kept.can_keep(w) or w.device != x.device:
             return None
         self._codes = kept.refresh(
@@ -151,7 +153,7 @@ class ShiftQuantLinear(nn.Module):
         )
         return self._codes.forward + self._codes.transposed
 
-    def _keeps_compiled(self, x: object) -> bool:
+    def _keeps_compiled(self, x: object, w: torch.Tensor, b: torch.Tensor | None) -> bool:
         """Whether a call being compiled asks the op to keep the weight's codes itself
         (ops/shiftquant/kept.py): one that wants no gradient, where the eager layer would keep
         them (the default: on the CPU)."""
@@ -160,7 +162,7 @@ class ShiftQuantLinear(nn.Module):
             and self.cache_weight_codes is not False
             and isinstance(x, torch.Tensor)
             and (self.cache_weight_codes or x.is_cpu)
-            and not self._trains(x)
+            and not self._trains(x, w, b)
         )
 
     def _make_codes(self, w, bits, group_size, transposed=False) -> list[torch.Tensor]:

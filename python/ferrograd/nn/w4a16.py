@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.w4a16 import W4Weight, quantize_w4, w4a16_linear
 from ..ops.w4a16.weight import CPU_BLOCKS, convert, native_layout
+from ._own import own
 from ._swap import frozen_as
 
 __all__ = ["W4A16Linear"]
@@ -87,13 +88,14 @@ class W4A16Linear(nn.Module):
         return frozen_as(cls(quantize_w4(weight, group_size), linear.bias, input_scale), linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
+        input_scale = own(self, "input_scale")
+        if input_scale is not None:
+            x = x * input_scale.to(x.dtype)
         shape = (self.out_features, self.in_features)
+        packed, scales, zeros = own(self, "packed"), own(self, "scales"), own(self, "zeros")
         return w4a16_linear(
-            x, self.packed, self.scales, self.zeros, shape, self.group_size, self.layout,
-            self.bias,
-        )  # fmt: skip
+            x, packed, scales, zeros, shape, self.group_size, self.layout, own(self, "bias")
+        )
 
     def _apply(self, fn, recurse=True):
         # The scales travel as integers, so that .half() / .to(dtype) move them but keep the

@@ -37,7 +37,9 @@ _FUNC_AUTOGRAD: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
 #: Argument types ``call`` may hand to a CPU kernel itself (plain tensors and the scalars of
 #: the schemas); a tensor of any other type is traced or wrapped. A set lookup per argument:
 #: the optimizer step's 17 arguments cost 2.9 us through isinstance, 0.7 us so.
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, float, int, bool, type(None)))
+_PLAIN = frozenset(
+    (torch.Tensor, torch.nn.Parameter, float, int, bool, str, torch.dtype, type(None))
+)
 
 
 def define(

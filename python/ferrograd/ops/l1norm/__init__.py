@@ -283,7 +283,12 @@ def l1_layer_norm(
         check_device(op, "x", x)
         bits, _ = check_spec(op, bits, CODES_GROUP_SIZE)
     shape = check_normalized_shape(op, normalized_shape)
-    if not shape or x.shape[x.dim() - len(shape) :] != shape:
+    one = len(shape) == 1  # one normalized dim: weight, bias and x need no reshape
+    if (
+        not shape
+        or x.dim() < len(shape)
+        or (x.shape[-1] != shape[0] if one else x.shape[x.dim() - len(shape) :] != shape)
+    ):
         raise ValueError(
             f"{op}: x's trailing dims must be normalized_shape={shape}, got {tuple(x.shape)}"
         )
@@ -294,7 +299,6 @@ def l1_layer_norm(
                 raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
             if p.device != x.device:
                 raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
-    one = len(shape) == 1  # one normalized dim: weight, bias and x need no reshape
     w = weight if weight is None or one else weight.reshape(n)
     b = bias if bias is None or one else bias.reshape(n)
     if x.numel() == 0:
