@@ -148,10 +148,10 @@ class ShiftQuantLinear(nn.Module):
             return None
         if not kept.can_keep(w) or w.device != x.device:
             return None
-        self._codes = kept.refresh(
-            self._codes, w, self.bits, self.group_size, trains, self._make_codes
-        )
-        return self._codes.forward + self._codes.transposed
+        codes = kept.refresh(self._codes, w, self.bits, self.group_size, trains, self._make_codes)
+        if codes is not self._codes:  # (nn.Module.__setattr__ costs 2-3 us a call)
+            self._codes = codes
+        return codes.forward + codes.transposed
 
     def _keeps_compiled(self, x: object, w: torch.Tensor, b: torch.Tensor | None) -> bool:
         """Whether a call being compiled asks the op to keep the weight's codes itself
