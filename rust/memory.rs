@@ -79,6 +79,18 @@ pub fn take<T: Clone + Default>(
     buf
 }
 
+/// [`take`] with every element set to `value` (scratch whose padding must read as it).
+pub fn take_filled<T: Clone>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    value: T,
+) -> Vec<T> {
+    let mut buf = slot.take();
+    buf.clear();
+    buf.resize(len, value);
+    buf
+}
+
 /// Hands a kernel's scratch `buf` back to the thread's `slot` for its next call ([`take`]), or
 /// frees it when larger than 8 MiB (one large call's scratch is not held for the process's
 /// life).

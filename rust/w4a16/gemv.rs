@@ -6,6 +6,7 @@ use std::ops::Range;
 use super::float::{gemv_rows, GemvInput};
 use super::{PackedW4, Rows, Shape, BLOCK, BLOCK_BYTES, MAX_ROWS, MIN_ROWS_PER_PART};
 use crate::error::{FgError, FgResult};
+use crate::memory;
 use crate::simd::{Simd, SimdLevel};
 use crate::threads::{self, SendPtr};
 
@@ -24,6 +25,29 @@ pub(super) struct IntInput {
 /// The largest |x̃|: 256 * 127 + 127, so hi and lo are both signed bytes.
 pub(super) const X_INT_MAX: f32 = 32639.0;
 
+type Scratch<T> = std::cell::RefCell<Vec<T>>;
+
+thread_local! {
+    /// The GEMV's scratch, kept per thread between calls (rust/memory.rs): x widened from
+    /// bf16, [`IntInput`]'s four arrays and each part's float32 scales. Allocated per call, a
+    /// decode step's small layers each made and freed about a dozen of them.
+    static WIDE_X: Scratch<f32> = const { Scratch::new(Vec::new()) };
+    static X_LO: Scratch<i8> = const { Scratch::new(Vec::new()) };
+    static X_HI: Scratch<i8> = const { Scratch::new(Vec::new()) };
+    static X_SCALE: Scratch<f32> = const { Scratch::new(Vec::new()) };
+    static X_SUMS: Scratch<f32> = const { Scratch::new(Vec::new()) };
+    static PART_SCALES: Scratch<f32> = const { Scratch::new(Vec::new()) };
+}
+
+impl Drop for IntInput {
+    fn drop(&mut self) {
+        memory::keep(&X_LO, std::mem::take(&mut self.lo));
+        memory::keep(&X_HI, std::mem::take(&mut self.hi));
+        memory::keep(&X_SCALE, std::mem::take(&mut self.scale));
+        memory::keep(&X_SUMS, std::mem::take(&mut self.group_sums));
+    }
+}
+
 impl IntInput {
     /// None when a row holds NaN or infinity (the float kernel then keeps torch's semantics) or
     /// is so small that its step would be subnormal.
@@ -33,10 +57,10 @@ impl IntInput {
         let padded = k.div_ceil(unit) * unit;
         let m = x.len() / k;
         let mut input = IntInput {
-            lo: vec![0; m * padded],
-            hi: vec![0; m * padded],
-            scale: vec![1.0; m],
-            group_sums: vec![0.0; m * groups],
+            lo: memory::take_filled(&X_LO, m * padded, 0),
+            hi: memory::take_filled(&X_HI, m * padded, 0),
+            scale: memory::take_filled(&X_SCALE, m, 1.0),
+            group_sums: memory::take_filled(&X_SUMS, m * groups, 0.0),
             padded,
         };
         for (i, row) in x.chunks_exact(k).enumerate() {
@@ -243,11 +267,11 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
         )));
     }
     // bf16 rows widened once (m x k floats, small next to W).
-    let mut widened: Vec<f32>;
+    let mut widened = Vec::new();
     let xf = match x {
         Rows::F32(x) => x,
         Rows::Bf16(bits) => {
-            widened = vec![0.0; bits.len()];
+            widened = memory::take(&WIDE_X, bits.len());
             crate::simd::widen_bf16(level, bits, &mut widened);
             &widened
         }
@@ -277,7 +301,7 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
     let y_ptr = SendPtr(y.as_mut_ptr());
     let run = |part: usize| {
         let rows = (part * share).min(s.n)..((part + 1) * share).min(s.n);
-        let mut buf = Vec::new();
+        let mut buf = memory::take(&PART_SCALES, 0);
         let part_w = w.part(rows.clone(), &mut buf);
         let mut tile = [0.0f32; MAX_ROWS * MIN_ROWS_PER_PART];
         for row0 in (0..m).step_by(MAX_ROWS) {
@@ -297,6 +321,7 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
                 unsafe { std::ptr::copy_nonoverlapping(tile_row.as_ptr(), dst, rows.len()) };
             }
         }
+        memory::keep(&PART_SCALES, buf);
     };
     if m.saturating_mul(s.n).saturating_mul(s.k) < SERIAL_BELOW {
         (0..parts).for_each(run);
@@ -304,6 +329,7 @@ pub fn gemv(level: SimdLevel, w: &PackedW4<'_>, x: Rows<'_>, y: &mut [f32]) -> F
         threads::split_contiguous(parts, run);
     }
     recompute_overflowed(w, x, y);
+    memory::keep(&WIDE_X, widened);
     Ok(())
 }
 
