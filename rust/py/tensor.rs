@@ -84,10 +84,16 @@ pub(crate) enum Float {
 }
 
 impl Float {
+    /// One read of the dtype (a float32 tensor took two through [`has_dtype`]).
     pub(crate) fn of(t: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(if has_dtype::<Bf16>(t)? {
+        let py = t.py();
+        let dtypes = &torch(py)?.dtypes;
+        let Ok(dtype) = t.getattr(intern!(py, "dtype")) else {
+            return Ok(Float::F32);
+        };
+        Ok(if dtype.is(dtypes[Bf16::SLOT].bind(py)) {
             Float::Bf16
-        } else if has_dtype::<F16>(t)? {
+        } else if dtype.is(dtypes[F16::SLOT].bind(py)) {
             Float::F16
         } else {
             Float::F32
