@@ -79,7 +79,8 @@ pub fn take<T: Clone + Default>(
     buf
 }
 
-/// [`take`] with every element set to `value` (scratch whose padding must read as it).
+/// [`take`] with every element set to `value`, as `vec![value; len]` would hand it out: for
+/// scratch whose kernels may read elements the call does not write (padding, defaults).
 pub fn take_filled<T: Clone>(
     slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
     len: usize,

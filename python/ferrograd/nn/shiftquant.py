@@ -136,9 +136,9 @@ class ShiftQuantLinear(nn.Module):
     def _weight_codes(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
     ) -> list[torch.Tensor] | None:
-        """The cached Q(w), and Q(Wᵀ) where a backward may follow; None where the cache does
-        not apply (torch.compile, tensor subclasses, inference tensors, bad input, a call that
-        trains under the default policy: whose codes are then let go)."""
+        """The cached Q(w) of the weight w, and Q(wᵀ) where a backward may follow; None where
+        the cache does not apply (torch.compile, tensor subclasses, inference tensors, bad
+        input, a call that trains under the default policy: whose codes are then let go)."""
         if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
             return None  # (bad input: the op names it)
         trains = self._trains(x, w, b)
