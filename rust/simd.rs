@@ -533,6 +533,8 @@ pub trait Simd: Copy {
     unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// |v| (the sign bit cleared: one logic operation, no add; a NaN stays NaN).
+    unsafe fn abs(v: Self::V) -> Self::V;
     /// Whether any lane of `a` is greater than the same lane of `b` (false for NaN lanes).
     unsafe fn any_gt(a: Self::V, b: Self::V) -> bool;
     /// `v` with its subnormal lanes (0 < |v| < f32::MIN_POSITIVE) set to +0; NaN kept.
@@ -664,6 +666,10 @@ impl Simd for Scalar {
         } else {
             b
         }
+    }
+    #[inline(always)]
+    unsafe fn abs(v: f32) -> f32 {
+        v.abs()
     }
     #[inline(always)]
     unsafe fn any_gt(a: f32, b: f32) -> bool {
@@ -864,6 +870,11 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
+        unsafe fn abs(v: __m256) -> __m256 {
+            _mm256_andnot_ps(_mm256_set1_ps(-0.0), v)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn any_gt(a: __m256, b: __m256) -> bool {
             _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) != 0
         }
@@ -972,6 +983,11 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn min(a: __m512, b: __m512) -> __m512 {
             _mm512_min_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn abs(v: __m512) -> __m512 {
+            _mm512_abs_ps(v)
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
