@@ -100,6 +100,38 @@ def test_outputs_over_the_last_dim_are_tensors_of_their_own(dtype):
         assert x.grad.shape == x.shape
 
 
+class _DropFirst(torch.autograd.Function):
+    """b, passing no gradient to a: a graph in which nothing reaches a's own backward."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return b * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (fg.nn.L1LayerNorm(64), torch.nn.LayerNorm(64)),
+        lambda: (fg.nn.L1LayerNorm(64, bits=8), torch.nn.LayerNorm(64)),
+        lambda: (fg.nn.L1RMSNorm(64), torch.nn.RMSNorm(64)),
+    ],
+)
+def test_no_gradient_reaching_y_leaves_x_and_weights_without_one(make):
+    # As torch's norms: no gradient tensor appears (autograd had handed the backward zeros for
+    # y, which became zero gradients of x and the weights).
+    for module in make():
+        x = torch.randn(4, 64, requires_grad=True)
+        z = torch.randn(3, requires_grad=True)
+        _DropFirst.apply(module(x), z).sum().backward()
+        assert x.grad is None, type(module)
+        assert all(p.grad is None for p in module.parameters()), type(module)
+        assert torch.equal(z.grad, torch.ones(3))
+
+
 def test_gradcheck_float64():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 11, dtype=torch.float64, requires_grad=True)

@@ -133,9 +133,17 @@ def _setup_params(ctx, weight, bias, output, weight_at: int) -> None:
     follows it); the statistics are outputs nothing trains."""
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    _no_zero_grads(ctx)
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.weight_at = weight_at
+
+
+def _no_zero_grads(ctx) -> None:
+    """The backward gets None, not a tensor of zeros, for the statistics (no gradient ever
+    reaches them) and for y where none reached it: the two zero tensors autograd made for mean
+    and rstd at every backward cost about 5 us of a [8, 256] forward + backward (80 us)."""
+    ctx.set_materialize_grads(False)
 
 
 def _wanted(ctx) -> tuple[bool, bool]:
@@ -162,6 +170,8 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad, _mean, _rstd):
+    if grad is None:  # (no gradient reached y)
+        return None, None, None, None
     x, mean, rstd, weight = ctx.saved_tensors
     wanted = _wanted(ctx)
     dx, dw, db = _library.call(l1_norm_backward_op, grad, x, mean, rstd, weight, *wanted)
@@ -175,6 +185,8 @@ def _setup_codes(ctx, inputs, output) -> None:
 
 
 def _backward_codes(ctx, grad, _mean, _rstd):
+    if grad is None:  # (no gradient reached y)
+        return (None,) * 8
     codes, scale, shifts, mean, rstd, weight = ctx.saved_tensors
     wanted = _wanted(ctx)
     dx, dw, db = _library.call(
@@ -196,11 +208,14 @@ def _backward_codes(ctx, grad, _mean, _rstd):
 def _setup_rms(ctx, inputs, output) -> None:
     x, weight, ctx.eps = inputs
     ctx.mark_non_differentiable(output[1])
+    _no_zero_grads(ctx)
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.save_for_backward(x, output[1], weight)
 
 
 def _backward_rms(ctx, grad, _rstd):
+    if grad is None:  # (no gradient reached y)
+        return None, None, None
     x, rstd, weight = ctx.saved_tensors
     weight_grad = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
     dx, dw = _library.call(l1_rms_norm_backward_op, grad, x, rstd, weight, weight_grad)
