@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _library
-from .._checks import check_floating, check_number, check_tensor, compute_dtype
+from .._checks import as_dtype, check_floating, check_number, check_tensor, compute_dtype
 from ..shiftquant import check_device, check_spec, quantize_2d
 from . import cpu, reference
 
@@ -155,16 +155,11 @@ def _wanted(ctx) -> tuple[bool, bool]:
     )
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype (``Tensor.to`` costs about 1 us a call even where it has nothing to do)."""
-    return t if t.dtype is dtype else t.to(dtype)
-
-
 def _param_grads(ctx, wanted: tuple[bool, bool], dw, db):
     """dweight and dbias in the parameters' dtypes, None where not asked for."""
     return (
-        _as(dw, ctx.weight_dtype) if wanted[0] else None,
-        _as(db, ctx.bias_dtype) if wanted[1] else None,
+        as_dtype(dw, ctx.weight_dtype) if wanted[0] else None,
+        as_dtype(db, ctx.bias_dtype) if wanted[1] else None,
     )
 
 
@@ -224,7 +219,7 @@ def _backward_rms(ctx, grad, _rstd):
     x, rstd, weight = ctx.saved_tensors
     weight_grad = ctx.weight_dtype is not None and ctx.needs_input_grad[1]
     dx, dw = _library.call(l1_rms_norm_backward_op, grad, x, rstd, weight, weight_grad)
-    return dx, _as(dw, ctx.weight_dtype) if weight_grad else None, None
+    return dx, as_dtype(dw, ctx.weight_dtype) if weight_grad else None, None
 
 
 # With create_graph=True: the forward recomputed in reference.py's torch ops and

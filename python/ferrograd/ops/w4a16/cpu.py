@@ -24,7 +24,7 @@ import functools
 import torch
 
 from ... import _core
-from .._checks import KERNEL_DTYPES
+from .._checks import KERNEL_DTYPES, as_dtype
 from .._matmul import bf16_matmul_is_faster
 from .._memory import fresh
 from . import reference
@@ -147,7 +147,7 @@ def matmul(x, packed, scales, zeros, k: int, group_size: int, layout: str) -> to
         for n0, n1, block in _weight_blocks(*weight):
             y2[:, n0:n1] = x2 @ block.T
         _recompute_overflowed(x2, y2, weight)
-    return y if y.dtype == x.dtype else y.to(x.dtype)  # (.to costs a dispatcher call)
+    return as_dtype(y, x.dtype)
 
 
 def _recompute_overflowed(x2, y2, weight) -> None:
