@@ -71,9 +71,10 @@ def test_forward_matches_float64(name, shape, dim, dtype):
     assert_accurate(name, y, x, dim)
 
 
-# Small and short rows, the in-cache kernels' limits either side (AVX-512: float32 4096, 16-bit
-# 131072; AVX2 and scalar: 262143 for both), a row long enough to be split across threads,
-# strided slabs (with a scalar tail).
+# Small and short rows, the in-cache kernels' limits either side (AVX-512: softmax's forward
+# and 16-bit rows 131072, float32 log_softmax's forward and backwards 4096; AVX2 and scalar:
+# 262143 for all), a row long enough to be split across threads, strided slabs (with a scalar
+# tail).
 KERNEL_CASES = [
     ((7,), 0),
     ((5, 33), -1),

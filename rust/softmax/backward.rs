@@ -214,7 +214,7 @@ pub fn softmax_backward<E: Kernels>(
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(y, dy, dx, n, |yr, gr, dr, pieces| {
-            if n <= E::short_row(level) {
+            if n <= E::short_row(level, false) {
                 E::rows_backward(level, yr, gr, dr, n, log)
             } else {
                 let rows = yr.chunks_exact(n).zip(gr.chunks_exact(n));

@@ -30,20 +30,30 @@ pub trait Lanes: Simd {
 /// The pointers must be valid for `LANES` elements (the partial forms for `len < LANES`).
 #[allow(clippy::missing_safety_doc)]
 pub trait Element: Storage {
-    /// Longest row the in-cache kernels take with AVX-512; longer rows run two-pass. 16-bit
-    /// rows keep an f32 scratch row of this length in L2 (512 KiB) and the in-cache kernel led
-    /// at every length measured; f32 rows keep exp(x) in y and two-pass led from 8192 on (Zen 4,
-    /// 1 MiB L2; docs/softmax.md).
+    /// Longest row the in-cache kernels take with AVX-512 in softmax's forward, where two-pass
+    /// computes exp twice and the in-cache kernel once; longer rows run two-pass. 16-bit rows
+    /// keep an f32 scratch row of this length in L2 (512 KiB), f32 rows keep exp(x) in y. The
+    /// in-cache kernel led at every length measured for 16-bit rows, and for f32 rows that
+    /// stay in cache (Zen 4, 1 MiB L2, 2M elements in rows of 8192-128256: 1.45-1.6x at 1 and
+    /// 2 threads); from memory the two ran level (docs/softmax.md).
     const SHORT_ROW: usize = 1 << 17;
+    /// The same limit where two-pass computes exp once too: log_softmax's forward (its second
+    /// pass writes x - lse) and the backwards (no exp). f32 rows take two-pass from 4097 on
+    /// there, since the in-cache kernel's extra pass over the row buys nothing (log_softmax
+    /// forward 0.83-0.87x two-pass's time on the Xeon of family 6 model 207 at rows of
+    /// 4096-128256; docs/softmax.md).
+    const SHORT_ROW_ONE_EXP: usize = Self::SHORT_ROW;
 
-    /// Longest row the in-cache kernels take at `level`. With 8 lanes or fewer, exp costs twice
-    /// as much per element as with 16 and computing it once led at every length up to the
-    /// rows split across threads, for both types (Zen 3, AVX2: two-pass took 1.65-1.93x as
+    /// Longest row the in-cache kernels take at `level`, in softmax's forward (`exp_twice`:
+    /// where two-pass would compute exp twice) or elsewhere. With 8 lanes or fewer, exp costs
+    /// twice as much per element as with 16 and computing it once led at every length up to
+    /// the rows split across threads, for both types (Zen 3, AVX2: two-pass took 1.65-1.93x as
     /// long for f32 softmax rows of 8192-256000, 1.25-1.39x for log_softmax, 2.0x for bf16
     /// rows of 256000; docs/softmax.md).
-    fn short_row(level: SimdLevel) -> usize {
+    fn short_row(level: SimdLevel, exp_twice: bool) -> usize {
         match level {
-            SimdLevel::Avx512 => Self::SHORT_ROW,
+            SimdLevel::Avx512 if exp_twice => Self::SHORT_ROW,
+            SimdLevel::Avx512 => Self::SHORT_ROW_ONE_EXP,
             SimdLevel::Avx2 | SimdLevel::Scalar => SPLIT_ROW - 1,
         }
     }
@@ -89,7 +99,7 @@ pub trait Element: Storage {
 }
 
 impl Element for f32 {
-    const SHORT_ROW: usize = 4096;
+    const SHORT_ROW_ONE_EXP: usize = 4096;
 
     #[inline(always)]
     unsafe fn load<S: Lanes>(p: *const f32) -> S::V {

@@ -586,7 +586,7 @@ pub fn softmax_forward<E: Kernels>(
     let n = layout.n;
     if layout.inner == 1 {
         for_each_row(x, x, y, n, |xr, _, yr, pieces| {
-            if n <= E::short_row(level) {
+            if n <= E::short_row(level, !log) {
                 E::rows_forward(level, xr, yr, n, log)
             } else {
                 for (xr, yr) in xr.chunks_exact(n).zip(yr.chunks_exact_mut(n)) {
