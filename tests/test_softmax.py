@@ -222,6 +222,26 @@ def test_special_values_follow_torch(name, layout):
     torch.testing.assert_close(got[ok], want[ok], rtol=2e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("n", [4096, 4097, 131072, 131073])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_special_values_in_long_rows(n, log):
+    """Rows either side of the in-cache kernels' limits (float32 softmax forward 131072,
+    log_softmax 4096) with -inf, +inf, NaN and huge entries among ordinary ones follow torch."""
+    inf, nan = float("inf"), float("nan")
+    specials = [[-inf, 0.0, -inf], [inf, 1.0, 2.0], [nan, 0.0, 1.0], [1e38, -1e38, 3.0]]
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(len(specials) + 1, n, generator=gen) * 3
+    for r, values in enumerate(specials):
+        x[r, torch.randperm(n, generator=gen)[: len(values)]] = torch.tensor(values)
+    x[-1] = -inf  # every entry -inf: NaN, as torch gives
+    y = torch.empty_like(x)
+    _core.softmax_forward(x, y, x.shape[0], n, 1, log)
+    want = (torch.log_softmax if log else torch.softmax)(x.double(), 1).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(y[ok], want[ok], rtol=2e-6 if not log else 1e-5, atol=1e-30)
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_long_row_split_across_threads(name):
     fg.set_num_threads(4)  # conftest restores the default
