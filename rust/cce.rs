@@ -12,7 +12,7 @@
 
 use crate::error::{FgError, FgResult};
 use crate::simd::{self, Bf16, Scalar, Simd, SimdLevel};
-use crate::softmax::{exp_floored, exp_shifted_sum, row_max, sum};
+use crate::softmax::{exp_floored, exp_shifted_store, exp_shifted_sum, row_max, sum};
 use crate::threads::{self, Disjoint};
 
 /// Chunks holding fewer elements than this run on the calling thread.
@@ -106,6 +106,7 @@ pub struct GradCoefs<'a> {
 crate::dispatch! {
     fn softcap_row(x: &mut [f32], cap: f32) = softcap_row_impl;
     fn grad_row(z: &mut [f32], lse: f32, softmax: f32, uniform: f32, cap: Option<f32>) -> f32 = grad_row_impl;
+    fn grad_row_from_exp(e: &mut [f32], k: f32, softmax: f32, uniform: f32) -> f32 = grad_row_from_exp_impl;
 }
 
 /// x = cap * tanh(x / cap), with tanh(y) = (e^2y - 1) / (e^2y + 1) on y clamped to ±9.
@@ -143,15 +144,43 @@ unsafe fn grad_row_impl<S: Simd>(
     uniform: f32,
     cap: Option<f32>,
 ) -> f32 {
+    grad_row_generic::<S, false>(z, lse, softmax, uniform, cap)
+}
+
+/// [`grad_row_impl`] over a row that holds e = exp(z - max) instead of z, with k = exp(max -
+/// lse): p = e k, no exp (the fused pass stored e while summing it). Never capped.
+#[inline(always)]
+unsafe fn grad_row_from_exp_impl<S: Simd>(
+    e: &mut [f32],
+    k: f32,
+    softmax: f32,
+    uniform: f32,
+) -> f32 {
+    grad_row_generic::<S, true>(e, k, softmax, uniform, None)
+}
+
+/// The two above: `shift` is lse (z in the row) or k (e in the row, `FROM_EXP`).
+#[inline(always)]
+unsafe fn grad_row_generic<S: Simd, const FROM_EXP: bool>(
+    z: &mut [f32],
+    shift: f32,
+    softmax: f32,
+    uniform: f32,
+    cap: Option<f32>,
+) -> f32 {
     #[inline(always)]
-    unsafe fn grad<S: Simd>(
+    unsafe fn grad<S: Simd, const FROM_EXP: bool>(
         z: S::V,
-        lse: f32,
+        shift: f32,
         softmax: f32,
         uniform: f32,
         cap: Option<f32>,
     ) -> (S::V, S::V) {
-        let p = exp_floored::<S>(S::sub(z, S::splat(lse)));
+        let p = if FROM_EXP {
+            S::mul(z, S::splat(shift))
+        } else {
+            exp_floored::<S>(S::sub(z, S::splat(shift)))
+        };
         let g = S::sub(S::mul(S::splat(softmax), p), S::splat(uniform));
         let size = S::max(g, S::sub(S::splat(0.0), g));
         let g = match cap {
@@ -172,7 +201,7 @@ unsafe fn grad_row_impl<S: Simd>(
     let mut peak = S::splat(0.0);
     let mut i = 0;
     while i + S::LANES <= z.len() {
-        let (g, size) = grad::<S>(S::load(p.add(i)), lse, softmax, uniform, cap);
+        let (g, size) = grad::<S, FROM_EXP>(S::load(p.add(i)), shift, softmax, uniform, cap);
         S::store(p.add(i), g);
         peak = S::max(peak, size);
         i += S::LANES;
@@ -184,8 +213,9 @@ unsafe fn grad_row_impl<S: Simd>(
         // The ragged end as one masked vector, its peak over the live lanes only: on rows of a
         // few hundred logits scalar exps there were half of this function's time.
         let rest = z.len() - i;
-        let v = S::load_partial(p.add(i), rest, f32::NEG_INFINITY);
-        let (g, size) = grad::<S>(v, lse, softmax, uniform, cap);
+        let fill = if FROM_EXP { 0.0 } else { f32::NEG_INFINITY };
+        let v = S::load_partial(p.add(i), rest, fill);
+        let (g, size) = grad::<S, FROM_EXP>(v, shift, softmax, uniform, cap);
         S::store_partial(p.add(i), g, rest);
         out = S::to_array(size)[..rest].iter().fold(out, |a, &b| a.max(b));
     }
@@ -219,6 +249,23 @@ impl RowStats {
             logit_sum: if want_sum { sum(level, row) } else { 0.0 },
         }
     }
+
+    /// [`of`](Self::of) for uncapped logits, leaving e = exp(z - max) in the row where max is
+    /// finite, with k = exp(max - lse) = 1 / Σ e for the gradient (p = e k: one exp per logit,
+    /// where reading z back took a second). The same lse and logit sum, bit for bit.
+    fn of_storing(level: SimdLevel, row: &mut [f32], want_sum: bool) -> (RowStats, Option<f32>) {
+        let logit_sum = if want_sum { sum(level, row) } else { 0.0 };
+        let max = row_max(level, row);
+        if max.is_infinite() {
+            return (Self::of(level, row, None, want_sum), None);
+        }
+        let total = exp_shifted_store(level, row, max);
+        let stats = RowStats {
+            lse: max as f64 + total.ln(),
+            logit_sum,
+        };
+        (stats, Some((1.0 / total) as f32))
+    }
 }
 
 /// log(e^a + e^b) with torch's conventions for infinities and NaN.
@@ -246,12 +293,16 @@ struct RowOut {
 /// |dz| / max(|softmax|, |target|) into `peaks` (infinite when the lse or a coefficient is not
 /// finite, so that the NaN they put in dz is never filtered away). A row whose coefficients
 /// are all 0 becomes 0.
+///
+/// With `exp_scale` Some(k) the row holds e = exp(z - max) ([`RowStats::of_storing`]) and p is
+/// e k; `softcap` is then None.
 #[allow(clippy::too_many_arguments)]
 fn row_grad(
     level: SimdLevel,
     row: &mut [f32],
     target: Option<usize>,
     lse: f32,
+    exp_scale: Option<f32>,
     (cs, ct, cu): (f32, f32, f32),
     softcap: Option<f32>,
     piece: usize,
@@ -271,21 +322,41 @@ fn row_grad(
             Some(j) => {
                 // The one-hot term touches one column: do it apart from the vector passes.
                 let x = z[j];
-                let g = cs * ((x - lse) as f64).exp() as f32 - cu - ct;
+                let p = match exp_scale {
+                    Some(k) => x * k,
+                    None => ((x - lse) as f64).exp() as f32,
+                };
+                let g = cs * p - cu - ct;
                 z[j] = match softcap {
                     Some(cap) => g * (1.0 - (x / cap) * (x / cap)),
                     None => g,
                 };
                 let (head, rest) = z.split_at_mut(j);
                 (
-                    grad_row(level, head, lse, cs, cu, softcap).max(g.abs()),
+                    piece_grad(level, head, lse, exp_scale, cs, cu, softcap).max(g.abs()),
                     &mut rest[1..],
                 )
             }
             None => (0.0, z),
         };
-        let size = head.max(grad_row(level, tail, lse, cs, cu, softcap));
+        let size = head.max(piece_grad(level, tail, lse, exp_scale, cs, cu, softcap));
         *peak = peak.max(if finite { size / scale } else { f32::INFINITY });
+    }
+}
+
+/// [`grad_row`], or [`grad_row_from_exp`] for a row holding e (`exp_scale` Some(k)).
+fn piece_grad(
+    level: SimdLevel,
+    z: &mut [f32],
+    lse: f32,
+    exp_scale: Option<f32>,
+    cs: f32,
+    cu: f32,
+    softcap: Option<f32>,
+) -> f32 {
+    match exp_scale {
+        Some(k) => grad_row_from_exp(level, z, k, cs, cu),
+        None => grad_row(level, z, lse, cs, cu, softcap),
     }
 }
 
@@ -370,6 +441,7 @@ pub fn backward_chunk(
                 row,
                 target,
                 coefs.lse[i],
+                None,
                 c,
                 softcap,
                 width,
@@ -446,8 +518,13 @@ pub fn loss_grad_rows(
         true,
         init,
         |i, row, peaks| {
-            let s = RowStats::of(level, row, softcap, want_sum);
             let target = target_column(targets[i], 0, width);
+            // Uncapped rows keep exp(z - max) from the sum for the gradient: read z first.
+            let raw_target = target.map(|j| row[j]);
+            let (s, exp_scale) = match softcap {
+                None => RowStats::of_storing(level, row, want_sum),
+                Some(_) => (RowStats::of(level, row, softcap, want_sum), None),
+            };
             let lse = s.lse as f32;
             let w = opts.scale;
             let cs = if opts.z_loss != 0.0 {
@@ -461,8 +538,15 @@ pub fn loss_grad_rows(
             } else {
                 (0.0, 0.0, 0.0)
             };
-            let target_logit = target.map(|j| row[j]);
-            row_grad(level, row, target, lse, c, softcap, opts.piece, peaks);
+            // (Capped rows: the target's capped logit, as `of` left the row.)
+            let target_logit = if softcap.is_some() {
+                target.map(|j| row[j])
+            } else {
+                raw_target
+            };
+            row_grad(
+                level, row, target, lse, exp_scale, c, softcap, opts.piece, peaks,
+            );
             RowOut {
                 lse: s.lse,
                 logit_sum: s.logit_sum,

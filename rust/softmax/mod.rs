@@ -47,7 +47,7 @@ pub use backward::softmax_backward;
 pub use element::Element;
 pub use forward::{softmax_forward, ExpSum};
 pub use layout::Layout;
-pub(crate) use reduce::{exp_shifted_sum, row_max, sum};
+pub(crate) use reduce::{exp_shifted_store, exp_shifted_sum, row_max, sum};
 #[cfg(any(test, feature = "dev"))]
 pub use three_pass::{softmax_three_pass, ThreePass};
 
