@@ -34,7 +34,7 @@ pub trait Element: Storage {
     /// computes exp twice and the in-cache kernel once; longer rows run two-pass. 16-bit rows
     /// keep an f32 scratch row of this length in L2 (512 KiB), f32 rows keep exp(x) in y. The
     /// in-cache kernel led at every length measured for 16-bit rows, and for f32 rows that
-    /// stay in cache (Zen 4, 1 MiB L2, 2M elements in rows of 8192-128256: 1.45-1.6x at 1 and
+    /// stay in cache (Zen 4, 1 MiB L2, 2M elements in rows of 8192-128256: 1.35-1.6x at 1 and
     /// 2 threads); from memory the two ran level (docs/softmax.md).
     const SHORT_ROW: usize = 1 << 17;
     /// The same limit where two-pass computes exp once too: log_softmax's forward (its second
