@@ -182,7 +182,7 @@ unsafe fn grad_row_generic<S: Simd, const FROM_EXP: bool>(
             exp_floored::<S>(S::sub(z, S::splat(shift)))
         };
         let g = S::sub(S::mul(S::splat(softmax), p), S::splat(uniform));
-        let size = S::max(g, S::sub(S::splat(0.0), g));
+        let size = S::abs(g);
         let g = match cap {
             // d(cap * tanh(r / cap)) / dr = 1 - (z / cap)^2
             Some(cap) => {
@@ -235,12 +235,7 @@ impl RowStats {
         }
         let max = row_max(level, row); // ignores NaN; the sum below catches it
         let lse = if max.is_infinite() {
-            // ±inf is the answer unless a NaN hides in the row (rare: a plain scan).
-            if row.iter().any(|v| v.is_nan()) {
-                f64::NAN
-            } else {
-                max as f64
-            }
+            infinite_lse(row, max)
         } else {
             max as f64 + exp_shifted_sum(level, row, max).ln()
         };
@@ -257,7 +252,8 @@ impl RowStats {
         let logit_sum = if want_sum { sum(level, row) } else { 0.0 };
         let max = row_max(level, row);
         if max.is_infinite() {
-            return (Self::of(level, row, None, want_sum), None);
+            let lse = infinite_lse(row, max);
+            return (RowStats { lse, logit_sum }, None);
         }
         let total = exp_shifted_store(level, row, max);
         let stats = RowStats {
@@ -265,6 +261,16 @@ impl RowStats {
             logit_sum,
         };
         (stats, Some((1.0 / total) as f32))
+    }
+}
+
+/// The lse of a row whose maximum (NaN ignored) is ±inf: that, unless a NaN hides in the row
+/// (rare: a plain scan).
+fn infinite_lse(row: &[f32], max: f32) -> f64 {
+    if row.iter().any(|v| v.is_nan()) {
+        f64::NAN
+    } else {
+        max as f64
     }
 }
 
